@@ -1,0 +1,210 @@
+//! The legacy HTTP API (CONTRACT.md), byte-compatible with the Node.js shuttle.
+//! `app(state)` builds the router so tests drive it in-process with `oneshot`.
+
+mod follow;
+pub mod validate;
+
+use crate::executor::{BuildSelector, Executor, ExecutorError};
+use crate::storage::{Object, Storage};
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub executor: Arc<dyn Executor>,
+    pub storage: Arc<dyn Storage>,
+    pub extra_build_args: Arc<BTreeMap<String, String>>,
+    pub max_request_bytes: usize,
+    /// Prometheus text for /metrics.
+    pub metrics: Arc<dyn Fn() -> String + Send + Sync>,
+}
+
+/// An error answered as the legacy `{"status": "…"}` body. Internal detail goes to the
+/// service log, never to the client.
+#[derive(Debug)]
+pub enum ApiError {
+    BadRequest(String),
+    NotFound,
+    Unavailable,
+    Internal,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (code, msg) = match self {
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
+            ApiError::NotFound => (StatusCode::NOT_FOUND, "Not Found".to_string()),
+            ApiError::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Service Unavailable - try again shortly.".to_string(),
+            ),
+            ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error".to_string()),
+        };
+        (code, Json(serde_json::json!({ "status": msg }))).into_response()
+    }
+}
+
+impl From<ExecutorError> for ApiError {
+    fn from(e: ExecutorError) -> Self {
+        tracing::error!(error = %e, "executor error");
+        ApiError::Unavailable
+    }
+}
+
+fn ok() -> Response {
+    Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+pub fn app(state: AppState) -> Router {
+    let limit = state.max_request_bytes;
+    Router::new()
+        .route("/", axum::routing::post(create_build))
+        .route("/octhc", get(health))
+        .route("/metrics", get(metrics))
+        .route("/{id}", get(get_sources).head(head_sources).delete(delete_one))
+        .route("/{app_key}/{number}", delete(stop_build))
+        .route("/{app_key}/{number}/logs", get(get_logs))
+        .fallback(|| async { ApiError::NotFound })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+async fn health() -> &'static str {
+    "overall_status=good"
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        (st.metrics)(),
+    )
+        .into_response()
+}
+
+async fn create_build(State(st): State<AppState>, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Result<Response, ApiError> {
+    let body = match body {
+        Ok(b) => b,
+        Err(rej) if rej.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return Ok((
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Json(serde_json::json!({"status": "Payload Too Large - the request body exceeds MAX_REQUEST_BYTES."})),
+            )
+                .into_response())
+        }
+        Err(_) => return Err(ApiError::BadRequest("Bad Request - the body could not be read.".into())),
+    };
+    let json: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|_| ApiError::BadRequest("Bad Request - malformed JSON.".into()))?;
+    let spec = validate::build_spec(&json, &st.extra_build_args).map_err(|e| ApiError::BadRequest(e.0))?;
+    st.executor.submit(spec).await?;
+    Ok(ok())
+}
+
+fn object_response(obj: Object, content_type: &'static str) -> Response {
+    let mut resp = Response::new(Body::from_stream(obj.body));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if let Some(len) = obj.len {
+        resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    resp
+}
+
+fn storage_error(e: crate::storage::StorageError) -> ApiError {
+    tracing::error!(error = %e, "storage error");
+    ApiError::Internal
+}
+
+async fn get_sources(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let uuid = validate::parse_uuid(&id)
+        .ok_or_else(|| ApiError::BadRequest(validate::BAD_BUILD_UUID.to_string()))?;
+    let key = crate::build::source_key(&uuid);
+    match st.storage.get(&key).await.map_err(storage_error)? {
+        Some(obj) => Ok(object_response(obj, "application/octet-stream")),
+        None => Err(ApiError::NotFound),
+    }
+}
+
+async fn head_sources(State(st): State<AppState>, Path(id): Path<String>) -> StatusCode {
+    let Some(uuid) = validate::parse_uuid(&id) else {
+        return StatusCode::NOT_FOUND;
+    };
+    match st.storage.exists(&crate::build::source_key(&uuid)).await {
+        Ok(true) => StatusCode::OK,
+        Ok(false) => StatusCode::NOT_FOUND,
+        Err(e) => {
+            tracing::error!(error = %e, "storage error");
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+    }
+}
+
+/// `DELETE /{build_uuid}` (kept for compatibility; sources are retained) or
+/// `DELETE /{app}-{app_uuid}` (stops every active build of the app).
+async fn delete_one(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    if validate::parse_uuid(&id).is_some() {
+        return Ok(ok());
+    }
+    let (app, app_uuid) = validate::parse_app_key(&id)
+        .ok_or_else(|| ApiError::BadRequest("Bad Request - expected a build uuid or {app}-{app_uuid}.".into()))?;
+    let n = st
+        .executor
+        .stop(BuildSelector {
+            app,
+            app_uuid,
+            build_number: None,
+        })
+        .await?;
+    tracing::info!(app = %id, stopped = n, "stop-all requested");
+    Ok(ok())
+}
+
+fn parse_build_path(app_key: &str, number: &str) -> Result<(String, String, u64), ApiError> {
+    let (app, app_uuid) = validate::parse_app_key(app_key)
+        .ok_or_else(|| ApiError::BadRequest("Bad Request - app or app uuid is invalid.".into()))?;
+    let n = validate::parse_build_number(&serde_json::Value::String(number.to_string()))
+        .ok_or_else(|| ApiError::BadRequest("Bad Request - build number must be a positive integer.".into()))?;
+    Ok((app, app_uuid, n))
+}
+
+async fn stop_build(State(st): State<AppState>, Path((app_key, number)): Path<(String, String)>) -> Result<Response, ApiError> {
+    let (app, app_uuid, n) = parse_build_path(&app_key, &number)?;
+    let stopped = st
+        .executor
+        .stop(BuildSelector {
+            app,
+            app_uuid,
+            build_number: Some(n),
+        })
+        .await?;
+    tracing::info!(app = %app_key, number = n, stopped, "stop requested");
+    Ok(ok())
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    #[serde(default)]
+    follow: Option<String>,
+}
+
+async fn get_logs(
+    State(st): State<AppState>,
+    Path((app_key, number)): Path<(String, String)>,
+    Query(q): Query<LogQuery>,
+) -> Result<Response, ApiError> {
+    let (app, app_uuid, n) = parse_build_path(&app_key, &number)?;
+    let follow = matches!(q.follow.as_deref(), Some("true" | "1" | "yes"));
+    if follow {
+        return follow::follow(st.executor.clone(), app, app_uuid, n).await;
+    }
+    match st.executor.log(&app, &app_uuid, n, 0).await? {
+        Some(obj) => Ok(object_response(obj, "text/plain; charset=utf-8")),
+        None => Err(ApiError::NotFound),
+    }
+}

@@ -1,0 +1,275 @@
+//! Request validation for `POST /` and the route parameters. Pure functions: JSON in,
+//! `BuildSpec` or the legacy error message out.
+
+use crate::build::{BuildSpec, RegistryAuth};
+use crate::pipeline::sources;
+use crate::secret::Secret;
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use uuid::Uuid;
+
+pub const MISSING_FIELDS: &str = "Bad Request - missing fields.";
+pub const BAD_BUILD_UUID: &str = "Bad Request - build uuid is invalid.";
+pub const MAX_BUILD_ARGS: usize = 200;
+pub const MAX_BUILD_ARG_VALUE: usize = 64 * 1024;
+
+const REQUIRED: [&str; 8] = [
+    "sources",
+    "app",
+    "space",
+    "app_uuid",
+    "gm_registry_host",
+    "gm_registry_repo",
+    "build_number",
+    "build_uuid",
+];
+
+/// A validation failure; the message goes to the client as `{"status": message}`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Invalid(pub String);
+
+fn bad(msg: impl Into<String>) -> Invalid {
+    Invalid(msg.into())
+}
+
+/// A canonical hyphenated UUID, the whole string (no braces, no urn: prefix).
+pub fn parse_uuid(s: &str) -> Option<Uuid> {
+    if s.len() != 36 {
+        return None;
+    }
+    Uuid::try_parse(s).ok()
+}
+
+/// controller-api's rule for app names: 1–63 characters of `[A-Za-z0-9]`.
+pub fn is_app_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 63 && s.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// Splits `{app}-{app_uuid}`; `None` when either part is malformed.
+pub fn parse_app_key(key: &str) -> Option<(String, String)> {
+    let (app, app_uuid) = key.split_once('-')?;
+    (is_app_name(app) && parse_uuid(app_uuid).is_some()).then(|| (app.to_string(), app_uuid.to_string()))
+}
+
+/// A positive build number: a JSON integer or a string of digits.
+pub fn parse_build_number(v: &Value) -> Option<u64> {
+    match v {
+        Value::Number(n) => n.as_u64().filter(|n| *n > 0),
+        Value::String(s) if !s.is_empty() && s.len() <= 18 && s.bytes().all(|b| b.is_ascii_digit()) => {
+            s.parse().ok().filter(|n| *n > 0)
+        }
+        _ => None,
+    }
+}
+
+fn present(v: Option<&Value>) -> bool {
+    match v {
+        None | Some(Value::Null) => false,
+        Some(Value::String(s)) => !s.is_empty(),
+        Some(_) => true,
+    }
+}
+
+fn string_field(obj: &Map<String, Value>, name: &str) -> Result<Option<String>, Invalid> {
+    match obj.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(Value::Bool(b)) => Ok(Some(b.to_string())),
+        Some(_) => Err(bad(format!("Bad Request - {name} must be a string."))),
+    }
+}
+
+fn required_string(obj: &Map<String, Value>, name: &str) -> Result<String, Invalid> {
+    string_field(obj, name)?.ok_or_else(|| bad(MISSING_FIELDS))
+}
+
+/// Validates a `POST /` body and turns it into a spec; `extra_args` (EXTRA_BUILD_ARGS) are
+/// merged under the request's own build args.
+pub fn build_spec(body: &Value, extra_args: &BTreeMap<String, String>) -> Result<BuildSpec, Invalid> {
+    let obj = body.as_object().ok_or_else(|| bad("Bad Request - the body must be a JSON object."))?;
+    if !REQUIRED.iter().all(|f| present(obj.get(*f))) {
+        return Err(bad(MISSING_FIELDS));
+    }
+    let build_uuid = required_string(obj, "build_uuid")?;
+    let build_uuid = parse_uuid(&build_uuid).ok_or_else(|| bad(BAD_BUILD_UUID))?;
+    let app = required_string(obj, "app")?;
+    if !is_app_name(&app) {
+        return Err(bad("Bad Request - app must be 1 to 63 letters or digits."));
+    }
+    let app_uuid = required_string(obj, "app_uuid")?;
+    if parse_uuid(&app_uuid).is_none() {
+        return Err(bad("Bad Request - app uuid is invalid."));
+    }
+    let build_number = obj
+        .get("build_number")
+        .and_then(parse_build_number)
+        .ok_or_else(|| bad("Bad Request - build number must be a positive integer."))?;
+    let sources_uri = required_string(obj, "sources")?;
+    if let Err(e) = sources::parse(&sources_uri) {
+        let msg = match e {
+            sources::SourceError::BadDockerRef(_) => "Bad Request - sources is not a valid docker:// image reference.",
+            sources::SourceError::UnsupportedScheme(_) => {
+                "Bad Request - sources must be an http, https, data or docker URI."
+            }
+            _ => "Bad Request - sources is not a valid URI.",
+        };
+        return Err(bad(msg));
+    }
+    let gm_registry_host = required_string(obj, "gm_registry_host")?;
+    let gm_registry_repo = required_string(obj, "gm_registry_repo")?;
+    if gm_registry_host.contains(char::is_whitespace) || gm_registry_repo.contains(char::is_whitespace) {
+        return Err(bad("Bad Request - registry host and repo must not contain spaces."));
+    }
+
+    let mut build_args = extra_args.clone();
+    match obj.get("build_args") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(m)) => {
+            for (k, v) in m {
+                let v = match v {
+                    Value::String(s) => s.clone(),
+                    Value::Number(n) => n.to_string(),
+                    Value::Bool(b) => b.to_string(),
+                    Value::Null => String::new(),
+                    _ => return Err(bad("Bad Request - build_args values must be strings.")),
+                };
+                build_args.insert(k.clone(), v);
+            }
+        }
+        Some(_) => return Err(bad("Bad Request - build_args must be an object.")),
+    }
+    if build_args.len() > MAX_BUILD_ARGS {
+        return Err(bad(format!("Bad Request - at most {MAX_BUILD_ARGS} build args are allowed.")));
+    }
+    if build_args.values().any(|v| v.len() > MAX_BUILD_ARG_VALUE) {
+        return Err(bad("Bad Request - a build arg value is larger than 64 KiB."));
+    }
+
+    let gm_registry_auth = match obj.get("gm_registry_auth") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(m)) => {
+            let username = string_field(m, "username")?.unwrap_or_default();
+            let password = string_field(m, "password")?.unwrap_or_default();
+            (!username.is_empty() || !password.is_empty()).then(|| RegistryAuth {
+                username,
+                password: Secret::new(password),
+            })
+        }
+        Some(_) => return Err(bad("Bad Request - gm_registry_auth must be an object.")),
+    };
+    let callback = string_field(obj, "callback")?.filter(|s| !s.is_empty());
+    if let Some(cb) = &callback {
+        let ok = reqwest::Url::parse(cb).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
+        if !ok {
+            return Err(bad("Bad Request - callback must be an http or https URL."));
+        }
+    }
+    let nonempty = |name: &str| -> Result<Option<String>, Invalid> {
+        Ok(string_field(obj, name)?.filter(|s| !s.is_empty()))
+    };
+    Ok(BuildSpec {
+        build_uuid,
+        app,
+        space: required_string(obj, "space")?,
+        app_uuid,
+        build_number,
+        sources: Secret::new(sources_uri),
+        sha: nonempty("sha")?,
+        branch: nonempty("branch")?,
+        repo: nonempty("repo")?,
+        org: nonempty("org")?,
+        callback,
+        callback_auth: nonempty("callback_auth")?.map(Secret::new),
+        kafka_hosts: nonempty("kafka_hosts")?,
+        gm_registry_host,
+        gm_registry_repo,
+        gm_registry_auth,
+        build_args,
+        docker_registry: nonempty("docker_registry")?,
+        docker_login: nonempty("docker_login")?,
+        docker_password: nonempty("docker_password")?.map(Secret::new),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn body() -> Value {
+        json!({
+            "sha": "abc", "app": "myapp", "space": "default", "branch": "master",
+            "callback": "http://127.0.0.1:1/cb", "callback_auth": "tok",
+            "build_uuid": "6f1b1e3c-8a3e-4b52-9a47-0b6a3e0f3c11",
+            "app_uuid": "0b1c2d3e-aaaa-bbbb-cccc-111122223333", "build_number": 12,
+            "sources": "data:base64,AAAA", "gm_registry_host": "127.0.0.1:5000",
+            "gm_registry_repo": "akkeris", "gm_registry_auth": {"username": "u", "password": "p"},
+            "build_args": {"A": "1", "N": 2}
+        })
+    }
+
+    fn err(mut f: impl FnMut(&mut Map<String, Value>)) -> String {
+        let mut b = body();
+        f(b.as_object_mut().unwrap());
+        build_spec(&b, &BTreeMap::new()).unwrap_err().0
+    }
+
+    #[test]
+    fn a_controller_api_body_is_accepted() {
+        let extra = BTreeMap::from([("A".to_string(), "extra".to_string()), ("E".to_string(), "e".to_string())]);
+        let s = build_spec(&body(), &extra).unwrap();
+        assert_eq!(s.build_number, 12);
+        assert_eq!(s.build_args["A"], "1", "the request wins on a clash");
+        assert_eq!(s.build_args["E"], "e");
+        assert_eq!(s.build_args["N"], "2");
+        assert_eq!(s.gm_registry_auth.unwrap().password.expose(), "p");
+    }
+
+    #[test]
+    fn each_required_field_is_required() {
+        for f in REQUIRED {
+            assert_eq!(err(|o| { o.remove(f); }), MISSING_FIELDS, "{f}");
+            assert_eq!(err(|o| { o.insert(f.into(), Value::Null); }), MISSING_FIELDS, "{f}");
+        }
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        assert_eq!(err(|o| { o.insert("build_uuid".into(), json!("nope")); }), BAD_BUILD_UUID);
+        assert_eq!(
+            err(|o| { o.insert("build_uuid".into(), json!("x6f1b1e3c-8a3e-4b52-9a47-0b6a3e0f3c11")); }),
+            BAD_BUILD_UUID
+        );
+        assert!(err(|o| { o.insert("app".into(), json!("my-app")); }).contains("app"));
+        assert!(err(|o| { o.insert("app".into(), json!("a".repeat(64))); }).contains("app"));
+        assert!(err(|o| { o.insert("app_uuid".into(), json!("../../etc")); }).contains("app uuid"));
+        assert!(err(|o| { o.insert("build_number".into(), json!(0)); }).contains("build number"));
+        assert!(err(|o| { o.insert("build_number".into(), json!("1e3")); }).contains("build number"));
+        assert!(err(|o| { o.insert("build_number".into(), json!(-1)); }).contains("build number"));
+        assert!(err(|o| { o.insert("sources".into(), json!("file:///etc/passwd")); }).contains("sources"));
+        assert!(err(|o| { o.insert("sources".into(), json!("docker://BAD REF")); }).contains("docker"));
+        assert!(err(|o| { o.insert("callback".into(), json!("gopher://x")); }).contains("callback"));
+        let many: Map<String, Value> = (0..201).map(|i| (format!("K{i}"), json!("v"))).collect();
+        assert!(err(|o| { o.insert("build_args".into(), Value::Object(many.clone())); }).contains("200"));
+        assert!(err(|o| { o.insert("build_args".into(), json!({"K": "x".repeat(65 * 1024)})); }).contains("64 KiB"));
+    }
+
+    #[test]
+    fn build_number_forms() {
+        assert_eq!(parse_build_number(&json!("42")), Some(42));
+        assert_eq!(parse_build_number(&json!(42)), Some(42));
+        assert_eq!(parse_build_number(&json!(1.5)), None);
+        assert_eq!(parse_build_number(&json!("")), None);
+    }
+
+    #[test]
+    fn app_keys() {
+        assert_eq!(
+            parse_app_key("myapp-0b1c2d3e-aaaa-bbbb-cccc-111122223333"),
+            Some(("myapp".into(), "0b1c2d3e-aaaa-bbbb-cccc-111122223333".into()))
+        );
+        assert_eq!(parse_app_key("myapp-../../x"), None);
+        assert_eq!(parse_app_key("0b1c2d3e-aaaa-bbbb-cccc-111122223333"), None);
+    }
+}

@@ -1,0 +1,288 @@
+//! What to build (`BuildSpec`), how it ended (`Outcome`), and every name derived from a
+//! build: image references, storage keys, route keys. Pure data; no I/O.
+
+use crate::secret::Secret;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use uuid::Uuid;
+
+/// Username and password for a registry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct RegistryAuth {
+    pub username: String,
+    pub password: Secret,
+}
+
+/// One build, as accepted by the API. Validated before it exists (see `api::validate`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BuildSpec {
+    pub build_uuid: Uuid,
+    pub app: String,
+    pub space: String,
+    pub app_uuid: String,
+    pub build_number: u64,
+    /// The source URI. For `docker://user:pass@…` it carries credentials, hence `Secret`.
+    pub sources: Secret,
+    #[serde(default)]
+    pub sha: Option<String>,
+    #[serde(default)]
+    pub branch: Option<String>,
+    #[serde(default)]
+    pub repo: Option<String>,
+    #[serde(default)]
+    pub org: Option<String>,
+    #[serde(default)]
+    pub callback: Option<String>,
+    #[serde(default)]
+    pub callback_auth: Option<Secret>,
+    #[serde(default)]
+    pub kafka_hosts: Option<String>,
+    pub gm_registry_host: String,
+    pub gm_registry_repo: String,
+    #[serde(default)]
+    pub gm_registry_auth: Option<RegistryAuth>,
+    /// Already merged with `EXTRA_BUILD_ARGS`; keys not yet sanitized (see `sanitize_arg_key`).
+    #[serde(default)]
+    pub build_args: BTreeMap<String, String>,
+    #[serde(default)]
+    pub docker_registry: Option<String>,
+    #[serde(default)]
+    pub docker_login: Option<String>,
+    #[serde(default)]
+    pub docker_password: Option<Secret>,
+}
+
+impl BuildSpec {
+    /// `{app}-{app_uuid}`: the prefix of the stop and log routes.
+    pub fn app_key(&self) -> String {
+        format!("{}-{}", self.app, self.app_uuid)
+    }
+
+    /// `{host}/{repo}/{app}-{app_uuid}` without a tag.
+    pub fn image_repository(&self) -> String {
+        format!(
+            "{}/{}/{}",
+            self.gm_registry_host.trim_end_matches('/'),
+            self.gm_registry_repo.trim_matches('/'),
+            self.app_key()
+        )
+    }
+
+    /// The build's own tag, `1.{build_number}`.
+    pub fn version_tag(&self) -> String {
+        format!("1.{}", self.build_number)
+    }
+
+    /// `{repository}:1.{n}`: the image this build produces.
+    pub fn image(&self) -> String {
+        format!("{}:{}", self.image_repository(), self.version_tag())
+    }
+
+    /// Storage key of the original source archive.
+    pub fn source_key(&self) -> String {
+        source_key(&self.build_uuid)
+    }
+
+    /// Storage key of the build's log.
+    pub fn log_key(&self) -> String {
+        log_key(&self.app, &self.app_uuid, self.build_number)
+    }
+
+    /// Labels put on the image.
+    pub fn image_labels(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("app".to_string(), self.app.clone()),
+            ("space".to_string(), self.space.clone()),
+            ("build_uuid".to_string(), self.build_uuid.to_string()),
+            ("app_uuid".to_string(), self.app_uuid.clone()),
+        ])
+    }
+
+    /// Build args as sent to dockerd: keys stripped to `[A-Za-z0-9_]`, empty keys dropped.
+    pub fn docker_build_args(&self) -> BTreeMap<String, String> {
+        self.build_args
+            .iter()
+            .map(|(k, v)| (sanitize_arg_key(k), v.clone()))
+            .filter(|(k, _)| !k.is_empty())
+            .collect()
+    }
+
+    /// Every credential this spec carries, for redaction of outside text.
+    pub fn secrets(&self) -> Vec<&str> {
+        let mut out = Vec::new();
+        if let Some(a) = &self.gm_registry_auth {
+            out.push(a.password.expose());
+        }
+        if let Some(p) = &self.docker_password {
+            out.push(p.expose());
+        }
+        if let Some(c) = &self.callback_auth {
+            out.push(c.expose());
+        }
+        if let Some(userinfo) = docker_source_userinfo(self.sources.expose()) {
+            out.push(userinfo.1);
+        }
+        out
+    }
+}
+
+/// The `user:pass` part of a `docker://user:pass@host/…` source, if any.
+fn docker_source_userinfo(sources: &str) -> Option<(&str, &str)> {
+    let rest = sources.strip_prefix("docker://")?;
+    let (userinfo, _) = rest.split_once('@')?;
+    userinfo.split_once(':')
+}
+
+pub fn source_key(build_uuid: &Uuid) -> String {
+    build_uuid.to_string()
+}
+
+pub fn log_key(app: &str, app_uuid: &str, build_number: u64) -> String {
+    format!("{app}-{app_uuid}-{build_number}.logs")
+}
+
+/// Strips every character outside `[A-Za-z0-9_]`, as the legacy shuttle did.
+pub fn sanitize_arg_key(key: &str) -> String {
+    key.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect()
+}
+
+/// Why a build failed. The names are the reasons of the BuildJob `Succeeded` condition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailureReason {
+    SourceFetchFailed,
+    SourceStoreFailed,
+    InvalidSources,
+    BuildFailed,
+    PushFailed,
+    PullFailed,
+    DockerUnavailable,
+    Cancelled,
+    Timeout,
+    Interrupted,
+    Internal,
+}
+
+impl FailureReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::SourceFetchFailed => "SourceFetchFailed",
+            Self::SourceStoreFailed => "SourceStoreFailed",
+            Self::InvalidSources => "InvalidSources",
+            Self::BuildFailed => "BuildFailed",
+            Self::PushFailed => "PushFailed",
+            Self::PullFailed => "PullFailed",
+            Self::DockerUnavailable => "DockerUnavailable",
+            Self::Cancelled => "Cancelled",
+            Self::Timeout => "Timeout",
+            Self::Interrupted => "Interrupted",
+            Self::Internal => "Internal",
+        }
+    }
+}
+
+/// How a build ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "lowercase")]
+pub enum Outcome {
+    Succeeded {
+        image: String,
+        #[serde(default)]
+        digest: Option<String>,
+    },
+    Failed {
+        reason: FailureReason,
+        message: String,
+    },
+}
+
+impl Outcome {
+    pub fn failed(reason: FailureReason, message: impl Into<String>) -> Self {
+        Self::Failed {
+            reason,
+            message: message.into(),
+        }
+    }
+    pub fn is_success(&self) -> bool {
+        matches!(self, Self::Succeeded { .. })
+    }
+    /// The legacy callback status: `succeeded` or `failed`.
+    pub fn callback_status(&self) -> &'static str {
+        if self.is_success() {
+            "succeeded"
+        } else {
+            "failed"
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn spec() -> BuildSpec {
+        BuildSpec {
+            build_uuid: Uuid::parse_str("6f1b1e3c-8a3e-4b52-9a47-0b6a3e0f3c11").unwrap(),
+            app: "myapp".into(),
+            space: "default".into(),
+            app_uuid: "0b1c2d3e-aaaa-bbbb-cccc-111122223333".into(),
+            build_number: 12,
+            sources: Secret::new("data:base64,AAAA"),
+            sha: None,
+            branch: None,
+            repo: None,
+            org: None,
+            callback: None,
+            callback_auth: Some(Secret::new("cb-token")),
+            kafka_hosts: None,
+            gm_registry_host: "registry.example.com".into(),
+            gm_registry_repo: "akkeris".into(),
+            gm_registry_auth: Some(RegistryAuth {
+                username: "u".into(),
+                password: Secret::new("regpass"),
+            }),
+            build_args: BTreeMap::from([("A-B.c".into(), "x\ny".into()), ("--".into(), "z".into())]),
+            docker_registry: None,
+            docker_login: None,
+            docker_password: None,
+        }
+    }
+
+    #[test]
+    fn names_follow_the_contract() {
+        let s = spec();
+        assert_eq!(
+            s.image(),
+            "registry.example.com/akkeris/myapp-0b1c2d3e-aaaa-bbbb-cccc-111122223333:1.12"
+        );
+        assert_eq!(s.source_key(), "6f1b1e3c-8a3e-4b52-9a47-0b6a3e0f3c11");
+        assert_eq!(s.log_key(), "myapp-0b1c2d3e-aaaa-bbbb-cccc-111122223333-12.logs");
+        assert_eq!(s.app_key(), "myapp-0b1c2d3e-aaaa-bbbb-cccc-111122223333");
+    }
+
+    #[test]
+    fn build_args_keys_are_stripped_and_values_untouched() {
+        let args = spec().docker_build_args();
+        assert_eq!(args.get("ABc").map(String::as_str), Some("x\ny"));
+        assert_eq!(args.len(), 1, "a key stripped to nothing is dropped");
+    }
+
+    #[test]
+    fn secrets_include_docker_url_password() {
+        let mut s = spec();
+        s.sources = Secret::new("docker://bob:pw123@host/repo:tag");
+        assert!(s.secrets().contains(&"pw123"));
+        assert!(s.secrets().contains(&"regpass"));
+        assert!(s.secrets().contains(&"cb-token"));
+    }
+
+    #[test]
+    fn outcome_serializes_with_result_tag() {
+        let o = Outcome::failed(FailureReason::BuildFailed, "boom");
+        let j = serde_json::to_value(&o).unwrap();
+        assert_eq!(j["result"], "failed");
+        assert_eq!(j["reason"], "BuildFailed");
+        assert_eq!(o.callback_status(), "failed");
+    }
+}

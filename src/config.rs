@@ -1,0 +1,353 @@
+//! Configuration: clap flags, each also read from the env var of CONTRACT.md, turned into
+//! one validated `Config`. A bad value is a `ConfigError` naming the variable.
+
+use crate::build::RegistryAuth;
+use crate::secret::Secret;
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{var}: {problem}")]
+    Invalid { var: &'static str, problem: String },
+}
+
+fn invalid(var: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        var,
+        problem: problem.into(),
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "buildshuttle", version, about = "Turns application sources into pushed Docker images")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP API (local mode unless USE_KUBERNETES=true).
+    Serve(Box<ServeArgs>),
+}
+
+/// Flags of `serve`. Booleans accept true/false (and 1/0, yes/no) from the environment.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// HTTP listen port.
+    #[arg(long, env = "PORT", value_name = "PORT", default_value_t = 9000)]
+    pub port: u16,
+    /// Listen address.
+    #[arg(long, env = "LISTEN_ADDRESS", value_name = "LISTEN_ADDRESS", default_value = "0.0.0.0")]
+    pub listen_address: String,
+    #[command(flatten)]
+    pub build: BuildArgs,
+    /// Run builds as Kubernetes worker pods via BuildJob resources.
+    #[arg(long, env = "USE_KUBERNETES", value_name = "USE_KUBERNETES", default_value_t = false, action = clap::ArgAction::Set)]
+    pub use_kubernetes: bool,
+    /// Builds running at once; more wait in a queue, first come first served.
+    #[arg(long, env = "MAXIMUM_PARALLEL_BUILDS", value_name = "MAXIMUM_PARALLEL_BUILDS", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub maximum_parallel_builds: u32,
+    /// Largest accepted request body, in bytes; larger bodies get 413.
+    #[arg(long, env = "MAX_REQUEST_BYTES", value_name = "MAX_REQUEST_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_request_bytes: usize,
+    /// How long a status callback is retried before giving up, in seconds.
+    #[arg(long, env = "CALLBACK_RETRY_SECONDS", value_name = "CALLBACK_RETRY_SECONDS", default_value_t = 300)]
+    pub callback_retry_seconds: u64,
+    /// Grace period for running builds on SIGTERM, in seconds.
+    #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", value_name = "SHUTDOWN_GRACE_SECONDS", default_value_t = 60)]
+    pub shutdown_grace_seconds: u64,
+}
+
+/// What every process that runs the pipeline needs (serve in local mode, and the worker).
+#[derive(Debug, Clone, Args)]
+pub struct BuildArgs {
+    /// Build with no layer cache.
+    #[arg(long, env = "NO_CACHE", value_name = "NO_CACHE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub no_cache: bool,
+    /// Where dockerd is, as dockerode-style JSON.
+    #[arg(long, env = "DOCKER_BUILD_SETTINGS", value_name = "DOCKER_BUILD_SETTINGS",
+          default_value = r#"{"socketPath":"/var/run/docker.sock"}"#, hide_default_value = true)]
+    pub docker_build_settings: String,
+    /// Local storage root (state, sources, logs) when S3 is not configured.
+    #[arg(long, env = "DATA_DIR", value_name = "DATA_DIR", default_value = "./buildshuttle-data")]
+    pub data_dir: PathBuf,
+    /// JSON object merged into every build's build_args (the request wins on a clash).
+    #[arg(long, env = "EXTRA_BUILD_ARGS", value_name = "EXTRA_BUILD_ARGS")]
+    pub extra_build_args: Option<String>,
+    /// JSON {"host": {"username":…, "password":…}}: extra registries a build may pull from.
+    #[arg(long, env = "EXTRA_DOCKER_REGISTRY_CONFIG", value_name = "EXTRA_DOCKER_REGISTRY_CONFIG", hide_env_values = true)]
+    pub extra_docker_registry_config: Option<String>,
+    /// A build running longer than this fails, in milliseconds.
+    #[arg(long, env = "TIMEOUT_IN_MS", value_name = "TIMEOUT_IN_MS", default_value_t = 1_200_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout_in_ms: u64,
+    /// Topic for build log lines.
+    #[arg(long, env = "KAFKA_TOPIC", value_name = "KAFKA_TOPIC", default_value = "alamobuildlogs")]
+    pub kafka_topic: String,
+    /// Also print build output on the service's stdout.
+    #[arg(long, env = "SHOW_BUILD_LOGS", value_name = "SHOW_BUILD_LOGS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub show_build_logs: bool,
+    /// Largest source archive (download size), in bytes.
+    #[arg(long, env = "MAX_SOURCE_BYTES", value_name = "MAX_SOURCE_BYTES", default_value_t = 1 << 30)]
+    pub max_source_bytes: u64,
+    /// Largest expanded build context, in bytes.
+    #[arg(long, env = "MAX_CONTEXT_BYTES", value_name = "MAX_CONTEXT_BYTES", default_value_t = 4 << 30)]
+    pub max_context_bytes: u64,
+    /// Most entries a source archive may hold.
+    #[arg(long, env = "MAX_ARCHIVE_ENTRIES", value_name = "MAX_ARCHIVE_ENTRIES", default_value_t = 200_000)]
+    pub max_archive_entries: u64,
+    /// Seconds to wait for a source server to accept a connection.
+    #[arg(long, env = "SOURCES_CONNECT_TIMEOUT_SECONDS", value_name = "SOURCES_CONNECT_TIMEOUT_SECONDS", default_value_t = 15)]
+    pub sources_connect_timeout_seconds: u64,
+    /// Seconds a source download may take in all.
+    #[arg(long, env = "SOURCES_TOTAL_TIMEOUT_SECONDS", value_name = "SOURCES_TOTAL_TIMEOUT_SECONDS", default_value_t = 600)]
+    pub sources_total_timeout_seconds: u64,
+    /// Legacy: the seed used node's debug module; any value turns on debug logging.
+    #[arg(long, env = "DEBUG", value_name = "DEBUG")]
+    pub debug: Option<String>,
+}
+
+/// Where dockerd is (DOCKER_BUILD_SETTINGS), parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DockerSettings {
+    Socket(String),
+    Http { address: String },
+    Https { address: String, ca: String, cert: Secret, key: Secret },
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawDockerSettings {
+    socket_path: Option<String>,
+    protocol: Option<String>,
+    host: Option<String>,
+    port: Option<serde_json::Value>,
+    ca: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+}
+
+impl DockerSettings {
+    pub fn parse(json: &str) -> Result<Self, ConfigError> {
+        const VAR: &str = "DOCKER_BUILD_SETTINGS";
+        let raw: RawDockerSettings =
+            serde_json::from_str(json).map_err(|e| invalid(VAR, format!("not valid JSON ({e})")))?;
+        if let Some(path) = raw.socket_path {
+            return Ok(Self::Socket(path));
+        }
+        let host = raw
+            .host
+            .ok_or_else(|| invalid(VAR, "needs either \"socketPath\" or \"host\""))?;
+        let (scheme_in_host, bare) = match host.split_once("://") {
+            Some((s, rest)) => (Some(s.to_ascii_lowercase()), rest.trim_end_matches('/').to_string()),
+            None => (None, host.trim_end_matches('/').to_string()),
+        };
+        let tls = raw.ca.is_some() || raw.cert.is_some() || raw.key.is_some();
+        let protocol = raw
+            .protocol
+            .map(|p| p.to_ascii_lowercase())
+            .or(scheme_in_host)
+            .unwrap_or_else(|| if tls { "https".into() } else { "http".into() });
+        let port = match raw.port {
+            None => None,
+            Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+            Some(serde_json::Value::String(s)) if s.parse::<u16>().is_ok() => Some(s),
+            Some(other) => return Err(invalid(VAR, format!("\"port\" is not a port number: {other}"))),
+        };
+        let port = port.unwrap_or_else(|| if protocol == "https" { "2376".into() } else { "2375".into() });
+        let address = format!("{bare}:{port}");
+        match protocol.as_str() {
+            "http" | "tcp" => Ok(Self::Http { address }),
+            "https" => {
+                let (Some(ca), Some(cert), Some(key)) = (raw.ca, raw.cert, raw.key) else {
+                    return Err(invalid(VAR, "https needs \"ca\", \"cert\" and \"key\""));
+                };
+                Ok(Self::Https {
+                    address,
+                    ca,
+                    cert: Secret::new(cert),
+                    key: Secret::new(key),
+                })
+            }
+            other => Err(invalid(VAR, format!("unknown protocol {other:?} (use http or https)"))),
+        }
+    }
+}
+
+/// Everything the pipeline needs, validated.
+#[derive(Debug, Clone)]
+pub struct BuildConfig {
+    pub no_cache: bool,
+    pub docker: DockerSettings,
+    pub data_dir: PathBuf,
+    pub extra_build_args: BTreeMap<String, String>,
+    pub extra_registries: BTreeMap<String, RegistryAuth>,
+    pub timeout: Duration,
+    pub kafka_topic: String,
+    pub show_build_logs: bool,
+    pub limits: Limits,
+    pub sources_connect_timeout: Duration,
+    pub sources_total_timeout: Duration,
+}
+
+/// Size limits on sources and contexts.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_source_bytes: u64,
+    pub max_context_bytes: u64,
+    pub max_archive_entries: u64,
+}
+
+impl BuildArgs {
+    pub fn validate(&self) -> Result<BuildConfig, ConfigError> {
+        Ok(BuildConfig {
+            no_cache: self.no_cache,
+            docker: DockerSettings::parse(&self.docker_build_settings)?,
+            data_dir: self.data_dir.clone(),
+            extra_build_args: parse_extra_build_args(self.extra_build_args.as_deref())?,
+            extra_registries: parse_extra_registries(self.extra_docker_registry_config.as_deref())?,
+            timeout: Duration::from_millis(self.timeout_in_ms),
+            kafka_topic: self.kafka_topic.clone(),
+            show_build_logs: self.show_build_logs,
+            limits: Limits {
+                max_source_bytes: self.max_source_bytes,
+                max_context_bytes: self.max_context_bytes,
+                max_archive_entries: self.max_archive_entries,
+            },
+            sources_connect_timeout: Duration::from_secs(self.sources_connect_timeout_seconds),
+            sources_total_timeout: Duration::from_secs(self.sources_total_timeout_seconds),
+        })
+    }
+
+    /// The tracing filter: RUST_LOG wins; DEBUG (legacy) means debug; else info.
+    pub fn log_filter(&self) -> String {
+        std::env::var("RUST_LOG").unwrap_or_else(|_| {
+            if self.debug.as_deref().is_some_and(|d| !d.is_empty()) {
+                "debug,hyper=info,h2=info,rustls=info".into()
+            } else {
+                "info".into()
+            }
+        })
+    }
+}
+
+fn parse_extra_build_args(json: Option<&str>) -> Result<BTreeMap<String, String>, ConfigError> {
+    const VAR: &str = "EXTRA_BUILD_ARGS";
+    let Some(json) = json.filter(|j| !j.trim().is_empty()) else {
+        return Ok(BTreeMap::new());
+    };
+    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(json)
+        .map_err(|e| invalid(VAR, format!("must be a JSON object ({e})")))?;
+    map.into_iter()
+        .map(|(k, v)| match v {
+            serde_json::Value::String(s) => Ok((k, s)),
+            serde_json::Value::Number(n) => Ok((k, n.to_string())),
+            serde_json::Value::Bool(b) => Ok((k, b.to_string())),
+            _ => Err(invalid(VAR, format!("value of {k:?} must be a string"))),
+        })
+        .collect()
+}
+
+fn parse_extra_registries(json: Option<&str>) -> Result<BTreeMap<String, RegistryAuth>, ConfigError> {
+    const VAR: &str = "EXTRA_DOCKER_REGISTRY_CONFIG";
+    let Some(json) = json.filter(|j| !j.trim().is_empty()) else {
+        return Ok(BTreeMap::new());
+    };
+    // The error must not echo the JSON: it holds passwords.
+    serde_json::from_str(json).map_err(|e| {
+        invalid(
+            VAR,
+            format!(
+                "must be a JSON object {{\"host\": {{\"username\": …, \"password\": …}}}} (error at line {} column {})",
+                e.line(),
+                e.column()
+            ),
+        )
+    })
+}
+
+/// The validated configuration of `serve`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: String,
+    pub build: BuildConfig,
+    pub use_kubernetes: bool,
+    pub maximum_parallel_builds: usize,
+    pub max_request_bytes: usize,
+    pub callback_retry_for: Duration,
+    pub shutdown_grace: Duration,
+}
+
+impl ServeArgs {
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        Ok(Config {
+            listen: format!("{}:{}", self.listen_address, self.port),
+            build: self.build.validate()?,
+            use_kubernetes: self.use_kubernetes,
+            maximum_parallel_builds: self.maximum_parallel_builds as usize,
+            max_request_bytes: self.max_request_bytes,
+            callback_retry_for: Duration::from_secs(self.callback_retry_seconds),
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn verify_cli() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn docker_settings_shapes() {
+        assert_eq!(
+            DockerSettings::parse(r#"{"socketPath":"/var/run/docker.sock"}"#).unwrap(),
+            DockerSettings::Socket("/var/run/docker.sock".into())
+        );
+        assert_eq!(
+            DockerSettings::parse(r#"{"host":"http://127.0.0.1","port":"2375"}"#).unwrap(),
+            DockerSettings::Http { address: "127.0.0.1:2375".into() }
+        );
+        assert_eq!(
+            DockerSettings::parse(r#"{"host":"10.0.0.5","port":2375}"#).unwrap(),
+            DockerSettings::Http { address: "10.0.0.5:2375".into() }
+        );
+        let tls = DockerSettings::parse(
+            r#"{"protocol":"https","host":"d.example","port":2376,"ca":"C","cert":"T","key":"K"}"#,
+        )
+        .unwrap();
+        assert!(matches!(tls, DockerSettings::Https { ref address, .. } if address == "d.example:2376"));
+        for bad in ["nope", r#"{"port":1}"#, r#"{"protocol":"https","host":"h"}"#, r#"{"host":"h","port":"x"}"#] {
+            let e = DockerSettings::parse(bad).unwrap_err().to_string();
+            assert!(e.starts_with("DOCKER_BUILD_SETTINGS"), "{e}");
+        }
+    }
+
+    #[test]
+    fn extra_build_args_must_be_an_object() {
+        assert_eq!(parse_extra_build_args(Some(r#"{"A":"1","B":2}"#)).unwrap().len(), 2);
+        let e = parse_extra_build_args(Some("[1]")).unwrap_err().to_string();
+        assert!(e.starts_with("EXTRA_BUILD_ARGS"), "{e}");
+    }
+
+    #[test]
+    fn extra_registry_errors_do_not_echo_passwords() {
+        let e = parse_extra_registries(Some(r#"{"h": {"username": "u", "password": 5, "x": "topsecret"}}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("topsecret"), "{e}");
+        assert!(e.starts_with("EXTRA_DOCKER_REGISTRY_CONFIG"));
+        let ok = parse_extra_registries(Some(r#"{"h:5000": {"username": "u", "password": "p"}}"#)).unwrap();
+        assert_eq!(ok["h:5000"].password.expose(), "p");
+    }
+}

@@ -1,0 +1,17 @@
+//! buildshuttle: turns application sources into pushed Docker images.
+//!
+//! Module map (imports run downwards only):
+//! `api` (HTTP), `local` (embedded executor) → `pipeline` (fetch, context, docker) →
+//! `logs`, `callback`, `executor` → `storage`, `config`, `build`, `secret`.
+
+pub mod api;
+pub mod build;
+pub mod callback;
+pub mod config;
+pub mod executor;
+pub mod local;
+pub mod logs;
+pub mod pipeline;
+pub mod secret;
+pub mod serve;
+pub mod storage;

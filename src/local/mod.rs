@@ -1,0 +1,477 @@
+//! The embedded executor (local mode): a FIFO queue with at most MAXIMUM_PARALLEL_BUILDS
+//! builds running, each run by the pipeline in this process. State is durable under
+//! `DATA_DIR/state`: after a restart, queued builds still run and a build that was running
+//! is reported failed ("interrupted") instead of being forgotten.
+
+pub mod state;
+
+use crate::build::{BuildSpec, FailureReason, Outcome};
+use crate::callback::Callbacks;
+use crate::executor::{BuildSelector, Executor, ExecutorError};
+use crate::logs::LogSinks;
+use crate::pipeline::Pipeline;
+use crate::storage::Object;
+use async_trait::async_trait;
+use state::{Phase, Record, StateStore};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+/// Settings of the local executor.
+pub struct LocalSettings {
+    pub data_dir: PathBuf,
+    pub max_parallel: usize,
+    pub timeout: Duration,
+}
+
+#[derive(Clone)]
+pub struct LocalExecutor {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pipeline: Pipeline,
+    sinks: LogSinks,
+    callbacks: Callbacks,
+    state: StateStore,
+    /// Serializes record writes so concurrent updates of one build never lose each other.
+    records: tokio::sync::Mutex<HashMap<Uuid, Record>>,
+    active: Mutex<HashMap<Uuid, Active>>,
+    queue: mpsc::UnboundedSender<(Uuid, oneshot::Sender<OwnedSemaphorePermit>)>,
+    semaphore: Arc<Semaphore>,
+    seq: AtomicU64,
+    draining: AtomicBool,
+    tasks: TaskTracker,
+    timeout: Duration,
+    workroot: PathBuf,
+    pub counters: Counters,
+}
+
+/// Live numbers for /metrics and the load script.
+#[derive(Default)]
+pub struct Counters {
+    pub queued: AtomicU64,
+    pub running: AtomicU64,
+}
+
+struct Active {
+    app: String,
+    app_uuid: String,
+    build_number: u64,
+    cancel: CancellationToken,
+    /// Why it was cancelled: set before the token fires.
+    reason: Arc<Mutex<Option<(FailureReason, String)>>>,
+}
+
+impl LocalExecutor {
+    /// Opens the state under `data_dir`, recovers what a previous process left, and starts
+    /// the dispatcher.
+    pub async fn start(
+        settings: LocalSettings,
+        pipeline: Pipeline,
+        sinks: LogSinks,
+        callbacks: Callbacks,
+    ) -> std::io::Result<Self> {
+        let state = StateStore::new(settings.data_dir.join("state"))?;
+        let workroot = settings.data_dir.join("work");
+        // Leftover build folders belong to builds that cannot resume.
+        let _ = tokio::fs::remove_dir_all(&workroot).await;
+        tokio::fs::create_dir_all(&workroot).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let semaphore = Arc::new(Semaphore::new(settings.max_parallel));
+        let inner = Arc::new(Inner {
+            pipeline,
+            sinks,
+            callbacks,
+            state,
+            records: tokio::sync::Mutex::new(HashMap::new()),
+            active: Mutex::new(HashMap::new()),
+            queue: tx,
+            semaphore: semaphore.clone(),
+            seq: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+            tasks: TaskTracker::new(),
+            timeout: settings.timeout,
+            workroot,
+            counters: Counters::default(),
+        });
+        let exec = Self { inner };
+        exec.inner.tasks.spawn(dispatch(exec.inner.clone(), rx));
+        exec.recover().await?;
+        Ok(exec)
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+
+    async fn recover(&self) -> std::io::Result<()> {
+        let records = self.inner.state.load_all().await?;
+        let next = records.iter().map(|r| r.seq + 1).max().unwrap_or(0);
+        self.inner.seq.store(next, Ordering::SeqCst);
+        for mut rec in records {
+            let id = rec.spec.build_uuid;
+            match rec.phase {
+                Phase::Queued => {
+                    tracing::info!(build = %id, app = %rec.spec.app, "re-queueing a build accepted before the restart");
+                    self.inner.records.lock().await.insert(id, rec.clone());
+                    self.enqueue(rec);
+                }
+                Phase::Running => {
+                    tracing::warn!(build = %id, app = %rec.spec.app, "a build was running when the service stopped; reporting it failed");
+                    let outcome = Outcome::failed(
+                        FailureReason::Interrupted,
+                        "interrupted: the build service stopped while the build was running",
+                    );
+                    self.inner.append_log_line(&rec.spec, "Build failed (Interrupted): the build service stopped while the build was running");
+                    rec.phase = Phase::Finished;
+                    rec.outcome = Some(outcome);
+                    rec.finished_at = Some(chrono::Utc::now());
+                    self.inner.state.save(&rec).await?;
+                    self.inner.records.lock().await.insert(id, rec.clone());
+                    let inner = self.inner.clone();
+                    self.inner.tasks.spawn(async move { inner.send_callbacks(id).await });
+                }
+                Phase::Finished if !rec.final_sent || !rec.pending_sent => {
+                    self.inner.records.lock().await.insert(id, rec);
+                    let inner = self.inner.clone();
+                    self.inner.tasks.spawn(async move { inner.send_callbacks(id).await });
+                }
+                Phase::Finished => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Registers the build as active and starts its lifecycle task.
+    fn enqueue(&self, rec: Record) {
+        let id = rec.spec.build_uuid;
+        let cancel = CancellationToken::new();
+        let reason = Arc::new(Mutex::new(None));
+        if let Ok(mut active) = self.inner.active.lock() {
+            active.insert(
+                id,
+                Active {
+                    app: rec.spec.app.clone(),
+                    app_uuid: rec.spec.app_uuid.clone(),
+                    build_number: rec.spec.build_number,
+                    cancel: cancel.clone(),
+                    reason: reason.clone(),
+                },
+            );
+        }
+        self.inner.counters.queued.fetch_add(1, Ordering::SeqCst);
+        let (tx, rx) = oneshot::channel();
+        // The dispatcher hands out slots in the order builds were queued.
+        let _ = self.inner.queue.send((id, tx));
+        let inner = self.inner.clone();
+        self.inner
+            .tasks
+            .spawn(async move { inner.lifecycle(rec.spec, rx, cancel, reason).await });
+    }
+
+    /// Stops accepting builds, lets running builds finish within `grace`, then stops the
+    /// rest and reports them interrupted. Queued builds stay queued for the next start.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.inner.draining.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.inner.counters.running.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let running: Vec<_> = self.inner.running_tokens();
+        for (cancel, reason) in running {
+            if let Ok(mut r) = reason.lock() {
+                *r = Some((
+                    FailureReason::Interrupted,
+                    "interrupted: the build service shut down before the build finished".into(),
+                ));
+            }
+            cancel.cancel();
+        }
+        // Let the stopped builds record their outcome and send their callbacks (bounded).
+        let wait = tokio::time::Instant::now() + Duration::from_secs(15);
+        while self.inner.counters.running.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < wait {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Inner {
+    fn running_tokens(&self) -> Vec<(CancellationToken, Arc<Mutex<Option<(FailureReason, String)>>>)> {
+        let Ok(active) = self.active.lock() else { return Vec::new() };
+        active.values().map(|a| (a.cancel.clone(), a.reason.clone())).collect()
+    }
+
+    async fn update(&self, id: Uuid, f: impl FnOnce(&mut Record)) {
+        let mut records = self.records.lock().await;
+        let Some(rec) = records.get_mut(&id) else { return };
+        f(rec);
+        if let Err(e) = self.state.save(rec).await {
+            tracing::error!(build = %id, error = %e, "could not write the build's state under DATA_DIR");
+        }
+    }
+
+    fn append_log_line(&self, spec: &BuildSpec, line: &str) {
+        use std::io::Write;
+        if let Some(path) = self.sinks.files.path(&spec.log_key()) {
+            if let Ok(mut f) = std::fs::OpenOptions::new().append(true).create(true).open(path) {
+                let _ = writeln!(f, "{line}");
+            }
+        }
+    }
+
+    async fn lifecycle(
+        self: Arc<Self>,
+        spec: BuildSpec,
+        slot: oneshot::Receiver<OwnedSemaphorePermit>,
+        cancel: CancellationToken,
+        reason: Arc<Mutex<Option<(FailureReason, String)>>>,
+    ) {
+        let id = spec.build_uuid;
+        // The pending callback goes out beside the build; the final one waits for it.
+        let pending = {
+            let inner = self.clone();
+            tokio::spawn(async move { inner.send_pending(id).await })
+        };
+        let cancelled_reason = || {
+            reason
+                .lock()
+                .ok()
+                .and_then(|r| r.clone())
+                .unwrap_or((FailureReason::Cancelled, "stopped by request".into()))
+        };
+        let permit = tokio::select! {
+            p = slot => p.ok(),
+            _ = cancel.cancelled() => None,
+        };
+        self.counters.queued.fetch_sub(1, Ordering::SeqCst);
+        let outcome = match permit {
+            None if self.draining.load(Ordering::SeqCst) && !cancel.is_cancelled() => {
+                // Shutting down with the build still queued: it stays queued for the next start.
+                self.remove_active(id);
+                let _ = pending.await;
+                return;
+            }
+            None => {
+                let (r, m) = cancelled_reason();
+                self.append_log_line(&spec, &format!("Build failed ({}): {m} before it started", r.as_str()));
+                Outcome::failed(r, format!("{m} before it started"))
+            }
+            Some(permit) => {
+                self.counters.running.fetch_add(1, Ordering::SeqCst);
+                let outcome = self.run(&spec, &cancel, cancelled_reason).await;
+                self.counters.running.fetch_sub(1, Ordering::SeqCst);
+                drop(permit);
+                outcome
+            }
+        };
+        self.remove_active(id);
+        tracing::info!(build = %id, app = %spec.app, number = spec.build_number, result = outcome.callback_status(), "build finished");
+        self.update(id, |r| {
+            r.phase = Phase::Finished;
+            r.outcome = Some(outcome);
+            r.finished_at = Some(chrono::Utc::now());
+        })
+        .await;
+        let _ = pending.await;
+        self.send_callbacks(id).await;
+    }
+
+    async fn run(
+        &self,
+        spec: &BuildSpec,
+        cancel: &CancellationToken,
+        cancelled_reason: impl Fn() -> (FailureReason, String),
+    ) -> Outcome {
+        let id = spec.build_uuid;
+        self.update(id, |r| {
+            r.phase = Phase::Running;
+            r.started_at = Some(chrono::Utc::now());
+        })
+        .await;
+        let mut log = match self.sinks.open(spec) {
+            Ok(log) => log,
+            Err(e) => {
+                tracing::error!(build = %id, error = %e, "could not open the build log");
+                return Outcome::failed(FailureReason::Internal, "could not open the build log");
+            }
+        };
+        log.line(&format!(
+            "Build {} of {} started ({})",
+            spec.build_number,
+            spec.app_key(),
+            spec.build_uuid
+        ));
+        let workdir = self.workroot.join(id.to_string());
+        // Dropping the pipeline future closes the connection to dockerd, which cancels the
+        // build and removes its container.
+        let outcome = tokio::select! {
+            o = self.pipeline.run(spec, &mut log, &workdir) => o,
+            _ = tokio::time::sleep(self.timeout) => {
+                let msg = format!("the build ran longer than TIMEOUT_IN_MS ({} ms)", self.timeout.as_millis());
+                Outcome::failed(FailureReason::Timeout, msg)
+            }
+            _ = cancel.cancelled() => {
+                let (r, m) = cancelled_reason();
+                Outcome::failed(r, m)
+            }
+        };
+        if let Outcome::Failed { reason, message } = &outcome {
+            if matches!(reason, FailureReason::Timeout | FailureReason::Cancelled | FailureReason::Interrupted) {
+                log.line(&format!("Build failed ({}): {message}", reason.as_str()));
+            }
+        }
+        log.finish().await;
+        let _ = tokio::fs::remove_dir_all(&workdir).await;
+        outcome
+    }
+
+    fn remove_active(&self, id: Uuid) {
+        if let Ok(mut a) = self.active.lock() {
+            a.remove(&id);
+        }
+    }
+
+    async fn record(&self, id: Uuid) -> Option<Record> {
+        self.records.lock().await.get(&id).cloned()
+    }
+
+    async fn send_pending(&self, id: Uuid) {
+        let Some(rec) = self.record(id).await else { return };
+        if rec.pending_sent {
+            return;
+        }
+        if let Some(url) = &rec.spec.callback {
+            if let Err(e) = self
+                .callbacks
+                .deliver(url, rec.spec.callback_auth.as_ref(), rec.spec.build_number, "pending")
+                .await
+            {
+                tracing::warn!(build = %id, error = %e, "pending callback not delivered");
+            }
+        }
+        self.update(id, |r| r.pending_sent = true).await;
+    }
+
+    /// Sends whatever callbacks the record still owes: pending first, then the final one.
+    async fn send_callbacks(&self, id: Uuid) {
+        self.send_pending(id).await;
+        let Some(rec) = self.record(id).await else { return };
+        let Some(outcome) = rec.outcome.as_ref().filter(|_| !rec.final_sent) else { return };
+        if let Some(url) = &rec.spec.callback {
+            if let Err(e) = self
+                .callbacks
+                .deliver(url, rec.spec.callback_auth.as_ref(), rec.spec.build_number, outcome.callback_status())
+                .await
+            {
+                tracing::warn!(build = %id, error = %e, "final callback not delivered; giving up");
+            }
+        }
+        self.update(id, |r| r.final_sent = true).await;
+        // Done with it: the state file stays (idempotent POST, restart), memory does not grow.
+        self.records.lock().await.remove(&id);
+    }
+}
+
+/// Hands out build slots in submission order; a build stopped while queued is skipped.
+async fn dispatch(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<(Uuid, oneshot::Sender<OwnedSemaphorePermit>)>) {
+    while let Some((_id, slot)) = rx.recv().await {
+        if slot.is_closed() {
+            continue;
+        }
+        let Ok(permit) = inner.semaphore.clone().acquire_owned().await else { return };
+        if inner.draining.load(Ordering::SeqCst) {
+            // Dropping `slot` tells the build it stays queued.
+            continue;
+        }
+        // Err: the build was stopped meanwhile; its permit comes back by being dropped.
+        let _ = slot.send(permit);
+    }
+}
+
+#[async_trait]
+impl Executor for LocalExecutor {
+    async fn submit(&self, spec: BuildSpec) -> Result<(), ExecutorError> {
+        if self.inner.draining.load(Ordering::SeqCst) {
+            return Err(ExecutorError::Unavailable("the service is shutting down".into()));
+        }
+        let id = spec.build_uuid;
+        {
+            let records = self.inner.records.lock().await;
+            if records.contains_key(&id) || self.inner.state.exists(&id).await {
+                tracing::info!(build = %id, "build already accepted; not starting it again");
+                return Ok(());
+            }
+        }
+        let rec = Record {
+            seq: self.inner.seq.fetch_add(1, Ordering::SeqCst),
+            spec,
+            phase: Phase::Queued,
+            outcome: None,
+            pending_sent: false,
+            final_sent: false,
+            accepted_at: chrono::Utc::now(),
+            started_at: None,
+            finished_at: None,
+        };
+        {
+            let mut records = self.inner.records.lock().await;
+            if records.contains_key(&id) {
+                return Ok(());
+            }
+            self.inner.state.save(&rec).await.map_err(|e| {
+                tracing::error!(error = %e, "cannot write build state under DATA_DIR");
+                ExecutorError::Unavailable("build state cannot be written".into())
+            })?;
+            records.insert(id, rec.clone());
+        }
+        tracing::info!(build = %id, app = %rec.spec.app, number = rec.spec.build_number, "build accepted");
+        self.enqueue(rec);
+        Ok(())
+    }
+
+    async fn stop(&self, which: BuildSelector) -> Result<usize, ExecutorError> {
+        let Ok(active) = self.inner.active.lock() else { return Ok(0) };
+        let mut n = 0;
+        for a in active.values() {
+            if a.app == which.app
+                && a.app_uuid == which.app_uuid
+                && which.build_number.is_none_or(|b| b == a.build_number)
+            {
+                a.cancel.cancel();
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    async fn log(&self, app: &str, app_uuid: &str, build_number: u64, offset: u64) -> Result<Option<Object>, ExecutorError> {
+        let key = crate::build::log_key(app, app_uuid, build_number);
+        if let Some(path) = self.inner.sinks.files.path(&key) {
+            if let Ok(file) = tokio::fs::File::open(&path).await {
+                return Ok(Some(crate::logs::file_from(file, offset).await));
+            }
+        }
+        let obj = self
+            .inner
+            .sinks
+            .storage
+            .get(&key)
+            .await
+            .map_err(|e| ExecutorError::Unavailable(e.to_string()))?;
+        Ok(obj.map(|o| crate::logs::skip(o, offset)))
+    }
+
+    async fn is_active(&self, app: &str, app_uuid: &str, build_number: u64) -> bool {
+        let Ok(active) = self.inner.active.lock() else { return false };
+        active
+            .values()
+            .any(|a| a.app == app && a.app_uuid == app_uuid && a.build_number == build_number)
+    }
+}

@@ -1,0 +1,179 @@
+//! The build log: every line of build output goes to each sink (stored log, stdout, Kafka).
+//! Writing a line never blocks on the network: sinks that talk to a network queue the line
+//! and report what they could not deliver when the build finishes.
+
+mod stored;
+
+pub use stored::{LogFiles, StoredLog};
+
+use crate::build::BuildSpec;
+use crate::secret::redact;
+use crate::storage::Storage;
+use futures::future::BoxFuture;
+use std::sync::Arc;
+
+/// A log file read from `offset` on.
+pub async fn file_from(mut file: tokio::fs::File, offset: u64) -> crate::storage::Object {
+    use futures::StreamExt;
+    use tokio::io::AsyncSeekExt;
+    let len = file.metadata().await.ok().map(|m| m.len().saturating_sub(offset));
+    if offset > 0 && file.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
+        return crate::storage::Object {
+            len: Some(0),
+            body: futures::stream::empty().boxed(),
+        };
+    }
+    crate::storage::Object {
+        len,
+        body: tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024).boxed(),
+    }
+}
+
+/// A stored object without its first `offset` bytes.
+pub fn skip(obj: crate::storage::Object, offset: u64) -> crate::storage::Object {
+    use futures::StreamExt;
+    if offset == 0 {
+        return obj;
+    }
+    let mut left = offset;
+    let body = obj
+        .body
+        .filter_map(move |chunk| {
+            let out = match chunk {
+                Ok(mut c) => {
+                    let drop = left.min(c.len() as u64) as usize;
+                    left -= drop as u64;
+                    let rest = c.split_off(drop);
+                    (!rest.is_empty()).then_some(Ok(rest))
+                }
+                Err(e) => Some(Err(e)),
+            };
+            futures::future::ready(out)
+        })
+        .boxed();
+    crate::storage::Object {
+        len: obj.len.map(|l| l.saturating_sub(offset)),
+        body,
+    }
+}
+
+/// Opens a build's log with every configured sink.
+#[derive(Clone)]
+pub struct LogSinks {
+    pub files: LogFiles,
+    pub storage: Arc<dyn Storage>,
+    pub show_build_logs: bool,
+}
+
+impl LogSinks {
+    pub fn open(&self, spec: &BuildSpec) -> std::io::Result<BuildLog> {
+        let secrets = spec.secrets().into_iter().map(str::to_string).collect();
+        let mut log = BuildLog::new(secrets).with_sink(Box::new(StoredLog::create(
+            &self.files,
+            &spec.log_key(),
+            self.storage.clone(),
+        )?));
+        if self.show_build_logs {
+            log = log.with_sink(Box::new(StdoutSink::new(format!("[{}-{}]", spec.app, spec.build_number))));
+        }
+        Ok(log)
+    }
+}
+
+/// One destination for log lines.
+pub trait Sink: Send {
+    fn write_line(&mut self, line: &str);
+    /// Called once at the end; flushes and reports problems through `tracing`.
+    fn finish(self: Box<Self>) -> BoxFuture<'static, ()>;
+}
+
+/// Prints lines on the service's stdout (`SHOW_BUILD_LOGS`).
+pub struct StdoutSink {
+    prefix: String,
+}
+
+impl StdoutSink {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self { prefix: prefix.into() }
+    }
+}
+
+impl Sink for StdoutSink {
+    fn write_line(&mut self, line: &str) {
+        println!("{} {line}", self.prefix);
+    }
+    fn finish(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// A build's log, fanned out to its sinks. Lines are redacted of the build's secrets and
+/// split on newlines, so each sink sees one line per call.
+pub struct BuildLog {
+    sinks: Vec<Box<dyn Sink>>,
+    secrets: Vec<String>,
+}
+
+/// The last line of every build log, as the Akkeris log consumers expect.
+pub const FINISHED_LINE: &str = "Build finished";
+
+impl BuildLog {
+    pub fn new(secrets: Vec<String>) -> Self {
+        Self {
+            sinks: Vec::new(),
+            secrets,
+        }
+    }
+
+    pub fn with_sink(mut self, sink: Box<dyn Sink>) -> Self {
+        self.sinks.push(sink);
+        self
+    }
+
+    /// Writes `text`, one line per sink call; `\r` progress rewrites become separate lines.
+    pub fn line(&mut self, text: &str) {
+        let secrets: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
+        let text = redact(text, &secrets);
+        for line in text.split(['\n', '\r']).filter(|l| !l.trim().is_empty()) {
+            for sink in &mut self.sinks {
+                sink.write_line(line);
+            }
+        }
+    }
+
+    /// Writes `Build finished` and lets every sink flush.
+    pub async fn finish(mut self) {
+        self.line(FINISHED_LINE);
+        for sink in self.sinks {
+            sink.finish().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    struct Capture(Arc<Mutex<Vec<String>>>);
+    impl Sink for Capture {
+        fn write_line(&mut self, line: &str) {
+            self.0.lock().unwrap().push(line.to_string());
+        }
+        fn finish(self: Box<Self>) -> BoxFuture<'static, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    #[tokio::test]
+    async fn lines_are_split_redacted_and_end_with_finished() {
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let mut log = BuildLog::new(vec!["s3cret".into()]).with_sink(Box::new(Capture(got.clone())));
+        log.line("Step 1/2 : FROM x\n\nlogin s3cret ok\r\n");
+        log.finish().await;
+        assert_eq!(
+            *got.lock().unwrap(),
+            vec!["Step 1/2 : FROM x", "login *** ok", FINISHED_LINE]
+        );
+    }
+}

@@ -1,0 +1,58 @@
+//! CLI dispatch and telemetry; no logic.
+
+use buildshuttle::config::{Cli, Command};
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // One line naming the setting (clap's value names are the env var names).
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("buildshuttle: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Command::Serve(args) => {
+            init_tracing(&args.build.log_filter());
+            let cfg = match args.validate() {
+                Ok(c) => c,
+                Err(e) => return fail_start(&e),
+            };
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => return fail_start(&e),
+            };
+            rt.block_on(async {
+                let started = match buildshuttle::serve::start(cfg).await {
+                    Ok(s) => s,
+                    Err(e) => return fail_start(&e),
+                };
+                match buildshuttle::serve::serve(started).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("buildshuttle: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+    }
+}
+
+fn fail_start(e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("buildshuttle: {e}");
+    ExitCode::from(2)
+}
+
+fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}

@@ -1,0 +1,608 @@
+//! Source archive → build context. The archive (`.tar.gz`, `.tar` or `.zip`, detected by
+//! content) is extracted into the build's own folder with every entry checked (no `..`,
+//! absolute or drive paths, no links out of the folder, no devices or FIFOs) and within the
+//! size and entry limits; a single top-level folder is flattened; the Dockerfile gets its ARG
+//! lines; then the folder is streamed to dockerd as a tar, honouring `.dockerignore`.
+
+use crate::config::Limits;
+use bytes::Bytes;
+use futures::Stream;
+use globset::{GlobBuilder, GlobMatcher};
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::{Component, Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContextError {
+    #[error("the sources are not a .tar.gz, .tar or .zip archive")]
+    UnknownFormat,
+    #[error("the archive is corrupt or truncated: {0}")]
+    Corrupt(String),
+    #[error("archive entry {entry:?} is refused: {why}")]
+    UnsafeEntry { entry: String, why: &'static str },
+    #[error("the archive expands past MAX_CONTEXT_BYTES ({limit} bytes)")]
+    TooLarge { limit: u64 },
+    #[error("the archive has more than MAX_ARCHIVE_ENTRIES ({limit}) entries")]
+    TooManyEntries { limit: u64 },
+    #[error("no Dockerfile at the top of the sources (found: {found})")]
+    NoDockerfile { found: String },
+    #[error("the .dockerignore pattern {pattern:?} is invalid: {why}")]
+    BadIgnorePattern { pattern: String, why: String },
+    #[error("preparing the build context on disk failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    TarGz,
+    Tar,
+    Zip,
+}
+
+fn detect(path: &Path) -> Result<Format, ContextError> {
+    let mut head = [0u8; 262];
+    let mut f = fs::File::open(path)?;
+    let mut n = 0;
+    while n < head.len() {
+        match f.read(&mut head[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    let head = &head[..n];
+    if head.starts_with(&[0x1f, 0x8b]) {
+        Ok(Format::TarGz)
+    } else if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
+        Ok(Format::Zip)
+    } else if head.len() >= 262 && &head[257..262] == b"ustar" {
+        Ok(Format::Tar)
+    } else {
+        Err(ContextError::UnknownFormat)
+    }
+}
+
+/// Extracts `archive` into `dest` (created, must be empty) and returns the context root:
+/// `dest` itself, or its only folder when the archive holds exactly one top-level folder.
+pub fn extract(archive: &Path, dest: &Path, limits: &Limits) -> Result<PathBuf, ContextError> {
+    fs::create_dir_all(dest)?;
+    let mut budget = Budget::new(limits);
+    match detect(archive)? {
+        Format::TarGz => {
+            let gz = flate2::read::MultiGzDecoder::new(io::BufReader::new(fs::File::open(archive)?));
+            extract_tar(gz, dest, &mut budget)?
+        }
+        Format::Tar => extract_tar(io::BufReader::new(fs::File::open(archive)?), dest, &mut budget)?,
+        Format::Zip => extract_zip(archive, dest, &mut budget)?,
+    }
+    flattened_root(dest)
+}
+
+struct Budget {
+    bytes: u64,
+    entries: u64,
+    limits: Limits,
+}
+
+impl Budget {
+    fn new(limits: &Limits) -> Self {
+        Self {
+            bytes: 0,
+            entries: 0,
+            limits: *limits,
+        }
+    }
+    fn entry(&mut self) -> Result<(), ContextError> {
+        self.entries += 1;
+        if self.entries > self.limits.max_archive_entries {
+            return Err(ContextError::TooManyEntries {
+                limit: self.limits.max_archive_entries,
+            });
+        }
+        Ok(())
+    }
+    /// Bytes an entry may still write.
+    fn remaining(&self) -> u64 {
+        self.limits.max_context_bytes.saturating_sub(self.bytes)
+    }
+    fn wrote(&mut self, n: u64) -> Result<(), ContextError> {
+        self.bytes += n;
+        if self.bytes > self.limits.max_context_bytes {
+            return Err(ContextError::TooLarge {
+                limit: self.limits.max_context_bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Checks an entry name and returns it as a clean relative path.
+fn safe_relative(name: &str) -> Result<PathBuf, ContextError> {
+    let refuse = |why| ContextError::UnsafeEntry {
+        entry: name.to_string(),
+        why,
+    };
+    if name.contains('\0') {
+        return Err(refuse("it contains a NUL byte"));
+    }
+    if name.contains('\\') {
+        return Err(refuse("it contains a backslash (Windows path)"));
+    }
+    let bytes = name.as_bytes();
+    if bytes.len() >= 2 && bytes[0].is_ascii_alphabetic() && bytes[1] == b':' {
+        return Err(refuse("it is a Windows drive path"));
+    }
+    let mut out = PathBuf::new();
+    for c in Path::new(name).components() {
+        match c {
+            Component::Normal(p) => out.push(p),
+            Component::CurDir => {}
+            Component::ParentDir => return Err(refuse("it contains '..'")),
+            Component::RootDir | Component::Prefix(_) => return Err(refuse("it is an absolute path")),
+        }
+    }
+    Ok(out)
+}
+
+/// Checks that a symlink at `rel` pointing to `target` stays inside the context.
+fn check_link_target(entry: &str, rel: &Path, target: &Path) -> Result<(), ContextError> {
+    let refuse = |why| ContextError::UnsafeEntry {
+        entry: entry.to_string(),
+        why,
+    };
+    if target.is_absolute() {
+        return Err(refuse("it is a link to an absolute path"));
+    }
+    let mut depth: i64 = rel.components().count() as i64 - 1;
+    for c in target.components() {
+        match c {
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::ParentDir => {
+                depth -= 1;
+                if depth < 0 {
+                    return Err(refuse("it is a link that points outside the sources"));
+                }
+            }
+            Component::RootDir | Component::Prefix(_) => return Err(refuse("it is a link to an absolute path")),
+        }
+    }
+    Ok(())
+}
+
+/// Makes room for a new entry at `path`: parents created, any existing entry removed, so a
+/// file never writes through a symlink an earlier entry planted.
+fn prepare_slot(path: &Path) -> io::Result<()> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Refuses an entry whose parent folders pass through a symlink: writing there would land
+/// wherever the link points.
+fn check_parents(dest: &Path, rel: &Path, entry: &str) -> Result<(), ContextError> {
+    let mut cur = dest.to_path_buf();
+    let comps: Vec<_> = rel.components().collect();
+    for c in comps.iter().take(comps.len().saturating_sub(1)) {
+        cur.push(c);
+        if fs::symlink_metadata(&cur).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(ContextError::UnsafeEntry {
+                entry: entry.to_string(),
+                why: "it is inside a folder that is a symlink",
+            });
+        }
+    }
+    Ok(())
+}
+
+fn write_file(path: &Path, mut src: impl Read, mode: Option<u32>, budget: &mut Budget) -> Result<(), ContextError> {
+    prepare_slot(path)?;
+    let mut out = fs::File::create(path)?;
+    let limit = budget.remaining();
+    let n = io::copy(&mut (&mut src).take(limit + 1), &mut out)?;
+    budget.wrote(n)?;
+    if let Some(mode) = mode {
+        use std::os::unix::fs::PermissionsExt;
+        // Keep the execute bits; never setuid/setgid/sticky.
+        fs::set_permissions(path, fs::Permissions::from_mode((mode & 0o777) | 0o600))?;
+    }
+    Ok(())
+}
+
+fn extract_tar(reader: impl Read, dest: &Path, budget: &mut Budget) -> Result<(), ContextError> {
+    use tar::EntryType;
+    let mut archive = tar::Archive::new(reader);
+    let corrupt = |e: io::Error| ContextError::Corrupt(e.to_string());
+    for entry in archive.entries().map_err(corrupt)? {
+        let mut entry = entry.map_err(corrupt)?;
+        let kind = entry.header().entry_type();
+        if matches!(kind, EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName | EntryType::GNULongLink) {
+            continue;
+        }
+        budget.entry()?;
+        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let rel = safe_relative(&name)?;
+        if rel.as_os_str().is_empty() {
+            continue; // "./" itself
+        }
+        check_parents(dest, &rel, &name)?;
+        let path = dest.join(&rel);
+        match kind {
+            EntryType::Regular | EntryType::Continuous => {
+                let mode = entry.header().mode().ok();
+                write_file(&path, &mut entry, mode, budget)?;
+            }
+            EntryType::Directory => fs::create_dir_all(&path)?,
+            EntryType::Symlink => {
+                let target = entry
+                    .link_name()
+                    .map_err(corrupt)?
+                    .ok_or_else(|| ContextError::Corrupt(format!("symlink {name:?} has no target")))?
+                    .into_owned();
+                check_link_target(&name, &rel, &target)?;
+                prepare_slot(&path)?;
+                std::os::unix::fs::symlink(&target, &path)?;
+            }
+            EntryType::Link => {
+                let target = entry
+                    .link_name()
+                    .map_err(corrupt)?
+                    .ok_or_else(|| ContextError::Corrupt(format!("hard link {name:?} has no target")))?;
+                let target_rel = safe_relative(&target.to_string_lossy()).map_err(|_| ContextError::UnsafeEntry {
+                    entry: name.clone(),
+                    why: "it is a hard link that points outside the sources",
+                })?;
+                let target_path = dest.join(target_rel);
+                let meta = fs::symlink_metadata(&target_path).map_err(|_| ContextError::UnsafeEntry {
+                    entry: name.clone(),
+                    why: "it is a hard link to an entry that is not in the archive before it",
+                })?;
+                if !meta.is_file() {
+                    return Err(ContextError::UnsafeEntry {
+                        entry: name,
+                        why: "it is a hard link to something other than a file",
+                    });
+                }
+                // A copy, not a link: the context folder must not alias files.
+                let src = fs::File::open(&target_path)?;
+                use std::os::unix::fs::PermissionsExt;
+                write_file(&path, src, Some(meta.permissions().mode()), budget)?;
+            }
+            EntryType::Char | EntryType::Block => {
+                return Err(ContextError::UnsafeEntry {
+                    entry: name,
+                    why: "it is a device file",
+                })
+            }
+            EntryType::Fifo => {
+                return Err(ContextError::UnsafeEntry {
+                    entry: name,
+                    why: "it is a FIFO",
+                })
+            }
+            _ => {
+                return Err(ContextError::UnsafeEntry {
+                    entry: name,
+                    why: "its entry type is not supported",
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+fn extract_zip(archive: &Path, dest: &Path, budget: &mut Budget) -> Result<(), ContextError> {
+    let corrupt = |e: zip::result::ZipError| ContextError::Corrupt(e.to_string());
+    let mut zip = zip::ZipArchive::new(io::BufReader::new(fs::File::open(archive)?)).map_err(corrupt)?;
+    for i in 0..zip.len() {
+        let mut file = zip.by_index(i).map_err(corrupt)?;
+        budget.entry()?;
+        let name = file.name().to_string();
+        let rel = safe_relative(&name)?;
+        if rel.as_os_str().is_empty() {
+            continue;
+        }
+        check_parents(dest, &rel, &name)?;
+        let path = dest.join(&rel);
+        let mode = file.unix_mode();
+        const S_IFMT: u32 = 0o170000;
+        match mode.map(|m| m & S_IFMT) {
+            Some(0o120000) => {
+                let mut target = String::new();
+                (&mut file).take(4096).read_to_string(&mut target)?;
+                let target = PathBuf::from(target);
+                check_link_target(&name, &rel, &target)?;
+                prepare_slot(&path)?;
+                std::os::unix::fs::symlink(&target, &path)?;
+            }
+            Some(0o020000) | Some(0o060000) => {
+                return Err(ContextError::UnsafeEntry {
+                    entry: name,
+                    why: "it is a device file",
+                })
+            }
+            Some(0o010000) => {
+                return Err(ContextError::UnsafeEntry {
+                    entry: name,
+                    why: "it is a FIFO",
+                })
+            }
+            _ if file.is_dir() => fs::create_dir_all(&path)?,
+            _ => write_file(&path, &mut file, mode, budget)?,
+        }
+    }
+    Ok(())
+}
+
+fn flattened_root(dest: &Path) -> Result<PathBuf, ContextError> {
+    let mut entries = fs::read_dir(dest)?.collect::<Result<Vec<_>, _>>()?;
+    if entries.len() == 1 {
+        let only = entries.remove(0);
+        if only.file_type()?.is_dir() {
+            return Ok(only.path());
+        }
+    }
+    Ok(dest.to_path_buf())
+}
+
+/// Reads the Dockerfile at the root and rewrites it with the ARG lines.
+pub fn prepare_dockerfile(root: &Path, arg_keys: &[String]) -> Result<(), ContextError> {
+    let path = root.join("Dockerfile");
+    let meta = fs::symlink_metadata(&path);
+    if !meta.as_ref().is_ok_and(|m| m.is_file()) {
+        let mut found: Vec<String> = fs::read_dir(root)?
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect();
+        found.sort();
+        found.truncate(20);
+        let found = if found.is_empty() { "nothing".to_string() } else { found.join(", ") };
+        return Err(ContextError::NoDockerfile { found });
+    }
+    let bytes = fs::read(&path)?;
+    let text = String::from_utf8_lossy(&bytes);
+    let rewritten = super::dockerfile::inject_args(&text, arg_keys);
+    fs::write(&path, rewritten)?;
+    Ok(())
+}
+
+/// `.dockerignore` rules: the last matching pattern wins; `!` re-includes; a pattern that
+/// matches a folder matches everything in it.
+#[derive(Debug, Default)]
+pub struct DockerIgnore {
+    rules: Vec<(GlobMatcher, bool)>,
+}
+
+impl DockerIgnore {
+    pub fn parse(text: &str) -> Result<Self, ContextError> {
+        let mut rules = Vec::new();
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (negate, pat) = match line.strip_prefix('!') {
+                Some(p) => (true, p.trim()),
+                None => (false, line),
+            };
+            let pat = pat.trim_start_matches("./").trim_start_matches('/').trim_end_matches('/');
+            if pat.is_empty() {
+                continue;
+            }
+            let glob = GlobBuilder::new(pat)
+                .literal_separator(true)
+                .backslash_escape(true)
+                .build()
+                .map_err(|e| ContextError::BadIgnorePattern {
+                    pattern: line.to_string(),
+                    why: e.kind().to_string(),
+                })?;
+            rules.push((glob.compile_matcher(), negate));
+        }
+        Ok(Self { rules })
+    }
+
+    pub fn load(root: &Path) -> Result<Self, ContextError> {
+        match fs::read_to_string(root.join(".dockerignore")) {
+            Ok(text) => Self::parse(&text),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether `rel` (slash-separated, relative to the root) is excluded.
+    pub fn excludes(&self, rel: &str) -> bool {
+        let mut excluded = false;
+        for (glob, negate) in &self.rules {
+            // The path itself or any of its parent folders.
+            let hit = glob.is_match(rel)
+                || rel.match_indices('/').any(|(i, _)| glob.is_match(&rel[..i]));
+            if hit {
+                excluded = !negate;
+            }
+        }
+        excluded
+    }
+
+    fn has_negations(&self) -> bool {
+        self.rules.iter().any(|(_, n)| *n)
+    }
+}
+
+/// A `Write` that hands fixed-size chunks to an async receiver through a bounded channel, so
+/// the tar is produced on a blocking thread at the pace dockerd reads it.
+struct ChannelWriter {
+    tx: tokio::sync::mpsc::Sender<io::Result<Bytes>>,
+    buf: Vec<u8>,
+}
+
+const CHUNK: usize = 256 * 1024;
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "dockerd stopped reading the context"))
+    }
+}
+
+/// Streams the folder `root` as a tar (symlinks kept as links, `.dockerignore` honoured;
+/// the Dockerfile and `.dockerignore` always sent). At most 4 chunks of 256 KiB in flight.
+pub fn tar_stream(root: PathBuf, ignore: DockerIgnore) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::task::spawn_blocking(move || {
+        let writer = ChannelWriter {
+            tx: tx.clone(),
+            buf: Vec::with_capacity(CHUNK),
+        };
+        let result = (|| {
+            let mut builder = tar::Builder::new(writer);
+            builder.follow_symlinks(false);
+            builder.mode(tar::HeaderMode::Deterministic);
+            append_dir(&mut builder, &root, "", &ignore)?;
+            let mut writer = builder.into_inner()?;
+            writer.flush()
+        })();
+        if let Err(e) = result {
+            if e.kind() != io::ErrorKind::BrokenPipe {
+                let _ = tx.blocking_send(Err(e));
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+fn append_dir<W: Write>(
+    builder: &mut tar::Builder<W>,
+    dir: &Path,
+    prefix: &str,
+    ignore: &DockerIgnore,
+) -> io::Result<()> {
+    let mut entries = fs::read_dir(dir)?.collect::<Result<Vec<_>, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let rel = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
+        let always = prefix.is_empty() && (name == "Dockerfile" || name == ".dockerignore");
+        let ft = entry.file_type()?;
+        let excluded = !always && ignore.excludes(&rel);
+        if ft.is_dir() {
+            // An excluded folder may still hold re-included files when there are `!` rules.
+            if excluded && !ignore.has_negations() {
+                continue;
+            }
+            if !excluded {
+                builder.append_path_with_name(entry.path(), &rel)?;
+            }
+            append_dir(builder, &entry.path(), &rel, ignore)?;
+        } else if !excluded {
+            builder.append_path_with_name(entry.path(), &rel)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_source_bytes: 1 << 20,
+            max_context_bytes: 1 << 20,
+            max_archive_entries: 100,
+        }
+    }
+
+    #[test]
+    fn entry_names_are_checked() {
+        assert_eq!(safe_relative("./a/b").unwrap(), PathBuf::from("a/b"));
+        for bad in ["../x", "a/../../x", "/etc/passwd", "C:/x", "a\\..\\x"] {
+            assert!(safe_relative(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn link_targets_stay_inside() {
+        assert!(check_link_target("l", Path::new("a/l"), Path::new("../b")).is_ok());
+        assert!(check_link_target("l", Path::new("a/l"), Path::new("../../b")).is_err());
+        assert!(check_link_target("l", Path::new("l"), Path::new("/etc")).is_err());
+    }
+
+    #[test]
+    fn dockerignore_rules() {
+        let ig = DockerIgnore::parse("# c\nnode_modules\n*.log\n!keep.log\ndocs/**/*.md\n/secret\n").unwrap();
+        assert!(ig.excludes("node_modules"));
+        assert!(ig.excludes("node_modules/a/b.js"));
+        assert!(ig.excludes("x.log"));
+        assert!(!ig.excludes("keep.log"));
+        assert!(!ig.excludes("sub/x.log"), "* does not cross folders");
+        assert!(ig.excludes("docs/a/b/c.md"));
+        assert!(ig.excludes("secret"));
+        assert!(!ig.excludes("src/main.rs"));
+    }
+
+    fn tar_gz(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        let mut b = tar::Builder::new(enc);
+        for (name, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, name, *data).unwrap();
+        }
+        b.into_inner().unwrap().finish().unwrap()
+    }
+
+    #[test]
+    fn single_top_folder_is_flattened() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.tgz");
+        fs::write(&a, tar_gz(&[("repo-abc/Dockerfile", b"FROM x\n"), ("repo-abc/src/m", b"1")])).unwrap();
+        let root = extract(&a, &dir.path().join("out"), &limits()).unwrap();
+        assert!(root.ends_with("repo-abc"));
+        assert!(root.join("src/m").is_file());
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.tgz");
+        fs::write(&a, tar_gz(&[("big", &[0u8; 5000])])).unwrap();
+        let small = Limits { max_context_bytes: 1000, ..limits() };
+        assert!(matches!(extract(&a, &dir.path().join("o1"), &small), Err(ContextError::TooLarge { .. })));
+        let few = Limits { max_archive_entries: 0, ..limits() };
+        assert!(matches!(extract(&a, &dir.path().join("o2"), &few), Err(ContextError::TooManyEntries { .. })));
+    }
+
+    #[test]
+    fn unknown_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        fs::write(&a, b"just text").unwrap();
+        assert!(matches!(extract(&a, &dir.path().join("o"), &limits()), Err(ContextError::UnknownFormat)));
+    }
+
+    #[test]
+    fn missing_dockerfile_says_what_is_there() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("README"), b"x").unwrap();
+        let e = prepare_dockerfile(dir.path(), &[]).unwrap_err().to_string();
+        assert!(e.contains("no Dockerfile") && e.contains("README"), "{e}");
+    }
+}

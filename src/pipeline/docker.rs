@@ -1,0 +1,335 @@
+//! Talking to dockerd (bollard): connecting from DOCKER_BUILD_SETTINGS, building from a
+//! streamed context, pulling, tagging and pushing. Every line of daemon output goes to the
+//! build log; a daemon error ends the step with the daemon's own message.
+
+use crate::build::RegistryAuth;
+use crate::config::DockerSettings;
+use crate::logs::BuildLog;
+use bollard::auth::DockerCredentials;
+use bollard::query_parameters::{BuildImageOptions, CreateImageOptions, PushImageOptions, TagImageOptions};
+use bollard::{Docker, API_DEFAULT_VERSION};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    #[error("cannot reach dockerd ({where_}): {message}")]
+    Unavailable { where_: String, message: String },
+    #[error("TLS files for dockerd could not be prepared: {0}")]
+    TlsFiles(std::io::Error),
+    #[error("the build failed: {0}")]
+    Build(String),
+    #[error("pushing {image} failed: {message}")]
+    Push { image: String, message: String },
+    #[error("pulling {image} failed: {message}")]
+    Pull { image: String, message: String },
+    #[error("the connection to dockerd was lost: {0}")]
+    Lost(String),
+    #[error("tagging {image} failed: {message}")]
+    Tag { image: String, message: String },
+}
+
+/// Seconds bollard waits for a response's headers; long-running output streams are bounded
+/// by the build timeout instead.
+const REQUEST_TIMEOUT_SECS: u64 = 600;
+
+/// Connects to dockerd as DOCKER_BUILD_SETTINGS says. TLS material given as PEM text is
+/// written (mode 0600) under `scratch`; values that are not PEM are taken as file paths.
+pub fn connect(settings: &DockerSettings, scratch: &Path) -> Result<Docker, DockerError> {
+    let unavailable = |e: bollard::errors::Error| DockerError::Unavailable {
+        where_: describe(settings),
+        message: e.to_string(),
+    };
+    match settings {
+        DockerSettings::Socket(path) => {
+            Docker::connect_with_unix(path, REQUEST_TIMEOUT_SECS, API_DEFAULT_VERSION).map_err(unavailable)
+        }
+        DockerSettings::Http { address } => {
+            Docker::connect_with_http(&format!("tcp://{address}"), REQUEST_TIMEOUT_SECS, API_DEFAULT_VERSION)
+                .map_err(unavailable)
+        }
+        DockerSettings::Https { address, ca, cert, key } => {
+            std::fs::create_dir_all(scratch).map_err(DockerError::TlsFiles)?;
+            let ca = pem_file(scratch, "ca.pem", ca).map_err(DockerError::TlsFiles)?;
+            let cert = pem_file(scratch, "cert.pem", cert.expose()).map_err(DockerError::TlsFiles)?;
+            let key = pem_file(scratch, "key.pem", key.expose()).map_err(DockerError::TlsFiles)?;
+            Docker::connect_with_ssl(address, &key, &cert, &ca, REQUEST_TIMEOUT_SECS, API_DEFAULT_VERSION)
+                .map_err(unavailable)
+        }
+    }
+}
+
+fn pem_file(dir: &Path, name: &str, value: &str) -> std::io::Result<std::path::PathBuf> {
+    if !value.trim_start().starts_with("-----BEGIN") {
+        return Ok(std::path::PathBuf::from(value));
+    }
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(name);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)?;
+    f.write_all(value.as_bytes())?;
+    Ok(path)
+}
+
+/// Where dockerd is, for messages.
+pub fn describe(settings: &DockerSettings) -> String {
+    match settings {
+        DockerSettings::Socket(p) => format!("unix socket {p}"),
+        DockerSettings::Http { address } => format!("tcp://{address}"),
+        DockerSettings::Https { address, .. } => format!("https://{address}"),
+    }
+}
+
+/// Negotiates the API version and checks that dockerd answers, within `wait`.
+pub async fn ready(docker: Docker, settings: &DockerSettings, wait: Duration) -> Result<Docker, DockerError> {
+    let unavailable = |message: String| DockerError::Unavailable {
+        where_: describe(settings),
+        message,
+    };
+    let attempt = async {
+        let docker = docker.negotiate_version().await.map_err(|e| unavailable(e.to_string()))?;
+        docker.ping().await.map_err(|e| unavailable(e.to_string()))?;
+        Ok(docker)
+    };
+    tokio::time::timeout(wait, attempt)
+        .await
+        .unwrap_or_else(|_| Err(unavailable(format!("no answer within {wait:?}"))))
+}
+
+/// Registry credentials keyed by registry host, as the build API's X-Registry-Config wants.
+pub fn credentials(auth: &BTreeMap<String, RegistryAuth>) -> HashMap<String, DockerCredentials> {
+    auth.iter()
+        .map(|(host, a)| (host.clone(), credential(host, a)))
+        .collect()
+}
+
+pub fn credential(host: &str, a: &RegistryAuth) -> DockerCredentials {
+    DockerCredentials {
+        username: Some(a.username.clone()),
+        password: Some(a.password.expose().to_string()),
+        serveraddress: Some(host.to_string()),
+        ..Default::default()
+    }
+}
+
+/// What to build.
+pub struct BuildRequest {
+    pub tag: String,
+    pub labels: BTreeMap<String, String>,
+    pub build_args: BTreeMap<String, String>,
+    pub no_cache: bool,
+    pub registries: HashMap<String, DockerCredentials>,
+}
+
+/// Builds the image from the streamed context. Returns when the build ended; the daemon's
+/// output is logged line by line.
+pub async fn build(
+    docker: &Docker,
+    req: BuildRequest,
+    context: impl Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+    log: &mut BuildLog,
+) -> Result<(), DockerError> {
+    let options = BuildImageOptions {
+        dockerfile: "Dockerfile".into(),
+        t: Some(req.tag),
+        nocache: req.no_cache,
+        rm: true,
+        forcerm: true,
+        buildargs: Some(req.build_args.into_iter().collect()),
+        labels: Some(req.labels.into_iter().collect()),
+        ..Default::default()
+    };
+    let registries = (!req.registries.is_empty()).then_some(req.registries);
+    let mut stream = docker.build_image(options, registries, Some(bollard::body_try_stream(context)));
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(info) => {
+                if let Some(text) = info.stream.as_deref() {
+                    log.line(text);
+                }
+                if let Some(status) = info.status.as_deref() {
+                    log_status(log, info.id.as_deref(), status, info.progress_detail.is_some());
+                }
+                if let Some(msg) = info.error_detail.and_then(|d| d.message) {
+                    log.line(&msg);
+                    return Err(DockerError::Build(msg));
+                }
+            }
+            Err(e) => {
+                let daemon = from_daemon(&e);
+                let msg = stream_error(e);
+                log.line(&msg);
+                return Err(if daemon { DockerError::Build(msg) } else { DockerError::Lost(msg) });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Pull/push progress: one line per status change; the byte-count ticks are skipped so a
+/// large layer does not flood the log.
+fn log_status(log: &mut BuildLog, id: Option<&str>, status: &str, ticking: bool) {
+    let ticking = ticking && matches!(status, "Downloading" | "Extracting" | "Pushing");
+    if ticking {
+        return;
+    }
+    match id {
+        Some(id) if !id.is_empty() => log.line(&format!("{id}: {status}")),
+        _ => log.line(status),
+    }
+}
+
+fn stream_error(e: bollard::errors::Error) -> String {
+    match e {
+        bollard::errors::Error::DockerStreamError { error } => error,
+        bollard::errors::Error::DockerResponseServerError { message, .. } => message,
+        other => other.to_string(),
+    }
+}
+
+/// Whether an error came from the daemon (a failed step) rather than from the connection.
+fn from_daemon(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerStreamError { .. } | bollard::errors::Error::DockerResponseServerError { .. }
+    )
+}
+
+pub async fn tag(docker: &Docker, image: &str, repo: &str, tag: &str) -> Result<(), DockerError> {
+    docker
+        .tag_image(
+            image,
+            Some(TagImageOptions {
+                repo: Some(repo.to_string()),
+                tag: Some(tag.to_string()),
+            }),
+        )
+        .await
+        .map_err(|e| DockerError::Tag {
+            image: image.to_string(),
+            message: stream_error(e),
+        })
+}
+
+/// Pushes `repo:tag`; returns the digest the registry reported.
+pub async fn push(
+    docker: &Docker,
+    repo: &str,
+    tag: &str,
+    auth: Option<DockerCredentials>,
+    log: &mut BuildLog,
+) -> Result<Option<String>, DockerError> {
+    let image = format!("{repo}:{tag}");
+    log.line(&format!("Pushing {image}"));
+    let fail = |message: String| DockerError::Push {
+        image: image.clone(),
+        message,
+    };
+    let mut digest = None;
+    let mut stream = docker.push_image(
+        repo,
+        Some(PushImageOptions {
+            tag: Some(tag.to_string()),
+            ..Default::default()
+        }),
+        auth,
+    );
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(info) => {
+                if let Some(status) = info.status.as_deref() {
+                    log_status(log, None, status, info.progress_detail.is_some());
+                    if let Some(d) = parse_digest(status) {
+                        digest = Some(d);
+                    }
+                }
+                if let Some(msg) = info.error_detail.and_then(|d| d.message) {
+                    log.line(&msg);
+                    return Err(fail(msg));
+                }
+            }
+            Err(e) => {
+                let daemon = from_daemon(&e);
+                let msg = stream_error(e);
+                log.line(&msg);
+                return Err(if daemon { fail(msg) } else { DockerError::Lost(msg) });
+            }
+        }
+    }
+    Ok(digest)
+}
+
+/// `"1.5: digest: sha256:abc… size: 527"` → `sha256:abc…`.
+fn parse_digest(status: &str) -> Option<String> {
+    let rest = &status[status.find("digest: ")? + "digest: ".len()..];
+    let d = rest.split_whitespace().next()?;
+    d.starts_with("sha256:").then(|| d.to_string())
+}
+
+/// Pulls `image` (`host/repo:tag`).
+pub async fn pull(
+    docker: &Docker,
+    image: &str,
+    auth: Option<DockerCredentials>,
+    log: &mut BuildLog,
+) -> Result<(), DockerError> {
+    log.line(&format!("Pulling {image}"));
+    let mut stream = docker.create_image(
+        Some(CreateImageOptions {
+            from_image: Some(image.to_string()),
+            ..Default::default()
+        }),
+        None,
+        auth,
+    );
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(info) => {
+                if let Some(status) = info.status.as_deref() {
+                    log_status(log, info.id.as_deref(), status, info.progress_detail.is_some());
+                }
+                if let Some(msg) = info.error_detail.and_then(|d| d.message) {
+                    log.line(&msg);
+                    return Err(DockerError::Pull {
+                        image: image.to_string(),
+                        message: msg,
+                    });
+                }
+            }
+            Err(e) => {
+                let daemon = from_daemon(&e);
+                let msg = stream_error(e);
+                log.line(&msg);
+                return Err(if daemon {
+                    DockerError::Pull {
+                        image: image.to_string(),
+                        message: msg,
+                    }
+                } else {
+                    DockerError::Lost(msg)
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_from_push_status() {
+        let d = format!("sha256:{}", "ab".repeat(32));
+        assert_eq!(parse_digest(&format!("1.5: digest: {d} size: 527")), Some(d));
+        assert_eq!(parse_digest("Pushed"), None);
+    }
+}

@@ -1,0 +1,73 @@
+//! Dockerfile rewriting: an `ARG <key>` line after every `FROM`, so each build arg is visible
+//! to every stage's `RUN` steps. Case-insensitive, CRLF-preserving, continuation-aware.
+
+/// Inserts `ARG {key}` for each key after every `FROM` instruction of `dockerfile`.
+pub fn inject_args(dockerfile: &str, keys: &[String]) -> String {
+    if keys.is_empty() {
+        return dockerfile.to_string();
+    }
+    let mut out = String::with_capacity(dockerfile.len() + keys.len() * 16);
+    // True while inside a FROM instruction continued with a trailing backslash.
+    let mut in_from = false;
+    for line in dockerfile.split_inclusive('\n') {
+        let body = line.trim_end_matches(['\n', '\r']);
+        let eol = if line.ends_with("\r\n") { "\r\n" } else { "\n" };
+        if !in_from {
+            in_from = is_from(body);
+        }
+        out.push_str(line);
+        if in_from && !body.trim_end().ends_with('\\') {
+            in_from = false;
+            if !line.ends_with('\n') {
+                out.push_str(eol);
+            }
+            for key in keys {
+                out.push_str("ARG ");
+                out.push_str(key);
+                out.push_str(eol);
+            }
+        }
+    }
+    out
+}
+
+fn is_from(line: &str) -> bool {
+    let t = line.trim_start();
+    t.len() > 4
+        && t.as_bytes()[..4].eq_ignore_ascii_case(b"FROM")
+        && t.as_bytes()[4].is_ascii_whitespace()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(k: &[&str]) -> Vec<String> {
+        k.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn after_every_from_in_a_multi_stage_file() {
+        let src = "FROM a AS build\nRUN make\nfrom b\nCOPY --from=build /x /x\n";
+        assert_eq!(
+            inject_args(src, &keys(&["K1", "K2"])),
+            "FROM a AS build\nARG K1\nARG K2\nRUN make\nfrom b\nARG K1\nARG K2\nCOPY --from=build /x /x\n"
+        );
+    }
+
+    #[test]
+    fn crlf_is_kept_and_last_line_without_newline() {
+        assert_eq!(inject_args("FROM a\r\nRUN x\r\n", &keys(&["K"])), "FROM a\r\nARG K\r\nRUN x\r\n");
+        assert_eq!(inject_args("  From a", &keys(&["K"])), "  From a\nARG K\n");
+    }
+
+    #[test]
+    fn continued_from_and_lookalikes() {
+        assert_eq!(
+            inject_args("FROM \\\n  a\nRUN echo FROM x\n", &keys(&["K"])),
+            "FROM \\\n  a\nARG K\nRUN echo FROM x\n"
+        );
+        assert_eq!(inject_args("FROMAGE x\n# FROM y\n", &keys(&["K"])), "FROMAGE x\n# FROM y\n");
+        assert_eq!(inject_args("FROM a\n", &[]), "FROM a\n");
+    }
+}

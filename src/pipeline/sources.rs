@@ -1,0 +1,303 @@
+//! Fetching sources: `http(s)://` archives (redirects followed, bounded size and time),
+//! `data:` URIs (legacy `data:base64,…` and standard `data:<mime>;base64,…`), and parsing of
+//! `docker://[user:pass@]host/repo:tag` references. Downloads stream to a file.
+
+use crate::config::Limits;
+use crate::secret::Secret;
+use base64::Engine;
+use futures::StreamExt;
+use std::path::Path;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("sources must be an http(s)://, data: or docker:// URI (got scheme {0:?})")]
+    UnsupportedScheme(String),
+    #[error("the data: URI is not base64 (expected data:base64,… or data:<type>;base64,…)")]
+    DataNotBase64,
+    #[error("the data: URI's base64 is invalid: {0}")]
+    BadBase64(String),
+    #[error("the docker:// reference {0:?} is not a valid image reference (docker://[user:pass@]host/repo:tag)")]
+    BadDockerRef(String),
+    #[error("the sources URL is invalid: {0}")]
+    BadUrl(String),
+    #[error("downloading the sources from {url} failed: {reason}")]
+    Download { url: String, reason: String },
+    #[error("the source server {url} answered {status}")]
+    HttpStatus { url: String, status: String },
+    #[error("the sources are larger than MAX_SOURCE_BYTES ({limit} bytes)")]
+    TooLarge { limit: u64 },
+    #[error("writing the sources to disk failed: {0}")]
+    Disk(#[from] std::io::Error),
+}
+
+/// A parsed `sources` value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Http(reqwest::Url),
+    /// The still-encoded base64 payload of a data: URI.
+    Data(String),
+    Docker(DockerSource),
+}
+
+/// `docker://[user:pass@]host/repo:tag`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DockerSource {
+    /// `host/repo:tag` (or `@sha256:…`), as dockerd expects it.
+    pub image: String,
+    /// The registry host part, for credentials.
+    pub registry: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+}
+
+pub fn parse(uri: &str) -> Result<Source, SourceError> {
+    let scheme = uri.split_once(':').map(|(s, _)| s.to_ascii_lowercase()).unwrap_or_default();
+    match scheme.as_str() {
+        "http" | "https" => reqwest::Url::parse(uri)
+            .map(Source::Http)
+            .map_err(|e| SourceError::BadUrl(e.to_string())),
+        "data" => parse_data(uri).map(|b64| Source::Data(b64.to_string())),
+        "docker" => parse_docker(uri).map(Source::Docker),
+        _ => Err(SourceError::UnsupportedScheme(scheme)),
+    }
+}
+
+fn parse_data(uri: &str) -> Result<&str, SourceError> {
+    let rest = &uri[5..];
+    let (meta, payload) = rest.split_once(',').ok_or(SourceError::DataNotBase64)?;
+    // Legacy: "data:base64,…"; standard: "data:application/zip;base64,…" (parameters allowed).
+    if meta.split(';').any(|p| p.trim().eq_ignore_ascii_case("base64")) {
+        Ok(payload)
+    } else {
+        Err(SourceError::DataNotBase64)
+    }
+}
+
+fn parse_docker(uri: &str) -> Result<DockerSource, SourceError> {
+    let rest = &uri["docker://".len().min(uri.len())..];
+    let (userinfo, image) = match rest.rsplit_once('@') {
+        // An '@' followed by a digest belongs to the image, not to credentials.
+        Some((before, after)) if !after.starts_with("sha256:") => (Some(before), after),
+        _ => (None, rest),
+    };
+    let bad = || SourceError::BadDockerRef(crate::secret::redact(uri, &[userinfo.unwrap_or("")]));
+    if !is_image_reference(image) {
+        return Err(bad());
+    }
+    let (username, password) = match userinfo {
+        None => (None, None),
+        Some(ui) => {
+            let (u, p) = ui.split_once(':').ok_or_else(bad)?;
+            (Some(percent_decode(u)), Some(Secret::new(percent_decode(p))))
+        }
+    };
+    let registry = image.split('/').next().unwrap_or_default().to_string();
+    Ok(DockerSource {
+        image: image.to_string(),
+        registry,
+        username,
+        password,
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A docker image reference: `host[:port]/path[:tag][@sha256:hex]`, lower-case path
+/// components, as in the distribution reference grammar (simplified, anchored).
+pub fn is_image_reference(r: &str) -> bool {
+    static RE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    let re = RE.get_or_init(|| {
+        regex::Regex::new(concat!(
+            r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?/)?",
+            r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*",
+            r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$"
+        ))
+        .expect("static regex")
+    });
+    r.len() <= 512 && re.is_match(r)
+}
+
+/// A URL fit for a log line: no credentials, no query (which may carry tokens).
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            if u.query().is_some() {
+                u.set_query(Some("…"));
+            }
+            u.to_string()
+        }
+        Err(_) => "<invalid url>".to_string(),
+    }
+}
+
+/// Decodes a data: payload into `dest`, in chunks, enforcing the size limit.
+pub async fn write_data(b64: &str, dest: &Path, limits: &Limits) -> Result<u64, SourceError> {
+    let decoded_len = (b64.len() as u64 / 4) * 3;
+    if decoded_len > limits.max_source_bytes + 3 {
+        return Err(SourceError::TooLarge {
+            limit: limits.max_source_bytes,
+        });
+    }
+    let mut file = tokio::fs::File::create(dest).await?;
+    let engine = base64::engine::general_purpose::STANDARD;
+    let trimmed = b64.trim_end();
+    let mut written = 0u64;
+    // 64 KiB of base64 at a time (a multiple of 4, so padding only ends the last chunk).
+    for chunk in trimmed.as_bytes().chunks(64 * 1024) {
+        let bytes = engine.decode(chunk).map_err(|e| SourceError::BadBase64(e.to_string()))?;
+        written += bytes.len() as u64;
+        file.write_all(&bytes).await?;
+    }
+    file.flush().await?;
+    if written > limits.max_source_bytes {
+        return Err(SourceError::TooLarge {
+            limit: limits.max_source_bytes,
+        });
+    }
+    Ok(written)
+}
+
+/// An HTTP client for source downloads.
+pub fn http_client(connect_timeout: Duration, total_timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
+        .read_timeout(Duration::from_secs(60))
+        .timeout(total_timeout)
+        .redirect(reqwest::redirect::Policy::limited(10))
+        .build()
+        .unwrap_or_default()
+}
+
+/// Downloads `url` into `dest`, streaming, failing on a 4xx/5xx or past the size limit.
+pub async fn download(
+    client: &reqwest::Client,
+    url: &reqwest::Url,
+    dest: &Path,
+    limits: &Limits,
+) -> Result<u64, SourceError> {
+    let shown = redact_url(url.as_str());
+    let download_err = |e: reqwest::Error| SourceError::Download {
+        url: shown.clone(),
+        reason: describe(e),
+    };
+    let resp = client.get(url.clone()).send().await.map_err(download_err)?;
+    if !resp.status().is_success() {
+        return Err(SourceError::HttpStatus {
+            url: shown,
+            status: resp.status().to_string(),
+        });
+    }
+    if resp.content_length().is_some_and(|l| l > limits.max_source_bytes) {
+        return Err(SourceError::TooLarge {
+            limit: limits.max_source_bytes,
+        });
+    }
+    let mut file = tokio::fs::File::create(dest).await?;
+    let mut body = resp.bytes_stream();
+    let mut written = 0u64;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(download_err)?;
+        written += chunk.len() as u64;
+        if written > limits.max_source_bytes {
+            return Err(SourceError::TooLarge {
+                limit: limits.max_source_bytes,
+            });
+        }
+        file.write_all(&chunk).await?;
+    }
+    file.flush().await?;
+    Ok(written)
+}
+
+fn describe(e: reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "could not connect"
+    } else if e.is_redirect() {
+        "too many redirects"
+    } else {
+        return e.without_url().to_string();
+    };
+    // The innermost cause says why (refused, DNS, TLS) without repeating the URL.
+    let mut cause: &dyn std::error::Error = &e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    format!("{kind}: {cause}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_each_scheme() {
+        assert!(matches!(parse("https://example.com/a.tgz").unwrap(), Source::Http(_)));
+        assert_eq!(parse("data:base64,QUJD").unwrap(), Source::Data("QUJD".into()));
+        assert_eq!(parse("data:application/zip;base64,QUJD").unwrap(), Source::Data("QUJD".into()));
+        assert!(matches!(parse("data:text/plain,hello"), Err(SourceError::DataNotBase64)));
+        assert!(matches!(parse("ftp://x/y"), Err(SourceError::UnsupportedScheme(s)) if s == "ftp"));
+        assert!(matches!(parse("/etc/passwd"), Err(SourceError::UnsupportedScheme(_))));
+    }
+
+    #[test]
+    fn docker_refs_with_and_without_credentials() {
+        let Source::Docker(d) = parse("docker://bob:p%40ss@reg.example:5000/team/app:1.2").unwrap() else {
+            panic!()
+        };
+        assert_eq!(d.image, "reg.example:5000/team/app:1.2");
+        assert_eq!(d.registry, "reg.example:5000");
+        assert_eq!(d.username.as_deref(), Some("bob"));
+        assert_eq!(d.password.unwrap().expose(), "p@ss");
+        let Source::Docker(d) = parse("docker://127.0.0.1:5000/base/busybox:1").unwrap() else { panic!() };
+        assert!(d.username.is_none());
+        let digest = format!("docker://h/r@sha256:{}", "a".repeat(64));
+        assert!(parse(&digest).is_ok());
+        for bad in ["docker://", "docker://Host/UPPER:tag", "docker://h/r:tag with space", "docker://u:p@"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        let e = parse("docker://bob:hunter22@/BAD").unwrap_err().to_string();
+        assert!(!e.contains("hunter22"), "{e}");
+    }
+
+    #[test]
+    fn urls_are_redacted_for_logs() {
+        assert_eq!(redact_url("https://u:p@h/x.tgz?token=abc"), "https://h/x.tgz?%E2%80%A6");
+    }
+
+    #[tokio::test]
+    async fn data_is_decoded_in_chunks_and_limited() {
+        let dir = tempfile::tempdir().unwrap();
+        let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&payload);
+        let limits = Limits { max_source_bytes: 1 << 20, max_context_bytes: 1 << 20, max_archive_entries: 10 };
+        let dest = dir.path().join("a");
+        assert_eq!(write_data(&b64, &dest, &limits).await.unwrap(), 200_000);
+        assert_eq!(std::fs::read(&dest).unwrap(), payload);
+        let small = Limits { max_source_bytes: 1000, ..limits };
+        assert!(matches!(write_data(&b64, &dest, &small).await, Err(SourceError::TooLarge { .. })));
+        assert!(matches!(write_data("!!!!", &dest, &limits).await, Err(SourceError::BadBase64(_))));
+    }
+}

@@ -1,0 +1,152 @@
+//! `buildshuttle serve`: wires storage, dockerd, the executor and the HTTP API together,
+//! then serves until SIGTERM/SIGINT, draining running builds within the grace period.
+
+use crate::api::{self, AppState};
+use crate::callback::Callbacks;
+use crate::config::Config;
+use crate::local::{LocalExecutor, LocalSettings};
+use crate::logs::{LogFiles, LogSinks};
+use crate::pipeline::{docker, Pipeline};
+use crate::storage::{LocalStorage, Storage};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A start-up failure; each names the setting to fix. `main` exits with status 2.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("DOCKER_BUILD_SETTINGS: {0}")]
+    Docker(#[from] docker::DockerError),
+    #[error("DATA_DIR: cannot use {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("PORT: cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: std::io::Error },
+    #[error("USE_KUBERNETES: {0}")]
+    Kubernetes(String),
+}
+
+/// A failure while serving (after a good start). `main` exits with status 1.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("the HTTP server failed: {0}")]
+    Http(std::io::Error),
+}
+
+pub struct Started {
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    executor: LocalExecutor,
+    grace: Duration,
+}
+
+impl Started {
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+}
+
+/// Everything that can fail at start, done before the first request is accepted.
+pub async fn start(cfg: Config) -> Result<Started, StartError> {
+    if cfg.use_kubernetes {
+        return Err(StartError::Kubernetes(
+            "Kubernetes mode is not available in this build yet; unset USE_KUBERNETES to run builds locally".into(),
+        ));
+    }
+    let data_dir = cfg.build.data_dir.clone();
+    let data_err = |source| StartError::DataDir {
+        path: data_dir.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(&data_dir).map_err(data_err)?;
+    let store_dir = data_dir.join("store");
+    let storage: Arc<dyn Storage> = Arc::new(LocalStorage::new(&store_dir).map_err(data_err)?);
+    // With local storage the spool is the store: a finished log is already in place.
+    let files = LogFiles::new(&store_dir).map_err(data_err)?;
+
+    let conn = docker::connect(&cfg.build.docker, &data_dir.join("tls"))?;
+    let conn = docker::ready(conn, &cfg.build.docker, Duration::from_secs(10)).await?;
+    tracing::info!(docker = %docker::describe(&cfg.build.docker), storage = %storage.describe(), "dockerd answers");
+
+    let build = Arc::new(cfg.build.clone());
+    let pipeline = Pipeline::new(conn, storage.clone(), build.clone());
+    let sinks = LogSinks {
+        files,
+        storage: storage.clone(),
+        show_build_logs: cfg.build.show_build_logs,
+    };
+    let executor = LocalExecutor::start(
+        LocalSettings {
+            data_dir: data_dir.clone(),
+            max_parallel: cfg.maximum_parallel_builds,
+            timeout: cfg.build.timeout,
+        },
+        pipeline,
+        sinks,
+        Callbacks::new(cfg.callback_retry_for),
+    )
+    .await
+    .map_err(data_err)?;
+
+    let metrics_exec = executor.clone();
+    let state = AppState {
+        executor: Arc::new(executor.clone()),
+        storage,
+        extra_build_args: Arc::new(cfg.build.extra_build_args.clone()),
+        max_request_bytes: cfg.max_request_bytes,
+        metrics: Arc::new(move || {
+            let c = metrics_exec.counters();
+            format!(
+                "# TYPE buildshuttle_queued_builds gauge\nbuildshuttle_queued_builds {}\n# TYPE buildshuttle_running_builds gauge\nbuildshuttle_running_builds {}\n# EOF\n",
+                c.queued.load(Ordering::SeqCst),
+                c.running.load(Ordering::SeqCst)
+            )
+        }),
+    };
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: cfg.listen.clone(),
+            source,
+        })?;
+    Ok(Started {
+        listener,
+        router: api::app(state),
+        executor,
+        grace: cfg.shutdown_grace,
+    })
+}
+
+/// Serves until a shutdown signal, then drains.
+pub async fn serve(started: Started) -> Result<(), ServeError> {
+    let Started {
+        listener,
+        router,
+        executor,
+        grace,
+    } = started;
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "buildshuttle listening");
+    }
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(ServeError::Http)?;
+    tracing::info!(grace_seconds = grace.as_secs(), "shutting down: no new builds, draining running ones");
+    executor.shutdown(grace).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}

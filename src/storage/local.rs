@@ -1,0 +1,93 @@
+//! Storage in local files under one folder (`DATA_DIR/store`).
+
+use super::{check_key, Object, Storage, StorageError};
+use async_trait::async_trait;
+use futures::StreamExt;
+use std::path::{Path, PathBuf};
+use tokio_util::io::ReaderStream;
+
+#[derive(Debug, Clone)]
+pub struct LocalStorage {
+    root: PathBuf,
+}
+
+impl LocalStorage {
+    pub fn new(root: impl Into<PathBuf>) -> std::io::Result<Self> {
+        let root = root.into();
+        std::fs::create_dir_all(&root)?;
+        Ok(Self { root })
+    }
+
+    pub fn path(&self, key: &str) -> Result<PathBuf, StorageError> {
+        check_key(key)?;
+        Ok(self.root.join(key))
+    }
+}
+
+fn io(key: &str) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
+    move |source| StorageError::Io {
+        key: key.to_string(),
+        source,
+    }
+}
+
+#[async_trait]
+impl Storage for LocalStorage {
+    async fn put_file(&self, key: &str, path: &Path) -> Result<(), StorageError> {
+        let dest = self.path(key)?;
+        if dest == path {
+            return Ok(());
+        }
+        // Copy beside the destination, then rename: a reader never sees half an object.
+        let tmp = self.root.join(format!(".{key}.partial"));
+        tokio::fs::copy(path, &tmp).await.map_err(io(key))?;
+        tokio::fs::rename(&tmp, &dest).await.map_err(io(key))?;
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Object>, StorageError> {
+        let path = self.path(key)?;
+        match tokio::fs::File::open(&path).await {
+            Ok(file) => {
+                let len = file.metadata().await.map_err(io(key))?.len();
+                Ok(Some(Object {
+                    len: Some(len),
+                    body: ReaderStream::with_capacity(file, 64 * 1024).boxed(),
+                }))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(key)(e)),
+        }
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool, StorageError> {
+        let path = self.path(key)?;
+        tokio::fs::try_exists(&path).await.map_err(io(key))
+    }
+
+    fn describe(&self) -> String {
+        format!("local files under {}", self.root.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn round_trip_and_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStorage::new(dir.path().join("store")).unwrap();
+        let src = dir.path().join("src");
+        std::fs::write(&src, b"hello").unwrap();
+        store.put_file("k1", &src).await.unwrap();
+        assert!(store.exists("k1").await.unwrap());
+        assert!(!store.exists("k2").await.unwrap());
+        let obj = store.get("k1").await.unwrap().unwrap();
+        assert_eq!(obj.len, Some(5));
+        let bytes: Vec<u8> = obj.body.map(|c| c.unwrap().to_vec()).concat().await;
+        assert_eq!(bytes, b"hello");
+        assert!(store.get("nope").await.unwrap().is_none());
+        assert!(store.get("../x").await.is_err());
+    }
+}

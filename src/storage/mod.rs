@@ -1,0 +1,73 @@
+//! Object storage for source archives and build logs: local files or S3, same keys.
+//! Keys are flat names (`{build_uuid}`, `{app}-{app_uuid}-{n}.logs`); anything with a path
+//! separator or `..` is refused so a key can never reach outside the store.
+
+mod local;
+
+pub use local::LocalStorage;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage key {0:?} is not a plain name")]
+    BadKey(String),
+    #[error("local storage I/O on {key}: {source}")]
+    Io {
+        key: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("S3 {op} of {key} failed: {message}")]
+    S3 { op: &'static str, key: String, message: String },
+}
+
+/// A stored object being read: its length when known, and its bytes as a stream.
+pub struct Object {
+    pub len: Option<u64>,
+    pub body: BoxStream<'static, std::io::Result<Bytes>>,
+}
+
+#[async_trait]
+pub trait Storage: Send + Sync + 'static {
+    /// Stores the file at `path` under `key`, streaming it.
+    async fn put_file(&self, key: &str, path: &Path) -> Result<(), StorageError>;
+    /// Opens the object under `key`; `None` when there is none.
+    async fn get(&self, key: &str) -> Result<Option<Object>, StorageError>;
+    /// Whether an object is stored under `key`.
+    async fn exists(&self, key: &str) -> Result<bool, StorageError>;
+    /// A short description for start-up logs ("local files under …", "S3 bucket …").
+    fn describe(&self) -> String;
+}
+
+pub fn check_key(key: &str) -> Result<(), StorageError> {
+    let ok = !key.is_empty()
+        && key.len() <= 512
+        && key != "."
+        && key != ".."
+        && !key.contains(['/', '\\', '\0'])
+        && !key.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(StorageError::BadKey(key.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_key;
+
+    #[test]
+    fn keys_are_plain_names() {
+        for good in ["6f1b1e3c-8a3e-4b52-9a47-0b6a3e0f3c11", "app-uuid-12.logs"] {
+            assert!(check_key(good).is_ok());
+        }
+        for bad in ["", ".", "..", "../etc/passwd", "a/b", "a\\b", ".hidden", "a\0b"] {
+            assert!(check_key(bad).is_err(), "{bad:?}");
+        }
+    }
+}
