@@ -43,6 +43,17 @@ pub trait Storage: Send + Sync + 'static {
     fn describe(&self) -> String;
 }
 
+/// Opens the storage the configuration names: local files under `DATA_DIR/store` (S3 when
+/// configured is added by the S3 backend).
+pub async fn open(cfg: &crate::config::BuildConfig) -> Result<std::sync::Arc<dyn Storage>, StorageError> {
+    let root = cfg.data_dir.join("store");
+    let local = LocalStorage::new(&root).map_err(|source| StorageError::Io {
+        key: root.display().to_string(),
+        source,
+    })?;
+    Ok(std::sync::Arc::new(local))
+}
+
 pub fn check_key(key: &str) -> Result<(), StorageError> {
     let ok = !key.is_empty()
         && key.len() <= 512
