@@ -1,0 +1,339 @@
+//! The `BuildJob` custom resource (`buildshuttle.akkeris.io/v1`): what to build, without
+//! secrets, and what happened to it. Credentials live in a Secret owned by the BuildJob
+//! (see `facade`); a `data:` archive lives in storage and the spec names its key.
+
+use crate::build::BuildSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Keys of the per-build credentials Secret.
+pub mod secret_keys {
+    /// The full source URI when it is not stored (http(s) URLs may carry tokens, `docker://`
+    /// URLs may carry a password).
+    pub const SOURCES: &str = "sources";
+    pub const GM_REGISTRY_USERNAME: &str = "gm_registry_username";
+    pub const GM_REGISTRY_PASSWORD: &str = "gm_registry_password";
+    pub const DOCKER_PASSWORD: &str = "docker_password";
+    pub const CALLBACK_AUTH: &str = "callback_auth";
+    /// EXTRA_DOCKER_REGISTRY_CONFIG of the service that accepted the build (holds passwords).
+    pub const EXTRA_REGISTRIES: &str = "extra_docker_registry_config";
+}
+
+/// What to build. Holds no credential: see `secret_keys` for what the Secret holds.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "buildshuttle.akkeris.io",
+    version = "v1",
+    kind = "BuildJob",
+    namespaced,
+    shortname = "bj",
+    status = "BuildJobStatus",
+    printcolumn = r#"{"name":"App","type":"string","jsonPath":".spec.app"}"#,
+    printcolumn = r#"{"name":"Space","type":"string","jsonPath":".spec.space"}"#,
+    printcolumn = r#"{"name":"Build","type":"integer","jsonPath":".spec.buildNumber"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Image","type":"string","jsonPath":".status.image"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildJobSpec {
+    pub build_uuid: String,
+    pub app: String,
+    pub space: String,
+    pub app_uuid: String,
+    pub build_number: u64,
+    /// Where the sources come from, without credentials.
+    pub source: SourceRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org: Option<String>,
+    /// Callback URL; its Authorization value is in the Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka_hosts: Option<String>,
+    pub gm_registry_host: String,
+    pub gm_registry_repo: String,
+    /// Already merged with EXTRA_BUILD_ARGS.
+    #[serde(default)]
+    pub build_args: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_registry: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_login: Option<String>,
+    /// Name of the Secret (same namespace) holding this build's credentials.
+    pub credentials_secret: String,
+    /// Set to stop the build: the controller deletes its pod and records `Cancelled`.
+    #[serde(default)]
+    pub cancelled: bool,
+}
+
+/// The source of a build, as the CR may show it.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceRef {
+    pub kind: SourceKind,
+    /// For people: the URI with userinfo and query removed, or the storage key.
+    pub display: String,
+    /// `Stored`: the storage key of the archive (the `data:` URI's bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_key: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum SourceKind {
+    /// An http(s) archive; the full URL is in the Secret.
+    Http,
+    /// A `docker://` image to re-tag; the full URI is in the Secret.
+    Docker,
+    /// An archive already in storage under `storageKey`.
+    Stored,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    Queued,
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl Phase {
+    pub fn is_finished(self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Failed)
+    }
+    /// Holds a build slot (a pod exists or is being created).
+    pub fn holds_slot(self) -> bool {
+        matches!(self, Phase::Pending | Phase::Running)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Queued => "Queued",
+            Phase::Pending => "Pending",
+            Phase::Running => "Running",
+            Phase::Succeeded => "Succeeded",
+            Phase::Failed => "Failed",
+        }
+    }
+}
+
+/// One condition, Kubernetes style. The only type is `Succeeded`: `Unknown` while the build
+/// is on its way, `True` or `False` at the end with the reason.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildCondition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    pub reason: String,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<Time>,
+}
+
+/// Which callbacks controller-api has been sent (delivered, or given up on after retries).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CallbacksSent {
+    #[serde(default)]
+    pub pending: bool,
+    #[serde(default, rename = "final")]
+    pub final_: bool,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildJobStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    #[serde(default)]
+    pub conditions: Vec<BuildCondition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    #[serde(default)]
+    pub callbacks: CallbacksSent,
+    /// How many times the worker pod was lost (evicted or deleted) and re-created.
+    #[serde(default)]
+    pub pod_retries: u32,
+}
+
+impl BuildJobStatus {
+    /// The status with every timestamp removed: what "changed" means for status writes.
+    pub fn without_timestamps(&self) -> Self {
+        let mut s = self.clone();
+        s.start_time = None;
+        s.completion_time = None;
+        for c in &mut s.conditions {
+            c.last_transition_time = None;
+        }
+        s
+    }
+
+    pub fn condition(&self) -> Option<&BuildCondition> {
+        self.conditions
+            .iter()
+            .find(|c| c.type_ == CONDITION_SUCCEEDED)
+    }
+}
+
+pub const CONDITION_SUCCEEDED: &str = "Succeeded";
+
+/// Labels on BuildJobs and their pods.
+pub mod labels {
+    pub const APP: &str = "app";
+    pub const APP_UUID: &str = "app_uuid";
+    pub const BUILD_UUID: &str = "build_uuid";
+    pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+    pub const MANAGED_BY_VALUE: &str = "buildshuttle";
+    /// Selects the worker pods the controller watches (and nothing else).
+    pub const WORKER_SELECTOR: &str =
+        "app.kubernetes.io/managed-by=buildshuttle,app.kubernetes.io/component=worker";
+    pub const COMPONENT: &str = "app.kubernetes.io/component";
+}
+
+/// The BuildJob's name: `{app}-{app_uuid}-{build_number}`, lower-cased (a DNS subdomain).
+pub fn job_name(app: &str, app_uuid: &str, build_number: u64) -> String {
+    format!("{app}-{app_uuid}-{build_number}").to_ascii_lowercase()
+}
+
+/// The name of a BuildJob's credentials Secret.
+pub fn secret_name(job: &str) -> String {
+    format!("{job}-credentials")
+}
+
+impl BuildJobSpec {
+    /// The spec of `build`, with `source` in place of its source URI and no credentials.
+    pub fn from_build(build: &BuildSpec, source: SourceRef) -> Self {
+        let name = job_name(&build.app, &build.app_uuid, build.build_number);
+        Self {
+            build_uuid: build.build_uuid.to_string(),
+            app: build.app.clone(),
+            space: build.space.clone(),
+            app_uuid: build.app_uuid.clone(),
+            build_number: build.build_number,
+            source,
+            sha: build.sha.clone(),
+            branch: build.branch.clone(),
+            repo: build.repo.clone(),
+            org: build.org.clone(),
+            callback: build.callback.clone(),
+            kafka_hosts: build.kafka_hosts.clone(),
+            gm_registry_host: build.gm_registry_host.clone(),
+            gm_registry_repo: build.gm_registry_repo.clone(),
+            build_args: build.build_args.clone(),
+            docker_registry: build.docker_registry.clone(),
+            docker_login: build.docker_login.clone(),
+            credentials_secret: secret_name(&name),
+            cancelled: false,
+        }
+    }
+
+    pub fn job_name(&self) -> String {
+        job_name(&self.app, &self.app_uuid, self.build_number)
+    }
+
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (labels::APP.to_string(), self.app.clone()),
+            (labels::APP_UUID.to_string(), self.app_uuid.clone()),
+            (labels::BUILD_UUID.to_string(), self.build_uuid.clone()),
+            (
+                labels::MANAGED_BY.to_string(),
+                labels::MANAGED_BY_VALUE.to_string(),
+            ),
+        ])
+    }
+}
+
+/// The CRD as YAML, as `buildshuttle crd` prints it and `crds/buildjob.yaml` holds it.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    use kube::CustomResourceExt;
+    serde_yaml::to_string(&BuildJob::crd())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::CustomResourceExt;
+
+    #[test]
+    fn committed_crd_matches_the_code() {
+        let committed =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/buildjob.yaml"))
+                .expect("crds/buildjob.yaml is committed");
+        let generated = crd_yaml().expect("the CRD serializes");
+        assert!(
+            committed == generated,
+            "crds/buildjob.yaml is stale: regenerate it with `cargo run -- crd > crds/buildjob.yaml`"
+        );
+    }
+
+    #[test]
+    fn crd_has_the_decided_shape() {
+        let crd = BuildJob::crd();
+        assert_eq!(crd.spec.group, "buildshuttle.akkeris.io");
+        assert_eq!(crd.spec.scope, "Namespaced");
+        assert_eq!(crd.spec.names.short_names, Some(vec!["bj".to_string()]));
+        let v = &crd.spec.versions[0];
+        assert_eq!(v.name, "v1");
+        assert!(v
+            .subresources
+            .as_ref()
+            .and_then(|s| s.status.as_ref())
+            .is_some());
+        let cols: Vec<_> = v
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(cols, ["App", "Space", "Build", "Phase", "Image", "Age"]);
+    }
+
+    #[test]
+    fn names_are_dns_safe_and_deterministic() {
+        let n = job_name("MyApp", "0B1C2D3E-aaaa-bbbb-cccc-111122223333", 12);
+        assert_eq!(n, "myapp-0b1c2d3e-aaaa-bbbb-cccc-111122223333-12");
+        assert_eq!(secret_name(&n), format!("{n}-credentials"));
+    }
+
+    #[test]
+    fn spec_from_build_carries_no_secret() {
+        let b = crate::build::tests::spec();
+        let spec = BuildJobSpec::from_build(
+            &b,
+            SourceRef {
+                kind: SourceKind::Stored,
+                display: "stored".into(),
+                storage_key: Some(b.source_key()),
+            },
+        );
+        let json = serde_json::to_string(&spec).expect("serializes");
+        for s in b.secrets() {
+            assert!(!json.contains(s), "{s} leaked into the spec");
+        }
+        assert_eq!(
+            spec.credentials_secret,
+            format!("{}-credentials", spec.job_name())
+        );
+    }
+}

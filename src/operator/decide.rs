@@ -1,0 +1,1094 @@
+//! The controller's brain, a pure function: a BuildJob, its worker pod (if any), how many
+//! builds hold a slot and how many queued builds are older, and the time → the next status
+//! and the actions the reconciler must take. No I/O; every case is a unit test below.
+
+use super::crd::{BuildCondition, BuildJob, BuildJobStatus, Phase, CONDITION_SUCCEEDED};
+use super::pod::{pod_name, WORKER_CONTAINER};
+use crate::build::Outcome;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use std::time::Duration;
+
+/// Limits the decisions depend on.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// MAXIMUM_PARALLEL_BUILDS.
+    pub max_parallel: usize,
+    /// How many times a lost (evicted, deleted) worker pod is re-created.
+    pub max_pod_retries: u32,
+    /// How long a finished BuildJob is kept.
+    pub finished_ttl: Duration,
+    /// TIMEOUT_IN_MS: a pod that has not finished this long after it was created (plus
+    /// `stuck_grace`) is deleted and the build failed with Timeout, even if the kubelet never
+    /// started it (activeDeadlineSeconds only counts once it has).
+    pub timeout: Duration,
+    pub stuck_grace: Duration,
+}
+
+/// What the decision is made from.
+pub struct Inputs<'a> {
+    pub job: &'a BuildJob,
+    /// The pod named by `pod_name(job, status.podRetries)`, if it exists.
+    pub pod: Option<&'a Pod>,
+    /// Other BuildJobs holding a slot (Pending or Running).
+    pub running: usize,
+    /// Queued BuildJobs older than this one (they start first).
+    pub queued_ahead: usize,
+    pub now: Timestamp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallbackKind {
+    Pending,
+    /// `succeeded` or `failed`.
+    Final(&'static str),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventNote {
+    pub warning: bool,
+    pub reason: String,
+    pub note: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    CreatePod {
+        name: String,
+        attempt: u32,
+    },
+    DeletePod {
+        name: String,
+    },
+    /// Send, then record in status (`callbacks.pending` / `callbacks.final`).
+    SendCallback(CallbackKind),
+    RecordEvent(EventNote),
+    Requeue(Duration),
+    /// The TTL of a finished BuildJob has passed (its callbacks are all sent).
+    DeleteJob,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    pub status: BuildJobStatus,
+    pub actions: Vec<Action>,
+}
+
+/// How a pod ended, from its status.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PodEnd {
+    Evicted(String),
+    DeadlineExceeded,
+    OomKilled,
+    /// The worker container exited; `outcome` is its termination message when it parses.
+    Exited {
+        code: i32,
+        reason: String,
+        outcome: Option<Outcome>,
+    },
+}
+
+/// A worker pod as the decision sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PodState {
+    Absent,
+    Terminating,
+    Pending,
+    Running,
+    Ended(PodEnd),
+}
+
+/// Reads a pod's status. Never assumes success: an ended pod's outcome comes only from the
+/// worker's termination message together with its exit code.
+pub fn classify(pod: Option<&Pod>) -> PodState {
+    let Some(pod) = pod else {
+        return PodState::Absent;
+    };
+    let status = pod.status.clone().unwrap_or_default();
+    let phase = status.phase.as_deref().unwrap_or("Pending");
+    let pod_reason = status.reason.clone().unwrap_or_default();
+    let ended = matches!(phase, "Succeeded" | "Failed");
+    if !ended {
+        if pod.metadata.deletion_timestamp.is_some() {
+            return PodState::Terminating;
+        }
+        return if phase == "Running" {
+            PodState::Running
+        } else {
+            PodState::Pending
+        };
+    }
+    if pod_reason == "Evicted" {
+        return PodState::Ended(PodEnd::Evicted(status.message.clone().unwrap_or_default()));
+    }
+    if pod_reason == "DeadlineExceeded" {
+        return PodState::Ended(PodEnd::DeadlineExceeded);
+    }
+    let terminated = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .find(|c| c.name == WORKER_CONTAINER)
+        .and_then(|c| c.state.as_ref().and_then(|s| s.terminated.clone()));
+    match terminated {
+        Some(t) if t.reason.as_deref() == Some("OOMKilled") => PodState::Ended(PodEnd::OomKilled),
+        Some(t) => PodState::Ended(PodEnd::Exited {
+            code: t.exit_code,
+            reason: t.reason.unwrap_or_default(),
+            outcome: t.message.as_deref().and_then(parse_termination_message),
+        }),
+        // Ended without a worker container status: it never ran (or the node lost it).
+        None => PodState::Ended(PodEnd::Exited {
+            code: -1,
+            reason: if pod_reason.is_empty() {
+                "NoContainerStatus".into()
+            } else {
+                pod_reason
+            },
+            outcome: None,
+        }),
+    }
+}
+
+/// The worker's outcome JSON; the kubelet may cut it at 4 KiB, so a cut message is `None`.
+pub fn parse_termination_message(message: &str) -> Option<Outcome> {
+    serde_json::from_str(message.trim()).ok()
+}
+
+/// Condition reasons beyond the pipeline's `FailureReason`s.
+pub mod reasons {
+    pub const QUEUED: &str = "Queued";
+    pub const PENDING: &str = "Pending";
+    pub const RUNNING: &str = "Running";
+    pub const SUCCEEDED: &str = "Succeeded";
+    pub const CANCELLED: &str = "Cancelled";
+    pub const TIMEOUT: &str = "Timeout";
+    pub const OOM_KILLED: &str = "OOMKilled";
+    pub const POD_EVICTED: &str = "PodEvicted";
+    pub const POD_LOST: &str = "PodLost";
+    pub const WORKER_FAILED: &str = "WorkerFailed";
+    pub const NO_OUTCOME: &str = "NoOutcome";
+}
+
+/// Requeue intervals.
+pub const QUEUED_RECHECK: Duration = Duration::from_secs(5);
+pub const ACTIVE_RECHECK: Duration = Duration::from_secs(60);
+pub const TERMINATING_RECHECK: Duration = Duration::from_secs(5);
+
+pub fn decide(input: &Inputs<'_>, settings: &Settings) -> Decision {
+    let job = input.job;
+    let now = input.now;
+    let prev = job.status.clone().unwrap_or_default();
+    let mut st = prev.clone();
+    let mut actions = Vec::new();
+    let mut events = Vec::new();
+    let pod = classify(input.pod);
+    let current_pod = pod_name(&job.name_any(), st.pod_retries);
+
+    let finished = prev.phase.is_some_and(Phase::is_finished);
+    if !finished {
+        let cancel_now = job.spec.cancelled && !matches!(pod, PodState::Ended(_));
+        if cancel_now {
+            let started = !matches!(pod, PodState::Absent);
+            if matches!(pod, PodState::Pending | PodState::Running) {
+                actions.push(Action::DeletePod {
+                    name: current_pod.clone(),
+                });
+            }
+            let msg = if started {
+                "stopped by request"
+            } else {
+                "stopped by request before it started"
+            };
+            finish_failed(&mut st, reasons::CANCELLED, msg, now, &mut events);
+        } else {
+            step(
+                input,
+                settings,
+                &pod,
+                &current_pod,
+                &mut st,
+                &mut actions,
+                &mut events,
+            );
+        }
+    }
+
+    // Callbacks: pending first, then the final one once the build has ended.
+    if !st.callbacks.pending {
+        actions.push(Action::SendCallback(CallbackKind::Pending));
+    }
+    let ended = st.phase.is_some_and(Phase::is_finished);
+    if ended && !st.callbacks.final_ {
+        let status = if st.phase == Some(Phase::Succeeded) {
+            "succeeded"
+        } else {
+            "failed"
+        };
+        actions.push(Action::SendCallback(CallbackKind::Final(status)));
+    }
+    actions.extend(events.into_iter().map(Action::RecordEvent));
+
+    if ended && st.callbacks.pending && st.callbacks.final_ {
+        let done = st.completion_time.as_ref().map(|t| t.0).unwrap_or(now);
+        let age = elapsed(done, now);
+        if age >= settings.finished_ttl {
+            actions.push(Action::DeleteJob);
+        } else {
+            actions.push(Action::Requeue(settings.finished_ttl - age));
+        }
+    }
+    Decision {
+        status: st,
+        actions,
+    }
+}
+
+/// A build that has not ended: queue, start, watch, finish.
+fn step(
+    input: &Inputs<'_>,
+    settings: &Settings,
+    pod: &PodState,
+    current_pod: &str,
+    st: &mut BuildJobStatus,
+    actions: &mut Vec<Action>,
+    events: &mut Vec<EventNote>,
+) {
+    let now = input.now;
+    let holds_slot = st.phase.is_some_and(Phase::holds_slot);
+    match pod {
+        PodState::Absent if !holds_slot => {
+            if input.running + input.queued_ahead < settings.max_parallel {
+                start_pod(st, current_pod, now, actions, events, None);
+            } else {
+                if st.phase != Some(Phase::Queued) {
+                    events.push(normal(
+                        "Queued",
+                        format!(
+                            "waiting for a build slot ({} of {} running, {} queued ahead)",
+                            input.running, settings.max_parallel, input.queued_ahead
+                        ),
+                    ));
+                }
+                st.phase = Some(Phase::Queued);
+                set_condition(
+                    st,
+                    "Unknown",
+                    reasons::QUEUED,
+                    "waiting for a build slot",
+                    now,
+                );
+                actions.push(Action::Requeue(QUEUED_RECHECK));
+            }
+        }
+        PodState::Absent => retry_lost_pod(
+            st,
+            settings,
+            current_pod,
+            reasons::POD_LOST,
+            "the worker pod disappeared",
+            false,
+            now,
+            actions,
+            events,
+        ),
+        PodState::Terminating => actions.push(Action::Requeue(TERMINATING_RECHECK)),
+        PodState::Pending | PodState::Running => {
+            let running = matches!(pod, PodState::Running);
+            let (phase, reason) = if running {
+                (Phase::Running, reasons::RUNNING)
+            } else {
+                (Phase::Pending, reasons::PENDING)
+            };
+            if st.phase != Some(phase) {
+                events.push(normal(
+                    reason,
+                    format!(
+                        "worker pod {current_pod} is {}",
+                        reason.to_ascii_lowercase()
+                    ),
+                ));
+            }
+            st.phase = Some(phase);
+            st.pod_name = Some(current_pod.to_string());
+            if st.start_time.is_none() {
+                st.start_time = Some(Time(now));
+            }
+            set_condition(
+                st,
+                "Unknown",
+                reason,
+                &format!("worker pod {current_pod}"),
+                now,
+            );
+            let started = st.start_time.as_ref().map(|t| t.0).unwrap_or(now);
+            let limit = settings.timeout + settings.stuck_grace;
+            let age = elapsed(started, now);
+            if age >= limit {
+                actions.push(Action::DeletePod {
+                    name: current_pod.to_string(),
+                });
+                let msg = format!(
+                    "the build ran longer than TIMEOUT_IN_MS ({} ms)",
+                    settings.timeout.as_millis()
+                );
+                finish_failed(st, reasons::TIMEOUT, &msg, now, events);
+            } else {
+                actions.push(Action::Requeue(ACTIVE_RECHECK.min(limit - age)));
+            }
+        }
+        PodState::Ended(end) => {
+            st.pod_name = Some(current_pod.to_string());
+            if st.start_time.is_none() {
+                st.start_time = Some(Time(now));
+            }
+            match end {
+                PodEnd::Evicted(why) => {
+                    let msg = format!("the worker pod was evicted: {why}");
+                    retry_lost_pod(
+                        st,
+                        settings,
+                        current_pod,
+                        reasons::POD_EVICTED,
+                        &msg,
+                        true,
+                        now,
+                        actions,
+                        events,
+                    )
+                }
+                PodEnd::DeadlineExceeded => {
+                    let msg = format!(
+                        "the build ran longer than TIMEOUT_IN_MS ({} ms)",
+                        settings.timeout.as_millis()
+                    );
+                    finish_failed(st, reasons::TIMEOUT, &msg, now, events)
+                }
+                PodEnd::OomKilled => finish_failed(
+                    st,
+                    reasons::OOM_KILLED,
+                    "the worker ran out of memory",
+                    now,
+                    events,
+                ),
+                PodEnd::Exited {
+                    code,
+                    reason,
+                    outcome,
+                } => match (code, outcome) {
+                    (0, Some(Outcome::Succeeded { image, digest })) => {
+                        st.phase = Some(Phase::Succeeded);
+                        st.completion_time = Some(Time(now));
+                        st.image = Some(image.clone());
+                        st.digest = digest.clone();
+                        set_condition(
+                            st,
+                            "True",
+                            reasons::SUCCEEDED,
+                            &format!("pushed {image}"),
+                            now,
+                        );
+                        events.push(normal(reasons::SUCCEEDED, format!("pushed {image}")));
+                    }
+                    (_, Some(Outcome::Failed { reason, message })) => {
+                        finish_failed(st, reason.as_str(), message, now, events)
+                    }
+                    (code, Some(Outcome::Succeeded { .. })) => {
+                        let msg = format!(
+                            "the worker reported success but exited with code {code} ({reason})"
+                        );
+                        finish_failed(st, reasons::WORKER_FAILED, &msg, now, events)
+                    }
+                    (0, None) => finish_failed(
+                        st,
+                        reasons::NO_OUTCOME,
+                        "the worker exited 0 without writing its outcome to the termination log",
+                        now,
+                        events,
+                    ),
+                    (code, None) => {
+                        let msg = format!(
+                            "the worker exited with code {code} ({reason}) without an outcome"
+                        );
+                        finish_failed(st, reasons::WORKER_FAILED, &msg, now, events)
+                    }
+                },
+            }
+        }
+    }
+}
+
+fn start_pod(
+    st: &mut BuildJobStatus,
+    name: &str,
+    now: Timestamp,
+    actions: &mut Vec<Action>,
+    events: &mut Vec<EventNote>,
+    note: Option<String>,
+) {
+    st.phase = Some(Phase::Pending);
+    st.pod_name = Some(name.to_string());
+    st.start_time = Some(Time(now));
+    set_condition(
+        st,
+        "Unknown",
+        reasons::PENDING,
+        &format!("worker pod {name}"),
+        now,
+    );
+    actions.push(Action::CreatePod {
+        name: name.to_string(),
+        attempt: st.pod_retries,
+    });
+    actions.push(Action::Requeue(ACTIVE_RECHECK));
+    events.push(normal(
+        "Started",
+        note.unwrap_or_else(|| format!("created worker pod {name}")),
+    ));
+}
+
+#[allow(clippy::too_many_arguments)]
+fn retry_lost_pod(
+    st: &mut BuildJobStatus,
+    settings: &Settings,
+    current_pod: &str,
+    reason: &str,
+    message: &str,
+    pod_exists: bool,
+    now: Timestamp,
+    actions: &mut Vec<Action>,
+    events: &mut Vec<EventNote>,
+) {
+    if st.pod_retries >= settings.max_pod_retries {
+        let msg = format!("{message}; gave up after {} re-creations", st.pod_retries);
+        finish_failed(st, reason, &msg, now, events);
+        return;
+    }
+    if pod_exists {
+        actions.push(Action::DeletePod {
+            name: current_pod.to_string(),
+        });
+    }
+    st.pod_retries += 1;
+    let job = current_pod
+        .rsplit_once("-worker-")
+        .map(|(j, _)| j)
+        .unwrap_or(current_pod);
+    let next = pod_name(job, st.pod_retries);
+    events.push(warning(
+        reason,
+        format!(
+            "{message}; re-creating it ({}/{})",
+            st.pod_retries, settings.max_pod_retries
+        ),
+    ));
+    start_pod(
+        st,
+        &next,
+        now,
+        actions,
+        events,
+        Some(format!("created worker pod {next}")),
+    );
+}
+
+fn finish_failed(
+    st: &mut BuildJobStatus,
+    reason: &str,
+    message: &str,
+    now: Timestamp,
+    events: &mut Vec<EventNote>,
+) {
+    st.phase = Some(Phase::Failed);
+    st.completion_time = Some(Time(now));
+    set_condition(st, "False", reason, message, now);
+    events.push(warning(reason, message.to_string()));
+}
+
+/// Sets the `Succeeded` condition, keeping its lastTransitionTime unless its status flips.
+fn set_condition(
+    st: &mut BuildJobStatus,
+    status: &str,
+    reason: &str,
+    message: &str,
+    now: Timestamp,
+) {
+    let last = st
+        .condition()
+        .filter(|c| c.status == status)
+        .and_then(|c| c.last_transition_time.clone())
+        .unwrap_or(Time(now));
+    st.conditions.retain(|c| c.type_ != CONDITION_SUCCEEDED);
+    st.conditions.push(BuildCondition {
+        type_: CONDITION_SUCCEEDED.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time: Some(last),
+    });
+}
+
+fn normal(reason: &str, note: String) -> EventNote {
+    EventNote {
+        warning: false,
+        reason: reason.into(),
+        note,
+    }
+}
+
+fn warning(reason: &str, note: String) -> EventNote {
+    EventNote {
+        warning: true,
+        reason: reason.into(),
+        note,
+    }
+}
+
+fn elapsed(from: Timestamp, to: Timestamp) -> Duration {
+    Duration::try_from(to.duration_since(from)).unwrap_or(Duration::ZERO)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::build::FailureReason;
+    use crate::operator::crd::{BuildJobSpec, CallbacksSent, SourceKind, SourceRef};
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateTerminated, ContainerStatus, PodStatus,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    pub const JOB: &str = "myapp-0b1c2d3e-aaaa-bbbb-cccc-111122223333-12";
+
+    pub fn t(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + secs).expect("valid")
+    }
+
+    pub fn job(phase: Option<Phase>) -> BuildJob {
+        let spec = BuildJobSpec::from_build(
+            &crate::build::tests::spec(),
+            SourceRef {
+                kind: SourceKind::Http,
+                display: "https://x/y.tgz".into(),
+                storage_key: None,
+            },
+        );
+        let mut j = BuildJob::new(JOB, spec);
+        j.metadata.namespace = Some("builds".into());
+        j.metadata.uid = Some("uid-1".into());
+        j.status = phase.map(|p| BuildJobStatus {
+            phase: Some(p),
+            start_time: p.holds_slot().then(|| Time(t(0))),
+            pod_name: p.holds_slot().then(|| pod_name(JOB, 0)),
+            callbacks: CallbacksSent {
+                pending: true,
+                final_: false,
+            },
+            ..Default::default()
+        });
+        j
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            max_parallel: 2,
+            max_pod_retries: 2,
+            finished_ttl: Duration::from_secs(3600),
+            timeout: Duration::from_secs(1200),
+            stuck_grace: Duration::from_secs(120),
+        }
+    }
+
+    fn pod(phase: &str) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some(pod_name(JOB, 0)),
+                ..Default::default()
+            },
+            status: Some(PodStatus {
+                phase: Some(phase.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    pub fn ended_pod(
+        phase: &str,
+        pod_reason: Option<&str>,
+        code: i32,
+        reason: &str,
+        message: Option<&str>,
+    ) -> Pod {
+        let mut p = pod(phase);
+        if let Some(s) = p.status.as_mut() {
+            s.reason = pod_reason.map(str::to_string);
+            s.container_statuses = Some(vec![ContainerStatus {
+                name: WORKER_CONTAINER.into(),
+                state: Some(ContainerState {
+                    terminated: Some(ContainerStateTerminated {
+                        exit_code: code,
+                        reason: Some(reason.into()),
+                        message: message.map(str::to_string),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]);
+        }
+        p
+    }
+
+    pub fn success_message() -> String {
+        serde_json::to_string(&Outcome::Succeeded {
+            image: "r/a:1.12".into(),
+            digest: Some("sha256:abc".into()),
+        })
+        .expect("json")
+    }
+
+    fn run(
+        job: &BuildJob,
+        pod: Option<&Pod>,
+        running: usize,
+        ahead: usize,
+        now: Timestamp,
+    ) -> Decision {
+        decide(
+            &Inputs {
+                job,
+                pod,
+                running,
+                queued_ahead: ahead,
+                now,
+            },
+            &settings(),
+        )
+    }
+
+    fn has(d: &Decision, f: impl Fn(&Action) -> bool) -> bool {
+        d.actions.iter().any(f)
+    }
+
+    fn reason(d: &Decision) -> String {
+        d.status
+            .condition()
+            .map(|c| c.reason.clone())
+            .unwrap_or_default()
+    }
+
+    fn creates(d: &Decision) -> bool {
+        has(d, |a| matches!(a, Action::CreatePod { .. }))
+    }
+
+    fn deletes(d: &Decision) -> bool {
+        has(d, |a| matches!(a, Action::DeletePod { .. }))
+    }
+
+    fn final_cb(d: &Decision) -> Option<&'static str> {
+        d.actions.iter().find_map(|a| match a {
+            Action::SendCallback(CallbackKind::Final(s)) => Some(*s),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_new_job_with_a_free_slot_gets_a_pod_and_a_pending_callback() {
+        let j = job(None);
+        let d = run(&j, None, 0, 0, t(1));
+        assert_eq!(d.status.phase, Some(Phase::Pending));
+        assert!(has(&d, |a| *a
+            == Action::CreatePod {
+                name: pod_name(JOB, 0),
+                attempt: 0
+            }));
+        assert_eq!(
+            d.actions
+                .iter()
+                .filter(|a| **a == Action::SendCallback(CallbackKind::Pending))
+                .count(),
+            1
+        );
+        assert_eq!(
+            d.status.pod_name.as_deref(),
+            Some(pod_name(JOB, 0).as_str())
+        );
+        assert_eq!(d.status.start_time, Some(Time(t(1))));
+        assert!(!d.status.callbacks.pending, "recorded only after delivery");
+    }
+
+    #[test]
+    fn queue_full_waits_and_queue_free_starts_oldest_first() {
+        let j = job(None);
+        let full = run(&j, None, 2, 0, t(1));
+        assert_eq!(full.status.phase, Some(Phase::Queued));
+        assert!(!creates(&full));
+        assert!(has(&full, |a| *a == Action::Requeue(QUEUED_RECHECK)));
+        assert!(has(
+            &full,
+            |a| matches!(a, Action::RecordEvent(e) if e.reason == "Queued")
+        ));
+
+        let queued = job(Some(Phase::Queued));
+        // One slot free but an older queued build takes it.
+        let behind = run(&queued, None, 1, 1, t(2));
+        assert_eq!(behind.status.phase, Some(Phase::Queued));
+        assert!(!creates(&behind));
+        assert!(
+            !has(&behind, |a| matches!(a, Action::RecordEvent(_))),
+            "no event when nothing changed"
+        );
+        // First in line with a free slot: starts.
+        let first = run(&queued, None, 1, 0, t(3));
+        assert!(creates(&first));
+        assert_eq!(first.status.phase, Some(Phase::Pending));
+    }
+
+    #[test]
+    fn pending_and_running_pods_move_the_phase_without_side_effects() {
+        let j = job(Some(Phase::Pending));
+        let d = run(&j, Some(&pod("Pending")), 5, 5, t(10));
+        assert_eq!(d.status.phase, Some(Phase::Pending));
+        assert!(!creates(&d) && !deletes(&d));
+        assert!(!has(&d, |a| matches!(a, Action::RecordEvent(_))));
+        let d = run(&j, Some(&pod("Running")), 5, 5, t(10));
+        assert_eq!(d.status.phase, Some(Phase::Running));
+        assert!(has(
+            &d,
+            |a| matches!(a, Action::RecordEvent(e) if e.reason == "Running")
+        ));
+        assert!(has(&d, |a| *a == Action::Requeue(ACTIVE_RECHECK)));
+        let r = job(Some(Phase::Running));
+        let d = run(&r, Some(&pod("Running")), 0, 0, t(10));
+        assert!(!has(&d, |a| matches!(a, Action::RecordEvent(_))));
+    }
+
+    #[test]
+    fn a_pod_seen_before_the_status_was_written_is_adopted_not_duplicated() {
+        let j = job(None);
+        let d = run(&j, Some(&pod("Running")), 4, 4, t(1));
+        assert!(!creates(&d));
+        assert_eq!(d.status.phase, Some(Phase::Running));
+    }
+
+    #[test]
+    fn succeeded_with_termination_message_succeeds() {
+        let msg = success_message();
+        let p = ended_pod("Succeeded", None, 0, "Completed", Some(&msg));
+        for phase in [Phase::Pending, Phase::Running] {
+            let d = run(&job(Some(phase)), Some(&p), 0, 0, t(50));
+            assert_eq!(d.status.phase, Some(Phase::Succeeded));
+            assert_eq!(d.status.image.as_deref(), Some("r/a:1.12"));
+            assert_eq!(d.status.digest.as_deref(), Some("sha256:abc"));
+            assert_eq!(
+                d.status.condition().map(|c| c.status.as_str()),
+                Some("True")
+            );
+            assert_eq!(final_cb(&d), Some("succeeded"));
+            assert_eq!(d.status.completion_time, Some(Time(t(50))));
+        }
+    }
+
+    #[test]
+    fn succeeded_without_termination_message_is_not_assumed_a_success() {
+        for msg in [None, Some("not json"), Some("{\"result\":\"succ")] {
+            let p = ended_pod("Succeeded", None, 0, "Completed", msg);
+            let d = run(&job(Some(Phase::Running)), Some(&p), 0, 0, t(50));
+            assert_eq!(d.status.phase, Some(Phase::Failed), "{msg:?}");
+            assert_eq!(reason(&d), reasons::NO_OUTCOME);
+            assert_eq!(final_cb(&d), Some("failed"));
+        }
+    }
+
+    #[test]
+    fn failed_pods_carry_the_workers_reason() {
+        let msg = serde_json::to_string(&Outcome::failed(FailureReason::PushFailed, "denied"))
+            .expect("json");
+        let p = ended_pod("Failed", None, 1, "Error", Some(&msg));
+        let d = run(&job(Some(Phase::Running)), Some(&p), 0, 0, t(9));
+        assert_eq!(d.status.phase, Some(Phase::Failed));
+        assert_eq!(reason(&d), "PushFailed");
+        assert_eq!(
+            d.status.condition().map(|c| c.message.as_str()),
+            Some("denied")
+        );
+
+        let p = ended_pod("Failed", None, 2, "Error", None);
+        let d = run(&job(Some(Phase::Running)), Some(&p), 0, 0, t(9));
+        assert_eq!(reason(&d), reasons::WORKER_FAILED);
+
+        let ok = success_message();
+        let p = ended_pod("Failed", None, 1, "Error", Some(&ok));
+        let d = run(&job(Some(Phase::Running)), Some(&p), 0, 0, t(9));
+        assert_eq!(
+            d.status.phase,
+            Some(Phase::Failed),
+            "a non-zero exit is never a success"
+        );
+
+        let src = serde_json::to_string(&Outcome::failed(FailureReason::SourceFetchFailed, "404"))
+            .expect("json");
+        let p = ended_pod("Failed", None, 1, "Error", Some(&src));
+        assert_eq!(
+            reason(&run(&job(Some(Phase::Pending)), Some(&p), 0, 0, t(9))),
+            "SourceFetchFailed"
+        );
+    }
+
+    #[test]
+    fn oom_and_deadline_are_named() {
+        let p = ended_pod("Failed", None, 137, "OOMKilled", None);
+        let d = run(&job(Some(Phase::Running)), Some(&p), 0, 0, t(9));
+        assert_eq!(reason(&d), reasons::OOM_KILLED);
+        let mut p = pod("Failed");
+        if let Some(s) = p.status.as_mut() {
+            s.reason = Some("DeadlineExceeded".into());
+        }
+        let d = run(&job(Some(Phase::Running)), Some(&p), 0, 0, t(9));
+        assert_eq!(reason(&d), reasons::TIMEOUT);
+        assert_eq!(final_cb(&d), Some("failed"));
+    }
+
+    #[test]
+    fn evicted_pods_are_recreated_a_bounded_number_of_times() {
+        let mut p = pod("Failed");
+        if let Some(s) = p.status.as_mut() {
+            s.reason = Some("Evicted".into());
+            s.message = Some("node low on memory".into());
+        }
+        let j = job(Some(Phase::Running));
+        let d = run(&j, Some(&p), 3, 3, t(9));
+        assert!(has(&d, |a| *a
+            == Action::DeletePod {
+                name: pod_name(JOB, 0)
+            }));
+        assert!(has(&d, |a| *a
+            == Action::CreatePod {
+                name: pod_name(JOB, 1),
+                attempt: 1
+            }));
+        assert_eq!(d.status.pod_retries, 1);
+        assert_eq!(d.status.phase, Some(Phase::Pending));
+        assert!(final_cb(&d).is_none());
+        assert!(has(
+            &d,
+            |a| matches!(a, Action::RecordEvent(e) if e.warning && e.reason == reasons::POD_EVICTED)
+        ));
+
+        let mut exhausted = job(Some(Phase::Running));
+        if let Some(s) = exhausted.status.as_mut() {
+            s.pod_retries = 2;
+        }
+        let d = run(&exhausted, Some(&p), 0, 0, t(9));
+        assert!(!creates(&d));
+        assert_eq!(d.status.phase, Some(Phase::Failed));
+        assert_eq!(reason(&d), reasons::POD_EVICTED);
+    }
+
+    #[test]
+    fn a_deleted_pod_is_recreated_then_given_up_on() {
+        let d = run(&job(Some(Phase::Running)), None, 0, 0, t(9));
+        assert!(has(&d, |a| *a
+            == Action::CreatePod {
+                name: pod_name(JOB, 1),
+                attempt: 1
+            }));
+        assert!(!deletes(&d));
+        let mut j = job(Some(Phase::Pending));
+        if let Some(s) = j.status.as_mut() {
+            s.pod_retries = 2;
+        }
+        let d = run(&j, None, 0, 0, t(9));
+        assert_eq!(reason(&d), reasons::POD_LOST);
+    }
+
+    #[test]
+    fn a_terminating_pod_is_waited_for() {
+        let mut p = pod("Running");
+        p.metadata.deletion_timestamp = Some(Time(t(0)));
+        let d = run(&job(Some(Phase::Running)), Some(&p), 0, 0, t(9));
+        assert_eq!(d.actions, vec![Action::Requeue(TERMINATING_RECHECK)]);
+    }
+
+    #[test]
+    fn a_pod_stuck_past_the_timeout_is_deleted_and_timed_out() {
+        let d = run(
+            &job(Some(Phase::Pending)),
+            Some(&pod("Pending")),
+            0,
+            0,
+            t(1200 + 120),
+        );
+        assert!(deletes(&d));
+        assert_eq!(reason(&d), reasons::TIMEOUT);
+        let d = run(
+            &job(Some(Phase::Pending)),
+            Some(&pod("Pending")),
+            0,
+            0,
+            t(1200 + 119),
+        );
+        assert!(!deletes(&d));
+        assert!(has(&d, |a| *a == Action::Requeue(Duration::from_secs(1))));
+    }
+
+    #[test]
+    fn cancel_at_each_phase() {
+        let mut new = job(None);
+        new.spec.cancelled = true;
+        let d = run(&new, None, 0, 0, t(1));
+        assert!(!creates(&d) && !deletes(&d));
+        assert_eq!(reason(&d), reasons::CANCELLED);
+        assert_eq!(
+            d.actions[..2],
+            [
+                Action::SendCallback(CallbackKind::Pending),
+                Action::SendCallback(CallbackKind::Final("failed"))
+            ]
+        );
+
+        for (phase, pod_state) in [
+            (Phase::Queued, None),
+            (Phase::Pending, Some("Pending")),
+            (Phase::Running, Some("Running")),
+        ] {
+            let mut j = job(Some(phase));
+            j.spec.cancelled = true;
+            let p = pod_state.map(pod);
+            let d = run(&j, p.as_ref(), 0, 0, t(5));
+            assert_eq!(d.status.phase, Some(Phase::Failed), "{phase:?}");
+            assert_eq!(reason(&d), reasons::CANCELLED);
+            assert_eq!(deletes(&d), p.is_some(), "{phase:?}");
+            assert!(!creates(&d));
+            assert_eq!(final_cb(&d), Some("failed"));
+        }
+
+        // A pod that already ended keeps its real outcome.
+        let mut j = job(Some(Phase::Running));
+        j.spec.cancelled = true;
+        let msg = success_message();
+        let d = run(
+            &j,
+            Some(&ended_pod("Succeeded", None, 0, "Completed", Some(&msg))),
+            0,
+            0,
+            t(5),
+        );
+        assert_eq!(d.status.phase, Some(Phase::Succeeded));
+
+        // Cancelling a finished build changes nothing.
+        for phase in [Phase::Succeeded, Phase::Failed] {
+            let mut j = job(Some(phase));
+            if let Some(s) = j.status.as_mut() {
+                s.callbacks.final_ = true;
+                s.completion_time = Some(Time(t(0)));
+            }
+            j.spec.cancelled = true;
+            let d = run(&j, None, 0, 0, t(5));
+            assert_eq!(d.status, j.status.clone().unwrap_or_default());
+            assert!(!deletes(&d));
+        }
+    }
+
+    #[test]
+    fn a_restarted_controller_does_not_repeat_delivered_callbacks() {
+        let mut j = job(Some(Phase::Failed));
+        if let Some(s) = j.status.as_mut() {
+            s.callbacks = CallbacksSent {
+                pending: true,
+                final_: true,
+            };
+            s.completion_time = Some(Time(t(0)));
+        }
+        let d = run(&j, None, 0, 0, t(10));
+        assert!(!has(&d, |a| matches!(a, Action::SendCallback(_))));
+        assert_eq!(d.actions, vec![Action::Requeue(Duration::from_secs(3590))]);
+
+        // Final not yet sent (the controller died between the status write and the send).
+        let mut j = job(Some(Phase::Succeeded));
+        if let Some(s) = j.status.as_mut() {
+            s.completion_time = Some(Time(t(0)));
+        }
+        let d = run(&j, None, 0, 0, t(10));
+        assert_eq!(
+            d.actions,
+            vec![Action::SendCallback(CallbackKind::Final("succeeded"))]
+        );
+
+        // Neither sent: pending goes first.
+        if let Some(s) = j.status.as_mut() {
+            s.callbacks.pending = false;
+        }
+        let d = run(&j, None, 0, 0, t(10));
+        assert_eq!(
+            d.actions,
+            vec![
+                Action::SendCallback(CallbackKind::Pending),
+                Action::SendCallback(CallbackKind::Final("succeeded"))
+            ]
+        );
+    }
+
+    #[test]
+    fn finished_jobs_are_deleted_after_the_ttl() {
+        let mut j = job(Some(Phase::Succeeded));
+        if let Some(s) = j.status.as_mut() {
+            s.callbacks.final_ = true;
+            s.completion_time = Some(Time(t(0)));
+        }
+        assert_eq!(
+            run(&j, None, 0, 0, t(3600)).actions,
+            vec![Action::DeleteJob]
+        );
+    }
+
+    #[test]
+    fn conditions_keep_their_transition_time_unless_the_status_flips() {
+        let j = job(None);
+        let queued = run(&j, None, 9, 0, t(1));
+        let mut j2 = job(None);
+        j2.status = Some(queued.status.clone());
+        // Queued → Pending: both Unknown, the time stays.
+        let started = run(&j2, None, 0, 0, t(50));
+        let c = started
+            .status
+            .condition()
+            .cloned()
+            .unwrap_or_else(|| panic!("condition"));
+        assert_eq!(c.reason, reasons::PENDING);
+        assert_eq!(c.last_transition_time, Some(Time(t(1))));
+        // Pending → Succeeded: flips, new time.
+        j2.status = Some(started.status.clone());
+        let msg = success_message();
+        let done = run(
+            &j2,
+            Some(&ended_pod("Succeeded", None, 0, "Completed", Some(&msg))),
+            0,
+            0,
+            t(90),
+        );
+        assert_eq!(
+            done.status
+                .condition()
+                .and_then(|c| c.last_transition_time.clone()),
+            Some(Time(t(90)))
+        );
+    }
+
+    #[test]
+    fn a_steady_state_is_a_fixed_point() {
+        // Deciding again from the status just decided changes nothing but timestamps.
+        let mut j = job(Some(Phase::Running));
+        let first = run(&j, Some(&pod("Running")), 0, 0, t(10));
+        j.status = Some(first.status.clone());
+        let second = run(&j, Some(&pod("Running")), 0, 0, t(70));
+        assert_eq!(
+            first.status.without_timestamps(),
+            second.status.without_timestamps()
+        );
+        assert_eq!(first.status, second.status);
+    }
+}
