@@ -39,6 +39,69 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Print the BuildJob CustomResourceDefinition as YAML (crds/buildjob.yaml).
     Crd,
+    /// Run one build as a Kubernetes worker pod's entrypoint (set up by the controller).
+    Worker(Box<WorkerArgs>),
+}
+
+/// Flags of `worker`: the build comes from the BuildJob spec (JSON) and the credentials
+/// Secret (env vars the pod maps from it).
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub build: BuildArgs,
+    /// The BuildJob spec as JSON (no credentials).
+    #[arg(
+        long,
+        env = "BUILD_JOB_SPEC",
+        value_name = "BUILD_JOB_SPEC",
+        hide_env_values = true
+    )]
+    pub spec: String,
+    /// The full source URI (http(s) and docker:// sources), from the credentials Secret.
+    #[arg(
+        long,
+        env = "WORKER_SOURCES",
+        value_name = "WORKER_SOURCES",
+        hide_env_values = true
+    )]
+    pub sources: Option<String>,
+    #[arg(
+        long,
+        env = "WORKER_GM_REGISTRY_USERNAME",
+        value_name = "WORKER_GM_REGISTRY_USERNAME",
+        hide_env_values = true
+    )]
+    pub gm_registry_username: Option<String>,
+    #[arg(
+        long,
+        env = "WORKER_GM_REGISTRY_PASSWORD",
+        value_name = "WORKER_GM_REGISTRY_PASSWORD",
+        hide_env_values = true
+    )]
+    pub gm_registry_password: Option<String>,
+    #[arg(
+        long,
+        env = "WORKER_DOCKER_PASSWORD",
+        value_name = "WORKER_DOCKER_PASSWORD",
+        hide_env_values = true
+    )]
+    pub docker_password: Option<String>,
+    /// Where the outcome JSON is written for the controller (the pod's termination message).
+    #[arg(
+        long,
+        env = "TERMINATION_LOG_PATH",
+        value_name = "TERMINATION_LOG_PATH",
+        default_value = "/dev/termination-log"
+    )]
+    pub termination_log_path: PathBuf,
+    /// How long to wait for dockerd (a dind sidecar) to answer, in seconds.
+    #[arg(
+        long,
+        env = "DOCKER_WAIT_SECONDS",
+        value_name = "DOCKER_WAIT_SECONDS",
+        default_value_t = 120
+    )]
+    pub docker_wait_seconds: u64,
 }
 
 /// Flags of `serve`. Booleans accept true/false (and 1/0, yes/no) from the environment.

@@ -16,3 +16,4 @@ pub mod pipeline;
 pub mod secret;
 pub mod serve;
 pub mod storage;
+pub mod worker;

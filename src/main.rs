@@ -23,6 +23,20 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Worker(args) => {
+            // Build output is the pod log (stdout); only warnings from the service itself.
+            init_tracing(&std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()));
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => return fail_start(&e),
+            };
+            let outcome = rt.block_on(buildshuttle::worker::run(*args));
+            if outcome.is_success() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
         Command::Crd => match buildshuttle::operator::crd::crd_yaml() {
             Ok(yaml) => {
                 print!("{yaml}");

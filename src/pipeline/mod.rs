@@ -47,17 +47,21 @@ impl Pipeline {
             Ok(Source::Http(url)) => self.build(spec, Fetch::Http(&url), log, workdir).await,
             Ok(Source::Data(b64)) => self.build(spec, Fetch::Data(&b64), log, workdir).await,
         };
-        match &outcome {
-            Outcome::Succeeded { image, digest } => {
-                log.line(&format!(
-                    "Successfully built and pushed {image} {}",
-                    digest.as_deref().unwrap_or("")
-                ));
-            }
-            Outcome::Failed { reason, message } => {
-                log.line(&format!("Build failed ({}): {message}", reason.as_str()));
-            }
-        }
+        log_outcome(&outcome, log);
+        outcome
+    }
+
+    /// Runs a build whose source archive is already stored under `key` (Kubernetes mode:
+    /// the API stored a `data:` archive before creating the BuildJob).
+    pub async fn run_stored(
+        &self,
+        spec: &BuildSpec,
+        key: &str,
+        log: &mut BuildLog,
+        workdir: &Path,
+    ) -> Outcome {
+        let outcome = self.build(spec, Fetch::Stored(key), log, workdir).await;
+        log_outcome(&outcome, log);
         outcome
     }
 
@@ -82,19 +86,36 @@ impl Pipeline {
                     "Fetching sources from {}",
                     sources::redact_url(url.as_str())
                 ));
-                sources::download(&self.http, url, &archive, &limits).await
+                sources::download(&self.http, url, &archive, &limits)
+                    .await
+                    .map_err(|e| e.to_string())
             }
             Fetch::Data(b64) => {
                 log.line("Decoding sources from the data: URI");
-                sources::write_data(b64, &archive, &limits).await
+                sources::write_data(b64, &archive, &limits)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Fetch::Stored(key) => {
+                log.line("Fetching sources from storage");
+                fetch_stored(
+                    self.storage.as_ref(),
+                    key,
+                    &archive,
+                    limits.max_source_bytes,
+                )
+                .await
             }
         };
         let size = match fetched {
             Ok(n) => n,
-            Err(e) => return Outcome::failed(FailureReason::SourceFetchFailed, e.to_string()),
+            Err(e) => return Outcome::failed(FailureReason::SourceFetchFailed, e),
         };
         log.line(&format!("Fetched {size} bytes of sources"));
-        if let Err(e) = self.storage.put_file(&spec.source_key(), &archive).await {
+        let already_stored = matches!(source, Fetch::Stored(k) if k == spec.source_key());
+        if already_stored {
+            log.line("Sources already stored");
+        } else if let Err(e) = self.storage.put_file(&spec.source_key(), &archive).await {
             return Outcome::failed(
                 FailureReason::SourceStoreFailed,
                 format!("could not store the sources: {e}"),
@@ -216,6 +237,55 @@ impl Pipeline {
 enum Fetch<'a> {
     Http(&'a reqwest::Url),
     Data(&'a str),
+    /// Already in storage under this key.
+    Stored(&'a str),
+}
+
+fn log_outcome(outcome: &Outcome, log: &mut BuildLog) {
+    match outcome {
+        Outcome::Succeeded { image, digest } => {
+            log.line(&format!(
+                "Successfully built and pushed {image} {}",
+                digest.as_deref().unwrap_or("")
+            ));
+        }
+        Outcome::Failed { reason, message } => {
+            log.line(&format!("Build failed ({}): {message}", reason.as_str()));
+        }
+    }
+}
+
+/// Copies a stored archive to `dest`, refusing more than `max` bytes.
+async fn fetch_stored(
+    storage: &dyn Storage,
+    key: &str,
+    dest: &Path,
+    max: u64,
+) -> Result<u64, String> {
+    use futures::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let obj = storage
+        .get(key)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("no stored sources under {key}"))?;
+    let mut file = tokio::fs::File::create(dest)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut body = obj.body;
+    let mut n: u64 = 0;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| format!("reading the stored sources: {e}"))?;
+        n += chunk.len() as u64;
+        if n > max {
+            return Err(format!(
+                "the stored sources exceed MAX_SOURCE_BYTES ({max} bytes)"
+            ));
+        }
+        file.write_all(&chunk).await.map_err(|e| e.to_string())?;
+    }
+    file.flush().await.map_err(|e| e.to_string())?;
+    Ok(n)
 }
 
 fn docker_failure(e: DockerError) -> Outcome {

@@ -1,0 +1,309 @@
+//! `buildshuttle worker`: the entrypoint of a Kubernetes worker pod. Reads the build from the
+//! BuildJob spec and the credentials Secret (env), waits for dockerd, runs the same pipeline
+//! as local mode with the same log sinks (its stdout is the pod log), and writes the outcome
+//! as JSON to the termination log for the controller. Exit code 0 only on success.
+
+use crate::build::{BuildSpec, FailureReason, Outcome, RegistryAuth};
+use crate::config::{BuildConfig, WorkerArgs};
+use crate::logs::{LogFiles, LogSinks};
+use crate::operator::crd::{BuildJobSpec, SourceKind};
+use crate::pipeline::{docker, Pipeline};
+use crate::secret::Secret;
+use std::path::Path;
+use std::time::Duration;
+
+/// The kubelet keeps at most 4096 bytes of a termination message.
+const TERMINATION_MESSAGE_MAX: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("BUILD_JOB_SPEC is not a BuildJob spec: {0}")]
+    Spec(serde_json::Error),
+    #[error("BUILD_JOB_SPEC: buildUuid {0:?} is not a UUID")]
+    BuildUuid(String),
+    #[error(
+        "WORKER_SOURCES is required for {0:?} sources (the credentials Secret has no \"sources\")"
+    )]
+    NoSources(SourceKind),
+    #[error("BUILD_JOB_SPEC: stored sources without a storageKey")]
+    NoStorageKey,
+}
+
+/// The BuildSpec the pipeline runs, and the storage key when the archive is stored.
+pub fn build_spec(args: &WorkerArgs) -> Result<(BuildSpec, Option<String>), WorkerError> {
+    let job: BuildJobSpec = serde_json::from_str(&args.spec).map_err(WorkerError::Spec)?;
+    let build_uuid = uuid::Uuid::parse_str(&job.build_uuid)
+        .map_err(|_| WorkerError::BuildUuid(job.build_uuid.clone()))?;
+    let (sources, stored) = match job.source.kind {
+        SourceKind::Stored => {
+            let key = job
+                .source
+                .storage_key
+                .clone()
+                .ok_or(WorkerError::NoStorageKey)?;
+            (Secret::new(format!("storage:{key}")), Some(key))
+        }
+        kind => {
+            let s = args
+                .sources
+                .clone()
+                .filter(|s| !s.is_empty())
+                .ok_or(WorkerError::NoSources(kind))?;
+            (Secret::new(s), None)
+        }
+    };
+    let gm_registry_auth = match (&args.gm_registry_username, &args.gm_registry_password) {
+        (Some(u), Some(p)) if !u.is_empty() || !p.is_empty() => Some(RegistryAuth {
+            username: u.clone(),
+            password: Secret::new(p.clone()),
+        }),
+        _ => None,
+    };
+    let spec = BuildSpec {
+        build_uuid,
+        app: job.app,
+        space: job.space,
+        app_uuid: job.app_uuid,
+        build_number: job.build_number,
+        sources,
+        sha: job.sha,
+        branch: job.branch,
+        repo: job.repo,
+        org: job.org,
+        callback: None,
+        callback_auth: None,
+        kafka_hosts: job.kafka_hosts,
+        gm_registry_host: job.gm_registry_host,
+        gm_registry_repo: job.gm_registry_repo,
+        gm_registry_auth,
+        build_args: job.build_args,
+        docker_registry: job.docker_registry,
+        docker_login: job.docker_login,
+        docker_password: args
+            .docker_password
+            .clone()
+            .filter(|p| !p.is_empty())
+            .map(Secret::new),
+    };
+    Ok((spec, stored))
+}
+
+/// Runs the build and writes the outcome. Returns the outcome (exit 0 iff a success).
+pub async fn run(args: WorkerArgs) -> Outcome {
+    let outcome = match args.build.validate() {
+        Ok(cfg) => match build_spec(&args) {
+            Ok((spec, stored)) => build(&args, &cfg, &spec, stored.as_deref()).await,
+            Err(e) => Outcome::failed(FailureReason::InvalidSources, e.to_string()),
+        },
+        Err(e) => Outcome::failed(
+            FailureReason::Internal,
+            format!("bad worker configuration: {e}"),
+        ),
+    };
+    if let Err(e) = write_termination(&args.termination_log_path, &outcome) {
+        tracing::error!(path = %args.termination_log_path.display(), error = %e, "cannot write the termination log; the controller will report the build failed");
+    }
+    outcome
+}
+
+async fn build(
+    args: &WorkerArgs,
+    cfg: &BuildConfig,
+    spec: &BuildSpec,
+    stored: Option<&str>,
+) -> Outcome {
+    let storage = match crate::storage::open(cfg).await {
+        Ok(s) => s,
+        Err(e) => {
+            return Outcome::failed(FailureReason::Internal, format!("cannot open storage: {e}"))
+        }
+    };
+    let spool = cfg.data_dir.join("spool");
+    let files = match std::fs::create_dir_all(&spool).and_then(|_| LogFiles::new(&spool)) {
+        Ok(f) => f,
+        Err(e) => {
+            return Outcome::failed(
+                FailureReason::Internal,
+                format!("cannot create the log spool: {e}"),
+            )
+        }
+    };
+    let sinks = LogSinks {
+        files,
+        storage: storage.clone(),
+        show_build_logs: true,
+    };
+    let mut log = match sinks.open(spec) {
+        Ok(l) => l,
+        Err(e) => {
+            return Outcome::failed(
+                FailureReason::Internal,
+                format!("cannot open the build log: {e}"),
+            )
+        }
+    };
+    log.line(&format!(
+        "Build {} of {} started ({})",
+        spec.build_number,
+        spec.app_key(),
+        spec.build_uuid
+    ));
+
+    let wait = Duration::from_secs(args.docker_wait_seconds);
+    let outcome = match connect(cfg, wait).await {
+        Err(e) => Outcome::failed(FailureReason::DockerUnavailable, e.to_string()),
+        Ok(conn) => {
+            let pipeline = Pipeline::new(conn, storage, std::sync::Arc::new(cfg.clone()));
+            let workdir = cfg.data_dir.join("build");
+            let run = async {
+                match stored {
+                    Some(key) => pipeline.run_stored(spec, key, &mut log, &workdir).await,
+                    None => pipeline.run(spec, &mut log, &workdir).await,
+                }
+            };
+            let o = tokio::select! {
+                o = run => o,
+                _ = tokio::time::sleep(cfg.timeout) => Outcome::failed(
+                    FailureReason::Timeout,
+                    format!("the build ran longer than TIMEOUT_IN_MS ({} ms)", cfg.timeout.as_millis()),
+                ),
+                _ = terminated() => Outcome::failed(FailureReason::Interrupted, "the worker pod was stopped"),
+            };
+            let _ = tokio::fs::remove_dir_all(&workdir).await;
+            o
+        }
+    };
+    if let Outcome::Failed { reason, message } = &outcome {
+        if matches!(
+            reason,
+            FailureReason::Timeout | FailureReason::Interrupted | FailureReason::DockerUnavailable
+        ) {
+            log.line(&format!("Build failed ({}): {message}", reason.as_str()));
+        }
+    }
+    log.finish().await;
+    outcome
+}
+
+/// Waits for dockerd (a dind sidecar starts beside the worker), retrying until `wait`.
+async fn connect(
+    cfg: &BuildConfig,
+    wait: Duration,
+) -> Result<bollard::Docker, docker::DockerError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let conn = docker::connect(&cfg.docker, &cfg.data_dir.join("tls"))?;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match docker::ready(conn, &cfg.docker, left.min(Duration::from_secs(5))).await {
+            Ok(c) => return Ok(c),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(e) => {
+                tracing::info!(error = %e, "waiting for dockerd");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+async fn terminated() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// The outcome JSON, cut to fit the kubelet's 4 KiB limit (the message is shortened, the
+/// JSON stays whole).
+pub fn termination_message(outcome: &Outcome) -> String {
+    let json = serde_json::to_string(outcome).unwrap_or_default();
+    if json.len() <= TERMINATION_MESSAGE_MAX {
+        return json;
+    }
+    match outcome {
+        Outcome::Failed { reason, message } => {
+            let mut cut: String = message.chars().take(TERMINATION_MESSAGE_MAX / 2).collect();
+            while serde_json::to_string(&Outcome::failed(*reason, cut.clone()))
+                .map(|j| j.len())
+                .unwrap_or(0)
+                > TERMINATION_MESSAGE_MAX - 8
+            {
+                cut.truncate(cut.len() / 2);
+            }
+            serde_json::to_string(&Outcome::failed(*reason, format!("{cut}…"))).unwrap_or_default()
+        }
+        Outcome::Succeeded { .. } => json,
+    }
+}
+
+fn write_termination(path: &Path, outcome: &Outcome) -> std::io::Result<()> {
+    std::fs::write(path, termination_message(outcome))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn long_failures_still_fit_the_termination_message() {
+        let o = Outcome::failed(FailureReason::BuildFailed, "é".repeat(10_000));
+        let m = termination_message(&o);
+        assert!(m.len() <= TERMINATION_MESSAGE_MAX, "{}", m.len());
+        let back: Outcome = serde_json::from_str(&m).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            back,
+            Outcome::Failed {
+                reason: FailureReason::BuildFailed,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn the_spec_and_secrets_make_a_build() {
+        let b = crate::build::tests::spec();
+        let job = BuildJobSpec::from_build(
+            &b,
+            crate::operator::crd::SourceRef {
+                kind: SourceKind::Http,
+                display: "https://h/a.tgz".into(),
+                storage_key: None,
+            },
+        );
+        let json = serde_json::to_string(&job).unwrap_or_default();
+        let cli = crate::config::Cli::try_parse_from([
+            "buildshuttle",
+            "worker",
+            "--spec",
+            &json,
+            "--sources",
+            "https://tok@h/a.tgz",
+            "--gm-registry-username",
+            "u",
+            "--gm-registry-password",
+            "regpass",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let crate::config::Command::Worker(args) = cli.command else {
+            panic!("worker")
+        };
+        let (spec, stored) = build_spec(&args).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(stored, None);
+        assert_eq!(spec.sources.expose(), "https://tok@h/a.tgz");
+        assert_eq!(spec.image(), b.image());
+        assert_eq!(
+            spec.gm_registry_auth
+                .map(|a| a.password.expose().to_string()),
+            Some("regpass".into())
+        );
+        let mut no_src = (*args).clone();
+        no_src.sources = None;
+        assert!(matches!(
+            build_spec(&no_src),
+            Err(WorkerError::NoSources(SourceKind::Http))
+        ));
+    }
+}

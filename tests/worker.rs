@@ -1,0 +1,244 @@
+//! `buildshuttle worker` as a real process against the test set-up's dockerd and registry
+//! (`bash .ci/services`): the image is pushed to 127.0.0.1:5000, the outcome JSON is
+//! written to the termination log, the log is stored, the exit code says how it went.
+
+use buildshuttle::build::{BuildSpec, FailureReason, Outcome};
+use buildshuttle::operator::crd::{BuildJobSpec, SourceKind, SourceRef};
+use buildshuttle::secret::Secret;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+fn targz(files: &[(&str, &str)]) -> Vec<u8> {
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let mut tar = tar::Builder::new(gz);
+    for (name, body) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(body.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, name, body.as_bytes())
+            .expect("tar entry");
+    }
+    tar.into_inner().expect("tar").finish().expect("gzip")
+}
+
+fn spec(app: &str) -> BuildSpec {
+    BuildSpec {
+        build_uuid: uuid::Uuid::new_v4(),
+        app: app.into(),
+        space: "default".into(),
+        app_uuid: uuid::Uuid::new_v4().to_string(),
+        build_number: 3,
+        sources: Secret::new("unused"),
+        sha: None,
+        branch: None,
+        repo: None,
+        org: None,
+        callback: None,
+        callback_auth: None,
+        kafka_hosts: None,
+        gm_registry_host: "127.0.0.1:5000".into(),
+        gm_registry_repo: "akkeris".into(),
+        gm_registry_auth: None,
+        build_args: BTreeMap::from([("GREETING".to_string(), "hello".to_string())]),
+        docker_registry: None,
+        docker_login: None,
+        docker_password: None,
+    }
+}
+
+struct Run {
+    code: Option<i32>,
+    outcome: Outcome,
+    stdout: String,
+}
+
+fn run_worker(
+    dir: &Path,
+    job: &BuildJobSpec,
+    sources: Option<&str>,
+    extra_env: &[(&str, &str)],
+) -> Run {
+    let term = dir.join("termination-log");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_buildshuttle"));
+    cmd.arg("worker")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env(
+            "BUILD_JOB_SPEC",
+            serde_json::to_string(job).expect("spec json"),
+        )
+        .env("DATA_DIR", dir.join("data"))
+        .env("TERMINATION_LOG_PATH", &term)
+        .env(
+            "DOCKER_BUILD_SETTINGS",
+            r#"{"socketPath":"/var/run/docker.sock"}"#,
+        )
+        .env("DOCKER_WAIT_SECONDS", "20")
+        .env("TIMEOUT_IN_MS", "300000");
+    if let Some(s) = sources {
+        cmd.env("WORKER_SOURCES", s);
+    }
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("the worker runs");
+    let text = std::fs::read_to_string(&term).expect("termination log written");
+    Run {
+        code: out.status.code(),
+        outcome: serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("termination log is not an outcome ({e}): {text}")),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+    }
+}
+
+/// Puts an archive where local storage (DATA_DIR/store) keeps `{build_uuid}`.
+fn store(dir: &Path, key: &str, bytes: &[u8]) {
+    let store = dir.join("data").join("store");
+    std::fs::create_dir_all(&store).expect("store dir");
+    std::fs::write(store.join(key), bytes).expect("stored archive");
+}
+
+#[test]
+fn worker_builds_stored_sources_pushes_and_writes_its_outcome() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = spec("wkr");
+    let marker = uuid::Uuid::new_v4();
+    let archive = targz(&[(
+        "Dockerfile",
+        &format!("FROM test/busybox:latest\nRUN echo \"built $GREETING {marker}\"\n"),
+    )]);
+    store(dir.path(), &b.source_key(), &archive);
+    let job = BuildJobSpec::from_build(
+        &b,
+        SourceRef {
+            kind: SourceKind::Stored,
+            display: "stored".into(),
+            storage_key: Some(b.source_key()),
+        },
+    );
+    let run = run_worker(dir.path(), &job, None, &[]);
+    let Outcome::Succeeded { image, digest } = &run.outcome else {
+        panic!("expected success, got {:?}\n{}", run.outcome, run.stdout);
+    };
+    assert_eq!(run.code, Some(0));
+    assert_eq!(image, &b.image());
+    assert!(
+        digest.as_deref().is_some_and(|d| d.starts_with("sha256:")),
+        "{digest:?}"
+    );
+    // Build output on stdout (the pod log), prefixed so the API can tell it from anything else.
+    assert!(
+        run.stdout.contains(&format!("built hello {marker}")),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.lines().all(|l| l.starts_with("[wkr-3] ")),
+        "{}",
+        run.stdout
+    );
+    // The log is stored, ending with the legacy last line.
+    let log = std::fs::read_to_string(dir.path().join("data/store").join(b.log_key()))
+        .expect("stored log");
+    assert_eq!(log.lines().last(), Some("Build finished"));
+    // Both tags are in the registry.
+    for tag in ["1.3", "latest"] {
+        let url = format!(
+            "http://127.0.0.1:5000/v2/akkeris/{}/manifests/{tag}",
+            b.app_key()
+        );
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H"])
+            .arg("Accept: application/vnd.docker.distribution.manifest.v2+json")
+            .arg(&url)
+            .output()
+            .expect("curl");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{url}");
+    }
+}
+
+#[test]
+fn a_failing_build_exits_1_with_its_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = spec("wkrfail");
+    store(
+        dir.path(),
+        &b.source_key(),
+        &targz(&[("Dockerfile", "FROM test/busybox:latest\nRUN exit 3\n")]),
+    );
+    let job = BuildJobSpec::from_build(
+        &b,
+        SourceRef {
+            kind: SourceKind::Stored,
+            display: "stored".into(),
+            storage_key: Some(b.source_key()),
+        },
+    );
+    let run = run_worker(dir.path(), &job, None, &[]);
+    assert_eq!(run.code, Some(1));
+    assert!(
+        matches!(
+            run.outcome,
+            Outcome::Failed {
+                reason: FailureReason::BuildFailed,
+                ..
+            }
+        ),
+        "{:?}",
+        run.outcome
+    );
+}
+
+#[test]
+fn an_unreachable_dockerd_and_missing_sources_are_reported_not_crashed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = spec("wkrdown");
+    let http = BuildJobSpec::from_build(
+        &b,
+        SourceRef {
+            kind: SourceKind::Http,
+            display: "http://127.0.0.1:9/a.tgz".into(),
+            storage_key: None,
+        },
+    );
+    let run = run_worker(dir.path(), &http, None, &[]);
+    assert_eq!(run.code, Some(1));
+    assert!(
+        matches!(
+            run.outcome,
+            Outcome::Failed {
+                reason: FailureReason::InvalidSources,
+                ..
+            }
+        ),
+        "{:?}",
+        run.outcome
+    );
+
+    let run = run_worker(
+        dir.path(),
+        &http,
+        Some("http://127.0.0.1:9/a.tgz"),
+        &[
+            (
+                "DOCKER_BUILD_SETTINGS",
+                r#"{"host":"http://127.0.0.1","port":"1"}"#,
+            ),
+            ("DOCKER_WAIT_SECONDS", "2"),
+        ],
+    );
+    assert_eq!(run.code, Some(1));
+    assert!(
+        matches!(
+            run.outcome,
+            Outcome::Failed {
+                reason: FailureReason::DockerUnavailable,
+                ..
+            }
+        ),
+        "{:?}",
+        run.outcome
+    );
+}
