@@ -61,8 +61,18 @@ pub struct Seen {
 
 /// Plays `scenario` in order, then answers only events until every client is dropped.
 pub fn verify(
+    handle: Handle<Request<Body>, Response<Body>>,
+    scenario: Vec<Expect>,
+) -> JoinHandle<Seen> {
+    verify_with(handle, scenario, |v| v)
+}
+
+/// As `verify`; echoed bodies (`response: None`) pass through `echo` first (to add what
+/// the API server would, such as a uid).
+pub fn verify_with(
     mut handle: Handle<Request<Body>, Response<Body>>,
     scenario: Vec<Expect>,
+    echo: fn(Value) -> Value,
 ) -> JoinHandle<Seen> {
     tokio::spawn(async move {
         let mut seen = Seen::default();
@@ -110,7 +120,7 @@ pub fn verify(
             if let Some(check) = &exp.check {
                 check(&body);
             }
-            let out = exp.response.clone().unwrap_or(body);
+            let out = exp.response.clone().unwrap_or_else(|| echo(body));
             send.send_response(respond(exp.status, &out));
             next = steps.next();
         }

@@ -4,6 +4,7 @@
 pub mod controller;
 pub mod crd;
 pub mod decide;
+pub mod facade;
 pub mod lease;
 pub mod pod;
 

@@ -1,0 +1,660 @@
+//! The HTTP API's executor in Kubernetes mode: a build is a BuildJob (no secrets) plus a
+//! Secret it owns (the credentials); a `data:` archive goes to storage first. Stop marks
+//! BuildJobs cancelled; logs come from the running pod, or from storage once finished.
+
+use super::crd::{job_name, secret_keys, BuildJob, BuildJobSpec, Phase, SourceKind, SourceRef};
+use super::pod::WORKER_CONTAINER;
+use crate::build::BuildSpec;
+use crate::config::Limits;
+use crate::executor::{BuildSelector, Executor, ExecutorError};
+use crate::pipeline::sources::{self, Source};
+use crate::storage::{Object, Storage};
+use async_trait::async_trait;
+use bytes::Bytes;
+use k8s_openapi::api::core::v1::{Pod, Secret as KubeSecret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::ByteString;
+use kube::api::{ListParams, LogParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, Resource, ResourceExt};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Clone)]
+pub struct KubeExecutor {
+    client: Client,
+    namespace: String,
+    storage: Arc<dyn Storage>,
+    /// EXTRA_DOCKER_REGISTRY_CONFIG as given (passwords): copied into each build's Secret.
+    extra_registries: Option<String>,
+    limits: Limits,
+    scratch: PathBuf,
+}
+
+fn unavailable(what: &str) -> impl FnOnce(kube::Error) -> ExecutorError + '_ {
+    move |e| {
+        tracing::error!(error = %e, "Kubernetes API: {what}");
+        ExecutorError::Unavailable(format!("the Kubernetes API failed while {what}"))
+    }
+}
+
+fn is_code(e: &kube::Error, code: u16) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == code)
+}
+
+impl KubeExecutor {
+    pub fn new(
+        client: Client,
+        namespace: impl Into<String>,
+        storage: Arc<dyn Storage>,
+        extra_registries: Option<String>,
+        limits: Limits,
+        scratch: PathBuf,
+    ) -> Self {
+        Self {
+            client,
+            namespace: namespace.into(),
+            storage,
+            extra_registries,
+            limits,
+            scratch,
+        }
+    }
+
+    fn jobs(&self) -> Api<BuildJob> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// Where the sources are, for the CR: `data:` archives are stored now.
+    async fn source_ref(&self, spec: &BuildSpec) -> Result<SourceRef, ExecutorError> {
+        Ok(match sources::parse(spec.sources.expose()) {
+            Ok(Source::Data(b64)) => {
+                tokio::fs::create_dir_all(&self.scratch)
+                    .await
+                    .map_err(|e| ExecutorError::Unavailable(format!("scratch folder: {e}")))?;
+                let tmp = tempfile::NamedTempFile::new_in(&self.scratch)
+                    .map_err(|e| ExecutorError::Unavailable(format!("scratch file: {e}")))?;
+                let key = spec.source_key();
+                match sources::write_data(&b64, tmp.path(), &self.limits).await {
+                    Ok(_) => {
+                        self.storage.put_file(&key, tmp.path()).await.map_err(|e| {
+                            tracing::error!(error = %e, "storing a data: archive");
+                            ExecutorError::Unavailable("the sources could not be stored".into())
+                        })?;
+                        SourceRef {
+                            kind: SourceKind::Stored,
+                            display: format!("stored as {key}"),
+                            storage_key: Some(key),
+                        }
+                    }
+                    // Not decodable: the worker reports it (InvalidSources), as local mode does.
+                    Err(_) => SourceRef {
+                        kind: SourceKind::Http,
+                        display: "data: URI (not decodable)".into(),
+                        storage_key: None,
+                    },
+                }
+            }
+            Ok(Source::Docker(d)) => SourceRef {
+                kind: SourceKind::Docker,
+                display: format!("docker://{}", d.image),
+                storage_key: None,
+            },
+            Ok(Source::Http(url)) => SourceRef {
+                kind: SourceKind::Http,
+                display: display_url(&url),
+                storage_key: None,
+            },
+            Err(_) => SourceRef {
+                kind: SourceKind::Http,
+                display: "(unsupported source URI)".into(),
+                storage_key: None,
+            },
+        })
+    }
+
+    fn secret_for(
+        &self,
+        spec: &BuildSpec,
+        job: &BuildJob,
+        source: &SourceRef,
+    ) -> Option<KubeSecret> {
+        let owner = job.controller_owner_ref(&())?;
+        let mut data = BTreeMap::new();
+        let mut put = |k: &str, v: &str| {
+            data.insert(k.to_string(), ByteString(v.as_bytes().to_vec()));
+        };
+        if source.kind != SourceKind::Stored {
+            put(secret_keys::SOURCES, spec.sources.expose());
+        }
+        if let Some(a) = &spec.gm_registry_auth {
+            put(secret_keys::GM_REGISTRY_USERNAME, &a.username);
+            put(secret_keys::GM_REGISTRY_PASSWORD, a.password.expose());
+        }
+        if let Some(p) = &spec.docker_password {
+            put(secret_keys::DOCKER_PASSWORD, p.expose());
+        }
+        if let Some(c) = &spec.callback_auth {
+            put(secret_keys::CALLBACK_AUTH, c.expose());
+        }
+        if let Some(x) = self
+            .extra_registries
+            .as_deref()
+            .filter(|x| !x.trim().is_empty())
+        {
+            put(secret_keys::EXTRA_REGISTRIES, x);
+        }
+        Some(KubeSecret {
+            metadata: ObjectMeta {
+                name: Some(job.spec.credentials_secret.clone()),
+                namespace: Some(self.namespace.clone()),
+                labels: Some(job.spec.labels()),
+                owner_references: Some(vec![owner]),
+                ..Default::default()
+            },
+            type_: Some("Opaque".into()),
+            data: Some(data),
+            ..Default::default()
+        })
+    }
+
+    async fn cancel(&self, name: &str) -> Result<bool, ExecutorError> {
+        let patch = serde_json::json!({"spec": {"cancelled": true}});
+        match self
+            .jobs()
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(j) => Ok(!j
+                .status
+                .and_then(|s| s.phase)
+                .is_some_and(Phase::is_finished)),
+            Err(e) if is_code(&e, 404) => Ok(false),
+            Err(e) => Err(unavailable("stopping a build")(e)),
+        }
+    }
+}
+
+/// A URL for people: scheme, host and path; no userinfo, no query (tokens live there).
+fn display_url(url: &reqwest::Url) -> String {
+    format!(
+        "{}://{}{}",
+        url.scheme(),
+        url.host_str().unwrap_or(""),
+        url.path()
+    )
+}
+
+/// Only the build's own lines of a worker pod's log (the worker prints them as
+/// `[{app}-{n}] line`), without that prefix.
+pub fn build_lines(pod_log: &str, app: &str, build_number: u64) -> String {
+    let prefix = format!("[{app}-{build_number}] ");
+    let mut out = String::new();
+    for line in pod_log.lines() {
+        if let Some(rest) = line.strip_prefix(&prefix) {
+            out.push_str(rest);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn bytes_object(bytes: Vec<u8>, offset: u64) -> Object {
+    use futures::StreamExt;
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(bytes.len());
+    let rest = Bytes::from(bytes).slice(start..);
+    Object {
+        len: Some(rest.len() as u64),
+        body: futures::stream::once(async move { Ok(rest) }).boxed(),
+    }
+}
+
+#[async_trait]
+impl Executor for KubeExecutor {
+    async fn submit(&self, spec: BuildSpec) -> Result<(), ExecutorError> {
+        let name = job_name(&spec.app, &spec.app_uuid, spec.build_number);
+        let jobs = self.jobs();
+        // A repeated POST finds its BuildJob and stores nothing again.
+        let existing = jobs
+            .get_opt(&name)
+            .await
+            .map_err(unavailable("reading a BuildJob"))?;
+        let (job, source) = match existing {
+            Some(j) => {
+                let source = j.spec.source.clone();
+                (j, source)
+            }
+            None => {
+                let source = self.source_ref(&spec).await?;
+                let mut job = BuildJob::new(&name, BuildJobSpec::from_build(&spec, source.clone()));
+                job.metadata.namespace = Some(self.namespace.clone());
+                job.metadata.labels = Some(job.spec.labels());
+                let job = match jobs.create(&PostParams::default(), &job).await {
+                    Ok(j) => j,
+                    Err(e) if is_code(&e, 409) => jobs
+                        .get(&name)
+                        .await
+                        .map_err(unavailable("reading a BuildJob"))?,
+                    Err(e) => return Err(unavailable("creating a BuildJob")(e)),
+                };
+                (job, source)
+            }
+        };
+        let secret = self.secret_for(&spec, &job, &source).ok_or_else(|| {
+            ExecutorError::Unavailable("the API server returned a BuildJob without a uid".into())
+        })?;
+        let secrets: Api<KubeSecret> = Api::namespaced(self.client.clone(), &self.namespace);
+        match secrets.create(&PostParams::default(), &secret).await {
+            Ok(_) => {}
+            Err(e) if is_code(&e, 409) => {}
+            Err(e) => return Err(unavailable("creating the credentials Secret")(e)),
+        }
+        tracing::info!(job = %name, build = %spec.build_uuid, "BuildJob accepted");
+        Ok(())
+    }
+
+    async fn stop(&self, which: BuildSelector) -> Result<usize, ExecutorError> {
+        if let Some(n) = which.build_number {
+            return Ok(usize::from(
+                self.cancel(&job_name(&which.app, &which.app_uuid, n))
+                    .await?,
+            ));
+        }
+        let selector = format!("app={},app_uuid={}", which.app, which.app_uuid);
+        let list = self
+            .jobs()
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(unavailable("listing BuildJobs"))?;
+        let mut stopped = 0;
+        for j in list.items {
+            let finished = j
+                .status
+                .as_ref()
+                .and_then(|s| s.phase)
+                .is_some_and(Phase::is_finished);
+            if !finished && !j.spec.cancelled && self.cancel(&j.name_any()).await? {
+                stopped += 1;
+            }
+        }
+        Ok(stopped)
+    }
+
+    async fn log(
+        &self,
+        app: &str,
+        app_uuid: &str,
+        build_number: u64,
+        offset: u64,
+    ) -> Result<Option<Object>, ExecutorError> {
+        let name = job_name(app, app_uuid, build_number);
+        let job = self
+            .jobs()
+            .get_opt(&name)
+            .await
+            .map_err(unavailable("reading a BuildJob"))?;
+        let status = job
+            .as_ref()
+            .and_then(|j| j.status.clone())
+            .unwrap_or_default();
+        let running = status.phase.is_some_and(Phase::holds_slot);
+        if let (true, Some(pod)) = (running, status.pod_name.as_deref()) {
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+            let params = LogParams {
+                container: Some(WORKER_CONTAINER.into()),
+                ..Default::default()
+            };
+            return match pods.logs(pod, &params).await {
+                Ok(text) => Ok(Some(bytes_object(
+                    build_lines(&text, app, build_number).into_bytes(),
+                    offset,
+                ))),
+                // Not started yet (or already gone): nothing to show so far.
+                Err(e) if is_code(&e, 400) || is_code(&e, 404) => {
+                    Ok(Some(bytes_object(Vec::new(), offset)))
+                }
+                Err(e) => Err(unavailable("reading a worker pod's log")(e)),
+            };
+        }
+        let key = crate::build::log_key(app, app_uuid, build_number);
+        let stored = self.storage.get(&key).await.map_err(|e| {
+            tracing::error!(error = %e, "reading a stored log");
+            ExecutorError::Unavailable("the log storage failed".into())
+        })?;
+        Ok(match (stored, job) {
+            (Some(obj), _) => Some(crate::logs::skip(obj, offset)),
+            // Known but nothing written yet (queued), or its log was never stored.
+            (None, Some(_)) => Some(bytes_object(Vec::new(), offset)),
+            (None, None) => None,
+        })
+    }
+
+    async fn is_active(&self, app: &str, app_uuid: &str, build_number: u64) -> bool {
+        match self
+            .jobs()
+            .get_opt(&job_name(app, app_uuid, build_number))
+            .await
+        {
+            Ok(Some(j)) => !j
+                .status
+                .and_then(|s| s.phase)
+                .is_some_and(Phase::is_finished),
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::operator::decide::tests::{job, JOB};
+    use crate::operator::mock::{self, status_error, Expect};
+    use crate::secret::Secret;
+    use crate::storage::LocalStorage;
+    use base64::Engine;
+    use futures::StreamExt;
+    use http::Method;
+    use serde_json::{json, Value};
+
+    const JOBS: &str = "/apis/buildshuttle.akkeris.io/v1/namespaces/builds/buildjobs";
+    const SECRETS: &str = "/api/v1/namespaces/builds/secrets";
+
+    fn limits() -> Limits {
+        Limits {
+            max_source_bytes: 1 << 20,
+            max_context_bytes: 1 << 20,
+            max_archive_entries: 100,
+        }
+    }
+
+    fn executor(client: Client, dir: &std::path::Path) -> (KubeExecutor, Arc<dyn Storage>) {
+        let storage: Arc<dyn Storage> =
+            Arc::new(LocalStorage::new(dir.join("store")).unwrap_or_else(|e| panic!("{e}")));
+        let exec = KubeExecutor::new(
+            client,
+            "builds",
+            storage.clone(),
+            Some(r#"{"r.example": {"username": "x", "password": "extra-pw"}}"#.into()),
+            limits(),
+            dir.join("scratch"),
+        );
+        (exec, storage)
+    }
+
+    fn with_uid(mut v: Value) -> Value {
+        v["metadata"]["uid"] = json!("uid-7");
+        v
+    }
+
+    fn secrets_in(spec: &BuildSpec) -> Vec<String> {
+        let mut s: Vec<String> = spec.secrets().into_iter().map(str::to_string).collect();
+        s.push("extra-pw".into());
+        s
+    }
+
+    fn data_spec() -> BuildSpec {
+        let mut s = crate::build::tests::spec();
+        s.sources = Secret::new(format!(
+            "data:base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(b"archive-bytes")
+        ));
+        s.docker_password = Some(Secret::new("dockerpw"));
+        s
+    }
+
+    async fn read_all(obj: Object) -> String {
+        let chunks: Vec<_> = obj.body.collect().await;
+        let bytes: Vec<u8> = chunks
+            .into_iter()
+            .flat_map(|c| c.unwrap_or_default().to_vec())
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    #[tokio::test]
+    async fn submit_stores_data_sources_and_keeps_secrets_out_of_the_buildjob() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (client, handle) = mock::client();
+        let spec = data_spec();
+        let leaks = secrets_in(&spec);
+        let scenario = vec![
+            Expect::new(
+                Method::GET,
+                format!("{JOBS}/{JOB}"),
+                404,
+                Some(status_error(404, "NotFound")),
+            ),
+            Expect::new(Method::POST, JOBS, 201, None).check(move |b| {
+                let text = b.to_string();
+                for s in &leaks {
+                    assert!(
+                        !text.contains(s.as_str()),
+                        "{s} leaked into the BuildJob: {text}"
+                    );
+                }
+                assert!(
+                    !text.contains("data:base64"),
+                    "the archive is not in the CR"
+                );
+                assert_eq!(b["metadata"]["name"], JOB);
+                assert_eq!(b["metadata"]["labels"]["app"], "myapp");
+                assert_eq!(b["spec"]["source"]["kind"], "Stored");
+                assert_eq!(
+                    b["spec"]["source"]["storageKey"],
+                    "6f1b1e3c-8a3e-4b52-9a47-0b6a3e0f3c11"
+                );
+                assert_eq!(b["spec"]["cancelled"], false);
+            }),
+            Expect::new(Method::POST, SECRETS, 201, None).check(move |b| {
+                assert_eq!(b["metadata"]["name"], format!("{JOB}-credentials"));
+                assert_eq!(b["metadata"]["ownerReferences"][0]["uid"], "uid-7");
+                assert_eq!(b["metadata"]["ownerReferences"][0]["kind"], "BuildJob");
+                let decode = |k: &str| {
+                    let v = b["data"][k].as_str().unwrap_or("");
+                    String::from_utf8(
+                        base64::engine::general_purpose::STANDARD
+                            .decode(v)
+                            .unwrap_or_default(),
+                    )
+                    .unwrap_or_default()
+                };
+                assert_eq!(decode("gm_registry_password"), "regpass");
+                assert_eq!(decode("callback_auth"), "cb-token");
+                assert_eq!(decode("docker_password"), "dockerpw");
+                assert!(decode("extra_docker_registry_config").contains("extra-pw"));
+                assert!(
+                    b["data"].get("sources").is_none(),
+                    "stored sources need no URI"
+                );
+            }),
+        ];
+        // The API server answers the create with the object and its uid.
+        let verifier = mock::verify_with(handle, scenario, with_uid);
+        let (exec, storage) = executor(client, dir.path());
+        let res = exec.submit(spec.clone()).await;
+        drop(exec);
+        verifier
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        assert!(res.is_ok(), "{res:?}");
+        let stored = storage
+            .get(&spec.source_key())
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("stored"));
+        assert_eq!(read_all(stored).await, "archive-bytes");
+    }
+
+    #[tokio::test]
+    async fn a_repeated_submit_creates_nothing_new() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (client, handle) = mock::client();
+        let existing =
+            with_uid(serde_json::to_value(job(Some(Phase::Running))).unwrap_or_default());
+        let mut spec = crate::build::tests::spec();
+        spec.sources = Secret::new("https://user:tok@example.com/a.tgz?sig=abc");
+        let scenario = vec![
+            Expect::new(Method::GET, format!("{JOBS}/{JOB}"), 200, Some(existing)),
+            Expect::new(
+                Method::POST,
+                SECRETS,
+                409,
+                Some(status_error(409, "AlreadyExists")),
+            ),
+        ];
+        let verifier = mock::verify(handle, scenario);
+        let (exec, _) = executor(client, dir.path());
+        let res = exec.submit(spec).await;
+        drop(exec);
+        verifier
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        assert!(res.is_ok(), "{res:?}");
+    }
+
+    #[tokio::test]
+    async fn a_create_race_409_reads_the_winner() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (client, handle) = mock::client();
+        let existing = with_uid(serde_json::to_value(job(None)).unwrap_or_default());
+        let mut spec = crate::build::tests::spec();
+        spec.sources = Secret::new("https://user:tok@example.com/a.tgz?sig=abc");
+        let scenario = vec![
+            Expect::new(
+                Method::GET,
+                format!("{JOBS}/{JOB}"),
+                404,
+                Some(status_error(404, "NotFound")),
+            ),
+            Expect::new(
+                Method::POST,
+                JOBS,
+                409,
+                Some(status_error(409, "AlreadyExists")),
+            )
+            .check(|b| {
+                let text = b.to_string();
+                assert!(!text.contains("tok"), "{text}");
+                assert_eq!(b["spec"]["source"]["display"], "https://example.com/a.tgz");
+            }),
+            Expect::new(Method::GET, format!("{JOBS}/{JOB}"), 200, Some(existing)),
+            Expect::new(Method::POST, SECRETS, 201, None).check(|b| {
+                let v = b["data"]["sources"].as_str().unwrap_or("");
+                let uri = base64::engine::general_purpose::STANDARD
+                    .decode(v)
+                    .unwrap_or_default();
+                assert_eq!(uri, b"https://user:tok@example.com/a.tgz?sig=abc");
+            }),
+        ];
+        let verifier = mock::verify(handle, scenario);
+        let (exec, _) = executor(client, dir.path());
+        let res = exec.submit(spec).await;
+        drop(exec);
+        verifier
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        assert!(res.is_ok(), "{res:?}");
+    }
+
+    #[tokio::test]
+    async fn stop_by_name_and_by_label_mark_cancelled() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (client, handle) = mock::client();
+        let running = serde_json::to_value(job(Some(Phase::Running))).unwrap_or_default();
+        let mut other = job(Some(Phase::Running));
+        other.metadata.name = Some("myapp-0b1c2d3e-aaaa-bbbb-cccc-111122223333-13".into());
+        let mut done = job(Some(Phase::Succeeded));
+        done.metadata.name = Some("myapp-0b1c2d3e-aaaa-bbbb-cccc-111122223333-11".into());
+        let list = json!({"apiVersion": "buildshuttle.akkeris.io/v1", "kind": "BuildJobList", "metadata": {},
+                          "items": [serde_json::to_value(&other).unwrap_or_default(), serde_json::to_value(&done).unwrap_or_default()]});
+        let cancel_check = |b: &Value| assert_eq!(b, &json!({"spec": {"cancelled": true}}));
+        let scenario = vec![
+            Expect::new(Method::PATCH, format!("{JOBS}/{JOB}"), 200, Some(running.clone())).check(cancel_check),
+            Expect::new(Method::PATCH, format!("{JOBS}/missing-1"), 404, Some(status_error(404, "NotFound"))),
+            Expect::new(
+                Method::GET,
+                format!("{JOBS}?&labelSelector=app%3Dmyapp%2Capp_uuid%3D0b1c2d3e-aaaa-bbbb-cccc-111122223333"),
+                200,
+                Some(list),
+            ),
+            Expect::new(Method::PATCH, format!("{JOBS}/myapp-0b1c2d3e-aaaa-bbbb-cccc-111122223333-13"), 200, Some(running))
+                .check(cancel_check),
+        ];
+        let verifier = mock::verify(handle, scenario);
+        let (exec, _) = executor(client, dir.path());
+        let sel = |n| BuildSelector {
+            app: "myapp".into(),
+            app_uuid: "0b1c2d3e-aaaa-bbbb-cccc-111122223333".into(),
+            build_number: n,
+        };
+        let one = exec.stop(sel(Some(12))).await;
+        let none = exec.cancel("missing-1").await;
+        let all = exec.stop(sel(None)).await;
+        drop(exec);
+        verifier
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        assert_eq!(one.ok(), Some(1));
+        assert_eq!(none.ok(), Some(false));
+        assert_eq!(all.ok(), Some(1), "the finished build is left alone");
+    }
+
+    #[tokio::test]
+    async fn logs_come_from_the_running_pod_then_from_storage() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (client, handle) = mock::client();
+        let running = serde_json::to_value(job(Some(Phase::Running))).unwrap_or_default();
+        let mut finished = job(Some(Phase::Succeeded));
+        if let Some(s) = finished.status.as_mut() {
+            s.pod_name = Some("gone".into());
+        }
+        let pod_log =
+            "[myapp-12] Step 1/2 : FROM x\nWARN something from the service\n[myapp-12] done\n";
+        let scenario = vec![
+            Expect::new(Method::GET, format!("{JOBS}/{JOB}"), 200, Some(running)),
+            Expect::new(
+                Method::GET,
+                format!("/api/v1/namespaces/builds/pods/{JOB}-worker-0/log?&container=worker"),
+                200,
+                Some(Value::String(pod_log.into())),
+            ),
+            Expect::new(
+                Method::GET,
+                format!("{JOBS}/{JOB}"),
+                200,
+                Some(serde_json::to_value(&finished).unwrap_or_default()),
+            ),
+            Expect::new(
+                Method::GET,
+                format!("{JOBS}/{JOB}"),
+                404,
+                Some(status_error(404, "NotFound")),
+            ),
+        ];
+        let verifier = mock::verify(handle, scenario);
+        let (exec, storage) = executor(client, dir.path());
+        let spec = crate::build::tests::spec();
+        let live = exec.log("myapp", &spec.app_uuid, 12, 0).await;
+        let src = dir.path().join("log");
+        std::fs::write(&src, "stored line\nBuild finished\n").unwrap_or_else(|e| panic!("{e}"));
+        storage
+            .put_file(&spec.log_key(), &src)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let done = exec.log("myapp", &spec.app_uuid, 12, 7).await;
+        // Deleted after its TTL: the stored log still answers.
+        let after_ttl = exec.log("myapp", &spec.app_uuid, 12, 0).await;
+        drop(exec);
+        verifier
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        let live = live.ok().flatten().unwrap_or_else(|| panic!("live log"));
+        assert_eq!(read_all(live).await, "Step 1/2 : FROM x\ndone\n");
+        let done = done.ok().flatten().unwrap_or_else(|| panic!("stored log"));
+        assert_eq!(read_all(done).await, "line\nBuild finished\n");
+        assert!(after_ttl.ok().flatten().is_some());
+    }
+}
