@@ -146,6 +146,110 @@ pub struct ServeArgs {
         default_value_t = 60
     )]
     pub shutdown_grace_seconds: u64,
+    #[command(flatten)]
+    pub kubernetes: KubernetesArgs,
+}
+
+/// Kubernetes mode (USE_KUBERNETES=true): where BuildJobs live and how worker pods look.
+#[derive(Debug, Clone, Args)]
+pub struct KubernetesArgs {
+    /// Namespace of BuildJobs, their Secrets and worker pods (default: the client's, e.g. the
+    /// service account's namespace).
+    #[arg(
+        long,
+        env = "KUBERNETES_NAMESPACE",
+        value_name = "KUBERNETES_NAMESPACE"
+    )]
+    pub kubernetes_namespace: Option<String>,
+    /// Run the BuildJob controller in this process (one replica leads, via a Lease); false
+    /// runs only the API facade.
+    #[arg(long, env = "RUN_CONTROLLER", value_name = "RUN_CONTROLLER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub run_controller: bool,
+    /// Image a Kubernetes worker pod runs (this project's own image).
+    #[arg(
+        long,
+        env = "DOCKER_BUILD_IMAGE",
+        value_name = "DOCKER_BUILD_IMAGE",
+        default_value = "akkeris/buildshuttle:latest"
+    )]
+    pub docker_build_image: String,
+    /// Where worker pods get dockerd: a dind sidecar, the node's socket, or DOCKER_BUILD_SETTINGS.
+    #[arg(
+        long,
+        env = "WORKER_DOCKER_MODE",
+        value_name = "WORKER_DOCKER_MODE",
+        value_enum,
+        default_value = "dind"
+    )]
+    pub worker_docker_mode: crate::operator::pod::DockerMode,
+    /// Image of the dind sidecar.
+    #[arg(
+        long,
+        env = "DIND_IMAGE",
+        value_name = "DIND_IMAGE",
+        default_value = "docker:27-dind"
+    )]
+    pub dind_image: String,
+    /// A Secret imported whole into worker pods' environment (S3 credentials, TLS dockerd settings).
+    #[arg(long, env = "WORKER_ENV_SECRET", value_name = "WORKER_ENV_SECRET")]
+    pub worker_env_secret: Option<String>,
+    /// Service account of worker pods (its token is never mounted).
+    #[arg(
+        long,
+        env = "WORKER_SERVICE_ACCOUNT",
+        value_name = "WORKER_SERVICE_ACCOUNT"
+    )]
+    pub worker_service_account: Option<String>,
+    /// How many times an evicted or vanished worker pod is re-created.
+    #[arg(
+        long,
+        env = "MAX_POD_RETRIES",
+        value_name = "MAX_POD_RETRIES",
+        default_value_t = 2
+    )]
+    pub max_pod_retries: u32,
+    /// Seconds a finished BuildJob is kept (its sources and logs stay in storage).
+    #[arg(
+        long,
+        env = "BUILDJOB_TTL_SECONDS",
+        value_name = "BUILDJOB_TTL_SECONDS",
+        default_value_t = 86_400
+    )]
+    pub buildjob_ttl_seconds: u64,
+    /// Name of the coordination.k8s.io Lease electing the active controller.
+    #[arg(
+        long,
+        env = "LEASE_NAME",
+        value_name = "LEASE_NAME",
+        default_value = "buildshuttle-controller"
+    )]
+    pub lease_name: String,
+    /// Seconds a Lease holder stays leader without renewing.
+    #[arg(long, env = "LEASE_SECONDS", value_name = "LEASE_SECONDS", default_value_t = 15,
+          value_parser = clap::value_parser!(u64).range(3..))]
+    pub lease_seconds: u64,
+    /// This replica's identity in the Lease and in events (the pod name).
+    #[arg(long, env = "POD_NAME", value_name = "POD_NAME")]
+    pub pod_name: Option<String>,
+}
+
+/// Validated Kubernetes-mode settings.
+#[derive(Debug, Clone)]
+pub struct KubernetesConfig {
+    pub namespace: Option<String>,
+    pub run_controller: bool,
+    pub worker_image: String,
+    pub docker_mode: crate::operator::pod::DockerMode,
+    pub dind_image: String,
+    pub worker_env_secret: Option<String>,
+    pub worker_service_account: Option<String>,
+    pub max_pod_retries: u32,
+    pub finished_ttl: Duration,
+    pub lease_name: String,
+    pub lease_duration: Duration,
+    pub identity: String,
+    /// DOCKER_BUILD_SETTINGS as given (passed to external-mode workers).
+    pub docker_settings_json: String,
 }
 
 /// What every process that runs the pipeline needs (serve in local mode, and the worker).
@@ -427,6 +531,7 @@ pub struct Config {
     pub max_request_bytes: usize,
     pub callback_retry_for: Duration,
     pub shutdown_grace: Duration,
+    pub kubernetes: KubernetesConfig,
 }
 
 impl ServeArgs {
@@ -439,6 +544,32 @@ impl ServeArgs {
             max_request_bytes: self.max_request_bytes,
             callback_retry_for: Duration::from_secs(self.callback_retry_seconds),
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
+            kubernetes: {
+                let k = &self.kubernetes;
+                KubernetesConfig {
+                    namespace: k.kubernetes_namespace.clone().filter(|n| !n.is_empty()),
+                    run_controller: k.run_controller,
+                    worker_image: k.docker_build_image.clone(),
+                    docker_mode: k.worker_docker_mode,
+                    dind_image: k.dind_image.clone(),
+                    worker_env_secret: k.worker_env_secret.clone().filter(|n| !n.is_empty()),
+                    worker_service_account: k
+                        .worker_service_account
+                        .clone()
+                        .filter(|n| !n.is_empty()),
+                    max_pod_retries: k.max_pod_retries,
+                    finished_ttl: Duration::from_secs(k.buildjob_ttl_seconds),
+                    lease_name: k.lease_name.clone(),
+                    lease_duration: Duration::from_secs(k.lease_seconds),
+                    identity: k
+                        .pod_name
+                        .clone()
+                        .or_else(|| std::env::var("HOSTNAME").ok())
+                        .filter(|n| !n.is_empty())
+                        .unwrap_or_else(|| format!("buildshuttle-{}", uuid::Uuid::new_v4())),
+                    docker_settings_json: self.build.docker_build_settings.clone(),
+                }
+            },
         })
     }
 }

@@ -28,7 +28,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error("USE_KUBERNETES: {0}")]
-    Kubernetes(String),
+    Kubernetes(#[from] crate::operator::StartError),
 }
 
 /// A failure while serving (after a good start). `main` exits with status 1.
@@ -36,12 +36,20 @@ pub enum StartError {
 pub enum ServeError {
     #[error("the HTTP server failed: {0}")]
     Http(std::io::Error),
+    #[error("the BuildJob controller stopped; restarting the service restarts it")]
+    ControllerStopped,
+}
+
+/// What runs the builds.
+enum Mode {
+    Local(LocalExecutor),
+    Kubernetes(crate::operator::KubernetesMode),
 }
 
 pub struct Started {
     listener: tokio::net::TcpListener,
     router: axum::Router,
-    executor: LocalExecutor,
+    mode: Mode,
     grace: Duration,
 }
 
@@ -54,9 +62,7 @@ impl Started {
 /// Everything that can fail at start, done before the first request is accepted.
 pub async fn start(cfg: Config) -> Result<Started, StartError> {
     if cfg.use_kubernetes {
-        return Err(StartError::Kubernetes(
-            "Kubernetes mode is not available in this build yet; unset USE_KUBERNETES to run builds locally".into(),
-        ));
+        return start_kubernetes(cfg).await;
     }
     let data_dir = cfg.build.data_dir.clone();
     let data_err = |source| StartError::DataDir {
@@ -117,7 +123,33 @@ pub async fn start(cfg: Config) -> Result<Started, StartError> {
     Ok(Started {
         listener,
         router: api::app(state),
-        executor,
+        mode: Mode::Local(executor),
+        grace: cfg.shutdown_grace,
+    })
+}
+
+/// Kubernetes mode: the API is a facade writing BuildJobs; the controller (unless
+/// RUN_CONTROLLER=false) runs here too, behind a Lease.
+async fn start_kubernetes(cfg: Config) -> Result<Started, StartError> {
+    let mode = crate::operator::KubernetesMode::start(&cfg).await?;
+    tracing::info!(storage = %mode.storage.describe(), controller = cfg.kubernetes.run_controller, "Kubernetes mode");
+    let state = AppState {
+        executor: Arc::new(mode.executor.clone()),
+        storage: mode.storage.clone(),
+        extra_build_args: Arc::new(cfg.build.extra_build_args.clone()),
+        max_request_bytes: cfg.max_request_bytes,
+        metrics: Arc::new(|| "# EOF\n".to_string()),
+    };
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: cfg.listen.clone(),
+            source,
+        })?;
+    Ok(Started {
+        listener,
+        router: api::app(state),
+        mode: Mode::Kubernetes(mode),
         grace: cfg.shutdown_grace,
     })
 }
@@ -127,21 +159,39 @@ pub async fn serve(started: Started) -> Result<(), ServeError> {
     let Started {
         listener,
         router,
-        executor,
+        mode,
         grace,
     } = started;
+    let died = match &mode {
+        Mode::Kubernetes(k) => k.died.clone(),
+        Mode::Local(_) => tokio_util::sync::CancellationToken::new(),
+    };
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "buildshuttle listening");
     }
     axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown({
+            let died = died.clone();
+            async move {
+                tokio::select! {
+                    _ = shutdown_signal() => {}
+                    _ = died.cancelled() => {}
+                }
+            }
+        })
         .await
         .map_err(ServeError::Http)?;
     tracing::info!(
         grace_seconds = grace.as_secs(),
         "shutting down: no new builds, draining running ones"
     );
-    executor.shutdown(grace).await;
+    match mode {
+        Mode::Local(executor) => executor.shutdown(grace).await,
+        Mode::Kubernetes(k) => k.shutdown(grace).await,
+    }
+    if died.is_cancelled() {
+        return Err(ServeError::ControllerStopped);
+    }
     Ok(())
 }
 

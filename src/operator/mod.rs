@@ -29,3 +29,138 @@ impl Observer for NoObserver {
 
 #[cfg(test)]
 pub(crate) mod mock;
+
+/// Kubernetes mode as `serve` runs it: the facade, and (unless RUN_CONTROLLER=false) the
+/// controller behind the Lease, supervised: if it stops on its own, `died` fires.
+pub struct KubernetesMode {
+    pub executor: facade::KubeExecutor,
+    pub storage: std::sync::Arc<dyn crate::storage::Storage>,
+    controller: Option<tokio::task::JoinHandle<()>>,
+    stop: tokio_util::sync::CancellationToken,
+    pub died: tokio_util::sync::CancellationToken,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot set up a Kubernetes client (in-cluster service account or KUBECONFIG): {0}")]
+    Client(kube::Error),
+    #[error("storage: {0}")]
+    Storage(#[from] crate::storage::StorageError),
+    #[error("EXTRA_DOCKER_REGISTRY_CONFIG cannot be passed on to workers: {0}")]
+    ExtraRegistries(serde_json::Error),
+}
+
+impl KubernetesMode {
+    pub async fn start(cfg: &crate::config::Config) -> Result<Self, StartError> {
+        use std::sync::Arc;
+        let client = kube::Client::try_default()
+            .await
+            .map_err(StartError::Client)?;
+        let k = &cfg.kubernetes;
+        let namespace = k
+            .namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_string());
+        let storage = crate::storage::open(&cfg.build).await?;
+        let extra = if cfg.build.extra_registries.is_empty() {
+            None
+        } else {
+            Some(
+                serde_json::to_string(&cfg.build.extra_registries)
+                    .map_err(StartError::ExtraRegistries)?,
+            )
+        };
+        let executor = facade::KubeExecutor::new(
+            client.clone(),
+            &namespace,
+            storage.clone(),
+            extra,
+            cfg.build.limits,
+            cfg.build.data_dir.join("scratch"),
+        );
+        let stop = tokio_util::sync::CancellationToken::new();
+        let died = tokio_util::sync::CancellationToken::new();
+        let controller = k.run_controller.then(|| {
+            let settings = decide::Settings {
+                max_parallel: cfg.maximum_parallel_builds,
+                max_pod_retries: k.max_pod_retries,
+                finished_ttl: k.finished_ttl,
+                timeout: cfg.build.timeout,
+                stuck_grace: Duration::from_secs(120),
+            };
+            let pods = pod::PodSettings {
+                image: k.worker_image.clone(),
+                docker_mode: k.docker_mode,
+                dind_image: k.dind_image.clone(),
+                docker: cfg.build.docker.clone(),
+                docker_settings_json: k.docker_settings_json.clone(),
+                timeout: cfg.build.timeout,
+                no_cache: cfg.build.no_cache,
+                kafka_topic: cfg.build.kafka_topic.clone(),
+                env_secret: k.worker_env_secret.clone(),
+                service_account: k.worker_service_account.clone(),
+            };
+            let callbacks = crate::callback::Callbacks::new(cfg.callback_retry_for);
+            let lock = lease::LeaseLock::new(
+                kube::Api::namespaced(client.clone(), &namespace),
+                k.lease_name.clone(),
+                k.identity.clone(),
+                k.lease_duration,
+            );
+            let identity = k.identity.clone();
+            let (stop2, died2) = (stop.clone(), died.clone());
+            tokio::spawn(async move {
+                let work = || {
+                    let (client, settings, pods, callbacks) = (
+                        client.clone(),
+                        settings.clone(),
+                        pods.clone(),
+                        callbacks.clone(),
+                    );
+                    let reporter = kube::runtime::events::Reporter {
+                        controller: "buildshuttle".into(),
+                        instance: Some(identity.clone()),
+                    };
+                    let ns = namespace.clone();
+                    let stop = stop2.clone();
+                    async move {
+                        let make = |store| {
+                            controller::Context::new(
+                                client.clone(),
+                                reporter,
+                                settings,
+                                pods,
+                                callbacks,
+                                store,
+                                Arc::new(NoObserver),
+                            )
+                        };
+                        controller::run(client.clone(), &ns, make, stop.cancelled_owned()).await
+                    }
+                };
+                lock.run_while_leader(work, stop2.cancelled()).await;
+                if !stop2.is_cancelled() {
+                    tracing::error!("the BuildJob controller stopped on its own");
+                    died2.cancel();
+                }
+            })
+        });
+        Ok(Self {
+            executor,
+            storage,
+            controller,
+            stop,
+            died,
+        })
+    }
+
+    /// Stops the controller (the BuildJobs and pods carry on; the next leader picks them up).
+    pub async fn shutdown(self, grace: Duration) {
+        self.stop.cancel();
+        if let Some(handle) = self.controller {
+            if tokio::time::timeout(grace, handle).await.is_err() {
+                tracing::warn!("the controller did not stop within the grace period");
+            }
+        }
+    }
+}
