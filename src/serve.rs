@@ -43,7 +43,7 @@ pub enum ServeError {
 /// What runs the builds.
 enum Mode {
     Local(LocalExecutor),
-    Kubernetes(crate::operator::KubernetesMode),
+    Kubernetes(Box<crate::operator::KubernetesMode>),
 }
 
 pub struct Started {
@@ -149,7 +149,7 @@ async fn start_kubernetes(cfg: Config) -> Result<Started, StartError> {
     Ok(Started {
         listener,
         router: api::app(state),
-        mode: Mode::Kubernetes(mode),
+        mode: Mode::Kubernetes(Box::new(mode)),
         grace: cfg.shutdown_grace,
     })
 }

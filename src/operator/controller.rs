@@ -105,8 +105,11 @@ impl Context {
         let key = |j: &BuildJob| (j.creation_timestamp().map(|t| t.0), j.name_any());
         let mine = key(job);
         let mut starting = self.starting.lock().unwrap_or_else(|p| p.into_inner());
+        let all = self.store.state();
+        // Forget starts of jobs that are gone (deleted while starting).
+        starting.retain(|n| all.iter().any(|j| &j.name_any() == n));
         let (mut running, mut ahead) = (0, 0);
-        for other in self.store.state() {
+        for other in all {
             let other_name = other.name_any();
             if other_name == name || other.namespace() != ns {
                 continue;
@@ -139,6 +142,24 @@ pub async fn reconcile(job: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Requeue>
     let prev = job.status.clone().unwrap_or_default();
 
     let finished = prev.phase.is_some_and(Phase::is_finished);
+    // The facade creates the credentials Secret just after the BuildJob: until it exists,
+    // a worker pod would start without credentials and a callback would go without its
+    // Authorization. A young job waits for it; an old one goes on without (and fails).
+    let mut credentials = None;
+    if !finished {
+        credentials = read_secret(&ctx.client, &ns, &job.spec.credentials_secret).await?;
+        let age = job
+            .creation_timestamp()
+            .map(|t| Timestamp::now().duration_since(t.0).as_secs())
+            .unwrap_or(i64::MAX);
+        if credentials.is_none() && age < SECRET_WAIT.as_secs() as i64 {
+            tracing::debug!(job = %name, "waiting for the credentials Secret");
+            return Ok(Requeue::requeue(Duration::from_secs(2)));
+        }
+        if credentials.is_none() {
+            tracing::warn!(job = %name, secret = %job.spec.credentials_secret, "the credentials Secret is missing; going on without it");
+        }
+    }
     let pod = if finished {
         None
     } else {
@@ -213,7 +234,10 @@ pub async fn reconcile(job: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Requeue>
         publish(&ctx, &job, e).await;
     }
     if !callbacks.is_empty() {
-        let auth = callback_auth(&ctx.client, &ns, &job.spec.credentials_secret).await?;
+        if finished {
+            credentials = read_secret(&ctx.client, &ns, &job.spec.credentials_secret).await?;
+        }
+        let auth = callback_auth(credentials.as_ref());
         for kind in callbacks {
             send_callback(&ctx, &job, auth.as_ref(), kind).await;
             match kind {
@@ -253,16 +277,23 @@ async fn patch_status(jobs: &Api<BuildJob>, name: &str, status: &BuildJobStatus)
     Ok(())
 }
 
-async fn callback_auth(client: &Client, ns: &str, secret: &str) -> Result<Option<Secret>> {
+/// How long a new BuildJob waits for its credentials Secret.
+pub const SECRET_WAIT: Duration = Duration::from_secs(120);
+
+async fn read_secret(client: &Client, ns: &str, secret: &str) -> Result<Option<KubeSecret>> {
     let secrets: Api<KubeSecret> = Api::namespaced(client.clone(), ns);
-    let s = secrets
+    secrets
         .get_opt(secret)
         .await
-        .map_err(kube_err("reading the credentials Secret"))?;
-    Ok(s.and_then(|s| s.data)
-        .and_then(|d| d.get(secret_keys::CALLBACK_AUTH).cloned())
-        .and_then(|v| String::from_utf8(v.0).ok())
-        .map(Secret::new))
+        .map_err(kube_err("reading the credentials Secret"))
+}
+
+fn callback_auth(secret: Option<&KubeSecret>) -> Option<Secret> {
+    secret
+        .and_then(|s| s.data.as_ref())
+        .and_then(|d| d.get(secret_keys::CALLBACK_AUTH))
+        .and_then(|v| String::from_utf8(v.0.clone()).ok())
+        .map(Secret::new)
 }
 
 /// Delivers one callback (with the bounded retries of `Callbacks`). A callback that cannot
@@ -454,6 +485,7 @@ mod tests {
         let mut j = job_with(None, &rx.url, false);
         j.status = None;
         let scenario = vec![
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json())),
             Expect::new(
                 Method::GET,
                 pod_path(0),
@@ -469,7 +501,6 @@ mod tests {
                 assert_eq!(b["status"]["phase"], "Pending");
                 assert_eq!(b["status"]["callbacks"]["pending"], false);
             }),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json())),
             Expect::new(Method::PATCH, STATUS, 200, Some(job_json())).check(|b| {
                 assert_eq!(b["status"]["callbacks"]["pending"], true);
             }),
@@ -503,6 +534,7 @@ mod tests {
         });
         let others = vec![other("a-1", Phase::Running), other("b-1", Phase::Pending)];
         let scenario = vec![
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json())),
             Expect::new(
                 Method::GET,
                 pod_path(0),
@@ -534,12 +566,10 @@ mod tests {
             &context(mock::client().0, vec![]).settings,
         );
         j.status = Some(d.status);
-        let scenario = vec![Expect::new(
-            Method::GET,
-            pod_path(0),
-            200,
-            Some(running_pod()),
-        )];
+        let scenario = vec![
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json())),
+            Expect::new(Method::GET, pod_path(0), 200, Some(running_pod())),
+        ];
         let (res, seen) = play(j, vec![], scenario).await;
         assert!(res.is_ok(), "{res:?}");
         assert!(seen.events.is_empty());
@@ -553,6 +583,7 @@ mod tests {
         let pod = serde_json::to_value(ended_pod("Succeeded", None, 0, "Completed", Some(&msg)))
             .unwrap_or_default();
         let scenario = vec![
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json())),
             Expect::new(Method::GET, pod_path(0), 200, Some(pod)),
             Expect::new(Method::PATCH, STATUS, 200, Some(job_json())).check(|b| {
                 assert_eq!(b["status"]["phase"], "Succeeded");
@@ -563,7 +594,6 @@ mod tests {
                     "recorded only after delivery"
                 );
             }),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json())),
             Expect::new(Method::PATCH, STATUS, 200, Some(job_json()))
                 .check(|b| assert_eq!(b["status"]["callbacks"]["final"], true)),
         ];
@@ -593,6 +623,7 @@ mod tests {
         let mut j = job_with(Some(Phase::Running), &rx.url, true);
         j.spec.cancelled = true;
         let scenario = vec![
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json())),
             Expect::new(Method::GET, pod_path(0), 200, Some(running_pod())),
             Expect::new(Method::DELETE, pod_path(0), 200, Some(running_pod())),
             Expect::new(Method::PATCH, STATUS, 200, Some(job_json())).check(|b| {
@@ -600,7 +631,6 @@ mod tests {
                 assert_eq!(b["status"]["conditions"][0]["reason"], "Cancelled");
                 assert_eq!(b["status"]["conditions"][0]["status"], "False");
             }),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json())),
             Expect::new(Method::PATCH, STATUS, 200, Some(job_json()))
                 .check(|b| assert_eq!(b["status"]["callbacks"]["final"], true)),
         ];
@@ -637,14 +667,38 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn api_errors_are_transient_and_bad_pods_permanent() {
-        let j = job_with(Some(Phase::Running), "http://127.0.0.1:9/cb", true);
+    async fn a_new_job_waits_for_its_credentials_secret() {
+        let rx = Receiver::start().await;
+        let mut j = job_with(None, &rx.url, false);
+        j.status = None;
         let scenario = vec![Expect::new(
             Method::GET,
-            pod_path(0),
-            500,
-            Some(status_error(500, "InternalError")),
+            secret_path(),
+            404,
+            Some(status_error(404, "NotFound")),
         )];
+        let (res, seen) = play(j, vec![], scenario).await;
+        let action = res.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(action, Requeue::requeue(Duration::from_secs(2)));
+        assert!(
+            rx.statuses().is_empty(),
+            "no callback without its Authorization"
+        );
+        assert!(seen.events.is_empty());
+    }
+
+    #[tokio::test]
+    async fn api_errors_are_transient_and_bad_pods_permanent() {
+        let j = job_with(Some(Phase::Running), "http://127.0.0.1:9/cb", true);
+        let scenario = vec![
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json())),
+            Expect::new(
+                Method::GET,
+                pod_path(0),
+                500,
+                Some(status_error(500, "InternalError")),
+            ),
+        ];
         let (res, _) = play(j, vec![], scenario).await;
         let err = res.err().unwrap_or_else(|| panic!("expected an error"));
         assert!(!err.is_permanent(), "{err}");
