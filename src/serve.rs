@@ -131,7 +131,8 @@ pub async fn start(cfg: Config) -> Result<Started, StartError> {
 /// Kubernetes mode: the API is a facade writing BuildJobs; the controller (unless
 /// RUN_CONTROLLER=false) runs here too, behind a Lease.
 async fn start_kubernetes(cfg: Config) -> Result<Started, StartError> {
-    let mode = crate::operator::KubernetesMode::start(&cfg).await?;
+    let mode =
+        crate::operator::KubernetesMode::start(&cfg, Arc::new(crate::operator::NoObserver)).await?;
     tracing::info!(storage = %mode.storage.describe(), controller = cfg.kubernetes.run_controller, "Kubernetes mode");
     let state = AppState {
         executor: Arc::new(mode.executor.clone()),

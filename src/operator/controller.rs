@@ -98,6 +98,19 @@ impl Context {
         }
     }
 
+    /// Tells the observer how many BuildJobs wait and run.
+    fn report_queue(&self) {
+        let (mut queued, mut running) = (0, 0);
+        for j in self.store.state() {
+            match j.status.as_ref().and_then(|s| s.phase) {
+                Some(p) if p.holds_slot() => running += 1,
+                None | Some(Phase::Queued) if !j.spec.cancelled => queued += 1,
+                _ => {}
+            }
+        }
+        self.observer.queue(queued, running);
+    }
+
     /// (others holding a slot, queued jobs older than `job`).
     fn queue_position(&self, job: &BuildJob) -> (usize, usize) {
         let name = job.name_any();
@@ -168,6 +181,7 @@ pub async fn reconcile(job: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Requeue>
             .map_err(kube_err("reading the worker pod"))?
     };
     let (running, queued_ahead) = ctx.queue_position(&job);
+    ctx.report_queue();
     let Decision {
         mut status,
         actions,

@@ -17,6 +17,8 @@ pub trait Observer: Send + Sync + 'static {
     fn build_finished(&self, succeeded: bool, duration: Option<Duration>);
     /// A status callback could not be delivered.
     fn callback_failed(&self);
+    /// BuildJobs waiting for a slot and holding one, as the controller's cache shows them.
+    fn queue(&self, queued: usize, running: usize);
 }
 
 /// Reports nothing (metrics not wired).
@@ -25,6 +27,7 @@ pub struct NoObserver;
 impl Observer for NoObserver {
     fn build_finished(&self, _succeeded: bool, _duration: Option<Duration>) {}
     fn callback_failed(&self) {}
+    fn queue(&self, _queued: usize, _running: usize) {}
 }
 
 #[cfg(test)]
@@ -51,7 +54,11 @@ pub enum StartError {
 }
 
 impl KubernetesMode {
-    pub async fn start(cfg: &crate::config::Config) -> Result<Self, StartError> {
+    /// `observer` receives what the controller reports (the metrics seam).
+    pub async fn start(
+        cfg: &crate::config::Config,
+        observer: std::sync::Arc<dyn Observer>,
+    ) -> Result<Self, StartError> {
         use std::sync::Arc;
         let client = kube::Client::try_default()
             .await
@@ -123,6 +130,7 @@ impl KubernetesMode {
                     };
                     let ns = namespace.clone();
                     let stop = stop2.clone();
+                    let observer = observer.clone();
                     async move {
                         let make = |store| {
                             controller::Context::new(
@@ -132,7 +140,7 @@ impl KubernetesMode {
                                 pods,
                                 callbacks,
                                 store,
-                                Arc::new(NoObserver),
+                                observer,
                             )
                         };
                         controller::run(client.clone(), &ns, make, stop.cancelled_owned()).await
