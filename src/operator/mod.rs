@@ -59,7 +59,6 @@ impl KubernetesMode {
         cfg: &crate::config::Config,
         observer: std::sync::Arc<dyn Observer>,
     ) -> Result<Self, StartError> {
-        use std::sync::Arc;
         let client = kube::Client::try_default()
             .await
             .map_err(StartError::Client)?;
