@@ -210,11 +210,25 @@ pub async fn reconcile(job: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Requeue>
                 }
             }
             Action::CreatePod { attempt, .. } => {
-                let p = worker_pod(&job, attempt, &ctx.pods)?;
-                match pods.create(&PostParams::default(), &p).await {
-                    Ok(_) => {}
-                    Err(e) if is_status(&e, |s| s.is_already_exists()) => {}
-                    Err(e) => return Err(kube_err("creating the worker pod")(e)),
+                let rejected = match worker_pod(&job, attempt, &ctx.pods) {
+                    Err(e @ PodError::NoUid) => return Err(e.into()),
+                    Err(e) => Some(e.to_string()),
+                    Ok(p) => match pods.create(&PostParams::default(), &p).await {
+                        Ok(_) => None,
+                        Err(e) if is_status(&e, |s| s.is_already_exists()) => None,
+                        // The same pod would be refused again: the build fails.
+                        Err(kube::Error::Api(s)) if s.is_invalid() => {
+                            Some(format!("the worker pod was refused: {}", s.message))
+                        }
+                        Err(e) => return Err(kube_err("creating the worker pod")(e)),
+                    },
+                };
+                if let Some(message) = rejected {
+                    let (failed, note) = decide::reject(&prev, &message, Timestamp::now());
+                    patch_status(&jobs, &name, &failed).await?;
+                    publish(&ctx, &job, &note).await;
+                    // The next reconcile sees a finished build and sends the callbacks.
+                    return Ok(Requeue::requeue(Duration::from_secs(1)));
                 }
                 ctx.starting
                     .lock()
@@ -356,8 +370,8 @@ async fn publish(ctx: &Context, job: &BuildJob, e: &EventNote) {
 
 pub fn error_policy(job: Arc<BuildJob>, err: &Error, _ctx: Arc<Context>) -> Requeue {
     if err.is_permanent() {
-        tracing::error!(job = %job.name_any(), error = %err, "cannot reconcile this BuildJob until it or the configuration changes");
-        Requeue::await_change()
+        tracing::error!(job = %job.name_any(), error = %err, "cannot reconcile this BuildJob until it or the configuration (or RBAC) changes; retrying in 5 minutes");
+        Requeue::requeue(Duration::from_secs(300))
     } else {
         tracing::warn!(job = %job.name_any(), error = %err, "reconcile failed; retrying");
         Requeue::requeue(Duration::from_secs(10))
@@ -678,6 +692,30 @@ mod tests {
         )
         .await;
         assert!(res.is_ok(), "{res:?}");
+    }
+
+    #[tokio::test]
+    async fn a_pod_the_api_server_refuses_fails_the_build() {
+        let rx = Receiver::start().await;
+        let mut j = job_with(None, &rx.url, false);
+        j.status = None;
+        let scenario = vec![
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json())),
+            Expect::new(
+                Method::GET,
+                pod_path(0),
+                404,
+                Some(status_error(404, "NotFound")),
+            ),
+            Expect::new(Method::POST, PODS, 422, Some(status_error(422, "Invalid"))),
+            Expect::new(Method::PATCH, STATUS, 200, Some(job_json())).check(|b| {
+                assert_eq!(b["status"]["phase"], "Failed");
+                assert_eq!(b["status"]["conditions"][0]["reason"], "PodRejected");
+            }),
+        ];
+        let (res, seen) = play(j, vec![], scenario).await;
+        assert_eq!(res.ok(), Some(Requeue::requeue(Duration::from_secs(1))));
+        assert!(seen.events.iter().any(|e| e["reason"] == "PodRejected"));
     }
 
     #[tokio::test]

@@ -170,6 +170,7 @@ pub mod reasons {
     pub const POD_LOST: &str = "PodLost";
     pub const WORKER_FAILED: &str = "WorkerFailed";
     pub const NO_OUTCOME: &str = "NoOutcome";
+    pub const POD_REJECTED: &str = "PodRejected";
 }
 
 /// Requeue intervals.
@@ -492,6 +493,22 @@ fn retry_lost_pod(
         events,
         Some(format!("created worker pod {next}")),
     );
+}
+
+/// The status after the API server (or the pod builder) refused the worker pod: the build
+/// fails, as no retry can make the same pod acceptable.
+pub fn reject(
+    status: &BuildJobStatus,
+    message: &str,
+    now: Timestamp,
+) -> (BuildJobStatus, EventNote) {
+    let mut st = status.clone();
+    let mut events = Vec::new();
+    finish_failed(&mut st, reasons::POD_REJECTED, message, now, &mut events);
+    let note = events
+        .pop()
+        .unwrap_or_else(|| warning(reasons::POD_REJECTED, message.to_string()));
+    (st, note)
 }
 
 fn finish_failed(
@@ -1028,6 +1045,28 @@ pub(crate) mod tests {
             vec![
                 Action::SendCallback(CallbackKind::Pending),
                 Action::SendCallback(CallbackKind::Final("succeeded"))
+            ]
+        );
+    }
+
+    #[test]
+    fn a_rejected_pod_fails_the_build_and_then_owes_the_callbacks() {
+        let j = job(None);
+        let (st, note) = reject(&BuildJobStatus::default(), "bad image", t(3));
+        assert_eq!(st.phase, Some(Phase::Failed));
+        assert_eq!(
+            st.condition().map(|c| c.reason.as_str()),
+            Some(reasons::POD_REJECTED)
+        );
+        assert!(note.warning);
+        let mut j2 = j;
+        j2.status = Some(st);
+        let d = run(&j2, None, 0, 0, t(4));
+        assert_eq!(
+            d.actions,
+            vec![
+                Action::SendCallback(CallbackKind::Pending),
+                Action::SendCallback(CallbackKind::Final("failed"))
             ]
         );
     }

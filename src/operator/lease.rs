@@ -114,6 +114,32 @@ impl LeaseLock {
         }
     }
 
+    /// Gives the lease up (on shutdown) so another replica takes over at once.
+    pub async fn release(&self) {
+        let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await else {
+            return;
+        };
+        let ours = lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.as_deref())
+            == Some(self.identity.as_str());
+        if !ours {
+            return;
+        }
+        if let Some(spec) = lease.spec.as_mut() {
+            spec.holder_identity = None;
+            spec.lease_duration_seconds = Some(1);
+        }
+        if let Err(e) = self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            tracing::warn!(lease = %self.name, error = %e, "could not release the controller Lease; it expires on its own");
+        }
+    }
+
     /// Runs `work()` while this process holds the lease: waits to acquire it, renews it every
     /// third of its duration, and drops the work (stopping it) when a renewal fails for
     /// longer than the lease lasts. Returns when `shutdown` resolves.
@@ -157,7 +183,10 @@ impl LeaseLock {
                 }
             };
             tokio::select! {
-                _ = &mut shutdown => return,
+                _ = &mut shutdown => {
+                    self.release().await;
+                    return;
+                }
                 _ = work() => {
                     tracing::warn!("the controller stopped while leading");
                     return;
@@ -171,6 +200,64 @@ impl LeaseLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::operator::mock::{self, status_error, Expect};
+    use http::Method;
+    use serde_json::json;
+
+    const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/builds/leases/ctl";
+
+    fn lock(client: kube::Client) -> LeaseLock {
+        LeaseLock::new(
+            Api::namespaced(client, "builds"),
+            "ctl",
+            "me",
+            Duration::from_secs(15),
+        )
+    }
+
+    #[tokio::test]
+    async fn acquire_creates_takes_over_an_expired_lease_and_yields_to_a_live_one() {
+        let (client, handle) = mock::client();
+        let live = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "ctl", "namespace": "builds", "resourceVersion": "7"},
+            "spec": {"holderIdentity": "other", "leaseDurationSeconds": 15, "renewTime": Timestamp::now().to_string()}});
+        let expired = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "ctl", "namespace": "builds", "resourceVersion": "8"},
+            "spec": {"holderIdentity": "other", "leaseDurationSeconds": 15, "renewTime": "2020-01-01T00:00:00.000000Z", "leaseTransitions": 3}});
+        let scenario = vec![
+            Expect::new(Method::GET, LEASE, 404, Some(status_error(404, "NotFound"))),
+            Expect::new(
+                Method::POST,
+                "/apis/coordination.k8s.io/v1/namespaces/builds/leases",
+                201,
+                None,
+            )
+            .check(|b| assert_eq!(b["spec"]["holderIdentity"], "me")),
+            Expect::new(Method::GET, LEASE, 200, Some(live)),
+            Expect::new(Method::GET, LEASE, 200, Some(expired)),
+            Expect::new(Method::PUT, LEASE, 200, None).check(|b| {
+                assert_eq!(b["spec"]["holderIdentity"], "me");
+                assert_eq!(b["spec"]["leaseTransitions"], 4);
+                assert_eq!(
+                    b["metadata"]["resourceVersion"], "8",
+                    "optimistic concurrency"
+                );
+            }),
+        ];
+        let verifier = mock::verify(handle, scenario);
+        let l = lock(client);
+        let created = l.try_acquire().await.ok();
+        let blocked = l.try_acquire().await.ok();
+        let taken = l.try_acquire().await.ok();
+        drop(l);
+        verifier
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        assert_eq!(
+            (created, blocked, taken),
+            (Some(true), Some(false), Some(true))
+        );
+    }
 
     fn at(s: i64) -> Timestamp {
         Timestamp::from_second(1_800_000_000 + s).unwrap_or(Timestamp::UNIX_EPOCH)
