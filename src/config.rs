@@ -23,7 +23,11 @@ fn invalid(var: &'static str, problem: impl Into<String>) -> ConfigError {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "buildshuttle", version, about = "Turns application sources into pushed Docker images")]
+#[command(
+    name = "buildshuttle",
+    version,
+    about = "Turns application sources into pushed Docker images"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -42,7 +46,12 @@ pub struct ServeArgs {
     #[arg(long, env = "PORT", value_name = "PORT", default_value_t = 9000)]
     pub port: u16,
     /// Listen address.
-    #[arg(long, env = "LISTEN_ADDRESS", value_name = "LISTEN_ADDRESS", default_value = "0.0.0.0")]
+    #[arg(
+        long,
+        env = "LISTEN_ADDRESS",
+        value_name = "LISTEN_ADDRESS",
+        default_value = "0.0.0.0"
+    )]
     pub listen_address: String,
     #[command(flatten)]
     pub build: BuildArgs,
@@ -57,10 +66,20 @@ pub struct ServeArgs {
     #[arg(long, env = "MAX_REQUEST_BYTES", value_name = "MAX_REQUEST_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_request_bytes: usize,
     /// How long a status callback is retried before giving up, in seconds.
-    #[arg(long, env = "CALLBACK_RETRY_SECONDS", value_name = "CALLBACK_RETRY_SECONDS", default_value_t = 300)]
+    #[arg(
+        long,
+        env = "CALLBACK_RETRY_SECONDS",
+        value_name = "CALLBACK_RETRY_SECONDS",
+        default_value_t = 300
+    )]
     pub callback_retry_seconds: u64,
     /// Grace period for running builds on SIGTERM, in seconds.
-    #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", value_name = "SHUTDOWN_GRACE_SECONDS", default_value_t = 60)]
+    #[arg(
+        long,
+        env = "SHUTDOWN_GRACE_SECONDS",
+        value_name = "SHUTDOWN_GRACE_SECONDS",
+        default_value_t = 60
+    )]
     pub shutdown_grace_seconds: u64,
 }
 
@@ -71,24 +90,44 @@ pub struct BuildArgs {
     #[arg(long, env = "NO_CACHE", value_name = "NO_CACHE", default_value_t = false, action = clap::ArgAction::Set)]
     pub no_cache: bool,
     /// Where dockerd is, as dockerode-style JSON.
-    #[arg(long, env = "DOCKER_BUILD_SETTINGS", value_name = "DOCKER_BUILD_SETTINGS",
-          default_value = r#"{"socketPath":"/var/run/docker.sock"}"#, hide_default_value = true)]
+    #[arg(
+        long,
+        env = "DOCKER_BUILD_SETTINGS",
+        value_name = "DOCKER_BUILD_SETTINGS",
+        default_value = r#"{"socketPath":"/var/run/docker.sock"}"#,
+        hide_default_value = true
+    )]
     pub docker_build_settings: String,
     /// Local storage root (state, sources, logs) when S3 is not configured.
-    #[arg(long, env = "DATA_DIR", value_name = "DATA_DIR", default_value = "./buildshuttle-data")]
+    #[arg(
+        long,
+        env = "DATA_DIR",
+        value_name = "DATA_DIR",
+        default_value = "./buildshuttle-data"
+    )]
     pub data_dir: PathBuf,
     /// JSON object merged into every build's build_args (the request wins on a clash).
     #[arg(long, env = "EXTRA_BUILD_ARGS", value_name = "EXTRA_BUILD_ARGS")]
     pub extra_build_args: Option<String>,
     /// JSON {"host": {"username":…, "password":…}}: extra registries a build may pull from.
-    #[arg(long, env = "EXTRA_DOCKER_REGISTRY_CONFIG", value_name = "EXTRA_DOCKER_REGISTRY_CONFIG", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "EXTRA_DOCKER_REGISTRY_CONFIG",
+        value_name = "EXTRA_DOCKER_REGISTRY_CONFIG",
+        hide_env_values = true
+    )]
     pub extra_docker_registry_config: Option<String>,
     /// A build running longer than this fails, in milliseconds.
     #[arg(long, env = "TIMEOUT_IN_MS", value_name = "TIMEOUT_IN_MS", default_value_t = 1_200_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout_in_ms: u64,
     /// Topic for build log lines.
-    #[arg(long, env = "KAFKA_TOPIC", value_name = "KAFKA_TOPIC", default_value = "alamobuildlogs")]
+    #[arg(
+        long,
+        env = "KAFKA_TOPIC",
+        value_name = "KAFKA_TOPIC",
+        default_value = "alamobuildlogs"
+    )]
     pub kafka_topic: String,
     /// Also print build output on the service's stdout.
     #[arg(long, env = "SHOW_BUILD_LOGS", value_name = "SHOW_BUILD_LOGS", default_value_t = false, action = clap::ArgAction::Set)]
@@ -100,13 +139,28 @@ pub struct BuildArgs {
     #[arg(long, env = "MAX_CONTEXT_BYTES", value_name = "MAX_CONTEXT_BYTES", default_value_t = 4 << 30)]
     pub max_context_bytes: u64,
     /// Most entries a source archive may hold.
-    #[arg(long, env = "MAX_ARCHIVE_ENTRIES", value_name = "MAX_ARCHIVE_ENTRIES", default_value_t = 200_000)]
+    #[arg(
+        long,
+        env = "MAX_ARCHIVE_ENTRIES",
+        value_name = "MAX_ARCHIVE_ENTRIES",
+        default_value_t = 200_000
+    )]
     pub max_archive_entries: u64,
     /// Seconds to wait for a source server to accept a connection.
-    #[arg(long, env = "SOURCES_CONNECT_TIMEOUT_SECONDS", value_name = "SOURCES_CONNECT_TIMEOUT_SECONDS", default_value_t = 15)]
+    #[arg(
+        long,
+        env = "SOURCES_CONNECT_TIMEOUT_SECONDS",
+        value_name = "SOURCES_CONNECT_TIMEOUT_SECONDS",
+        default_value_t = 15
+    )]
     pub sources_connect_timeout_seconds: u64,
     /// Seconds a source download may take in all.
-    #[arg(long, env = "SOURCES_TOTAL_TIMEOUT_SECONDS", value_name = "SOURCES_TOTAL_TIMEOUT_SECONDS", default_value_t = 600)]
+    #[arg(
+        long,
+        env = "SOURCES_TOTAL_TIMEOUT_SECONDS",
+        value_name = "SOURCES_TOTAL_TIMEOUT_SECONDS",
+        default_value_t = 600
+    )]
     pub sources_total_timeout_seconds: u64,
     /// Legacy: the seed used node's debug module; any value turns on debug logging.
     #[arg(long, env = "DEBUG", value_name = "DEBUG")]
@@ -117,8 +171,15 @@ pub struct BuildArgs {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DockerSettings {
     Socket(String),
-    Http { address: String },
-    Https { address: String, ca: String, cert: Secret, key: Secret },
+    Http {
+        address: String,
+    },
+    Https {
+        address: String,
+        ca: String,
+        cert: Secret,
+        key: Secret,
+    },
 }
 
 #[derive(Deserialize)]
@@ -136,8 +197,8 @@ struct RawDockerSettings {
 impl DockerSettings {
     pub fn parse(json: &str) -> Result<Self, ConfigError> {
         const VAR: &str = "DOCKER_BUILD_SETTINGS";
-        let raw: RawDockerSettings =
-            serde_json::from_str(json).map_err(|e| invalid(VAR, format!("not valid JSON ({e})")))?;
+        let raw: RawDockerSettings = serde_json::from_str(json)
+            .map_err(|e| invalid(VAR, format!("not valid JSON ({e})")))?;
         if let Some(path) = raw.socket_path {
             return Ok(Self::Socket(path));
         }
@@ -145,7 +206,10 @@ impl DockerSettings {
             .host
             .ok_or_else(|| invalid(VAR, "needs either \"socketPath\" or \"host\""))?;
         let (scheme_in_host, bare) = match host.split_once("://") {
-            Some((s, rest)) => (Some(s.to_ascii_lowercase()), rest.trim_end_matches('/').to_string()),
+            Some((s, rest)) => (
+                Some(s.to_ascii_lowercase()),
+                rest.trim_end_matches('/').to_string(),
+            ),
             None => (None, host.trim_end_matches('/').to_string()),
         };
         let tls = raw.ca.is_some() || raw.cert.is_some() || raw.key.is_some();
@@ -158,9 +222,20 @@ impl DockerSettings {
             None => None,
             Some(serde_json::Value::Number(n)) => Some(n.to_string()),
             Some(serde_json::Value::String(s)) if s.parse::<u16>().is_ok() => Some(s),
-            Some(other) => return Err(invalid(VAR, format!("\"port\" is not a port number: {other}"))),
+            Some(other) => {
+                return Err(invalid(
+                    VAR,
+                    format!("\"port\" is not a port number: {other}"),
+                ))
+            }
         };
-        let port = port.unwrap_or_else(|| if protocol == "https" { "2376".into() } else { "2375".into() });
+        let port = port.unwrap_or_else(|| {
+            if protocol == "https" {
+                "2376".into()
+            } else {
+                "2375".into()
+            }
+        });
         let address = format!("{bare}:{port}");
         match protocol.as_str() {
             "http" | "tcp" => Ok(Self::Http { address }),
@@ -175,7 +250,10 @@ impl DockerSettings {
                     key: Secret::new(key),
                 })
             }
-            other => Err(invalid(VAR, format!("unknown protocol {other:?} (use http or https)"))),
+            other => Err(invalid(
+                VAR,
+                format!("unknown protocol {other:?} (use http or https)"),
+            )),
         }
     }
 }
@@ -254,7 +332,9 @@ fn parse_extra_build_args(json: Option<&str>) -> Result<BTreeMap<String, String>
         .collect()
 }
 
-fn parse_extra_registries(json: Option<&str>) -> Result<BTreeMap<String, RegistryAuth>, ConfigError> {
+fn parse_extra_registries(
+    json: Option<&str>,
+) -> Result<BTreeMap<String, RegistryAuth>, ConfigError> {
     const VAR: &str = "EXTRA_DOCKER_REGISTRY_CONFIG";
     let Some(json) = json.filter(|j| !j.trim().is_empty()) else {
         return Ok(BTreeMap::new());
@@ -316,18 +396,29 @@ mod tests {
         );
         assert_eq!(
             DockerSettings::parse(r#"{"host":"http://127.0.0.1","port":"2375"}"#).unwrap(),
-            DockerSettings::Http { address: "127.0.0.1:2375".into() }
+            DockerSettings::Http {
+                address: "127.0.0.1:2375".into()
+            }
         );
         assert_eq!(
             DockerSettings::parse(r#"{"host":"10.0.0.5","port":2375}"#).unwrap(),
-            DockerSettings::Http { address: "10.0.0.5:2375".into() }
+            DockerSettings::Http {
+                address: "10.0.0.5:2375".into()
+            }
         );
         let tls = DockerSettings::parse(
             r#"{"protocol":"https","host":"d.example","port":2376,"ca":"C","cert":"T","key":"K"}"#,
         )
         .unwrap();
-        assert!(matches!(tls, DockerSettings::Https { ref address, .. } if address == "d.example:2376"));
-        for bad in ["nope", r#"{"port":1}"#, r#"{"protocol":"https","host":"h"}"#, r#"{"host":"h","port":"x"}"#] {
+        assert!(
+            matches!(tls, DockerSettings::Https { ref address, .. } if address == "d.example:2376")
+        );
+        for bad in [
+            "nope",
+            r#"{"port":1}"#,
+            r#"{"protocol":"https","host":"h"}"#,
+            r#"{"host":"h","port":"x"}"#,
+        ] {
             let e = DockerSettings::parse(bad).unwrap_err().to_string();
             assert!(e.starts_with("DOCKER_BUILD_SETTINGS"), "{e}");
         }
@@ -335,19 +426,27 @@ mod tests {
 
     #[test]
     fn extra_build_args_must_be_an_object() {
-        assert_eq!(parse_extra_build_args(Some(r#"{"A":"1","B":2}"#)).unwrap().len(), 2);
+        assert_eq!(
+            parse_extra_build_args(Some(r#"{"A":"1","B":2}"#))
+                .unwrap()
+                .len(),
+            2
+        );
         let e = parse_extra_build_args(Some("[1]")).unwrap_err().to_string();
         assert!(e.starts_with("EXTRA_BUILD_ARGS"), "{e}");
     }
 
     #[test]
     fn extra_registry_errors_do_not_echo_passwords() {
-        let e = parse_extra_registries(Some(r#"{"h": {"username": "u", "password": 5, "x": "topsecret"}}"#))
-            .unwrap_err()
-            .to_string();
+        let e = parse_extra_registries(Some(
+            r#"{"h": {"username": "u", "password": 5, "x": "topsecret"}}"#,
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(!e.contains("topsecret"), "{e}");
         assert!(e.starts_with("EXTRA_DOCKER_REGISTRY_CONFIG"));
-        let ok = parse_extra_registries(Some(r#"{"h:5000": {"username": "u", "password": "p"}}"#)).unwrap();
+        let ok = parse_extra_registries(Some(r#"{"h:5000": {"username": "u", "password": "p"}}"#))
+            .unwrap();
         assert_eq!(ok["h:5000"].password.expose(), "p");
     }
 }

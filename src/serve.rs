@@ -18,9 +18,15 @@ pub enum StartError {
     #[error("DOCKER_BUILD_SETTINGS: {0}")]
     Docker(#[from] docker::DockerError),
     #[error("DATA_DIR: cannot use {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("PORT: cannot listen on {addr}: {source}")]
-    Listen { addr: String, source: std::io::Error },
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("USE_KUBERNETES: {0}")]
     Kubernetes(String),
 }
@@ -131,7 +137,10 @@ pub async fn serve(started: Started) -> Result<(), ServeError> {
         .with_graceful_shutdown(shutdown_signal())
         .await
         .map_err(ServeError::Http)?;
-    tracing::info!(grace_seconds = grace.as_secs(), "shutting down: no new builds, draining running ones");
+    tracing::info!(
+        grace_seconds = grace.as_secs(),
+        "shutting down: no new builds, draining running ones"
+    );
     executor.shutdown(grace).await;
     Ok(())
 }
