@@ -22,8 +22,7 @@ pub struct AppState {
     pub storage: Arc<dyn Storage>,
     pub extra_build_args: Arc<BTreeMap<String, String>>,
     pub max_request_bytes: usize,
-    /// Prometheus text for /metrics.
-    pub metrics: Arc<dyn Fn() -> String + Send + Sync>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// An error answered as the legacy `{"status": "…"}` body. Internal detail goes to the
@@ -92,7 +91,7 @@ async fn metrics(State(st): State<AppState>) -> Response {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        (st.metrics)(),
+        st.metrics.render(),
     )
         .into_response()
 }

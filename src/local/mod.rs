@@ -9,6 +9,7 @@ use crate::build::{BuildSpec, FailureReason, Outcome};
 use crate::callback::Callbacks;
 use crate::executor::{BuildSelector, Executor, ExecutorError};
 use crate::logs::LogSinks;
+use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::storage::Object;
 use async_trait::async_trait;
@@ -50,14 +51,7 @@ struct Inner {
     tasks: TaskTracker,
     timeout: Duration,
     workroot: PathBuf,
-    pub counters: Counters,
-}
-
-/// Live numbers for /metrics and the load script.
-#[derive(Default)]
-pub struct Counters {
-    pub queued: AtomicU64,
-    pub running: AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
 /// Why a build was stopped, set before its token fires; `None` means "stopped by request".
@@ -80,6 +74,7 @@ impl LocalExecutor {
         pipeline: Pipeline,
         sinks: LogSinks,
         callbacks: Callbacks,
+        metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let state = StateStore::new(settings.data_dir.join("state"))?;
         let workroot = settings.data_dir.join("work");
@@ -102,7 +97,7 @@ impl LocalExecutor {
             tasks: TaskTracker::new(),
             timeout: settings.timeout,
             workroot,
-            counters: Counters::default(),
+            metrics,
         });
         let exec = Self { inner };
         exec.inner.tasks.spawn(dispatch(exec.inner.clone(), rx));
@@ -110,8 +105,8 @@ impl LocalExecutor {
         Ok(exec)
     }
 
-    pub fn counters(&self) -> &Counters {
-        &self.inner.counters
+    fn running(&self) -> i64 {
+        self.inner.metrics.running.get()
     }
 
     async fn recover(&self) -> std::io::Result<()> {
@@ -173,7 +168,7 @@ impl LocalExecutor {
                 },
             );
         }
-        self.inner.counters.queued.fetch_add(1, Ordering::SeqCst);
+        self.inner.metrics.queued.inc();
         let (tx, rx) = oneshot::channel();
         // The dispatcher hands out slots in the order builds were queued.
         let _ = self.inner.queue.send((id, tx));
@@ -188,9 +183,7 @@ impl LocalExecutor {
     pub async fn shutdown(&self, grace: Duration) {
         self.inner.draining.store(true, Ordering::SeqCst);
         let deadline = tokio::time::Instant::now() + grace;
-        while self.inner.counters.running.load(Ordering::SeqCst) > 0
-            && tokio::time::Instant::now() < deadline
-        {
+        while self.running() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let running: Vec<_> = self.inner.running_tokens();
@@ -205,9 +198,7 @@ impl LocalExecutor {
         }
         // Let the stopped builds record their outcome and send their callbacks (bounded).
         let wait = tokio::time::Instant::now() + Duration::from_secs(15);
-        while self.inner.counters.running.load(Ordering::SeqCst) > 0
-            && tokio::time::Instant::now() < wait
-        {
+        while self.running() > 0 && tokio::time::Instant::now() < wait {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -272,7 +263,7 @@ impl Inner {
             p = slot => p.ok(),
             _ = cancel.cancelled() => None,
         };
-        self.counters.queued.fetch_sub(1, Ordering::SeqCst);
+        self.metrics.queued.dec();
         let outcome = match permit {
             None if self.draining.load(Ordering::SeqCst) && !cancel.is_cancelled() => {
                 // Shutting down with the build still queued: it stays queued for the next start.
@@ -289,10 +280,13 @@ impl Inner {
                 Outcome::failed(r, format!("{m} before it started"))
             }
             Some(permit) => {
-                self.counters.running.fetch_add(1, Ordering::SeqCst);
+                self.metrics.running.inc();
+                let started = std::time::Instant::now();
                 let outcome = self.run(&spec, &cancel, cancelled_reason).await;
-                self.counters.running.fetch_sub(1, Ordering::SeqCst);
+                self.metrics.running.dec();
                 drop(permit);
+                self.metrics
+                    .build_finished(&outcome, Some(started.elapsed().as_secs_f64()));
                 outcome
             }
         };
@@ -388,6 +382,7 @@ impl Inner {
                 )
                 .await
             {
+                self.metrics.callback_failures.inc();
                 tracing::warn!(build = %id, error = %e, "pending callback not delivered");
             }
         }
@@ -414,6 +409,7 @@ impl Inner {
                 )
                 .await
             {
+                self.metrics.callback_failures.inc();
                 tracing::warn!(build = %id, error = %e, "final callback not delivered; giving up");
             }
         }
