@@ -10,7 +10,7 @@ use std::time::Duration;
 const BUILD: Duration = Duration::from_secs(120);
 
 fn dockerfile(body: &str) -> Vec<u8> {
-    format!("FROM {BASE_IMAGE}\n{body}\n").into_bytes()
+    format!("FROM {BASE_IMAGE}\n{}\n{body}\n", cache_buster()).into_bytes()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -23,7 +23,8 @@ async fn data_uri_build_is_pushed_with_args_labels_callbacks_and_stored_sources(
     let cb = Callbacks::start().await;
     // Multi-stage, CRLF, lower-case `from`: every stage sees the args.
     let df = format!(
-        "FROM {BASE_IMAGE} AS first\r\nRUN echo \"stage1 $GREETING $FROM_EXTRA\"\r\nfrom {BASE_IMAGE}\r\nRUN echo \"stage2 $GREETING\" && printf '%s' \"$MULTI\" | wc -l\r\n"
+        "FROM {BASE_IMAGE} AS first\r\n{cb}\r\nRUN echo \"stage1 $GREETING $FROM_EXTRA\"\r\nfrom {BASE_IMAGE}\r\n{cb}\r\nRUN echo \"stage2 $GREETING\" && printf '%s' \"$MULTI\" | wc -l\r\n",
+        cb = cache_buster()
     );
     let archive = tar_gz(&[("Dockerfile", df.as_bytes())]);
     let mut b = body(&data_uri(&archive), &cb);
@@ -305,7 +306,11 @@ async fn pulls_inside_the_build_use_extra_registry_config() {
     let cb = Callbacks::start().await;
     let archive = tar_gz(&[(
         "Dockerfile",
-        format!("FROM {private}\nRUN echo PRIVATE-BASE\n").as_bytes(),
+        format!(
+            "FROM {private}\n{}\nRUN echo PRIVATE-BASE\n",
+            cache_buster()
+        )
+        .as_bytes(),
     )]);
     let b = body(&data_uri(&archive), &cb);
     svc.post(&b).await;

@@ -170,7 +170,10 @@ impl Drop for Proc {
 }
 
 fn sleeper(marker: &str, secs: u32) -> String {
-    let df = format!("FROM {BASE_IMAGE}\nRUN echo {marker}-$(echo start) && sleep {secs} && echo {marker}-$(echo end)\n");
+    let df = format!(
+        "FROM {BASE_IMAGE}\n{}\nRUN echo {marker}-$(echo start) && sleep {secs} && echo {marker}-$(echo end)\n",
+        cache_buster()
+    );
     data_uri(&tar_gz(&[("Dockerfile", df.as_bytes())]))
 }
 
