@@ -162,6 +162,14 @@ pub struct BuildArgs {
         default_value_t = 600
     )]
     pub sources_total_timeout_seconds: u64,
+    /// Networks (comma-separated CIDRs) sources are never fetched from, on any redirect hop.
+    #[arg(
+        long,
+        env = "SOURCES_DENY_NETWORKS",
+        value_name = "SOURCES_DENY_NETWORKS",
+        default_value = "169.254.0.0/16,fe80::/10,fd00:ec2::254/128"
+    )]
+    pub sources_deny_networks: String,
     /// Legacy: the seed used node's debug module; any value turns on debug logging.
     #[arg(long, env = "DEBUG", value_name = "DEBUG")]
     pub debug: Option<String>,
@@ -272,6 +280,7 @@ pub struct BuildConfig {
     pub limits: Limits,
     pub sources_connect_timeout: Duration,
     pub sources_total_timeout: Duration,
+    pub deny_networks: crate::pipeline::sources::DenyList,
 }
 
 /// Size limits on sources and contexts.
@@ -300,6 +309,7 @@ impl BuildArgs {
             },
             sources_connect_timeout: Duration::from_secs(self.sources_connect_timeout_seconds),
             sources_total_timeout: Duration::from_secs(self.sources_total_timeout_seconds),
+            deny_networks: parse_deny_networks(&self.sources_deny_networks)?,
         })
     }
 
@@ -313,6 +323,25 @@ impl BuildArgs {
             }
         })
     }
+}
+
+fn parse_deny_networks(list: &str) -> Result<crate::pipeline::sources::DenyList, ConfigError> {
+    let nets = list
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<ipnet::IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    invalid(
+                        "SOURCES_DENY_NETWORKS",
+                        format!("{s:?} is not a CIDR (e.g. 169.254.0.0/16)"),
+                    )
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(crate::pipeline::sources::DenyList(nets))
 }
 
 fn parse_extra_build_args(json: Option<&str>) -> Result<BTreeMap<String, String>, ConfigError> {

@@ -99,6 +99,7 @@ pub async fn start(cfg: Config) -> Result<Started, StartError> {
         executor: Arc::new(executor.clone()),
         storage,
         extra_build_args: Arc::new(cfg.build.extra_build_args.clone()),
+        deny_networks: Arc::new(cfg.build.deny_networks.clone()),
         max_request_bytes: cfg.max_request_bytes,
         metrics,
     };

@@ -28,8 +28,11 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn new(docker: Docker, storage: Arc<dyn Storage>, config: Arc<BuildConfig>) -> Self {
-        let http =
-            sources::http_client(config.sources_connect_timeout, config.sources_total_timeout);
+        let http = sources::http_client(
+            config.sources_connect_timeout,
+            config.sources_total_timeout,
+            config.deny_networks.clone(),
+        );
         Self {
             docker,
             storage,
@@ -82,7 +85,14 @@ impl Pipeline {
                     "Fetching sources from {}",
                     sources::redact_url(url.as_str())
                 ));
-                sources::download(&self.http, url, &archive, &limits).await
+                sources::download(
+                    &self.http,
+                    &self.config.deny_networks,
+                    url,
+                    &archive,
+                    &limits,
+                )
+                .await
             }
             Fetch::Data(b64) => {
                 log.line("Decoding sources from the data: URI");
