@@ -107,6 +107,29 @@ impl BuildSpec {
             .collect()
     }
 
+    /// The spec with every credential removed: what is kept once nothing needs them.
+    pub fn scrubbed(&self) -> Self {
+        let mut s = self.clone();
+        if let Some(a) = &mut s.gm_registry_auth {
+            a.password = Secret::default();
+        }
+        s.docker_password = None;
+        s.callback_auth = None;
+        // A callback URL may carry a token in its query.
+        s.callback = s
+            .callback
+            .as_deref()
+            .map(|c| c.split('?').next().unwrap_or_default().to_string());
+        if let Some((user, pass)) = docker_source_userinfo(self.sources.expose()) {
+            let without = self
+                .sources
+                .expose()
+                .replacen(&format!("{user}:{pass}@"), "", 1);
+            s.sources = Secret::new(without);
+        }
+        s
+    }
+
     /// Every credential this spec carries, for redaction of outside text.
     pub fn secrets(&self) -> Vec<&str> {
         let mut out = Vec::new();
@@ -281,6 +304,18 @@ pub(crate) mod tests {
         assert!(s.secrets().contains(&"pw123"));
         assert!(s.secrets().contains(&"regpass"));
         assert!(s.secrets().contains(&"cb-token"));
+    }
+
+    #[test]
+    fn scrubbed_specs_hold_no_secret() {
+        let mut s = spec();
+        s.sources = Secret::new("docker://bob:pw123@host/repo:tag");
+        s.docker_password = Some(Secret::new("dpw"));
+        let json = serde_json::to_string(&s.scrubbed()).unwrap();
+        for secret in ["pw123", "regpass", "cb-token", "dpw"] {
+            assert!(!json.contains(secret), "{secret} in {json}");
+        }
+        assert!(json.contains("docker://host/repo:tag"));
     }
 
     #[test]

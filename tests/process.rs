@@ -2,12 +2,11 @@
 
 mod common;
 
+use common::bin::*;
 use common::*;
 use serde_json::{json, Value};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_buildshuttle");
 
 fn run_serve(env: &[(&str, &str)]) -> (i32, String) {
     let out = Command::new(BIN)
@@ -80,92 +79,6 @@ fn help_and_version() {
             help.contains(&format!("[env: {var}")),
             "serve --help lists {var}"
         );
-    }
-}
-
-struct Proc {
-    child: Child,
-    port: u16,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn spawn(data: &std::path::Path, port: u16, extra: &[(&str, &str)]) -> Proc {
-    let child = Command::new(BIN)
-        .arg("serve")
-        .env("PORT", port.to_string())
-        .env("LISTEN_ADDRESS", "127.0.0.1")
-        .env("DATA_DIR", data)
-        .env("CALLBACK_RETRY_SECONDS", "20")
-        .envs(extra.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn serve");
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "serve did not start"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Proc { child, port }
-}
-
-impl Proc {
-    fn url(&self, p: &str) -> String {
-        format!("http://127.0.0.1:{}{p}", self.port)
-    }
-    async fn post(&self, b: &Value) {
-        let r = reqwest::Client::new()
-            .post(self.url("/"))
-            .json(b)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-    }
-    async fn log(&self, b: &Value) -> String {
-        let p = format!(
-            "/{}-{}/{}/logs",
-            b["app"].as_str().unwrap(),
-            b["app_uuid"].as_str().unwrap(),
-            b["build_number"]
-        );
-        match reqwest::get(self.url(&p)).await {
-            Ok(r) if r.status() == 200 => r.text().await.unwrap_or_default(),
-            _ => String::new(),
-        }
-    }
-    async fn wait_log(&self, b: &Value, needle: &str) {
-        let start = Instant::now();
-        while !self.log(b).await.contains(needle) {
-            assert!(
-                start.elapsed() < Duration::from_secs(120),
-                "log never had {needle}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-    fn signal(&self, sig: &str) {
-        Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

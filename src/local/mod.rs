@@ -413,7 +413,12 @@ impl Inner {
                 tracing::warn!(build = %id, error = %e, "final callback not delivered; giving up");
             }
         }
-        self.update(id, |r| r.final_sent = true).await;
+        self.update(id, |r| {
+            r.final_sent = true;
+            // Nothing needs the credentials any more: they do not stay on disk.
+            r.spec = r.spec.scrubbed();
+        })
+        .await;
         // Done with it: the state file stays (idempotent POST, restart), memory does not grow.
         self.records.lock().await.remove(&id);
     }

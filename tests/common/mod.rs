@@ -3,6 +3,8 @@
 //! 127.0.0.1. The real dockerd and registries come from `.ci/services`.
 #![allow(dead_code)]
 
+pub mod bin;
+
 use axum::body::Bytes;
 use axum::extract::{Path as AxPath, State};
 use axum::http::{HeaderMap, StatusCode};
