@@ -23,6 +23,10 @@ pub struct BuildSpec {
     pub build_number: u64,
     /// The source URI. For `docker://user:pass@…` it carries credentials, hence `Secret`.
     pub sources: Secret,
+    /// The archive is already in storage under `source_key()` (a `data:` URI decoded at
+    /// submit time); `sources` then no longer carries the payload.
+    #[serde(default)]
+    pub sources_stored: bool,
     #[serde(default)]
     pub sha: Option<String>,
     #[serde(default)]
@@ -252,6 +256,7 @@ pub(crate) mod tests {
             app_uuid: "0b1c2d3e-aaaa-bbbb-cccc-111122223333".into(),
             build_number: 12,
             sources: Secret::new("data:base64,AAAA"),
+            sources_stored: false,
             sha: None,
             branch: None,
             repo: None,

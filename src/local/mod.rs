@@ -447,7 +447,7 @@ async fn dispatch(
 
 #[async_trait]
 impl Executor for LocalExecutor {
-    async fn submit(&self, spec: BuildSpec) -> Result<(), ExecutorError> {
+    async fn submit(&self, mut spec: BuildSpec) -> Result<(), ExecutorError> {
         if self.inner.draining.load(Ordering::SeqCst) {
             return Err(ExecutorError::Unavailable(
                 "the service is shutting down".into(),
@@ -461,6 +461,11 @@ impl Executor for LocalExecutor {
                 return Ok(());
             }
         }
+        // A data: payload goes to storage now; the state keeps a reference, not megabytes.
+        self.inner
+            .pipeline
+            .stage_inline_sources(&mut spec, &self.inner.workroot)
+            .await;
         let rec = Record {
             seq: self.inner.seq.fetch_add(1, Ordering::SeqCst),
             spec,
