@@ -100,7 +100,7 @@ impl LocalExecutor {
             metrics,
         });
         let exec = Self { inner };
-        exec.inner.tasks.spawn(dispatch(exec.inner.clone(), rx));
+        exec.inner.supervise(dispatch(exec.inner.clone(), rx));
         exec.recover().await?;
         Ok(exec)
     }
@@ -135,15 +135,13 @@ impl LocalExecutor {
                     self.inner.records.lock().await.insert(id, rec.clone());
                     let inner = self.inner.clone();
                     self.inner
-                        .tasks
-                        .spawn(async move { inner.send_callbacks(id).await });
+                        .supervise(async move { inner.send_callbacks(id).await });
                 }
                 Phase::Finished if !rec.final_sent || !rec.pending_sent => {
                     self.inner.records.lock().await.insert(id, rec);
                     let inner = self.inner.clone();
                     self.inner
-                        .tasks
-                        .spawn(async move { inner.send_callbacks(id).await });
+                        .supervise(async move { inner.send_callbacks(id).await });
                 }
                 Phase::Finished => {}
             }
@@ -174,8 +172,7 @@ impl LocalExecutor {
         let _ = self.inner.queue.send((id, tx));
         let inner = self.inner.clone();
         self.inner
-            .tasks
-            .spawn(async move { inner.lifecycle(rec.spec, rx, cancel, reason).await });
+            .supervise(async move { inner.lifecycle(rec.spec, rx, cancel, reason).await });
     }
 
     /// Stops accepting builds, lets running builds finish within `grace`, then stops the
@@ -205,6 +202,16 @@ impl LocalExecutor {
 }
 
 impl Inner {
+    /// Spawns a task whose panic is logged rather than lost (the build it served would
+    /// otherwise never report).
+    fn supervise(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(async move {
+            if let Err(e) = tokio::spawn(fut).await {
+                tracing::error!(error = %e, "a build task died; its build is reported on the next start");
+            }
+        });
+    }
+
     fn running_tokens(&self) -> Vec<(CancellationToken, StopReason)> {
         let Ok(active) = self.active.lock() else {
             return Vec::new();
