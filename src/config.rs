@@ -250,6 +250,8 @@ pub struct KubernetesConfig {
     pub identity: String,
     /// DOCKER_BUILD_SETTINGS as given (passed to external-mode workers).
     pub docker_settings_json: String,
+    /// SOURCES_DENY_NETWORKS as given (passed to workers).
+    pub sources_deny_networks: String,
 }
 
 /// What every process that runs the pipeline needs (serve in local mode, and the worker).
@@ -331,6 +333,14 @@ pub struct BuildArgs {
         default_value_t = 600
     )]
     pub sources_total_timeout_seconds: u64,
+    /// Networks (comma-separated CIDRs) sources are never fetched from, on any redirect hop.
+    #[arg(
+        long,
+        env = "SOURCES_DENY_NETWORKS",
+        value_name = "SOURCES_DENY_NETWORKS",
+        default_value = "169.254.0.0/16,fe80::/10,fd00:ec2::254/128"
+    )]
+    pub sources_deny_networks: String,
     /// Legacy: the seed used node's debug module; any value turns on debug logging.
     #[arg(long, env = "DEBUG", value_name = "DEBUG")]
     pub debug: Option<String>,
@@ -441,6 +451,7 @@ pub struct BuildConfig {
     pub limits: Limits,
     pub sources_connect_timeout: Duration,
     pub sources_total_timeout: Duration,
+    pub deny_networks: crate::pipeline::sources::DenyList,
 }
 
 /// Size limits on sources and contexts.
@@ -469,6 +480,7 @@ impl BuildArgs {
             },
             sources_connect_timeout: Duration::from_secs(self.sources_connect_timeout_seconds),
             sources_total_timeout: Duration::from_secs(self.sources_total_timeout_seconds),
+            deny_networks: parse_deny_networks(&self.sources_deny_networks)?,
         })
     }
 
@@ -482,6 +494,25 @@ impl BuildArgs {
             }
         })
     }
+}
+
+fn parse_deny_networks(list: &str) -> Result<crate::pipeline::sources::DenyList, ConfigError> {
+    let nets = list
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<ipnet::IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    invalid(
+                        "SOURCES_DENY_NETWORKS",
+                        format!("{s:?} is not a CIDR (e.g. 169.254.0.0/16)"),
+                    )
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(crate::pipeline::sources::DenyList(nets))
 }
 
 fn parse_extra_build_args(json: Option<&str>) -> Result<BTreeMap<String, String>, ConfigError> {
@@ -568,6 +599,7 @@ impl ServeArgs {
                         .filter(|n| !n.is_empty())
                         .unwrap_or_else(|| format!("buildshuttle-{}", uuid::Uuid::new_v4())),
                     docker_settings_json: self.build.docker_build_settings.clone(),
+                    sources_deny_networks: self.build.sources_deny_networks.clone(),
                 }
             },
         })

@@ -6,9 +6,9 @@ use crate::callback::Callbacks;
 use crate::config::Config;
 use crate::local::{LocalExecutor, LocalSettings};
 use crate::logs::{LogFiles, LogSinks};
+use crate::metrics::Metrics;
 use crate::pipeline::{docker, Pipeline};
 use crate::storage::{LocalStorage, Storage};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,6 +86,7 @@ pub async fn start(cfg: Config) -> Result<Started, StartError> {
         storage: storage.clone(),
         show_build_logs: cfg.build.show_build_logs,
     };
+    let metrics = Arc::new(Metrics::new());
     let executor = LocalExecutor::start(
         LocalSettings {
             data_dir: data_dir.clone(),
@@ -95,24 +96,18 @@ pub async fn start(cfg: Config) -> Result<Started, StartError> {
         pipeline,
         sinks,
         Callbacks::new(cfg.callback_retry_for),
+        metrics.clone(),
     )
     .await
     .map_err(data_err)?;
 
-    let metrics_exec = executor.clone();
     let state = AppState {
         executor: Arc::new(executor.clone()),
         storage,
         extra_build_args: Arc::new(cfg.build.extra_build_args.clone()),
+        deny_networks: Arc::new(cfg.build.deny_networks.clone()),
         max_request_bytes: cfg.max_request_bytes,
-        metrics: Arc::new(move || {
-            let c = metrics_exec.counters();
-            format!(
-                "# TYPE buildshuttle_queued_builds gauge\nbuildshuttle_queued_builds {}\n# TYPE buildshuttle_running_builds gauge\nbuildshuttle_running_builds {}\n# EOF\n",
-                c.queued.load(Ordering::SeqCst),
-                c.running.load(Ordering::SeqCst)
-            )
-        }),
+        metrics,
     };
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
@@ -131,15 +126,16 @@ pub async fn start(cfg: Config) -> Result<Started, StartError> {
 /// Kubernetes mode: the API is a facade writing BuildJobs; the controller (unless
 /// RUN_CONTROLLER=false) runs here too, behind a Lease.
 async fn start_kubernetes(cfg: Config) -> Result<Started, StartError> {
-    let mode =
-        crate::operator::KubernetesMode::start(&cfg, Arc::new(crate::operator::NoObserver)).await?;
+    let metrics = Arc::new(Metrics::new());
+    let mode = crate::operator::KubernetesMode::start(&cfg, metrics.clone()).await?;
     tracing::info!(storage = %mode.storage.describe(), controller = cfg.kubernetes.run_controller, "Kubernetes mode");
     let state = AppState {
         executor: Arc::new(mode.executor.clone()),
         storage: mode.storage.clone(),
         extra_build_args: Arc::new(cfg.build.extra_build_args.clone()),
+        deny_networks: Arc::new(cfg.build.deny_networks.clone()),
         max_request_bytes: cfg.max_request_bytes,
-        metrics: Arc::new(|| "# EOF\n".to_string()),
+        metrics,
     };
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await

@@ -25,23 +25,23 @@ pub enum WorkerError {
         "WORKER_SOURCES is required for {0:?} sources (the credentials Secret has no \"sources\")"
     )]
     NoSources(SourceKind),
-    #[error("BUILD_JOB_SPEC: stored sources without a storageKey")]
-    NoStorageKey,
+    #[error("BUILD_JOB_SPEC: stored sources must be under the build's source key ({0})")]
+    StorageKey(String),
 }
 
-/// The BuildSpec the pipeline runs, and the storage key when the archive is stored.
-pub fn build_spec(args: &WorkerArgs) -> Result<(BuildSpec, Option<String>), WorkerError> {
+/// The BuildSpec the pipeline runs.
+pub fn build_spec(args: &WorkerArgs) -> Result<BuildSpec, WorkerError> {
     let job: BuildJobSpec = serde_json::from_str(&args.spec).map_err(WorkerError::Spec)?;
     let build_uuid = uuid::Uuid::parse_str(&job.build_uuid)
         .map_err(|_| WorkerError::BuildUuid(job.build_uuid.clone()))?;
     let (sources, stored) = match job.source.kind {
         SourceKind::Stored => {
-            let key = job
-                .source
-                .storage_key
-                .clone()
-                .ok_or(WorkerError::NoStorageKey)?;
-            (Secret::new(format!("storage:{key}")), Some(key))
+            let key = crate::build::source_key(&build_uuid);
+            if job.source.storage_key.as_deref() != Some(key.as_str()) {
+                return Err(WorkerError::StorageKey(key));
+            }
+            // As a staged local-mode build: the pipeline reads the archive from storage.
+            (Secret::new("data:base64,"), true)
         }
         kind => {
             let s = args
@@ -49,7 +49,7 @@ pub fn build_spec(args: &WorkerArgs) -> Result<(BuildSpec, Option<String>), Work
                 .clone()
                 .filter(|s| !s.is_empty())
                 .ok_or(WorkerError::NoSources(kind))?;
-            (Secret::new(s), None)
+            (Secret::new(s), false)
         }
     };
     let gm_registry_auth = match (&args.gm_registry_username, &args.gm_registry_password) {
@@ -66,6 +66,7 @@ pub fn build_spec(args: &WorkerArgs) -> Result<(BuildSpec, Option<String>), Work
         app_uuid: job.app_uuid,
         build_number: job.build_number,
         sources,
+        sources_stored: stored,
         sha: job.sha,
         branch: job.branch,
         repo: job.repo,
@@ -85,14 +86,14 @@ pub fn build_spec(args: &WorkerArgs) -> Result<(BuildSpec, Option<String>), Work
             .filter(|p| !p.is_empty())
             .map(Secret::new),
     };
-    Ok((spec, stored))
+    Ok(spec)
 }
 
 /// Runs the build and writes the outcome. Returns the outcome (exit 0 iff a success).
 pub async fn run(args: WorkerArgs) -> Outcome {
     let outcome = match args.build.validate() {
         Ok(cfg) => match build_spec(&args) {
-            Ok((spec, stored)) => build(&args, &cfg, &spec, stored.as_deref()).await,
+            Ok(spec) => build(&args, &cfg, &spec).await,
             Err(e) => Outcome::failed(FailureReason::InvalidSources, e.to_string()),
         },
         Err(e) => Outcome::failed(
@@ -106,12 +107,7 @@ pub async fn run(args: WorkerArgs) -> Outcome {
     outcome
 }
 
-async fn build(
-    args: &WorkerArgs,
-    cfg: &BuildConfig,
-    spec: &BuildSpec,
-    stored: Option<&str>,
-) -> Outcome {
+async fn build(args: &WorkerArgs, cfg: &BuildConfig, spec: &BuildSpec) -> Outcome {
     let storage = match crate::storage::open(cfg).await {
         Ok(s) => s,
         Err(e) => {
@@ -155,14 +151,8 @@ async fn build(
         Ok(conn) => {
             let pipeline = Pipeline::new(conn, storage, std::sync::Arc::new(cfg.clone()));
             let workdir = cfg.data_dir.join("build");
-            let run = async {
-                match stored {
-                    Some(key) => pipeline.run_stored(spec, key, &mut log, &workdir).await,
-                    None => pipeline.run(spec, &mut log, &workdir).await,
-                }
-            };
             let o = tokio::select! {
-                o = run => o,
+                o = pipeline.run(spec, &mut log, &workdir) => o,
                 _ = tokio::time::sleep(cfg.timeout) => Outcome::failed(
                     FailureReason::Timeout,
                     format!("the build ran longer than TIMEOUT_IN_MS ({} ms)", cfg.timeout.as_millis()),
@@ -290,8 +280,8 @@ mod tests {
         let crate::config::Command::Worker(args) = cli.command else {
             panic!("worker")
         };
-        let (spec, stored) = build_spec(&args).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(stored, None);
+        let spec = build_spec(&args).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!spec.sources_stored);
         assert_eq!(spec.sources.expose(), "https://tok@h/a.tgz");
         assert_eq!(spec.image(), b.image());
         assert_eq!(

@@ -31,6 +31,7 @@ fn spec(app: &str) -> BuildSpec {
         app_uuid: uuid::Uuid::new_v4().to_string(),
         build_number: 3,
         sources: Secret::new("unused"),
+        sources_stored: false,
         sha: None,
         branch: None,
         repo: None,

@@ -9,6 +9,7 @@ use crate::build::{BuildSpec, FailureReason, Outcome};
 use crate::callback::Callbacks;
 use crate::executor::{BuildSelector, Executor, ExecutorError};
 use crate::logs::LogSinks;
+use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::storage::Object;
 use async_trait::async_trait;
@@ -50,15 +51,11 @@ struct Inner {
     tasks: TaskTracker,
     timeout: Duration,
     workroot: PathBuf,
-    pub counters: Counters,
+    metrics: Arc<Metrics>,
 }
 
-/// Live numbers for /metrics and the load script.
-#[derive(Default)]
-pub struct Counters {
-    pub queued: AtomicU64,
-    pub running: AtomicU64,
-}
+/// Why a build was stopped, set before its token fires; `None` means "stopped by request".
+type StopReason = Arc<Mutex<Option<(FailureReason, String)>>>;
 
 struct Active {
     app: String,
@@ -66,7 +63,7 @@ struct Active {
     build_number: u64,
     cancel: CancellationToken,
     /// Why it was cancelled: set before the token fires.
-    reason: Arc<Mutex<Option<(FailureReason, String)>>>,
+    reason: StopReason,
 }
 
 impl LocalExecutor {
@@ -77,6 +74,7 @@ impl LocalExecutor {
         pipeline: Pipeline,
         sinks: LogSinks,
         callbacks: Callbacks,
+        metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let state = StateStore::new(settings.data_dir.join("state"))?;
         let workroot = settings.data_dir.join("work");
@@ -99,16 +97,16 @@ impl LocalExecutor {
             tasks: TaskTracker::new(),
             timeout: settings.timeout,
             workroot,
-            counters: Counters::default(),
+            metrics,
         });
         let exec = Self { inner };
-        exec.inner.tasks.spawn(dispatch(exec.inner.clone(), rx));
+        exec.inner.supervise(dispatch(exec.inner.clone(), rx));
         exec.recover().await?;
         Ok(exec)
     }
 
-    pub fn counters(&self) -> &Counters {
-        &self.inner.counters
+    fn running(&self) -> i64 {
+        self.inner.metrics.running.get()
     }
 
     async fn recover(&self) -> std::io::Result<()> {
@@ -136,12 +134,14 @@ impl LocalExecutor {
                     self.inner.state.save(&rec).await?;
                     self.inner.records.lock().await.insert(id, rec.clone());
                     let inner = self.inner.clone();
-                    self.inner.tasks.spawn(async move { inner.send_callbacks(id).await });
+                    self.inner
+                        .supervise(async move { inner.send_callbacks(id).await });
                 }
                 Phase::Finished if !rec.final_sent || !rec.pending_sent => {
                     self.inner.records.lock().await.insert(id, rec);
                     let inner = self.inner.clone();
-                    self.inner.tasks.spawn(async move { inner.send_callbacks(id).await });
+                    self.inner
+                        .supervise(async move { inner.send_callbacks(id).await });
                 }
                 Phase::Finished => {}
             }
@@ -166,14 +166,13 @@ impl LocalExecutor {
                 },
             );
         }
-        self.inner.counters.queued.fetch_add(1, Ordering::SeqCst);
+        self.inner.metrics.queued.inc();
         let (tx, rx) = oneshot::channel();
         // The dispatcher hands out slots in the order builds were queued.
         let _ = self.inner.queue.send((id, tx));
         let inner = self.inner.clone();
         self.inner
-            .tasks
-            .spawn(async move { inner.lifecycle(rec.spec, rx, cancel, reason).await });
+            .supervise(async move { inner.lifecycle(rec.spec, rx, cancel, reason).await });
     }
 
     /// Stops accepting builds, lets running builds finish within `grace`, then stops the
@@ -181,7 +180,7 @@ impl LocalExecutor {
     pub async fn shutdown(&self, grace: Duration) {
         self.inner.draining.store(true, Ordering::SeqCst);
         let deadline = tokio::time::Instant::now() + grace;
-        while self.inner.counters.running.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+        while self.running() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let running: Vec<_> = self.inner.running_tokens();
@@ -196,21 +195,38 @@ impl LocalExecutor {
         }
         // Let the stopped builds record their outcome and send their callbacks (bounded).
         let wait = tokio::time::Instant::now() + Duration::from_secs(15);
-        while self.inner.counters.running.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < wait {
+        while self.running() > 0 && tokio::time::Instant::now() < wait {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }
 
 impl Inner {
-    fn running_tokens(&self) -> Vec<(CancellationToken, Arc<Mutex<Option<(FailureReason, String)>>>)> {
-        let Ok(active) = self.active.lock() else { return Vec::new() };
-        active.values().map(|a| (a.cancel.clone(), a.reason.clone())).collect()
+    /// Spawns a task whose panic is logged rather than lost (the build it served would
+    /// otherwise never report).
+    fn supervise(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(async move {
+            if let Err(e) = tokio::spawn(fut).await {
+                tracing::error!(error = %e, "a build task died; its build is reported on the next start");
+            }
+        });
+    }
+
+    fn running_tokens(&self) -> Vec<(CancellationToken, StopReason)> {
+        let Ok(active) = self.active.lock() else {
+            return Vec::new();
+        };
+        active
+            .values()
+            .map(|a| (a.cancel.clone(), a.reason.clone()))
+            .collect()
     }
 
     async fn update(&self, id: Uuid, f: impl FnOnce(&mut Record)) {
         let mut records = self.records.lock().await;
-        let Some(rec) = records.get_mut(&id) else { return };
+        let Some(rec) = records.get_mut(&id) else {
+            return;
+        };
         f(rec);
         if let Err(e) = self.state.save(rec).await {
             tracing::error!(build = %id, error = %e, "could not write the build's state under DATA_DIR");
@@ -220,7 +236,11 @@ impl Inner {
     fn append_log_line(&self, spec: &BuildSpec, line: &str) {
         use std::io::Write;
         if let Some(path) = self.sinks.files.path(&spec.log_key()) {
-            if let Ok(mut f) = std::fs::OpenOptions::new().append(true).create(true).open(path) {
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(path)
+            {
                 let _ = writeln!(f, "{line}");
             }
         }
@@ -231,7 +251,7 @@ impl Inner {
         spec: BuildSpec,
         slot: oneshot::Receiver<OwnedSemaphorePermit>,
         cancel: CancellationToken,
-        reason: Arc<Mutex<Option<(FailureReason, String)>>>,
+        reason: StopReason,
     ) {
         let id = spec.build_uuid;
         // The pending callback goes out beside the build; the final one waits for it.
@@ -250,7 +270,7 @@ impl Inner {
             p = slot => p.ok(),
             _ = cancel.cancelled() => None,
         };
-        self.counters.queued.fetch_sub(1, Ordering::SeqCst);
+        self.metrics.queued.dec();
         let outcome = match permit {
             None if self.draining.load(Ordering::SeqCst) && !cancel.is_cancelled() => {
                 // Shutting down with the build still queued: it stays queued for the next start.
@@ -260,14 +280,20 @@ impl Inner {
             }
             None => {
                 let (r, m) = cancelled_reason();
-                self.append_log_line(&spec, &format!("Build failed ({}): {m} before it started", r.as_str()));
+                self.append_log_line(
+                    &spec,
+                    &format!("Build failed ({}): {m} before it started", r.as_str()),
+                );
                 Outcome::failed(r, format!("{m} before it started"))
             }
             Some(permit) => {
-                self.counters.running.fetch_add(1, Ordering::SeqCst);
+                self.metrics.running.inc();
+                let started = std::time::Instant::now();
                 let outcome = self.run(&spec, &cancel, cancelled_reason).await;
-                self.counters.running.fetch_sub(1, Ordering::SeqCst);
+                self.metrics.running.dec();
                 drop(permit);
+                self.metrics
+                    .build_finished(&outcome, Some(started.elapsed().as_secs_f64()));
                 outcome
             }
         };
@@ -323,7 +349,10 @@ impl Inner {
             }
         };
         if let Outcome::Failed { reason, message } = &outcome {
-            if matches!(reason, FailureReason::Timeout | FailureReason::Cancelled | FailureReason::Interrupted) {
+            if matches!(
+                reason,
+                FailureReason::Timeout | FailureReason::Cancelled | FailureReason::Interrupted
+            ) {
                 log.line(&format!("Build failed ({}): {message}", reason.as_str()));
             }
         }
@@ -343,16 +372,24 @@ impl Inner {
     }
 
     async fn send_pending(&self, id: Uuid) {
-        let Some(rec) = self.record(id).await else { return };
+        let Some(rec) = self.record(id).await else {
+            return;
+        };
         if rec.pending_sent {
             return;
         }
         if let Some(url) = &rec.spec.callback {
             if let Err(e) = self
                 .callbacks
-                .deliver(url, rec.spec.callback_auth.as_ref(), rec.spec.build_number, "pending")
+                .deliver(
+                    url,
+                    rec.spec.callback_auth.as_ref(),
+                    rec.spec.build_number,
+                    "pending",
+                )
                 .await
             {
+                self.metrics.callback_failures.inc();
                 tracing::warn!(build = %id, error = %e, "pending callback not delivered");
             }
         }
@@ -362,30 +399,50 @@ impl Inner {
     /// Sends whatever callbacks the record still owes: pending first, then the final one.
     async fn send_callbacks(&self, id: Uuid) {
         self.send_pending(id).await;
-        let Some(rec) = self.record(id).await else { return };
-        let Some(outcome) = rec.outcome.as_ref().filter(|_| !rec.final_sent) else { return };
+        let Some(rec) = self.record(id).await else {
+            return;
+        };
+        let Some(outcome) = rec.outcome.as_ref().filter(|_| !rec.final_sent) else {
+            return;
+        };
         if let Some(url) = &rec.spec.callback {
             if let Err(e) = self
                 .callbacks
-                .deliver(url, rec.spec.callback_auth.as_ref(), rec.spec.build_number, outcome.callback_status())
+                .deliver(
+                    url,
+                    rec.spec.callback_auth.as_ref(),
+                    rec.spec.build_number,
+                    outcome.callback_status(),
+                )
                 .await
             {
+                self.metrics.callback_failures.inc();
                 tracing::warn!(build = %id, error = %e, "final callback not delivered; giving up");
             }
         }
-        self.update(id, |r| r.final_sent = true).await;
+        self.update(id, |r| {
+            r.final_sent = true;
+            // Nothing needs the credentials any more: they do not stay on disk.
+            r.spec = r.spec.scrubbed();
+        })
+        .await;
         // Done with it: the state file stays (idempotent POST, restart), memory does not grow.
         self.records.lock().await.remove(&id);
     }
 }
 
 /// Hands out build slots in submission order; a build stopped while queued is skipped.
-async fn dispatch(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<(Uuid, oneshot::Sender<OwnedSemaphorePermit>)>) {
+async fn dispatch(
+    inner: Arc<Inner>,
+    mut rx: mpsc::UnboundedReceiver<(Uuid, oneshot::Sender<OwnedSemaphorePermit>)>,
+) {
     while let Some((_id, slot)) = rx.recv().await {
         if slot.is_closed() {
             continue;
         }
-        let Ok(permit) = inner.semaphore.clone().acquire_owned().await else { return };
+        let Ok(permit) = inner.semaphore.clone().acquire_owned().await else {
+            return;
+        };
         if inner.draining.load(Ordering::SeqCst) {
             // Dropping `slot` tells the build it stays queued.
             continue;
@@ -397,9 +454,11 @@ async fn dispatch(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<(Uuid, ones
 
 #[async_trait]
 impl Executor for LocalExecutor {
-    async fn submit(&self, spec: BuildSpec) -> Result<(), ExecutorError> {
+    async fn submit(&self, mut spec: BuildSpec) -> Result<(), ExecutorError> {
         if self.inner.draining.load(Ordering::SeqCst) {
-            return Err(ExecutorError::Unavailable("the service is shutting down".into()));
+            return Err(ExecutorError::Unavailable(
+                "the service is shutting down".into(),
+            ));
         }
         let id = spec.build_uuid;
         {
@@ -409,6 +468,11 @@ impl Executor for LocalExecutor {
                 return Ok(());
             }
         }
+        // A data: payload goes to storage now; the state keeps a reference, not megabytes.
+        self.inner
+            .pipeline
+            .stage_inline_sources(&mut spec, &self.inner.workroot)
+            .await;
         let rec = Record {
             seq: self.inner.seq.fetch_add(1, Ordering::SeqCst),
             spec,
@@ -437,7 +501,9 @@ impl Executor for LocalExecutor {
     }
 
     async fn stop(&self, which: BuildSelector) -> Result<usize, ExecutorError> {
-        let Ok(active) = self.inner.active.lock() else { return Ok(0) };
+        let Ok(active) = self.inner.active.lock() else {
+            return Ok(0);
+        };
         let mut n = 0;
         for a in active.values() {
             if a.app == which.app
@@ -451,7 +517,13 @@ impl Executor for LocalExecutor {
         Ok(n)
     }
 
-    async fn log(&self, app: &str, app_uuid: &str, build_number: u64, offset: u64) -> Result<Option<Object>, ExecutorError> {
+    async fn log(
+        &self,
+        app: &str,
+        app_uuid: &str,
+        build_number: u64,
+        offset: u64,
+    ) -> Result<Option<Object>, ExecutorError> {
         let key = crate::build::log_key(app, app_uuid, build_number);
         if let Some(path) = self.inner.sinks.files.path(&key) {
             if let Ok(file) = tokio::fs::File::open(&path).await {
@@ -469,7 +541,9 @@ impl Executor for LocalExecutor {
     }
 
     async fn is_active(&self, app: &str, app_uuid: &str, build_number: u64) -> bool {
-        let Ok(active) = self.inner.active.lock() else { return false };
+        let Ok(active) = self.inner.active.lock() else {
+            return false;
+        };
         active
             .values()
             .any(|a| a.app == app && a.app_uuid == app_uuid && a.build_number == build_number)

@@ -16,7 +16,11 @@ use std::sync::Arc;
 pub async fn file_from(mut file: tokio::fs::File, offset: u64) -> crate::storage::Object {
     use futures::StreamExt;
     use tokio::io::AsyncSeekExt;
-    let len = file.metadata().await.ok().map(|m| m.len().saturating_sub(offset));
+    let len = file
+        .metadata()
+        .await
+        .ok()
+        .map(|m| m.len().saturating_sub(offset));
     if offset > 0 && file.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
         return crate::storage::Object {
             len: Some(0),
@@ -74,7 +78,10 @@ impl LogSinks {
             self.storage.clone(),
         )?));
         if self.show_build_logs {
-            log = log.with_sink(Box::new(StdoutSink::new(format!("[{}-{}]", spec.app, spec.build_number))));
+            log = log.with_sink(Box::new(StdoutSink::new(format!(
+                "[{}-{}]",
+                spec.app, spec.build_number
+            ))));
         }
         Ok(log)
     }
@@ -94,7 +101,9 @@ pub struct StdoutSink {
 
 impl StdoutSink {
     pub fn new(prefix: impl Into<String>) -> Self {
-        Self { prefix: prefix.into() }
+        Self {
+            prefix: prefix.into(),
+        }
     }
 }
 
@@ -168,7 +177,8 @@ mod tests {
     #[tokio::test]
     async fn lines_are_split_redacted_and_end_with_finished() {
         let got = Arc::new(Mutex::new(Vec::new()));
-        let mut log = BuildLog::new(vec!["s3cret".into()]).with_sink(Box::new(Capture(got.clone())));
+        let mut log =
+            BuildLog::new(vec!["s3cret".into()]).with_sink(Box::new(Capture(got.clone())));
         log.line("Step 1/2 : FROM x\n\nlogin s3cret ok\r\n");
         log.finish().await;
         assert_eq!(

@@ -250,8 +250,12 @@ pub async fn reconcile(job: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Requeue>
                 (Some(s), Some(c)) => Duration::try_from(c.0.duration_since(s.0)).ok(),
                 _ => None,
             };
+            let reason = status
+                .condition()
+                .map(|c| c.reason.clone())
+                .unwrap_or_default();
             ctx.observer
-                .build_finished(status.phase == Some(Phase::Succeeded), seconds);
+                .build_finished(status.phase == Some(Phase::Succeeded), &reason, seconds);
             ctx.starting
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())

@@ -67,6 +67,14 @@ impl KubeExecutor {
 
     /// Where the sources are, for the CR: `data:` archives are stored now.
     async fn source_ref(&self, spec: &BuildSpec) -> Result<SourceRef, ExecutorError> {
+        if spec.sources_stored {
+            let key = spec.source_key();
+            return Ok(SourceRef {
+                kind: SourceKind::Stored,
+                display: format!("stored as {key}"),
+                storage_key: Some(key),
+            });
+        }
         Ok(match sources::parse(spec.sources.expose()) {
             Ok(Source::Data(b64)) => {
                 tokio::fs::create_dir_all(&self.scratch)

@@ -13,8 +13,9 @@ use std::time::Duration;
 
 /// The seam for metrics (`src/metrics.rs` implements it): what the controller reports.
 pub trait Observer: Send + Sync + 'static {
-    /// A build ended; `seconds` from pod creation to the end when known.
-    fn build_finished(&self, succeeded: bool, duration: Option<Duration>);
+    /// A build ended with the `Succeeded` condition's `reason`; `duration` from the worker
+    /// pod's creation to the end, when known.
+    fn build_finished(&self, succeeded: bool, reason: &str, duration: Option<Duration>);
     /// A status callback could not be delivered.
     fn callback_failed(&self);
     /// BuildJobs waiting for a slot and holding one, as the controller's cache shows them.
@@ -25,13 +26,40 @@ pub trait Observer: Send + Sync + 'static {
 pub struct NoObserver;
 
 impl Observer for NoObserver {
-    fn build_finished(&self, _succeeded: bool, _duration: Option<Duration>) {}
+    fn build_finished(&self, _succeeded: bool, _reason: &str, _duration: Option<Duration>) {}
     fn callback_failed(&self) {}
     fn queue(&self, _queued: usize, _running: usize) {}
 }
 
 #[cfg(test)]
 pub(crate) mod mock;
+
+/// The service's Prometheus metrics, fed by the controller. Reasons only the controller
+/// knows (OOMKilled, PodEvicted, …) are counted as `Internal`.
+impl Observer for crate::metrics::Metrics {
+    fn build_finished(&self, succeeded: bool, reason: &str, duration: Option<Duration>) {
+        use crate::build::{FailureReason, Outcome};
+        let outcome = if succeeded {
+            Outcome::Succeeded {
+                image: String::new(),
+                digest: None,
+            }
+        } else {
+            let r =
+                serde_json::from_value::<FailureReason>(serde_json::Value::String(reason.into()))
+                    .unwrap_or(FailureReason::Internal);
+            Outcome::failed(r, "")
+        };
+        self.build_finished(&outcome, duration.map(|d| d.as_secs_f64()));
+    }
+    fn callback_failed(&self) {
+        self.callback_failures.inc();
+    }
+    fn queue(&self, queued: usize, running: usize) {
+        self.queued.set(i64::try_from(queued).unwrap_or(i64::MAX));
+        self.running.set(i64::try_from(running).unwrap_or(i64::MAX));
+    }
+}
 
 /// Kubernetes mode as `serve` runs it: the facade, and (unless RUN_CONTROLLER=false) the
 /// controller behind the Lease, supervised: if it stops on its own, `died` fires.
@@ -103,6 +131,7 @@ impl KubernetesMode {
                 timeout: cfg.build.timeout,
                 no_cache: cfg.build.no_cache,
                 kafka_topic: cfg.build.kafka_topic.clone(),
+                sources_deny_networks: k.sources_deny_networks.clone(),
                 env_secret: k.worker_env_secret.clone(),
                 service_account: k.worker_service_account.clone(),
             };

@@ -63,6 +63,8 @@ pub struct PodSettings {
     pub timeout: Duration,
     pub no_cache: bool,
     pub kafka_topic: String,
+    /// SOURCES_DENY_NETWORKS of the service, applied by the worker too.
+    pub sources_deny_networks: String,
     /// A Secret imported whole into the worker's environment (S3 credentials, TLS dockerd…).
     pub env_secret: Option<String>,
     pub service_account: Option<String>,
@@ -92,6 +94,7 @@ pub fn worker_pod(job: &BuildJob, attempt: u32, s: &PodSettings) -> Result<Pod, 
         plain("TIMEOUT_IN_MS", s.timeout.as_millis().to_string()),
         plain("NO_CACHE", s.no_cache.to_string()),
         plain("KAFKA_TOPIC", s.kafka_topic.clone()),
+        plain("SOURCES_DENY_NETWORKS", s.sources_deny_networks.clone()),
         plain("DATA_DIR", WORK_DIR.to_string()),
         plain(env::TERMINATION_LOG_PATH, TERMINATION_LOG.to_string()),
         plain("SHOW_BUILD_LOGS", "true".into()),
@@ -275,6 +278,7 @@ pub(crate) mod tests {
             timeout: Duration::from_millis(1_200_000),
             no_cache: false,
             kafka_topic: "alamobuildlogs".into(),
+            sources_deny_networks: "169.254.0.0/16".into(),
             env_secret: None,
             service_account: None,
         }

@@ -6,7 +6,9 @@ use crate::config::Limits;
 use crate::secret::Secret;
 use base64::Engine;
 use futures::StreamExt;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
@@ -53,7 +55,10 @@ pub struct DockerSource {
 }
 
 pub fn parse(uri: &str) -> Result<Source, SourceError> {
-    let scheme = uri.split_once(':').map(|(s, _)| s.to_ascii_lowercase()).unwrap_or_default();
+    let scheme = uri
+        .split_once(':')
+        .map(|(s, _)| s.to_ascii_lowercase())
+        .unwrap_or_default();
     match scheme.as_str() {
         "http" | "https" => reqwest::Url::parse(uri)
             .map(Source::Http)
@@ -68,7 +73,10 @@ fn parse_data(uri: &str) -> Result<&str, SourceError> {
     let rest = &uri[5..];
     let (meta, payload) = rest.split_once(',').ok_or(SourceError::DataNotBase64)?;
     // Legacy: "data:base64,…"; standard: "data:application/zip;base64,…" (parameters allowed).
-    if meta.split(';').any(|p| p.trim().eq_ignore_ascii_case("base64")) {
+    if meta
+        .split(';')
+        .any(|p| p.trim().eq_ignore_ascii_case("base64"))
+    {
         Ok(payload)
     } else {
         Err(SourceError::DataNotBase64)
@@ -90,7 +98,10 @@ fn parse_docker(uri: &str) -> Result<DockerSource, SourceError> {
         None => (None, None),
         Some(ui) => {
             let (u, p) = ui.split_once(':').ok_or_else(bad)?;
-            (Some(percent_decode(u)), Some(Secret::new(percent_decode(p))))
+            (
+                Some(percent_decode(u)),
+                Some(Secret::new(percent_decode(p))),
+            )
         }
     };
     let registry = image.split('/').next().unwrap_or_default().to_string();
@@ -165,7 +176,9 @@ pub async fn write_data(b64: &str, dest: &Path, limits: &Limits) -> Result<u64, 
     let mut written = 0u64;
     // 64 KiB of base64 at a time (a multiple of 4, so padding only ends the last chunk).
     for chunk in trimmed.as_bytes().chunks(64 * 1024) {
-        let bytes = engine.decode(chunk).map_err(|e| SourceError::BadBase64(e.to_string()))?;
+        let bytes = engine
+            .decode(chunk)
+            .map_err(|e| SourceError::BadBase64(e.to_string()))?;
         written += bytes.len() as u64;
         file.write_all(&bytes).await?;
     }
@@ -178,13 +191,82 @@ pub async fn write_data(b64: &str, dest: &Path, limits: &Limits) -> Result<u64, 
     Ok(written)
 }
 
-/// An HTTP client for source downloads.
-pub fn http_client(connect_timeout: Duration, total_timeout: Duration) -> reqwest::Client {
+/// Networks sources may never be fetched from (SOURCES_DENY_NETWORKS).
+#[derive(Debug, Clone, Default)]
+pub struct DenyList(pub Vec<ipnet::IpNet>);
+
+impl DenyList {
+    pub fn denies(&self, ip: IpAddr) -> bool {
+        // ::ffff:169.254.169.254 is 169.254.169.254.
+        let ip = ip.to_canonical();
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+
+    /// Whether the URL names a denied address literally (no DNS involved).
+    pub fn denies_url(&self, url: &reqwest::Url) -> bool {
+        match url.host() {
+            Some(url::Host::Ipv4(ip)) => self.denies(IpAddr::V4(ip)),
+            Some(url::Host::Ipv6(ip)) => self.denies(IpAddr::V6(ip)),
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0} is in SOURCES_DENY_NETWORKS")]
+struct Denied(String);
+
+/// Resolves names for source downloads, dropping denied addresses. reqwest connects to
+/// exactly the addresses returned here, so a name cannot re-resolve to a denied address
+/// between the check and the connection.
+struct GuardedResolver {
+    deny: Arc<DenyList>,
+}
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let deny = self.deny.clone();
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let addrs = tokio::net::lookup_host((host.as_str(), 0)).await?;
+            let allowed: Vec<SocketAddr> = addrs.filter(|a| !deny.denies(a.ip())).collect();
+            if allowed.is_empty() {
+                return Err(Box::new(Denied(format!("every address of {host}")))
+                    as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// Most redirects a source download follows.
+pub const MAX_REDIRECTS: usize = 10;
+
+/// An HTTP client for source downloads: bounded connect/read/total time, at most
+/// `MAX_REDIRECTS` redirects, and no connection to a denied network on any hop.
+pub fn http_client(
+    connect_timeout: Duration,
+    total_timeout: Duration,
+    deny: DenyList,
+) -> reqwest::Client {
+    let deny = Arc::new(deny);
+    let redirect_deny = deny.clone();
+    let policy = reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.previous().len() >= MAX_REDIRECTS {
+            return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
+        }
+        if redirect_deny.denies_url(attempt.url()) {
+            let host = attempt.url().host_str().unwrap_or_default().to_string();
+            return attempt.error(Denied(format!("redirect target {host}")));
+        }
+        attempt.follow()
+    });
     reqwest::Client::builder()
         .connect_timeout(connect_timeout)
         .read_timeout(Duration::from_secs(60))
         .timeout(total_timeout)
-        .redirect(reqwest::redirect::Policy::limited(10))
+        .redirect(policy)
+        .dns_resolver(Arc::new(GuardedResolver { deny }))
         .build()
         .unwrap_or_default()
 }
@@ -192,23 +274,37 @@ pub fn http_client(connect_timeout: Duration, total_timeout: Duration) -> reqwes
 /// Downloads `url` into `dest`, streaming, failing on a 4xx/5xx or past the size limit.
 pub async fn download(
     client: &reqwest::Client,
+    deny: &DenyList,
     url: &reqwest::Url,
     dest: &Path,
     limits: &Limits,
 ) -> Result<u64, SourceError> {
     let shown = redact_url(url.as_str());
+    if deny.denies_url(url) {
+        return Err(SourceError::Download {
+            url: shown,
+            reason: "its address is in SOURCES_DENY_NETWORKS".into(),
+        });
+    }
     let download_err = |e: reqwest::Error| SourceError::Download {
         url: shown.clone(),
         reason: describe(e),
     };
     let resp = client.get(url.clone()).send().await.map_err(download_err)?;
+    if let Some(remote) = resp.remote_addr() {
+        // Belt and braces: the resolver and redirect policy already refuse denied addresses.
+        tracing::debug!(%remote, "downloading sources");
+    }
     if !resp.status().is_success() {
         return Err(SourceError::HttpStatus {
             url: shown,
             status: resp.status().to_string(),
         });
     }
-    if resp.content_length().is_some_and(|l| l > limits.max_source_bytes) {
+    if resp
+        .content_length()
+        .is_some_and(|l| l > limits.max_source_bytes)
+    {
         return Err(SourceError::TooLarge {
             limit: limits.max_source_bytes,
         });
@@ -231,6 +327,20 @@ pub async fn download(
 }
 
 fn describe(e: reqwest::Error) -> String {
+    let denied = {
+        let mut cause: Option<&dyn std::error::Error> = Some(&e);
+        let mut found = None;
+        while let Some(c) = cause {
+            if let Some(d) = c.downcast_ref::<Denied>() {
+                found = Some(d.to_string());
+            }
+            cause = c.source();
+        }
+        found
+    };
+    if let Some(d) = denied {
+        return format!("refused: {d}");
+    }
     let kind = if e.is_timeout() {
         "timed out"
     } else if e.is_connect() {
@@ -254,28 +364,51 @@ mod tests {
 
     #[test]
     fn parses_each_scheme() {
-        assert!(matches!(parse("https://example.com/a.tgz").unwrap(), Source::Http(_)));
-        assert_eq!(parse("data:base64,QUJD").unwrap(), Source::Data("QUJD".into()));
-        assert_eq!(parse("data:application/zip;base64,QUJD").unwrap(), Source::Data("QUJD".into()));
-        assert!(matches!(parse("data:text/plain,hello"), Err(SourceError::DataNotBase64)));
+        assert!(matches!(
+            parse("https://example.com/a.tgz").unwrap(),
+            Source::Http(_)
+        ));
+        assert_eq!(
+            parse("data:base64,QUJD").unwrap(),
+            Source::Data("QUJD".into())
+        );
+        assert_eq!(
+            parse("data:application/zip;base64,QUJD").unwrap(),
+            Source::Data("QUJD".into())
+        );
+        assert!(matches!(
+            parse("data:text/plain,hello"),
+            Err(SourceError::DataNotBase64)
+        ));
         assert!(matches!(parse("ftp://x/y"), Err(SourceError::UnsupportedScheme(s)) if s == "ftp"));
-        assert!(matches!(parse("/etc/passwd"), Err(SourceError::UnsupportedScheme(_))));
+        assert!(matches!(
+            parse("/etc/passwd"),
+            Err(SourceError::UnsupportedScheme(_))
+        ));
     }
 
     #[test]
     fn docker_refs_with_and_without_credentials() {
-        let Source::Docker(d) = parse("docker://bob:p%40ss@reg.example:5000/team/app:1.2").unwrap() else {
+        let Source::Docker(d) = parse("docker://bob:p%40ss@reg.example:5000/team/app:1.2").unwrap()
+        else {
             panic!()
         };
         assert_eq!(d.image, "reg.example:5000/team/app:1.2");
         assert_eq!(d.registry, "reg.example:5000");
         assert_eq!(d.username.as_deref(), Some("bob"));
         assert_eq!(d.password.unwrap().expose(), "p@ss");
-        let Source::Docker(d) = parse("docker://127.0.0.1:5000/base/busybox:1").unwrap() else { panic!() };
+        let Source::Docker(d) = parse("docker://127.0.0.1:5000/base/busybox:1").unwrap() else {
+            panic!()
+        };
         assert!(d.username.is_none());
         let digest = format!("docker://h/r@sha256:{}", "a".repeat(64));
         assert!(parse(&digest).is_ok());
-        for bad in ["docker://", "docker://Host/UPPER:tag", "docker://h/r:tag with space", "docker://u:p@"] {
+        for bad in [
+            "docker://",
+            "docker://Host/UPPER:tag",
+            "docker://h/r:tag with space",
+            "docker://u:p@",
+        ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
         let e = parse("docker://bob:hunter22@/BAD").unwrap_err().to_string();
@@ -283,8 +416,26 @@ mod tests {
     }
 
     #[test]
+    fn deny_list_matches_canonical_addresses() {
+        let deny = DenyList(vec![
+            "169.254.0.0/16".parse().unwrap(),
+            "fd00:ec2::254/128".parse().unwrap(),
+        ]);
+        assert!(deny.denies("169.254.169.254".parse().unwrap()));
+        assert!(deny.denies("::ffff:169.254.169.254".parse().unwrap()));
+        assert!(deny.denies("fd00:ec2::254".parse().unwrap()));
+        assert!(!deny.denies("127.0.0.1".parse().unwrap()));
+        assert!(deny.denies_url(&"http://169.254.169.254/latest".parse().unwrap()));
+        assert!(deny.denies_url(&"http://[::ffff:a9fe:a9fe]/".parse().unwrap()));
+        assert!(!deny.denies_url(&"http://metadata.example/".parse().unwrap()));
+    }
+
+    #[test]
     fn urls_are_redacted_for_logs() {
-        assert_eq!(redact_url("https://u:p@h/x.tgz?token=abc"), "https://h/x.tgz?%E2%80%A6");
+        assert_eq!(
+            redact_url("https://u:p@h/x.tgz?token=abc"),
+            "https://h/x.tgz?%E2%80%A6"
+        );
     }
 
     #[tokio::test]
@@ -292,12 +443,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         let b64 = base64::engine::general_purpose::STANDARD.encode(&payload);
-        let limits = Limits { max_source_bytes: 1 << 20, max_context_bytes: 1 << 20, max_archive_entries: 10 };
+        let limits = Limits {
+            max_source_bytes: 1 << 20,
+            max_context_bytes: 1 << 20,
+            max_archive_entries: 10,
+        };
         let dest = dir.path().join("a");
         assert_eq!(write_data(&b64, &dest, &limits).await.unwrap(), 200_000);
         assert_eq!(std::fs::read(&dest).unwrap(), payload);
-        let small = Limits { max_source_bytes: 1000, ..limits };
-        assert!(matches!(write_data(&b64, &dest, &small).await, Err(SourceError::TooLarge { .. })));
-        assert!(matches!(write_data("!!!!", &dest, &limits).await, Err(SourceError::BadBase64(_))));
+        let small = Limits {
+            max_source_bytes: 1000,
+            ..limits
+        };
+        assert!(matches!(
+            write_data(&b64, &dest, &small).await,
+            Err(SourceError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            write_data("!!!!", &dest, &limits).await,
+            Err(SourceError::BadBase64(_))
+        ));
     }
 }

@@ -22,7 +22,11 @@ pub enum StorageError {
         source: std::io::Error,
     },
     #[error("S3 {op} of {key} failed: {message}")]
-    S3 { op: &'static str, key: String, message: String },
+    S3 {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
 }
 
 /// A stored object being read: its length when known, and its bytes as a stream.
@@ -45,7 +49,9 @@ pub trait Storage: Send + Sync + 'static {
 
 /// Opens the storage the configuration names: local files under `DATA_DIR/store` (S3 when
 /// configured is added by the S3 backend).
-pub async fn open(cfg: &crate::config::BuildConfig) -> Result<std::sync::Arc<dyn Storage>, StorageError> {
+pub async fn open(
+    cfg: &crate::config::BuildConfig,
+) -> Result<std::sync::Arc<dyn Storage>, StorageError> {
     let root = cfg.data_dir.join("store");
     let local = LocalStorage::new(&root).map_err(|source| StorageError::Io {
         key: root.display().to_string(),
@@ -77,7 +83,16 @@ mod tests {
         for good in ["6f1b1e3c-8a3e-4b52-9a47-0b6a3e0f3c11", "app-uuid-12.logs"] {
             assert!(check_key(good).is_ok());
         }
-        for bad in ["", ".", "..", "../etc/passwd", "a/b", "a\\b", ".hidden", "a\0b"] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../etc/passwd",
+            "a/b",
+            "a\\b",
+            ".hidden",
+            "a\0b",
+        ] {
             assert!(check_key(bad).is_err(), "{bad:?}");
         }
     }
