@@ -71,6 +71,20 @@ pub struct KubernetesMode {
     pub died: tokio_util::sync::CancellationToken,
 }
 
+struct DiedGuard {
+    stop: tokio_util::sync::CancellationToken,
+    died: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for DiedGuard {
+    fn drop(&mut self) {
+        if !self.stop.is_cancelled() {
+            tracing::error!("the BuildJob controller stopped on its own");
+            self.died.cancel();
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot set up a Kubernetes client (in-cluster service account or KUBECONFIG): {0}")]
@@ -145,6 +159,11 @@ impl KubernetesMode {
             let identity = k.identity.clone();
             let (stop2, died2) = (stop.clone(), died.clone());
             tokio::spawn(async move {
+                // Fires `died` however the task ends (a panic too) unless asked to stop.
+                let _guard = DiedGuard {
+                    stop: stop2.clone(),
+                    died: died2,
+                };
                 let work = || {
                     let (client, settings, pods, callbacks) = (
                         client.clone(),
@@ -175,10 +194,6 @@ impl KubernetesMode {
                     }
                 };
                 lock.run_while_leader(work, stop2.cancelled()).await;
-                if !stop2.is_cancelled() {
-                    tracing::error!("the BuildJob controller stopped on its own");
-                    died2.cancel();
-                }
             })
         });
         Ok(Self {
@@ -198,5 +213,34 @@ impl KubernetesMode {
                 tracing::warn!("the controller did not stop within the grace period");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DiedGuard;
+    use tokio_util::sync::CancellationToken;
+
+    #[tokio::test]
+    async fn a_controller_task_that_ends_unasked_or_panics_is_noticed() {
+        let (stop, died) = (CancellationToken::new(), CancellationToken::new());
+        let guard = DiedGuard {
+            stop: stop.clone(),
+            died: died.clone(),
+        };
+        let task = tokio::spawn(async move {
+            let _guard = guard;
+            panic!("controller bug");
+        });
+        assert!(task.await.is_err());
+        assert!(died.is_cancelled(), "a panic is noticed");
+
+        let (stop, died) = (CancellationToken::new(), CancellationToken::new());
+        stop.cancel();
+        drop(DiedGuard {
+            stop: stop.clone(),
+            died: died.clone(),
+        });
+        assert!(!died.is_cancelled(), "a requested stop is not a death");
     }
 }
