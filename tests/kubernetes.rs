@@ -29,6 +29,34 @@ fn kubernetes_mode_without_a_cluster_is_a_one_line_start_error() {
 }
 
 #[test]
+fn bad_kubernetes_settings_name_their_variable() {
+    for (var, value) in [
+        ("WORKER_DOCKER_MODE", "bogus"),
+        ("LEASE_SECONDS", "1"),
+        ("MAX_POD_RETRIES", "-1"),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = Command::new(BIN)
+            .arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATA_DIR", dir.path())
+            .env("USE_KUBERNETES", "true")
+            .env(var, value)
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{var}={value}: {stderr}");
+        assert_eq!(
+            stderr.lines().filter(|l| !l.trim().is_empty()).count(),
+            1,
+            "{stderr}"
+        );
+        assert!(stderr.contains(var), "{var}={value}: {stderr}");
+    }
+}
+
+#[test]
 fn crd_subcommand_prints_the_committed_crd() {
     let out = Command::new(BIN).arg("crd").output().expect("run");
     assert!(out.status.success());
