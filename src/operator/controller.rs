@@ -155,6 +155,17 @@ pub async fn reconcile(job: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Requeue>
     let prev = job.status.clone().unwrap_or_default();
 
     let finished = prev.phase.is_some_and(Phase::is_finished);
+    let (running, queued_ahead) = ctx.queue_position(&job);
+    ctx.report_queue();
+    // Still waiting, nothing owed: decide would change nothing, so ask the API nothing (a
+    // long queue re-checks often). A pod left by a crash is found by the 409 on creation.
+    let still_queued = prev.phase == Some(Phase::Queued)
+        && prev.callbacks.pending
+        && !job.spec.cancelled
+        && running + queued_ahead >= ctx.settings.max_parallel;
+    if still_queued {
+        return Ok(Requeue::requeue(decide::QUEUED_RECHECK));
+    }
     // The facade creates the credentials Secret just after the BuildJob: until it exists,
     // a worker pod would start without credentials and a callback would go without its
     // Authorization. A young job waits for it; an old one goes on without (and fails).
@@ -180,8 +191,6 @@ pub async fn reconcile(job: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Requeue>
             .await
             .map_err(kube_err("reading the worker pod"))?
     };
-    let (running, queued_ahead) = ctx.queue_position(&job);
-    ctx.report_queue();
     let Decision {
         mut status,
         actions,
@@ -720,6 +729,19 @@ mod tests {
         let (res, seen) = play(j, vec![], scenario).await;
         assert_eq!(res.ok(), Some(Requeue::requeue(Duration::from_secs(1))));
         assert!(seen.events.iter().any(|e| e["reason"] == "PodRejected"));
+    }
+
+    #[tokio::test]
+    async fn a_queued_job_behind_a_full_queue_costs_no_api_call() {
+        let rx = Receiver::start().await;
+        let mut j = job_with(Some(Phase::Queued), &rx.url, true);
+        if let Some(s) = j.status.as_mut() {
+            s.pod_name = None;
+        }
+        let others = vec![other("a-1", Phase::Running), other("b-1", Phase::Pending)];
+        let (res, seen) = play(j, others, vec![]).await;
+        assert_eq!(res.ok(), Some(Requeue::requeue(decide::QUEUED_RECHECK)));
+        assert!(seen.events.is_empty());
     }
 
     #[tokio::test]
