@@ -17,6 +17,9 @@ pub const DIND_CONTAINER: &str = "dind";
 pub const DIND_SOCKET_DIR: &str = "/var/run/dind";
 pub const WORK_DIR: &str = "/work";
 pub const TERMINATION_LOG: &str = "/dev/termination-log";
+/// The worker's user and group (the image's `USER 10001:10001`); the dind sidecar gives its
+/// socket to this group so the worker can use it without root.
+pub const WORKER_ID: i64 = 10001;
 
 /// Environment variables the worker reads (besides the BuildArgs ones).
 pub mod env {
@@ -133,7 +136,10 @@ pub fn worker_pod(job: &BuildJob, attempt: u32, s: &PodSettings) -> Result<Pod, 
                 image: Some(s.dind_image.clone()),
                 // A native sidecar: runs beside the worker, stopped when the worker exits.
                 restart_policy: Some("Always".into()),
-                args: Some(vec![format!("--host=unix://{DIND_SOCKET_DIR}/docker.sock")]),
+                args: Some(vec![
+                    format!("--host=unix://{DIND_SOCKET_DIR}/docker.sock"),
+                    format!("--group={WORKER_ID}"),
+                ]),
                 env: Some(vec![plain("DOCKER_TLS_CERTDIR", String::new())]),
                 security_context: Some(SecurityContext {
                     privileged: Some(true),
@@ -196,6 +202,9 @@ pub fn worker_pod(job: &BuildJob, attempt: u32, s: &PodSettings) -> Result<Pod, 
         termination_message_policy: Some("File".into()),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
+            run_as_non_root: Some(true),
+            run_as_user: Some(WORKER_ID),
+            run_as_group: Some(WORKER_ID),
             ..Default::default()
         }),
         ..Default::default()
@@ -387,6 +396,17 @@ pub(crate) mod tests {
                 .and_then(|s| s.privileged)
                 .is_none(),
             "only the sidecar is privileged"
+        );
+        assert_eq!(
+            w.security_context.as_ref().and_then(|s| s.run_as_group),
+            Some(WORKER_ID)
+        );
+        assert!(
+            d.args
+                .iter()
+                .flatten()
+                .any(|a| a == &format!("--group={WORKER_ID}")),
+            "the worker's group owns the dind socket"
         );
     }
 
