@@ -77,7 +77,7 @@ pub fn render(
 ) -> Result<Vec<(String, String)>, String> {
     let chart = read_yaml(&chart_dir().join("Chart.yaml"));
     let root = json!({
-        "Values": values,
+        "Values": tpl::helm_values(values),
         "Release": {"Name": release, "Namespace": namespace, "Service": "Helm"},
         "Chart": {"Name": chart["name"], "Version": chart["version"], "AppVersion": chart["appVersion"]},
     });
@@ -145,7 +145,7 @@ pub fn manifest(mode: &str) -> String {
         "service.yaml",
         "deployment.yaml",
     ];
-    for (name, text) in &rendered {
+    for (name, _) in &rendered {
         if name == "NOTES.txt" {
             continue;
         }

@@ -7,7 +7,11 @@
 //! `if`/`else if`/`else`/`end`; pipelines `a | f x`; operands `.Values.a.b`, `.Release.*`,
 //! `.Chart.*`, `.`, string/number/bool literals, `( … )`; functions `include`, `quote`,
 //! `toYaml`, `toJson`, `indent`, `nindent`, `printf` (`%s`, `%v`, `%d`), `eq`, `ne`, `not`,
-//! `and`, `or`, `default`, `required`, `fail`. Anything else is an error.
+//! `and`, `or`, `default`, `required`, `fail`, `int64`. Anything else is an error.
+//!
+//! Numbers behave as in Helm, which reads values.yaml into float64: `helm_values` turns every
+//! number into a float, printed like Go's `%v` (1200000 prints as `1.2e+06`, a classic Helm
+//! trap), so a template must write `int64` where it prints a large number.
 
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -378,17 +382,22 @@ impl Templates {
                 self.exec(body, &a[1], &mut out)?;
                 Value::String(out)
             }
+            "int64" => {
+                arity(1)?;
+                let f = a[0].as_f64().ok_or("int64 needs a number")?;
+                Value::from(f as i64)
+            }
             "quote" => {
                 arity(1)?;
                 Value::String(serde_json::to_string(&to_text(&a[0])?).unwrap())
             }
             "toJson" => {
                 arity(1)?;
-                Value::String(serde_json::to_string(&a[0]).unwrap())
+                Value::String(serde_json::to_string(&integral(&a[0])).unwrap())
             }
             "toYaml" => {
                 arity(1)?;
-                let y = serde_yaml::to_string(&a[0]).map_err(|e| e.to_string())?;
+                let y = serde_yaml::to_string(&integral(&a[0])).map_err(|e| e.to_string())?;
                 Value::String(y.trim_end_matches('\n').to_string())
             }
             "indent" | "nindent" => {
@@ -479,6 +488,52 @@ impl Templates {
     }
 }
 
+/// Values as Helm holds them: every number a float64.
+pub fn helm_values(v: &Value) -> Value {
+    match v {
+        Value::Number(n) => {
+            serde_json::Number::from_f64(n.as_f64().unwrap()).map_or(Value::Null, Value::Number)
+        }
+        Value::Array(a) => Value::Array(a.iter().map(helm_values).collect()),
+        Value::Object(m) => {
+            Value::Object(m.iter().map(|(k, v)| (k.clone(), helm_values(v))).collect())
+        }
+        other => other.clone(),
+    }
+}
+
+/// What toJson/toYaml write for a number: Go's encoding/json prints a whole float64 below
+/// 1e21 without a fraction, which YAML then reads as an integer.
+fn integral(v: &Value) -> Value {
+    match v {
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() < 1e15 => Value::from(f as i64),
+            _ => v.clone(),
+        },
+        Value::Array(a) => Value::Array(a.iter().map(integral).collect()),
+        Value::Object(m) => {
+            Value::Object(m.iter().map(|(k, v)| (k.clone(), integral(v))).collect())
+        }
+        other => other.clone(),
+    }
+}
+
+/// Go's `%v` of a float64: shortest digits, exponent form from 1e+06 up (or below 1e-04).
+fn go_float(f: f64) -> String {
+    if f == 0.0 {
+        return "0".into();
+    }
+    let sci = format!("{f:e}"); // e.g. "1.2e6", "-8.64e4", "5e-5"
+    let (mantissa, exp) = sci.split_once('e').unwrap();
+    let exp: i32 = exp.parse().unwrap();
+    if !(-4..6).contains(&exp) {
+        let sign = if exp < 0 { '-' } else { '+' };
+        format!("{mantissa}e{sign}{:02}", exp.abs())
+    } else {
+        format!("{f}")
+    }
+}
+
 /// Go template truthiness: false, 0, nil and empty strings, lists and maps are false.
 fn truthy(v: &Value) -> bool {
     match v {
@@ -496,7 +551,11 @@ fn to_text(v: &Value) -> Result<String, String> {
     Ok(match v {
         Value::Null => String::new(),
         Value::Bool(b) => b.to_string(),
-        Value::Number(n) => n.to_string(),
+        Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => i.to_string(),
+            (None, Some(f)) => go_float(f),
+            _ => n.to_string(),
+        },
         Value::String(s) => s.clone(),
         other => {
             return Err(format!(
@@ -533,6 +592,19 @@ mod tests {
         let src = "{{- define \"n\" -}}\n{{ .Release.Name }}-x\n{{- end }}\n{{ include \"n\" . }} {{ toJson .Values.p | printf \"{%s}\" }} {{ not (or .Values.on (eq 1 2)) }} {{ default \"d\" .Values.on }}";
         // Text after a define stays, as in Go: only the `{{-` of the next action would trim it.
         assert_eq!(render(src, root).unwrap(), "\nr-x {\"/s\"} true d");
+    }
+
+    #[test]
+    fn numbers_print_like_helms_float64s() {
+        let root = json!({"Values": helm_values(&json!({"t": 1200000, "p": 86400, "f": 0.5, "m": {"r": 10001}}))});
+        assert_eq!(
+            render("{{ .Values.t | quote }} {{ .Values.t | int64 | quote }} {{ .Values.p }} {{ .Values.f }}", root.clone()).unwrap(),
+            "\"1.2e+06\" \"1200000\" 86400 0.5"
+        );
+        assert_eq!(
+            render("{{ toYaml .Values.m }} {{ toJson .Values.m }}", root).unwrap(),
+            "r: 10001 {\"r\":10001}"
+        );
     }
 
     #[test]
