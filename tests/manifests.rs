@@ -356,17 +356,23 @@ fn verb_of(method: &str) -> Option<(&'static str, &'static str)> {
 }
 
 /// The API calls in Rust source (tests excluded), read from the text: every identifier bound
-/// to an `Api<T>` (let, field, parameter, `fn x() -> Api<T>`), the kube methods called on
-/// it, what `Controller::new`/`.owns`/`watcher` watch, and what an events `Recorder` needs.
+/// to an `Api<T>` (let, field, parameter, `fn x() -> Api<T>`, `let x = Api::<T>::…`), the
+/// kube methods called on it, what `Controller::new`/`.owns`/`watcher` watch, and what an
+/// events `Recorder` needs.
 fn grants_in_source(files: &[(String, String)]) -> Result<BTreeSet<Grant>, String> {
     let bind = Regex::new(r"(\w+)\s*:\s*&?\s*(?:kube::)?Api<(\w+)>").unwrap();
     let bind_fn = Regex::new(r"fn\s+(\w+)\s*\([^)]*\)\s*->\s*(?:kube::)?Api<(\w+)>").unwrap();
+    let bind_turbofish = Regex::new(r"let\s+(\w+)\s*=\s*(?:kube::)?Api::<(\w+)>::").unwrap();
     let call = Regex::new(r"\b(\w+)(?:\(\))?\s*\.\s*(\w+)\s*(?:::<[^>]*>)?\(").unwrap();
     let watched =
         Regex::new(r"(?:Controller::new|\.owns|\bwatcher|\breflector)\(\s*(\w+)").unwrap();
     let mut types: BTreeMap<String, String> = BTreeMap::new();
     for (name, src) in files {
-        for c in bind.captures_iter(src).chain(bind_fn.captures_iter(src)) {
+        for c in bind
+            .captures_iter(src)
+            .chain(bind_fn.captures_iter(src))
+            .chain(bind_turbofish.captures_iter(src))
+        {
             if let Some(old) = types.insert(c[1].to_string(), c[2].to_string()) {
                 if old != c[2] {
                     return Err(format!(
@@ -522,6 +528,8 @@ fn the_source_scan_finds_each_kind_of_call() {
         async fn f(jobs_ref: &Api<BuildJob>, client: Client) {
             let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
             let secrets: Api<KubeSecret> = Api::namespaced(client, ns);
+            let leases = kube::Api::<Lease>::namespaced(client, ns);
+            leases.create(&pp, &l).await;
             self.jobs()
                 .patch(name, &pp, &p).await;
             jobs_ref.patch_status(name, &pp, &p).await;
@@ -547,6 +555,7 @@ fn the_source_scan_finds_each_kind_of_call() {
         grant("", "pods/log", "get"),
         grant("", "secrets", "get"),
         grant("coordination.k8s.io", "leases", "update"),
+        grant("coordination.k8s.io", "leases", "create"),
         grant("events.k8s.io", "events", "create"),
         grant("events.k8s.io", "events", "patch"),
     ]
