@@ -1,0 +1,28 @@
+{{/* The name of every object of a release: the release's name. */}}
+{{- define "buildshuttle.fullname" -}}
+{{ .Release.Name }}
+{{- end }}
+
+{{- define "buildshuttle.selectorLabels" -}}
+app.kubernetes.io/name: buildshuttle
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "buildshuttle.labels" -}}
+{{ include "buildshuttle.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
+{{- end }}
+
+{{/* The Secret whose keys become env vars of the service and of every worker pod. */}}
+{{- define "buildshuttle.secretName" -}}
+{{- if .Values.existingSecret -}}
+{{ .Values.existingSecret }}
+{{- else -}}
+{{ include "buildshuttle.fullname" . }}-env
+{{- end -}}
+{{- end }}
+
+{{- define "buildshuttle.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag }}
+{{- end }}

@@ -1,0 +1,813 @@
+//! The Helm chart and the plain manifests: one source (the chart, rendered by `chart::tpl`),
+//! typed and strict Kubernetes objects, RBAC exactly as wide as the code's API calls, env vars
+//! the binary knows, and the CRD the binary prints.
+//!
+//! `UPDATE_MANIFESTS=1 cargo test --test manifests` rewrites `manifests/*.yaml` and
+//! `charts/buildshuttle/templates/crd.yaml` (from `crds/buildjob.yaml`); without it any
+//! difference fails.
+
+mod chart;
+
+use chart::{chart_dir, documents, manifest, read_yaml, render, root, values, MODES};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Secret, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use regex::Regex;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn updating() -> bool {
+    std::env::var_os("UPDATE_MANIFESTS").is_some_and(|v| v == "1")
+}
+
+/// Writes `want` to `path` when updating, else fails unless the file holds exactly `want`.
+fn check_generated(path: &Path, want: &str) {
+    if updating() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, want).unwrap();
+        return;
+    }
+    let have = std::fs::read_to_string(path).unwrap_or_default();
+    if have != want {
+        let line = have
+            .lines()
+            .zip(want.lines())
+            .position(|(a, b)| a != b)
+            .unwrap_or(have.lines().count().min(want.lines().count()));
+        panic!(
+            "{} is out of date (first difference at line {}); regenerate with \
+             `UPDATE_MANIFESTS=1 cargo test --test manifests` and commit it",
+            path.display(),
+            line + 1
+        );
+    }
+}
+
+fn manifest_path(file: &str) -> PathBuf {
+    root().join("manifests").join(file)
+}
+
+fn all_manifest_objects() -> Vec<(String, Value)> {
+    MODES
+        .iter()
+        .flat_map(|(_, file, _)| {
+            let text = std::fs::read_to_string(manifest_path(file))
+                .unwrap_or_else(|e| panic!("manifests/{file}: {e}"));
+            documents(&text)
+                .into_iter()
+                .map(|d| (file.to_string(), d))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn of_kind<'a>(objs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    objs.iter().filter(|o| o["kind"] == kind).collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// One source: the chart renders the manifests and the CRD template comes from crds/.
+
+/// `crds/buildjob.yaml` (the output of `buildshuttle crd`) as the chart's template: gated by
+/// `crds.install`, kept on uninstall when `crds.keep`.
+fn crd_template(crd: &str) -> String {
+    assert!(!crd.contains("{{"), "the CRD holds template syntax");
+    let mut out = String::from(
+        "{{- if .Values.crds.install }}\n\
+         # Generated from crds/buildjob.yaml (`buildshuttle crd`) by\n\
+         # `UPDATE_MANIFESTS=1 cargo test --test manifests`; do not edit.\n",
+    );
+    let mut in_metadata = false;
+    let mut inserted = false;
+    for line in crd.lines() {
+        out.push_str(line);
+        out.push('\n');
+        if line == "metadata:" {
+            in_metadata = true;
+        } else if in_metadata && line.starts_with("  name: ") && !inserted {
+            out.push_str(
+                "  {{- if .Values.crds.keep }}\n  annotations:\n    \
+                 helm.sh/resource-policy: keep\n  {{- end }}\n",
+            );
+            inserted = true;
+        }
+    }
+    assert!(inserted, "no metadata.name in crds/buildjob.yaml");
+    out.push_str("{{- end }}\n");
+    out
+}
+
+fn crds_file() -> String {
+    let path = root().join("crds/buildjob.yaml");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (it comes with the operator: `buildshuttle crd > crds/buildjob.yaml`)",
+            path.display()
+        )
+    })
+}
+
+#[test]
+fn chart_crd_template_is_generated_from_crds_buildjob_yaml() {
+    check_generated(
+        &chart_dir().join("templates/crd.yaml"),
+        &crd_template(&crds_file()),
+    );
+}
+
+#[test]
+fn manifests_are_the_chart_rendered_per_mode() {
+    for (mode, file, _) in MODES {
+        check_generated(&manifest_path(file), &manifest(mode));
+    }
+    let mut on_disk: Vec<String> = std::fs::read_dir(root().join("manifests"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    on_disk.sort();
+    let mut expected: Vec<String> = MODES.iter().map(|m| m.1.to_string()).collect();
+    expected.sort();
+    assert_eq!(on_disk, expected, "manifests/ holds only generated files");
+}
+
+#[test]
+fn crd_in_chart_and_manifests_equals_crds_buildjob_yaml() {
+    let mut want: Value = serde_yaml::from_str(&crds_file()).unwrap();
+    want["metadata"]["annotations"] = json!({"helm.sh/resource-policy": "keep"});
+    for (file, obj) in all_manifest_objects() {
+        if obj["kind"] == "CustomResourceDefinition" {
+            assert_eq!(obj, want, "the CRD in manifests/{file}");
+        }
+    }
+    for (mode, file, _) in MODES {
+        let text = std::fs::read_to_string(manifest_path(file)).unwrap();
+        let n = of_kind(&documents(&text), "CustomResourceDefinition").len();
+        assert_eq!(n, 1, "{mode}: one CRD in the plain manifest");
+    }
+    // The value gates: no CRD without crds.install, no keep annotation without crds.keep.
+    let crd_of = |v: Value| {
+        let r = render(&values(&v), "r", "ns").unwrap();
+        documents(&r.iter().find(|(n, _)| n == "crd.yaml").unwrap().1)
+    };
+    assert!(crd_of(json!({"crds": {"install": false}})).is_empty());
+    let unkept = crd_of(json!({"crds": {"keep": false}}));
+    want["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("annotations");
+    assert_eq!(unkept, vec![want]);
+}
+
+// ---------------------------------------------------------------------------------------
+// YAML and typed, strict Kubernetes objects.
+
+#[test]
+fn every_yaml_file_parses() {
+    let mut files = vec![
+        chart_dir().join("values.yaml"),
+        chart_dir().join("Chart.yaml"),
+    ];
+    for dir in [root().join("manifests"), chart_dir().join("ci")] {
+        for e in std::fs::read_dir(dir).unwrap() {
+            files.push(e.unwrap().path());
+        }
+    }
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        let docs = documents(&text);
+        assert!(!docs.is_empty(), "{} holds no YAML document", f.display());
+        for d in docs {
+            assert!(
+                d.is_object(),
+                "{}: a document is not a mapping",
+                f.display()
+            );
+        }
+    }
+    let v = read_yaml(&chart_dir().join("values.yaml"));
+    assert!(["dind", "host", "external"].contains(&v["mode"].as_str().unwrap()));
+}
+
+/// `v` without null map entries (an omitted field and a null one mean the same to the API).
+fn without_nulls(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), without_nulls(v)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(without_nulls).collect()),
+        other => other.clone(),
+    }
+}
+
+/// The first path where `a` and `b` differ.
+fn first_difference(a: &Value, b: &Value, path: &str) -> Option<String> {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            keys.into_iter().find_map(|k| match (x.get(k), y.get(k)) {
+                (Some(p), Some(q)) => first_difference(p, q, &format!("{path}.{k}")),
+                (Some(_), None) => Some(format!("{path}.{k} is not a field of the type")),
+                (None, Some(_)) => Some(format!("{path}.{k} appeared")),
+                (None, None) => None,
+            })
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
+            .iter()
+            .zip(y)
+            .enumerate()
+            .find_map(|(i, (p, q))| first_difference(p, q, &format!("{path}[{i}]"))),
+        _ if a == b => None,
+        _ => Some(format!("{path}: {a} became {b}")),
+    }
+}
+
+/// Deserializes into `T` and serializes back: a field `T` does not know (a typo) is dropped
+/// by the round trip, a value of the wrong shape fails to deserialize; both fail here.
+fn strict<T: serde::de::DeserializeOwned + serde::Serialize>(obj: &Value) -> Result<(), String> {
+    let original = without_nulls(obj);
+    let typed: T = serde_json::from_value(original.clone()).map_err(|e| e.to_string())?;
+    let back = serde_json::to_value(&typed).unwrap();
+    match first_difference(&original, &back, "") {
+        None => Ok(()),
+        Some(d) => Err(d),
+    }
+}
+
+fn strict_object(obj: &Value) -> Result<(), String> {
+    let api = obj["apiVersion"].as_str().unwrap_or_default();
+    let kind = obj["kind"].as_str().unwrap_or_default();
+    match (api, kind) {
+        ("v1", "Namespace") => strict::<Namespace>(obj),
+        ("v1", "ServiceAccount") => strict::<ServiceAccount>(obj),
+        ("v1", "Secret") => strict::<Secret>(obj),
+        ("v1", "Service") => strict::<Service>(obj),
+        ("apps/v1", "Deployment") => strict::<Deployment>(obj),
+        ("rbac.authorization.k8s.io/v1", "Role") => strict::<Role>(obj),
+        ("rbac.authorization.k8s.io/v1", "RoleBinding") => strict::<RoleBinding>(obj),
+        ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
+            strict::<CustomResourceDefinition>(obj)
+        }
+        _ => Err(format!(
+            "{api} {kind} has no typed check here (add it to strict_object)"
+        )),
+    }
+}
+
+#[test]
+fn every_object_is_a_strict_typed_kubernetes_object() {
+    let objs = all_manifest_objects();
+    for (file, obj) in &objs {
+        if let Err(e) = strict_object(obj) {
+            panic!(
+                "manifests/{file}: {} {}: {e}",
+                obj["kind"], obj["metadata"]["name"]
+            );
+        }
+    }
+    for (mode, file, _) in MODES {
+        let kinds: BTreeSet<String> = objs
+            .iter()
+            .filter(|(f, _)| f == file)
+            .map(|(_, o)| o["kind"].as_str().unwrap().to_string())
+            .collect();
+        let want: BTreeSet<String> = [
+            "Namespace",
+            "CustomResourceDefinition",
+            "ServiceAccount",
+            "Secret",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "Deployment",
+        ]
+        .map(String::from)
+        .into();
+        assert_eq!(kinds, want, "{mode}: a complete install");
+    }
+}
+
+#[test]
+fn the_strict_check_catches_typos_and_wrong_shapes() {
+    let objs = all_manifest_objects();
+    let deployment = objs
+        .iter()
+        .map(|(_, o)| o)
+        .find(|o| o["kind"] == "Deployment")
+        .unwrap();
+    assert_eq!(strict_object(deployment), Ok(()));
+    let mut typo = deployment.clone();
+    typo["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = json!({});
+    let e = strict_object(&typo).unwrap_err();
+    assert!(e.contains("livenesProbe"), "{e}");
+    let mut shape = deployment.clone();
+    shape["spec"]["replicas"] = json!("two");
+    assert!(strict_object(&shape).is_err());
+    let mut kind = deployment.clone();
+    kind["kind"] = json!("Deploymnet");
+    assert!(strict_object(&kind).is_err());
+}
+
+// ---------------------------------------------------------------------------------------
+// RBAC: exactly what the code calls.
+
+type Grant = (String, String, String); // (apiGroup, resource[/subresource], verb)
+
+fn grant(group: &str, resource: &str, verb: &str) -> Grant {
+    (group.into(), resource.into(), verb.into())
+}
+
+/// Where each Rust type the code makes an `Api<T>` of lives in the API.
+fn resource_of(ty: &str) -> Option<(&'static str, &'static str)> {
+    Some(match ty {
+        "BuildJob" => ("buildshuttle.akkeris.io", "buildjobs"),
+        "Pod" => ("", "pods"),
+        "Secret" | "KubeSecret" => ("", "secrets"),
+        "ConfigMap" => ("", "configmaps"),
+        "Lease" => ("coordination.k8s.io", "leases"),
+        "Event" => ("events.k8s.io", "events"),
+        _ => return None,
+    })
+}
+
+/// kube's `Api` methods: (subresource, verb).
+fn verb_of(method: &str) -> Option<(&'static str, &'static str)> {
+    Some(match method {
+        "get" | "get_opt" | "get_metadata" | "get_metadata_opt" => ("", "get"),
+        "list" | "list_metadata" => ("", "list"),
+        "watch" | "watch_metadata" => ("", "watch"),
+        "create" => ("", "create"),
+        "patch" | "patch_metadata" => ("", "patch"),
+        "replace" => ("", "update"),
+        "delete" => ("", "delete"),
+        "delete_collection" => ("", "deletecollection"),
+        "get_status" => ("status", "get"),
+        "patch_status" => ("status", "patch"),
+        "replace_status" => ("status", "update"),
+        "logs" | "log_stream" => ("log", "get"),
+        "evict" => ("eviction", "create"),
+        _ => return None,
+    })
+}
+
+/// The API calls in Rust source (tests excluded), read from the text: every identifier bound
+/// to an `Api<T>` (let, field, parameter, `fn x() -> Api<T>`, `let x = Api::<T>::…`), the
+/// kube methods called on it, what `Controller::new`/`.owns`/`watcher` watch, and what an
+/// events `Recorder` needs.
+fn grants_in_source(files: &[(String, String)]) -> Result<BTreeSet<Grant>, String> {
+    let bind = Regex::new(r"(\w+)\s*:\s*&?\s*(?:kube::)?Api<(\w+)>").unwrap();
+    let bind_fn = Regex::new(r"fn\s+(\w+)\s*\([^)]*\)\s*->\s*(?:kube::)?Api<(\w+)>").unwrap();
+    let bind_turbofish = Regex::new(r"let\s+(\w+)\s*=\s*(?:kube::)?Api::<(\w+)>::").unwrap();
+    let call = Regex::new(r"\b(\w+)(?:\(\))?\s*\.\s*(\w+)\s*(?:::<[^>]*>)?\(").unwrap();
+    let watched =
+        Regex::new(r"(?:Controller::new|\.owns|\bwatcher|\breflector)\(\s*(\w+)").unwrap();
+    let mut types: BTreeMap<String, String> = BTreeMap::new();
+    for (name, src) in files {
+        for c in bind
+            .captures_iter(src)
+            .chain(bind_fn.captures_iter(src))
+            .chain(bind_turbofish.captures_iter(src))
+        {
+            if let Some(old) = types.insert(c[1].to_string(), c[2].to_string()) {
+                if old != c[2] {
+                    return Err(format!(
+                        "{name}: `{}` is an Api<{old}> and an Api<{}> (rename one so the \
+                         RBAC check can tell them apart)",
+                        &c[1], &c[2]
+                    ));
+                }
+            }
+        }
+    }
+    let resource = |ty: &str, file: &str| {
+        resource_of(ty).ok_or_else(|| {
+            format!("{file}: Api<{ty}>: add its group and resource to resource_of()")
+        })
+    };
+    let mut out = BTreeSet::new();
+    for (name, src) in files {
+        // Overlapping matches: in `self.jobs().patch(`, `jobs` is both a method and a receiver.
+        let mut at = 0;
+        while let Some(c) = call.captures_at(src, at) {
+            at = c.get(2).unwrap().start();
+            let (Some(ty), Some((sub, verb))) = (types.get(&c[1]), verb_of(&c[2])) else {
+                continue;
+            };
+            let (group, res) = resource(ty, name)?;
+            let res = if sub.is_empty() {
+                res.to_string()
+            } else {
+                format!("{res}/{sub}")
+            };
+            out.insert(grant(group, &res, verb));
+        }
+        for c in watched.captures_iter(src) {
+            let ty = types
+                .get(&c[1])
+                .ok_or_else(|| format!("{name}: cannot tell what `{}` watches", &c[1]))?;
+            let (group, res) = resource(ty, name)?;
+            out.insert(grant(group, res, "list"));
+            out.insert(grant(group, res, "watch"));
+        }
+        if src.contains("Recorder::new(") {
+            // kube-runtime's Recorder creates events.k8s.io events and patches their series.
+            out.insert(grant("events.k8s.io", "events", "create"));
+            out.insert(grant("events.k8s.io", "events", "patch"));
+        }
+    }
+    Ok(out)
+}
+
+/// Rust files under `dir` with test-only code left out (`#[cfg(test)] mod x;` files and
+/// `#[cfg(test)] mod x { … }` blocks, which sit at the end of a file).
+fn source_files(dir: &Path) -> Vec<(String, String)> {
+    let test_mod =
+        Regex::new(r"#\[cfg\(test\)\]\s*(?:pub(?:\([^)]*\))?\s+)?mod\s+(\w+)\s*;").unwrap();
+    let test_block = Regex::new(r"#\[cfg\(test\)\]\s*mod\s+\w+\s*\{").unwrap();
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    let mut skip: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut all = Vec::new();
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                let src = std::fs::read_to_string(&p).unwrap();
+                let base = match p.file_stem().unwrap().to_str().unwrap() {
+                    "mod" | "lib" | "main" => d.clone(),
+                    stem => d.join(stem),
+                };
+                for c in test_mod.captures_iter(&src) {
+                    skip.insert(base.join(format!("{}.rs", &c[1])));
+                    skip.insert(base.join(&c[1]).join("mod.rs"));
+                }
+                all.push((p, src));
+            }
+        }
+    }
+    for (p, src) in all {
+        if skip.contains(&p) {
+            continue;
+        }
+        let code = match test_block.find(&src) {
+            Some(m) => src[..m.start()].to_string(),
+            None => src,
+        };
+        let name = p.strip_prefix(root()).unwrap_or(&p).display().to_string();
+        out.push((name, code));
+    }
+    out.sort();
+    out
+}
+
+/// The Role's rules of a rendered manifest, one grant per (group, resource, verb).
+fn role_grants(role: &Value) -> BTreeSet<Grant> {
+    let mut out = BTreeSet::new();
+    for rule in role["rules"].as_array().unwrap() {
+        let list = |k: &str| -> Vec<String> {
+            rule[k]
+                .as_array()
+                .unwrap_or_else(|| panic!("a rule without {k}"))
+                .iter()
+                .map(|s| s.as_str().unwrap().to_string())
+                .collect()
+        };
+        assert!(
+            rule.get("resourceNames").is_none() && rule.get("nonResourceURLs").is_none(),
+            "unexpected rule shape {rule}"
+        );
+        for g in list("apiGroups") {
+            for r in list("resources") {
+                for v in list("verbs") {
+                    assert!(g != "*" && r != "*" && v != "*", "wildcard in {rule}");
+                    out.insert((g.clone(), r.clone(), v));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn role_grants_exactly_what_the_code_calls() {
+    let called = grants_in_source(&source_files(&root().join("src"))).unwrap();
+    assert!(
+        called.iter().any(|g| g.1 == "buildjobs"),
+        "no BuildJob API call found in src/ (is the operator merged?)"
+    );
+    for (file, obj) in all_manifest_objects() {
+        if obj["kind"] == "ClusterRole" || obj["kind"] == "ClusterRoleBinding" {
+            panic!("manifests/{file}: cluster-wide RBAC; builds are namespaced");
+        }
+        if obj["kind"] != "Role" {
+            continue;
+        }
+        let granted = role_grants(&obj);
+        let missing: Vec<_> = called.difference(&granted).collect();
+        let extra: Vec<_> = granted.difference(&called).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "manifests/{file}: the Role misses {missing:?} and grants unused {extra:?} \
+             (edit charts/buildshuttle/templates/rbac.yaml)"
+        );
+    }
+}
+
+#[test]
+fn the_source_scan_finds_each_kind_of_call() {
+    let src = r#"
+        fn jobs(&self) -> Api<BuildJob> { Api::namespaced(c, ns) }
+        struct L { api: Api<Lease> }
+        async fn f(jobs_ref: &Api<BuildJob>, client: Client) {
+            let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+            let secrets: Api<KubeSecret> = Api::namespaced(client, ns);
+            let leases = kube::Api::<Lease>::namespaced(client, ns);
+            leases.create(&pp, &l).await;
+            self.jobs()
+                .patch(name, &pp, &p).await;
+            jobs_ref.patch_status(name, &pp, &p).await;
+            pods.logs(name, &lp).await;
+            secrets.get_opt(name).await;
+            self.api.replace(&n, &pp, &l).await;
+            let c = Controller::new(jobs_ref, cfg).owns(pods, cfg);
+            let r = Recorder::new(client, reporter);
+            let m = map.get(&k);
+        }
+        #[cfg(test)]
+        mod tests { fn t(pods: Api<Pod>) { pods.delete_collection(&dp, &lp); } }
+    "#;
+    let files = source_files_from(src);
+    let got = grants_in_source(&files).unwrap();
+    let want: BTreeSet<Grant> = [
+        grant("buildshuttle.akkeris.io", "buildjobs", "patch"),
+        grant("buildshuttle.akkeris.io", "buildjobs/status", "patch"),
+        grant("buildshuttle.akkeris.io", "buildjobs", "list"),
+        grant("buildshuttle.akkeris.io", "buildjobs", "watch"),
+        grant("", "pods", "list"),
+        grant("", "pods", "watch"),
+        grant("", "pods/log", "get"),
+        grant("", "secrets", "get"),
+        grant("coordination.k8s.io", "leases", "update"),
+        grant("coordination.k8s.io", "leases", "create"),
+        grant("events.k8s.io", "events", "create"),
+        grant("events.k8s.io", "events", "patch"),
+    ]
+    .into();
+    assert_eq!(got, want);
+    let unknown = vec![(
+        "x.rs".to_string(),
+        "let c: Api<Node> = a; c.list(&lp);".to_string(),
+    )];
+    assert!(grants_in_source(&unknown)
+        .unwrap_err()
+        .contains("resource_of"));
+}
+
+/// A one-file source tree, with the test block cut as `source_files` does.
+fn source_files_from(src: &str) -> Vec<(String, String)> {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("lib.rs"), src).unwrap();
+    source_files(dir.path())
+}
+
+// ---------------------------------------------------------------------------------------
+// The Deployment's args and env are the binary's.
+
+fn help(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_buildshuttle"))
+        .args(args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "buildshuttle {args:?} --help: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn env_names_in_help(help: &str) -> BTreeSet<String> {
+    Regex::new(r"\[env: ([A-Z0-9_]+)")
+        .unwrap()
+        .captures_iter(help)
+        .map(|c| c[1].to_string())
+        .collect()
+}
+
+#[test]
+fn deployment_args_and_env_are_known_to_the_binary() {
+    let objs = all_manifest_objects();
+    for (mode, file, _) in MODES {
+        let mine: Vec<Value> = objs
+            .iter()
+            .filter(|(f, _)| f == file)
+            .map(|(_, o)| o.clone())
+            .collect();
+        let d = of_kind(&mine, "Deployment")[0];
+        let c = &d["spec"]["template"]["spec"]["containers"][0];
+        let args: Vec<&str> = c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert_eq!(args.first(), Some(&"serve"), "{mode}");
+        let serve_help = help(&args);
+        let known = env_names_in_help(&serve_help);
+        assert!(known.contains("USE_KUBERNETES"), "{serve_help}");
+        let mut set: BTreeMap<String, String> = BTreeMap::new();
+        for e in c["env"].as_array().unwrap() {
+            set.insert(e["name"].as_str().unwrap().into(), "env".into());
+        }
+        // The Secret the container imports whole (envFrom) is also every worker pod's.
+        let secret_name = c["envFrom"][0]["secretRef"]["name"].as_str().unwrap();
+        let secret = of_kind(&mine, "Secret")
+            .into_iter()
+            .find(|s| s["metadata"]["name"] == secret_name)
+            .unwrap_or_else(|| panic!("{mode}: envFrom names a Secret the manifest lacks"));
+        let env = c["env"].as_array().unwrap();
+        let value_of = |n: &str| {
+            env.iter()
+                .find(|e| e["name"] == n)
+                .and_then(|e| e["value"].as_str())
+        };
+        assert_eq!(value_of("WORKER_ENV_SECRET"), Some(secret_name), "{mode}");
+        assert_eq!(value_of("WORKER_DOCKER_MODE"), Some(mode), "{mode}");
+        let secret_keys: Vec<String> = secret["stringData"]
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        for k in &secret_keys {
+            set.insert(k.clone(), "envFrom Secret".into());
+        }
+        let unknown: Vec<_> = set.iter().filter(|(n, _)| !known.contains(*n)).collect();
+        assert!(
+            unknown.is_empty(),
+            "manifests/{file}: `buildshuttle serve` does not read {unknown:?}"
+        );
+        let worker_known = env_names_in_help(&help(&["worker"]));
+        for k in &secret_keys {
+            assert!(
+                worker_known.contains(k),
+                "{mode}: worker pods import {k} from the Secret but `buildshuttle worker` \
+                 does not read it"
+            );
+        }
+        // Values the binary parses itself must parse: JSON settings are JSON.
+        for n in ["DOCKER_BUILD_SETTINGS", "EXTRA_BUILD_ARGS"] {
+            if let Some(v) = value_of(n) {
+                serde_json::from_str::<Value>(v).unwrap_or_else(|e| panic!("{mode} {n}: {e}"));
+            }
+        }
+        if let Some(v) = secret["stringData"]["DOCKER_BUILD_SETTINGS"].as_str() {
+            let s: Value = serde_json::from_str(v).unwrap();
+            assert_eq!(
+                s["protocol"], "https",
+                "{mode}: an external dockerd over TLS"
+            );
+            for k in ["ca", "cert", "key"] {
+                assert!(
+                    s[k].as_str().is_some_and(|p| p.contains("-----BEGIN")),
+                    "{k}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn env_check_reads_the_binarys_help() {
+    let known = env_names_in_help(&help(&["serve"]));
+    for n in [
+        "PORT",
+        "MAXIMUM_PARALLEL_BUILDS",
+        "TIMEOUT_IN_MS",
+        "EXTRA_DOCKER_REGISTRY_CONFIG",
+    ] {
+        assert!(known.contains(n), "{n} missing from {known:?}");
+    }
+    assert!(!known.contains("NOT_A_BUILDSHUTTLE_VARIABLE"));
+}
+
+// ---------------------------------------------------------------------------------------
+// The chart's options.
+
+fn rendered(over: Value) -> Result<Vec<Value>, String> {
+    let r = render(&values(&over), "bs", "builds")?;
+    Ok(r.iter()
+        .filter(|(n, _)| n != "NOTES.txt")
+        .flat_map(|(_, t)| documents(t))
+        .collect())
+}
+
+fn container(objs: &[Value]) -> Value {
+    of_kind(objs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0].clone()
+}
+
+fn env_value(c: &Value, name: &str) -> Option<String> {
+    c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == name)
+        .map(|e| e["value"].as_str().unwrap_or_default().to_string())
+}
+
+#[test]
+fn chart_options_shape_the_objects() {
+    // Defaults (mode dind): a chart-made Secret, every object strict, names from the release.
+    let objs = rendered(json!({})).unwrap();
+    for o in &objs {
+        strict_object(o).unwrap_or_else(|e| panic!("{}: {e}", o["kind"]));
+        assert!(o["kind"] == "CustomResourceDefinition" || o["metadata"]["namespace"] == "builds");
+    }
+    let c = container(&objs);
+    assert_eq!(
+        env_value(&c, "DIND_IMAGE").as_deref(),
+        Some("docker:27-dind")
+    );
+    assert_eq!(
+        env_value(&c, "LEASE_NAME").as_deref(),
+        Some("bs-controller")
+    );
+    assert_eq!(env_value(&c, "DOCKER_BUILD_SETTINGS"), None);
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/octhc");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/octhc");
+    assert_eq!(of_kind(&objs, "Secret")[0]["metadata"]["name"], "bs-env");
+
+    // host: the socket path reaches the workers through DOCKER_BUILD_SETTINGS.
+    let objs =
+        rendered(json!({"mode": "host", "host": {"socketPath": "/run/docker.sock"}})).unwrap();
+    let c = container(&objs);
+    assert_eq!(
+        env_value(&c, "DOCKER_BUILD_SETTINGS").as_deref(),
+        Some(r#"{"socketPath":"/run/docker.sock"}"#)
+    );
+    assert_eq!(env_value(&c, "DIND_IMAGE"), None);
+
+    // existingSecret: no Secret made, and it is the one imported; S3 values are then unused.
+    let objs = rendered(json!({"existingSecret": "mine", "s3": {"bucket": "b"}})).unwrap();
+    assert!(of_kind(&objs, "Secret").is_empty());
+    let c = container(&objs);
+    assert_eq!(c["envFrom"][0]["secretRef"]["name"], "mine");
+    assert_eq!(env_value(&c, "WORKER_ENV_SECRET").as_deref(), Some("mine"));
+
+    // Secrets and settings from values.
+    let objs = rendered(json!({
+        "s3": {"bucket": "b", "endpoint": "http://minio:9000", "accessKey": "AK", "secretKey": "SK"},
+        "extraDockerRegistryConfig": {"r.example": {"username": "u", "password": "p"}},
+        "config": {"extraBuildArgs": {"A": "1"}, "extraEnv": [{"name": "DEBUG", "value": "1"}],
+                   "maximumParallelBuilds": 9},
+        "worker": {"image": "w:1"},
+    }))
+    .unwrap();
+    let s = &of_kind(&objs, "Secret")[0]["stringData"];
+    assert_eq!(s["S3_BUCKET"], "b");
+    assert_eq!(s["S3_ENDPOINT"], "http://minio:9000");
+    assert_eq!(s["S3_SECRET_KEY"], "SK");
+    assert_eq!(
+        serde_json::from_str::<Value>(s["EXTRA_DOCKER_REGISTRY_CONFIG"].as_str().unwrap()).unwrap(),
+        json!({"r.example": {"username": "u", "password": "p"}})
+    );
+    let c = container(&objs);
+    assert_eq!(
+        env_value(&c, "EXTRA_BUILD_ARGS").as_deref(),
+        Some(r#"{"A":"1"}"#)
+    );
+    assert_eq!(env_value(&c, "DEBUG").as_deref(), Some("1"));
+    assert_eq!(
+        env_value(&c, "MAXIMUM_PARALLEL_BUILDS").as_deref(),
+        Some("9")
+    );
+    assert_eq!(env_value(&c, "DOCKER_BUILD_IMAGE").as_deref(), Some("w:1"));
+    let secret_text = serde_json::to_string(&c).unwrap();
+    assert!(!secret_text.contains("SK"), "no secret in the Deployment");
+
+    // Mistakes fail the render, as with helm.
+    let e = rendered(json!({"mode": "docker"})).unwrap_err();
+    assert!(e.contains("mode must be"), "{e}");
+    let e = rendered(json!({"mode": "external", "external": {"host": "d"}})).unwrap_err();
+    assert!(e.contains("external.tls.ca"), "{e}");
+    let e = rendered(json!({"s3": {"bucket": "b", "accessKey": "AK"}})).unwrap_err();
+    assert!(e.contains("s3.secretKey"), "{e}");
+}
+
+#[test]
+fn notes_tell_how_to_send_and_watch_a_first_build() {
+    let r = render(&values(&json!({})), "bs", "builds").unwrap();
+    let notes = &r.iter().find(|(n, _)| n == "NOTES.txt").unwrap().1;
+    assert!(notes.contains("kubectl -n builds get bj -w"), "{notes}");
+    assert!(notes.contains("data:application/gzip;base64,"), "{notes}");
+    assert!(notes.contains("svc/bs 9000:80"), "{notes}");
+    assert!(notes.contains("s3.bucket is not set"), "{notes}");
+    let r = render(&values(&json!({"s3": {"bucket": "b"}})), "bs", "builds").unwrap();
+    assert!(!r.iter().any(|(_, t)| t.contains("s3.bucket is not set")));
+}
