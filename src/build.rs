@@ -242,7 +242,10 @@ pub(crate) mod tests {
                 username: "u".into(),
                 password: Secret::new("regpass"),
             }),
-            build_args: BTreeMap::from([("A-B.c".into(), "x\ny".into()), ("--".into(), "z".into())]),
+            build_args: BTreeMap::from([
+                ("A-B.c".into(), "x\ny".into()),
+                ("--".into(), "z".into()),
+            ]),
             docker_registry: None,
             docker_login: None,
             docker_password: None,
@@ -257,7 +260,10 @@ pub(crate) mod tests {
             "registry.example.com/akkeris/myapp-0b1c2d3e-aaaa-bbbb-cccc-111122223333:1.12"
         );
         assert_eq!(s.source_key(), "6f1b1e3c-8a3e-4b52-9a47-0b6a3e0f3c11");
-        assert_eq!(s.log_key(), "myapp-0b1c2d3e-aaaa-bbbb-cccc-111122223333-12.logs");
+        assert_eq!(
+            s.log_key(),
+            "myapp-0b1c2d3e-aaaa-bbbb-cccc-111122223333-12.logs"
+        );
         assert_eq!(s.app_key(), "myapp-0b1c2d3e-aaaa-bbbb-cccc-111122223333");
     }
 

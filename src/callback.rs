@@ -118,6 +118,9 @@ mod tests {
     #[test]
     fn body_is_byte_compatible() {
         let s = serde_json::to_string(&CallbackBody::new(12, "pending")).unwrap();
-        assert_eq!(s, r#"{"id":12,"status":"pending","building":false,"type":"buildshuttle"}"#);
+        assert_eq!(
+            s,
+            r#"{"id":12,"status":"pending","building":false,"type":"buildshuttle"}"#
+        );
     }
 }

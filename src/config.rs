@@ -23,7 +23,11 @@ fn invalid(var: &'static str, problem: impl Into<String>) -> ConfigError {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "buildshuttle", version, about = "Turns application sources into pushed Docker images")]
+#[command(
+    name = "buildshuttle",
+    version,
+    about = "Turns application sources into pushed Docker images"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -42,7 +46,12 @@ pub struct ServeArgs {
     #[arg(long, env = "PORT", value_name = "PORT", default_value_t = 9000)]
     pub port: u16,
     /// Listen address.
-    #[arg(long, env = "LISTEN_ADDRESS", value_name = "LISTEN_ADDRESS", default_value = "0.0.0.0")]
+    #[arg(
+        long,
+        env = "LISTEN_ADDRESS",
+        value_name = "LISTEN_ADDRESS",
+        default_value = "0.0.0.0"
+    )]
     pub listen_address: String,
     #[command(flatten)]
     pub build: BuildArgs,
@@ -57,10 +66,20 @@ pub struct ServeArgs {
     #[arg(long, env = "MAX_REQUEST_BYTES", value_name = "MAX_REQUEST_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_request_bytes: usize,
     /// How long a status callback is retried before giving up, in seconds.
-    #[arg(long, env = "CALLBACK_RETRY_SECONDS", value_name = "CALLBACK_RETRY_SECONDS", default_value_t = 300)]
+    #[arg(
+        long,
+        env = "CALLBACK_RETRY_SECONDS",
+        value_name = "CALLBACK_RETRY_SECONDS",
+        default_value_t = 300
+    )]
     pub callback_retry_seconds: u64,
     /// Grace period for running builds on SIGTERM, in seconds.
-    #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", value_name = "SHUTDOWN_GRACE_SECONDS", default_value_t = 60)]
+    #[arg(
+        long,
+        env = "SHUTDOWN_GRACE_SECONDS",
+        value_name = "SHUTDOWN_GRACE_SECONDS",
+        default_value_t = 60
+    )]
     pub shutdown_grace_seconds: u64,
 }
 
@@ -71,24 +90,44 @@ pub struct BuildArgs {
     #[arg(long, env = "NO_CACHE", value_name = "NO_CACHE", default_value_t = false, action = clap::ArgAction::Set)]
     pub no_cache: bool,
     /// Where dockerd is, as dockerode-style JSON.
-    #[arg(long, env = "DOCKER_BUILD_SETTINGS", value_name = "DOCKER_BUILD_SETTINGS",
-          default_value = r#"{"socketPath":"/var/run/docker.sock"}"#, hide_default_value = true)]
+    #[arg(
+        long,
+        env = "DOCKER_BUILD_SETTINGS",
+        value_name = "DOCKER_BUILD_SETTINGS",
+        default_value = r#"{"socketPath":"/var/run/docker.sock"}"#,
+        hide_default_value = true
+    )]
     pub docker_build_settings: String,
     /// Local storage root (state, sources, logs) when S3 is not configured.
-    #[arg(long, env = "DATA_DIR", value_name = "DATA_DIR", default_value = "./buildshuttle-data")]
+    #[arg(
+        long,
+        env = "DATA_DIR",
+        value_name = "DATA_DIR",
+        default_value = "./buildshuttle-data"
+    )]
     pub data_dir: PathBuf,
     /// JSON object merged into every build's build_args (the request wins on a clash).
     #[arg(long, env = "EXTRA_BUILD_ARGS", value_name = "EXTRA_BUILD_ARGS")]
     pub extra_build_args: Option<String>,
     /// JSON {"host": {"username":…, "password":…}}: extra registries a build may pull from.
-    #[arg(long, env = "EXTRA_DOCKER_REGISTRY_CONFIG", value_name = "EXTRA_DOCKER_REGISTRY_CONFIG", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "EXTRA_DOCKER_REGISTRY_CONFIG",
+        value_name = "EXTRA_DOCKER_REGISTRY_CONFIG",
+        hide_env_values = true
+    )]
     pub extra_docker_registry_config: Option<String>,
     /// A build running longer than this fails, in milliseconds.
     #[arg(long, env = "TIMEOUT_IN_MS", value_name = "TIMEOUT_IN_MS", default_value_t = 1_200_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout_in_ms: u64,
     /// Topic for build log lines.
-    #[arg(long, env = "KAFKA_TOPIC", value_name = "KAFKA_TOPIC", default_value = "alamobuildlogs")]
+    #[arg(
+        long,
+        env = "KAFKA_TOPIC",
+        value_name = "KAFKA_TOPIC",
+        default_value = "alamobuildlogs"
+    )]
     pub kafka_topic: String,
     /// Also print build output on the service's stdout.
     #[arg(long, env = "SHOW_BUILD_LOGS", value_name = "SHOW_BUILD_LOGS", default_value_t = false, action = clap::ArgAction::Set)]
@@ -100,25 +139,51 @@ pub struct BuildArgs {
     #[arg(long, env = "MAX_CONTEXT_BYTES", value_name = "MAX_CONTEXT_BYTES", default_value_t = 4 << 30)]
     pub max_context_bytes: u64,
     /// Most entries a source archive may hold.
-    #[arg(long, env = "MAX_ARCHIVE_ENTRIES", value_name = "MAX_ARCHIVE_ENTRIES", default_value_t = 200_000)]
+    #[arg(
+        long,
+        env = "MAX_ARCHIVE_ENTRIES",
+        value_name = "MAX_ARCHIVE_ENTRIES",
+        default_value_t = 200_000
+    )]
     pub max_archive_entries: u64,
     /// Seconds to wait for a source server to accept a connection.
-    #[arg(long, env = "SOURCES_CONNECT_TIMEOUT_SECONDS", value_name = "SOURCES_CONNECT_TIMEOUT_SECONDS", default_value_t = 15)]
+    #[arg(
+        long,
+        env = "SOURCES_CONNECT_TIMEOUT_SECONDS",
+        value_name = "SOURCES_CONNECT_TIMEOUT_SECONDS",
+        default_value_t = 15
+    )]
     pub sources_connect_timeout_seconds: u64,
     /// Seconds a source download may take in all.
-    #[arg(long, env = "SOURCES_TOTAL_TIMEOUT_SECONDS", value_name = "SOURCES_TOTAL_TIMEOUT_SECONDS", default_value_t = 600)]
+    #[arg(
+        long,
+        env = "SOURCES_TOTAL_TIMEOUT_SECONDS",
+        value_name = "SOURCES_TOTAL_TIMEOUT_SECONDS",
+        default_value_t = 600
+    )]
     pub sources_total_timeout_seconds: u64,
     /// Legacy: the seed used node's debug module; any value turns on debug logging.
     #[arg(long, env = "DEBUG", value_name = "DEBUG")]
     pub debug: Option<String>,
+    #[command(flatten)]
+    pub s3: S3Args,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
 }
 
 /// Where dockerd is (DOCKER_BUILD_SETTINGS), parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DockerSettings {
     Socket(String),
-    Http { address: String },
-    Https { address: String, ca: String, cert: Secret, key: Secret },
+    Http {
+        address: String,
+    },
+    Https {
+        address: String,
+        ca: String,
+        cert: Secret,
+        key: Secret,
+    },
 }
 
 #[derive(Deserialize)]
@@ -136,8 +201,8 @@ struct RawDockerSettings {
 impl DockerSettings {
     pub fn parse(json: &str) -> Result<Self, ConfigError> {
         const VAR: &str = "DOCKER_BUILD_SETTINGS";
-        let raw: RawDockerSettings =
-            serde_json::from_str(json).map_err(|e| invalid(VAR, format!("not valid JSON ({e})")))?;
+        let raw: RawDockerSettings = serde_json::from_str(json)
+            .map_err(|e| invalid(VAR, format!("not valid JSON ({e})")))?;
         if let Some(path) = raw.socket_path {
             return Ok(Self::Socket(path));
         }
@@ -145,7 +210,10 @@ impl DockerSettings {
             .host
             .ok_or_else(|| invalid(VAR, "needs either \"socketPath\" or \"host\""))?;
         let (scheme_in_host, bare) = match host.split_once("://") {
-            Some((s, rest)) => (Some(s.to_ascii_lowercase()), rest.trim_end_matches('/').to_string()),
+            Some((s, rest)) => (
+                Some(s.to_ascii_lowercase()),
+                rest.trim_end_matches('/').to_string(),
+            ),
             None => (None, host.trim_end_matches('/').to_string()),
         };
         let tls = raw.ca.is_some() || raw.cert.is_some() || raw.key.is_some();
@@ -158,9 +226,20 @@ impl DockerSettings {
             None => None,
             Some(serde_json::Value::Number(n)) => Some(n.to_string()),
             Some(serde_json::Value::String(s)) if s.parse::<u16>().is_ok() => Some(s),
-            Some(other) => return Err(invalid(VAR, format!("\"port\" is not a port number: {other}"))),
+            Some(other) => {
+                return Err(invalid(
+                    VAR,
+                    format!("\"port\" is not a port number: {other}"),
+                ))
+            }
         };
-        let port = port.unwrap_or_else(|| if protocol == "https" { "2376".into() } else { "2375".into() });
+        let port = port.unwrap_or_else(|| {
+            if protocol == "https" {
+                "2376".into()
+            } else {
+                "2375".into()
+            }
+        });
         let address = format!("{bare}:{port}");
         match protocol.as_str() {
             "http" | "tcp" => Ok(Self::Http { address }),
@@ -175,7 +254,10 @@ impl DockerSettings {
                     key: Secret::new(key),
                 })
             }
-            other => Err(invalid(VAR, format!("unknown protocol {other:?} (use http or https)"))),
+            other => Err(invalid(
+                VAR,
+                format!("unknown protocol {other:?} (use http or https)"),
+            )),
         }
     }
 }
@@ -194,6 +276,9 @@ pub struct BuildConfig {
     pub limits: Limits,
     pub sources_connect_timeout: Duration,
     pub sources_total_timeout: Duration,
+    /// S3 storage, when `S3_BUCKET` is set; else local files under `DATA_DIR`.
+    pub s3: Option<S3Config>,
+    pub kafka_delivery_timeout: Duration,
 }
 
 /// Size limits on sources and contexts.
@@ -222,6 +307,8 @@ impl BuildArgs {
             },
             sources_connect_timeout: Duration::from_secs(self.sources_connect_timeout_seconds),
             sources_total_timeout: Duration::from_secs(self.sources_total_timeout_seconds),
+            s3: self.s3.validate()?,
+            kafka_delivery_timeout: Duration::from_millis(self.kafka.kafka_delivery_timeout_ms),
         })
     }
 
@@ -254,7 +341,9 @@ fn parse_extra_build_args(json: Option<&str>) -> Result<BTreeMap<String, String>
         .collect()
 }
 
-fn parse_extra_registries(json: Option<&str>) -> Result<BTreeMap<String, RegistryAuth>, ConfigError> {
+fn parse_extra_registries(
+    json: Option<&str>,
+) -> Result<BTreeMap<String, RegistryAuth>, ConfigError> {
     const VAR: &str = "EXTRA_DOCKER_REGISTRY_CONFIG";
     let Some(json) = json.filter(|j| !j.trim().is_empty()) else {
         return Ok(BTreeMap::new());
@@ -316,18 +405,29 @@ mod tests {
         );
         assert_eq!(
             DockerSettings::parse(r#"{"host":"http://127.0.0.1","port":"2375"}"#).unwrap(),
-            DockerSettings::Http { address: "127.0.0.1:2375".into() }
+            DockerSettings::Http {
+                address: "127.0.0.1:2375".into()
+            }
         );
         assert_eq!(
             DockerSettings::parse(r#"{"host":"10.0.0.5","port":2375}"#).unwrap(),
-            DockerSettings::Http { address: "10.0.0.5:2375".into() }
+            DockerSettings::Http {
+                address: "10.0.0.5:2375".into()
+            }
         );
         let tls = DockerSettings::parse(
             r#"{"protocol":"https","host":"d.example","port":2376,"ca":"C","cert":"T","key":"K"}"#,
         )
         .unwrap();
-        assert!(matches!(tls, DockerSettings::Https { ref address, .. } if address == "d.example:2376"));
-        for bad in ["nope", r#"{"port":1}"#, r#"{"protocol":"https","host":"h"}"#, r#"{"host":"h","port":"x"}"#] {
+        assert!(
+            matches!(tls, DockerSettings::Https { ref address, .. } if address == "d.example:2376")
+        );
+        for bad in [
+            "nope",
+            r#"{"port":1}"#,
+            r#"{"protocol":"https","host":"h"}"#,
+            r#"{"host":"h","port":"x"}"#,
+        ] {
             let e = DockerSettings::parse(bad).unwrap_err().to_string();
             assert!(e.starts_with("DOCKER_BUILD_SETTINGS"), "{e}");
         }
@@ -335,19 +435,227 @@ mod tests {
 
     #[test]
     fn extra_build_args_must_be_an_object() {
-        assert_eq!(parse_extra_build_args(Some(r#"{"A":"1","B":2}"#)).unwrap().len(), 2);
+        assert_eq!(
+            parse_extra_build_args(Some(r#"{"A":"1","B":2}"#))
+                .unwrap()
+                .len(),
+            2
+        );
         let e = parse_extra_build_args(Some("[1]")).unwrap_err().to_string();
         assert!(e.starts_with("EXTRA_BUILD_ARGS"), "{e}");
     }
 
     #[test]
     fn extra_registry_errors_do_not_echo_passwords() {
-        let e = parse_extra_registries(Some(r#"{"h": {"username": "u", "password": 5, "x": "topsecret"}}"#))
-            .unwrap_err()
-            .to_string();
+        let e = parse_extra_registries(Some(
+            r#"{"h": {"username": "u", "password": 5, "x": "topsecret"}}"#,
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(!e.contains("topsecret"), "{e}");
         assert!(e.starts_with("EXTRA_DOCKER_REGISTRY_CONFIG"));
-        let ok = parse_extra_registries(Some(r#"{"h:5000": {"username": "u", "password": "p"}}"#)).unwrap();
+        let ok = parse_extra_registries(Some(r#"{"h:5000": {"username": "u", "password": "p"}}"#))
+            .unwrap();
         assert_eq!(ok["h:5000"].password.expose(), "p");
+    }
+}
+
+/// S3 storage for sources and logs (`S3_*`). Off unless `S3_BUCKET` is set.
+#[derive(Debug, Clone, Args)]
+pub struct S3Args {
+    /// Bucket for sources and logs; unset: local files under DATA_DIR.
+    #[arg(long, env = "S3_BUCKET", value_name = "S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+    /// Access key id; unset: the default AWS credential chain (env, profile, web identity, instance role).
+    #[arg(long, env = "S3_ACCESS_KEY", value_name = "S3_ACCESS_KEY", hide_env_values = true, value_parser = secret_arg)]
+    pub s3_access_key: Option<Secret>,
+    /// Secret access key (with S3_ACCESS_KEY).
+    #[arg(long, env = "S3_SECRET_KEY", value_name = "S3_SECRET_KEY", hide_env_values = true, value_parser = secret_arg)]
+    pub s3_secret_key: Option<Secret>,
+    /// Legacy name of the bucket's region (S3_REGION wins).
+    #[arg(long, env = "S3_LOCATION", value_name = "S3_LOCATION")]
+    pub s3_location: Option<String>,
+    /// The bucket's region; falls back to S3_LOCATION, then the AWS default chain.
+    #[arg(long, env = "S3_REGION", value_name = "S3_REGION")]
+    pub s3_region: Option<String>,
+    /// URL of an S3-compatible server (path-style addressing), e.g. http://127.0.0.1:9100.
+    #[arg(long, env = "S3_ENDPOINT", value_name = "S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+}
+
+/// Validated S3 settings. `Debug` shows the keys as `***` (they are `Secret`s).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Both or neither: without them the default AWS credential chain is used.
+    pub keys: Option<(Secret, Secret)>,
+    pub region: Option<String>,
+    pub endpoint: Option<String>,
+}
+
+/// Keys are parsed straight into `Secret`, so not even `Debug` of the flags shows them.
+fn secret_arg(s: &str) -> Result<Secret, std::convert::Infallible> {
+    Ok(Secret::new(s.trim()))
+}
+
+fn non_empty(v: &Option<String>) -> Option<String> {
+    v.as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+fn non_empty_secret(v: &Option<Secret>) -> Option<Secret> {
+    v.clone().filter(|s| !s.is_empty())
+}
+
+impl S3Args {
+    pub fn validate(&self) -> Result<Option<S3Config>, ConfigError> {
+        let endpoint = non_empty(&self.s3_endpoint);
+        let Some(bucket) = non_empty(&self.s3_bucket) else {
+            if endpoint.is_some() {
+                return Err(invalid("S3_BUCKET", "must be set when S3_ENDPOINT is"));
+            }
+            return Ok(None);
+        };
+        let keys = match (
+            non_empty_secret(&self.s3_access_key),
+            non_empty_secret(&self.s3_secret_key),
+        ) {
+            (Some(id), Some(secret)) => Some((id, secret)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(
+                    "S3_SECRET_KEY",
+                    "must be set when S3_ACCESS_KEY is",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "S3_ACCESS_KEY",
+                    "must be set when S3_SECRET_KEY is",
+                ))
+            }
+        };
+        if let Some(ep) = &endpoint {
+            let ok = reqwest::Url::parse(ep)
+                .ok()
+                .is_some_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some());
+            if !ok {
+                return Err(invalid(
+                    "S3_ENDPOINT",
+                    format!("{ep:?} is not an http:// or https:// URL"),
+                ));
+            }
+        }
+        Ok(Some(S3Config {
+            bucket,
+            keys,
+            region: non_empty(&self.s3_region).or_else(|| non_empty(&self.s3_location)),
+            endpoint,
+        }))
+    }
+}
+
+/// Kafka log delivery (the brokers come with each request, as `kafka_hosts`).
+#[derive(Debug, Clone, Args)]
+pub struct KafkaArgs {
+    /// How long a finished build waits for its log lines to reach Kafka, in milliseconds;
+    /// lines still undelivered then are counted in one warning (the build is not failed).
+    #[arg(
+        long,
+        env = "KAFKA_DELIVERY_TIMEOUT_MS",
+        value_name = "KAFKA_DELIVERY_TIMEOUT_MS",
+        default_value_t = 5000
+    )]
+    pub kafka_delivery_timeout_ms: u64,
+}
+
+#[cfg(test)]
+mod s3_tests {
+    use super::*;
+
+    fn args(pairs: &[(&str, &str)]) -> S3Args {
+        let get = |k: &str| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        };
+        S3Args {
+            s3_bucket: get("bucket"),
+            s3_access_key: get("ak").map(Secret::new),
+            s3_secret_key: get("sk").map(Secret::new),
+            s3_location: get("location"),
+            s3_region: get("region"),
+            s3_endpoint: get("endpoint"),
+        }
+    }
+
+    #[test]
+    fn s3_is_off_without_a_bucket() {
+        assert_eq!(args(&[]).validate().unwrap(), None);
+        assert_eq!(args(&[("bucket", " ")]).validate().unwrap(), None);
+        let e = args(&[("endpoint", "http://127.0.0.1:9100")])
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().starts_with("S3_BUCKET"), "{e}");
+    }
+
+    #[test]
+    fn region_falls_back_to_location_and_keys_come_in_pairs() {
+        let c = args(&[("bucket", "b"), ("location", "eu-west-1")])
+            .validate()
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(c.keys, None);
+        let c = args(&[
+            ("bucket", "b"),
+            ("location", "eu-west-1"),
+            ("region", "us-west-2"),
+        ])
+        .validate()
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.region.as_deref(), Some("us-west-2"));
+        let e = args(&[("bucket", "b"), ("ak", "AKID")])
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().starts_with("S3_SECRET_KEY"), "{e}");
+        let e = args(&[("bucket", "b"), ("sk", "topsecret")])
+            .validate()
+            .unwrap_err();
+        assert!(
+            e.to_string().starts_with("S3_ACCESS_KEY") && !e.to_string().contains("topsecret"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn endpoint_must_be_an_http_url() {
+        for bad in ["127.0.0.1:9100", "ftp://h/", "http://"] {
+            let e = args(&[("bucket", "b"), ("endpoint", bad)])
+                .validate()
+                .unwrap_err();
+            assert!(e.to_string().starts_with("S3_ENDPOINT"), "{bad}: {e}");
+        }
+        let c = args(&[("bucket", "b"), ("endpoint", "http://127.0.0.1:9100")])
+            .validate()
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.endpoint.as_deref(), Some("http://127.0.0.1:9100"));
+    }
+
+    #[test]
+    fn debug_hides_the_secret_key() {
+        let a = args(&[("bucket", "b"), ("ak", "AKIDSECRET"), ("sk", "topsecret")]);
+        let c = a.validate().unwrap().unwrap();
+        for shown in [format!("{c:?}"), format!("{a:?}")] {
+            assert!(
+                !shown.contains("topsecret") && !shown.contains("AKIDSECRET"),
+                "{shown}"
+            );
+        }
     }
 }

@@ -28,7 +28,13 @@ pub trait Executor: Send + Sync + 'static {
     /// Stops matching builds (running or queued); returns how many were stopped.
     async fn stop(&self, which: BuildSelector) -> Result<usize, ExecutorError>;
     /// The build's log so far, from byte `offset` on; `None` when the build is unknown.
-    async fn log(&self, app: &str, app_uuid: &str, build_number: u64, offset: u64) -> Result<Option<Object>, ExecutorError>;
+    async fn log(
+        &self,
+        app: &str,
+        app_uuid: &str,
+        build_number: u64,
+        offset: u64,
+    ) -> Result<Option<Object>, ExecutorError>;
     /// Whether the build is queued or running (the log may still grow).
     async fn is_active(&self, app: &str, app_uuid: &str, build_number: u64) -> bool;
 }

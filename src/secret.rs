@@ -57,6 +57,9 @@ mod tests {
 
     #[test]
     fn redact_replaces_every_occurrence() {
-        assert_eq!(redact("a hunter2 b hunter2", &["hunter2", ""]), "a *** b ***");
+        assert_eq!(
+            redact("a hunter2 b hunter2", &["hunter2", ""]),
+            "a *** b ***"
+        );
     }
 }

@@ -21,8 +21,14 @@ struct Cursor {
     sent: u64,
 }
 
-pub async fn follow(exec: Arc<dyn Executor>, app: String, app_uuid: String, n: u64) -> Result<Response, ApiError> {
-    let known = exec.log(&app, &app_uuid, n, 0).await?.is_some() || exec.is_active(&app, &app_uuid, n).await;
+pub async fn follow(
+    exec: Arc<dyn Executor>,
+    app: String,
+    app_uuid: String,
+    n: u64,
+) -> Result<Response, ApiError> {
+    let known = exec.log(&app, &app_uuid, n, 0).await?.is_some()
+        || exec.is_active(&app, &app_uuid, n).await;
     if !known {
         return Err(ApiError::NotFound);
     }
@@ -49,10 +55,14 @@ pub async fn follow(exec: Arc<dyn Executor>, app: String, app_uuid: String, n: u
         }
     });
     let mut resp = Response::new(Body::from_stream(stream));
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    resp.headers_mut()
-        .insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp.headers_mut().insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     Ok(resp)
 }
 

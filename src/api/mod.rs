@@ -45,7 +45,10 @@ impl IntoResponse for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Service Unavailable - try again shortly.".to_string(),
             ),
-            ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error".to_string()),
+            ApiError::Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Internal Server Error".to_string(),
+            ),
         };
         (code, Json(serde_json::json!({ "status": msg }))).into_response()
     }
@@ -68,7 +71,10 @@ pub fn app(state: AppState) -> Router {
         .route("/", axum::routing::post(create_build))
         .route("/octhc", get(health))
         .route("/metrics", get(metrics))
-        .route("/{id}", get(get_sources).head(head_sources).delete(delete_one))
+        .route(
+            "/{id}",
+            get(get_sources).head(head_sources).delete(delete_one),
+        )
         .route("/{app_key}/{number}", delete(stop_build))
         .route("/{app_key}/{number}/logs", get(get_logs))
         .fallback(|| async { ApiError::NotFound })
@@ -82,13 +88,19 @@ async fn health() -> &'static str {
 
 async fn metrics(State(st): State<AppState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         (st.metrics)(),
     )
         .into_response()
 }
 
-async fn create_build(State(st): State<AppState>, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Result<Response, ApiError> {
+async fn create_build(
+    State(st): State<AppState>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
     let body = match body {
         Ok(b) => b,
         Err(rej) if rej.status() == StatusCode::PAYLOAD_TOO_LARGE => {
@@ -102,16 +114,19 @@ async fn create_build(State(st): State<AppState>, body: Result<Bytes, axum::extr
     };
     let json: serde_json::Value = serde_json::from_slice(&body)
         .map_err(|_| ApiError::BadRequest("Bad Request - malformed JSON.".into()))?;
-    let spec = validate::build_spec(&json, &st.extra_build_args).map_err(|e| ApiError::BadRequest(e.0))?;
+    let spec =
+        validate::build_spec(&json, &st.extra_build_args).map_err(|e| ApiError::BadRequest(e.0))?;
     st.executor.submit(spec).await?;
     Ok(ok())
 }
 
 fn object_response(obj: Object, content_type: &'static str) -> Response {
     let mut resp = Response::new(Body::from_stream(obj.body));
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     if let Some(len) = obj.len {
-        resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     }
     resp
 }
@@ -121,7 +136,10 @@ fn storage_error(e: crate::storage::StorageError) -> ApiError {
     ApiError::Internal
 }
 
-async fn get_sources(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn get_sources(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let uuid = validate::parse_uuid(&id)
         .ok_or_else(|| ApiError::BadRequest(validate::BAD_BUILD_UUID.to_string()))?;
     let key = crate::build::source_key(&uuid);
@@ -147,12 +165,16 @@ async fn head_sources(State(st): State<AppState>, Path(id): Path<String>) -> Sta
 
 /// `DELETE /{build_uuid}` (kept for compatibility; sources are retained) or
 /// `DELETE /{app}-{app_uuid}` (stops every active build of the app).
-async fn delete_one(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn delete_one(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     if validate::parse_uuid(&id).is_some() {
         return Ok(ok());
     }
-    let (app, app_uuid) = validate::parse_app_key(&id)
-        .ok_or_else(|| ApiError::BadRequest("Bad Request - expected a build uuid or {app}-{app_uuid}.".into()))?;
+    let (app, app_uuid) = validate::parse_app_key(&id).ok_or_else(|| {
+        ApiError::BadRequest("Bad Request - expected a build uuid or {app}-{app_uuid}.".into())
+    })?;
     let n = st
         .executor
         .stop(BuildSelector {
@@ -169,11 +191,16 @@ fn parse_build_path(app_key: &str, number: &str) -> Result<(String, String, u64)
     let (app, app_uuid) = validate::parse_app_key(app_key)
         .ok_or_else(|| ApiError::BadRequest("Bad Request - app or app uuid is invalid.".into()))?;
     let n = validate::parse_build_number(&serde_json::Value::String(number.to_string()))
-        .ok_or_else(|| ApiError::BadRequest("Bad Request - build number must be a positive integer.".into()))?;
+        .ok_or_else(|| {
+            ApiError::BadRequest("Bad Request - build number must be a positive integer.".into())
+        })?;
     Ok((app, app_uuid, n))
 }
 
-async fn stop_build(State(st): State<AppState>, Path((app_key, number)): Path<(String, String)>) -> Result<Response, ApiError> {
+async fn stop_build(
+    State(st): State<AppState>,
+    Path((app_key, number)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
     let (app, app_uuid, n) = parse_build_path(&app_key, &number)?;
     let stopped = st
         .executor

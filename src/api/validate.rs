@@ -48,14 +48,17 @@ pub fn is_app_name(s: &str) -> bool {
 /// Splits `{app}-{app_uuid}`; `None` when either part is malformed.
 pub fn parse_app_key(key: &str) -> Option<(String, String)> {
     let (app, app_uuid) = key.split_once('-')?;
-    (is_app_name(app) && parse_uuid(app_uuid).is_some()).then(|| (app.to_string(), app_uuid.to_string()))
+    (is_app_name(app) && parse_uuid(app_uuid).is_some())
+        .then(|| (app.to_string(), app_uuid.to_string()))
 }
 
 /// A positive build number: a JSON integer or a string of digits.
 pub fn parse_build_number(v: &Value) -> Option<u64> {
     match v {
         Value::Number(n) => n.as_u64().filter(|n| *n > 0),
-        Value::String(s) if !s.is_empty() && s.len() <= 18 && s.bytes().all(|b| b.is_ascii_digit()) => {
+        Value::String(s)
+            if !s.is_empty() && s.len() <= 18 && s.bytes().all(|b| b.is_ascii_digit()) =>
+        {
             s.parse().ok().filter(|n| *n > 0)
         }
         _ => None,
@@ -86,8 +89,13 @@ fn required_string(obj: &Map<String, Value>, name: &str) -> Result<String, Inval
 
 /// Validates a `POST /` body and turns it into a spec; `extra_args` (EXTRA_BUILD_ARGS) are
 /// merged under the request's own build args.
-pub fn build_spec(body: &Value, extra_args: &BTreeMap<String, String>) -> Result<BuildSpec, Invalid> {
-    let obj = body.as_object().ok_or_else(|| bad("Bad Request - the body must be a JSON object."))?;
+pub fn build_spec(
+    body: &Value,
+    extra_args: &BTreeMap<String, String>,
+) -> Result<BuildSpec, Invalid> {
+    let obj = body
+        .as_object()
+        .ok_or_else(|| bad("Bad Request - the body must be a JSON object."))?;
     if !REQUIRED.iter().all(|f| present(obj.get(*f))) {
         return Err(bad(MISSING_FIELDS));
     }
@@ -108,7 +116,9 @@ pub fn build_spec(body: &Value, extra_args: &BTreeMap<String, String>) -> Result
     let sources_uri = required_string(obj, "sources")?;
     if let Err(e) = sources::parse(&sources_uri) {
         let msg = match e {
-            sources::SourceError::BadDockerRef(_) => "Bad Request - sources is not a valid docker:// image reference.",
+            sources::SourceError::BadDockerRef(_) => {
+                "Bad Request - sources is not a valid docker:// image reference."
+            }
             sources::SourceError::UnsupportedScheme(_) => {
                 "Bad Request - sources must be an http, https, data or docker URI."
             }
@@ -118,8 +128,12 @@ pub fn build_spec(body: &Value, extra_args: &BTreeMap<String, String>) -> Result
     }
     let gm_registry_host = required_string(obj, "gm_registry_host")?;
     let gm_registry_repo = required_string(obj, "gm_registry_repo")?;
-    if gm_registry_host.contains(char::is_whitespace) || gm_registry_repo.contains(char::is_whitespace) {
-        return Err(bad("Bad Request - registry host and repo must not contain spaces."));
+    if gm_registry_host.contains(char::is_whitespace)
+        || gm_registry_repo.contains(char::is_whitespace)
+    {
+        return Err(bad(
+            "Bad Request - registry host and repo must not contain spaces.",
+        ));
     }
 
     let mut build_args = extra_args.clone();
@@ -140,10 +154,14 @@ pub fn build_spec(body: &Value, extra_args: &BTreeMap<String, String>) -> Result
         Some(_) => return Err(bad("Bad Request - build_args must be an object.")),
     }
     if build_args.len() > MAX_BUILD_ARGS {
-        return Err(bad(format!("Bad Request - at most {MAX_BUILD_ARGS} build args are allowed.")));
+        return Err(bad(format!(
+            "Bad Request - at most {MAX_BUILD_ARGS} build args are allowed."
+        )));
     }
     if build_args.values().any(|v| v.len() > MAX_BUILD_ARG_VALUE) {
-        return Err(bad("Bad Request - a build arg value is larger than 64 KiB."));
+        return Err(bad(
+            "Bad Request - a build arg value is larger than 64 KiB.",
+        ));
     }
 
     let gm_registry_auth = match obj.get("gm_registry_auth") {
@@ -217,7 +235,10 @@ mod tests {
 
     #[test]
     fn a_controller_api_body_is_accepted() {
-        let extra = BTreeMap::from([("A".to_string(), "extra".to_string()), ("E".to_string(), "e".to_string())]);
+        let extra = BTreeMap::from([
+            ("A".to_string(), "extra".to_string()),
+            ("E".to_string(), "e".to_string()),
+        ]);
         let s = build_spec(&body(), &extra).unwrap();
         assert_eq!(s.build_number, 12);
         assert_eq!(s.build_args["A"], "1", "the request wins on a clash");
@@ -229,30 +250,85 @@ mod tests {
     #[test]
     fn each_required_field_is_required() {
         for f in REQUIRED {
-            assert_eq!(err(|o| { o.remove(f); }), MISSING_FIELDS, "{f}");
-            assert_eq!(err(|o| { o.insert(f.into(), Value::Null); }), MISSING_FIELDS, "{f}");
+            assert_eq!(
+                err(|o| {
+                    o.remove(f);
+                }),
+                MISSING_FIELDS,
+                "{f}"
+            );
+            assert_eq!(
+                err(|o| {
+                    o.insert(f.into(), Value::Null);
+                }),
+                MISSING_FIELDS,
+                "{f}"
+            );
         }
     }
 
     #[test]
     fn bad_values_are_named() {
-        assert_eq!(err(|o| { o.insert("build_uuid".into(), json!("nope")); }), BAD_BUILD_UUID);
         assert_eq!(
-            err(|o| { o.insert("build_uuid".into(), json!("x6f1b1e3c-8a3e-4b52-9a47-0b6a3e0f3c11")); }),
+            err(|o| {
+                o.insert("build_uuid".into(), json!("nope"));
+            }),
             BAD_BUILD_UUID
         );
-        assert!(err(|o| { o.insert("app".into(), json!("my-app")); }).contains("app"));
-        assert!(err(|o| { o.insert("app".into(), json!("a".repeat(64))); }).contains("app"));
-        assert!(err(|o| { o.insert("app_uuid".into(), json!("../../etc")); }).contains("app uuid"));
-        assert!(err(|o| { o.insert("build_number".into(), json!(0)); }).contains("build number"));
-        assert!(err(|o| { o.insert("build_number".into(), json!("1e3")); }).contains("build number"));
-        assert!(err(|o| { o.insert("build_number".into(), json!(-1)); }).contains("build number"));
-        assert!(err(|o| { o.insert("sources".into(), json!("file:///etc/passwd")); }).contains("sources"));
-        assert!(err(|o| { o.insert("sources".into(), json!("docker://BAD REF")); }).contains("docker"));
-        assert!(err(|o| { o.insert("callback".into(), json!("gopher://x")); }).contains("callback"));
+        assert_eq!(
+            err(|o| {
+                o.insert(
+                    "build_uuid".into(),
+                    json!("x6f1b1e3c-8a3e-4b52-9a47-0b6a3e0f3c11"),
+                );
+            }),
+            BAD_BUILD_UUID
+        );
+        assert!(err(|o| {
+            o.insert("app".into(), json!("my-app"));
+        })
+        .contains("app"));
+        assert!(err(|o| {
+            o.insert("app".into(), json!("a".repeat(64)));
+        })
+        .contains("app"));
+        assert!(err(|o| {
+            o.insert("app_uuid".into(), json!("../../etc"));
+        })
+        .contains("app uuid"));
+        assert!(err(|o| {
+            o.insert("build_number".into(), json!(0));
+        })
+        .contains("build number"));
+        assert!(err(|o| {
+            o.insert("build_number".into(), json!("1e3"));
+        })
+        .contains("build number"));
+        assert!(err(|o| {
+            o.insert("build_number".into(), json!(-1));
+        })
+        .contains("build number"));
+        assert!(err(|o| {
+            o.insert("sources".into(), json!("file:///etc/passwd"));
+        })
+        .contains("sources"));
+        assert!(err(|o| {
+            o.insert("sources".into(), json!("docker://BAD REF"));
+        })
+        .contains("docker"));
+        assert!(err(|o| {
+            o.insert("callback".into(), json!("gopher://x"));
+        })
+        .contains("callback"));
         let many: Map<String, Value> = (0..201).map(|i| (format!("K{i}"), json!("v"))).collect();
-        assert!(err(|o| { o.insert("build_args".into(), Value::Object(many.clone())); }).contains("200"));
-        assert!(err(|o| { o.insert("build_args".into(), json!({"K": "x".repeat(65 * 1024)})); }).contains("64 KiB"));
+        assert!(err(|o| {
+            o.insert("build_args".into(), Value::Object(many.clone()));
+        })
+        .contains("200"));
+        assert!(err(|o| {
+            o.insert("build_args".into(), json!({"K": "x".repeat(65 * 1024)}));
+        })
+        .contains("64 KiB"));
     }
 
     #[test]
@@ -267,7 +343,10 @@ mod tests {
     fn app_keys() {
         assert_eq!(
             parse_app_key("myapp-0b1c2d3e-aaaa-bbbb-cccc-111122223333"),
-            Some(("myapp".into(), "0b1c2d3e-aaaa-bbbb-cccc-111122223333".into()))
+            Some((
+                "myapp".into(),
+                "0b1c2d3e-aaaa-bbbb-cccc-111122223333".into()
+            ))
         );
         assert_eq!(parse_app_key("myapp-../../x"), None);
         assert_eq!(parse_app_key("0b1c2d3e-aaaa-bbbb-cccc-111122223333"), None);

@@ -136,12 +136,16 @@ impl LocalExecutor {
                     self.inner.state.save(&rec).await?;
                     self.inner.records.lock().await.insert(id, rec.clone());
                     let inner = self.inner.clone();
-                    self.inner.tasks.spawn(async move { inner.send_callbacks(id).await });
+                    self.inner
+                        .tasks
+                        .spawn(async move { inner.send_callbacks(id).await });
                 }
                 Phase::Finished if !rec.final_sent || !rec.pending_sent => {
                     self.inner.records.lock().await.insert(id, rec);
                     let inner = self.inner.clone();
-                    self.inner.tasks.spawn(async move { inner.send_callbacks(id).await });
+                    self.inner
+                        .tasks
+                        .spawn(async move { inner.send_callbacks(id).await });
                 }
                 Phase::Finished => {}
             }
@@ -181,7 +185,9 @@ impl LocalExecutor {
     pub async fn shutdown(&self, grace: Duration) {
         self.inner.draining.store(true, Ordering::SeqCst);
         let deadline = tokio::time::Instant::now() + grace;
-        while self.inner.counters.running.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+        while self.inner.counters.running.load(Ordering::SeqCst) > 0
+            && tokio::time::Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let running: Vec<_> = self.inner.running_tokens();
@@ -196,21 +202,35 @@ impl LocalExecutor {
         }
         // Let the stopped builds record their outcome and send their callbacks (bounded).
         let wait = tokio::time::Instant::now() + Duration::from_secs(15);
-        while self.inner.counters.running.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < wait {
+        while self.inner.counters.running.load(Ordering::SeqCst) > 0
+            && tokio::time::Instant::now() < wait
+        {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }
 
 impl Inner {
-    fn running_tokens(&self) -> Vec<(CancellationToken, Arc<Mutex<Option<(FailureReason, String)>>>)> {
-        let Ok(active) = self.active.lock() else { return Vec::new() };
-        active.values().map(|a| (a.cancel.clone(), a.reason.clone())).collect()
+    fn running_tokens(
+        &self,
+    ) -> Vec<(
+        CancellationToken,
+        Arc<Mutex<Option<(FailureReason, String)>>>,
+    )> {
+        let Ok(active) = self.active.lock() else {
+            return Vec::new();
+        };
+        active
+            .values()
+            .map(|a| (a.cancel.clone(), a.reason.clone()))
+            .collect()
     }
 
     async fn update(&self, id: Uuid, f: impl FnOnce(&mut Record)) {
         let mut records = self.records.lock().await;
-        let Some(rec) = records.get_mut(&id) else { return };
+        let Some(rec) = records.get_mut(&id) else {
+            return;
+        };
         f(rec);
         if let Err(e) = self.state.save(rec).await {
             tracing::error!(build = %id, error = %e, "could not write the build's state under DATA_DIR");
@@ -220,7 +240,11 @@ impl Inner {
     fn append_log_line(&self, spec: &BuildSpec, line: &str) {
         use std::io::Write;
         if let Some(path) = self.sinks.files.path(&spec.log_key()) {
-            if let Ok(mut f) = std::fs::OpenOptions::new().append(true).create(true).open(path) {
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(path)
+            {
                 let _ = writeln!(f, "{line}");
             }
         }
@@ -260,7 +284,10 @@ impl Inner {
             }
             None => {
                 let (r, m) = cancelled_reason();
-                self.append_log_line(&spec, &format!("Build failed ({}): {m} before it started", r.as_str()));
+                self.append_log_line(
+                    &spec,
+                    &format!("Build failed ({}): {m} before it started", r.as_str()),
+                );
                 Outcome::failed(r, format!("{m} before it started"))
             }
             Some(permit) => {
@@ -323,7 +350,10 @@ impl Inner {
             }
         };
         if let Outcome::Failed { reason, message } = &outcome {
-            if matches!(reason, FailureReason::Timeout | FailureReason::Cancelled | FailureReason::Interrupted) {
+            if matches!(
+                reason,
+                FailureReason::Timeout | FailureReason::Cancelled | FailureReason::Interrupted
+            ) {
                 log.line(&format!("Build failed ({}): {message}", reason.as_str()));
             }
         }
@@ -343,14 +373,21 @@ impl Inner {
     }
 
     async fn send_pending(&self, id: Uuid) {
-        let Some(rec) = self.record(id).await else { return };
+        let Some(rec) = self.record(id).await else {
+            return;
+        };
         if rec.pending_sent {
             return;
         }
         if let Some(url) = &rec.spec.callback {
             if let Err(e) = self
                 .callbacks
-                .deliver(url, rec.spec.callback_auth.as_ref(), rec.spec.build_number, "pending")
+                .deliver(
+                    url,
+                    rec.spec.callback_auth.as_ref(),
+                    rec.spec.build_number,
+                    "pending",
+                )
                 .await
             {
                 tracing::warn!(build = %id, error = %e, "pending callback not delivered");
@@ -362,12 +399,21 @@ impl Inner {
     /// Sends whatever callbacks the record still owes: pending first, then the final one.
     async fn send_callbacks(&self, id: Uuid) {
         self.send_pending(id).await;
-        let Some(rec) = self.record(id).await else { return };
-        let Some(outcome) = rec.outcome.as_ref().filter(|_| !rec.final_sent) else { return };
+        let Some(rec) = self.record(id).await else {
+            return;
+        };
+        let Some(outcome) = rec.outcome.as_ref().filter(|_| !rec.final_sent) else {
+            return;
+        };
         if let Some(url) = &rec.spec.callback {
             if let Err(e) = self
                 .callbacks
-                .deliver(url, rec.spec.callback_auth.as_ref(), rec.spec.build_number, outcome.callback_status())
+                .deliver(
+                    url,
+                    rec.spec.callback_auth.as_ref(),
+                    rec.spec.build_number,
+                    outcome.callback_status(),
+                )
                 .await
             {
                 tracing::warn!(build = %id, error = %e, "final callback not delivered; giving up");
@@ -380,12 +426,17 @@ impl Inner {
 }
 
 /// Hands out build slots in submission order; a build stopped while queued is skipped.
-async fn dispatch(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<(Uuid, oneshot::Sender<OwnedSemaphorePermit>)>) {
+async fn dispatch(
+    inner: Arc<Inner>,
+    mut rx: mpsc::UnboundedReceiver<(Uuid, oneshot::Sender<OwnedSemaphorePermit>)>,
+) {
     while let Some((_id, slot)) = rx.recv().await {
         if slot.is_closed() {
             continue;
         }
-        let Ok(permit) = inner.semaphore.clone().acquire_owned().await else { return };
+        let Ok(permit) = inner.semaphore.clone().acquire_owned().await else {
+            return;
+        };
         if inner.draining.load(Ordering::SeqCst) {
             // Dropping `slot` tells the build it stays queued.
             continue;
@@ -399,7 +450,9 @@ async fn dispatch(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<(Uuid, ones
 impl Executor for LocalExecutor {
     async fn submit(&self, spec: BuildSpec) -> Result<(), ExecutorError> {
         if self.inner.draining.load(Ordering::SeqCst) {
-            return Err(ExecutorError::Unavailable("the service is shutting down".into()));
+            return Err(ExecutorError::Unavailable(
+                "the service is shutting down".into(),
+            ));
         }
         let id = spec.build_uuid;
         {
@@ -437,7 +490,9 @@ impl Executor for LocalExecutor {
     }
 
     async fn stop(&self, which: BuildSelector) -> Result<usize, ExecutorError> {
-        let Ok(active) = self.inner.active.lock() else { return Ok(0) };
+        let Ok(active) = self.inner.active.lock() else {
+            return Ok(0);
+        };
         let mut n = 0;
         for a in active.values() {
             if a.app == which.app
@@ -451,7 +506,13 @@ impl Executor for LocalExecutor {
         Ok(n)
     }
 
-    async fn log(&self, app: &str, app_uuid: &str, build_number: u64, offset: u64) -> Result<Option<Object>, ExecutorError> {
+    async fn log(
+        &self,
+        app: &str,
+        app_uuid: &str,
+        build_number: u64,
+        offset: u64,
+    ) -> Result<Option<Object>, ExecutorError> {
         let key = crate::build::log_key(app, app_uuid, build_number);
         if let Some(path) = self.inner.sinks.files.path(&key) {
             if let Ok(file) = tokio::fs::File::open(&path).await {
@@ -469,7 +530,9 @@ impl Executor for LocalExecutor {
     }
 
     async fn is_active(&self, app: &str, app_uuid: &str, build_number: u64) -> bool {
-        let Ok(active) = self.inner.active.lock() else { return false };
+        let Ok(active) = self.inner.active.lock() else {
+            return false;
+        };
         active
             .values()
             .any(|a| a.app == app && a.app_uuid == app_uuid && a.build_number == build_number)

@@ -71,10 +71,17 @@ impl StateStore {
             if path.extension().and_then(|e| e.to_str()) != Some("json") {
                 continue;
             }
-            match tokio::fs::read(&path).await.map(|b| serde_json::from_slice::<Record>(&b)) {
+            match tokio::fs::read(&path)
+                .await
+                .map(|b| serde_json::from_slice::<Record>(&b))
+            {
                 Ok(Ok(rec)) => out.push(rec),
-                Ok(Err(e)) => tracing::warn!(file = %path.display(), error = %e, "skipping an unreadable build record"),
-                Err(e) => tracing::warn!(file = %path.display(), error = %e, "skipping an unreadable build record"),
+                Ok(Err(e)) => {
+                    tracing::warn!(file = %path.display(), error = %e, "skipping an unreadable build record")
+                }
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "skipping an unreadable build record")
+                }
             }
         }
         out.sort_by_key(|r| r.seq);

@@ -2,8 +2,10 @@
 //! Writing a line never blocks on the network: sinks that talk to a network queue the line
 //! and report what they could not deliver when the build finishes.
 
+pub mod kafka;
 mod stored;
 
+pub use kafka::KafkaProducers;
 pub use stored::{LogFiles, StoredLog};
 
 use crate::build::BuildSpec;
@@ -16,7 +18,11 @@ use std::sync::Arc;
 pub async fn file_from(mut file: tokio::fs::File, offset: u64) -> crate::storage::Object {
     use futures::StreamExt;
     use tokio::io::AsyncSeekExt;
-    let len = file.metadata().await.ok().map(|m| m.len().saturating_sub(offset));
+    let len = file
+        .metadata()
+        .await
+        .ok()
+        .map(|m| m.len().saturating_sub(offset));
     if offset > 0 && file.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
         return crate::storage::Object {
             len: Some(0),
@@ -63,6 +69,8 @@ pub struct LogSinks {
     pub files: LogFiles,
     pub storage: Arc<dyn Storage>,
     pub show_build_logs: bool,
+    /// Producers for builds that name `kafka_hosts`; `None`: Kafka output is off.
+    pub kafka: Option<Arc<KafkaProducers>>,
 }
 
 impl LogSinks {
@@ -74,7 +82,20 @@ impl LogSinks {
             self.storage.clone(),
         )?));
         if self.show_build_logs {
-            log = log.with_sink(Box::new(StdoutSink::new(format!("[{}-{}]", spec.app, spec.build_number))));
+            log = log.with_sink(Box::new(StdoutSink::new(format!(
+                "[{}-{}]",
+                spec.app, spec.build_number
+            ))));
+        }
+        let hosts = spec.kafka_hosts.as_deref().filter(|h| !h.trim().is_empty());
+        if let (Some(hosts), Some(kafka)) = (hosts, &self.kafka) {
+            // No Kafka is never a reason to fail a build: warn and build anyway.
+            match kafka.sink(spec, hosts) {
+                Ok(sink) => log = log.with_sink(Box::new(sink)),
+                Err(e) => {
+                    tracing::warn!(build = %spec.build_uuid, error = %e, "build log will not go to Kafka")
+                }
+            }
         }
         Ok(log)
     }
@@ -94,7 +115,9 @@ pub struct StdoutSink {
 
 impl StdoutSink {
     pub fn new(prefix: impl Into<String>) -> Self {
-        Self { prefix: prefix.into() }
+        Self {
+            prefix: prefix.into(),
+        }
     }
 }
 
@@ -168,7 +191,8 @@ mod tests {
     #[tokio::test]
     async fn lines_are_split_redacted_and_end_with_finished() {
         let got = Arc::new(Mutex::new(Vec::new()));
-        let mut log = BuildLog::new(vec!["s3cret".into()]).with_sink(Box::new(Capture(got.clone())));
+        let mut log =
+            BuildLog::new(vec!["s3cret".into()]).with_sink(Box::new(Capture(got.clone())));
         log.line("Step 1/2 : FROM x\n\nlogin s3cret ok\r\n");
         log.finish().await;
         assert_eq!(

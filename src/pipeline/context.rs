@@ -68,10 +68,15 @@ pub fn extract(archive: &Path, dest: &Path, limits: &Limits) -> Result<PathBuf, 
     let mut budget = Budget::new(limits);
     match detect(archive)? {
         Format::TarGz => {
-            let gz = flate2::read::MultiGzDecoder::new(io::BufReader::new(fs::File::open(archive)?));
+            let gz =
+                flate2::read::MultiGzDecoder::new(io::BufReader::new(fs::File::open(archive)?));
             extract_tar(gz, dest, &mut budget)?
         }
-        Format::Tar => extract_tar(io::BufReader::new(fs::File::open(archive)?), dest, &mut budget)?,
+        Format::Tar => extract_tar(
+            io::BufReader::new(fs::File::open(archive)?),
+            dest,
+            &mut budget,
+        )?,
         Format::Zip => extract_zip(archive, dest, &mut budget)?,
     }
     flattened_root(dest)
@@ -137,7 +142,9 @@ fn safe_relative(name: &str) -> Result<PathBuf, ContextError> {
             Component::Normal(p) => out.push(p),
             Component::CurDir => {}
             Component::ParentDir => return Err(refuse("it contains '..'")),
-            Component::RootDir | Component::Prefix(_) => return Err(refuse("it is an absolute path")),
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(refuse("it is an absolute path"))
+            }
         }
     }
     Ok(out)
@@ -163,7 +170,9 @@ fn check_link_target(entry: &str, rel: &Path, target: &Path) -> Result<(), Conte
                     return Err(refuse("it is a link that points outside the sources"));
                 }
             }
-            Component::RootDir | Component::Prefix(_) => return Err(refuse("it is a link to an absolute path")),
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(refuse("it is a link to an absolute path"))
+            }
         }
     }
     Ok(())
@@ -199,7 +208,12 @@ fn check_parents(dest: &Path, rel: &Path, entry: &str) -> Result<(), ContextErro
     Ok(())
 }
 
-fn write_file(path: &Path, mut src: impl Read, mode: Option<u32>, budget: &mut Budget) -> Result<(), ContextError> {
+fn write_file(
+    path: &Path,
+    mut src: impl Read,
+    mode: Option<u32>,
+    budget: &mut Budget,
+) -> Result<(), ContextError> {
     prepare_slot(path)?;
     let mut out = fs::File::create(path)?;
     let limit = budget.remaining();
@@ -220,7 +234,13 @@ fn extract_tar(reader: impl Read, dest: &Path, budget: &mut Budget) -> Result<()
     for entry in archive.entries().map_err(corrupt)? {
         let mut entry = entry.map_err(corrupt)?;
         let kind = entry.header().entry_type();
-        if matches!(kind, EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName | EntryType::GNULongLink) {
+        if matches!(
+            kind,
+            EntryType::XGlobalHeader
+                | EntryType::XHeader
+                | EntryType::GNULongName
+                | EntryType::GNULongLink
+        ) {
             continue;
         }
         budget.entry()?;
@@ -241,26 +261,30 @@ fn extract_tar(reader: impl Read, dest: &Path, budget: &mut Budget) -> Result<()
                 let target = entry
                     .link_name()
                     .map_err(corrupt)?
-                    .ok_or_else(|| ContextError::Corrupt(format!("symlink {name:?} has no target")))?
+                    .ok_or_else(|| {
+                        ContextError::Corrupt(format!("symlink {name:?} has no target"))
+                    })?
                     .into_owned();
                 check_link_target(&name, &rel, &target)?;
                 prepare_slot(&path)?;
                 std::os::unix::fs::symlink(&target, &path)?;
             }
             EntryType::Link => {
-                let target = entry
-                    .link_name()
-                    .map_err(corrupt)?
-                    .ok_or_else(|| ContextError::Corrupt(format!("hard link {name:?} has no target")))?;
-                let target_rel = safe_relative(&target.to_string_lossy()).map_err(|_| ContextError::UnsafeEntry {
-                    entry: name.clone(),
-                    why: "it is a hard link that points outside the sources",
+                let target = entry.link_name().map_err(corrupt)?.ok_or_else(|| {
+                    ContextError::Corrupt(format!("hard link {name:?} has no target"))
+                })?;
+                let target_rel = safe_relative(&target.to_string_lossy()).map_err(|_| {
+                    ContextError::UnsafeEntry {
+                        entry: name.clone(),
+                        why: "it is a hard link that points outside the sources",
+                    }
                 })?;
                 let target_path = dest.join(target_rel);
-                let meta = fs::symlink_metadata(&target_path).map_err(|_| ContextError::UnsafeEntry {
-                    entry: name.clone(),
-                    why: "it is a hard link to an entry that is not in the archive before it",
-                })?;
+                let meta =
+                    fs::symlink_metadata(&target_path).map_err(|_| ContextError::UnsafeEntry {
+                        entry: name.clone(),
+                        why: "it is a hard link to an entry that is not in the archive before it",
+                    })?;
                 if !meta.is_file() {
                     return Err(ContextError::UnsafeEntry {
                         entry: name,
@@ -297,7 +321,8 @@ fn extract_tar(reader: impl Read, dest: &Path, budget: &mut Budget) -> Result<()
 
 fn extract_zip(archive: &Path, dest: &Path, budget: &mut Budget) -> Result<(), ContextError> {
     let corrupt = |e: zip::result::ZipError| ContextError::Corrupt(e.to_string());
-    let mut zip = zip::ZipArchive::new(io::BufReader::new(fs::File::open(archive)?)).map_err(corrupt)?;
+    let mut zip =
+        zip::ZipArchive::new(io::BufReader::new(fs::File::open(archive)?)).map_err(corrupt)?;
     for i in 0..zip.len() {
         let mut file = zip.by_index(i).map_err(corrupt)?;
         budget.entry()?;
@@ -359,7 +384,11 @@ pub fn prepare_dockerfile(root: &Path, arg_keys: &[String]) -> Result<(), Contex
             .collect();
         found.sort();
         found.truncate(20);
-        let found = if found.is_empty() { "nothing".to_string() } else { found.join(", ") };
+        let found = if found.is_empty() {
+            "nothing".to_string()
+        } else {
+            found.join(", ")
+        };
         return Err(ContextError::NoDockerfile { found });
     }
     let bytes = fs::read(&path)?;
@@ -388,7 +417,10 @@ impl DockerIgnore {
                 Some(p) => (true, p.trim()),
                 None => (false, line),
             };
-            let pat = pat.trim_start_matches("./").trim_start_matches('/').trim_end_matches('/');
+            let pat = pat
+                .trim_start_matches("./")
+                .trim_start_matches('/')
+                .trim_end_matches('/');
             if pat.is_empty() {
                 continue;
             }
@@ -419,7 +451,9 @@ impl DockerIgnore {
         for (glob, negate) in &self.rules {
             // The path itself or any of its parent folders.
             let hit = glob.is_match(rel)
-                || rel.match_indices('/').any(|(i, _)| glob.is_match(&rel[..i]));
+                || rel
+                    .match_indices('/')
+                    .any(|(i, _)| glob.is_match(&rel[..i]));
             if hit {
                 excluded = !negate;
             }
@@ -454,15 +488,21 @@ impl Write for ChannelWriter {
             return Ok(());
         }
         let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
-        self.tx
-            .blocking_send(Ok(chunk))
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "dockerd stopped reading the context"))
+        self.tx.blocking_send(Ok(chunk)).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "dockerd stopped reading the context",
+            )
+        })
     }
 }
 
 /// Streams the folder `root` as a tar (symlinks kept as links, `.dockerignore` honoured;
 /// the Dockerfile and `.dockerignore` always sent). At most 4 chunks of 256 KiB in flight.
-pub fn tar_stream(root: PathBuf, ignore: DockerIgnore) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+pub fn tar_stream(
+    root: PathBuf,
+    ignore: DockerIgnore,
+) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::task::spawn_blocking(move || {
         let writer = ChannelWriter {
@@ -496,7 +536,11 @@ fn append_dir<W: Write>(
     entries.sort_by_key(|e| e.file_name());
     for entry in entries {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let rel = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
+        let rel = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}/{name}")
+        };
         let always = prefix.is_empty() && (name == "Dockerfile" || name == ".dockerignore");
         let ft = entry.file_type()?;
         let excluded = !always && ignore.excludes(&rel);
@@ -545,7 +589,9 @@ mod tests {
 
     #[test]
     fn dockerignore_rules() {
-        let ig = DockerIgnore::parse("# c\nnode_modules\n*.log\n!keep.log\ndocs/**/*.md\n/secret\n").unwrap();
+        let ig =
+            DockerIgnore::parse("# c\nnode_modules\n*.log\n!keep.log\ndocs/**/*.md\n/secret\n")
+                .unwrap();
         assert!(ig.excludes("node_modules"));
         assert!(ig.excludes("node_modules/a/b.js"));
         assert!(ig.excludes("x.log"));
@@ -573,7 +619,14 @@ mod tests {
     fn single_top_folder_is_flattened() {
         let dir = tempfile::tempdir().unwrap();
         let a = dir.path().join("a.tgz");
-        fs::write(&a, tar_gz(&[("repo-abc/Dockerfile", b"FROM x\n"), ("repo-abc/src/m", b"1")])).unwrap();
+        fs::write(
+            &a,
+            tar_gz(&[
+                ("repo-abc/Dockerfile", b"FROM x\n"),
+                ("repo-abc/src/m", b"1"),
+            ]),
+        )
+        .unwrap();
         let root = extract(&a, &dir.path().join("out"), &limits()).unwrap();
         assert!(root.ends_with("repo-abc"));
         assert!(root.join("src/m").is_file());
@@ -584,10 +637,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = dir.path().join("a.tgz");
         fs::write(&a, tar_gz(&[("big", &[0u8; 5000])])).unwrap();
-        let small = Limits { max_context_bytes: 1000, ..limits() };
-        assert!(matches!(extract(&a, &dir.path().join("o1"), &small), Err(ContextError::TooLarge { .. })));
-        let few = Limits { max_archive_entries: 0, ..limits() };
-        assert!(matches!(extract(&a, &dir.path().join("o2"), &few), Err(ContextError::TooManyEntries { .. })));
+        let small = Limits {
+            max_context_bytes: 1000,
+            ..limits()
+        };
+        assert!(matches!(
+            extract(&a, &dir.path().join("o1"), &small),
+            Err(ContextError::TooLarge { .. })
+        ));
+        let few = Limits {
+            max_archive_entries: 0,
+            ..limits()
+        };
+        assert!(matches!(
+            extract(&a, &dir.path().join("o2"), &few),
+            Err(ContextError::TooManyEntries { .. })
+        ));
     }
 
     #[test]
@@ -595,7 +660,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = dir.path().join("a");
         fs::write(&a, b"just text").unwrap();
-        assert!(matches!(extract(&a, &dir.path().join("o"), &limits()), Err(ContextError::UnknownFormat)));
+        assert!(matches!(
+            extract(&a, &dir.path().join("o"), &limits()),
+            Err(ContextError::UnknownFormat)
+        ));
     }
 
     #[test]

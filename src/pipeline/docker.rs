@@ -6,7 +6,9 @@ use crate::build::RegistryAuth;
 use crate::config::DockerSettings;
 use crate::logs::BuildLog;
 use bollard::auth::DockerCredentials;
-use bollard::query_parameters::{BuildImageOptions, CreateImageOptions, PushImageOptions, TagImageOptions};
+use bollard::query_parameters::{
+    BuildImageOptions, CreateImageOptions, PushImageOptions, TagImageOptions,
+};
 use bollard::{Docker, API_DEFAULT_VERSION};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -45,19 +47,35 @@ pub fn connect(settings: &DockerSettings, scratch: &Path) -> Result<Docker, Dock
     };
     match settings {
         DockerSettings::Socket(path) => {
-            Docker::connect_with_unix(path, REQUEST_TIMEOUT_SECS, API_DEFAULT_VERSION).map_err(unavailable)
-        }
-        DockerSettings::Http { address } => {
-            Docker::connect_with_http(&format!("tcp://{address}"), REQUEST_TIMEOUT_SECS, API_DEFAULT_VERSION)
+            Docker::connect_with_unix(path, REQUEST_TIMEOUT_SECS, API_DEFAULT_VERSION)
                 .map_err(unavailable)
         }
-        DockerSettings::Https { address, ca, cert, key } => {
+        DockerSettings::Http { address } => Docker::connect_with_http(
+            &format!("tcp://{address}"),
+            REQUEST_TIMEOUT_SECS,
+            API_DEFAULT_VERSION,
+        )
+        .map_err(unavailable),
+        DockerSettings::Https {
+            address,
+            ca,
+            cert,
+            key,
+        } => {
             std::fs::create_dir_all(scratch).map_err(DockerError::TlsFiles)?;
             let ca = pem_file(scratch, "ca.pem", ca).map_err(DockerError::TlsFiles)?;
-            let cert = pem_file(scratch, "cert.pem", cert.expose()).map_err(DockerError::TlsFiles)?;
+            let cert =
+                pem_file(scratch, "cert.pem", cert.expose()).map_err(DockerError::TlsFiles)?;
             let key = pem_file(scratch, "key.pem", key.expose()).map_err(DockerError::TlsFiles)?;
-            Docker::connect_with_ssl(address, &key, &cert, &ca, REQUEST_TIMEOUT_SECS, API_DEFAULT_VERSION)
-                .map_err(unavailable)
+            Docker::connect_with_ssl(
+                address,
+                &key,
+                &cert,
+                &ca,
+                REQUEST_TIMEOUT_SECS,
+                API_DEFAULT_VERSION,
+            )
+            .map_err(unavailable)
         }
     }
 }
@@ -89,14 +107,24 @@ pub fn describe(settings: &DockerSettings) -> String {
 }
 
 /// Negotiates the API version and checks that dockerd answers, within `wait`.
-pub async fn ready(docker: Docker, settings: &DockerSettings, wait: Duration) -> Result<Docker, DockerError> {
+pub async fn ready(
+    docker: Docker,
+    settings: &DockerSettings,
+    wait: Duration,
+) -> Result<Docker, DockerError> {
     let unavailable = |message: String| DockerError::Unavailable {
         where_: describe(settings),
         message,
     };
     let attempt = async {
-        let docker = docker.negotiate_version().await.map_err(|e| unavailable(e.to_string()))?;
-        docker.ping().await.map_err(|e| unavailable(e.to_string()))?;
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        docker
+            .ping()
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
         Ok(docker)
     };
     tokio::time::timeout(wait, attempt)
@@ -148,7 +176,8 @@ pub async fn build(
         ..Default::default()
     };
     let registries = (!req.registries.is_empty()).then_some(req.registries);
-    let mut stream = docker.build_image(options, registries, Some(bollard::body_try_stream(context)));
+    let mut stream =
+        docker.build_image(options, registries, Some(bollard::body_try_stream(context)));
     while let Some(item) = stream.next().await {
         match item {
             Ok(info) => {
@@ -156,7 +185,12 @@ pub async fn build(
                     log.line(text);
                 }
                 if let Some(status) = info.status.as_deref() {
-                    log_status(log, info.id.as_deref(), status, info.progress_detail.is_some());
+                    log_status(
+                        log,
+                        info.id.as_deref(),
+                        status,
+                        info.progress_detail.is_some(),
+                    );
                 }
                 if let Some(msg) = info.error_detail.and_then(|d| d.message) {
                     log.line(&msg);
@@ -167,7 +201,11 @@ pub async fn build(
                 let daemon = from_daemon(&e);
                 let msg = stream_error(e);
                 log.line(&msg);
-                return Err(if daemon { DockerError::Build(msg) } else { DockerError::Lost(msg) });
+                return Err(if daemon {
+                    DockerError::Build(msg)
+                } else {
+                    DockerError::Lost(msg)
+                });
             }
         }
     }
@@ -199,7 +237,8 @@ fn stream_error(e: bollard::errors::Error) -> String {
 fn from_daemon(e: &bollard::errors::Error) -> bool {
     matches!(
         e,
-        bollard::errors::Error::DockerStreamError { .. } | bollard::errors::Error::DockerResponseServerError { .. }
+        bollard::errors::Error::DockerStreamError { .. }
+            | bollard::errors::Error::DockerResponseServerError { .. }
     )
 }
 
@@ -260,7 +299,11 @@ pub async fn push(
                 let daemon = from_daemon(&e);
                 let msg = stream_error(e);
                 log.line(&msg);
-                return Err(if daemon { fail(msg) } else { DockerError::Lost(msg) });
+                return Err(if daemon {
+                    fail(msg)
+                } else {
+                    DockerError::Lost(msg)
+                });
             }
         }
     }
@@ -294,7 +337,12 @@ pub async fn pull(
         match item {
             Ok(info) => {
                 if let Some(status) = info.status.as_deref() {
-                    log_status(log, info.id.as_deref(), status, info.progress_detail.is_some());
+                    log_status(
+                        log,
+                        info.id.as_deref(),
+                        status,
+                        info.progress_detail.is_some(),
+                    );
                 }
                 if let Some(msg) = info.error_detail.and_then(|d| d.message) {
                     log.line(&msg);
@@ -329,7 +377,10 @@ mod tests {
     #[test]
     fn digest_from_push_status() {
         let d = format!("sha256:{}", "ab".repeat(32));
-        assert_eq!(parse_digest(&format!("1.5: digest: {d} size: 527")), Some(d));
+        assert_eq!(
+            parse_digest(&format!("1.5: digest: {d} size: 527")),
+            Some(d)
+        );
         assert_eq!(parse_digest("Pushed"), None);
     }
 }

@@ -57,7 +57,10 @@ mod tests {
 
     #[test]
     fn crlf_is_kept_and_last_line_without_newline() {
-        assert_eq!(inject_args("FROM a\r\nRUN x\r\n", &keys(&["K"])), "FROM a\r\nARG K\r\nRUN x\r\n");
+        assert_eq!(
+            inject_args("FROM a\r\nRUN x\r\n", &keys(&["K"])),
+            "FROM a\r\nARG K\r\nRUN x\r\n"
+        );
         assert_eq!(inject_args("  From a", &keys(&["K"])), "  From a\nARG K\n");
     }
 
@@ -67,7 +70,10 @@ mod tests {
             inject_args("FROM \\\n  a\nRUN echo FROM x\n", &keys(&["K"])),
             "FROM \\\n  a\nARG K\nRUN echo FROM x\n"
         );
-        assert_eq!(inject_args("FROMAGE x\n# FROM y\n", &keys(&["K"])), "FROMAGE x\n# FROM y\n");
+        assert_eq!(
+            inject_args("FROMAGE x\n# FROM y\n", &keys(&["K"])),
+            "FROMAGE x\n# FROM y\n"
+        );
         assert_eq!(inject_args("FROM a\n", &[]), "FROM a\n");
     }
 }

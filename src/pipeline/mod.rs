@@ -28,7 +28,8 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn new(docker: Docker, storage: Arc<dyn Storage>, config: Arc<BuildConfig>) -> Self {
-        let http = sources::http_client(config.sources_connect_timeout, config.sources_total_timeout);
+        let http =
+            sources::http_client(config.sources_connect_timeout, config.sources_total_timeout);
         Self {
             docker,
             storage,
@@ -48,7 +49,10 @@ impl Pipeline {
         };
         match &outcome {
             Outcome::Succeeded { image, digest } => {
-                log.line(&format!("Successfully built and pushed {image} {}", digest.as_deref().unwrap_or("")));
+                log.line(&format!(
+                    "Successfully built and pushed {image} {}",
+                    digest.as_deref().unwrap_or("")
+                ));
             }
             Outcome::Failed { reason, message } => {
                 log.line(&format!("Build failed ({}): {message}", reason.as_str()));
@@ -57,15 +61,27 @@ impl Pipeline {
         outcome
     }
 
-    async fn build(&self, spec: &BuildSpec, source: Fetch<'_>, log: &mut BuildLog, workdir: &Path) -> Outcome {
+    async fn build(
+        &self,
+        spec: &BuildSpec,
+        source: Fetch<'_>,
+        log: &mut BuildLog,
+        workdir: &Path,
+    ) -> Outcome {
         if let Err(e) = tokio::fs::create_dir_all(workdir).await {
-            return Outcome::failed(FailureReason::Internal, format!("cannot create the build folder: {e}"));
+            return Outcome::failed(
+                FailureReason::Internal,
+                format!("cannot create the build folder: {e}"),
+            );
         }
         let archive = workdir.join("sources");
         let limits = self.config.limits;
         let fetched = match source {
             Fetch::Http(url) => {
-                log.line(&format!("Fetching sources from {}", sources::redact_url(url.as_str())));
+                log.line(&format!(
+                    "Fetching sources from {}",
+                    sources::redact_url(url.as_str())
+                ));
                 sources::download(&self.http, url, &archive, &limits).await
             }
             Fetch::Data(b64) => {
@@ -79,7 +95,10 @@ impl Pipeline {
         };
         log.line(&format!("Fetched {size} bytes of sources"));
         if let Err(e) = self.storage.put_file(&spec.source_key(), &archive).await {
-            return Outcome::failed(FailureReason::SourceStoreFailed, format!("could not store the sources: {e}"));
+            return Outcome::failed(
+                FailureReason::SourceStoreFailed,
+                format!("could not store the sources: {e}"),
+            );
         }
 
         let args = spec.docker_build_args();
@@ -95,7 +114,12 @@ impl Pipeline {
         let (root, ignore) = match prepared {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => return Outcome::failed(FailureReason::InvalidSources, e.to_string()),
-            Err(e) => return Outcome::failed(FailureReason::Internal, format!("context preparation stopped: {e}")),
+            Err(e) => {
+                return Outcome::failed(
+                    FailureReason::Internal,
+                    format!("context preparation stopped: {e}"),
+                )
+            }
         };
 
         let repo = spec.image_repository();
@@ -112,15 +136,32 @@ impl Pipeline {
             registries: docker::credentials(&registries),
         };
         log.line(&format!("Building {image}"));
-        if let Err(e) = docker::build(&self.docker, request, context::tar_stream(root, ignore), log).await {
+        if let Err(e) = docker::build(
+            &self.docker,
+            request,
+            context::tar_stream(root, ignore),
+            log,
+        )
+        .await
+        {
             return docker_failure(e);
         }
         self.push_both(spec, &image, &repo, log).await
     }
 
     /// `docker://` sources: pull, re-tag as this build's image, push.
-    async fn retag(&self, spec: &BuildSpec, src: &sources::DockerSource, log: &mut BuildLog) -> Outcome {
-        let auth = match (&src.username, &src.password, &spec.docker_login, &spec.docker_password) {
+    async fn retag(
+        &self,
+        spec: &BuildSpec,
+        src: &sources::DockerSource,
+        log: &mut BuildLog,
+    ) -> Outcome {
+        let auth = match (
+            &src.username,
+            &src.password,
+            &spec.docker_login,
+            &spec.docker_password,
+        ) {
             (Some(u), Some(p), _, _) => Some(RegistryAuth {
                 username: u.clone(),
                 password: p.clone(),
@@ -135,11 +176,18 @@ impl Pipeline {
         if let Err(e) = docker::pull(&self.docker, &src.image, creds, log).await {
             return docker_failure(e);
         }
-        self.push_both(spec, &src.image, &spec.image_repository(), log).await
+        self.push_both(spec, &src.image, &spec.image_repository(), log)
+            .await
     }
 
     /// Tags `image` as `repo:1.{n}` and `repo:latest` and pushes both with gm_registry_auth.
-    async fn push_both(&self, spec: &BuildSpec, image: &str, repo: &str, log: &mut BuildLog) -> Outcome {
+    async fn push_both(
+        &self,
+        spec: &BuildSpec,
+        image: &str,
+        repo: &str,
+        log: &mut BuildLog,
+    ) -> Outcome {
         let version = spec.version_tag();
         for tag in [version.as_str(), "latest"] {
             if let Err(e) = docker::tag(&self.docker, image, repo, tag).await {

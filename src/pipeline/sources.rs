@@ -53,7 +53,10 @@ pub struct DockerSource {
 }
 
 pub fn parse(uri: &str) -> Result<Source, SourceError> {
-    let scheme = uri.split_once(':').map(|(s, _)| s.to_ascii_lowercase()).unwrap_or_default();
+    let scheme = uri
+        .split_once(':')
+        .map(|(s, _)| s.to_ascii_lowercase())
+        .unwrap_or_default();
     match scheme.as_str() {
         "http" | "https" => reqwest::Url::parse(uri)
             .map(Source::Http)
@@ -68,7 +71,10 @@ fn parse_data(uri: &str) -> Result<&str, SourceError> {
     let rest = &uri[5..];
     let (meta, payload) = rest.split_once(',').ok_or(SourceError::DataNotBase64)?;
     // Legacy: "data:base64,…"; standard: "data:application/zip;base64,…" (parameters allowed).
-    if meta.split(';').any(|p| p.trim().eq_ignore_ascii_case("base64")) {
+    if meta
+        .split(';')
+        .any(|p| p.trim().eq_ignore_ascii_case("base64"))
+    {
         Ok(payload)
     } else {
         Err(SourceError::DataNotBase64)
@@ -90,7 +96,10 @@ fn parse_docker(uri: &str) -> Result<DockerSource, SourceError> {
         None => (None, None),
         Some(ui) => {
             let (u, p) = ui.split_once(':').ok_or_else(bad)?;
-            (Some(percent_decode(u)), Some(Secret::new(percent_decode(p))))
+            (
+                Some(percent_decode(u)),
+                Some(Secret::new(percent_decode(p))),
+            )
         }
     };
     let registry = image.split('/').next().unwrap_or_default().to_string();
@@ -165,7 +174,9 @@ pub async fn write_data(b64: &str, dest: &Path, limits: &Limits) -> Result<u64, 
     let mut written = 0u64;
     // 64 KiB of base64 at a time (a multiple of 4, so padding only ends the last chunk).
     for chunk in trimmed.as_bytes().chunks(64 * 1024) {
-        let bytes = engine.decode(chunk).map_err(|e| SourceError::BadBase64(e.to_string()))?;
+        let bytes = engine
+            .decode(chunk)
+            .map_err(|e| SourceError::BadBase64(e.to_string()))?;
         written += bytes.len() as u64;
         file.write_all(&bytes).await?;
     }
@@ -208,7 +219,10 @@ pub async fn download(
             status: resp.status().to_string(),
         });
     }
-    if resp.content_length().is_some_and(|l| l > limits.max_source_bytes) {
+    if resp
+        .content_length()
+        .is_some_and(|l| l > limits.max_source_bytes)
+    {
         return Err(SourceError::TooLarge {
             limit: limits.max_source_bytes,
         });
@@ -254,28 +268,51 @@ mod tests {
 
     #[test]
     fn parses_each_scheme() {
-        assert!(matches!(parse("https://example.com/a.tgz").unwrap(), Source::Http(_)));
-        assert_eq!(parse("data:base64,QUJD").unwrap(), Source::Data("QUJD".into()));
-        assert_eq!(parse("data:application/zip;base64,QUJD").unwrap(), Source::Data("QUJD".into()));
-        assert!(matches!(parse("data:text/plain,hello"), Err(SourceError::DataNotBase64)));
+        assert!(matches!(
+            parse("https://example.com/a.tgz").unwrap(),
+            Source::Http(_)
+        ));
+        assert_eq!(
+            parse("data:base64,QUJD").unwrap(),
+            Source::Data("QUJD".into())
+        );
+        assert_eq!(
+            parse("data:application/zip;base64,QUJD").unwrap(),
+            Source::Data("QUJD".into())
+        );
+        assert!(matches!(
+            parse("data:text/plain,hello"),
+            Err(SourceError::DataNotBase64)
+        ));
         assert!(matches!(parse("ftp://x/y"), Err(SourceError::UnsupportedScheme(s)) if s == "ftp"));
-        assert!(matches!(parse("/etc/passwd"), Err(SourceError::UnsupportedScheme(_))));
+        assert!(matches!(
+            parse("/etc/passwd"),
+            Err(SourceError::UnsupportedScheme(_))
+        ));
     }
 
     #[test]
     fn docker_refs_with_and_without_credentials() {
-        let Source::Docker(d) = parse("docker://bob:p%40ss@reg.example:5000/team/app:1.2").unwrap() else {
+        let Source::Docker(d) = parse("docker://bob:p%40ss@reg.example:5000/team/app:1.2").unwrap()
+        else {
             panic!()
         };
         assert_eq!(d.image, "reg.example:5000/team/app:1.2");
         assert_eq!(d.registry, "reg.example:5000");
         assert_eq!(d.username.as_deref(), Some("bob"));
         assert_eq!(d.password.unwrap().expose(), "p@ss");
-        let Source::Docker(d) = parse("docker://127.0.0.1:5000/base/busybox:1").unwrap() else { panic!() };
+        let Source::Docker(d) = parse("docker://127.0.0.1:5000/base/busybox:1").unwrap() else {
+            panic!()
+        };
         assert!(d.username.is_none());
         let digest = format!("docker://h/r@sha256:{}", "a".repeat(64));
         assert!(parse(&digest).is_ok());
-        for bad in ["docker://", "docker://Host/UPPER:tag", "docker://h/r:tag with space", "docker://u:p@"] {
+        for bad in [
+            "docker://",
+            "docker://Host/UPPER:tag",
+            "docker://h/r:tag with space",
+            "docker://u:p@",
+        ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
         let e = parse("docker://bob:hunter22@/BAD").unwrap_err().to_string();
@@ -284,7 +321,10 @@ mod tests {
 
     #[test]
     fn urls_are_redacted_for_logs() {
-        assert_eq!(redact_url("https://u:p@h/x.tgz?token=abc"), "https://h/x.tgz?%E2%80%A6");
+        assert_eq!(
+            redact_url("https://u:p@h/x.tgz?token=abc"),
+            "https://h/x.tgz?%E2%80%A6"
+        );
     }
 
     #[tokio::test]
@@ -292,12 +332,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         let b64 = base64::engine::general_purpose::STANDARD.encode(&payload);
-        let limits = Limits { max_source_bytes: 1 << 20, max_context_bytes: 1 << 20, max_archive_entries: 10 };
+        let limits = Limits {
+            max_source_bytes: 1 << 20,
+            max_context_bytes: 1 << 20,
+            max_archive_entries: 10,
+        };
         let dest = dir.path().join("a");
         assert_eq!(write_data(&b64, &dest, &limits).await.unwrap(), 200_000);
         assert_eq!(std::fs::read(&dest).unwrap(), payload);
-        let small = Limits { max_source_bytes: 1000, ..limits };
-        assert!(matches!(write_data(&b64, &dest, &small).await, Err(SourceError::TooLarge { .. })));
-        assert!(matches!(write_data("!!!!", &dest, &limits).await, Err(SourceError::BadBase64(_))));
+        let small = Limits {
+            max_source_bytes: 1000,
+            ..limits
+        };
+        assert!(matches!(
+            write_data(&b64, &dest, &small).await,
+            Err(SourceError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            write_data("!!!!", &dest, &limits).await,
+            Err(SourceError::BadBase64(_))
+        ));
     }
 }

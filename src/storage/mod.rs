@@ -3,8 +3,10 @@
 //! separator or `..` is refused so a key can never reach outside the store.
 
 mod local;
+mod s3;
 
 pub use local::LocalStorage;
+pub use s3::{S3Storage, PART_SIZE};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -22,7 +24,14 @@ pub enum StorageError {
         source: std::io::Error,
     },
     #[error("S3 {op} of {key} failed: {message}")]
-    S3 { op: &'static str, key: String, message: String },
+    S3 {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
+    /// The configured storage cannot be used at all; `var` is the setting to fix.
+    #[error("{var}: {problem}")]
+    Unusable { var: &'static str, problem: String },
 }
 
 /// A stored object being read: its length when known, and its bytes as a stream.
@@ -43,9 +52,16 @@ pub trait Storage: Send + Sync + 'static {
     fn describe(&self) -> String;
 }
 
-/// Opens the storage the configuration names: local files under `DATA_DIR/store` (S3 when
-/// configured is added by the S3 backend).
-pub async fn open(cfg: &crate::config::BuildConfig) -> Result<std::sync::Arc<dyn Storage>, StorageError> {
+/// Opens the storage the configuration names: the S3 bucket when `S3_BUCKET` is set (checked
+/// to be reachable and ours), else local files under `DATA_DIR/store`.
+pub async fn open(
+    cfg: &crate::config::BuildConfig,
+) -> Result<std::sync::Arc<dyn Storage>, StorageError> {
+    if let Some(s3) = &cfg.s3 {
+        let store = S3Storage::new(s3).await;
+        store.check().await?;
+        return Ok(std::sync::Arc::new(store));
+    }
     let root = cfg.data_dir.join("store");
     let local = LocalStorage::new(&root).map_err(|source| StorageError::Io {
         key: root.display().to_string(),
@@ -77,7 +93,16 @@ mod tests {
         for good in ["6f1b1e3c-8a3e-4b52-9a47-0b6a3e0f3c11", "app-uuid-12.logs"] {
             assert!(check_key(good).is_ok());
         }
-        for bad in ["", ".", "..", "../etc/passwd", "a/b", "a\\b", ".hidden", "a\0b"] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../etc/passwd",
+            "a/b",
+            "a\\b",
+            ".hidden",
+            "a\0b",
+        ] {
             assert!(check_key(bad).is_err(), "{bad:?}");
         }
     }
