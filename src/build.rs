@@ -23,6 +23,10 @@ pub struct BuildSpec {
     pub build_number: u64,
     /// The source URI. For `docker://user:pass@…` it carries credentials, hence `Secret`.
     pub sources: Secret,
+    /// The archive is already in storage under `source_key()` (a `data:` URI decoded at
+    /// submit time); `sources` then no longer carries the payload.
+    #[serde(default)]
+    pub sources_stored: bool,
     #[serde(default)]
     pub sha: Option<String>,
     #[serde(default)]
@@ -105,6 +109,29 @@ impl BuildSpec {
             .map(|(k, v)| (sanitize_arg_key(k), v.clone()))
             .filter(|(k, _)| !k.is_empty())
             .collect()
+    }
+
+    /// The spec with every credential removed: what is kept once nothing needs them.
+    pub fn scrubbed(&self) -> Self {
+        let mut s = self.clone();
+        if let Some(a) = &mut s.gm_registry_auth {
+            a.password = Secret::default();
+        }
+        s.docker_password = None;
+        s.callback_auth = None;
+        // A callback URL may carry a token in its query.
+        s.callback = s
+            .callback
+            .as_deref()
+            .map(|c| c.split('?').next().unwrap_or_default().to_string());
+        if let Some((user, pass)) = docker_source_userinfo(self.sources.expose()) {
+            let without = self
+                .sources
+                .expose()
+                .replacen(&format!("{user}:{pass}@"), "", 1);
+            s.sources = Secret::new(without);
+        }
+        s
     }
 
     /// Every credential this spec carries, for redaction of outside text.
@@ -229,6 +256,7 @@ pub(crate) mod tests {
             app_uuid: "0b1c2d3e-aaaa-bbbb-cccc-111122223333".into(),
             build_number: 12,
             sources: Secret::new("data:base64,AAAA"),
+            sources_stored: false,
             sha: None,
             branch: None,
             repo: None,
@@ -281,6 +309,18 @@ pub(crate) mod tests {
         assert!(s.secrets().contains(&"pw123"));
         assert!(s.secrets().contains(&"regpass"));
         assert!(s.secrets().contains(&"cb-token"));
+    }
+
+    #[test]
+    fn scrubbed_specs_hold_no_secret() {
+        let mut s = spec();
+        s.sources = Secret::new("docker://bob:pw123@host/repo:tag");
+        s.docker_password = Some(Secret::new("dpw"));
+        let json = serde_json::to_string(&s.scrubbed()).unwrap();
+        for secret in ["pw123", "regpass", "cb-token", "dpw"] {
+            assert!(!json.contains(secret), "{secret} in {json}");
+        }
+        assert!(json.contains("docker://host/repo:tag"));
     }
 
     #[test]

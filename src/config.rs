@@ -162,6 +162,14 @@ pub struct BuildArgs {
         default_value_t = 600
     )]
     pub sources_total_timeout_seconds: u64,
+    /// Networks (comma-separated CIDRs) sources are never fetched from, on any redirect hop.
+    #[arg(
+        long,
+        env = "SOURCES_DENY_NETWORKS",
+        value_name = "SOURCES_DENY_NETWORKS",
+        default_value = "169.254.0.0/16,fe80::/10,fd00:ec2::254/128"
+    )]
+    pub sources_deny_networks: String,
     /// Legacy: the seed used node's debug module; any value turns on debug logging.
     #[arg(long, env = "DEBUG", value_name = "DEBUG")]
     pub debug: Option<String>,
@@ -279,6 +287,7 @@ pub struct BuildConfig {
     /// S3 storage, when `S3_BUCKET` is set; else local files under `DATA_DIR`.
     pub s3: Option<S3Config>,
     pub kafka_delivery_timeout: Duration,
+    pub deny_networks: crate::pipeline::sources::DenyList,
 }
 
 /// Size limits on sources and contexts.
@@ -309,6 +318,7 @@ impl BuildArgs {
             sources_total_timeout: Duration::from_secs(self.sources_total_timeout_seconds),
             s3: self.s3.validate()?,
             kafka_delivery_timeout: Duration::from_millis(self.kafka.kafka_delivery_timeout_ms),
+            deny_networks: parse_deny_networks(&self.sources_deny_networks)?,
         })
     }
 
@@ -322,6 +332,25 @@ impl BuildArgs {
             }
         })
     }
+}
+
+fn parse_deny_networks(list: &str) -> Result<crate::pipeline::sources::DenyList, ConfigError> {
+    let nets = list
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<ipnet::IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    invalid(
+                        "SOURCES_DENY_NETWORKS",
+                        format!("{s:?} is not a CIDR (e.g. 169.254.0.0/16)"),
+                    )
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(crate::pipeline::sources::DenyList(nets))
 }
 
 fn parse_extra_build_args(json: Option<&str>) -> Result<BTreeMap<String, String>, ConfigError> {

@@ -11,6 +11,7 @@ pub mod config;
 pub mod executor;
 pub mod local;
 pub mod logs;
+pub mod metrics;
 pub mod pipeline;
 pub mod secret;
 pub mod serve;

@@ -6,9 +6,9 @@ use crate::callback::Callbacks;
 use crate::config::Config;
 use crate::local::{LocalExecutor, LocalSettings};
 use crate::logs::{KafkaProducers, LogFiles, LogSinks};
+use crate::metrics::Metrics;
 use crate::pipeline::{docker, Pipeline};
 use crate::storage::{self, Storage, StorageError};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -95,6 +95,7 @@ pub async fn start(cfg: Config) -> Result<Started, StartError> {
             cfg.build.kafka_delivery_timeout,
         ))),
     };
+    let metrics = Arc::new(Metrics::new());
     let executor = LocalExecutor::start(
         LocalSettings {
             data_dir: data_dir.clone(),
@@ -104,24 +105,18 @@ pub async fn start(cfg: Config) -> Result<Started, StartError> {
         pipeline,
         sinks,
         Callbacks::new(cfg.callback_retry_for),
+        metrics.clone(),
     )
     .await
     .map_err(data_err)?;
 
-    let metrics_exec = executor.clone();
     let state = AppState {
         executor: Arc::new(executor.clone()),
         storage,
         extra_build_args: Arc::new(cfg.build.extra_build_args.clone()),
+        deny_networks: Arc::new(cfg.build.deny_networks.clone()),
         max_request_bytes: cfg.max_request_bytes,
-        metrics: Arc::new(move || {
-            let c = metrics_exec.counters();
-            format!(
-                "# TYPE buildshuttle_queued_builds gauge\nbuildshuttle_queued_builds {}\n# TYPE buildshuttle_running_builds gauge\nbuildshuttle_running_builds {}\n# EOF\n",
-                c.queued.load(Ordering::SeqCst),
-                c.running.load(Ordering::SeqCst)
-            )
-        }),
+        metrics,
     };
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await

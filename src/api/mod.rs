@@ -5,6 +5,7 @@ mod follow;
 pub mod validate;
 
 use crate::executor::{BuildSelector, Executor, ExecutorError};
+use crate::pipeline::sources::{self, Source};
 use crate::storage::{Object, Storage};
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -21,9 +22,9 @@ pub struct AppState {
     pub executor: Arc<dyn Executor>,
     pub storage: Arc<dyn Storage>,
     pub extra_build_args: Arc<BTreeMap<String, String>>,
+    pub deny_networks: Arc<crate::pipeline::sources::DenyList>,
     pub max_request_bytes: usize,
-    /// Prometheus text for /metrics.
-    pub metrics: Arc<dyn Fn() -> String + Send + Sync>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// An error answered as the legacy `{"status": "…"}` body. Internal detail goes to the
@@ -92,7 +93,7 @@ async fn metrics(State(st): State<AppState>) -> Response {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        (st.metrics)(),
+        st.metrics.render(),
     )
         .into_response()
 }
@@ -116,6 +117,13 @@ async fn create_build(
         .map_err(|_| ApiError::BadRequest("Bad Request - malformed JSON.".into()))?;
     let spec =
         validate::build_spec(&json, &st.extra_build_args).map_err(|e| ApiError::BadRequest(e.0))?;
+    if let Ok(Source::Http(url)) = sources::parse(spec.sources.expose()) {
+        if st.deny_networks.denies_url(&url) {
+            return Err(ApiError::BadRequest(
+                "Bad Request - the sources address is in a denied network.".into(),
+            ));
+        }
+    }
     st.executor.submit(spec).await?;
     Ok(ok())
 }

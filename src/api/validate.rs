@@ -193,6 +193,7 @@ pub fn build_spec(
         app_uuid,
         build_number,
         sources: Secret::new(sources_uri),
+        sources_stored: false,
         sha: nonempty("sha")?,
         branch: nonempty("branch")?,
         repo: nonempty("repo")?,

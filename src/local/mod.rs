@@ -9,6 +9,7 @@ use crate::build::{BuildSpec, FailureReason, Outcome};
 use crate::callback::Callbacks;
 use crate::executor::{BuildSelector, Executor, ExecutorError};
 use crate::logs::LogSinks;
+use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::storage::Object;
 use async_trait::async_trait;
@@ -50,15 +51,11 @@ struct Inner {
     tasks: TaskTracker,
     timeout: Duration,
     workroot: PathBuf,
-    pub counters: Counters,
+    metrics: Arc<Metrics>,
 }
 
-/// Live numbers for /metrics and the load script.
-#[derive(Default)]
-pub struct Counters {
-    pub queued: AtomicU64,
-    pub running: AtomicU64,
-}
+/// Why a build was stopped, set before its token fires; `None` means "stopped by request".
+type StopReason = Arc<Mutex<Option<(FailureReason, String)>>>;
 
 struct Active {
     app: String,
@@ -66,7 +63,7 @@ struct Active {
     build_number: u64,
     cancel: CancellationToken,
     /// Why it was cancelled: set before the token fires.
-    reason: Arc<Mutex<Option<(FailureReason, String)>>>,
+    reason: StopReason,
 }
 
 impl LocalExecutor {
@@ -77,6 +74,7 @@ impl LocalExecutor {
         pipeline: Pipeline,
         sinks: LogSinks,
         callbacks: Callbacks,
+        metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let state = StateStore::new(settings.data_dir.join("state"))?;
         let workroot = settings.data_dir.join("work");
@@ -99,7 +97,7 @@ impl LocalExecutor {
             tasks: TaskTracker::new(),
             timeout: settings.timeout,
             workroot,
-            counters: Counters::default(),
+            metrics,
         });
         let exec = Self { inner };
         exec.inner.tasks.spawn(dispatch(exec.inner.clone(), rx));
@@ -107,8 +105,8 @@ impl LocalExecutor {
         Ok(exec)
     }
 
-    pub fn counters(&self) -> &Counters {
-        &self.inner.counters
+    fn running(&self) -> i64 {
+        self.inner.metrics.running.get()
     }
 
     async fn recover(&self) -> std::io::Result<()> {
@@ -170,7 +168,7 @@ impl LocalExecutor {
                 },
             );
         }
-        self.inner.counters.queued.fetch_add(1, Ordering::SeqCst);
+        self.inner.metrics.queued.inc();
         let (tx, rx) = oneshot::channel();
         // The dispatcher hands out slots in the order builds were queued.
         let _ = self.inner.queue.send((id, tx));
@@ -185,9 +183,7 @@ impl LocalExecutor {
     pub async fn shutdown(&self, grace: Duration) {
         self.inner.draining.store(true, Ordering::SeqCst);
         let deadline = tokio::time::Instant::now() + grace;
-        while self.inner.counters.running.load(Ordering::SeqCst) > 0
-            && tokio::time::Instant::now() < deadline
-        {
+        while self.running() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let running: Vec<_> = self.inner.running_tokens();
@@ -202,21 +198,14 @@ impl LocalExecutor {
         }
         // Let the stopped builds record their outcome and send their callbacks (bounded).
         let wait = tokio::time::Instant::now() + Duration::from_secs(15);
-        while self.inner.counters.running.load(Ordering::SeqCst) > 0
-            && tokio::time::Instant::now() < wait
-        {
+        while self.running() > 0 && tokio::time::Instant::now() < wait {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }
 
 impl Inner {
-    fn running_tokens(
-        &self,
-    ) -> Vec<(
-        CancellationToken,
-        Arc<Mutex<Option<(FailureReason, String)>>>,
-    )> {
+    fn running_tokens(&self) -> Vec<(CancellationToken, StopReason)> {
         let Ok(active) = self.active.lock() else {
             return Vec::new();
         };
@@ -255,7 +244,7 @@ impl Inner {
         spec: BuildSpec,
         slot: oneshot::Receiver<OwnedSemaphorePermit>,
         cancel: CancellationToken,
-        reason: Arc<Mutex<Option<(FailureReason, String)>>>,
+        reason: StopReason,
     ) {
         let id = spec.build_uuid;
         // The pending callback goes out beside the build; the final one waits for it.
@@ -274,7 +263,7 @@ impl Inner {
             p = slot => p.ok(),
             _ = cancel.cancelled() => None,
         };
-        self.counters.queued.fetch_sub(1, Ordering::SeqCst);
+        self.metrics.queued.dec();
         let outcome = match permit {
             None if self.draining.load(Ordering::SeqCst) && !cancel.is_cancelled() => {
                 // Shutting down with the build still queued: it stays queued for the next start.
@@ -291,10 +280,13 @@ impl Inner {
                 Outcome::failed(r, format!("{m} before it started"))
             }
             Some(permit) => {
-                self.counters.running.fetch_add(1, Ordering::SeqCst);
+                self.metrics.running.inc();
+                let started = std::time::Instant::now();
                 let outcome = self.run(&spec, &cancel, cancelled_reason).await;
-                self.counters.running.fetch_sub(1, Ordering::SeqCst);
+                self.metrics.running.dec();
                 drop(permit);
+                self.metrics
+                    .build_finished(&outcome, Some(started.elapsed().as_secs_f64()));
                 outcome
             }
         };
@@ -390,6 +382,7 @@ impl Inner {
                 )
                 .await
             {
+                self.metrics.callback_failures.inc();
                 tracing::warn!(build = %id, error = %e, "pending callback not delivered");
             }
         }
@@ -416,10 +409,16 @@ impl Inner {
                 )
                 .await
             {
+                self.metrics.callback_failures.inc();
                 tracing::warn!(build = %id, error = %e, "final callback not delivered; giving up");
             }
         }
-        self.update(id, |r| r.final_sent = true).await;
+        self.update(id, |r| {
+            r.final_sent = true;
+            // Nothing needs the credentials any more: they do not stay on disk.
+            r.spec = r.spec.scrubbed();
+        })
+        .await;
         // Done with it: the state file stays (idempotent POST, restart), memory does not grow.
         self.records.lock().await.remove(&id);
     }
@@ -448,7 +447,7 @@ async fn dispatch(
 
 #[async_trait]
 impl Executor for LocalExecutor {
-    async fn submit(&self, spec: BuildSpec) -> Result<(), ExecutorError> {
+    async fn submit(&self, mut spec: BuildSpec) -> Result<(), ExecutorError> {
         if self.inner.draining.load(Ordering::SeqCst) {
             return Err(ExecutorError::Unavailable(
                 "the service is shutting down".into(),
@@ -462,6 +461,11 @@ impl Executor for LocalExecutor {
                 return Ok(());
             }
         }
+        // A data: payload goes to storage now; the state keeps a reference, not megabytes.
+        self.inner
+            .pipeline
+            .stage_inline_sources(&mut spec, &self.inner.workroot)
+            .await;
         let rec = Record {
             seq: self.inner.seq.fetch_add(1, Ordering::SeqCst),
             spec,

@@ -62,6 +62,8 @@ pub fn connect(settings: &DockerSettings, scratch: &Path) -> Result<Docker, Dock
             cert,
             key,
         } => {
+            // Several crates enable rustls providers; pick one explicitly (idempotent).
+            let _ = rustls::crypto::ring::default_provider().install_default();
             std::fs::create_dir_all(scratch).map_err(DockerError::TlsFiles)?;
             let ca = pem_file(scratch, "ca.pem", ca).map_err(DockerError::TlsFiles)?;
             let cert =

@@ -28,8 +28,11 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn new(docker: Docker, storage: Arc<dyn Storage>, config: Arc<BuildConfig>) -> Self {
-        let http =
-            sources::http_client(config.sources_connect_timeout, config.sources_total_timeout);
+        let http = sources::http_client(
+            config.sources_connect_timeout,
+            config.sources_total_timeout,
+            config.deny_networks.clone(),
+        );
         Self {
             docker,
             storage,
@@ -42,6 +45,7 @@ impl Pipeline {
     /// every failure is an `Outcome::Failed` with a reason, and a line in the log saying why.
     pub async fn run(&self, spec: &BuildSpec, log: &mut BuildLog, workdir: &Path) -> Outcome {
         let outcome = match sources::parse(spec.sources.expose()) {
+            _ if spec.sources_stored => self.build(spec, Fetch::Stored, log, workdir).await,
             Err(e) => Outcome::failed(FailureReason::InvalidSources, e.to_string()),
             Ok(Source::Docker(src)) => self.retag(spec, &src, log).await,
             Ok(Source::Http(url)) => self.build(spec, Fetch::Http(&url), log, workdir).await,
@@ -82,11 +86,23 @@ impl Pipeline {
                     "Fetching sources from {}",
                     sources::redact_url(url.as_str())
                 ));
-                sources::download(&self.http, url, &archive, &limits).await
+                sources::download(
+                    &self.http,
+                    &self.config.deny_networks,
+                    url,
+                    &archive,
+                    &limits,
+                )
+                .await
             }
             Fetch::Data(b64) => {
                 log.line("Decoding sources from the data: URI");
                 sources::write_data(b64, &archive, &limits).await
+            }
+            Fetch::Stored => {
+                log.line("Reading the sources from storage");
+                self.read_stored(&spec.source_key(), &archive, &limits)
+                    .await
             }
         };
         let size = match fetched {
@@ -94,7 +110,11 @@ impl Pipeline {
             Err(e) => return Outcome::failed(FailureReason::SourceFetchFailed, e.to_string()),
         };
         log.line(&format!("Fetched {size} bytes of sources"));
-        if let Err(e) = self.storage.put_file(&spec.source_key(), &archive).await {
+        let stored = match source {
+            Fetch::Stored => Ok(()),
+            _ => self.storage.put_file(&spec.source_key(), &archive).await,
+        };
+        if let Err(e) = stored {
             return Outcome::failed(
                 FailureReason::SourceStoreFailed,
                 format!("could not store the sources: {e}"),
@@ -147,6 +167,66 @@ impl Pipeline {
             return docker_failure(e);
         }
         self.push_both(spec, &image, &repo, log).await
+    }
+
+    /// Decodes a `data:` URI's archive into storage now, so the build's spec (kept in state,
+    /// or in a BuildJob) carries a reference instead of the payload. Best effort: on any
+    /// failure the spec is left as it was and the build decodes it (and fails) as usual.
+    pub async fn stage_inline_sources(&self, spec: &mut BuildSpec, scratch: &Path) {
+        let Ok(Source::Data(b64)) = sources::parse(spec.sources.expose()) else {
+            return;
+        };
+        let file = scratch.join(format!("{}.incoming", spec.build_uuid));
+        let staged = async {
+            sources::write_data(&b64, &file, &self.config.limits)
+                .await
+                .ok()?;
+            self.storage.put_file(&spec.source_key(), &file).await.ok()
+        }
+        .await;
+        let _ = tokio::fs::remove_file(&file).await;
+        if staged.is_some() {
+            spec.sources = crate::secret::Secret::new("data:base64,");
+            spec.sources_stored = true;
+        }
+    }
+
+    /// Copies the stored archive `key` into `dest`, within the source size limit.
+    async fn read_stored(
+        &self,
+        key: &str,
+        dest: &Path,
+        limits: &crate::config::Limits,
+    ) -> Result<u64, sources::SourceError> {
+        use futures::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let missing = || sources::SourceError::Download {
+            url: format!("storage key {key}"),
+            reason: "the stored sources are missing".into(),
+        };
+        let obj = self
+            .storage
+            .get(key)
+            .await
+            .map_err(|e| sources::SourceError::Download {
+                url: format!("storage key {key}"),
+                reason: e.to_string(),
+            })?;
+        let mut body = obj.ok_or_else(missing)?.body;
+        let mut file = tokio::fs::File::create(dest).await?;
+        let mut written = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk?;
+            written += chunk.len() as u64;
+            if written > limits.max_source_bytes {
+                return Err(sources::SourceError::TooLarge {
+                    limit: limits.max_source_bytes,
+                });
+            }
+            file.write_all(&chunk).await?;
+        }
+        file.flush().await?;
+        Ok(written)
     }
 
     /// `docker://` sources: pull, re-tag as this build's image, push.
@@ -213,9 +293,12 @@ impl Pipeline {
 }
 
 /// Sources that are downloaded and built (as opposed to `docker://`, which is re-tagged).
+#[derive(Clone, Copy)]
 enum Fetch<'a> {
     Http(&'a reqwest::Url),
     Data(&'a str),
+    /// Already in storage under the build's source key.
+    Stored,
 }
 
 fn docker_failure(e: DockerError) -> Outcome {

@@ -6,7 +6,9 @@ use crate::config::Limits;
 use crate::secret::Secret;
 use base64::Engine;
 use futures::StreamExt;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
@@ -189,13 +191,82 @@ pub async fn write_data(b64: &str, dest: &Path, limits: &Limits) -> Result<u64, 
     Ok(written)
 }
 
-/// An HTTP client for source downloads.
-pub fn http_client(connect_timeout: Duration, total_timeout: Duration) -> reqwest::Client {
+/// Networks sources may never be fetched from (SOURCES_DENY_NETWORKS).
+#[derive(Debug, Clone, Default)]
+pub struct DenyList(pub Vec<ipnet::IpNet>);
+
+impl DenyList {
+    pub fn denies(&self, ip: IpAddr) -> bool {
+        // ::ffff:169.254.169.254 is 169.254.169.254.
+        let ip = ip.to_canonical();
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+
+    /// Whether the URL names a denied address literally (no DNS involved).
+    pub fn denies_url(&self, url: &reqwest::Url) -> bool {
+        match url.host() {
+            Some(url::Host::Ipv4(ip)) => self.denies(IpAddr::V4(ip)),
+            Some(url::Host::Ipv6(ip)) => self.denies(IpAddr::V6(ip)),
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0} is in SOURCES_DENY_NETWORKS")]
+struct Denied(String);
+
+/// Resolves names for source downloads, dropping denied addresses. reqwest connects to
+/// exactly the addresses returned here, so a name cannot re-resolve to a denied address
+/// between the check and the connection.
+struct GuardedResolver {
+    deny: Arc<DenyList>,
+}
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let deny = self.deny.clone();
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let addrs = tokio::net::lookup_host((host.as_str(), 0)).await?;
+            let allowed: Vec<SocketAddr> = addrs.filter(|a| !deny.denies(a.ip())).collect();
+            if allowed.is_empty() {
+                return Err(Box::new(Denied(format!("every address of {host}")))
+                    as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// Most redirects a source download follows.
+pub const MAX_REDIRECTS: usize = 10;
+
+/// An HTTP client for source downloads: bounded connect/read/total time, at most
+/// `MAX_REDIRECTS` redirects, and no connection to a denied network on any hop.
+pub fn http_client(
+    connect_timeout: Duration,
+    total_timeout: Duration,
+    deny: DenyList,
+) -> reqwest::Client {
+    let deny = Arc::new(deny);
+    let redirect_deny = deny.clone();
+    let policy = reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.previous().len() >= MAX_REDIRECTS {
+            return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
+        }
+        if redirect_deny.denies_url(attempt.url()) {
+            let host = attempt.url().host_str().unwrap_or_default().to_string();
+            return attempt.error(Denied(format!("redirect target {host}")));
+        }
+        attempt.follow()
+    });
     reqwest::Client::builder()
         .connect_timeout(connect_timeout)
         .read_timeout(Duration::from_secs(60))
         .timeout(total_timeout)
-        .redirect(reqwest::redirect::Policy::limited(10))
+        .redirect(policy)
+        .dns_resolver(Arc::new(GuardedResolver { deny }))
         .build()
         .unwrap_or_default()
 }
@@ -203,16 +274,27 @@ pub fn http_client(connect_timeout: Duration, total_timeout: Duration) -> reqwes
 /// Downloads `url` into `dest`, streaming, failing on a 4xx/5xx or past the size limit.
 pub async fn download(
     client: &reqwest::Client,
+    deny: &DenyList,
     url: &reqwest::Url,
     dest: &Path,
     limits: &Limits,
 ) -> Result<u64, SourceError> {
     let shown = redact_url(url.as_str());
+    if deny.denies_url(url) {
+        return Err(SourceError::Download {
+            url: shown,
+            reason: "its address is in SOURCES_DENY_NETWORKS".into(),
+        });
+    }
     let download_err = |e: reqwest::Error| SourceError::Download {
         url: shown.clone(),
         reason: describe(e),
     };
     let resp = client.get(url.clone()).send().await.map_err(download_err)?;
+    if let Some(remote) = resp.remote_addr() {
+        // Belt and braces: the resolver and redirect policy already refuse denied addresses.
+        tracing::debug!(%remote, "downloading sources");
+    }
     if !resp.status().is_success() {
         return Err(SourceError::HttpStatus {
             url: shown,
@@ -245,6 +327,20 @@ pub async fn download(
 }
 
 fn describe(e: reqwest::Error) -> String {
+    let denied = {
+        let mut cause: Option<&dyn std::error::Error> = Some(&e);
+        let mut found = None;
+        while let Some(c) = cause {
+            if let Some(d) = c.downcast_ref::<Denied>() {
+                found = Some(d.to_string());
+            }
+            cause = c.source();
+        }
+        found
+    };
+    if let Some(d) = denied {
+        return format!("refused: {d}");
+    }
     let kind = if e.is_timeout() {
         "timed out"
     } else if e.is_connect() {
@@ -317,6 +413,21 @@ mod tests {
         }
         let e = parse("docker://bob:hunter22@/BAD").unwrap_err().to_string();
         assert!(!e.contains("hunter22"), "{e}");
+    }
+
+    #[test]
+    fn deny_list_matches_canonical_addresses() {
+        let deny = DenyList(vec![
+            "169.254.0.0/16".parse().unwrap(),
+            "fd00:ec2::254/128".parse().unwrap(),
+        ]);
+        assert!(deny.denies("169.254.169.254".parse().unwrap()));
+        assert!(deny.denies("::ffff:169.254.169.254".parse().unwrap()));
+        assert!(deny.denies("fd00:ec2::254".parse().unwrap()));
+        assert!(!deny.denies("127.0.0.1".parse().unwrap()));
+        assert!(deny.denies_url(&"http://169.254.169.254/latest".parse().unwrap()));
+        assert!(deny.denies_url(&"http://[::ffff:a9fe:a9fe]/".parse().unwrap()));
+        assert!(!deny.denies_url(&"http://metadata.example/".parse().unwrap()));
     }
 
     #[test]

@@ -1,0 +1,29 @@
+# buildshuttle's own image: a Rust build stage and a small runtime stage holding only the
+# binary and CA certificates. Base images are build args so the image builds where only
+# local base images exist (see .ci/image, which builds the runtime stage from a
+# debootstrap-made base with a prebuilt binary).
+ARG BUILDER_IMAGE=rust:1.95-bookworm
+ARG RUNTIME_IMAGE=debian:bookworm-slim
+
+FROM ${BUILDER_IMAGE} AS builder
+WORKDIR /src
+COPY . .
+# A builder image may bring a prebuilt /out/buildshuttle (used where nothing can be pulled);
+# otherwise the binary is compiled here.
+RUN if [ ! -x /out/buildshuttle ]; then \
+      apt-get update && apt-get install -y --no-install-recommends cmake && \
+      cargo build --release --locked --bin buildshuttle && \
+      mkdir -p /out && cp target/release/buildshuttle /out/buildshuttle; \
+    fi
+
+FROM ${RUNTIME_IMAGE} AS runtime
+COPY --from=builder /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
+COPY --from=builder /out/buildshuttle /usr/local/bin/buildshuttle
+ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
+    DATA_DIR=/var/lib/buildshuttle
+# Non-root by default. Local mode with the node's docker socket needs the socket's group
+# (the Helm chart sets it); dind and external modes talk TCP and need nothing more.
+USER 10001:10001
+EXPOSE 9000
+ENTRYPOINT ["/usr/local/bin/buildshuttle"]
+CMD ["serve"]

@@ -1,0 +1,139 @@
+//! Prometheus metrics for both modes, served at `GET /metrics` (OpenMetrics text):
+//! builds by result and reason, build duration, queue length, running builds, callback
+//! failures. Labels never carry app names or anything from a request but the reason.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `succeeded` or `failed`.
+    pub result: String,
+    /// The failure reason (`BuildFailed`, `Timeout`, …); empty on success.
+    pub reason: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    builds: Family<ResultLabels, Counter>,
+    duration: Histogram,
+    pub queued: Gauge,
+    pub running: Gauge,
+    pub callback_failures: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("buildshuttle");
+        let builds = Family::<ResultLabels, Counter>::default();
+        // 1 s … ~4.5 h in 14 doubling buckets.
+        let duration = Histogram::new(exponential_buckets(1.0, 2.0, 14));
+        let queued = Gauge::default();
+        let running = Gauge::default();
+        let callback_failures = Counter::default();
+        registry.register(
+            "builds",
+            "Builds finished, by result and failure reason",
+            builds.clone(),
+        );
+        registry.register(
+            "build_duration_seconds",
+            "Time from a build's start to its end",
+            duration.clone(),
+        );
+        registry.register(
+            "queued_builds",
+            "Builds accepted and waiting for a slot",
+            queued.clone(),
+        );
+        registry.register("running_builds", "Builds running now", running.clone());
+        registry.register(
+            "callback_failures",
+            "Status callbacks given up after all retries",
+            callback_failures.clone(),
+        );
+        Self {
+            registry,
+            builds,
+            duration,
+            queued,
+            running,
+            callback_failures,
+        }
+    }
+
+    /// Records a finished build; `seconds` is `None` for builds that never started.
+    pub fn build_finished(&self, outcome: &crate::build::Outcome, seconds: Option<f64>) {
+        let reason = match outcome {
+            crate::build::Outcome::Succeeded { .. } => String::new(),
+            crate::build::Outcome::Failed { reason, .. } => reason.as_str().to_string(),
+        };
+        self.builds
+            .get_or_create(&ResultLabels {
+                result: outcome.callback_status().to_string(),
+                reason,
+            })
+            .inc();
+        if let Some(s) = seconds {
+            self.duration.observe(s);
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::{FailureReason, Outcome};
+
+    #[test]
+    fn renders_every_family() {
+        let m = Metrics::new();
+        m.build_finished(&Outcome::failed(FailureReason::Timeout, "x"), Some(3.0));
+        m.build_finished(
+            &Outcome::Succeeded {
+                image: "i".into(),
+                digest: None,
+            },
+            Some(1.0),
+        );
+        m.queued.set(2);
+        m.callback_failures.inc();
+        let text = m.render();
+        assert!(
+            text.contains(r#"buildshuttle_builds_total{result="failed",reason="Timeout"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"buildshuttle_builds_total{result="succeeded",reason=""} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("buildshuttle_build_duration_seconds_count 2"),
+            "{text}"
+        );
+        assert!(text.contains("buildshuttle_queued_builds 2"), "{text}");
+        assert!(text.contains("buildshuttle_running_builds 0"), "{text}");
+        assert!(
+            text.contains("buildshuttle_callback_failures_total 1"),
+            "{text}"
+        );
+    }
+}

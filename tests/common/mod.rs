@@ -1,0 +1,380 @@
+//! Shared test harness: the service in-process (or as the real binary), a callback
+//! receiver, a source server, archive makers and registry helpers. Everything listens on
+//! 127.0.0.1. The real dockerd and registries come from `.ci/services`.
+#![allow(dead_code)]
+
+pub mod bin;
+
+use axum::body::Bytes;
+use axum::extract::{Path as AxPath, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use clap::Parser;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const REGISTRY: &str = "127.0.0.1:5000";
+pub const AUTH_REGISTRY: &str = "127.0.0.1:5001";
+pub const AUTH_USER: &str = "shuttle";
+pub const AUTH_PASS: &str = "s3cret-pw";
+pub const BASE_IMAGE: &str = "test/busybox:latest";
+
+/// Fails fast with a useful message when the test services are not up.
+pub fn require_services() {
+    let ok = std::path::Path::new("/var/run/docker.sock").exists()
+        && std::net::TcpStream::connect(REGISTRY).is_ok()
+        && std::net::TcpStream::connect(AUTH_REGISTRY).is_ok();
+    assert!(
+        ok,
+        "dockerd and the test registries are not running: run `bash .ci/services` first"
+    );
+}
+
+pub async fn serve_router(router: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("local addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    addr
+}
+
+/// A running buildshuttle (in-process) with its own DATA_DIR.
+pub struct Service {
+    pub addr: SocketAddr,
+    pub data: tempfile::TempDir,
+    pub client: reqwest::Client,
+}
+
+impl Service {
+    /// Starts `serve` with these extra flags (e.g. `["--maximum-parallel-builds", "1"]`).
+    pub async fn start(extra: &[&str]) -> Service {
+        require_services();
+        let data = tempfile::tempdir().expect("tempdir");
+        let mut argv: Vec<String> = vec![
+            "buildshuttle".into(),
+            "serve".into(),
+            "--listen-address".into(),
+            "127.0.0.1".into(),
+            "--port".into(),
+            "0".into(),
+            "--data-dir".into(),
+            data.path().display().to_string(),
+            "--callback-retry-seconds".into(),
+            "20".into(),
+        ];
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        let cli = buildshuttle::config::Cli::try_parse_from(argv).expect("valid flags");
+        #[allow(irrefutable_let_patterns)]
+        let buildshuttle::config::Command::Serve(args) = cli.command
+        else {
+            panic!("not serve")
+        };
+        let cfg = args.validate().expect("valid config");
+        let started = buildshuttle::serve::start(cfg)
+            .await
+            .expect("service starts");
+        let addr = started.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let _ = buildshuttle::serve::serve(started).await;
+        });
+        Service {
+            addr,
+            data,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn post(&self, body: &Value) -> (StatusCode, Value) {
+        let resp = self
+            .client
+            .post(self.url("/"))
+            .json(body)
+            .send()
+            .await
+            .expect("POST /");
+        let code = resp.status();
+        (code, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn log(&self, b: &Value) -> String {
+        let path = format!(
+            "/{}-{}/{}/logs",
+            b["app"].as_str().unwrap(),
+            b["app_uuid"].as_str().unwrap(),
+            b["build_number"]
+        );
+        let resp = self
+            .client
+            .get(self.url(&path))
+            .send()
+            .await
+            .expect("GET logs");
+        if resp.status() != StatusCode::OK {
+            return String::new();
+        }
+        resp.text().await.unwrap_or_default()
+    }
+
+    /// Polls the log until it contains `needle`.
+    pub async fn wait_log(&self, b: &Value, needle: &str, within: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let log = self.log(b).await;
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(
+                start.elapsed() < within,
+                "log never contained {needle:?}; log so far:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// One received callback.
+#[derive(Clone, Debug)]
+pub struct Call {
+    pub path: String,
+    pub auth: Option<String>,
+    pub content_type: Option<String>,
+    pub raw: String,
+    pub body: Value,
+    pub at: Instant,
+}
+
+/// Records callbacks; can answer 500 to the first `fail_first` requests.
+#[derive(Clone)]
+pub struct Callbacks {
+    pub addr: SocketAddr,
+    calls: Arc<Mutex<Vec<Call>>>,
+}
+
+#[derive(Clone)]
+struct CbState {
+    calls: Arc<Mutex<Vec<Call>>>,
+    fail_first: Arc<AtomicUsize>,
+}
+
+async fn record(
+    State(st): State<CbState>,
+    AxPath(rest): AxPath<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    if st
+        .fail_first
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        return StatusCode::INTERNAL_SERVER_ERROR;
+    }
+    let raw = String::from_utf8_lossy(&body).into_owned();
+    st.calls.lock().unwrap().push(Call {
+        path: format!("/{rest}"),
+        auth: headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(String::from),
+        content_type: headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .map(String::from),
+        body: serde_json::from_str(&raw).unwrap_or(Value::Null),
+        raw,
+        at: Instant::now(),
+    });
+    StatusCode::OK
+}
+
+impl Callbacks {
+    pub async fn start() -> Callbacks {
+        Self::start_failing(0).await
+    }
+
+    pub async fn start_failing(fail_first: usize) -> Callbacks {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let st = CbState {
+            calls: calls.clone(),
+            fail_first: Arc::new(AtomicUsize::new(fail_first)),
+        };
+        let router = Router::new().route("/{*rest}", post(record)).with_state(st);
+        let addr = serve_router(router).await;
+        Callbacks { addr, calls }
+    }
+
+    pub fn url(&self, build_uuid: &str) -> String {
+        format!("http://{}/builds/{build_uuid}", self.addr)
+    }
+
+    pub fn calls_for(&self, build_uuid: &str) -> Vec<Call> {
+        let path = format!("/builds/{build_uuid}");
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.path == path)
+            .cloned()
+            .collect()
+    }
+
+    /// Waits for the final (succeeded/failed) callback of a build and returns its status.
+    pub async fn wait_final(&self, build_uuid: &str, within: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let calls = self.calls_for(build_uuid);
+            if let Some(c) = calls.iter().find(|c| c.body["status"] != "pending") {
+                return c.body["status"].as_str().unwrap_or_default().to_string();
+            }
+            assert!(
+                start.elapsed() < within,
+                "no final callback for {build_uuid} within {within:?}; got {calls:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+type FileMap = Arc<Mutex<HashMap<String, Vec<u8>>>>;
+
+/// Serves files at `/{name}`, redirects `/redirect/{name}` → `/{name}`, anything else 404.
+pub struct Files {
+    pub addr: SocketAddr,
+    files: FileMap,
+}
+
+async fn file(State(files): State<FileMap>, AxPath(name): AxPath<String>) -> Response {
+    match files.lock().unwrap().get(&name) {
+        Some(b) => b.clone().into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+impl Files {
+    pub async fn start() -> Files {
+        let files = Arc::new(Mutex::new(HashMap::new()));
+        let router = Router::new()
+            .route(
+                "/redirect/{name}",
+                get(|AxPath(name): AxPath<String>| async move {
+                    Redirect::temporary(&format!("/{name}"))
+                }),
+            )
+            .route("/{name}", get(file))
+            .with_state(files.clone());
+        let addr = serve_router(router).await;
+        Files { addr, files }
+    }
+
+    pub fn put(&self, name: &str, bytes: Vec<u8>) -> String {
+        self.files.lock().unwrap().insert(name.to_string(), bytes);
+        format!("http://{}/{name}", self.addr)
+    }
+}
+
+/// A Dockerfile step unique to this call: everything after it misses dockerd's layer
+/// cache, so the build's output really appears in the log on every run.
+pub fn cache_buster() -> String {
+    format!("RUN echo run-{}", uuid::Uuid::new_v4().simple())
+}
+
+pub fn tar_gz(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    let enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut b = tar::Builder::new(enc);
+    for (name, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o755);
+        h.set_cksum();
+        b.append_data(&mut h, name, *data).expect("tar entry");
+    }
+    b.into_inner().expect("tar").finish().expect("gzip")
+}
+
+pub fn zip(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    use std::io::Write;
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for (name, data) in entries {
+        w.start_file(*name, zip::write::SimpleFileOptions::default())
+            .expect("zip entry");
+        w.write_all(data).expect("zip write");
+    }
+    w.finish().expect("zip").into_inner()
+}
+
+pub fn data_uri(bytes: &[u8]) -> String {
+    use base64::Engine;
+    format!(
+        "data:base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
+/// A controller-api style body with fresh uuids.
+pub fn body(sources: &str, callbacks: &Callbacks) -> Value {
+    let build_uuid = uuid::Uuid::new_v4().to_string();
+    json!({
+        "sha": "0123abc", "app": format!("app{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+        "space": "default", "branch": "master", "repo": "https://example.invalid/repo", "org": "test",
+        "callback": callbacks.url(&build_uuid), "callback_auth": "cb-secret-token",
+        "build_uuid": build_uuid, "app_uuid": uuid::Uuid::new_v4().to_string(), "build_number": 1,
+        "sources": sources, "gm_registry_host": REGISTRY, "gm_registry_repo": "akkeris",
+    })
+}
+
+pub fn image_repo(b: &Value) -> String {
+    format!(
+        "{}/{}-{}",
+        b["gm_registry_repo"].as_str().unwrap(),
+        b["app"].as_str().unwrap(),
+        b["app_uuid"].as_str().unwrap()
+    )
+}
+
+/// Tags of `repo` in a registry (basic auth when given).
+pub async fn registry_tags(registry: &str, repo: &str, auth: Option<(&str, &str)>) -> Vec<String> {
+    let mut req = reqwest::Client::new().get(format!("http://{registry}/v2/{repo}/tags/list"));
+    if let Some((u, p)) = auth {
+        req = req.basic_auth(u, Some(p));
+    }
+    let Ok(resp) = req.send().await else {
+        return vec![];
+    };
+    let v: Value = resp.json().await.unwrap_or(Value::Null);
+    v["tags"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn docker() -> bollard::Docker {
+    bollard::Docker::connect_with_unix_defaults().expect("docker socket")
+}
+
+/// Containers currently running whose command line contains `needle`.
+pub async fn running_containers_with(needle: &str) -> usize {
+    let list = docker()
+        .list_containers(None::<bollard::query_parameters::ListContainersOptions>)
+        .await
+        .expect("list containers");
+    list.iter()
+        .filter(|c| c.command.as_deref().is_some_and(|cmd| cmd.contains(needle)))
+        .count()
+}

@@ -1,0 +1,724 @@
+//! Local mode end to end: the service in-process against the real dockerd and registries
+//! of `.ci/services`, with real callback and source servers on loopback.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+const BUILD: Duration = Duration::from_secs(120);
+
+fn dockerfile(body: &str) -> Vec<u8> {
+    format!("FROM {BASE_IMAGE}\n{}\n{body}\n", cache_buster()).into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_uri_build_is_pushed_with_args_labels_callbacks_and_stored_sources() {
+    let svc = Service::start(&[
+        "--extra-build-args",
+        r#"{"FROM_EXTRA":"extra-value","GREETING":"overridden"}"#,
+    ])
+    .await;
+    let cb = Callbacks::start().await;
+    // Multi-stage, CRLF, lower-case `from`: every stage sees the args.
+    let df = format!(
+        "FROM {BASE_IMAGE} AS first\r\n{cb}\r\nRUN echo \"stage1 $GREETING $FROM_EXTRA\"\r\nfrom {BASE_IMAGE}\r\n{cb}\r\nRUN echo \"stage2 $GREETING\" && printf '%s' \"$MULTI\" | wc -l\r\n",
+        cb = cache_buster()
+    );
+    let archive = tar_gz(&[("Dockerfile", df.as_bytes())]);
+    let mut b = body(&data_uri(&archive), &cb);
+    b["build_number"] = json!(7);
+    b["build_args"] = json!({"GREETING": "hello", "MULTI": "a\nb\nc", "BAD-KEY.x": "k"});
+    let (code, resp) = svc.post(&b).await;
+    assert_eq!((code.as_u16(), resp), (200, json!({"status": "ok"})));
+    let id = b["build_uuid"].as_str().unwrap();
+    assert_eq!(
+        cb.wait_final(id, BUILD).await,
+        "succeeded",
+        "log:\n{}",
+        svc.log(&b).await
+    );
+
+    // Callbacks: pending then exactly one final, with the legacy body and headers.
+    let calls = cb.calls_for(id);
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(
+        calls[0].raw,
+        r#"{"id":7,"status":"pending","building":false,"type":"buildshuttle"}"#
+    );
+    assert_eq!(
+        calls[1].raw,
+        r#"{"id":7,"status":"succeeded","building":false,"type":"buildshuttle"}"#
+    );
+    assert!(calls
+        .iter()
+        .all(|c| c.auth.as_deref() == Some("cb-secret-token")));
+    assert!(calls
+        .iter()
+        .all(|c| c.content_type.as_deref() == Some("application/json")));
+
+    let log = svc.log(&b).await;
+    assert!(
+        log.contains("stage1 hello extra-value"),
+        "request wins over EXTRA_BUILD_ARGS:\n{log}"
+    );
+    assert!(log.contains("stage2 hello"), "{log}");
+    assert!(
+        log.lines().any(|l| l.trim() == "2"),
+        "newlines in values pass through untouched:\n{log}"
+    );
+    assert!(
+        log.contains("ARG BADKEYx"),
+        "keys are stripped to [A-Za-z0-9_]:\n{log}"
+    );
+    assert!(log.trim_end().ends_with("Build finished"), "{log}");
+    assert!(!log.contains("cb-secret-token"));
+
+    // Both tags pushed, labels set.
+    let repo = image_repo(&b);
+    let mut tags = registry_tags(REGISTRY, &repo, None).await;
+    tags.sort();
+    assert_eq!(tags, vec!["1.7".to_string(), "latest".to_string()]);
+    let inspect = docker()
+        .inspect_image(&format!("{REGISTRY}/{repo}:1.7"))
+        .await
+        .unwrap();
+    let labels = inspect.config.unwrap().labels.unwrap();
+    assert_eq!(labels["app"], b["app"].as_str().unwrap());
+    assert_eq!(labels["space"], "default");
+    assert_eq!(labels["build_uuid"], id);
+    assert_eq!(labels["app_uuid"], b["app_uuid"].as_str().unwrap());
+
+    // The original archive, byte for byte.
+    let got = svc
+        .client
+        .get(svc.url(&format!("/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.bytes().await.unwrap().to_vec(), archive);
+    let head = svc
+        .client
+        .head(svc.url(&format!("/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_zip_behind_a_redirect_with_a_top_folder_and_dockerignore() {
+    let svc = Service::start(&[]).await;
+    let cb = Callbacks::start().await;
+    let files = Files::start().await;
+    let df = dockerfile("COPY . /ctx\nRUN test -f /ctx/src/keep.txt && test ! -e /ctx/secret.txt && test ! -e /ctx/logs && echo CONTEXT-OK");
+    let archive = zip(&[
+        ("repo-0123abc/Dockerfile", &df),
+        ("repo-0123abc/.dockerignore", b"secret.txt\nlogs\n"),
+        ("repo-0123abc/src/keep.txt", b"keep"),
+        ("repo-0123abc/secret.txt", b"do not send"),
+        ("repo-0123abc/logs/a.log", b"x"),
+    ]);
+    files.put("app.zip", archive);
+    let url = format!("http://{}/redirect/app.zip", files.addr);
+    let b = body(&url, &cb);
+    assert_eq!(svc.post(&b).await.0, 200);
+    let id = b["build_uuid"].as_str().unwrap();
+    assert_eq!(
+        cb.wait_final(id, BUILD).await,
+        "succeeded",
+        "log:\n{}",
+        svc.log(&b).await
+    );
+    assert!(svc.log(&b).await.contains("CONTEXT-OK"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standard_data_uri_and_rebuild_from_the_services_own_url() {
+    let svc = Service::start(&[]).await;
+    let cb = Callbacks::start().await;
+    let archive = tar_gz(&[("Dockerfile", &dockerfile("RUN echo FIRST"))]);
+    use base64::Engine;
+    let uri = format!(
+        "data:application/x-gzip;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(&archive)
+    );
+    let b1 = body(&uri, &cb);
+    svc.post(&b1).await;
+    let id1 = b1["build_uuid"].as_str().unwrap();
+    assert_eq!(cb.wait_final(id1, BUILD).await, "succeeded");
+    // controller-api rebuilds by pointing sources at GET /{build_uuid} of this service.
+    let mut b2 = body(&svc.url(&format!("/{id1}")), &cb);
+    b2["app"] = b1["app"].clone();
+    b2["app_uuid"] = b1["app_uuid"].clone();
+    b2["build_number"] = json!(2);
+    svc.post(&b2).await;
+    let id2 = b2["build_uuid"].as_str().unwrap();
+    assert_eq!(
+        cb.wait_final(id2, BUILD).await,
+        "succeeded",
+        "{}",
+        svc.log(&b2).await
+    );
+    let tags = registry_tags(REGISTRY, &image_repo(&b2), None).await;
+    assert!(
+        tags.contains(&"1.1".to_string()) && tags.contains(&"1.2".to_string()),
+        "{tags:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_sources_are_pulled_retagged_and_pushed() {
+    let svc = Service::start(&[]).await;
+    let cb = Callbacks::start().await;
+    // Credentials in the URL, against the registry that requires them.
+    let src = format!("docker://{AUTH_USER}:{AUTH_PASS}@{AUTH_REGISTRY}/base/busybox:1");
+    let b = body(&src, &cb);
+    svc.post(&b).await;
+    let id = b["build_uuid"].as_str().unwrap();
+    assert_eq!(
+        cb.wait_final(id, BUILD).await,
+        "succeeded",
+        "{}",
+        svc.log(&b).await
+    );
+    let tags = registry_tags(REGISTRY, &image_repo(&b), None).await;
+    assert!(
+        tags.contains(&"1.1".to_string()) && tags.contains(&"latest".to_string()),
+        "{tags:?}"
+    );
+    assert!(
+        !svc.log(&b).await.contains(AUTH_PASS),
+        "the URL password never reaches the log"
+    );
+
+    // docker_login / docker_password instead of URL credentials.
+    let mut b2 = body(&format!("docker://{AUTH_REGISTRY}/base/busybox:1"), &cb);
+    b2["docker_login"] = json!(AUTH_USER);
+    b2["docker_password"] = json!(AUTH_PASS);
+    svc.post(&b2).await;
+    let id2 = b2["build_uuid"].as_str().unwrap();
+    assert_eq!(
+        cb.wait_final(id2, BUILD).await,
+        "succeeded",
+        "{}",
+        svc.log(&b2).await
+    );
+
+    // A missing image fails with the daemon's message.
+    let b3 = body(&format!("docker://{REGISTRY}/base/does-not-exist:1"), &cb);
+    svc.post(&b3).await;
+    let id3 = b3["build_uuid"].as_str().unwrap();
+    assert_eq!(cb.wait_final(id3, BUILD).await, "failed");
+    let log = svc.log(&b3).await;
+    assert!(
+        log.contains("PullFailed") && log.contains("not found"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_auth_right_and_wrong_password() {
+    let svc = Service::start(&[]).await;
+    let cb = Callbacks::start().await;
+    let archive = tar_gz(&[("Dockerfile", &dockerfile("RUN echo AUTH"))]);
+    let mut good = body(&data_uri(&archive), &cb);
+    good["gm_registry_host"] = json!(AUTH_REGISTRY);
+    good["gm_registry_auth"] = json!({"username": AUTH_USER, "password": AUTH_PASS});
+    svc.post(&good).await;
+    let id = good["build_uuid"].as_str().unwrap();
+    assert_eq!(
+        cb.wait_final(id, BUILD).await,
+        "succeeded",
+        "{}",
+        svc.log(&good).await
+    );
+    let tags = registry_tags(
+        AUTH_REGISTRY,
+        &image_repo(&good),
+        Some((AUTH_USER, AUTH_PASS)),
+    )
+    .await;
+    assert!(tags.contains(&"1.1".to_string()), "{tags:?}");
+
+    let mut bad = body(&data_uri(&archive), &cb);
+    bad["gm_registry_host"] = json!(AUTH_REGISTRY);
+    bad["gm_registry_auth"] = json!({"username": AUTH_USER, "password": "wrong-password-123"});
+    svc.post(&bad).await;
+    let id = bad["build_uuid"].as_str().unwrap();
+    assert_eq!(cb.wait_final(id, BUILD).await, "failed");
+    let log = svc.log(&bad).await;
+    assert!(log.contains("PushFailed"), "{log}");
+    assert!(
+        log.contains("unauthorized") || log.contains("authentication required"),
+        "the daemon's message is in the log:\n{log}"
+    );
+    assert!(!log.contains("wrong-password-123"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_inside_the_build_use_extra_registry_config() {
+    // A base image that exists only in the authenticated registry, under a unique tag.
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let private = format!("{AUTH_REGISTRY}/base/private:{tag}");
+    let d = docker();
+    d.tag_image(
+        BASE_IMAGE,
+        Some(bollard::query_parameters::TagImageOptions {
+            repo: Some(format!("{AUTH_REGISTRY}/base/private")),
+            tag: Some(tag.clone()),
+        }),
+    )
+    .await
+    .unwrap();
+    let creds = bollard::auth::DockerCredentials {
+        username: Some(AUTH_USER.into()),
+        password: Some(AUTH_PASS.into()),
+        serveraddress: Some(AUTH_REGISTRY.into()),
+        ..Default::default()
+    };
+    use futures::StreamExt;
+    let mut push = d.push_image(
+        &format!("{AUTH_REGISTRY}/base/private"),
+        Some(bollard::query_parameters::PushImageOptions {
+            tag: Some(tag.clone()),
+            ..Default::default()
+        }),
+        Some(creds),
+    );
+    while let Some(r) = push.next().await {
+        r.unwrap();
+    }
+    d.remove_image(
+        &private,
+        None::<bollard::query_parameters::RemoveImageOptions>,
+        None,
+    )
+    .await
+    .unwrap();
+
+    let extra = format!(
+        r#"{{"{AUTH_REGISTRY}": {{"username": "{AUTH_USER}", "password": "{AUTH_PASS}"}}}}"#
+    );
+    let svc = Service::start(&["--extra-docker-registry-config", &extra]).await;
+    let cb = Callbacks::start().await;
+    let archive = tar_gz(&[(
+        "Dockerfile",
+        format!(
+            "FROM {private}\n{}\nRUN echo PRIVATE-BASE\n",
+            cache_buster()
+        )
+        .as_bytes(),
+    )]);
+    let b = body(&data_uri(&archive), &cb);
+    svc.post(&b).await;
+    let id = b["build_uuid"].as_str().unwrap();
+    assert_eq!(
+        cb.wait_final(id, BUILD).await,
+        "succeeded",
+        "{}",
+        svc.log(&b).await
+    );
+    assert!(!svc.log(&b).await.contains(AUTH_PASS));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_reported_with_a_reason_in_the_log() {
+    let svc = Service::start(&["--sources-connect-timeout-seconds", "3"]).await;
+    let cb = Callbacks::start().await;
+    let files = Files::start().await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let cases: Vec<(String, &str)> = vec![
+        (
+            data_uri(&tar_gz(&[(
+                "Dockerfile",
+                &dockerfile("RUN echo about-to-fail && false"),
+            )])),
+            "returned a non-zero code",
+        ),
+        (
+            data_uri(&tar_gz(&[(
+                "Dockerfile",
+                b"FROM 127.0.0.1:5000/nope/missing:1\n",
+            )])),
+            "not found",
+        ),
+        (
+            data_uri(&tar_gz(&[("README.md", b"no dockerfile")])),
+            "no Dockerfile",
+        ),
+        (
+            data_uri(&tar_gz(&[("Dockerfile", b"FROM busybox\nNOTACOMMAND x\n")])),
+            "unknown instruction",
+        ),
+        (data_uri(b"this is not an archive at all"), "not a .tar.gz"),
+        (format!("http://{closed}/src.tgz"), "could not connect"),
+        (format!("http://{}/missing.tgz", files.addr), "404"),
+    ];
+    let mut bodies = Vec::new();
+    for (src, _) in &cases {
+        let b = body(src, &cb);
+        assert_eq!(svc.post(&b).await.0, 200);
+        bodies.push(b);
+    }
+    for (b, (_, expect)) in bodies.iter().zip(&cases) {
+        let id = b["build_uuid"].as_str().unwrap();
+        assert_eq!(cb.wait_final(id, BUILD).await, "failed");
+        let log = svc.log(b).await;
+        assert!(log.contains(expect), "expected {expect:?} in:\n{log}");
+        assert!(log.contains("Build failed ("), "{log}");
+    }
+}
+
+/// A build that prints `{marker}-start`, sleeps, then prints `{marker}-end`. The markers are
+/// computed by the shell so the echoed Dockerfile step never contains them.
+fn sleeper(marker: &str, secs: u32) -> Vec<u8> {
+    let df = dockerfile(&format!(
+        "RUN echo {marker}-$(echo start) && sleep {secs} && echo {marker}-$(echo end)"
+    ));
+    tar_gz(&[("Dockerfile", &df)])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_a_running_build_and_stop_all_of_an_app() {
+    let svc = Service::start(&["--maximum-parallel-builds", "1"]).await;
+    let cb = Callbacks::start().await;
+    let b = body(&data_uri(&sleeper("stopme", 301)), &cb);
+    svc.post(&b).await;
+    svc.wait_log(&b, "stopme-start", BUILD).await;
+    assert_eq!(running_containers_with("sleep 301").await, 1);
+    let path = format!(
+        "/{}-{}/1",
+        b["app"].as_str().unwrap(),
+        b["app_uuid"].as_str().unwrap()
+    );
+    let resp = svc.client.delete(svc.url(&path)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json::<Value>().await.unwrap(), json!({"status": "ok"}));
+    let id = b["build_uuid"].as_str().unwrap();
+    assert_eq!(cb.wait_final(id, Duration::from_secs(10)).await, "failed");
+    let start = std::time::Instant::now();
+    while running_containers_with("sleep 301").await > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the build container is still running"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(svc.log(&b).await.contains("Cancelled"));
+
+    // Stop-all: one running, one queued behind it (same app).
+    let b1 = body(&data_uri(&sleeper("all1", 302)), &cb);
+    let mut b2 = body(&data_uri(&sleeper("all2", 302)), &cb);
+    b2["app"] = b1["app"].clone();
+    b2["app_uuid"] = b1["app_uuid"].clone();
+    b2["build_number"] = json!(2);
+    svc.post(&b1).await;
+    svc.post(&b2).await;
+    svc.wait_log(&b1, "all1-start", BUILD).await;
+    let path = format!(
+        "/{}-{}",
+        b1["app"].as_str().unwrap(),
+        b1["app_uuid"].as_str().unwrap()
+    );
+    assert_eq!(
+        svc.client
+            .delete(svc.url(&path))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    for b in [&b1, &b2] {
+        assert_eq!(
+            cb.wait_final(b["build_uuid"].as_str().unwrap(), Duration::from_secs(10))
+                .await,
+            "failed"
+        );
+    }
+    assert!(
+        !svc.log(&b2).await.contains("all2-start"),
+        "the queued build never ran"
+    );
+    let start = std::time::Instant::now();
+    while running_containers_with("sleep 302").await > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "a build container is still running"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Exactly one final callback each.
+    for b in [&b, &b1, &b2] {
+        let finals = cb
+            .calls_for(b["build_uuid"].as_str().unwrap())
+            .iter()
+            .filter(|c| c.body["status"] != "pending")
+            .count();
+        assert_eq!(finals, 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_past_timeout_in_ms_fails_and_its_container_stops() {
+    let svc = Service::start(&["--timeout-in-ms", "4000"]).await;
+    let cb = Callbacks::start().await;
+    let b = body(&data_uri(&sleeper("slow", 303)), &cb);
+    svc.post(&b).await;
+    let id = b["build_uuid"].as_str().unwrap();
+    assert_eq!(cb.wait_final(id, Duration::from_secs(30)).await, "failed");
+    let log = svc.log(&b).await;
+    assert!(
+        log.contains("Timeout") && log.contains("TIMEOUT_IN_MS"),
+        "{log}"
+    );
+    let start = std::time::Instant::now();
+    while running_containers_with("sleep 303").await > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the build container is still running"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_runs_at_most_the_limit_first_come_first_served() {
+    let svc = Service::start(&["--maximum-parallel-builds", "2"]).await;
+    let cb = Callbacks::start().await;
+    let mut bodies = Vec::new();
+    for i in 0..5 {
+        let b = body(&data_uri(&sleeper(&format!("q{i}"), 2)), &cb);
+        svc.post(&b).await;
+        bodies.push(b);
+    }
+    // Sample the running gauge while the queue drains.
+    let mut max_running = 0;
+    let start = std::time::Instant::now();
+    loop {
+        let m = svc
+            .client
+            .get(svc.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let running: u64 = m
+            .lines()
+            .find_map(|l| l.strip_prefix("buildshuttle_running_builds "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("running gauge");
+        max_running = max_running.max(running);
+        let done = bodies
+            .iter()
+            .all(|b| cb.calls_for(b["build_uuid"].as_str().unwrap()).len() == 2);
+        if done {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "queue did not drain"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        max_running, 2,
+        "never more than MAXIMUM_PARALLEL_BUILDS at once"
+    );
+    // Builds start in submission order: each one's pending→final window starts no earlier.
+    let mut finals: Vec<_> = bodies
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (cb.calls_for(b["build_uuid"].as_str().unwrap())[1].at, i))
+        .collect();
+    finals.sort();
+    let order: Vec<usize> = finals.iter().map(|(_, i)| *i).collect();
+    assert!(
+        order[..2].contains(&0) && order[..2].contains(&1),
+        "first two submitted finish first: {order:?}"
+    );
+    assert_eq!(order[4], 4, "last submitted finishes last: {order:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_readable_while_the_build_runs() {
+    let svc = Service::start(&[]).await;
+    let cb = Callbacks::start().await;
+    let b = body(&data_uri(&sleeper("live", 6)), &cb);
+    svc.post(&b).await;
+    let log = svc.wait_log(&b, "live-start", BUILD).await;
+    let id = b["build_uuid"].as_str().unwrap();
+    assert!(!log.contains("live-end"));
+    assert!(
+        cb.calls_for(id)
+            .iter()
+            .all(|c| c.body["status"] == "pending"),
+        "read before the build ended"
+    );
+    assert_eq!(cb.wait_final(id, BUILD).await, "succeeded");
+    assert!(svc.log(&b).await.contains("live-end"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dockerd_over_plain_tcp_and_mutual_tls() {
+    let state = std::env::var("BUILDSHUTTLE_TEST_STATE")
+        .unwrap_or_else(|_| "/tmp/buildshuttle-test".into());
+    let read = |f: &str| {
+        std::fs::read_to_string(format!("{state}/tls/{f}")).expect("TLS files from .ci/services")
+    };
+    let tls = json!({"protocol": "https", "host": "127.0.0.1", "port": 2376, "ca": read("ca.pem"), "cert": read("client.pem"), "key": read("client-key.pem")}).to_string();
+    for settings in [
+        r#"{"host":"http://127.0.0.1","port":"2375"}"#.to_string(),
+        tls,
+    ] {
+        let svc = Service::start(&["--docker-build-settings", &settings]).await;
+        let cb = Callbacks::start().await;
+        let b = body(
+            &data_uri(&tar_gz(&[(
+                "Dockerfile",
+                &dockerfile("RUN echo REMOTE-DOCKER"),
+            )])),
+            &cb,
+        );
+        svc.post(&b).await;
+        let id = b["build_uuid"].as_str().unwrap();
+        assert_eq!(
+            cb.wait_final(id, BUILD).await,
+            "succeeded",
+            "{}",
+            svc.log(&b).await
+        );
+        assert!(svc.log(&b).await.contains("REMOTE-DOCKER"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_cache_builds_without_the_layer_cache() {
+    let archive = tar_gz(&[("Dockerfile", &dockerfile("RUN echo cache-probe-5d1e"))]);
+    let cb = Callbacks::start().await;
+    let svc = Service::start(&[]).await;
+    for _ in 0..2 {
+        let b = body(&data_uri(&archive), &cb);
+        svc.post(&b).await;
+        assert_eq!(
+            cb.wait_final(b["build_uuid"].as_str().unwrap(), BUILD)
+                .await,
+            "succeeded"
+        );
+    }
+    let cached = body(&data_uri(&archive), &cb);
+    svc.post(&cached).await;
+    cb.wait_final(cached["build_uuid"].as_str().unwrap(), BUILD)
+        .await;
+    assert!(
+        svc.log(&cached).await.contains("Using cache"),
+        "the cache is used by default"
+    );
+    let nc = Service::start(&["--no-cache", "true"]).await;
+    let b = body(&data_uri(&archive), &cb);
+    nc.post(&b).await;
+    assert_eq!(
+        cb.wait_final(b["build_uuid"].as_str().unwrap(), BUILD)
+            .await,
+        "succeeded"
+    );
+    assert!(
+        !nc.log(&b).await.contains("Using cache"),
+        "{}",
+        nc.log(&b).await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_the_legacy_answers() {
+    let svc = Service::start(&[]).await;
+    let cb = Callbacks::start().await;
+    let post_raw = |body: &'static str| {
+        let c = svc.client.clone();
+        let url = svc.url("/");
+        async move {
+            let r = c
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    assert_eq!(
+        post_raw("{not json").await,
+        (400, r#"{"status":"Bad Request - malformed JSON."}"#.into())
+    );
+    assert_eq!(
+        post_raw("{}").await,
+        (400, r#"{"status":"Bad Request - missing fields."}"#.into())
+    );
+    let mut b = body("data:base64,AAAA", &cb);
+    b["build_uuid"] = json!("not-a-uuid");
+    let (code, v) = svc.post(&b).await;
+    assert_eq!(
+        (code.as_u16(), v),
+        (
+            400,
+            json!({"status": "Bad Request - build uuid is invalid."})
+        )
+    );
+    b.as_object_mut().unwrap().remove("gm_registry_repo");
+    assert_eq!(
+        svc.post(&b).await.1,
+        json!({"status": "Bad Request - missing fields."})
+    );
+
+    let get = |p: String| {
+        let c = svc.client.clone();
+        let url = svc.url(&p);
+        async move {
+            let r = c.get(url).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    assert_eq!(
+        get("/octhc".into()).await,
+        (200, "overall_status=good".into())
+    );
+    assert_eq!(get("/not-a-uuid".into()).await.0, 400);
+    let unknown = uuid::Uuid::new_v4();
+    assert_eq!(get(format!("/{unknown}")).await.0, 404);
+    assert_eq!(
+        svc.client
+            .head(svc.url(&format!("/{unknown}")))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    let del = svc
+        .client
+        .delete(svc.url(&format!("/{unknown}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (del.status().as_u16(), del.text().await.unwrap()),
+        (200, r#"{"status":"ok"}"#.into())
+    );
+    assert_eq!(get(format!("/myapp-{unknown}/3/logs")).await.0, 404);
+    assert_eq!(
+        get("/myapp-../../etc/3/logs".into()).await.0,
+        400,
+        "no way out of the store"
+    );
+    assert_eq!(get(format!("/myapp-{unknown}/0/logs")).await.0, 400);
+    assert_eq!(get(format!("/my-app-{unknown}/3/logs")).await.0, 400);
+}

@@ -1,0 +1,205 @@
+//! The real binary: start-up errors, SIGKILL mid-build and restart, SIGTERM drain.
+
+mod common;
+
+use common::bin::*;
+use common::*;
+use serde_json::{json, Value};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn run_serve(env: &[(&str, &str)]) -> (i32, String) {
+    let out = Command::new(BIN)
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("PORT", "0")
+        .env("DATA_DIR", tempfile::tempdir().unwrap().path())
+        .envs(env.iter().copied())
+        .output()
+        .expect("run binary");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_configuration_is_one_line_naming_the_variable_and_exit_2() {
+    for (var, value) in [
+        ("EXTRA_BUILD_ARGS", "not json"),
+        ("EXTRA_BUILD_ARGS", "[1,2]"),
+        ("MAXIMUM_PARALLEL_BUILDS", "0"),
+        ("MAXIMUM_PARALLEL_BUILDS", "many"),
+        ("TIMEOUT_IN_MS", "-5"),
+        (
+            "DOCKER_BUILD_SETTINGS",
+            "{\"socketPath\": \"/nonexistent/docker.sock\"}",
+        ),
+        (
+            "DOCKER_BUILD_SETTINGS",
+            "{\"host\": \"http://127.0.0.1\", \"port\": \"1\"}",
+        ),
+        ("DOCKER_BUILD_SETTINGS", "nonsense"),
+        (
+            "EXTRA_DOCKER_REGISTRY_CONFIG",
+            "{\"h\": {\"username\": \"u\", \"password\": 1}, \"secret-x\": 1}",
+        ),
+    ] {
+        let (code, stderr) = run_serve(&[(var, value)]);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(code, 2, "{var}={value}: {stderr}");
+        assert_eq!(lines.len(), 1, "{var}={value}: one line, got {stderr}");
+        assert!(lines[0].contains(var), "{var}={value}: {stderr}");
+        assert!(!stderr.contains("panicked"));
+    }
+}
+
+#[test]
+fn help_and_version() {
+    for flag in ["--help", "--version"] {
+        let out = Command::new(BIN).arg(flag).output().unwrap();
+        assert!(out.status.success(), "{flag}");
+        assert!(!out.stdout.is_empty());
+    }
+    let out = Command::new(BIN)
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for var in [
+        "PORT",
+        "DATA_DIR",
+        "MAXIMUM_PARALLEL_BUILDS",
+        "TIMEOUT_IN_MS",
+        "DOCKER_BUILD_SETTINGS",
+        "EXTRA_BUILD_ARGS",
+    ] {
+        assert!(
+            help.contains(&format!("[env: {var}")),
+            "serve --help lists {var}"
+        );
+    }
+}
+
+fn sleeper(marker: &str, secs: u32) -> String {
+    let df = format!(
+        "FROM {BASE_IMAGE}\n{}\nRUN echo {marker}-$(echo start) && sleep {secs} && echo {marker}-$(echo end)\n",
+        cache_buster()
+    );
+    data_uri(&tar_gz(&[("Dockerfile", df.as_bytes())]))
+}
+
+fn finals(cb: &Callbacks, b: &Value) -> usize {
+    cb.calls_for(b["build_uuid"].as_str().unwrap())
+        .iter()
+        .filter(|c| c.body["status"] != "pending")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_build_then_restart_reports_interrupted_and_runs_the_queue() {
+    require_services();
+    let data = tempfile::tempdir().unwrap();
+    let cb = Callbacks::start().await;
+    let port = free_port();
+    let p = spawn(data.path(), port, &[("MAXIMUM_PARALLEL_BUILDS", "1")]);
+    let running = body(&sleeper("killed", 304), &cb);
+    let mut queued = body(&sleeper("queued", 1), &cb);
+    queued["build_number"] = json!(2);
+    p.post(&running).await;
+    p.post(&queued).await;
+    p.wait_log(&running, "killed-start").await;
+    p.signal("-KILL");
+    drop(p);
+
+    let p = spawn(data.path(), port, &[("MAXIMUM_PARALLEL_BUILDS", "1")]);
+    let rid = running["build_uuid"].as_str().unwrap();
+    assert_eq!(cb.wait_final(rid, Duration::from_secs(30)).await, "failed");
+    assert_eq!(
+        cb.wait_final(
+            queued["build_uuid"].as_str().unwrap(),
+            Duration::from_secs(120)
+        )
+        .await,
+        "succeeded"
+    );
+    let log = p.log(&running).await;
+    assert!(log.contains("Interrupted"), "{log}");
+    let src = reqwest::get(p.url(&format!("/{rid}"))).await.unwrap();
+    assert_eq!(src.status(), 200, "sources survive the restart");
+    assert!(p.log(&queued).await.contains("queued-end"));
+
+    // A second restart sends nothing again.
+    drop(p);
+    let _p = spawn(data.path(), port, &[("MAXIMUM_PARALLEL_BUILDS", "1")]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(finals(&cb, &running), 1, "no duplicate final callback");
+    assert_eq!(finals(&cb, &queued), 1);
+    let start = Instant::now();
+    while running_containers_with("sleep 304").await > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the killed build's container is still running"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_running_builds_within_the_grace_period() {
+    require_services();
+    let data = tempfile::tempdir().unwrap();
+    let cb = Callbacks::start().await;
+    let mut p = spawn(
+        data.path(),
+        free_port(),
+        &[
+            ("MAXIMUM_PARALLEL_BUILDS", "2"),
+            ("SHUTDOWN_GRACE_SECONDS", "8"),
+        ],
+    );
+    let short = body(&sleeper("short", 3), &cb);
+    let long = body(&sleeper("long", 305), &cb);
+    p.post(&short).await;
+    p.post(&long).await;
+    p.wait_log(&short, "short-start").await;
+    p.wait_log(&long, "long-start").await;
+    let t = Instant::now();
+    p.signal("-TERM");
+    let status = loop {
+        if let Some(s) = p.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(40),
+            "serve did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(
+        t.elapsed() >= Duration::from_secs(3),
+        "it waited for the running builds"
+    );
+    assert_eq!(
+        cb.wait_final(
+            short["build_uuid"].as_str().unwrap(),
+            Duration::from_secs(1)
+        )
+        .await,
+        "succeeded"
+    );
+    assert_eq!(
+        cb.wait_final(long["build_uuid"].as_str().unwrap(), Duration::from_secs(1))
+            .await,
+        "failed"
+    );
+    let log = std::fs::read_to_string(data.path().join("store").join(format!(
+        "{}-{}-1.logs",
+        long["app"].as_str().unwrap(),
+        long["app_uuid"].as_str().unwrap()
+    )))
+    .unwrap();
+    assert!(log.contains("interrupted"), "{log}");
+}
