@@ -100,7 +100,10 @@ async fn kafka_gets_every_log_line_in_order_ending_with_build_finished() {
     // Several partitions, so in-order delivery depends on the per-build key.
     cluster.create_topic(topic, 3, 1).expect("topic");
     let bootstrap = cluster.bootstrap_servers();
-    assert!(bootstrap.starts_with("127.0.0.1:") || bootstrap.starts_with("localhost:"), "{bootstrap}");
+    assert!(
+        bootstrap.starts_with("127.0.0.1:") || bootstrap.starts_with("localhost:"),
+        "{bootstrap}"
+    );
 
     let svc = Service::start(&["--kafka-topic", topic]).await;
     let cbs = Callbacks::start().await;
@@ -125,8 +128,15 @@ async fn kafka_gets_every_log_line_in_order_ending_with_build_finished() {
     let stored = svc.log(&b).await;
     let lines: Vec<&str> = stored.lines().collect();
     assert_eq!(lines.last(), Some(&"Build finished"));
-    assert!(stored.contains("kafka-line-one") && stored.contains("kafka \"quoted\" line"), "{stored}");
-    assert_eq!(msgs.len(), lines.len(), "messages: {msgs:#?}\nlog:\n{stored}");
+    assert!(
+        stored.contains("kafka-line-one") && stored.contains("kafka \"quoted\" line"),
+        "{stored}"
+    );
+    assert_eq!(
+        msgs.len(),
+        lines.len(),
+        "messages: {msgs:#?}\nlog:\n{stored}"
+    );
     let metadata = format!("{app}-perf");
     for ((k, value), line) in msgs.iter().zip(&lines) {
         assert_eq!(k, &key);
@@ -171,7 +181,11 @@ async fn a_dead_broker_neither_fails_nor_stalls_the_build() {
         .try_init();
 
     // A loopback port nobody listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let svc = Service::start(&["--kafka-delivery-timeout-ms", "2000"]).await;
     let cbs = Callbacks::start().await;
     let mut b = body(&data_uri(&archive(&[])), &cbs);
@@ -185,10 +199,17 @@ async fn a_dead_broker_neither_fails_nor_stalls_the_build() {
     assert!(took < Duration::from_secs(60), "build took {took:?}");
 
     let log = svc.log(&b).await;
-    assert!(log.contains("kafka-line-one") && log.contains("Successfully built"), "{log}");
+    assert!(
+        log.contains("kafka-line-one") && log.contains("Successfully built"),
+        "{log}"
+    );
     assert!(log.ends_with("Build finished\n"), "{log}");
 
-    let key = format!("{}-{}-1", b["app"].as_str().unwrap(), b["app_uuid"].as_str().unwrap());
+    let key = format!(
+        "{}-{}-1",
+        b["app"].as_str().unwrap(),
+        b["app_uuid"].as_str().unwrap()
+    );
     let out = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
     let warnings: Vec<&str> = out
         .lines()
@@ -205,8 +226,12 @@ async fn a_dead_broker_neither_fails_nor_stalls_the_build() {
 
 /// The object as s3s-fs keeps it on disk, to check the bytes really went to the bucket.
 fn s3_file(key: &str) -> std::path::PathBuf {
-    let state = std::env::var("BUILDSHUTTLE_TEST_STATE").unwrap_or_else(|_| "/tmp/buildshuttle-test".into());
-    std::path::Path::new(&state).join("s3").join(S3_BUCKET).join(key)
+    let state = std::env::var("BUILDSHUTTLE_TEST_STATE")
+        .unwrap_or_else(|_| "/tmp/buildshuttle-test".into());
+    std::path::Path::new(&state)
+        .join("s3")
+        .join(S3_BUCKET)
+        .join(key)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,27 +239,53 @@ async fn s3_keeps_sources_and_logs_byte_for_byte() {
     let svc = Service::start(&s3_flags()).await;
     let cbs = Callbacks::start().await;
     // Incompressible filler, so the archive is not trivially small.
-    let filler: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let filler: Vec<u8> = (0..300_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     let sources = archive(&[("filler.bin", &filler)]);
     let b = body(&data_uri(&sources), &cbs);
     let id = b["build_uuid"].as_str().unwrap().to_string();
     assert_eq!(svc.post(&b).await.0, 200);
     assert_eq!(cbs.wait_final(&id, BUILD_WITHIN).await, "succeeded");
 
-    let resp = svc.client.get(svc.url(&format!("/{id}"))).send().await.unwrap();
+    let resp = svc
+        .client
+        .get(svc.url(&format!("/{id}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.bytes().await.unwrap().as_ref(), sources.as_slice());
     assert_eq!(std::fs::read(s3_file(&id)).unwrap(), sources);
-    let head = svc.client.head(svc.url(&format!("/{id}"))).send().await.unwrap();
+    let head = svc
+        .client
+        .head(svc.url(&format!("/{id}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(head.status(), 200);
     let unknown = uuid::Uuid::new_v4();
-    let missing = svc.client.get(svc.url(&format!("/{unknown}"))).send().await.unwrap();
+    let missing = svc
+        .client
+        .get(svc.url(&format!("/{unknown}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(missing.status(), 404);
-    let missing = svc.client.head(svc.url(&format!("/{unknown}"))).send().await.unwrap();
+    let missing = svc
+        .client
+        .head(svc.url(&format!("/{unknown}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(missing.status(), 404);
 
     // The finished log left the local spool and is served from the bucket.
-    let key = format!("{}-{}-1.logs", b["app"].as_str().unwrap(), b["app_uuid"].as_str().unwrap());
+    let key = format!(
+        "{}-{}-1.logs",
+        b["app"].as_str().unwrap(),
+        b["app_uuid"].as_str().unwrap()
+    );
     let spool = svc.data.path().join("logs").join(&key);
     let start = Instant::now();
     while spool.exists() && start.elapsed() < Duration::from_secs(10) {
@@ -242,7 +293,10 @@ async fn s3_keeps_sources_and_logs_byte_for_byte() {
     }
     assert!(!spool.exists(), "spooled log not removed after upload");
     let log = svc.log(&b).await;
-    assert!(log.contains("kafka-line-one") && log.ends_with("Build finished\n"), "{log}");
+    assert!(
+        log.contains("kafka-line-one") && log.ends_with("Build finished\n"),
+        "{log}"
+    );
     assert_eq!(std::fs::read_to_string(s3_file(&key)).unwrap(), log);
     // Follow mode on a finished build returns the whole stored log and ends.
     let followed = svc
@@ -277,7 +331,12 @@ async fn a_rebuild_fetches_sources_from_the_services_own_url() {
     assert_eq!(cbs.wait_final(&second_id, BUILD_WITHIN).await, "succeeded");
     let log = svc.log(&second).await;
     assert!(log.contains("kafka-line-one"), "{log}");
-    let again = svc.client.get(svc.url(&format!("/{second_id}"))).send().await.unwrap();
+    let again = svc
+        .client
+        .get(svc.url(&format!("/{second_id}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(again.bytes().await.unwrap().as_ref(), sources.as_slice());
 }
 
@@ -286,10 +345,14 @@ async fn follow_streams_a_running_builds_log_from_the_spool_then_ends() {
     let svc = Service::start(&s3_flags()).await;
     let cbs = Callbacks::start().await;
     let dockerfile = format!(
-        "FROM test/busybox:latest\n{}\nRUN echo follow-early && sleep 4 && echo follow-late\n",
+        // Arithmetic, so the printed markers differ from the echoed `Step` line.
+        "FROM test/busybox:latest\n{}\nRUN echo early-$((40+2)) && sleep 4 && echo late-$((40+2))\n",
         cache_buster()
     );
-    let b = body(&data_uri(&tar_gz(&[("Dockerfile", dockerfile.as_bytes())])), &cbs);
+    let b = body(
+        &data_uri(&tar_gz(&[("Dockerfile", dockerfile.as_bytes())])),
+        &cbs,
+    );
     let id = b["build_uuid"].as_str().unwrap().to_string();
     assert_eq!(svc.post(&b).await.0, 200);
     svc.wait_log(&b, "Build ", Duration::from_secs(30)).await;
@@ -305,11 +368,14 @@ async fn follow_streams_a_running_builds_log_from_the_spool_then_ends() {
     let mut early_seen_while_running = false;
     while let Some(chunk) = resp.chunk().await.unwrap() {
         text.push_str(&String::from_utf8_lossy(&chunk));
-        if text.contains("follow-early") && !text.contains("follow-late") && cbs.calls_for(&id).len() < 2 {
+        if text.contains("early-42") && !text.contains("late-42") && cbs.calls_for(&id).len() < 2 {
             early_seen_while_running = true;
         }
     }
-    assert!(early_seen_while_running, "follow did not show lines before the build ended:\n{text}");
+    assert!(
+        early_seen_while_running,
+        "follow did not show lines before the build ended:\n{text}"
+    );
     assert!(text.ends_with("Build finished\n"), "{text}");
     assert_eq!(cbs.wait_final(&id, BUILD_WITHIN).await, "succeeded");
     assert_eq!(text, svc.log(&b).await);
@@ -318,7 +384,14 @@ async fn follow_streams_a_running_builds_log_from_the_spool_then_ends() {
 async fn start_error(extra: &[&str]) -> String {
     use clap::Parser;
     let data = tempfile::tempdir().unwrap();
-    let mut argv = vec!["buildshuttle", "serve", "--port", "0", "--listen-address", "127.0.0.1"];
+    let mut argv = vec![
+        "buildshuttle",
+        "serve",
+        "--port",
+        "0",
+        "--listen-address",
+        "127.0.0.1",
+    ];
     let dir = data.path().display().to_string();
     argv.extend(["--data-dir", dir.as_str()]);
     argv.extend(extra);
@@ -355,14 +428,32 @@ async fn unusable_s3_is_a_start_error_naming_the_variable() {
 
     let e = run(base(S3_BUCKET, S3_ENDPOINT.into(), "wrong-secret-value")).await;
     assert!(e.starts_with("S3_ACCESS_KEY:"), "{e}");
-    assert!(!e.contains("wrong-secret-value") && !e.contains('\n'), "{e}");
+    assert!(
+        !e.contains("wrong-secret-value") && !e.contains('\n'),
+        "{e}"
+    );
 
     let e = run(base("no-such-bucket-here", S3_ENDPOINT.into(), S3_SECRET)).await;
-    assert!(e.starts_with("S3_BUCKET:") && e.contains("no-such-bucket-here"), "{e}");
+    assert!(
+        e.starts_with("S3_BUCKET:") && e.contains("no-such-bucket-here"),
+        "{e}"
+    );
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let e = run(base(S3_BUCKET, format!("http://127.0.0.1:{port}"), S3_SECRET)).await;
-    assert!(e.starts_with("S3_ENDPOINT:") && e.contains(&port.to_string()), "{e}");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let e = run(base(
+        S3_BUCKET,
+        format!("http://127.0.0.1:{port}"),
+        S3_SECRET,
+    ))
+    .await;
+    assert!(
+        e.starts_with("S3_ENDPOINT:") && e.contains(&port.to_string()),
+        "{e}"
+    );
 }
 
 #[test]
@@ -383,7 +474,10 @@ fn the_binary_exits_2_with_one_line_on_wrong_s3_credentials() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.starts_with("buildshuttle: S3_ACCESS_KEY:"), "{stderr}");
+    assert!(
+        stderr.starts_with("buildshuttle: S3_ACCESS_KEY:"),
+        "{stderr}"
+    );
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
     assert!(!stderr.contains("definitely-wrong-secret"), "{stderr}");
 }
@@ -408,7 +502,9 @@ async fn large_objects_go_up_in_parts_and_come_back_intact() {
     let len = 2 * PART_SIZE as usize + 123_457;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("big");
-    let data: Vec<u8> = (0..len as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+    let data: Vec<u8> = (0..len as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
     std::fs::write(&path, &data).unwrap();
     let key = format!("multipart-{}", uuid::Uuid::new_v4());
     store.put_file(&key, &path).await.unwrap();
