@@ -396,6 +396,8 @@ async fn start_error(extra: &[&str]) -> String {
     argv.extend(["--data-dir", dir.as_str()]);
     argv.extend(extra);
     let cli = buildshuttle::config::Cli::try_parse_from(argv).unwrap();
+    // More subcommands are coming (worker, crd); keep the else.
+    #[allow(irrefutable_let_patterns)]
     let buildshuttle::config::Command::Serve(args) = cli.command else {
         panic!("not serve")
     };
