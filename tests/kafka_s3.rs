@@ -398,7 +398,8 @@ async fn start_error(extra: &[&str]) -> String {
     let cli = buildshuttle::config::Cli::try_parse_from(argv).unwrap();
     // More subcommands are coming (worker, crd); keep the else.
     #[allow(irrefutable_let_patterns)]
-    let buildshuttle::config::Command::Serve(args) = cli.command else {
+    let buildshuttle::config::Command::Serve(args) = cli.command
+    else {
         panic!("not serve")
     };
     let cfg = args.validate().unwrap();
@@ -522,4 +523,50 @@ async fn large_objects_go_up_in_parts_and_come_back_intact() {
     assert!(store.get("multipart-nope").await.unwrap().is_none());
     assert!(!store.exists("multipart-nope").await.unwrap());
     let _ = std::fs::remove_file(s3_file(&key));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_s3_a_build_stopped_while_queued_has_its_log_in_the_bucket() {
+    let mut flags = s3_flags();
+    flags.extend(["--maximum-parallel-builds", "1"]);
+    let svc = Service::start(&flags).await;
+    let cbs = Callbacks::start().await;
+    let slow = format!(
+        "FROM test/busybox:latest\n{}\nRUN sleep 5\n",
+        cache_buster()
+    );
+    let first = body(&data_uri(&tar_gz(&[("Dockerfile", slow.as_bytes())])), &cbs);
+    assert_eq!(svc.post(&first).await.0, 200);
+    svc.wait_log(&first, "Step 1/", Duration::from_secs(30))
+        .await;
+
+    let queued = body(&data_uri(&archive(&[])), &cbs);
+    let id = queued["build_uuid"].as_str().unwrap().to_string();
+    assert_eq!(svc.post(&queued).await.0, 200);
+    let stop = format!(
+        "/{}-{}/1",
+        queued["app"].as_str().unwrap(),
+        queued["app_uuid"].as_str().unwrap()
+    );
+    let resp = svc.client.delete(svc.url(&stop)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(cbs.wait_final(&id, BUILD_WITHIN).await, "failed");
+
+    let key = format!(
+        "{}-{}-1.logs",
+        queued["app"].as_str().unwrap(),
+        queued["app_uuid"].as_str().unwrap()
+    );
+    let in_bucket = std::fs::read_to_string(s3_file(&key)).unwrap_or_default();
+    assert!(
+        in_bucket.contains("before it started"),
+        "bucket copy: {in_bucket:?}"
+    );
+    assert!(
+        !svc.data.path().join("logs").join(&key).exists(),
+        "spool file left behind"
+    );
+    assert_eq!(svc.log(&queued).await, in_bucket);
+    let first_id = first["build_uuid"].as_str().unwrap();
+    assert_eq!(cbs.wait_final(first_id, BUILD_WITHIN).await, "succeeded");
 }

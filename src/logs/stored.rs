@@ -37,6 +37,14 @@ impl LogFiles {
         })
     }
 
+    /// Stores the spooled log of `key` (for a log finished outside a running build, e.g.
+    /// one line saying it was interrupted); a no-op when the spool is the store.
+    pub async fn store(&self, key: &str, storage: &dyn Storage) {
+        if let Some(path) = self.path(key).filter(|_| self.remove_when_stored) {
+            hand_over(key, &path, storage, true).await;
+        }
+    }
+
     /// The spool path of a log key, or `None` for a key that is not a plain name.
     pub fn path(&self, key: &str) -> Option<PathBuf> {
         crate::storage::check_key(key).ok()?;
@@ -94,19 +102,30 @@ impl Sink for StoredLog {
             if self.failed_writes > 0 {
                 tracing::warn!(key = %self.key, lines = self.failed_writes, "lines could not be written to the stored log");
             }
-            match self.storage.put_file(&self.key, &self.path).await {
-                // Readers fall back from the spool to storage, which now has the whole log.
-                Ok(()) if self.remove_when_stored => {
-                    if let Err(e) = tokio::fs::remove_file(&self.path).await {
-                        tracing::warn!(key = %self.key, error = %e, "could not remove the spooled log after storing it");
-                    }
-                }
-                Ok(()) => {}
-                // The spool file stays, so the log is still served from this host.
-                Err(e) => {
-                    tracing::warn!(key = %self.key, error = %e, "could not store the build log; it stays in the local spool")
-                }
-            }
+            hand_over(
+                &self.key,
+                &self.path,
+                self.storage.as_ref(),
+                self.remove_when_stored,
+            )
+            .await;
         })
+    }
+}
+
+/// Puts the spool file in storage and, when the spool is not the store, removes it.
+async fn hand_over(key: &str, path: &Path, storage: &dyn Storage, remove: bool) {
+    match storage.put_file(key, path).await {
+        // Readers fall back from the spool to storage, which now has the whole log.
+        Ok(()) if remove => {
+            if let Err(e) = tokio::fs::remove_file(path).await {
+                tracing::warn!(key, error = %e, "could not remove the spooled log after storing it");
+            }
+        }
+        Ok(()) => {}
+        // The spool file stays, so the log is still served from this host.
+        Err(e) => {
+            tracing::warn!(key, error = %e, "could not store the build log; it stays in the local spool")
+        }
     }
 }
