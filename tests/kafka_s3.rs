@@ -526,9 +526,12 @@ async fn large_objects_go_up_in_parts_and_come_back_intact() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_s3_a_build_stopped_while_queued_has_its_log_in_the_bucket() {
+async fn with_s3_a_build_stopped_while_queued_has_its_log_in_the_bucket_and_on_kafka() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let topic = "buildlogs-stopped";
+    cluster.create_topic(topic, 1, 1).expect("topic");
     let mut flags = s3_flags();
-    flags.extend(["--maximum-parallel-builds", "1"]);
+    flags.extend(["--maximum-parallel-builds", "1", "--kafka-topic", topic]);
     let svc = Service::start(&flags).await;
     let cbs = Callbacks::start().await;
     let slow = format!(
@@ -540,7 +543,8 @@ async fn with_s3_a_build_stopped_while_queued_has_its_log_in_the_bucket() {
     svc.wait_log(&first, "Step 1/", Duration::from_secs(30))
         .await;
 
-    let queued = body(&data_uri(&archive(&[])), &cbs);
+    let mut queued = body(&data_uri(&archive(&[])), &cbs);
+    queued["kafka_hosts"] = cluster.bootstrap_servers().into();
     let id = queued["build_uuid"].as_str().unwrap().to_string();
     assert_eq!(svc.post(&queued).await.0, 200);
     let stop = format!(
@@ -567,6 +571,29 @@ async fn with_s3_a_build_stopped_while_queued_has_its_log_in_the_bucket() {
         "spool file left behind"
     );
     assert_eq!(svc.log(&queued).await, in_bucket);
+
+    // The log consumers hear why, and that it is over.
+    let msgs = tokio::task::spawn_blocking({
+        let (bootstrap, key) = (
+            cluster.bootstrap_servers(),
+            key.trim_end_matches(".logs").to_string(),
+        );
+        move || consume_build(bootstrap, topic.to_string(), key)
+    })
+    .await
+    .unwrap();
+    let lines: Vec<String> = msgs
+        .iter()
+        .map(|(_, v)| {
+            serde_json::from_str::<Value>(v).unwrap()["message"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines[0].contains("before it started"), "{lines:?}");
+    assert_eq!(lines[1], "Build finished");
     let first_id = first["build_uuid"].as_str().unwrap();
     assert_eq!(cbs.wait_final(first_id, BUILD_WITHIN).await, "succeeded");
 }

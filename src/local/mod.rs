@@ -244,6 +244,14 @@ impl Inner {
             .files
             .store(&key, self.sinks.storage.as_ref())
             .await;
+        if let Some(mut log) = self.sinks.kafka_only(spec) {
+            // Delivery may wait on a dead broker for KAFKA_DELIVERY_TIMEOUT_MS: not inline.
+            let line = line.to_string();
+            self.tasks.spawn(async move {
+                log.line(&line);
+                log.finish().await;
+            });
+        }
     }
 
     async fn lifecycle(
