@@ -344,6 +344,10 @@ pub struct BuildArgs {
     /// Legacy: the seed used node's debug module; any value turns on debug logging.
     #[arg(long, env = "DEBUG", value_name = "DEBUG")]
     pub debug: Option<String>,
+    #[command(flatten)]
+    pub s3: S3Args,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
 }
 
 /// Where dockerd is (DOCKER_BUILD_SETTINGS), parsed.
@@ -451,6 +455,9 @@ pub struct BuildConfig {
     pub limits: Limits,
     pub sources_connect_timeout: Duration,
     pub sources_total_timeout: Duration,
+    /// S3 storage, when `S3_BUCKET` is set; else local files under `DATA_DIR`.
+    pub s3: Option<S3Config>,
+    pub kafka_delivery_timeout: Duration,
     pub deny_networks: crate::pipeline::sources::DenyList,
 }
 
@@ -480,6 +487,8 @@ impl BuildArgs {
             },
             sources_connect_timeout: Duration::from_secs(self.sources_connect_timeout_seconds),
             sources_total_timeout: Duration::from_secs(self.sources_total_timeout_seconds),
+            s3: self.s3.validate()?,
+            kafka_delivery_timeout: Duration::from_millis(self.kafka.kafka_delivery_timeout_ms),
             deny_networks: parse_deny_networks(&self.sources_deny_networks)?,
         })
     }
@@ -676,5 +685,205 @@ mod tests {
         let ok = parse_extra_registries(Some(r#"{"h:5000": {"username": "u", "password": "p"}}"#))
             .unwrap();
         assert_eq!(ok["h:5000"].password.expose(), "p");
+    }
+}
+
+/// S3 storage for sources and logs (`S3_*`). Off unless `S3_BUCKET` is set.
+#[derive(Debug, Clone, Args)]
+pub struct S3Args {
+    /// Bucket for sources and logs; unset: local files under DATA_DIR.
+    #[arg(long, env = "S3_BUCKET", value_name = "S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+    /// Access key id; unset: the default AWS credential chain (env, profile, web identity, instance role).
+    #[arg(long, env = "S3_ACCESS_KEY", value_name = "S3_ACCESS_KEY", hide_env_values = true, value_parser = secret_arg)]
+    pub s3_access_key: Option<Secret>,
+    /// Secret access key (with S3_ACCESS_KEY).
+    #[arg(long, env = "S3_SECRET_KEY", value_name = "S3_SECRET_KEY", hide_env_values = true, value_parser = secret_arg)]
+    pub s3_secret_key: Option<Secret>,
+    /// Legacy name of the bucket's region (S3_REGION wins).
+    #[arg(long, env = "S3_LOCATION", value_name = "S3_LOCATION")]
+    pub s3_location: Option<String>,
+    /// The bucket's region; falls back to S3_LOCATION, then the AWS default chain.
+    #[arg(long, env = "S3_REGION", value_name = "S3_REGION")]
+    pub s3_region: Option<String>,
+    /// URL of an S3-compatible server (path-style addressing), e.g. http://127.0.0.1:9100.
+    #[arg(long, env = "S3_ENDPOINT", value_name = "S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+}
+
+/// Validated S3 settings. `Debug` shows the keys as `***` (they are `Secret`s).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Both or neither: without them the default AWS credential chain is used.
+    pub keys: Option<(Secret, Secret)>,
+    pub region: Option<String>,
+    pub endpoint: Option<String>,
+}
+
+/// Keys are parsed straight into `Secret`, so not even `Debug` of the flags shows them.
+fn secret_arg(s: &str) -> Result<Secret, std::convert::Infallible> {
+    Ok(Secret::new(s.trim()))
+}
+
+fn non_empty(v: &Option<String>) -> Option<String> {
+    v.as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+fn non_empty_secret(v: &Option<Secret>) -> Option<Secret> {
+    v.clone().filter(|s| !s.is_empty())
+}
+
+impl S3Args {
+    pub fn validate(&self) -> Result<Option<S3Config>, ConfigError> {
+        let endpoint = non_empty(&self.s3_endpoint);
+        let Some(bucket) = non_empty(&self.s3_bucket) else {
+            if endpoint.is_some() {
+                return Err(invalid("S3_BUCKET", "must be set when S3_ENDPOINT is"));
+            }
+            return Ok(None);
+        };
+        let keys = match (
+            non_empty_secret(&self.s3_access_key),
+            non_empty_secret(&self.s3_secret_key),
+        ) {
+            (Some(id), Some(secret)) => Some((id, secret)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(
+                    "S3_SECRET_KEY",
+                    "must be set when S3_ACCESS_KEY is",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "S3_ACCESS_KEY",
+                    "must be set when S3_SECRET_KEY is",
+                ))
+            }
+        };
+        if let Some(ep) = &endpoint {
+            let ok = reqwest::Url::parse(ep)
+                .ok()
+                .is_some_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some());
+            if !ok {
+                return Err(invalid(
+                    "S3_ENDPOINT",
+                    format!("{ep:?} is not an http:// or https:// URL"),
+                ));
+            }
+        }
+        Ok(Some(S3Config {
+            bucket,
+            keys,
+            region: non_empty(&self.s3_region).or_else(|| non_empty(&self.s3_location)),
+            endpoint,
+        }))
+    }
+}
+
+/// Kafka log delivery (the brokers come with each request, as `kafka_hosts`).
+#[derive(Debug, Clone, Args)]
+pub struct KafkaArgs {
+    /// How long a finished build waits for its log lines to reach Kafka, in milliseconds;
+    /// lines still undelivered then are counted in one warning (the build is not failed).
+    #[arg(
+        long,
+        env = "KAFKA_DELIVERY_TIMEOUT_MS",
+        value_name = "KAFKA_DELIVERY_TIMEOUT_MS",
+        default_value_t = 5000
+    )]
+    pub kafka_delivery_timeout_ms: u64,
+}
+
+#[cfg(test)]
+mod s3_tests {
+    use super::*;
+
+    fn args(pairs: &[(&str, &str)]) -> S3Args {
+        let get = |k: &str| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        };
+        S3Args {
+            s3_bucket: get("bucket"),
+            s3_access_key: get("ak").map(Secret::new),
+            s3_secret_key: get("sk").map(Secret::new),
+            s3_location: get("location"),
+            s3_region: get("region"),
+            s3_endpoint: get("endpoint"),
+        }
+    }
+
+    #[test]
+    fn s3_is_off_without_a_bucket() {
+        assert_eq!(args(&[]).validate().unwrap(), None);
+        assert_eq!(args(&[("bucket", " ")]).validate().unwrap(), None);
+        let e = args(&[("endpoint", "http://127.0.0.1:9100")])
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().starts_with("S3_BUCKET"), "{e}");
+    }
+
+    #[test]
+    fn region_falls_back_to_location_and_keys_come_in_pairs() {
+        let c = args(&[("bucket", "b"), ("location", "eu-west-1")])
+            .validate()
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(c.keys, None);
+        let c = args(&[
+            ("bucket", "b"),
+            ("location", "eu-west-1"),
+            ("region", "us-west-2"),
+        ])
+        .validate()
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.region.as_deref(), Some("us-west-2"));
+        let e = args(&[("bucket", "b"), ("ak", "AKID")])
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().starts_with("S3_SECRET_KEY"), "{e}");
+        let e = args(&[("bucket", "b"), ("sk", "topsecret")])
+            .validate()
+            .unwrap_err();
+        assert!(
+            e.to_string().starts_with("S3_ACCESS_KEY") && !e.to_string().contains("topsecret"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn endpoint_must_be_an_http_url() {
+        for bad in ["127.0.0.1:9100", "ftp://h/", "http://"] {
+            let e = args(&[("bucket", "b"), ("endpoint", bad)])
+                .validate()
+                .unwrap_err();
+            assert!(e.to_string().starts_with("S3_ENDPOINT"), "{bad}: {e}");
+        }
+        let c = args(&[("bucket", "b"), ("endpoint", "http://127.0.0.1:9100")])
+            .validate()
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.endpoint.as_deref(), Some("http://127.0.0.1:9100"));
+    }
+
+    #[test]
+    fn debug_hides_the_secret_key() {
+        let a = args(&[("bucket", "b"), ("ak", "AKIDSECRET"), ("sk", "topsecret")]);
+        let c = a.validate().unwrap().unwrap();
+        for shown in [format!("{c:?}"), format!("{a:?}")] {
+            assert!(
+                !shown.contains("topsecret") && !shown.contains("AKIDSECRET"),
+                "{shown}"
+            );
+        }
     }
 }

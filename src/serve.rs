@@ -5,10 +5,10 @@ use crate::api::{self, AppState};
 use crate::callback::Callbacks;
 use crate::config::Config;
 use crate::local::{LocalExecutor, LocalSettings};
-use crate::logs::{LogFiles, LogSinks};
+use crate::logs::{KafkaProducers, LogFiles, LogSinks};
 use crate::metrics::Metrics;
 use crate::pipeline::{docker, Pipeline};
-use crate::storage::{LocalStorage, Storage};
+use crate::storage::{self, Storage, StorageError};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +29,10 @@ pub enum StartError {
     },
     #[error("USE_KUBERNETES: {0}")]
     Kubernetes(#[from] crate::operator::StartError),
+    /// Storage that cannot be used (S3 unreachable, bucket missing, credentials refused);
+    /// the message starts with the variable to fix.
+    #[error("{0}")]
+    Storage(StorageError),
 }
 
 /// A failure while serving (after a good start). `main` exits with status 1.
@@ -70,10 +74,17 @@ pub async fn start(cfg: Config) -> Result<Started, StartError> {
         source,
     };
     std::fs::create_dir_all(&data_dir).map_err(data_err)?;
-    let store_dir = data_dir.join("store");
-    let storage: Arc<dyn Storage> = Arc::new(LocalStorage::new(&store_dir).map_err(data_err)?);
-    // With local storage the spool is the store: a finished log is already in place.
-    let files = LogFiles::new(&store_dir).map_err(data_err)?;
+    let storage: Arc<dyn Storage> = storage::open(&cfg.build).await.map_err(|e| match e {
+        StorageError::Io { source, .. } => data_err(source),
+        other => StartError::Storage(other),
+    })?;
+    let files = if cfg.build.s3.is_some() {
+        // Logs of running builds are spooled locally, then uploaded and removed.
+        LogFiles::spool(data_dir.join("logs")).map_err(data_err)?
+    } else {
+        // With local storage the spool is the store: a finished log is already in place.
+        LogFiles::new(data_dir.join("store")).map_err(data_err)?
+    };
 
     let conn = docker::connect(&cfg.build.docker, &data_dir.join("tls"))?;
     let conn = docker::ready(conn, &cfg.build.docker, Duration::from_secs(10)).await?;
@@ -85,6 +96,10 @@ pub async fn start(cfg: Config) -> Result<Started, StartError> {
         files,
         storage: storage.clone(),
         show_build_logs: cfg.build.show_build_logs,
+        kafka: Some(Arc::new(KafkaProducers::new(
+            cfg.build.kafka_topic.clone(),
+            cfg.build.kafka_delivery_timeout,
+        ))),
     };
     let metrics = Arc::new(Metrics::new());
     let executor = LocalExecutor::start(

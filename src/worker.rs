@@ -128,6 +128,10 @@ async fn build(args: &WorkerArgs, cfg: &BuildConfig, spec: &BuildSpec) -> Outcom
         files,
         storage: storage.clone(),
         show_build_logs: true,
+        kafka: Some(std::sync::Arc::new(crate::logs::KafkaProducers::new(
+            cfg.kafka_topic.clone(),
+            cfg.kafka_delivery_timeout,
+        ))),
     };
     let mut log = match sinks.open(spec) {
         Ok(l) => l,

@@ -127,7 +127,7 @@ impl LocalExecutor {
                         FailureReason::Interrupted,
                         "interrupted: the build service stopped while the build was running",
                     );
-                    self.inner.append_log_line(&rec.spec, "Build failed (Interrupted): the build service stopped while the build was running");
+                    self.inner.append_log_line(&rec.spec, "Build failed (Interrupted): the build service stopped while the build was running").await;
                     rec.phase = Phase::Finished;
                     rec.outcome = Some(outcome);
                     rec.finished_at = Some(chrono::Utc::now());
@@ -233,9 +233,11 @@ impl Inner {
         }
     }
 
-    fn append_log_line(&self, spec: &BuildSpec, line: &str) {
+    /// Ends the log of a build that will not run (any more) with `line`, and stores it.
+    async fn append_log_line(&self, spec: &BuildSpec, line: &str) {
         use std::io::Write;
-        if let Some(path) = self.sinks.files.path(&spec.log_key()) {
+        let key = spec.log_key();
+        if let Some(path) = self.sinks.files.path(&key) {
             if let Ok(mut f) = std::fs::OpenOptions::new()
                 .append(true)
                 .create(true)
@@ -243,6 +245,19 @@ impl Inner {
             {
                 let _ = writeln!(f, "{line}");
             }
+        }
+        // With S3 the spool is not the store: without this the line would stay on this host.
+        self.sinks
+            .files
+            .store(&key, self.sinks.storage.as_ref())
+            .await;
+        if let Some(mut log) = self.sinks.kafka_only(spec) {
+            // Delivery may wait on a dead broker for KAFKA_DELIVERY_TIMEOUT_MS: not inline.
+            let line = line.to_string();
+            self.tasks.spawn(async move {
+                log.line(&line);
+                log.finish().await;
+            });
         }
     }
 
@@ -283,7 +298,8 @@ impl Inner {
                 self.append_log_line(
                     &spec,
                     &format!("Build failed ({}): {m} before it started", r.as_str()),
-                );
+                )
+                .await;
                 Outcome::failed(r, format!("{m} before it started"))
             }
             Some(permit) => {

@@ -2,8 +2,10 @@
 //! Writing a line never blocks on the network: sinks that talk to a network queue the line
 //! and report what they could not deliver when the build finishes.
 
+pub mod kafka;
 mod stored;
 
+pub use kafka::KafkaProducers;
 pub use stored::{LogFiles, StoredLog};
 
 use crate::build::BuildSpec;
@@ -67,6 +69,8 @@ pub struct LogSinks {
     pub files: LogFiles,
     pub storage: Arc<dyn Storage>,
     pub show_build_logs: bool,
+    /// Producers for builds that name `kafka_hosts`; `None`: Kafka output is off.
+    pub kafka: Option<Arc<KafkaProducers>>,
 }
 
 impl LogSinks {
@@ -83,7 +87,33 @@ impl LogSinks {
                 spec.app, spec.build_number
             ))));
         }
+        if let Some(sink) = self.kafka_sink(spec) {
+            log = log.with_sink(sink);
+        }
         Ok(log)
+    }
+
+    /// A log that goes to Kafka only, for the last line of a build that ends without running
+    /// (stopped while queued, interrupted by a restart): the log consumers still get the
+    /// reason and `Build finished`. `None` when the build names no brokers.
+    pub fn kafka_only(&self, spec: &BuildSpec) -> Option<BuildLog> {
+        let secrets = spec.secrets().into_iter().map(str::to_string).collect();
+        Some(BuildLog::new(secrets).with_sink(self.kafka_sink(spec)?))
+    }
+
+    fn kafka_sink(&self, spec: &BuildSpec) -> Option<Box<dyn Sink>> {
+        let hosts = spec
+            .kafka_hosts
+            .as_deref()
+            .filter(|h| !h.trim().is_empty())?;
+        // No Kafka is never a reason to fail a build: warn and build anyway.
+        match self.kafka.as_ref()?.sink(spec, hosts) {
+            Ok(sink) => Some(Box::new(sink)),
+            Err(e) => {
+                tracing::warn!(build = %spec.build_uuid, error = %e, "build log will not go to Kafka");
+                None
+            }
+        }
     }
 }
 

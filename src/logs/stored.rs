@@ -9,17 +9,40 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Where the logs of running builds are spooled. In local mode with local storage, the spool
-/// folder is the store itself, so handing over is a no-op.
+/// folder is the store itself, so handing over is a no-op. With remote storage (S3) the spool
+/// is a separate folder and a log leaves it once stored.
 #[derive(Clone, Debug)]
 pub struct LogFiles {
     dir: PathBuf,
+    remove_when_stored: bool,
 }
 
 impl LogFiles {
+    /// Spool folder that is also the store: logs stay where they are.
     pub fn new(dir: impl Into<PathBuf>) -> std::io::Result<Self> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir)?;
-        Ok(Self { dir })
+        Ok(Self {
+            dir,
+            remove_when_stored: false,
+        })
+    }
+
+    /// Spool folder in front of remote storage: a log file is removed once it is stored, so
+    /// the folder holds only running builds (and logs whose upload failed).
+    pub fn spool(dir: impl Into<PathBuf>) -> std::io::Result<Self> {
+        Ok(Self {
+            remove_when_stored: true,
+            ..Self::new(dir)?
+        })
+    }
+
+    /// Stores the spooled log of `key` (for a log finished outside a running build, e.g.
+    /// one line saying it was interrupted); a no-op when the spool is the store.
+    pub async fn store(&self, key: &str, storage: &dyn Storage) {
+        if let Some(path) = self.path(key).filter(|_| self.remove_when_stored) {
+            hand_over(key, &path, storage, true).await;
+        }
     }
 
     /// The spool path of a log key, or `None` for a key that is not a plain name.
@@ -35,6 +58,7 @@ pub struct StoredLog {
     file: Option<std::fs::File>,
     storage: Arc<dyn Storage>,
     failed_writes: u64,
+    remove_when_stored: bool,
 }
 
 impl StoredLog {
@@ -50,6 +74,7 @@ impl StoredLog {
             file: Some(file),
             storage,
             failed_writes: 0,
+            remove_when_stored: files.remove_when_stored,
         })
     }
 
@@ -77,9 +102,30 @@ impl Sink for StoredLog {
             if self.failed_writes > 0 {
                 tracing::warn!(key = %self.key, lines = self.failed_writes, "lines could not be written to the stored log");
             }
-            if let Err(e) = self.storage.put_file(&self.key, &self.path).await {
-                tracing::warn!(key = %self.key, error = %e, "could not store the build log");
-            }
+            hand_over(
+                &self.key,
+                &self.path,
+                self.storage.as_ref(),
+                self.remove_when_stored,
+            )
+            .await;
         })
+    }
+}
+
+/// Puts the spool file in storage and, when the spool is not the store, removes it.
+async fn hand_over(key: &str, path: &Path, storage: &dyn Storage, remove: bool) {
+    match storage.put_file(key, path).await {
+        // Readers fall back from the spool to storage, which now has the whole log.
+        Ok(()) if remove => {
+            if let Err(e) = tokio::fs::remove_file(path).await {
+                tracing::warn!(key, error = %e, "could not remove the spooled log after storing it");
+            }
+        }
+        Ok(()) => {}
+        // The spool file stays, so the log is still served from this host.
+        Err(e) => {
+            tracing::warn!(key, error = %e, "could not store the build log; it stays in the local spool")
+        }
     }
 }

@@ -3,8 +3,10 @@
 //! separator or `..` is refused so a key can never reach outside the store.
 
 mod local;
+mod s3;
 
 pub use local::LocalStorage;
+pub use s3::{S3Storage, PART_SIZE};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -27,6 +29,9 @@ pub enum StorageError {
         key: String,
         message: String,
     },
+    /// The configured storage cannot be used at all; `var` is the setting to fix.
+    #[error("{var}: {problem}")]
+    Unusable { var: &'static str, problem: String },
 }
 
 /// A stored object being read: its length when known, and its bytes as a stream.
@@ -47,11 +52,16 @@ pub trait Storage: Send + Sync + 'static {
     fn describe(&self) -> String;
 }
 
-/// Opens the storage the configuration names: local files under `DATA_DIR/store` (S3 when
-/// configured is added by the S3 backend).
+/// Opens the storage the configuration names: the S3 bucket when `S3_BUCKET` is set (checked
+/// to be reachable and ours), else local files under `DATA_DIR/store`.
 pub async fn open(
     cfg: &crate::config::BuildConfig,
 ) -> Result<std::sync::Arc<dyn Storage>, StorageError> {
+    if let Some(s3) = &cfg.s3 {
+        let store = S3Storage::new(s3).await;
+        store.check().await?;
+        return Ok(std::sync::Arc::new(store));
+    }
     let root = cfg.data_dir.join("store");
     let local = LocalStorage::new(&root).map_err(|source| StorageError::Io {
         key: root.display().to_string(),

@@ -1,0 +1,349 @@
+//! Storage in an S3 bucket (AWS or any S3-compatible server through `S3_ENDPOINT`), same
+//! keys as local storage. Uploads stream from the file (multipart above one part), downloads
+//! stream to the reader: memory stays flat whatever the object size.
+
+use super::{check_key, Object, Storage, StorageError};
+use crate::config::S3Config;
+use async_trait::async_trait;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
+use aws_sdk_s3::primitives::{ByteStream, Length};
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use futures::{StreamExt, TryStreamExt};
+use std::path::Path;
+use std::time::Duration;
+
+/// Objects up to this size go in one PUT; larger ones in parts of this size (S3 allows at
+/// most 10 000 parts, so up to ~160 GB).
+pub const PART_SIZE: u64 = 16 * 1024 * 1024;
+/// Parts uploaded at once. Each streams from the file, so this bounds sockets, not memory.
+const PARTS_IN_FLIGHT: usize = 4;
+/// Attempts per request (the first included); the SDK backs off between them and only
+/// retries what is transient (throttling, 5xx, connection errors, timeouts).
+const MAX_ATTEMPTS: u32 = 5;
+
+#[derive(Clone)]
+pub struct S3Storage {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    /// Where the bucket lives, for messages: the endpoint, or "AWS".
+    location: String,
+    has_keys: bool,
+    has_endpoint: bool,
+}
+
+// The client's config holds the credentials: never print it.
+impl std::fmt::Debug for S3Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Storage")
+            .field("bucket", &self.bucket)
+            .field("location", &self.location)
+            .finish_non_exhaustive()
+    }
+}
+
+fn s3_error<E, R>(op: &'static str, key: &str, e: SdkError<E, R>) -> StorageError
+where
+    E: std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    StorageError::S3 {
+        op,
+        key: key.to_string(),
+        message: DisplayErrorContext(&e).to_string(),
+    }
+}
+
+fn status_of<E, R>(e: &SdkError<E, R>) -> Option<u16>
+where
+    R: HttpStatus,
+{
+    match e {
+        SdkError::ServiceError(ctx) => Some(ctx.raw().status_code()),
+        SdkError::ResponseError(ctx) => Some(ctx.raw().status_code()),
+        _ => None,
+    }
+}
+
+/// The HTTP status of a raw response (the SDK's response type, abstracted for `status_of`).
+trait HttpStatus {
+    fn status_code(&self) -> u16;
+}
+
+impl HttpStatus for aws_sdk_s3::config::http::HttpResponse {
+    fn status_code(&self) -> u16 {
+        self.status().as_u16()
+    }
+}
+
+impl S3Storage {
+    /// Builds the client. Makes no request: `check` does.
+    pub async fn new(cfg: &S3Config) -> Self {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        if let Some(region) = &cfg.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        if let Some((id, secret)) = &cfg.keys {
+            loader = loader.credentials_provider(Credentials::new(
+                id.expose(),
+                secret.expose(),
+                None,
+                None,
+                "S3_ACCESS_KEY",
+            ));
+        }
+        let shared = loader.load().await;
+        let mut builder = aws_sdk_s3::config::Builder::from(&shared)
+            .retry_config(RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS))
+            // A dead endpoint fails fast and is retried; no read timeout, since a large part
+            // upload on a slow link is legitimately long.
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .build(),
+            )
+            // S3-compatible servers differ in their support for the newer checksum trailers;
+            // send checksums only where S3 requires them.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+        if shared.region().is_none() {
+            // S3-compatible servers mostly ignore the region, but SigV4 needs one.
+            builder = builder.region(Region::from_static("us-east-1"));
+        }
+        if let Some(endpoint) = &cfg.endpoint {
+            builder = builder
+                .endpoint_url(endpoint.clone())
+                .force_path_style(true);
+        }
+        let location = match &cfg.endpoint {
+            Some(e) => e.clone(),
+            None => format!(
+                "AWS ({})",
+                cfg.region.as_deref().unwrap_or("default region")
+            ),
+        };
+        Self {
+            client: aws_sdk_s3::Client::from_conf(builder.build()),
+            bucket: cfg.bucket.clone(),
+            location,
+            has_keys: cfg.keys.is_some(),
+            has_endpoint: cfg.endpoint.is_some(),
+        }
+    }
+
+    /// Checks at start that the bucket is there and ours (HeadBucket). The error names the
+    /// setting to fix.
+    pub async fn check(&self) -> Result<(), StorageError> {
+        let unusable = |var: &'static str, problem: String| StorageError::Unusable { var, problem };
+        let err = match self.client.head_bucket().bucket(&self.bucket).send().await {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        let (bucket, at) = (&self.bucket, &self.location);
+        let detail = DisplayErrorContext(&err).to_string();
+        Err(match (&err, status_of(&err)) {
+            (_, Some(403)) | (_, Some(401)) => unusable(
+                if self.has_keys { "S3_ACCESS_KEY" } else { "S3_ACCESS_KEY (unset; default AWS credentials)" },
+                format!("access to bucket {bucket:?} at {at} was denied: check S3_ACCESS_KEY and S3_SECRET_KEY"),
+            ),
+            (_, Some(404)) => unusable("S3_BUCKET", format!("bucket {bucket:?} does not exist at {at}")),
+            (_, Some(301)) | (_, Some(400)) if !self.has_endpoint => unusable(
+                "S3_REGION",
+                format!("bucket {bucket:?} is not in the configured region (set S3_REGION or S3_LOCATION)"),
+            ),
+            (_, Some(status)) => unusable(
+                if self.has_endpoint { "S3_ENDPOINT" } else { "S3_BUCKET" },
+                format!("S3 at {at} answered HTTP {status} for bucket {bucket:?}"),
+            ),
+            (SdkError::DispatchFailure(_) | SdkError::TimeoutError(_), _) if self.has_endpoint => {
+                unusable("S3_ENDPOINT", format!("cannot reach {at}: {detail}"))
+            }
+            _ if !self.has_keys && detail.contains("credentials") => unusable(
+                "S3_ACCESS_KEY",
+                format!("unset, and the default AWS credential chain found no credentials: {detail}"),
+            ),
+            _ => unusable("S3_BUCKET", format!("cannot use bucket {bucket:?} at {at}: {detail}")),
+        })
+    }
+
+    async fn put_multipart(&self, key: &str, path: &Path, len: u64) -> Result<(), StorageError> {
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| s3_error("multipart upload", key, e))?;
+        let upload_id = created.upload_id().ok_or_else(|| StorageError::S3 {
+            op: "multipart upload",
+            key: key.to_string(),
+            message: "the server returned no upload id".into(),
+        })?;
+        let parts = len.div_ceil(PART_SIZE);
+        let uploaded: Result<Vec<CompletedPart>, StorageError> = futures::stream::iter(0..parts)
+            .map(|i| self.upload_part(key, path, upload_id, i, len))
+            .buffered(PARTS_IN_FLIGHT)
+            .try_collect()
+            .await;
+        let completed = match uploaded {
+            Ok(parts) => self
+                .client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(upload_id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                )
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| s3_error("multipart upload", key, e)),
+            Err(e) => Err(e),
+        };
+        if completed.is_err() {
+            // Parts of an unfinished upload are billed until aborted.
+            if let Err(abort) = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(upload_id)
+                .send()
+                .await
+            {
+                tracing::warn!(key, error = %DisplayErrorContext(&abort), "could not abort a failed multipart upload");
+            }
+        }
+        completed
+    }
+
+    async fn upload_part(
+        &self,
+        key: &str,
+        path: &Path,
+        upload_id: &str,
+        index: u64,
+        len: u64,
+    ) -> Result<CompletedPart, StorageError> {
+        let offset = index * PART_SIZE;
+        let size = PART_SIZE.min(len - offset);
+        // The body re-reads the file range on each attempt, so retries need no buffering.
+        let body = ByteStream::read_from()
+            .path(path)
+            .offset(offset)
+            .length(Length::Exact(size))
+            .build()
+            .await
+            .map_err(|e| StorageError::S3 {
+                op: "upload",
+                key: key.to_string(),
+                message: format!("cannot read {}: {e}", path.display()),
+            })?;
+        // Part numbers start at 1.
+        let number = i32::try_from(index + 1).map_err(|_| StorageError::S3 {
+            op: "upload",
+            key: key.to_string(),
+            message: "too many parts".into(),
+        })?;
+        let out = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(number)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| s3_error("upload", key, e))?;
+        Ok(CompletedPart::builder()
+            .part_number(number)
+            .set_e_tag(out.e_tag().map(str::to_string))
+            .build())
+    }
+}
+
+#[async_trait]
+impl Storage for S3Storage {
+    async fn put_file(&self, key: &str, path: &Path) -> Result<(), StorageError> {
+        check_key(key)?;
+        let io = |source| StorageError::Io {
+            key: key.to_string(),
+            source,
+        };
+        let len = tokio::fs::metadata(path).await.map_err(io)?.len();
+        if len > PART_SIZE {
+            return self.put_multipart(key, path, len).await;
+        }
+        let body = ByteStream::read_from()
+            .path(path)
+            .length(Length::Exact(len))
+            .build()
+            .await
+            .map_err(|e| StorageError::S3 {
+                op: "upload",
+                key: key.to_string(),
+                message: format!("cannot read {}: {e}", path.display()),
+            })?;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_length(len as i64)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| s3_error("upload", key, e))?;
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Object>, StorageError> {
+        check_key(key)?;
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) if status_of(&e) == Some(404) => return Ok(None),
+            Err(e) => return Err(s3_error("download", key, e)),
+        };
+        let len = out.content_length().and_then(|l| u64::try_from(l).ok());
+        let reader = out.body.into_async_read();
+        Ok(Some(Object {
+            len,
+            body: tokio_util::io::ReaderStream::with_capacity(reader, 64 * 1024).boxed(),
+        }))
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool, StorageError> {
+        check_key(key)?;
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if status_of(&e) == Some(404) => Ok(false),
+            Err(e) => Err(s3_error("lookup", key, e)),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("S3 bucket {} at {}", self.bucket, self.location)
+    }
+}

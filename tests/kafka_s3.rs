@@ -1,0 +1,599 @@
+//! Kafka log delivery and S3 storage, end to end: real builds on the test dockerd and
+//! registry, librdkafka's mock cluster as the broker (read back with a real consumer), and
+//! s3s-fs on 127.0.0.1:9100 (started by `.ci/services`) as the bucket.
+
+mod common;
+
+use common::{body, cache_buster, data_uri, tar_gz, Callbacks, Service};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::{ClientConfig, Message};
+use serde_json::Value;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const S3_ENDPOINT: &str = "http://127.0.0.1:9100";
+const S3_BUCKET: &str = "buildshuttle-test";
+const S3_ACCESS: &str = "buildshuttle-test";
+const S3_SECRET: &str = "buildshuttle-test-secret";
+const BUILD_WITHIN: Duration = Duration::from_secs(120);
+
+fn require_s3() {
+    assert!(
+        std::net::TcpStream::connect("127.0.0.1:9100").is_ok(),
+        "s3s-fs is not running on 127.0.0.1:9100: run `bash .ci/services` first"
+    );
+}
+
+fn s3_flags() -> Vec<&'static str> {
+    require_s3();
+    vec![
+        "--s3-bucket",
+        S3_BUCKET,
+        "--s3-endpoint",
+        S3_ENDPOINT,
+        "--s3-access-key",
+        S3_ACCESS,
+        "--s3-secret-key",
+        S3_SECRET,
+        "--s3-region",
+        "us-east-1",
+    ]
+}
+
+/// Sources whose build prints a few known lines, then a cache-busting step.
+fn archive(extra: &[(&str, &[u8])]) -> Vec<u8> {
+    let dockerfile = format!(
+        "FROM test/busybox:latest\n{}\nRUN echo kafka-line-one && echo 'kafka \"quoted\" line'\nCOPY . /app\n",
+        cache_buster()
+    );
+    let mut entries: Vec<(&str, &[u8])> = vec![("Dockerfile", dockerfile.as_bytes())];
+    entries.extend_from_slice(extra);
+    tar_gz(&entries)
+}
+
+fn log_path(b: &Value) -> String {
+    format!(
+        "/{}-{}/{}/logs",
+        b["app"].as_str().unwrap(),
+        b["app_uuid"].as_str().unwrap(),
+        b["build_number"]
+    )
+}
+
+/// Reads `topic` from the start until a message keyed `key` says `Build finished`; returns
+/// that build's messages (key, value) in order.
+fn consume_build(bootstrap: String, topic: String, key: String) -> Vec<(String, String)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", format!("test-{}", uuid::Uuid::new_v4()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[&topic]).expect("subscribe");
+    let start = Instant::now();
+    let mut got = Vec::new();
+    while start.elapsed() < Duration::from_secs(60) {
+        let Some(msg) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let msg = msg.expect("consume");
+        let k = String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned();
+        if k != key {
+            continue;
+        }
+        let v = String::from_utf8_lossy(msg.payload().unwrap_or_default()).into_owned();
+        let done = serde_json::from_str::<Value>(&v).unwrap()["message"] == "Build finished";
+        got.push((k, v));
+        if done {
+            return got;
+        }
+    }
+    panic!("no `Build finished` message for {key} within 60 s; got {got:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_gets_every_log_line_in_order_ending_with_build_finished() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let topic = "buildlogs-test";
+    // Several partitions, so in-order delivery depends on the per-build key.
+    cluster.create_topic(topic, 3, 1).expect("topic");
+    let bootstrap = cluster.bootstrap_servers();
+    assert!(
+        bootstrap.starts_with("127.0.0.1:") || bootstrap.starts_with("localhost:"),
+        "{bootstrap}"
+    );
+
+    let svc = Service::start(&["--kafka-topic", topic]).await;
+    let cbs = Callbacks::start().await;
+    let mut b = body(&data_uri(&archive(&[])), &cbs);
+    b["build_number"] = 7.into();
+    b["space"] = "perf".into();
+    b["kafka_hosts"] = bootstrap.clone().into();
+    let id = b["build_uuid"].as_str().unwrap().to_string();
+    assert_eq!(svc.post(&b).await.0, 200);
+    assert_eq!(cbs.wait_final(&id, BUILD_WITHIN).await, "succeeded");
+
+    let app = b["app"].as_str().unwrap().to_string();
+    let key = format!("{app}-{}-7", b["app_uuid"].as_str().unwrap());
+    let msgs = tokio::task::spawn_blocking({
+        let (bootstrap, key) = (bootstrap.clone(), key.clone());
+        move || consume_build(bootstrap, topic.to_string(), key)
+    })
+    .await
+    .unwrap();
+
+    // The stored log is the reference: Kafka must carry exactly its lines, in its order.
+    let stored = svc.log(&b).await;
+    let lines: Vec<&str> = stored.lines().collect();
+    assert_eq!(lines.last(), Some(&"Build finished"));
+    assert!(
+        stored.contains("kafka-line-one") && stored.contains("kafka \"quoted\" line"),
+        "{stored}"
+    );
+    assert_eq!(
+        msgs.len(),
+        lines.len(),
+        "messages: {msgs:#?}\nlog:\n{stored}"
+    );
+    let metadata = format!("{app}-perf");
+    for ((k, value), line) in msgs.iter().zip(&lines) {
+        assert_eq!(k, &key);
+        // Field by field, and the raw bytes in the legacy field order.
+        let v: Value = serde_json::from_str(value).unwrap();
+        assert_eq!(v["metadata"], metadata.as_str());
+        assert_eq!(v["build"], 7);
+        assert_eq!(v["job"], "7");
+        assert_eq!(v["message"], *line);
+        assert_eq!(v.as_object().unwrap().len(), 4);
+        let expected = format!(
+            r#"{{"metadata":{},"build":7,"job":"7","message":{}}}"#,
+            serde_json::to_string(&metadata).unwrap(),
+            serde_json::to_string(line).unwrap()
+        );
+        assert_eq!(value, &expected);
+    }
+}
+
+/// Collects the service's tracing output (this test binary runs each test in its own process).
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_broker_neither_fails_nor_stalls_the_build() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("info")
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .try_init();
+
+    // A loopback port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let svc = Service::start(&["--kafka-delivery-timeout-ms", "2000"]).await;
+    let cbs = Callbacks::start().await;
+    let mut b = body(&data_uri(&archive(&[])), &cbs);
+    b["kafka_hosts"] = format!("127.0.0.1:{port}").into();
+    let id = b["build_uuid"].as_str().unwrap().to_string();
+    let started = Instant::now();
+    assert_eq!(svc.post(&b).await.0, 200);
+    assert_eq!(cbs.wait_final(&id, BUILD_WITHIN).await, "succeeded");
+    let took = started.elapsed();
+    // A build here takes a few seconds; the dead broker may add at most the 2 s wait.
+    assert!(took < Duration::from_secs(60), "build took {took:?}");
+
+    let log = svc.log(&b).await;
+    assert!(
+        log.contains("kafka-line-one") && log.contains("Successfully built"),
+        "{log}"
+    );
+    assert!(log.ends_with("Build finished\n"), "{log}");
+
+    let key = format!(
+        "{}-{}-1",
+        b["app"].as_str().unwrap(),
+        b["app_uuid"].as_str().unwrap()
+    );
+    let out = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+    let warnings: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("not delivered to Kafka"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "one warning per build expected:\n{out}");
+    let lines = log.lines().count();
+    assert!(
+        warnings[0].contains(&key) && warnings[0].contains(&format!("undelivered={lines}")),
+        "warning should name the build and count all {lines} lines: {}",
+        warnings[0]
+    );
+}
+
+/// The object as s3s-fs keeps it on disk, to check the bytes really went to the bucket.
+fn s3_file(key: &str) -> std::path::PathBuf {
+    let state = std::env::var("BUILDSHUTTLE_TEST_STATE")
+        .unwrap_or_else(|_| "/tmp/buildshuttle-test".into());
+    std::path::Path::new(&state)
+        .join("s3")
+        .join(S3_BUCKET)
+        .join(key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_keeps_sources_and_logs_byte_for_byte() {
+    let svc = Service::start(&s3_flags()).await;
+    let cbs = Callbacks::start().await;
+    // Incompressible filler, so the archive is not trivially small.
+    let filler: Vec<u8> = (0..300_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let sources = archive(&[("filler.bin", &filler)]);
+    let b = body(&data_uri(&sources), &cbs);
+    let id = b["build_uuid"].as_str().unwrap().to_string();
+    assert_eq!(svc.post(&b).await.0, 200);
+    assert_eq!(cbs.wait_final(&id, BUILD_WITHIN).await, "succeeded");
+
+    let resp = svc
+        .client
+        .get(svc.url(&format!("/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.bytes().await.unwrap().as_ref(), sources.as_slice());
+    assert_eq!(std::fs::read(s3_file(&id)).unwrap(), sources);
+    let head = svc
+        .client
+        .head(svc.url(&format!("/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    let unknown = uuid::Uuid::new_v4();
+    let missing = svc
+        .client
+        .get(svc.url(&format!("/{unknown}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let missing = svc
+        .client
+        .head(svc.url(&format!("/{unknown}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+
+    // The finished log left the local spool and is served from the bucket.
+    let key = format!(
+        "{}-{}-1.logs",
+        b["app"].as_str().unwrap(),
+        b["app_uuid"].as_str().unwrap()
+    );
+    let spool = svc.data.path().join("logs").join(&key);
+    let start = Instant::now();
+    while spool.exists() && start.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!spool.exists(), "spooled log not removed after upload");
+    let log = svc.log(&b).await;
+    assert!(
+        log.contains("kafka-line-one") && log.ends_with("Build finished\n"),
+        "{log}"
+    );
+    assert_eq!(std::fs::read_to_string(s3_file(&key)).unwrap(), log);
+    // Follow mode on a finished build returns the whole stored log and ends.
+    let followed = svc
+        .client
+        .get(svc.url(&format!("{}?follow=true", log_path(&b))))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(followed, log);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_fetches_sources_from_the_services_own_url() {
+    let svc = Service::start(&s3_flags()).await;
+    let cbs = Callbacks::start().await;
+    let sources = archive(&[("app.txt", b"rebuild me")]);
+    let first = body(&data_uri(&sources), &cbs);
+    let first_id = first["build_uuid"].as_str().unwrap().to_string();
+    assert_eq!(svc.post(&first).await.0, 200);
+    assert_eq!(cbs.wait_final(&first_id, BUILD_WITHIN).await, "succeeded");
+
+    // What controller-api does for a rebuild: sources = this service's GET /{build_uuid}.
+    let mut second = body(&svc.url(&format!("/{first_id}")), &cbs);
+    second["app"] = first["app"].clone();
+    second["app_uuid"] = first["app_uuid"].clone();
+    second["build_number"] = 2.into();
+    let second_id = second["build_uuid"].as_str().unwrap().to_string();
+    assert_eq!(svc.post(&second).await.0, 200);
+    assert_eq!(cbs.wait_final(&second_id, BUILD_WITHIN).await, "succeeded");
+    let log = svc.log(&second).await;
+    assert!(log.contains("kafka-line-one"), "{log}");
+    let again = svc
+        .client
+        .get(svc.url(&format!("/{second_id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.bytes().await.unwrap().as_ref(), sources.as_slice());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_streams_a_running_builds_log_from_the_spool_then_ends() {
+    let svc = Service::start(&s3_flags()).await;
+    let cbs = Callbacks::start().await;
+    let dockerfile = format!(
+        // Arithmetic, so the printed markers differ from the echoed `Step` line.
+        "FROM test/busybox:latest\n{}\nRUN echo early-$((40+2)) && sleep 4 && echo late-$((40+2))\n",
+        cache_buster()
+    );
+    let b = body(
+        &data_uri(&tar_gz(&[("Dockerfile", dockerfile.as_bytes())])),
+        &cbs,
+    );
+    let id = b["build_uuid"].as_str().unwrap().to_string();
+    assert_eq!(svc.post(&b).await.0, 200);
+    svc.wait_log(&b, "Build ", Duration::from_secs(30)).await;
+
+    let mut resp = svc
+        .client
+        .get(svc.url(&format!("{}?follow=true", log_path(&b))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut text = String::new();
+    let mut early_seen_while_running = false;
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        if text.contains("early-42") && !text.contains("late-42") && cbs.calls_for(&id).len() < 2 {
+            early_seen_while_running = true;
+        }
+    }
+    assert!(
+        early_seen_while_running,
+        "follow did not show lines before the build ended:\n{text}"
+    );
+    assert!(text.ends_with("Build finished\n"), "{text}");
+    assert_eq!(cbs.wait_final(&id, BUILD_WITHIN).await, "succeeded");
+    assert_eq!(text, svc.log(&b).await);
+}
+
+async fn start_error(extra: &[&str]) -> String {
+    use clap::Parser;
+    let data = tempfile::tempdir().unwrap();
+    let mut argv = vec![
+        "buildshuttle",
+        "serve",
+        "--port",
+        "0",
+        "--listen-address",
+        "127.0.0.1",
+    ];
+    let dir = data.path().display().to_string();
+    argv.extend(["--data-dir", dir.as_str()]);
+    argv.extend(extra);
+    let cli = buildshuttle::config::Cli::try_parse_from(argv).unwrap();
+    // More subcommands are coming (worker, crd); keep the else.
+    #[allow(irrefutable_let_patterns)]
+    let buildshuttle::config::Command::Serve(args) = cli.command
+    else {
+        panic!("not serve")
+    };
+    let cfg = args.validate().unwrap();
+    match buildshuttle::serve::start(cfg).await {
+        Ok(_) => panic!("started with {extra:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn unusable_s3_is_a_start_error_naming_the_variable() {
+    require_s3();
+    let base = |bucket: &'static str, endpoint: String, secret: &'static str| {
+        vec![
+            "--s3-bucket".to_string(),
+            bucket.into(),
+            "--s3-endpoint".into(),
+            endpoint,
+            "--s3-access-key".into(),
+            S3_ACCESS.into(),
+            "--s3-secret-key".into(),
+            secret.into(),
+        ]
+    };
+    let run = |args: Vec<String>| async move {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        start_error(&refs).await
+    };
+
+    let e = run(base(S3_BUCKET, S3_ENDPOINT.into(), "wrong-secret-value")).await;
+    assert!(e.starts_with("S3_ACCESS_KEY:"), "{e}");
+    assert!(
+        !e.contains("wrong-secret-value") && !e.contains('\n'),
+        "{e}"
+    );
+
+    let e = run(base("no-such-bucket-here", S3_ENDPOINT.into(), S3_SECRET)).await;
+    assert!(
+        e.starts_with("S3_BUCKET:") && e.contains("no-such-bucket-here"),
+        "{e}"
+    );
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let e = run(base(
+        S3_BUCKET,
+        format!("http://127.0.0.1:{port}"),
+        S3_SECRET,
+    ))
+    .await;
+    assert!(
+        e.starts_with("S3_ENDPOINT:") && e.contains(&port.to_string()),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_binary_exits_2_with_one_line_on_wrong_s3_credentials() {
+    require_s3();
+    let data = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_buildshuttle"))
+        .arg("serve")
+        .env("PORT", "0")
+        .env("LISTEN_ADDRESS", "127.0.0.1")
+        .env("DATA_DIR", data.path())
+        .env("S3_BUCKET", S3_BUCKET)
+        .env("S3_ENDPOINT", S3_ENDPOINT)
+        .env("S3_ACCESS_KEY", S3_ACCESS)
+        .env("S3_SECRET_KEY", "definitely-wrong-secret")
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("buildshuttle: S3_ACCESS_KEY:"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(!stderr.contains("definitely-wrong-secret"), "{stderr}");
+}
+
+#[tokio::test]
+async fn large_objects_go_up_in_parts_and_come_back_intact() {
+    use buildshuttle::storage::{S3Storage, Storage, PART_SIZE};
+    use futures::StreamExt;
+    require_s3();
+    let cfg = buildshuttle::config::S3Config {
+        bucket: S3_BUCKET.into(),
+        keys: Some((
+            buildshuttle::secret::Secret::new(S3_ACCESS),
+            buildshuttle::secret::Secret::new(S3_SECRET),
+        )),
+        region: Some("us-east-1".into()),
+        endpoint: Some(S3_ENDPOINT.into()),
+    };
+    let store = S3Storage::new(&cfg).await;
+    store.check().await.unwrap();
+    // Two full parts and a short one.
+    let len = 2 * PART_SIZE as usize + 123_457;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big");
+    let data: Vec<u8> = (0..len as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    std::fs::write(&path, &data).unwrap();
+    let key = format!("multipart-{}", uuid::Uuid::new_v4());
+    store.put_file(&key, &path).await.unwrap();
+    assert!(store.exists(&key).await.unwrap());
+    let obj = store.get(&key).await.unwrap().unwrap();
+    assert_eq!(obj.len, Some(len as u64));
+    let mut body = obj.body;
+    let mut got = Vec::with_capacity(len);
+    while let Some(chunk) = body.next().await {
+        got.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(got == data, "downloaded bytes differ");
+    assert!(store.get("multipart-nope").await.unwrap().is_none());
+    assert!(!store.exists("multipart-nope").await.unwrap());
+    let _ = std::fs::remove_file(s3_file(&key));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_s3_a_build_stopped_while_queued_has_its_log_in_the_bucket_and_on_kafka() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let topic = "buildlogs-stopped";
+    cluster.create_topic(topic, 1, 1).expect("topic");
+    let mut flags = s3_flags();
+    flags.extend(["--maximum-parallel-builds", "1", "--kafka-topic", topic]);
+    let svc = Service::start(&flags).await;
+    let cbs = Callbacks::start().await;
+    let slow = format!(
+        "FROM test/busybox:latest\n{}\nRUN sleep 5\n",
+        cache_buster()
+    );
+    let first = body(&data_uri(&tar_gz(&[("Dockerfile", slow.as_bytes())])), &cbs);
+    assert_eq!(svc.post(&first).await.0, 200);
+    svc.wait_log(&first, "Step 1/", Duration::from_secs(30))
+        .await;
+
+    let mut queued = body(&data_uri(&archive(&[])), &cbs);
+    queued["kafka_hosts"] = cluster.bootstrap_servers().into();
+    let id = queued["build_uuid"].as_str().unwrap().to_string();
+    assert_eq!(svc.post(&queued).await.0, 200);
+    let stop = format!(
+        "/{}-{}/1",
+        queued["app"].as_str().unwrap(),
+        queued["app_uuid"].as_str().unwrap()
+    );
+    let resp = svc.client.delete(svc.url(&stop)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(cbs.wait_final(&id, BUILD_WITHIN).await, "failed");
+
+    let key = format!(
+        "{}-{}-1.logs",
+        queued["app"].as_str().unwrap(),
+        queued["app_uuid"].as_str().unwrap()
+    );
+    let in_bucket = std::fs::read_to_string(s3_file(&key)).unwrap_or_default();
+    assert!(
+        in_bucket.contains("before it started"),
+        "bucket copy: {in_bucket:?}"
+    );
+    assert!(
+        !svc.data.path().join("logs").join(&key).exists(),
+        "spool file left behind"
+    );
+    assert_eq!(svc.log(&queued).await, in_bucket);
+
+    // The log consumers hear why, and that it is over.
+    let msgs = tokio::task::spawn_blocking({
+        let (bootstrap, key) = (
+            cluster.bootstrap_servers(),
+            key.trim_end_matches(".logs").to_string(),
+        );
+        move || consume_build(bootstrap, topic.to_string(), key)
+    })
+    .await
+    .unwrap();
+    let lines: Vec<String> = msgs
+        .iter()
+        .map(|(_, v)| {
+            serde_json::from_str::<Value>(v).unwrap()["message"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines[0].contains("before it started"), "{lines:?}");
+    assert_eq!(lines[1], "Build finished");
+    let first_id = first["build_uuid"].as_str().unwrap();
+    assert_eq!(cbs.wait_final(first_id, BUILD_WITHIN).await, "succeeded");
+}
