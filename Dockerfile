@@ -22,7 +22,7 @@ COPY --from=builder /out/buildshuttle /usr/local/bin/buildshuttle
 ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
     DATA_DIR=/var/lib/buildshuttle
 # Non-root by default. Local mode with the node's docker socket needs the socket's group
-# (the Helm chart sets it); dind and external modes talk TCP and need nothing more.
+# (the Helm chart and the worker pod builder set it); external mode talks TCP/TLS.
 USER 10001:10001
 EXPOSE 9000
 ENTRYPOINT ["/usr/local/bin/buildshuttle"]
