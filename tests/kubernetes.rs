@@ -1,6 +1,6 @@
 //! Kubernetes mode as a process: without a cluster it refuses to start (one line, exit 2);
 //! `crd` prints the committed CRD; and, `#[ignore]`d, an end-to-end run against a real
-//! cluster (KUBECONFIG set; see README.md, "Kubernetes mode").
+//! cluster (KUBECONFIG set; see README.md, Kubernetes mode).
 
 use std::process::Command;
 
@@ -72,11 +72,12 @@ fn crd_subcommand_prints_the_committed_crd() {
 /// (BUILDSHUTTLE_E2E_REGISTRY). The service runs here (facade + controller); callbacks come
 /// to this process.
 #[test]
-#[ignore = "needs a Kubernetes cluster: see README.md, "Kubernetes mode""]
+#[ignore = "needs a Kubernetes cluster: see README.md, Kubernetes mode"]
 fn e2e_build_on_a_real_cluster() {
     use std::time::{Duration, Instant};
     let need = |k: &str| {
-        std::env::var(k).unwrap_or_else(|_| panic!("{k} must be set (see README.md, "Kubernetes mode")"))
+        std::env::var(k)
+            .unwrap_or_else(|_| panic!("{k} must be set (see README.md, Kubernetes mode)"))
     };
     let _ = need("KUBECONFIG");
     let image = need("BUILDSHUTTLE_E2E_IMAGE");
