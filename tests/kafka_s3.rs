@@ -4,10 +4,9 @@
 
 mod common;
 
+use common::kafka::consume_build;
 use common::{body, cache_buster, data_uri, tar_gz, Callbacks, Service};
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
-use rdkafka::{ClientConfig, Message};
 use serde_json::Value;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -59,38 +58,6 @@ fn log_path(b: &Value) -> String {
         b["app_uuid"].as_str().unwrap(),
         b["build_number"]
     )
-}
-
-/// Reads `topic` from the start until a message keyed `key` says `Build finished`; returns
-/// that build's messages (key, value) in order.
-fn consume_build(bootstrap: String, topic: String, key: String) -> Vec<(String, String)> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .set("group.id", format!("test-{}", uuid::Uuid::new_v4()))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    consumer.subscribe(&[&topic]).expect("subscribe");
-    let start = Instant::now();
-    let mut got = Vec::new();
-    while start.elapsed() < Duration::from_secs(60) {
-        let Some(msg) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let msg = msg.expect("consume");
-        let k = String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned();
-        if k != key {
-            continue;
-        }
-        let v = String::from_utf8_lossy(msg.payload().unwrap_or_default()).into_owned();
-        let done = serde_json::from_str::<Value>(&v).unwrap()["message"] == "Build finished";
-        got.push((k, v));
-        if done {
-            return got;
-        }
-    }
-    panic!("no `Build finished` message for {key} within 60 s; got {got:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

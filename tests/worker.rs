@@ -243,3 +243,95 @@ fn an_unreachable_dockerd_and_missing_sources_are_reported_not_crashed() {
         run.outcome
     );
 }
+
+mod common;
+
+/// In Kubernetes mode storage is S3 and logs also go to Kafka: the worker reads its stored
+/// sources from the bucket and leaves its log there and on the topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_reads_s3_sources_and_writes_its_log_to_s3_and_kafka() {
+    use clap::Parser;
+    const S3: [(&str, &str); 5] = [
+        ("S3_BUCKET", "buildshuttle-test"),
+        ("S3_ENDPOINT", "http://127.0.0.1:9100"),
+        ("S3_ACCESS_KEY", "buildshuttle-test"),
+        ("S3_SECRET_KEY", "buildshuttle-test-secret"),
+        ("S3_REGION", "us-east-1"),
+    ];
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Put the archive into the bucket through the service's own storage code.
+    let mut argv = vec!["buildshuttle".to_string(), "serve".to_string()];
+    for (k, v) in S3 {
+        argv.push(format!("--{}", k.to_ascii_lowercase().replace('_', "-")));
+        argv.push(v.to_string());
+    }
+    argv.extend([
+        "--data-dir".into(),
+        dir.path().join("svc").display().to_string(),
+    ]);
+    let cli = buildshuttle::config::Cli::try_parse_from(argv).expect("flags");
+    let buildshuttle::config::Command::Serve(args) = cli.command else {
+        panic!("serve")
+    };
+    let cfg = args.build.validate().expect("config");
+    let storage = buildshuttle::storage::open(&cfg)
+        .await
+        .expect("s3s-fs from .ci/services on 127.0.0.1:9100");
+
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("alamobuildlogs", 1, 1).expect("topic");
+    let mut b = spec("wkrs3");
+    b.kafka_hosts = Some(cluster.bootstrap_servers());
+    let marker = uuid::Uuid::new_v4();
+    let archive = targz(&[(
+        "Dockerfile",
+        &format!("FROM test/busybox:latest\nRUN echo \"s3 worker {marker}\"\n"),
+    )]);
+    let file = dir.path().join("archive.tgz");
+    std::fs::write(&file, &archive).expect("archive");
+    storage.put_file(&b.source_key(), &file).await.expect("put");
+    let job = BuildJobSpec::from_build(
+        &b,
+        SourceRef {
+            kind: SourceKind::Stored,
+            display: "stored".into(),
+            storage_key: Some(b.source_key()),
+        },
+    );
+    let (d, j) = (dir.path().to_path_buf(), job.clone());
+    let run = tokio::task::spawn_blocking(move || run_worker(&d, &j, None, &S3))
+        .await
+        .expect("worker");
+    assert_eq!(run.code, Some(0), "{:?}\n{}", run.outcome, run.stdout);
+
+    // The log is in the bucket, complete.
+    use futures::StreamExt;
+    let obj = storage
+        .get(&b.log_key())
+        .await
+        .expect("get")
+        .expect("log in S3");
+    let bytes: Vec<u8> = obj.body.map(|c| c.expect("chunk").to_vec()).concat().await;
+    let log = String::from_utf8(bytes).expect("utf-8");
+    assert!(log.contains(&format!("s3 worker {marker}")), "{log}");
+    assert_eq!(log.lines().last(), Some("Build finished"));
+
+    // And on Kafka, line for line.
+    let key = format!("{}-{}-3", b.app, b.app_uuid);
+    let bootstrap = cluster.bootstrap_servers();
+    let msgs = tokio::task::spawn_blocking(move || {
+        common::kafka::consume_build(bootstrap, "alamobuildlogs".into(), key)
+    })
+    .await
+    .expect("consume");
+    let messages: Vec<String> = msgs
+        .iter()
+        .map(|(_, v)| {
+            serde_json::from_str::<serde_json::Value>(v).expect("json")["message"]
+                .as_str()
+                .expect("message")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(messages, log.lines().collect::<Vec<_>>());
+}
