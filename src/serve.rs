@@ -116,8 +116,20 @@ pub async fn start(cfg: Config) -> Result<Started, StartError> {
     .await
     .map_err(data_err)?;
 
+    let executor_api: Arc<dyn crate::executor::Executor> = Arc::new(executor.clone());
+    listen(&cfg, executor_api, storage, metrics, Mode::Local(executor)).await
+}
+
+/// The API over either mode, bound to its port.
+async fn listen(
+    cfg: &Config,
+    executor: Arc<dyn crate::executor::Executor>,
+    storage: Arc<dyn Storage>,
+    metrics: Arc<Metrics>,
+    mode: Mode,
+) -> Result<Started, StartError> {
     let state = AppState {
-        executor: Arc::new(executor.clone()),
+        executor,
         storage,
         extra_build_args: Arc::new(cfg.build.extra_build_args.clone()),
         deny_networks: Arc::new(cfg.build.deny_networks.clone()),
@@ -133,7 +145,7 @@ pub async fn start(cfg: Config) -> Result<Started, StartError> {
     Ok(Started {
         listener,
         router: api::app(state),
-        mode: Mode::Local(executor),
+        mode,
         grace: cfg.shutdown_grace,
     })
 }
@@ -144,26 +156,16 @@ async fn start_kubernetes(cfg: Config) -> Result<Started, StartError> {
     let metrics = Arc::new(Metrics::new());
     let mode = crate::operator::KubernetesMode::start(&cfg, metrics.clone()).await?;
     tracing::info!(storage = %mode.storage.describe(), controller = cfg.kubernetes.run_controller, "Kubernetes mode");
-    let state = AppState {
-        executor: Arc::new(mode.executor.clone()),
-        storage: mode.storage.clone(),
-        extra_build_args: Arc::new(cfg.build.extra_build_args.clone()),
-        deny_networks: Arc::new(cfg.build.deny_networks.clone()),
-        max_request_bytes: cfg.max_request_bytes,
+    let executor: Arc<dyn crate::executor::Executor> = Arc::new(mode.executor.clone());
+    let storage = mode.storage.clone();
+    listen(
+        &cfg,
+        executor,
+        storage,
         metrics,
-    };
-    let listener = tokio::net::TcpListener::bind(&cfg.listen)
-        .await
-        .map_err(|source| StartError::Listen {
-            addr: cfg.listen.clone(),
-            source,
-        })?;
-    Ok(Started {
-        listener,
-        router: api::app(state),
-        mode: Mode::Kubernetes(Box::new(mode)),
-        grace: cfg.shutdown_grace,
-    })
+        Mode::Kubernetes(Box::new(mode)),
+    )
+    .await
 }
 
 /// Serves until a shutdown signal, then drains.

@@ -11,14 +11,6 @@ use std::time::{Duration, Instant};
 
 const BUILD: Duration = Duration::from_secs(120);
 
-fn sleeper(marker: &str, secs: u32) -> String {
-    let df = format!(
-        "FROM {BASE_IMAGE}\n{}\nRUN echo {marker}-$(echo start) && sleep {secs} && echo {marker}-$(echo end)\n",
-        cache_buster()
-    );
-    data_uri(&tar_gz(&[("Dockerfile", df.as_bytes())]))
-}
-
 fn finals(cb: &Callbacks, b: &Value) -> Vec<String> {
     cb.calls_for(b["build_uuid"].as_str().unwrap())
         .iter()

@@ -375,20 +375,11 @@ async fn failures_are_reported_with_a_reason_in_the_log() {
     }
 }
 
-/// A build that prints `{marker}-start`, sleeps, then prints `{marker}-end`. The markers are
-/// computed by the shell so the echoed Dockerfile step never contains them.
-fn sleeper(marker: &str, secs: u32) -> Vec<u8> {
-    let df = dockerfile(&format!(
-        "RUN echo {marker}-$(echo start) && sleep {secs} && echo {marker}-$(echo end)"
-    ));
-    tar_gz(&[("Dockerfile", &df)])
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_a_running_build_and_stop_all_of_an_app() {
     let svc = Service::start(&["--maximum-parallel-builds", "1"]).await;
     let cb = Callbacks::start().await;
-    let b = body(&data_uri(&sleeper("stopme", 301)), &cb);
+    let b = body(&sleeper("stopme", 301), &cb);
     svc.post(&b).await;
     svc.wait_log(&b, "stopme-start", BUILD).await;
     assert_eq!(running_containers_with("sleep 301").await, 1);
@@ -413,8 +404,8 @@ async fn stop_a_running_build_and_stop_all_of_an_app() {
     assert!(svc.log(&b).await.contains("Cancelled"));
 
     // Stop-all: one running, one queued behind it (same app).
-    let b1 = body(&data_uri(&sleeper("all1", 302)), &cb);
-    let mut b2 = body(&data_uri(&sleeper("all2", 302)), &cb);
+    let b1 = body(&sleeper("all1", 302), &cb);
+    let mut b2 = body(&sleeper("all2", 302), &cb);
     b2["app"] = b1["app"].clone();
     b2["app_uuid"] = b1["app_uuid"].clone();
     b2["build_number"] = json!(2);
@@ -469,7 +460,7 @@ async fn stop_a_running_build_and_stop_all_of_an_app() {
 async fn a_build_past_timeout_in_ms_fails_and_its_container_stops() {
     let svc = Service::start(&["--timeout-in-ms", "4000"]).await;
     let cb = Callbacks::start().await;
-    let b = body(&data_uri(&sleeper("slow", 303)), &cb);
+    let b = body(&sleeper("slow", 303), &cb);
     svc.post(&b).await;
     let id = b["build_uuid"].as_str().unwrap();
     assert_eq!(cb.wait_final(id, Duration::from_secs(30)).await, "failed");
@@ -494,7 +485,7 @@ async fn the_queue_runs_at_most_the_limit_first_come_first_served() {
     let cb = Callbacks::start().await;
     let mut bodies = Vec::new();
     for i in 0..5 {
-        let b = body(&data_uri(&sleeper(&format!("q{i}"), 2)), &cb);
+        let b = body(&sleeper(&format!("q{i}"), 2), &cb);
         svc.post(&b).await;
         bodies.push(b);
     }
@@ -552,7 +543,7 @@ async fn the_queue_runs_at_most_the_limit_first_come_first_served() {
 async fn logs_are_readable_while_the_build_runs() {
     let svc = Service::start(&[]).await;
     let cb = Callbacks::start().await;
-    let b = body(&data_uri(&sleeper("live", 6)), &cb);
+    let b = body(&sleeper("live", 6), &cb);
     svc.post(&b).await;
     let log = svc.wait_log(&b, "live-start", BUILD).await;
     let id = b["build_uuid"].as_str().unwrap();

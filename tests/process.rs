@@ -82,14 +82,6 @@ fn help_and_version() {
     }
 }
 
-fn sleeper(marker: &str, secs: u32) -> String {
-    let df = format!(
-        "FROM {BASE_IMAGE}\n{}\nRUN echo {marker}-$(echo start) && sleep {secs} && echo {marker}-$(echo end)\n",
-        cache_buster()
-    );
-    data_uri(&tar_gz(&[("Dockerfile", df.as_bytes())]))
-}
-
 fn finals(cb: &Callbacks, b: &Value) -> usize {
     cb.calls_for(b["build_uuid"].as_str().unwrap())
         .iter()

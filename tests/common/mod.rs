@@ -292,6 +292,17 @@ pub fn cache_buster() -> String {
     format!("RUN echo run-{}", uuid::Uuid::new_v4().simple())
 }
 
+/// A build (as a data: URI) that prints `{marker}-start`, sleeps, then prints
+/// `{marker}-end`. The shell computes the markers, so the echoed Dockerfile step never
+/// contains them; the cache buster makes the step run every time.
+pub fn sleeper(marker: &str, secs: u32) -> String {
+    let df = format!(
+        "FROM {BASE_IMAGE}\n{}\nRUN echo {marker}-$(echo start) && sleep {secs} && echo {marker}-$(echo end)\n",
+        cache_buster()
+    );
+    data_uri(&tar_gz(&[("Dockerfile", df.as_bytes())]))
+}
+
 pub fn tar_gz(entries: &[(&str, &[u8])]) -> Vec<u8> {
     let enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     let mut b = tar::Builder::new(enc);
