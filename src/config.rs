@@ -193,6 +193,14 @@ pub struct KubernetesArgs {
     /// A Secret imported whole into worker pods' environment (S3 credentials, TLS dockerd settings).
     #[arg(long, env = "WORKER_ENV_SECRET", value_name = "WORKER_ENV_SECRET")]
     pub worker_env_secret: Option<String>,
+    /// WORKER_DOCKER_MODE=host: the group id owning the node's docker socket, given to the
+    /// (non-root) worker as a supplemental group.
+    #[arg(
+        long,
+        env = "WORKER_DOCKER_SOCKET_GID",
+        value_name = "WORKER_DOCKER_SOCKET_GID"
+    )]
+    pub worker_docker_socket_gid: Option<i64>,
     /// Service account of worker pods (its token is never mounted).
     #[arg(
         long,
@@ -242,6 +250,7 @@ pub struct KubernetesConfig {
     pub docker_mode: crate::operator::pod::DockerMode,
     pub dind_image: String,
     pub worker_env_secret: Option<String>,
+    pub worker_docker_socket_gid: Option<i64>,
     pub worker_service_account: Option<String>,
     pub max_pod_retries: u32,
     pub finished_ttl: Duration,
@@ -593,6 +602,7 @@ impl ServeArgs {
                     docker_mode: k.worker_docker_mode,
                     dind_image: k.dind_image.clone(),
                     worker_env_secret: k.worker_env_secret.clone().filter(|n| !n.is_empty()),
+                    worker_docker_socket_gid: k.worker_docker_socket_gid,
                     worker_service_account: k
                         .worker_service_account
                         .clone()

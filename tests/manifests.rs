@@ -752,6 +752,16 @@ fn chart_options_shape_the_objects() {
         Some(r#"{"socketPath":"/run/docker.sock"}"#)
     );
     assert_eq!(env_value(&c, "DIND_IMAGE"), None);
+    assert_eq!(
+        env_value(&c, "WORKER_DOCKER_SOCKET_GID"),
+        None,
+        "unset by default"
+    );
+    let objs = rendered(json!({"mode": "host", "host": {"socketGid": 998}})).unwrap();
+    assert_eq!(
+        env_value(&container(&objs), "WORKER_DOCKER_SOCKET_GID").as_deref(),
+        Some("998")
+    );
 
     // existingSecret: no Secret made, and it is the one imported; S3 values are then unused.
     let objs = rendered(json!({"existingSecret": "mine", "s3": {"bucket": "b"}})).unwrap();

@@ -147,6 +147,7 @@ impl KubernetesMode {
                 kafka_topic: cfg.build.kafka_topic.clone(),
                 sources_deny_networks: k.sources_deny_networks.clone(),
                 env_secret: k.worker_env_secret.clone(),
+                docker_socket_gid: k.worker_docker_socket_gid,
                 service_account: k.worker_service_account.clone(),
             };
             let callbacks = crate::callback::Callbacks::new(cfg.callback_retry_for);

@@ -4,8 +4,8 @@
 use super::crd::{labels, secret_keys, BuildJob};
 use crate::config::DockerSettings;
 use k8s_openapi::api::core::v1::{
-    Container, EnvFromSource, EnvVar, EnvVarSource, HostPathVolumeSource, Pod, PodSpec,
-    SecretEnvSource, SecretKeySelector, SecurityContext, Volume, VolumeMount,
+    Container, EnvFromSource, EnvVar, EnvVarSource, HostPathVolumeSource, Pod, PodSecurityContext,
+    PodSpec, SecretEnvSource, SecretKeySelector, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
@@ -70,6 +70,8 @@ pub struct PodSettings {
     pub sources_deny_networks: String,
     /// A Secret imported whole into the worker's environment (S3 credentials, TLS dockerd…).
     pub env_secret: Option<String>,
+    /// Host mode: the group owning the node's docker socket (the worker is not root).
+    pub docker_socket_gid: Option<i64>,
     pub service_account: Option<String>,
 }
 
@@ -226,6 +228,13 @@ pub fn worker_pod(job: &BuildJob, attempt: u32, s: &PodSettings) -> Result<Pod, 
             init_containers: (!init_containers.is_empty()).then_some(init_containers),
             containers: vec![worker],
             volumes: Some(volumes),
+            security_context: match (s.docker_mode, s.docker_socket_gid) {
+                (DockerMode::Host, Some(gid)) => Some(PodSecurityContext {
+                    supplemental_groups: Some(vec![gid]),
+                    ..Default::default()
+                }),
+                _ => None,
+            },
             ..Default::default()
         }),
         status: None,
@@ -289,6 +298,7 @@ pub(crate) mod tests {
             kafka_topic: "alamobuildlogs".into(),
             sources_deny_networks: "169.254.0.0/16".into(),
             env_secret: None,
+            docker_socket_gid: None,
             service_account: None,
         }
     }
@@ -408,6 +418,26 @@ pub(crate) mod tests {
                 .any(|a| a == &format!("--group={WORKER_ID}")),
             "the worker's group owns the dind socket"
         );
+    }
+
+    #[test]
+    fn host_mode_gives_the_worker_the_sockets_group() {
+        let mut s = settings(DockerMode::Host);
+        s.docker_socket_gid = Some(998);
+        let p = worker_pod(&job(None), 0, &s).unwrap_or_else(|e| panic!("{e}"));
+        let sc = p.spec.as_ref().and_then(|s| s.security_context.as_ref());
+        assert_eq!(
+            sc.and_then(|c| c.supplemental_groups.clone()),
+            Some(vec![998])
+        );
+        let mut d = settings(DockerMode::Dind);
+        d.docker_socket_gid = Some(998);
+        let p = worker_pod(&job(None), 0, &d).unwrap_or_else(|e| panic!("{e}"));
+        assert!(p
+            .spec
+            .as_ref()
+            .and_then(|s| s.security_context.as_ref())
+            .is_none());
     }
 
     #[test]
