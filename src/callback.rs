@@ -88,7 +88,7 @@ impl Callbacks {
             let elapsed = started.elapsed();
             if elapsed + delay > self.retry_for {
                 return Err(CallbackError::GaveUp {
-                    url: crate::pipeline::sources::redact_url(url),
+                    url: crate::secret::redact_url(url),
                     attempts,
                     elapsed,
                     last,

@@ -43,6 +43,21 @@ pub fn redact(text: &str, secrets: &[&str]) -> String {
     out
 }
 
+/// A URL fit for a log line: no credentials, no query (which may carry tokens).
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            if u.query().is_some() {
+                u.set_query(Some("…"));
+            }
+            u.to_string()
+        }
+        Err(_) => "<invalid url>".to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,6 +75,14 @@ mod tests {
         assert_eq!(
             redact("a hunter2 b hunter2", &["hunter2", ""]),
             "a *** b ***"
+        );
+    }
+
+    #[test]
+    fn urls_are_redacted_for_logs() {
+        assert_eq!(
+            redact_url("https://u:p@h/x.tgz?token=abc"),
+            "https://h/x.tgz?%E2%80%A6"
         );
     }
 }

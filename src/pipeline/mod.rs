@@ -84,7 +84,7 @@ impl Pipeline {
             Fetch::Http(url) => {
                 log.line(&format!(
                     "Fetching sources from {}",
-                    sources::redact_url(url.as_str())
+                    crate::secret::redact_url(url.as_str())
                 ));
                 sources::download(
                     &self.http,
