@@ -44,7 +44,7 @@ struct Inner {
     /// Serializes record writes so concurrent updates of one build never lose each other.
     records: tokio::sync::Mutex<HashMap<Uuid, Record>>,
     active: Mutex<HashMap<Uuid, Active>>,
-    queue: mpsc::UnboundedSender<(Uuid, oneshot::Sender<OwnedSemaphorePermit>)>,
+    queue: mpsc::UnboundedSender<oneshot::Sender<OwnedSemaphorePermit>>,
     semaphore: Arc<Semaphore>,
     seq: AtomicU64,
     draining: AtomicBool,
@@ -169,7 +169,7 @@ impl LocalExecutor {
         self.inner.metrics.queued.inc();
         let (tx, rx) = oneshot::channel();
         // The dispatcher hands out slots in the order builds were queued.
-        let _ = self.inner.queue.send((id, tx));
+        let _ = self.inner.queue.send(tx);
         let inner = self.inner.clone();
         self.inner
             .supervise(async move { inner.lifecycle(rec.spec, rx, cancel, reason).await });
@@ -387,6 +387,20 @@ impl Inner {
         self.records.lock().await.get(&id).cloned()
     }
 
+    /// One callback; a delivery given up after its retries is counted and logged once.
+    async fn deliver(&self, spec: &BuildSpec, status: &'static str, gave_up: &str) {
+        let Some(url) = &spec.callback else { return };
+        let auth = spec.callback_auth.as_ref();
+        if let Err(e) = self
+            .callbacks
+            .deliver(url, auth, spec.build_number, status)
+            .await
+        {
+            self.metrics.callback_failures.inc();
+            tracing::warn!(build = %spec.build_uuid, error = %e, "{gave_up}");
+        }
+    }
+
     async fn send_pending(&self, id: Uuid) {
         let Some(rec) = self.record(id).await else {
             return;
@@ -394,21 +408,8 @@ impl Inner {
         if rec.pending_sent {
             return;
         }
-        if let Some(url) = &rec.spec.callback {
-            if let Err(e) = self
-                .callbacks
-                .deliver(
-                    url,
-                    rec.spec.callback_auth.as_ref(),
-                    rec.spec.build_number,
-                    "pending",
-                )
-                .await
-            {
-                self.metrics.callback_failures.inc();
-                tracing::warn!(build = %id, error = %e, "pending callback not delivered");
-            }
-        }
+        self.deliver(&rec.spec, "pending", "pending callback not delivered")
+            .await;
         self.update(id, |r| r.pending_sent = true).await;
     }
 
@@ -421,21 +422,12 @@ impl Inner {
         let Some(outcome) = rec.outcome.as_ref().filter(|_| !rec.final_sent) else {
             return;
         };
-        if let Some(url) = &rec.spec.callback {
-            if let Err(e) = self
-                .callbacks
-                .deliver(
-                    url,
-                    rec.spec.callback_auth.as_ref(),
-                    rec.spec.build_number,
-                    outcome.callback_status(),
-                )
-                .await
-            {
-                self.metrics.callback_failures.inc();
-                tracing::warn!(build = %id, error = %e, "final callback not delivered; giving up");
-            }
-        }
+        self.deliver(
+            &rec.spec,
+            outcome.callback_status(),
+            "final callback not delivered; giving up",
+        )
+        .await;
         self.update(id, |r| {
             r.final_sent = true;
             // Nothing needs the credentials any more: they do not stay on disk.
@@ -450,9 +442,9 @@ impl Inner {
 /// Hands out build slots in submission order; a build stopped while queued is skipped.
 async fn dispatch(
     inner: Arc<Inner>,
-    mut rx: mpsc::UnboundedReceiver<(Uuid, oneshot::Sender<OwnedSemaphorePermit>)>,
+    mut rx: mpsc::UnboundedReceiver<oneshot::Sender<OwnedSemaphorePermit>>,
 ) {
-    while let Some((_id, slot)) = rx.recv().await {
+    while let Some(slot) = rx.recv().await {
         if slot.is_closed() {
             continue;
         }

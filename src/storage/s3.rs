@@ -236,17 +236,7 @@ impl S3Storage {
         let offset = index * PART_SIZE;
         let size = PART_SIZE.min(len - offset);
         // The body re-reads the file range on each attempt, so retries need no buffering.
-        let body = ByteStream::read_from()
-            .path(path)
-            .offset(offset)
-            .length(Length::Exact(size))
-            .build()
-            .await
-            .map_err(|e| StorageError::S3 {
-                op: "upload",
-                key: key.to_string(),
-                message: format!("cannot read {}: {e}", path.display()),
-            })?;
+        let body = file_body(key, path, offset, size).await?;
         // Part numbers start at 1.
         let number = i32::try_from(index + 1).map_err(|_| StorageError::S3 {
             op: "upload",
@@ -271,6 +261,27 @@ impl S3Storage {
     }
 }
 
+/// `len` bytes of the file at `path` from `offset`, read from disk as the request is sent
+/// (and again on a retry), never buffered whole.
+async fn file_body(
+    key: &str,
+    path: &Path,
+    offset: u64,
+    len: u64,
+) -> Result<ByteStream, StorageError> {
+    ByteStream::read_from()
+        .path(path)
+        .offset(offset)
+        .length(Length::Exact(len))
+        .build()
+        .await
+        .map_err(|e| StorageError::S3 {
+            op: "upload",
+            key: key.to_string(),
+            message: format!("cannot read {}: {e}", path.display()),
+        })
+}
+
 #[async_trait]
 impl Storage for S3Storage {
     async fn put_file(&self, key: &str, path: &Path) -> Result<(), StorageError> {
@@ -283,16 +294,7 @@ impl Storage for S3Storage {
         if len > PART_SIZE {
             return self.put_multipart(key, path, len).await;
         }
-        let body = ByteStream::read_from()
-            .path(path)
-            .length(Length::Exact(len))
-            .build()
-            .await
-            .map_err(|e| StorageError::S3 {
-                op: "upload",
-                key: key.to_string(),
-                message: format!("cannot read {}: {e}", path.display()),
-            })?;
+        let body = file_body(key, path, 0, len).await?;
         self.client
             .put_object()
             .bucket(&self.bucket)
