@@ -5,6 +5,10 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Both ring and aws-lc-rs are in the dependency tree (kube, aws-sdk, reqwest), so rustls
+    // cannot pick a process-wide provider by itself and panics on the first TLS client
+    // (kube's `Client::try_from`). Choose one before anything builds a client.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
