@@ -79,7 +79,7 @@ fn condition_reason(job: &Value) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn host_mode_build_pushes_serves_logs_and_calls_back_once() {
+async fn host_mode_build_pushes_serves_logs_and_calls_back() {
     let cluster = Cluster::start().await;
     let shuttle = cluster.serve(Mode::Host, &[]);
     let cb = Callbacks::start().await;

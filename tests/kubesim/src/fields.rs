@@ -129,6 +129,18 @@ fn overlaps(a: &[String], b: &[String]) -> bool {
     a[..n] == b[..n]
 }
 
+/// An applied value differs from the live one. An empty map applied over a map only
+/// asserts the map exists: it conflicts with nothing inside it.
+fn differs(current: &Value, applied: &Value, p: &[String]) -> bool {
+    let (a, b) = (get(current, p), get(applied, p));
+    if let (Some(Value::Object(_)), Some(Value::Object(m))) = (a, b) {
+        if m.is_empty() {
+            return false;
+        }
+    }
+    a != b
+}
+
 fn fmt_path(p: &[String]) -> String {
     format!(".{}", p.join("."))
 }
@@ -225,7 +237,7 @@ pub fn apply(
     for m in managers.iter().filter(|m| !is_me(m)) {
         for q in &m.fields {
             for p in set.iter().filter(|p| overlaps(p, q)) {
-                if get(current, p) != get(applied, p) && !(m.manager == manager) {
+                if differs(current, applied, p) && m.manager != manager {
                     conflicts.push(Conflict {
                         manager: m.manager.clone(),
                         path: fmt_path(p),
@@ -248,7 +260,7 @@ pub fn apply(
             .iter()
             .filter(|q| {
                 set.iter()
-                    .any(|p| overlaps(p, q) && get(current, p) != get(applied, p))
+                    .any(|p| overlaps(p, q) && differs(current, applied, p))
             })
             .cloned()
             .collect();

@@ -681,10 +681,12 @@ impl Kubelet {
                         }
                     }
                     Err(_) if src["optional"] == true => {}
-                    Err(_) => return Err(format!(
+                    Err(_) => {
+                        return Err(format!(
                         "MountVolume.SetUp failed for volume \"{name}\" : {} \"{sname}\" not found",
                         kind.to_lowercase()
-                    )),
+                    ))
+                    }
                 }
                 out.insert(name, (dir, true));
             } else {
