@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod bin;
+pub mod cluster;
 pub mod kafka;
 
 use axum::body::Bytes;
