@@ -256,6 +256,15 @@ pub struct KubernetesArgs {
         default_value_t = 3
     )]
     pub max_admission_retries: u32,
+    /// Seconds past its deletion deadline after which a still-terminating worker pod is
+    /// taken for lost (its node is gone): force-deleted and replaced.
+    #[arg(
+        long,
+        env = "POD_LOST_GRACE_SECONDS",
+        value_name = "POD_LOST_GRACE_SECONDS",
+        default_value_t = 60
+    )]
+    pub pod_lost_grace_seconds: u64,
 }
 
 /// Validated Kubernetes-mode settings.
@@ -276,6 +285,7 @@ pub struct KubernetesConfig {
     pub identity: String,
     pub pod_pending_limit: Duration,
     pub max_admission_retries: u32,
+    pub pod_lost_grace: Duration,
     /// DOCKER_BUILD_SETTINGS as given (passed to external-mode workers).
     pub docker_settings_json: String,
     /// SOURCES_DENY_NETWORKS as given (passed to workers).
@@ -646,6 +656,7 @@ impl ServeArgs {
                         }),
                     pod_pending_limit: Duration::from_secs(k.pod_pending_limit_seconds),
                     max_admission_retries: k.max_admission_retries,
+                    pod_lost_grace: Duration::from_secs(k.pod_lost_grace_seconds),
                     docker_settings_json: self.build.docker_build_settings.clone(),
                     sources_deny_networks: self.build.sources_deny_networks.clone(),
                 }

@@ -696,13 +696,16 @@ pub async fn run(
         )
         .with_config(controller::Config::default().concurrency(CONCURRENCY));
     let ctx = Arc::new(make_ctx(controller.store()));
-    // Cleared by anything that shows the watches work again.
+    // Cleared by anything that shows the watches work again: a reconcile, or a probe list.
     let failing = watch_failing.clone();
+    let probing = Arc::new(AtomicBool::new(false));
+    let probe_api: Api<BuildJob> = Api::namespaced(ctx.client.clone(), namespace);
     controller
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| {
             let failing = failing.clone();
+            let (probing, probe_api) = (probing.clone(), probe_api.clone());
             async move {
                 match res {
                     Ok((obj, _)) => {
@@ -711,7 +714,20 @@ pub async fn run(
                     }
                     Err(controller::Error::QueueError(e)) => {
                         failing.store(true, Ordering::Relaxed);
-                        tracing::error!(error = %e, "cannot watch BuildJobs or worker pods (is the CRD installed, and may this service account list and watch them?)")
+                        tracing::error!(error = %e, "cannot watch BuildJobs or worker pods (is the CRD installed, and may this service account list and watch them?)");
+                        // With no BuildJob to reconcile, nothing else would notice the fix.
+                        if !probing.swap(true, Ordering::Relaxed) {
+                            tokio::spawn(async move {
+                                let one = kube::api::ListParams::default().limit(1);
+                                while failing.load(Ordering::Relaxed) {
+                                    tokio::time::sleep(Duration::from_secs(2)).await;
+                                    if probe_api.list(&one).await.is_ok() {
+                                        failing.store(false, Ordering::Relaxed);
+                                    }
+                                }
+                                probing.store(false, Ordering::Relaxed);
+                            });
+                        }
                     }
                     Err(e) => tracing::debug!(error = %e, "reconcile error"),
                 }

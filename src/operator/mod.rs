@@ -165,7 +165,7 @@ impl KubernetesMode {
                 stuck_grace: Duration::from_secs(120),
                 pending_limit: k.pod_pending_limit,
                 max_admission_retries: k.max_admission_retries,
-                lost_pod_grace: Duration::from_secs(60),
+                lost_pod_grace: k.pod_lost_grace,
             };
             let pods = pod::PodSettings {
                 image: k.worker_image.clone(),
