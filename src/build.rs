@@ -442,7 +442,10 @@ pub(crate) mod tests {
             "Timings: queued 3 ms, fetch 120 ms, context 4 ms, build 900 ms, push 300 ms, total 1450 ms"
         );
         let j = serde_json::to_value(&t).unwrap();
-        assert!(j.get("store").is_none(), "stages that did not run are left out: {j}");
+        assert!(
+            j.get("store").is_none(),
+            "stages that did not run are left out: {j}"
+        );
     }
 
     #[test]

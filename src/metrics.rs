@@ -46,9 +46,10 @@ impl Metrics {
         // 1 s … ~4.5 h in 14 doubling buckets.
         let duration = Histogram::new(exponential_buckets(1.0, 2.0, 14));
         // 1 ms … ~9 min in 20 doubling buckets: stages range from a rename to a long build.
-        let stages = Family::<StageLabels, Histogram, fn() -> Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.001, 2.0, 20))
-        });
+        let stages =
+            Family::<StageLabels, Histogram, fn() -> Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 20))
+            });
         let queued = Gauge::default();
         let running = Gauge::default();
         let callback_failures = Counter::default();

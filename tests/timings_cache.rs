@@ -18,7 +18,8 @@ fn stage_names(line: &str) -> Vec<String> {
             let mut words = part.split(' ');
             let name = words.next().unwrap_or_default().to_string();
             assert!(
-                words.next().is_some_and(|ms| ms.parse::<u64>().is_ok()) && words.next() == Some("ms"),
+                words.next().is_some_and(|ms| ms.parse::<u64>().is_ok())
+                    && words.next() == Some("ms"),
                 "not `<stage> <n> ms`: {part:?} in {line:?}"
             );
             name
@@ -34,12 +35,20 @@ async fn every_build_reports_its_stage_timings_in_the_log_metrics_and_record() {
     let b = body(&data_uri(&tar_gz(&[("Dockerfile", df.as_bytes())])), &cb);
     let id = b["build_uuid"].as_str().unwrap();
     assert_eq!(svc.post(&b).await.0, 200);
-    assert_eq!(cb.wait_final(id, BUILD).await, "succeeded", "{}", svc.log(&b).await);
+    assert_eq!(
+        cb.wait_final(id, BUILD).await,
+        "succeeded",
+        "{}",
+        svc.log(&b).await
+    );
 
     // The log: one summary line, just before `Build finished`, stages in pipeline order.
     let log = svc.log(&b).await;
     let lines: Vec<&str> = log.lines().collect();
-    let summary: Vec<&&str> = lines.iter().filter(|l| l.starts_with("Timings: ")).collect();
+    let summary: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.starts_with("Timings: "))
+        .collect();
     assert_eq!(summary.len(), 1, "{log}");
     assert_eq!(lines[lines.len() - 2], *summary[0], "{log}");
     assert_eq!(
@@ -60,8 +69,15 @@ async fn every_build_reports_its_stage_timings_in_the_log_metrics_and_record() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     for stage in [
-        "queued", "fetch", "context", "cache", "build", "push", "total",
-        "callback_pending", "callback_final",
+        "queued",
+        "fetch",
+        "context",
+        "cache",
+        "build",
+        "push",
+        "total",
+        "callback_pending",
+        "callback_final",
     ] {
         assert!(timings[stage].is_u64(), "{stage} missing in {timings}");
     }
@@ -76,7 +92,15 @@ async fn every_build_reports_its_stage_timings_in_the_log_metrics_and_record() {
         .text()
         .await
         .unwrap();
-    for stage in ["queued", "fetch", "context", "build", "push", "total", "callback_final"] {
+    for stage in [
+        "queued",
+        "fetch",
+        "context",
+        "build",
+        "push",
+        "total",
+        "callback_final",
+    ] {
         let count = format!("buildshuttle_build_stage_duration_seconds_count{{stage=\"{stage}\"}}");
         assert!(metrics.contains(&count), "{count} missing:\n{metrics}");
     }
@@ -113,13 +137,17 @@ async fn a_rebuild_on_an_empty_daemon_reuses_the_layers_of_the_pushed_latest_ima
     let first = body(&data_uri(&archive), &cb);
     first_svc.post(&first).await;
     assert_eq!(
-        cb.wait_final(first["build_uuid"].as_str().unwrap(), BUILD).await,
+        cb.wait_final(first["build_uuid"].as_str().unwrap(), BUILD)
+            .await,
         "succeeded",
         "{}",
         first_svc.log(&first).await
     );
     let log = first_svc.log(&first).await;
-    assert!(log.contains("No previous image to use as the layer cache"), "{log}");
+    assert!(
+        log.contains("No previous image to use as the layer cache"),
+        "{log}"
+    );
 
     // The same app, unchanged, on the empty daemon.
     let latest = format!("{REGISTRY}/{}:latest", image_repo(&first));
@@ -135,13 +163,17 @@ async fn a_rebuild_on_an_empty_daemon_reuses_the_layers_of_the_pushed_latest_ima
     again["build_number"] = json!(2);
     svc.post(&again).await;
     assert_eq!(
-        cb.wait_final(again["build_uuid"].as_str().unwrap(), BUILD).await,
+        cb.wait_final(again["build_uuid"].as_str().unwrap(), BUILD)
+            .await,
         "succeeded",
         "{}",
         svc.log(&again).await
     );
     let log = svc.log(&again).await;
-    assert!(log.contains(&format!("Using {latest} as the layer cache")), "{log}");
+    assert!(
+        log.contains(&format!("Using {latest} as the layer cache")),
+        "{log}"
+    );
     // Each RUN step and the COPY come from the cache: "Using cache" follows each step line.
     let lines: Vec<&str> = log.lines().collect();
     for step in ["RUN echo warm-one", "RUN echo warm-two", "COPY app.txt"] {
@@ -150,7 +182,10 @@ async fn a_rebuild_on_an_empty_daemon_reuses_the_layers_of_the_pushed_latest_ima
             .position(|l| l.contains(step))
             .unwrap_or_else(|| panic!("no step {step}:\n{log}"));
         assert!(
-            lines[at + 1..].iter().take(2).any(|l| l.contains("Using cache")),
+            lines[at + 1..]
+                .iter()
+                .take(2)
+                .any(|l| l.contains("Using cache")),
             "{step} was not cached:\n{log}"
         );
     }
@@ -164,9 +199,13 @@ async fn a_rebuild_on_an_empty_daemon_reuses_the_layers_of_the_pushed_latest_ima
     cold["build_number"] = json!(3);
     nc.post(&cold).await;
     assert_eq!(
-        cb.wait_final(cold["build_uuid"].as_str().unwrap(), BUILD).await,
+        cb.wait_final(cold["build_uuid"].as_str().unwrap(), BUILD)
+            .await,
         "succeeded"
     );
     let log = nc.log(&cold).await;
-    assert!(!log.contains("layer cache") && !log.contains("Using cache"), "{log}");
+    assert!(
+        !log.contains("layer cache") && !log.contains("Using cache"),
+        "{log}"
+    );
 }

@@ -156,7 +156,13 @@ fn worker_builds_stored_sources_pushes_and_writes_its_outcome() {
     let term = buildshuttle::worker::parse_termination_message(&run.termination)
         .unwrap_or_else(|| panic!("{}", run.termination));
     let timings = term.timings.expect("timings in the termination message");
-    for stage in [timings.fetch, timings.context, timings.build, timings.push, timings.total] {
+    for stage in [
+        timings.fetch,
+        timings.context,
+        timings.build,
+        timings.push,
+        timings.total,
+    ] {
         assert!(stage.is_some(), "{timings:?}");
     }
     // Both tags are in the registry.

@@ -374,7 +374,8 @@ impl Inner {
             Ok(log) => log,
             Err(e) => {
                 tracing::error!(build = %id, error = %e, "could not open the build log");
-                let failed = Outcome::failed(FailureReason::Internal, "could not open the build log");
+                let failed =
+                    Outcome::failed(FailureReason::Internal, "could not open the build log");
                 return (failed, None);
             }
         };
@@ -446,7 +447,11 @@ impl Inner {
         }
         self.deliver(&rec.spec, "pending", "pending callback not delivered")
             .await;
-        let took = rec.spec.callback.is_some().then(|| ms_since(rec.accepted_at));
+        let took = rec
+            .spec
+            .callback
+            .is_some()
+            .then(|| ms_since(rec.accepted_at));
         self.update(id, |r| {
             r.pending_sent = true;
             r.timings.callback_pending = took;

@@ -58,8 +58,7 @@ impl Pipeline {
     ) -> Outcome {
         let outcome = match sources::parse(spec.sources.expose()) {
             _ if spec.sources_stored => {
-                self.build(spec, Fetch::Stored, log, workdir, timings)
-                    .await
+                self.build(spec, Fetch::Stored, log, workdir, timings).await
             }
             Err(e) => Outcome::failed(FailureReason::InvalidSources, e.to_string()),
             Ok(Source::Docker(src)) => self.retag(spec, &src, log, timings).await,
@@ -463,7 +462,10 @@ impl Pipeline {
 /// the build's own log; `forward` writes them into the build log (redacted there).
 fn side_log() -> (BuildLog, mpsc::UnboundedReceiver<String>) {
     let (tx, rx) = mpsc::unbounded_channel();
-    (BuildLog::new(Vec::new()).with_sink(Box::new(Forward(tx))), rx)
+    (
+        BuildLog::new(Vec::new()).with_sink(Box::new(Forward(tx))),
+        rx,
+    )
 }
 
 struct Forward(mpsc::UnboundedSender<String>);
@@ -519,7 +521,9 @@ impl CachePull {
                 images
             }
             Err(e) => {
-                log.line(&format!("The layer cache pull stopped ({e}); building without it"));
+                log.line(&format!(
+                    "The layer cache pull stopped ({e}); building without it"
+                ));
                 Vec::new()
             }
         }
