@@ -365,11 +365,12 @@ impl Inner {
         timings: &mut StageTimings,
     ) -> (Outcome, Option<futures::future::BoxFuture<'static, ()>>) {
         let id = spec.build_uuid;
-        self.update(id, |r| {
+        // Recorded beside the build's start rather than before it (one fsync less on the
+        // critical path): a crash before it lands re-runs the build after the restart.
+        let running = self.update(id, |r| {
             r.phase = Phase::Running;
             r.started_at = Some(chrono::Utc::now());
-        })
-        .await;
+        });
         let mut log = match self.sinks.open(spec) {
             Ok(log) => log,
             Err(e) => {
@@ -388,17 +389,21 @@ impl Inner {
         let workdir = self.workroot.join(id.to_string());
         // Dropping the pipeline future closes the connection to dockerd, which cancels the
         // build and removes its container.
-        let outcome = tokio::select! {
-            o = self.pipeline.run(spec, &mut log, &workdir, timings) => o,
-            _ = tokio::time::sleep(self.timeout) => {
-                let msg = format!("the build ran longer than TIMEOUT_IN_MS ({} ms)", self.timeout.as_millis());
-                Outcome::failed(FailureReason::Timeout, msg)
-            }
-            _ = cancel.cancelled() => {
-                let (r, m) = cancelled_reason();
-                Outcome::failed(r, m)
+        let build = async {
+            tokio::select! {
+                o = self.pipeline.run(spec, &mut log, &workdir, timings) => o,
+                _ = tokio::time::sleep(self.timeout) => {
+                    let msg = format!("the build ran longer than TIMEOUT_IN_MS ({} ms)", self.timeout.as_millis());
+                    Outcome::failed(FailureReason::Timeout, msg)
+                }
+                _ = cancel.cancelled() => {
+                    let (r, m) = cancelled_reason();
+                    Outcome::failed(r, m)
+                }
             }
         };
+        // The record update always completes, even when the build is stopped.
+        let ((), outcome) = tokio::join!(running, build);
         if let Outcome::Failed { reason, message } = &outcome {
             if matches!(
                 reason,
@@ -410,7 +415,11 @@ impl Inner {
         timings.total = Some(ms_since(accepted_at));
         log.line(&timings.summary());
         let flush = log.finish();
-        let _ = tokio::fs::remove_dir_all(&workdir).await;
+        // Cleaning up runs beside the final callback too.
+        let flush = async move {
+            let _ = tokio::fs::remove_dir_all(&workdir).await;
+            flush.await;
+        };
         (outcome, Some(Box::pin(flush)))
     }
 

@@ -273,29 +273,27 @@ impl Pipeline {
         let (mut side, lines) = side_log();
         let task = tokio::spawn(async move {
             let started = Instant::now();
-            let before = docker::image_id(&docker, &image).await;
-            let pulled = docker::pull_quiet(&docker, &image, auth, &mut side).await;
-            let cache_from = match pulled {
-                Ok(()) => {
-                    let after = docker::image_id(&docker, &image).await;
-                    // An image this daemon already had is covered by its local layer cache; and
-                    // with `cachefrom` the classic builder would use nothing but the listed
-                    // images, so it is only passed for an image that came from the registry.
-                    if after.is_some() && after != before {
+            // A daemon that has the app's latest image has its layers in its own cache
+            // (it built or pulled it): no registry round trip on the critical path. And with
+            // `cachefrom` the classic builder would use nothing but the listed images, so it
+            // is only passed for an image that came from the registry.
+            let cache_from = if docker::image_id(&docker, &image).await.is_some() {
+                side.line(&format!(
+                    "{image} is already here; using the local layer cache"
+                ));
+                vec![]
+            } else {
+                match docker::pull_quiet(&docker, &image, auth, &mut side).await {
+                    Ok(()) => {
                         side.line(&format!("Using {image} as the layer cache"));
                         vec![image]
-                    } else {
+                    }
+                    Err(e) => {
                         side.line(&format!(
-                            "{image} is already here; using the local layer cache"
+                            "No previous image to use as the layer cache ({e}); building without it"
                         ));
                         vec![]
                     }
-                }
-                Err(e) => {
-                    side.line(&format!(
-                        "No previous image to use as the layer cache ({e}); building without it"
-                    ));
-                    vec![]
                 }
             };
             (cache_from, elapsed_ms(started))
