@@ -298,6 +298,10 @@ pub struct BuildArgs {
     /// Build with no layer cache.
     #[arg(long, env = "NO_CACHE", value_name = "NO_CACHE", default_value_t = false, action = clap::ArgAction::Set)]
     pub no_cache: bool,
+    /// Before building, pull the app's previous image (`…:latest`) and reuse its layers, so
+    /// an empty daemon (a dind worker pod) rebuilds warm. Off when NO_CACHE is true.
+    #[arg(long, env = "CACHE_FROM_LATEST", value_name = "CACHE_FROM_LATEST", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cache_from_latest: bool,
     /// Where dockerd is, as dockerode-style JSON.
     #[arg(
         long,
@@ -483,6 +487,7 @@ impl DockerSettings {
 #[derive(Debug, Clone)]
 pub struct BuildConfig {
     pub no_cache: bool,
+    pub cache_from_latest: bool,
     pub docker: DockerSettings,
     pub data_dir: PathBuf,
     pub extra_build_args: BTreeMap<String, String>,
@@ -511,6 +516,7 @@ impl BuildArgs {
     pub fn validate(&self) -> Result<BuildConfig, ConfigError> {
         Ok(BuildConfig {
             no_cache: self.no_cache,
+            cache_from_latest: self.cache_from_latest,
             docker: DockerSettings::parse(&self.docker_build_settings)?,
             data_dir: self.data_dir.clone(),
             extra_build_args: parse_extra_build_args(self.extra_build_args.as_deref())?,

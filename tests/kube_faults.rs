@@ -596,3 +596,44 @@ async fn a_missing_crd_fails_the_health_check() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn buildjob_status_records_where_the_time_went() {
+    let cluster = Cluster::start().await;
+    let shuttle = cluster.serve(Mode::Host, &[]);
+    let cb = Callbacks::start().await;
+    let b = body(&data_uri(&app(0)), &cb);
+    shuttle.post(&b).await;
+    exactly_once(&cb, &b, "succeeded").await;
+    let j = cluster
+        .wait_job(&b, "timed", BUILD, |j| {
+            j["status"]["timings"]["finalCallbackMs"].is_u64()
+        })
+        .await;
+    let t = &j["status"]["timings"];
+    let ms = |k: &str| {
+        t[k].as_u64()
+            .unwrap_or_else(|| panic!("timings.{k}: {j:#}"))
+    };
+    assert!(ms("podCreatedMs") <= ms("podRunningMs"), "{t}");
+    assert!(ms("podRunningMs") <= ms("workerDoneMs"), "{t}");
+    assert!(ms("workerDoneMs") <= ms("finalCallbackMs"), "{t}");
+    for stage in ["fetch", "context", "build", "push", "total"] {
+        assert!(t["stages"][stage].is_u64(), "stage {stage}: {t}");
+    }
+    // `kubectl describe` shows them (it prints the status as it is).
+    let kubectl = format!(
+        "{}/bin/kubectl",
+        std::env::var("BUILDSHUTTLE_TOOLS").unwrap_or_else(|_| "/opt/buildshuttle-tools".into())
+    );
+    let out = std::process::Command::new(kubectl)
+        .args(["describe", "bj", "-n", NS, &common::cluster::job_name(&b)])
+        .env("KUBECONFIG", cluster.kubeconfig())
+        .output()
+        .expect("kubectl describe");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Timings:") && text.contains("Final Callback Ms:"),
+        "{text}"
+    );
+}

@@ -53,6 +53,7 @@ struct Run {
     code: Option<i32>,
     outcome: Outcome,
     stdout: String,
+    termination: String,
 }
 
 fn run_worker(
@@ -91,6 +92,7 @@ fn run_worker(
         outcome: serde_json::from_str(&text)
             .unwrap_or_else(|e| panic!("termination log is not an outcome ({e}): {text}")),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        termination: text,
     }
 }
 
@@ -144,6 +146,25 @@ fn worker_builds_stored_sources_pushes_and_writes_its_outcome() {
     let log = std::fs::read_to_string(dir.path().join("data/store").join(b.log_key()))
         .expect("stored log");
     assert_eq!(log.lines().last(), Some("Build finished"));
+    // Timings: the summary line just before it, and beside the outcome in the termination
+    // message, for the controller.
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(
+        lines[lines.len() - 2].starts_with("Timings: fetch "),
+        "{log}"
+    );
+    let term = buildshuttle::worker::parse_termination_message(&run.termination)
+        .unwrap_or_else(|| panic!("{}", run.termination));
+    let timings = term.timings.expect("timings in the termination message");
+    for stage in [
+        timings.fetch,
+        timings.context,
+        timings.build,
+        timings.push,
+        timings.total,
+    ] {
+        assert!(stage.is_some(), "{timings:?}");
+    }
     // Both tags are in the registry.
     for tag in ["1.3", "latest"] {
         let url = format!(

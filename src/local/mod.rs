@@ -5,7 +5,7 @@
 
 pub mod state;
 
-use crate::build::{BuildSpec, FailureReason, Outcome};
+use crate::build::{BuildSpec, FailureReason, Outcome, StageTimings};
 use crate::callback::Callbacks;
 use crate::executor::{BuildSelector, Executor, ExecutorError};
 use crate::logs::LogSinks;
@@ -281,11 +281,21 @@ impl Inner {
                 .and_then(|r| r.clone())
                 .unwrap_or((FailureReason::Cancelled, "stopped by request".into()))
         };
+        let accepted_at = self
+            .record(id)
+            .await
+            .map(|r| r.accepted_at)
+            .unwrap_or_else(chrono::Utc::now);
         let permit = tokio::select! {
             p = slot => p.ok(),
             _ = cancel.cancelled() => None,
         };
         self.metrics.queued.dec();
+        let mut timings = StageTimings {
+            queued: Some(ms_since(accepted_at)),
+            ..Default::default()
+        };
+        let mut flush_log = None;
         let outcome = match permit {
             None if self.draining.load(Ordering::SeqCst) && !cancel.is_cancelled() => {
                 // Shutting down with the build still queued: it stays queued for the next start.
@@ -305,7 +315,10 @@ impl Inner {
             Some(permit) => {
                 self.metrics.running.inc();
                 let started = std::time::Instant::now();
-                let outcome = self.run(&spec, &cancel, cancelled_reason).await;
+                let (outcome, flush) = self
+                    .run(&spec, &cancel, cancelled_reason, accepted_at, &mut timings)
+                    .await;
+                flush_log = flush;
                 self.metrics.running.dec();
                 drop(permit);
                 self.metrics
@@ -313,35 +326,58 @@ impl Inner {
                 outcome
             }
         };
+        timings.total.get_or_insert_with(|| ms_since(accepted_at));
+        self.metrics.observe_stages(&timings, &[]);
         self.remove_active(id);
         tracing::info!(build = %id, app = %spec.app, number = spec.build_number, result = outcome.callback_status(), "build finished");
         self.update(id, |r| {
             r.phase = Phase::Finished;
             r.outcome = Some(outcome);
             r.finished_at = Some(chrono::Utc::now());
+            // The pending callback's time may already be recorded: keep it.
+            r.timings = StageTimings {
+                callback_pending: r.timings.callback_pending,
+                ..timings
+            };
         })
         .await;
-        let _ = pending.await;
-        self.send_callbacks(id).await;
+        // The log's upload and Kafka delivery run beside the final callback, never before it.
+        let callbacks = async {
+            let _ = pending.await;
+            self.send_callbacks(id).await;
+        };
+        match flush_log {
+            Some(flush) => {
+                tokio::join!(flush, callbacks);
+            }
+            None => callbacks.await,
+        }
     }
 
+    /// Runs the build; returns its outcome and the flushing of its log (to run beside the
+    /// final callback), `None` when no log could be opened.
     async fn run(
         &self,
         spec: &BuildSpec,
         cancel: &CancellationToken,
         cancelled_reason: impl Fn() -> (FailureReason, String),
-    ) -> Outcome {
+        accepted_at: chrono::DateTime<chrono::Utc>,
+        timings: &mut StageTimings,
+    ) -> (Outcome, Option<futures::future::BoxFuture<'static, ()>>) {
         let id = spec.build_uuid;
-        self.update(id, |r| {
+        // Recorded beside the build's start rather than before it (one fsync less on the
+        // critical path): a crash before it lands re-runs the build after the restart.
+        let running = self.update(id, |r| {
             r.phase = Phase::Running;
             r.started_at = Some(chrono::Utc::now());
-        })
-        .await;
+        });
         let mut log = match self.sinks.open(spec) {
             Ok(log) => log,
             Err(e) => {
                 tracing::error!(build = %id, error = %e, "could not open the build log");
-                return Outcome::failed(FailureReason::Internal, "could not open the build log");
+                let failed =
+                    Outcome::failed(FailureReason::Internal, "could not open the build log");
+                return (failed, None);
             }
         };
         log.line(&format!(
@@ -353,17 +389,21 @@ impl Inner {
         let workdir = self.workroot.join(id.to_string());
         // Dropping the pipeline future closes the connection to dockerd, which cancels the
         // build and removes its container.
-        let outcome = tokio::select! {
-            o = self.pipeline.run(spec, &mut log, &workdir) => o,
-            _ = tokio::time::sleep(self.timeout) => {
-                let msg = format!("the build ran longer than TIMEOUT_IN_MS ({} ms)", self.timeout.as_millis());
-                Outcome::failed(FailureReason::Timeout, msg)
-            }
-            _ = cancel.cancelled() => {
-                let (r, m) = cancelled_reason();
-                Outcome::failed(r, m)
+        let build = async {
+            tokio::select! {
+                o = self.pipeline.run(spec, &mut log, &workdir, timings) => o,
+                _ = tokio::time::sleep(self.timeout) => {
+                    let msg = format!("the build ran longer than TIMEOUT_IN_MS ({} ms)", self.timeout.as_millis());
+                    Outcome::failed(FailureReason::Timeout, msg)
+                }
+                _ = cancel.cancelled() => {
+                    let (r, m) = cancelled_reason();
+                    Outcome::failed(r, m)
+                }
             }
         };
+        // The record update always completes, even when the build is stopped.
+        let ((), outcome) = tokio::join!(running, build);
         if let Outcome::Failed { reason, message } = &outcome {
             if matches!(
                 reason,
@@ -372,9 +412,15 @@ impl Inner {
                 log.line(&format!("Build failed ({}): {message}", reason.as_str()));
             }
         }
-        log.finish().await;
-        let _ = tokio::fs::remove_dir_all(&workdir).await;
-        outcome
+        timings.total = Some(ms_since(accepted_at));
+        log.line(&timings.summary());
+        let flush = log.finish();
+        // Cleaning up runs beside the final callback too.
+        let flush = async move {
+            let _ = tokio::fs::remove_dir_all(&workdir).await;
+            flush.await;
+        };
+        (outcome, Some(Box::pin(flush)))
     }
 
     fn remove_active(&self, id: Uuid) {
@@ -410,7 +456,24 @@ impl Inner {
         }
         self.deliver(&rec.spec, "pending", "pending callback not delivered")
             .await;
-        self.update(id, |r| r.pending_sent = true).await;
+        let took = rec
+            .spec
+            .callback
+            .is_some()
+            .then(|| ms_since(rec.accepted_at));
+        self.update(id, |r| {
+            r.pending_sent = true;
+            r.timings.callback_pending = took;
+        })
+        .await;
+        self.observe_callback(StageTimings {
+            callback_pending: took,
+            ..Default::default()
+        });
+    }
+
+    fn observe_callback(&self, t: StageTimings) {
+        self.metrics.observe_stages(&t, &[]);
     }
 
     /// Sends whatever callbacks the record still owes: pending first, then the final one.
@@ -422,14 +485,25 @@ impl Inner {
         let Some(outcome) = rec.outcome.as_ref().filter(|_| !rec.final_sent) else {
             return;
         };
+        let started = std::time::Instant::now();
         self.deliver(
             &rec.spec,
             outcome.callback_status(),
             "final callback not delivered; giving up",
         )
         .await;
+        let took = rec
+            .spec
+            .callback
+            .is_some()
+            .then(|| crate::build::elapsed_ms(started));
+        self.observe_callback(StageTimings {
+            callback_final: took,
+            ..Default::default()
+        });
         self.update(id, |r| {
             r.final_sent = true;
+            r.timings.callback_final = took;
             // Nothing needs the credentials any more: they do not stay on disk.
             r.spec = r.spec.scrubbed();
         })
@@ -437,6 +511,11 @@ impl Inner {
         // Done with it: the state file stays (idempotent POST, restart), memory does not grow.
         self.records.lock().await.remove(&id);
     }
+}
+
+/// Milliseconds from `since` to now (0 if the clock went back).
+fn ms_since(since: chrono::DateTime<chrono::Utc>) -> u64 {
+    u64::try_from((chrono::Utc::now() - since).num_milliseconds()).unwrap_or(0)
 }
 
 /// Hands out build slots in submission order; a build stopped while queued is skipped.
@@ -491,6 +570,7 @@ impl Executor for LocalExecutor {
             accepted_at: chrono::Utc::now(),
             started_at: None,
             finished_at: None,
+            timings: StageTimings::default(),
         };
         {
             let mut records = self.inner.records.lock().await;

@@ -1,7 +1,7 @@
 //! The local executor's durable state: one JSON file per build under `DATA_DIR/state`,
 //! written atomically (temp file + rename, mode 0600: it holds the build's credentials).
 
-use crate::build::{BuildSpec, Outcome};
+use crate::build::{BuildSpec, Outcome, StageTimings};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
@@ -32,6 +32,9 @@ pub struct Record {
     pub started_at: Option<chrono::DateTime<chrono::Utc>>,
     #[serde(default)]
     pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// How long each stage took (filled as the build goes).
+    #[serde(default)]
+    pub timings: StageTimings,
 }
 
 #[derive(Debug, Clone)]
