@@ -84,7 +84,7 @@ fn string_field(obj: &Map<String, Value>, name: &str) -> Result<Option<String>, 
 }
 
 fn required_string(obj: &Map<String, Value>, name: &str) -> Result<String, Invalid> {
-    string_field(&obj, name)?.ok_or_else(|| bad(MISSING_FIELDS))
+    string_field(obj, name)?.ok_or_else(|| bad(MISSING_FIELDS))
 }
 
 /// Checks a `sources` URI without copying it: a `data:` URI's payload (possibly hundreds of
