@@ -1,7 +1,8 @@
 //! The embedded executor (local mode): a FIFO queue with at most MAXIMUM_PARALLEL_BUILDS
 //! builds running, each run by the pipeline in this process. State is durable under
-//! `DATA_DIR/state`: after a restart, queued builds still run and a build that was running
-//! is reported failed ("interrupted") instead of being forgotten.
+//! `DATA_DIR/state` (a group-committed journal, see `state`): after a restart, queued builds
+//! still run and a build that was running is reported failed ("interrupted") instead of
+//! being forgotten.
 
 pub mod state;
 
@@ -13,7 +14,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::storage::Object;
 use async_trait::async_trait;
-use state::{Phase, Record, StateStore};
+use state::{Phase, Record, Recovered, StateStore};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -41,8 +42,9 @@ struct Inner {
     sinks: LogSinks,
     callbacks: Callbacks,
     state: StateStore,
-    /// Serializes record writes so concurrent updates of one build never lose each other.
-    records: tokio::sync::Mutex<HashMap<Uuid, Record>>,
+    /// Records of unfinished builds. Changes are made and queued for the journal under this
+    /// lock (so they reach the disk in order) and awaited after it is released.
+    records: Mutex<HashMap<Uuid, Record>>,
     active: Mutex<HashMap<Uuid, Active>>,
     queue: mpsc::UnboundedSender<oneshot::Sender<OwnedSemaphorePermit>>,
     semaphore: Arc<Semaphore>,
@@ -76,7 +78,10 @@ impl LocalExecutor {
         callbacks: Callbacks,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
-        let state = StateStore::new(settings.data_dir.join("state"))?;
+        let dir = settings.data_dir.join("state");
+        let (state, recovered) = tokio::task::spawn_blocking(move || StateStore::open(dir))
+            .await
+            .map_err(std::io::Error::other)??;
         let workroot = settings.data_dir.join("work");
         // Leftover build folders belong to builds that cannot resume.
         let _ = tokio::fs::remove_dir_all(&workroot).await;
@@ -88,7 +93,7 @@ impl LocalExecutor {
             sinks,
             callbacks,
             state,
-            records: tokio::sync::Mutex::new(HashMap::new()),
+            records: Mutex::new(HashMap::new()),
             active: Mutex::new(HashMap::new()),
             queue: tx,
             semaphore: semaphore.clone(),
@@ -101,7 +106,7 @@ impl LocalExecutor {
         });
         let exec = Self { inner };
         exec.inner.supervise(dispatch(exec.inner.clone(), rx));
-        exec.recover().await?;
+        exec.recover(recovered).await?;
         Ok(exec)
     }
 
@@ -109,16 +114,14 @@ impl LocalExecutor {
         self.inner.metrics.running.get()
     }
 
-    async fn recover(&self) -> std::io::Result<()> {
-        let records = self.inner.state.load_all().await?;
-        let next = records.iter().map(|r| r.seq + 1).max().unwrap_or(0);
-        self.inner.seq.store(next, Ordering::SeqCst);
-        for mut rec in records {
+    async fn recover(&self, recovered: Recovered) -> std::io::Result<()> {
+        self.inner.seq.store(recovered.next_seq, Ordering::SeqCst);
+        for mut rec in recovered.records {
             let id = rec.spec.build_uuid;
             match rec.phase {
                 Phase::Queued => {
                     tracing::info!(build = %id, app = %rec.spec.app, "re-queueing a build accepted before the restart");
-                    self.inner.records.lock().await.insert(id, rec.clone());
+                    self.inner.lock_records().insert(id, rec.clone());
                     self.enqueue(rec);
                 }
                 Phase::Running => {
@@ -131,14 +134,15 @@ impl LocalExecutor {
                     rec.phase = Phase::Finished;
                     rec.outcome = Some(outcome);
                     rec.finished_at = Some(chrono::Utc::now());
-                    self.inner.state.save(&rec).await?;
-                    self.inner.records.lock().await.insert(id, rec.clone());
+                    let saved = self.inner.state.save(&rec);
+                    self.inner.lock_records().insert(id, rec.clone());
+                    saved.await.map_err(std::io::Error::other)?;
                     let inner = self.inner.clone();
                     self.inner
                         .supervise(async move { inner.send_callbacks(id).await });
                 }
                 Phase::Finished if !rec.final_sent || !rec.pending_sent => {
-                    self.inner.records.lock().await.insert(id, rec);
+                    self.inner.lock_records().insert(id, rec);
                     let inner = self.inner.clone();
                     self.inner
                         .supervise(async move { inner.send_callbacks(id).await });
@@ -222,13 +226,23 @@ impl Inner {
             .collect()
     }
 
+    /// The records map; a panic elsewhere while holding it leaves it usable.
+    fn lock_records(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Record>> {
+        self.records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     async fn update(&self, id: Uuid, f: impl FnOnce(&mut Record)) {
-        let mut records = self.records.lock().await;
-        let Some(rec) = records.get_mut(&id) else {
-            return;
+        let saved = {
+            let mut records = self.lock_records();
+            let Some(rec) = records.get_mut(&id) else {
+                return;
+            };
+            f(rec);
+            self.state.save(rec)
         };
-        f(rec);
-        if let Err(e) = self.state.save(rec).await {
+        if let Err(e) = saved.await {
             tracing::error!(build = %id, error = %e, "could not write the build's state under DATA_DIR");
         }
     }
@@ -429,8 +443,8 @@ impl Inner {
         }
     }
 
-    async fn record(&self, id: Uuid) -> Option<Record> {
-        self.records.lock().await.get(&id).cloned()
+    fn record(&self, id: Uuid) -> Option<Record> {
+        self.lock_records().get(&id).cloned()
     }
 
     /// One callback; a delivery given up after its retries is counted and logged once.
@@ -448,7 +462,7 @@ impl Inner {
     }
 
     async fn send_pending(&self, id: Uuid) {
-        let Some(rec) = self.record(id).await else {
+        let Some(rec) = self.record(id) else {
             return;
         };
         if rec.pending_sent {
@@ -479,7 +493,7 @@ impl Inner {
     /// Sends whatever callbacks the record still owes: pending first, then the final one.
     async fn send_callbacks(&self, id: Uuid) {
         self.send_pending(id).await;
-        let Some(rec) = self.record(id).await else {
+        let Some(rec) = self.record(id) else {
             return;
         };
         let Some(outcome) = rec.outcome.as_ref().filter(|_| !rec.final_sent) else {
@@ -509,7 +523,7 @@ impl Inner {
         })
         .await;
         // Done with it: the state file stays (idempotent POST, restart), memory does not grow.
-        self.records.lock().await.remove(&id);
+        self.lock_records().remove(&id);
     }
 }
 
@@ -548,20 +562,17 @@ impl Executor for LocalExecutor {
             ));
         }
         let id = spec.build_uuid;
-        {
-            let records = self.inner.records.lock().await;
-            if records.contains_key(&id) || self.inner.state.exists(&id).await {
-                tracing::info!(build = %id, "build already accepted; not starting it again");
-                return Ok(());
-            }
+        if self.inner.lock_records().contains_key(&id) || self.inner.state.is_done(&id) {
+            tracing::info!(build = %id, "build already accepted; not starting it again");
+            return Ok(());
         }
         // A data: payload goes to storage now; the state keeps a reference, not megabytes.
         self.inner
             .pipeline
             .stage_inline_sources(&mut spec, &self.inner.workroot)
             .await;
-        let rec = Record {
-            seq: self.inner.seq.fetch_add(1, Ordering::SeqCst),
+        let mut rec = Record {
+            seq: 0,
             spec,
             phase: Phase::Queued,
             outcome: None,
@@ -572,16 +583,24 @@ impl Executor for LocalExecutor {
             finished_at: None,
             timings: StageTimings::default(),
         };
-        {
-            let mut records = self.inner.records.lock().await;
+        let saved = {
+            let mut records = self.inner.lock_records();
             if records.contains_key(&id) {
                 return Ok(());
             }
-            self.inner.state.save(&rec).await.map_err(|e| {
-                tracing::error!(error = %e, "cannot write build state under DATA_DIR");
-                ExecutorError::Unavailable("build state cannot be written".into())
-            })?;
+            // Taken under the lock, so seq order is journal order.
+            rec.seq = self.inner.seq.fetch_add(1, Ordering::SeqCst);
             records.insert(id, rec.clone());
+            self.inner.state.save(&rec)
+        };
+        // The 200 waits for the fsync of this record's batch: an accepted build survives a
+        // SIGKILL that follows the answer.
+        if let Err(e) = saved.await {
+            self.inner.lock_records().remove(&id);
+            tracing::error!(error = %e, "cannot write build state under DATA_DIR");
+            return Err(ExecutorError::Unavailable(
+                "build state cannot be written".into(),
+            ));
         }
         tracing::info!(build = %id, app = %rec.spec.app, number = rec.spec.build_number, "build accepted");
         self.enqueue(rec);

@@ -307,12 +307,12 @@ impl Pipeline {
     /// or in a BuildJob) carries a reference instead of the payload. Best effort: on any
     /// failure the spec is left as it was and the build decodes it (and fails) as usual.
     pub async fn stage_inline_sources(&self, spec: &mut BuildSpec, scratch: &Path) {
-        let Ok(Source::Data(b64)) = sources::parse(spec.sources.expose()) else {
+        let Some(b64) = sources::data_payload(spec.sources.expose()) else {
             return;
         };
         let file = scratch.join(format!("{}.incoming", spec.build_uuid));
         let staged = async {
-            sources::write_data(&b64, &file, &self.config.limits)
+            sources::write_data(b64, &file, &self.config.limits)
                 .await
                 .ok()?;
             self.storage.put_file(&spec.source_key(), &file).await.ok()

@@ -70,6 +70,12 @@ pub fn parse(uri: &str) -> Result<Source, SourceError> {
     }
 }
 
+/// The base64 payload of a `data:` URI, borrowed: a large payload is not copied.
+pub fn data_payload(uri: &str) -> Option<&str> {
+    uri.get(..5).filter(|s| s.eq_ignore_ascii_case("data:"))?;
+    parse_data(uri).ok()
+}
+
 fn parse_data(uri: &str) -> Result<&str, SourceError> {
     let rest = &uri[5..];
     let (meta, payload) = rest.split_once(',').ok_or(SourceError::DataNotBase64)?;
