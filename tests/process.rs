@@ -263,19 +263,35 @@ async fn sigkill_during_a_post_burst_loses_no_accepted_build() {
     }
     // A repeated POST of an accepted build starts nothing, and a restart sends nothing again.
     p.post(&accepted[0]).await;
-    drop(p);
+    drop(p); // SIGKILL again (Proc's drop), maybe with callbacks of un-acknowledged builds in flight
+             // Anything the receiver got before this came from a killed process.
+    let restarted_at = std::time::Instant::now();
     let _p = spawn(data.path(), port, &env);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(finals(&cb, &blocker), 1, "no duplicate final callback");
-    for b in &accepted {
-        assert_eq!(
-            finals(&cb, b),
-            1,
-            "exactly one final callback for {}",
-            b["build_uuid"]
-        );
-    }
+    // Exactly one final callback per build, with one exception no receiver-side protocol
+    // can avoid: a callback the killed process delivered but had not yet recorded is sent
+    // again (at least once beats never). So a second final is allowed only when the first
+    // one came from a killed process.
     for b in &bodies {
-        assert!(finals(&cb, b) <= 1, "never two final callbacks");
+        let id = b["build_uuid"].as_str().unwrap();
+        let finals: Vec<_> = cb
+            .calls_for(id)
+            .into_iter()
+            .filter(|c| c.body["status"] != "pending")
+            .collect();
+        let accepted_here = accepted.iter().any(|a| a["build_uuid"] == b["build_uuid"]);
+        assert!(
+            !accepted_here || !finals.is_empty(),
+            "accepted build {id} lost"
+        );
+        match finals.as_slice() {
+            [] | [_] => {}
+            [first, _] => assert!(
+                first.at <= restarted_at,
+                "{id}: a second final callback, the first one sent after the restart"
+            ),
+            more => panic!("{id}: {} final callbacks", more.len()),
+        }
     }
 }

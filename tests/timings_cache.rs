@@ -58,14 +58,33 @@ async fn every_build_reports_its_stage_timings_in_the_log_metrics_and_record() {
     );
 
     // The record keeps every stage, the callbacks' included (written once delivered).
-    let record = svc.data.path().join("state").join(format!("{id}.json"));
+    // The state is a journal of record lines (segments, snapshot, done.log): the build's
+    // last line with its final callback done.
+    let state = svc.data.path().join("state");
+    let last_final = || -> Option<Value> {
+        let mut found = None;
+        for entry in std::fs::read_dir(&state).ok()?.flatten() {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            for line in text.lines() {
+                let Ok(rec) = serde_json::from_str::<Value>(line) else {
+                    continue;
+                };
+                if rec["spec"]["build_uuid"] == json!(id) && rec["final_sent"] == json!(true) {
+                    found = Some(rec);
+                }
+            }
+        }
+        found
+    };
     let started = Instant::now();
     let timings = loop {
-        let rec: Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
-        if rec["final_sent"] == json!(true) {
+        if let Some(rec) = last_final() {
             break rec["timings"].clone();
         }
-        assert!(started.elapsed() < Duration::from_secs(30), "{rec}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no final record for {id}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     for stage in [

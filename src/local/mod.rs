@@ -297,7 +297,6 @@ impl Inner {
         };
         let accepted_at = self
             .record(id)
-            .await
             .map(|r| r.accepted_at)
             .unwrap_or_else(chrono::Utc::now);
         let permit = tokio::select! {
