@@ -149,6 +149,10 @@ impl KubernetesMode {
                 env_secret: k.worker_env_secret.clone(),
                 docker_socket_gid: k.worker_docker_socket_gid,
                 service_account: k.worker_service_account.clone(),
+                dind_mtu: k.dind_mtu,
+                image_pull_secrets: k.worker_image_pull_secrets.clone(),
+                automount_token: k.worker_automount_token,
+                overrides: k.worker_pod.clone(),
             };
             let callbacks = crate::callback::Callbacks::new(cfg.callback_retry_for);
             let lock = lease::LeaseLock::new(
