@@ -664,7 +664,11 @@ fn deployment_args_and_env_are_known_to_the_binary() {
             );
         }
         // Values the binary parses itself must parse: JSON settings are JSON.
-        for n in ["DOCKER_BUILD_SETTINGS", "EXTRA_BUILD_ARGS"] {
+        for n in [
+            "DOCKER_BUILD_SETTINGS",
+            "EXTRA_BUILD_ARGS",
+            "WORKER_POD_OVERRIDES",
+        ] {
             if let Some(v) = value_of(n) {
                 serde_json::from_str::<Value>(v).unwrap_or_else(|e| panic!("{mode} {n}: {e}"));
             }
