@@ -91,10 +91,13 @@ pub fn build_spec(args: &WorkerArgs) -> Result<BuildSpec, WorkerError> {
 
 /// Runs the build and writes the outcome. Returns the outcome (exit 0 iff a success).
 pub async fn run(args: WorkerArgs) -> Outcome {
+    // Listen for SIGTERM before anything else: from here on it cannot kill the process
+    // before the outcome is written (the kubelet sends it on delete, eviction, deadline).
+    let mut sigterm = Terminated::listen();
     let mut timings = StageTimings::default();
     let outcome = match args.build.validate() {
         Ok(cfg) => match build_spec(&args) {
-            Ok(spec) => build(&args, &cfg, &spec, &mut timings).await,
+            Ok(spec) => build(&args, &cfg, &spec, &mut sigterm, &mut timings).await,
             Err(e) => Outcome::failed(FailureReason::InvalidSources, e.to_string()),
         },
         Err(e) => Outcome::failed(
@@ -109,10 +112,15 @@ pub async fn run(args: WorkerArgs) -> Outcome {
     outcome
 }
 
+fn interrupted() -> Outcome {
+    Outcome::failed(FailureReason::Interrupted, "the worker pod was stopped")
+}
+
 async fn build(
     args: &WorkerArgs,
     cfg: &BuildConfig,
     spec: &BuildSpec,
+    sigterm: &mut Terminated,
     timings: &mut StageTimings,
 ) -> Outcome {
     // The worker knows nothing of the queue: its total runs from its own start.
@@ -159,9 +167,16 @@ async fn build(
     ));
 
     let wait = Duration::from_secs(args.docker_wait_seconds);
-    let outcome = match connect(cfg, wait).await {
-        Err(e) => Outcome::failed(FailureReason::DockerUnavailable, e.to_string()),
-        Ok(conn) => {
+    // Waiting for dockerd can take minutes (a dind sidecar that cannot start): a stop must
+    // end it at once, not after DOCKER_WAIT_SECONDS.
+    let connected = tokio::select! {
+        c = connect(cfg, wait) => Some(c),
+        _ = sigterm.recv() => None,
+    };
+    let outcome = match connected {
+        None => interrupted(),
+        Some(Err(e)) => Outcome::failed(FailureReason::DockerUnavailable, e.to_string()),
+        Some(Ok(conn)) => {
             let pipeline = Pipeline::new(conn, storage, std::sync::Arc::new(cfg.clone()));
             let workdir = cfg.data_dir.join("build");
             let o = tokio::select! {
@@ -170,7 +185,7 @@ async fn build(
                     FailureReason::Timeout,
                     format!("the build ran longer than TIMEOUT_IN_MS ({} ms)", cfg.timeout.as_millis()),
                 ),
-                _ = terminated() => Outcome::failed(FailureReason::Interrupted, "the worker pod was stopped"),
+                _ = sigterm.recv() => interrupted(),
             };
             let _ = tokio::fs::remove_dir_all(&workdir).await;
             o
@@ -197,9 +212,15 @@ async fn connect(
 ) -> Result<bollard::Docker, docker::DockerError> {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        let conn = docker::connect(&cfg.docker, &cfg.data_dir.join("tls"))?;
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match docker::ready(conn, &cfg.docker, left.min(Duration::from_secs(5))).await {
+        // The dind sidecar's socket exists only once its dockerd is up (a native sidecar is
+        // started, not ready, when the worker starts): a missing socket is waited for too.
+        let attempt = match docker::connect(&cfg.docker, &cfg.data_dir.join("tls")) {
+            Ok(conn) => docker::ready(conn, &cfg.docker, left.min(Duration::from_secs(5))).await,
+            Err(e @ docker::DockerError::Unavailable { .. }) => Err(e),
+            Err(e) => return Err(e),
+        };
+        match attempt {
             Ok(c) => return Ok(c),
             Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
             Err(e) => {
@@ -210,13 +231,26 @@ async fn connect(
     }
 }
 
-async fn terminated() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut s) => {
-            s.recv().await;
+/// SIGTERM, listened for from the worker's start.
+struct Terminated(Option<tokio::signal::unix::Signal>);
+
+impl Terminated {
+    fn listen() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        let s = signal(SignalKind::terminate());
+        if let Err(e) = &s {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM");
         }
-        Err(_) => std::future::pending().await,
+        Terminated(s.ok())
+    }
+
+    async fn recv(&mut self) {
+        match &mut self.0 {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending().await,
+        }
     }
 }
 
