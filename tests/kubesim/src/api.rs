@@ -250,6 +250,12 @@ async fn dispatch(
         return Err(ApiError::new(inj.code, &inj.reason, msg));
     }
     sh.black_hole(verb, &t.rt.plural, &name, &t.sub).await;
+    if q.get("dryRun").is_some_and(|d| !d.is_empty()) && !matches!(verb, "get" | "list" | "watch") {
+        // Better refused than persisted: a dry run here would really write.
+        return Err(ApiError::bad_request(
+            "kubesim does not support dryRun (see README: Simulated cluster)",
+        ));
+    }
     let table = headers
         .get("accept")
         .and_then(|v| v.to_str().ok())
