@@ -239,6 +239,32 @@ pub struct KubernetesArgs {
     /// This replica's identity in the Lease and in events (the pod name).
     #[arg(long, env = "POD_NAME", value_name = "POD_NAME")]
     pub pod_name: Option<String>,
+    /// Seconds an unschedulable worker pod may wait for a node before the build fails.
+    #[arg(
+        long,
+        env = "POD_PENDING_LIMIT_SECONDS",
+        value_name = "POD_PENDING_LIMIT_SECONDS",
+        default_value_t = 600
+    )]
+    pub pod_pending_limit_seconds: u64,
+    /// How many times a worker pod refused by a ResourceQuota is tried again before the
+    /// build fails (other admission refusals fail it at once).
+    #[arg(
+        long,
+        env = "MAX_ADMISSION_RETRIES",
+        value_name = "MAX_ADMISSION_RETRIES",
+        default_value_t = 3
+    )]
+    pub max_admission_retries: u32,
+    /// Seconds past its deletion deadline after which a still-terminating worker pod is
+    /// taken for lost (its node is gone): force-deleted and replaced.
+    #[arg(
+        long,
+        env = "POD_LOST_GRACE_SECONDS",
+        value_name = "POD_LOST_GRACE_SECONDS",
+        default_value_t = 60
+    )]
+    pub pod_lost_grace_seconds: u64,
 }
 
 /// Validated Kubernetes-mode settings.
@@ -257,6 +283,9 @@ pub struct KubernetesConfig {
     pub lease_name: String,
     pub lease_duration: Duration,
     pub identity: String,
+    pub pod_pending_limit: Duration,
+    pub max_admission_retries: u32,
+    pub pod_lost_grace: Duration,
     /// DOCKER_BUILD_SETTINGS as given (passed to external-mode workers).
     pub docker_settings_json: String,
     /// SOURCES_DENY_NETWORKS as given (passed to workers).
@@ -611,12 +640,23 @@ impl ServeArgs {
                     finished_ttl: Duration::from_secs(k.buildjob_ttl_seconds),
                     lease_name: k.lease_name.clone(),
                     lease_duration: Duration::from_secs(k.lease_seconds),
+                    // As client-go does: unique per process even when two share a host name.
                     identity: k
                         .pod_name
                         .clone()
-                        .or_else(|| std::env::var("HOSTNAME").ok())
                         .filter(|n| !n.is_empty())
-                        .unwrap_or_else(|| format!("buildshuttle-{}", uuid::Uuid::new_v4())),
+                        .unwrap_or_else(|| {
+                            let host = std::env::var("HOSTNAME").unwrap_or_default();
+                            let host = if host.is_empty() {
+                                "buildshuttle".into()
+                            } else {
+                                host
+                            };
+                            format!("{host}_{}", uuid::Uuid::new_v4())
+                        }),
+                    pod_pending_limit: Duration::from_secs(k.pod_pending_limit_seconds),
+                    max_admission_retries: k.max_admission_retries,
+                    pod_lost_grace: Duration::from_secs(k.pod_lost_grace_seconds),
                     docker_settings_json: self.build.docker_build_settings.clone(),
                     sources_deny_networks: self.build.sources_deny_networks.clone(),
                 }

@@ -5,6 +5,9 @@ use crate::build::BuildSpec;
 use crate::storage::Object;
 use async_trait::async_trait;
 
+/// A log as it grows, chunk by chunk, ending with the build.
+pub type LogStream = futures::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ExecutorError {
     /// The service cannot take builds now (shutting down, state not writable, API down).
@@ -35,6 +38,25 @@ pub trait Executor: Send + Sync + 'static {
         build_number: u64,
         offset: u64,
     ) -> Result<Option<Object>, ExecutorError>;
+    /// The build's log from the start, as it grows, ending when the build ends; `None`
+    /// when the build is unknown. Only called when `follow_supported()`; the API polls
+    /// `log` for the others.
+    async fn follow(
+        &self,
+        _app: &str,
+        _app_uuid: &str,
+        _build_number: u64,
+    ) -> Result<Option<LogStream>, ExecutorError> {
+        Ok(None)
+    }
+    /// Whether `follow` streams (else the API polls `log`).
+    fn follow_supported(&self) -> bool {
+        false
+    }
+    /// Whether this replica can do its job (`/octhc`); the error says why not.
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
     /// Whether the build is queued or running (the log may still grow).
     async fn is_active(&self, app: &str, app_uuid: &str, build_number: u64) -> bool;
 }

@@ -362,11 +362,11 @@ async fn kubectl_get_bj_shows_printer_columns_and_watches_phases() {
     );
 }
 
-/// Issue 10 item 2: the controller decides from its cache, which lags its own status writes;
-/// with watch events delayed 50–500 ms (and often without) `pending` and the final callback
-/// go out 2–4 times. Ignored until the controller reads fresh state before a callback.
+/// Issue 10 item 2: the controller's cache lags its own status writes; with watch events
+/// delayed 50–500 ms, deciding from the cache sent `pending` and the final callback 2–4
+/// times. Fresh reads, resourceVersion-guarded status writes and in-flight records make it
+/// exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "fails on the current controller: duplicate callbacks (issue 10 item 2)"]
 async fn callbacks_exactly_once_with_lagging_watches() {
     let cluster = Cluster::start().await;
     cluster.sim.set_watch_delay(true);

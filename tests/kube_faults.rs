@@ -1,175 +1,598 @@
-//! Kubernetes mode under node and admission faults, on the simulated cluster: the real
-//! binary as a process, worker pods on the local dockerd, faults injected by kubesim's
-//! kubelet and admission knobs. Each build must end (or retry) within a bounded time.
-//! Tests of behaviour the current controller lacks (issue 10) are `#[ignore]`d with the
-//! reason; they are the acceptance tests of those fixes.
+//! Kubernetes mode under what a real cluster does to a build: the remaining legacy routes
+//! (stop, stop-all, queue order, timeout, docker://), a controller killed mid-build, two
+//! replicas and the Lease, a hung Lease renewal, and pod faults (eviction, drain, delete,
+//! OOM, a lost node, unschedulable, a missing image, admission refusal, a stale pod of the
+//! same name, a deleted BuildJob, a slow callback receiver). Each runs the real binary
+//! against the simulated cluster and checks the BuildJob's phase and reason and that
+//! controller-api hears exactly one `pending` and one final callback.
 
 mod common;
 
+use common::bin::Proc;
 use common::cluster::{Cluster, Mode, NS};
-use common::{body, cache_buster, data_uri, tar_gz, Callbacks, BASE_IMAGE};
-use serde_json::Value;
-use std::time::Duration;
+use common::{
+    body, cache_buster, data_uri, image_repo, registry_tags, tar_gz, Callbacks, BASE_IMAGE,
+    REGISTRY,
+};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, PostParams};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
 
-const WITHIN: Duration = Duration::from_secs(90);
+const BUILD: Duration = Duration::from_secs(120);
 
-/// A build that runs for `secs` seconds (long enough for a fault to hit it).
-fn slow_app(secs: u32) -> String {
-    let df = format!("FROM {BASE_IMAGE}\n{}\nRUN sleep {secs}\n", cache_buster());
-    data_uri(&tar_gz(&[("Dockerfile", df.as_bytes())]))
+fn app(secs: u32) -> Vec<u8> {
+    let df = format!(
+        "FROM {BASE_IMAGE}\n{}\nRUN echo step-$(echo start) && sleep {secs} && echo step-$(echo end)\n",
+        cache_buster()
+    );
+    tar_gz(&[("Dockerfile", df.as_bytes())])
 }
 
-async fn running_pod(cluster: &Cluster, b: &Value) -> String {
-    let job = cluster
-        .wait_job(b, "Running", WITHIN, |j| j["status"]["phase"] == "Running")
-        .await;
-    job["status"]["podName"]
-        .as_str()
-        .expect("podName")
-        .to_string()
-}
-
-fn finals(cb: &Callbacks, b: &Value) -> Vec<String> {
-    cb.calls_for(b["build_uuid"].as_str().unwrap())
-        .iter()
-        .filter(|c| c.body["status"] != "pending")
-        .map(|c| c.body["status"].as_str().unwrap_or("").to_string())
-        .collect()
+fn uuid_of(b: &Value) -> &str {
+    b["build_uuid"].as_str().unwrap_or("")
 }
 
 fn reason(job: &Value) -> String {
     job["status"]["conditions"]
         .as_array()
         .and_then(|cs| cs.iter().find(|c| c["type"] == "Succeeded"))
-        .map(|c| {
-            format!(
-                "{} {}",
-                c["reason"].as_str().unwrap_or(""),
-                c["message"].as_str().unwrap_or("")
-            )
-        })
-        .unwrap_or_default()
+        .and_then(|c| c["reason"].as_str())
+        .unwrap_or("")
+        .to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_evicted_worker_pod_is_recreated_and_the_build_succeeds() {
-    let cluster = Cluster::start().await;
-    let shuttle = cluster.serve(Mode::Host, &[]);
-    let cb = Callbacks::start().await;
-    let b = body(&slow_app(3), &cb);
-    shuttle.post(&b).await;
-    let pod = running_pod(&cluster, &b).await;
-    cluster.sim.evict(NS, &pod).await.expect("evict");
+fn message(job: &Value) -> String {
+    job["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Succeeded"))
+        .and_then(|c| c["message"].as_str())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Waits for the final callback, then a little more, and checks there was exactly one
+/// `pending` (first) and one final callback with `fin`.
+async fn exactly_once(cb: &Callbacks, b: &Value, fin: &str) {
     assert_eq!(
-        cb.wait_final(b["build_uuid"].as_str().unwrap(), WITHIN)
-            .await,
-        "succeeded"
-    );
-    let job = cluster
-        .wait_job(&b, "Succeeded", WITHIN, |j| {
-            j["status"]["phase"] == "Succeeded"
-        })
-        .await;
-    assert!(
-        job["status"]["podRetries"].as_u64().unwrap_or(0) >= 1,
-        "{job:#}"
-    );
-    assert_ne!(
-        job["status"]["podName"].as_str(),
-        Some(pod.as_str()),
-        "a new pod ran the build"
+        cb.wait_final(uuid_of(b), BUILD).await,
+        fin,
+        "final callback"
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(finals(&cb, &b).iter().all(|s| s == "succeeded"));
+    let statuses: Vec<String> = cb
+        .calls_for(uuid_of(b))
+        .iter()
+        .map(|c| c.body["status"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(statuses, ["pending", fin], "callbacks of {}", uuid_of(b));
+}
+
+async fn finished(cluster: &Cluster, b: &Value) -> Value {
+    cluster
+        .wait_job(b, "finished", BUILD, |j| {
+            matches!(j["status"]["phase"].as_str(), Some("Succeeded" | "Failed"))
+        })
+        .await
+}
+
+async fn running_pod(cluster: &Cluster, b: &Value) -> String {
+    let j = cluster
+        .wait_job(b, "Running", BUILD, |j| j["status"]["phase"] == "Running")
+        .await;
+    j["status"]["podName"].as_str().unwrap_or("").to_string()
+}
+
+fn pods_api(cluster: &Cluster) -> Api<Pod> {
+    Api::namespaced(cluster.client.clone(), NS)
+}
+
+async fn delete(proc: &Proc, path: &str) -> u16 {
+    reqwest::Client::new()
+        .delete(proc.url(path))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+fn key(b: &Value) -> String {
+    format!(
+        "{}-{}",
+        b["app"].as_str().unwrap_or(""),
+        b["app_uuid"].as_str().unwrap_or("")
+    )
+}
+
+/// Another build of the same app.
+fn next_build(b: &Value, n: u64, sources: &str) -> Value {
+    let mut x = b.clone();
+    let id = uuid::Uuid::new_v4().to_string();
+    let cb = b["callback"]
+        .as_str()
+        .unwrap_or("")
+        .replace(uuid_of(b), &id);
+    x["build_uuid"] = json!(id);
+    x["build_number"] = json!(n);
+    x["sources"] = json!(sources);
+    x["callback"] = json!(cb);
+    x
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_oom_killed_worker_fails_the_build() {
+async fn stop_one_stop_all_and_the_queue_runs_oldest_first() {
     let cluster = Cluster::start().await;
-    let shuttle = cluster.serve(Mode::Host, &[]);
+    let shuttle = cluster.serve(Mode::Host, &[("MAXIMUM_PARALLEL_BUILDS", "1")]);
     let cb = Callbacks::start().await;
-    let b = body(&slow_app(30), &cb);
-    shuttle.post(&b).await;
-    let pod = running_pod(&cluster, &b).await;
-    cluster.sim.oom_kill(NS, &pod).await.expect("oom");
-    assert_eq!(
-        cb.wait_final(b["build_uuid"].as_str().unwrap(), WITHIN)
-            .await,
-        "failed"
-    );
-    let job = cluster
-        .wait_job(&b, "Failed", WITHIN, |j| j["status"]["phase"] == "Failed")
-        .await;
-    let pods = cluster.pods().await;
-    if let Some(p) = pods.iter().find(|p| p["metadata"]["name"] == pod.as_str()) {
-        let t = &p["status"]["containerStatuses"][0]["state"]["terminated"];
-        assert_eq!(
-            (t["exitCode"].as_i64(), t["reason"].as_str()),
-            (Some(137), Some("OOMKilled")),
-            "{p:#}"
-        );
+    let a = body(&data_uri(&app(3)), &cb);
+    let b = next_build(&a, 2, &data_uri(&app(0)));
+    let c = next_build(&a, 3, &data_uri(&app(0)));
+    let d = next_build(&a, 4, &data_uri(&app(30)));
+    shuttle.post(&a).await;
+    running_pod(&cluster, &a).await;
+    for x in [&b, &c] {
+        shuttle.post(x).await;
+        cluster
+            .wait_job(x, "Queued", BUILD, |j| j["status"]["phase"] == "Queued")
+            .await;
     }
-    assert!(!reason(&job).is_empty(), "{job:#}");
-}
-
-/// Issue 10 item 3: a Pod Security refusal (403) must end the build (PodRejected), not
-/// retry forever.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "fails on the current controller: a 403 on pod creation is retried forever (issue 10 item 3)"]
-async fn a_refused_dind_pod_ends_the_build_with_the_api_message() {
-    let cluster = Cluster::start().await;
-    cluster.sim.set_refuse_privileged(true);
-    let shuttle = cluster.serve(Mode::Host, &[("WORKER_DOCKER_MODE", "dind")]);
-    let cb = Callbacks::start().await;
-    let b = body(&slow_app(1), &cb);
-    shuttle.post(&b).await;
-    assert_eq!(
-        cb.wait_final(b["build_uuid"].as_str().unwrap(), WITHIN)
-            .await,
-        "failed"
+    // Stop b while it waits: it never gets a pod, and controller-api hears `failed`.
+    assert_eq!(delete(&shuttle, &format!("/{}/2", key(&a))).await, 200);
+    exactly_once(&cb, &b, "failed").await;
+    let jb = finished(&cluster, &b).await;
+    assert_eq!(reason(&jb), "Cancelled");
+    exactly_once(&cb, &a, "succeeded").await;
+    exactly_once(&cb, &c, "succeeded").await;
+    let (ja, jc) = (finished(&cluster, &a).await, finished(&cluster, &c).await);
+    assert!(
+        ja["status"]["startTime"].as_str() <= jc["status"]["startTime"].as_str(),
+        "oldest first: {ja:#} {jc:#}"
     );
-    let job = cluster
-        .wait_job(&b, "Failed", WITHIN, |j| j["status"]["phase"] == "Failed")
-        .await;
-    assert!(reason(&job).contains("PodSecurity"), "{job:#}");
+    // Stop-all: a running build of the app is stopped, its pod deleted.
+    shuttle.post(&d).await;
+    let pod = running_pod(&cluster, &d).await;
+    assert_eq!(delete(&shuttle, &format!("/{}", key(&a))).await, 200);
+    exactly_once(&cb, &d, "failed").await;
+    assert_eq!(reason(&finished(&cluster, &d).await), "Cancelled");
+    let start = Instant::now();
+    while pods_api(&cluster)
+        .get_opt(&pod)
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+    {
+        assert!(
+            start.elapsed() < BUILD,
+            "the stopped build's pod never went"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
-/// Issue 10 item 9: a pod that can never be scheduled fails after the pending limit, with
-/// the scheduler's message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "fails on the current controller: an unschedulable pod holds its slot until the timeout (issue 10 item 9)"]
-async fn an_unschedulable_pod_fails_with_the_scheduler_message() {
+async fn a_build_past_its_timeout_fails_and_a_docker_source_is_retagged() {
     let cluster = Cluster::start().await;
+    let shuttle = cluster.serve(Mode::External, &[("TIMEOUT_IN_MS", "4000")]);
+    let cb = Callbacks::start().await;
+    let slow = body(&data_uri(&app(60)), &cb);
+    let image = body(&format!("docker://{REGISTRY}/base/busybox:1"), &cb);
+    shuttle.post(&slow).await;
+    shuttle.post(&image).await;
+    exactly_once(&cb, &image, "succeeded").await;
+    let tags = registry_tags(REGISTRY, &image_repo(&image), None).await;
+    assert!(tags.contains(&"1.1".to_string()), "{tags:?}");
+    exactly_once(&cb, &slow, "failed").await;
+    assert_eq!(reason(&finished(&cluster, &slow).await), "Timeout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_controller_killed_mid_build_is_replaced_without_repeating_a_callback() {
+    let cluster = Cluster::start().await;
+    cluster.sim.set_watch_delay(true);
+    let fast_lease = [("LEASE_SECONDS", "3")];
+    let first = cluster.serve_as("first", Mode::Host, &fast_lease);
+    let cb = Callbacks::start().await;
+    let b = body(&data_uri(&app(5)), &cb);
+    first.post(&b).await;
+    running_pod(&cluster, &b).await;
+    first.signal("-KILL");
+    let second = cluster.serve_as("second", Mode::Host, &fast_lease);
+    exactly_once(&cb, &b, "succeeded").await;
+    let j = finished(&cluster, &b).await;
+    assert_eq!(
+        j["status"]["podRetries"], 0,
+        "the running pod was kept: {j:#}"
+    );
+    drop(second);
+}
+
+/// Who holds the controller Lease now.
+async fn holder(cluster: &Cluster) -> String {
+    cluster
+        .get(&format!(
+            "/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/buildshuttle-controller"
+        ))
+        .await["spec"]["holderIdentity"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_one_leader_and_a_takeover_creates_no_pod_twice() {
+    let cluster = Cluster::start().await;
+    cluster.sim.set_watch_delay(true);
+    let fast_lease = [("LEASE_SECONDS", "3")];
+    let mut a = Some(cluster.serve_as("replica-a", Mode::Host, &fast_lease));
+    let mut b = Some(cluster.serve_as("replica-b", Mode::Host, &fast_lease));
+    let cb = Callbacks::start().await;
+    let builds: Vec<Value> = (0..2).map(|_| body(&data_uri(&app(5)), &cb)).collect();
+    for (i, x) in builds.iter().enumerate() {
+        // Either replica's API accepts builds.
+        let via = if i == 0 { a.as_ref() } else { b.as_ref() };
+        via.expect("replica").post(x).await;
+    }
+    for x in &builds {
+        running_pod(&cluster, x).await;
+    }
+    let leader = holder(&cluster).await;
+    assert!(leader == "replica-a" || leader == "replica-b", "{leader}");
+    // Kill the leader mid-build; the other takes over.
+    if leader == "replica-a" {
+        a.take();
+    } else {
+        b.take();
+    }
+    for x in &builds {
+        exactly_once(&cb, x, "succeeded").await;
+        let j = finished(&cluster, x).await;
+        assert_eq!(j["status"]["podRetries"], 0, "{j:#}");
+    }
+    let now = holder(&cluster).await;
+    assert!(
+        !now.is_empty() && now != leader,
+        "the survivor leads: {now}"
+    );
+    // One pod per build, ever (pods are kept until the BuildJob's TTL).
+    let pods = cluster.pods().await;
+    for x in &builds {
+        let n = pods
+            .iter()
+            .filter(|p| p["metadata"]["labels"]["build_uuid"] == x["build_uuid"])
+            .count();
+        assert_eq!(n, 1, "pods of {}", uuid_of(x));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_whose_renewal_hangs_steps_down_before_its_lease_can_expire() {
+    let cluster = Cluster::start().await;
+    let shuttle = cluster.serve_as("hung", Mode::Host, &[("LEASE_SECONDS", "6")]);
+    let cb = Callbacks::start().await;
+    let warm = body(&data_uri(&app(0)), &cb);
+    shuttle.post(&warm).await;
+    exactly_once(&cb, &warm, "succeeded").await;
+    assert_eq!(holder(&cluster).await, "hung");
+    // Renewals hang; the leader must stop acting within its renew deadline (4 s of 6).
+    cluster
+        .sim
+        .black_hole(kubesim::Matcher::new("update", "leases"));
+    let hung_at = Instant::now();
+    let start = Instant::now();
+    while !cluster
+        .serve_log("hung")
+        .contains("lost the controller Lease")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "never stepped down: {}",
+            cluster.serve_log("hung")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stepped_down = hung_at.elapsed();
+    assert!(
+        stepped_down < Duration::from_secs(6),
+        "stepped down after {stepped_down:?}, not before the 6 s lease could expire"
+    );
+    cluster.sim.clear_black_holes();
+    // It leads again once it can renew, and builds go on.
+    let after = body(&data_uri(&app(0)), &cb);
+    shuttle.post(&after).await;
+    exactly_once(&cb, &after, "succeeded").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn evicted_drained_or_deleted_pods_are_recreated_and_the_build_succeeds() {
+    let cluster = Cluster::start().await;
+    let shuttle = cluster.serve(Mode::Host, &[]);
+    let cb = Callbacks::start().await;
+    let builds: Vec<Value> = (0..3).map(|_| body(&data_uri(&app(4)), &cb)).collect();
+    for x in &builds {
+        shuttle.post(x).await;
+    }
+    let mut pods = Vec::new();
+    for x in &builds {
+        pods.push(running_pod(&cluster, x).await);
+    }
+    // Node pressure: the kubelet evicts.
+    cluster.sim.evict(NS, &pods[0]).await.expect("evict");
+    // kubectl drain: the Eviction API.
+    let eviction = json!({"apiVersion": "policy/v1", "kind": "Eviction",
+                          "metadata": {"name": pods[1], "namespace": NS}});
+    let req = http::Request::post(format!("/api/v1/namespaces/{NS}/pods/{}/eviction", pods[1]))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&eviction).unwrap_or_default())
+        .expect("request");
+    cluster
+        .client
+        .request::<Value>(req)
+        .await
+        .expect("eviction accepted");
+    // kubectl delete pod.
+    pods_api(&cluster)
+        .delete(&pods[2], &DeleteParams::default())
+        .await
+        .expect("delete pod");
+    for x in &builds {
+        exactly_once(&cb, x, "succeeded").await;
+        let j = finished(&cluster, x).await;
+        assert_eq!(j["status"]["podRetries"], 1, "re-created once: {j:#}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oom_a_lost_node_and_an_unschedulable_pod_end_with_their_reason() {
+    let cluster = Cluster::start().await;
+    let shuttle = cluster.serve(
+        Mode::Host,
+        &[
+            ("POD_LOST_GRACE_SECONDS", "2"),
+            ("POD_PENDING_LIMIT_SECONDS", "3"),
+            ("MAX_POD_RETRIES", "0"),
+        ],
+    );
+    let cb = Callbacks::start().await;
+    let oom = body(&data_uri(&app(20)), &cb);
+    let lost = body(&data_uri(&app(20)), &cb);
+    shuttle.post(&oom).await;
+    shuttle.post(&lost).await;
+    let oom_pod = running_pod(&cluster, &oom).await;
+    let lost_pod = running_pod(&cluster, &lost).await;
+    cluster.sim.oom_kill(NS, &oom_pod).await.expect("oom");
+    exactly_once(&cb, &oom, "failed").await;
+    assert_eq!(reason(&finished(&cluster, &oom).await), "OOMKilled");
+
+    // The node stops reporting; the taint manager deletes the pod, which nobody finishes.
+    cluster
+        .sim
+        .lose_node(NS, &lost_pod)
+        .await
+        .expect("lose node");
+    pods_api(&cluster)
+        .delete(&lost_pod, &DeleteParams::default().grace_period(1))
+        .await
+        .expect("delete");
+    exactly_once(&cb, &lost, "failed").await;
+    let j = finished(&cluster, &lost).await;
+    assert_eq!(reason(&j), "PodLost", "{j:#}");
+
     cluster.sim.set_unschedulable(true);
-    let shuttle = cluster.serve(Mode::Host, &[]);
-    let cb = Callbacks::start().await;
-    let b = body(&slow_app(1), &cb);
-    shuttle.post(&b).await;
-    assert_eq!(
-        cb.wait_final(b["build_uuid"].as_str().unwrap(), WITHIN)
-            .await,
-        "failed"
-    );
-    let job = cluster
-        .wait_job(&b, "Failed", WITHIN, |j| j["status"]["phase"] == "Failed")
+    let nowhere = body(&data_uri(&app(0)), &cb);
+    shuttle.post(&nowhere).await;
+    let j = cluster
+        .wait_job(&nowhere, "Unschedulable", BUILD, |j| {
+            reason(j) == "Unschedulable"
+        })
         .await;
-    assert!(reason(&job).contains("nodes are available"), "{job:#}");
+    assert!(!message(&j).is_empty(), "the scheduler's message: {j:#}");
+    exactly_once(&cb, &nowhere, "failed").await;
+    let j = finished(&cluster, &nowhere).await;
+    assert_eq!(reason(&j), "Unschedulable");
 }
 
-/// Issue 10 item 7: a pod whose node is lost stays Running/Terminating forever; the build
-/// must re-create it (bounded) or fail, and free its slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "fails on the current controller: a pod on a lost node holds the build forever (issue 10 item 7)"]
-async fn a_pod_on_a_lost_node_does_not_hold_the_build_forever() {
+async fn a_pod_that_cannot_start_or_is_refused_fails_fast_with_the_reason() {
+    let cluster = Cluster::start().await;
+    let cb = Callbacks::start().await;
+    // A worker image that does not exist: the kubelet cannot pull it.
+    let missing = cluster.serve(
+        Mode::Host,
+        &[("DOCKER_BUILD_IMAGE", "127.0.0.1:5000/nothing/here:1")],
+    );
+    let b = body(&data_uri(&app(0)), &cb);
+    missing.post(&b).await;
+    exactly_once(&cb, &b, "failed").await;
+    let j = finished(&cluster, &b).await;
+    assert_eq!(reason(&j), "ImagePullBackOff", "{j:#}");
+    assert!(message(&j).contains("nothing/here"), "{j:#}");
+    drop(missing);
+
+    // dind in a namespace whose Pod Security level refuses privileged pods.
+    cluster.sim.set_refuse_privileged(true);
+    let dind = cluster.serve(Mode::Host, &[("WORKER_DOCKER_MODE", "dind")]);
+    let b = body(&data_uri(&app(0)), &cb);
+    dind.post(&b).await;
+    exactly_once(&cb, &b, "failed").await;
+    let j = finished(&cluster, &b).await;
+    assert_eq!(reason(&j), "PodRejected");
+    assert!(
+        message(&j).contains("PodSecurity"),
+        "the API's words: {j:#}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deleted_buildjob_still_sends_its_final_callback() {
     let cluster = Cluster::start().await;
     let shuttle = cluster.serve(Mode::Host, &[]);
     let cb = Callbacks::start().await;
-    let b = body(&slow_app(3), &cb);
+    let b = body(&data_uri(&app(30)), &cb);
     shuttle.post(&b).await;
     let pod = running_pod(&cluster, &b).await;
-    cluster.sim.lose_node(NS, &pod).await.expect("lose node");
-    let fin = cb
-        .wait_final(b["build_uuid"].as_str().unwrap(), WITHIN)
-        .await;
-    assert!(fin == "succeeded" || fin == "failed");
+    let name = common::cluster::job_name(&b);
+    let jobs: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        cluster.client.clone(),
+        NS,
+        &kube::api::ApiResource {
+            group: "buildshuttle.akkeris.io".into(),
+            version: "v1".into(),
+            api_version: "buildshuttle.akkeris.io/v1".into(),
+            kind: "BuildJob".into(),
+            plural: "buildjobs".into(),
+        },
+    );
+    jobs.delete(&name, &DeleteParams::default())
+        .await
+        .expect("delete");
+    exactly_once(&cb, &b, "failed").await;
+    let start = Instant::now();
+    while jobs.get_opt(&name).await.ok().flatten().is_some()
+        || pods_api(&cluster)
+            .get_opt(&pod)
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    {
+        assert!(
+            start.elapsed() < BUILD,
+            "the BuildJob or its pod never went"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stale_pod_of_the_same_name_is_not_adopted() {
+    let cluster = Cluster::start().await;
+    let cb = Callbacks::start().await;
+    let b = body(&data_uri(&app(0)), &cb);
+    // A finished pod left by an earlier BuildJob of this name (another uid).
+    let name = format!("{}-worker-0", common::cluster::job_name(&b));
+    let stale: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": NS,
+            "labels": {"app.kubernetes.io/managed-by": "buildshuttle", "app.kubernetes.io/component": "worker"},
+            "ownerReferences": [{"apiVersion": "buildshuttle.akkeris.io/v1", "kind": "BuildJob",
+                "name": common::cluster::job_name(&b), "uid": "an-earlier-buildjob", "controller": true}]},
+        "spec": {"restartPolicy": "Never", "containers": [{"name": "worker", "image": BASE_IMAGE,
+            "command": ["sh", "-c", "echo '{\"result\":\"succeeded\",\"image\":\"stale\"}' > /dev/termination-log"]}]}
+    }))
+    .expect("pod");
+    pods_api(&cluster)
+        .create(&PostParams::default(), &stale)
+        .await
+        .expect("stale pod");
+    let shuttle = cluster.serve(Mode::Host, &[]);
+    shuttle.post(&b).await;
+    exactly_once(&cb, &b, "succeeded").await;
+    let j = finished(&cluster, &b).await;
+    assert_ne!(j["status"]["image"], "stale", "{j:#}");
+    assert!(
+        j["status"]["image"]
+            .as_str()
+            .unwrap_or("")
+            .ends_with(":1.1"),
+        "{j:#}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_callback_receiver_holds_up_nothing_but_its_callback() {
+    let cluster = Cluster::start().await;
+    let shuttle = cluster.serve(Mode::Host, &[]);
+    let slow = common::SlowReceiver::start(Duration::from_secs(8)).await;
+    let cb = Callbacks::start().await;
+    let mut b = body(&data_uri(&app(0)), &cb);
+    b["callback"] = json!(slow.url());
+    shuttle.post(&b).await;
+    // The build finishes and its status says so while `pending` is still being delivered.
+    let started = Instant::now();
+    let j = finished(&cluster, &b).await;
+    assert_eq!(j["status"]["phase"], "Succeeded");
+    assert!(
+        slow.statuses().is_empty(),
+        "the status moved on before the slow receiver answered ({:?})",
+        started.elapsed()
+    );
+    let start = Instant::now();
+    while slow.statuses().len() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "callbacks never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(slow.statuses(), ["pending", "succeeded"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_missing_crd_fails_the_health_check() {
+    common::require_services();
+    common::cluster::crypto();
+    let sim = kubesim::Sim::start(kubesim::SimConfig {
+        namespaces: vec!["default".into(), NS.into()],
+        ..Default::default()
+    })
+    .await
+    .expect("sim");
+    let port = common::bin::free_port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kc = sim.kubeconfig_path().display().to_string();
+    let mut env: Vec<(&str, &str)> = vec![
+        ("USE_KUBERNETES", "true"),
+        ("KUBECONFIG", &kc),
+        ("KUBERNETES_NAMESPACE", NS),
+        ("WORKER_DOCKER_MODE", "host"),
+    ];
+    env.extend_from_slice(common::cluster::S3);
+    let shuttle = common::bin::spawn(dir.path(), port, &env);
+    let start = Instant::now();
+    loop {
+        let code = reqwest::get(shuttle.url("/octhc"))
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0);
+        if code == 503 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "/octhc never failed without the CRD (last {code})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Installing the CRD heals it.
+    let client = common::cluster::client_for(sim.kubeconfig_path()).await;
+    let crd: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/buildjob.yaml"))
+            .expect("crds/buildjob.yaml"),
+    )
+    .expect("CRD YAML");
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(client);
+    crds.patch(
+        "buildjobs.buildshuttle.akkeris.io",
+        &kube::api::PatchParams::apply("kubectl").force(),
+        &kube::api::Patch::Apply(&crd),
+    )
+    .await
+    .expect("CRD applied");
+    let start = Instant::now();
+    loop {
+        let code = reqwest::get(shuttle.url("/octhc"))
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0);
+        if code == 200 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "/octhc never recovered once the CRD was installed (last {code})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -27,6 +27,13 @@ pub async fn follow(
     app_uuid: String,
     n: u64,
 ) -> Result<Response, ApiError> {
+    if exec.follow_supported() {
+        let stream = exec
+            .follow(&app, &app_uuid, n)
+            .await?
+            .ok_or(ApiError::NotFound)?;
+        return Ok(text_response(Body::from_stream(stream)));
+    }
     let known = exec.log(&app, &app_uuid, n, 0).await?.is_some()
         || exec.is_active(&app, &app_uuid, n).await;
     if !known {
@@ -54,7 +61,11 @@ pub async fn follow(
             tokio::time::sleep(POLL).await;
         }
     });
-    let mut resp = Response::new(Body::from_stream(stream));
+    Ok(text_response(Body::from_stream(stream)))
+}
+
+fn text_response(body: Body) -> Response {
+    let mut resp = Response::new(body);
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
@@ -63,7 +74,7 @@ pub async fn follow(
         "x-content-type-options",
         HeaderValue::from_static("nosniff"),
     );
-    Ok(resp)
+    resp
 }
 
 /// What the log holds past `offset` (at most 1 MiB per call).

@@ -83,8 +83,14 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn health() -> &'static str {
-    "overall_status=good"
+async fn health(State(st): State<AppState>) -> Response {
+    match st.executor.health() {
+        Ok(()) => "overall_status=good".into_response(),
+        Err(why) => {
+            tracing::warn!(%why, "health check failed");
+            (StatusCode::SERVICE_UNAVAILABLE, "overall_status=bad").into_response()
+        }
+    }
 }
 
 async fn metrics(State(st): State<AppState>) -> Response {

@@ -1,28 +1,37 @@
-//! The reconciler: a thin shell around `decide` and `worker_pod`. It reads the BuildJob's
-//! pod and the queue, asks `decide`, and applies the actions: pods, status (server-side
-//! apply on /status, only when it changed), callbacks (sent, then recorded), events, TTL.
+//! The reconciler: a thin shell around `decide` and `worker_pod`. Every reconcile reads the
+//! BuildJob fresh from the API server (the controller's cache lags its own writes), asks
+//! `decide`, and applies the actions: pods, the finalizer, status (server-side apply on
+//! /status carrying the resourceVersion it was computed from, only when it changed),
+//! events, TTL. Callbacks are recorded as in flight, then sent by `notify` off the
+//! reconcile path.
 
-use super::crd::{secret_keys, BuildJob, BuildJobStatus, Phase};
-use super::decide::{self, Action, CallbackKind, Decision, EventNote, Inputs};
+use super::crd::{labels, secret_keys, secret_name, BuildJob, BuildJobStatus, Phase, FINALIZER};
+use super::decide::{self, Action, CallbackPlan, Decision, EventNote, Inputs};
 use super::pod::{pod_name, worker_pod, PodError, PodSettings};
-use super::{labels, Observer};
+use super::{notify, Observer};
 use crate::callback::Callbacks;
 use crate::secret::Secret;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Secret as KubeSecret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use kube::runtime::controller::{Action as Requeue, Controller};
+use kube::runtime::controller::{self, Action as Requeue, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The one field manager of BuildJob status.
 pub const FIELD_MANAGER: &str = "buildshuttle-controller";
+
+/// Reconciles running at once: a new leader with many unfinished builds must not hit the
+/// API server with all of them at the same moment.
+pub const CONCURRENCY: u16 = 16;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -38,14 +47,18 @@ pub enum Error {
     Pod(#[from] PodError),
     #[error("BuildJob {0} has no namespace")]
     NoNamespace(String),
+    /// The BuildJob changed since it was read: read it again (not a failure).
+    #[error("the BuildJob changed while it was being reconciled; reading it again")]
+    Stale,
 }
 
 impl Error {
     /// Permanent errors wait for the BuildJob (or the configuration) to change; the rest are
-    /// retried with a delay.
+    /// retried with a growing delay.
     pub fn is_permanent(&self) -> bool {
         match self {
             Error::Pod(_) | Error::NoNamespace(_) => true,
+            Error::Stale => false,
             Error::Kube { source, .. } => {
                 matches!(source, kube::Error::Api(s) if s.is_invalid() || s.is_forbidden())
             }
@@ -54,7 +67,10 @@ impl Error {
 }
 
 fn kube_err(what: &'static str) -> impl FnOnce(kube::Error) -> Error {
-    move |source| Error::Kube { what, source }
+    move |source| match source {
+        kube::Error::Api(s) if s.is_conflict() => Error::Stale,
+        source => Error::Kube { what, source },
+    }
 }
 
 fn is_status(e: &kube::Error, f: impl Fn(&kube::core::Status) -> bool) -> bool {
@@ -68,32 +84,50 @@ pub struct Context {
     pub settings: decide::Settings,
     pub pods: PodSettings,
     pub callbacks: Callbacks,
+    /// CALLBACK_RETRY_SECONDS: how long one callback is retried before it is given up.
+    pub callback_budget: Duration,
+    /// This controller's identity (the Lease holder name): recorded on in-flight callbacks.
+    pub identity: String,
     /// The controller's cache of BuildJobs (the queue is counted from it).
     pub store: Store<BuildJob>,
     /// Jobs this process started whose status the cache may not show yet, so two
     /// reconciles in a row never over-fill the slots.
     pub starting: Mutex<HashSet<String>>,
+    /// BuildJob uids with a callback being sent by this process.
+    pub sending: Mutex<HashSet<String>>,
+    /// Consecutive failed reconciles per BuildJob (for backoff).
+    failures: Mutex<HashMap<String, u32>>,
     pub observer: Arc<dyn Observer>,
 }
 
 impl Context {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         client: Client,
         reporter: Reporter,
         settings: decide::Settings,
         pods: PodSettings,
         callbacks: Callbacks,
+        callback_budget: Duration,
         store: Store<BuildJob>,
         observer: Arc<dyn Observer>,
     ) -> Self {
+        let identity = reporter
+            .instance
+            .clone()
+            .unwrap_or_else(|| reporter.controller.clone());
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             settings,
             pods,
             callbacks,
+            callback_budget,
+            identity,
             store,
             starting: Mutex::new(HashSet::new()),
+            sending: Mutex::new(HashSet::new()),
+            failures: Mutex::new(HashMap::new()),
             observer,
         }
     }
@@ -117,7 +151,7 @@ impl Context {
         let ns = job.namespace();
         let key = |j: &BuildJob| (j.creation_timestamp().map(|t| t.0), j.name_any());
         let mine = key(job);
-        let mut starting = self.starting.lock().unwrap_or_else(|p| p.into_inner());
+        let mut starting = lock(&self.starting);
         let all = self.store.state();
         // Forget starts of jobs that are gone (deleted while starting).
         starting.retain(|n| all.iter().any(|j| &j.name_any() == n));
@@ -136,6 +170,7 @@ impl Context {
                 running += 1;
             } else if phase.is_none_or(|p| p == Phase::Queued)
                 && !other.spec.cancelled
+                && other.metadata.deletion_timestamp.is_none()
                 && key(&other) < mine
             {
                 ahead += 1;
@@ -143,54 +178,100 @@ impl Context {
         }
         (running, ahead)
     }
+
+    /// How long a callback recorded in flight by another sender is trusted.
+    pub fn callback_takeover_after(&self) -> Duration {
+        self.callback_budget + Duration::from_secs(60)
+    }
 }
 
-pub async fn reconcile(job: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Requeue> {
-    let name = job.name_any();
-    let ns = job
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub async fn reconcile(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Requeue> {
+    let res = reconcile_inner(cached.clone(), ctx.clone()).await;
+    if res.is_ok() {
+        lock(&ctx.failures).remove(&cached.name_any());
+    }
+    res
+}
+
+async fn reconcile_inner(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Requeue> {
+    let name = cached.name_any();
+    let ns = cached
         .namespace()
         .ok_or_else(|| Error::NoNamespace(name.clone()))?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let jobs: Api<BuildJob> = Api::namespaced(ctx.client.clone(), &ns);
-    let prev = job.status.clone().unwrap_or_default();
 
-    let finished = prev.phase.is_some_and(Phase::is_finished);
-    let (running, queued_ahead) = ctx.queue_position(&job);
-    ctx.report_queue();
     // Still waiting, nothing owed: decide would change nothing, so ask the API nothing (a
-    // long queue re-checks often). A pod left by a crash is found by the 409 on creation.
-    let still_queued = prev.phase == Some(Phase::Queued)
-        && prev.callbacks.pending
-        && !job.spec.cancelled
-        && running + queued_ahead >= ctx.settings.max_parallel;
-    if still_queued {
-        return Ok(Requeue::requeue(decide::QUEUED_RECHECK));
+    // long queue re-checks often). The cached copy is enough to know that much.
+    {
+        let prev = cached.status.clone().unwrap_or_default();
+        let (running, queued_ahead) = ctx.queue_position(&cached);
+        ctx.report_queue();
+        let still_queued = prev.phase == Some(Phase::Queued)
+            && prev.callbacks.pending
+            && !cached.spec.cancelled
+            && cached.metadata.deletion_timestamp.is_none()
+            && running + queued_ahead >= ctx.settings.max_parallel;
+        if still_queued {
+            return Ok(Requeue::requeue(decide::QUEUED_RECHECK));
+        }
     }
-    // The facade creates the credentials Secret just after the BuildJob: until it exists,
-    // a worker pod would start without credentials and a callback would go without its
-    // Authorization. A young job waits for it; an old one goes on without (and fails).
+
+    // Decide from the API server's copy, never the cache: the cache may not have seen this
+    // controller's last status write yet, and acting on it would repeat side effects.
+    let Some(job) = jobs
+        .get_opt(&name)
+        .await
+        .map_err(kube_err("reading the BuildJob"))?
+    else {
+        return Ok(Requeue::await_change());
+    };
+    let mut job = Arc::new(job);
+    let prev = job.status.clone().unwrap_or_default();
+    let (running, queued_ahead) = ctx.queue_position(&job);
+    let finished = prev.phase.is_some_and(Phase::is_finished);
+
+    // The credentials Secret: its name comes from the BuildJob's name (never from the
+    // spec), and only a Secret this BuildJob owns is used.
     let mut credentials = None;
     if !finished {
-        credentials = read_secret(&ctx.client, &ns, &job.spec.credentials_secret).await?;
+        credentials = read_secret(&ctx.client, &ns, &job).await?;
         let age = job
             .creation_timestamp()
             .map(|t| Timestamp::now().duration_since(t.0).as_secs())
             .unwrap_or(i64::MAX);
-        if credentials.is_none() && age < SECRET_WAIT.as_secs() as i64 {
+        if credentials.is_none()
+            && age < SECRET_WAIT.as_secs() as i64
+            && job.metadata.deletion_timestamp.is_none()
+            && !job.spec.cancelled
+        {
             tracing::debug!(job = %name, "waiting for the credentials Secret");
             return Ok(Requeue::requeue(Duration::from_secs(2)));
         }
         if credentials.is_none() {
-            tracing::warn!(job = %name, secret = %job.spec.credentials_secret, "the credentials Secret is missing; going on without it");
+            tracing::warn!(job = %name, secret = %secret_name(&name), "the credentials Secret is missing (or not owned by this BuildJob); going on without it");
         }
     }
     let pod = if finished {
         None
     } else {
-        pods.get_opt(&pod_name(&name, prev.pod_retries))
+        let pod = pods
+            .get_opt(&pod_name(&name, prev.pod_retries))
             .await
-            .map_err(kube_err("reading the worker pod"))?
+            .map_err(kube_err("reading the worker pod"))?;
+        match pod {
+            Some(p) if !owned_by(&p, &job) => {
+                remove_foreign_pod(&pods, &p).await?;
+                return Ok(Requeue::requeue(Duration::from_secs(2)));
+            }
+            p => p,
+        }
     };
+    let now = Timestamp::now();
     let Decision {
         mut status,
         actions,
@@ -200,7 +281,7 @@ pub async fn reconcile(job: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Requeue>
             pod: pod.as_ref(),
             running,
             queued_ahead,
-            now: Timestamp::now(),
+            now,
         },
         &ctx.settings,
     );
@@ -209,40 +290,59 @@ pub async fn reconcile(job: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Requeue>
     let mut events = Vec::new();
     let mut callbacks = Vec::new();
     let mut delete_job = false;
+    let mut remove_finalizer = false;
     for action in actions {
         match action {
-            Action::DeletePod { name: pod } => {
-                match pods.delete(&pod, &DeleteParams::background()).await {
+            Action::AddFinalizer => {
+                job = Arc::new(add_finalizer(&jobs, &job).await?);
+            }
+            Action::RemoveFinalizer => remove_finalizer = true,
+            Action::DeletePod { name: pod, force } => {
+                let params = if force {
+                    DeleteParams::background().grace_period(0)
+                } else {
+                    DeleteParams::background()
+                };
+                match pods.delete(&pod, &params).await {
                     Ok(_) => {}
                     Err(e) if is_status(&e, |s| s.is_not_found()) => {}
                     Err(e) => return Err(kube_err("deleting the worker pod")(e)),
                 }
             }
             Action::CreatePod { attempt, .. } => {
-                let rejected = match worker_pod(&job, attempt, &ctx.pods) {
-                    Err(e @ PodError::NoUid) => return Err(e.into()),
-                    Err(e) => Some(e.to_string()),
-                    Ok(p) => match pods.create(&PostParams::default(), &p).await {
-                        Ok(_) => None,
-                        Err(e) if is_status(&e, |s| s.is_already_exists()) => None,
-                        // The same pod would be refused again: the build fails.
-                        Err(kube::Error::Api(s)) if s.is_invalid() => {
-                            Some(format!("the worker pod was refused: {}", s.message))
-                        }
-                        Err(e) => return Err(kube_err("creating the worker pod")(e)),
-                    },
-                };
-                if let Some(message) = rejected {
-                    let (failed, note) = decide::reject(&prev, &message, Timestamp::now());
-                    patch_status(&jobs, &name, &failed).await?;
-                    publish(&ctx, &job, &note).await;
-                    // The next reconcile sees a finished build and sends the callbacks.
-                    return Ok(Requeue::requeue(Duration::from_secs(1)));
+                match create_pod(&ctx, &pods, &job, attempt).await? {
+                    Created::Yes => {
+                        lock(&ctx.starting).insert(name.clone());
+                        let ms = since_created(&job, Timestamp::now());
+                        status.timings_mut().pod_created_ms = ms;
+                    }
+                    Created::Foreign => return Ok(Requeue::requeue(Duration::from_secs(2))),
+                    Created::RetryLater(message) => {
+                        // A quota may free up: try again a few times, the build still
+                        // waiting as it was (no slot held without a pod).
+                        let mut st = prev.clone();
+                        st.admission_retries += 1;
+                        write_status(&jobs, &job, &st).await?;
+                        let note = EventNote {
+                            warning: true,
+                            reason: "PodRefused".into(),
+                            note: format!(
+                                "the worker pod was refused (try {} of {}): {message}",
+                                st.admission_retries, ctx.settings.max_admission_retries
+                            ),
+                        };
+                        publish(&ctx, &job, &note).await;
+                        let wait = Duration::from_secs(5 << st.admission_retries.min(5));
+                        return Ok(Requeue::requeue(wait));
+                    }
+                    Created::Refused(message) => {
+                        let (failed, note) = decide::reject(&prev, &message, Timestamp::now());
+                        write_status(&jobs, &job, &failed).await?;
+                        publish(&ctx, &job, &note).await;
+                        // The next reconcile sees a finished build and sends the callbacks.
+                        return Ok(Requeue::requeue(Duration::from_millis(200)));
+                    }
                 }
-                ctx.starting
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(name.clone());
             }
             Action::SendCallback(kind) => callbacks.push(kind),
             Action::RecordEvent(e) => events.push(e),
@@ -251,9 +351,34 @@ pub async fn reconcile(job: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Requeue>
         }
     }
 
+    // One callback at a time, in order (pending before the final one): record who sends
+    // it before the first byte goes out, in the same status write as what happened.
+    let mut send = None;
+    if let Some(&kind) = callbacks.first() {
+        let sending_here = lock(&ctx.sending).contains(&uid(&job));
+        match decide::callback_plan(
+            &status.callbacks,
+            &ctx.identity,
+            sending_here,
+            now,
+            ctx.callback_takeover_after(),
+        ) {
+            CallbackPlan::Send => {
+                status.callbacks.in_flight = Some(super::crd::CallbackInFlight {
+                    status: notify::status_word(kind).into(),
+                    by: ctx.identity.clone(),
+                    since: Time(now),
+                });
+                send = Some(kind);
+            }
+            CallbackPlan::InProgress => {}
+            CallbackPlan::Wait(d) => requeue = Some(requeue.map_or(d, |r: Duration| r.min(d))),
+        }
+    }
+
     // The status first: what happened is recorded before anyone is told.
     if status.without_timestamps() != prev.without_timestamps() {
-        patch_status(&jobs, &name, &status).await?;
+        write_status(&jobs, &job, &status).await?;
         if status.phase.is_some_and(Phase::is_finished) && !finished {
             let seconds = match (&status.start_time, &status.completion_time) {
                 (Some(s), Some(c)) => Duration::try_from(c.0.duration_since(s.0)).ok(),
@@ -265,28 +390,21 @@ pub async fn reconcile(job: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Requeue>
                 .unwrap_or_default();
             ctx.observer
                 .build_finished(status.phase == Some(Phase::Succeeded), &reason, seconds);
-            ctx.starting
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&name);
+            lock(&ctx.starting).remove(&name);
         }
     }
     for e in &events {
         publish(&ctx, &job, e).await;
     }
-    if !callbacks.is_empty() {
-        if finished {
-            credentials = read_secret(&ctx.client, &ns, &job.spec.credentials_secret).await?;
+    if let Some(kind) = send {
+        if finished || credentials.is_none() {
+            credentials = read_secret(&ctx.client, &ns, &job).await?;
         }
-        let auth = callback_auth(credentials.as_ref());
-        for kind in callbacks {
-            send_callback(&ctx, &job, auth.as_ref(), kind).await;
-            match kind {
-                CallbackKind::Pending => status.callbacks.pending = true,
-                CallbackKind::Final(_) => status.callbacks.final_ = true,
-            }
-            patch_status(&jobs, &name, &status).await?;
-        }
+        notify::spawn(ctx.clone(), &job, callback_auth(credentials.as_ref()), kind);
+    }
+    if remove_finalizer {
+        drop_finalizer(&jobs, &job).await?;
+        return Ok(Requeue::await_change());
     }
     if delete_job {
         tracing::info!(job = %name, "finished BuildJob reached its TTL; deleting it (sources and logs stay in storage)");
@@ -302,31 +420,188 @@ pub async fn reconcile(job: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Requeue>
         .unwrap_or_else(Requeue::await_change))
 }
 
-async fn patch_status(jobs: &Api<BuildJob>, name: &str, status: &BuildJobStatus) -> Result<()> {
+fn uid(job: &BuildJob) -> String {
+    job.uid().unwrap_or_default()
+}
+
+fn since_created(job: &BuildJob, now: Timestamp) -> Option<u64> {
+    let created = job.creation_timestamp()?.0;
+    u64::try_from(now.duration_since(created).as_millis()).ok()
+}
+
+/// Whether `pod` belongs to this BuildJob (not to an earlier one of the same name).
+fn owned_by(pod: &Pod, job: &BuildJob) -> bool {
+    let uid = job.uid();
+    pod.owner_references()
+        .iter()
+        .any(|o| Some(&o.uid) == uid.as_ref())
+}
+
+/// A pod with our name that an earlier BuildJob of the same name left: never adopted.
+async fn remove_foreign_pod(pods: &Api<Pod>, pod: &Pod) -> Result<()> {
+    let name = pod.name_any();
+    tracing::warn!(pod = %name, "a worker pod of an earlier BuildJob with this name is in the way; deleting it");
+    let mut params = DeleteParams::background();
+    if let Some(uid) = pod.uid() {
+        params = params.preconditions(kube::api::Preconditions {
+            uid: Some(uid),
+            resource_version: None,
+        });
+    }
+    match pods.delete(&name, &params).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_status(&e, |s| s.is_not_found() || s.is_conflict()) => Ok(()),
+        Err(e) => Err(kube_err("deleting a foreign worker pod")(e)),
+    }
+}
+
+enum Created {
+    Yes,
+    /// A pod of that name belongs to someone else; it is being removed.
+    Foreign,
+    /// Refused for a reason that may pass (a quota): try again later.
+    RetryLater(String),
+    /// Refused for good (admission, Pod Security, an invalid spec): the build fails.
+    Refused(String),
+}
+
+async fn create_pod(
+    ctx: &Context,
+    pods: &Api<Pod>,
+    job: &BuildJob,
+    attempt: u32,
+) -> Result<Created> {
+    let p = match worker_pod(job, attempt, &ctx.pods) {
+        Err(e @ PodError::NoUid) => return Err(e.into()),
+        Err(e) => return Ok(Created::Refused(e.to_string())),
+        Ok(p) => p,
+    };
+    match pods.create(&PostParams::default(), &p).await {
+        Ok(_) => Ok(Created::Yes),
+        Err(e) if is_status(&e, |s| s.is_already_exists()) => {
+            let existing = pods
+                .get_opt(&p.name_any())
+                .await
+                .map_err(kube_err("reading the worker pod"))?;
+            match existing {
+                Some(other) if !owned_by(&other, job) => {
+                    remove_foreign_pod(pods, &other).await?;
+                    Ok(Created::Foreign)
+                }
+                _ => Ok(Created::Yes),
+            }
+        }
+        Err(kube::Error::Api(s)) if s.is_forbidden() || s.is_invalid() => {
+            let message = format!("the worker pod was refused: {}", s.message);
+            let quota = s.message.contains("exceeded quota");
+            let retries = job.status.as_ref().map_or(0, |s| s.admission_retries);
+            if quota && retries < ctx.settings.max_admission_retries {
+                Ok(Created::RetryLater(message))
+            } else {
+                Ok(Created::Refused(message))
+            }
+        }
+        Err(e) => Err(kube_err("creating the worker pod")(e)),
+    }
+}
+
+/// Server-side apply of the whole status, with the resourceVersion of the BuildJob it was
+/// computed from: if anything wrote since, the API server answers 409 and the reconcile
+/// starts over from a fresh read instead of overwriting newer facts.
+pub(crate) async fn write_status(
+    jobs: &Api<BuildJob>,
+    job: &BuildJob,
+    status: &BuildJobStatus,
+) -> Result<BuildJob> {
     let body = serde_json::json!({
         "apiVersion": "buildshuttle.akkeris.io/v1",
         "kind": "BuildJob",
+        "metadata": {"resourceVersion": job.resource_version()},
         "status": status,
     });
     jobs.patch_status(
-        name,
+        &job.name_any(),
         &PatchParams::apply(FIELD_MANAGER).force(),
         &Patch::Apply(&body),
     )
     .await
-    .map_err(kube_err("writing the BuildJob status"))?;
-    Ok(())
+    .map_err(kube_err("writing the BuildJob status"))
+}
+
+async fn add_finalizer(jobs: &Api<BuildJob>, job: &BuildJob) -> Result<BuildJob> {
+    let rv = job.resource_version().unwrap_or_default();
+    let patch = if job.metadata.finalizers.is_none() {
+        serde_json::json!([
+            {"op": "test", "path": "/metadata/resourceVersion", "value": rv},
+            {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+        ])
+    } else {
+        serde_json::json!([
+            {"op": "test", "path": "/metadata/resourceVersion", "value": rv},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
+        ])
+    };
+    let patch: json_patch::Patch =
+        serde_json::from_value(patch).map_err(|e| Error::Pod(PodError::Spec(e)))?;
+    jobs.patch(
+        &job.name_any(),
+        &PatchParams::default(),
+        &Patch::Json::<()>(patch),
+    )
+    .await
+    .map_err(|e| match e {
+        // A failed `test` (the object changed) is 422 Invalid or 409: read again.
+        kube::Error::Api(s) if s.is_invalid() || s.is_conflict() => Error::Stale,
+        e => kube_err("adding the finalizer")(e),
+    })
+}
+
+async fn drop_finalizer(jobs: &Api<BuildJob>, job: &BuildJob) -> Result<()> {
+    let Some(i) = job.finalizers().iter().position(|f| f == FINALIZER) else {
+        return Ok(());
+    };
+    let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+        {"op": "test", "path": format!("/metadata/finalizers/{i}"), "value": FINALIZER},
+        {"op": "remove", "path": format!("/metadata/finalizers/{i}")},
+    ]))
+    .map_err(|e| Error::Pod(PodError::Spec(e)))?;
+    match jobs
+        .patch(
+            &job.name_any(),
+            &PatchParams::default(),
+            &Patch::Json::<()>(patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if is_status(&e, |s| s.is_not_found()) => Ok(()),
+        Err(kube::Error::Api(s)) if s.is_invalid() || s.is_conflict() => Err(Error::Stale),
+        Err(e) => Err(kube_err("removing the finalizer")(e)),
+    }
 }
 
 /// How long a new BuildJob waits for its credentials Secret.
 pub const SECRET_WAIT: Duration = Duration::from_secs(120);
 
-async fn read_secret(client: &Client, ns: &str, secret: &str) -> Result<Option<KubeSecret>> {
+/// The BuildJob's credentials Secret, if it exists and this BuildJob owns it.
+async fn read_secret(client: &Client, ns: &str, job: &BuildJob) -> Result<Option<KubeSecret>> {
     let secrets: Api<KubeSecret> = Api::namespaced(client.clone(), ns);
-    secrets
-        .get_opt(secret)
+    let name = secret_name(&job.name_any());
+    let secret = secrets
+        .get_opt(&name)
         .await
-        .map_err(kube_err("reading the credentials Secret"))
+        .map_err(kube_err("reading the credentials Secret"))?;
+    let uid = job.uid();
+    Ok(secret.filter(|s| {
+        let ours = s
+            .owner_references()
+            .iter()
+            .any(|o| Some(&o.uid) == uid.as_ref());
+        if !ours {
+            tracing::warn!(job = %job.name_any(), secret = %name, "ignoring a credentials Secret that this BuildJob does not own");
+        }
+        ours
+    }))
 }
 
 fn callback_auth(secret: Option<&KubeSecret>) -> Option<Secret> {
@@ -337,34 +612,23 @@ fn callback_auth(secret: Option<&KubeSecret>) -> Option<Secret> {
         .map(Secret::new)
 }
 
-/// Delivers one callback (with the bounded retries of `Callbacks`). A callback that cannot
-/// be delivered is reported as a Warning event and counted as sent, as in local mode.
-async fn send_callback(ctx: &Context, job: &BuildJob, auth: Option<&Secret>, kind: CallbackKind) {
-    let Some(url) = job.spec.callback.as_deref().filter(|u| !u.is_empty()) else {
-        return;
-    };
-    let status = match kind {
-        CallbackKind::Pending => "pending",
-        CallbackKind::Final(s) => s,
-    };
-    if let Err(e) = ctx
-        .callbacks
-        .deliver(url, auth, job.spec.build_number, status)
-        .await
-    {
-        tracing::warn!(job = %job.name_any(), error = %e, "callback not delivered");
-        ctx.observer.callback_failed();
-        let note = EventNote {
-            warning: true,
-            reason: "CallbackFailed".into(),
-            note: format!("the {status} callback was not delivered: {e}"),
-        };
-        publish(ctx, job, &note).await;
+/// The API server refuses event notes over 1024 bytes.
+pub const EVENT_NOTE_BYTES: usize = 1024;
+
+/// `note` cut to at most `max` bytes, on a character boundary.
+pub fn cut_note(note: &str, max: usize) -> String {
+    if note.len() <= max {
+        return note.to_string();
     }
+    let mut end = max;
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    note[..end].to_string()
 }
 
 /// Events are for people; failing to record one never fails a reconcile.
-async fn publish(ctx: &Context, job: &BuildJob, e: &EventNote) {
+pub(crate) async fn publish(ctx: &Context, job: &BuildJob, e: &EventNote) {
     let ev = Event {
         type_: if e.warning {
             EventType::Warning
@@ -372,56 +636,112 @@ async fn publish(ctx: &Context, job: &BuildJob, e: &EventNote) {
             EventType::Normal
         },
         reason: e.reason.clone(),
-        note: Some(e.note.chars().take(1000).collect()),
+        note: Some(cut_note(&e.note, EVENT_NOTE_BYTES)),
         action: "Reconcile".into(),
         secondary: None,
     };
     if let Err(err) = ctx.recorder.publish(&ev, &job.object_ref(&())).await {
-        tracing::debug!(job = %job.name_any(), error = %err, "could not record an event");
+        tracing::warn!(job = %job.name_any(), error = %err, "could not record an event");
     }
 }
 
-pub fn error_policy(job: Arc<BuildJob>, err: &Error, _ctx: Arc<Context>) -> Requeue {
-    if err.is_permanent() {
-        tracing::error!(job = %job.name_any(), error = %err, "cannot reconcile this BuildJob until it or the configuration (or RBAC) changes; retrying in 5 minutes");
-        Requeue::requeue(Duration::from_secs(300))
-    } else {
-        tracing::warn!(job = %job.name_any(), error = %err, "reconcile failed; retrying");
-        Requeue::requeue(Duration::from_secs(10))
+/// Per-BuildJob exponential backoff with jitter, so throttled retries do not fire in
+/// lockstep; a permanent error waits long (until the object or the setup changes).
+pub fn error_policy(job: Arc<BuildJob>, err: &Error, ctx: Arc<Context>) -> Requeue {
+    if matches!(err, Error::Stale) {
+        return Requeue::requeue(Duration::from_millis(100));
     }
+    let n = {
+        let mut f = lock(&ctx.failures);
+        let n = f.entry(job.name_any()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = backoff(n, err.is_permanent(), fastrand::f64());
+    if err.is_permanent() {
+        tracing::error!(job = %job.name_any(), error = %err, "cannot reconcile this BuildJob until it or the configuration (or RBAC) changes; retrying in {delay:?}");
+    } else {
+        tracing::warn!(job = %job.name_any(), error = %err, "reconcile failed; retrying in {delay:?}");
+    }
+    Requeue::requeue(delay)
+}
+
+/// The delay after the `n`th consecutive failure: 1 s doubling to 5 min (permanent errors:
+/// 5 min), times a jitter factor in [0.5, 1.5) from `unit` in [0, 1).
+pub fn backoff(n: u32, permanent: bool, unit: f64) -> Duration {
+    let base = if permanent {
+        300.0
+    } else {
+        (2f64.powi(n.saturating_sub(1).min(9) as i32)).min(300.0)
+    };
+    Duration::from_secs_f64(base * (0.5 + unit))
 }
 
 /// Runs the controller over BuildJobs in `namespace` and their worker pods (only ours, by
-/// label) until `shutdown` resolves.
+/// label) until `shutdown` resolves. `watch_failing` is set while BuildJobs or pods cannot
+/// be listed or watched (CRD missing, RBAC), for `/octhc`.
 pub async fn run(
     client: Client,
     namespace: &str,
     make_ctx: impl FnOnce(Store<BuildJob>) -> Context,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+    watch_failing: Arc<AtomicBool>,
 ) {
     let jobs: Api<BuildJob> = Api::namespaced(client.clone(), namespace);
     let pods: Api<Pod> = Api::namespaced(client, namespace);
-    let controller = Controller::new(jobs, watcher::Config::default()).owns(
-        pods,
-        watcher::Config::default().labels(labels::WORKER_SELECTOR),
-    );
+    let controller = Controller::new(jobs, watcher::Config::default())
+        .owns(
+            pods,
+            watcher::Config::default().labels(labels::WORKER_SELECTOR),
+        )
+        .with_config(controller::Config::default().concurrency(CONCURRENCY));
     let ctx = Arc::new(make_ctx(controller.store()));
+    // Cleared by anything that shows the watches work again: a reconcile, or a probe list.
+    let failing = watch_failing.clone();
+    let probing = Arc::new(AtomicBool::new(false));
+    let probe_api: Api<BuildJob> = Api::namespaced(ctx.client.clone(), namespace);
     controller
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            match res {
-                Ok((obj, _)) => tracing::debug!(job = %obj.name, "reconciled"),
-                Err(e) => tracing::debug!(error = %e, "reconcile error"),
+        .for_each(|res| {
+            let failing = failing.clone();
+            let (probing, probe_api) = (probing.clone(), probe_api.clone());
+            async move {
+                match res {
+                    Ok((obj, _)) => {
+                        failing.store(false, Ordering::Relaxed);
+                        tracing::debug!(job = %obj.name, "reconciled")
+                    }
+                    Err(controller::Error::QueueError(e)) => {
+                        failing.store(true, Ordering::Relaxed);
+                        tracing::error!(error = %e, "cannot watch BuildJobs or worker pods (is the CRD installed, and may this service account list and watch them?)");
+                        // With no BuildJob to reconcile, nothing else would notice the fix.
+                        if !probing.swap(true, Ordering::Relaxed) {
+                            tokio::spawn(async move {
+                                let one = kube::api::ListParams::default().limit(1);
+                                while failing.load(Ordering::Relaxed) {
+                                    tokio::time::sleep(Duration::from_secs(2)).await;
+                                    if probe_api.list(&one).await.is_ok() {
+                                        failing.store(false, Ordering::Relaxed);
+                                    }
+                                }
+                                probing.store(false, Ordering::Relaxed);
+                            });
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "reconcile error"),
+                }
             }
         })
         .await;
+    // Not leading any more: this replica's health no longer depends on the watches.
+    watch_failing.store(false, Ordering::Relaxed);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::operator::crd::CallbacksSent;
+    use crate::operator::crd::{CallbackInFlight, CallbacksSent};
     use crate::operator::decide::tests::{ended_pod, job, success_message, JOB};
     use crate::operator::mock::{self, status_error, Expect, Receiver};
     use crate::operator::pod::tests::settings as pod_settings;
@@ -429,30 +749,47 @@ mod tests {
     use crate::operator::NoObserver;
     use base64::Engine;
     use http::Method;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use kube::runtime::reflector;
     use serde_json::{json, Value};
 
     const PODS: &str = "/api/v1/namespaces/builds/pods";
+    const JOB_PATH: &str = "/apis/buildshuttle.akkeris.io/v1/namespaces/builds/buildjobs/myapp-0b1c2d3e-aaaa-bbbb-cccc-111122223333-12";
     const STATUS: &str = "/apis/buildshuttle.akkeris.io/v1/namespaces/builds/buildjobs/myapp-0b1c2d3e-aaaa-bbbb-cccc-111122223333-12/status";
 
     fn pod_path(attempt: u32) -> String {
         format!("{PODS}/{}", pod_name(JOB, attempt))
     }
 
-    /// What the API server answers to a status patch (the object; its content is not used).
-    fn job_json() -> Value {
-        serde_json::to_value(job(Some(Phase::Running))).unwrap_or_default()
-    }
-
     fn secret_path() -> String {
         format!("/api/v1/namespaces/builds/secrets/{JOB}-credentials")
     }
 
-    fn secret_json() -> Value {
+    fn secret_json(owner_uid: &str) -> Value {
         let b64 = base64::engine::general_purpose::STANDARD.encode("cb-token");
-        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": format!("{JOB}-credentials"), "namespace": "builds"},
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": format!("{JOB}-credentials"), "namespace": "builds",
+                            "ownerReferences": [{"apiVersion": "buildshuttle.akkeris.io/v1", "kind": "BuildJob", "name": JOB, "uid": owner_uid}]},
                "data": {"callback_auth": b64}})
+    }
+
+    fn owned_pod(phase: &str, owner_uid: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": pod_name(JOB, 0), "namespace": "builds",
+                            "ownerReferences": [{"apiVersion": "buildshuttle.akkeris.io/v1", "kind": "BuildJob", "name": JOB, "uid": owner_uid}]},
+               "status": {"phase": phase}})
+    }
+
+    fn settings() -> decide::Settings {
+        decide::Settings {
+            max_parallel: 2,
+            max_pod_retries: 2,
+            finished_ttl: Duration::from_secs(3600),
+            timeout: Duration::from_secs(1200),
+            stuck_grace: Duration::from_secs(120),
+            pending_limit: Duration::from_secs(600),
+            max_admission_retries: 2,
+            lost_pod_grace: Duration::from_secs(60),
+        }
     }
 
     fn context(client: Client, others: Vec<BuildJob>) -> Arc<Context> {
@@ -460,31 +797,28 @@ mod tests {
         for j in others {
             writer.apply_watcher_event(&watcher::Event::Apply(j));
         }
-        let settings = decide::Settings {
-            max_parallel: 2,
-            max_pod_retries: 2,
-            finished_ttl: Duration::from_secs(3600),
-            timeout: Duration::from_secs(1200),
-            stuck_grace: Duration::from_secs(120),
-        };
         Arc::new(Context::new(
             client,
             Reporter {
                 controller: "buildshuttle".into(),
                 instance: Some("test".into()),
             },
-            settings,
+            settings(),
             pod_settings(DockerMode::Dind),
             Callbacks::new(Duration::from_secs(2)),
+            Duration::from_secs(2),
             store,
             Arc::new(NoObserver),
         ))
     }
 
+    /// A BuildJob as the API server holds it: uid, resourceVersion, our finalizer.
     fn job_with(phase: Option<Phase>, callback: &str, pending_sent: bool) -> BuildJob {
         let mut j = job(phase);
         j.spec.callback = Some(callback.to_string());
         j.metadata.creation_timestamp = Some(Time(Timestamp::now()));
+        j.metadata.resource_version = Some("1".into());
+        j.metadata.finalizers = Some(vec![FINALIZER.into()]);
         let mut st = j.status.clone().unwrap_or_default();
         st.callbacks.pending = pending_sent;
         st.start_time = Some(Time(Timestamp::now()));
@@ -492,10 +826,28 @@ mod tests {
         j
     }
 
+    fn as_json(j: &BuildJob) -> Value {
+        serde_json::to_value(j).unwrap_or_default()
+    }
+
+    fn with_rv(j: &BuildJob, rv: &str) -> BuildJob {
+        let mut j = j.clone();
+        j.metadata.resource_version = Some(rv.into());
+        j
+    }
+
     fn other(name: &str, phase: Phase) -> BuildJob {
         let mut j = job(Some(phase));
         j.metadata.name = Some(name.into());
         j
+    }
+
+    /// The notify task's two calls: a fresh read, then the status marking `kind` sent.
+    fn recorded(after: &BuildJob, check: impl Fn(&Value) + Send + 'static) -> Vec<Expect> {
+        vec![
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(after))),
+            Expect::new(Method::PATCH, STATUS, 200, Some(as_json(after))).check(check),
+        ]
     }
 
     async fn play(
@@ -515,18 +867,33 @@ mod tests {
         (res, seen)
     }
 
-    fn running_pod() -> Value {
-        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod_name(JOB, 0), "namespace": "builds"},
-               "status": {"phase": "Running"}})
-    }
-
     #[tokio::test]
-    async fn a_new_job_gets_its_pod_its_status_and_one_pending_callback() {
+    async fn a_new_job_gets_its_pod_its_finalizer_its_status_and_one_pending_callback() {
         let rx = Receiver::start().await;
         let mut j = job_with(None, &rx.url, false);
         j.status = None;
-        let scenario = vec![
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json())),
+        j.metadata.finalizers = None;
+        let with_finalizer = {
+            let mut f = with_rv(&j, "2");
+            f.metadata.finalizers = Some(vec![FINALIZER.into()]);
+            f
+        };
+        let mut in_flight = with_rv(&with_finalizer, "3");
+        in_flight.status = Some(BuildJobStatus {
+            phase: Some(Phase::Pending),
+            callbacks: CallbacksSent {
+                in_flight: Some(CallbackInFlight {
+                    status: "pending".into(),
+                    by: "test".into(),
+                    since: Time(Timestamp::now()),
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        let mut scenario = vec![
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
             Expect::new(
                 Method::GET,
                 pod_path(0),
@@ -538,14 +905,25 @@ mod tests {
                 assert_eq!(b["metadata"]["ownerReferences"][0]["kind"], "BuildJob");
                 assert_eq!(b["spec"]["restartPolicy"], "Never");
             }),
-            Expect::new(Method::PATCH, STATUS, 200, Some(job_json())).check(|b| {
+            Expect::new(Method::PATCH, JOB_PATH, 200, Some(as_json(&with_finalizer))).check(|b| {
+                assert_eq!(b[0]["op"], "test", "optimistic: {b}");
+                assert_eq!(b[1]["value"][0], FINALIZER);
+            }),
+            Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&in_flight))).check(|b| {
+                assert_eq!(b["metadata"]["resourceVersion"], "2", "computed from rv 2");
                 assert_eq!(b["status"]["phase"], "Pending");
                 assert_eq!(b["status"]["callbacks"]["pending"], false);
-            }),
-            Expect::new(Method::PATCH, STATUS, 200, Some(job_json())).check(|b| {
-                assert_eq!(b["status"]["callbacks"]["pending"], true);
+                assert_eq!(b["status"]["callbacks"]["inFlight"]["status"], "pending");
+                assert_eq!(b["status"]["callbacks"]["inFlight"]["by"], "test");
+                assert!(b["status"]["timings"]["podCreatedMs"].is_u64(), "{b}");
             }),
         ];
+        scenario.extend(recorded(&in_flight, |b| {
+            assert_eq!(b["metadata"]["resourceVersion"], "3");
+            assert_eq!(b["status"]["callbacks"]["pending"], true);
+            assert!(b["status"]["callbacks"].get("inFlight").is_none(), "{b}");
+            assert_eq!(b["status"]["phase"], "Pending", "nothing else changes");
+        }));
         let (res, seen) = play(j, vec![], scenario).await;
         assert!(res.is_ok(), "{res:?}");
         assert_eq!(rx.statuses(), ["pending"]);
@@ -555,11 +933,85 @@ mod tests {
             got[0].1,
             json!({"id": 12, "status": "pending", "building": false, "type": "buildshuttle"})
         );
-        assert!(
-            seen.events.iter().any(|e| e["reason"] == "Started"),
-            "{:?}",
-            seen.events
+        assert!(seen.events.iter().any(|e| e["reason"] == "Started"));
+    }
+
+    #[tokio::test]
+    async fn a_stale_status_write_sends_nothing_and_reads_again() {
+        let rx = Receiver::start().await;
+        let mut j = job_with(None, &rx.url, false);
+        j.status = None;
+        let scenario = vec![
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+            Expect::new(
+                Method::GET,
+                pod_path(0),
+                404,
+                Some(status_error(404, "NotFound")),
+            ),
+            Expect::new(Method::POST, PODS, 201, None),
+            Expect::new(
+                Method::PATCH,
+                STATUS,
+                409,
+                Some(status_error(409, "Conflict")),
+            ),
+        ];
+        let (res, _) = play(j.clone(), vec![], scenario).await;
+        let err = res
+            .err()
+            .unwrap_or_else(|| panic!("a conflict is reported"));
+        assert!(matches!(err, Error::Stale), "{err}");
+        assert!(rx.statuses().is_empty(), "no callback without its record");
+        let ctx = context(mock::client().0, vec![]);
+        assert_eq!(
+            error_policy(Arc::new(j), &err, ctx),
+            Requeue::requeue(Duration::from_millis(100))
         );
+    }
+
+    #[tokio::test]
+    async fn a_callback_another_controller_is_sending_is_not_sent_again() {
+        let rx = Receiver::start().await;
+        let mut j = job_with(Some(Phase::Running), &rx.url, false);
+        let snapshot = j.clone();
+        if let Some(st) = j.status.as_mut() {
+            st.callbacks.in_flight = Some(CallbackInFlight {
+                status: "pending".into(),
+                by: "the-old-leader".into(),
+                since: Time(Timestamp::now()),
+            });
+            st.conditions = decide::decide(
+                &Inputs {
+                    job: &snapshot,
+                    pod: serde_json::from_value::<Pod>(owned_pod("Running", "uid-1"))
+                        .ok()
+                        .as_ref(),
+                    running: 0,
+                    queued_ahead: 0,
+                    now: Timestamp::now(),
+                },
+                &settings(),
+            )
+            .status
+            .conditions;
+        }
+        let scenario = vec![
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+            Expect::new(
+                Method::GET,
+                pod_path(0),
+                200,
+                Some(owned_pod("Running", "uid-1")),
+            ),
+        ];
+        let (res, _) = play(j, vec![], scenario).await;
+        let action = res.unwrap_or_else(|e| panic!("{e}"));
+        assert!(rx.statuses().is_empty());
+        // It looks again once the other sender's whole budget (2 s + 60 s) has passed.
+        assert!(action != Requeue::await_change(), "{action:?}");
     }
 
     #[tokio::test]
@@ -569,20 +1021,21 @@ mod tests {
         j.status = Some(BuildJobStatus {
             callbacks: CallbacksSent {
                 pending: true,
-                final_: false,
+                ..Default::default()
             },
             ..Default::default()
         });
         let others = vec![other("a-1", Phase::Running), other("b-1", Phase::Pending)];
         let scenario = vec![
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json())),
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
             Expect::new(
                 Method::GET,
                 pod_path(0),
                 404,
                 Some(status_error(404, "NotFound")),
             ),
-            Expect::new(Method::PATCH, STATUS, 200, Some(job_json()))
+            Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&j)))
                 .check(|b| assert_eq!(b["status"]["phase"], "Queued")),
         ];
         let (res, seen) = play(j, others, scenario).await;
@@ -595,21 +1048,28 @@ mod tests {
     async fn an_unchanged_status_is_not_written() {
         let rx = Receiver::start().await;
         let mut j = job_with(Some(Phase::Running), &rx.url, true);
-        // The status a previous reconcile wrote for a running pod.
         let d = decide::decide(
             &Inputs {
                 job: &j,
-                pod: serde_json::from_value::<Pod>(running_pod()).ok().as_ref(),
+                pod: serde_json::from_value::<Pod>(owned_pod("Running", "uid-1"))
+                    .ok()
+                    .as_ref(),
                 running: 0,
                 queued_ahead: 0,
                 now: Timestamp::now(),
             },
-            &context(mock::client().0, vec![]).settings,
+            &settings(),
         );
         j.status = Some(d.status);
         let scenario = vec![
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json())),
-            Expect::new(Method::GET, pod_path(0), 200, Some(running_pod())),
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+            Expect::new(
+                Method::GET,
+                pod_path(0),
+                200,
+                Some(owned_pod("Running", "uid-1")),
+            ),
         ];
         let (res, seen) = play(j, vec![], scenario).await;
         assert!(res.is_ok(), "{res:?}");
@@ -621,39 +1081,61 @@ mod tests {
         let rx = Receiver::start().await;
         let j = job_with(Some(Phase::Running), &rx.url, true);
         let msg = success_message();
-        let pod = serde_json::to_value(ended_pod("Succeeded", None, 0, "Completed", Some(&msg)))
-            .unwrap_or_default();
-        let scenario = vec![
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json())),
-            Expect::new(Method::GET, pod_path(0), 200, Some(pod)),
-            Expect::new(Method::PATCH, STATUS, 200, Some(job_json())).check(|b| {
-                assert_eq!(b["status"]["phase"], "Succeeded");
-                assert_eq!(b["status"]["image"], "r/a:1.12");
-                assert_eq!(b["status"]["digest"], "sha256:abc");
-                assert_eq!(
-                    b["status"]["callbacks"]["final"], false,
-                    "recorded only after delivery"
-                );
-            }),
-            Expect::new(Method::PATCH, STATUS, 200, Some(job_json()))
-                .check(|b| assert_eq!(b["status"]["callbacks"]["final"], true)),
-        ];
-        let (res, _) = play(j.clone(), vec![], scenario).await;
-        assert!(res.is_ok(), "{res:?}");
-        assert_eq!(rx.statuses(), ["succeeded"]);
-
-        // The next reconcile (status now recorded) sends nothing and calls nothing.
-        let mut done = j;
+        let mut pod =
+            serde_json::to_value(ended_pod("Succeeded", None, 0, "Completed", Some(&msg)))
+                .unwrap_or_default();
+        pod["metadata"]["ownerReferences"] =
+            owned_pod("x", "uid-1")["metadata"]["ownerReferences"].clone();
+        let mut done = with_rv(&j, "2");
         done.status = Some(BuildJobStatus {
             phase: Some(Phase::Succeeded),
             completion_time: Some(Time(Timestamp::now())),
             callbacks: CallbacksSent {
                 pending: true,
-                final_: true,
+                final_: false,
+                in_flight: Some(CallbackInFlight {
+                    status: "succeeded".into(),
+                    by: "test".into(),
+                    since: Time(Timestamp::now()),
+                }),
             },
             ..Default::default()
         });
-        let (res, _) = play(done, vec![], vec![]).await;
+        let mut scenario = vec![
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+            Expect::new(Method::GET, pod_path(0), 200, Some(pod)),
+            Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&done))).check(|b| {
+                assert_eq!(b["status"]["phase"], "Succeeded");
+                assert_eq!(b["status"]["image"], "r/a:1.12");
+                assert_eq!(b["status"]["digest"], "sha256:abc");
+                assert_eq!(
+                    b["status"]["callbacks"]["final"], false,
+                    "recorded after delivery"
+                );
+                assert_eq!(b["status"]["callbacks"]["inFlight"]["status"], "succeeded");
+            }),
+        ];
+        scenario.extend(recorded(&done, |b| {
+            assert_eq!(b["status"]["callbacks"]["final"], true);
+            assert!(b["status"]["timings"]["finalCallbackMs"].is_u64(), "{b}");
+        }));
+        let (res, _) = play(j.clone(), vec![], scenario).await;
+        assert!(res.is_ok(), "{res:?}");
+        assert_eq!(rx.statuses(), ["succeeded"]);
+
+        // The next reconcile (everything recorded) sends nothing and writes nothing.
+        let mut all = done.clone();
+        if let Some(st) = all.status.as_mut() {
+            st.callbacks.final_ = true;
+            st.callbacks.in_flight = None;
+        }
+        let (res, _) = play(
+            all.clone(),
+            vec![],
+            vec![Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&all)))],
+        )
+        .await;
         assert!(res.is_ok(), "{res:?}");
         assert_eq!(rx.statuses(), ["succeeded"], "never twice");
     }
@@ -663,18 +1145,44 @@ mod tests {
         let rx = Receiver::start().await;
         let mut j = job_with(Some(Phase::Running), &rx.url, true);
         j.spec.cancelled = true;
-        let scenario = vec![
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json())),
-            Expect::new(Method::GET, pod_path(0), 200, Some(running_pod())),
-            Expect::new(Method::DELETE, pod_path(0), 200, Some(running_pod())),
-            Expect::new(Method::PATCH, STATUS, 200, Some(job_json())).check(|b| {
+        let mut failed = with_rv(&j, "2");
+        failed.status = Some(BuildJobStatus {
+            phase: Some(Phase::Failed),
+            callbacks: CallbacksSent {
+                pending: true,
+                final_: false,
+                in_flight: Some(CallbackInFlight {
+                    status: "failed".into(),
+                    by: "test".into(),
+                    since: Time(Timestamp::now()),
+                }),
+            },
+            ..Default::default()
+        });
+        let mut scenario = vec![
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+            Expect::new(
+                Method::GET,
+                pod_path(0),
+                200,
+                Some(owned_pod("Running", "uid-1")),
+            ),
+            Expect::new(
+                Method::DELETE,
+                pod_path(0),
+                200,
+                Some(owned_pod("Running", "uid-1")),
+            ),
+            Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&failed))).check(|b| {
                 assert_eq!(b["status"]["phase"], "Failed");
                 assert_eq!(b["status"]["conditions"][0]["reason"], "Cancelled");
                 assert_eq!(b["status"]["conditions"][0]["status"], "False");
             }),
-            Expect::new(Method::PATCH, STATUS, 200, Some(job_json()))
-                .check(|b| assert_eq!(b["status"]["callbacks"]["final"], true)),
         ];
+        scenario.extend(recorded(&failed, |b| {
+            assert_eq!(b["status"]["callbacks"]["final"], true)
+        }));
         let (res, seen) = play(j, vec![], scenario).await;
         assert!(res.is_ok(), "{res:?}");
         assert_eq!(rx.statuses(), ["failed"]);
@@ -685,50 +1193,218 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_deleted_running_job_stops_its_pod_sends_failed_then_lets_go() {
+        let rx = Receiver::start().await;
+        let mut j = job_with(Some(Phase::Running), &rx.url, true);
+        j.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+        let mut failed = with_rv(&j, "2");
+        failed.status = Some(BuildJobStatus {
+            phase: Some(Phase::Failed),
+            completion_time: Some(Time(Timestamp::now())),
+            callbacks: CallbacksSent {
+                pending: true,
+                final_: false,
+                in_flight: Some(CallbackInFlight {
+                    status: "failed".into(),
+                    by: "test".into(),
+                    since: Time(Timestamp::now()),
+                }),
+            },
+            ..Default::default()
+        });
+        let mut scenario = vec![
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+            Expect::new(
+                Method::GET,
+                pod_path(0),
+                200,
+                Some(owned_pod("Running", "uid-1")),
+            ),
+            Expect::new(
+                Method::DELETE,
+                pod_path(0),
+                200,
+                Some(owned_pod("Running", "uid-1")),
+            ),
+            Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&failed))).check(|b| {
+                assert_eq!(b["status"]["phase"], "Failed");
+                assert_eq!(b["status"]["conditions"][0]["reason"], "Deleted");
+            }),
+        ];
+        scenario.extend(recorded(&failed, |b| {
+            assert_eq!(b["status"]["callbacks"]["final"], true)
+        }));
+        let (res, _) = play(j, vec![], scenario).await;
+        assert!(res.is_ok(), "{res:?}");
+        assert_eq!(rx.statuses(), ["failed"]);
+
+        // Once the final callback is recorded, the finalizer goes (and nothing is sent).
+        let mut sent = failed.clone();
+        if let Some(st) = sent.status.as_mut() {
+            st.callbacks.final_ = true;
+            st.callbacks.in_flight = None;
+        }
+        let scenario = vec![
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&sent))),
+            Expect::new(Method::PATCH, JOB_PATH, 200, Some(as_json(&sent))).check(|b| {
+                assert_eq!(b[0]["op"], "test");
+                assert_eq!(b[1]["op"], "remove");
+                assert_eq!(b[1]["path"], "/metadata/finalizers/0");
+            }),
+        ];
+        let (res, _) = play(sent, vec![], scenario).await;
+        assert!(res.is_ok(), "{res:?}");
+        assert_eq!(rx.statuses(), ["failed"]);
+    }
+
+    #[tokio::test]
     async fn a_finished_job_past_its_ttl_is_deleted() {
-        let mut j = job(Some(Phase::Failed));
+        let mut j = job_with(Some(Phase::Failed), "http://127.0.0.1:9/cb", true);
         j.status = Some(BuildJobStatus {
             phase: Some(Phase::Failed),
             completion_time: Some(Time(Timestamp::UNIX_EPOCH)),
             callbacks: CallbacksSent {
                 pending: true,
                 final_: true,
+                in_flight: None,
             },
             ..Default::default()
         });
-        let path = "/apis/buildshuttle.akkeris.io/v1/namespaces/builds/buildjobs/myapp-0b1c2d3e-aaaa-bbbb-cccc-111122223333-12";
         let ok = json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200});
         let (res, _) = play(
-            j,
+            j.clone(),
             vec![],
-            vec![Expect::new(Method::DELETE, path, 200, Some(ok))],
+            vec![
+                Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+                Expect::new(Method::DELETE, JOB_PATH, 200, Some(ok)),
+            ],
         )
         .await;
         assert!(res.is_ok(), "{res:?}");
     }
 
     #[tokio::test]
-    async fn a_pod_the_api_server_refuses_fails_the_build() {
+    async fn a_pod_admission_refuses_fails_the_build_at_once() {
         let rx = Receiver::start().await;
         let mut j = job_with(None, &rx.url, false);
         j.status = None;
+        let mut refused = status_error(403, "Forbidden");
+        refused["message"] = json!("pods \"x\" is forbidden: violates PodSecurity \"baseline:latest\": privileged (container \"dind\" must not set securityContext.privileged=true)");
         let scenario = vec![
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json())),
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
             Expect::new(
                 Method::GET,
                 pod_path(0),
                 404,
                 Some(status_error(404, "NotFound")),
             ),
-            Expect::new(Method::POST, PODS, 422, Some(status_error(422, "Invalid"))),
-            Expect::new(Method::PATCH, STATUS, 200, Some(job_json())).check(|b| {
+            Expect::new(Method::POST, PODS, 403, Some(refused)),
+            Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&j))).check(|b| {
                 assert_eq!(b["status"]["phase"], "Failed");
                 assert_eq!(b["status"]["conditions"][0]["reason"], "PodRejected");
+                let msg = b["status"]["conditions"][0]["message"]
+                    .as_str()
+                    .unwrap_or("");
+                assert!(msg.contains("PodSecurity"), "the API's message: {msg}");
             }),
         ];
         let (res, seen) = play(j, vec![], scenario).await;
-        assert_eq!(res.ok(), Some(Requeue::requeue(Duration::from_secs(1))));
+        assert_eq!(res.ok(), Some(Requeue::requeue(Duration::from_millis(200))));
         assert!(seen.events.iter().any(|e| e["reason"] == "PodRejected"));
+    }
+
+    #[tokio::test]
+    async fn a_quota_refusal_is_retried_a_bounded_number_of_times() {
+        let rx = Receiver::start().await;
+        let mut j = job_with(None, &rx.url, true);
+        j.status = Some(BuildJobStatus {
+            callbacks: CallbacksSent {
+                pending: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        let mut quota = status_error(403, "Forbidden");
+        quota["message"] = json!("pods \"x\" is forbidden: exceeded quota: builds, requested: pods=1, used: pods=10, limited: pods=10");
+        let scenario = |q: Value, retries: u32| {
+            vec![
+                Expect::new(Method::GET, JOB_PATH, 200, None),
+                Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+                Expect::new(
+                    Method::GET,
+                    pod_path(0),
+                    404,
+                    Some(status_error(404, "NotFound")),
+                ),
+                Expect::new(Method::POST, PODS, 403, Some(q)),
+                Expect::new(Method::PATCH, STATUS, 200, None).check(move |b| {
+                    if retries < 2 {
+                        assert_eq!(b["status"]["admissionRetries"], retries + 1);
+                        assert!(b["status"].get("phase").is_none(), "no slot held: {b}");
+                    } else {
+                        assert_eq!(b["status"]["phase"], "Failed");
+                        assert_eq!(b["status"]["conditions"][0]["reason"], "PodRejected");
+                    }
+                }),
+            ]
+        };
+        for retries in 0..3 {
+            let mut jr = j.clone();
+            if let Some(st) = jr.status.as_mut() {
+                st.admission_retries = retries;
+            }
+            let mut s = scenario(quota.clone(), retries);
+            s[0].response = Some(as_json(&jr));
+            s[4].response = Some(as_json(&jr));
+            let (res, _) = play(jr, vec![], s).await;
+            assert!(res.is_ok(), "{res:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pod_of_an_earlier_job_with_the_same_name_is_removed_not_adopted() {
+        let rx = Receiver::start().await;
+        let j = job_with(Some(Phase::Running), &rx.url, true);
+        let scenario = vec![
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+            Expect::new(
+                Method::GET,
+                pod_path(0),
+                200,
+                Some(owned_pod("Succeeded", "uid-old")),
+            ),
+            Expect::new(
+                Method::DELETE,
+                pod_path(0),
+                200,
+                Some(owned_pod("Succeeded", "uid-old")),
+            ),
+        ];
+        let (res, _) = play(j, vec![], scenario).await;
+        assert_eq!(res.ok(), Some(Requeue::requeue(Duration::from_secs(2))));
+        assert!(rx.statuses().is_empty(), "an old pod's success is not ours");
+    }
+
+    #[tokio::test]
+    async fn a_credentials_secret_the_job_does_not_own_is_not_used() {
+        let rx = Receiver::start().await;
+        let mut j = job_with(None, &rx.url, false);
+        j.status = None;
+        let scenario = vec![
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+            Expect::new(
+                Method::GET,
+                secret_path(),
+                200,
+                Some(secret_json("someone-else")),
+            ),
+        ];
+        let (res, _) = play(j, vec![], scenario).await;
+        assert_eq!(res.ok(), Some(Requeue::requeue(Duration::from_secs(2))));
+        assert!(rx.statuses().is_empty(), "waits as if it were missing");
     }
 
     #[tokio::test]
@@ -749,12 +1425,15 @@ mod tests {
         let rx = Receiver::start().await;
         let mut j = job_with(None, &rx.url, false);
         j.status = None;
-        let scenario = vec![Expect::new(
-            Method::GET,
-            secret_path(),
-            404,
-            Some(status_error(404, "NotFound")),
-        )];
+        let scenario = vec![
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+            Expect::new(
+                Method::GET,
+                secret_path(),
+                404,
+                Some(status_error(404, "NotFound")),
+            ),
+        ];
         let (res, seen) = play(j, vec![], scenario).await;
         let action = res.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(action, Requeue::requeue(Duration::from_secs(2)));
@@ -769,7 +1448,8 @@ mod tests {
     async fn api_errors_are_transient_and_bad_pods_permanent() {
         let j = job_with(Some(Phase::Running), "http://127.0.0.1:9/cb", true);
         let scenario = vec![
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json())),
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
             Expect::new(
                 Method::GET,
                 pod_path(0),
@@ -781,5 +1461,25 @@ mod tests {
         let err = res.err().unwrap_or_else(|| panic!("expected an error"));
         assert!(!err.is_permanent(), "{err}");
         assert!(Error::Pod(PodError::NoUid).is_permanent());
+    }
+
+    #[test]
+    fn backoff_grows_per_object_with_jitter_and_is_capped() {
+        assert_eq!(backoff(1, false, 0.5), Duration::from_secs(1));
+        assert_eq!(backoff(4, false, 0.5), Duration::from_secs(8));
+        assert_eq!(backoff(40, false, 0.5), Duration::from_secs(300));
+        assert_eq!(backoff(1, true, 0.5), Duration::from_secs(300));
+        assert!(backoff(4, false, 0.0) < backoff(4, false, 0.99));
+        assert_eq!(backoff(4, false, 0.0), Duration::from_secs(4));
+    }
+
+    #[test]
+    fn event_notes_are_cut_to_1024_bytes_on_a_character_boundary() {
+        let note = "é".repeat(600); // 1200 bytes
+        let cut = cut_note(&note, EVENT_NOTE_BYTES);
+        assert!(cut.len() <= 1024);
+        assert_eq!(cut.len(), 1024);
+        assert!(cut.chars().all(|c| c == 'é'));
+        assert_eq!(cut_note("short", EVENT_NOTE_BYTES), "short");
     }
 }

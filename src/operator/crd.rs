@@ -44,6 +44,7 @@ pub struct BuildJobSpec {
     pub app: String,
     pub space: String,
     pub app_uuid: String,
+    #[schemars(schema_with = "int64")]
     pub build_number: u64,
     /// Where the sources come from, without credentials.
     pub source: SourceRef,
@@ -69,7 +70,9 @@ pub struct BuildJobSpec {
     pub docker_registry: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub docker_login: Option<String>,
-    /// Name of the Secret (same namespace) holding this build's credentials.
+    /// Name of the Secret (same namespace) holding this build's credentials. For people
+    /// only: the controller derives the name from the BuildJob's own name and checks that the
+    /// Secret is owned by this BuildJob, so a spec cannot point at another build's Secret.
     pub credentials_secret: String,
     /// Set to stop the build: the controller deletes its pod and records `Cancelled`.
     #[serde(default)]
@@ -150,12 +153,68 @@ pub struct CallbacksSent {
     pub pending: bool,
     #[serde(default, rename = "final")]
     pub final_: bool,
+    /// A callback being delivered right now. Written (with the resourceVersion it was
+    /// decided from) before the first byte is sent, so a second controller, or the next
+    /// leader, never sends it again while its sender may still be at it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<CallbackInFlight>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CallbackInFlight {
+    /// `pending`, `succeeded` or `failed`.
+    pub status: String,
+    /// The controller identity that sends it.
+    pub by: String,
+    pub since: Time,
+}
+
+/// Where a build's time went. Milestones are milliseconds after the BuildJob was created;
+/// `stages` are the worker's own stage durations (fetch, store, context, build, push).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildTimings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "opt_int64")]
+    pub pod_created_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "opt_int64")]
+    pub pod_running_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "opt_int64")]
+    pub worker_done_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "opt_int64")]
+    pub final_callback_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "int64_map")]
+    pub stages: BTreeMap<String, u64>,
+}
+
+// Kubernetes' OpenAPI knows int32/int64 only (schemars would say uint64/uint32), and an
+// `enum` listing `null` is not structural: these spell the schemas the API server expects.
+fn int64(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "integer", "format": "int64", "minimum": 0})
+}
+fn opt_int64(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "integer", "format": "int64", "minimum": 0, "nullable": true})
+}
+fn int32(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "integer", "format": "int32", "minimum": 0, "default": 0})
+}
+fn int64_map(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "object", "additionalProperties": {"type": "integer", "format": "int64"}})
+}
+fn phase_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "string", "enum": ["Queued", "Pending", "Running", "Succeeded", "Failed"]})
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BuildJobStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "phase_schema")]
     pub phase: Option<Phase>,
     #[serde(default)]
     pub conditions: Vec<BuildCondition>,
@@ -171,9 +230,22 @@ pub struct BuildJobStatus {
     pub digest: Option<String>,
     #[serde(default)]
     pub callbacks: CallbacksSent,
-    /// How many times the worker pod was lost (evicted or deleted) and re-created.
+    /// How many times the worker pod was lost (evicted, deleted, its node gone) and
+    /// re-created.
     #[serde(default)]
+    #[schemars(schema_with = "int32")]
     pub pod_retries: u32,
+    /// How many times creating the worker pod was refused for a reason that may pass
+    /// (a ResourceQuota), and retried.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    #[schemars(schema_with = "int32")]
+    pub admission_retries: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings: Option<BuildTimings>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl BuildJobStatus {
@@ -186,6 +258,10 @@ impl BuildJobStatus {
             c.last_transition_time = None;
         }
         s
+    }
+
+    pub fn timings_mut(&mut self) -> &mut BuildTimings {
+        self.timings.get_or_insert_with(BuildTimings::default)
     }
 
     pub fn condition(&self) -> Option<&BuildCondition> {
@@ -214,6 +290,10 @@ pub mod labels {
 pub fn job_name(app: &str, app_uuid: &str, build_number: u64) -> String {
     format!("{app}-{app_uuid}-{build_number}").to_ascii_lowercase()
 }
+
+/// Held by every BuildJob until its final callback is sent: deleting a running BuildJob
+/// stops its pod and tells controller-api `failed` before the object goes.
+pub const FINALIZER: &str = "buildshuttle.akkeris.io/final-callback";
 
 /// The name of a BuildJob's credentials Secret.
 pub fn secret_name(job: &str) -> String {

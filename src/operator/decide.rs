@@ -25,6 +25,14 @@ pub struct Settings {
     /// started it (activeDeadlineSeconds only counts once it has).
     pub timeout: Duration,
     pub stuck_grace: Duration,
+    /// POD_PENDING_LIMIT_SECONDS: an unschedulable worker pod fails the build this long
+    /// after it was created.
+    pub pending_limit: Duration,
+    /// How many times a pod refused for a reason that may pass (a ResourceQuota) is retried.
+    pub max_admission_retries: u32,
+    /// A pod still terminating this long after its deletion deadline is lost (its node is
+    /// gone): it is force-deleted and the build goes on without it.
+    pub lost_pod_grace: Duration,
 }
 
 /// What the decision is made from.
@@ -38,6 +46,9 @@ pub struct Inputs<'a> {
     pub queued_ahead: usize,
     pub now: Timestamp,
 }
+
+/// The finalizer that holds a BuildJob until its final callback is sent.
+pub use super::crd::FINALIZER;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CallbackKind {
@@ -61,7 +72,13 @@ pub enum Action {
     },
     DeletePod {
         name: String,
+        /// Grace period 0: the pod's node is gone, nobody will stop it gracefully.
+        force: bool,
     },
+    /// Put the finalizer on the BuildJob (it lacks it, e.g. made by hand).
+    AddFinalizer,
+    /// The final callback is sent: let a deleted BuildJob go.
+    RemoveFinalizer,
     /// Send, then record in status (`callbacks.pending` / `callbacks.final`).
     SendCallback(CallbackKind),
     RecordEvent(EventNote),
@@ -76,10 +93,49 @@ pub struct Decision {
     pub actions: Vec<Action>,
 }
 
+/// What to do about a callback `decide` says is owed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallbackPlan {
+    /// Record the intent (`callbacks.inFlight`), then send.
+    Send,
+    /// This process is sending it: the sender records the result.
+    InProgress,
+    /// Another sender (or this identity before a restart) may be at it: look again then.
+    Wait(Duration),
+}
+
+/// Whether this controller may send an owed callback now. A recorded in-flight send by
+/// anyone else is trusted for `takeover_after` (the sender's whole retry budget plus a
+/// margin): long enough that a live sender has finished, so taking over re-sends only for a
+/// sender that died mid-delivery.
+pub fn callback_plan(
+    sent: &super::crd::CallbacksSent,
+    me: &str,
+    sending_here: bool,
+    now: Timestamp,
+    takeover_after: Duration,
+) -> CallbackPlan {
+    let Some(f) = &sent.in_flight else {
+        return CallbackPlan::Send;
+    };
+    if f.by == me && sending_here {
+        return CallbackPlan::InProgress;
+    }
+    let age = elapsed(f.since.0, now);
+    if age >= takeover_after {
+        CallbackPlan::Send
+    } else {
+        CallbackPlan::Wait(takeover_after - age)
+    }
+}
+
 /// How a pod ended, from its status.
 #[derive(Clone, Debug, PartialEq)]
 pub enum PodEnd {
     Evicted(String),
+    /// Ended by something that is not the build's fault (drain, preemption, node
+    /// shutdown, a deletion by someone else): the pod is re-created.
+    Disrupted(String),
     DeadlineExceeded,
     OomKilled,
     /// The worker container exited; `outcome` is its termination message when it parses.
@@ -94,15 +150,53 @@ pub enum PodEnd {
 #[derive(Clone, Debug, PartialEq)]
 pub enum PodState {
     Absent,
-    Terminating,
-    Pending,
+    /// Being deleted (by someone else: the controller never waits on its own deletions).
+    /// `overdue`: still there well past its deletion deadline, so its node is gone.
+    Terminating {
+        overdue: bool,
+    },
+    Pending(Option<StartProblem>),
     Running,
     Ended(PodEnd),
 }
 
+/// Why a pending pod's containers do not start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StartProblem {
+    /// The kubelet's or scheduler's reason (ImagePullBackOff, Unschedulable, …).
+    pub reason: String,
+    pub message: String,
+    /// It will not pass by waiting: fail the build now.
+    pub fatal: bool,
+    /// The scheduler found no node: fails after `pending_limit`.
+    pub unschedulable: bool,
+    pub pod_created: Option<Timestamp>,
+}
+
+/// Container waiting reasons that mean the pod will never start as it is.
+const FATAL_WAITING: &[&str] = &[
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "ErrImageNeverPull",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+];
+
+/// Pod `status.reason`s of pods ended by the node or the cluster, not by the build.
+const DISRUPTION_REASONS: &[&str] = &[
+    "NodeShutdown",
+    "Shutdown",
+    "Terminated",
+    "UnexpectedAdmissionError",
+    "NodeAffinity",
+    "Preempting",
+    "OutOfcpu",
+    "OutOfmemory",
+];
+
 /// Reads a pod's status. Never assumes success: an ended pod's outcome comes only from the
 /// worker's termination message together with its exit code.
-pub fn classify(pod: Option<&Pod>) -> PodState {
+pub fn classify(pod: Option<&Pod>, now: Timestamp, lost_pod_grace: Duration) -> PodState {
     let Some(pod) = pod else {
         return PodState::Absent;
     };
@@ -111,17 +205,23 @@ pub fn classify(pod: Option<&Pod>) -> PodState {
     let pod_reason = status.reason.clone().unwrap_or_default();
     let ended = matches!(phase, "Succeeded" | "Failed");
     if !ended {
-        if pod.metadata.deletion_timestamp.is_some() {
-            return PodState::Terminating;
+        if let Some(deadline) = &pod.metadata.deletion_timestamp {
+            let overdue =
+                now.duration_since(deadline.0).as_secs() >= lost_pod_grace.as_secs() as i64;
+            return PodState::Terminating { overdue };
         }
-        return if phase == "Running" {
+        // `Unknown` (the node stopped reporting) is not a step back to Pending.
+        return if phase == "Running" || phase == "Unknown" {
             PodState::Running
         } else {
-            PodState::Pending
+            PodState::Pending(start_problem(pod))
         };
     }
     if pod_reason == "Evicted" {
         return PodState::Ended(PodEnd::Evicted(status.message.clone().unwrap_or_default()));
+    }
+    if let Some(why) = disruption(&status) {
+        return PodState::Ended(PodEnd::Disrupted(why));
     }
     if pod_reason == "DeadlineExceeded" {
         return PodState::Ended(PodEnd::DeadlineExceeded);
@@ -152,6 +252,78 @@ pub fn classify(pod: Option<&Pod>) -> PodState {
     }
 }
 
+/// Why a pod ended that was not the build's doing: a `DisruptionTarget` condition (drain,
+/// Eviction API, preemption, taint manager, graceful node shutdown) or a node-side reason.
+fn disruption(status: &k8s_openapi::api::core::v1::PodStatus) -> Option<String> {
+    if let Some(c) = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "DisruptionTarget" && c.status == "True")
+    {
+        return Some(format!(
+            "{}: {}",
+            c.reason.as_deref().unwrap_or("DisruptionTarget"),
+            c.message.as_deref().unwrap_or("the pod was disrupted")
+        ));
+    }
+    let reason = status.reason.as_deref().unwrap_or("");
+    if DISRUPTION_REASONS.contains(&reason) {
+        return Some(format!(
+            "{reason}: {}",
+            status
+                .message
+                .as_deref()
+                .unwrap_or("the pod was stopped by its node")
+        ));
+    }
+    None
+}
+
+/// Why a pending pod does not start, if the kubelet or the scheduler says.
+fn start_problem(pod: &Pod) -> Option<StartProblem> {
+    let status = pod.status.as_ref()?;
+    let pod_created = pod.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    let waiting = status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten())
+        .find_map(|c| {
+            let w = c.state.as_ref()?.waiting.as_ref()?;
+            let reason = w.reason.clone()?;
+            (reason != "ContainerCreating" && reason != "PodInitializing").then(|| {
+                (
+                    c.name.clone(),
+                    reason,
+                    w.message.clone().unwrap_or_default(),
+                )
+            })
+        });
+    if let Some((container, reason, message)) = waiting {
+        let fatal = FATAL_WAITING.contains(&reason.as_str());
+        return Some(StartProblem {
+            message: format!("container {container}: {message}"),
+            reason,
+            fatal,
+            unschedulable: false,
+            pod_created,
+        });
+    }
+    let unschedulable = status.conditions.iter().flatten().find(|c| {
+        c.type_ == "PodScheduled"
+            && c.status == "False"
+            && c.reason.as_deref() == Some("Unschedulable")
+    })?;
+    Some(StartProblem {
+        reason: "Unschedulable".into(),
+        message: unschedulable.message.clone().unwrap_or_default(),
+        fatal: false,
+        unschedulable: true,
+        pod_created,
+    })
+}
+
 /// The worker's outcome JSON; the kubelet may cut it at 4 KiB, so a cut message is `None`.
 pub fn parse_termination_message(message: &str) -> Option<Outcome> {
     serde_json::from_str(message.trim()).ok()
@@ -171,6 +343,9 @@ pub mod reasons {
     pub const WORKER_FAILED: &str = "WorkerFailed";
     pub const NO_OUTCOME: &str = "NoOutcome";
     pub const POD_REJECTED: &str = "PodRejected";
+    pub const POD_DISRUPTED: &str = "PodDisrupted";
+    pub const UNSCHEDULABLE: &str = "Unschedulable";
+    pub const DELETED: &str = "Deleted";
 }
 
 /// Requeue intervals.
@@ -185,25 +360,31 @@ pub fn decide(input: &Inputs<'_>, settings: &Settings) -> Decision {
     let mut st = prev.clone();
     let mut actions = Vec::new();
     let mut events = Vec::new();
-    let pod = classify(input.pod);
+    let pod = classify(input.pod, now, settings.lost_pod_grace);
     let current_pod = pod_name(&job.name_any(), st.pod_retries);
+    let deleting = job.metadata.deletion_timestamp.is_some();
 
     let finished = prev.phase.is_some_and(Phase::is_finished);
     if !finished {
-        let cancel_now = job.spec.cancelled && !matches!(pod, PodState::Ended(_));
+        let stop = job.spec.cancelled || deleting;
+        let cancel_now = stop && !matches!(pod, PodState::Ended(_));
         if cancel_now {
             let started = !matches!(pod, PodState::Absent);
-            if matches!(pod, PodState::Pending | PodState::Running) {
+            if matches!(pod, PodState::Pending(_) | PodState::Running) {
                 actions.push(Action::DeletePod {
                     name: current_pod.clone(),
+                    force: false,
                 });
             }
-            let msg = if started {
-                "stopped by request"
-            } else {
-                "stopped by request before it started"
+            let (reason, msg) = match (deleting, started) {
+                (true, _) => (
+                    reasons::DELETED,
+                    "the BuildJob was deleted while the build was on its way",
+                ),
+                (false, true) => (reasons::CANCELLED, "stopped by request"),
+                (false, false) => (reasons::CANCELLED, "stopped by request before it started"),
             };
-            finish_failed(&mut st, reasons::CANCELLED, msg, now, &mut events);
+            finish_failed(&mut st, reason, msg, now, &mut events);
         } else {
             step(
                 input,
@@ -214,6 +395,19 @@ pub fn decide(input: &Inputs<'_>, settings: &Settings) -> Decision {
                 &mut actions,
                 &mut events,
             );
+        }
+    }
+
+    // Milestones for `status.timings`, in milliseconds after the BuildJob was created.
+    if let Some(created) = job.creation_timestamp().map(|c| c.0) {
+        let ms = u64::try_from(now.duration_since(created).as_millis()).ok();
+        if st.phase == Some(Phase::Running) && prev.phase != Some(Phase::Running) {
+            st.timings_mut()
+                .pod_running_ms
+                .get_or_insert(ms.unwrap_or(0));
+        }
+        if st.phase.is_some_and(Phase::is_finished) && !finished {
+            st.timings_mut().worker_done_ms = ms;
         }
     }
 
@@ -232,7 +426,16 @@ pub fn decide(input: &Inputs<'_>, settings: &Settings) -> Decision {
     }
     actions.extend(events.into_iter().map(Action::RecordEvent));
 
-    if ended && st.callbacks.pending && st.callbacks.final_ {
+    let has_finalizer = job.finalizers().iter().any(|f| f == FINALIZER);
+    let all_sent = ended && st.callbacks.pending && st.callbacks.final_;
+    if deleting {
+        if all_sent && has_finalizer {
+            actions.push(Action::RemoveFinalizer);
+        }
+    } else if !has_finalizer && !all_sent {
+        actions.push(Action::AddFinalizer);
+    }
+    if all_sent && !deleting {
         let done = st.completion_time.as_ref().map(|t| t.0).unwrap_or(now);
         let age = elapsed(done, now);
         if age >= settings.finished_ttl {
@@ -295,8 +498,53 @@ fn step(
             actions,
             events,
         ),
-        PodState::Terminating => actions.push(Action::Requeue(TERMINATING_RECHECK)),
-        PodState::Pending | PodState::Running => {
+        // Deleted by someone else: wait for it to end (its outcome may still be a success)…
+        PodState::Terminating { overdue: false } => {
+            actions.push(Action::Requeue(TERMINATING_RECHECK))
+        }
+        // …unless its node is gone and nobody will ever finish the deletion.
+        PodState::Terminating { overdue: true } => {
+            actions.push(Action::DeletePod {
+                name: current_pod.to_string(),
+                force: true,
+            });
+            retry_lost_pod(
+                st,
+                settings,
+                current_pod,
+                reasons::POD_LOST,
+                "the worker pod was still terminating long after its grace period (its node is gone)",
+                false,
+                now,
+                actions,
+                events,
+            )
+        }
+        PodState::Pending(Some(problem)) if problem.fatal => {
+            actions.push(Action::DeletePod {
+                name: current_pod.to_string(),
+                force: false,
+            });
+            st.pod_name = Some(current_pod.to_string());
+            let msg = format!("the worker pod cannot start: {}", problem.message);
+            finish_failed(st, &problem.reason, &msg, now, events);
+        }
+        PodState::Pending(Some(problem))
+            if problem.unschedulable
+                && elapsed(problem.pod_created.unwrap_or(now), now) >= settings.pending_limit =>
+        {
+            actions.push(Action::DeletePod {
+                name: current_pod.to_string(),
+                force: false,
+            });
+            let msg = format!(
+                "the worker pod was not scheduled within {} s: {}",
+                settings.pending_limit.as_secs(),
+                problem.message
+            );
+            finish_failed(st, reasons::UNSCHEDULABLE, &msg, now, events);
+        }
+        PodState::Pending(_) | PodState::Running => {
             let running = matches!(pod, PodState::Running);
             let (phase, reason) = if running {
                 (Phase::Running, reasons::RUNNING)
@@ -317,19 +565,30 @@ fn step(
             if st.start_time.is_none() {
                 st.start_time = Some(Time(now));
             }
-            set_condition(
-                st,
-                "Unknown",
-                reason,
-                &format!("worker pod {current_pod}"),
-                now,
-            );
+            match pod {
+                // The scheduler's or kubelet's word is what an operator needs to see.
+                PodState::Pending(Some(p)) => set_condition(
+                    st,
+                    "Unknown",
+                    &p.reason,
+                    &format!("worker pod {current_pod}: {}", p.message),
+                    now,
+                ),
+                _ => set_condition(
+                    st,
+                    "Unknown",
+                    reason,
+                    &format!("worker pod {current_pod}"),
+                    now,
+                ),
+            }
             let started = st.start_time.as_ref().map(|t| t.0).unwrap_or(now);
             let limit = settings.timeout + settings.stuck_grace;
             let age = elapsed(started, now);
             if age >= limit {
                 actions.push(Action::DeletePod {
                     name: current_pod.to_string(),
+                    force: false,
                 });
                 let msg = format!(
                     "the build ran longer than TIMEOUT_IN_MS ({} ms)",
@@ -353,6 +612,20 @@ fn step(
                         settings,
                         current_pod,
                         reasons::POD_EVICTED,
+                        &msg,
+                        true,
+                        now,
+                        actions,
+                        events,
+                    )
+                }
+                PodEnd::Disrupted(why) => {
+                    let msg = format!("the worker pod was stopped by the cluster ({why})");
+                    retry_lost_pod(
+                        st,
+                        settings,
+                        current_pod,
+                        reasons::POD_DISRUPTED,
                         &msg,
                         true,
                         now,
@@ -392,6 +665,23 @@ fn step(
                             now,
                         );
                         events.push(normal(reasons::SUCCEEDED, format!("pushed {image}")));
+                    }
+                    // SIGTERM from a drain or `kubectl delete pod`: not the build's fault.
+                    (_, Some(Outcome::Failed { reason, message }))
+                        if *reason == crate::build::FailureReason::Interrupted =>
+                    {
+                        let msg = format!("the worker was stopped: {message}");
+                        retry_lost_pod(
+                            st,
+                            settings,
+                            current_pod,
+                            reasons::POD_DISRUPTED,
+                            &msg,
+                            true,
+                            now,
+                            actions,
+                            events,
+                        )
                     }
                     (_, Some(Outcome::Failed { reason, message })) => {
                         finish_failed(st, reason.as_str(), message, now, events)
@@ -470,6 +760,7 @@ fn retry_lost_pod(
     if pod_exists {
         actions.push(Action::DeletePod {
             name: current_pod.to_string(),
+            force: false,
         });
     }
     st.pod_retries += 1;
@@ -602,9 +893,11 @@ pub(crate) mod tests {
             callbacks: CallbacksSent {
                 pending: true,
                 final_: false,
+                in_flight: None,
             },
             ..Default::default()
         });
+        j.metadata.finalizers = Some(vec![FINALIZER.into()]);
         j
     }
 
@@ -615,10 +908,13 @@ pub(crate) mod tests {
             finished_ttl: Duration::from_secs(3600),
             timeout: Duration::from_secs(1200),
             stuck_grace: Duration::from_secs(120),
+            pending_limit: Duration::from_secs(600),
+            max_admission_retries: 3,
+            lost_pod_grace: Duration::from_secs(60),
         }
     }
 
-    fn pod(phase: &str) -> Pod {
+    pub fn pod(phase: &str) -> Pod {
         Pod {
             metadata: ObjectMeta {
                 name: Some(pod_name(JOB, 0)),
@@ -880,7 +1176,8 @@ pub(crate) mod tests {
         let d = run(&j, Some(&p), 3, 3, t(9));
         assert!(has(&d, |a| *a
             == Action::DeletePod {
-                name: pod_name(JOB, 0)
+                name: pod_name(JOB, 0),
+                force: false
             }));
         assert!(has(&d, |a| *a
             == Action::CreatePod {
@@ -1017,6 +1314,7 @@ pub(crate) mod tests {
             s.callbacks = CallbacksSent {
                 pending: true,
                 final_: true,
+                in_flight: None,
             };
             s.completion_time = Some(Time(t(0)));
         }
@@ -1129,5 +1427,253 @@ pub(crate) mod tests {
             second.status.without_timestamps()
         );
         assert_eq!(first.status, second.status);
+    }
+
+    fn with_condition(mut p: Pod, type_: &str, reason: &str, message: &str) -> Pod {
+        use k8s_openapi::api::core::v1::PodCondition;
+        if let Some(s) = p.status.as_mut() {
+            s.conditions
+                .get_or_insert_with(Vec::new)
+                .push(PodCondition {
+                    type_: type_.into(),
+                    status: if type_ == "PodScheduled" {
+                        "False"
+                    } else {
+                        "True"
+                    }
+                    .into(),
+                    reason: Some(reason.into()),
+                    message: Some(message.into()),
+                    ..Default::default()
+                });
+        }
+        p
+    }
+
+    fn waiting(reason: &str, message: &str) -> Pod {
+        use k8s_openapi::api::core::v1::ContainerStateWaiting;
+        let mut p = pod("Pending");
+        if let Some(s) = p.status.as_mut() {
+            s.container_statuses = Some(vec![ContainerStatus {
+                name: WORKER_CONTAINER.into(),
+                state: Some(ContainerState {
+                    waiting: Some(ContainerStateWaiting {
+                        reason: Some(reason.into()),
+                        message: Some(message.into()),
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]);
+        }
+        p
+    }
+
+    #[test]
+    fn a_disrupted_pod_is_recreated_whatever_the_worker_said() {
+        // Drain / Eviction API / preemption: DisruptionTarget, and the worker got SIGTERM.
+        let interrupted = serde_json::to_string(&Outcome::failed(
+            FailureReason::Interrupted,
+            "the worker was asked to stop (SIGTERM)",
+        ))
+        .expect("json");
+        let drained = with_condition(
+            ended_pod("Failed", None, 1, "Error", Some(&interrupted)),
+            "DisruptionTarget",
+            "EvictionByEvictionAPI",
+            "Eviction API: evicting",
+        );
+        let plain_sigterm = ended_pod("Failed", None, 1, "Error", Some(&interrupted));
+        let shutdown = ended_pod("Failed", Some("NodeShutdown"), 137, "Error", None);
+        for p in [drained, plain_sigterm, shutdown] {
+            let d = run(&job(Some(Phase::Running)), Some(&p), 0, 0, t(9));
+            assert_eq!(d.status.pod_retries, 1, "{:?}", d.status);
+            assert!(has(&d, |a| *a
+                == Action::CreatePod {
+                    name: pod_name(JOB, 1),
+                    attempt: 1
+                }));
+            assert!(final_cb(&d).is_none());
+            assert!(has(
+                &d,
+                |a| matches!(a, Action::RecordEvent(e) if e.reason == reasons::POD_DISRUPTED)
+            ));
+        }
+    }
+
+    #[test]
+    fn a_pod_deleted_by_someone_else_is_waited_for_then_given_up_as_lost() {
+        let mut p = pod("Running");
+        p.metadata.deletion_timestamp = Some(Time(t(30)));
+        let wait = run(&job(Some(Phase::Running)), Some(&p), 0, 0, t(40));
+        assert_eq!(wait.actions, vec![Action::Requeue(TERMINATING_RECHECK)]);
+        assert_eq!(
+            wait.status.phase,
+            Some(Phase::Running),
+            "still holds its slot"
+        );
+        // Its node is gone: nobody finishes the deletion. Force it and go on.
+        let lost = run(&job(Some(Phase::Running)), Some(&p), 0, 0, t(30 + 61));
+        assert!(has(&lost, |a| *a
+            == Action::DeletePod {
+                name: pod_name(JOB, 0),
+                force: true
+            }));
+        assert!(creates(&lost));
+        assert_eq!(lost.status.pod_retries, 1);
+        // Out of retries: the build fails and the slot is free.
+        let mut spent = job(Some(Phase::Running));
+        if let Some(s) = spent.status.as_mut() {
+            s.pod_retries = 2;
+        }
+        let mut p2 = p.clone();
+        p2.metadata.name = Some(pod_name(JOB, 2));
+        let d = run(&spent, Some(&p2), 0, 0, t(30 + 61));
+        assert_eq!(d.status.phase, Some(Phase::Failed));
+        assert_eq!(reason(&d), reasons::POD_LOST);
+        assert_eq!(final_cb(&d), Some("failed"));
+    }
+
+    #[test]
+    fn a_pod_that_can_never_start_fails_fast_with_the_kubelets_reason() {
+        for r in [
+            "ImagePullBackOff",
+            "InvalidImageName",
+            "CreateContainerConfigError",
+        ] {
+            let p = waiting(r, "the kubelet's words");
+            let d = run(&job(Some(Phase::Pending)), Some(&p), 0, 0, t(5));
+            assert_eq!(d.status.phase, Some(Phase::Failed), "{r}");
+            assert_eq!(reason(&d), r);
+            let msg = d
+                .status
+                .condition()
+                .map(|c| c.message.clone())
+                .unwrap_or_default();
+            assert!(msg.contains("the kubelet's words"), "{msg}");
+            assert!(deletes(&d));
+            assert_eq!(final_cb(&d), Some("failed"));
+        }
+        // A first pull failure may be a blip: the kubelet retries, so does the build.
+        let d = run(
+            &job(Some(Phase::Pending)),
+            Some(&waiting("ErrImagePull", "x")),
+            0,
+            0,
+            t(5),
+        );
+        assert_eq!(d.status.phase, Some(Phase::Pending));
+        assert_eq!(reason(&d), "ErrImagePull");
+        assert!(final_cb(&d).is_none());
+    }
+
+    #[test]
+    fn an_unschedulable_pod_shows_why_then_fails_after_the_pending_limit() {
+        let mut p = with_condition(
+            pod("Pending"),
+            "PodScheduled",
+            "Unschedulable",
+            "0/3 nodes are available: 3 Insufficient memory.",
+        );
+        p.metadata.creation_timestamp = Some(Time(t(0)));
+        let d = run(&job(Some(Phase::Pending)), Some(&p), 0, 0, t(60));
+        assert_eq!(d.status.phase, Some(Phase::Pending));
+        let c = d.status.condition().cloned().expect("condition");
+        assert_eq!(c.reason, "Unschedulable");
+        assert!(c.message.contains("Insufficient memory"), "{}", c.message);
+        let d = run(&job(Some(Phase::Pending)), Some(&p), 0, 0, t(600));
+        assert_eq!(d.status.phase, Some(Phase::Failed));
+        assert_eq!(reason(&d), reasons::UNSCHEDULABLE);
+        assert!(deletes(&d));
+    }
+
+    #[test]
+    fn phase_unknown_does_not_move_a_running_build_back_to_pending() {
+        let d = run(
+            &job(Some(Phase::Running)),
+            Some(&pod("Unknown")),
+            0,
+            0,
+            t(5),
+        );
+        assert_eq!(d.status.phase, Some(Phase::Running));
+    }
+
+    #[test]
+    fn a_deleted_job_is_stopped_reports_failed_then_drops_its_finalizer() {
+        let mut j = job(Some(Phase::Running));
+        j.metadata.deletion_timestamp = Some(Time(t(5)));
+        let d = run(&j, Some(&pod("Running")), 0, 0, t(6));
+        assert_eq!(d.status.phase, Some(Phase::Failed));
+        assert_eq!(reason(&d), reasons::DELETED);
+        assert!(deletes(&d));
+        assert_eq!(final_cb(&d), Some("failed"));
+        assert!(
+            !has(&d, |a| *a == Action::RemoveFinalizer),
+            "not before the callback"
+        );
+        let mut sent = j.clone();
+        sent.status = Some(d.status.clone());
+        if let Some(s) = sent.status.as_mut() {
+            s.callbacks.final_ = true;
+        }
+        let d = run(&sent, None, 0, 0, t(7));
+        assert!(has(&d, |a| *a == Action::RemoveFinalizer));
+        assert!(!has(&d, |a| *a == Action::DeleteJob));
+        assert!(final_cb(&d).is_none());
+    }
+
+    #[test]
+    fn a_job_without_the_finalizer_gets_it_until_its_callbacks_are_sent() {
+        let mut j = job(None);
+        j.metadata.finalizers = None;
+        let d = run(&j, None, 0, 0, t(1));
+        assert!(has(&d, |a| *a == Action::AddFinalizer));
+        let mut done = job(Some(Phase::Succeeded));
+        done.metadata.finalizers = None;
+        if let Some(s) = done.status.as_mut() {
+            s.callbacks.final_ = true;
+            s.completion_time = Some(Time(t(0)));
+        }
+        let d = run(&done, None, 0, 0, t(1));
+        assert!(!has(&d, |a| *a == Action::AddFinalizer));
+    }
+
+    #[test]
+    fn a_callback_in_flight_elsewhere_is_trusted_for_its_senders_budget() {
+        use crate::operator::crd::CallbackInFlight;
+        let mut sent = CallbacksSent::default();
+        let takeover = Duration::from_secs(100);
+        assert_eq!(
+            callback_plan(&sent, "me", false, t(0), takeover),
+            CallbackPlan::Send
+        );
+        sent.in_flight = Some(CallbackInFlight {
+            status: "pending".into(),
+            by: "old".into(),
+            since: Time(t(0)),
+        });
+        assert_eq!(
+            callback_plan(&sent, "me", false, t(40), takeover),
+            CallbackPlan::Wait(Duration::from_secs(60))
+        );
+        assert_eq!(
+            callback_plan(&sent, "me", false, t(100), takeover),
+            CallbackPlan::Send
+        );
+        sent.in_flight = Some(CallbackInFlight {
+            status: "pending".into(),
+            by: "me".into(),
+            since: Time(t(0)),
+        });
+        assert_eq!(
+            callback_plan(&sent, "me", true, t(1), takeover),
+            CallbackPlan::InProgress
+        );
+        // The same identity after a restart does not know whether it sent: it waits too.
+        assert_eq!(
+            callback_plan(&sent, "me", false, t(1), takeover),
+            CallbackPlan::Wait(Duration::from_secs(99))
+        );
     }
 }

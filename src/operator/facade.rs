@@ -6,11 +6,13 @@ use super::crd::{job_name, secret_keys, BuildJob, BuildJobSpec, Phase, SourceKin
 use super::pod::WORKER_CONTAINER;
 use crate::build::BuildSpec;
 use crate::config::Limits;
+use crate::executor::LogStream;
 use crate::executor::{BuildSelector, Executor, ExecutorError};
 use crate::pipeline::sources::{self, Source};
 use crate::storage::{Object, Storage};
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::{AsyncBufReadExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Pod, Secret as KubeSecret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
@@ -29,6 +31,8 @@ pub struct KubeExecutor {
     extra_registries: Option<String>,
     limits: Limits,
     scratch: PathBuf,
+    /// Set by this replica's controller while it leads and cannot watch BuildJobs or pods.
+    pub watch_failing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn unavailable(what: &str) -> impl FnOnce(kube::Error) -> ExecutorError + '_ {
@@ -58,6 +62,7 @@ impl KubeExecutor {
             extra_registries,
             limits,
             scratch,
+            watch_failing: Arc::default(),
         }
     }
 
@@ -183,6 +188,134 @@ impl KubeExecutor {
     }
 }
 
+/// How often a follower looks at a BuildJob that has no running pod yet (one GET).
+const FOLLOW_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+type Lines = futures::stream::BoxStream<'static, std::io::Result<String>>;
+
+/// One reader of a build's log as it grows.
+struct Follower {
+    exec: KubeExecutor,
+    name: String,
+    app: String,
+    app_uuid: String,
+    build_number: u64,
+    prefix: String,
+    /// The pod whose log is (or was last) streamed, and how many build lines of it were sent.
+    pod: Option<String>,
+    sent: usize,
+    lines: Option<Lines>,
+    /// The pod's log stream ended (its container stopped): wait for the stored log.
+    pod_done: bool,
+    ended: bool,
+}
+
+impl Follower {
+    fn stream(mut self) -> LogStream {
+        self.prefix = format!("[{}-{}] ", self.app, self.build_number);
+        futures::stream::unfold(self, |mut f| async move {
+            let chunk = f.next_chunk().await?;
+            Some((Ok(chunk), f))
+        })
+        .boxed()
+    }
+
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        loop {
+            if self.ended {
+                return None;
+            }
+            if let Some(lines) = self.lines.as_mut() {
+                match lines.next().await {
+                    Some(Ok(line)) => {
+                        if let Some(rest) = line.strip_prefix(&self.prefix) {
+                            self.sent += 1;
+                            let mut b = Vec::with_capacity(rest.len() + 1);
+                            b.extend_from_slice(rest.as_bytes());
+                            b.push(b'\n');
+                            return Some(Bytes::from(b));
+                        }
+                        continue;
+                    }
+                    _ => {
+                        self.lines = None;
+                        self.pod_done = true;
+                        continue;
+                    }
+                }
+            }
+            let job = self.exec.jobs().get_opt(&self.name).await.ok().flatten();
+            let status = job.and_then(|j| j.status).unwrap_or_default();
+            match (status.phase, status.pod_name) {
+                (Some(p), _) if p.is_finished() => {
+                    self.ended = true;
+                    let skip = if self.pod.is_some() { self.sent } else { 0 };
+                    let key = crate::build::log_key(&self.app, &self.app_uuid, self.build_number);
+                    return stored_after(&self.exec.storage, &key, skip)
+                        .await
+                        .filter(|b| !b.is_empty());
+                }
+                (Some(Phase::Running), Some(pod))
+                    if !(self.pod_done && self.pod.as_deref() == Some(&pod)) =>
+                {
+                    if self.pod.as_deref() != Some(&pod) {
+                        self.pod = Some(pod.clone());
+                        self.sent = 0;
+                        self.pod_done = false;
+                    }
+                    match open_log(&self.exec, &pod, &self.prefix, self.sent).await {
+                        Some(lines) => self.lines = Some(lines),
+                        None => tokio::time::sleep(FOLLOW_WAIT).await,
+                    }
+                }
+                _ => tokio::time::sleep(FOLLOW_WAIT).await,
+            }
+        }
+    }
+}
+
+/// One `follow=true` log request for the worker container, skipping the build lines
+/// already sent (a reconnect to the same pod).
+async fn open_log(exec: &KubeExecutor, pod: &str, prefix: &str, sent: usize) -> Option<Lines> {
+    let pods: Api<Pod> = Api::namespaced(exec.client.clone(), &exec.namespace);
+    let params = LogParams {
+        container: Some(WORKER_CONTAINER.into()),
+        follow: true,
+        ..Default::default()
+    };
+    let reader = pods.log_stream(pod, &params).await.ok()?;
+    let prefix = prefix.to_string();
+    let mut skip = sent;
+    let lines = reader.lines().try_filter(move |line| {
+        let keep = if skip > 0 && line.starts_with(&prefix) {
+            skip -= 1;
+            false
+        } else {
+            true
+        };
+        futures::future::ready(keep)
+    });
+    Some(lines.boxed())
+}
+
+/// The stored log past its first `skip` lines.
+async fn stored_after(storage: &Arc<dyn Storage>, key: &str, skip: usize) -> Option<Bytes> {
+    let obj = storage.get(key).await.ok()??;
+    let chunks: Vec<_> = obj.body.collect().await;
+    let mut all = Vec::new();
+    for c in chunks {
+        all.extend_from_slice(&c.ok()?);
+    }
+    let mut start = 0;
+    for _ in 0..skip {
+        match all[start..].iter().position(|b| *b == b'\n') {
+            Some(i) => start += i + 1,
+            None => return Some(Bytes::new()),
+        }
+    }
+    Some(Bytes::from(all).slice(start..))
+}
+
 /// A URL for people: scheme, host and path; no userinfo, no query (tokens live there).
 fn display_url(url: &reqwest::Url) -> String {
     format!(
@@ -239,6 +372,9 @@ impl Executor for KubeExecutor {
                 let mut job = BuildJob::new(&name, BuildJobSpec::from_build(&spec, source.clone()));
                 job.metadata.namespace = Some(self.namespace.clone());
                 job.metadata.labels = Some(job.spec.labels());
+                // Held until the final callback is sent, so deleting a running BuildJob
+                // still tells controller-api.
+                job.metadata.finalizers = Some(vec![super::crd::FINALIZER.to_string()]);
                 let job = match jobs.create(&PostParams::default(), &job).await {
                     Ok(j) => j,
                     Err(e) if is_code(&e, 409) => jobs
@@ -337,6 +473,55 @@ impl Executor for KubeExecutor {
             (None, Some(_)) => Some(bytes_object(Vec::new(), offset)),
             (None, None) => None,
         })
+    }
+
+    /// One streaming `pods/log?follow=true` per reader while the pod runs, then the stored
+    /// log from the first line the pod's log did not show (the switch is at a line
+    /// boundary, so kubelet log rotation can make it neither skip nor repeat a line).
+    async fn follow(
+        &self,
+        app: &str,
+        app_uuid: &str,
+        build_number: u64,
+    ) -> Result<Option<LogStream>, ExecutorError> {
+        let name = job_name(app, app_uuid, build_number);
+        if self
+            .jobs()
+            .get_opt(&name)
+            .await
+            .map_err(unavailable("reading a BuildJob"))?
+            .is_none()
+        {
+            return Ok(None);
+        }
+        let follower = Follower {
+            exec: self.clone(),
+            name,
+            app: app.to_string(),
+            app_uuid: app_uuid.to_string(),
+            build_number,
+            prefix: String::new(),
+            pod: None,
+            sent: 0,
+            lines: None,
+            pod_done: false,
+            ended: false,
+        };
+        Ok(Some(follower.stream()))
+    }
+
+    fn follow_supported(&self) -> bool {
+        true
+    }
+
+    fn health(&self) -> Result<(), String> {
+        if self
+            .watch_failing
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err("the BuildJob controller cannot watch BuildJobs or worker pods".into());
+        }
+        Ok(())
     }
 
     async fn is_active(&self, app: &str, app_uuid: &str, build_number: u64) -> bool {

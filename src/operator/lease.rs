@@ -1,6 +1,14 @@
-//! Leader election with a `coordination.k8s.io/v1` Lease, written directly: one controller
-//! acts at a time; the facade runs in any number of replicas. Optimistic concurrency (the
-//! resourceVersion on replace) makes a takeover race have one winner.
+//! Leader election with a `coordination.k8s.io/v1` Lease, written directly and following
+//! client-go's rules: one controller acts at a time; the facade runs in any number of
+//! replicas.
+//!
+//! - Every API call has a timeout: a hung renewal cannot keep a leader going.
+//! - The leader stops its work once it has not renewed for `renew_deadline`, which is
+//!   shorter than the lease duration: it has stopped before anyone may take over.
+//! - A follower judges expiry by its own clock, from when it last saw the lease record
+//!   change, never by comparing the holder's `renewTime` with the local time (clocks skew).
+//! - Optimistic concurrency (the resourceVersion on replace) gives a takeover race one
+//!   winner.
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -9,26 +17,66 @@ use kube::api::PostParams;
 use kube::Api;
 use std::future::Future;
 use std::time::Duration;
+use tokio::time::Instant;
 
 pub struct LeaseLock {
     api: Api<Lease>,
     name: String,
     identity: String,
     duration: Duration,
+    renew_deadline: Duration,
+    retry_period: Duration,
 }
 
-/// Whether `identity` may take (or keep) the lease as it stands at `now`.
-pub fn may_hold(spec: Option<&LeaseSpec>, identity: &str, now: Timestamp) -> bool {
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("the Lease call did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// What this process last saw of the lease, and when by its own clock.
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    record: Option<(String, Option<String>, Option<i32>)>,
+    at: Option<Instant>,
+}
+
+impl Observed {
+    /// Notes the lease as read at `now`; returns whether its holder may be presumed gone:
+    /// the same record has been seen unchanged for the lease's whole duration.
+    pub fn expired(&mut self, spec: Option<&LeaseSpec>, now: Instant) -> bool {
+        let record = spec.map(|s| {
+            (
+                s.holder_identity.clone().unwrap_or_default(),
+                s.renew_time.as_ref().map(|t| t.0.to_string()),
+                s.lease_duration_seconds,
+            )
+        });
+        if record != self.record || self.at.is_none() {
+            self.record = record;
+            self.at = Some(now);
+            return false;
+        }
+        let secs = spec.and_then(|s| s.lease_duration_seconds).unwrap_or(15);
+        let since = now.saturating_duration_since(self.at.unwrap_or(now));
+        since >= Duration::from_secs(u64::try_from(secs.max(1)).unwrap_or(15))
+    }
+}
+
+/// Whether `identity` may take (or keep) the lease as it stands: it is free, ours, or
+/// its holder has not renewed for a whole lease duration as this process observed it.
+pub fn may_hold(
+    spec: Option<&LeaseSpec>,
+    identity: &str,
+    observed: &mut Observed,
+    now: Instant,
+) -> bool {
+    let expired = observed.expired(spec, now);
     let Some(spec) = spec else { return true };
     let holder = spec.holder_identity.as_deref().unwrap_or("");
-    if holder.is_empty() || holder == identity {
-        return true;
-    }
-    let secs = i64::from(spec.lease_duration_seconds.unwrap_or(15));
-    match spec.renew_time.as_ref().or(spec.acquire_time.as_ref()) {
-        Some(t) => now.duration_since(t.0).as_secs() >= secs,
-        None => true,
-    }
+    holder.is_empty() || holder == identity || expired
 }
 
 /// The lease spec after `identity` took or renewed it at `now`.
@@ -59,6 +107,8 @@ pub fn taken(
 }
 
 impl LeaseLock {
+    /// client-go's defaults in proportion: renew deadline 2/3 and retry period 2/15 of the
+    /// lease duration (15 s → 10 s and 2 s).
     pub fn new(
         api: Api<Lease>,
         name: impl Into<String>,
@@ -70,13 +120,25 @@ impl LeaseLock {
             name: name.into(),
             identity: identity.into(),
             duration,
+            renew_deadline: duration * 2 / 3,
+            retry_period: (duration * 2 / 15).max(Duration::from_millis(200)),
+        }
+    }
+
+    async fn call<T>(
+        &self,
+        f: impl Future<Output = Result<T, kube::Error>>,
+    ) -> Result<T, LeaseError> {
+        match tokio::time::timeout(self.retry_period, f).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(LeaseError::Timeout(self.retry_period)),
         }
     }
 
     /// Takes or renews the lease; `Ok(false)` when someone else holds it (or won a race).
-    pub async fn try_acquire(&self) -> Result<bool, kube::Error> {
+    pub async fn try_acquire(&self, observed: &mut Observed) -> Result<bool, LeaseError> {
         let now = Timestamp::now();
-        match self.api.get_opt(&self.name).await? {
+        match self.call(self.api.get_opt(&self.name)).await? {
             None => {
                 let lease = Lease {
                     metadata: ObjectMeta {
@@ -85,14 +147,24 @@ impl LeaseLock {
                     },
                     spec: Some(taken(None, &self.identity, self.duration, now)),
                 };
-                match self.api.create(&PostParams::default(), &lease).await {
+                match self
+                    .call(self.api.create(&PostParams::default(), &lease))
+                    .await
+                {
                     Ok(_) => Ok(true),
-                    Err(kube::Error::Api(s)) if s.is_already_exists() => Ok(false),
+                    Err(LeaseError::Kube(kube::Error::Api(s))) if s.is_already_exists() => {
+                        Ok(false)
+                    }
                     Err(e) => Err(e),
                 }
             }
             Some(mut lease) => {
-                if !may_hold(lease.spec.as_ref(), &self.identity, now) {
+                if !may_hold(
+                    lease.spec.as_ref(),
+                    &self.identity,
+                    observed,
+                    Instant::now(),
+                ) {
                     return Ok(false);
                 }
                 lease.spec = Some(taken(
@@ -102,12 +174,11 @@ impl LeaseLock {
                     now,
                 ));
                 match self
-                    .api
-                    .replace(&self.name, &PostParams::default(), &lease)
+                    .call(self.api.replace(&self.name, &PostParams::default(), &lease))
                     .await
                 {
                     Ok(_) => Ok(true),
-                    Err(kube::Error::Api(s)) if s.is_conflict() => Ok(false),
+                    Err(LeaseError::Kube(kube::Error::Api(s))) if s.is_conflict() => Ok(false),
                     Err(e) => Err(e),
                 }
             }
@@ -116,7 +187,7 @@ impl LeaseLock {
 
     /// Gives the lease up (on shutdown) so another replica takes over at once.
     pub async fn release(&self) {
-        let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await else {
+        let Ok(Some(mut lease)) = self.call(self.api.get_opt(&self.name)).await else {
             return;
         };
         let ours = lease
@@ -132,28 +203,27 @@ impl LeaseLock {
             spec.lease_duration_seconds = Some(1);
         }
         if let Err(e) = self
-            .api
-            .replace(&self.name, &PostParams::default(), &lease)
+            .call(self.api.replace(&self.name, &PostParams::default(), &lease))
             .await
         {
             tracing::warn!(lease = %self.name, error = %e, "could not release the controller Lease; it expires on its own");
         }
     }
 
-    /// Runs `work()` while this process holds the lease: waits to acquire it, renews it every
-    /// third of its duration, and drops the work (stopping it) when a renewal fails for
-    /// longer than the lease lasts. Returns when `shutdown` resolves.
+    /// Runs `work()` while this process holds the lease: waits to acquire it, renews it
+    /// every retry period, and drops the work (stopping it) as soon as it has gone
+    /// `renew_deadline` without a successful renewal. Returns when `shutdown` resolves.
     pub async fn run_while_leader<F, Fut>(&self, mut work: F, shutdown: impl Future<Output = ()>)
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = ()>,
     {
         tokio::pin!(shutdown);
-        let tick = self.duration / 3;
+        let mut observed = Observed::default();
         loop {
             // Follower: wait for the lease.
             loop {
-                match self.try_acquire().await {
+                match self.try_acquire(&mut observed).await {
                     Ok(true) => break,
                     Ok(false) => {}
                     Err(e) => {
@@ -162,23 +232,25 @@ impl LeaseLock {
                 }
                 tokio::select! {
                     _ = &mut shutdown => return,
-                    _ = tokio::time::sleep(tick) => {}
+                    _ = tokio::time::sleep(self.retry_period) => {}
                 }
             }
             tracing::info!(lease = %self.name, identity = %self.identity, "leading: the controller runs here");
             let renew = async {
-                let mut last_ok = tokio::time::Instant::now();
+                let mut last_ok = Instant::now();
                 loop {
-                    tokio::time::sleep(tick).await;
-                    match self.try_acquire().await {
-                        Ok(true) => last_ok = tokio::time::Instant::now(),
-                        Ok(false) => return,
-                        Err(e) => {
+                    tokio::time::sleep(self.retry_period).await;
+                    let deadline = last_ok + self.renew_deadline;
+                    match tokio::time::timeout_at(deadline, self.try_acquire(&mut observed)).await {
+                        Ok(Ok(true)) => last_ok = Instant::now(),
+                        Ok(Ok(false)) => return,
+                        Ok(Err(e)) => {
                             tracing::warn!(lease = %self.name, error = %e, "cannot renew the controller Lease");
-                            if last_ok.elapsed() >= self.duration {
-                                return;
-                            }
                         }
+                        Err(_) => {}
+                    }
+                    if Instant::now() >= deadline {
+                        return;
                     }
                 }
             };
@@ -191,8 +263,9 @@ impl LeaseLock {
                     tracing::warn!("the controller stopped while leading");
                     return;
                 }
-                _ = renew => tracing::warn!(lease = %self.name, "lost the controller Lease; standing by"),
+                _ = renew => tracing::warn!(lease = %self.name, "lost the controller Lease (not renewed within the renew deadline); stopped the controller, standing by"),
             }
+            observed = Observed::default();
         }
     }
 }
@@ -215,15 +288,18 @@ mod tests {
         )
     }
 
+    fn lease(rv: &str, renew: &str) -> serde_json::Value {
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "ctl", "namespace": "builds", "resourceVersion": rv},
+            "spec": {"holderIdentity": "other", "leaseDurationSeconds": 15, "renewTime": renew, "leaseTransitions": 3}})
+    }
+
     #[tokio::test]
-    async fn acquire_creates_takes_over_an_expired_lease_and_yields_to_a_live_one() {
+    async fn acquire_creates_then_waits_a_whole_duration_of_silence_before_taking_over() {
         let (client, handle) = mock::client();
-        let live = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-            "metadata": {"name": "ctl", "namespace": "builds", "resourceVersion": "7"},
-            "spec": {"holderIdentity": "other", "leaseDurationSeconds": 15, "renewTime": Timestamp::now().to_string()}});
-        let expired = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-            "metadata": {"name": "ctl", "namespace": "builds", "resourceVersion": "8"},
-            "spec": {"holderIdentity": "other", "leaseDurationSeconds": 15, "renewTime": "2020-01-01T00:00:00.000000Z", "leaseTransitions": 3}});
+        // The holder's renewTime is far in the past by our clock: that alone proves nothing
+        // (clocks skew); only seeing the record unchanged for 15 s of our own time does.
+        let old = "2020-01-01T00:00:00.000000Z";
         let scenario = vec![
             Expect::new(Method::GET, LEASE, 404, Some(status_error(404, "NotFound"))),
             Expect::new(
@@ -233,8 +309,9 @@ mod tests {
                 None,
             )
             .check(|b| assert_eq!(b["spec"]["holderIdentity"], "me")),
-            Expect::new(Method::GET, LEASE, 200, Some(live)),
-            Expect::new(Method::GET, LEASE, 200, Some(expired)),
+            Expect::new(Method::GET, LEASE, 200, Some(lease("8", old))),
+            Expect::new(Method::GET, LEASE, 200, Some(lease("8", old))),
+            Expect::new(Method::GET, LEASE, 200, Some(lease("8", old))),
             Expect::new(Method::PUT, LEASE, 200, None).check(|b| {
                 assert_eq!(b["spec"]["holderIdentity"], "me");
                 assert_eq!(b["spec"]["leaseTransitions"], 4);
@@ -246,35 +323,95 @@ mod tests {
         ];
         let verifier = mock::verify(handle, scenario);
         let l = lock(client);
-        let created = l.try_acquire().await.ok();
-        let blocked = l.try_acquire().await.ok();
-        let taken = l.try_acquire().await.ok();
+        let mut seen = Observed::default();
+        let created = l.try_acquire(&mut seen).await.ok();
+        let mut seen = Observed::default();
+        let first_look = l.try_acquire(&mut seen).await.ok();
+        // As if that first look had been 14 s ago, then 15 s ago (our own clock).
+        seen.at = Instant::now().checked_sub(Duration::from_secs(14));
+        let still_young = l.try_acquire(&mut seen).await.ok();
+        seen.at = Instant::now().checked_sub(Duration::from_secs(15));
+        let taken = l.try_acquire(&mut seen).await.ok();
         drop(l);
         verifier
             .await
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
         assert_eq!(
-            (created, blocked, taken),
-            (Some(true), Some(false), Some(true))
+            (created, first_look, still_young, taken),
+            (Some(true), Some(false), Some(false), Some(true))
         );
     }
 
-    fn at(s: i64) -> Timestamp {
-        Timestamp::from_second(1_800_000_000 + s).unwrap_or(Timestamp::UNIX_EPOCH)
-    }
-
     #[test]
-    fn a_lease_is_free_when_absent_ours_or_expired() {
-        assert!(may_hold(None, "a", at(0)));
-        let held = taken(None, "b", Duration::from_secs(15), at(0));
-        assert!(!may_hold(Some(&held), "a", at(14)));
-        assert!(may_hold(Some(&held), "a", at(15)));
-        assert!(may_hold(Some(&held), "b", at(1)));
-        let renewed = taken(Some(&held), "b", Duration::from_secs(15), at(10));
+    fn a_lease_is_free_when_absent_ours_released_or_silent_for_its_duration() {
+        let t0 = Instant::now();
+        let mut seen = Observed::default();
+        assert!(may_hold(None, "a", &mut seen, t0));
+        let held = taken(None, "b", Duration::from_secs(15), Timestamp::UNIX_EPOCH);
+        let mut seen = Observed::default();
+        assert!(!may_hold(Some(&held), "a", &mut seen, t0));
+        assert!(!may_hold(
+            Some(&held),
+            "a",
+            &mut seen,
+            t0 + Duration::from_secs(14)
+        ));
+        assert!(may_hold(
+            Some(&held),
+            "b",
+            &mut seen,
+            t0 + Duration::from_secs(1)
+        ));
+        // A renewal (a changed record) restarts the count.
+        let renewed = taken(
+            Some(&held),
+            "b",
+            Duration::from_secs(15),
+            Timestamp::from_second(10).unwrap_or(Timestamp::UNIX_EPOCH),
+        );
+        assert!(!may_hold(
+            Some(&renewed),
+            "a",
+            &mut seen,
+            t0 + Duration::from_secs(16)
+        ));
+        assert!(!may_hold(
+            Some(&renewed),
+            "a",
+            &mut seen,
+            t0 + Duration::from_secs(30)
+        ));
+        assert!(may_hold(
+            Some(&renewed),
+            "a",
+            &mut seen,
+            t0 + Duration::from_secs(31)
+        ));
         assert_eq!(renewed.acquire_time, held.acquire_time);
         assert_eq!(renewed.lease_transitions, Some(0));
-        let stolen = taken(Some(&renewed), "a", Duration::from_secs(15), at(30));
+        let stolen = taken(
+            Some(&renewed),
+            "a",
+            Duration::from_secs(15),
+            Timestamp::UNIX_EPOCH,
+        );
         assert_eq!(stolen.lease_transitions, Some(1));
         assert_eq!(stolen.holder_identity.as_deref(), Some("a"));
+        let mut released = renewed.clone();
+        released.holder_identity = None;
+        assert!(may_hold(Some(&released), "a", &mut Observed::default(), t0));
+    }
+
+    #[tokio::test]
+    async fn the_leader_stops_before_a_follower_may_take_over() {
+        let l = LeaseLock::new(
+            Api::namespaced(mock::client().0, "builds"),
+            "ctl",
+            "me",
+            Duration::from_secs(15),
+        );
+        assert!(l.renew_deadline < l.duration);
+        assert_eq!(l.renew_deadline, Duration::from_secs(10));
+        assert_eq!(l.retry_period, Duration::from_secs(2));
     }
 }

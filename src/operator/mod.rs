@@ -6,6 +6,7 @@ pub mod crd;
 pub mod decide;
 pub mod facade;
 pub mod lease;
+pub mod notify;
 pub mod pod;
 
 pub use crd::labels;
@@ -93,6 +94,23 @@ pub enum StartError {
     Storage(#[from] crate::storage::StorageError),
     #[error("EXTRA_DOCKER_REGISTRY_CONFIG cannot be passed on to workers: {0}")]
     ExtraRegistries(serde_json::Error),
+    #[error("cannot reach the Kubernetes API server (USE_KUBERNETES=true): {0}")]
+    Version(kube::Error),
+    #[error("WORKER_DOCKER_MODE=dind needs Kubernetes 1.29 or newer (native sidecar containers); this cluster is {0}: use WORKER_DOCKER_MODE=host or external, or upgrade")]
+    TooOldForDind(String),
+}
+
+/// Whether a cluster of this version runs native sidecars (init containers with
+/// `restartPolicy: Always`, on by default since 1.29).
+pub fn has_native_sidecars(major: &str, minor: &str) -> bool {
+    let num = |s: &str| {
+        s.chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse::<u32>()
+            .unwrap_or(0)
+    };
+    (num(major), num(minor)) >= (1, 29)
 }
 
 impl KubernetesMode {
@@ -105,6 +123,15 @@ impl KubernetesMode {
             .await
             .map_err(StartError::Client)?;
         let k = &cfg.kubernetes;
+        if k.docker_mode == pod::DockerMode::Dind && k.run_controller {
+            let v = client
+                .apiserver_version()
+                .await
+                .map_err(StartError::Version)?;
+            if !has_native_sidecars(&v.major, &v.minor) {
+                return Err(StartError::TooOldForDind(v.git_version));
+            }
+        }
         let namespace = k
             .namespace
             .clone()
@@ -128,6 +155,7 @@ impl KubernetesMode {
         );
         let stop = tokio_util::sync::CancellationToken::new();
         let died = tokio_util::sync::CancellationToken::new();
+        let watch_failing = executor.watch_failing.clone();
         let controller = k.run_controller.then(|| {
             let settings = decide::Settings {
                 max_parallel: cfg.maximum_parallel_builds,
@@ -135,6 +163,9 @@ impl KubernetesMode {
                 finished_ttl: k.finished_ttl,
                 timeout: cfg.build.timeout,
                 stuck_grace: Duration::from_secs(120),
+                pending_limit: k.pod_pending_limit,
+                max_admission_retries: k.max_admission_retries,
+                lost_pod_grace: k.pod_lost_grace,
             };
             let pods = pod::PodSettings {
                 image: k.worker_image.clone(),
@@ -150,7 +181,8 @@ impl KubernetesMode {
                 docker_socket_gid: k.worker_docker_socket_gid,
                 service_account: k.worker_service_account.clone(),
             };
-            let callbacks = crate::callback::Callbacks::new(cfg.callback_retry_for);
+            let callback_budget = cfg.callback_retry_for;
+            let callbacks = crate::callback::Callbacks::new(callback_budget);
             let lock = lease::LeaseLock::new(
                 kube::Api::namespaced(client.clone(), &namespace),
                 k.lease_name.clone(),
@@ -179,6 +211,7 @@ impl KubernetesMode {
                     let ns = namespace.clone();
                     let stop = stop2.clone();
                     let observer = observer.clone();
+                    let watch_failing = watch_failing.clone();
                     async move {
                         let make = |store| {
                             controller::Context::new(
@@ -187,11 +220,19 @@ impl KubernetesMode {
                                 settings,
                                 pods,
                                 callbacks,
+                                callback_budget,
                                 store,
                                 observer,
                             )
                         };
-                        controller::run(client.clone(), &ns, make, stop.cancelled_owned()).await
+                        controller::run(
+                            client.clone(),
+                            &ns,
+                            make,
+                            stop.cancelled_owned(),
+                            watch_failing,
+                        )
+                        .await
                     }
                 };
                 lock.run_while_leader(work, stop2.cancelled()).await;
@@ -219,7 +260,16 @@ impl KubernetesMode {
 
 #[cfg(test)]
 mod tests {
-    use super::DiedGuard;
+    use super::{has_native_sidecars, DiedGuard};
+
+    #[test]
+    fn dind_needs_native_sidecars() {
+        assert!(has_native_sidecars("1", "29"));
+        assert!(has_native_sidecars("1", "33+"));
+        assert!(has_native_sidecars("2", "0"));
+        assert!(!has_native_sidecars("1", "28"));
+        assert!(!has_native_sidecars("1", "28+"));
+    }
     use tokio_util::sync::CancellationToken;
 
     #[tokio::test]

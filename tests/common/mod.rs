@@ -391,3 +391,40 @@ pub async fn running_containers_with(needle: &str) -> usize {
         .filter(|c| c.command.as_deref().is_some_and(|cmd| cmd.contains(needle)))
         .count()
 }
+
+/// A callback receiver that takes `delay` to answer each POST (a slow controller-api).
+pub struct SlowReceiver {
+    addr: SocketAddr,
+    got: Arc<Mutex<Vec<String>>>,
+}
+
+impl SlowReceiver {
+    pub async fn start(delay: Duration) -> SlowReceiver {
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let g = got.clone();
+        let router = Router::new().route(
+            "/cb",
+            post(move |axum::Json(v): axum::Json<Value>| {
+                let g = g.clone();
+                async move {
+                    tokio::time::sleep(delay).await;
+                    g.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(v["status"].as_str().unwrap_or("").to_string());
+                    "ok"
+                }
+            }),
+        );
+        let addr = serve_router(router).await;
+        SlowReceiver { addr, got }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/cb", self.addr)
+    }
+
+    /// Statuses answered so far, in order.
+    pub fn statuses(&self) -> Vec<String> {
+        self.got.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}

@@ -1,0 +1,107 @@
+//! Status callbacks in Kubernetes mode, off the reconcile path: the reconciler records a
+//! callback as in flight (who, since when) in the BuildJob status, then `spawn`s its
+//! delivery here. The task retries within CALLBACK_RETRY_SECONDS, then records the callback
+//! as sent (delivered, or given up with a Warning event) with an optimistic status write.
+//! A slow receiver holds up nothing but its own task.
+
+use super::controller::{lock, publish, write_status, Context};
+use super::crd::{BuildJob, Phase};
+use super::decide::{CallbackKind, EventNote};
+use crate::secret::Secret;
+use k8s_openapi::jiff::Timestamp;
+use kube::{Api, ResourceExt};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The legacy status word of a callback.
+pub fn status_word(kind: CallbackKind) -> &'static str {
+    match kind {
+        CallbackKind::Pending => "pending",
+        CallbackKind::Final(s) => s,
+    }
+}
+
+/// Starts delivering `kind` for `job` unless this process already is.
+pub fn spawn(ctx: Arc<Context>, job: &BuildJob, auth: Option<Secret>, kind: CallbackKind) {
+    let uid = job.uid().unwrap_or_default();
+    if !lock(&ctx.sending).insert(uid.clone()) {
+        return;
+    }
+    let (name, ns) = (job.name_any(), job.namespace().unwrap_or_default());
+    let url = job.spec.callback.clone().filter(|u| !u.is_empty());
+    let build_number = job.spec.build_number;
+    let job = job.clone();
+    tokio::spawn(async move {
+        let word = status_word(kind);
+        if let Some(url) = url {
+            if let Err(e) = ctx
+                .callbacks
+                .deliver(&url, auth.as_ref(), build_number, word)
+                .await
+            {
+                tracing::warn!(job = %name, error = %e, "callback not delivered");
+                ctx.observer.callback_failed();
+                let note = EventNote {
+                    warning: true,
+                    reason: "CallbackFailed".into(),
+                    note: format!("the {word} callback was not delivered: {e}"),
+                };
+                publish(&ctx, &job, &note).await;
+            }
+        }
+        record(&ctx, &ns, &name, &uid, kind).await;
+        lock(&ctx.sending).remove(&uid);
+    });
+}
+
+/// Marks the callback sent, retrying on conflicts (other writers) and API errors.
+async fn record(ctx: &Context, ns: &str, name: &str, uid: &str, kind: CallbackKind) {
+    let jobs: Api<BuildJob> = Api::namespaced(ctx.client.clone(), ns);
+    let mut delay = Duration::from_millis(100);
+    for _ in 0..30 {
+        match jobs.get_opt(name).await {
+            Ok(Some(job)) if job.uid().as_deref() == Some(uid) => {
+                let mut st = job.status.clone().unwrap_or_default();
+                match kind {
+                    CallbackKind::Pending => st.callbacks.pending = true,
+                    CallbackKind::Final(_) => {
+                        st.callbacks.final_ = true;
+                        let created = job.creation_timestamp().map(|t| t.0);
+                        if let Some(c) = created {
+                            st.timings_mut().final_callback_ms =
+                                u64::try_from(Timestamp::now().duration_since(c).as_millis()).ok();
+                        }
+                    }
+                }
+                let ours = st
+                    .callbacks
+                    .in_flight
+                    .as_ref()
+                    .is_some_and(|f| f.by == ctx.identity && f.status == status_word(kind));
+                if ours {
+                    st.callbacks.in_flight = None;
+                }
+                match write_status(&jobs, &job, &st).await {
+                    Ok(_) => {
+                        if matches!(kind, CallbackKind::Final(_))
+                            && st.phase.is_some_and(Phase::is_finished)
+                        {
+                            tracing::info!(job = %name, "final callback sent");
+                        }
+                        return;
+                    }
+                    Err(super::controller::Error::Stale) => continue,
+                    Err(e) => {
+                        tracing::warn!(job = %name, error = %e, "cannot record a sent callback yet")
+                    }
+                }
+            }
+            // Gone, or replaced by a new BuildJob of the same name: nothing to record.
+            Ok(_) => return,
+            Err(e) => tracing::warn!(job = %name, error = %e, "cannot record a sent callback yet"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+    tracing::error!(job = %name, "gave up recording a sent callback; the next leader may send it again");
+}
