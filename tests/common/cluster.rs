@@ -284,7 +284,7 @@ pub fn worker_image() -> String {
     )
     .unwrap();
     std::fs::write(r.join("etc/group"), "root:x:0:\nbuildshuttle:x:10001:\n").unwrap();
-    let tar = Command::new("tar")
+    let mut tar = Command::new("tar")
         .args(["-C", &r.display().to_string(), "-c", "."])
         .stdout(Stdio::piped())
         .spawn()
@@ -301,29 +301,14 @@ pub fn worker_image() -> String {
             "-",
             &tag,
         ])
-        .stdin(tar.stdout.expect("tar stdout"))
+        .stdin(tar.stdout.take().expect("tar stdout"))
         .output()
         .expect("docker import");
+    let _ = tar.wait();
     assert!(
         out.status.success(),
         "docker import failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     tag
-}
-
-/// `time` limit helper for polling loops.
-pub async fn eventually<T>(
-    what: &str,
-    within: Duration,
-    mut f: impl AsyncFnMut() -> Option<T>,
-) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(start.elapsed() < within, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }

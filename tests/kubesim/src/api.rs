@@ -43,7 +43,7 @@ fn percent_decode(s: &str) -> String {
     while i < b.len() {
         match b[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() + 0 && i + 2 <= b.len() - 1 => {
+            b'%' if i + 2 < b.len() => {
                 match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
                 {
                     Ok(v) => {
@@ -141,6 +141,17 @@ async fn dispatch(
                 .unwrap_or_default())
         }
         ["api"] => return Ok(json_response(200, &api_versions(sh))),
+        ["openapi", "v3"] => return Ok(json_response(200, &openapi_root(sh))),
+        ["openapi", "v3", rest @ ..] => {
+            return match openapi_gv(sh, &rest.join("/")) {
+                Some(doc) => Ok(json_response(200, &doc)),
+                None => Err(ApiError::new(
+                    404,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                )),
+            }
+        }
         ["apis"] => return Ok(json_response(200, &group_list(sh))),
         ["api", "v1"] => return Ok(json_response(200, &resource_list(sh, "", "v1"))),
         ["apis", g] => {
@@ -239,6 +250,12 @@ async fn dispatch(
         return Err(ApiError::new(inj.code, &inj.reason, msg));
     }
     sh.black_hole(verb, &t.rt.plural, &name, &t.sub).await;
+    if q.get("dryRun").is_some_and(|d| !d.is_empty()) && !matches!(verb, "get" | "list" | "watch") {
+        // Better refused than persisted: a dry run here would really write.
+        return Err(ApiError::bad_request(
+            "kubesim does not support dryRun (see README: Simulated cluster)",
+        ));
+    }
     let table = headers
         .get("accept")
         .and_then(|v| v.to_str().ok())
@@ -922,6 +939,69 @@ fn stream_response(rx: tokio::sync::mpsc::UnboundedReceiver<Bytes>) -> Response 
         .header("transfer-encoding", "chunked")
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// OpenAPI v3, just enough for kubectl: every group version, and for each resource a PATCH
+/// operation with its kind and the `fieldValidation` parameter, so kubectl leaves
+/// validation to the server (which, here, does none: see README) instead of downloading
+/// schemas this simulator does not have.
+fn openapi_root(sh: &Shared) -> Value {
+    let mut paths = serde_json::Map::new();
+    let mut gvs: Vec<String> = sh
+        .store
+        .types()
+        .iter()
+        .map(|t| {
+            if t.group.is_empty() {
+                "api/v1".to_string()
+            } else {
+                format!("apis/{}/{}", t.group, t.version)
+            }
+        })
+        .collect();
+    gvs.sort();
+    gvs.dedup();
+    for gv in gvs {
+        paths.insert(gv.clone(), json!({"serverRelativeURL": format!("/openapi/v3/{gv}?hash={}", sh.store.current_rv())}));
+    }
+    json!({"paths": paths})
+}
+
+fn openapi_gv(sh: &Shared, gv: &str) -> Option<Value> {
+    let (group, version) = match gv.split('/').collect::<Vec<_>>().as_slice() {
+        ["api", v] => (String::new(), v.to_string()),
+        ["apis", g, v] => (g.to_string(), v.to_string()),
+        _ => return None,
+    };
+    let mut paths = serde_json::Map::new();
+    for t in sh
+        .store
+        .types()
+        .into_iter()
+        .filter(|t| t.group == group && t.version == version)
+    {
+        let prefix = if group.is_empty() {
+            format!("/api/{version}")
+        } else {
+            format!("/apis/{group}/{version}")
+        };
+        let path = if t.namespaced {
+            format!("{prefix}/namespaces/{{namespace}}/{}/{{name}}", t.plural)
+        } else {
+            format!("{prefix}/{}/{{name}}", t.plural)
+        };
+        paths.insert(path, json!({"patch": {
+            "x-kubernetes-group-version-kind": {"group": t.group, "version": t.version, "kind": t.kind},
+            "parameters": [{"name": "fieldValidation", "in": "query", "schema": {"type": "string"}},
+                           {"name": "fieldManager", "in": "query", "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "OK"}}}}));
+    }
+    if paths.is_empty() {
+        return None;
+    }
+    Some(
+        json!({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.33.0-kubesim"}, "paths": paths, "components": {"schemas": {}}}),
+    )
 }
 
 fn version() -> Value {

@@ -598,8 +598,8 @@ impl Kubelet {
                             )))
                         }
                     }
-                } else if let Some(path) = vf["fieldRef"]["fieldPath"].as_str() {
-                    Some(match path {
+                } else {
+                    vf["fieldRef"]["fieldPath"].as_str().map(|path| match path {
                         "metadata.name" => {
                             pod["metadata"]["name"].as_str().unwrap_or("").to_string()
                         }
@@ -613,8 +613,6 @@ impl Kubelet {
                         "status.podIP" | "status.hostIP" => "127.0.0.1".to_string(),
                         _ => String::new(),
                     })
-                } else {
-                    None
                 }
             } else {
                 Some(String::new())

@@ -695,7 +695,8 @@ impl Store {
                 }
             }
         }
-        if spec_part(&old, rt.status) != spec_part(&new, rt.status) {
+        // Binding sets spec.nodeName without a new generation.
+        if sub != "binding" && spec_part(&old, rt.status) != spec_part(&new, rt.status) {
             let g = old["metadata"]["generation"].as_i64().unwrap_or(1);
             new["metadata"]["generation"] = json!(g + 1);
         }
