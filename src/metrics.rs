@@ -28,6 +28,7 @@ pub struct Metrics {
     builds: Family<ResultLabels, Counter>,
     duration: Histogram,
     stages: Family<StageLabels, Histogram, fn() -> Histogram>,
+    reconcile: Histogram,
     pub queued: Gauge,
     pub running: Gauge,
     pub callback_failures: Counter,
@@ -50,6 +51,8 @@ impl Metrics {
             Family::<StageLabels, Histogram, fn() -> Histogram>::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.001, 2.0, 20))
             });
+        // 0.5 ms … ~16 s: one reconcile is a few API calls.
+        let reconcile = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         let queued = Gauge::default();
         let running = Gauge::default();
         let callback_failures = Counter::default();
@@ -75,6 +78,11 @@ impl Metrics {
         );
         registry.register("running_builds", "Builds running now", running.clone());
         registry.register(
+            "reconcile_duration_seconds",
+            "Time one BuildJob reconcile took (Kubernetes mode, the leading controller)",
+            reconcile.clone(),
+        );
+        registry.register(
             "callback_failures",
             "Status callbacks given up after all retries",
             callback_failures.clone(),
@@ -84,6 +92,7 @@ impl Metrics {
             builds,
             duration,
             stages,
+            reconcile,
             queued,
             running,
             callback_failures,
@@ -119,6 +128,19 @@ impl Metrics {
                 })
                 .observe(ms as f64 / 1000.0);
         }
+    }
+
+    /// One stage's duration, by name (the worker's stages in Kubernetes mode).
+    pub fn observe_stage(&self, stage: &str, ms: u64) {
+        self.stages
+            .get_or_create(&StageLabels {
+                stage: stage.to_string(),
+            })
+            .observe(ms as f64 / 1000.0);
+    }
+
+    pub fn observe_reconcile(&self, seconds: f64) {
+        self.reconcile.observe(seconds);
     }
 
     pub fn render(&self) -> String {

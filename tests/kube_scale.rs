@@ -24,9 +24,10 @@ async fn many_builds_finish_with_constant_requests_per_build() {
     cluster.sim.set_instant_message(
         r#"{"result":"succeeded","image":"127.0.0.1:5000/scale/app:1.1","digest":null}"#,
     );
+    let parallel = std::env::var("KUBE_SCALE_PARALLEL").unwrap_or_else(|_| "5".into());
     let shuttle = cluster.serve(
         Mode::Host,
-        &[("MAXIMUM_PARALLEL_BUILDS", "5"), ("RUST_LOG", "warn")],
+        &[("MAXIMUM_PARALLEL_BUILDS", &parallel), ("RUST_LOG", "warn")],
     );
     let cb = Callbacks::start().await;
     cluster.sim.reset_counters();
@@ -71,8 +72,17 @@ async fn many_builds_finish_with_constant_requests_per_build() {
         .find(|l| l.starts_with("VmHWM"))
         .unwrap_or("VmHWM: ?")
         .to_string();
+    let metrics = reqwest::get(shuttle.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .unwrap_or_default();
+    let p99 = histogram_quantile(&metrics, "buildshuttle_reconcile_duration_seconds", 0.99);
+    assert!(p99.is_some(), "reconciles are measured: {metrics}");
     println!(
-        "KUBE_SCALE builds={n} requests={total} requests/build={:.1} lists={lists} watches={watches} pods_created={pods_created} seconds={:.1} controller_peak_{rss}",
+        "KUBE_SCALE builds={n} parallel={parallel} reconcile_p99_le={:.4}s requests={total} requests/build={:.1} lists={lists} watches={watches} pods_created={pods_created} seconds={:.1} controller_peak_{rss}",
+        p99.unwrap_or(f64::NAN),
         total as f64 / n as f64,
         elapsed.as_secs_f64()
     );
@@ -81,4 +91,29 @@ async fn many_builds_finish_with_constant_requests_per_build() {
     // No list-polling: lists happen when watches (re)start, not per build or per second.
     assert!(lists <= 10, "list calls grow with the run: {counters:?}");
     assert!(watches <= 10, "watches restart too often: {counters:?}");
+}
+
+/// The upper bound of the bucket holding quantile `q` of a Prometheus histogram.
+fn histogram_quantile(text: &str, name: &str, q: f64) -> Option<f64> {
+    let mut buckets = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(&format!("{name}_bucket{{le=\"")) else {
+            continue;
+        };
+        let (le, count) = rest.split_once("\"} ")?;
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().ok()?
+        };
+        buckets.push((le, count.trim().parse::<f64>().ok()?));
+    }
+    let total = buckets.last()?.1;
+    if total == 0.0 {
+        return None;
+    }
+    buckets
+        .iter()
+        .find(|(_, c)| *c >= q * total)
+        .map(|(le, _)| *le)
 }

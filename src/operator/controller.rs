@@ -190,7 +190,9 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 pub async fn reconcile(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Requeue> {
+    let started = std::time::Instant::now();
     let res = reconcile_inner(cached.clone(), ctx.clone()).await;
+    ctx.observer.reconciled(started.elapsed().as_secs_f64());
     if res.is_ok() {
         lock(&ctx.failures).remove(&cached.name_any());
     }
@@ -390,6 +392,9 @@ async fn reconcile_inner(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Req
                 .unwrap_or_default();
             ctx.observer
                 .build_finished(status.phase == Some(Phase::Succeeded), &reason, seconds);
+            if let Some(t) = &status.timings {
+                ctx.observer.stages(&t.stages);
+            }
             lock(&ctx.starting).remove(&name);
         }
     }

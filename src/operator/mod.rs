@@ -21,6 +21,10 @@ pub trait Observer: Send + Sync + 'static {
     fn callback_failed(&self);
     /// BuildJobs waiting for a slot and holding one, as the controller's cache shows them.
     fn queue(&self, queued: usize, running: usize);
+    /// The worker's stage timings of a finished build, in milliseconds by stage.
+    fn stages(&self, _stages: &std::collections::BTreeMap<String, u64>) {}
+    /// One reconcile took this long.
+    fn reconciled(&self, _seconds: f64) {}
 }
 
 /// Reports nothing (metrics not wired).
@@ -59,6 +63,14 @@ impl Observer for crate::metrics::Metrics {
     fn queue(&self, queued: usize, running: usize) {
         self.queued.set(i64::try_from(queued).unwrap_or(i64::MAX));
         self.running.set(i64::try_from(running).unwrap_or(i64::MAX));
+    }
+    fn stages(&self, stages: &std::collections::BTreeMap<String, u64>) {
+        for (stage, ms) in stages {
+            self.observe_stage(stage, *ms);
+        }
+    }
+    fn reconciled(&self, seconds: f64) {
+        self.observe_reconcile(seconds);
     }
 }
 
