@@ -17,7 +17,7 @@ BIN=target/release/buildshuttle
 data=$(mktemp -d /tmp/post-rate.XXXXXX)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 closed=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-PORT=$port LISTEN_ADDRESS=127.0.0.1 DATA_DIR="$data" RUST_LOG=warn "$BIN" serve >"$data/serve.log" 2>&1 &
+PORT=$port LISTEN_ADDRESS=127.0.0.1 DATA_DIR="$data" "$BIN" serve >"$data/serve.log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$data"' EXIT
 for _ in $(seq 100); do curl -sf "127.0.0.1:$port/octhc" >/dev/null && break; sleep 0.1; done

@@ -309,17 +309,16 @@ impl Inner {
             }
             None => {
                 let (r, m) = cancelled_reason();
-                self.append_log_line(
-                    &spec,
-                    &format!("Build failed ({}): {m} before it started", r.as_str()),
-                )
-                .await;
+                let line = format!("Build failed ({}): {m} before it started", r.as_str());
+                Box::pin(self.append_log_line(&spec, &line)).await;
                 Outcome::failed(r, format!("{m} before it started"))
             }
             Some(permit) => {
                 self.metrics.running.inc();
                 let started = std::time::Instant::now();
-                let outcome = self.run(&spec, &cancel, cancelled_reason).await;
+                // Boxed (here and below): a queued build's task stays small; the large
+                // futures (pipeline, callbacks) are only allocated when they start.
+                let outcome = Box::pin(self.run(&spec, &cancel, cancelled_reason)).await;
                 self.metrics.running.dec();
                 drop(permit);
                 self.metrics
@@ -336,7 +335,7 @@ impl Inner {
         })
         .await;
         let _ = pending.await;
-        self.send_callbacks(id).await;
+        Box::pin(self.send_callbacks(id)).await;
     }
 
     async fn run(
