@@ -318,19 +318,23 @@ impl Inner {
             }
             None => {
                 let (r, m) = cancelled_reason();
-                self.append_log_line(
-                    &spec,
-                    &format!("Build failed ({}): {m} before it started", r.as_str()),
-                )
-                .await;
+                let line = format!("Build failed ({}): {m} before it started", r.as_str());
+                Box::pin(self.append_log_line(&spec, &line)).await;
                 Outcome::failed(r, format!("{m} before it started"))
             }
             Some(permit) => {
                 self.metrics.running.inc();
                 let started = std::time::Instant::now();
-                let (outcome, flush) = self
-                    .run(&spec, &cancel, cancelled_reason, accepted_at, &mut timings)
-                    .await;
+                // Boxed (here and below): a queued build's task stays small; the large
+                // futures (pipeline, callbacks) are only allocated when they start.
+                let (outcome, flush) = Box::pin(self.run(
+                    &spec,
+                    &cancel,
+                    cancelled_reason,
+                    accepted_at,
+                    &mut timings,
+                ))
+                .await;
                 flush_log = flush;
                 self.metrics.running.dec();
                 drop(permit);
@@ -357,7 +361,7 @@ impl Inner {
         // The log's upload and Kafka delivery run beside the final callback, never before it.
         let callbacks = async {
             let _ = pending.await;
-            self.send_callbacks(id).await;
+            Box::pin(self.send_callbacks(id)).await;
         };
         match flush_log {
             Some(flush) => {
