@@ -442,7 +442,13 @@ fn flattened_root(dest: &Path) -> Result<PathBuf, ContextError> {
 }
 
 /// Reads the Dockerfile at the root and rewrites it with the ARG lines.
-pub fn prepare_dockerfile(root: &Path, arg_keys: &[String]) -> Result<(), ContextError> {
+/// With `labels`, they are appended as one `LABEL` instruction when that is safe; returns
+/// whether it was (else the caller passes them to the build API).
+pub fn prepare_dockerfile(
+    root: &Path,
+    arg_keys: &[String],
+    labels: &std::collections::BTreeMap<String, String>,
+) -> Result<bool, ContextError> {
     let path = root.join("Dockerfile");
     let meta = fs::symlink_metadata(&path);
     if !meta.as_ref().is_ok_and(|m| m.is_file()) {
@@ -460,9 +466,13 @@ pub fn prepare_dockerfile(root: &Path, arg_keys: &[String]) -> Result<(), Contex
     }
     let bytes = fs::read(&path)?;
     let text = String::from_utf8_lossy(&bytes);
-    let rewritten = super::dockerfile::inject_args(&text, arg_keys);
+    let mut rewritten = super::dockerfile::inject_args(&text, arg_keys);
+    let label = super::dockerfile::label_line(&rewritten, labels);
+    if let Some(line) = &label {
+        rewritten = super::dockerfile::append_line(&rewritten, line);
+    }
     fs::write(&path, rewritten)?;
-    Ok(())
+    Ok(label.is_some())
 }
 
 /// `.dockerignore` rules: the last matching pattern wins; `!` re-includes; a pattern that
@@ -737,7 +747,9 @@ mod tests {
     fn missing_dockerfile_says_what_is_there() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("README"), b"x").unwrap();
-        let e = prepare_dockerfile(dir.path(), &[]).unwrap_err().to_string();
+        let e = prepare_dockerfile(dir.path(), &[], &Default::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no Dockerfile") && e.contains("README"), "{e}");
     }
 }

@@ -177,7 +177,7 @@ pub async fn build(
         rm: true,
         forcerm: true,
         buildargs: Some(req.build_args.into_iter().collect()),
-        labels: Some(req.labels.into_iter().collect()),
+        labels: (!req.labels.is_empty()).then(|| req.labels.into_iter().collect()),
         cachefrom: (!req.cache_from.is_empty()).then_some(req.cache_from),
         ..Default::default()
     };

@@ -1,6 +1,8 @@
 //! Dockerfile rewriting: an `ARG <key>` line after every `FROM`, so each build arg is visible
 //! to every stage's `RUN` steps. Case-insensitive, CRLF-preserving, continuation-aware.
 
+use std::collections::BTreeMap;
+
 /// Inserts `ARG {key}` for each key after every `FROM` instruction of `dockerfile`.
 pub fn inject_args(dockerfile: &str, keys: &[String]) -> String {
     if keys.is_empty() {
@@ -36,6 +38,42 @@ fn is_from(line: &str) -> bool {
     t.len() > 4
         && t.as_bytes()[..4].eq_ignore_ascii_case(b"FROM")
         && t.as_bytes()[4].is_ascii_whitespace()
+}
+
+/// The image labels as one `LABEL` instruction for the end of the Dockerfile (the final
+/// stage): one build step, where the build API's `labels` option adds one step (a container
+/// created and committed) per label. `None` when a key or value holds anything but
+/// `[A-Za-z0-9._-]` (quoting would depend on the file's escape directive) or the file ends in
+/// a line continuation: those labels go through the build API instead.
+pub fn label_line(dockerfile: &str, labels: &BTreeMap<String, String>) -> Option<String> {
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    };
+    let continued = dockerfile
+        .lines()
+        .rev()
+        .map(str::trim_end)
+        .find(|l| !l.is_empty())
+        .is_some_and(|l| l.ends_with('\\') || l.ends_with('`'));
+    if labels.is_empty() || continued || !labels.iter().all(|(k, v)| plain(k) && plain(v)) {
+        return None;
+    }
+    let pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    Some(format!("LABEL {}", pairs.join(" ")))
+}
+
+/// `dockerfile` with `line` appended as its last instruction.
+pub fn append_line(dockerfile: &str, line: &str) -> String {
+    let mut out = String::with_capacity(dockerfile.len() + line.len() + 2);
+    out.push_str(dockerfile);
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    out.push_str(line);
+    out.push('\n');
+    out
 }
 
 #[cfg(test)]
@@ -75,5 +113,23 @@ mod tests {
             "FROMAGE x\n# FROM y\n"
         );
         assert_eq!(inject_args("FROM a\n", &[]), "FROM a\n");
+    }
+
+    #[test]
+    fn labels_become_one_instruction_at_the_end_when_plain() {
+        let labels = BTreeMap::from([
+            ("app".to_string(), "web".to_string()),
+            ("space".to_string(), "default".to_string()),
+        ]);
+        let line = label_line("FROM x\nRUN y", &labels).unwrap();
+        assert_eq!(line, r#"LABEL app="web" space="default""#);
+        assert_eq!(
+            append_line("FROM x\nRUN y", &line),
+            format!("FROM x\nRUN y\n{line}\n")
+        );
+        assert_eq!(append_line("FROM x\r\n", "L"), "FROM x\r\nL\n");
+        assert_eq!(label_line("FROM x\nRUN a \\\n", &labels), None);
+        let odd = BTreeMap::from([("app".to_string(), "a b\"c".to_string())]);
+        assert_eq!(label_line("FROM x\n", &odd), None);
     }
 }

@@ -167,6 +167,8 @@ impl Pipeline {
         let context_started = Instant::now();
         let args = spec.docker_build_args();
         let keys: Vec<String> = args.keys().cloned().collect();
+        let labels = spec.image_labels();
+        let labels2 = labels.clone();
         let prepared = async {
             let streamed = streaming
                 .await
@@ -176,16 +178,16 @@ impl Pipeline {
                     Some(root) => root,
                     None => context::extract(&archive, &dest, &limits)?,
                 };
-                context::prepare_dockerfile(&root, &keys)?;
+                let labelled = context::prepare_dockerfile(&root, &keys, &labels2)?;
                 let ignore = context::DockerIgnore::load(&root)?;
-                Ok::<_, context::ContextError>((root, ignore))
+                Ok::<_, context::ContextError>((root, ignore, labelled))
             })
             .await
             .map_err(|e| format!("context preparation stopped: {e}"))
         }
         .await;
         timings.context = Some(elapsed_ms(context_started));
-        let (root, ignore) = match prepared {
+        let (root, ignore, labelled) = match prepared {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => {
                 // The original archive is still kept, as for any other failed build.
@@ -206,7 +208,8 @@ impl Pipeline {
         }
         let request = docker::BuildRequest {
             tag: image.clone(),
-            labels: spec.image_labels(),
+            // Already one LABEL step in the Dockerfile, or (rarely) one step per label here.
+            labels: if labelled { Default::default() } else { labels },
             build_args: args,
             no_cache: self.config.no_cache,
             registries: docker::credentials(&registries),
