@@ -244,6 +244,99 @@ impl Outcome {
     }
 }
 
+/// Milliseconds each stage of one build took; a stage that did not run stays `None`.
+/// Stages may overlap (the archive is stored while the context is prepared), so they need
+/// not add up to `total`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageTimings {
+    /// Accepted → a build slot was free.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued: Option<u64>,
+    /// Download or decoding of the sources (or reading them back from storage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch: Option<u64>,
+    /// Storing the original archive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<u64>,
+    /// Archive → build context on disk (extraction, ARG lines, .dockerignore).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<u64>,
+    /// Pulling the previous image as the layer cache (CACHE_FROM_LATEST).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<u64>,
+    /// docker build (or the pull of a `docker://` source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<u64>,
+    /// Tagging and pushing both tags.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<u64>,
+    /// Accepted → the build's outcome was known (its log ends here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
+    /// Accepted → the `pending` callback was delivered (or given up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_pending: Option<u64>,
+    /// Outcome known → the final callback was delivered (or given up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_final: Option<u64>,
+}
+
+impl StageTimings {
+    /// Every stage that ran, in pipeline order, with its milliseconds.
+    pub fn stages(&self) -> Vec<(&'static str, u64)> {
+        [
+            ("queued", self.queued),
+            ("fetch", self.fetch),
+            ("store", self.store),
+            ("context", self.context),
+            ("cache", self.cache),
+            ("build", self.build),
+            ("push", self.push),
+            ("total", self.total),
+            ("callback_pending", self.callback_pending),
+            ("callback_final", self.callback_final),
+        ]
+        .into_iter()
+        .filter_map(|(name, ms)| Some((name, ms?)))
+        .collect()
+    }
+
+    /// The line that ends a build's log: `Timings: queued 3 ms, fetch 120 ms, … total 1450 ms`
+    /// (callbacks are not in it: the final one is sent after the log ends).
+    pub fn summary(&self) -> String {
+        let parts: Vec<String> = self
+            .stages()
+            .into_iter()
+            .filter(|(name, _)| !name.starts_with("callback"))
+            .map(|(name, ms)| format!("{name} {ms} ms"))
+            .collect();
+        format!("Timings: {}", parts.join(", "))
+    }
+}
+
+/// Milliseconds since `since`, for `StageTimings`.
+pub fn elapsed_ms(since: std::time::Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// What a worker reports through its termination message: the outcome's own fields (so a
+/// parser that knows only `Outcome` still reads it) plus an optional `timings` object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Termination {
+    #[serde(flatten)]
+    pub outcome: Outcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings: Option<StageTimings>,
+}
+
+impl Termination {
+    /// Parses a termination message (with or without `timings`); `None` when it is not one
+    /// (e.g. cut by the kubelet).
+    pub fn parse(message: &str) -> Option<Self> {
+        serde_json::from_str(message.trim()).ok()
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -330,5 +423,50 @@ pub(crate) mod tests {
         assert_eq!(j["result"], "failed");
         assert_eq!(j["reason"], "BuildFailed");
         assert_eq!(o.callback_status(), "failed");
+    }
+
+    #[test]
+    fn timings_list_stages_in_pipeline_order() {
+        let t = StageTimings {
+            queued: Some(3),
+            fetch: Some(120),
+            context: Some(4),
+            build: Some(900),
+            push: Some(300),
+            total: Some(1450),
+            callback_final: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(
+            t.summary(),
+            "Timings: queued 3 ms, fetch 120 ms, context 4 ms, build 900 ms, push 300 ms, total 1450 ms"
+        );
+        let j = serde_json::to_value(&t).unwrap();
+        assert!(
+            j.get("store").is_none(),
+            "stages that did not run are left out: {j}"
+        );
+    }
+
+    #[test]
+    fn termination_adds_timings_beside_the_outcome() {
+        let t = Termination {
+            outcome: Outcome::Succeeded {
+                image: "r/a:1.2".into(),
+                digest: None,
+            },
+            timings: Some(StageTimings {
+                build: Some(5),
+                ..Default::default()
+            }),
+        };
+        let json = serde_json::to_string(&t).unwrap();
+        assert!(json.starts_with(r#"{"result":"succeeded""#), "{json}");
+        // A parser that knows only `Outcome` still reads it.
+        let old: Outcome = serde_json::from_str(&json).unwrap();
+        assert_eq!(old, t.outcome);
+        assert_eq!(Termination::parse(&json), Some(t));
+        let bare = Termination::parse(r#"{"result":"failed","reason":"Timeout","message":"m"}"#);
+        assert_eq!(bare.map(|b| b.timings), Some(None));
     }
 }

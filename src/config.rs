@@ -182,14 +182,52 @@ pub struct KubernetesArgs {
         default_value = "dind"
     )]
     pub worker_docker_mode: crate::operator::pod::DockerMode,
-    /// Image of the dind sidecar.
+    /// Image of the dind sidecar: a docker-library `docker:*-dind` image (its
+    /// dockerd-entrypoint.sh is run with an explicit `dockerd` command line).
     #[arg(
         long,
         env = "DIND_IMAGE",
         value_name = "DIND_IMAGE",
-        default_value = "docker:27-dind"
+        default_value = DEFAULT_DIND_IMAGE
     )]
     pub dind_image: String,
+    /// MTU of the dind daemon's bridge (`dockerd --mtu`): set it below the pod network's MTU
+    /// on overlay networks (e.g. 1450 for VXLAN), or builds' downloads hang. Unset: 1500.
+    #[arg(long, env = "DIND_MTU", value_name = "DIND_MTU",
+          value_parser = clap::value_parser!(u32).range(68..=65535))]
+    pub dind_mtu: Option<u32>,
+    /// Image pull secrets of worker pods: names, comma-separated, or the Kubernetes list
+    /// `[{"name": "regcred"}]` (what the chart's `imagePullSecrets` holds).
+    #[arg(
+        long,
+        env = "WORKER_IMAGE_PULL_SECRETS",
+        value_name = "WORKER_IMAGE_PULL_SECRETS"
+    )]
+    pub worker_image_pull_secrets: Option<String>,
+    /// Mount the worker service account's API token into worker pods. Workers never call
+    /// the API; IRSA and EKS Pod Identity inject their own token, so this stays false.
+    #[arg(long, env = "WORKER_AUTOMOUNT_SERVICE_ACCOUNT_TOKEN", value_name = "WORKER_AUTOMOUNT_SERVICE_ACCOUNT_TOKEN",
+          default_value_t = false, action = clap::ArgAction::Set)]
+    pub worker_automount_service_account_token: bool,
+    /// JSON: resources, emptyDir size limits and placement of worker pods (keys
+    /// workerResources, dindResources, workSizeLimit, dindStorageSizeLimit, nodeSelector,
+    /// tolerations, affinity); a key left out keeps its default.
+    #[arg(
+        long,
+        env = "WORKER_POD_OVERRIDES",
+        value_name = "WORKER_POD_OVERRIDES"
+    )]
+    pub worker_pod_overrides: Option<String>,
+    /// This installation's name (the chart sets the release name): BuildJobs are labelled
+    /// with it and the controller acts only on its own, so two installations can share a
+    /// namespace. Empty: unlabelled BuildJobs.
+    #[arg(
+        long,
+        env = "INSTANCE_NAME",
+        value_name = "INSTANCE_NAME",
+        default_value = ""
+    )]
+    pub instance_name: String,
     /// A Secret imported whole into worker pods' environment (S3 credentials, TLS dockerd settings).
     #[arg(long, env = "WORKER_ENV_SECRET", value_name = "WORKER_ENV_SECRET")]
     pub worker_env_secret: Option<String>,
@@ -275,9 +313,16 @@ pub struct KubernetesConfig {
     pub worker_image: String,
     pub docker_mode: crate::operator::pod::DockerMode,
     pub dind_image: String,
+    pub dind_mtu: Option<u32>,
     pub worker_env_secret: Option<String>,
     pub worker_docker_socket_gid: Option<i64>,
     pub worker_service_account: Option<String>,
+    pub worker_image_pull_secrets: Vec<String>,
+    pub worker_automount_token: bool,
+    pub worker_pod: WorkerPodOverrides,
+    /// INSTANCE_NAME: set (non-empty) when this installation labels and selects its own
+    /// BuildJobs (a valid label value).
+    pub instance_name: Option<String>,
     pub max_pod_retries: u32,
     pub finished_ttl: Duration,
     pub lease_name: String,
@@ -298,6 +343,10 @@ pub struct BuildArgs {
     /// Build with no layer cache.
     #[arg(long, env = "NO_CACHE", value_name = "NO_CACHE", default_value_t = false, action = clap::ArgAction::Set)]
     pub no_cache: bool,
+    /// Before building, pull the app's previous image (`…:latest`) and reuse its layers, so
+    /// an empty daemon (a dind worker pod) rebuilds warm. Off when NO_CACHE is true.
+    #[arg(long, env = "CACHE_FROM_LATEST", value_name = "CACHE_FROM_LATEST", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cache_from_latest: bool,
     /// Where dockerd is, as dockerode-style JSON.
     #[arg(
         long,
@@ -483,6 +532,7 @@ impl DockerSettings {
 #[derive(Debug, Clone)]
 pub struct BuildConfig {
     pub no_cache: bool,
+    pub cache_from_latest: bool,
     pub docker: DockerSettings,
     pub data_dir: PathBuf,
     pub extra_build_args: BTreeMap<String, String>,
@@ -511,6 +561,7 @@ impl BuildArgs {
     pub fn validate(&self) -> Result<BuildConfig, ConfigError> {
         Ok(BuildConfig {
             no_cache: self.no_cache,
+            cache_from_latest: self.cache_from_latest,
             docker: DockerSettings::parse(&self.docker_build_settings)?,
             data_dir: self.data_dir.clone(),
             extra_build_args: parse_extra_build_args(self.extra_build_args.as_deref())?,
@@ -614,28 +665,45 @@ pub struct Config {
 
 impl ServeArgs {
     pub fn validate(&self) -> Result<Config, ConfigError> {
+        let build = self.build.validate()?;
+        if self.use_kubernetes && build.s3.is_none() {
+            // Worker pods run on other nodes: they read staged `data:` archives from, and
+            // leave build logs in, storage the API can read too.
+            return Err(invalid(
+                "S3_BUCKET",
+                "must be set with USE_KUBERNETES=true: worker pods read staged sources from \
+                 and store build logs in S3 (a local DATA_DIR is not shared with them)",
+            ));
+        }
+        let k = &self.kubernetes;
         Ok(Config {
             listen: format!("{}:{}", self.listen_address, self.port),
-            build: self.build.validate()?,
+            build,
             use_kubernetes: self.use_kubernetes,
             maximum_parallel_builds: self.maximum_parallel_builds as usize,
             max_request_bytes: self.max_request_bytes,
             callback_retry_for: Duration::from_secs(self.callback_retry_seconds),
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
             kubernetes: {
-                let k = &self.kubernetes;
                 KubernetesConfig {
                     namespace: k.kubernetes_namespace.clone().filter(|n| !n.is_empty()),
                     run_controller: k.run_controller,
                     worker_image: k.docker_build_image.clone(),
                     docker_mode: k.worker_docker_mode,
                     dind_image: k.dind_image.clone(),
+                    dind_mtu: k.dind_mtu,
                     worker_env_secret: k.worker_env_secret.clone().filter(|n| !n.is_empty()),
                     worker_docker_socket_gid: k.worker_docker_socket_gid,
                     worker_service_account: k
                         .worker_service_account
                         .clone()
                         .filter(|n| !n.is_empty()),
+                    worker_image_pull_secrets: parse_pull_secrets(
+                        k.worker_image_pull_secrets.as_deref(),
+                    )?,
+                    worker_automount_token: k.worker_automount_service_account_token,
+                    worker_pod: WorkerPodOverrides::parse(k.worker_pod_overrides.as_deref())?,
+                    instance_name: parse_instance_name(&k.instance_name)?,
                     max_pod_retries: k.max_pod_retries,
                     finished_ttl: Duration::from_secs(k.buildjob_ttl_seconds),
                     lease_name: k.lease_name.clone(),
@@ -662,6 +730,346 @@ impl ServeArgs {
                 }
             },
         })
+    }
+}
+
+/// The dind sidecar's default image: pinned to a release (a floating tag changes the daemon
+/// under running installations).
+pub const DEFAULT_DIND_IMAGE: &str = "docker:29.4.3-dind";
+
+/// A Kubernetes quantity (`500m`, `2Gi`, `1e3`), checked at start: a typo would otherwise
+/// fail every worker pod's creation with a 422.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
+#[serde(try_from = "QuantityText", into = "String")]
+pub struct Quantity(String);
+
+/// A quantity as YAML/JSON may write it: a string or a bare number.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum QuantityText {
+    Text(String),
+    Number(serde_json::Number),
+}
+
+impl TryFrom<QuantityText> for Quantity {
+    type Error = String;
+    fn try_from(t: QuantityText) -> Result<Self, String> {
+        let text = match t {
+            QuantityText::Text(s) => s.trim().to_string(),
+            QuantityText::Number(n) => n.to_string(),
+        };
+        Quantity::parse(&text)
+    }
+}
+
+impl From<Quantity> for String {
+    fn from(q: Quantity) -> String {
+        q.0
+    }
+}
+
+impl Quantity {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        quantity_value(text)
+            .map(|_| Quantity(text.to_string()))
+            .ok_or_else(|| format!("{text:?} is not a Kubernetes quantity (e.g. 500m, 2Gi)"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The value in base units (cores, bytes).
+    pub fn value(&self) -> f64 {
+        quantity_value(&self.0).unwrap_or(0.0)
+    }
+}
+
+/// The value of a quantity, or None when it is not one (Kubernetes' grammar: a signed
+/// decimal, then a binary suffix Ki…Ei, a decimal suffix n u m k M G T P E, or an exponent).
+fn quantity_value(text: &str) -> Option<f64> {
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-'))
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(split);
+    if number.is_empty() || !number.chars().any(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let n: f64 = number.parse().ok()?;
+    let factor = match suffix {
+        "" => 1.0,
+        "Ki" => 1024f64,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        "n" => 1e-9,
+        "u" => 1e-6,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        e if e.starts_with(['e', 'E']) => 10f64.powi(e[1..].parse::<i32>().ok()?),
+        _ => return None,
+    };
+    Some(n * factor).filter(|v| v.is_finite() && *v >= 0.0)
+}
+
+/// Requests and limits of one container, by resource name.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Resources {
+    pub requests: BTreeMap<String, Quantity>,
+    pub limits: BTreeMap<String, Quantity>,
+}
+
+impl Resources {
+    fn of(pairs: &[(&str, &str)], limits: &[(&str, &str)]) -> Self {
+        let map = |p: &[(&str, &str)]| {
+            p.iter()
+                .map(|(k, v)| (k.to_string(), Quantity(v.to_string())))
+                .collect()
+        };
+        Resources {
+            requests: map(pairs),
+            limits: map(limits),
+        }
+    }
+
+    /// What the API server refuses: a request above its limit.
+    fn check(&self, what: &str) -> Result<(), String> {
+        for (name, req) in &self.requests {
+            if let Some(lim) = self.limits.get(name) {
+                if req.value() > lim.value() {
+                    return Err(format!(
+                        "{what}: requests.{name} ({}) is more than limits.{name} ({})",
+                        req.as_str(),
+                        lim.as_str()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// WORKER_POD_OVERRIDES: what a worker pod may use and where it may run. Every key left out
+/// keeps the default below (the chart's `worker.pod` defaults are the same); `null` removes a
+/// size limit or the affinity.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct WorkerPodOverrides {
+    /// The worker container (fetches and unpacks sources, streams the context).
+    pub worker_resources: Resources,
+    /// The dind sidecar (runs the build itself; its /var/lib/docker is an emptyDir).
+    pub dind_resources: Resources,
+    /// `sizeLimit` of the worker's /work emptyDir (source archive and unpacked context:
+    /// MAX_SOURCE_BYTES + MAX_CONTEXT_BYTES fit in the default).
+    pub work_size_limit: Option<Quantity>,
+    /// `sizeLimit` of dind's /var/lib/docker emptyDir (base images, layers, the result).
+    pub dind_storage_size_limit: Option<Quantity>,
+    pub node_selector: BTreeMap<String, String>,
+    pub tolerations: Vec<k8s_openapi::api::core::v1::Toleration>,
+    pub affinity: Option<k8s_openapi::api::core::v1::Affinity>,
+}
+
+impl Default for WorkerPodOverrides {
+    fn default() -> Self {
+        WorkerPodOverrides {
+            worker_resources: Resources::of(
+                &[
+                    ("cpu", "250m"),
+                    ("memory", "256Mi"),
+                    ("ephemeral-storage", "1Gi"),
+                ],
+                &[("memory", "1Gi"), ("ephemeral-storage", "8Gi")],
+            ),
+            dind_resources: Resources::of(
+                &[
+                    ("cpu", "1"),
+                    ("memory", "1Gi"),
+                    ("ephemeral-storage", "10Gi"),
+                ],
+                &[("memory", "8Gi"), ("ephemeral-storage", "50Gi")],
+            ),
+            work_size_limit: Some(Quantity("6Gi".into())),
+            dind_storage_size_limit: Some(Quantity("40Gi".into())),
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            affinity: None,
+        }
+    }
+}
+
+impl WorkerPodOverrides {
+    pub fn parse(json: Option<&str>) -> Result<Self, ConfigError> {
+        const VAR: &str = "WORKER_POD_OVERRIDES";
+        let Some(json) = json.filter(|j| !j.trim().is_empty()) else {
+            return Ok(Self::default());
+        };
+        let mut o: Self = serde_json::from_str(json)
+            .map_err(|e| invalid(VAR, format!("not valid worker pod settings ({e})")))?;
+        // `affinity: {}` (the chart's default) is no affinity.
+        if o.affinity
+            .as_ref()
+            .is_some_and(|a| a == &Default::default())
+        {
+            o.affinity = None;
+        }
+        o.worker_resources
+            .check("workerResources")
+            .and_then(|_| o.dind_resources.check("dindResources"))
+            .map_err(|e| invalid(VAR, e))?;
+        Ok(o)
+    }
+}
+
+fn parse_pull_secrets(text: Option<&str>) -> Result<Vec<String>, ConfigError> {
+    const VAR: &str = "WORKER_IMAGE_PULL_SECRETS";
+    let text = text.map(str::trim).unwrap_or_default();
+    let names: Vec<String> = if text.starts_with('[') {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Named {
+            name: String,
+        }
+        serde_json::from_str::<Vec<Named>>(text)
+            .map_err(|e| invalid(VAR, format!("must be names or [{{\"name\": …}}] ({e})")))?
+            .into_iter()
+            .map(|n| n.name)
+            .collect()
+    } else {
+        text.split(',').map(|n| n.trim().to_string()).collect()
+    };
+    let names: Vec<String> = names.into_iter().filter(|n| !n.is_empty()).collect();
+    if let Some(bad) = names.iter().find(|n| !is_dns_subdomain(n)) {
+        return Err(invalid(VAR, format!("{bad:?} is not a Secret name")));
+    }
+    Ok(names)
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253
+        && s.split('.').all(|part| {
+            !part.is_empty()
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !part.starts_with('-')
+                && !part.ends_with('-')
+        })
+}
+
+/// INSTANCE_NAME goes into a label value: at most 63 characters of `[A-Za-z0-9._-]`,
+/// starting and ending with a letter or digit.
+fn parse_instance_name(s: &str) -> Result<Option<String>, ConfigError> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    let ok = s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && edge(s.chars().next())
+        && edge(s.chars().last());
+    if !ok {
+        return Err(invalid(
+            "INSTANCE_NAME",
+            format!("{s:?} is not a label value (at most 63 of A-Z a-z 0-9 - _ ., starting and ending with a letter or digit)"),
+        ));
+    }
+    Ok(Some(s.to_string()))
+}
+
+#[cfg(test)]
+mod kubernetes_tests {
+    use super::*;
+
+    #[test]
+    fn quantities_follow_the_kubernetes_grammar() {
+        for (text, value) in [
+            ("500m", 0.5),
+            ("2", 2.0),
+            ("1.5Gi", 1.5 * 1024.0 * 1024.0 * 1024.0),
+            ("1e3", 1000.0),
+            ("128974848", 128974848.0),
+            ("129M", 129e6),
+        ] {
+            let q = Quantity::parse(text).unwrap();
+            assert!((q.value() - value).abs() < 1e-6, "{text}");
+        }
+        for bad in ["", "Gi", "1GB", "1.2.3Mi", "-1", "ten"] {
+            assert!(Quantity::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn worker_pod_overrides_keep_defaults_and_name_the_variable_when_wrong() {
+        assert_eq!(
+            WorkerPodOverrides::parse(None).unwrap(),
+            WorkerPodOverrides::default()
+        );
+        let o = WorkerPodOverrides::parse(Some(
+            r#"{"dindStorageSizeLimit": "100Gi", "workSizeLimit": null,
+                "workerResources": {"requests": {"cpu": 1, "memory": "1Gi"}},
+                "nodeSelector": {"pool": "builds"},
+                "tolerations": [{"key": "builds", "operator": "Exists", "effect": "NoSchedule"}]}"#,
+        ))
+        .unwrap();
+        assert_eq!(o.dind_storage_size_limit, Some(Quantity("100Gi".into())));
+        assert_eq!(o.work_size_limit, None);
+        assert_eq!(o.worker_resources.requests["cpu"].as_str(), "1");
+        assert!(
+            o.worker_resources.limits.is_empty(),
+            "a key replaces, whole"
+        );
+        assert_eq!(
+            o.dind_resources,
+            WorkerPodOverrides::default().dind_resources
+        );
+        assert_eq!(o.tolerations[0].key.as_deref(), Some("builds"));
+        for bad in [
+            "{",
+            r#"{"workSizeLimt": "1Gi"}"#,
+            r#"{"workSizeLimit": "1GB"}"#,
+            r#"{"dindResources": {"requests": {"memory": "2Gi"}, "limits": {"memory": "1Gi"}}}"#,
+            r#"{"tolerations": {}}"#,
+        ] {
+            let e = WorkerPodOverrides::parse(Some(bad))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("WORKER_POD_OVERRIDES: "), "{bad}: {e}");
+            assert_eq!(e.lines().count(), 1, "{e}");
+        }
+    }
+
+    #[test]
+    fn pull_secrets_and_instance_names() {
+        assert_eq!(parse_pull_secrets(Some(" a, b.c ,")).unwrap(), ["a", "b.c"]);
+        assert_eq!(
+            parse_pull_secrets(Some(r#"[{"name":"regcred"}]"#)).unwrap(),
+            ["regcred"]
+        );
+        assert!(parse_pull_secrets(None).unwrap().is_empty());
+        assert!(parse_pull_secrets(Some("[]")).unwrap().is_empty());
+        for bad in ["Reg_Cred", r#"[{"nom":"x"}]"#, "[1"] {
+            let e = parse_pull_secrets(Some(bad)).unwrap_err().to_string();
+            assert!(e.starts_with("WORKER_IMAGE_PULL_SECRETS"), "{e}");
+        }
+        assert_eq!(parse_instance_name(" ").unwrap(), None);
+        assert_eq!(
+            parse_instance_name("bs-prod").unwrap().as_deref(),
+            Some("bs-prod")
+        );
+        for bad in ["-x", "a b", &"x".repeat(64)] {
+            let e = parse_instance_name(bad).unwrap_err().to_string();
+            assert!(e.starts_with("INSTANCE_NAME"), "{e}");
+        }
     }
 }
 

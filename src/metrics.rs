@@ -1,6 +1,7 @@
 //! Prometheus metrics for both modes, served at `GET /metrics` (OpenMetrics text):
 //! builds by result and reason, build duration, queue length, running builds, callback
-//! failures. Labels never carry app names or anything from a request but the reason.
+//! failures, and per-stage build timings (`stage` label: queued, fetch, store, context,
+//! cache, build, push, total, callback_pending, callback_final). Labels never carry app names or anything from a request but the reason.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -17,10 +18,16 @@ pub struct ResultLabels {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabels {
+    pub stage: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     builds: Family<ResultLabels, Counter>,
     duration: Histogram,
+    stages: Family<StageLabels, Histogram, fn() -> Histogram>,
     pub queued: Gauge,
     pub running: Gauge,
     pub callback_failures: Counter,
@@ -38,6 +45,11 @@ impl Metrics {
         let builds = Family::<ResultLabels, Counter>::default();
         // 1 s … ~4.5 h in 14 doubling buckets.
         let duration = Histogram::new(exponential_buckets(1.0, 2.0, 14));
+        // 1 ms … ~9 min in 20 doubling buckets: stages range from a rename to a long build.
+        let stages =
+            Family::<StageLabels, Histogram, fn() -> Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 20))
+            });
         let queued = Gauge::default();
         let running = Gauge::default();
         let callback_failures = Counter::default();
@@ -50,6 +62,11 @@ impl Metrics {
             "build_duration_seconds",
             "Time from a build's start to its end",
             duration.clone(),
+        );
+        registry.register(
+            "build_stage_duration_seconds",
+            "Time each stage of a build took (stages may overlap)",
+            stages.clone(),
         );
         registry.register(
             "queued_builds",
@@ -66,6 +83,7 @@ impl Metrics {
             registry,
             builds,
             duration,
+            stages,
             queued,
             running,
             callback_failures,
@@ -86,6 +104,20 @@ impl Metrics {
             .inc();
         if let Some(s) = seconds {
             self.duration.observe(s);
+        }
+    }
+
+    /// Observes every stage `timings` holds, except those in `skip` (already observed).
+    pub fn observe_stages(&self, timings: &crate::build::StageTimings, skip: &[&str]) {
+        for (stage, ms) in timings.stages() {
+            if skip.contains(&stage) {
+                continue;
+            }
+            self.stages
+                .get_or_create(&StageLabels {
+                    stage: stage.to_string(),
+                })
+                .observe(ms as f64 / 1000.0);
         }
     }
 
@@ -114,6 +146,14 @@ mod tests {
             },
             Some(1.0),
         );
+        m.observe_stages(
+            &crate::build::StageTimings {
+                fetch: Some(12),
+                build: Some(900),
+                ..Default::default()
+            },
+            &[],
+        );
         m.queued.set(2);
         m.callback_failures.inc();
         let text = m.render();
@@ -130,6 +170,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("buildshuttle_queued_builds 2"), "{text}");
+        assert!(
+            text.contains(r#"buildshuttle_build_stage_duration_seconds_count{stage="fetch"} 1"#),
+            "{text}"
+        );
         assert!(text.contains("buildshuttle_running_builds 0"), "{text}");
         assert!(
             text.contains("buildshuttle_callback_failures_total 1"),

@@ -3,7 +3,7 @@
 //! as local mode with the same log sinks (its stdout is the pod log), and writes the outcome
 //! as JSON to the termination log for the controller. Exit code 0 only on success.
 
-use crate::build::{BuildSpec, FailureReason, Outcome, RegistryAuth};
+use crate::build::{BuildSpec, FailureReason, Outcome, RegistryAuth, StageTimings, Termination};
 use crate::config::{BuildConfig, WorkerArgs};
 use crate::logs::{LogFiles, LogSinks};
 use crate::operator::crd::{BuildJobSpec, SourceKind};
@@ -91,9 +91,13 @@ pub fn build_spec(args: &WorkerArgs) -> Result<BuildSpec, WorkerError> {
 
 /// Runs the build and writes the outcome. Returns the outcome (exit 0 iff a success).
 pub async fn run(args: WorkerArgs) -> Outcome {
+    // Listen for SIGTERM before anything else: from here on it cannot kill the process
+    // before the outcome is written (the kubelet sends it on delete, eviction, deadline).
+    let mut sigterm = Terminated::listen();
+    let mut timings = StageTimings::default();
     let outcome = match args.build.validate() {
         Ok(cfg) => match build_spec(&args) {
-            Ok(spec) => build(&args, &cfg, &spec).await,
+            Ok(spec) => build(&args, &cfg, &spec, &mut sigterm, &mut timings).await,
             Err(e) => Outcome::failed(FailureReason::InvalidSources, e.to_string()),
         },
         Err(e) => Outcome::failed(
@@ -101,13 +105,26 @@ pub async fn run(args: WorkerArgs) -> Outcome {
             format!("bad worker configuration: {e}"),
         ),
     };
-    if let Err(e) = write_termination(&args.termination_log_path, &outcome) {
+    let timings = (timings != StageTimings::default()).then_some(timings);
+    if let Err(e) = write_termination(&args.termination_log_path, &outcome, timings) {
         tracing::error!(path = %args.termination_log_path.display(), error = %e, "cannot write the termination log; the controller will report the build failed");
     }
     outcome
 }
 
-async fn build(args: &WorkerArgs, cfg: &BuildConfig, spec: &BuildSpec) -> Outcome {
+fn interrupted() -> Outcome {
+    Outcome::failed(FailureReason::Interrupted, "the worker pod was stopped")
+}
+
+async fn build(
+    args: &WorkerArgs,
+    cfg: &BuildConfig,
+    spec: &BuildSpec,
+    sigterm: &mut Terminated,
+    timings: &mut StageTimings,
+) -> Outcome {
+    // The worker knows nothing of the queue: its total runs from its own start.
+    let started = std::time::Instant::now();
     let storage = match crate::storage::open(cfg).await {
         Ok(s) => s,
         Err(e) => {
@@ -150,18 +167,25 @@ async fn build(args: &WorkerArgs, cfg: &BuildConfig, spec: &BuildSpec) -> Outcom
     ));
 
     let wait = Duration::from_secs(args.docker_wait_seconds);
-    let outcome = match connect(cfg, wait).await {
-        Err(e) => Outcome::failed(FailureReason::DockerUnavailable, e.to_string()),
-        Ok(conn) => {
+    // Waiting for dockerd can take minutes (a dind sidecar that cannot start): a stop must
+    // end it at once, not after DOCKER_WAIT_SECONDS.
+    let connected = tokio::select! {
+        c = connect(cfg, wait) => Some(c),
+        _ = sigterm.recv() => None,
+    };
+    let outcome = match connected {
+        None => interrupted(),
+        Some(Err(e)) => Outcome::failed(FailureReason::DockerUnavailable, e.to_string()),
+        Some(Ok(conn)) => {
             let pipeline = Pipeline::new(conn, storage, std::sync::Arc::new(cfg.clone()));
             let workdir = cfg.data_dir.join("build");
             let o = tokio::select! {
-                o = pipeline.run(spec, &mut log, &workdir) => o,
+                o = pipeline.run(spec, &mut log, &workdir, timings) => o,
                 _ = tokio::time::sleep(cfg.timeout) => Outcome::failed(
                     FailureReason::Timeout,
                     format!("the build ran longer than TIMEOUT_IN_MS ({} ms)", cfg.timeout.as_millis()),
                 ),
-                _ = terminated() => Outcome::failed(FailureReason::Interrupted, "the worker pod was stopped"),
+                _ = sigterm.recv() => interrupted(),
             };
             let _ = tokio::fs::remove_dir_all(&workdir).await;
             o
@@ -175,6 +199,8 @@ async fn build(args: &WorkerArgs, cfg: &BuildConfig, spec: &BuildSpec) -> Outcom
             log.line(&format!("Build failed ({}): {message}", reason.as_str()));
         }
     }
+    timings.total = Some(crate::build::elapsed_ms(started));
+    log.line(&timings.summary());
     log.finish().await;
     outcome
 }
@@ -186,9 +212,15 @@ async fn connect(
 ) -> Result<bollard::Docker, docker::DockerError> {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        let conn = docker::connect(&cfg.docker, &cfg.data_dir.join("tls"))?;
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match docker::ready(conn, &cfg.docker, left.min(Duration::from_secs(5))).await {
+        // The dind sidecar's socket exists only once its dockerd is up (a native sidecar is
+        // started, not ready, when the worker starts): a missing socket is waited for too.
+        let attempt = match docker::connect(&cfg.docker, &cfg.data_dir.join("tls")) {
+            Ok(conn) => docker::ready(conn, &cfg.docker, left.min(Duration::from_secs(5))).await,
+            Err(e @ docker::DockerError::Unavailable { .. }) => Err(e),
+            Err(e) => return Err(e),
+        };
+        match attempt {
             Ok(c) => return Ok(c),
             Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
             Err(e) => {
@@ -199,20 +231,43 @@ async fn connect(
     }
 }
 
-async fn terminated() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut s) => {
-            s.recv().await;
+/// SIGTERM, listened for from the worker's start.
+struct Terminated(Option<tokio::signal::unix::Signal>);
+
+impl Terminated {
+    fn listen() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        let s = signal(SignalKind::terminate());
+        if let Err(e) = &s {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM");
         }
-        Err(_) => std::future::pending().await,
+        Terminated(s.ok())
+    }
+
+    async fn recv(&mut self) {
+        match &mut self.0 {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending().await,
+        }
     }
 }
 
-/// The outcome JSON, cut to fit the kubelet's 4 KiB limit (the message is shortened, the
-/// JSON stays whole).
-pub fn termination_message(outcome: &Outcome) -> String {
-    let json = serde_json::to_string(outcome).unwrap_or_default();
+/// The termination message: the outcome JSON with the build's timings as an extra
+/// top-level field (`{"result":"succeeded","image":…,"timings":{…}}`; parsers that know only
+/// `Outcome` ignore it), cut to fit the kubelet's 4 KiB limit: the timings go first, then the
+/// failure message is shortened; the JSON stays whole. Read it back with
+/// `Termination::parse` (in `build`).
+pub fn termination_message(outcome: &Outcome, timings: Option<StageTimings>) -> String {
+    let with = |outcome: Outcome, timings: Option<StageTimings>| {
+        serde_json::to_string(&Termination { outcome, timings }).unwrap_or_default()
+    };
+    let json = with(outcome.clone(), timings);
+    if json.len() <= TERMINATION_MESSAGE_MAX {
+        return json;
+    }
+    let json = with(outcome.clone(), None);
     if json.len() <= TERMINATION_MESSAGE_MAX {
         return json;
     }
@@ -232,8 +287,18 @@ pub fn termination_message(outcome: &Outcome) -> String {
     }
 }
 
-fn write_termination(path: &Path, outcome: &Outcome) -> std::io::Result<()> {
-    std::fs::write(path, termination_message(outcome))
+/// Reads a worker's termination message: its outcome and, when present, its timings.
+/// `None` when the message is not one (e.g. cut by the kubelet).
+pub fn parse_termination_message(message: &str) -> Option<Termination> {
+    Termination::parse(message)
+}
+
+fn write_termination(
+    path: &Path,
+    outcome: &Outcome,
+    timings: Option<StageTimings>,
+) -> std::io::Result<()> {
+    std::fs::write(path, termination_message(outcome, timings))
 }
 
 #[cfg(test)]
@@ -244,7 +309,12 @@ mod tests {
     #[test]
     fn long_failures_still_fit_the_termination_message() {
         let o = Outcome::failed(FailureReason::BuildFailed, "é".repeat(10_000));
-        let m = termination_message(&o);
+        let timings = StageTimings {
+            fetch: Some(1),
+            build: Some(2),
+            ..Default::default()
+        };
+        let m = termination_message(&o, Some(timings.clone()));
         assert!(m.len() <= TERMINATION_MESSAGE_MAX, "{}", m.len());
         let back: Outcome = serde_json::from_str(&m).unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(
@@ -254,6 +324,14 @@ mod tests {
                 ..
             }
         ));
+        // A short outcome keeps its timings beside the outcome's own fields.
+        let ok = Outcome::Succeeded {
+            image: "r/a:1.1".into(),
+            digest: None,
+        };
+        let m = termination_message(&ok, Some(timings.clone()));
+        let t = parse_termination_message(&m).unwrap_or_else(|| panic!("{m}"));
+        assert_eq!((t.outcome, t.timings), (ok, Some(timings)));
     }
 
     #[test]

@@ -596,3 +596,89 @@ async fn a_missing_crd_fails_the_health_check() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn buildjob_status_records_where_the_time_went() {
+    let cluster = Cluster::start().await;
+    let shuttle = cluster.serve(Mode::Host, &[]);
+    let cb = Callbacks::start().await;
+    let b = body(&data_uri(&app(0)), &cb);
+    shuttle.post(&b).await;
+    exactly_once(&cb, &b, "succeeded").await;
+    let j = cluster
+        .wait_job(&b, "timed", BUILD, |j| {
+            j["status"]["timings"]["finalCallbackMs"].is_u64()
+        })
+        .await;
+    let t = &j["status"]["timings"];
+    let ms = |k: &str| {
+        t[k].as_u64()
+            .unwrap_or_else(|| panic!("timings.{k}: {j:#}"))
+    };
+    assert!(ms("podCreatedMs") <= ms("podRunningMs"), "{t}");
+    assert!(ms("podRunningMs") <= ms("workerDoneMs"), "{t}");
+    assert!(ms("workerDoneMs") <= ms("finalCallbackMs"), "{t}");
+    for stage in ["fetch", "context", "build", "push", "total"] {
+        assert!(t["stages"][stage].is_u64(), "stage {stage}: {t}");
+    }
+    // `kubectl describe` shows them (it prints the status as it is).
+    let kubectl = format!(
+        "{}/bin/kubectl",
+        std::env::var("BUILDSHUTTLE_TOOLS").unwrap_or_else(|_| "/opt/buildshuttle-tools".into())
+    );
+    let out = std::process::Command::new(kubectl)
+        .args(["describe", "bj", "-n", NS, &common::cluster::job_name(&b)])
+        .env("KUBECONFIG", cluster.kubeconfig())
+        .output()
+        .expect("kubectl describe");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Timings:") && text.contains("Final Callback Ms:"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_installations_in_one_namespace_reconcile_only_their_own_buildjobs() {
+    let cluster = Cluster::start().await;
+    // Installation "a" runs only its API here; installation "b" runs a controller.
+    let a_api = cluster.serve_as(
+        "a-api",
+        Mode::Host,
+        &[("INSTANCE_NAME", "a"), ("RUN_CONTROLLER", "false")],
+    );
+    let _b = cluster.serve_as(
+        "b-ctl",
+        Mode::Host,
+        &[("INSTANCE_NAME", "b"), ("LEASE_NAME", "buildshuttle-b")],
+    );
+    let cb = Callbacks::start().await;
+    let x = body(&data_uri(&app(0)), &cb);
+    a_api.post(&x).await;
+    let j = cluster
+        .wait_job(&x, "created", BUILD, |j| j.is_object())
+        .await;
+    assert_eq!(
+        j["metadata"]["labels"]["buildshuttle.akkeris.io/instance"],
+        "a"
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let j = cluster.job(&x).await;
+    assert!(
+        j["status"].is_null(),
+        "installation b left a's BuildJob alone: {j:#}"
+    );
+    assert!(cb.calls_for(uuid_of(&x)).is_empty());
+    // a's controller takes it.
+    let _a = cluster.serve_as(
+        "a-ctl",
+        Mode::Host,
+        &[("INSTANCE_NAME", "a"), ("LEASE_NAME", "buildshuttle-a")],
+    );
+    exactly_once(&cb, &x, "succeeded").await;
+    let pods = cluster.pods().await;
+    assert!(pods
+        .iter()
+        .filter(|p| p["metadata"]["labels"]["build_uuid"] == x["build_uuid"])
+        .all(|p| p["metadata"]["labels"]["buildshuttle.akkeris.io/instance"] == "a"));
+}

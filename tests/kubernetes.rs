@@ -1,31 +1,86 @@
-//! Kubernetes mode as a process: without a cluster it refuses to start (one line, exit 2);
-//! `crd` prints the committed CRD; and, `#[ignore]`d, an end-to-end run against a real
-//! cluster (KUBECONFIG set; see README.md, Kubernetes mode).
+//! Kubernetes mode as a process: without shared storage, a cluster or with a bad setting it
+//! refuses to start (one line naming the setting, exit 2); `crd` prints the committed CRD;
+//! and, `#[ignore]`d, an end-to-end run against a real cluster (KUBECONFIG set; see
+//! README.md, Kubernetes mode).
 
-use std::process::Command;
+use std::process::{Command, Output};
 
 const BIN: &str = env!("CARGO_BIN_EXE_buildshuttle");
 
-#[test]
-fn kubernetes_mode_without_a_cluster_is_a_one_line_start_error() {
+/// The test set-up's S3 server (`bash .ci/services`); only its settings are checked here.
+const S3: [(&str, &str); 4] = [
+    ("S3_BUCKET", "buildshuttle-test"),
+    ("S3_ENDPOINT", "http://127.0.0.1:9100"),
+    ("S3_ACCESS_KEY", "buildshuttle-test"),
+    ("S3_SECRET_KEY", "buildshuttle-test-secret"),
+];
+
+/// `buildshuttle serve` in Kubernetes mode with only `env` (and no reachable cluster).
+fn serve_kubernetes(env: &[(&str, &str)]) -> Output {
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = Command::new(BIN)
-        .arg("serve")
+    let mut cmd = Command::new(BIN);
+    cmd.arg("serve")
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("PORT", "0")
         .env("DATA_DIR", dir.path())
         .env("USE_KUBERNETES", "true")
         .env("KUBECONFIG", dir.path().join("no-such-kubeconfig"))
-        .env("HOME", dir.path())
-        .output()
-        .expect("run");
+        .env("HOME", dir.path());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run")
+}
+
+/// Exit 2 with exactly one line on stderr, which is returned.
+fn one_line_start_error(out: &Output) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert_eq!(lines.len(), 1, "{stderr}");
-    assert!(lines[0].contains("USE_KUBERNETES"), "{stderr}");
     assert!(!stderr.contains("panicked"));
+    lines[0].to_string()
+}
+
+#[test]
+fn kubernetes_mode_without_a_cluster_is_a_one_line_start_error() {
+    // Storage is set, so what fails is the missing cluster.
+    let line = one_line_start_error(&serve_kubernetes(&S3));
+    assert!(line.contains("USE_KUBERNETES"), "{line}");
+    assert!(!line.contains("S3_BUCKET"), "{line}");
+}
+
+#[test]
+fn kubernetes_mode_refuses_to_start_without_shared_storage() {
+    // Worker pods cannot read the facade's DATA_DIR: staged sources and logs need S3.
+    let line = one_line_start_error(&serve_kubernetes(&[]));
+    assert!(line.starts_with("buildshuttle: S3_BUCKET: "), "{line}");
+    assert!(line.contains("USE_KUBERNETES=true"), "{line}");
+    let line = one_line_start_error(&serve_kubernetes(&[("S3_BUCKET", " ")]));
+    assert!(line.contains("S3_BUCKET"), "{line}");
+}
+
+#[test]
+fn bad_worker_pod_settings_name_their_variable() {
+    for (var, value) in [
+        ("WORKER_POD_OVERRIDES", "{"),
+        ("WORKER_POD_OVERRIDES", r#"{"workSizeLimit": "6GB"}"#),
+        ("WORKER_POD_OVERRIDES", r#"{"nodeSelectr": {}}"#),
+        (
+            "WORKER_POD_OVERRIDES",
+            r#"{"workerResources": {"requests": {"memory": "2Gi"}, "limits": {"memory": "1Gi"}}}"#,
+        ),
+        ("WORKER_IMAGE_PULL_SECRETS", "Not_A_Name"),
+        ("DIND_MTU", "10"),
+        ("INSTANCE_NAME", "-bad-"),
+        ("WORKER_AUTOMOUNT_SERVICE_ACCOUNT_TOKEN", "maybe"),
+    ] {
+        let mut env = S3.to_vec();
+        env.push((var, value));
+        let line = one_line_start_error(&serve_kubernetes(&env));
+        assert!(line.contains(var), "{var}={value}: {line}");
+    }
 }
 
 #[test]
@@ -35,24 +90,10 @@ fn bad_kubernetes_settings_name_their_variable() {
         ("LEASE_SECONDS", "1"),
         ("MAX_POD_RETRIES", "-1"),
     ] {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let out = Command::new(BIN)
-            .arg("serve")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("DATA_DIR", dir.path())
-            .env("USE_KUBERNETES", "true")
-            .env(var, value)
-            .output()
-            .expect("run");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{var}={value}: {stderr}");
-        assert_eq!(
-            stderr.lines().filter(|l| !l.trim().is_empty()).count(),
-            1,
-            "{stderr}"
-        );
-        assert!(stderr.contains(var), "{var}={value}: {stderr}");
+        let mut env = S3.to_vec();
+        env.push((var, value));
+        let line = one_line_start_error(&serve_kubernetes(&env));
+        assert!(line.contains(var), "{var}={value}: {line}");
     }
 }
 
@@ -66,7 +107,8 @@ fn crd_subcommand_prints_the_committed_crd() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), committed);
 }
 
-/// End to end on a real cluster. Needs KUBECONFIG, the CRD applied, the worker image
+/// End to end on a real cluster. Needs KUBECONFIG, S3_* settings (a bucket both this machine
+/// and the cluster's pods reach, e.g. S3_BUCKET and S3_ENDPOINT), the CRD applied, the worker image
 /// loaded (BUILDSHUTTLE_E2E_IMAGE), sources the cluster can fetch (BUILDSHUTTLE_E2E_SOURCES,
 /// an http(s) .tar.gz with a Dockerfile) and a registry the worker's dockerd can push to
 /// (BUILDSHUTTLE_E2E_REGISTRY). The service runs here (facade + controller); callbacks come

@@ -2,9 +2,9 @@
 //! typed and strict Kubernetes objects, RBAC exactly as wide as the code's API calls, env vars
 //! the binary knows, and the CRD the binary prints.
 //!
-//! `UPDATE_MANIFESTS=1 cargo test --test manifests` rewrites `manifests/*.yaml` and
-//! `charts/buildshuttle/templates/crd.yaml` (from `crds/buildjob.yaml`); without it any
-//! difference fails.
+//! `UPDATE_MANIFESTS=1 cargo test --test manifests` rewrites `manifests/*.yaml`,
+//! `charts/buildshuttle/crds/buildjob.yaml` and `charts/buildshuttle/templates/crd.yaml`
+//! (both from `crds/buildjob.yaml`); without it any difference fails.
 
 mod chart;
 
@@ -116,6 +116,9 @@ fn chart_crd_template_is_generated_from_crds_buildjob_yaml() {
         &chart_dir().join("templates/crd.yaml"),
         &crd_template(&crds_file()),
     );
+    // The default: helm creates the CRD from the chart's crds/ folder once, and a second
+    // release (which finds it there) installs without an ownership conflict.
+    check_generated(&chart_dir().join("crds/buildjob.yaml"), &crds_file());
 }
 
 #[test]
@@ -136,7 +139,6 @@ fn manifests_are_the_chart_rendered_per_mode() {
 #[test]
 fn crd_in_chart_and_manifests_equals_crds_buildjob_yaml() {
     let mut want: Value = serde_yaml::from_str(&crds_file()).unwrap();
-    want["metadata"]["annotations"] = json!({"helm.sh/resource-policy": "keep"});
     for (file, obj) in all_manifest_objects() {
         if obj["kind"] == "CustomResourceDefinition" {
             assert_eq!(obj, want, "the CRD in manifests/{file}");
@@ -147,18 +149,18 @@ fn crd_in_chart_and_manifests_equals_crds_buildjob_yaml() {
         let n = of_kind(&documents(&text), "CustomResourceDefinition").len();
         assert_eq!(n, 1, "{mode}: one CRD in the plain manifest");
     }
-    // The value gates: no CRD without crds.install, no keep annotation without crds.keep.
+    // The value gates: the CRD is no template by default (a second release must not fight
+    // the first over it); with crds.install it is one, kept on uninstall unless crds.keep is
+    // false.
     let crd_of = |v: Value| {
-        let r = render(&values(&v), "r", "ns").unwrap();
+        let r = render(&values(&with_bucket(v)), "r", "ns").unwrap();
         documents(&r.iter().find(|(n, _)| n == "crd.yaml").unwrap().1)
     };
-    assert!(crd_of(json!({"crds": {"install": false}})).is_empty());
-    let unkept = crd_of(json!({"crds": {"keep": false}}));
-    want["metadata"]
-        .as_object_mut()
-        .unwrap()
-        .remove("annotations");
-    assert_eq!(unkept, vec![want]);
+    assert!(crd_of(json!({})).is_empty(), "not owned by default");
+    let unkept = crd_of(json!({"crds": {"install": true, "keep": false}}));
+    assert_eq!(unkept, vec![want.clone()]);
+    want["metadata"]["annotations"] = json!({"helm.sh/resource-policy": "keep"});
+    assert_eq!(crd_of(json!({"crds": {"install": true}})), vec![want]);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -662,7 +664,11 @@ fn deployment_args_and_env_are_known_to_the_binary() {
             );
         }
         // Values the binary parses itself must parse: JSON settings are JSON.
-        for n in ["DOCKER_BUILD_SETTINGS", "EXTRA_BUILD_ARGS"] {
+        for n in [
+            "DOCKER_BUILD_SETTINGS",
+            "EXTRA_BUILD_ARGS",
+            "WORKER_POD_OVERRIDES",
+        ] {
             if let Some(v) = value_of(n) {
                 serde_json::from_str::<Value>(v).unwrap_or_else(|e| panic!("{mode} {n}: {e}"));
             }
@@ -700,7 +706,20 @@ fn env_check_reads_the_binarys_help() {
 // ---------------------------------------------------------------------------------------
 // The chart's options.
 
+/// `over` on top of the one value every install needs (the chart refuses to render without
+/// it).
+fn with_bucket(over: Value) -> Value {
+    let mut v = json!({"s3": {"bucket": "builds-bucket"}, "host": {"socketGid": 998}});
+    chart::merge(&mut v, &over);
+    v
+}
+
 fn rendered(over: Value) -> Result<Vec<Value>, String> {
+    rendered_exactly(with_bucket(over))
+}
+
+/// The chart rendered with only `over` set over values.yaml.
+fn rendered_exactly(over: Value) -> Result<Vec<Value>, String> {
     let r = render(&values(&over), "bs", "builds")?;
     Ok(r.iter()
         .filter(|(n, _)| n != "NOTES.txt")
@@ -732,7 +751,7 @@ fn chart_options_shape_the_objects() {
     let c = container(&objs);
     assert_eq!(
         env_value(&c, "DIND_IMAGE").as_deref(),
-        Some("docker:27-dind")
+        Some(buildshuttle::config::DEFAULT_DIND_IMAGE)
     );
     assert_eq!(
         env_value(&c, "LEASE_NAME").as_deref(),
@@ -753,18 +772,13 @@ fn chart_options_shape_the_objects() {
     );
     assert_eq!(env_value(&c, "DIND_IMAGE"), None);
     assert_eq!(
-        env_value(&c, "WORKER_DOCKER_SOCKET_GID"),
-        None,
-        "unset by default"
-    );
-    let objs = rendered(json!({"mode": "host", "host": {"socketGid": 998}})).unwrap();
-    assert_eq!(
-        env_value(&container(&objs), "WORKER_DOCKER_SOCKET_GID").as_deref(),
+        env_value(&c, "WORKER_DOCKER_SOCKET_GID").as_deref(),
         Some("998")
     );
 
-    // existingSecret: no Secret made, and it is the one imported; S3 values are then unused.
-    let objs = rendered(json!({"existingSecret": "mine", "s3": {"bucket": "b"}})).unwrap();
+    // existingSecret: no Secret made, and it is the one imported; S3 values are then unused
+    // (and not required: the binary refuses to start if the Secret lacks S3_BUCKET).
+    let objs = rendered_exactly(json!({"existingSecret": "mine"})).unwrap();
     assert!(of_kind(&objs, "Secret").is_empty());
     let c = container(&objs);
     assert_eq!(c["envFrom"][0]["secretRef"]["name"], "mine");
@@ -810,14 +824,226 @@ fn chart_options_shape_the_objects() {
     assert!(e.contains("s3.secretKey"), "{e}");
 }
 
+fn notes(over: Value) -> String {
+    let r = render(&values(&with_bucket(over)), "bs", "builds").unwrap();
+    r.into_iter().find(|(n, _)| n == "NOTES.txt").unwrap().1
+}
+
 #[test]
 fn notes_tell_how_to_send_and_watch_a_first_build() {
-    let r = render(&values(&json!({})), "bs", "builds").unwrap();
-    let notes = &r.iter().find(|(n, _)| n == "NOTES.txt").unwrap().1;
+    let notes = notes(json!({}));
     assert!(notes.contains("kubectl -n builds get bj -w"), "{notes}");
     assert!(notes.contains("data:application/gzip;base64,"), "{notes}");
     assert!(notes.contains("svc/bs 9000:80"), "{notes}");
-    assert!(notes.contains("s3.bucket is not set"), "{notes}");
-    let r = render(&values(&json!({"s3": {"bucket": "b"}})), "bs", "builds").unwrap();
-    assert!(!r.iter().any(|(_, t)| t.contains("s3.bucket is not set")));
+}
+
+#[test]
+fn notes_say_how_to_label_the_namespace_for_privileged_worker_pods() {
+    const LABEL: &str =
+        "kubectl label namespace builds pod-security.kubernetes.io/enforce=privileged";
+    for mode in ["dind", "host"] {
+        let n = notes(json!({"mode": mode}));
+        assert!(n.contains(LABEL), "{mode}: {n}");
+    }
+    let external = json!({"mode": "external", "external": {"host": "d",
+        "tls": {"ca": "C", "cert": "T", "key": "K"}}});
+    let n = notes(external);
+    assert!(!n.contains(LABEL) && n.contains("restricted"), "{n}");
+    // The plain manifests' Namespace carries the label their worker pods need.
+    for (mode, file, _) in MODES {
+        let text = std::fs::read_to_string(manifest_path(file)).unwrap();
+        let docs = documents(&text);
+        let ns = &of_kind(&docs, "Namespace")[0]["metadata"]["labels"];
+        let want = if mode == "external" {
+            "baseline"
+        } else {
+            "privileged"
+        };
+        assert_eq!(ns["pod-security.kubernetes.io/enforce"], want, "{mode}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// What the chart refuses, and what it hands the controller for worker pods.
+
+#[test]
+fn host_mode_refuses_to_render_without_the_sockets_group() {
+    // Helm's `required` lets 0 through (root's group is a real answer); only unset fails.
+    let e = rendered_exactly(json!({"mode": "host", "s3": {"bucket": "b"}})).unwrap_err();
+    assert_eq!(
+        e,
+        "execution error at (templates/deployment.yaml): host.socketGid is required in mode \
+         host: the group id owning the nodes' docker socket (stat -c %g /var/run/docker.sock on \
+         a node)"
+    );
+    for (gid, want) in [(json!(0), "0"), (json!(998), "998")] {
+        let objs = rendered(json!({"mode": "host", "host": {"socketGid": gid}})).unwrap();
+        let c = container(&objs);
+        assert_eq!(
+            env_value(&c, "WORKER_DOCKER_SOCKET_GID").as_deref(),
+            Some(want)
+        );
+    }
+    // The plain host manifest sets it (to a value marked EDIT).
+    let text = std::fs::read_to_string(manifest_path("buildshuttle-using-host.yaml")).unwrap();
+    let c = container(&documents(&text));
+    assert!(env_value(&c, "WORKER_DOCKER_SOCKET_GID")
+        .and_then(|g| g.parse::<u32>().ok())
+        .is_some());
+    // Other modes need no group.
+    rendered_exactly(json!({"s3": {"bucket": "b"}})).unwrap();
+}
+
+#[test]
+fn the_chart_refuses_to_render_without_shared_storage() {
+    let e = rendered_exactly(json!({})).unwrap_err();
+    assert!(
+        e.starts_with("execution error at (templates/secret.yaml): s3.bucket is required"),
+        "{e}"
+    );
+    assert!(rendered_exactly(json!({"s3": {"bucket": ""}})).is_err());
+    let objs = rendered_exactly(json!({"s3": {"bucket": "b"}})).unwrap();
+    assert_eq!(of_kind(&objs, "Secret")[0]["stringData"]["S3_BUCKET"], "b");
+}
+
+#[test]
+fn worker_pods_get_pull_secrets_their_own_service_account_and_pod_settings() {
+    use buildshuttle::config::{Cli, Command as Cmd};
+    use clap::Parser;
+    let objs = rendered(json!({
+        "imagePullSecrets": [{"name": "regcred"}, {"name": "other"}],
+        "worker": {"dindMtu": 1450, "serviceAccount": {"annotations": {
+            "eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/builds"}},
+            "pod": {"nodeSelector": {"pool": "builds"}, "dindStorageSizeLimit": "100Gi"}},
+    }))
+    .unwrap();
+    let c = container(&objs);
+    assert_eq!(env_value(&c, "INSTANCE_NAME").as_deref(), Some("bs"));
+    assert_eq!(env_value(&c, "DIND_MTU").as_deref(), Some("1450"));
+    assert_eq!(
+        env_value(&c, "WORKER_SERVICE_ACCOUNT").as_deref(),
+        Some("bs-worker")
+    );
+    // The binary reads the Deployment's settings as the pod builder gets them.
+    let mut argv = vec!["buildshuttle".to_string(), "serve".into()];
+    for (flag, var) in [
+        ("--worker-image-pull-secrets", "WORKER_IMAGE_PULL_SECRETS"),
+        ("--worker-pod-overrides", "WORKER_POD_OVERRIDES"),
+        ("--dind-mtu", "DIND_MTU"),
+        ("--worker-service-account", "WORKER_SERVICE_ACCOUNT"),
+        ("--instance-name", "INSTANCE_NAME"),
+        ("--s3-bucket", "S3_BUCKET"),
+    ] {
+        let v = env_value(&c, var)
+            .or_else(|| {
+                of_kind(&objs, "Secret")[0]["stringData"][var]
+                    .as_str()
+                    .map(String::from)
+            })
+            .unwrap_or_else(|| panic!("{var} is not set"));
+        argv.extend([flag.to_string(), v]);
+    }
+    argv.extend(["--use-kubernetes".into(), "true".into()]);
+    let Cmd::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
+        panic!("serve")
+    };
+    let k = args.validate().unwrap().kubernetes;
+    assert_eq!(k.worker_image_pull_secrets, ["regcred", "other"]);
+    assert_eq!(k.dind_mtu, Some(1450));
+    assert_eq!(k.instance_name.as_deref(), Some("bs"));
+    assert!(!k.worker_automount_token);
+    assert_eq!(k.worker_pod.node_selector["pool"], "builds");
+    assert_eq!(
+        k.worker_pod
+            .dind_storage_size_limit
+            .map(|q| q.as_str().to_string()),
+        Some("100Gi".into())
+    );
+    // The worker ServiceAccount: annotated for IRSA, no token, and bound to no Role.
+    let sa = of_kind(&objs, "ServiceAccount")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == "bs-worker")
+        .expect("the worker ServiceAccount");
+    assert_eq!(sa["automountServiceAccountToken"], false);
+    assert_eq!(
+        sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"],
+        "arn:aws:iam::1:role/builds"
+    );
+    for rb in of_kind(&objs, "RoleBinding") {
+        for s in rb["subjects"].as_array().unwrap() {
+            assert_ne!(s["name"], "bs-worker", "worker pods need no API access");
+        }
+    }
+    // Without pull secrets the variable is not set; with create=false the named account.
+    let objs =
+        rendered(json!({"worker": {"serviceAccount": {"create": false, "name": "mine"}}})).unwrap();
+    let c = container(&objs);
+    assert_eq!(env_value(&c, "WORKER_IMAGE_PULL_SECRETS"), None);
+    assert_eq!(env_value(&c, "DIND_MTU"), None);
+    assert_eq!(
+        env_value(&c, "WORKER_SERVICE_ACCOUNT").as_deref(),
+        Some("mine")
+    );
+    assert_eq!(of_kind(&objs, "ServiceAccount").len(), 1);
+}
+
+#[test]
+fn the_charts_worker_pod_defaults_are_the_binarys() {
+    let c = container(&rendered(json!({})).unwrap());
+    let json = env_value(&c, "WORKER_POD_OVERRIDES").expect("WORKER_POD_OVERRIDES");
+    let from_chart = buildshuttle::config::WorkerPodOverrides::parse(Some(&json))
+        .unwrap_or_else(|e| panic!("{e}: {json}"));
+    assert_eq!(
+        from_chart,
+        buildshuttle::config::WorkerPodOverrides::default()
+    );
+    assert!(from_chart.dind_storage_size_limit.is_some());
+    assert!(from_chart
+        .dind_resources
+        .limits
+        .contains_key("ephemeral-storage"));
+    assert_eq!(
+        env_value(&c, "DIND_IMAGE").as_deref(),
+        Some(buildshuttle::config::DEFAULT_DIND_IMAGE)
+    );
+    assert!(!buildshuttle::config::DEFAULT_DIND_IMAGE.contains("latest"));
+}
+
+/// Bytes of memory the facade holds per byte of a request body it is accepting: the body,
+/// the parsed JSON's copy of the `data:` URI, the build spec's copy and the decoding buffers.
+/// Measured: one POST with a 64 MiB and a 128 MiB `data:` body raised the service's peak RSS
+/// (VmHWM) by 3.9x the body size. Documented in values.yaml (`config.maxRequestBytes`).
+const UPLOAD_MEMORY_FACTOR: f64 = 4.0;
+/// The process without any upload (runtime, clients, caches).
+const BASE_MEMORY: f64 = 128.0 * 1024.0 * 1024.0;
+
+#[test]
+fn the_facades_memory_limit_covers_an_upload_of_max_request_bytes() {
+    use buildshuttle::config::Quantity;
+    let check = |objs: &[Value], what: &str| -> Result<(), String> {
+        let c = container(objs);
+        let max: f64 = env_value(&c, "MAX_REQUEST_BYTES")
+            .expect("MAX_REQUEST_BYTES is set")
+            .parse()
+            .unwrap();
+        let limit = c["resources"]["limits"]["memory"]
+            .as_str()
+            .expect("a memory limit");
+        let limit = Quantity::parse(limit).unwrap().value();
+        let need = UPLOAD_MEMORY_FACTOR * max + BASE_MEMORY;
+        if limit < need {
+            return Err(format!(
+                "{what}: limits.memory {limit} < {UPLOAD_MEMORY_FACTOR} x MAX_REQUEST_BYTES + 128Mi = {need}"
+            ));
+        }
+        Ok(())
+    };
+    check(&rendered(json!({})).unwrap(), "defaults").unwrap();
+    for (mode, file, _) in MODES {
+        let text = std::fs::read_to_string(manifest_path(file)).unwrap();
+        check(&documents(&text), mode).unwrap();
+    }
+    // The check bites: a larger body limit without more memory.
+    let big = rendered(json!({"config": {"maxRequestBytes": 1073741824}})).unwrap();
+    assert!(check(&big, "1 GiB bodies").is_err());
 }

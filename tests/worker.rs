@@ -53,6 +53,7 @@ struct Run {
     code: Option<i32>,
     outcome: Outcome,
     stdout: String,
+    termination: String,
 }
 
 fn run_worker(
@@ -91,6 +92,7 @@ fn run_worker(
         outcome: serde_json::from_str(&text)
             .unwrap_or_else(|e| panic!("termination log is not an outcome ({e}): {text}")),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        termination: text,
     }
 }
 
@@ -144,6 +146,25 @@ fn worker_builds_stored_sources_pushes_and_writes_its_outcome() {
     let log = std::fs::read_to_string(dir.path().join("data/store").join(b.log_key()))
         .expect("stored log");
     assert_eq!(log.lines().last(), Some("Build finished"));
+    // Timings: the summary line just before it, and beside the outcome in the termination
+    // message, for the controller.
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(
+        lines[lines.len() - 2].starts_with("Timings: fetch "),
+        "{log}"
+    );
+    let term = buildshuttle::worker::parse_termination_message(&run.termination)
+        .unwrap_or_else(|| panic!("{}", run.termination));
+    let timings = term.timings.expect("timings in the termination message");
+    for stage in [
+        timings.fetch,
+        timings.context,
+        timings.build,
+        timings.push,
+        timings.total,
+    ] {
+        assert!(stage.is_some(), "{timings:?}");
+    }
     // Both tags are in the registry.
     for tag in ["1.3", "latest"] {
         let url = format!(
@@ -334,4 +355,82 @@ async fn worker_reads_s3_sources_and_writes_its_log_to_s3_and_kafka() {
         })
         .collect();
     assert_eq!(messages, log.lines().collect::<Vec<_>>());
+}
+
+/// The kubelet sends SIGTERM when the pod is deleted, evicted or past its deadline. While the
+/// worker waits for dockerd (a dind sidecar that never comes up), it must stop at once and
+/// say so in the termination log, not die silently or wait out DOCKER_WAIT_SECONDS.
+#[test]
+fn sigterm_while_waiting_for_dockerd_ends_the_worker_with_interrupted() {
+    use std::io::BufRead;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let term = dir.path().join("termination-log");
+    let b = spec("wkrterm");
+    let job = BuildJobSpec::from_build(
+        &b,
+        SourceRef {
+            kind: SourceKind::Http,
+            display: "http://127.0.0.1:9/a.tgz".into(),
+            storage_key: None,
+        },
+    );
+    let socket = dir.path().join("no-dockerd-here.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_buildshuttle"))
+        .arg("worker")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env(
+            "BUILD_JOB_SPEC",
+            serde_json::to_string(&job).expect("spec json"),
+        )
+        .env("WORKER_SOURCES", "http://127.0.0.1:9/a.tgz")
+        .env("DATA_DIR", dir.path().join("data"))
+        .env("TERMINATION_LOG_PATH", &term)
+        .env(
+            "DOCKER_BUILD_SETTINGS",
+            format!(r#"{{"socketPath":"{}"}}"#, socket.display()),
+        )
+        .env("DOCKER_WAIT_SECONDS", "300")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the worker runs");
+    // The first build line comes right before the wait for dockerd starts.
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let first = lines.next().expect("a first line").expect("utf-8");
+    assert!(first.contains("started"), "{first}");
+    std::thread::sleep(Duration::from_millis(500));
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    // Far below DOCKER_WAIT_SECONDS: the wait was cut short, not timed out.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the worker ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(1), "exited, not killed by the signal");
+    let text = std::fs::read_to_string(&term).expect("termination log written");
+    let outcome: Outcome = serde_json::from_str(&text).expect("an outcome");
+    assert!(
+        matches!(
+            outcome,
+            Outcome::Failed {
+                reason: FailureReason::Interrupted,
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
+    assert!(
+        rest.iter().any(|l| l.contains("Interrupted")),
+        "the build log says why: {rest:?}"
+    );
 }

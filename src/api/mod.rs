@@ -5,7 +5,7 @@ mod follow;
 pub mod validate;
 
 use crate::executor::{BuildSelector, Executor, ExecutorError};
-use crate::pipeline::sources::{self, Source};
+use crate::pipeline::sources::Source;
 use crate::storage::{Object, Storage};
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -119,11 +119,15 @@ async fn create_build(
         }
         Err(_) => return Err(ApiError::BadRequest("Bad Request - the body could not be read.".into())),
     };
+    // The body is read once (capped by MAX_REQUEST_BYTES) and parsed from that buffer; its
+    // strings move into the spec and the buffer is dropped before the build is submitted,
+    // so a large data: URI is never held more than twice, and only while parsing.
     let json: serde_json::Value = serde_json::from_slice(&body)
         .map_err(|_| ApiError::BadRequest("Bad Request - malformed JSON.".into()))?;
+    drop(body);
     let spec =
-        validate::build_spec(&json, &st.extra_build_args).map_err(|e| ApiError::BadRequest(e.0))?;
-    if let Ok(Source::Http(url)) = sources::parse(spec.sources.expose()) {
+        validate::build_spec(json, &st.extra_build_args).map_err(|e| ApiError::BadRequest(e.0))?;
+    if let Ok(Source::Http(url)) = validate::check_sources(spec.sources.expose()) {
         if st.deny_networks.denies_url(&url) {
             return Err(ApiError::BadRequest(
                 "Bad Request - the sources address is in a denied network.".into(),

@@ -87,25 +87,38 @@ fn required_string(obj: &Map<String, Value>, name: &str) -> Result<String, Inval
     string_field(obj, name)?.ok_or_else(|| bad(MISSING_FIELDS))
 }
 
+/// Checks a `sources` URI without copying it: a `data:` URI's payload (possibly hundreds of
+/// MiB) is not looked at here, only its header; the payload is decoded when it is staged.
+pub fn check_sources(uri: &str) -> Result<sources::Source, sources::SourceError> {
+    let is_data = uri
+        .get(..5)
+        .is_some_and(|s| s.eq_ignore_ascii_case("data:"));
+    match uri.find(',') {
+        Some(comma) if is_data => sources::parse(&uri[..=comma]),
+        _ => sources::parse(uri),
+    }
+}
+
 /// Validates a `POST /` body and turns it into a spec; `extra_args` (EXTRA_BUILD_ARGS) are
-/// merged under the request's own build args.
+/// merged under the request's own build args. Takes the body by value so the (possibly
+/// large) `sources` string moves into the spec instead of being copied.
 pub fn build_spec(
-    body: &Value,
+    body: Value,
     extra_args: &BTreeMap<String, String>,
 ) -> Result<BuildSpec, Invalid> {
-    let obj = body
-        .as_object()
-        .ok_or_else(|| bad("Bad Request - the body must be a JSON object."))?;
+    let Value::Object(mut obj) = body else {
+        return Err(bad("Bad Request - the body must be a JSON object."));
+    };
     if !REQUIRED.iter().all(|f| present(obj.get(*f))) {
         return Err(bad(MISSING_FIELDS));
     }
-    let build_uuid = required_string(obj, "build_uuid")?;
+    let build_uuid = required_string(&obj, "build_uuid")?;
     let build_uuid = parse_uuid(&build_uuid).ok_or_else(|| bad(BAD_BUILD_UUID))?;
-    let app = required_string(obj, "app")?;
+    let app = required_string(&obj, "app")?;
     if !is_app_name(&app) {
         return Err(bad("Bad Request - app must be 1 to 63 letters or digits."));
     }
-    let app_uuid = required_string(obj, "app_uuid")?;
+    let app_uuid = required_string(&obj, "app_uuid")?;
     if parse_uuid(&app_uuid).is_none() {
         return Err(bad("Bad Request - app uuid is invalid."));
     }
@@ -113,8 +126,12 @@ pub fn build_spec(
         .get("build_number")
         .and_then(parse_build_number)
         .ok_or_else(|| bad("Bad Request - build number must be a positive integer."))?;
-    let sources_uri = required_string(obj, "sources")?;
-    if let Err(e) = sources::parse(&sources_uri) {
+    let sources_uri = match obj.remove("sources") {
+        Some(Value::String(s)) => s,
+        Some(v @ (Value::Number(_) | Value::Bool(_))) => v.to_string(),
+        _ => return Err(bad("Bad Request - sources must be a string.")),
+    };
+    if let Err(e) = check_sources(&sources_uri) {
         let msg = match e {
             sources::SourceError::BadDockerRef(_) => {
                 "Bad Request - sources is not a valid docker:// image reference."
@@ -126,8 +143,8 @@ pub fn build_spec(
         };
         return Err(bad(msg));
     }
-    let gm_registry_host = required_string(obj, "gm_registry_host")?;
-    let gm_registry_repo = required_string(obj, "gm_registry_repo")?;
+    let gm_registry_host = required_string(&obj, "gm_registry_host")?;
+    let gm_registry_repo = required_string(&obj, "gm_registry_repo")?;
     if gm_registry_host.contains(char::is_whitespace)
         || gm_registry_repo.contains(char::is_whitespace)
     {
@@ -176,7 +193,7 @@ pub fn build_spec(
         }
         Some(_) => return Err(bad("Bad Request - gm_registry_auth must be an object.")),
     };
-    let callback = string_field(obj, "callback")?.filter(|s| !s.is_empty());
+    let callback = string_field(&obj, "callback")?.filter(|s| !s.is_empty());
     if let Some(cb) = &callback {
         let ok = reqwest::Url::parse(cb).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
         if !ok {
@@ -184,12 +201,12 @@ pub fn build_spec(
         }
     }
     let nonempty = |name: &str| -> Result<Option<String>, Invalid> {
-        Ok(string_field(obj, name)?.filter(|s| !s.is_empty()))
+        Ok(string_field(&obj, name)?.filter(|s| !s.is_empty()))
     };
     Ok(BuildSpec {
         build_uuid,
         app,
-        space: required_string(obj, "space")?,
+        space: required_string(&obj, "space")?,
         app_uuid,
         build_number,
         sources: Secret::new(sources_uri),
@@ -231,7 +248,7 @@ mod tests {
     fn err(mut f: impl FnMut(&mut Map<String, Value>)) -> String {
         let mut b = body();
         f(b.as_object_mut().unwrap());
-        build_spec(&b, &BTreeMap::new()).unwrap_err().0
+        build_spec(b, &BTreeMap::new()).unwrap_err().0
     }
 
     #[test]
@@ -240,7 +257,7 @@ mod tests {
             ("A".to_string(), "extra".to_string()),
             ("E".to_string(), "e".to_string()),
         ]);
-        let s = build_spec(&body(), &extra).unwrap();
+        let s = build_spec(body(), &extra).unwrap();
         assert_eq!(s.build_number, 12);
         assert_eq!(s.build_args["A"], "1", "the request wins on a clash");
         assert_eq!(s.build_args["E"], "e");

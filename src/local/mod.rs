@@ -1,11 +1,12 @@
 //! The embedded executor (local mode): a FIFO queue with at most MAXIMUM_PARALLEL_BUILDS
 //! builds running, each run by the pipeline in this process. State is durable under
-//! `DATA_DIR/state`: after a restart, queued builds still run and a build that was running
-//! is reported failed ("interrupted") instead of being forgotten.
+//! `DATA_DIR/state` (a group-committed journal, see `state`): after a restart, queued builds
+//! still run and a build that was running is reported failed ("interrupted") instead of
+//! being forgotten.
 
 pub mod state;
 
-use crate::build::{BuildSpec, FailureReason, Outcome};
+use crate::build::{BuildSpec, FailureReason, Outcome, StageTimings};
 use crate::callback::Callbacks;
 use crate::executor::{BuildSelector, Executor, ExecutorError};
 use crate::logs::LogSinks;
@@ -13,7 +14,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::storage::Object;
 use async_trait::async_trait;
-use state::{Phase, Record, StateStore};
+use state::{Phase, Record, Recovered, StateStore};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -41,8 +42,9 @@ struct Inner {
     sinks: LogSinks,
     callbacks: Callbacks,
     state: StateStore,
-    /// Serializes record writes so concurrent updates of one build never lose each other.
-    records: tokio::sync::Mutex<HashMap<Uuid, Record>>,
+    /// Records of unfinished builds. Changes are made and queued for the journal under this
+    /// lock (so they reach the disk in order) and awaited after it is released.
+    records: Mutex<HashMap<Uuid, Record>>,
     active: Mutex<HashMap<Uuid, Active>>,
     queue: mpsc::UnboundedSender<oneshot::Sender<OwnedSemaphorePermit>>,
     semaphore: Arc<Semaphore>,
@@ -76,7 +78,10 @@ impl LocalExecutor {
         callbacks: Callbacks,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
-        let state = StateStore::new(settings.data_dir.join("state"))?;
+        let dir = settings.data_dir.join("state");
+        let (state, recovered) = tokio::task::spawn_blocking(move || StateStore::open(dir))
+            .await
+            .map_err(std::io::Error::other)??;
         let workroot = settings.data_dir.join("work");
         // Leftover build folders belong to builds that cannot resume.
         let _ = tokio::fs::remove_dir_all(&workroot).await;
@@ -88,7 +93,7 @@ impl LocalExecutor {
             sinks,
             callbacks,
             state,
-            records: tokio::sync::Mutex::new(HashMap::new()),
+            records: Mutex::new(HashMap::new()),
             active: Mutex::new(HashMap::new()),
             queue: tx,
             semaphore: semaphore.clone(),
@@ -101,7 +106,7 @@ impl LocalExecutor {
         });
         let exec = Self { inner };
         exec.inner.supervise(dispatch(exec.inner.clone(), rx));
-        exec.recover().await?;
+        exec.recover(recovered).await?;
         Ok(exec)
     }
 
@@ -109,16 +114,14 @@ impl LocalExecutor {
         self.inner.metrics.running.get()
     }
 
-    async fn recover(&self) -> std::io::Result<()> {
-        let records = self.inner.state.load_all().await?;
-        let next = records.iter().map(|r| r.seq + 1).max().unwrap_or(0);
-        self.inner.seq.store(next, Ordering::SeqCst);
-        for mut rec in records {
+    async fn recover(&self, recovered: Recovered) -> std::io::Result<()> {
+        self.inner.seq.store(recovered.next_seq, Ordering::SeqCst);
+        for mut rec in recovered.records {
             let id = rec.spec.build_uuid;
             match rec.phase {
                 Phase::Queued => {
                     tracing::info!(build = %id, app = %rec.spec.app, "re-queueing a build accepted before the restart");
-                    self.inner.records.lock().await.insert(id, rec.clone());
+                    self.inner.lock_records().insert(id, rec.clone());
                     self.enqueue(rec);
                 }
                 Phase::Running => {
@@ -131,14 +134,15 @@ impl LocalExecutor {
                     rec.phase = Phase::Finished;
                     rec.outcome = Some(outcome);
                     rec.finished_at = Some(chrono::Utc::now());
-                    self.inner.state.save(&rec).await?;
-                    self.inner.records.lock().await.insert(id, rec.clone());
+                    let saved = self.inner.state.save(&rec);
+                    self.inner.lock_records().insert(id, rec.clone());
+                    saved.await.map_err(std::io::Error::other)?;
                     let inner = self.inner.clone();
                     self.inner
                         .supervise(async move { inner.send_callbacks(id).await });
                 }
                 Phase::Finished if !rec.final_sent || !rec.pending_sent => {
-                    self.inner.records.lock().await.insert(id, rec);
+                    self.inner.lock_records().insert(id, rec);
                     let inner = self.inner.clone();
                     self.inner
                         .supervise(async move { inner.send_callbacks(id).await });
@@ -222,13 +226,23 @@ impl Inner {
             .collect()
     }
 
+    /// The records map; a panic elsewhere while holding it leaves it usable.
+    fn lock_records(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Record>> {
+        self.records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     async fn update(&self, id: Uuid, f: impl FnOnce(&mut Record)) {
-        let mut records = self.records.lock().await;
-        let Some(rec) = records.get_mut(&id) else {
-            return;
+        let saved = {
+            let mut records = self.lock_records();
+            let Some(rec) = records.get_mut(&id) else {
+                return;
+            };
+            f(rec);
+            self.state.save(rec)
         };
-        f(rec);
-        if let Err(e) = self.state.save(rec).await {
+        if let Err(e) = saved.await {
             tracing::error!(build = %id, error = %e, "could not write the build's state under DATA_DIR");
         }
     }
@@ -281,11 +295,20 @@ impl Inner {
                 .and_then(|r| r.clone())
                 .unwrap_or((FailureReason::Cancelled, "stopped by request".into()))
         };
+        let accepted_at = self
+            .record(id)
+            .map(|r| r.accepted_at)
+            .unwrap_or_else(chrono::Utc::now);
         let permit = tokio::select! {
             p = slot => p.ok(),
             _ = cancel.cancelled() => None,
         };
         self.metrics.queued.dec();
+        let mut timings = StageTimings {
+            queued: Some(ms_since(accepted_at)),
+            ..Default::default()
+        };
+        let mut flush_log = None;
         let outcome = match permit {
             None if self.draining.load(Ordering::SeqCst) && !cancel.is_cancelled() => {
                 // Shutting down with the build still queued: it stays queued for the next start.
@@ -305,7 +328,10 @@ impl Inner {
             Some(permit) => {
                 self.metrics.running.inc();
                 let started = std::time::Instant::now();
-                let outcome = self.run(&spec, &cancel, cancelled_reason).await;
+                let (outcome, flush) = self
+                    .run(&spec, &cancel, cancelled_reason, accepted_at, &mut timings)
+                    .await;
+                flush_log = flush;
                 self.metrics.running.dec();
                 drop(permit);
                 self.metrics
@@ -313,35 +339,58 @@ impl Inner {
                 outcome
             }
         };
+        timings.total.get_or_insert_with(|| ms_since(accepted_at));
+        self.metrics.observe_stages(&timings, &[]);
         self.remove_active(id);
         tracing::info!(build = %id, app = %spec.app, number = spec.build_number, result = outcome.callback_status(), "build finished");
         self.update(id, |r| {
             r.phase = Phase::Finished;
             r.outcome = Some(outcome);
             r.finished_at = Some(chrono::Utc::now());
+            // The pending callback's time may already be recorded: keep it.
+            r.timings = StageTimings {
+                callback_pending: r.timings.callback_pending,
+                ..timings
+            };
         })
         .await;
-        let _ = pending.await;
-        self.send_callbacks(id).await;
+        // The log's upload and Kafka delivery run beside the final callback, never before it.
+        let callbacks = async {
+            let _ = pending.await;
+            self.send_callbacks(id).await;
+        };
+        match flush_log {
+            Some(flush) => {
+                tokio::join!(flush, callbacks);
+            }
+            None => callbacks.await,
+        }
     }
 
+    /// Runs the build; returns its outcome and the flushing of its log (to run beside the
+    /// final callback), `None` when no log could be opened.
     async fn run(
         &self,
         spec: &BuildSpec,
         cancel: &CancellationToken,
         cancelled_reason: impl Fn() -> (FailureReason, String),
-    ) -> Outcome {
+        accepted_at: chrono::DateTime<chrono::Utc>,
+        timings: &mut StageTimings,
+    ) -> (Outcome, Option<futures::future::BoxFuture<'static, ()>>) {
         let id = spec.build_uuid;
-        self.update(id, |r| {
+        // Recorded beside the build's start rather than before it (one fsync less on the
+        // critical path): a crash before it lands re-runs the build after the restart.
+        let running = self.update(id, |r| {
             r.phase = Phase::Running;
             r.started_at = Some(chrono::Utc::now());
-        })
-        .await;
+        });
         let mut log = match self.sinks.open(spec) {
             Ok(log) => log,
             Err(e) => {
                 tracing::error!(build = %id, error = %e, "could not open the build log");
-                return Outcome::failed(FailureReason::Internal, "could not open the build log");
+                let failed =
+                    Outcome::failed(FailureReason::Internal, "could not open the build log");
+                return (failed, None);
             }
         };
         log.line(&format!(
@@ -353,17 +402,21 @@ impl Inner {
         let workdir = self.workroot.join(id.to_string());
         // Dropping the pipeline future closes the connection to dockerd, which cancels the
         // build and removes its container.
-        let outcome = tokio::select! {
-            o = self.pipeline.run(spec, &mut log, &workdir) => o,
-            _ = tokio::time::sleep(self.timeout) => {
-                let msg = format!("the build ran longer than TIMEOUT_IN_MS ({} ms)", self.timeout.as_millis());
-                Outcome::failed(FailureReason::Timeout, msg)
-            }
-            _ = cancel.cancelled() => {
-                let (r, m) = cancelled_reason();
-                Outcome::failed(r, m)
+        let build = async {
+            tokio::select! {
+                o = self.pipeline.run(spec, &mut log, &workdir, timings) => o,
+                _ = tokio::time::sleep(self.timeout) => {
+                    let msg = format!("the build ran longer than TIMEOUT_IN_MS ({} ms)", self.timeout.as_millis());
+                    Outcome::failed(FailureReason::Timeout, msg)
+                }
+                _ = cancel.cancelled() => {
+                    let (r, m) = cancelled_reason();
+                    Outcome::failed(r, m)
+                }
             }
         };
+        // The record update always completes, even when the build is stopped.
+        let ((), outcome) = tokio::join!(running, build);
         if let Outcome::Failed { reason, message } = &outcome {
             if matches!(
                 reason,
@@ -372,9 +425,15 @@ impl Inner {
                 log.line(&format!("Build failed ({}): {message}", reason.as_str()));
             }
         }
-        log.finish().await;
-        let _ = tokio::fs::remove_dir_all(&workdir).await;
-        outcome
+        timings.total = Some(ms_since(accepted_at));
+        log.line(&timings.summary());
+        let flush = log.finish();
+        // Cleaning up runs beside the final callback too.
+        let flush = async move {
+            let _ = tokio::fs::remove_dir_all(&workdir).await;
+            flush.await;
+        };
+        (outcome, Some(Box::pin(flush)))
     }
 
     fn remove_active(&self, id: Uuid) {
@@ -383,8 +442,8 @@ impl Inner {
         }
     }
 
-    async fn record(&self, id: Uuid) -> Option<Record> {
-        self.records.lock().await.get(&id).cloned()
+    fn record(&self, id: Uuid) -> Option<Record> {
+        self.lock_records().get(&id).cloned()
     }
 
     /// One callback; a delivery given up after its retries is counted and logged once.
@@ -402,7 +461,7 @@ impl Inner {
     }
 
     async fn send_pending(&self, id: Uuid) {
-        let Some(rec) = self.record(id).await else {
+        let Some(rec) = self.record(id) else {
             return;
         };
         if rec.pending_sent {
@@ -410,33 +469,66 @@ impl Inner {
         }
         self.deliver(&rec.spec, "pending", "pending callback not delivered")
             .await;
-        self.update(id, |r| r.pending_sent = true).await;
+        let took = rec
+            .spec
+            .callback
+            .is_some()
+            .then(|| ms_since(rec.accepted_at));
+        self.update(id, |r| {
+            r.pending_sent = true;
+            r.timings.callback_pending = took;
+        })
+        .await;
+        self.observe_callback(StageTimings {
+            callback_pending: took,
+            ..Default::default()
+        });
+    }
+
+    fn observe_callback(&self, t: StageTimings) {
+        self.metrics.observe_stages(&t, &[]);
     }
 
     /// Sends whatever callbacks the record still owes: pending first, then the final one.
     async fn send_callbacks(&self, id: Uuid) {
         self.send_pending(id).await;
-        let Some(rec) = self.record(id).await else {
+        let Some(rec) = self.record(id) else {
             return;
         };
         let Some(outcome) = rec.outcome.as_ref().filter(|_| !rec.final_sent) else {
             return;
         };
+        let started = std::time::Instant::now();
         self.deliver(
             &rec.spec,
             outcome.callback_status(),
             "final callback not delivered; giving up",
         )
         .await;
+        let took = rec
+            .spec
+            .callback
+            .is_some()
+            .then(|| crate::build::elapsed_ms(started));
+        self.observe_callback(StageTimings {
+            callback_final: took,
+            ..Default::default()
+        });
         self.update(id, |r| {
             r.final_sent = true;
+            r.timings.callback_final = took;
             // Nothing needs the credentials any more: they do not stay on disk.
             r.spec = r.spec.scrubbed();
         })
         .await;
         // Done with it: the state file stays (idempotent POST, restart), memory does not grow.
-        self.records.lock().await.remove(&id);
+        self.lock_records().remove(&id);
     }
+}
+
+/// Milliseconds from `since` to now (0 if the clock went back).
+fn ms_since(since: chrono::DateTime<chrono::Utc>) -> u64 {
+    u64::try_from((chrono::Utc::now() - since).num_milliseconds()).unwrap_or(0)
 }
 
 /// Hands out build slots in submission order; a build stopped while queued is skipped.
@@ -469,20 +561,17 @@ impl Executor for LocalExecutor {
             ));
         }
         let id = spec.build_uuid;
-        {
-            let records = self.inner.records.lock().await;
-            if records.contains_key(&id) || self.inner.state.exists(&id).await {
-                tracing::info!(build = %id, "build already accepted; not starting it again");
-                return Ok(());
-            }
+        if self.inner.lock_records().contains_key(&id) || self.inner.state.is_done(&id) {
+            tracing::info!(build = %id, "build already accepted; not starting it again");
+            return Ok(());
         }
         // A data: payload goes to storage now; the state keeps a reference, not megabytes.
         self.inner
             .pipeline
             .stage_inline_sources(&mut spec, &self.inner.workroot)
             .await;
-        let rec = Record {
-            seq: self.inner.seq.fetch_add(1, Ordering::SeqCst),
+        let mut rec = Record {
+            seq: 0,
             spec,
             phase: Phase::Queued,
             outcome: None,
@@ -491,17 +580,26 @@ impl Executor for LocalExecutor {
             accepted_at: chrono::Utc::now(),
             started_at: None,
             finished_at: None,
+            timings: StageTimings::default(),
         };
-        {
-            let mut records = self.inner.records.lock().await;
+        let saved = {
+            let mut records = self.inner.lock_records();
             if records.contains_key(&id) {
                 return Ok(());
             }
-            self.inner.state.save(&rec).await.map_err(|e| {
-                tracing::error!(error = %e, "cannot write build state under DATA_DIR");
-                ExecutorError::Unavailable("build state cannot be written".into())
-            })?;
+            // Taken under the lock, so seq order is journal order.
+            rec.seq = self.inner.seq.fetch_add(1, Ordering::SeqCst);
             records.insert(id, rec.clone());
+            self.inner.state.save(&rec)
+        };
+        // The 200 waits for the fsync of this record's batch: an accepted build survives a
+        // SIGKILL that follows the answer.
+        if let Err(e) = saved.await {
+            self.inner.lock_records().remove(&id);
+            tracing::error!(error = %e, "cannot write build state under DATA_DIR");
+            return Err(ExecutorError::Unavailable(
+                "build state cannot be written".into(),
+            ));
         }
         tracing::info!(build = %id, app = %rec.spec.app, number = rec.spec.build_number, "build accepted");
         self.enqueue(rec);

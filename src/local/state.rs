@@ -1,9 +1,32 @@
-//! The local executor's durable state: one JSON file per build under `DATA_DIR/state`,
-//! written atomically (temp file + rename, mode 0600: it holds the build's credentials).
+//! The local executor's durable state under `DATA_DIR/state` (files mode 0600: they hold
+//! credentials of builds that have not finished).
+//!
+//! - `journal-{gen}.log`: one JSON line per change of a build's record. One writer thread
+//!   appends every change waiting when it wakes in one write and one fsync (group commit),
+//!   and each caller awaits the fsync of its batch. A burst of `POST /` therefore costs one
+//!   fsync per batch instead of one per build, and no lock is held across the I/O.
+//! - `snapshot.log`: the last line of every unfinished build, written by compaction.
+//! - `done.log`: one line per build whose final callback is done (credentials scrubbed);
+//!   it is what makes a repeated `POST /` idempotent after a restart.
+//!
+//! Compaction starts a new journal segment and, on a thread of its own, folds the older
+//! segments into the snapshot, dropping finished builds. It runs when a segment grows large
+//! and shortly after a build finishes, so a finished build's credentials leave the disk
+//! within about a second. Replay order is snapshot, then segments by generation; the last
+//! line of a build wins. Per-build `{build_uuid}.json` files of earlier versions are folded
+//! in at start.
 
-use crate::build::{BuildSpec, Outcome};
+use crate::build::{BuildSpec, Outcome, StageTimings};
 use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,50 +55,81 @@ pub struct Record {
     pub started_at: Option<chrono::DateTime<chrono::Utc>>,
     #[serde(default)]
     pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// How long each stage took (filled as the build goes).
+    #[serde(default)]
+    pub timings: StageTimings,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot write the build state under {dir}: {source} (check that DATA_DIR is writable and not full)")]
+    Write {
+        dir: PathBuf,
+        source: Arc<std::io::Error>,
+    },
+    #[error("the build state writer stopped; restart the service")]
+    WriterStopped,
+    #[error("cannot encode a build record: {0}")]
+    Encode(Arc<serde_json::Error>),
+}
+
+/// A segment larger than this is compacted even while builds keep arriving.
+const SEGMENT_LIMIT: u64 = 16 * 1024 * 1024;
+/// How long a finished build's superseded lines (with its credentials) may stay on disk.
+const SCRUB_DELAY: Duration = Duration::from_secs(1);
+const SNAPSHOT: &str = "snapshot.log";
+const DONE: &str = "done.log";
+
+struct Op {
+    line: Vec<u8>,
+    final_sent: bool,
+    ack: oneshot::Sender<Result<(), StateError>>,
+}
+
+/// Handle to the state; cheap to share. Writes go to the writer thread.
 pub struct StateStore {
-    dir: PathBuf,
+    tx: mpsc::Sender<Op>,
+    /// Builds whose final callback is done: a repeated POST of one starts nothing.
+    done: Mutex<HashSet<Uuid>>,
+}
+
+/// What a previous process left: unfinished builds in submission order, and the next seq.
+pub struct Recovered {
+    pub records: Vec<Record>,
+    pub next_seq: u64,
 }
 
 impl StateStore {
-    pub fn new(dir: impl Into<PathBuf>) -> std::io::Result<Self> {
+    /// Opens (creating) the state folder, replays it, folds it into a fresh snapshot and
+    /// starts the writer thread. Blocking: call once at start.
+    pub fn open(dir: impl Into<PathBuf>) -> std::io::Result<(Self, Recovered)> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir)?;
-        Ok(Self { dir })
-    }
-
-    fn path(&self, id: &Uuid) -> PathBuf {
-        self.dir.join(format!("{id}.json"))
-    }
-
-    pub async fn save(&self, rec: &Record) -> std::io::Result<()> {
-        let path = self.path(&rec.spec.build_uuid);
-        let tmp = self.dir.join(format!(".{}.tmp", rec.spec.build_uuid));
-        let json = serde_json::to_vec(rec).map_err(std::io::Error::other)?;
-        write_private(&tmp, &json).await?;
-        tokio::fs::rename(&tmp, &path).await
-    }
-
-    pub async fn exists(&self, id: &Uuid) -> bool {
-        tokio::fs::try_exists(self.path(id)).await.unwrap_or(false)
-    }
-
-    /// Every record, in submission order. Unreadable files are skipped with a warning.
-    pub async fn load_all(&self) -> std::io::Result<Vec<Record>> {
-        let mut out = Vec::new();
-        let mut dir = tokio::fs::read_dir(&self.dir).await?;
-        while let Some(entry) = dir.next_entry().await? {
-            let path = entry.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("json") {
-                continue;
-            }
-            match tokio::fs::read(&path)
-                .await
-                .map(|b| serde_json::from_slice::<Record>(&b))
-            {
-                Ok(Ok(rec)) => out.push(rec),
+        let (done, mut next_seq) = read_done(&dir.join(DONE))?;
+        let mut done = done;
+        let segments = segments(&dir)?;
+        let mut live: HashMap<Uuid, Record> = HashMap::new();
+        let mut replay = |path: &Path| -> std::io::Result<()> {
+            for_each_line(path, |line| match serde_json::from_slice::<Record>(line) {
+                Ok(rec) => {
+                    live.insert(rec.spec.build_uuid, rec);
+                }
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "skipping an unreadable build record")
+                }
+            })
+        };
+        replay(&dir.join(SNAPSHOT))?;
+        for (_, path) in &segments {
+            replay(path)?;
+        }
+        // Per-build files of earlier versions: the journal, when it has the build, is newer.
+        let legacy = legacy_files(&dir)?;
+        for path in &legacy {
+            match std::fs::read(path).map(|b| serde_json::from_slice::<Record>(&b)) {
+                Ok(Ok(rec)) => {
+                    live.entry(rec.spec.build_uuid).or_insert(rec);
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(file = %path.display(), error = %e, "skipping an unreadable build record")
                 }
@@ -84,20 +138,378 @@ impl StateStore {
                 }
             }
         }
-        out.sort_by_key(|r| r.seq);
-        Ok(out)
+        // Finished builds move to done.log (durably) before the journal forgets them.
+        let mut done_file = open_append(&dir.join(DONE))?;
+        let mut moved = false;
+        for rec in live.values().filter(|r| r.final_sent) {
+            if done.insert(rec.spec.build_uuid) {
+                let mut line = serde_json::to_vec(rec).map_err(std::io::Error::other)?;
+                line.push(b'\n');
+                done_file.write_all(&line)?;
+                moved = true;
+            }
+        }
+        if moved {
+            done_file.sync_data()?;
+        }
+        live.retain(|id, _| !done.contains(id));
+        let mut records: Vec<Record> = live.into_values().collect();
+        records.sort_by_key(|r| r.seq);
+        next_seq = next_seq.max(records.last().map_or(0, |r| r.seq + 1));
+
+        let mut snapshot = Vec::new();
+        for rec in &records {
+            serde_json::to_writer(&mut snapshot, rec).map_err(std::io::Error::other)?;
+            snapshot.push(b'\n');
+        }
+        write_snapshot(&dir, &snapshot)?;
+        for path in segments.iter().map(|(_, p)| p).chain(&legacy) {
+            std::fs::remove_file(path)?;
+        }
+        let gen = segments.last().map_or(1, |(g, _)| g + 1);
+        let journal = open_append(&segment_path(&dir, gen))?;
+        sync_dir(&dir)?;
+
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            dir: dir.clone(),
+            gen,
+            journal,
+            journal_len: 0,
+            done: done_file,
+            first_final: None,
+            compacting: Arc::new(AtomicBool::new(false)),
+        };
+        std::thread::Builder::new()
+            .name("state-writer".into())
+            .spawn(move || writer.run(rx))?;
+        let store = Self {
+            tx,
+            done: Mutex::new(done),
+        };
+        Ok((store, Recovered { records, next_seq }))
+    }
+
+    /// Whether this build finished (final callback done) in this or an earlier process.
+    pub fn is_done(&self, id: &Uuid) -> bool {
+        self.done.lock().map(|d| d.contains(id)).unwrap_or(false)
+    }
+
+    /// Queues `rec` for the journal now (so calls made in order are written in order) and
+    /// returns a future that resolves once it is on disk. Call it under the lock that
+    /// orders a build's changes; await it after releasing that lock.
+    pub fn save(
+        &self,
+        rec: &Record,
+    ) -> impl std::future::Future<Output = Result<(), StateError>> + Send + 'static {
+        let (ack, done) = oneshot::channel();
+        let queued = serde_json::to_vec(rec)
+            .map_err(|e| StateError::Encode(Arc::new(e)))
+            .and_then(|mut line| {
+                line.push(b'\n');
+                if rec.final_sent {
+                    if let Ok(mut d) = self.done.lock() {
+                        d.insert(rec.spec.build_uuid);
+                    }
+                }
+                let op = Op {
+                    line,
+                    final_sent: rec.final_sent,
+                    ack,
+                };
+                self.tx.send(op).map_err(|_| StateError::WriterStopped)
+            });
+        async move {
+            queued?;
+            done.await.map_err(|_| StateError::WriterStopped)?
+        }
     }
 }
 
-async fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use tokio::io::AsyncWriteExt;
-    let mut f = tokio::fs::OpenOptions::new()
+struct Writer {
+    dir: PathBuf,
+    gen: u64,
+    journal: File,
+    journal_len: u64,
+    done: File,
+    /// When the oldest final record not yet compacted away was written.
+    first_final: Option<Instant>,
+    compacting: Arc<AtomicBool>,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Op>) {
+        let mut batch: Vec<Op> = Vec::new();
+        loop {
+            if batch.is_empty() {
+                let op = match self.first_final {
+                    // Wake up to compact even when nothing else arrives.
+                    Some(_) => match rx.recv_timeout(Duration::from_millis(200)) {
+                        Ok(op) => Some(op),
+                        Err(mpsc::RecvTimeoutError::Timeout) => None,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    },
+                    None => match rx.recv() {
+                        Ok(op) => Some(op),
+                        Err(_) => return,
+                    },
+                };
+                batch.extend(op);
+            }
+            // Everything that queued up meanwhile joins this batch (bounded, so acks flow).
+            while batch.len() < 4096 {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            if !batch.is_empty() {
+                let result = self.commit(&batch).map_err(|e| StateError::Write {
+                    dir: self.dir.clone(),
+                    source: Arc::new(e),
+                });
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, "build state not written");
+                    // A torn line may end the segment: continue in a fresh one.
+                    self.rotate_segment();
+                }
+                for op in batch.drain(..) {
+                    let _ = op.ack.send(result.clone());
+                }
+            }
+            // Idle when nothing arrived during the fsync: compaction costs nobody then.
+            let idle = match rx.try_recv() {
+                Ok(op) => {
+                    batch.push(op);
+                    false
+                }
+                Err(mpsc::TryRecvError::Empty) => true,
+                Err(mpsc::TryRecvError::Disconnected) => return,
+            };
+            self.maybe_compact(idle);
+        }
+    }
+
+    fn commit(&mut self, batch: &[Op]) -> std::io::Result<()> {
+        let mut buf = Vec::with_capacity(batch.iter().map(|o| o.line.len()).sum());
+        let mut done = Vec::new();
+        for op in batch {
+            buf.extend_from_slice(&op.line);
+            if op.final_sent {
+                done.extend_from_slice(&op.line);
+            }
+        }
+        self.journal.write_all(&buf)?;
+        self.journal_len += buf.len() as u64;
+        if !done.is_empty() {
+            // Synced by compaction before the journal forgets these builds; until then the
+            // journal's own (synced) final line is what counts.
+            self.done.write_all(&done)?;
+        }
+        self.journal.sync_data()?;
+        if !done.is_empty() {
+            self.first_final.get_or_insert_with(Instant::now);
+        }
+        Ok(())
+    }
+
+    fn rotate_segment(&mut self) -> bool {
+        let next = self.gen + 1;
+        match open_append(&segment_path(&self.dir, next)) {
+            Ok(f) => {
+                self.journal = f;
+                self.gen = next;
+                self.journal_len = 0;
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, dir = %self.dir.display(), "cannot start a new build state segment");
+                false
+            }
+        }
+    }
+
+    fn maybe_compact(&mut self, idle: bool) {
+        let scrub = self
+            .first_final
+            .is_some_and(|t| idle || t.elapsed() >= SCRUB_DELAY);
+        if !(scrub || self.journal_len >= SEGMENT_LIMIT)
+            || self.compacting.swap(true, Ordering::SeqCst)
+        {
+            return;
+        }
+        let upto = self.gen;
+        if !self.rotate_segment() {
+            self.compacting.store(false, Ordering::SeqCst);
+            return;
+        }
+        self.first_final = None;
+        let dir = self.dir.clone();
+        let flag = self.compacting.clone();
+        let spawned = std::thread::Builder::new()
+            .name("state-compact".into())
+            .spawn(move || {
+                if let Err(e) = compact(&dir, upto) {
+                    tracing::warn!(error = %e, dir = %dir.display(), "build state compaction failed; it is retried later");
+                }
+                flag.store(false, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            self.compacting.store(false, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Folds the snapshot and every segment up to `upto` into a new snapshot without the
+/// finished builds, then removes those segments.
+fn compact(dir: &Path, upto: u64) -> std::io::Result<()> {
+    #[derive(Deserialize)]
+    struct Head {
+        spec: HeadSpec,
+        #[serde(default)]
+        final_sent: bool,
+    }
+    #[derive(Deserialize)]
+    struct HeadSpec {
+        build_uuid: Uuid,
+    }
+    // Every final line in these segments was appended to done.log before the rotation.
+    OpenOptions::new()
+        .append(true)
+        .open(dir.join(DONE))?
+        .sync_data()?;
+    let old: Vec<(u64, PathBuf)> = segments(dir)?
+        .into_iter()
+        .filter(|(g, _)| *g <= upto)
+        .collect();
+    let mut live: HashMap<Uuid, Vec<u8>> = HashMap::new();
+    let mut take = |line: &[u8]| {
+        if let Ok(h) = serde_json::from_slice::<Head>(line) {
+            if h.final_sent {
+                live.remove(&h.spec.build_uuid);
+            } else {
+                let mut l = line.to_vec();
+                l.push(b'\n');
+                live.insert(h.spec.build_uuid, l);
+            }
+        }
+    };
+    for_each_line(&dir.join(SNAPSHOT), &mut take)?;
+    for (_, path) in &old {
+        for_each_line(path, &mut take)?;
+    }
+    write_snapshot(dir, &live.into_values().flatten().collect::<Vec<u8>>())?;
+    for (_, path) in &old {
+        std::fs::remove_file(path)?;
+    }
+    Ok(())
+}
+
+fn segment_path(dir: &Path, gen: u64) -> PathBuf {
+    dir.join(format!("journal-{gen:020}.log"))
+}
+
+/// Journal segments, oldest first.
+fn segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let gen = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("journal-"))
+            .and_then(|n| n.strip_suffix(".log"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(g) = gen {
+            out.push((g, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn legacy_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.ends_with(".json") || name.ends_with(".tmp") {
+            out.push(path);
+        }
+    }
+    Ok(out)
+}
+
+/// Calls `f` with every complete line of `path` (a missing file has none). A torn last
+/// line (a write cut short by a crash, never acknowledged) is ignored.
+fn for_each_line(path: &Path, mut f: impl FnMut(&[u8])) -> std::io::Result<()> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let mut reader = BufReader::new(file);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line)? == 0 {
+            return Ok(());
+        }
+        if line.last() != Some(&b'\n') {
+            return Ok(());
+        }
+        line.pop();
+        if !line.is_empty() {
+            f(&line);
+        }
+    }
+}
+
+/// The ids in done.log and the seq after the highest one.
+fn read_done(path: &Path) -> std::io::Result<(HashSet<Uuid>, u64)> {
+    #[derive(Deserialize)]
+    struct Done {
+        spec: DoneSpec,
+        seq: u64,
+    }
+    #[derive(Deserialize)]
+    struct DoneSpec {
+        build_uuid: Uuid,
+    }
+    let mut ids = HashSet::new();
+    let mut next = 0;
+    for_each_line(path, |line| {
+        if let Ok(d) = serde_json::from_slice::<Done>(line) {
+            ids.insert(d.spec.build_uuid);
+            next = next.max(d.seq + 1);
+        }
+    })?;
+    Ok((ids, next))
+}
+
+fn open_append(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// Replaces the snapshot atomically: temp file, fsync, rename, fsync of the folder.
+fn write_snapshot(dir: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = dir.join(".snapshot.log.tmp");
+    let mut f = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(path)
-        .await?;
-    f.write_all(bytes).await?;
-    f.sync_data().await
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_data()?;
+    std::fs::rename(&tmp, dir.join(SNAPSHOT))?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
 }

@@ -180,11 +180,15 @@ impl BuildLog {
         }
     }
 
-    /// Writes `Build finished` and lets every sink flush.
-    pub async fn finish(mut self) {
+    /// Writes `Build finished` now (readers of the stored log see it at once) and returns
+    /// the sinks' flushing (upload, Kafka delivery), which may run beside other work.
+    pub fn finish(mut self) -> impl std::future::Future<Output = ()> + Send + 'static {
         self.line(FINISHED_LINE);
-        for sink in self.sinks {
-            sink.finish().await;
+        let sinks = self.sinks;
+        async move {
+            for sink in sinks {
+                sink.finish().await;
+            }
         }
     }
 }

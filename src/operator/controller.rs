@@ -683,17 +683,24 @@ pub fn backoff(n: u32, permanent: bool, unit: f64) -> Duration {
 pub async fn run(
     client: Client,
     namespace: &str,
+    instance: Option<&str>,
     make_ctx: impl FnOnce(Store<BuildJob>) -> Context,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
     watch_failing: Arc<AtomicBool>,
 ) {
     let jobs: Api<BuildJob> = Api::namespaced(client.clone(), namespace);
     let pods: Api<Pod> = Api::namespaced(client, namespace);
-    let controller = Controller::new(jobs, watcher::Config::default())
-        .owns(
-            pods,
-            watcher::Config::default().labels(labels::WORKER_SELECTOR),
-        )
+    // Only this installation's BuildJobs and pods when INSTANCE_NAME is set.
+    let (mut job_watch, mut pod_selector) = (
+        watcher::Config::default(),
+        labels::WORKER_SELECTOR.to_string(),
+    );
+    if let Some(s) = labels::instance_selector(instance) {
+        job_watch = job_watch.labels(&s);
+        pod_selector = format!("{pod_selector},{s}");
+    }
+    let controller = Controller::new(jobs, job_watch)
+        .owns(pods, watcher::Config::default().labels(&pod_selector))
         .with_config(controller::Config::default().concurrency(CONCURRENCY));
     let ctx = Arc::new(make_ctx(controller.store()));
     // Cleared by anything that shows the watches work again: a reconcile, or a probe list.

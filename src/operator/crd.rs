@@ -284,6 +284,14 @@ pub mod labels {
     pub const WORKER_SELECTOR: &str =
         "app.kubernetes.io/managed-by=buildshuttle,app.kubernetes.io/component=worker";
     pub const COMPONENT: &str = "app.kubernetes.io/component";
+    /// INSTANCE_NAME: which installation owns a BuildJob (and its pods), when several share
+    /// a namespace.
+    pub const INSTANCE: &str = "buildshuttle.akkeris.io/instance";
+
+    /// The label selector an installation's controller watches with (`None`: all).
+    pub fn instance_selector(instance: Option<&str>) -> Option<String> {
+        instance.map(|i| format!("{INSTANCE}={i}"))
+    }
 }
 
 /// The BuildJob's name: `{app}-{app_uuid}-{build_number}`, lower-cased (a DNS subdomain).

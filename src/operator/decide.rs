@@ -324,6 +324,31 @@ fn start_problem(pod: &Pod) -> Option<StartProblem> {
     })
 }
 
+/// The stage timings the worker put in its termination message, if any.
+fn worker_stages(pod: Option<&Pod>) -> Option<std::collections::BTreeMap<String, u64>> {
+    let message = pod?
+        .status
+        .as_ref()?
+        .container_statuses
+        .iter()
+        .flatten()
+        .find(|c| c.name == WORKER_CONTAINER)?
+        .state
+        .as_ref()?
+        .terminated
+        .as_ref()?
+        .message
+        .clone()?;
+    let timings = crate::build::Termination::parse(&message)?.timings?;
+    Some(
+        timings
+            .stages()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+    )
+}
+
 /// The worker's outcome JSON; the kubelet may cut it at 4 KiB, so a cut message is `None`.
 pub fn parse_termination_message(message: &str) -> Option<Outcome> {
     serde_json::from_str(message.trim()).ok()
@@ -398,6 +423,12 @@ pub fn decide(input: &Inputs<'_>, settings: &Settings) -> Decision {
         }
     }
 
+    // The worker's own stage durations, from its termination message.
+    if !finished && st.phase.is_some_and(Phase::is_finished) {
+        if let Some(stages) = worker_stages(input.pod) {
+            st.timings_mut().stages = stages;
+        }
+    }
     // Milestones for `status.timings`, in milliseconds after the BuildJob was created.
     if let Some(created) = job.creation_timestamp().map(|c| c.0) {
         let ms = u64::try_from(now.duration_since(created).as_millis()).ok();

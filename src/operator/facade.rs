@@ -33,6 +33,8 @@ pub struct KubeExecutor {
     scratch: PathBuf,
     /// Set by this replica's controller while it leads and cannot watch BuildJobs or pods.
     pub watch_failing: Arc<std::sync::atomic::AtomicBool>,
+    /// INSTANCE_NAME: labels the BuildJobs this installation creates, and scopes stop-all.
+    instance: Option<String>,
 }
 
 fn unavailable(what: &str) -> impl FnOnce(kube::Error) -> ExecutorError + '_ {
@@ -63,7 +65,14 @@ impl KubeExecutor {
             limits,
             scratch,
             watch_failing: Arc::default(),
+            instance: None,
         }
+    }
+
+    /// Scopes this facade to one installation (INSTANCE_NAME).
+    pub fn with_instance(mut self, instance: Option<String>) -> Self {
+        self.instance = instance;
+        self
     }
 
     fn jobs(&self) -> Api<BuildJob> {
@@ -371,7 +380,11 @@ impl Executor for KubeExecutor {
                 let source = self.source_ref(&spec).await?;
                 let mut job = BuildJob::new(&name, BuildJobSpec::from_build(&spec, source.clone()));
                 job.metadata.namespace = Some(self.namespace.clone());
-                job.metadata.labels = Some(job.spec.labels());
+                let mut labels = job.spec.labels();
+                if let Some(i) = &self.instance {
+                    labels.insert(super::crd::labels::INSTANCE.into(), i.clone());
+                }
+                job.metadata.labels = Some(labels);
                 // Held until the final callback is sent, so deleting a running BuildJob
                 // still tells controller-api.
                 job.metadata.finalizers = Some(vec![super::crd::FINALIZER.to_string()]);
@@ -406,7 +419,10 @@ impl Executor for KubeExecutor {
                     .await?,
             ));
         }
-        let selector = format!("app={},app_uuid={}", which.app, which.app_uuid);
+        let mut selector = format!("app={},app_uuid={}", which.app, which.app_uuid);
+        if let Some(s) = super::crd::labels::instance_selector(self.instance.as_deref()) {
+            selector = format!("{selector},{s}");
+        }
         let list = self
             .jobs()
             .list(&ListParams::default().labels(&selector))

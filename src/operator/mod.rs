@@ -152,10 +152,12 @@ impl KubernetesMode {
             extra,
             cfg.build.limits,
             cfg.build.data_dir.join("scratch"),
-        );
+        )
+        .with_instance(k.instance_name.clone());
         let stop = tokio_util::sync::CancellationToken::new();
         let died = tokio_util::sync::CancellationToken::new();
         let watch_failing = executor.watch_failing.clone();
+        let instance = k.instance_name.clone();
         let controller = k.run_controller.then(|| {
             let settings = decide::Settings {
                 max_parallel: cfg.maximum_parallel_builds,
@@ -180,6 +182,10 @@ impl KubernetesMode {
                 env_secret: k.worker_env_secret.clone(),
                 docker_socket_gid: k.worker_docker_socket_gid,
                 service_account: k.worker_service_account.clone(),
+                dind_mtu: k.dind_mtu,
+                image_pull_secrets: k.worker_image_pull_secrets.clone(),
+                automount_token: k.worker_automount_token,
+                overrides: k.worker_pod.clone(),
             };
             let callback_budget = cfg.callback_retry_for;
             let callbacks = crate::callback::Callbacks::new(callback_budget);
@@ -212,6 +218,7 @@ impl KubernetesMode {
                     let stop = stop2.clone();
                     let observer = observer.clone();
                     let watch_failing = watch_failing.clone();
+                    let instance = instance.clone();
                     async move {
                         let make = |store| {
                             controller::Context::new(
@@ -228,6 +235,7 @@ impl KubernetesMode {
                         controller::run(
                             client.clone(),
                             &ns,
+                            instance.as_deref(),
                             make,
                             stop.cancelled_owned(),
                             watch_failing,

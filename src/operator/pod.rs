@@ -2,13 +2,17 @@
 //! sidecar, the node's socket, or an external dockerd, as `WORKER_DOCKER_MODE` says.
 
 use super::crd::{labels, secret_keys, BuildJob};
-use crate::config::DockerSettings;
+use crate::config::{DockerSettings, Quantity, Resources, WorkerPodOverrides};
 use k8s_openapi::api::core::v1::{
-    Container, EnvFromSource, EnvVar, EnvVarSource, HostPathVolumeSource, Pod, PodSecurityContext,
-    PodSpec, SecretEnvSource, SecretKeySelector, SecurityContext, Volume, VolumeMount,
+    Capabilities, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource,
+    HostPathVolumeSource, LocalObjectReference, Pod, PodSecurityContext, PodSpec,
+    ResourceRequirements, SeccompProfile, SecretEnvSource, SecretKeySelector, SecurityContext,
+    Volume, VolumeMount,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity as KubeQuantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 pub const WORKER_CONTAINER: &str = "worker";
@@ -59,6 +63,8 @@ pub struct PodSettings {
     pub docker_mode: DockerMode,
     /// The dind sidecar's image.
     pub dind_image: String,
+    /// DIND_MTU: `dockerd --mtu` of the sidecar (overlay networks need less than 1500).
+    pub dind_mtu: Option<u32>,
     /// DOCKER_BUILD_SETTINGS of the service: the host socket path, or the external dockerd.
     pub docker: DockerSettings,
     /// The raw DOCKER_BUILD_SETTINGS JSON (passed on in external mode without TLS).
@@ -73,6 +79,12 @@ pub struct PodSettings {
     /// Host mode: the group owning the node's docker socket (the worker is not root).
     pub docker_socket_gid: Option<i64>,
     pub service_account: Option<String>,
+    /// WORKER_IMAGE_PULL_SECRETS: for a worker (or dind) image in a private registry.
+    pub image_pull_secrets: Vec<String>,
+    /// WORKER_AUTOMOUNT_SERVICE_ACCOUNT_TOKEN: off unless an identity needs the token.
+    pub automount_token: bool,
+    /// WORKER_POD_OVERRIDES: resources, emptyDir size limits, placement.
+    pub overrides: WorkerPodOverrides,
 }
 
 /// `{job}-worker-{attempt}`: a re-created pod gets a new name, so it never waits for the
@@ -91,8 +103,14 @@ pub fn worker_pod(job: &BuildJob, attempt: u32, s: &PodSettings) -> Result<Pod, 
     let owner = job.controller_owner_ref(&()).ok_or(PodError::NoUid)?;
     let name = pod_name(&job.name_any(), attempt);
     let mut pod_labels = job.spec.labels();
+    // The installation's label too, so its controller's pod watch sees the pod.
+    if let Some(i) = job.labels().get(labels::INSTANCE) {
+        pod_labels.insert(labels::INSTANCE.into(), i.clone());
+    }
     pod_labels.insert(labels::COMPONENT.into(), "worker".into());
-    let secret = &job.spec.credentials_secret;
+    // Derived from the BuildJob's own name, never taken from its spec (the controller only
+    // starts a pod once it has checked that this Secret is owned by the BuildJob).
+    let secret = &super::crd::secret_name(&job.name_any());
 
     let mut env_vars = vec![
         plain(env::SPEC, serde_json::to_string(&job.spec)?),
@@ -121,7 +139,8 @@ pub fn worker_pod(job: &BuildJob, attempt: u32, s: &PodSettings) -> Result<Pod, 
             secret_keys::EXTRA_REGISTRIES,
         ),
     ];
-    let mut volumes = vec![empty_dir("work")];
+    let o = &s.overrides;
+    let mut volumes = vec![empty_dir("work", o.work_size_limit.as_ref())];
     let mut mounts = vec![mount("work", WORK_DIR)];
     let mut init_containers = Vec::new();
     match s.docker_mode {
@@ -130,19 +149,22 @@ pub fn worker_pod(job: &BuildJob, attempt: u32, s: &PodSettings) -> Result<Pod, 
                 "DOCKER_BUILD_SETTINGS",
                 format!(r#"{{"socketPath":"{DIND_SOCKET_DIR}/docker.sock"}}"#),
             ));
-            volumes.push(empty_dir("dind-socket"));
-            volumes.push(empty_dir("dind-storage"));
+            volumes.push(empty_dir("dind-socket", None));
+            volumes.push(empty_dir(
+                "dind-storage",
+                o.dind_storage_size_limit.as_ref(),
+            ));
             mounts.push(mount("dind-socket", DIND_SOCKET_DIR));
             init_containers.push(Container {
                 name: DIND_CONTAINER.into(),
                 image: Some(s.dind_image.clone()),
                 // A native sidecar: runs beside the worker, stopped when the worker exits.
                 restart_policy: Some("Always".into()),
-                args: Some(vec![
-                    format!("--host=unix://{DIND_SOCKET_DIR}/docker.sock"),
-                    format!("--group={WORKER_ID}"),
-                ]),
+                command: Some(dind_command(s.dind_mtu)),
+                // Belt and braces: with `dockerd` as its first argument the entrypoint makes
+                // no TLS certificates anyway (and so never waits for them).
                 env: Some(vec![plain("DOCKER_TLS_CERTDIR", String::new())]),
+                resources: resources(&o.dind_resources),
                 security_context: Some(SecurityContext {
                     privileged: Some(true),
                     ..Default::default()
@@ -200,13 +222,24 @@ pub fn worker_pod(job: &BuildJob, attempt: u32, s: &PodSettings) -> Result<Pod, 
             }]
         }),
         volume_mounts: Some(mounts),
+        resources: resources(&o.worker_resources),
         termination_message_path: Some(TERMINATION_LOG.into()),
         termination_message_policy: Some("File".into()),
+        // Pod Security "restricted" for the worker, whatever the mode. Set on the container
+        // (not the pod) so the privileged dind sidecar, which runs as root, is not bound.
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             run_as_non_root: Some(true),
             run_as_user: Some(WORKER_ID),
             run_as_group: Some(WORKER_ID),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: None,
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                localhost_profile: None,
+            }),
             ..Default::default()
         }),
         ..Default::default()
@@ -222,9 +255,18 @@ pub fn worker_pod(job: &BuildJob, attempt: u32, s: &PodSettings) -> Result<Pod, 
         spec: Some(PodSpec {
             restart_policy: Some("Never".into()),
             active_deadline_seconds: Some(active_deadline_seconds(s.timeout)),
-            automount_service_account_token: Some(false),
+            automount_service_account_token: Some(s.automount_token),
             enable_service_links: Some(false),
             service_account_name: s.service_account.clone(),
+            image_pull_secrets: (!s.image_pull_secrets.is_empty()).then(|| {
+                s.image_pull_secrets
+                    .iter()
+                    .map(|n| LocalObjectReference { name: n.clone() })
+                    .collect()
+            }),
+            node_selector: (!o.node_selector.is_empty()).then(|| o.node_selector.clone()),
+            tolerations: (!o.tolerations.is_empty()).then(|| o.tolerations.clone()),
+            affinity: o.affinity.clone(),
             init_containers: (!init_containers.is_empty()).then_some(init_containers),
             containers: vec![worker],
             volumes: Some(volumes),
@@ -264,10 +306,46 @@ fn from_secret(name: &str, secret: &str, key: &str) -> EnvVar {
     }
 }
 
-fn empty_dir(name: &str) -> Volume {
+/// The dind sidecar's command line. `dockerd` is named explicitly: given only flags, the
+/// docker:dind entrypoint would prepend `--host=tcp://0.0.0.0:2375` (an unauthenticated,
+/// privileged Docker API for every pod in the cluster, and for every `RUN` step through the
+/// bridge gateway). The entrypoint script still runs (tini as pid 1, iptables detection, the
+/// cgroup v2 nesting set-up) but adds nothing to the daemon's flags: the daemon listens only
+/// on the pod-local unix socket, owned by the worker's group.
+pub fn dind_command(mtu: Option<u32>) -> Vec<String> {
+    let mut c = vec![
+        "dockerd-entrypoint.sh".to_string(),
+        "dockerd".to_string(),
+        format!("--host=unix://{DIND_SOCKET_DIR}/docker.sock"),
+        format!("--group={WORKER_ID}"),
+    ];
+    c.extend(mtu.map(|m| format!("--mtu={m}")));
+    c
+}
+
+fn resources(r: &Resources) -> Option<ResourceRequirements> {
+    let map = |m: &BTreeMap<String, Quantity>| {
+        (!m.is_empty()).then(|| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), KubeQuantity(v.as_str().to_string())))
+                .collect()
+        })
+    };
+    let (requests, limits) = (map(&r.requests), map(&r.limits));
+    (requests.is_some() || limits.is_some()).then_some(ResourceRequirements {
+        requests,
+        limits,
+        claims: None,
+    })
+}
+
+fn empty_dir(name: &str, size_limit: Option<&Quantity>) -> Volume {
     Volume {
         name: name.into(),
-        empty_dir: Some(Default::default()),
+        empty_dir: Some(EmptyDirVolumeSource {
+            medium: None,
+            size_limit: size_limit.map(|q| KubeQuantity(q.as_str().to_string())),
+        }),
         ..Default::default()
     }
 }
@@ -290,7 +368,8 @@ pub(crate) mod tests {
         PodSettings {
             image: "akkeris/buildshuttle:test".into(),
             docker_mode: mode,
-            dind_image: "docker:27-dind".into(),
+            dind_image: crate::config::DEFAULT_DIND_IMAGE.into(),
+            dind_mtu: None,
             docker: DockerSettings::Socket("/var/run/docker.sock".into()),
             docker_settings_json: r#"{"socketPath":"/var/run/docker.sock"}"#.into(),
             timeout: Duration::from_millis(1_200_000),
@@ -300,6 +379,9 @@ pub(crate) mod tests {
             env_secret: None,
             docker_socket_gid: None,
             service_account: None,
+            image_pull_secrets: Vec::new(),
+            automount_token: false,
+            overrides: WorkerPodOverrides::default(),
         }
     }
 
@@ -411,13 +493,494 @@ pub(crate) mod tests {
             w.security_context.as_ref().and_then(|s| s.run_as_group),
             Some(WORKER_ID)
         );
+        // dockerd is named, so the entrypoint adds no `--host=tcp://0.0.0.0:2375`: the daemon
+        // listens on the pod-local socket only, which the worker's group owns.
+        assert_eq!(
+            d.command.as_deref(),
+            Some(
+                &[
+                    "dockerd-entrypoint.sh",
+                    "dockerd",
+                    "--host=unix:///var/run/dind/docker.sock",
+                    "--group=10001",
+                ]
+                .map(String::from)[..]
+            )
+        );
+        assert_eq!(
+            d.args, None,
+            "nothing the image's entrypoint could prepend to"
+        );
+        assert_eq!(
+            d.env.as_deref(),
+            Some(&[plain("DOCKER_TLS_CERTDIR", String::new())][..]),
+            "no TLS certificates made (and no wait for them)"
+        );
+        let text = serde_json::to_string(d).unwrap_or_default();
+        assert!(!text.contains("tcp://") && !text.contains("2375"), "{text}");
+        assert!(!has_ports(d));
+    }
+
+    fn has_ports(c: &Container) -> bool {
+        c.ports.as_ref().is_some_and(|p| !p.is_empty())
+    }
+
+    #[test]
+    fn dind_mtu_and_the_pinned_image() {
+        let mut s = settings(DockerMode::Dind);
+        s.dind_mtu = Some(1450);
+        let p = worker_pod(&job(None), 0, &s).unwrap_or_else(|e| panic!("{e}"));
+        let d = &p
+            .spec
+            .as_ref()
+            .and_then(|s| s.init_containers.clone())
+            .unwrap_or_default()[0];
+        assert_eq!(
+            d.command
+                .as_ref()
+                .and_then(|c| c.last())
+                .map(String::as_str),
+            Some("--mtu=1450")
+        );
+        assert_eq!(d.image.as_deref(), Some(crate::config::DEFAULT_DIND_IMAGE));
+        let tag = crate::config::DEFAULT_DIND_IMAGE
+            .rsplit(':')
+            .next()
+            .unwrap_or("");
         assert!(
-            d.args
+            tag.ends_with("-dind") && tag.split('.').count() == 3,
+            "a full version: {tag}"
+        );
+        assert_eq!(dind_command(None).len(), 4);
+    }
+
+    #[test]
+    fn pull_secrets_service_account_and_token() {
+        let mut s = settings(DockerMode::Dind);
+        s.image_pull_secrets = vec!["regcred".into(), "other".into()];
+        s.service_account = Some("bs-worker".into());
+        let p = worker_pod(&job(None), 0, &s).unwrap_or_else(|e| panic!("{e}"));
+        let spec = p.spec.as_ref().unwrap_or_else(|| panic!("spec"));
+        let names: Vec<_> = spec
+            .image_pull_secrets
+            .iter()
+            .flatten()
+            .map(|r| r.name.as_str())
+            .collect();
+        assert_eq!(names, ["regcred", "other"]);
+        assert_eq!(spec.service_account_name.as_deref(), Some("bs-worker"));
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        s.automount_token = true;
+        let p = worker_pod(&job(None), 0, &s).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            p.spec.and_then(|s| s.automount_service_account_token),
+            Some(true)
+        );
+        let p = build(DockerMode::Dind);
+        assert_eq!(p.spec.and_then(|s| s.image_pull_secrets), None);
+    }
+
+    #[test]
+    fn resources_size_limits_and_placement_come_from_the_overrides() {
+        let p = build(DockerMode::Dind);
+        let spec = p.spec.as_ref().unwrap_or_else(|| panic!("spec"));
+        let q = |s: &str| KubeQuantity(s.into());
+        let size = |name: &str| {
+            spec.volumes
                 .iter()
                 .flatten()
-                .any(|a| a == &format!("--group={WORKER_ID}")),
-            "the worker's group owns the dind socket"
+                .find(|v| v.name == name)
+                .and_then(|v| v.empty_dir.as_ref())
+                .and_then(|e| e.size_limit.clone())
+        };
+        // Defaults: dind has room for /var/lib/docker, and both containers are bounded.
+        assert_eq!(size("dind-storage"), Some(q("40Gi")));
+        assert_eq!(size("work"), Some(q("6Gi")));
+        let d = &spec
+            .init_containers
+            .as_ref()
+            .unwrap_or_else(|| panic!("init"))[0];
+        let r = d
+            .resources
+            .as_ref()
+            .unwrap_or_else(|| panic!("dind resources"));
+        let limits = r.limits.as_ref().unwrap_or_else(|| panic!("limits"));
+        assert_eq!(limits["ephemeral-storage"], q("50Gi"));
+        assert_eq!(limits["memory"], q("8Gi"));
+        assert!(r.requests.as_ref().is_some_and(|m| m.contains_key("cpu")));
+        let w = worker(&p)
+            .resources
+            .as_ref()
+            .unwrap_or_else(|| panic!("worker resources"));
+        assert_eq!(
+            w.limits.as_ref().map(|l| l["memory"].clone()),
+            Some(q("1Gi"))
         );
+        assert!(spec.node_selector.is_none() && spec.tolerations.is_none());
+        assert!(spec.affinity.is_none());
+
+        let mut s = settings(DockerMode::Dind);
+        s.overrides = WorkerPodOverrides::parse(Some(
+            r#"{"workSizeLimit": null, "dindResources": {},
+                "nodeSelector": {"pool": "builds"},
+                "tolerations": [{"key": "builds", "operator": "Exists", "effect": "NoSchedule"}],
+                "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution":
+                  {"nodeSelectorTerms": [{"matchExpressions":
+                    [{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]}]}}}}"#,
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let p = worker_pod(&job(None), 0, &s).unwrap_or_else(|e| panic!("{e}"));
+        let spec = p.spec.as_ref().unwrap_or_else(|| panic!("spec"));
+        let work = spec.volumes.iter().flatten().find(|v| v.name == "work");
+        assert_eq!(
+            work.and_then(|v| v.empty_dir.as_ref())
+                .and_then(|e| e.size_limit.clone()),
+            None
+        );
+        let d = &spec
+            .init_containers
+            .as_ref()
+            .unwrap_or_else(|| panic!("init"))[0];
+        assert_eq!(d.resources, None);
+        assert_eq!(
+            spec.node_selector.as_ref().map(|m| m["pool"].as_str()),
+            Some("builds")
+        );
+        assert_eq!(spec.tolerations.as_ref().map(Vec::len), Some(1));
+        assert!(spec
+            .affinity
+            .as_ref()
+            .and_then(|a| a.node_affinity.as_ref())
+            .is_some());
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Pod Security Standards, as data: each rule of the "baseline" and "restricted" levels
+    // (kubernetes.io/docs/concepts/security/pod-security-standards) is a check that lists
+    // violations. Host and external worker pods are checked against all of them.
+
+    type Rule = (&'static str, fn(&PodSpec) -> Vec<String>);
+
+    fn all_containers(p: &PodSpec) -> impl Iterator<Item = &Container> {
+        p.init_containers
+            .iter()
+            .flatten()
+            .chain(p.containers.iter())
+    }
+
+    fn each_container(p: &PodSpec, bad: impl Fn(&PodSpec, &Container) -> bool) -> Vec<String> {
+        all_containers(p)
+            .filter(|c| bad(p, c))
+            .map(|c| format!("container {}", c.name))
+            .collect()
+    }
+
+    fn sc(c: &Container) -> SecurityContext {
+        c.security_context.clone().unwrap_or_default()
+    }
+
+    fn psc(p: &PodSpec) -> PodSecurityContext {
+        p.security_context.clone().unwrap_or_default()
+    }
+
+    const BASELINE_CAPS: [&str; 14] = [
+        "AUDIT_WRITE",
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "FOWNER",
+        "FSETID",
+        "KILL",
+        "MKNOD",
+        "NET_BIND_SERVICE",
+        "SETFCAP",
+        "SETGID",
+        "SETPCAP",
+        "SETUID",
+        "SYS_CHROOT",
+        "",
+    ];
+    const RESTRICTED_VOLUMES: [&str; 8] = [
+        "configMap",
+        "csi",
+        "downwardAPI",
+        "emptyDir",
+        "ephemeral",
+        "persistentVolumeClaim",
+        "projected",
+        "secret",
+    ];
+
+    fn volume_kinds(v: &Volume) -> Vec<String> {
+        let json = serde_json::to_value(v).unwrap_or_default();
+        json.as_object()
+            .map(|m| m.keys().filter(|k| *k != "name").cloned().collect())
+            .unwrap_or_default()
+    }
+
+    const RULES: &[Rule] = &[
+        // baseline
+        ("host namespaces", |p| {
+            [
+                ("hostNetwork", p.host_network),
+                ("hostPID", p.host_pid),
+                ("hostIPC", p.host_ipc),
+            ]
+            .into_iter()
+            .filter(|(_, v)| *v == Some(true))
+            .map(|(n, _)| n.to_string())
+            .collect()
+        }),
+        ("privileged containers", |p| {
+            each_container(p, |_, c| sc(c).privileged == Some(true))
+        }),
+        ("capabilities beyond baseline", |p| {
+            each_container(p, |_, c| {
+                sc(c)
+                    .capabilities
+                    .and_then(|c| c.add)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|a| !BASELINE_CAPS.contains(&a.as_str()))
+            })
+        }),
+        ("hostPath volumes", |p| {
+            p.volumes
+                .iter()
+                .flatten()
+                .filter(|v| v.host_path.is_some())
+                .map(|v| format!("volume {}", v.name))
+                .collect()
+        }),
+        ("host ports", |p| {
+            each_container(p, |_, c| {
+                c.ports
+                    .iter()
+                    .flatten()
+                    .any(|port| port.host_port.unwrap_or(0) != 0)
+            })
+        }),
+        ("proc mount", |p| {
+            each_container(p, |_, c| sc(c).proc_mount.is_some_and(|m| m != "Default"))
+        }),
+        ("seccomp not unconfined", |p| {
+            let unconfined =
+                |s: &Option<SeccompProfile>| s.as_ref().is_some_and(|s| s.type_ == "Unconfined");
+            let mut v = each_container(p, |_, c| unconfined(&sc(c).seccomp_profile));
+            if unconfined(&psc(p).seccomp_profile) {
+                v.push("pod".into());
+            }
+            v
+        }),
+        ("sysctls", |p| {
+            psc(p)
+                .sysctls
+                .unwrap_or_default()
+                .iter()
+                .map(|s| s.name.clone())
+                .collect()
+        }),
+        // restricted
+        ("volume types", |p| {
+            p.volumes
+                .iter()
+                .flatten()
+                .filter(|v| {
+                    volume_kinds(v)
+                        .iter()
+                        .any(|k| !RESTRICTED_VOLUMES.contains(&k.as_str()))
+                })
+                .map(|v| format!("volume {}", v.name))
+                .collect()
+        }),
+        ("privilege escalation", |p| {
+            each_container(p, |_, c| sc(c).allow_privilege_escalation != Some(false))
+        }),
+        ("running as non-root", |p| {
+            each_container(p, |p, c| {
+                sc(c).run_as_non_root.or(psc(p).run_as_non_root) != Some(true)
+            })
+        }),
+        ("running as non-root user", |p| {
+            each_container(p, |p, c| {
+                sc(c).run_as_user.or(psc(p).run_as_user) == Some(0)
+            })
+        }),
+        ("seccomp RuntimeDefault or Localhost", |p| {
+            each_container(p, |p, c| {
+                let profile = sc(c).seccomp_profile.or(psc(p).seccomp_profile);
+                !profile.is_some_and(|s| s.type_ == "RuntimeDefault" || s.type_ == "Localhost")
+            })
+        }),
+        (
+            "capabilities: drop ALL, add at most NET_BIND_SERVICE",
+            |p| {
+                each_container(p, |_, c| {
+                    let caps = sc(c).capabilities.unwrap_or_default();
+                    !caps.drop.unwrap_or_default().iter().any(|d| d == "ALL")
+                        || caps
+                            .add
+                            .unwrap_or_default()
+                            .iter()
+                            .any(|a| a != "NET_BIND_SERVICE")
+                })
+            },
+        ),
+    ];
+
+    fn violations(p: &Pod) -> Vec<(&'static str, String)> {
+        let spec = p.spec.clone().unwrap_or_default();
+        RULES
+            .iter()
+            .flat_map(|(rule, check)| check(&spec).into_iter().map(move |v| (*rule, v)))
+            .collect()
+    }
+
+    #[test]
+    fn worker_pods_meet_pod_security_restricted_except_what_their_mode_needs() {
+        let mut ext = settings(DockerMode::External);
+        ext.docker = DockerSettings::Http {
+            address: "10.0.0.5:2375".into(),
+        };
+        let p = worker_pod(&job(None), 0, &ext).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(violations(&p), vec![], "external mode: restricted");
+        // Host mode: only the node's socket (a hostPath volume) is outside restricted.
+        let v = violations(&build(DockerMode::Host));
+        assert_eq!(
+            v,
+            vec![
+                ("hostPath volumes", "volume docker-socket".to_string()),
+                ("volume types", "volume docker-socket".to_string()),
+            ]
+        );
+        // dind: only the sidecar is outside (privileged, root); the worker is restricted.
+        let v = violations(&build(DockerMode::Dind));
+        assert!(!v.is_empty());
+        for (rule, what) in &v {
+            assert_eq!(what, "container dind", "{rule}");
+        }
+    }
+
+    #[test]
+    fn the_pod_security_checker_catches_each_rule() {
+        use k8s_openapi::api::core::v1::{ContainerPort, Sysctl};
+        type Breaker = fn(&mut PodSpec);
+        let cases: &[(&str, Breaker)] = &[
+            ("host namespaces", |p| p.host_network = Some(true)),
+            ("privileged containers", |p| {
+                p.containers[0]
+                    .security_context
+                    .get_or_insert_with(Default::default)
+                    .privileged = Some(true)
+            }),
+            ("capabilities beyond baseline", |p| {
+                p.containers[0]
+                    .security_context
+                    .get_or_insert_with(Default::default)
+                    .capabilities = Some(Capabilities {
+                    add: Some(vec!["SYS_ADMIN".into()]),
+                    drop: Some(vec!["ALL".into()]),
+                })
+            }),
+            ("hostPath volumes", |p| {
+                p.volumes.get_or_insert_with(Vec::new).push(Volume {
+                    name: "h".into(),
+                    host_path: Some(HostPathVolumeSource {
+                        path: "/".into(),
+                        type_: None,
+                    }),
+                    ..Default::default()
+                })
+            }),
+            ("host ports", |p| {
+                p.containers[0].ports = Some(vec![ContainerPort {
+                    container_port: 80,
+                    host_port: Some(80),
+                    ..Default::default()
+                }])
+            }),
+            ("proc mount", |p| {
+                p.containers[0]
+                    .security_context
+                    .get_or_insert_with(Default::default)
+                    .proc_mount = Some("Unmasked".into())
+            }),
+            ("seccomp not unconfined", |p| {
+                p.containers[0]
+                    .security_context
+                    .get_or_insert_with(Default::default)
+                    .seccomp_profile = Some(SeccompProfile {
+                    type_: "Unconfined".into(),
+                    localhost_profile: None,
+                })
+            }),
+            ("sysctls", |p| {
+                p.security_context = Some(PodSecurityContext {
+                    sysctls: Some(vec![Sysctl {
+                        name: "kernel.msgmax".into(),
+                        value: "1".into(),
+                    }]),
+                    ..Default::default()
+                })
+            }),
+            ("volume types", |p| {
+                p.volumes.get_or_insert_with(Vec::new).push(Volume {
+                    name: "n".into(),
+                    nfs: Some(Default::default()),
+                    ..Default::default()
+                })
+            }),
+            ("privilege escalation", |p| {
+                p.containers[0]
+                    .security_context
+                    .get_or_insert_with(Default::default)
+                    .allow_privilege_escalation = None
+            }),
+            ("running as non-root", |p| {
+                p.containers[0]
+                    .security_context
+                    .get_or_insert_with(Default::default)
+                    .run_as_non_root = None
+            }),
+            ("running as non-root user", |p| {
+                p.containers[0]
+                    .security_context
+                    .get_or_insert_with(Default::default)
+                    .run_as_user = Some(0)
+            }),
+            ("seccomp RuntimeDefault or Localhost", |p| {
+                p.containers[0]
+                    .security_context
+                    .get_or_insert_with(Default::default)
+                    .seccomp_profile = None
+            }),
+            (
+                "capabilities: drop ALL, add at most NET_BIND_SERVICE",
+                |p| {
+                    p.containers[0]
+                        .security_context
+                        .get_or_insert_with(Default::default)
+                        .capabilities = None
+                },
+            ),
+        ];
+        let names: Vec<_> = RULES.iter().map(|r| r.0).collect();
+        let broken: Vec<_> = cases.iter().map(|c| c.0).collect();
+        assert_eq!(names, broken, "one case per rule");
+        let mut ext = settings(DockerMode::External);
+        ext.docker = DockerSettings::Http {
+            address: "10.0.0.5:2375".into(),
+        };
+        for (rule, breaker) in cases {
+            let mut p = worker_pod(&job(None), 0, &ext).unwrap_or_else(|e| panic!("{e}"));
+            if let Some(spec) = p.spec.as_mut() {
+                breaker(spec);
+            }
+            assert!(
+                violations(&p).iter().any(|(r, _)| r == rule),
+                "{rule} not caught: {:?}",
+                violations(&p)
+            );
+        }
     }
 
     #[test]

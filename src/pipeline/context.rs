@@ -49,7 +49,11 @@ fn detect(path: &Path) -> Result<Format, ContextError> {
             k => n += k,
         }
     }
-    let head = &head[..n];
+    detect_bytes(&head[..n])
+}
+
+/// The format from an archive's first 262 bytes (fewer only when the archive is shorter).
+fn detect_bytes(head: &[u8]) -> Result<Format, ContextError> {
     if head.starts_with(&[0x1f, 0x8b]) {
         Ok(Format::TarGz)
     } else if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
@@ -80,6 +84,69 @@ pub fn extract(archive: &Path, dest: &Path, limits: &Limits) -> Result<PathBuf, 
         Format::Zip => extract_zip(archive, dest, &mut budget)?,
     }
     flattened_root(dest)
+}
+
+/// Extracts a `.tar.gz` or `.tar` from `reader` while it is still arriving (the download
+/// feeds it), with the same checks and limits as `extract`. `Ok(None)`: the archive is a
+/// zip, whose directory sits at its end: extract it from the finished file with `extract`
+/// (`dest` is left empty for that).
+pub fn extract_streaming(
+    mut reader: impl Read,
+    dest: &Path,
+    limits: &Limits,
+) -> Result<Option<PathBuf>, ContextError> {
+    fs::create_dir_all(dest)?;
+    let mut head = [0u8; 262];
+    let mut n = 0;
+    while n < head.len() {
+        match reader.read(&mut head[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    let head = &head[..n];
+    let whole = io::Cursor::new(head.to_vec()).chain(reader);
+    let mut budget = Budget::new(limits);
+    match detect_bytes(head)? {
+        Format::TarGz => extract_tar(
+            flate2::read::MultiGzDecoder::new(io::BufReader::new(whole)),
+            dest,
+            &mut budget,
+        )?,
+        Format::Tar => extract_tar(whole, dest, &mut budget)?,
+        Format::Zip => return Ok(None),
+    }
+    flattened_root(dest).map(Some)
+}
+
+/// A blocking `Read` over chunks arriving on a channel; the end of the channel is the end
+/// of the data.
+pub struct ChunkReader {
+    chunks: tokio::sync::mpsc::Receiver<Bytes>,
+    current: Bytes,
+}
+
+impl ChunkReader {
+    pub fn new(chunks: tokio::sync::mpsc::Receiver<Bytes>) -> Self {
+        Self {
+            chunks,
+            current: Bytes::new(),
+        }
+    }
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.chunks.blocking_recv() {
+                Some(chunk) => self.current = chunk,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
 }
 
 struct Budget {

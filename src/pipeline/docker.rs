@@ -157,6 +157,9 @@ pub struct BuildRequest {
     pub build_args: BTreeMap<String, String>,
     pub no_cache: bool,
     pub registries: HashMap<String, DockerCredentials>,
+    /// Images whose layers the classic builder may reuse (`cachefrom`); empty: the daemon's
+    /// own layer cache.
+    pub cache_from: Vec<String>,
 }
 
 /// Builds the image from the streamed context. Returns when the build ended; the daemon's
@@ -175,6 +178,7 @@ pub async fn build(
         forcerm: true,
         buildargs: Some(req.build_args.into_iter().collect()),
         labels: Some(req.labels.into_iter().collect()),
+        cachefrom: (!req.cache_from.is_empty()).then_some(req.cache_from),
         ..Default::default()
     };
     let registries = (!req.registries.is_empty()).then_some(req.registries);
@@ -319,12 +323,38 @@ fn parse_digest(status: &str) -> Option<String> {
     d.starts_with("sha256:").then(|| d.to_string())
 }
 
+/// The ID of a local image, `None` when the daemon has no such image.
+pub async fn image_id(docker: &Docker, image: &str) -> Option<String> {
+    docker.inspect_image(image).await.ok().and_then(|i| i.id)
+}
+
 /// Pulls `image` (`host/repo:tag`).
 pub async fn pull(
     docker: &Docker,
     image: &str,
     auth: Option<DockerCredentials>,
     log: &mut BuildLog,
+) -> Result<(), DockerError> {
+    pull_logged(docker, image, auth, log, true).await
+}
+
+/// Pulls `image` for the layer cache: a failure (there is often no previous image) is the
+/// caller's to describe, so the daemon's error is not logged here.
+pub async fn pull_quiet(
+    docker: &Docker,
+    image: &str,
+    auth: Option<DockerCredentials>,
+    log: &mut BuildLog,
+) -> Result<(), DockerError> {
+    pull_logged(docker, image, auth, log, false).await
+}
+
+async fn pull_logged(
+    docker: &Docker,
+    image: &str,
+    auth: Option<DockerCredentials>,
+    log: &mut BuildLog,
+    log_errors: bool,
 ) -> Result<(), DockerError> {
     log.line(&format!("Pulling {image}"));
     let mut stream = docker.create_image(
@@ -347,7 +377,9 @@ pub async fn pull(
                     );
                 }
                 if let Some(msg) = info.error_detail.and_then(|d| d.message) {
-                    log.line(&msg);
+                    if log_errors {
+                        log.line(&msg);
+                    }
                     return Err(DockerError::Pull {
                         image: image.to_string(),
                         message: msg,
@@ -357,7 +389,9 @@ pub async fn pull(
             Err(e) => {
                 let daemon = from_daemon(&e);
                 let msg = stream_error(e);
-                log.line(&msg);
+                if log_errors {
+                    log.line(&msg);
+                }
                 return Err(if daemon {
                     DockerError::Pull {
                         image: image.to_string(),

@@ -1,21 +1,25 @@
 //! The build pipeline: one entry point, used by local mode and by the Kubernetes worker.
-//! sources → storage (original archive) → context → docker build → tag → push; every output
-//! line to the build log. Knows nothing about HTTP or Kubernetes.
+//! sources → storage (original archive) ∥ context → docker build (layer cache pulled
+//! meanwhile) → tag → push both tags at once; every output line to the build log, and each
+//! stage's duration to `StageTimings`. Knows nothing about HTTP or Kubernetes.
 
 pub mod context;
 pub mod docker;
 pub mod dockerfile;
 pub mod sources;
 
-use crate::build::{BuildSpec, FailureReason, Outcome, RegistryAuth};
+use crate::build::{elapsed_ms, BuildSpec, FailureReason, Outcome, RegistryAuth, StageTimings};
 use crate::config::BuildConfig;
-use crate::logs::BuildLog;
+use crate::logs::{BuildLog, Sink};
 use crate::storage::Storage;
 use bollard::Docker;
 use docker::DockerError;
 use sources::Source;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+use tokio_util::task::AbortOnDropHandle;
 
 /// Everything a build needs besides its spec. Cheap to clone.
 #[derive(Clone)]
@@ -43,13 +47,29 @@ impl Pipeline {
 
     /// Runs one build in `workdir` (created; the caller removes it). Never panics on input:
     /// every failure is an `Outcome::Failed` with a reason, and a line in the log saying why.
-    pub async fn run(&self, spec: &BuildSpec, log: &mut BuildLog, workdir: &Path) -> Outcome {
+    /// Each stage's duration goes into `timings` as it ends (so a stopped build keeps what
+    /// it measured).
+    pub async fn run(
+        &self,
+        spec: &BuildSpec,
+        log: &mut BuildLog,
+        workdir: &Path,
+        timings: &mut StageTimings,
+    ) -> Outcome {
         let outcome = match sources::parse(spec.sources.expose()) {
-            _ if spec.sources_stored => self.build(spec, Fetch::Stored, log, workdir).await,
+            _ if spec.sources_stored => {
+                self.build(spec, Fetch::Stored, log, workdir, timings).await
+            }
             Err(e) => Outcome::failed(FailureReason::InvalidSources, e.to_string()),
-            Ok(Source::Docker(src)) => self.retag(spec, &src, log).await,
-            Ok(Source::Http(url)) => self.build(spec, Fetch::Http(&url), log, workdir).await,
-            Ok(Source::Data(b64)) => self.build(spec, Fetch::Data(&b64), log, workdir).await,
+            Ok(Source::Docker(src)) => self.retag(spec, &src, log, timings).await,
+            Ok(Source::Http(url)) => {
+                self.build(spec, Fetch::Http(&url), log, workdir, timings)
+                    .await
+            }
+            Ok(Source::Data(b64)) => {
+                self.build(spec, Fetch::Data(&b64), log, workdir, timings)
+                    .await
+            }
         };
         match &outcome {
             Outcome::Succeeded { image, digest } => {
@@ -65,12 +85,16 @@ impl Pipeline {
         outcome
     }
 
+    /// fetch → (store ∥ context) → build → push, with the previous image pulled as the layer
+    /// cache meanwhile. Storing the archive overlaps the context and the build; it must have
+    /// succeeded before anything is pushed.
     async fn build(
         &self,
         spec: &BuildSpec,
         source: Fetch<'_>,
         log: &mut BuildLog,
         workdir: &Path,
+        timings: &mut StageTimings,
     ) -> Outcome {
         if let Err(e) = tokio::fs::create_dir_all(workdir).await {
             return Outcome::failed(
@@ -78,8 +102,22 @@ impl Pipeline {
                 format!("cannot create the build folder: {e}"),
             );
         }
+        // Started first: on an empty daemon this pull is the longest step before the build.
+        let cache = self.start_cache_pull(spec);
+
         let archive = workdir.join("sources");
         let limits = self.config.limits;
+        // A .tar.gz or .tar is extracted as it arrives: the fetch feeds the file (for
+        // storage) and the extraction at once.
+        let (tee, chunks) = mpsc::channel(16);
+        let dest = workdir.join("context");
+        let streaming = {
+            let dest = dest.clone();
+            AbortOnDropHandle::new(tokio::task::spawn_blocking(move || {
+                context::extract_streaming(context::ChunkReader::new(chunks), &dest, &limits)
+            }))
+        };
+        let fetch_started = Instant::now();
         let fetched = match source {
             Fetch::Http(url) => {
                 log.line(&format!(
@@ -92,56 +130,74 @@ impl Pipeline {
                     url,
                     &archive,
                     &limits,
+                    Some(tee),
                 )
                 .await
             }
             Fetch::Data(b64) => {
                 log.line("Decoding sources from the data: URI");
-                sources::write_data(b64, &archive, &limits).await
+                sources::write_data_tee(b64, &archive, &limits, Some(tee)).await
             }
             Fetch::Stored => {
                 log.line("Reading the sources from storage");
-                self.read_stored(&spec.source_key(), &archive, &limits)
+                self.read_stored(&spec.source_key(), &archive, &limits, tee)
                     .await
             }
         };
+        timings.fetch = Some(elapsed_ms(fetch_started));
         let size = match fetched {
             Ok(n) => n,
             Err(e) => return Outcome::failed(FailureReason::SourceFetchFailed, e.to_string()),
         };
         log.line(&format!("Fetched {size} bytes of sources"));
-        let stored = match source {
-            Fetch::Stored => Ok(()),
-            _ => self.storage.put_file(&spec.source_key(), &archive).await,
-        };
-        if let Err(e) = stored {
-            return Outcome::failed(
-                FailureReason::SourceStoreFailed,
-                format!("could not store the sources: {e}"),
-            );
-        }
-
-        let args = spec.docker_build_args();
-        let keys: Vec<String> = args.keys().cloned().collect();
-        let (dest, limits2) = (workdir.join("context"), limits);
-        let prepared = tokio::task::spawn_blocking(move || {
-            let root = context::extract(&archive, &dest, &limits2)?;
-            context::prepare_dockerfile(&root, &keys)?;
-            let ignore = context::DockerIgnore::load(&root)?;
-            Ok::<_, context::ContextError>((root, ignore))
-        })
-        .await;
-        let (root, ignore) = match prepared {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => return Outcome::failed(FailureReason::InvalidSources, e.to_string()),
-            Err(e) => {
-                return Outcome::failed(
-                    FailureReason::Internal,
-                    format!("context preparation stopped: {e}"),
-                )
+        let store = match source {
+            Fetch::Stored => None,
+            _ => {
+                let (storage, key, file) =
+                    (self.storage.clone(), spec.source_key(), archive.clone());
+                Some(AbortOnDropHandle::new(tokio::spawn(async move {
+                    let started = Instant::now();
+                    let stored = storage.put_file(&key, &file).await;
+                    (stored, elapsed_ms(started))
+                })))
             }
         };
 
+        // From here on, only what the extraction still has to do after the fetch counts.
+        let context_started = Instant::now();
+        let args = spec.docker_build_args();
+        let keys: Vec<String> = args.keys().cloned().collect();
+        let prepared = async {
+            let streamed = streaming
+                .await
+                .map_err(|e| format!("context preparation stopped: {e}"))?;
+            tokio::task::spawn_blocking(move || {
+                let root = match streamed? {
+                    Some(root) => root,
+                    None => context::extract(&archive, &dest, &limits)?,
+                };
+                context::prepare_dockerfile(&root, &keys)?;
+                let ignore = context::DockerIgnore::load(&root)?;
+                Ok::<_, context::ContextError>((root, ignore))
+            })
+            .await
+            .map_err(|e| format!("context preparation stopped: {e}"))
+        }
+        .await;
+        timings.context = Some(elapsed_ms(context_started));
+        let (root, ignore) = match prepared {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                // The original archive is still kept, as for any other failed build.
+                if let Some(store) = store {
+                    let _ = self.stored(store, timings).await;
+                }
+                return Outcome::failed(FailureReason::InvalidSources, e.to_string());
+            }
+            Err(e) => return Outcome::failed(FailureReason::Internal, e),
+        };
+
+        let cache_from = cache.finish(log, timings).await;
         let repo = spec.image_repository();
         let image = spec.image();
         let mut registries = self.config.extra_registries.clone();
@@ -154,31 +210,109 @@ impl Pipeline {
             build_args: args,
             no_cache: self.config.no_cache,
             registries: docker::credentials(&registries),
+            cache_from,
         };
         log.line(&format!("Building {image}"));
-        if let Err(e) = docker::build(
+        let build_started = Instant::now();
+        let built = docker::build(
             &self.docker,
             request,
             context::tar_stream(root, ignore),
             log,
         )
-        .await
-        {
+        .await;
+        timings.build = Some(elapsed_ms(build_started));
+        if let Some(store) = store {
+            if let Err(e) = self.stored(store, timings).await {
+                return e;
+            }
+        }
+        if let Err(e) = built {
             return docker_failure(e);
         }
-        self.push_both(spec, &image, &repo, log).await
+        self.push_both(spec, &image, &repo, log, timings).await
     }
 
+    /// Waits for the archive's upload to storage and records how long it took.
+    async fn stored(
+        &self,
+        store: AbortOnDropHandle<(Result<(), crate::storage::StorageError>, u64)>,
+        timings: &mut StageTimings,
+    ) -> Result<(), Outcome> {
+        let failed = |e: String| {
+            Outcome::failed(
+                FailureReason::SourceStoreFailed,
+                format!("could not store the sources: {e}"),
+            )
+        };
+        match store.await {
+            Ok((Ok(()), ms)) => {
+                timings.store = Some(ms);
+                Ok(())
+            }
+            Ok((Err(e), ms)) => {
+                timings.store = Some(ms);
+                Err(failed(e.to_string()))
+            }
+            Err(e) => Err(failed(e.to_string())),
+        }
+    }
+
+    /// Starts pulling the app's previous image (`…:latest`) with the build's registry
+    /// credentials, so an empty daemon can reuse its layers (CACHE_FROM_LATEST).
+    fn start_cache_pull(&self, spec: &BuildSpec) -> CachePull {
+        if self.config.no_cache || !self.config.cache_from_latest {
+            return CachePull::Off;
+        }
+        let docker = self.docker.clone();
+        let image = format!("{}:latest", spec.image_repository());
+        let auth = spec
+            .gm_registry_auth
+            .as_ref()
+            .map(|a| docker::credential(&spec.gm_registry_host, a));
+        let (mut side, lines) = side_log();
+        let task = tokio::spawn(async move {
+            let started = Instant::now();
+            // A daemon that has the app's latest image has its layers in its own cache
+            // (it built or pulled it): no registry round trip on the critical path. And with
+            // `cachefrom` the classic builder would use nothing but the listed images, so it
+            // is only passed for an image that came from the registry.
+            let cache_from = if docker::image_id(&docker, &image).await.is_some() {
+                side.line(&format!(
+                    "{image} is already here; using the local layer cache"
+                ));
+                vec![]
+            } else {
+                match docker::pull_quiet(&docker, &image, auth, &mut side).await {
+                    Ok(()) => {
+                        side.line(&format!("Using {image} as the layer cache"));
+                        vec![image]
+                    }
+                    Err(e) => {
+                        side.line(&format!(
+                            "No previous image to use as the layer cache ({e}); building without it"
+                        ));
+                        vec![]
+                    }
+                }
+            };
+            (cache_from, elapsed_ms(started))
+        });
+        CachePull::Running {
+            task: AbortOnDropHandle::new(task),
+            lines,
+        }
+    }
     /// Decodes a `data:` URI's archive into storage now, so the build's spec (kept in state,
     /// or in a BuildJob) carries a reference instead of the payload. Best effort: on any
     /// failure the spec is left as it was and the build decodes it (and fails) as usual.
     pub async fn stage_inline_sources(&self, spec: &mut BuildSpec, scratch: &Path) {
-        let Ok(Source::Data(b64)) = sources::parse(spec.sources.expose()) else {
+        let Some(b64) = sources::data_payload(spec.sources.expose()) else {
             return;
         };
         let file = scratch.join(format!("{}.incoming", spec.build_uuid));
         let staged = async {
-            sources::write_data(&b64, &file, &self.config.limits)
+            sources::write_data(b64, &file, &self.config.limits)
                 .await
                 .ok()?;
             self.storage.put_file(&spec.source_key(), &file).await.ok()
@@ -191,15 +325,15 @@ impl Pipeline {
         }
     }
 
-    /// Copies the stored archive `key` into `dest`, within the source size limit.
+    /// Copies the stored archive `key` into `dest` (and `tee`), within the source size limit.
     async fn read_stored(
         &self,
         key: &str,
         dest: &Path,
         limits: &crate::config::Limits,
+        tee: mpsc::Sender<bytes::Bytes>,
     ) -> Result<u64, sources::SourceError> {
         use futures::StreamExt;
-        use tokio::io::AsyncWriteExt;
         let missing = || sources::SourceError::Download {
             url: format!("storage key {key}"),
             reason: "the stored sources are missing".into(),
@@ -213,7 +347,7 @@ impl Pipeline {
                 reason: e.to_string(),
             })?;
         let mut body = obj.ok_or_else(missing)?.body;
-        let mut file = tokio::fs::File::create(dest).await?;
+        let mut file = sources::ArchiveWriter::create(dest, Some(tee)).await?;
         let mut written = 0u64;
         while let Some(chunk) = body.next().await {
             let chunk = chunk?;
@@ -223,9 +357,9 @@ impl Pipeline {
                     limit: limits.max_source_bytes,
                 });
             }
-            file.write_all(&chunk).await?;
+            file.write(chunk).await?;
         }
-        file.flush().await?;
+        file.finish().await?;
         Ok(written)
     }
 
@@ -235,6 +369,7 @@ impl Pipeline {
         spec: &BuildSpec,
         src: &sources::DockerSource,
         log: &mut BuildLog,
+        timings: &mut StageTimings,
     ) -> Outcome {
         let auth = match (
             &src.username,
@@ -253,25 +388,52 @@ impl Pipeline {
             _ => self.config.extra_registries.get(&src.registry).cloned(),
         };
         let creds = auth.as_ref().map(|a| docker::credential(&src.registry, a));
-        if let Err(e) = docker::pull(&self.docker, &src.image, creds, log).await {
+        let started = Instant::now();
+        let pulled = docker::pull(&self.docker, &src.image, creds, log).await;
+        timings.build = Some(elapsed_ms(started));
+        if let Err(e) = pulled {
             return docker_failure(e);
         }
-        self.push_both(spec, &src.image, &spec.image_repository(), log)
+        self.push_both(spec, &src.image, &spec.image_repository(), log, timings)
             .await
     }
 
     /// Tags `image` as `repo:1.{n}` and `repo:latest` and pushes both with gm_registry_auth.
+    /// One after the other: the second push only checks layers and writes a manifest
+    /// (~50 ms here), and pushing both at once made the registry answer 500 now and then
+    /// (two uploads of the same config blob racing).
     async fn push_both(
         &self,
         spec: &BuildSpec,
         image: &str,
         repo: &str,
         log: &mut BuildLog,
+        timings: &mut StageTimings,
     ) -> Outcome {
+        let started = Instant::now();
+        let pushed = self.tag_and_push(spec, image, repo, log).await;
+        timings.push = Some(elapsed_ms(started));
+        match pushed {
+            Ok(digest) => Outcome::Succeeded {
+                image: spec.image(),
+                digest,
+            },
+            Err(e) => docker_failure(e),
+        }
+    }
+
+    async fn tag_and_push(
+        &self,
+        spec: &BuildSpec,
+        image: &str,
+        repo: &str,
+        log: &mut BuildLog,
+    ) -> Result<Option<String>, DockerError> {
         let version = spec.version_tag();
         for tag in [version.as_str(), "latest"] {
-            if let Err(e) = docker::tag(&self.docker, image, repo, tag).await {
-                return docker_failure(e);
+            // A build is tagged `repo:1.{n}` already; only a re-tag needs it.
+            if image != format!("{repo}:{tag}") {
+                docker::tag(&self.docker, image, repo, tag).await?;
             }
         }
         let auth = spec
@@ -280,14 +442,81 @@ impl Pipeline {
             .map(|a| docker::credential(&spec.gm_registry_host, a));
         let mut digest = None;
         for tag in [version.as_str(), "latest"] {
-            match docker::push(&self.docker, repo, tag, auth.clone(), log).await {
-                Ok(d) => digest = digest.or(d),
-                Err(e) => return docker_failure(e),
+            let pushed = docker::push(&self.docker, repo, tag, auth.clone(), log).await?;
+            digest = digest.or(pushed);
+        }
+        Ok(digest)
+    }
+}
+
+/// A build log whose lines are handed over through a channel, for a step that runs beside
+/// the build's own log; `forward` writes them into the build log (redacted there).
+fn side_log() -> (BuildLog, mpsc::UnboundedReceiver<String>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (
+        BuildLog::new(Vec::new()).with_sink(Box::new(Forward(tx))),
+        rx,
+    )
+}
+
+struct Forward(mpsc::UnboundedSender<String>);
+
+impl Sink for Forward {
+    fn write_line(&mut self, line: &str) {
+        let _ = self.0.send(line.to_string());
+    }
+    fn finish(self: Box<Self>) -> futures::future::BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// Waits for `task`, writing the lines of its side log into `log` as they come.
+async fn forward<T>(
+    log: &mut BuildLog,
+    mut lines: mpsc::UnboundedReceiver<String>,
+    task: AbortOnDropHandle<T>,
+) -> Result<T, tokio::task::JoinError> {
+    tokio::pin!(task);
+    loop {
+        tokio::select! {
+            biased;
+            Some(line) = lines.recv() => log.line(&line),
+            out = &mut task => {
+                while let Ok(line) = lines.try_recv() {
+                    log.line(&line);
+                }
+                return out;
             }
         }
-        Outcome::Succeeded {
-            image: spec.image(),
-            digest,
+    }
+}
+
+/// The pull of the previous image, running beside fetch and context.
+enum CachePull {
+    Off,
+    Running {
+        task: AbortOnDropHandle<(Vec<String>, u64)>,
+        lines: mpsc::UnboundedReceiver<String>,
+    },
+}
+
+impl CachePull {
+    /// Waits for the pull, logs what it did, and returns the images to build from.
+    async fn finish(self, log: &mut BuildLog, timings: &mut StageTimings) -> Vec<String> {
+        let CachePull::Running { task, lines } = self else {
+            return Vec::new();
+        };
+        match forward(log, lines, task).await {
+            Ok((images, ms)) => {
+                timings.cache = Some(ms);
+                images
+            }
+            Err(e) => {
+                log.line(&format!(
+                    "The layer cache pull stopped ({e}); building without it"
+                ));
+                Vec::new()
+            }
         }
     }
 }

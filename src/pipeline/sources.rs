@@ -1,6 +1,7 @@
 //! Fetching sources: `http(s)://` archives (redirects followed, bounded size and time),
 //! `data:` URIs (legacy `data:base64,…` and standard `data:<mime>;base64,…`), and parsing of
-//! `docker://[user:pass@]host/repo:tag` references. Downloads stream to a file.
+//! `docker://[user:pass@]host/repo:tag` references. Downloads stream to a file, and at the
+//! same time to the context's extraction when asked.
 
 use crate::config::Limits;
 use crate::secret::{redact_url, Secret};
@@ -67,6 +68,12 @@ pub fn parse(uri: &str) -> Result<Source, SourceError> {
         "docker" => parse_docker(uri).map(Source::Docker),
         _ => Err(SourceError::UnsupportedScheme(scheme)),
     }
+}
+
+/// The base64 payload of a `data:` URI, borrowed: a large payload is not copied.
+pub fn data_payload(uri: &str) -> Option<&str> {
+    uri.get(..5).filter(|s| s.eq_ignore_ascii_case("data:"))?;
+    parse_data(uri).ok()
 }
 
 fn parse_data(uri: &str) -> Result<&str, SourceError> {
@@ -147,15 +154,60 @@ pub fn is_image_reference(r: &str) -> bool {
     r.len() <= 512 && re.is_match(r)
 }
 
+/// Where fetched bytes go: a file, and optionally (`tee`) a channel that feeds the context's
+/// extraction at the same time. The channel is dropped (and no longer fed) once its reader
+/// has stopped.
+pub struct ArchiveWriter {
+    file: tokio::fs::File,
+    tee: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
+}
+
+impl ArchiveWriter {
+    pub async fn create(
+        dest: &Path,
+        tee: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
+    ) -> std::io::Result<Self> {
+        Ok(Self {
+            file: tokio::fs::File::create(dest).await?,
+            tee,
+        })
+    }
+
+    pub async fn write(&mut self, chunk: bytes::Bytes) -> std::io::Result<()> {
+        self.file.write_all(&chunk).await?;
+        if let Some(tee) = &self.tee {
+            if tee.send(chunk).await.is_err() {
+                self.tee = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes the file; dropping the writer ends the tee's data.
+    pub async fn finish(mut self) -> std::io::Result<()> {
+        self.file.flush().await
+    }
+}
+
 /// Decodes a data: payload into `dest`, in chunks, enforcing the size limit.
 pub async fn write_data(b64: &str, dest: &Path, limits: &Limits) -> Result<u64, SourceError> {
+    write_data_tee(b64, dest, limits, None).await
+}
+
+/// `write_data`, also feeding `tee`.
+pub async fn write_data_tee(
+    b64: &str,
+    dest: &Path,
+    limits: &Limits,
+    tee: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
+) -> Result<u64, SourceError> {
     let decoded_len = (b64.len() as u64 / 4) * 3;
     if decoded_len > limits.max_source_bytes + 3 {
         return Err(SourceError::TooLarge {
             limit: limits.max_source_bytes,
         });
     }
-    let mut file = tokio::fs::File::create(dest).await?;
+    let mut file = ArchiveWriter::create(dest, tee).await?;
     let engine = base64::engine::general_purpose::STANDARD;
     let trimmed = b64.trim_end();
     let mut written = 0u64;
@@ -165,9 +217,14 @@ pub async fn write_data(b64: &str, dest: &Path, limits: &Limits) -> Result<u64, 
             .decode(chunk)
             .map_err(|e| SourceError::BadBase64(e.to_string()))?;
         written += bytes.len() as u64;
-        file.write_all(&bytes).await?;
+        if written > limits.max_source_bytes {
+            return Err(SourceError::TooLarge {
+                limit: limits.max_source_bytes,
+            });
+        }
+        file.write(bytes.into()).await?;
     }
-    file.flush().await?;
+    file.finish().await?;
     if written > limits.max_source_bytes {
         return Err(SourceError::TooLarge {
             limit: limits.max_source_bytes,
@@ -256,13 +313,15 @@ pub fn http_client(
         .unwrap_or_default()
 }
 
-/// Downloads `url` into `dest`, streaming, failing on a 4xx/5xx or past the size limit.
+/// Downloads `url` into `dest` (and `tee`), streaming, failing on a 4xx/5xx or past the
+/// size limit.
 pub async fn download(
     client: &reqwest::Client,
     deny: &DenyList,
     url: &reqwest::Url,
     dest: &Path,
     limits: &Limits,
+    tee: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
 ) -> Result<u64, SourceError> {
     let shown = redact_url(url.as_str());
     if deny.denies_url(url) {
@@ -293,7 +352,7 @@ pub async fn download(
             limit: limits.max_source_bytes,
         });
     }
-    let mut file = tokio::fs::File::create(dest).await?;
+    let mut file = ArchiveWriter::create(dest, tee).await?;
     let mut body = resp.bytes_stream();
     let mut written = 0u64;
     while let Some(chunk) = body.next().await {
@@ -304,9 +363,9 @@ pub async fn download(
                 limit: limits.max_source_bytes,
             });
         }
-        file.write_all(&chunk).await?;
+        file.write(chunk).await?;
     }
-    file.flush().await?;
+    file.finish().await?;
     Ok(written)
 }
 

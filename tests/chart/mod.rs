@@ -159,10 +159,18 @@ pub fn manifest(mode: &str) -> String {
             .iter()
             .find(|(n, _)| n == name)
             .unwrap_or_else(|| panic!("templates/{name} is missing"));
-        if documents(text).is_empty() {
+        let (source, text) = if name == "crd.yaml" && documents(text).is_empty() {
+            // What `helm install` creates from the chart's crds/ folder.
+            let crd = std::fs::read_to_string(chart_dir().join("crds/buildjob.yaml"))
+                .unwrap_or_else(|e| panic!("crds/buildjob.yaml of the chart: {e}"));
+            ("crds/buildjob.yaml".to_string(), crd)
+        } else {
+            (format!("templates/{name}"), text.clone())
+        };
+        if documents(&text).is_empty() {
             continue;
         }
-        out.push_str(&format!("---\n# Source: buildshuttle/templates/{name}\n"));
+        out.push_str(&format!("---\n# Source: buildshuttle/{source}\n"));
         out.push_str(text.trim_start_matches('\n').trim_end());
         out.push('\n');
     }

@@ -9,6 +9,11 @@
 //! `toYaml`, `toJson`, `indent`, `nindent`, `printf` (`%s`, `%v`, `%d`), `eq`, `ne`, `not`,
 //! `and`, `or`, `default`, `required`, `fail`, `int64`. Anything else is an error.
 //!
+//! `required` and `fail` behave as in Helm: `required MSG X` fails only when X is nil
+//! (unset, including a missing key) or the empty string (so `0` and `false` pass), `fail MSG`
+//! always fails, and either stops the whole render with `execution error at
+//! (templates/FILE): MSG` (Helm adds line and column, which this renderer does not track).
+//!
 //! Numbers behave as in Helm, which reads values.yaml into float64: `helm_values` turns every
 //! number into a float, printed like Go's `%v` (1200000 prints as `1.2e+06`, a classic Helm
 //! trap), so a template must write `int64` where it prints a large number.
@@ -292,7 +297,10 @@ impl Templates {
             .ok_or_else(|| format!("no template {name}"))?;
         let mut out = String::new();
         self.exec(nodes, root, &mut out)
-            .map_err(|e| format!("{name}: {e}"))?;
+            .map_err(|e| match e.strip_prefix(EXECUTION_ERROR) {
+                Some(msg) => format!("execution error at (templates/{name}): {msg}"),
+                None => format!("{name}: {e}"),
+            })?;
         Ok(out)
     }
 
@@ -332,7 +340,14 @@ impl Templates {
                 Command::Call(name, args) => {
                     let mut vals = args
                         .iter()
-                        .map(|a| self.operand(a, dot))
+                        .map(|a| match (name.as_str(), a) {
+                            // Helm reads a missing key as nil, which `required` then refuses
+                            // with its own message.
+                            ("required", Operand::Path(_)) => {
+                                Ok(self.operand(a, dot).unwrap_or(Value::Null))
+                            }
+                            _ => self.operand(a, dot),
+                        })
                         .collect::<Result<Vec<_>, _>>()?;
                     vals.extend(piped.take());
                     self.call(name, vals)?
@@ -470,14 +485,15 @@ impl Templates {
             }
             "required" => {
                 arity(2)?;
-                if !truthy(&a[1]) {
-                    return Err(format!("required: {}", to_text(&a[0])?));
+                // Sprig's `required`: only nil and "" are missing; 0 and false are values.
+                if a[1].is_null() || a[1].as_str() == Some("") {
+                    return Err(format!("{EXECUTION_ERROR}{}", to_text(&a[0])?));
                 }
                 a[1].clone()
             }
             "fail" => {
                 arity(1)?;
-                return Err(format!("fail: {}", to_text(&a[0])?));
+                return Err(format!("{EXECUTION_ERROR}{}", to_text(&a[0])?));
             }
             other => {
                 return Err(format!(
@@ -487,6 +503,9 @@ impl Templates {
         })
     }
 }
+
+/// How `required` and `fail` mark their error until `render` names the file, as Helm does.
+const EXECUTION_ERROR: &str = "execution error: ";
 
 /// Values as Helm holds them: every number a float64.
 pub fn helm_values(v: &Value) -> Value {
@@ -623,7 +642,28 @@ mod tests {
             root,
         )
         .unwrap_err();
-        assert!(e.contains("fail: no"), "{e}");
+        assert_eq!(e, "execution error at (templates/t): no");
         assert!(render("{{ if .x }}", json!({})).is_err());
+    }
+
+    #[test]
+    fn required_refuses_only_nil_and_the_empty_string_like_helm() {
+        let root = json!({"Values": helm_values(&json!({
+            "zero": 0, "no": false, "empty": "", "null": null, "list": [], "gid": 998
+        }))});
+        for ok in ["zero", "no", "list", "gid"] {
+            let src = format!("{{{{ required \"need {ok}\" .Values.{ok} | toJson }}}}");
+            assert!(render(&src, root.clone()).is_ok(), "{ok}");
+        }
+        for missing in ["empty", "null", "absent"] {
+            let src = format!("a\n{{{{ required \"{missing} is required\" .Values.{missing} }}}}");
+            assert_eq!(
+                render(&src, root.clone()).unwrap_err(),
+                format!("execution error at (templates/t): {missing} is required"),
+            );
+        }
+        // Outside `required`, a missing key stays an error of the template.
+        let e = render("{{ .Values.absent }}", root).unwrap_err();
+        assert!(e.contains("is not set"), "{e}");
     }
 }

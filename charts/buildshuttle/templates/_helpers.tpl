@@ -23,6 +23,16 @@ helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
 {{- end -}}
 {{- end }}
 
+{{/* The worker pods' ServiceAccount: `<release>-worker` (made by the chart), or the one
+named, or none (the namespace's default). */}}
+{{- define "buildshuttle.workerServiceAccount" -}}
+{{- if .Values.worker.serviceAccount.create -}}
+{{ include "buildshuttle.fullname" . }}-worker
+{{- else -}}
+{{ .Values.worker.serviceAccount.name }}
+{{- end -}}
+{{- end }}
+
 {{- define "buildshuttle.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag }}
 {{- end }}

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# POST / rate and latency against GET /octhc, same server, same run (release build).
+# 32 connections on loopback with wrk (Debian's); every POST is a new build (fresh
+# build_uuid and build_number, see post_rate.lua) whose sources fail at once (a closed
+# loopback port), no callback. GET /octhc runs first on the idle server, then POST /.
+# Prints req/s, p50, p99 side by side, and the service's peak RSS (VmHWM) over the run.
+#   SECONDS_EACH=10 CONNECTIONS=32 bash benches/post_rate.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECONDS_EACH=${SECONDS_EACH:-10}
+CONNECTIONS=${CONNECTIONS:-32}
+command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null
+bash .ci/services docker >/dev/null
+cargo build --release --bin buildshuttle 2>&1 | tail -1
+BIN=target/release/buildshuttle
+
+data=$(mktemp -d /tmp/post-rate.XXXXXX)
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+closed=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+PORT=$port LISTEN_ADDRESS=127.0.0.1 DATA_DIR="$data" RUST_LOG=warn "$BIN" serve >"$data/serve.log" 2>&1 &
+pid=$!
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$data"' EXIT
+for _ in $(seq 100); do curl -sf "127.0.0.1:$port/octhc" >/dev/null && break; sleep 0.1; done
+
+run() { wrk -t2 -c"$CONNECTIONS" -d"${SECONDS_EACH}s" "$@" | grep '^RESULT'; }
+get=$(run -s benches/get_rate.lua "http://127.0.0.1:$port/octhc")
+post=$(SOURCES="http://127.0.0.1:$closed/gone.tgz" run -s benches/post_rate.lua "http://127.0.0.1:$port/")
+field() { echo "$1" | tr ' ' '\n' | sed -n "s/^$2=//p"; }
+hwm=$(awk '/VmHWM/{print $2}' "/proc/$pid/status")
+
+printf '%-14s %12s %10s %10s %10s\n' route "req/s" "p50 ms" "p99 ms" "non-2xx"
+printf '%-14s %12s %10s %10s %10s\n' "GET /octhc" "$(field "$get" rps)" "$(field "$get" p50_ms)" "$(field "$get" p99_ms)" "$(field "$get" non2xx)"
+printf '%-14s %12s %10s %10s %10s\n' "POST /" "$(field "$post" rps)" "$(field "$post" p50_ms)" "$(field "$post" p99_ms)" "$(field "$post" non2xx)"
+echo "POST requests sent: $(field "$post" requests) (socket errors: $(field "$post" errors))"
+echo "peak RSS (VmHWM) of the service over the run: $((hwm / 1024)) MiB"

@@ -1,0 +1,230 @@
+//! Per-stage timings (log, /metrics, the local record, in order; never their values) and
+//! warm rebuilds on an empty daemon (the previous image pulled from the registry as the
+//! layer cache). The second, empty dockerd comes from `.ci/services`.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+const BUILD: Duration = Duration::from_secs(180);
+
+/// The stage names of a `Timings:` line, in the order they appear.
+fn stage_names(line: &str) -> Vec<String> {
+    line.trim_start_matches("Timings: ")
+        .split(", ")
+        .map(|part| {
+            let mut words = part.split(' ');
+            let name = words.next().unwrap_or_default().to_string();
+            assert!(
+                words.next().is_some_and(|ms| ms.parse::<u64>().is_ok())
+                    && words.next() == Some("ms"),
+                "not `<stage> <n> ms`: {part:?} in {line:?}"
+            );
+            name
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_build_reports_its_stage_timings_in_the_log_metrics_and_record() {
+    let svc = Service::start(&[]).await;
+    let cb = Callbacks::start().await;
+    let df = format!("FROM {BASE_IMAGE}\n{}\nRUN echo timed\n", cache_buster());
+    let b = body(&data_uri(&tar_gz(&[("Dockerfile", df.as_bytes())])), &cb);
+    let id = b["build_uuid"].as_str().unwrap();
+    assert_eq!(svc.post(&b).await.0, 200);
+    assert_eq!(
+        cb.wait_final(id, BUILD).await,
+        "succeeded",
+        "{}",
+        svc.log(&b).await
+    );
+
+    // The log: one summary line, just before `Build finished`, stages in pipeline order.
+    let log = svc.log(&b).await;
+    let lines: Vec<&str> = log.lines().collect();
+    let summary: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.starts_with("Timings: "))
+        .collect();
+    assert_eq!(summary.len(), 1, "{log}");
+    assert_eq!(lines[lines.len() - 2], *summary[0], "{log}");
+    assert_eq!(
+        stage_names(summary[0]),
+        ["queued", "fetch", "context", "cache", "build", "push", "total"],
+        "{log}"
+    );
+
+    // The record keeps every stage, the callbacks' included (written once delivered).
+    // The state is a journal of record lines (segments, snapshot, done.log): the build's
+    // last line with its final callback done.
+    let state = svc.data.path().join("state");
+    let last_final = || -> Option<Value> {
+        let mut found = None;
+        for entry in std::fs::read_dir(&state).ok()?.flatten() {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            for line in text.lines() {
+                let Ok(rec) = serde_json::from_str::<Value>(line) else {
+                    continue;
+                };
+                if rec["spec"]["build_uuid"] == json!(id) && rec["final_sent"] == json!(true) {
+                    found = Some(rec);
+                }
+            }
+        }
+        found
+    };
+    let started = Instant::now();
+    let timings = loop {
+        if let Some(rec) = last_final() {
+            break rec["timings"].clone();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no final record for {id}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for stage in [
+        "queued",
+        "fetch",
+        "context",
+        "cache",
+        "build",
+        "push",
+        "total",
+        "callback_pending",
+        "callback_final",
+    ] {
+        assert!(timings[stage].is_u64(), "{stage} missing in {timings}");
+    }
+
+    // /metrics: one histogram, a `stage` label per stage.
+    let metrics = svc
+        .client
+        .get(svc.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for stage in [
+        "queued",
+        "fetch",
+        "context",
+        "build",
+        "push",
+        "total",
+        "callback_final",
+    ] {
+        let count = format!("buildshuttle_build_stage_duration_seconds_count{{stage=\"{stage}\"}}");
+        assert!(metrics.contains(&count), "{count} missing:\n{metrics}");
+    }
+}
+
+const DOCKERD2: &str = "/tmp/buildshuttle-test/dockerd2/docker.sock";
+
+fn dockerd2() -> bollard::Docker {
+    let socket = std::env::var("BUILDSHUTTLE_TEST_STATE")
+        .map(|s| format!("{s}/dockerd2/docker.sock"))
+        .unwrap_or_else(|_| DOCKERD2.into());
+    assert!(
+        std::path::Path::new(&socket).exists(),
+        "the second dockerd is not running: run `bash .ci/services`"
+    );
+    bollard::Docker::connect_with_unix(&socket, 120, bollard::API_DEFAULT_VERSION)
+        .expect("second dockerd")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_on_an_empty_daemon_reuses_the_layers_of_the_pushed_latest_image() {
+    let second = dockerd2();
+    let settings = json!({ "socketPath": DOCKERD2 }).to_string();
+    let cb = Callbacks::start().await;
+    // RUN steps no daemon has seen before: only the registry's :latest can make them cached.
+    let marker = uuid::Uuid::new_v4().simple().to_string();
+    let df = format!(
+        "FROM {REGISTRY}/base/busybox:1\nRUN echo warm-one-{marker} > /one\nRUN echo warm-two-{marker} > /two\nCOPY app.txt /app.txt\n"
+    );
+    let archive = tar_gz(&[("Dockerfile", df.as_bytes()), ("app.txt", b"unchanged")]);
+
+    // First build on the main daemon: nothing to pull yet, which is not an error.
+    let first_svc = Service::start(&[]).await;
+    let first = body(&data_uri(&archive), &cb);
+    first_svc.post(&first).await;
+    assert_eq!(
+        cb.wait_final(first["build_uuid"].as_str().unwrap(), BUILD)
+            .await,
+        "succeeded",
+        "{}",
+        first_svc.log(&first).await
+    );
+    let log = first_svc.log(&first).await;
+    assert!(
+        log.contains("No previous image to use as the layer cache"),
+        "{log}"
+    );
+
+    // The same app, unchanged, on the empty daemon.
+    let latest = format!("{REGISTRY}/{}:latest", image_repo(&first));
+    assert!(
+        second.inspect_image(&latest).await.is_err(),
+        "the second daemon must not have the image yet"
+    );
+    let svc = Service::start(&["--docker-build-settings", &settings]).await;
+    let mut again = body(&data_uri(&archive), &cb);
+    for key in ["app", "app_uuid"] {
+        again[key] = first[key].clone();
+    }
+    again["build_number"] = json!(2);
+    svc.post(&again).await;
+    assert_eq!(
+        cb.wait_final(again["build_uuid"].as_str().unwrap(), BUILD)
+            .await,
+        "succeeded",
+        "{}",
+        svc.log(&again).await
+    );
+    let log = svc.log(&again).await;
+    assert!(
+        log.contains(&format!("Using {latest} as the layer cache")),
+        "{log}"
+    );
+    // Each RUN step and the COPY come from the cache: "Using cache" follows each step line.
+    let lines: Vec<&str> = log.lines().collect();
+    for step in ["RUN echo warm-one", "RUN echo warm-two", "COPY app.txt"] {
+        let at = lines
+            .iter()
+            .position(|l| l.contains(step))
+            .unwrap_or_else(|| panic!("no step {step}:\n{log}"));
+        assert!(
+            lines[at + 1..]
+                .iter()
+                .take(2)
+                .any(|l| l.contains("Using cache")),
+            "{step} was not cached:\n{log}"
+        );
+    }
+
+    // NO_CACHE turns the pull off.
+    let nc = Service::start(&["--docker-build-settings", &settings, "--no-cache", "true"]).await;
+    let mut cold = body(&data_uri(&archive), &cb);
+    for key in ["app", "app_uuid"] {
+        cold[key] = first[key].clone();
+    }
+    cold["build_number"] = json!(3);
+    nc.post(&cold).await;
+    assert_eq!(
+        cb.wait_final(cold["build_uuid"].as_str().unwrap(), BUILD)
+            .await,
+        "succeeded"
+    );
+    let log = nc.log(&cold).await;
+    assert!(
+        !log.contains("layer cache") && !log.contains("Using cache"),
+        "{log}"
+    );
+}
