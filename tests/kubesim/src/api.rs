@@ -562,6 +562,7 @@ fn patch(
                     "the API version in the data ({}) does not match the expected API version ({}) or the kind ({}) does not match {}",
                     applied["apiVersion"].as_str().unwrap_or(""), rt.api_version(), applied["kind"].as_str().unwrap_or(""), rt.kind)));
             }
+            crate::store::shape(rt, &applied)?;
             let an = applied["metadata"]["name"].as_str().unwrap_or("");
             if !an.is_empty() && an != name {
                 return Err(ApiError::bad_request(format!(

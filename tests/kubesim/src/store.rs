@@ -408,11 +408,7 @@ impl Store {
         mut obj: Value,
         how: How,
     ) -> Result<Value, ApiError> {
-        if !obj.is_object() {
-            return Err(ApiError::bad_request(
-                "the body of the request was not a JSON object",
-            ));
-        }
+        shape(rt, &obj)?;
         if obj["metadata"].is_null() {
             obj["metadata"] = json!({});
         }
@@ -618,11 +614,7 @@ impl Store {
                 "the namespace of the provided object does not match the namespace sent on the request",
             ));
         }
-        if !new.is_object() {
-            return Err(ApiError::bad_request(
-                "the body of the request was not a JSON object",
-            ));
-        }
+        shape(rt, &new)?;
         if sub == "status" {
             let status = new.get("status").cloned();
             let managed = new["metadata"]["managedFields"].clone();
@@ -1010,6 +1002,44 @@ impl Store {
         }
         m
     }
+}
+
+/// The object's top-level shape, checked before anything indexes into it (a body from a
+/// client must never panic the server): 400, as the real decoder answers.
+pub fn shape(rt: &ResourceType, obj: &Value) -> Result<(), ApiError> {
+    let bad = |what: &str| {
+        Err(ApiError::bad_request(format!(
+            "{} in version \"{}\" cannot be handled as a {}: {what}",
+            rt.kind, rt.version, rt.kind
+        )))
+    };
+    if !obj.is_object() {
+        return bad("the body is not a JSON object");
+    }
+    for f in ["metadata", "spec", "status", "data", "stringData"] {
+        if !(obj[f].is_null() || obj[f].is_object()) {
+            return bad(&format!("{f} must be an object"));
+        }
+    }
+    for f in ["labels", "annotations"] {
+        if !(obj["metadata"][f].is_null() || obj["metadata"][f].is_object()) {
+            return bad(&format!("metadata.{f} must be an object"));
+        }
+    }
+    for f in ["finalizers", "ownerReferences"] {
+        if !(obj["metadata"][f].is_null() || obj["metadata"][f].is_array()) {
+            return bad(&format!("metadata.{f} must be a list"));
+        }
+    }
+    if rt.plural == "pods" {
+        for list in ["containers", "initContainers"] {
+            let l = &obj["spec"][list];
+            if !(l.is_null() || l.as_array().is_some_and(|a| a.iter().all(Value::is_object))) {
+                return bad(&format!("spec.{list} must be a list of objects"));
+            }
+        }
+    }
+    Ok(())
 }
 
 pub fn key(rt: &ResourceType, ns: &str, name: &str) -> Key {

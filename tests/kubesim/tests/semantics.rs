@@ -637,3 +637,27 @@ async fn a_black_hole_holds_calls_until_cleared() {
     let ((code, _), _) = tokio::join!(pending, clear);
     assert_eq!(code, 404);
 }
+
+#[tokio::test]
+async fn malformed_bodies_are_400_never_a_crash() {
+    let c = start().await;
+    c.post(W, widget("a", 1)).await;
+    for bad in [
+        json!("a string"),
+        json!({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": "x"}),
+        json!({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "b", "labels": [1]}}),
+        json!({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "b"}, "spec": 5}),
+    ] {
+        assert_eq!(c.post(W, bad.clone()).await.0, 400, "{bad}");
+        let (code, _) = c.apply(&format!("{W}/b"), "m", true, bad.clone()).await;
+        assert_eq!(code, 400, "apply {bad}");
+    }
+    let (code, _) = c.merge(&format!("{W}/a"), json!({"metadata": "x"})).await;
+    assert_eq!(code, 400);
+    let (code, _) = c
+        .post("/api/v1/namespaces/default/pods", json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": [1]}}))
+        .await;
+    assert_eq!(code, 400);
+    // Still serving.
+    assert_eq!(c.get(&format!("{W}/a")).await.0, 200);
+}
