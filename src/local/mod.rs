@@ -327,14 +327,9 @@ impl Inner {
                 let started = std::time::Instant::now();
                 // Boxed (here and below): a queued build's task stays small; the large
                 // futures (pipeline, callbacks) are only allocated when they start.
-                let (outcome, flush) = Box::pin(self.run(
-                    &spec,
-                    &cancel,
-                    cancelled_reason,
-                    accepted_at,
-                    &mut timings,
-                ))
-                .await;
+                let (outcome, flush) =
+                    Box::pin(self.run(&spec, &cancel, cancelled_reason, accepted_at, &mut timings))
+                        .await;
                 flush_log = flush;
                 self.metrics.running.dec();
                 drop(permit);

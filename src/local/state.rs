@@ -538,6 +538,7 @@ mod tests {
             accepted_at: chrono::Utc::now(),
             started_at: None,
             finished_at: None,
+            timings: StageTimings::default(),
         }
     }
 

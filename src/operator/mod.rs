@@ -189,6 +189,7 @@ impl KubernetesMode {
                 docker_settings_json: k.docker_settings_json.clone(),
                 timeout: cfg.build.timeout,
                 no_cache: cfg.build.no_cache,
+                cache_from_latest: cfg.build.cache_from_latest,
                 kafka_topic: cfg.build.kafka_topic.clone(),
                 sources_deny_networks: k.sources_deny_networks.clone(),
                 env_secret: k.worker_env_secret.clone(),
