@@ -154,17 +154,33 @@ async fn stop_one_stop_all_and_the_queue_runs_oldest_first() {
     assert_eq!(delete(&shuttle, &format!("/{}", key(&a))).await, 200);
     exactly_once(&cb, &d, "failed").await;
     assert_eq!(reason(&finished(&cluster, &d).await), "Cancelled");
+    wait_gone(&cluster, &pod, None).await;
+}
+
+/// Waits until the pod (and the BuildJob, when given) no longer exist.
+async fn wait_gone(
+    cluster: &Cluster,
+    pod: &str,
+    job: Option<(&Api<kube::api::DynamicObject>, &str)>,
+) {
     let start = Instant::now();
-    while pods_api(&cluster)
-        .get_opt(&pod)
-        .await
-        .ok()
-        .flatten()
-        .is_some()
-    {
+    loop {
+        let pod_there = pods_api(cluster)
+            .get_opt(pod)
+            .await
+            .ok()
+            .flatten()
+            .is_some();
+        let job_there = match job {
+            Some((jobs, name)) => jobs.get_opt(name).await.ok().flatten().is_some(),
+            None => false,
+        };
+        if !pod_there && !job_there {
+            return;
+        }
         assert!(
             start.elapsed() < BUILD,
-            "the stopped build's pod never went"
+            "{pod} (or its BuildJob) never went"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -447,21 +463,7 @@ async fn a_deleted_buildjob_still_sends_its_final_callback() {
         .await
         .expect("delete");
     exactly_once(&cb, &b, "failed").await;
-    let start = Instant::now();
-    while jobs.get_opt(&name).await.ok().flatten().is_some()
-        || pods_api(&cluster)
-            .get_opt(&pod)
-            .await
-            .ok()
-            .flatten()
-            .is_some()
-    {
-        assert!(
-            start.elapsed() < BUILD,
-            "the BuildJob or its pod never went"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_gone(&cluster, &pod, Some((&jobs, &name))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

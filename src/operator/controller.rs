@@ -237,27 +237,6 @@ async fn reconcile_inner(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Req
     let (running, queued_ahead) = ctx.queue_position(&job);
     let finished = prev.phase.is_some_and(Phase::is_finished);
 
-    // The credentials Secret: its name comes from the BuildJob's name (never from the
-    // spec), and only a Secret this BuildJob owns is used.
-    let mut credentials = None;
-    if !finished {
-        credentials = read_secret(&ctx.client, &ns, &job).await?;
-        let age = job
-            .creation_timestamp()
-            .map(|t| Timestamp::now().duration_since(t.0).as_secs())
-            .unwrap_or(i64::MAX);
-        if credentials.is_none()
-            && age < SECRET_WAIT.as_secs() as i64
-            && job.metadata.deletion_timestamp.is_none()
-            && !job.spec.cancelled
-        {
-            tracing::debug!(job = %name, "waiting for the credentials Secret");
-            return Ok(Requeue::requeue(Duration::from_secs(2)));
-        }
-        if credentials.is_none() {
-            tracing::warn!(job = %name, secret = %secret_name(&name), "the credentials Secret is missing (or not owned by this BuildJob); going on without it");
-        }
-    }
     let pod = if finished {
         None
     } else {
@@ -288,9 +267,54 @@ async fn reconcile_inner(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Req
         &ctx.settings,
     );
 
+    // One callback at a time, in order (pending before the final one): whether this
+    // controller may send it now (nobody else is at it).
+    let owed = actions.iter().find_map(|a| match a {
+        Action::SendCallback(kind) => Some(*kind),
+        _ => None,
+    });
+    let plan = owed.map(|kind| {
+        let sending_here = lock(&ctx.sending).contains(&uid(&job));
+        let plan = decide::callback_plan(
+            &status.callbacks,
+            &ctx.identity,
+            sending_here,
+            now,
+            ctx.callback_takeover_after(),
+        );
+        (kind, plan)
+    });
+
+    // The credentials Secret, read only when a pod is started or a callback sent (they
+    // need it): its name comes from the BuildJob's name (never from the spec), and only a
+    // Secret this BuildJob owns is used. The facade creates it just after the BuildJob, so a
+    // young BuildJob waits for it; an old one goes on without (and fails).
+    let starts_pod = actions
+        .iter()
+        .any(|a| matches!(a, Action::CreatePod { .. }));
+    let sends = matches!(plan, Some((_, CallbackPlan::Send)));
+    let mut credentials = None;
+    if starts_pod || sends {
+        credentials = read_secret(&ctx.client, &ns, &job).await?;
+        let age = job
+            .creation_timestamp()
+            .map(|t| Timestamp::now().duration_since(t.0).as_secs())
+            .unwrap_or(i64::MAX);
+        let waits = !finished
+            && age < SECRET_WAIT.as_secs() as i64
+            && job.metadata.deletion_timestamp.is_none()
+            && !job.spec.cancelled;
+        if credentials.is_none() && waits {
+            tracing::debug!(job = %name, "waiting for the credentials Secret");
+            return Ok(Requeue::requeue(Duration::from_secs(2)));
+        }
+        if credentials.is_none() {
+            tracing::warn!(job = %name, secret = %secret_name(&name), "the credentials Secret is missing (or not owned by this BuildJob); going on without it");
+        }
+    }
+
     let mut requeue = None;
     let mut events = Vec::new();
-    let mut callbacks = Vec::new();
     let mut delete_job = false;
     let mut remove_finalizer = false;
     for action in actions {
@@ -346,36 +370,29 @@ async fn reconcile_inner(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Req
                     }
                 }
             }
-            Action::SendCallback(kind) => callbacks.push(kind),
+            Action::SendCallback(_) => {}
             Action::RecordEvent(e) => events.push(e),
             Action::Requeue(after) => requeue = Some(after),
             Action::DeleteJob => delete_job = true,
         }
     }
 
-    // One callback at a time, in order (pending before the final one): record who sends
-    // it before the first byte goes out, in the same status write as what happened.
+    // Record who sends the callback before the first byte goes out, in the same status
+    // write as what happened.
     let mut send = None;
-    if let Some(&kind) = callbacks.first() {
-        let sending_here = lock(&ctx.sending).contains(&uid(&job));
-        match decide::callback_plan(
-            &status.callbacks,
-            &ctx.identity,
-            sending_here,
-            now,
-            ctx.callback_takeover_after(),
-        ) {
-            CallbackPlan::Send => {
-                status.callbacks.in_flight = Some(super::crd::CallbackInFlight {
-                    status: notify::status_word(kind).into(),
-                    by: ctx.identity.clone(),
-                    since: Time(now),
-                });
-                send = Some(kind);
-            }
-            CallbackPlan::InProgress => {}
-            CallbackPlan::Wait(d) => requeue = Some(requeue.map_or(d, |r: Duration| r.min(d))),
+    match plan {
+        Some((kind, CallbackPlan::Send)) => {
+            status.callbacks.in_flight = Some(super::crd::CallbackInFlight {
+                status: notify::status_word(kind).into(),
+                by: ctx.identity.clone(),
+                since: Time(now),
+            });
+            send = Some(kind);
         }
+        Some((_, CallbackPlan::Wait(d))) => {
+            requeue = Some(requeue.map_or(d, |r: Duration| r.min(d)))
+        }
+        Some((_, CallbackPlan::InProgress)) | None => {}
     }
 
     // The status first: what happened is recorded before anyone is told.
@@ -402,9 +419,6 @@ async fn reconcile_inner(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Req
         publish(&ctx, &job, e).await;
     }
     if let Some(kind) = send {
-        if finished || credentials.is_none() {
-            credentials = read_secret(&ctx.client, &ns, &job).await?;
-        }
         notify::spawn(ctx.clone(), &job, callback_auth(credentials.as_ref()), kind);
     }
     if remove_finalizer {
@@ -905,13 +919,13 @@ mod tests {
         });
         let mut scenario = vec![
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
             Expect::new(
                 Method::GET,
                 pod_path(0),
                 404,
                 Some(status_error(404, "NotFound")),
             ),
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
             Expect::new(Method::POST, PODS, 201, None).check(|b| {
                 assert_eq!(b["metadata"]["name"], pod_name(JOB, 0));
                 assert_eq!(b["metadata"]["ownerReferences"][0]["kind"], "BuildJob");
@@ -955,13 +969,13 @@ mod tests {
         j.status = None;
         let scenario = vec![
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
             Expect::new(
                 Method::GET,
                 pod_path(0),
                 404,
                 Some(status_error(404, "NotFound")),
             ),
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
             Expect::new(Method::POST, PODS, 201, None),
             Expect::new(
                 Method::PATCH,
@@ -1011,7 +1025,6 @@ mod tests {
         }
         let scenario = vec![
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
             Expect::new(
                 Method::GET,
                 pod_path(0),
@@ -1040,7 +1053,6 @@ mod tests {
         let others = vec![other("a-1", Phase::Running), other("b-1", Phase::Pending)];
         let scenario = vec![
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
             Expect::new(
                 Method::GET,
                 pod_path(0),
@@ -1075,7 +1087,6 @@ mod tests {
         j.status = Some(d.status);
         let scenario = vec![
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
             Expect::new(
                 Method::GET,
                 pod_path(0),
@@ -1115,8 +1126,8 @@ mod tests {
         });
         let mut scenario = vec![
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
             Expect::new(Method::GET, pod_path(0), 200, Some(pod)),
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
             Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&done))).check(|b| {
                 assert_eq!(b["status"]["phase"], "Succeeded");
                 assert_eq!(b["status"]["image"], "r/a:1.12");
@@ -1173,13 +1184,13 @@ mod tests {
         });
         let mut scenario = vec![
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
             Expect::new(
                 Method::GET,
                 pod_path(0),
                 200,
                 Some(owned_pod("Running", "uid-1")),
             ),
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
             Expect::new(
                 Method::DELETE,
                 pod_path(0),
@@ -1226,13 +1237,13 @@ mod tests {
         });
         let mut scenario = vec![
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
             Expect::new(
                 Method::GET,
                 pod_path(0),
                 200,
                 Some(owned_pod("Running", "uid-1")),
             ),
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
             Expect::new(
                 Method::DELETE,
                 pod_path(0),
@@ -1305,13 +1316,13 @@ mod tests {
         refused["message"] = json!("pods \"x\" is forbidden: violates PodSecurity \"baseline:latest\": privileged (container \"dind\" must not set securityContext.privileged=true)");
         let scenario = vec![
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
             Expect::new(
                 Method::GET,
                 pod_path(0),
                 404,
                 Some(status_error(404, "NotFound")),
             ),
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
             Expect::new(Method::POST, PODS, 403, Some(refused)),
             Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&j))).check(|b| {
                 assert_eq!(b["status"]["phase"], "Failed");
@@ -1343,13 +1354,13 @@ mod tests {
         let scenario = |q: Value, retries: u32| {
             vec![
                 Expect::new(Method::GET, JOB_PATH, 200, None),
-                Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
                 Expect::new(
                     Method::GET,
                     pod_path(0),
                     404,
                     Some(status_error(404, "NotFound")),
                 ),
+                Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
                 Expect::new(Method::POST, PODS, 403, Some(q)),
                 Expect::new(Method::PATCH, STATUS, 200, None).check(move |b| {
                     if retries < 2 {
@@ -1381,7 +1392,6 @@ mod tests {
         let j = job_with(Some(Phase::Running), &rx.url, true);
         let scenario = vec![
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
             Expect::new(
                 Method::GET,
                 pod_path(0),
@@ -1407,6 +1417,12 @@ mod tests {
         j.status = None;
         let scenario = vec![
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+            Expect::new(
+                Method::GET,
+                pod_path(0),
+                404,
+                Some(status_error(404, "NotFound")),
+            ),
             Expect::new(
                 Method::GET,
                 secret_path(),
@@ -1441,6 +1457,12 @@ mod tests {
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
             Expect::new(
                 Method::GET,
+                pod_path(0),
+                404,
+                Some(status_error(404, "NotFound")),
+            ),
+            Expect::new(
+                Method::GET,
                 secret_path(),
                 404,
                 Some(status_error(404, "NotFound")),
@@ -1461,7 +1483,6 @@ mod tests {
         let j = job_with(Some(Phase::Running), "http://127.0.0.1:9/cb", true);
         let scenario = vec![
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
             Expect::new(
                 Method::GET,
                 pod_path(0),
