@@ -684,3 +684,55 @@ async fn two_installations_in_one_namespace_reconcile_only_their_own_buildjobs()
         .filter(|p| p["metadata"]["labels"]["build_uuid"] == x["build_uuid"])
         .all(|p| p["metadata"]["labels"]["buildshuttle.akkeris.io/instance"] == "a"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_log_follower_holds_one_streaming_pod_log_request() {
+    let cluster = Cluster::start().await;
+    let shuttle = cluster.serve(Mode::Host, &[]);
+    let cb = Callbacks::start().await;
+    let b = body(&data_uri(&app(6)), &cb);
+    shuttle.post(&b).await;
+    running_pod(&cluster, &b).await;
+    cluster.sim.reset_counters();
+    let path = format!(
+        "/{}/{}/logs?follow=true",
+        key(&b),
+        b["build_number"].as_u64().unwrap_or(1)
+    );
+    let follow = || async {
+        reqwest::get(shuttle.url(&path))
+            .await
+            .expect("follow")
+            .text()
+            .await
+            .unwrap_or_default()
+    };
+    let started = Instant::now();
+    let (one, two) = tokio::join!(follow(), follow());
+    let took = started.elapsed();
+    for text in [&one, &two] {
+        assert!(text.contains("step-end"), "followed to the end: {text}");
+        for line in ["step-start", "step-end", "Build finished"] {
+            assert_eq!(
+                text.matches(line).count(),
+                1,
+                "{line} once, across the switch: {text}"
+            );
+        }
+    }
+    let counters = cluster.sim.counters();
+    let logs = counters.get("get pods/log").copied().unwrap_or(0);
+    assert!(
+        (1..=2).contains(&logs),
+        "one streaming log request per reader: {counters:?}"
+    );
+    // The BuildJob is read about once a second per reader (to see the build end), not four
+    // times a second with a full log read each time.
+    let reads = counters.get("get buildjobs").copied().unwrap_or(0);
+    let per_reader_per_s = reads as f64 / 2.0 / took.as_secs_f64().max(1.0);
+    assert!(
+        per_reader_per_s < 3.0,
+        "BuildJob reads per reader per second: {per_reader_per_s:.1} ({counters:?})"
+    );
+    exactly_once(&cb, &b, "succeeded").await;
+}
