@@ -50,10 +50,23 @@ struct Inner {
     semaphore: Arc<Semaphore>,
     seq: AtomicU64,
     draining: AtomicBool,
+    /// Builds that took a slot and have not yet sent their final callback: a graceful
+    /// shutdown waits for these (the `running` gauge drops before the final callback).
+    finishing: AtomicU64,
     tasks: TaskTracker,
     timeout: Duration,
     workroot: PathBuf,
     metrics: Arc<Metrics>,
+}
+
+/// Decrements `Inner::finishing` when dropped (at the end of a build's lifecycle, or if its
+/// task dies).
+struct Finishing<'a>(&'a AtomicU64);
+
+impl Drop for Finishing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Why a build was stopped, set before its token fires; `None` means "stopped by request".
@@ -99,6 +112,7 @@ impl LocalExecutor {
             semaphore: semaphore.clone(),
             seq: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            finishing: AtomicU64::new(0),
             tasks: TaskTracker::new(),
             timeout: settings.timeout,
             workroot,
@@ -110,8 +124,9 @@ impl LocalExecutor {
         Ok(exec)
     }
 
-    fn running(&self) -> i64 {
-        self.inner.metrics.running.get()
+    /// Builds running, or finished but still sending their final callback.
+    fn running(&self) -> u64 {
+        self.inner.finishing.load(Ordering::SeqCst)
     }
 
     async fn recover(&self, recovered: Recovered) -> std::io::Result<()> {
@@ -309,6 +324,8 @@ impl Inner {
             ..Default::default()
         };
         let mut flush_log = None;
+        // Counts this build as finishing until its final callback went (or it was dropped).
+        let mut finishing = None;
         let outcome = match permit {
             None if self.draining.load(Ordering::SeqCst) && !cancel.is_cancelled() => {
                 // Shutting down with the build still queued: it stays queued for the next start.
@@ -323,6 +340,8 @@ impl Inner {
                 Outcome::failed(r, format!("{m} before it started"))
             }
             Some(permit) => {
+                self.finishing.fetch_add(1, Ordering::SeqCst);
+                finishing = Some(Finishing(&self.finishing));
                 self.metrics.running.inc();
                 let started = std::time::Instant::now();
                 // Boxed (here and below): a queued build's task stays small; the large
@@ -364,6 +383,7 @@ impl Inner {
             }
             None => callbacks.await,
         }
+        drop(finishing);
     }
 
     /// Runs the build; returns its outcome and the flushing of its log (to run beside the
