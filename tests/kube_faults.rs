@@ -551,50 +551,37 @@ async fn a_missing_crd_fails_the_health_check() {
     ];
     env.extend_from_slice(common::cluster::S3);
     let shuttle = common::bin::spawn(dir.path(), port, &env);
-    let start = Instant::now();
-    loop {
-        let code = reqwest::get(shuttle.url("/octhc"))
-            .await
-            .map(|r| r.status().as_u16())
-            .unwrap_or(0);
-        if code == 503 {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "/octhc never failed without the CRD (last {code})"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_octhc(
+        &shuttle,
+        503,
+        Duration::from_secs(30),
+        "failed without the CRD",
+    )
+    .await;
     // Installing the CRD heals it.
     let client = common::cluster::client_for(sim.kubeconfig_path()).await;
-    let crd: Value = serde_yaml::from_str(
-        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/buildjob.yaml"))
-            .expect("crds/buildjob.yaml"),
+    common::cluster::apply_crd(&client).await;
+    wait_octhc(
+        &shuttle,
+        200,
+        Duration::from_secs(60),
+        "recovered once the CRD was installed",
     )
-    .expect("CRD YAML");
-    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
-        Api::all(client);
-    crds.patch(
-        "buildjobs.buildshuttle.akkeris.io",
-        &kube::api::PatchParams::apply("kubectl").force(),
-        &kube::api::Patch::Apply(&crd),
-    )
-    .await
-    .expect("CRD applied");
+    .await;
+}
+
+/// Polls `/octhc` until it answers `code`.
+async fn wait_octhc(shuttle: &Proc, code: u16, within: Duration, what: &str) {
     let start = Instant::now();
     loop {
-        let code = reqwest::get(shuttle.url("/octhc"))
+        let got = reqwest::get(shuttle.url("/octhc"))
             .await
             .map(|r| r.status().as_u16())
             .unwrap_or(0);
-        if code == 200 {
-            break;
+        if got == code {
+            return;
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "/octhc never recovered once the CRD was installed (last {code})"
-        );
+        assert!(start.elapsed() < within, "/octhc never {what} (last {got})");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

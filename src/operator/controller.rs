@@ -47,6 +47,8 @@ pub enum Error {
     Pod(#[from] PodError),
     #[error("BuildJob {0} has no namespace")]
     NoNamespace(String),
+    #[error("cannot build a JSON patch of the BuildJob's finalizers: {0}")]
+    Patch(serde_json::Error),
     /// The BuildJob changed since it was read: read it again (not a failure).
     #[error("the BuildJob changed while it was being reconciled; reading it again")]
     Stale,
@@ -57,7 +59,7 @@ impl Error {
     /// retried with a growing delay.
     pub fn is_permanent(&self) -> bool {
         match self {
-            Error::Pod(_) | Error::NoNamespace(_) => true,
+            Error::Pod(_) | Error::NoNamespace(_) | Error::Patch(_) => true,
             Error::Stale => false,
             Error::Kube { source, .. } => {
                 matches!(source, kube::Error::Api(s) if s.is_invalid() || s.is_forbidden())
@@ -560,8 +562,7 @@ async fn add_finalizer(jobs: &Api<BuildJob>, job: &BuildJob) -> Result<BuildJob>
             {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
         ])
     };
-    let patch: json_patch::Patch =
-        serde_json::from_value(patch).map_err(|e| Error::Pod(PodError::Spec(e)))?;
+    let patch: json_patch::Patch = serde_json::from_value(patch).map_err(Error::Patch)?;
     jobs.patch(
         &job.name_any(),
         &PatchParams::default(),
@@ -583,7 +584,7 @@ async fn drop_finalizer(jobs: &Api<BuildJob>, job: &BuildJob) -> Result<()> {
         {"op": "test", "path": format!("/metadata/finalizers/{i}"), "value": FINALIZER},
         {"op": "remove", "path": format!("/metadata/finalizers/{i}")},
     ]))
-    .map_err(|e| Error::Pod(PodError::Spec(e)))?;
+    .map_err(Error::Patch)?;
     match jobs
         .patch(
             &job.name_any(),

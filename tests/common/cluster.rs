@@ -40,6 +40,23 @@ pub fn crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// Applies `crds/buildjob.yaml` by server-side apply, as `kubectl apply --server-side` does.
+pub async fn apply_crd(client: &kube::Client) {
+    let crd: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/buildjob.yaml"))
+            .expect("crds/buildjob.yaml"),
+    )
+    .expect("CRD YAML");
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.patch(
+        "buildjobs.buildshuttle.akkeris.io",
+        &PatchParams::apply("kubectl").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("CRD applied");
+}
+
 pub async fn client_for(kubeconfig: &Path) -> kube::Client {
     crypto();
     let kc = Kubeconfig::read_from(kubeconfig).expect("kubeconfig readable");
@@ -60,19 +77,7 @@ impl Cluster {
         super::require_services();
         let sim = kubesim::Sim::start(cfg).await.expect("simulator starts");
         let client = client_for(sim.kubeconfig_path()).await;
-        let crd: Value = serde_yaml::from_str(
-            &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/buildjob.yaml"))
-                .expect("crds/buildjob.yaml"),
-        )
-        .expect("CRD YAML");
-        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-        crds.patch(
-            "buildjobs.buildshuttle.akkeris.io",
-            &PatchParams::apply("kubectl").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .expect("CRD applied");
+        apply_crd(&client).await;
         let namespaces: Api<Namespace> = Api::all(client.clone());
         namespaces
             .create(
