@@ -15,12 +15,13 @@ use crate::pipeline::Pipeline;
 use crate::storage::Object;
 use async_trait::async_trait;
 use state::{Phase, Record, Recovered, StateStore};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -46,7 +47,12 @@ struct Inner {
     /// lock (so they reach the disk in order) and awaited after it is released.
     records: Mutex<HashMap<Uuid, Record>>,
     active: Mutex<HashMap<Uuid, Active>>,
-    queue: mpsc::UnboundedSender<oneshot::Sender<OwnedSemaphorePermit>>,
+    /// Builds waiting for a slot, oldest first: only their ids. A queued build has no task
+    /// (the dispatcher starts one when a slot frees), so a burst of accepted builds costs
+    /// little memory beyond its records.
+    waiting: Mutex<VecDeque<Uuid>>,
+    /// Wakes the dispatcher when a build joins `waiting`.
+    wake: Notify,
     semaphore: Arc<Semaphore>,
     seq: AtomicU64,
     draining: AtomicBool,
@@ -79,6 +85,19 @@ struct Active {
     cancel: CancellationToken,
     /// Why it was cancelled: set before the token fires.
     reason: StopReason,
+    /// Set (under the `active` lock) when the dispatcher gave the build a slot; a build
+    /// stopped before that is ended by the stopper instead.
+    started: bool,
+    /// The pending callback's delivery: the final callback waits for it.
+    pending: Option<JoinHandle<()>>,
+}
+
+/// What a build carries from the queue into its run.
+struct Ticket {
+    id: Uuid,
+    cancel: CancellationToken,
+    reason: StopReason,
+    pending: Option<JoinHandle<()>>,
 }
 
 impl LocalExecutor {
@@ -99,7 +118,6 @@ impl LocalExecutor {
         // Leftover build folders belong to builds that cannot resume.
         let _ = tokio::fs::remove_dir_all(&workroot).await;
         tokio::fs::create_dir_all(&workroot).await?;
-        let (tx, rx) = mpsc::unbounded_channel();
         let semaphore = Arc::new(Semaphore::new(settings.max_parallel));
         let inner = Arc::new(Inner {
             pipeline,
@@ -108,8 +126,9 @@ impl LocalExecutor {
             state,
             records: Mutex::new(HashMap::new()),
             active: Mutex::new(HashMap::new()),
-            queue: tx,
-            semaphore: semaphore.clone(),
+            waiting: Mutex::new(VecDeque::new()),
+            wake: Notify::new(),
+            semaphore,
             seq: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             finishing: AtomicU64::new(0),
@@ -119,7 +138,7 @@ impl LocalExecutor {
             metrics,
         });
         let exec = Self { inner };
-        exec.inner.supervise(dispatch(exec.inner.clone(), rx));
+        exec.inner.supervise(dispatch(exec.inner.clone()));
         exec.recover(recovered).await?;
         Ok(exec)
     }
@@ -168,30 +187,32 @@ impl LocalExecutor {
         Ok(())
     }
 
-    /// Registers the build as active and starts its lifecycle task.
+    /// Registers the build as active and queues it; its pending callback goes out now.
     fn enqueue(&self, rec: Record) {
         let id = rec.spec.build_uuid;
-        let cancel = CancellationToken::new();
-        let reason = Arc::new(Mutex::new(None));
+        let pending = (!rec.pending_sent && rec.spec.callback.is_some()).then(|| {
+            let inner = self.inner.clone();
+            self.inner
+                .tasks
+                .spawn(async move { inner.send_pending(id).await })
+        });
         if let Ok(mut active) = self.inner.active.lock() {
             active.insert(
                 id,
                 Active {
-                    app: rec.spec.app.clone(),
-                    app_uuid: rec.spec.app_uuid.clone(),
+                    app: rec.spec.app,
+                    app_uuid: rec.spec.app_uuid,
                     build_number: rec.spec.build_number,
-                    cancel: cancel.clone(),
-                    reason: reason.clone(),
+                    cancel: CancellationToken::new(),
+                    reason: Arc::new(Mutex::new(None)),
+                    started: false,
+                    pending,
                 },
             );
         }
         self.inner.metrics.queued.inc();
-        let (tx, rx) = oneshot::channel();
-        // The dispatcher hands out slots in the order builds were queued.
-        let _ = self.inner.queue.send(tx);
-        let inner = self.inner.clone();
-        self.inner
-            .supervise(async move { inner.lifecycle(rec.spec, rx, cancel, reason).await });
+        self.inner.lock_waiting().push_back(id);
+        self.inner.wake.notify_one();
     }
 
     /// Stops accepting builds, lets running builds finish within `grace`, then stops the
@@ -231,14 +252,46 @@ impl Inner {
         });
     }
 
+    /// Builds that took a slot (queued ones stay queued across a shutdown).
     fn running_tokens(&self) -> Vec<(CancellationToken, StopReason)> {
         let Ok(active) = self.active.lock() else {
             return Vec::new();
         };
         active
             .values()
+            .filter(|a| a.started)
             .map(|a| (a.cancel.clone(), a.reason.clone()))
             .collect()
+    }
+
+    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, VecDeque<Uuid>> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The oldest queued build not stopped meanwhile, marked started.
+    fn next_waiting(&self) -> Option<Ticket> {
+        let mut waiting = self.lock_waiting();
+        let mut active = self.active.lock().ok()?;
+        while let Some(id) = waiting.pop_front() {
+            let Some(a) = active.get_mut(&id) else {
+                continue;
+            };
+            if a.cancel.is_cancelled() {
+                // Its stopper ends it.
+                continue;
+            }
+            a.started = true;
+            self.metrics.queued.dec();
+            return Some(Ticket {
+                id,
+                cancel: a.cancel.clone(),
+                reason: a.reason.clone(),
+                pending: a.pending.take(),
+            });
+        }
+        None
     }
 
     /// The records map; a panic elsewhere while holding it leaves it usable.
@@ -290,74 +343,70 @@ impl Inner {
         }
     }
 
-    async fn lifecycle(
-        self: Arc<Self>,
-        spec: BuildSpec,
-        slot: oneshot::Receiver<OwnedSemaphorePermit>,
-        cancel: CancellationToken,
-        reason: StopReason,
-    ) {
-        let id = spec.build_uuid;
-        // The pending callback goes out beside the build; the final one waits for it.
-        let pending = {
-            let inner = self.clone();
-            tokio::spawn(async move { inner.send_pending(id).await })
+    /// Runs a build that got a slot, then records its outcome and sends its callbacks.
+    async fn lifecycle(self: Arc<Self>, ticket: Ticket, permit: OwnedSemaphorePermit) {
+        let Some(rec) = self.record(ticket.id) else {
+            return;
         };
-        let cancelled_reason = || {
-            reason
-                .lock()
-                .ok()
-                .and_then(|r| r.clone())
-                .unwrap_or((FailureReason::Cancelled, "stopped by request".into()))
-        };
-        let accepted_at = self
-            .record(id)
-            .map(|r| r.accepted_at)
-            .unwrap_or_else(chrono::Utc::now);
-        let permit = tokio::select! {
-            p = slot => p.ok(),
-            _ = cancel.cancelled() => None,
-        };
-        self.metrics.queued.dec();
+        self.finishing.fetch_add(1, Ordering::SeqCst);
+        // Counts this build as finishing until its final callback went (or it was dropped).
+        let finishing = Finishing(&self.finishing);
+        self.metrics.running.inc();
         let mut timings = StageTimings {
-            queued: Some(ms_since(accepted_at)),
+            queued: Some(ms_since(rec.accepted_at)),
             ..Default::default()
         };
-        let mut flush_log = None;
-        // Counts this build as finishing until its final callback went (or it was dropped).
-        let mut finishing = None;
-        let outcome = match permit {
-            None if self.draining.load(Ordering::SeqCst) && !cancel.is_cancelled() => {
-                // Shutting down with the build still queued: it stays queued for the next start.
-                self.remove_active(id);
-                let _ = pending.await;
-                return;
-            }
-            None => {
-                let (r, m) = cancelled_reason();
-                let line = format!("Build failed ({}): {m} before it started", r.as_str());
-                Box::pin(self.append_log_line(&spec, &line)).await;
-                Outcome::failed(r, format!("{m} before it started"))
-            }
-            Some(permit) => {
-                self.finishing.fetch_add(1, Ordering::SeqCst);
-                finishing = Some(Finishing(&self.finishing));
-                self.metrics.running.inc();
-                let started = std::time::Instant::now();
-                // Boxed (here and below): a queued build's task stays small; the large
-                // futures (pipeline, callbacks) are only allocated when they start.
-                let (outcome, flush) =
-                    Box::pin(self.run(&spec, &cancel, cancelled_reason, accepted_at, &mut timings))
-                        .await;
-                flush_log = flush;
-                self.metrics.running.dec();
-                drop(permit);
-                self.metrics
-                    .build_finished(&outcome, Some(started.elapsed().as_secs_f64()));
-                outcome
-            }
+        let started = std::time::Instant::now();
+        let reason = ticket.reason.clone();
+        let cancelled_reason = move || stop_reason(&reason);
+        // Boxed (here and below): the large futures (pipeline, callbacks) are only
+        // allocated while they run.
+        let (outcome, flush) = Box::pin(self.run(
+            &rec.spec,
+            &ticket.cancel,
+            cancelled_reason,
+            rec.accepted_at,
+            &mut timings,
+        ))
+        .await;
+        self.metrics.running.dec();
+        drop(permit);
+        self.metrics
+            .build_finished(&outcome, Some(started.elapsed().as_secs_f64()));
+        Box::pin(self.finish(&rec, ticket.pending, outcome, timings, flush)).await;
+        drop(finishing);
+    }
+
+    /// Ends a build stopped while it was queued.
+    async fn end_unstarted(self: Arc<Self>, id: Uuid, reason: StopReason, pending: Option<JoinHandle<()>>) {
+        let Some(rec) = self.record(id) else {
+            return;
         };
-        timings.total.get_or_insert_with(|| ms_since(accepted_at));
+        self.metrics.queued.dec();
+        let timings = StageTimings {
+            queued: Some(ms_since(rec.accepted_at)),
+            ..Default::default()
+        };
+        let (r, m) = stop_reason(&reason);
+        let line = format!("Build failed ({}): {m} before it started", r.as_str());
+        Box::pin(self.append_log_line(&rec.spec, &line)).await;
+        let outcome = Outcome::failed(r, format!("{m} before it started"));
+        Box::pin(self.finish(&rec, pending, outcome, timings, None)).await;
+    }
+
+    /// Records the outcome, then sends the callbacks (the final one after the pending one)
+    /// beside the log's flush.
+    async fn finish(
+        &self,
+        rec: &Record,
+        pending: Option<JoinHandle<()>>,
+        outcome: Outcome,
+        mut timings: StageTimings,
+        flush_log: Option<futures::future::BoxFuture<'static, ()>>,
+    ) {
+        let spec = &rec.spec;
+        let id = spec.build_uuid;
+        timings.total.get_or_insert_with(|| ms_since(rec.accepted_at));
         self.metrics.observe_stages(&timings, &[]);
         self.remove_active(id);
         tracing::info!(build = %id, app = %spec.app, number = spec.build_number, result = outcome.callback_status(), "build finished");
@@ -374,7 +423,9 @@ impl Inner {
         .await;
         // The log's upload and Kafka delivery run beside the final callback, never before it.
         let callbacks = async {
-            let _ = pending.await;
+            if let Some(p) = pending {
+                let _ = p.await;
+            }
             Box::pin(self.send_callbacks(id)).await;
         };
         match flush_log {
@@ -383,7 +434,6 @@ impl Inner {
             }
             None => callbacks.await,
         }
-        drop(finishing);
     }
 
     /// Runs the build; returns its outcome and the flushing of its log (to run beside the
@@ -550,24 +600,33 @@ fn ms_since(since: chrono::DateTime<chrono::Utc>) -> u64 {
     u64::try_from((chrono::Utc::now() - since).num_milliseconds()).unwrap_or(0)
 }
 
-/// Hands out build slots in submission order; a build stopped while queued is skipped.
-async fn dispatch(
-    inner: Arc<Inner>,
-    mut rx: mpsc::UnboundedReceiver<oneshot::Sender<OwnedSemaphorePermit>>,
-) {
-    while let Some(slot) = rx.recv().await {
-        if slot.is_closed() {
-            continue;
-        }
+/// Why a build was stopped (by request unless a reason was set).
+fn stop_reason(reason: &StopReason) -> (FailureReason, String) {
+    reason
+        .lock()
+        .ok()
+        .and_then(|r| r.clone())
+        .unwrap_or((FailureReason::Cancelled, "stopped by request".into()))
+}
+
+/// Starts queued builds in submission order as slots free up. While the service drains,
+/// nothing more starts: queued builds stay queued for the next start.
+async fn dispatch(inner: Arc<Inner>) {
+    loop {
         let Ok(permit) = inner.semaphore.clone().acquire_owned().await else {
             return;
         };
-        if inner.draining.load(Ordering::SeqCst) {
-            // Dropping `slot` tells the build it stays queued.
-            continue;
-        }
-        // Err: the build was stopped meanwhile; its permit comes back by being dropped.
-        let _ = slot.send(permit);
+        let ticket = loop {
+            if inner.draining.load(Ordering::SeqCst) {
+                return;
+            }
+            if let Some(t) = inner.next_waiting() {
+                break t;
+            }
+            inner.wake.notified().await;
+        };
+        let i = inner.clone();
+        inner.supervise(async move { i.lifecycle(ticket, permit).await });
     }
 }
 
@@ -591,10 +650,11 @@ impl Executor for LocalExecutor {
             .await;
         let mut rec = Record {
             seq: 0,
+            // Without a callback URL there is nothing to send (and nothing to record later).
+            pending_sent: spec.callback.is_none(),
             spec,
             phase: Phase::Queued,
             outcome: None,
-            pending_sent: false,
             final_sent: false,
             accepted_at: chrono::Utc::now(),
             started_at: None,
@@ -626,15 +686,23 @@ impl Executor for LocalExecutor {
     }
 
     async fn stop(&self, which: BuildSelector) -> Result<usize, ExecutorError> {
-        let Ok(active) = self.inner.active.lock() else {
+        let Ok(mut active) = self.inner.active.lock() else {
             return Ok(0);
         };
         let mut n = 0;
-        for a in active.values() {
+        for (id, a) in active.iter_mut() {
             if a.app == which.app
                 && a.app_uuid == which.app_uuid
                 && which.build_number.is_none_or(|b| b == a.build_number)
             {
+                // A queued build has no task: the first stop ends it (a later one finds
+                // its token already cancelled).
+                if !a.started && !a.cancel.is_cancelled() {
+                    let inner = self.inner.clone();
+                    let (id, reason, pending) = (*id, a.reason.clone(), a.pending.take());
+                    self.inner
+                        .supervise(async move { inner.end_unstarted(id, reason, pending).await });
+                }
                 a.cancel.cancel();
                 n += 1;
             }
