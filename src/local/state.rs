@@ -361,7 +361,9 @@ impl Writer {
 }
 
 /// Folds the snapshot and every segment up to `upto` into a new snapshot without the
-/// finished builds, then removes those segments.
+/// finished builds, then removes those segments. Streams: the first pass keeps only where
+/// each build's last line is, the second copies those lines, so memory stays small however
+/// many builds are queued.
 fn compact(dir: &Path, upto: u64) -> std::io::Result<()> {
     #[derive(Deserialize)]
     struct Head {
@@ -378,28 +380,56 @@ fn compact(dir: &Path, upto: u64) -> std::io::Result<()> {
         .append(true)
         .open(dir.join(DONE))?
         .sync_data()?;
-    let old: Vec<(u64, PathBuf)> = segments(dir)?
+    let old: Vec<PathBuf> = segments(dir)?
         .into_iter()
         .filter(|(g, _)| *g <= upto)
+        .map(|(_, p)| p)
         .collect();
-    let mut live: HashMap<Uuid, Vec<u8>> = HashMap::new();
-    let mut take = |line: &[u8]| {
-        if let Ok(h) = serde_json::from_slice::<Head>(line) {
-            if h.final_sent {
-                live.remove(&h.spec.build_uuid);
-            } else {
-                let mut l = line.to_vec();
-                l.push(b'\n');
-                live.insert(h.spec.build_uuid, l);
+    let files: Vec<PathBuf> = std::iter::once(dir.join(SNAPSHOT))
+        .chain(old.iter().cloned())
+        .collect();
+    // Build → (file, offset) of its last line, for builds not finished.
+    let mut last: HashMap<Uuid, (usize, u64)> = HashMap::new();
+    for (i, path) in files.iter().enumerate() {
+        for_each_line_at(path, |at, line| {
+            if let Ok(h) = serde_json::from_slice::<Head>(line) {
+                if h.final_sent {
+                    last.remove(&h.spec.build_uuid);
+                } else {
+                    last.insert(h.spec.build_uuid, (i, at));
+                }
             }
-        }
-    };
-    for_each_line(&dir.join(SNAPSHOT), &mut take)?;
-    for (_, path) in &old {
-        for_each_line(path, &mut take)?;
+        })?;
     }
-    write_snapshot(dir, &live.into_values().flatten().collect::<Vec<u8>>())?;
-    for (_, path) in &old {
+    let mut keep: Vec<HashSet<u64>> = vec![HashSet::new(); files.len()];
+    for (i, at) in last.into_values() {
+        keep[i].insert(at);
+    }
+    let tmp = dir.join(".snapshot.log.tmp");
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    let mut out = std::io::BufWriter::with_capacity(256 * 1024, file);
+    for (i, path) in files.iter().enumerate() {
+        if keep[i].is_empty() {
+            continue;
+        }
+        let mut result = Ok(());
+        for_each_line_at(path, |at, line| {
+            if result.is_ok() && keep[i].contains(&at) {
+                result = out.write_all(line).and_then(|()| out.write_all(b"\n"));
+            }
+        })?;
+        result?;
+    }
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.sync_data()?;
+    std::fs::rename(&tmp, dir.join(SNAPSHOT))?;
+    sync_dir(dir)?;
+    for path in &old {
         remove_if_exists(path)?;
     }
     Ok(())
@@ -450,16 +480,23 @@ fn legacy_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 /// Calls `f` with every complete line of `path` (a missing file has none). A torn last
 /// line (a write cut short by a crash, never acknowledged) is ignored.
 fn for_each_line(path: &Path, mut f: impl FnMut(&[u8])) -> std::io::Result<()> {
+    for_each_line_at(path, |_, line| f(line))
+}
+
+/// Like `for_each_line`, with each line's byte offset in the file.
+fn for_each_line_at(path: &Path, mut f: impl FnMut(u64, &[u8])) -> std::io::Result<()> {
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
-    let mut reader = BufReader::new(file);
+    let mut reader = BufReader::with_capacity(256 * 1024, file);
     let mut line = Vec::new();
+    let mut at = 0u64;
     loop {
         line.clear();
-        if reader.read_until(b'\n', &mut line)? == 0 {
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 {
             return Ok(());
         }
         if line.last() != Some(&b'\n') {
@@ -467,8 +504,9 @@ fn for_each_line(path: &Path, mut f: impl FnMut(&[u8])) -> std::io::Result<()> {
         }
         line.pop();
         if !line.is_empty() {
-            f(&line);
+            f(at, &line);
         }
+        at += n as u64;
     }
 }
 
