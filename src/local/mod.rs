@@ -45,7 +45,7 @@ struct Inner {
     state: StateStore,
     /// Records of unfinished builds. Changes are made and queued for the journal under this
     /// lock (so they reach the disk in order) and awaited after it is released.
-    records: Mutex<HashMap<Uuid, Record>>,
+    records: Mutex<HashMap<Uuid, Held>>,
     active: Mutex<HashMap<Uuid, Active>>,
     /// Builds waiting for a slot, oldest first: only their ids. A queued build has no task
     /// (the dispatcher starts one when a slot frees), so a burst of accepted builds costs
@@ -78,18 +78,63 @@ impl Drop for Finishing<'_> {
 /// Why a build was stopped, set before its token fires; `None` means "stopped by request".
 type StopReason = Arc<Mutex<Option<(FailureReason, String)>>>;
 
+/// A build's record in memory. A queued build keeps only its journal line (a fraction of
+/// the parsed record's size, which matters for a burst of thousands); it is parsed again
+/// when it changes or starts.
+enum Held {
+    Line(Box<[u8]>),
+    Parsed(Box<Record>),
+}
+
+impl Held {
+    /// A queued record is kept as its line, any other parsed.
+    fn new(rec: Record, line: &[u8]) -> Self {
+        if rec.phase == Phase::Queued {
+            Held::Line(line.into())
+        } else {
+            Held::Parsed(Box::new(rec))
+        }
+    }
+
+    fn record(&self) -> Option<Record> {
+        match self {
+            Held::Parsed(r) => Some(Record::clone(r)),
+            Held::Line(l) => serde_json::from_slice(l)
+                .map_err(|e| tracing::error!(error = %e, "a queued build's record cannot be read back"))
+                .ok(),
+        }
+    }
+}
+
+/// A build that has not ended: what stopping it and reporting it active need.
 struct Active {
-    app: String,
-    app_uuid: String,
+    /// `{app}-{app_uuid}`.
+    app_key: Box<str>,
     build_number: u64,
-    cancel: CancellationToken,
-    /// Why it was cancelled: set before the token fires.
-    reason: StopReason,
-    /// Set (under the `active` lock) when the dispatcher gave the build a slot; a build
-    /// stopped before that is ended by the stopper instead.
-    started: bool,
-    /// The pending callback's delivery: the final callback waits for it.
-    pending: Option<JoinHandle<()>>,
+    run: Run,
+}
+
+enum Run {
+    /// Waiting for a slot; it has no task. `stopped`: its stopper is ending it.
+    Queued {
+        pending: Option<JoinHandle<()>>,
+        stopped: bool,
+    },
+    /// Took a slot (set under the `active` lock by the dispatcher).
+    Started {
+        cancel: CancellationToken,
+        /// Why it was cancelled: set before the token fires.
+        reason: StopReason,
+    },
+}
+
+impl Active {
+    fn is(&self, app: &str, app_uuid: &str) -> bool {
+        self.app_key.len() == app.len() + 1 + app_uuid.len()
+            && self.app_key.starts_with(app)
+            && self.app_key.ends_with(app_uuid)
+            && self.app_key.as_bytes()[app.len()] == b'-'
+    }
 }
 
 /// What a build carries from the queue into its run.
@@ -155,7 +200,10 @@ impl LocalExecutor {
             match rec.phase {
                 Phase::Queued => {
                     tracing::info!(build = %id, app = %rec.spec.app, "re-queueing a build accepted before the restart");
-                    self.inner.lock_records().insert(id, rec.clone());
+                    let line = state::encode(&rec).map_err(std::io::Error::other)?;
+                    self.inner
+                        .lock_records()
+                        .insert(id, Held::new(rec.clone(), &line));
                     self.enqueue(rec);
                 }
                 Phase::Running => {
@@ -169,14 +217,18 @@ impl LocalExecutor {
                     rec.outcome = Some(outcome);
                     rec.finished_at = Some(chrono::Utc::now());
                     let saved = self.inner.state.save(&rec);
-                    self.inner.lock_records().insert(id, rec.clone());
+                    self.inner
+                        .lock_records()
+                        .insert(id, Held::Parsed(Box::new(rec)));
                     saved.await.map_err(std::io::Error::other)?;
                     let inner = self.inner.clone();
                     self.inner
                         .supervise(async move { inner.send_callbacks(id).await });
                 }
                 Phase::Finished if !rec.final_sent || !rec.pending_sent => {
-                    self.inner.lock_records().insert(id, rec);
+                    self.inner
+                        .lock_records()
+                        .insert(id, Held::Parsed(Box::new(rec)));
                     let inner = self.inner.clone();
                     self.inner
                         .supervise(async move { inner.send_callbacks(id).await });
@@ -200,13 +252,12 @@ impl LocalExecutor {
             active.insert(
                 id,
                 Active {
-                    app: rec.spec.app,
-                    app_uuid: rec.spec.app_uuid,
+                    app_key: rec.spec.app_key().into(),
                     build_number: rec.spec.build_number,
-                    cancel: CancellationToken::new(),
-                    reason: Arc::new(Mutex::new(None)),
-                    started: false,
-                    pending,
+                    run: Run::Queued {
+                        pending,
+                        stopped: false,
+                    },
                 },
             );
         }
@@ -259,8 +310,10 @@ impl Inner {
         };
         active
             .values()
-            .filter(|a| a.started)
-            .map(|a| (a.cancel.clone(), a.reason.clone()))
+            .filter_map(|a| match &a.run {
+                Run::Started { cancel, reason } => Some((cancel.clone(), reason.clone())),
+                Run::Queued { .. } => None,
+            })
             .collect()
     }
 
@@ -278,24 +331,32 @@ impl Inner {
             let Some(a) = active.get_mut(&id) else {
                 continue;
             };
-            if a.cancel.is_cancelled() {
-                // Its stopper ends it.
-                continue;
-            }
-            a.started = true;
+            let pending = match &mut a.run {
+                Run::Queued {
+                    pending,
+                    stopped: false,
+                } => pending.take(),
+                // Stopped: its stopper ends it.
+                _ => continue,
+            };
+            let (cancel, reason) = (CancellationToken::new(), StopReason::default());
+            a.run = Run::Started {
+                cancel: cancel.clone(),
+                reason: reason.clone(),
+            };
             self.metrics.queued.dec();
             return Some(Ticket {
                 id,
-                cancel: a.cancel.clone(),
-                reason: a.reason.clone(),
-                pending: a.pending.take(),
+                cancel,
+                reason,
+                pending,
             });
         }
         None
     }
 
     /// The records map; a panic elsewhere while holding it leaves it usable.
-    fn lock_records(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Record>> {
+    fn lock_records(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Held>> {
         self.records
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -304,11 +365,33 @@ impl Inner {
     async fn update(&self, id: Uuid, f: impl FnOnce(&mut Record)) {
         let saved = {
             let mut records = self.lock_records();
-            let Some(rec) = records.get_mut(&id) else {
+            let Some(held) = records.get_mut(&id) else {
                 return;
             };
-            f(rec);
-            self.state.save(rec)
+            let encoded = match held {
+                Held::Parsed(rec) => {
+                    f(rec);
+                    state::encode(rec).map(|line| (rec.final_sent, line))
+                }
+                Held::Line(_) => {
+                    let Some(mut rec) = held.record() else {
+                        return;
+                    };
+                    f(&mut rec);
+                    state::encode(&rec).map(|line| {
+                        let final_sent = rec.final_sent;
+                        *held = Held::new(rec, &line);
+                        (final_sent, line)
+                    })
+                }
+            };
+            match encoded {
+                Ok((final_sent, line)) => self.state.save_line(id, final_sent, line),
+                Err(e) => {
+                    tracing::error!(build = %id, error = %e, "could not write the build's state");
+                    return;
+                }
+            }
         };
         if let Err(e) = saved.await {
             tracing::error!(build = %id, error = %e, "could not write the build's state under DATA_DIR");
@@ -378,7 +461,7 @@ impl Inner {
     }
 
     /// Ends a build stopped while it was queued.
-    async fn end_unstarted(self: Arc<Self>, id: Uuid, reason: StopReason, pending: Option<JoinHandle<()>>) {
+    async fn end_unstarted(self: Arc<Self>, id: Uuid, pending: Option<JoinHandle<()>>) {
         let Some(rec) = self.record(id) else {
             return;
         };
@@ -387,7 +470,7 @@ impl Inner {
             queued: Some(ms_since(rec.accepted_at)),
             ..Default::default()
         };
-        let (r, m) = stop_reason(&reason);
+        let (r, m) = stop_reason(&StopReason::default());
         let line = format!("Build failed ({}): {m} before it started", r.as_str());
         Box::pin(self.append_log_line(&rec.spec, &line)).await;
         let outcome = Outcome::failed(r, format!("{m} before it started"));
@@ -512,7 +595,7 @@ impl Inner {
     }
 
     fn record(&self, id: Uuid) -> Option<Record> {
-        self.lock_records().get(&id).cloned()
+        self.lock_records().get(&id).and_then(Held::record)
     }
 
     /// One callback; a delivery given up after its retries is counted and logged once.
@@ -668,8 +751,17 @@ impl Executor for LocalExecutor {
             }
             // Taken under the lock, so seq order is journal order.
             rec.seq = self.inner.seq.fetch_add(1, Ordering::SeqCst);
-            records.insert(id, rec.clone());
-            self.inner.state.save(&rec)
+            let line = match state::encode(&rec) {
+                Ok(line) => line,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot encode the build's state");
+                    return Err(ExecutorError::Unavailable(
+                        "build state cannot be written".into(),
+                    ));
+                }
+            };
+            records.insert(id, Held::new(rec.clone(), &line));
+            self.inner.state.save_line(id, false, line)
         };
         // The 200 waits for the fsync of this record's batch: an accepted build survives a
         // SIGKILL that follows the answer.
@@ -691,20 +783,23 @@ impl Executor for LocalExecutor {
         };
         let mut n = 0;
         for (id, a) in active.iter_mut() {
-            if a.app == which.app
-                && a.app_uuid == which.app_uuid
-                && which.build_number.is_none_or(|b| b == a.build_number)
+            if !a.is(&which.app, &which.app_uuid)
+                || which.build_number.is_some_and(|b| b != a.build_number)
             {
-                // A queued build has no task: the first stop ends it (a later one finds
-                // its token already cancelled).
-                if !a.started && !a.cancel.is_cancelled() {
+                continue;
+            }
+            n += 1;
+            match &mut a.run {
+                Run::Started { cancel, .. } => cancel.cancel(),
+                // A queued build has no task: the first stop ends it.
+                Run::Queued { pending, stopped } if !*stopped => {
+                    *stopped = true;
                     let inner = self.inner.clone();
-                    let (id, reason, pending) = (*id, a.reason.clone(), a.pending.take());
+                    let (id, pending) = (*id, pending.take());
                     self.inner
-                        .supervise(async move { inner.end_unstarted(id, reason, pending).await });
+                        .supervise(async move { inner.end_unstarted(id, pending).await });
                 }
-                a.cancel.cancel();
-                n += 1;
+                Run::Queued { .. } => {}
             }
         }
         Ok(n)
@@ -739,6 +834,6 @@ impl Executor for LocalExecutor {
         };
         active
             .values()
-            .any(|a| a.app == app && a.app_uuid == app_uuid && a.build_number == build_number)
+            .any(|a| a.is(app, app_uuid) && a.build_number == build_number)
     }
 }

@@ -202,28 +202,50 @@ impl StateStore {
         &self,
         rec: &Record,
     ) -> impl std::future::Future<Output = Result<(), StateError>> + Send + 'static {
+        let queued = encode(rec).map(|line| self.queue(rec.spec.build_uuid, rec.final_sent, line));
+        async move { queued?.await }
+    }
+
+    /// `save` of a record already encoded (by `encode`).
+    pub fn save_line(
+        &self,
+        id: Uuid,
+        final_sent: bool,
+        line: Vec<u8>,
+    ) -> impl std::future::Future<Output = Result<(), StateError>> + Send + 'static {
+        self.queue(id, final_sent, line)
+    }
+
+    fn queue(
+        &self,
+        id: Uuid,
+        final_sent: bool,
+        line: Vec<u8>,
+    ) -> impl std::future::Future<Output = Result<(), StateError>> + Send + 'static {
         let (ack, done) = oneshot::channel();
-        let queued = serde_json::to_vec(rec)
-            .map_err(|e| StateError::Encode(Arc::new(e)))
-            .and_then(|mut line| {
-                line.push(b'\n');
-                if rec.final_sent {
-                    if let Ok(mut d) = self.done.lock() {
-                        d.insert(rec.spec.build_uuid);
-                    }
-                }
-                let op = Op {
-                    line,
-                    final_sent: rec.final_sent,
-                    ack,
-                };
-                self.tx.send(op).map_err(|_| StateError::WriterStopped)
-            });
+        if final_sent {
+            if let Ok(mut d) = self.done.lock() {
+                d.insert(id);
+            }
+        }
+        let op = Op {
+            line,
+            final_sent,
+            ack,
+        };
+        let queued = self.tx.send(op).map_err(|_| StateError::WriterStopped);
         async move {
             queued?;
             done.await.map_err(|_| StateError::WriterStopped)?
         }
     }
+}
+
+/// A record as its journal line (newline-terminated).
+pub fn encode(rec: &Record) -> Result<Vec<u8>, StateError> {
+    let mut line = serde_json::to_vec(rec).map_err(|e| StateError::Encode(Arc::new(e)))?;
+    line.push(b'\n');
+    Ok(line)
 }
 
 struct Writer {
