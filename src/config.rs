@@ -347,6 +347,12 @@ pub struct BuildArgs {
     /// an empty daemon (a dind worker pod) rebuilds warm. Off when NO_CACHE is true.
     #[arg(long, env = "CACHE_FROM_LATEST", value_name = "CACHE_FROM_LATEST", default_value_t = true, action = clap::ArgAction::Set)]
     pub cache_from_latest: bool,
+    /// A repository (`host[:port]/path`) that keeps every app's layer cache as
+    /// `{CACHE_REPOSITORY}/{app}-{app_uuid}:latest` instead of the app's own `…:latest`:
+    /// pulled before a build, pushed after a successful one. Credentials: the build's
+    /// `gm_registry_auth` on the same host, else EXTRA_DOCKER_REGISTRY_CONFIG's for the host.
+    #[arg(long, env = "CACHE_REPOSITORY", value_name = "CACHE_REPOSITORY")]
+    pub cache_repository: Option<String>,
     /// Where dockerd is, as dockerode-style JSON.
     #[arg(
         long,
@@ -533,6 +539,8 @@ impl DockerSettings {
 pub struct BuildConfig {
     pub no_cache: bool,
     pub cache_from_latest: bool,
+    /// CACHE_REPOSITORY, validated (no trailing `/`).
+    pub cache_repository: Option<String>,
     pub docker: DockerSettings,
     pub data_dir: PathBuf,
     pub extra_build_args: BTreeMap<String, String>,
@@ -562,6 +570,7 @@ impl BuildArgs {
         Ok(BuildConfig {
             no_cache: self.no_cache,
             cache_from_latest: self.cache_from_latest,
+            cache_repository: parse_cache_repository(self.cache_repository.as_deref())?,
             docker: DockerSettings::parse(&self.docker_build_settings)?,
             data_dir: self.data_dir.clone(),
             extra_build_args: parse_extra_build_args(self.extra_build_args.as_deref())?,
@@ -628,6 +637,44 @@ fn parse_extra_build_args(json: Option<&str>) -> Result<BTreeMap<String, String>
             _ => Err(invalid(VAR, format!("value of {k:?} must be a string"))),
         })
         .collect()
+}
+
+/// `host[:port]/path`: a registry host and a repository path, no scheme, tag or digest.
+fn parse_cache_repository(raw: Option<&str>) -> Result<Option<String>, ConfigError> {
+    const VAR: &str = "CACHE_REPOSITORY";
+    let Some(repo) = raw.map(str::trim).filter(|r| !r.is_empty()) else {
+        return Ok(None);
+    };
+    let repo = repo.trim_end_matches('/');
+    let bad = |why: &str| {
+        invalid(
+            VAR,
+            format!(
+                "{repo:?} {why} (expected host[:port]/path, e.g. registry.example.com/build-cache)"
+            ),
+        )
+    };
+    if repo.contains("://") {
+        return Err(bad("has a scheme"));
+    }
+    let Some((host, path)) = repo.split_once('/') else {
+        return Err(bad("has no repository path after the host"));
+    };
+    if host.is_empty() || path.is_empty() || path.split('/').any(str::is_empty) {
+        return Err(bad("has an empty host or path segment"));
+    }
+    let path_ok = path
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/".contains(&b));
+    if !path_ok {
+        return Err(bad(
+            "has a path with characters a repository name cannot have (lowercase letters, digits, . _ - / only; no tag)",
+        ));
+    }
+    if host.chars().any(|c| c.is_whitespace() || c == '@') {
+        return Err(bad("has an invalid host"));
+    }
+    Ok(Some(repo.to_string()))
 }
 
 fn parse_extra_registries(
@@ -1081,6 +1128,27 @@ mod tests {
     #[test]
     fn verify_cli() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn cache_repository_is_a_host_and_a_path() {
+        assert_eq!(parse_cache_repository(None).unwrap(), None);
+        assert_eq!(parse_cache_repository(Some("  ")).unwrap(), None);
+        assert_eq!(
+            parse_cache_repository(Some("registry.example.com:5000/build-cache/")).unwrap(),
+            Some("registry.example.com:5000/build-cache".into())
+        );
+        for bad in [
+            "https://r.example/cache",
+            "r.example",
+            "r.example/Cache",
+            "r.example/cache:latest",
+            "r.example//cache",
+            "/cache",
+        ] {
+            let e = parse_cache_repository(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains("CACHE_REPOSITORY"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -228,3 +228,94 @@ async fn a_rebuild_on_an_empty_daemon_reuses_the_layers_of_the_pushed_latest_ima
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_repository_keeps_every_apps_layer_cache_in_a_registry_of_its_own() {
+    let second = dockerd2();
+    let settings = json!({ "socketPath": DOCKERD2 }).to_string();
+    let cb = Callbacks::start().await;
+    let marker = uuid::Uuid::new_v4().simple().to_string();
+    // The cache lives on the other (password-protected) registry: its credentials come from
+    // EXTRA_DOCKER_REGISTRY_CONFIG, the app's from the request.
+    let cache_path = format!("build-cache-{}", &marker[..12]);
+    let cache = format!("{AUTH_REGISTRY}/{cache_path}");
+    let extra =
+        json!({ AUTH_REGISTRY: {"username": AUTH_USER, "password": AUTH_PASS} }).to_string();
+    let df = format!(
+        "FROM {REGISTRY}/base/busybox:1\nRUN echo cache-one-{marker} > /one\nRUN echo cache-two-{marker} > /two\nCOPY app.txt /app.txt\n"
+    );
+    let archive = tar_gz(&[("Dockerfile", df.as_bytes()), ("app.txt", b"unchanged")]);
+    let flags = [
+        "--cache-repository",
+        cache.as_str(),
+        "--extra-docker-registry-config",
+        extra.as_str(),
+    ];
+
+    let first_svc = Service::start(&flags).await;
+    let first = body(&data_uri(&archive), &cb);
+    first_svc.post(&first).await;
+    assert_eq!(
+        cb.wait_final(first["build_uuid"].as_str().unwrap(), BUILD)
+            .await,
+        "succeeded",
+        "{}",
+        first_svc.log(&first).await
+    );
+    let app_key = format!(
+        "{}-{}",
+        first["app"].as_str().unwrap(),
+        first["app_uuid"].as_str().unwrap()
+    );
+    let cached = format!("{cache}/{app_key}:latest");
+    let log = first_svc.log(&first).await;
+    assert!(
+        log.contains("No previous image to use as the layer cache") && log.contains(&cached),
+        "{log}"
+    );
+    assert!(!log.contains("Could not update the layer cache"), "{log}");
+    // The build's image went to the cache repository too.
+    let tags = registry_tags(
+        AUTH_REGISTRY,
+        &format!("{cache_path}/{app_key}"),
+        Some((AUTH_USER, AUTH_PASS)),
+    )
+    .await;
+    assert_eq!(tags, vec!["latest".to_string()]);
+
+    // The same app, unchanged, on the empty daemon: its layers come from the cache repository.
+    assert!(second.inspect_image(&cached).await.is_err());
+    let svc = Service::start(&[&flags[..], &["--docker-build-settings", &settings]].concat()).await;
+    let mut again = body(&data_uri(&archive), &cb);
+    for key in ["app", "app_uuid"] {
+        again[key] = first[key].clone();
+    }
+    again["build_number"] = json!(2);
+    svc.post(&again).await;
+    assert_eq!(
+        cb.wait_final(again["build_uuid"].as_str().unwrap(), BUILD)
+            .await,
+        "succeeded",
+        "{}",
+        svc.log(&again).await
+    );
+    let log = svc.log(&again).await;
+    assert!(
+        log.contains(&format!("Using {cached} as the layer cache")),
+        "{log}"
+    );
+    let lines: Vec<&str> = log.lines().collect();
+    for step in ["RUN echo cache-one", "RUN echo cache-two", "COPY app.txt"] {
+        let at = lines
+            .iter()
+            .position(|l| l.contains(step))
+            .unwrap_or_else(|| panic!("no step {step}:\n{log}"));
+        assert!(
+            lines[at + 1..]
+                .iter()
+                .take(2)
+                .any(|l| l.contains("Using cache")),
+            "{step} was not cached:\n{log}"
+        );
+    }
+}

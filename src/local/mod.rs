@@ -100,7 +100,9 @@ impl Held {
         match self {
             Held::Parsed(r) => Some(Record::clone(r)),
             Held::Line(l) => serde_json::from_slice(l)
-                .map_err(|e| tracing::error!(error = %e, "a queued build's record cannot be read back"))
+                .map_err(
+                    |e| tracing::error!(error = %e, "a queued build's record cannot be read back"),
+                )
                 .ok(),
         }
     }
@@ -489,7 +491,9 @@ impl Inner {
     ) {
         let spec = &rec.spec;
         let id = spec.build_uuid;
-        timings.total.get_or_insert_with(|| ms_since(rec.accepted_at));
+        timings
+            .total
+            .get_or_insert_with(|| ms_since(rec.accepted_at));
         self.metrics.observe_stages(&timings, &[]);
         self.remove_active(id);
         tracing::info!(build = %id, app = %spec.app, number = spec.build_number, result = outcome.callback_status(), "build finished");

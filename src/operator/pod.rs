@@ -73,6 +73,8 @@ pub struct PodSettings {
     pub no_cache: bool,
     /// CACHE_FROM_LATEST of the service, passed on to workers.
     pub cache_from_latest: bool,
+    /// CACHE_REPOSITORY of the service, passed on to workers.
+    pub cache_repository: Option<String>,
     pub kafka_topic: String,
     /// SOURCES_DENY_NETWORKS of the service, applied by the worker too.
     pub sources_deny_networks: String,
@@ -119,6 +121,10 @@ pub fn worker_pod(job: &BuildJob, attempt: u32, s: &PodSettings) -> Result<Pod, 
         plain("TIMEOUT_IN_MS", s.timeout.as_millis().to_string()),
         plain("NO_CACHE", s.no_cache.to_string()),
         plain("CACHE_FROM_LATEST", s.cache_from_latest.to_string()),
+        plain(
+            "CACHE_REPOSITORY",
+            s.cache_repository.clone().unwrap_or_default(),
+        ),
         plain("KAFKA_TOPIC", s.kafka_topic.clone()),
         plain("SOURCES_DENY_NETWORKS", s.sources_deny_networks.clone()),
         plain("DATA_DIR", WORK_DIR.to_string()),
@@ -378,6 +384,7 @@ pub(crate) mod tests {
             timeout: Duration::from_millis(1_200_000),
             no_cache: false,
             cache_from_latest: true,
+            cache_repository: Some("127.0.0.1:5000/build-cache".into()),
             kafka_topic: "alamobuildlogs".into(),
             sources_deny_networks: "169.254.0.0/16".into(),
             env_secret: None,

@@ -268,11 +268,8 @@ impl Pipeline {
             return CachePull::Off;
         }
         let docker = self.docker.clone();
-        let image = format!("{}:latest", spec.image_repository());
-        let auth = spec
-            .gm_registry_auth
-            .as_ref()
-            .map(|a| docker::credential(&spec.gm_registry_host, a));
+        let (repo, auth) = self.layer_cache(spec);
+        let image = format!("{repo}:latest");
         let (mut side, lines) = side_log();
         let task = tokio::spawn(async move {
             let started = Instant::now();
@@ -415,6 +412,9 @@ impl Pipeline {
     ) -> Outcome {
         let started = Instant::now();
         let pushed = self.tag_and_push(spec, image, repo, log).await;
+        if pushed.is_ok() {
+            self.push_cache(spec, image, log).await;
+        }
         timings.push = Some(elapsed_ms(started));
         match pushed {
             Ok(digest) => Outcome::Succeeded {
@@ -422,6 +422,49 @@ impl Pipeline {
                 digest,
             },
             Err(e) => docker_failure(e),
+        }
+    }
+
+    /// The repository whose `:latest` is the build's layer cache (CACHE_REPOSITORY's, else
+    /// the app's own) and the credentials for its registry.
+    fn layer_cache(&self, spec: &BuildSpec) -> (String, Option<bollard::auth::DockerCredentials>) {
+        let gm = || {
+            spec.gm_registry_auth
+                .as_ref()
+                .map(|a| docker::credential(&spec.gm_registry_host, a))
+        };
+        let Some(cache) = &self.config.cache_repository else {
+            return (spec.image_repository(), gm());
+        };
+        let repo = format!("{cache}/{}", spec.app_key());
+        let host = cache.split('/').next().unwrap_or_default();
+        let auth = if host == spec.gm_registry_host.trim_end_matches('/') {
+            gm()
+        } else {
+            self.config
+                .extra_registries
+                .get(host)
+                .map(|a| docker::credential(host, a))
+        };
+        (repo, auth)
+    }
+
+    /// Pushes the built image as the app's layer cache in CACHE_REPOSITORY. The build has
+    /// succeeded already: a failure here is one log line.
+    async fn push_cache(&self, spec: &BuildSpec, image: &str, log: &mut BuildLog) {
+        if self.config.cache_repository.is_none() || self.config.no_cache {
+            return;
+        }
+        let (repo, auth) = self.layer_cache(spec);
+        let pushed = async {
+            docker::tag(&self.docker, image, &repo, "latest").await?;
+            docker::push(&self.docker, &repo, "latest", auth, log).await
+        }
+        .await;
+        if let Err(e) = pushed {
+            log.line(&format!(
+                "Could not update the layer cache {repo}:latest ({e}); the build itself succeeded"
+            ));
         }
     }
 
