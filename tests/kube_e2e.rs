@@ -20,7 +20,7 @@ scenarios!(
 
 /// The real-cluster path proven without a real cluster: the kubesim binary as a process of
 /// its own, KUBECONFIG and the BUILDSHUTTLE_E2E_* variables pointing at it and at the
-/// suite's services, and three `real_cluster::` scenarios run as a user runs them (the API
+/// suite's services, and the four `real_cluster::` scenarios run as a user runs them (the API
 /// only, no simulator knobs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_cluster_scenarios_pass_against_the_kubesim_binary() {
@@ -30,6 +30,7 @@ async fn real_cluster_scenarios_pass_against_the_kubesim_binary() {
             "real_cluster::host_mode_build_pushes_serves_logs_and_calls_back",
             "real_cluster::external_mode_builds_and_reports_failures_with_their_reason",
             "real_cluster::kubectl_get_bj_shows_printer_columns_and_watches_phases",
+            "real_cluster::callbacks_exactly_once_with_lagging_watches",
         ]);
         sim
     })

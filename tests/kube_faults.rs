@@ -40,9 +40,11 @@ scenarios!(
 );
 
 /// The real-cluster path proven without a real cluster (as in kube_e2e): the kubesim binary
-/// as a process, the BUILDSHUTTLE_E2E_* environment, three `real_cluster::` fault scenarios
+/// as a process, the BUILDSHUTTLE_E2E_* environment, six `real_cluster::` fault scenarios
 /// done with the API alone (stop and the queue, a killed controller, Eviction API and pod
-/// deletion).
+/// deletion, two replicas and a leader killed, a deleted BuildJob, a stale pod). (Pod
+/// Security by namespace label and an unmet nodeSelector need a real cluster's admission and
+/// scheduler, which kubesim does not model.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_cluster_fault_scenarios_pass_against_the_kubesim_binary() {
     let sim = tokio::task::spawn_blocking(|| {
@@ -51,6 +53,9 @@ async fn real_cluster_fault_scenarios_pass_against_the_kubesim_binary() {
             "real_cluster::stop_one_stop_all_and_the_queue_runs_oldest_first",
             "real_cluster::a_controller_killed_mid_build_is_replaced_without_repeating_a_callback",
             "real_cluster::evicted_drained_or_deleted_pods_are_recreated_and_the_build_succeeds",
+            "real_cluster::two_replicas_one_leader_and_a_takeover_creates_no_pod_twice",
+            "real_cluster::a_deleted_buildjob_still_sends_its_final_callback",
+            "real_cluster::a_stale_pod_of_the_same_name_is_not_adopted",
         ]);
         sim
     })

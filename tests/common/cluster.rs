@@ -674,7 +674,18 @@ impl KubesimProcess {
 }
 
 impl Drop for KubesimProcess {
+    /// Ctrl-C, as a user stops it: it removes its pods' containers before it exits.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
