@@ -631,13 +631,7 @@ mod scenario {
         let jobs: Api<kube::api::DynamicObject> = Api::namespaced_with(
             cluster.client.clone(),
             cluster.ns(),
-            &kube::api::ApiResource {
-                group: "buildshuttle.akkeris.io".into(),
-                version: "v1".into(),
-                api_version: "buildshuttle.akkeris.io/v1".into(),
-                kind: "BuildJob".into(),
-                plural: "buildjobs".into(),
-            },
+            &common::cluster::buildjob_resource(),
         );
         jobs.delete(&name, &DeleteParams::default())
             .await

@@ -145,6 +145,30 @@ pub async fn apply_crd(client: &kube::Client) {
     .expect("CRD applied");
 }
 
+/// Waits until the API server serves the BuildJob resource (a real one takes a moment
+/// after the CRD is first created).
+async fn crd_established(client: &kube::Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let start = Instant::now();
+    loop {
+        let crd = crds.get_opt("buildjobs.buildshuttle.akkeris.io").await;
+        let established = crd.ok().flatten().and_then(|c| c.status).is_some_and(|st| {
+            st.conditions
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+        });
+        if established {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the BuildJob CRD never became Established"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 pub async fn client_for(kubeconfig: &Path) -> kube::Client {
     crypto();
     let kc = Kubeconfig::read_from(kubeconfig).expect("kubeconfig readable");
@@ -241,6 +265,7 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("KUBECONFIG={kubeconfig}: {e}"));
         let client = kube::Client::try_from(config.clone()).expect("client");
         apply_crd(&client).await;
+        crd_established(&client).await;
         let ns = format!("bs-e2e-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
         let registry = need("BUILDSHUTTLE_E2E_REGISTRY");
         let base_image =
@@ -500,6 +525,15 @@ impl Drop for Cluster {
                 .ok()?;
             rt.block_on(async move {
                 let client = kube::Client::try_from(config).ok()?;
+                // The controller is gone with the test: nobody would remove the BuildJobs'
+                // final-callback finalizer, and the namespace would stay Terminating.
+                let jobs: Api<kube::api::DynamicObject> =
+                    Api::namespaced_with(client.clone(), &ns, &buildjob_resource());
+                for j in jobs.list(&Default::default()).await.ok()?.items {
+                    let name = j.metadata.name.unwrap_or_default();
+                    let none = Patch::Merge(json!({"metadata": {"finalizers": null}}));
+                    let _ = jobs.patch(&name, &PatchParams::default(), &none).await;
+                }
                 let namespaces: Api<Namespace> = Api::all(client);
                 namespaces.delete(&ns, &DeleteParams::default()).await.ok()
             })
@@ -651,25 +685,30 @@ impl KubesimProcess {
         );
     }
 
-    /// Asserts that every namespace the external-cluster scenarios created is gone or
-    /// going (deleted when each test's `Cluster` was dropped).
+    /// Asserts that every namespace the external-cluster scenarios created is gone
+    /// (deleted when each test's `Cluster` was dropped, not stuck Terminating).
     pub async fn assert_namespaces_deleted(&self) {
         let client = client_for(&self.kubeconfig).await;
         let namespaces: Api<Namespace> = Api::all(client);
-        let list = namespaces
-            .list(
-                &kube::api::ListParams::default()
-                    .labels("app.kubernetes.io/created-by=buildshuttle-e2e"),
-            )
-            .await
-            .expect("list namespaces");
-        let left: Vec<_> = list
-            .items
-            .iter()
-            .filter(|n| n.metadata.deletion_timestamp.is_none())
-            .filter_map(|n| n.metadata.name.clone())
-            .collect();
-        assert!(left.is_empty(), "namespaces left behind: {left:?}");
+        let params = kube::api::ListParams::default()
+            .labels("app.kubernetes.io/created-by=buildshuttle-e2e");
+        let start = Instant::now();
+        loop {
+            let list = namespaces.list(&params).await.expect("list namespaces");
+            let left: Vec<_> = list
+                .items
+                .iter()
+                .filter_map(|n| n.metadata.name.clone())
+                .collect();
+            if left.is_empty() {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "namespaces left behind: {left:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 }
 
@@ -688,6 +727,17 @@ impl Drop for KubesimProcess {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The BuildJob custom resource, for `Api::namespaced_with`.
+pub fn buildjob_resource() -> kube::api::ApiResource {
+    kube::api::ApiResource {
+        group: "buildshuttle.akkeris.io".into(),
+        version: "v1".into(),
+        api_version: "buildshuttle.akkeris.io/v1".into(),
+        kind: "BuildJob".into(),
+        plural: "buildjobs".into(),
     }
 }
 
