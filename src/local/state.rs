@@ -77,6 +77,8 @@ pub enum StateError {
 const SEGMENT_LIMIT: u64 = 16 * 1024 * 1024;
 /// How long a finished build's superseded lines (with its credentials) may stay on disk.
 const SCRUB_DELAY: Duration = Duration::from_secs(1);
+/// No change for this long: the store is idle, and compaction runs at once.
+const IDLE: Duration = Duration::from_millis(50);
 const SNAPSHOT: &str = "snapshot.log";
 const DONE: &str = "done.log";
 
@@ -263,21 +265,23 @@ impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Op>) {
         let mut batch: Vec<Op> = Vec::new();
         loop {
-            if batch.is_empty() {
-                let op = match self.first_final {
-                    // Wake up to compact even when nothing else arrives.
-                    Some(_) => match rx.recv_timeout(Duration::from_millis(200)) {
-                        Ok(op) => Some(op),
-                        Err(mpsc::RecvTimeoutError::Timeout) => None,
-                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
-                    },
-                    None => match rx.recv() {
-                        Ok(op) => Some(op),
-                        Err(_) => return,
-                    },
-                };
-                batch.extend(op);
-            }
+            let op = match self.first_final {
+                // Quiet for IDLE with finished builds to fold away: compact now, it costs
+                // nobody. (A gap between two batches of a burst is not quiet.)
+                Some(_) => match rx.recv_timeout(IDLE) {
+                    Ok(op) => op,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.maybe_compact(true);
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                },
+                None => match rx.recv() {
+                    Ok(op) => op,
+                    Err(_) => return,
+                },
+            };
+            batch.push(op);
             // Everything that queued up meanwhile joins this batch (bounded, so acks flow).
             while batch.len() < 4096 {
                 match rx.try_recv() {
@@ -285,30 +289,21 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            if !batch.is_empty() {
-                let result = self.commit(&batch).map_err(|e| StateError::Write {
-                    dir: self.dir.clone(),
-                    source: Arc::new(e),
-                });
-                if let Err(e) = &result {
-                    tracing::error!(error = %e, "build state not written");
-                    // A torn line may end the segment: continue in a fresh one.
-                    self.rotate_segment();
-                }
-                for op in batch.drain(..) {
-                    let _ = op.ack.send(result.clone());
-                }
+            let result = self.commit(&batch).map_err(|e| StateError::Write {
+                dir: self.dir.clone(),
+                source: Arc::new(e),
+            });
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "build state not written");
+                // A torn line may end the segment: continue in a fresh one.
+                self.rotate_segment();
             }
-            // Idle when nothing arrived during the fsync: compaction costs nobody then.
-            let idle = match rx.try_recv() {
-                Ok(op) => {
-                    batch.push(op);
-                    false
-                }
-                Err(mpsc::TryRecvError::Empty) => true,
-                Err(mpsc::TryRecvError::Disconnected) => return,
-            };
-            self.maybe_compact(idle);
+            for op in batch.drain(..) {
+                let _ = op.ack.send(result.clone());
+            }
+            // Busy: compact once a finished build's lines are SCRUB_DELAY old, or the segment
+            // is large.
+            self.maybe_compact(false);
         }
     }
 
