@@ -743,3 +743,63 @@ async fn bad_requests_get_the_legacy_answers() {
     assert_eq!(get(format!("/myapp-{unknown}/0/logs")).await.0, 400);
     assert_eq!(get(format!("/my-app-{unknown}/3/logs")).await.0, 400);
 }
+
+/// More builds queued than the executor keeps in memory: the rest wait in
+/// `DATA_DIR/state/queue.spill`, and every one still runs, in order, with one pending and one
+/// final callback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_longer_than_the_memory_window_runs_in_order_from_the_scratch_file() {
+    let svc = Service::start(&["--maximum-parallel-builds", "1"]).await;
+    let cb = Callbacks::start().await;
+    // Holds the only slot while the queue fills.
+    let blocker = body(&sleeper("hold", 300), &cb);
+    svc.post(&blocker).await;
+    svc.wait_log(&blocker, "hold-start", BUILD).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gone = format!("http://{}/gone.tgz", closed.local_addr().unwrap());
+    drop(closed);
+    let mut bodies = Vec::new();
+    for _ in 0..2300 {
+        let b = body(&gone, &cb);
+        assert_eq!(svc.post(&b).await.0, 200);
+        bodies.push(b);
+    }
+    let spill = svc.data.path().join("state").join("queue.spill");
+    assert!(
+        std::fs::metadata(&spill).map(|m| m.len()).unwrap_or(0) > 0,
+        "the builds past the memory window are not in the scratch file"
+    );
+    let stop = format!(
+        "/{}-{}/1",
+        blocker["app"].as_str().unwrap(),
+        blocker["app_uuid"].as_str().unwrap()
+    );
+    let resp = svc.client.delete(svc.url(&stop)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    for b in &bodies {
+        let id = b["build_uuid"].as_str().unwrap();
+        assert_eq!(cb.wait_final(id, BUILD).await, "failed");
+    }
+    for b in &bodies {
+        let calls = cb.calls_for(b["build_uuid"].as_str().unwrap());
+        let statuses: Vec<&str> = calls
+            .iter()
+            .map(|c| c.body["status"].as_str().unwrap_or_default())
+            .collect();
+        assert_eq!(statuses, ["pending", "failed"]);
+    }
+    let started = started_at(svc.data.path(), &bodies);
+    assert!(
+        started.windows(2).all(|w| w[0] <= w[1]),
+        "builds did not start in submission order"
+    );
+    // Nothing is left in the scratch file once the queue is empty.
+    let start = std::time::Instant::now();
+    while std::fs::metadata(&spill).map(|m| m.len()).unwrap_or(0) > 0 {
+        assert!(
+            start.elapsed() < BUILD,
+            "the scratch file was never emptied"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

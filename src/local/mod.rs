@@ -4,6 +4,7 @@
 //! still run and a build that was running is reported failed ("interrupted") instead of
 //! being forgotten.
 
+mod records;
 pub mod state;
 
 use crate::build::{BuildSpec, FailureReason, Outcome, StageTimings};
@@ -14,6 +15,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::storage::Object;
 use async_trait::async_trait;
+use records::Records;
 use state::{Phase, Record, Recovered, StateStore};
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -45,7 +47,7 @@ struct Inner {
     state: StateStore,
     /// Records of unfinished builds. Changes are made and queued for the journal under this
     /// lock (so they reach the disk in order) and awaited after it is released.
-    records: Mutex<HashMap<Uuid, Held>>,
+    records: Mutex<Records>,
     active: Mutex<HashMap<Uuid, Active>>,
     /// Builds waiting for a slot, oldest first: only their ids. A queued build has no task
     /// (the dispatcher starts one when a slot frees), so a burst of accepted builds costs
@@ -75,38 +77,11 @@ impl Drop for Finishing<'_> {
     }
 }
 
+/// Queued builds past this many keep their record in the scratch file (see `records`).
+const HOT_QUEUE: usize = 2048;
+
 /// Why a build was stopped, set before its token fires; `None` means "stopped by request".
 type StopReason = Arc<Mutex<Option<(FailureReason, String)>>>;
-
-/// A build's record in memory. A queued build keeps only its journal line (a fraction of
-/// the parsed record's size, which matters for a burst of thousands); it is parsed again
-/// when it changes or starts.
-enum Held {
-    Line(Box<[u8]>),
-    Parsed(Box<Record>),
-}
-
-impl Held {
-    /// A queued record is kept as its line, any other parsed.
-    fn new(rec: Record, line: &[u8]) -> Self {
-        if rec.phase == Phase::Queued {
-            Held::Line(line.into())
-        } else {
-            Held::Parsed(Box::new(rec))
-        }
-    }
-
-    fn record(&self) -> Option<Record> {
-        match self {
-            Held::Parsed(r) => Some(Record::clone(r)),
-            Held::Line(l) => serde_json::from_slice(l)
-                .map_err(
-                    |e| tracing::error!(error = %e, "a queued build's record cannot be read back"),
-                )
-                .ok(),
-        }
-    }
-}
 
 /// A build that has not ended: what stopping it and reporting it active need.
 struct Active {
@@ -171,7 +146,9 @@ impl LocalExecutor {
             sinks,
             callbacks,
             state,
-            records: Mutex::new(HashMap::new()),
+            records: Mutex::new(Records::new(
+                &settings.data_dir.join("state").join("queue.spill"),
+            )),
             active: Mutex::new(HashMap::new()),
             waiting: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
@@ -203,9 +180,8 @@ impl LocalExecutor {
                 Phase::Queued => {
                     tracing::info!(build = %id, app = %rec.spec.app, "re-queueing a build accepted before the restart");
                     let line = state::encode(&rec).map_err(std::io::Error::other)?;
-                    self.inner
-                        .lock_records()
-                        .insert(id, Held::new(rec.clone(), &line));
+                    let cold = self.inner.lock_waiting().len() >= HOT_QUEUE;
+                    self.inner.lock_records().insert(rec.clone(), &line, cold);
                     self.enqueue(rec);
                 }
                 Phase::Running => {
@@ -219,18 +195,14 @@ impl LocalExecutor {
                     rec.outcome = Some(outcome);
                     rec.finished_at = Some(chrono::Utc::now());
                     let saved = self.inner.state.save(&rec);
-                    self.inner
-                        .lock_records()
-                        .insert(id, Held::Parsed(Box::new(rec)));
+                    self.inner.lock_records().insert(rec, &[], false);
                     saved.await.map_err(std::io::Error::other)?;
                     let inner = self.inner.clone();
                     self.inner
                         .supervise(async move { inner.send_callbacks(id).await });
                 }
                 Phase::Finished if !rec.final_sent || !rec.pending_sent => {
-                    self.inner
-                        .lock_records()
-                        .insert(id, Held::Parsed(Box::new(rec)));
+                    self.inner.lock_records().insert(rec, &[], false);
                     let inner = self.inner.clone();
                     self.inner
                         .supervise(async move { inner.send_callbacks(id).await });
@@ -358,7 +330,7 @@ impl Inner {
     }
 
     /// The records map; a panic elsewhere while holding it leaves it usable.
-    fn lock_records(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Held>> {
+    fn lock_records(&self) -> std::sync::MutexGuard<'_, Records> {
         self.records
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -367,29 +339,10 @@ impl Inner {
     async fn update(&self, id: Uuid, f: impl FnOnce(&mut Record)) {
         let saved = {
             let mut records = self.lock_records();
-            let Some(held) = records.get_mut(&id) else {
-                return;
-            };
-            let encoded = match held {
-                Held::Parsed(rec) => {
-                    f(rec);
-                    state::encode(rec).map(|line| (rec.final_sent, line))
-                }
-                Held::Line(_) => {
-                    let Some(mut rec) = held.record() else {
-                        return;
-                    };
-                    f(&mut rec);
-                    state::encode(&rec).map(|line| {
-                        let final_sent = rec.final_sent;
-                        *held = Held::new(rec, &line);
-                        (final_sent, line)
-                    })
-                }
-            };
-            match encoded {
-                Ok((final_sent, line)) => self.state.save_line(id, final_sent, line),
-                Err(e) => {
+            match records.change(&id, f) {
+                None => return,
+                Some(Ok((final_sent, line))) => self.state.save_line(id, final_sent, line),
+                Some(Err(e)) => {
                     tracing::error!(build = %id, error = %e, "could not write the build's state");
                     return;
                 }
@@ -599,7 +552,7 @@ impl Inner {
     }
 
     fn record(&self, id: Uuid) -> Option<Record> {
-        self.lock_records().get(&id).and_then(Held::record)
+        self.lock_records().get(&id)
     }
 
     /// One callback; a delivery given up after its retries is counted and logged once.
@@ -726,7 +679,7 @@ impl Executor for LocalExecutor {
             ));
         }
         let id = spec.build_uuid;
-        if self.inner.lock_records().contains_key(&id) || self.inner.state.is_done(&id) {
+        if self.inner.lock_records().contains(&id) || self.inner.state.is_done(&id) {
             tracing::info!(build = %id, "build already accepted; not starting it again");
             return Ok(());
         }
@@ -748,9 +701,10 @@ impl Executor for LocalExecutor {
             finished_at: None,
             timings: StageTimings::default(),
         };
+        let cold = self.inner.lock_waiting().len() >= HOT_QUEUE;
         let saved = {
             let mut records = self.inner.lock_records();
-            if records.contains_key(&id) {
+            if records.contains(&id) {
                 return Ok(());
             }
             // Taken under the lock, so seq order is journal order.
@@ -764,7 +718,7 @@ impl Executor for LocalExecutor {
                     ));
                 }
             };
-            records.insert(id, Held::new(rec.clone(), &line));
+            records.insert(rec.clone(), &line, cold);
             self.inner.state.save_line(id, false, line)
         };
         // The 200 waits for the fsync of this record's batch: an accepted build survives a

@@ -43,7 +43,7 @@ pub struct Record {
     /// Submission order; the queue runs lowest first.
     pub seq: u64,
     pub phase: Phase,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<Outcome>,
     /// Callback deliveries done (or given up); checked before sending, so none repeats.
     #[serde(default)]
@@ -51,9 +51,9 @@ pub struct Record {
     #[serde(default)]
     pub final_sent: bool,
     pub accepted_at: chrono::DateTime<chrono::Utc>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<chrono::DateTime<chrono::Utc>>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
     /// How long each stage took (filled as the build goes).
     #[serde(default)]

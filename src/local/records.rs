@@ -1,0 +1,232 @@
+//! The local executor's records of unfinished builds, in memory. Started builds are parsed
+//! records; a queued build is only its journal line (about half the parsed size), and one
+//! far back in the queue keeps even that in a scratch file (`DATA_DIR/state/queue.spill`),
+//! so a burst of tens of thousands of accepted builds costs a few hundred bytes each.
+//!
+//! The scratch file is a cache, never the truth: the journal (`state`) makes builds durable.
+//! It starts empty, has mode 0600 (lines hold credentials, as the journal's do), and is
+//! truncated whenever no build is left in it.
+
+use super::state::{self, Phase, Record, StateError};
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use uuid::Uuid;
+
+enum Held {
+    Parsed(Box<Record>),
+    Line(Box<[u8]>),
+    Spilled { at: u64, len: u32 },
+}
+
+pub struct Records {
+    map: HashMap<Uuid, Held>,
+    spill: Option<Spill>,
+}
+
+impl Records {
+    /// Records with a scratch file at `spill` (without one, when it cannot be created:
+    /// every queued line then stays in memory).
+    pub fn new(spill: &Path) -> Self {
+        let spill = Spill::open(spill)
+            .map_err(|e| tracing::warn!(file = %spill.display(), error = %e, "no scratch file for queued builds; they stay in memory"))
+            .ok();
+        Self {
+            map: HashMap::new(),
+            spill,
+        }
+    }
+
+    pub fn contains(&self, id: &Uuid) -> bool {
+        self.map.contains_key(id)
+    }
+
+    /// Holds `rec` (whose journal line is `line`): parsed unless queued; a queued one in the
+    /// scratch file when `cold` (far back in the queue).
+    pub fn insert(&mut self, rec: Record, line: &[u8], cold: bool) {
+        let id = rec.spec.build_uuid;
+        let held = if rec.phase != Phase::Queued {
+            Held::Parsed(Box::new(rec))
+        } else {
+            let spilled = if cold {
+                self.spill.as_mut().and_then(|s| s.put(line))
+            } else {
+                None
+            };
+            match spilled {
+                Some((at, len)) => Held::Spilled { at, len },
+                None => Held::Line(line.into()),
+            }
+        };
+        if let Some(old) = self.map.insert(id, held) {
+            self.release(&old);
+        }
+    }
+
+    /// A copy of the record.
+    pub fn get(&self, id: &Uuid) -> Option<Record> {
+        let line = match self.map.get(id)? {
+            Held::Parsed(r) => return Some(Record::clone(r)),
+            Held::Line(l) => std::borrow::Cow::Borrowed(&l[..]),
+            Held::Spilled { at, len } => {
+                std::borrow::Cow::Owned(self.spill.as_ref()?.get(*at, *len)?)
+            }
+        };
+        serde_json::from_slice(&line)
+            .map_err(|e| tracing::error!(build = %id, error = %e, "a queued build's record cannot be read back"))
+            .ok()
+    }
+
+    /// Applies `f` to the record; returns its new journal line and whether it is final.
+    /// `None`: no such record.
+    pub fn change(
+        &mut self,
+        id: &Uuid,
+        f: impl FnOnce(&mut Record),
+    ) -> Option<Result<(bool, Vec<u8>), StateError>> {
+        if let Some(Held::Parsed(rec)) = self.map.get_mut(id) {
+            f(rec);
+            return Some(state::encode(rec).map(|line| (rec.final_sent, line)));
+        }
+        let cold = matches!(self.map.get(id)?, Held::Spilled { .. });
+        let mut rec = self.get(id)?;
+        f(&mut rec);
+        Some(state::encode(&rec).map(|line| {
+            let final_sent = rec.final_sent;
+            // A cold build stays cold (its pending callback's record, say).
+            self.insert(rec, &line, cold);
+            (final_sent, line)
+        }))
+    }
+
+    pub fn remove(&mut self, id: &Uuid) {
+        if let Some(old) = self.map.remove(id) {
+            self.release(&old);
+        }
+    }
+
+    fn release(&mut self, held: &Held) {
+        if let (Held::Spilled { .. }, Some(spill)) = (held, self.spill.as_mut()) {
+            spill.release();
+        }
+    }
+}
+
+/// The scratch file: lines appended, read back by offset, truncated when none is live.
+struct Spill {
+    file: File,
+    len: u64,
+    live: usize,
+}
+
+impl Spill {
+    fn open(path: &Path) -> std::io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)?;
+        Ok(Self {
+            file,
+            len: 0,
+            live: 0,
+        })
+    }
+
+    fn put(&mut self, line: &[u8]) -> Option<(u64, u32)> {
+        let len = u32::try_from(line.len()).ok()?;
+        let at = self.len;
+        if let Err(e) = self.file.write_all_at(line, at) {
+            tracing::warn!(error = %e, "cannot write a queued build to the scratch file; it stays in memory");
+            return None;
+        }
+        self.len += u64::from(len);
+        self.live += 1;
+        Some((at, len))
+    }
+
+    fn get(&self, at: u64, len: u32) -> Option<Vec<u8>> {
+        let mut buf = vec![0; len as usize];
+        self.file
+            .read_exact_at(&mut buf, at)
+            .map_err(|e| tracing::error!(error = %e, "cannot read a queued build back from the scratch file"))
+            .ok()?;
+        Some(buf)
+    }
+
+    fn release(&mut self) {
+        self.live = self.live.saturating_sub(1);
+        if self.live == 0 && self.len > 0 && self.file.set_len(0).is_ok() {
+            self.len = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(phase: Phase) -> Record {
+        let mut spec = crate::build::tests::spec();
+        spec.build_uuid = Uuid::new_v4();
+        Record {
+            spec,
+            seq: 0,
+            phase,
+            outcome: None,
+            pending_sent: false,
+            final_sent: false,
+            accepted_at: chrono::Utc::now(),
+            started_at: None,
+            finished_at: None,
+            timings: Default::default(),
+        }
+    }
+
+    #[test]
+    fn cold_queued_builds_live_in_the_scratch_file_until_none_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.spill");
+        let mut records = Records::new(&path);
+        let (hot, cold, started) = (rec(Phase::Queued), rec(Phase::Queued), rec(Phase::Running));
+        for (r, is_cold) in [
+            (&hot, false),
+            (&cold, true),
+            (&cold.clone(), true),
+            (&started, true),
+        ] {
+            records.insert(r.clone(), &state::encode(r).unwrap(), is_cold);
+        }
+        // Only the cold queued build went to the file (the second insert replaced the first).
+        assert_eq!(records.spill.as_ref().unwrap().live, 1);
+        assert!(std::fs::metadata(&path).unwrap().len() > 0);
+        for r in [&hot, &cold, &started] {
+            let got = records.get(&r.spec.build_uuid).unwrap();
+            assert_eq!(got.spec, r.spec);
+        }
+        // A change of a cold build keeps it cold; once none is left the file is truncated.
+        let (final_sent, line) = records
+            .change(&cold.spec.build_uuid, |r| r.pending_sent = true)
+            .unwrap()
+            .unwrap();
+        assert!(!final_sent);
+        assert!(records.get(&cold.spec.build_uuid).unwrap().pending_sent);
+        assert!(String::from_utf8(line)
+            .unwrap()
+            .contains("\"pending_sent\":true"));
+        assert_eq!(records.spill.as_ref().unwrap().live, 1);
+        let (_, started_line) = records
+            .change(&cold.spec.build_uuid, |r| r.phase = Phase::Running)
+            .unwrap()
+            .unwrap();
+        assert!(!started_line.is_empty());
+        assert_eq!(records.spill.as_ref().unwrap().live, 0);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        records.remove(&hot.spec.build_uuid);
+        assert!(!records.contains(&hot.spec.build_uuid));
+        assert!(records.change(&hot.spec.build_uuid, |_| ()).is_none());
+    }
+}
