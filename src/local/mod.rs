@@ -270,9 +270,15 @@ impl Inner {
     /// Spawns a task whose panic is logged rather than lost (the build it served would
     /// otherwise never report).
     fn supervise(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
+        use futures::FutureExt;
+        // One task, not a task awaiting another: a burst starts thousands of these.
         self.tasks.spawn(async move {
-            if let Err(e) = tokio::spawn(fut).await {
-                tracing::error!(error = %e, "a build task died; its build is reported on the next start");
+            if std::panic::AssertUnwindSafe(fut)
+                .catch_unwind()
+                .await
+                .is_err()
+            {
+                tracing::error!("a build task died; its build is reported on the next start");
             }
         });
     }
