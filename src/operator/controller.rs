@@ -18,7 +18,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{self, Action as Requeue, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use std::collections::{HashMap, HashSet};
@@ -99,6 +99,11 @@ pub struct Context {
     pub sending: Mutex<HashSet<String>>,
     /// Consecutive failed reconciles per BuildJob (for backoff).
     failures: Mutex<HashMap<String, u32>>,
+    /// The resourceVersion this process's last write of each BuildJob (by uid) returned. A
+    /// cached copy carrying that version is the object as we wrote it: the cache has caught
+    /// up with our own writes, so it serves where a fresh GET would (equality is all the API
+    /// conventions promise about resourceVersions, and all this needs).
+    written: Mutex<HashMap<String, String>>,
     pub observer: Arc<dyn Observer>,
 }
 
@@ -130,8 +135,37 @@ impl Context {
             starting: Mutex::new(HashSet::new()),
             sending: Mutex::new(HashSet::new()),
             failures: Mutex::new(HashMap::new()),
+            written: Mutex::new(HashMap::new()),
             observer,
         }
+    }
+
+    /// Notes the resourceVersion a write of ours returned.
+    pub(crate) fn wrote(&self, job: &BuildJob) {
+        let (Some(uid), Some(rv)) = (job.uid(), job.resource_version()) else {
+            return;
+        };
+        let mut w = lock(&self.written);
+        w.insert(uid, rv);
+        // Forget BuildJobs that are gone (amortised: only once the map has grown).
+        if w.len() > 2 * self.store.len() + 64 {
+            let live: HashSet<String> = self.store.state().iter().filter_map(|j| j.uid()).collect();
+            w.retain(|uid, _| live.contains(uid));
+        }
+    }
+
+    fn forget(&self, job: &BuildJob) {
+        if let Some(uid) = job.uid() {
+            lock(&self.written).remove(&uid);
+        }
+    }
+
+    /// Whether `cached` is exactly the object our last write of it returned.
+    fn is_our_last_write(&self, cached: &BuildJob) -> bool {
+        let (Some(uid), Some(rv)) = (cached.uid(), cached.resource_version()) else {
+            return false;
+        };
+        lock(&self.written).get(&uid) == Some(&rv)
     }
 
     /// Tells the observer how many BuildJobs wait and run.
@@ -147,33 +181,38 @@ impl Context {
         self.observer.queue(queued, running);
     }
 
-    /// (others holding a slot, queued jobs older than `job`).
+    /// (others holding a slot, queued jobs older than `job`). One pass over the cache
+    /// without copying names: it runs on every reconcile, queued re-checks included.
     fn queue_position(&self, job: &BuildJob) -> (usize, usize) {
-        let name = job.name_any();
-        let ns = job.namespace();
-        let key = |j: &BuildJob| (j.creation_timestamp().map(|t| t.0), j.name_any());
-        let mine = key(job);
-        let mut starting = lock(&self.starting);
+        let name = job.metadata.name.as_deref().unwrap_or_default();
+        let ns = job.metadata.namespace.as_deref();
+        let key = |j: &BuildJob| j.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        let mine = (key(job), name);
         let all = self.store.state();
+        let mut starting = lock(&self.starting);
         // Forget starts of jobs that are gone (deleted while starting).
-        starting.retain(|n| all.iter().any(|j| &j.name_any() == n));
+        starting.retain(|n| {
+            let mut r = ObjectRef::new(n);
+            r.namespace = ns.map(str::to_string);
+            self.store.get(&r).is_some()
+        });
         let (mut running, mut ahead) = (0, 0);
-        for other in all {
-            let other_name = other.name_any();
-            if other_name == name || other.namespace() != ns {
+        for other in &all {
+            let other_name = other.metadata.name.as_deref().unwrap_or_default();
+            if other_name == name || other.metadata.namespace.as_deref() != ns {
                 continue;
             }
             let phase = other.status.as_ref().and_then(|s| s.phase);
-            if phase.is_some_and(|p| p != Phase::Queued) {
+            if phase.is_some_and(|p| p != Phase::Queued) && !starting.is_empty() {
                 // The cache caught up with (or passed) the start.
-                starting.remove(&other_name);
+                starting.remove(other_name);
             }
-            if phase.is_some_and(Phase::holds_slot) || starting.contains(&other_name) {
+            if phase.is_some_and(Phase::holds_slot) || starting.contains(other_name) {
                 running += 1;
             } else if phase.is_none_or(|p| p == Phase::Queued)
                 && !other.spec.cancelled
                 && other.metadata.deletion_timestamp.is_none()
-                && key(&other) < mine
+                && (key(other), other_name) < mine
             {
                 ahead += 1;
             }
@@ -191,17 +230,56 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Where one reconcile's time went, step by step (logged at debug under the target
+/// `buildshuttle::reconcile_timing`, for benches/kube_scale.sh).
+pub(crate) struct Laps {
+    last: std::time::Instant,
+    steps: Vec<(&'static str, Duration)>,
+}
+
+impl Laps {
+    fn new(start: std::time::Instant) -> Self {
+        Laps {
+            last: start,
+            steps: Vec::new(),
+        }
+    }
+
+    /// Ends the step `what` now.
+    fn lap(&mut self, what: &'static str) {
+        let now = std::time::Instant::now();
+        self.steps.push((what, now - self.last));
+        self.last = now;
+    }
+
+    fn render(&self) -> String {
+        let mut out = String::new();
+        for (what, d) in &self.steps {
+            out.push_str(&format!("{what}={} ", d.as_micros()));
+        }
+        out
+    }
+}
+
 pub async fn reconcile(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Requeue> {
     let started = std::time::Instant::now();
-    let res = reconcile_inner(cached.clone(), ctx.clone()).await;
-    ctx.observer.reconciled(started.elapsed().as_secs_f64());
+    let mut laps = Laps::new(started);
+    let res = reconcile_inner(cached.clone(), ctx.clone(), &mut laps).await;
+    let took = started.elapsed();
+    ctx.observer.reconciled(took.as_secs_f64());
+    laps.lap("end");
+    tracing::debug!(target: "buildshuttle::reconcile_timing", job = %cached.name_any(), total_us = took.as_micros() as u64, ok = res.is_ok(), steps = %laps.render(), "reconcile timing");
     if res.is_ok() {
         lock(&ctx.failures).remove(&cached.name_any());
     }
     res
 }
 
-async fn reconcile_inner(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Requeue> {
+async fn reconcile_inner(
+    cached: Arc<BuildJob>,
+    ctx: Arc<Context>,
+    laps: &mut Laps,
+) -> Result<Requeue> {
     let name = cached.name_any();
     let ns = cached
         .namespace()
@@ -211,30 +289,62 @@ async fn reconcile_inner(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Req
 
     // Still waiting, nothing owed: decide would change nothing, so ask the API nothing (a
     // long queue re-checks often). The cached copy is enough to know that much.
-    {
-        let prev = cached.status.clone().unwrap_or_default();
+    let cached_status = cached.status.clone().unwrap_or_default();
+    let may_start = {
+        let prev = &cached_status;
         let (running, queued_ahead) = ctx.queue_position(&cached);
         ctx.report_queue();
-        let still_queued = prev.phase == Some(Phase::Queued)
-            && prev.callbacks.pending
-            && !cached.spec.cancelled
-            && cached.metadata.deletion_timestamp.is_none()
-            && running + queued_ahead >= ctx.settings.max_parallel;
+        let stopping = cached.spec.cancelled || cached.metadata.deletion_timestamp.is_some();
+        let room = running + queued_ahead < ctx.settings.max_parallel;
+        let still_queued =
+            prev.phase == Some(Phase::Queued) && prev.callbacks.pending && !stopping && !room;
+        laps.lap("cache");
         if still_queued {
             return Ok(Requeue::requeue(decide::QUEUED_RECHECK));
         }
-    }
+        room && !stopping && prev.phase.is_none_or(|p| p == Phase::Queued)
+    };
 
-    // Decide from the API server's copy, never the cache: the cache may not have seen this
-    // controller's last status write yet, and acting on it would repeat side effects.
-    let Some(job) = jobs
-        .get_opt(&name)
-        .await
-        .map_err(kube_err("reading the BuildJob"))?
-    else {
+    // Decide from a copy at least as new as this controller's last write of the BuildJob,
+    // never from an older one: the cache may not have seen that write yet, and acting on
+    // what came before it would repeat side effects. The cached copy qualifies when it is
+    // exactly what our last write returned; otherwise it is read fresh. At the same time
+    // (names from the cached copy, checked against the one decided from): the worker pod,
+    // and the credentials Secret when the cached copy says a pod is about to start.
+    let from_cache = ctx.is_our_last_write(&cached);
+    let guess_pod = (!cached_status.phase.is_some_and(Phase::is_finished))
+        .then(|| pod_name(&name, cached_status.pod_retries));
+    let (job, pod, secret) = tokio::join!(
+        async {
+            if from_cache {
+                Ok(Some(cached.clone()))
+            } else {
+                let job = jobs.get_opt(&name).await;
+                job.map(|j| j.map(Arc::new))
+                    .map_err(kube_err("reading the BuildJob"))
+            }
+        },
+        async {
+            match &guess_pod {
+                Some(p) => pods
+                    .get_opt(p)
+                    .await
+                    .map_err(kube_err("reading the worker pod")),
+                None => Ok(None),
+            }
+        },
+        async {
+            if may_start {
+                fetch_secret(&ctx.client, &ns, &name).await.map(Some)
+            } else {
+                Ok(None)
+            }
+        },
+    );
+    let Some(mut job) = job? else {
         return Ok(Requeue::await_change());
     };
-    let mut job = Arc::new(job);
+    laps.lap(if from_cache { "read_cached" } else { "read" });
     let prev = job.status.clone().unwrap_or_default();
     let (running, queued_ahead) = ctx.queue_position(&job);
     let finished = prev.phase.is_some_and(Phase::is_finished);
@@ -242,10 +352,14 @@ async fn reconcile_inner(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Req
     let pod = if finished {
         None
     } else {
-        let pod = pods
-            .get_opt(&pod_name(&name, prev.pod_retries))
-            .await
-            .map_err(kube_err("reading the worker pod"))?;
+        let want = pod_name(&name, prev.pod_retries);
+        let pod = if guess_pod.as_ref() == Some(&want) {
+            pod?
+        } else {
+            let pod = pods.get_opt(&want).await;
+            laps.lap("get_pod");
+            pod.map_err(kube_err("reading the worker pod"))?
+        };
         match pod {
             Some(p) if !owned_by(&p, &job) => {
                 remove_foreign_pod(&pods, &p).await?;
@@ -286,33 +400,45 @@ async fn reconcile_inner(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Req
         );
         (kind, plan)
     });
+    laps.lap("decide");
 
-    // The credentials Secret, read only when a pod is started or a callback sent (they
-    // need it): its name comes from the BuildJob's name (never from the spec), and only a
-    // Secret this BuildJob owns is used. The facade creates it just after the BuildJob, so a
-    // young BuildJob waits for it; an old one goes on without (and fails).
+    // The credentials Secret: its name comes from the BuildJob's name (never from the
+    // spec), and only a Secret this BuildJob owns is used. The facade creates it just after
+    // the BuildJob, so a young BuildJob waits for it; an old one goes on without (and
+    // fails). A pod start needs it here; a callback's sender reads it (off this path)
+    // unless it is at hand.
     let starts_pod = actions
         .iter()
         .any(|a| matches!(a, Action::CreatePod { .. }));
-    let sends = matches!(plan, Some((_, CallbackPlan::Send)));
-    let mut credentials = None;
-    if starts_pod || sends {
-        credentials = read_secret(&ctx.client, &ns, &job).await?;
-        let age = job
-            .creation_timestamp()
-            .map(|t| Timestamp::now().duration_since(t.0).as_secs())
-            .unwrap_or(i64::MAX);
-        let waits = !finished
-            && age < SECRET_WAIT.as_secs() as i64
-            && job.metadata.deletion_timestamp.is_none()
-            && !job.spec.cancelled;
-        if credentials.is_none() && waits {
+    let age = job
+        .creation_timestamp()
+        .map(|t| Timestamp::now().duration_since(t.0).as_secs())
+        .unwrap_or(i64::MAX);
+    let waits_for_secret = !finished
+        && age < SECRET_WAIT.as_secs() as i64
+        && job.metadata.deletion_timestamp.is_none()
+        && !job.spec.cancelled;
+    let mut auth = notify::Auth::Read {
+        wait: waits_for_secret,
+    };
+    if starts_pod {
+        let secret = match secret? {
+            Some(prefetched) => prefetched,
+            None => {
+                let s = fetch_secret(&ctx.client, &ns, &name).await?;
+                laps.lap("get_secret");
+                s
+            }
+        };
+        let credentials = owned_secret(secret, &job);
+        if credentials.is_none() && waits_for_secret {
             tracing::debug!(job = %name, "waiting for the credentials Secret");
             return Ok(Requeue::requeue(Duration::from_secs(2)));
         }
         if credentials.is_none() {
             tracing::warn!(job = %name, secret = %secret_name(&name), "the credentials Secret is missing (or not owned by this BuildJob); going on without it");
         }
+        auth = notify::Auth::Known(callback_auth(credentials.as_ref()));
     }
 
     let mut requeue = None;
@@ -322,7 +448,8 @@ async fn reconcile_inner(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Req
     for action in actions {
         match action {
             Action::AddFinalizer => {
-                job = Arc::new(add_finalizer(&jobs, &job).await?);
+                job = Arc::new(add_finalizer(&ctx, &jobs, &job).await?);
+                laps.lap("add_finalizer");
             }
             Action::RemoveFinalizer => remove_finalizer = true,
             Action::DeletePod { name: pod, force } => {
@@ -336,9 +463,12 @@ async fn reconcile_inner(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Req
                     Err(e) if is_status(&e, |s| s.is_not_found()) => {}
                     Err(e) => return Err(kube_err("deleting the worker pod")(e)),
                 }
+                laps.lap("delete_pod");
             }
             Action::CreatePod { attempt, .. } => {
-                match create_pod(&ctx, &pods, &job, attempt).await? {
+                let created = create_pod(&ctx, &pods, &job, attempt).await?;
+                laps.lap("create_pod");
+                match created {
                     Created::Yes => {
                         lock(&ctx.starting).insert(name.clone());
                         let ms = since_created(&job, Timestamp::now());
@@ -350,7 +480,7 @@ async fn reconcile_inner(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Req
                         // waiting as it was (no slot held without a pod).
                         let mut st = prev.clone();
                         st.admission_retries += 1;
-                        write_status(&jobs, &job, &st).await?;
+                        write_status(&ctx, &jobs, &job, &st).await?;
                         let note = EventNote {
                             warning: true,
                             reason: "PodRefused".into(),
@@ -359,14 +489,14 @@ async fn reconcile_inner(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Req
                                 st.admission_retries, ctx.settings.max_admission_retries
                             ),
                         };
-                        publish(&ctx, &job, &note).await;
+                        publish_later(&ctx, &job, vec![note]);
                         let wait = Duration::from_secs(5 << st.admission_retries.min(5));
                         return Ok(Requeue::requeue(wait));
                     }
                     Created::Refused(message) => {
                         let (failed, note) = decide::reject(&prev, &message, Timestamp::now());
-                        write_status(&jobs, &job, &failed).await?;
-                        publish(&ctx, &job, &note).await;
+                        write_status(&ctx, &jobs, &job, &failed).await?;
+                        publish_later(&ctx, &job, vec![note]);
                         // The next reconcile sees a finished build and sends the callbacks.
                         return Ok(Requeue::requeue(Duration::from_millis(200)));
                     }
@@ -399,7 +529,8 @@ async fn reconcile_inner(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Req
 
     // The status first: what happened is recorded before anyone is told.
     if status.without_timestamps() != prev.without_timestamps() {
-        write_status(&jobs, &job, &status).await?;
+        write_status(&ctx, &jobs, &job, &status).await?;
+        laps.lap("write_status");
         if status.phase.is_some_and(Phase::is_finished) && !finished {
             let seconds = match (&status.start_time, &status.completion_time) {
                 (Some(s), Some(c)) => Duration::try_from(c.0.duration_since(s.0)).ok(),
@@ -417,14 +548,13 @@ async fn reconcile_inner(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Req
             lock(&ctx.starting).remove(&name);
         }
     }
-    for e in &events {
-        publish(&ctx, &job, e).await;
-    }
+    publish_later(&ctx, &job, events);
     if let Some(kind) = send {
-        notify::spawn(ctx.clone(), &job, callback_auth(credentials.as_ref()), kind);
+        notify::spawn(ctx.clone(), &job, auth, kind);
     }
     if remove_finalizer {
         drop_finalizer(&jobs, &job).await?;
+        ctx.forget(&job);
         return Ok(Requeue::await_change());
     }
     if delete_job {
@@ -434,6 +564,7 @@ async fn reconcile_inner(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Req
             Err(e) if is_status(&e, |s| s.is_not_found()) => {}
             Err(e) => return Err(kube_err("deleting the finished BuildJob")(e)),
         }
+        ctx.forget(&job);
         return Ok(Requeue::await_change());
     }
     Ok(requeue
@@ -530,6 +661,7 @@ async fn create_pod(
 /// computed from: if anything wrote since, the API server answers 409 and the reconcile
 /// starts over from a fresh read instead of overwriting newer facts.
 pub(crate) async fn write_status(
+    ctx: &Context,
     jobs: &Api<BuildJob>,
     job: &BuildJob,
     status: &BuildJobStatus,
@@ -540,16 +672,19 @@ pub(crate) async fn write_status(
         "metadata": {"resourceVersion": job.resource_version()},
         "status": status,
     });
-    jobs.patch_status(
-        &job.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await
-    .map_err(kube_err("writing the BuildJob status"))
+    let written = jobs
+        .patch_status(
+            &job.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map_err(kube_err("writing the BuildJob status"))?;
+    ctx.wrote(&written);
+    Ok(written)
 }
 
-async fn add_finalizer(jobs: &Api<BuildJob>, job: &BuildJob) -> Result<BuildJob> {
+async fn add_finalizer(ctx: &Context, jobs: &Api<BuildJob>, job: &BuildJob) -> Result<BuildJob> {
     let rv = job.resource_version().unwrap_or_default();
     let patch = if job.metadata.finalizers.is_none() {
         serde_json::json!([
@@ -563,17 +698,20 @@ async fn add_finalizer(jobs: &Api<BuildJob>, job: &BuildJob) -> Result<BuildJob>
         ])
     };
     let patch: json_patch::Patch = serde_json::from_value(patch).map_err(Error::Patch)?;
-    jobs.patch(
-        &job.name_any(),
-        &PatchParams::default(),
-        &Patch::Json::<()>(patch),
-    )
-    .await
-    .map_err(|e| match e {
-        // A failed `test` (the object changed) is 422 Invalid or 409: read again.
-        kube::Error::Api(s) if s.is_invalid() || s.is_conflict() => Error::Stale,
-        e => kube_err("adding the finalizer")(e),
-    })
+    let written = jobs
+        .patch(
+            &job.name_any(),
+            &PatchParams::default(),
+            &Patch::Json::<()>(patch),
+        )
+        .await
+        .map_err(|e| match e {
+            // A failed `test` (the object changed) is 422 Invalid or 409: read again.
+            kube::Error::Api(s) if s.is_invalid() || s.is_conflict() => Error::Stale,
+            e => kube_err("adding the finalizer")(e),
+        })?;
+    ctx.wrote(&written);
+    Ok(written)
 }
 
 async fn drop_finalizer(jobs: &Api<BuildJob>, job: &BuildJob) -> Result<()> {
@@ -603,28 +741,35 @@ async fn drop_finalizer(jobs: &Api<BuildJob>, job: &BuildJob) -> Result<()> {
 /// How long a new BuildJob waits for its credentials Secret.
 pub const SECRET_WAIT: Duration = Duration::from_secs(120);
 
-/// The BuildJob's credentials Secret, if it exists and this BuildJob owns it.
-async fn read_secret(client: &Client, ns: &str, job: &BuildJob) -> Result<Option<KubeSecret>> {
+/// The BuildJob's credentials Secret, if it exists (whoever owns it).
+pub(crate) async fn fetch_secret(
+    client: &Client,
+    ns: &str,
+    job: &str,
+) -> Result<Option<KubeSecret>> {
     let secrets: Api<KubeSecret> = Api::namespaced(client.clone(), ns);
-    let name = secret_name(&job.name_any());
-    let secret = secrets
-        .get_opt(&name)
+    secrets
+        .get_opt(&secret_name(job))
         .await
-        .map_err(kube_err("reading the credentials Secret"))?;
+        .map_err(kube_err("reading the credentials Secret"))
+}
+
+/// `secret` if this BuildJob owns it.
+pub(crate) fn owned_secret(secret: Option<KubeSecret>, job: &BuildJob) -> Option<KubeSecret> {
     let uid = job.uid();
-    Ok(secret.filter(|s| {
+    secret.filter(|s| {
         let ours = s
             .owner_references()
             .iter()
             .any(|o| Some(&o.uid) == uid.as_ref());
         if !ours {
-            tracing::warn!(job = %job.name_any(), secret = %name, "ignoring a credentials Secret that this BuildJob does not own");
+            tracing::warn!(job = %job.name_any(), secret = %s.name_any(), "ignoring a credentials Secret that this BuildJob does not own");
         }
         ours
-    }))
+    })
 }
 
-fn callback_auth(secret: Option<&KubeSecret>) -> Option<Secret> {
+pub(crate) fn callback_auth(secret: Option<&KubeSecret>) -> Option<Secret> {
     secret
         .and_then(|s| s.data.as_ref())
         .and_then(|d| d.get(secret_keys::CALLBACK_AUTH))
@@ -663,6 +808,20 @@ pub(crate) async fn publish(ctx: &Context, job: &BuildJob, e: &EventNote) {
     if let Err(err) = ctx.recorder.publish(&ev, &job.object_ref(&())).await {
         tracing::warn!(job = %job.name_any(), error = %err, "could not record an event");
     }
+}
+
+/// Publishes `events` (in order) off the reconcile's path: they are for people, and the
+/// reconcile has nothing to wait for (a failure is only logged either way).
+pub(crate) fn publish_later(ctx: &Arc<Context>, job: &BuildJob, events: Vec<EventNote>) {
+    if events.is_empty() {
+        return;
+    }
+    let (ctx, job) = (ctx.clone(), job.clone());
+    tokio::spawn(async move {
+        for e in &events {
+            publish(&ctx, &job, e).await;
+        }
+    });
 }
 
 /// Per-BuildJob exponential backoff with jitter, so throttled retries do not fire in
@@ -1128,7 +1287,6 @@ mod tests {
         let mut scenario = vec![
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
             Expect::new(Method::GET, pod_path(0), 200, Some(pod)),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
             Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&done))).check(|b| {
                 assert_eq!(b["status"]["phase"], "Succeeded");
                 assert_eq!(b["status"]["image"], "r/a:1.12");
@@ -1140,6 +1298,13 @@ mod tests {
                 assert_eq!(b["status"]["callbacks"]["inFlight"]["status"], "succeeded");
             }),
         ];
+        // The sender reads the credentials Secret (off the reconcile's path).
+        scenario.push(Expect::new(
+            Method::GET,
+            secret_path(),
+            200,
+            Some(secret_json("uid-1")),
+        ));
         scenario.extend(recorded(&done, |b| {
             assert_eq!(b["status"]["callbacks"]["final"], true);
             assert!(b["status"]["timings"]["finalCallbackMs"].is_u64(), "{b}");
@@ -1147,6 +1312,8 @@ mod tests {
         let (res, _) = play(j.clone(), vec![], scenario).await;
         assert!(res.is_ok(), "{res:?}");
         assert_eq!(rx.statuses(), ["succeeded"]);
+        let got = rx.got.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        assert_eq!(got[0].0, "cb-token", "the sender used the Secret it read");
 
         // The next reconcile (everything recorded) sends nothing and writes nothing.
         let mut all = done.clone();
@@ -1162,6 +1329,72 @@ mod tests {
         .await;
         assert!(res.is_ok(), "{res:?}");
         assert_eq!(rx.statuses(), ["succeeded"], "never twice");
+    }
+
+    #[tokio::test]
+    async fn a_cached_copy_of_our_own_last_write_is_not_read_again_an_older_one_is() {
+        let rx = Receiver::start().await;
+        let j = job_with(Some(Phase::Running), &rx.url, true);
+        let msg = success_message();
+        let mut pod =
+            serde_json::to_value(ended_pod("Succeeded", None, 0, "Completed", Some(&msg)))
+                .unwrap_or_default();
+        pod["metadata"]["ownerReferences"] =
+            owned_pod("x", "uid-1")["metadata"]["ownerReferences"].clone();
+        let mut done = with_rv(&j, "2");
+        done.status = Some(BuildJobStatus {
+            phase: Some(Phase::Succeeded),
+            completion_time: Some(Time(Timestamp::now())),
+            callbacks: CallbacksSent {
+                pending: true,
+                final_: false,
+                in_flight: Some(CallbackInFlight {
+                    status: "succeeded".into(),
+                    by: "test".into(),
+                    since: Time(Timestamp::now()),
+                }),
+            },
+            ..Default::default()
+        });
+        let mut all = with_rv(&done, "3");
+        if let Some(st) = all.status.as_mut() {
+            st.callbacks.final_ = true;
+            st.callbacks.in_flight = None;
+        }
+        let scenario = vec![
+            // The first reconcile has no write of ours to trust: it reads.
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+            Expect::new(Method::GET, pod_path(0), 200, Some(pod)),
+            Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&done))),
+            // The sender: Secret, fresh read, record (our last write: version 3).
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&done))),
+            Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&all))),
+            // The third reconcile's cached copy (version 2) is older than our last write.
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&all))),
+        ];
+        let (client, handle) = mock::client();
+        let verifier = mock::verify(handle, scenario);
+        let ctx = context(client, vec![]);
+        let res = reconcile(Arc::new(j), ctx.clone()).await;
+        assert!(res.is_ok(), "{res:?}");
+        for _ in 0..200 {
+            if lock(&ctx.sending).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(lock(&ctx.sending).is_empty(), "the callback was recorded");
+        // Version 3 is what our last write returned: no call at all (nothing is owed).
+        let res = reconcile(Arc::new(all), ctx.clone()).await;
+        assert!(res.is_ok(), "{res:?}");
+        let res = reconcile(Arc::new(done), ctx.clone()).await;
+        assert!(res.is_ok(), "{res:?}");
+        drop(ctx);
+        verifier
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        assert_eq!(rx.statuses(), ["succeeded"], "once");
     }
 
     #[tokio::test]
@@ -1191,7 +1424,6 @@ mod tests {
                 200,
                 Some(owned_pod("Running", "uid-1")),
             ),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
             Expect::new(
                 Method::DELETE,
                 pod_path(0),
@@ -1204,6 +1436,13 @@ mod tests {
                 assert_eq!(b["status"]["conditions"][0]["status"], "False");
             }),
         ];
+        // The sender reads the credentials Secret (off the reconcile's path).
+        scenario.push(Expect::new(
+            Method::GET,
+            secret_path(),
+            200,
+            Some(secret_json("uid-1")),
+        ));
         scenario.extend(recorded(&failed, |b| {
             assert_eq!(b["status"]["callbacks"]["final"], true)
         }));
@@ -1244,7 +1483,6 @@ mod tests {
                 200,
                 Some(owned_pod("Running", "uid-1")),
             ),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
             Expect::new(
                 Method::DELETE,
                 pod_path(0),
@@ -1256,6 +1494,13 @@ mod tests {
                 assert_eq!(b["status"]["conditions"][0]["reason"], "Deleted");
             }),
         ];
+        // The sender reads the credentials Secret (off the reconcile's path).
+        scenario.push(Expect::new(
+            Method::GET,
+            secret_path(),
+            200,
+            Some(secret_json("uid-1")),
+        ));
         scenario.extend(recorded(&failed, |b| {
             assert_eq!(b["status"]["callbacks"]["final"], true)
         }));

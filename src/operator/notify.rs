@@ -4,7 +4,9 @@
 //! as sent (delivered, or given up with a Warning event) with an optimistic status write.
 //! A slow receiver holds up nothing but its own task.
 
-use super::controller::{lock, publish, write_status, Context};
+use super::controller::{
+    callback_auth, fetch_secret, lock, owned_secret, publish, write_status, Context, SECRET_WAIT,
+};
 use super::crd::{BuildJob, Phase};
 use super::decide::{CallbackKind, EventNote};
 use crate::secret::Secret;
@@ -21,8 +23,18 @@ pub fn status_word(kind: CallbackKind) -> &'static str {
     }
 }
 
+/// The callback's Authorization (from the BuildJob's credentials Secret).
+pub enum Auth {
+    /// The reconcile read the Secret already.
+    Known(Option<Secret>),
+    /// The sender reads it; `wait`: a young BuildJob's Secret may not exist yet (the facade
+    /// creates it just after the BuildJob), so wait for it up to SECRET_WAIT after the
+    /// BuildJob was created.
+    Read { wait: bool },
+}
+
 /// Starts delivering `kind` for `job` unless this process already is.
-pub fn spawn(ctx: Arc<Context>, job: &BuildJob, auth: Option<Secret>, kind: CallbackKind) {
+pub fn spawn(ctx: Arc<Context>, job: &BuildJob, auth: Auth, kind: CallbackKind) {
     let uid = job.uid().unwrap_or_default();
     if !lock(&ctx.sending).insert(uid.clone()) {
         return;
@@ -34,6 +46,10 @@ pub fn spawn(ctx: Arc<Context>, job: &BuildJob, auth: Option<Secret>, kind: Call
     tokio::spawn(async move {
         let word = status_word(kind);
         if let Some(url) = url {
+            let auth = match auth {
+                Auth::Known(a) => a,
+                Auth::Read { wait } => credentials(&ctx, &job, wait).await,
+            };
             if let Err(e) = ctx
                 .callbacks
                 .deliver(&url, auth.as_ref(), build_number, word)
@@ -81,7 +97,7 @@ async fn record(ctx: &Context, ns: &str, name: &str, uid: &str, kind: CallbackKi
                 if ours {
                     st.callbacks.in_flight = None;
                 }
-                match write_status(&jobs, &job, &st).await {
+                match write_status(ctx, &jobs, &job, &st).await {
                     Ok(_) => {
                         if matches!(kind, CallbackKind::Final(_))
                             && st.phase.is_some_and(Phase::is_finished)
@@ -104,4 +120,40 @@ async fn record(ctx: &Context, ns: &str, name: &str, uid: &str, kind: CallbackKi
         delay = (delay * 2).min(Duration::from_secs(5));
     }
     tracing::error!(job = %name, "gave up recording a sent callback; the next leader may send it again");
+}
+
+/// The callback Authorization from the BuildJob's own credentials Secret. Waits for a
+/// missing Secret while `wait` and the BuildJob is young; an API error is retried within
+/// the callback budget. Without it the callback goes out without Authorization (warned).
+async fn credentials(ctx: &Context, job: &BuildJob, wait: bool) -> Option<Secret> {
+    let (name, ns) = (job.name_any(), job.namespace().unwrap_or_default());
+    let created = job.creation_timestamp().map(|t| t.0);
+    let give_up = tokio::time::Instant::now() + ctx.callback_budget;
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match fetch_secret(&ctx.client, &ns, &name).await {
+            Ok(secret) => {
+                if let Some(s) = owned_secret(secret, job) {
+                    return callback_auth(Some(&s));
+                }
+                let age =
+                    created.map_or(i64::MAX, |c| Timestamp::now().duration_since(c).as_secs());
+                if !wait || age >= SECRET_WAIT.as_secs() as i64 {
+                    tracing::warn!(job = %name, "the credentials Secret is missing (or not owned by this BuildJob); the callback goes without Authorization");
+                    return None;
+                }
+                tracing::debug!(job = %name, "waiting for the credentials Secret");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Err(e) if tokio::time::Instant::now() < give_up => {
+                tracing::warn!(job = %name, error = %e, "cannot read the credentials Secret yet");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                tracing::warn!(job = %name, error = %e, "cannot read the credentials Secret; the callback goes without Authorization");
+                return None;
+            }
+        }
+    }
 }
