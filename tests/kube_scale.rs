@@ -44,6 +44,8 @@ async fn many_builds_finish_with_constant_requests_per_build() {
     let builds: Vec<_> = (0..n)
         .map(|_| body("data:base64,H4sIAB4nC2sC/+3NMQrCQAAEwKt9RZ5wkph8QOxE8AfhiEQUhEv8v0caIb2CONPsss3uH+k25Mv1PoSPiUXbNEsW64xxu3v3Ze+6ug5VDF/wnOY+l8vwnw7n07GaUu7nNG4CAAAAAAAAAAAAv+IF3SyepwAoAAA=", &cb))
         .collect();
+    // The machine may be shared: its load says how far the figures are the controller's.
+    let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let start = Instant::now();
     let client = reqwest::Client::new();
     for chunk in builds.chunks(20) {
@@ -99,10 +101,16 @@ async fn many_builds_finish_with_constant_requests_per_build() {
         total as f64 / n as f64,
         elapsed.as_secs_f64()
     );
+    let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "KUBE_SCALE cpu builds={n} controller_cpu_s={cpu:.1} test_and_simulator_cpu_s={own_cpu:.1}"
+        "KUBE_SCALE cpu builds={n} controller_cpu_s={cpu:.1} test_and_simulator_cpu_s={own_cpu:.1} loadavg_before={} loadavg_after={}",
+        load_before.split_whitespace().next().unwrap_or("?"),
+        load_after.split_whitespace().next().unwrap_or("?"),
     );
     println!("KUBE_SCALE counters {counters:?}");
+    if let Ok(path) = std::env::var("KUBE_SCALE_KEEP_LOG") {
+        let _ = std::fs::write(path, cluster.serve_log(identity));
+    }
     if trace {
         for line in steps_report(&cluster.serve_log(identity)) {
             println!("KUBE_SCALE steps {line}");

@@ -168,55 +168,67 @@ impl Context {
         lock(&self.written).get(&uid) == Some(&rv)
     }
 
-    /// Tells the observer how many BuildJobs wait and run.
-    fn report_queue(&self) {
-        let (mut queued, mut running) = (0, 0);
-        for j in self.store.state() {
-            match j.status.as_ref().and_then(|s| s.phase) {
-                Some(p) if p.holds_slot() => running += 1,
-                None | Some(Phase::Queued) if !j.spec.cancelled => queued += 1,
-                _ => {}
-            }
-        }
-        self.observer.queue(queued, running);
-    }
-
-    /// (others holding a slot, queued jobs older than `job`). One pass over the cache
-    /// without copying names: it runs on every reconcile, queued re-checks included.
+    /// (others holding a slot, queued jobs older than `job`), and tells the observer how
+    /// many BuildJobs wait and run. It runs on every reconcile (queued re-checks
+    /// included), so it is one pass over the cache that copies and hashes nothing, plus a
+    /// look-up per job this process is starting.
     fn queue_position(&self, job: &BuildJob) -> (usize, usize) {
         let name = job.metadata.name.as_deref().unwrap_or_default();
         let ns = job.metadata.namespace.as_deref();
         let key = |j: &BuildJob| j.metadata.creation_timestamp.as_ref().map(|t| t.0);
         let mine = (key(job), name);
-        let all = self.store.state();
-        let mut starting = lock(&self.starting);
-        // Forget starts of jobs that are gone (deleted while starting).
-        starting.retain(|n| {
-            let mut r = ObjectRef::new(n);
-            r.namespace = ns.map(str::to_string);
-            self.store.get(&r).is_some()
-        });
+        let waits = |j: &BuildJob| {
+            j.status
+                .as_ref()
+                .and_then(|s| s.phase)
+                .is_none_or(|p| p == Phase::Queued)
+        };
+        let ahead_of_me = |j: &BuildJob| {
+            waits(j)
+                && !j.spec.cancelled
+                && j.metadata.deletion_timestamp.is_none()
+                && (key(j), j.metadata.name.as_deref().unwrap_or_default()) < mine
+        };
         let (mut running, mut ahead) = (0, 0);
-        for other in &all {
-            let other_name = other.metadata.name.as_deref().unwrap_or_default();
-            if other_name == name || other.metadata.namespace.as_deref() != ns {
+        let (mut all_queued, mut all_running) = (0, 0);
+        for other in self.store.state() {
+            let phase = other.status.as_ref().and_then(|s| s.phase);
+            match phase {
+                Some(p) if p.holds_slot() => all_running += 1,
+                None | Some(Phase::Queued) if !other.spec.cancelled => all_queued += 1,
+                _ => {}
+            }
+            if other.metadata.name.as_deref() == Some(name)
+                || other.metadata.namespace.as_deref() != ns
+            {
                 continue;
             }
-            let phase = other.status.as_ref().and_then(|s| s.phase);
-            if phase.is_some_and(|p| p != Phase::Queued) && !starting.is_empty() {
-                // The cache caught up with (or passed) the start.
-                starting.remove(other_name);
-            }
-            if phase.is_some_and(Phase::holds_slot) || starting.contains(other_name) {
+            if phase.is_some_and(Phase::holds_slot) {
                 running += 1;
-            } else if phase.is_none_or(|p| p == Phase::Queued)
-                && !other.spec.cancelled
-                && other.metadata.deletion_timestamp.is_none()
-                && (key(other), other_name) < mine
-            {
+            } else if ahead_of_me(&other) {
                 ahead += 1;
             }
         }
+        self.observer.queue(all_queued, all_running);
+        // Jobs this process started that the cache still shows waiting hold a slot too.
+        let mut starting = lock(&self.starting);
+        starting.retain(|n| {
+            let mut r = ObjectRef::new(n);
+            r.namespace = ns.map(str::to_string);
+            let Some(other) = self.store.get(&r) else {
+                return false; // gone (deleted while starting)
+            };
+            if !waits(&other) {
+                return false; // the cache caught up with (or passed) the start
+            }
+            if n != name {
+                running += 1;
+                if ahead_of_me(&other) {
+                    ahead -= 1;
+                }
+            }
+            true
+        });
         (running, ahead)
     }
 
@@ -293,7 +305,6 @@ async fn reconcile_inner(
     let may_start = {
         let prev = &cached_status;
         let (running, queued_ahead) = ctx.queue_position(&cached);
-        ctx.report_queue();
         let stopping = cached.spec.cancelled || cached.metadata.deletion_timestamp.is_some();
         let room = running + queued_ahead < ctx.settings.max_parallel;
         let still_queued =
