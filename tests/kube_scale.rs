@@ -78,12 +78,21 @@ async fn many_builds_finish_with_constant_requests_per_build() {
         .map(|(_, v)| v)
         .sum();
     let pods_created = counters.get("create pods").copied().unwrap_or(0);
-    let rss = std::fs::read_to_string(format!("/proc/{}/status", shuttle.child.id()))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmHWM"))
-        .unwrap_or("VmHWM: ?")
-        .to_string();
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", shuttle.child.id())).unwrap_or_default();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or("?".to_string(), |kb| format!("{:.1}", kb / 1024.0))
+    };
+    let rss = format!(
+        "rss_peak_mib={} rss_end_mib={}",
+        field("VmHWM:"),
+        field("VmRSS:")
+    );
     let cpu = cpu_seconds(&format!("/proc/{}/stat", shuttle.child.id()));
     let own_cpu = cpu_seconds("/proc/self/stat");
     let metrics = reqwest::get(shuttle.url("/metrics"))
@@ -96,7 +105,7 @@ async fn many_builds_finish_with_constant_requests_per_build() {
     assert!(p99.is_some(), "reconciles are measured: {metrics}");
     let (p99_le, p99_est) = p99.unwrap_or((f64::NAN, f64::NAN));
     println!(
-        "KUBE_SCALE builds={n} parallel={parallel} reconcile_p99_le={p99_le:.3}s reconcile_p99~{:.0}ms requests={total} requests/build={:.1} lists={lists} watches={watches} pods_created={pods_created} seconds={:.1} controller_peak_{rss}",
+        "KUBE_SCALE builds={n} parallel={parallel} reconcile_p99_le={p99_le:.3}s reconcile_p99~{:.0}ms requests={total} requests/build={:.1} lists={lists} watches={watches} pods_created={pods_created} seconds={:.1} controller_{rss}",
         p99_est * 1000.0,
         total as f64 / n as f64,
         elapsed.as_secs_f64()

@@ -12,19 +12,22 @@ use super::{notify, Observer};
 use crate::callback::Callbacks;
 use crate::secret::Secret;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, Secret as KubeSecret};
+use k8s_openapi::api::core::v1::{ObjectReference, Pod, Secret as KubeSecret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use kube::runtime::controller::{self, Action as Requeue, Controller};
+use kube::runtime::controller::{self, Action as Requeue};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, reflector, ObjectRef, Store};
+use kube::runtime::utils::{CancelableJoinHandle, StreamBackoff};
+use kube::runtime::watcher::{self, watcher, DefaultBackoff};
+use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, Resource, ResourceExt};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tracing::Instrument;
 
 /// The one field manager of BuildJob status.
 pub const FIELD_MANAGER: &str = "buildshuttle-controller";
@@ -104,6 +107,14 @@ pub struct Context {
     /// up with our own writes, so it serves where a fresh GET would (equality is all the API
     /// conventions promise about resourceVersions, and all this needs).
     written: Mutex<HashMap<String, String>>,
+    /// The callback Authorization of each BuildJob (by uid) whose own credentials Secret
+    /// this process has read: the Secret was found and owned, which does not change, so a
+    /// pod start after a queue need not read it again.
+    credentials: Mutex<HashMap<String, Option<Secret>>>,
+    /// The worker pods as the pod watch last saw them (without spec and managedFields),
+    /// read instead of the API server where a stale copy is harmless (`run` sets it; unset,
+    /// every pod is read fresh).
+    pub(crate) pod_cache: Option<Store<Pod>>,
     pub observer: Arc<dyn Observer>,
 }
 
@@ -136,6 +147,8 @@ impl Context {
             sending: Mutex::new(HashSet::new()),
             failures: Mutex::new(HashMap::new()),
             written: Mutex::new(HashMap::new()),
+            credentials: Mutex::new(HashMap::new()),
+            pod_cache: None,
             observer,
         }
     }
@@ -147,21 +160,48 @@ impl Context {
         };
         let mut w = lock(&self.written);
         w.insert(uid, rv);
-        // Forget BuildJobs that are gone (amortised: only once the map has grown).
-        if w.len() > 2 * self.store.len() + 64 {
+        self.prune(&mut w);
+    }
+
+    /// Forgets BuildJobs that are gone, once a per-uid map has grown past the cache
+    /// (amortised; `forget` handles the usual ends).
+    fn prune<V>(&self, map: &mut HashMap<String, V>) {
+        if map.len() > 2 * self.store.len() + 64 {
             let live: HashSet<String> = self.store.state().iter().filter_map(|j| j.uid()).collect();
-            w.retain(|uid, _| live.contains(uid));
+            map.retain(|uid, _| live.contains(uid));
         }
     }
 
     fn forget(&self, job: &BuildJob) {
         if let Some(uid) = job.uid() {
             lock(&self.written).remove(&uid);
+            lock(&self.credentials).remove(&uid);
         }
     }
 
+    /// Notes the callback Authorization of a BuildJob whose own Secret was read.
+    pub(crate) fn credentials_read(&self, job: &BuildJob, auth: Option<Secret>) {
+        if let Some(uid) = job.uid() {
+            let mut c = lock(&self.credentials);
+            c.insert(uid, auth);
+            self.prune(&mut c);
+        }
+    }
+
+    /// `Some(auth)` if this BuildJob's own Secret was read before.
+    pub(crate) fn known_credentials(&self, job: &BuildJob) -> Option<Option<Secret>> {
+        lock(&self.credentials).get(&job.uid()?).cloned()
+    }
+
+    /// The pod cache's view of pod `name`: `None` without a cache, `Some(None)` if the
+    /// watch has not seen it.
+    fn cached_pod(&self, ns: &str, name: &str) -> Option<Option<Arc<Pod>>> {
+        let cache = self.pod_cache.as_ref()?;
+        Some(cache.get(&ObjectRef::new(name).within(ns)))
+    }
+
     /// Whether `cached` is exactly the object our last write of it returned.
-    fn is_our_last_write(&self, cached: &BuildJob) -> bool {
+    pub(crate) fn is_our_last_write(&self, cached: &BuildJob) -> bool {
         let (Some(uid), Some(rv)) = (cached.uid(), cached.resource_version()) else {
             return false;
         };
@@ -325,6 +365,17 @@ async fn reconcile_inner(
     let from_cache = ctx.is_our_last_write(&cached);
     let guess_pod = (!cached_status.phase.is_some_and(Phase::is_finished))
         .then(|| pod_name(&name, cached_status.pod_retries));
+    // The pod watch's copy where that is harmless: a pod it has (it may lag the API
+    // server; checked again below before anything it would make irreversible), or its
+    // "no such pod" for a job that holds no slot (no pod is counted on yet, and creating one
+    // that exists answers AlreadyExists). A job holding a slot whose pod the watch has not
+    // seen (it may just have been created) reads it.
+    let cached_holds_slot = cached_status.phase.is_some_and(Phase::holds_slot);
+    let pod_from_cache = guess_pod
+        .as_ref()
+        .and_then(|p| ctx.cached_pod(&ns, p))
+        .filter(|p| p.is_some() || !cached_holds_slot);
+    let known_auth = ctx.known_credentials(&cached);
     let (job, pod, secret) = tokio::join!(
         async {
             if from_cache {
@@ -336,16 +387,14 @@ async fn reconcile_inner(
             }
         },
         async {
-            match &guess_pod {
-                Some(p) => pods
-                    .get_opt(p)
-                    .await
-                    .map_err(kube_err("reading the worker pod")),
-                None => Ok(None),
+            match (&guess_pod, &pod_from_cache) {
+                (Some(_), Some(p)) => Ok(p.clone()),
+                (Some(p), None) => read_pod(&pods, p).await,
+                (None, _) => Ok(None),
             }
         },
         async {
-            if may_start {
+            if may_start && known_auth.is_none() {
                 fetch_secret(&ctx.client, &ns, &name).await.map(Some)
             } else {
                 Ok(None)
@@ -359,40 +408,65 @@ async fn reconcile_inner(
     let prev = job.status.clone().unwrap_or_default();
     let (running, queued_ahead) = ctx.queue_position(&job);
     let finished = prev.phase.is_some_and(Phase::is_finished);
+    let holds_slot = prev.phase.is_some_and(Phase::holds_slot);
 
-    let pod = if finished {
+    // Whether `pod` is the pod watch's copy.
+    let mut pod_cached = false;
+    let mut pod = if finished {
         None
     } else {
         let want = pod_name(&name, prev.pod_retries);
-        let pod = if guess_pod.as_ref() == Some(&want) {
+        let usable = guess_pod.as_ref() == Some(&want)
+            && pod_from_cache
+                .as_ref()
+                .is_none_or(|p| p.is_some() || !holds_slot);
+        if usable {
+            pod_cached = pod_from_cache.is_some();
             pod?
         } else {
-            let pod = pods.get_opt(&want).await;
+            let pod = read_pod(&pods, &want).await;
             laps.lap("get_pod");
-            pod.map_err(kube_err("reading the worker pod"))?
-        };
-        match pod {
-            Some(p) if !owned_by(&p, &job) => {
-                remove_foreign_pod(&pods, &p).await?;
-                return Ok(Requeue::requeue(Duration::from_secs(2)));
-            }
-            p => p,
+            pod?
         }
     };
+    if let Some(p) = pod.as_deref().filter(|p| !owned_by(p, &job)) {
+        remove_foreign_pod(&pods, p).await?;
+        return Ok(Requeue::requeue(Duration::from_secs(2)));
+    }
     let now = Timestamp::now();
+    let decide_with = |pod: Option<&Pod>| {
+        decide::decide(
+            &Inputs {
+                job: &job,
+                pod,
+                running,
+                queued_ahead,
+                now,
+            },
+            &ctx.settings,
+        )
+    };
+    let mut decision = decide_with(pod.as_deref());
+    // Ending the build or deleting its pod is decided from the pod as the API server has
+    // it, unless the watch's copy has ended (an ended pod's status does not change).
+    let irreversible = (decision.status.phase.is_some_and(Phase::is_finished) && !finished)
+        || decision
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::DeletePod { .. }));
+    if pod_cached && irreversible && !pod.as_deref().is_some_and(pod_ended) {
+        pod = read_pod(&pods, &pod_name(&name, prev.pod_retries)).await?;
+        laps.lap("get_pod");
+        if let Some(p) = pod.as_deref().filter(|p| !owned_by(p, &job)) {
+            remove_foreign_pod(&pods, p).await?;
+            return Ok(Requeue::requeue(Duration::from_secs(2)));
+        }
+        decision = decide_with(pod.as_deref());
+    }
     let Decision {
         mut status,
         actions,
-    } = decide::decide(
-        &Inputs {
-            job: &job,
-            pod: pod.as_ref(),
-            running,
-            queued_ahead,
-            now,
-        },
-        &ctx.settings,
-    );
+    } = decision;
 
     // One callback at a time, in order (pending before the final one): whether this
     // controller may send it now (nobody else is at it).
@@ -432,7 +506,9 @@ async fn reconcile_inner(
     let mut auth = notify::Auth::Read {
         wait: waits_for_secret,
     };
-    if starts_pod {
+    if let Some(a) = ctx.known_credentials(&job) {
+        auth = notify::Auth::Known(a);
+    } else if starts_pod {
         let secret = match secret? {
             Some(prefetched) => prefetched,
             None => {
@@ -446,10 +522,14 @@ async fn reconcile_inner(
             tracing::debug!(job = %name, "waiting for the credentials Secret");
             return Ok(Requeue::requeue(Duration::from_secs(2)));
         }
-        if credentials.is_none() {
-            tracing::warn!(job = %name, secret = %secret_name(&name), "the credentials Secret is missing (or not owned by this BuildJob); going on without it");
+        let a = callback_auth(credentials.as_ref());
+        match credentials {
+            Some(_) => ctx.credentials_read(&job, a.clone()),
+            None => {
+                tracing::warn!(job = %name, secret = %secret_name(&name), "the credentials Secret is missing (or not owned by this BuildJob); going on without it")
+            }
         }
-        auth = notify::Auth::Known(callback_auth(credentials.as_ref()));
+        auth = notify::Auth::Known(a);
     }
 
     let mut requeue = None;
@@ -539,8 +619,9 @@ async fn reconcile_inner(
     }
 
     // The status first: what happened is recorded before anyone is told.
+    let mut written = None;
     if status.without_timestamps() != prev.without_timestamps() {
-        write_status(&ctx, &jobs, &job, &status).await?;
+        written = Some(write_status(&ctx, &jobs, &job, &status).await?);
         laps.lap("write_status");
         if status.phase.is_some_and(Phase::is_finished) && !finished {
             let seconds = match (&status.start_time, &status.completion_time) {
@@ -561,7 +642,8 @@ async fn reconcile_inner(
     }
     publish_later(&ctx, &job, events);
     if let Some(kind) = send {
-        notify::spawn(ctx.clone(), &job, auth, kind);
+        // The sender starts from the object as written (it records the delivery on it).
+        notify::spawn(ctx.clone(), written.as_ref().unwrap_or(&job), auth, kind);
     }
     if remove_finalizer {
         drop_finalizer(&jobs, &job).await?;
@@ -590,6 +672,20 @@ fn uid(job: &BuildJob) -> String {
 fn since_created(job: &BuildJob, now: Timestamp) -> Option<u64> {
     let created = job.creation_timestamp()?.0;
     u64::try_from(now.duration_since(created).as_millis()).ok()
+}
+
+async fn read_pod(pods: &Api<Pod>, name: &str) -> Result<Option<Arc<Pod>>> {
+    let pod = pods.get_opt(name).await;
+    pod.map(|p| p.map(Arc::new))
+        .map_err(kube_err("reading the worker pod"))
+}
+
+/// Whether a pod has ended (Succeeded or Failed are final).
+fn pod_ended(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|p| p == "Succeeded" || p == "Failed")
 }
 
 /// Whether `pod` belongs to this BuildJob (not to an earlier one of the same name).
@@ -804,7 +900,7 @@ pub fn cut_note(note: &str, max: usize) -> String {
 }
 
 /// Events are for people; failing to record one never fails a reconcile.
-pub(crate) async fn publish(ctx: &Context, job: &BuildJob, e: &EventNote) {
+pub(crate) async fn publish(ctx: &Context, job: &ObjectReference, e: &EventNote) {
     let ev = Event {
         type_: if e.warning {
             EventType::Warning
@@ -816,8 +912,9 @@ pub(crate) async fn publish(ctx: &Context, job: &BuildJob, e: &EventNote) {
         action: "Reconcile".into(),
         secondary: None,
     };
-    if let Err(err) = ctx.recorder.publish(&ev, &job.object_ref(&())).await {
-        tracing::warn!(job = %job.name_any(), error = %err, "could not record an event");
+    if let Err(err) = ctx.recorder.publish(&ev, job).await {
+        let name = job.name.as_deref().unwrap_or_default();
+        tracing::warn!(job = %name, error = %err, "could not record an event");
     }
 }
 
@@ -827,7 +924,8 @@ pub(crate) fn publish_later(ctx: &Arc<Context>, job: &BuildJob, events: Vec<Even
     if events.is_empty() {
         return;
     }
-    let (ctx, job) = (ctx.clone(), job.clone());
+    // Only the reference: many may wait at once when the API server is slow.
+    let (ctx, job) = (ctx.clone(), job.object_ref(&()));
     tokio::spawn(async move {
         for e in &events {
             publish(&ctx, &job, e).await;
@@ -867,6 +965,20 @@ pub fn backoff(n: u32, permanent: bool, unit: f64) -> Duration {
     Duration::from_secs_f64(base * (0.5 + unit))
 }
 
+/// A pod as the pod cache keeps it: what `decide` reads (metadata but managedFields, and
+/// status), not the spec.
+fn slim_pod(pod: &mut Pod) {
+    pod.spec = None;
+    pod.metadata.managed_fields = None;
+    pod.metadata.annotations = None;
+}
+
+/// A BuildJob as the cache keeps it: managedFields are for the API server (status goes by
+/// server-side apply of the whole status, never from them).
+fn slim_job(job: &mut BuildJob) {
+    job.metadata.managed_fields = None;
+}
+
 /// Runs the controller over BuildJobs in `namespace` and their worker pods (only ours, by
 /// label) until `shutdown` resolves. `watch_failing` is set while BuildJobs or pods cannot
 /// be listed or watched (CRD missing, RBAC), for `/octhc`.
@@ -889,18 +1001,43 @@ pub async fn run(
         job_watch = job_watch.labels(&s);
         pod_selector = format!("{pod_selector},{s}");
     }
-    let controller = Controller::new(jobs, job_watch)
-        .owns(pods, watcher::Config::default().labels(&pod_selector))
-        .with_config(controller::Config::default().concurrency(CONCURRENCY));
-    let ctx = Arc::new(make_ctx(controller.store()));
+    // What `Controller::new(jobs).owns(pods)` wires, except that the pod watch also fills a
+    // cache the reconciler reads (Controller keeps it to itself): a BuildJob is reconciled
+    // when it or one of its pods changes.
+    let (job_store, job_writer) = reflector::store();
+    let (pod_store, pod_writer) = reflector::store();
+    let job_changes =
+        reflector(job_writer, watcher(jobs, job_watch).modify(slim_job)).applied_objects();
+    let pod_changes = reflector(
+        pod_writer,
+        watcher(pods, watcher::Config::default().labels(&pod_selector)).modify(slim_pod),
+    )
+    .touched_objects();
+    let mut triggers = futures::stream::SelectAll::new();
+    triggers.push(controller::trigger_self(job_changes, ()).boxed());
+    triggers.push(controller::trigger_owners(pod_changes, (), ()).boxed());
+    let mut ctx = make_ctx(job_store.clone());
+    ctx.pod_cache = Some(pod_store);
+    let ctx = Arc::new(ctx);
     // Cleared by anything that shows the watches work again: a reconcile, or a probe list.
     let failing = watch_failing.clone();
     let probing = Arc::new(AtomicBool::new(false));
     let probe_api: Api<BuildJob> = Api::namespaced(ctx.client.clone(), namespace);
-    controller
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| {
+    controller::applier(
+        |job, ctx| {
+            CancelableJoinHandle::spawn(
+                reconcile(job, ctx).in_current_span(),
+                &tokio::runtime::Handle::current(),
+            )
+        },
+        error_policy,
+        ctx,
+        job_store,
+        // No new reconcile once shutdown begins; running ones finish.
+        StreamBackoff::new(triggers, DefaultBackoff::default()).take_until(shutdown),
+        controller::Config::default().concurrency(CONCURRENCY),
+    )
+    .for_each(|res| {
             let failing = failing.clone();
             let (probing, probe_api) = (probing.clone(), probe_api.clone());
             async move {
@@ -1039,12 +1176,10 @@ mod tests {
         j
     }
 
-    /// The notify task's two calls: a fresh read, then the status marking `kind` sent.
+    /// The notify task's call: the status marking `kind` sent, written on the object as the
+    /// reconcile wrote it (no read).
     fn recorded(after: &BuildJob, check: impl Fn(&Value) + Send + 'static) -> Vec<Expect> {
-        vec![
-            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(after))),
-            Expect::new(Method::PATCH, STATUS, 200, Some(as_json(after))).check(check),
-        ]
+        vec![Expect::new(Method::PATCH, STATUS, 200, Some(as_json(after))).check(check)]
     }
 
     async fn play(
@@ -1377,9 +1512,9 @@ mod tests {
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
             Expect::new(Method::GET, pod_path(0), 200, Some(pod)),
             Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&done))),
-            // The sender: Secret, fresh read, record (our last write: version 3).
+            // The sender: Secret, then the record on what the reconcile wrote (no read; our
+            // last write is then version 3).
             Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
-            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&done))),
             Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&all))),
             // The third reconcile's cached copy (version 2) is older than our last write.
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&all))),
@@ -1406,6 +1541,155 @@ mod tests {
             .await
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
         assert_eq!(rx.statuses(), ["succeeded"], "once");
+    }
+
+    /// A pod of this BuildJob as the pod watch would have cached it.
+    fn cached(mut pod: Pod) -> Pod {
+        pod.metadata.namespace = Some("builds".into());
+        pod.metadata.owner_references =
+            serde_json::from_value(owned_pod("x", "uid-1")["metadata"]["ownerReferences"].clone())
+                .ok();
+        pod
+    }
+
+    /// `play` with the pod watch's cache holding `pods`.
+    async fn play_with_pods(
+        job: BuildJob,
+        pods: Vec<Pod>,
+        scenario: Vec<Expect>,
+    ) -> (Result<Requeue>, mock::Seen) {
+        let (client, handle) = mock::client();
+        let verifier = mock::verify(handle, scenario);
+        let mut ctx = context(client, vec![]);
+        let (store, mut writer) = reflector::store();
+        for p in pods {
+            writer.apply_watcher_event(&watcher::Event::Apply(p));
+        }
+        if let Some(c) = Arc::get_mut(&mut ctx) {
+            c.pod_cache = Some(store);
+        }
+        let res = reconcile(Arc::new(job), ctx).await;
+        let seen = verifier
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        (res, seen)
+    }
+
+    #[tokio::test]
+    async fn an_ended_pod_is_taken_from_the_pod_cache() {
+        let rx = Receiver::start().await;
+        let j = job_with(Some(Phase::Running), &rx.url, true);
+        let msg = success_message();
+        let pod = cached(ended_pod("Succeeded", None, 0, "Completed", Some(&msg)));
+        let mut done = with_rv(&j, "2");
+        done.status = Some(BuildJobStatus {
+            phase: Some(Phase::Succeeded),
+            ..Default::default()
+        });
+        let mut scenario = vec![
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+            // No pod read.
+            Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&done)))
+                .check(|b| assert_eq!(b["status"]["phase"], "Succeeded")),
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+        ];
+        scenario.extend(recorded(&done, |_| {}));
+        let (res, _) = play_with_pods(j, vec![pod], scenario).await;
+        assert!(res.is_ok(), "{res:?}");
+        assert_eq!(rx.statuses(), ["succeeded"]);
+    }
+
+    #[tokio::test]
+    async fn a_cached_running_pod_is_read_again_before_the_build_is_ended() {
+        // The cache says Running, the API server says it succeeded: a cancel that comes
+        // too late does not turn a success into a failure.
+        let rx = Receiver::start().await;
+        let mut j = job_with(Some(Phase::Running), &rx.url, true);
+        j.spec.cancelled = true;
+        let msg = success_message();
+        let mut ended =
+            serde_json::to_value(ended_pod("Succeeded", None, 0, "Completed", Some(&msg)))
+                .unwrap_or_default();
+        ended["metadata"]["ownerReferences"] =
+            owned_pod("x", "uid-1")["metadata"]["ownerReferences"].clone();
+        let mut done = with_rv(&j, "2");
+        done.status = Some(BuildJobStatus {
+            phase: Some(Phase::Succeeded),
+            ..Default::default()
+        });
+        let mut scenario = vec![
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+            Expect::new(Method::GET, pod_path(0), 200, Some(ended)),
+            Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&done)))
+                .check(|b| assert_eq!(b["status"]["phase"], "Succeeded")),
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+        ];
+        scenario.extend(recorded(&done, |_| {}));
+        let (res, _) =
+            play_with_pods(j, vec![cached(decide::tests::pod("Running"))], scenario).await;
+        assert!(res.is_ok(), "{res:?}");
+        assert_eq!(rx.statuses(), ["succeeded"]);
+    }
+
+    #[tokio::test]
+    async fn a_pod_the_cache_has_not_seen_is_read_for_a_job_holding_a_slot() {
+        let rx = Receiver::start().await;
+        let j = job_with(Some(Phase::Running), &rx.url, true);
+        let scenario = vec![
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+            Expect::new(
+                Method::GET,
+                pod_path(0),
+                200,
+                Some(owned_pod("Running", "uid-1")),
+            ),
+            // What this fixture lacks (pod name, timings) is filled in.
+            Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&with_rv(&j, "2"))))
+                .check(|b| assert_eq!(b["status"]["phase"], "Running")),
+        ];
+        let (res, _) = play_with_pods(j, vec![], scenario).await;
+        assert!(res.is_ok(), "{res:?}");
+        assert!(rx.statuses().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_sender_whose_record_conflicts_reads_the_job_again() {
+        let rx = Receiver::start().await;
+        let j = job_with(Some(Phase::Running), &rx.url, true);
+        let msg = success_message();
+        let mut pod =
+            serde_json::to_value(ended_pod("Succeeded", None, 0, "Completed", Some(&msg)))
+                .unwrap_or_default();
+        pod["metadata"]["ownerReferences"] =
+            owned_pod("x", "uid-1")["metadata"]["ownerReferences"].clone();
+        let mut done = with_rv(&j, "2");
+        done.status = Some(BuildJobStatus {
+            phase: Some(Phase::Succeeded),
+            ..Default::default()
+        });
+        // Someone else wrote after our status write (version 3).
+        let other = with_rv(&done, "3");
+        let scenario = vec![
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+            Expect::new(Method::GET, pod_path(0), 200, Some(pod)),
+            Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&done))),
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+            Expect::new(
+                Method::PATCH,
+                STATUS,
+                409,
+                Some(status_error(409, "Conflict")),
+            )
+            .check(|b| assert_eq!(b["metadata"]["resourceVersion"], "2")),
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&other))),
+            Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&other))).check(|b| {
+                assert_eq!(b["metadata"]["resourceVersion"], "3");
+                assert_eq!(b["status"]["callbacks"]["final"], true);
+            }),
+        ];
+        let (res, _) = play(j, vec![], scenario).await;
+        assert!(res.is_ok(), "{res:?}");
+        assert_eq!(rx.statuses(), ["succeeded"], "sent once");
     }
 
     #[tokio::test]

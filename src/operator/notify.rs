@@ -11,7 +11,8 @@ use super::crd::{BuildJob, Phase};
 use super::decide::{CallbackKind, EventNote};
 use crate::secret::Secret;
 use k8s_openapi::jiff::Timestamp;
-use kube::{Api, ResourceExt};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource, ResourceExt};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,13 +34,14 @@ pub enum Auth {
     Read { wait: bool },
 }
 
-/// Starts delivering `kind` for `job` unless this process already is.
+/// Starts delivering `kind` for `job` (as the reconcile wrote it, the callback recorded in
+/// flight) unless this process already is.
 pub fn spawn(ctx: Arc<Context>, job: &BuildJob, auth: Auth, kind: CallbackKind) {
     let uid = job.uid().unwrap_or_default();
     if !lock(&ctx.sending).insert(uid.clone()) {
         return;
     }
-    let (name, ns) = (job.name_any(), job.namespace().unwrap_or_default());
+    let name = job.name_any();
     let url = job.spec.callback.clone().filter(|u| !u.is_empty());
     let build_number = job.spec.build_number;
     let job = job.clone();
@@ -62,20 +64,44 @@ pub fn spawn(ctx: Arc<Context>, job: &BuildJob, auth: Auth, kind: CallbackKind) 
                     reason: "CallbackFailed".into(),
                     note: format!("the {word} callback was not delivered: {e}"),
                 };
-                publish(&ctx, &job, &note).await;
+                publish(&ctx, &job.object_ref(&()), &note).await;
             }
         }
-        record(&ctx, &ns, &name, &uid, kind).await;
+        record(&ctx, &job, kind).await;
         lock(&ctx.sending).remove(&uid);
     });
 }
 
-/// Marks the callback sent, retrying on conflicts (other writers) and API errors.
-async fn record(ctx: &Context, ns: &str, name: &str, uid: &str, kind: CallbackKind) {
+/// Marks the callback sent on `written` (the BuildJob as the reconcile wrote it), retrying
+/// on conflicts (other writers) and API errors.
+async fn record(ctx: &Context, written: &BuildJob, kind: CallbackKind) {
+    let (name, ns, uid) = (
+        written.name_any(),
+        written.namespace().unwrap_or_default(),
+        written.uid().unwrap_or_default(),
+    );
+    let (name, ns, uid) = (name.as_str(), ns.as_str(), uid.as_str());
     let jobs: Api<BuildJob> = Api::namespaced(ctx.client.clone(), ns);
     let mut delay = Duration::from_millis(100);
+    // A copy that is exactly our last write serves (as in the reconcile): the one the
+    // reconcile wrote, or the cache's. After a conflict, someone else wrote since: read.
+    let mut conflict = false;
     for _ in 0..30 {
-        match jobs.get_opt(name).await {
+        let ours = if conflict {
+            None
+        } else if ctx.is_our_last_write(written) {
+            Some(written.clone())
+        } else {
+            ctx.store
+                .get(&ObjectRef::new(name).within(ns))
+                .filter(|j| ctx.is_our_last_write(j))
+                .map(|j| BuildJob::clone(&j))
+        };
+        let read = match ours {
+            Some(j) => Ok(Some(j)),
+            None => jobs.get_opt(name).await,
+        };
+        match read {
             Ok(Some(job)) if job.uid().as_deref() == Some(uid) => {
                 let mut st = job.status.clone().unwrap_or_default();
                 match kind {
@@ -106,7 +132,10 @@ async fn record(ctx: &Context, ns: &str, name: &str, uid: &str, kind: CallbackKi
                         }
                         return;
                     }
-                    Err(super::controller::Error::Stale) => continue,
+                    Err(super::controller::Error::Stale) => {
+                        conflict = true;
+                        continue;
+                    }
                     Err(e) => {
                         tracing::warn!(job = %name, error = %e, "cannot record a sent callback yet")
                     }
@@ -134,7 +163,9 @@ async fn credentials(ctx: &Context, job: &BuildJob, wait: bool) -> Option<Secret
         match fetch_secret(&ctx.client, &ns, &name).await {
             Ok(secret) => {
                 if let Some(s) = owned_secret(secret, job) {
-                    return callback_auth(Some(&s));
+                    let auth = callback_auth(Some(&s));
+                    ctx.credentials_read(job, auth.clone());
+                    return auth;
                 }
                 let age =
                     created.map_or(i64::MAX, |c| Timestamp::now().duration_since(c).as_secs());
