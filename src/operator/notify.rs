@@ -38,10 +38,12 @@ pub enum Auth {
 /// flight) unless this process already is.
 pub fn spawn(ctx: Arc<Context>, job: &BuildJob, auth: Auth, kind: CallbackKind) {
     let uid = job.uid().unwrap_or_default();
+    let name = job.name_any();
     if !lock(&ctx.sending).insert(uid.clone()) {
+        // `callback_plan` waits while a sender runs, so this is not expected.
+        tracing::warn!(job = %name, "a sender for this BuildJob is still running; the callback recorded in flight waits for a takeover");
         return;
     }
-    let name = job.name_any();
     let url = job.spec.callback.clone().filter(|u| !u.is_empty());
     let build_number = job.spec.build_number;
     let job = job.clone();
