@@ -368,13 +368,15 @@ async fn reconcile_inner(
     // The pod watch's copy where that is harmless: a pod it has (it may lag the API
     // server; checked again below before anything it would make irreversible), or its
     // "no such pod" for a job that holds no slot (no pod is counted on yet, and creating one
-    // that exists answers AlreadyExists). A job holding a slot whose pod the watch has not
-    // seen (it may just have been created) reads it.
+    // that exists answers AlreadyExists). A job holding a slot, or whose pod this process
+    // created, reads a pod the watch has not seen (it may just have been created).
+    // A pod this process created (`starting`) may be missing from the watch too.
+    let counts_on_pod = |holds_slot: bool| holds_slot || lock(&ctx.starting).contains(&name);
     let cached_holds_slot = cached_status.phase.is_some_and(Phase::holds_slot);
     let pod_from_cache = guess_pod
         .as_ref()
         .and_then(|p| ctx.cached_pod(&ns, p))
-        .filter(|p| p.is_some() || !cached_holds_slot);
+        .filter(|p| p.is_some() || !counts_on_pod(cached_holds_slot));
     let known_auth = ctx.known_credentials(&cached);
     let (job, pod, secret) = tokio::join!(
         async {
@@ -419,7 +421,7 @@ async fn reconcile_inner(
         let usable = guess_pod.as_ref() == Some(&want)
             && pod_from_cache
                 .as_ref()
-                .is_none_or(|p| p.is_some() || !holds_slot);
+                .is_none_or(|p| p.is_some() || !counts_on_pod(holds_slot));
         if usable {
             pod_cached = pod_from_cache.is_some();
             pod?
