@@ -369,8 +369,7 @@ async fn reconcile_inner(
     // server; checked again below before anything it would make irreversible), or its
     // "no such pod" for a job that holds no slot (no pod is counted on yet, and creating one
     // that exists answers AlreadyExists). A job holding a slot, or whose pod this process
-    // created, reads a pod the watch has not seen (it may just have been created).
-    // A pod this process created (`starting`) may be missing from the watch too.
+    // created (`starting`), reads a pod the watch has not seen (it may just be created).
     let counts_on_pod = |holds_slot: bool| holds_slot || lock(&ctx.starting).contains(&name);
     let cached_holds_slot = cached_status.phase.is_some_and(Phase::holds_slot);
     let pod_from_cache = guess_pod
