@@ -2,7 +2,9 @@
 //! (pods succeed at once, no containers): every build finishes, the queue holds
 //! MAXIMUM_PARALLEL_BUILDS, and API requests per build stay flat (no list-polling).
 //! KUBE_SCALE_BUILDS=N changes the count (`benches/kube_scale.sh` runs 100 and 1,000 and
-//! prints the figures); the test itself asserts counts, never times.
+//! prints the figures); the test itself asserts counts, never times. KUBE_SCALE_TRACE=1
+//! prints where each reconcile's time went; KUBE_SCALE_KEEP_LOG=FILE keeps the controller's
+//! log.
 
 mod common;
 
