@@ -1,9 +1,10 @@
-//! The reconciler: a thin shell around `decide` and `worker_pod`. Every reconcile reads the
-//! BuildJob fresh from the API server (the controller's cache lags its own writes), asks
+//! The reconciler: a thin shell around `decide` and `worker_pod`. Every reconcile decides
+//! from a BuildJob at least as new as this process's last write of it (the cached copy when
+//! it is exactly that write, else a fresh read: the cache lags the controller's own writes)
+//! and from its worker pod (the pod watch's copy where a stale one is harmless), asks
 //! `decide`, and applies the actions: pods, the finalizer, status (server-side apply on
-//! /status carrying the resourceVersion it was computed from, only when it changed),
-//! events, TTL. Callbacks are recorded as in flight, then sent by `notify` off the
-//! reconcile path.
+//! /status carrying the resourceVersion it was computed from, only when it changed). Events
+//! are published and callbacks sent (recorded in flight first) off the reconcile path.
 
 use super::crd::{labels, secret_keys, secret_name, BuildJob, BuildJobStatus, Phase, FINALIZER};
 use super::decide::{self, Action, CallbackPlan, Decision, EventNote, Inputs};
