@@ -23,6 +23,12 @@ pub struct StageLabels {
     pub stage: String,
 }
 
+/// Upper bounds (seconds) of `reconcile_duration_seconds`.
+pub const RECONCILE_BUCKETS: [f64; 19] = [
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.075, 0.09, 0.1, 0.125, 0.15, 0.25,
+    0.5, 1.0, 2.5, 10.0,
+];
+
 pub struct Metrics {
     registry: Registry,
     builds: Family<ResultLabels, Counter>,
@@ -51,8 +57,9 @@ impl Metrics {
             Family::<StageLabels, Histogram, fn() -> Histogram>::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.001, 2.0, 20))
             });
-        // 0.5 ms … ~16 s: one reconcile is a few API calls.
-        let reconcile = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        // One reconcile is a few API calls: fine buckets up to 100 ms (the goal's scale, so
+        // a p99 below it can be shown), coarser ones up to 10 s.
+        let reconcile = Histogram::new(RECONCILE_BUCKETS.iter().copied());
         let queued = Gauge::default();
         let running = Gauge::default();
         let callback_failures = Counter::default();

@@ -1,9 +1,10 @@
-//! The reconciler: a thin shell around `decide` and `worker_pod`. Every reconcile reads the
-//! BuildJob fresh from the API server (the controller's cache lags its own writes), asks
+//! The reconciler: a thin shell around `decide` and `worker_pod`. Every reconcile decides
+//! from a BuildJob at least as new as this process's last write of it (the cached copy when
+//! it is exactly that write, else a fresh read: the cache lags the controller's own writes)
+//! and from its worker pod (the pod watch's copy where a stale one is harmless), asks
 //! `decide`, and applies the actions: pods, the finalizer, status (server-side apply on
-//! /status carrying the resourceVersion it was computed from, only when it changed),
-//! events, TTL. Callbacks are recorded as in flight, then sent by `notify` off the
-//! reconcile path.
+//! /status carrying the resourceVersion it was computed from, only when it changed). Events
+//! are published and callbacks sent (recorded in flight first) off the reconcile path.
 
 use super::crd::{labels, secret_keys, secret_name, BuildJob, BuildJobStatus, Phase, FINALIZER};
 use super::decide::{self, Action, CallbackPlan, Decision, EventNote, Inputs};
@@ -12,19 +13,22 @@ use super::{notify, Observer};
 use crate::callback::Callbacks;
 use crate::secret::Secret;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, Secret as KubeSecret};
+use k8s_openapi::api::core::v1::{ObjectReference, Pod, Secret as KubeSecret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use kube::runtime::controller::{self, Action as Requeue, Controller};
+use kube::runtime::controller::{self, Action as Requeue};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::Store;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, reflector, ObjectRef, Store};
+use kube::runtime::utils::{CancelableJoinHandle, StreamBackoff};
+use kube::runtime::watcher::{self, watcher, DefaultBackoff};
+use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, Resource, ResourceExt};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tracing::Instrument;
 
 /// The one field manager of BuildJob status.
 pub const FIELD_MANAGER: &str = "buildshuttle-controller";
@@ -99,6 +103,19 @@ pub struct Context {
     pub sending: Mutex<HashSet<String>>,
     /// Consecutive failed reconciles per BuildJob (for backoff).
     failures: Mutex<HashMap<String, u32>>,
+    /// The resourceVersion this process's last write of each BuildJob (by uid) returned. A
+    /// cached copy carrying that version is the object as we wrote it: the cache has caught
+    /// up with our own writes, so it serves where a fresh GET would (equality is all the API
+    /// conventions promise about resourceVersions, and all this needs).
+    written: Mutex<HashMap<String, String>>,
+    /// The callback Authorization of each BuildJob (by uid) whose own credentials Secret
+    /// this process has read: the Secret was found and owned, which does not change, so a
+    /// pod start after a queue need not read it again.
+    credentials: Mutex<HashMap<String, Option<Secret>>>,
+    /// The worker pods as the pod watch last saw them (without spec and managedFields),
+    /// read instead of the API server where a stale copy is harmless (`run` sets it; unset,
+    /// every pod is read fresh).
+    pub(crate) pod_cache: Option<Store<Pod>>,
     pub observer: Arc<dyn Observer>,
 }
 
@@ -130,54 +147,129 @@ impl Context {
             starting: Mutex::new(HashSet::new()),
             sending: Mutex::new(HashSet::new()),
             failures: Mutex::new(HashMap::new()),
+            written: Mutex::new(HashMap::new()),
+            credentials: Mutex::new(HashMap::new()),
+            pod_cache: None,
             observer,
         }
     }
 
-    /// Tells the observer how many BuildJobs wait and run.
-    fn report_queue(&self) {
-        let (mut queued, mut running) = (0, 0);
-        for j in self.store.state() {
-            match j.status.as_ref().and_then(|s| s.phase) {
-                Some(p) if p.holds_slot() => running += 1,
-                None | Some(Phase::Queued) if !j.spec.cancelled => queued += 1,
-                _ => {}
-            }
-        }
-        self.observer.queue(queued, running);
+    /// Notes the resourceVersion a write of ours returned.
+    pub(crate) fn wrote(&self, job: &BuildJob) {
+        let (Some(uid), Some(rv)) = (job.uid(), job.resource_version()) else {
+            return;
+        };
+        let mut w = lock(&self.written);
+        w.insert(uid, rv);
+        self.prune(&mut w);
     }
 
-    /// (others holding a slot, queued jobs older than `job`).
+    /// Forgets BuildJobs that are gone, once a per-uid map has grown past the cache
+    /// (amortised; `forget` handles the usual ends).
+    fn prune<V>(&self, map: &mut HashMap<String, V>) {
+        if map.len() > 2 * self.store.len() + 64 {
+            let live: HashSet<String> = self.store.state().iter().filter_map(|j| j.uid()).collect();
+            map.retain(|uid, _| live.contains(uid));
+        }
+    }
+
+    fn forget(&self, job: &BuildJob) {
+        if let Some(uid) = job.uid() {
+            lock(&self.written).remove(&uid);
+            lock(&self.credentials).remove(&uid);
+        }
+    }
+
+    /// Notes the callback Authorization of a BuildJob whose own Secret was read.
+    pub(crate) fn credentials_read(&self, job: &BuildJob, auth: Option<Secret>) {
+        if let Some(uid) = job.uid() {
+            let mut c = lock(&self.credentials);
+            c.insert(uid, auth);
+            self.prune(&mut c);
+        }
+    }
+
+    /// `Some(auth)` if this BuildJob's own Secret was read before.
+    pub(crate) fn known_credentials(&self, job: &BuildJob) -> Option<Option<Secret>> {
+        lock(&self.credentials).get(&job.uid()?).cloned()
+    }
+
+    /// The pod cache's view of pod `name`: `None` without a cache, `Some(None)` if the
+    /// watch has not seen it.
+    fn cached_pod(&self, ns: &str, name: &str) -> Option<Option<Arc<Pod>>> {
+        let cache = self.pod_cache.as_ref()?;
+        Some(cache.get(&ObjectRef::new(name).within(ns)))
+    }
+
+    /// Whether `cached` is exactly the object our last write of it returned.
+    pub(crate) fn is_our_last_write(&self, cached: &BuildJob) -> bool {
+        let (Some(uid), Some(rv)) = (cached.uid(), cached.resource_version()) else {
+            return false;
+        };
+        lock(&self.written).get(&uid) == Some(&rv)
+    }
+
+    /// (others holding a slot, queued jobs older than `job`), and tells the observer how
+    /// many BuildJobs wait and run. It runs on every reconcile (queued re-checks
+    /// included), so it is one pass over the cache that copies and hashes nothing, plus a
+    /// look-up per job this process is starting.
     fn queue_position(&self, job: &BuildJob) -> (usize, usize) {
-        let name = job.name_any();
-        let ns = job.namespace();
-        let key = |j: &BuildJob| (j.creation_timestamp().map(|t| t.0), j.name_any());
-        let mine = key(job);
-        let mut starting = lock(&self.starting);
-        let all = self.store.state();
-        // Forget starts of jobs that are gone (deleted while starting).
-        starting.retain(|n| all.iter().any(|j| &j.name_any() == n));
+        let name = job.metadata.name.as_deref().unwrap_or_default();
+        let ns = job.metadata.namespace.as_deref();
+        let key = |j: &BuildJob| j.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        let mine = (key(job), name);
+        let waits = |j: &BuildJob| {
+            j.status
+                .as_ref()
+                .and_then(|s| s.phase)
+                .is_none_or(|p| p == Phase::Queued)
+        };
+        let ahead_of_me = |j: &BuildJob| {
+            waits(j)
+                && !j.spec.cancelled
+                && j.metadata.deletion_timestamp.is_none()
+                && (key(j), j.metadata.name.as_deref().unwrap_or_default()) < mine
+        };
         let (mut running, mut ahead) = (0, 0);
-        for other in all {
-            let other_name = other.name_any();
-            if other_name == name || other.namespace() != ns {
+        let (mut all_queued, mut all_running) = (0, 0);
+        for other in self.store.state() {
+            let phase = other.status.as_ref().and_then(|s| s.phase);
+            match phase {
+                Some(p) if p.holds_slot() => all_running += 1,
+                None | Some(Phase::Queued) if !other.spec.cancelled => all_queued += 1,
+                _ => {}
+            }
+            if other.metadata.name.as_deref() == Some(name)
+                || other.metadata.namespace.as_deref() != ns
+            {
                 continue;
             }
-            let phase = other.status.as_ref().and_then(|s| s.phase);
-            if phase.is_some_and(|p| p != Phase::Queued) {
-                // The cache caught up with (or passed) the start.
-                starting.remove(&other_name);
-            }
-            if phase.is_some_and(Phase::holds_slot) || starting.contains(&other_name) {
+            if phase.is_some_and(Phase::holds_slot) {
                 running += 1;
-            } else if phase.is_none_or(|p| p == Phase::Queued)
-                && !other.spec.cancelled
-                && other.metadata.deletion_timestamp.is_none()
-                && key(&other) < mine
-            {
+            } else if ahead_of_me(&other) {
                 ahead += 1;
             }
         }
+        self.observer.queue(all_queued, all_running);
+        // Jobs this process started that the cache still shows waiting hold a slot too.
+        let mut starting = lock(&self.starting);
+        starting.retain(|n| {
+            let mut r = ObjectRef::new(n);
+            r.namespace = ns.map(str::to_string);
+            let Some(other) = self.store.get(&r) else {
+                return false; // gone (deleted while starting)
+            };
+            if !waits(&other) {
+                return false; // the cache caught up with (or passed) the start
+            }
+            if n != name {
+                running += 1;
+                if ahead_of_me(&other) {
+                    ahead -= 1;
+                }
+            }
+            true
+        });
         (running, ahead)
     }
 
@@ -191,17 +283,56 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Where one reconcile's time went, step by step (logged at debug under the target
+/// `buildshuttle::reconcile_timing`, for benches/kube_scale.sh).
+pub(crate) struct Laps {
+    last: std::time::Instant,
+    steps: Vec<(&'static str, Duration)>,
+}
+
+impl Laps {
+    fn new(start: std::time::Instant) -> Self {
+        Laps {
+            last: start,
+            steps: Vec::new(),
+        }
+    }
+
+    /// Ends the step `what` now.
+    fn lap(&mut self, what: &'static str) {
+        let now = std::time::Instant::now();
+        self.steps.push((what, now - self.last));
+        self.last = now;
+    }
+
+    fn render(&self) -> String {
+        let mut out = String::new();
+        for (what, d) in &self.steps {
+            out.push_str(&format!("{what}={} ", d.as_micros()));
+        }
+        out
+    }
+}
+
 pub async fn reconcile(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Requeue> {
     let started = std::time::Instant::now();
-    let res = reconcile_inner(cached.clone(), ctx.clone()).await;
-    ctx.observer.reconciled(started.elapsed().as_secs_f64());
+    let mut laps = Laps::new(started);
+    let res = reconcile_inner(cached.clone(), ctx.clone(), &mut laps).await;
+    let took = started.elapsed();
+    ctx.observer.reconciled(took.as_secs_f64());
+    laps.lap("end");
+    tracing::debug!(target: "buildshuttle::reconcile_timing", job = %cached.name_any(), total_us = took.as_micros() as u64, ok = res.is_ok(), steps = %laps.render(), "reconcile timing");
     if res.is_ok() {
         lock(&ctx.failures).remove(&cached.name_any());
     }
     res
 }
 
-async fn reconcile_inner(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Requeue> {
+async fn reconcile_inner(
+    cached: Arc<BuildJob>,
+    ctx: Arc<Context>,
+    laps: &mut Laps,
+) -> Result<Requeue> {
     let name = cached.name_any();
     let ns = cached
         .namespace()
@@ -211,63 +342,133 @@ async fn reconcile_inner(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Req
 
     // Still waiting, nothing owed: decide would change nothing, so ask the API nothing (a
     // long queue re-checks often). The cached copy is enough to know that much.
-    {
-        let prev = cached.status.clone().unwrap_or_default();
+    let cached_status = cached.status.clone().unwrap_or_default();
+    let may_start = {
+        let prev = &cached_status;
         let (running, queued_ahead) = ctx.queue_position(&cached);
-        ctx.report_queue();
-        let still_queued = prev.phase == Some(Phase::Queued)
-            && prev.callbacks.pending
-            && !cached.spec.cancelled
-            && cached.metadata.deletion_timestamp.is_none()
-            && running + queued_ahead >= ctx.settings.max_parallel;
+        let stopping = cached.spec.cancelled || cached.metadata.deletion_timestamp.is_some();
+        let room = running + queued_ahead < ctx.settings.max_parallel;
+        let still_queued =
+            prev.phase == Some(Phase::Queued) && prev.callbacks.pending && !stopping && !room;
+        laps.lap("cache");
         if still_queued {
             return Ok(Requeue::requeue(decide::QUEUED_RECHECK));
         }
-    }
+        room && !stopping && prev.phase.is_none_or(|p| p == Phase::Queued)
+    };
 
-    // Decide from the API server's copy, never the cache: the cache may not have seen this
-    // controller's last status write yet, and acting on it would repeat side effects.
-    let Some(job) = jobs
-        .get_opt(&name)
-        .await
-        .map_err(kube_err("reading the BuildJob"))?
-    else {
+    // Decide from a copy at least as new as this controller's last write of the BuildJob,
+    // never from an older one: the cache may not have seen that write yet, and acting on
+    // what came before it would repeat side effects. The cached copy qualifies when it is
+    // exactly what our last write returned; otherwise it is read fresh. At the same time
+    // (names from the cached copy, checked against the one decided from): the worker pod,
+    // and the credentials Secret when the cached copy says a pod is about to start.
+    let from_cache = ctx.is_our_last_write(&cached);
+    let guess_pod = (!cached_status.phase.is_some_and(Phase::is_finished))
+        .then(|| pod_name(&name, cached_status.pod_retries));
+    // The pod watch's copy where that is harmless: a pod it has (it may lag the API
+    // server; checked again below before anything it would make irreversible), or its
+    // "no such pod" for a job that holds no slot (no pod is counted on yet, and creating one
+    // that exists answers AlreadyExists). A job holding a slot, or whose pod this process
+    // created (`starting`), reads a pod the watch has not seen (it may just be created).
+    let counts_on_pod = |holds_slot: bool| holds_slot || lock(&ctx.starting).contains(&name);
+    let cached_holds_slot = cached_status.phase.is_some_and(Phase::holds_slot);
+    let pod_from_cache = guess_pod
+        .as_ref()
+        .and_then(|p| ctx.cached_pod(&ns, p))
+        .filter(|p| p.is_some() || !counts_on_pod(cached_holds_slot));
+    let known_auth = ctx.known_credentials(&cached);
+    let (job, pod, secret) = tokio::join!(
+        async {
+            if from_cache {
+                Ok(Some(cached.clone()))
+            } else {
+                let job = jobs.get_opt(&name).await;
+                job.map(|j| j.map(Arc::new))
+                    .map_err(kube_err("reading the BuildJob"))
+            }
+        },
+        async {
+            match (&guess_pod, &pod_from_cache) {
+                (Some(_), Some(p)) => Ok(p.clone()),
+                (Some(p), None) => read_pod(&pods, p).await,
+                (None, _) => Ok(None),
+            }
+        },
+        async {
+            if may_start && known_auth.is_none() {
+                fetch_secret(&ctx.client, &ns, &name).await.map(Some)
+            } else {
+                Ok(None)
+            }
+        },
+    );
+    let Some(mut job) = job? else {
         return Ok(Requeue::await_change());
     };
-    let mut job = Arc::new(job);
+    laps.lap(if from_cache { "read_cached" } else { "read" });
     let prev = job.status.clone().unwrap_or_default();
     let (running, queued_ahead) = ctx.queue_position(&job);
     let finished = prev.phase.is_some_and(Phase::is_finished);
+    let holds_slot = prev.phase.is_some_and(Phase::holds_slot);
 
-    let pod = if finished {
+    // Whether `pod` is the pod watch's copy.
+    let mut pod_cached = false;
+    let mut pod = if finished {
         None
     } else {
-        let pod = pods
-            .get_opt(&pod_name(&name, prev.pod_retries))
-            .await
-            .map_err(kube_err("reading the worker pod"))?;
-        match pod {
-            Some(p) if !owned_by(&p, &job) => {
-                remove_foreign_pod(&pods, &p).await?;
-                return Ok(Requeue::requeue(Duration::from_secs(2)));
-            }
-            p => p,
+        let want = pod_name(&name, prev.pod_retries);
+        let usable = guess_pod.as_ref() == Some(&want)
+            && pod_from_cache
+                .as_ref()
+                .is_none_or(|p| p.is_some() || !counts_on_pod(holds_slot));
+        if usable {
+            pod_cached = pod_from_cache.is_some();
+            pod?
+        } else {
+            let pod = read_pod(&pods, &want).await;
+            laps.lap("get_pod");
+            pod?
         }
     };
+    if let Some(p) = pod.as_deref().filter(|p| !owned_by(p, &job)) {
+        remove_foreign_pod(&pods, p).await?;
+        return Ok(Requeue::requeue(Duration::from_secs(2)));
+    }
     let now = Timestamp::now();
+    let decide_with = |pod: Option<&Pod>| {
+        decide::decide(
+            &Inputs {
+                job: &job,
+                pod,
+                running,
+                queued_ahead,
+                now,
+            },
+            &ctx.settings,
+        )
+    };
+    let mut decision = decide_with(pod.as_deref());
+    // Ending the build or deleting its pod is decided from the pod as the API server has
+    // it, unless the watch's copy has ended (an ended pod's status does not change).
+    let irreversible = (decision.status.phase.is_some_and(Phase::is_finished) && !finished)
+        || decision
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::DeletePod { .. }));
+    if pod_cached && irreversible && !pod.as_deref().is_some_and(pod_ended) {
+        pod = read_pod(&pods, &pod_name(&name, prev.pod_retries)).await?;
+        laps.lap("get_pod");
+        if let Some(p) = pod.as_deref().filter(|p| !owned_by(p, &job)) {
+            remove_foreign_pod(&pods, p).await?;
+            return Ok(Requeue::requeue(Duration::from_secs(2)));
+        }
+        decision = decide_with(pod.as_deref());
+    }
     let Decision {
         mut status,
         actions,
-    } = decide::decide(
-        &Inputs {
-            job: &job,
-            pod: pod.as_ref(),
-            running,
-            queued_ahead,
-            now,
-        },
-        &ctx.settings,
-    );
+    } = decision;
 
     // One callback at a time, in order (pending before the final one): whether this
     // controller may send it now (nobody else is at it).
@@ -286,33 +487,51 @@ async fn reconcile_inner(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Req
         );
         (kind, plan)
     });
+    laps.lap("decide");
 
-    // The credentials Secret, read only when a pod is started or a callback sent (they
-    // need it): its name comes from the BuildJob's name (never from the spec), and only a
-    // Secret this BuildJob owns is used. The facade creates it just after the BuildJob, so a
-    // young BuildJob waits for it; an old one goes on without (and fails).
+    // The credentials Secret: its name comes from the BuildJob's name (never from the
+    // spec), and only a Secret this BuildJob owns is used. The facade creates it just after
+    // the BuildJob, so a young BuildJob waits for it; an old one goes on without (and
+    // fails). A pod start needs it here; a callback's sender reads it (off this path)
+    // unless it is at hand.
     let starts_pod = actions
         .iter()
         .any(|a| matches!(a, Action::CreatePod { .. }));
-    let sends = matches!(plan, Some((_, CallbackPlan::Send)));
-    let mut credentials = None;
-    if starts_pod || sends {
-        credentials = read_secret(&ctx.client, &ns, &job).await?;
-        let age = job
-            .creation_timestamp()
-            .map(|t| Timestamp::now().duration_since(t.0).as_secs())
-            .unwrap_or(i64::MAX);
-        let waits = !finished
-            && age < SECRET_WAIT.as_secs() as i64
-            && job.metadata.deletion_timestamp.is_none()
-            && !job.spec.cancelled;
-        if credentials.is_none() && waits {
+    let age = job
+        .creation_timestamp()
+        .map(|t| Timestamp::now().duration_since(t.0).as_secs())
+        .unwrap_or(i64::MAX);
+    let waits_for_secret = !finished
+        && age < SECRET_WAIT.as_secs() as i64
+        && job.metadata.deletion_timestamp.is_none()
+        && !job.spec.cancelled;
+    let mut auth = notify::Auth::Read {
+        wait: waits_for_secret,
+    };
+    if let Some(a) = ctx.known_credentials(&job) {
+        auth = notify::Auth::Known(a);
+    } else if starts_pod {
+        let secret = match secret? {
+            Some(prefetched) => prefetched,
+            None => {
+                let s = fetch_secret(&ctx.client, &ns, &name).await?;
+                laps.lap("get_secret");
+                s
+            }
+        };
+        let credentials = owned_secret(secret, &job);
+        if credentials.is_none() && waits_for_secret {
             tracing::debug!(job = %name, "waiting for the credentials Secret");
             return Ok(Requeue::requeue(Duration::from_secs(2)));
         }
-        if credentials.is_none() {
-            tracing::warn!(job = %name, secret = %secret_name(&name), "the credentials Secret is missing (or not owned by this BuildJob); going on without it");
+        let a = callback_auth(credentials.as_ref());
+        match credentials {
+            Some(_) => ctx.credentials_read(&job, a.clone()),
+            None => {
+                tracing::warn!(job = %name, secret = %secret_name(&name), "the credentials Secret is missing (or not owned by this BuildJob); going on without it")
+            }
         }
+        auth = notify::Auth::Known(a);
     }
 
     let mut requeue = None;
@@ -322,7 +541,8 @@ async fn reconcile_inner(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Req
     for action in actions {
         match action {
             Action::AddFinalizer => {
-                job = Arc::new(add_finalizer(&jobs, &job).await?);
+                job = Arc::new(add_finalizer(&ctx, &jobs, &job).await?);
+                laps.lap("add_finalizer");
             }
             Action::RemoveFinalizer => remove_finalizer = true,
             Action::DeletePod { name: pod, force } => {
@@ -336,9 +556,12 @@ async fn reconcile_inner(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Req
                     Err(e) if is_status(&e, |s| s.is_not_found()) => {}
                     Err(e) => return Err(kube_err("deleting the worker pod")(e)),
                 }
+                laps.lap("delete_pod");
             }
             Action::CreatePod { attempt, .. } => {
-                match create_pod(&ctx, &pods, &job, attempt).await? {
+                let created = create_pod(&ctx, &pods, &job, attempt).await?;
+                laps.lap("create_pod");
+                match created {
                     Created::Yes => {
                         lock(&ctx.starting).insert(name.clone());
                         let ms = since_created(&job, Timestamp::now());
@@ -350,7 +573,7 @@ async fn reconcile_inner(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Req
                         // waiting as it was (no slot held without a pod).
                         let mut st = prev.clone();
                         st.admission_retries += 1;
-                        write_status(&jobs, &job, &st).await?;
+                        write_status(&ctx, &jobs, &job, &st).await?;
                         let note = EventNote {
                             warning: true,
                             reason: "PodRefused".into(),
@@ -359,14 +582,14 @@ async fn reconcile_inner(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Req
                                 st.admission_retries, ctx.settings.max_admission_retries
                             ),
                         };
-                        publish(&ctx, &job, &note).await;
+                        publish_later(&ctx, &job, vec![note]);
                         let wait = Duration::from_secs(5 << st.admission_retries.min(5));
                         return Ok(Requeue::requeue(wait));
                     }
                     Created::Refused(message) => {
                         let (failed, note) = decide::reject(&prev, &message, Timestamp::now());
-                        write_status(&jobs, &job, &failed).await?;
-                        publish(&ctx, &job, &note).await;
+                        write_status(&ctx, &jobs, &job, &failed).await?;
+                        publish_later(&ctx, &job, vec![note]);
                         // The next reconcile sees a finished build and sends the callbacks.
                         return Ok(Requeue::requeue(Duration::from_millis(200)));
                     }
@@ -398,8 +621,10 @@ async fn reconcile_inner(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Req
     }
 
     // The status first: what happened is recorded before anyone is told.
+    let mut written = None;
     if status.without_timestamps() != prev.without_timestamps() {
-        write_status(&jobs, &job, &status).await?;
+        written = Some(write_status(&ctx, &jobs, &job, &status).await?);
+        laps.lap("write_status");
         if status.phase.is_some_and(Phase::is_finished) && !finished {
             let seconds = match (&status.start_time, &status.completion_time) {
                 (Some(s), Some(c)) => Duration::try_from(c.0.duration_since(s.0)).ok(),
@@ -417,14 +642,14 @@ async fn reconcile_inner(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Req
             lock(&ctx.starting).remove(&name);
         }
     }
-    for e in &events {
-        publish(&ctx, &job, e).await;
-    }
+    publish_later(&ctx, &job, events);
     if let Some(kind) = send {
-        notify::spawn(ctx.clone(), &job, callback_auth(credentials.as_ref()), kind);
+        // The sender starts from the object as written (it records the delivery on it).
+        notify::spawn(ctx.clone(), written.as_ref().unwrap_or(&job), auth, kind);
     }
     if remove_finalizer {
         drop_finalizer(&jobs, &job).await?;
+        ctx.forget(&job);
         return Ok(Requeue::await_change());
     }
     if delete_job {
@@ -434,6 +659,7 @@ async fn reconcile_inner(cached: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Req
             Err(e) if is_status(&e, |s| s.is_not_found()) => {}
             Err(e) => return Err(kube_err("deleting the finished BuildJob")(e)),
         }
+        ctx.forget(&job);
         return Ok(Requeue::await_change());
     }
     Ok(requeue
@@ -448,6 +674,20 @@ fn uid(job: &BuildJob) -> String {
 fn since_created(job: &BuildJob, now: Timestamp) -> Option<u64> {
     let created = job.creation_timestamp()?.0;
     u64::try_from(now.duration_since(created).as_millis()).ok()
+}
+
+async fn read_pod(pods: &Api<Pod>, name: &str) -> Result<Option<Arc<Pod>>> {
+    let pod = pods.get_opt(name).await;
+    pod.map(|p| p.map(Arc::new))
+        .map_err(kube_err("reading the worker pod"))
+}
+
+/// Whether a pod has ended (Succeeded or Failed are final).
+fn pod_ended(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|p| p == "Succeeded" || p == "Failed")
 }
 
 /// Whether `pod` belongs to this BuildJob (not to an earlier one of the same name).
@@ -530,6 +770,7 @@ async fn create_pod(
 /// computed from: if anything wrote since, the API server answers 409 and the reconcile
 /// starts over from a fresh read instead of overwriting newer facts.
 pub(crate) async fn write_status(
+    ctx: &Context,
     jobs: &Api<BuildJob>,
     job: &BuildJob,
     status: &BuildJobStatus,
@@ -540,16 +781,19 @@ pub(crate) async fn write_status(
         "metadata": {"resourceVersion": job.resource_version()},
         "status": status,
     });
-    jobs.patch_status(
-        &job.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await
-    .map_err(kube_err("writing the BuildJob status"))
+    let written = jobs
+        .patch_status(
+            &job.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map_err(kube_err("writing the BuildJob status"))?;
+    ctx.wrote(&written);
+    Ok(written)
 }
 
-async fn add_finalizer(jobs: &Api<BuildJob>, job: &BuildJob) -> Result<BuildJob> {
+async fn add_finalizer(ctx: &Context, jobs: &Api<BuildJob>, job: &BuildJob) -> Result<BuildJob> {
     let rv = job.resource_version().unwrap_or_default();
     let patch = if job.metadata.finalizers.is_none() {
         serde_json::json!([
@@ -563,17 +807,20 @@ async fn add_finalizer(jobs: &Api<BuildJob>, job: &BuildJob) -> Result<BuildJob>
         ])
     };
     let patch: json_patch::Patch = serde_json::from_value(patch).map_err(Error::Patch)?;
-    jobs.patch(
-        &job.name_any(),
-        &PatchParams::default(),
-        &Patch::Json::<()>(patch),
-    )
-    .await
-    .map_err(|e| match e {
-        // A failed `test` (the object changed) is 422 Invalid or 409: read again.
-        kube::Error::Api(s) if s.is_invalid() || s.is_conflict() => Error::Stale,
-        e => kube_err("adding the finalizer")(e),
-    })
+    let written = jobs
+        .patch(
+            &job.name_any(),
+            &PatchParams::default(),
+            &Patch::Json::<()>(patch),
+        )
+        .await
+        .map_err(|e| match e {
+            // A failed `test` (the object changed) is 422 Invalid or 409: read again.
+            kube::Error::Api(s) if s.is_invalid() || s.is_conflict() => Error::Stale,
+            e => kube_err("adding the finalizer")(e),
+        })?;
+    ctx.wrote(&written);
+    Ok(written)
 }
 
 async fn drop_finalizer(jobs: &Api<BuildJob>, job: &BuildJob) -> Result<()> {
@@ -603,28 +850,35 @@ async fn drop_finalizer(jobs: &Api<BuildJob>, job: &BuildJob) -> Result<()> {
 /// How long a new BuildJob waits for its credentials Secret.
 pub const SECRET_WAIT: Duration = Duration::from_secs(120);
 
-/// The BuildJob's credentials Secret, if it exists and this BuildJob owns it.
-async fn read_secret(client: &Client, ns: &str, job: &BuildJob) -> Result<Option<KubeSecret>> {
+/// The BuildJob's credentials Secret, if it exists (whoever owns it).
+pub(crate) async fn fetch_secret(
+    client: &Client,
+    ns: &str,
+    job: &str,
+) -> Result<Option<KubeSecret>> {
     let secrets: Api<KubeSecret> = Api::namespaced(client.clone(), ns);
-    let name = secret_name(&job.name_any());
-    let secret = secrets
-        .get_opt(&name)
+    secrets
+        .get_opt(&secret_name(job))
         .await
-        .map_err(kube_err("reading the credentials Secret"))?;
+        .map_err(kube_err("reading the credentials Secret"))
+}
+
+/// `secret` if this BuildJob owns it.
+pub(crate) fn owned_secret(secret: Option<KubeSecret>, job: &BuildJob) -> Option<KubeSecret> {
     let uid = job.uid();
-    Ok(secret.filter(|s| {
+    secret.filter(|s| {
         let ours = s
             .owner_references()
             .iter()
             .any(|o| Some(&o.uid) == uid.as_ref());
         if !ours {
-            tracing::warn!(job = %job.name_any(), secret = %name, "ignoring a credentials Secret that this BuildJob does not own");
+            tracing::warn!(job = %job.name_any(), secret = %s.name_any(), "ignoring a credentials Secret that this BuildJob does not own");
         }
         ours
-    }))
+    })
 }
 
-fn callback_auth(secret: Option<&KubeSecret>) -> Option<Secret> {
+pub(crate) fn callback_auth(secret: Option<&KubeSecret>) -> Option<Secret> {
     secret
         .and_then(|s| s.data.as_ref())
         .and_then(|d| d.get(secret_keys::CALLBACK_AUTH))
@@ -648,7 +902,7 @@ pub fn cut_note(note: &str, max: usize) -> String {
 }
 
 /// Events are for people; failing to record one never fails a reconcile.
-pub(crate) async fn publish(ctx: &Context, job: &BuildJob, e: &EventNote) {
+pub(crate) async fn publish(ctx: &Context, job: &ObjectReference, e: &EventNote) {
     let ev = Event {
         type_: if e.warning {
             EventType::Warning
@@ -660,9 +914,25 @@ pub(crate) async fn publish(ctx: &Context, job: &BuildJob, e: &EventNote) {
         action: "Reconcile".into(),
         secondary: None,
     };
-    if let Err(err) = ctx.recorder.publish(&ev, &job.object_ref(&())).await {
-        tracing::warn!(job = %job.name_any(), error = %err, "could not record an event");
+    if let Err(err) = ctx.recorder.publish(&ev, job).await {
+        let name = job.name.as_deref().unwrap_or_default();
+        tracing::warn!(job = %name, error = %err, "could not record an event");
     }
+}
+
+/// Publishes `events` (in order) off the reconcile's path: they are for people, and the
+/// reconcile has nothing to wait for (a failure is only logged either way).
+pub(crate) fn publish_later(ctx: &Arc<Context>, job: &BuildJob, events: Vec<EventNote>) {
+    if events.is_empty() {
+        return;
+    }
+    // Only the reference: many may wait at once when the API server is slow.
+    let (ctx, job) = (ctx.clone(), job.object_ref(&()));
+    tokio::spawn(async move {
+        for e in &events {
+            publish(&ctx, &job, e).await;
+        }
+    });
 }
 
 /// Per-BuildJob exponential backoff with jitter, so throttled retries do not fire in
@@ -697,6 +967,20 @@ pub fn backoff(n: u32, permanent: bool, unit: f64) -> Duration {
     Duration::from_secs_f64(base * (0.5 + unit))
 }
 
+/// A pod as the pod cache keeps it: what `decide` reads (metadata but managedFields, and
+/// status), not the spec.
+fn slim_pod(pod: &mut Pod) {
+    pod.spec = None;
+    pod.metadata.managed_fields = None;
+    pod.metadata.annotations = None;
+}
+
+/// A BuildJob as the cache keeps it: managedFields are for the API server (status goes by
+/// server-side apply of the whole status, never from them).
+fn slim_job(job: &mut BuildJob) {
+    job.metadata.managed_fields = None;
+}
+
 /// Runs the controller over BuildJobs in `namespace` and their worker pods (only ours, by
 /// label) until `shutdown` resolves. `watch_failing` is set while BuildJobs or pods cannot
 /// be listed or watched (CRD missing, RBAC), for `/octhc`.
@@ -719,18 +1003,43 @@ pub async fn run(
         job_watch = job_watch.labels(&s);
         pod_selector = format!("{pod_selector},{s}");
     }
-    let controller = Controller::new(jobs, job_watch)
-        .owns(pods, watcher::Config::default().labels(&pod_selector))
-        .with_config(controller::Config::default().concurrency(CONCURRENCY));
-    let ctx = Arc::new(make_ctx(controller.store()));
+    // What `Controller::new(jobs).owns(pods)` wires, except that the pod watch also fills a
+    // cache the reconciler reads (Controller keeps it to itself): a BuildJob is reconciled
+    // when it or one of its pods changes.
+    let (job_store, job_writer) = reflector::store();
+    let (pod_store, pod_writer) = reflector::store();
+    let job_changes =
+        reflector(job_writer, watcher(jobs, job_watch).modify(slim_job)).applied_objects();
+    let pod_changes = reflector(
+        pod_writer,
+        watcher(pods, watcher::Config::default().labels(&pod_selector)).modify(slim_pod),
+    )
+    .touched_objects();
+    let mut triggers = futures::stream::SelectAll::new();
+    triggers.push(controller::trigger_self(job_changes, ()).boxed());
+    triggers.push(controller::trigger_owners(pod_changes, (), ()).boxed());
+    let mut ctx = make_ctx(job_store.clone());
+    ctx.pod_cache = Some(pod_store);
+    let ctx = Arc::new(ctx);
     // Cleared by anything that shows the watches work again: a reconcile, or a probe list.
     let failing = watch_failing.clone();
     let probing = Arc::new(AtomicBool::new(false));
     let probe_api: Api<BuildJob> = Api::namespaced(ctx.client.clone(), namespace);
-    controller
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| {
+    controller::applier(
+        |job, ctx| {
+            CancelableJoinHandle::spawn(
+                reconcile(job, ctx).in_current_span(),
+                &tokio::runtime::Handle::current(),
+            )
+        },
+        error_policy,
+        ctx,
+        job_store,
+        // No new reconcile once shutdown begins; running ones finish.
+        StreamBackoff::new(triggers, DefaultBackoff::default()).take_until(shutdown),
+        controller::Config::default().concurrency(CONCURRENCY),
+    )
+    .for_each(|res| {
             let failing = failing.clone();
             let (probing, probe_api) = (probing.clone(), probe_api.clone());
             async move {
@@ -869,12 +1178,10 @@ mod tests {
         j
     }
 
-    /// The notify task's two calls: a fresh read, then the status marking `kind` sent.
+    /// The notify task's call: the status marking `kind` sent, written on the object as the
+    /// reconcile wrote it (no read).
     fn recorded(after: &BuildJob, check: impl Fn(&Value) + Send + 'static) -> Vec<Expect> {
-        vec![
-            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(after))),
-            Expect::new(Method::PATCH, STATUS, 200, Some(as_json(after))).check(check),
-        ]
+        vec![Expect::new(Method::PATCH, STATUS, 200, Some(as_json(after))).check(check)]
     }
 
     async fn play(
@@ -1128,7 +1435,6 @@ mod tests {
         let mut scenario = vec![
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
             Expect::new(Method::GET, pod_path(0), 200, Some(pod)),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
             Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&done))).check(|b| {
                 assert_eq!(b["status"]["phase"], "Succeeded");
                 assert_eq!(b["status"]["image"], "r/a:1.12");
@@ -1140,6 +1446,13 @@ mod tests {
                 assert_eq!(b["status"]["callbacks"]["inFlight"]["status"], "succeeded");
             }),
         ];
+        // The sender reads the credentials Secret (off the reconcile's path).
+        scenario.push(Expect::new(
+            Method::GET,
+            secret_path(),
+            200,
+            Some(secret_json("uid-1")),
+        ));
         scenario.extend(recorded(&done, |b| {
             assert_eq!(b["status"]["callbacks"]["final"], true);
             assert!(b["status"]["timings"]["finalCallbackMs"].is_u64(), "{b}");
@@ -1147,6 +1460,8 @@ mod tests {
         let (res, _) = play(j.clone(), vec![], scenario).await;
         assert!(res.is_ok(), "{res:?}");
         assert_eq!(rx.statuses(), ["succeeded"]);
+        let got = rx.got.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        assert_eq!(got[0].0, "cb-token", "the sender used the Secret it read");
 
         // The next reconcile (everything recorded) sends nothing and writes nothing.
         let mut all = done.clone();
@@ -1162,6 +1477,221 @@ mod tests {
         .await;
         assert!(res.is_ok(), "{res:?}");
         assert_eq!(rx.statuses(), ["succeeded"], "never twice");
+    }
+
+    #[tokio::test]
+    async fn a_cached_copy_of_our_own_last_write_is_not_read_again_an_older_one_is() {
+        let rx = Receiver::start().await;
+        let j = job_with(Some(Phase::Running), &rx.url, true);
+        let msg = success_message();
+        let mut pod =
+            serde_json::to_value(ended_pod("Succeeded", None, 0, "Completed", Some(&msg)))
+                .unwrap_or_default();
+        pod["metadata"]["ownerReferences"] =
+            owned_pod("x", "uid-1")["metadata"]["ownerReferences"].clone();
+        let mut done = with_rv(&j, "2");
+        done.status = Some(BuildJobStatus {
+            phase: Some(Phase::Succeeded),
+            completion_time: Some(Time(Timestamp::now())),
+            callbacks: CallbacksSent {
+                pending: true,
+                final_: false,
+                in_flight: Some(CallbackInFlight {
+                    status: "succeeded".into(),
+                    by: "test".into(),
+                    since: Time(Timestamp::now()),
+                }),
+            },
+            ..Default::default()
+        });
+        let mut all = with_rv(&done, "3");
+        if let Some(st) = all.status.as_mut() {
+            st.callbacks.final_ = true;
+            st.callbacks.in_flight = None;
+        }
+        let scenario = vec![
+            // The first reconcile has no write of ours to trust: it reads.
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+            Expect::new(Method::GET, pod_path(0), 200, Some(pod)),
+            Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&done))),
+            // The sender: Secret, then the record on what the reconcile wrote (no read; our
+            // last write is then version 3).
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+            Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&all))),
+            // The third reconcile's cached copy (version 2) is older than our last write.
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&all))),
+        ];
+        let (client, handle) = mock::client();
+        let verifier = mock::verify(handle, scenario);
+        let ctx = context(client, vec![]);
+        let res = reconcile(Arc::new(j), ctx.clone()).await;
+        assert!(res.is_ok(), "{res:?}");
+        for _ in 0..200 {
+            if lock(&ctx.sending).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(lock(&ctx.sending).is_empty(), "the callback was recorded");
+        // Version 3 is what our last write returned: no call at all (nothing is owed).
+        let res = reconcile(Arc::new(all), ctx.clone()).await;
+        assert!(res.is_ok(), "{res:?}");
+        let res = reconcile(Arc::new(done), ctx.clone()).await;
+        assert!(res.is_ok(), "{res:?}");
+        drop(ctx);
+        verifier
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        assert_eq!(rx.statuses(), ["succeeded"], "once");
+    }
+
+    /// A pod of this BuildJob as the pod watch would have cached it.
+    fn cached(mut pod: Pod) -> Pod {
+        pod.metadata.namespace = Some("builds".into());
+        pod.metadata.owner_references =
+            serde_json::from_value(owned_pod("x", "uid-1")["metadata"]["ownerReferences"].clone())
+                .ok();
+        pod
+    }
+
+    /// `play` with the pod watch's cache holding `pods`.
+    async fn play_with_pods(
+        job: BuildJob,
+        pods: Vec<Pod>,
+        scenario: Vec<Expect>,
+    ) -> (Result<Requeue>, mock::Seen) {
+        let (client, handle) = mock::client();
+        let verifier = mock::verify(handle, scenario);
+        let mut ctx = context(client, vec![]);
+        let (store, mut writer) = reflector::store();
+        for p in pods {
+            writer.apply_watcher_event(&watcher::Event::Apply(p));
+        }
+        if let Some(c) = Arc::get_mut(&mut ctx) {
+            c.pod_cache = Some(store);
+        }
+        let res = reconcile(Arc::new(job), ctx).await;
+        let seen = verifier
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        (res, seen)
+    }
+
+    #[tokio::test]
+    async fn an_ended_pod_is_taken_from_the_pod_cache() {
+        let rx = Receiver::start().await;
+        let j = job_with(Some(Phase::Running), &rx.url, true);
+        let msg = success_message();
+        let pod = cached(ended_pod("Succeeded", None, 0, "Completed", Some(&msg)));
+        let mut done = with_rv(&j, "2");
+        done.status = Some(BuildJobStatus {
+            phase: Some(Phase::Succeeded),
+            ..Default::default()
+        });
+        let mut scenario = vec![
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+            // No pod read.
+            Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&done)))
+                .check(|b| assert_eq!(b["status"]["phase"], "Succeeded")),
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+        ];
+        scenario.extend(recorded(&done, |_| {}));
+        let (res, _) = play_with_pods(j, vec![pod], scenario).await;
+        assert!(res.is_ok(), "{res:?}");
+        assert_eq!(rx.statuses(), ["succeeded"]);
+    }
+
+    #[tokio::test]
+    async fn a_cached_running_pod_is_read_again_before_the_build_is_ended() {
+        // The cache says Running, the API server says it succeeded: a cancel that comes
+        // too late does not turn a success into a failure.
+        let rx = Receiver::start().await;
+        let mut j = job_with(Some(Phase::Running), &rx.url, true);
+        j.spec.cancelled = true;
+        let msg = success_message();
+        let mut ended =
+            serde_json::to_value(ended_pod("Succeeded", None, 0, "Completed", Some(&msg)))
+                .unwrap_or_default();
+        ended["metadata"]["ownerReferences"] =
+            owned_pod("x", "uid-1")["metadata"]["ownerReferences"].clone();
+        let mut done = with_rv(&j, "2");
+        done.status = Some(BuildJobStatus {
+            phase: Some(Phase::Succeeded),
+            ..Default::default()
+        });
+        let mut scenario = vec![
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+            Expect::new(Method::GET, pod_path(0), 200, Some(ended)),
+            Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&done)))
+                .check(|b| assert_eq!(b["status"]["phase"], "Succeeded")),
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+        ];
+        scenario.extend(recorded(&done, |_| {}));
+        let (res, _) =
+            play_with_pods(j, vec![cached(decide::tests::pod("Running"))], scenario).await;
+        assert!(res.is_ok(), "{res:?}");
+        assert_eq!(rx.statuses(), ["succeeded"]);
+    }
+
+    #[tokio::test]
+    async fn a_pod_the_cache_has_not_seen_is_read_for_a_job_holding_a_slot() {
+        let rx = Receiver::start().await;
+        let j = job_with(Some(Phase::Running), &rx.url, true);
+        let scenario = vec![
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+            Expect::new(
+                Method::GET,
+                pod_path(0),
+                200,
+                Some(owned_pod("Running", "uid-1")),
+            ),
+            // What this fixture lacks (pod name, timings) is filled in.
+            Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&with_rv(&j, "2"))))
+                .check(|b| assert_eq!(b["status"]["phase"], "Running")),
+        ];
+        let (res, _) = play_with_pods(j, vec![], scenario).await;
+        assert!(res.is_ok(), "{res:?}");
+        assert!(rx.statuses().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_sender_whose_record_conflicts_reads_the_job_again() {
+        let rx = Receiver::start().await;
+        let j = job_with(Some(Phase::Running), &rx.url, true);
+        let msg = success_message();
+        let mut pod =
+            serde_json::to_value(ended_pod("Succeeded", None, 0, "Completed", Some(&msg)))
+                .unwrap_or_default();
+        pod["metadata"]["ownerReferences"] =
+            owned_pod("x", "uid-1")["metadata"]["ownerReferences"].clone();
+        let mut done = with_rv(&j, "2");
+        done.status = Some(BuildJobStatus {
+            phase: Some(Phase::Succeeded),
+            ..Default::default()
+        });
+        // Someone else wrote after our status write (version 3).
+        let other = with_rv(&done, "3");
+        let scenario = vec![
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+            Expect::new(Method::GET, pod_path(0), 200, Some(pod)),
+            Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&done))),
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+            Expect::new(
+                Method::PATCH,
+                STATUS,
+                409,
+                Some(status_error(409, "Conflict")),
+            )
+            .check(|b| assert_eq!(b["metadata"]["resourceVersion"], "2")),
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&other))),
+            Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&other))).check(|b| {
+                assert_eq!(b["metadata"]["resourceVersion"], "3");
+                assert_eq!(b["status"]["callbacks"]["final"], true);
+            }),
+        ];
+        let (res, _) = play(j, vec![], scenario).await;
+        assert!(res.is_ok(), "{res:?}");
+        assert_eq!(rx.statuses(), ["succeeded"], "sent once");
     }
 
     #[tokio::test]
@@ -1191,7 +1721,6 @@ mod tests {
                 200,
                 Some(owned_pod("Running", "uid-1")),
             ),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
             Expect::new(
                 Method::DELETE,
                 pod_path(0),
@@ -1204,6 +1733,13 @@ mod tests {
                 assert_eq!(b["status"]["conditions"][0]["status"], "False");
             }),
         ];
+        // The sender reads the credentials Secret (off the reconcile's path).
+        scenario.push(Expect::new(
+            Method::GET,
+            secret_path(),
+            200,
+            Some(secret_json("uid-1")),
+        ));
         scenario.extend(recorded(&failed, |b| {
             assert_eq!(b["status"]["callbacks"]["final"], true)
         }));
@@ -1244,7 +1780,6 @@ mod tests {
                 200,
                 Some(owned_pod("Running", "uid-1")),
             ),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
             Expect::new(
                 Method::DELETE,
                 pod_path(0),
@@ -1256,6 +1791,13 @@ mod tests {
                 assert_eq!(b["status"]["conditions"][0]["reason"], "Deleted");
             }),
         ];
+        // The sender reads the credentials Secret (off the reconcile's path).
+        scenario.push(Expect::new(
+            Method::GET,
+            secret_path(),
+            200,
+            Some(secret_json("uid-1")),
+        ));
         scenario.extend(recorded(&failed, |b| {
             assert_eq!(b["status"]["callbacks"]["final"], true)
         }));

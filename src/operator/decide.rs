@@ -116,6 +116,11 @@ pub fn callback_plan(
     takeover_after: Duration,
 ) -> CallbackPlan {
     let Some(f) = &sent.in_flight else {
+        // This process's sender has recorded its callback but not yet let go of the job:
+        // the next one waits a moment rather than start a sender that would not run.
+        if sending_here {
+            return CallbackPlan::Wait(SENDER_FINISHING);
+        }
         return CallbackPlan::Send;
     };
     if f.by == me && sending_here {
@@ -375,6 +380,8 @@ pub mod reasons {
 
 /// Requeue intervals.
 pub const QUEUED_RECHECK: Duration = Duration::from_secs(5);
+/// How soon a callback owed right after the previous one of the same job looks again.
+pub const SENDER_FINISHING: Duration = Duration::from_millis(200);
 pub const ACTIVE_RECHECK: Duration = Duration::from_secs(60);
 pub const TERMINATING_RECHECK: Duration = Duration::from_secs(5);
 
@@ -1678,6 +1685,11 @@ pub(crate) mod tests {
         assert_eq!(
             callback_plan(&sent, "me", false, t(0), takeover),
             CallbackPlan::Send
+        );
+        // The sender of the previous callback has recorded it and is about to let go.
+        assert_eq!(
+            callback_plan(&sent, "me", true, t(0), takeover),
+            CallbackPlan::Wait(SENDER_FINISHING)
         );
         sent.in_flight = Some(CallbackInFlight {
             status: "pending".into(),

@@ -394,14 +394,23 @@ async fn dispatch(
     }
 }
 
+/// A YAML body. Clients mostly send JSON (a subset of YAML): that is parsed as JSON first,
+/// which is far cheaper and gives the same value.
+fn from_yaml(body: &[u8]) -> Result<Value, ApiError> {
+    if let Ok(v) = serde_json::from_slice(body) {
+        return Ok(v);
+    }
+    serde_yaml::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))
+}
+
 fn parse_body(body: &[u8], headers: &HeaderMap) -> Result<Value, ApiError> {
     let ct = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json");
     if ct.contains("yaml") {
-        return serde_yaml::from_slice(body)
-            .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")));
+        return from_yaml(body);
     }
     if ct.contains("protobuf") || ct.contains("cbor") {
         return Err(ApiError::unsupported_media(format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {ct})")));
@@ -553,8 +562,7 @@ fn patch(
                 ));
             };
             let force = truthy(q, "force");
-            let mut applied: Value = serde_yaml::from_slice(body)
-                .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?;
+            let mut applied: Value = from_yaml(body)?;
             if applied["apiVersion"].as_str() != Some(rt.api_version().as_str())
                 || applied["kind"].as_str() != Some(rt.kind.as_str())
             {

@@ -269,16 +269,37 @@ impl Kubelet {
                         self.on_pod(&shared, &ev.obj, ev.ty == crate::store::EvType::Deleted);
                     }
                     Ok(_) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => self.scan(&shared),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => self.scan(&shared, true),
                     Err(_) => return,
                 },
-                _ = tick.tick() => self.scan(&shared),
+                _ = tick.tick() => self.scan(&shared, false),
             }
         }
     }
 
-    fn scan(self: &Arc<Self>, shared: &Arc<Shared>) {
-        for p in self.store.all(&self.pods_rt) {
+    /// Picks up pods this node does not track yet (a bind that failed, events missed).
+    /// After missed events (`lagged`), every tracked pod also looks at itself again; the
+    /// periodic scan leaves them alone (each pod's task wakes on its own events and
+    /// timers), so a node with many finished pods costs nothing per second.
+    fn scan(self: &Arc<Self>, shared: &Arc<Shared>, lagged: bool) {
+        let tracked: Vec<(String, Arc<PodCtl>)> = self
+            .pods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(uid, ctl)| (uid.clone(), ctl.clone()))
+            .collect();
+        if lagged {
+            for (_, ctl) in &tracked {
+                ctl.notify.notify_one();
+            }
+        }
+        let known: std::collections::HashSet<&str> =
+            tracked.iter().map(|(uid, _)| uid.as_str()).collect();
+        let fresh = self.store.all_where(&self.pods_rt, |p| {
+            !known.contains(p["metadata"]["uid"].as_str().unwrap_or(""))
+        });
+        for p in fresh {
             self.on_pod(shared, &p, false);
         }
     }
@@ -504,7 +525,8 @@ impl Kubelet {
                 Some(Stop::Fault(Fault::LoseNode)) => return,
                 _ => {}
             }
-            self.pause(ctl, Duration::from_secs(5)).await;
+            // Its own events (deletion, a fault) wake it; the timer is only a backstop.
+            self.pause(ctl, Duration::from_secs(60)).await;
         }
     }
 

@@ -370,10 +370,8 @@ impl Store {
         after: Option<&(String, String)>,
     ) -> (Vec<Value>, u64, u64) {
         let st = self.lock();
-        let items = st
-            .objects
-            .iter()
-            .filter(|(k, _)| k.0 == rt.group && k.1 == rt.plural && ns.is_none_or(|n| n == k.2))
+        let items = of_type(&st.objects, rt)
+            .filter(|(k, _)| ns.is_none_or(|n| n == k.2))
             .filter(|(k, _)| after.is_none_or(|(ans, aname)| (&k.2, &k.3) > (ans, aname)))
             .map(|(_, e)| e.obj.clone())
             .filter(|o| labels.matches(o) && fields.matches(o))
@@ -994,6 +992,16 @@ impl Store {
             .collect()
     }
 
+    /// The objects of a type that `keep` selects (internal, uncounted); only those are
+    /// copied.
+    pub fn all_where(&self, rt: &ResourceType, keep: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let st = self.lock();
+        of_type(&st.objects, rt)
+            .filter(|(_, e)| keep(&e.obj))
+            .map(|(_, e)| e.obj.clone())
+            .collect()
+    }
+
     pub fn counts(&self) -> HashMap<String, usize> {
         let st = self.lock();
         let mut m = HashMap::new();
@@ -1040,6 +1048,22 @@ pub fn shape(rt: &ResourceType, obj: &Value) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+/// The objects of one type, in key order (a range of the map, not a scan of it).
+fn of_type<'a>(
+    objects: &'a BTreeMap<Key, Entry>,
+    rt: &'a ResourceType,
+) -> impl Iterator<Item = (&'a Key, &'a Entry)> + 'a {
+    let from = (
+        rt.group.clone(),
+        rt.plural.clone(),
+        String::new(),
+        String::new(),
+    );
+    objects
+        .range(from..)
+        .take_while(move |(k, _)| k.0 == rt.group && k.1 == rt.plural)
 }
 
 pub fn key(rt: &ResourceType, ns: &str, name: &str) -> Key {
