@@ -366,8 +366,8 @@ fn grants_in_source(files: &[(String, String)]) -> Result<BTreeSet<Grant>, Strin
     let bind_fn = Regex::new(r"fn\s+(\w+)\s*\([^)]*\)\s*->\s*(?:kube::)?Api<(\w+)>").unwrap();
     let bind_turbofish = Regex::new(r"let\s+(\w+)\s*=\s*(?:kube::)?Api::<(\w+)>::").unwrap();
     let call = Regex::new(r"\b(\w+)(?:\(\))?\s*\.\s*(\w+)\s*(?:::<[^>]*>)?\(").unwrap();
-    let watched =
-        Regex::new(r"(?:Controller::new|\.owns|\bwatcher|\breflector)\(\s*(\w+)").unwrap();
+    // (`reflector(writer, watcher(api, …))`: the Api is the watcher's, not the reflector's.)
+    let watched = Regex::new(r"(?:Controller::new|\.owns|\bwatcher)\(\s*(\w+)").unwrap();
     let mut types: BTreeMap<String, String> = BTreeMap::new();
     for (name, src) in files {
         for c in bind

@@ -117,6 +117,8 @@ impl Active {
 /// What a build carries from the queue into its run.
 struct Ticket {
     id: Uuid,
+    /// When it took its slot (the dispatcher's order, whichever task runs first).
+    started_at: chrono::DateTime<chrono::Utc>,
     cancel: CancellationToken,
     reason: StopReason,
     pending: Option<JoinHandle<()>>,
@@ -327,6 +329,7 @@ impl Inner {
             self.metrics.queued.dec();
             return Some(Ticket {
                 id,
+                started_at: chrono::Utc::now(),
                 cancel,
                 reason,
                 pending,
@@ -410,6 +413,7 @@ impl Inner {
             &ticket.cancel,
             cancelled_reason,
             rec.accepted_at,
+            ticket.started_at,
             &mut timings,
         ))
         .await;
@@ -490,6 +494,7 @@ impl Inner {
         cancel: &CancellationToken,
         cancelled_reason: impl Fn() -> (FailureReason, String),
         accepted_at: chrono::DateTime<chrono::Utc>,
+        started_at: chrono::DateTime<chrono::Utc>,
         timings: &mut StageTimings,
     ) -> (Outcome, Option<futures::future::BoxFuture<'static, ()>>) {
         let id = spec.build_uuid;
@@ -497,7 +502,7 @@ impl Inner {
         // critical path): a crash before it lands re-runs the build after the restart.
         let running = self.update(id, |r| {
             r.phase = Phase::Running;
-            r.started_at = Some(chrono::Utc::now());
+            r.started_at = Some(started_at);
         });
         let mut log = match self.sinks.open(spec) {
             Ok(log) => log,
