@@ -303,6 +303,17 @@ pub struct KubernetesArgs {
         default_value_t = 60
     )]
     pub pod_lost_grace_seconds: u64,
+    /// Seconds between two looks of a queued BuildJob at the queue. A BuildJob that
+    /// finishes wakes the oldest queued ones at once; this look is the fallback (a slot
+    /// freed by a deletion, an event this replica missed).
+    #[arg(
+        long,
+        env = "QUEUED_RECHECK_SECONDS",
+        value_name = "QUEUED_RECHECK_SECONDS",
+        default_value_t = 5,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub queued_recheck_seconds: u64,
 }
 
 /// Validated Kubernetes-mode settings.
@@ -331,6 +342,7 @@ pub struct KubernetesConfig {
     pub pod_pending_limit: Duration,
     pub max_admission_retries: u32,
     pub pod_lost_grace: Duration,
+    pub queued_recheck: Duration,
     /// DOCKER_BUILD_SETTINGS as given (passed to external-mode workers).
     pub docker_settings_json: String,
     /// SOURCES_DENY_NETWORKS as given (passed to workers).
@@ -772,6 +784,7 @@ impl ServeArgs {
                     pod_pending_limit: Duration::from_secs(k.pod_pending_limit_seconds),
                     max_admission_retries: k.max_admission_retries,
                     pod_lost_grace: Duration::from_secs(k.pod_lost_grace_seconds),
+                    queued_recheck: Duration::from_secs(k.queued_recheck_seconds),
                     docker_settings_json: self.build.docker_build_settings.clone(),
                     sources_deny_networks: self.build.sources_deny_networks.clone(),
                 }

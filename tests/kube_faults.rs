@@ -367,7 +367,14 @@ mod scenario {
     use super::*;
 
     pub async fn stop_one_stop_all_and_the_queue_runs_oldest_first(cluster: Cluster) {
-        let shuttle = cluster.serve(Mode::Host, &[("MAXIMUM_PARALLEL_BUILDS", "1")]);
+        // The queue's periodic look is ten minutes away: c starts because a's end wakes it.
+        let shuttle = cluster.serve(
+            Mode::Host,
+            &[
+                ("MAXIMUM_PARALLEL_BUILDS", "1"),
+                ("QUEUED_RECHECK_SECONDS", "600"),
+            ],
+        );
         let cb = Callbacks::start().await;
         let a = cluster.body(&data_uri(&app(&cluster, 3)), &cb);
         let b = next_build(&a, 2, &data_uri(&app(&cluster, 0)));

@@ -352,7 +352,7 @@ async fn reconcile_inner(
             prev.phase == Some(Phase::Queued) && prev.callbacks.pending && !stopping && !room;
         laps.lap("cache");
         if still_queued {
-            return Ok(Requeue::requeue(decide::QUEUED_RECHECK));
+            return Ok(Requeue::requeue(ctx.settings.queued_recheck));
         }
         room && !stopping && prev.phase.is_none_or(|p| p == Phase::Queued)
     };
@@ -937,6 +937,37 @@ pub(crate) fn publish_later(ctx: &Arc<Context>, job: &BuildJob, events: Vec<Even
 
 /// Per-BuildJob exponential backoff with jitter, so throttled retries do not fire in
 /// lockstep; a permanent error waits long (until the object or the setup changes).
+/// The oldest queued BuildJobs, as many as slots are free by the watch cache: the ones a
+/// slot freed just now may go to. Each still checks its own place in the queue.
+fn queued_to_wake(store: &Store<BuildJob>, max_parallel: usize) -> Vec<ObjectRef<BuildJob>> {
+    let mut running = 0;
+    let mut queued = Vec::new();
+    for j in store.state() {
+        match j.status.as_ref().and_then(|s| s.phase) {
+            Some(p) if p.holds_slot() => running += 1,
+            None | Some(Phase::Queued)
+                if !j.spec.cancelled && j.metadata.deletion_timestamp.is_none() =>
+            {
+                queued.push(j)
+            }
+            _ => {}
+        }
+    }
+    let free = max_parallel.saturating_sub(running);
+    let key = |j: &Arc<BuildJob>| {
+        (
+            j.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            j.metadata.name.clone(),
+        )
+    };
+    queued.sort_by_cached_key(key);
+    queued
+        .iter()
+        .take(free)
+        .map(|j| ObjectRef::from_obj(j.as_ref()))
+        .collect()
+}
+
 pub fn error_policy(job: Arc<BuildJob>, err: &Error, ctx: Arc<Context>) -> Requeue {
     if matches!(err, Error::Stale) {
         return Requeue::requeue(Duration::from_millis(100));
@@ -1008,8 +1039,18 @@ pub async fn run(
     // when it or one of its pods changes.
     let (job_store, job_writer) = reflector::store();
     let (pod_store, pod_writer) = reflector::store();
-    let job_changes =
-        reflector(job_writer, watcher(jobs, job_watch).modify(slim_job)).applied_objects();
+    // A BuildJob that finished frees its slot: wake the queued ones then, rather than at
+    // their next re-check. (The reflector has stored the event when it is seen here.)
+    let (wake_tx, wake_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let job_changes = reflector(job_writer, watcher(jobs, job_watch).modify(slim_job))
+        .applied_objects()
+        .inspect(move |j| {
+            let finished = j.as_ref().ok().and_then(|j| j.status.as_ref()?.phase);
+            if finished.is_some_and(Phase::is_finished) {
+                // Full: a wake is pending already and will see this one too.
+                let _ = wake_tx.try_send(());
+            }
+        });
     let pod_changes = reflector(
         pod_writer,
         watcher(pods, watcher::Config::default().labels(&pod_selector)).modify(slim_pod),
@@ -1021,6 +1062,13 @@ pub async fn run(
     let mut ctx = make_ctx(job_store.clone());
     ctx.pod_cache = Some(pod_store);
     let ctx = Arc::new(ctx);
+    let (wake_store, max_parallel) = (job_store.clone(), ctx.settings.max_parallel);
+    let wakes = futures::stream::unfold(wake_rx, |mut rx| async move {
+        rx.recv().await.map(|()| ((), rx))
+    })
+    .flat_map(move |()| futures::stream::iter(queued_to_wake(&wake_store, max_parallel)))
+    .map(|r| Ok::<_, watcher::Error>(controller::ReconcileRequest::from(r)));
+    triggers.push(wakes.boxed());
     // Cleared by anything that shows the watches work again: a reconcile, or a probe list.
     let failing = watch_failing.clone();
     let probing = Arc::new(AtomicBool::new(false));
@@ -1125,6 +1173,7 @@ mod tests {
             pending_limit: Duration::from_secs(600),
             max_admission_retries: 2,
             lost_pod_grace: Duration::from_secs(60),
+            queued_recheck: decide::QUEUED_RECHECK,
         }
     }
 
@@ -1199,6 +1248,34 @@ mod tests {
             .await
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
         (res, seen)
+    }
+
+    #[test]
+    fn a_freed_slot_wakes_the_oldest_queued_jobs_that_fit() {
+        let (store, mut writer) = reflector::store::<BuildJob>();
+        let mut add = |name: &str, phase: Option<Phase>, age: i64, cancelled: bool| {
+            let mut j = job(phase);
+            j.metadata.name = Some(name.into());
+            j.metadata.creation_timestamp =
+                Some(Time(crate::operator::decide::tests::t(100 - age)));
+            j.spec.cancelled = cancelled;
+            writer.apply_watcher_event(&watcher::Event::Apply(j));
+        };
+        add("running", Some(Phase::Running), 50, false);
+        add("done", Some(Phase::Succeeded), 60, false);
+        add("newer", Some(Phase::Queued), 10, false);
+        add("older", Some(Phase::Queued), 20, false);
+        add("unseen", None, 5, false);
+        add("stopped", Some(Phase::Queued), 30, true);
+        let names = |max| -> Vec<String> {
+            queued_to_wake(&store, max)
+                .into_iter()
+                .map(|r| r.name)
+                .collect()
+        };
+        assert_eq!(names(1), Vec::<String>::new(), "no slot free");
+        assert_eq!(names(2), ["older"]);
+        assert_eq!(names(10), ["older", "newer", "unseen"]);
     }
 
     #[tokio::test]

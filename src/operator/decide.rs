@@ -33,6 +33,8 @@ pub struct Settings {
     /// A pod still terminating this long after its deletion deadline is lost (its node is
     /// gone): it is force-deleted and the build goes on without it.
     pub lost_pod_grace: Duration,
+    /// QUEUED_RECHECK_SECONDS: how often a queued BuildJob looks at the queue again.
+    pub queued_recheck: Duration,
 }
 
 /// What the decision is made from.
@@ -379,6 +381,7 @@ pub mod reasons {
 }
 
 /// Requeue intervals.
+/// QUEUED_RECHECK_SECONDS's default.
 pub const QUEUED_RECHECK: Duration = Duration::from_secs(5);
 /// How soon a callback owed right after the previous one of the same job looks again.
 pub const SENDER_FINISHING: Duration = Duration::from_millis(200);
@@ -522,7 +525,7 @@ fn step(
                     "waiting for a build slot",
                     now,
                 );
-                actions.push(Action::Requeue(QUEUED_RECHECK));
+                actions.push(Action::Requeue(settings.queued_recheck));
             }
         }
         PodState::Absent => retry_lost_pod(
@@ -949,6 +952,7 @@ pub(crate) mod tests {
             pending_limit: Duration::from_secs(600),
             max_admission_retries: 3,
             lost_pod_grace: Duration::from_secs(60),
+            queued_recheck: QUEUED_RECHECK,
         }
     }
 

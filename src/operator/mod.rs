@@ -180,6 +180,7 @@ impl KubernetesMode {
                 pending_limit: k.pod_pending_limit,
                 max_admission_retries: k.max_admission_retries,
                 lost_pod_grace: k.pod_lost_grace,
+                queued_recheck: k.queued_recheck,
             };
             let pods = pod::PodSettings {
                 image: k.worker_image.clone(),
