@@ -102,9 +102,6 @@ impl Pipeline {
                 format!("cannot create the build folder: {e}"),
             );
         }
-        // Started first: on an empty daemon this pull is the longest step before the build.
-        let cache = self.start_cache_pull(spec);
-
         let archive = workdir.join("sources");
         let limits = self.config.limits;
         // A .tar.gz or .tar is extracted as it arrives: the fetch feeds the file (for
@@ -118,37 +115,56 @@ impl Pipeline {
             }))
         };
         let fetch_started = Instant::now();
-        let fetched = match source {
-            Fetch::Http(url) => {
-                log.line(&format!(
-                    "Fetching sources from {}",
-                    crate::secret::redact_url(url.as_str())
-                ));
-                sources::download(
-                    &self.http,
-                    &self.config.deny_networks,
-                    url,
-                    &archive,
-                    &limits,
-                    Some(tee),
-                )
-                .await
-            }
-            Fetch::Data(b64) => {
-                log.line("Decoding sources from the data: URI");
-                sources::write_data_tee(b64, &archive, &limits, Some(tee)).await
-            }
-            Fetch::Stored => {
-                log.line("Reading the sources from storage");
-                self.read_stored(&spec.source_key(), &archive, &limits, tee)
-                    .await
-            }
+        let (fetched, cache) = {
+            let fetch = async {
+                match source {
+                    Fetch::Http(url) => {
+                        log.line(&format!(
+                            "Fetching sources from {}",
+                            crate::secret::redact_url(url.as_str())
+                        ));
+                        sources::download(
+                            &self.http,
+                            &self.config.deny_networks,
+                            url,
+                            &archive,
+                            &limits,
+                            Some(tee),
+                        )
+                        .await
+                    }
+                    Fetch::Data(b64) => {
+                        log.line("Decoding sources from the data: URI");
+                        sources::write_data_tee(b64, &archive, &limits, Some(tee)).await
+                    }
+                    Fetch::Stored => {
+                        log.line("Reading the sources from storage");
+                        self.read_stored(&spec.source_key(), &archive, &limits, tee)
+                            .await
+                    }
+                }
+            };
+            // The layer cache pull runs beside the fetch (on an empty daemon it is the longest
+            // step before the build), starting once the fetch has lasted CACHE_PULL_AFTER: sources
+            // that fail at once cost no call to dockerd, and a real download hardly waits.
+            tokio::pin!(fetch);
+            let mut cache = None;
+            let fetched = tokio::select! {
+                biased;
+                fetched = &mut fetch => fetched,
+                () = tokio::time::sleep(CACHE_PULL_AFTER) => {
+                    cache = Some(self.start_cache_pull(spec));
+                    fetch.await
+                }
+            };
+            (fetched, cache)
         };
         timings.fetch = Some(elapsed_ms(fetch_started));
         let size = match fetched {
             Ok(n) => n,
             Err(e) => return Outcome::failed(FailureReason::SourceFetchFailed, e.to_string()),
         };
+        let cache = cache.unwrap_or_else(|| self.start_cache_pull(spec));
         log.line(&format!("Fetched {size} bytes of sources"));
         let store = match source {
             Fetch::Stored => None,
@@ -538,6 +554,9 @@ async fn forward<T>(
 }
 
 /// The pull of the previous image, running beside fetch and context.
+/// How long a fetch runs before the layer cache pull starts beside it.
+const CACHE_PULL_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
+
 enum CachePull {
     Off,
     Running {
