@@ -175,39 +175,15 @@ async fn a_rebuild_on_an_empty_daemon_reuses_the_layers_of_the_pushed_latest_ima
         "the second daemon must not have the image yet"
     );
     let svc = Service::start(&["--docker-build-settings", &settings]).await;
-    let mut again = body(&data_uri(&archive), &cb);
-    for key in ["app", "app_uuid"] {
-        again[key] = first[key].clone();
-    }
-    again["build_number"] = json!(2);
-    svc.post(&again).await;
-    assert_eq!(
-        cb.wait_final(again["build_uuid"].as_str().unwrap(), BUILD)
-            .await,
-        "succeeded",
-        "{}",
-        svc.log(&again).await
-    );
-    let log = svc.log(&again).await;
+    let log = rebuild(&svc, &first, &archive, &cb).await;
     assert!(
         log.contains(&format!("Using {latest} as the layer cache")),
         "{log}"
     );
-    // Each RUN step and the COPY come from the cache: "Using cache" follows each step line.
-    let lines: Vec<&str> = log.lines().collect();
-    for step in ["RUN echo warm-one", "RUN echo warm-two", "COPY app.txt"] {
-        let at = lines
-            .iter()
-            .position(|l| l.contains(step))
-            .unwrap_or_else(|| panic!("no step {step}:\n{log}"));
-        assert!(
-            lines[at + 1..]
-                .iter()
-                .take(2)
-                .any(|l| l.contains("Using cache")),
-            "{step} was not cached:\n{log}"
-        );
-    }
+    assert_each_step_cached(
+        &log,
+        &["RUN echo warm-one", "RUN echo warm-two", "COPY app.txt"],
+    );
 
     // NO_CACHE turns the pull off.
     let nc = Service::start(&["--docker-build-settings", &settings, "--no-cache", "true"]).await;
@@ -286,7 +262,20 @@ async fn a_cache_repository_keeps_every_apps_layer_cache_in_a_registry_of_its_ow
     // The same app, unchanged, on the empty daemon: its layers come from the cache repository.
     assert!(second.inspect_image(&cached).await.is_err());
     let svc = Service::start(&[&flags[..], &["--docker-build-settings", &settings]].concat()).await;
-    let mut again = body(&data_uri(&archive), &cb);
+    let log = rebuild(&svc, &first, &archive, &cb).await;
+    assert!(
+        log.contains(&format!("Using {cached} as the layer cache")),
+        "{log}"
+    );
+    assert_each_step_cached(
+        &log,
+        &["RUN echo cache-one", "RUN echo cache-two", "COPY app.txt"],
+    );
+}
+
+/// Build 2 of `first`'s app from the same archive on `svc`; it must succeed. Its log.
+async fn rebuild(svc: &Service, first: &Value, archive: &[u8], cb: &Callbacks) -> String {
+    let mut again = body(&data_uri(archive), cb);
     for key in ["app", "app_uuid"] {
         again[key] = first[key].clone();
     }
@@ -299,13 +288,13 @@ async fn a_cache_repository_keeps_every_apps_layer_cache_in_a_registry_of_its_ow
         "{}",
         svc.log(&again).await
     );
-    let log = svc.log(&again).await;
-    assert!(
-        log.contains(&format!("Using {cached} as the layer cache")),
-        "{log}"
-    );
+    svc.log(&again).await
+}
+
+/// Each of `steps` came from the layer cache: "Using cache" follows its step line.
+fn assert_each_step_cached(log: &str, steps: &[&str]) {
     let lines: Vec<&str> = log.lines().collect();
-    for step in ["RUN echo cache-one", "RUN echo cache-two", "COPY app.txt"] {
+    for step in steps {
         let at = lines
             .iter()
             .position(|l| l.contains(step))

@@ -170,19 +170,9 @@ mod tests {
     use super::*;
 
     fn rec(phase: Phase) -> Record {
-        let mut spec = crate::build::tests::spec();
-        spec.build_uuid = Uuid::new_v4();
         Record {
-            spec,
-            seq: 0,
             phase,
-            outcome: None,
-            pending_sent: false,
-            final_sent: false,
-            accepted_at: chrono::Utc::now(),
-            started_at: None,
-            finished_at: None,
-            timings: Default::default(),
+            ..state::tests::rec(0)
         }
     }
 

@@ -577,10 +577,11 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn rec(seq: u64) -> Record {
+    /// A queued record of a new build (the test spec, with credentials).
+    pub(crate) fn rec(seq: u64) -> Record {
         let mut spec = crate::build::tests::spec();
         spec.build_uuid = Uuid::new_v4();
         Record {
