@@ -136,13 +136,26 @@ pub async fn apply_crd(client: &kube::Client) {
     )
     .expect("CRD YAML");
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.patch(
-        "buildjobs.buildshuttle.akkeris.io",
-        &PatchParams::apply("kubectl").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .expect("CRD applied");
+    // Tests that start at once may both create it: the loser's 409 (AlreadyExists) means
+    // "apply again", as `kubectl apply` would be run again.
+    let mut attempt = 0;
+    loop {
+        let applied = crds
+            .patch(
+                "buildjobs.buildshuttle.akkeris.io",
+                &PatchParams::apply("kubectl").force(),
+                &Patch::Apply(&crd),
+            )
+            .await;
+        match applied {
+            Ok(_) => return,
+            Err(kube::Error::Api(e)) if e.code == 409 && attempt < 5 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("CRD applied: {e}"),
+        }
+    }
 }
 
 /// Waits until the API server serves the BuildJob resource (a real one takes a moment
