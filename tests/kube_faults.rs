@@ -242,7 +242,13 @@ async fn unschedulable_by_node_selector(cluster: &Cluster) {
         ],
     );
     let cb = Callbacks::start().await;
-    let nowhere = cluster.body(&data_uri(&app(cluster, 0)), &cb);
+    a_build_fails_as_unschedulable(cluster, &shuttle, &cb).await;
+}
+
+/// A build posted now (no node will take its pod): Unschedulable with the scheduler's
+/// message, then failed with one final callback.
+async fn a_build_fails_as_unschedulable(cluster: &Cluster, shuttle: &Proc, cb: &Callbacks) {
+    let nowhere = cluster.body(&data_uri(&app(cluster, 0)), cb);
     shuttle.post(&nowhere).await;
     let j = cluster
         .wait_job(&nowhere, "Unschedulable", BUILD, |j| {
@@ -250,7 +256,7 @@ async fn unschedulable_by_node_selector(cluster: &Cluster) {
         })
         .await;
     assert!(!message(&j).is_empty(), "the scheduler's message: {j:#}");
-    exactly_once(&cb, &nowhere, "failed").await;
+    exactly_once(cb, &nowhere, "failed").await;
     let j = finished(cluster, &nowhere).await;
     assert_eq!(reason(&j), "Unschedulable");
 }
@@ -578,17 +584,7 @@ mod scenario {
         assert_eq!(reason(&j), "PodLost", "{j:#}");
 
         sim.set_unschedulable(true);
-        let nowhere = cluster.body(&data_uri(&app(&cluster, 0)), &cb);
-        shuttle.post(&nowhere).await;
-        let j = cluster
-            .wait_job(&nowhere, "Unschedulable", BUILD, |j| {
-                reason(j) == "Unschedulable"
-            })
-            .await;
-        assert!(!message(&j).is_empty(), "the scheduler's message: {j:#}");
-        exactly_once(&cb, &nowhere, "failed").await;
-        let j = finished(&cluster, &nowhere).await;
-        assert_eq!(reason(&j), "Unschedulable");
+        a_build_fails_as_unschedulable(&cluster, &shuttle, &cb).await;
     }
 
     pub async fn a_pod_that_cannot_start_or_is_refused_fails_fast_with_the_reason(

@@ -182,7 +182,7 @@ impl LocalExecutor {
                 Phase::Queued => {
                     tracing::info!(build = %id, app = %rec.spec.app, "re-queueing a build accepted before the restart");
                     let line = state::encode(&rec).map_err(std::io::Error::other)?;
-                    let cold = self.inner.lock_waiting().len() >= HOT_QUEUE;
+                    let cold = self.inner.queue_is_long();
                     self.inner.lock_records().insert(rec.clone(), &line, cold);
                     self.enqueue(rec);
                 }
@@ -303,6 +303,12 @@ impl Inner {
         self.waiting
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether a build queued now waits behind HOT_QUEUE others (its record then waits in
+    /// the scratch file).
+    fn queue_is_long(&self) -> bool {
+        self.lock_waiting().len() >= HOT_QUEUE
     }
 
     /// The oldest queued build not stopped meanwhile, marked started.
@@ -435,7 +441,7 @@ impl Inner {
             queued: Some(ms_since(rec.accepted_at)),
             ..Default::default()
         };
-        let (r, m) = stop_reason(&StopReason::default());
+        let (r, m) = stopped_by_request();
         let line = format!("Build failed ({}): {m} before it started", r.as_str());
         Box::pin(self.append_log_line(&rec.spec, &line)).await;
         let outcome = Outcome::failed(r, format!("{m} before it started"));
@@ -657,7 +663,11 @@ fn stop_reason(reason: &StopReason) -> (FailureReason, String) {
         .lock()
         .ok()
         .and_then(|r| r.clone())
-        .unwrap_or((FailureReason::Cancelled, "stopped by request".into()))
+        .unwrap_or_else(stopped_by_request)
+}
+
+fn stopped_by_request() -> (FailureReason, String) {
+    (FailureReason::Cancelled, "stopped by request".into())
 }
 
 /// Starts queued builds in submission order as slots free up. While the service drains,
@@ -712,7 +722,7 @@ impl Executor for LocalExecutor {
             finished_at: None,
             timings: StageTimings::default(),
         };
-        let cold = self.inner.lock_waiting().len() >= HOT_QUEUE;
+        let cold = self.inner.queue_is_long();
         let saved = {
             let mut records = self.inner.lock_records();
             if records.contains(&id) {

@@ -159,12 +159,12 @@ impl StateStore {
         records.sort_by_key(|r| r.seq);
         next_seq = next_seq.max(records.last().map_or(0, |r| r.seq + 1));
 
-        let mut snapshot = Vec::new();
-        for rec in &records {
-            serde_json::to_writer(&mut snapshot, rec).map_err(std::io::Error::other)?;
-            snapshot.push(b'\n');
-        }
-        write_snapshot(&dir, &snapshot)?;
+        write_snapshot(&dir, |out| {
+            for rec in &records {
+                out.write_all(&encode(rec).map_err(std::io::Error::other)?)?;
+            }
+            Ok(())
+        })?;
         for path in segments.iter().map(|(_, p)| p).chain(&legacy) {
             remove_if_exists(path)?;
         }
@@ -204,21 +204,13 @@ impl StateStore {
         &self,
         rec: &Record,
     ) -> impl std::future::Future<Output = Result<(), StateError>> + Send + 'static {
-        let queued = encode(rec).map(|line| self.queue(rec.spec.build_uuid, rec.final_sent, line));
+        let queued =
+            encode(rec).map(|line| self.save_line(rec.spec.build_uuid, rec.final_sent, line));
         async move { queued?.await }
     }
 
     /// `save` of a record already encoded (by `encode`).
     pub fn save_line(
-        &self,
-        id: Uuid,
-        final_sent: bool,
-        line: Vec<u8>,
-    ) -> impl std::future::Future<Output = Result<(), StateError>> + Send + 'static {
-        self.queue(id, final_sent, line)
-    }
-
-    fn queue(
         &self,
         id: Uuid,
         final_sent: bool,
@@ -422,30 +414,21 @@ fn compact(dir: &Path, upto: u64) -> std::io::Result<()> {
     for (i, at) in last.into_values() {
         keep[i].insert(at);
     }
-    let tmp = dir.join(".snapshot.log.tmp");
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    let mut out = std::io::BufWriter::with_capacity(256 * 1024, file);
-    for (i, path) in files.iter().enumerate() {
-        if keep[i].is_empty() {
-            continue;
-        }
-        let mut result = Ok(());
-        for_each_line_at(path, |at, line| {
-            if result.is_ok() && keep[i].contains(&at) {
-                result = out.write_all(line).and_then(|()| out.write_all(b"\n"));
+    write_snapshot(dir, |out| {
+        for (i, path) in files.iter().enumerate() {
+            if keep[i].is_empty() {
+                continue;
             }
-        })?;
-        result?;
-    }
-    let file = out.into_inner().map_err(|e| e.into_error())?;
-    file.sync_data()?;
-    std::fs::rename(&tmp, dir.join(SNAPSHOT))?;
-    sync_dir(dir)?;
+            let mut result = Ok(());
+            for_each_line_at(path, |at, line| {
+                if result.is_ok() && keep[i].contains(&at) {
+                    result = out.write_all(line).and_then(|()| out.write_all(b"\n"));
+                }
+            })?;
+            result?;
+        }
+        Ok(())
+    })?;
     for path in &old {
         remove_if_exists(path)?;
     }
@@ -557,17 +540,23 @@ fn open_append(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
-/// Replaces the snapshot atomically: temp file, fsync, rename, fsync of the folder.
-fn write_snapshot(dir: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Replaces the snapshot atomically with what `fill` writes: temp file (buffered), fsync,
+/// rename, fsync of the folder.
+fn write_snapshot(
+    dir: &Path,
+    fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let tmp = dir.join(".snapshot.log.tmp");
-    let mut f = OpenOptions::new()
+    let file = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_data()?;
+    let mut out = std::io::BufWriter::with_capacity(256 * 1024, file);
+    fill(&mut out)?;
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.sync_data()?;
     std::fs::rename(&tmp, dir.join(SNAPSHOT))?;
     sync_dir(dir)
 }

@@ -1484,17 +1484,16 @@ mod tests {
         assert!(seen.events.is_empty());
     }
 
-    #[tokio::test]
-    async fn a_finished_pod_is_recorded_then_the_final_callback_sent_once() {
-        let rx = Receiver::start().await;
-        let j = job_with(Some(Phase::Running), &rx.url, true);
+    /// The job's worker pod, ended Succeeded, and the job as the reconcile records it
+    /// (version 2): Succeeded, its final callback in flight.
+    fn succeeded_pod_and_its_record(j: &BuildJob) -> (serde_json::Value, BuildJob) {
         let msg = success_message();
         let mut pod =
             serde_json::to_value(ended_pod("Succeeded", None, 0, "Completed", Some(&msg)))
                 .unwrap_or_default();
         pod["metadata"]["ownerReferences"] =
             owned_pod("x", "uid-1")["metadata"]["ownerReferences"].clone();
-        let mut done = with_rv(&j, "2");
+        let mut done = with_rv(j, "2");
         done.status = Some(BuildJobStatus {
             phase: Some(Phase::Succeeded),
             completion_time: Some(Time(Timestamp::now())),
@@ -1509,6 +1508,14 @@ mod tests {
             },
             ..Default::default()
         });
+        (pod, done)
+    }
+
+    #[tokio::test]
+    async fn a_finished_pod_is_recorded_then_the_final_callback_sent_once() {
+        let rx = Receiver::start().await;
+        let j = job_with(Some(Phase::Running), &rx.url, true);
+        let (pod, done) = succeeded_pod_and_its_record(&j);
         let mut scenario = vec![
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
             Expect::new(Method::GET, pod_path(0), 200, Some(pod)),
@@ -1560,27 +1567,7 @@ mod tests {
     async fn a_cached_copy_of_our_own_last_write_is_not_read_again_an_older_one_is() {
         let rx = Receiver::start().await;
         let j = job_with(Some(Phase::Running), &rx.url, true);
-        let msg = success_message();
-        let mut pod =
-            serde_json::to_value(ended_pod("Succeeded", None, 0, "Completed", Some(&msg)))
-                .unwrap_or_default();
-        pod["metadata"]["ownerReferences"] =
-            owned_pod("x", "uid-1")["metadata"]["ownerReferences"].clone();
-        let mut done = with_rv(&j, "2");
-        done.status = Some(BuildJobStatus {
-            phase: Some(Phase::Succeeded),
-            completion_time: Some(Time(Timestamp::now())),
-            callbacks: CallbacksSent {
-                pending: true,
-                final_: false,
-                in_flight: Some(CallbackInFlight {
-                    status: "succeeded".into(),
-                    by: "test".into(),
-                    since: Time(Timestamp::now()),
-                }),
-            },
-            ..Default::default()
-        });
+        let (pod, done) = succeeded_pod_and_its_record(&j);
         let mut all = with_rv(&done, "3");
         if let Some(st) = all.status.as_mut() {
             st.callbacks.final_ = true;

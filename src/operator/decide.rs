@@ -380,7 +380,7 @@ pub mod reasons {
     pub const DELETED: &str = "Deleted";
 }
 
-/// Requeue intervals.
+// Requeue intervals.
 /// QUEUED_RECHECK_SECONDS's default.
 pub const QUEUED_RECHECK: Duration = Duration::from_secs(5);
 /// How soon a callback owed right after the previous one of the same job looks again.

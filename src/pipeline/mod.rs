@@ -444,18 +444,13 @@ impl Pipeline {
     /// The repository whose `:latest` is the build's layer cache (CACHE_REPOSITORY's, else
     /// the app's own) and the credentials for its registry.
     fn layer_cache(&self, spec: &BuildSpec) -> (String, Option<bollard::auth::DockerCredentials>) {
-        let gm = || {
-            spec.gm_registry_auth
-                .as_ref()
-                .map(|a| docker::credential(&spec.gm_registry_host, a))
-        };
         let Some(cache) = &self.config.cache_repository else {
-            return (spec.image_repository(), gm());
+            return (spec.image_repository(), app_registry_credentials(spec));
         };
         let repo = format!("{cache}/{}", spec.app_key());
         let host = cache.split('/').next().unwrap_or_default();
         let auth = if host == spec.gm_registry_host.trim_end_matches('/') {
-            gm()
+            app_registry_credentials(spec)
         } else {
             self.config
                 .extra_registries
@@ -498,10 +493,7 @@ impl Pipeline {
                 docker::tag(&self.docker, image, repo, tag).await?;
             }
         }
-        let auth = spec
-            .gm_registry_auth
-            .as_ref()
-            .map(|a| docker::credential(&spec.gm_registry_host, a));
+        let auth = app_registry_credentials(spec);
         let mut digest = None;
         for tag in [version.as_str(), "latest"] {
             let pushed = docker::push(&self.docker, repo, tag, auth.clone(), log).await?;
@@ -553,10 +545,17 @@ async fn forward<T>(
     }
 }
 
-/// The pull of the previous image, running beside fetch and context.
+/// The build's credentials (`gm_registry_auth`) for the app's registry.
+fn app_registry_credentials(spec: &BuildSpec) -> Option<bollard::auth::DockerCredentials> {
+    spec.gm_registry_auth
+        .as_ref()
+        .map(|a| docker::credential(&spec.gm_registry_host, a))
+}
+
 /// How long a fetch runs before the layer cache pull starts beside it.
 const CACHE_PULL_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// The pull of the previous image, running beside fetch and context.
 enum CachePull {
     Off,
     Running {

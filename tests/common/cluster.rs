@@ -384,18 +384,7 @@ impl Cluster {
             format!("http://{host}")
         };
         let url = format!("{base}/v2/{}/tags/list", super::image_repo(b));
-        let v: Value = match reqwest::get(&url).await {
-            Ok(r) => r.json().await.unwrap_or(Value::Null),
-            Err(_) => Value::Null,
-        };
-        v["tags"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|t| t.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default()
+        super::tags_list(&url, None).await
     }
 
     /// kubectl: the suite's (`bash .ci/services` installs it), else the one on PATH.

@@ -359,7 +359,12 @@ pub fn image_repo(b: &Value) -> String {
 
 /// Tags of `repo` in a registry (basic auth when given).
 pub async fn registry_tags(registry: &str, repo: &str, auth: Option<(&str, &str)>) -> Vec<String> {
-    let mut req = reqwest::Client::new().get(format!("http://{registry}/v2/{repo}/tags/list"));
+    tags_list(&format!("http://{registry}/v2/{repo}/tags/list"), auth).await
+}
+
+/// The tags a registry's `tags/list` at `url` answers (none when it cannot be read).
+pub async fn tags_list(url: &str, auth: Option<(&str, &str)>) -> Vec<String> {
+    let mut req = reqwest::Client::new().get(url);
     if let Some((u, p)) = auth {
         req = req.basic_auth(u, Some(p));
     }
