@@ -235,13 +235,27 @@ async fn registry_auth_right_and_wrong_password() {
         "{}",
         svc.log(&good).await
     );
-    let tags = registry_tags(
-        AUTH_REGISTRY,
-        &image_repo(&good),
-        Some((AUTH_USER, AUTH_PASS)),
-    )
-    .await;
+    let repo = image_repo(&good);
+    let auth = Some((AUTH_USER, AUTH_PASS));
+    let tags = registry_tags(AUTH_REGISTRY, &repo, auth).await;
     assert!(tags.contains(&"1.1".to_string()), "{tags:?}");
+    // `latest` was written straight to the registry (answering its Basic challenge), as
+    // the same manifest: no second push by dockerd.
+    let log = svc.log(&good).await;
+    let latest = manifest_digest(AUTH_REGISTRY, &repo, "latest", auth).await;
+    assert!(latest.is_some(), "{log}");
+    assert_eq!(
+        latest,
+        manifest_digest(AUTH_REGISTRY, &repo, "1.1", auth).await
+    );
+    assert!(
+        log.contains(&format!("Tagged {AUTH_REGISTRY}/{repo}:latest as sha256:")),
+        "{log}"
+    );
+    assert!(
+        !log.contains(&format!("Pushing {AUTH_REGISTRY}/{repo}:latest")),
+        "{log}"
+    );
 
     let mut bad = body(&data_uri(&archive), &cb);
     bad["gm_registry_host"] = json!(AUTH_REGISTRY);

@@ -5,6 +5,7 @@
 //! being forgotten.
 
 mod records;
+mod runtime;
 pub mod state;
 
 use crate::build::{BuildSpec, FailureReason, Outcome, StageTimings};
@@ -38,6 +39,9 @@ pub struct LocalSettings {
 #[derive(Clone)]
 pub struct LocalExecutor {
     inner: Arc<Inner>,
+    /// The build threads; the last clone dropped stops them (tasks hold `inner`, so it
+    /// cannot live there).
+    _runtime: Arc<runtime::BuildRuntime>,
 }
 
 struct Inner {
@@ -48,11 +52,12 @@ struct Inner {
     /// Records of unfinished builds. Changes are made and queued for the journal under this
     /// lock (so they reach the disk in order) and awaited after it is released.
     records: Mutex<Records>,
+    /// Builds that took a slot, or were stopped while queued and are being ended.
     active: Mutex<HashMap<Uuid, Active>>,
-    /// Builds waiting for a slot, oldest first: only their ids. A queued build has no task
-    /// (the dispatcher starts one when a slot frees), so a burst of accepted builds costs
-    /// little memory beyond its records.
-    waiting: Mutex<VecDeque<Uuid>>,
+    /// Builds waiting for a slot, oldest first. A queued build has no task (the dispatcher
+    /// starts one when a slot frees), so a burst of accepted builds costs little memory
+    /// beyond its records. Lock order: `waiting`, then `active`.
+    waiting: Mutex<VecDeque<Waiting>>,
     /// Wakes the dispatcher when a build joins `waiting`.
     wake: Notify,
     semaphore: Arc<Semaphore>,
@@ -62,6 +67,8 @@ struct Inner {
     /// shutdown waits for these (the `running` gauge drops before the final callback).
     finishing: AtomicU64,
     tasks: TaskTracker,
+    /// Where build tasks run (see `runtime`): never on the API's threads.
+    builds: tokio::runtime::Handle,
     timeout: Duration,
     workroot: PathBuf,
     metrics: Arc<Metrics>,
@@ -83,35 +90,33 @@ const HOT_QUEUE: usize = 2048;
 /// Why a build was stopped, set before its token fires; `None` means "stopped by request".
 type StopReason = Arc<Mutex<Option<(FailureReason, String)>>>;
 
-/// A build that has not ended: what stopping it and reporting it active need.
-struct Active {
-    /// `{app}-{app_uuid}`.
-    app_key: Box<str>,
+/// A queued build: what starting it, stopping it and reporting it active need. Small (48
+/// bytes, nothing allocated), since a burst queues hundreds of thousands.
+struct Waiting {
+    id: Uuid,
+    /// `app_id(app, app_uuid)`.
+    app: u64,
     build_number: u64,
-    run: Run,
+    /// Its pending callback's delivery, handed to the build's run.
+    pending: Option<JoinHandle<()>>,
 }
 
-enum Run {
-    /// Waiting for a slot; it has no task. `stopped`: its stopper is ending it.
-    Queued {
-        pending: Option<JoinHandle<()>>,
-        stopped: bool,
-    },
-    /// Took a slot (set under the `active` lock by the dispatcher).
-    Started {
-        cancel: CancellationToken,
-        /// Why it was cancelled: set before the token fires.
-        reason: StopReason,
-    },
+/// A build that took a slot (or is being ended after a stop while queued).
+struct Active {
+    app: u64,
+    build_number: u64,
+    cancel: CancellationToken,
+    /// Why it was cancelled: set before the token fires.
+    reason: StopReason,
 }
 
-impl Active {
-    fn is(&self, app: &str, app_uuid: &str) -> bool {
-        self.app_key.len() == app.len() + 1 + app_uuid.len()
-            && self.app_key.starts_with(app)
-            && self.app_key.ends_with(app_uuid)
-            && self.app_key.as_bytes()[app.len()] == b'-'
-    }
+/// Identifies an app in `Waiting` and `Active` by a 64-bit hash of its name and uuid instead of a copy of
+/// both: a mix-up needs two live apps whose hashes collide (odds about n²/2⁶⁵).
+fn app_id(app: &str, app_uuid: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    (app, app_uuid).hash(&mut h);
+    h.finish()
 }
 
 /// What a build carries from the queue into its run.
@@ -143,6 +148,7 @@ impl LocalExecutor {
         let _ = tokio::fs::remove_dir_all(&workroot).await;
         tokio::fs::create_dir_all(&workroot).await?;
         let semaphore = Arc::new(Semaphore::new(settings.max_parallel));
+        let runtime = Arc::new(runtime::BuildRuntime::start()?);
         let inner = Arc::new(Inner {
             pipeline,
             sinks,
@@ -159,11 +165,15 @@ impl LocalExecutor {
             draining: AtomicBool::new(false),
             finishing: AtomicU64::new(0),
             tasks: TaskTracker::new(),
+            builds: runtime.handle().clone(),
             timeout: settings.timeout,
             workroot,
             metrics,
         });
-        let exec = Self { inner };
+        let exec = Self {
+            inner,
+            _runtime: runtime,
+        };
         exec.inner.supervise(dispatch(exec.inner.clone()));
         exec.recover(recovered).await?;
         Ok(exec)
@@ -215,30 +225,23 @@ impl LocalExecutor {
         Ok(())
     }
 
-    /// Registers the build as active and queues it; its pending callback goes out now.
+    /// Queues the build; its pending callback goes out now.
     fn enqueue(&self, rec: Record) {
         let id = rec.spec.build_uuid;
         let pending = (!rec.pending_sent && rec.spec.callback.is_some()).then(|| {
             let inner = self.inner.clone();
-            self.inner
-                .tasks
-                .spawn(async move { inner.send_pending(id).await })
+            self.inner.tasks.spawn_on(
+                async move { inner.send_pending(id).await },
+                &self.inner.builds,
+            )
         });
-        if let Ok(mut active) = self.inner.active.lock() {
-            active.insert(
-                id,
-                Active {
-                    app_key: rec.spec.app_key().into(),
-                    build_number: rec.spec.build_number,
-                    run: Run::Queued {
-                        pending,
-                        stopped: false,
-                    },
-                },
-            );
-        }
         self.inner.metrics.queued.inc();
-        self.inner.lock_waiting().push_back(id);
+        self.inner.lock_waiting().push_back(Waiting {
+            id,
+            app: app_id(&rec.spec.app, &rec.spec.app_uuid),
+            build_number: rec.spec.build_number,
+            pending,
+        });
         self.inner.wake.notify_one();
     }
 
@@ -274,7 +277,7 @@ impl Inner {
     fn supervise(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
         use futures::FutureExt;
         // One task, not a task awaiting another: a burst starts thousands of these.
-        self.tasks.spawn(async move {
+        let supervised = async move {
             if std::panic::AssertUnwindSafe(fut)
                 .catch_unwind()
                 .await
@@ -282,7 +285,8 @@ impl Inner {
             {
                 tracing::error!("a build task died; its build is reported on the next start");
             }
-        });
+        };
+        self.tasks.spawn_on(supervised, &self.builds);
     }
 
     /// Builds that took a slot (queued ones stay queued across a shutdown).
@@ -292,14 +296,11 @@ impl Inner {
         };
         active
             .values()
-            .filter_map(|a| match &a.run {
-                Run::Started { cancel, reason } => Some((cancel.clone(), reason.clone())),
-                Run::Queued { .. } => None,
-            })
+            .map(|a| (a.cancel.clone(), a.reason.clone()))
             .collect()
     }
 
-    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, VecDeque<Uuid>> {
+    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, VecDeque<Waiting>> {
         self.waiting
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -311,37 +312,29 @@ impl Inner {
         self.lock_waiting().len() >= HOT_QUEUE
     }
 
-    /// The oldest queued build not stopped meanwhile, marked started.
+    /// The oldest queued build, now active.
     fn next_waiting(&self) -> Option<Ticket> {
         let mut waiting = self.lock_waiting();
         let mut active = self.active.lock().ok()?;
-        while let Some(id) = waiting.pop_front() {
-            let Some(a) = active.get_mut(&id) else {
-                continue;
-            };
-            let pending = match &mut a.run {
-                Run::Queued {
-                    pending,
-                    stopped: false,
-                } => pending.take(),
-                // Stopped: its stopper ends it.
-                _ => continue,
-            };
-            let (cancel, reason) = (CancellationToken::new(), StopReason::default());
-            a.run = Run::Started {
+        let w = waiting.pop_front()?;
+        let (cancel, reason) = (CancellationToken::new(), StopReason::default());
+        active.insert(
+            w.id,
+            Active {
+                app: w.app,
+                build_number: w.build_number,
                 cancel: cancel.clone(),
                 reason: reason.clone(),
-            };
-            self.metrics.queued.dec();
-            return Some(Ticket {
-                id,
-                started_at: chrono::Utc::now(),
-                cancel,
-                reason,
-                pending,
-            });
-        }
-        None
+            },
+        );
+        self.metrics.queued.dec();
+        Some(Ticket {
+            id: w.id,
+            started_at: chrono::Utc::now(),
+            cancel,
+            reason,
+            pending: w.pending,
+        })
     }
 
     /// The records map; a panic elsewhere while holding it leaves it usable.
@@ -389,10 +382,11 @@ impl Inner {
         if let Some(mut log) = self.sinks.kafka_only(spec) {
             // Delivery may wait on a dead broker for KAFKA_DELIVERY_TIMEOUT_MS: not inline.
             let line = line.to_string();
-            self.tasks.spawn(async move {
+            let deliver = async move {
                 log.line(&line);
                 log.finish().await;
-            });
+            };
+            self.tasks.spawn_on(deliver, &self.builds);
         }
     }
 
@@ -757,29 +751,43 @@ impl Executor for LocalExecutor {
     }
 
     async fn stop(&self, which: BuildSelector) -> Result<usize, ExecutorError> {
-        let Ok(mut active) = self.inner.active.lock() else {
-            return Ok(0);
-        };
+        let app = app_id(&which.app, &which.app_uuid);
+        let wanted = |a: u64, n: u64| a == app && which.build_number.is_none_or(|b| b == n);
+        let mut ending = Vec::new();
         let mut n = 0;
-        for (id, a) in active.iter_mut() {
-            if !a.is(&which.app, &which.app_uuid)
-                || which.build_number.is_some_and(|b| b != a.build_number)
-            {
-                continue;
+        {
+            let mut waiting = self.inner.lock_waiting();
+            let Ok(mut active) = self.inner.active.lock() else {
+                return Ok(0);
+            };
+            for a in active.values().filter(|a| wanted(a.app, a.build_number)) {
+                n += 1;
+                a.cancel.cancel();
             }
-            n += 1;
-            match &mut a.run {
-                Run::Started { cancel, .. } => cancel.cancel(),
-                // A queued build has no task: the first stop ends it.
-                Run::Queued { pending, stopped } if !*stopped => {
-                    *stopped = true;
-                    let inner = self.inner.clone();
-                    let (id, pending) = (*id, pending.take());
-                    self.inner
-                        .supervise(async move { inner.end_unstarted(id, pending).await });
+            // A queued build has no task: it leaves the queue and a task ends it (active
+            // meanwhile, so it is still reported active until its final line is written).
+            waiting.retain_mut(|w| {
+                if !wanted(w.app, w.build_number) {
+                    return true;
                 }
-                Run::Queued { .. } => {}
-            }
+                active.insert(
+                    w.id,
+                    Active {
+                        app: w.app,
+                        build_number: w.build_number,
+                        cancel: CancellationToken::new(),
+                        reason: StopReason::default(),
+                    },
+                );
+                ending.push((w.id, w.pending.take()));
+                false
+            });
+        }
+        n += ending.len();
+        for (id, pending) in ending {
+            let inner = self.inner.clone();
+            self.inner
+                .supervise(async move { inner.end_unstarted(id, pending).await });
         }
         Ok(n)
     }
@@ -808,11 +816,34 @@ impl Executor for LocalExecutor {
     }
 
     async fn is_active(&self, app: &str, app_uuid: &str, build_number: u64) -> bool {
+        let app = app_id(app, app_uuid);
+        // Both locks at once: a build moving from the queue to a slot is seen in one of them.
+        let waiting = self.inner.lock_waiting();
         let Ok(active) = self.inner.active.lock() else {
             return false;
         };
         active
             .values()
-            .any(|a| a.is(app, app_uuid) && a.build_number == build_number)
+            .any(|a| a.app == app && a.build_number == build_number)
+            || waiting
+                .iter()
+                .any(|w| w.app == app && w.build_number == build_number)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_queued_build_costs_48_bytes_in_the_queue() {
+        assert!(std::mem::size_of::<Waiting>() <= 48);
+    }
+
+    #[test]
+    fn apps_are_told_apart_by_name_and_uuid_not_their_joined_key() {
+        assert_eq!(app_id("a", "b-c"), app_id("a", "b-c"));
+        assert_ne!(app_id("a-b", "c"), app_id("a", "b-c"));
+        assert_ne!(app_id("a", "b"), app_id("a", "c"));
     }
 }

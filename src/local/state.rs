@@ -23,7 +23,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -79,6 +79,11 @@ const SEGMENT_LIMIT: u64 = 16 * 1024 * 1024;
 const SCRUB_DELAY: Duration = Duration::from_secs(1);
 /// No change for this long: the store is idle, and compaction runs at once.
 const IDLE: Duration = Duration::from_millis(50);
+/// After a compaction, the next one for scrubbing waits this many times as long as it took,
+/// so compaction (which rewrites every queued build's line) takes at most a tenth of a core
+/// however long the queue is. Credentials of finished builds stay on disk that much longer
+/// under a burst.
+const REST_FACTOR: u32 = 9;
 const SNAPSHOT: &str = "snapshot.log";
 const DONE: &str = "done.log";
 
@@ -159,7 +164,7 @@ impl StateStore {
         records.sort_by_key(|r| r.seq);
         next_seq = next_seq.max(records.last().map_or(0, |r| r.seq + 1));
 
-        write_snapshot(&dir, |out| {
+        let snapshot_len = write_snapshot(&dir, |out| {
             for rec in &records {
                 out.write_all(&encode(rec).map_err(std::io::Error::other)?)?;
             }
@@ -180,7 +185,10 @@ impl StateStore {
             journal_len: 0,
             done: done_file,
             first_final: None,
-            compacting: Arc::new(AtomicBool::new(false)),
+            compaction: Arc::new(Compaction {
+                snapshot_len: AtomicU64::new(snapshot_len),
+                ..Compaction::default()
+            }),
         };
         std::thread::Builder::new()
             .name("state-writer".into())
@@ -250,7 +258,25 @@ struct Writer {
     done: File,
     /// When the oldest final record not yet compacted away was written.
     first_final: Option<Instant>,
-    compacting: Arc<AtomicBool>,
+    compaction: Arc<Compaction>,
+}
+
+/// What the writer knows of the compaction thread.
+#[derive(Default)]
+struct Compaction {
+    running: AtomicBool,
+    /// The size of the snapshot the last compaction wrote.
+    snapshot_len: AtomicU64,
+    /// No compaction for scrubbing before this (see REST_FACTOR).
+    rest_until: Mutex<Option<Instant>>,
+}
+
+impl Compaction {
+    fn rested(&self) -> bool {
+        self.rest_until
+            .lock()
+            .map_or(true, |t| t.is_none_or(|t| Instant::now() >= t))
+    }
 }
 
 impl Writer {
@@ -339,41 +365,69 @@ impl Writer {
     }
 
     fn maybe_compact(&mut self, idle: bool) {
-        let scrub = self
-            .first_final
-            .is_some_and(|t| idle || t.elapsed() >= SCRUB_DELAY);
-        if !(scrub || self.journal_len >= SEGMENT_LIMIT)
-            || self.compacting.swap(true, Ordering::SeqCst)
-        {
+        let c = self.compaction.clone();
+        let due = compaction_due(
+            self.first_final.map(|t| t.elapsed()),
+            idle,
+            c.rested(),
+            self.journal_len,
+            c.snapshot_len.load(Ordering::SeqCst),
+        );
+        if !due || c.running.swap(true, Ordering::SeqCst) {
             return;
         }
         let upto = self.gen;
         if !self.rotate_segment() {
-            self.compacting.store(false, Ordering::SeqCst);
+            c.running.store(false, Ordering::SeqCst);
             return;
         }
         self.first_final = None;
         let dir = self.dir.clone();
-        let flag = self.compacting.clone();
+        let shared = c.clone();
         let spawned = std::thread::Builder::new()
             .name("state-compact".into())
             .spawn(move || {
-                if let Err(e) = compact(&dir, upto) {
-                    tracing::warn!(error = %e, dir = %dir.display(), "build state compaction failed; it is retried later");
+                // Background work: the writer (and so every POST) goes first.
+                super::runtime::lower_priority();
+                let started = Instant::now();
+                match compact(&dir, upto) {
+                    Ok(len) => shared.snapshot_len.store(len, Ordering::SeqCst),
+                    Err(e) => {
+                        tracing::warn!(error = %e, dir = %dir.display(), "build state compaction failed; it is retried later");
+                    }
                 }
-                flag.store(false, Ordering::SeqCst);
+                if let Ok(mut t) = shared.rest_until.lock() {
+                    *t = Some(Instant::now() + started.elapsed() * REST_FACTOR);
+                }
+                shared.running.store(false, Ordering::SeqCst);
             });
         if spawned.is_err() {
-            self.compacting.store(false, Ordering::SeqCst);
+            c.running.store(false, Ordering::SeqCst);
         }
     }
+}
+
+/// Whether to compact now: to scrub finished builds (`final_age`: how long the oldest
+/// uncompacted one has been final) once they are SCRUB_DELAY old or the store is idle, if the
+/// last compaction has rested; or because the segment is large. A compaction rewrites the
+/// whole snapshot, so "large" means at least the snapshot's size: a long queue then costs
+/// each write O(1) amortized instead of O(queue).
+fn compaction_due(
+    final_age: Option<Duration>,
+    idle: bool,
+    rested: bool,
+    journal_len: u64,
+    snapshot_len: u64,
+) -> bool {
+    let scrub = final_age.is_some_and(|age| idle || age >= SCRUB_DELAY) && rested;
+    scrub || journal_len >= SEGMENT_LIMIT.max(snapshot_len)
 }
 
 /// Folds the snapshot and every segment up to `upto` into a new snapshot without the
 /// finished builds, then removes those segments. Streams: the first pass keeps only where
 /// each build's last line is, the second copies those lines, so memory stays small however
-/// many builds are queued.
-fn compact(dir: &Path, upto: u64) -> std::io::Result<()> {
+/// many builds are queued. Returns the new snapshot's size.
+fn compact(dir: &Path, upto: u64) -> std::io::Result<u64> {
     #[derive(Deserialize)]
     struct Head {
         spec: HeadSpec,
@@ -414,7 +468,7 @@ fn compact(dir: &Path, upto: u64) -> std::io::Result<()> {
     for (i, at) in last.into_values() {
         keep[i].insert(at);
     }
-    write_snapshot(dir, |out| {
+    let len = write_snapshot(dir, |out| {
         for (i, path) in files.iter().enumerate() {
             if keep[i].is_empty() {
                 continue;
@@ -432,7 +486,7 @@ fn compact(dir: &Path, upto: u64) -> std::io::Result<()> {
     for path in &old {
         remove_if_exists(path)?;
     }
-    Ok(())
+    Ok(len)
 }
 
 fn remove_if_exists(path: &Path) -> std::io::Result<()> {
@@ -541,11 +595,11 @@ fn open_append(path: &Path) -> std::io::Result<File> {
 }
 
 /// Replaces the snapshot atomically with what `fill` writes: temp file (buffered), fsync,
-/// rename, fsync of the folder.
+/// rename, fsync of the folder. Returns its size.
 fn write_snapshot(
     dir: &Path,
     fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
-) -> std::io::Result<()> {
+) -> std::io::Result<u64> {
     let tmp = dir.join(".snapshot.log.tmp");
     let file = OpenOptions::new()
         .write(true)
@@ -557,8 +611,10 @@ fn write_snapshot(
     fill(&mut out)?;
     let file = out.into_inner().map_err(|e| e.into_error())?;
     file.sync_data()?;
+    let len = file.metadata()?.len();
     std::fs::rename(&tmp, dir.join(SNAPSHOT))?;
-    sync_dir(dir)
+    sync_dir(dir)?;
+    Ok(len)
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -593,6 +649,22 @@ pub(crate) mod tests {
             out.push_str(&std::fs::read_to_string(e.unwrap().path()).unwrap_or_default());
         }
         out
+    }
+
+    #[test]
+    fn compaction_waits_for_its_rest_and_for_a_journal_as_large_as_the_snapshot() {
+        let mib = 1024 * 1024;
+        let old = Some(SCRUB_DELAY);
+        // Scrubbing: a second after a build finished, or when idle; never while resting.
+        assert!(compaction_due(old, false, true, 0, 0));
+        assert!(compaction_due(Some(Duration::ZERO), true, true, 0, 0));
+        assert!(!compaction_due(Some(Duration::ZERO), false, true, 0, 0));
+        assert!(!compaction_due(old, true, false, 0, 0));
+        assert!(!compaction_due(None, true, true, 0, 0));
+        // Size: 16 MiB, or the snapshot's size when that is larger (a long queue).
+        assert!(compaction_due(None, false, false, 16 * mib, 0));
+        assert!(!compaction_due(None, false, false, 16 * mib, 100 * mib));
+        assert!(compaction_due(None, false, false, 100 * mib, 100 * mib));
     }
 
     #[tokio::test]

@@ -6,6 +6,7 @@
 pub mod context;
 pub mod docker;
 pub mod dockerfile;
+pub mod registry;
 pub mod sources;
 
 use crate::build::{elapsed_ms, BuildSpec, FailureReason, Outcome, RegistryAuth, StageTimings};
@@ -28,6 +29,8 @@ pub struct Pipeline {
     pub storage: Arc<dyn Storage>,
     pub config: Arc<BuildConfig>,
     pub http: reqwest::Client,
+    /// Adds the second tag in the registry itself (see `registry`).
+    pub registry: Arc<registry::Registry>,
 }
 
 impl Pipeline {
@@ -38,6 +41,7 @@ impl Pipeline {
             config.deny_networks.clone(),
         );
         Self {
+            registry: Arc::new(registry::Registry::new(docker.clone())),
             docker,
             storage,
             config,
@@ -415,9 +419,6 @@ impl Pipeline {
     }
 
     /// Tags `image` as `repo:1.{n}` and `repo:latest` and pushes both with gm_registry_auth.
-    /// One after the other: the second push only checks layers and writes a manifest
-    /// (~50 ms here), and pushing both at once made the registry answer 500 now and then
-    /// (two uploads of the same config blob racing).
     async fn push_both(
         &self,
         spec: &BuildSpec,
@@ -494,12 +495,28 @@ impl Pipeline {
             }
         }
         let auth = app_registry_credentials(spec);
-        let mut digest = None;
-        for tag in [version.as_str(), "latest"] {
-            let pushed = docker::push(&self.docker, repo, tag, auth.clone(), log).await?;
-            digest = digest.or(pushed);
+        let digest = docker::push(&self.docker, repo, &version, auth.clone(), log).await?;
+        // `latest` is the same manifest. Written straight to the registry it is two requests;
+        // dockerd's push of it checks every layer again (~50 ms for a small image here).
+        // Both pushes at once made the registry answer 500 now and then (two uploads of the
+        // same config blob racing), so the fallback stays one after the other.
+        if let Some(d) = &digest {
+            match self
+                .registry
+                .add_tag(repo, d, "latest", auth.as_ref())
+                .await
+            {
+                Ok(()) => {
+                    log.line(&format!("Tagged {repo}:latest as {d} in the registry"));
+                    return Ok(digest);
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "tagging latest through the registry API did not work; pushing it with dockerd")
+                }
+            }
         }
-        Ok(digest)
+        let pushed = docker::push(&self.docker, repo, "latest", auth, log).await?;
+        Ok(digest.or(pushed))
     }
 }
 

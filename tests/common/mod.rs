@@ -362,6 +362,31 @@ pub async fn registry_tags(registry: &str, repo: &str, auth: Option<(&str, &str)
     tags_list(&format!("http://{registry}/v2/{repo}/tags/list"), auth).await
 }
 
+/// The digest a registry gives `repo:tag`'s manifest (`None` when it has none).
+pub async fn manifest_digest(
+    registry: &str,
+    repo: &str,
+    tag: &str,
+    auth: Option<(&str, &str)>,
+) -> Option<String> {
+    let mut req = reqwest::Client::new()
+        .head(format!("http://{registry}/v2/{repo}/manifests/{tag}"))
+        .header(
+            "accept",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        );
+    if let Some((u, p)) = auth {
+        req = req.basic_auth(u, Some(p));
+    }
+    let resp = req.send().await.ok()?;
+    resp.status().is_success().then_some(())?;
+    resp.headers()
+        .get("docker-content-digest")?
+        .to_str()
+        .ok()
+        .map(String::from)
+}
+
 /// The tags a registry's `tags/list` at `url` answers (none when it cannot be read).
 pub async fn tags_list(url: &str, auth: Option<(&str, &str)>) -> Vec<String> {
     let mut req = reqwest::Client::new().get(url);
