@@ -12,7 +12,7 @@ use bollard::Docker;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::OnceCell;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +41,12 @@ pub struct Registry {
     insecure: OnceCell<Insecure>,
     /// The scheme that worked per registry host, so https is not retried on every build.
     schemes: Mutex<HashMap<String, &'static str>>,
+    /// Hosts this process could not reach (dockerd may: another network), and when: for
+    /// UNREACHABLE_PAUSE their builds go straight to dockerd's push.
+    unreachable: Mutex<HashMap<String, Instant>>,
 }
+
+const UNREACHABLE_PAUSE: Duration = Duration::from_secs(600);
 
 /// Which registries dockerd talks to over plain http.
 #[derive(Debug, Default)]
@@ -96,6 +101,7 @@ impl Registry {
             docker,
             insecure,
             schemes: Mutex::new(HashMap::new()),
+            unreachable: Mutex::new(HashMap::new()),
         }
     }
 
@@ -109,6 +115,16 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         let (host, name) =
             split_repo(repo).ok_or_else(|| RegistryError::NotSupported(repo.to_string()))?;
+        let paused = self
+            .unreachable
+            .lock()
+            .ok()
+            .and_then(|m| m.get(host).copied());
+        if paused.is_some_and(|at| at.elapsed() < UNREACHABLE_PAUSE) {
+            return Err(RegistryError::NotSupported(format!(
+                "{host} (unreachable from here a moment ago)"
+            )));
+        }
         let mut session = Session {
             client: self,
             host,
@@ -117,8 +133,17 @@ impl Registry {
             scheme: self.scheme_for(host).await,
             header: None,
         };
-        let (media_type, body) = session.get_manifest(digest).await?;
-        session.put_manifest(tag, &media_type, body).await
+        let tagged = async {
+            let (media_type, body) = session.get_manifest(digest).await?;
+            session.put_manifest(tag, &media_type, body).await
+        }
+        .await;
+        if let (Err(RegistryError::Unreachable { .. }), Ok(mut m)) =
+            (&tagged, self.unreachable.lock())
+        {
+            m.insert(host.to_string(), Instant::now());
+        }
+        tagged
     }
 
     /// https, or http where dockerd would use it (tried after https fails to connect).
@@ -612,6 +637,25 @@ mod tests {
             "{wrong:?}"
         );
         assert!(seen.lock().expect("lock").put.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_registry_is_not_tried_again_for_a_while() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let host = closed.local_addr().expect("addr").to_string();
+        drop(closed);
+        let registry = loopback_registry();
+        let repo = format!("{host}/repo/app");
+        let first = registry.add_tag(&repo, "sha256:abc", "latest", None).await;
+        assert!(
+            matches!(first, Err(RegistryError::Unreachable { .. })),
+            "{first:?}"
+        );
+        let second = registry.add_tag(&repo, "sha256:abc", "latest", None).await;
+        assert!(
+            matches!(second, Err(RegistryError::NotSupported(_))),
+            "{second:?}"
+        );
     }
 
     #[tokio::test]
