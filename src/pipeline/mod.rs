@@ -1,7 +1,8 @@
 //! The build pipeline: one entry point, used by local mode and by the Kubernetes worker.
 //! sources → storage (original archive) ∥ context → docker build (layer cache pulled
-//! meanwhile) → tag → push both tags at once; every output line to the build log, and each
-//! stage's duration to `StageTimings`. Knows nothing about HTTP or Kubernetes.
+//! meanwhile) → tag → push `1.{n}`, then tag `latest` in the registry; every output line to
+//! the build log, and each stage's duration to `StageTimings`. Knows nothing about HTTP or
+//! Kubernetes.
 
 pub mod context;
 pub mod docker;
@@ -418,7 +419,8 @@ impl Pipeline {
             .await
     }
 
-    /// Tags `image` as `repo:1.{n}` and `repo:latest` and pushes both with gm_registry_auth.
+    /// Tags `image` as `repo:1.{n}` and `repo:latest` and pushes both with gm_registry_auth
+    /// (`latest` through the registry's API when it can).
     async fn push_both(
         &self,
         spec: &BuildSpec,
