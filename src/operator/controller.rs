@@ -103,20 +103,86 @@ pub struct Context {
     pub sending: Mutex<HashSet<String>>,
     /// Consecutive failed reconciles per BuildJob (for backoff).
     failures: Mutex<HashMap<String, u32>>,
-    /// The resourceVersion this process's last write of each BuildJob (by uid) returned. A
-    /// cached copy carrying that version is the object as we wrote it: the cache has caught
-    /// up with our own writes, so it serves where a fresh GET would (equality is all the API
-    /// conventions promise about resourceVersions, and all this needs).
-    written: Mutex<HashMap<String, String>>,
-    /// The callback Authorization of each BuildJob (by uid) whose own credentials Secret
-    /// this process has read: the Secret was found and owned, which does not change, so a
-    /// pod start after a queue need not read it again.
-    credentials: Mutex<HashMap<String, Option<Secret>>>,
+    /// What this process wrote to each BuildJob, shared with the facade (see `OwnWrites`).
+    own: Arc<OwnWrites>,
     /// The worker pods as the pod watch last saw them (without spec and managedFields),
     /// read instead of the API server where a stale copy is harmless (`run` sets it; unset,
     /// every pod is read fresh).
     pub(crate) pod_cache: Option<Store<Pod>>,
     pub observer: Arc<dyn Observer>,
+}
+
+/// What this process itself wrote, kept across leadership terms and shared by the facade
+/// (which creates BuildJobs and their Secrets) and the controller (which writes status):
+///
+/// - the resourceVersion our last write of each BuildJob (by uid) returned. A cached copy
+///   carrying that version is the object as we wrote it: the cache has caught up with our
+///   own writes, so it serves where a fresh GET would (equality is all the API conventions
+///   promise about resourceVersions, and all this needs). A BuildJob the facade just
+///   created is decided from the watch's copy of it, with no read.
+/// - the callback Authorization of each BuildJob whose own credentials Secret exists and is
+///   owned by it (this process created or read it), which does not change: a pod start need
+///   not read it again.
+#[derive(Default)]
+pub struct OwnWrites {
+    written: Mutex<HashMap<String, String>>,
+    credentials: Mutex<HashMap<String, Option<Secret>>>,
+}
+
+/// Past this many BuildJobs the maps start over (a replica that never leads prunes nothing;
+/// forgetting costs a read, nothing else).
+const OWN_WRITES_MAX: usize = 16_384;
+
+impl OwnWrites {
+    /// Notes the resourceVersion a write of ours returned.
+    pub fn wrote(&self, job: &BuildJob) {
+        if let (Some(uid), Some(rv)) = (job.uid(), job.resource_version()) {
+            insert_bounded(&mut lock(&self.written), uid, rv);
+        }
+    }
+
+    /// Notes the callback Authorization of a BuildJob whose own Secret exists.
+    pub fn secret_known(&self, job: &BuildJob, auth: Option<Secret>) {
+        if let Some(uid) = job.uid() {
+            insert_bounded(&mut lock(&self.credentials), uid, auth);
+        }
+    }
+
+    pub(crate) fn is_last_write(&self, cached: &BuildJob) -> bool {
+        let (Some(uid), Some(rv)) = (cached.uid(), cached.resource_version()) else {
+            return false;
+        };
+        lock(&self.written).get(&uid) == Some(&rv)
+    }
+
+    pub(crate) fn known_credentials(&self, job: &BuildJob) -> Option<Option<Secret>> {
+        lock(&self.credentials).get(&job.uid()?).cloned()
+    }
+
+    fn forget(&self, uid: &str) {
+        lock(&self.written).remove(uid);
+        lock(&self.credentials).remove(uid);
+    }
+
+    /// Keeps only BuildJobs still in the controller's cache, once a map has grown past it
+    /// (amortised; `forget` handles the usual ends).
+    fn prune(&self, store: &Store<BuildJob>) {
+        let cached = store.len();
+        let over = |n: usize| n > 2 * cached + 64;
+        if !over(lock(&self.written).len()) && !over(lock(&self.credentials).len()) {
+            return;
+        }
+        let live: HashSet<String> = store.state().iter().filter_map(|j| j.uid()).collect();
+        lock(&self.written).retain(|uid, _| live.contains(uid));
+        lock(&self.credentials).retain(|uid, _| live.contains(uid));
+    }
+}
+
+fn insert_bounded<V>(map: &mut HashMap<String, V>, uid: String, v: V) {
+    if map.len() >= OWN_WRITES_MAX && !map.contains_key(&uid) {
+        map.clear();
+    }
+    map.insert(uid, v);
 }
 
 impl Context {
@@ -130,6 +196,7 @@ impl Context {
         callback_budget: Duration,
         store: Store<BuildJob>,
         observer: Arc<dyn Observer>,
+        own: Arc<OwnWrites>,
     ) -> Self {
         let identity = reporter
             .instance
@@ -147,8 +214,7 @@ impl Context {
             starting: Mutex::new(HashSet::new()),
             sending: Mutex::new(HashSet::new()),
             failures: Mutex::new(HashMap::new()),
-            written: Mutex::new(HashMap::new()),
-            credentials: Mutex::new(HashMap::new()),
+            own,
             pod_cache: None,
             observer,
         }
@@ -156,42 +222,25 @@ impl Context {
 
     /// Notes the resourceVersion a write of ours returned.
     pub(crate) fn wrote(&self, job: &BuildJob) {
-        let (Some(uid), Some(rv)) = (job.uid(), job.resource_version()) else {
-            return;
-        };
-        let mut w = lock(&self.written);
-        w.insert(uid, rv);
-        self.prune(&mut w);
-    }
-
-    /// Forgets BuildJobs that are gone, once a per-uid map has grown past the cache
-    /// (amortised; `forget` handles the usual ends).
-    fn prune<V>(&self, map: &mut HashMap<String, V>) {
-        if map.len() > 2 * self.store.len() + 64 {
-            let live: HashSet<String> = self.store.state().iter().filter_map(|j| j.uid()).collect();
-            map.retain(|uid, _| live.contains(uid));
-        }
+        self.own.wrote(job);
+        self.own.prune(&self.store);
     }
 
     fn forget(&self, job: &BuildJob) {
         if let Some(uid) = job.uid() {
-            lock(&self.written).remove(&uid);
-            lock(&self.credentials).remove(&uid);
+            self.own.forget(&uid);
         }
     }
 
     /// Notes the callback Authorization of a BuildJob whose own Secret was read.
     pub(crate) fn credentials_read(&self, job: &BuildJob, auth: Option<Secret>) {
-        if let Some(uid) = job.uid() {
-            let mut c = lock(&self.credentials);
-            c.insert(uid, auth);
-            self.prune(&mut c);
-        }
+        self.own.secret_known(job, auth);
+        self.own.prune(&self.store);
     }
 
-    /// `Some(auth)` if this BuildJob's own Secret was read before.
+    /// `Some(auth)` if this BuildJob's own Secret was read (or created) before.
     pub(crate) fn known_credentials(&self, job: &BuildJob) -> Option<Option<Secret>> {
-        lock(&self.credentials).get(&job.uid()?).cloned()
+        self.own.known_credentials(job)
     }
 
     /// The pod cache's view of pod `name`: `None` without a cache, `Some(None)` if the
@@ -203,10 +252,7 @@ impl Context {
 
     /// Whether `cached` is exactly the object our last write of it returned.
     pub(crate) fn is_our_last_write(&self, cached: &BuildJob) -> bool {
-        let (Some(uid), Some(rv)) = (cached.uid(), cached.resource_version()) else {
-            return false;
-        };
-        lock(&self.written).get(&uid) == Some(&rv)
+        self.own.is_last_write(cached)
     }
 
     /// (others holding a slot, queued jobs older than `job`), and tells the observer how
@@ -1194,6 +1240,7 @@ mod tests {
             Duration::from_secs(2),
             store,
             Arc::new(NoObserver),
+            Arc::new(OwnWrites::default()),
         ))
     }
 
@@ -1561,6 +1608,69 @@ mod tests {
         .await;
         assert!(res.is_ok(), "{res:?}");
         assert_eq!(rx.statuses(), ["succeeded"], "never twice");
+    }
+
+    #[tokio::test]
+    async fn a_job_this_process_created_starts_without_reading_it_or_its_secret() {
+        let rx = Receiver::start().await;
+        // As the facade creates it: our finalizer, no status.
+        let mut j = job_with(None, &rx.url, false);
+        j.status = None;
+        let mut in_flight = with_rv(&j, "2");
+        in_flight.status = Some(BuildJobStatus {
+            phase: Some(Phase::Pending),
+            callbacks: CallbacksSent {
+                in_flight: Some(CallbackInFlight {
+                    status: "pending".into(),
+                    by: "test".into(),
+                    since: Time(Timestamp::now()),
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        // No GET of the BuildJob or its Secret: the pod (no pod watch in this test), the
+        // pod's creation, the status.
+        let mut scenario = vec![
+            Expect::new(
+                Method::GET,
+                pod_path(0),
+                404,
+                Some(status_error(404, "NotFound")),
+            ),
+            Expect::new(Method::POST, PODS, 201, None),
+            Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&in_flight))).check(|b| {
+                assert_eq!(
+                    b["metadata"]["resourceVersion"], "1",
+                    "decided from the creation"
+                );
+                assert_eq!(b["status"]["phase"], "Pending");
+            }),
+        ];
+        scenario.extend(recorded(&in_flight, |b| {
+            assert_eq!(b["status"]["callbacks"]["pending"], true);
+        }));
+        let (client, handle) = mock::client();
+        let verifier = mock::verify(handle, scenario);
+        let ctx = context(client, vec![]);
+        // What the facade notes when it has created the BuildJob and then its Secret.
+        ctx.own.wrote(&j);
+        ctx.own.secret_known(&j, Some(Secret::new("cb-token")));
+        let res = reconcile(Arc::new(j), ctx.clone()).await;
+        assert!(res.is_ok(), "{res:?}");
+        for _ in 0..200 {
+            if lock(&ctx.sending).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(ctx);
+        verifier
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        assert_eq!(rx.statuses(), ["pending"]);
+        let got = rx.got.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        assert_eq!(got[0].0, "cb-token", "the Authorization the facade noted");
     }
 
     #[tokio::test]

@@ -35,6 +35,9 @@ pub struct KubeExecutor {
     pub watch_failing: Arc<std::sync::atomic::AtomicBool>,
     /// INSTANCE_NAME: labels the BuildJobs this installation creates, and scopes stop-all.
     instance: Option<String>,
+    /// Shared with this process's controller: a BuildJob created here is decided from the
+    /// watch's copy, its Secret not read again (`controller::OwnWrites`).
+    own: Option<Arc<super::controller::OwnWrites>>,
 }
 
 fn unavailable(what: &str) -> impl FnOnce(kube::Error) -> ExecutorError + '_ {
@@ -66,7 +69,14 @@ impl KubeExecutor {
             scratch,
             watch_failing: Arc::default(),
             instance: None,
+            own: None,
         }
+    }
+
+    /// Tells this process's controller what the facade wrote.
+    pub fn with_own_writes(mut self, own: Arc<super::controller::OwnWrites>) -> Self {
+        self.own = Some(own);
+        self
     }
 
     /// Scopes this facade to one installation (INSTANCE_NAME).
@@ -389,7 +399,12 @@ impl Executor for KubeExecutor {
                 // still tells controller-api.
                 job.metadata.finalizers = Some(vec![super::crd::FINALIZER.to_string()]);
                 let job = match jobs.create(&PostParams::default(), &job).await {
-                    Ok(j) => j,
+                    Ok(j) => {
+                        if let Some(own) = &self.own {
+                            own.wrote(&j);
+                        }
+                        j
+                    }
                     Err(e) if is_code(&e, 409) => jobs
                         .get(&name)
                         .await
@@ -404,7 +419,11 @@ impl Executor for KubeExecutor {
         })?;
         let secrets: Api<KubeSecret> = Api::namespaced(self.client.clone(), &self.namespace);
         match secrets.create(&PostParams::default(), &secret).await {
-            Ok(_) => {}
+            Ok(_) => {
+                if let Some(own) = &self.own {
+                    own.secret_known(&job, super::controller::callback_auth(Some(&secret)));
+                }
+            }
             Err(e) if is_code(&e, 409) => {}
             Err(e) => return Err(unavailable("creating the credentials Secret")(e)),
         }
@@ -695,6 +714,45 @@ mod tests {
             .flatten()
             .unwrap_or_else(|| panic!("stored"));
         assert_eq!(read_all(stored).await, "archive-bytes");
+    }
+
+    #[tokio::test]
+    async fn what_it_creates_is_known_to_this_process_controller() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (client, handle) = mock::client();
+        let scenario = vec![
+            Expect::new(
+                Method::GET,
+                format!("{JOBS}/{JOB}"),
+                404,
+                Some(status_error(404, "NotFound")),
+            ),
+            Expect::new(Method::POST, JOBS, 201, None),
+            Expect::new(Method::POST, SECRETS, 201, None),
+        ];
+        let created = |mut v: Value| {
+            v["metadata"]["uid"] = json!("uid-7");
+            v["metadata"]["resourceVersion"] = json!("5");
+            v
+        };
+        let verifier = mock::verify_with(handle, scenario, created);
+        let own = Arc::new(super::super::controller::OwnWrites::default());
+        let (exec, _) = executor(client, dir.path());
+        let exec = exec.with_own_writes(own.clone());
+        let res = exec.submit(data_spec()).await;
+        drop(exec);
+        verifier
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        assert!(res.is_ok(), "{res:?}");
+        let mut job = crate::operator::decide::tests::job(None);
+        job.metadata.uid = Some("uid-7".into());
+        job.metadata.resource_version = Some("5".into());
+        assert!(own.is_last_write(&job), "the creation is our last write");
+        let auth = own.known_credentials(&job).flatten();
+        assert_eq!(auth.as_ref().map(|a| a.expose()), Some("cb-token"));
+        job.metadata.resource_version = Some("6".into());
+        assert!(!own.is_last_write(&job), "a later version is not ours");
     }
 
     #[tokio::test]

@@ -157,7 +157,8 @@ impl KubernetesMode {
                     .map_err(StartError::ExtraRegistries)?,
             )
         };
-        let executor = facade::KubeExecutor::new(
+        let own = std::sync::Arc::new(controller::OwnWrites::default());
+        let mut executor = facade::KubeExecutor::new(
             client.clone(),
             &namespace,
             storage.clone(),
@@ -166,6 +167,10 @@ impl KubernetesMode {
             cfg.build.data_dir.join("scratch"),
         )
         .with_instance(k.instance_name.clone());
+        // Only with a controller in this process: a facade alone would fill it for nobody.
+        if k.run_controller {
+            executor = executor.with_own_writes(own.clone());
+        }
         let stop = tokio_util::sync::CancellationToken::new();
         let died = tokio_util::sync::CancellationToken::new();
         let watch_failing = executor.watch_failing.clone();
@@ -234,6 +239,7 @@ impl KubernetesMode {
                     let observer = observer.clone();
                     let watch_failing = watch_failing.clone();
                     let instance = instance.clone();
+                    let own = own.clone();
                     async move {
                         let make = |store| {
                             controller::Context::new(
@@ -245,6 +251,7 @@ impl KubernetesMode {
                                 callback_budget,
                                 store,
                                 observer,
+                                own,
                             )
                         };
                         controller::run(
