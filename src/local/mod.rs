@@ -110,8 +110,9 @@ struct Active {
     reason: StopReason,
 }
 
-/// Identifies an app in `Waiting` and `Active` by a 64-bit hash of its name and uuid instead of a copy of
-/// both: a mix-up needs two live apps whose hashes collide (odds about n²/2⁶⁵).
+/// Identifies an app in `Waiting` and `Active` by a 64-bit hash of its name and uuid
+/// instead of a copy of both: a mix-up needs two live apps whose hashes collide (odds about
+/// n²/2⁶⁵).
 fn app_id(app: &str, app_uuid: &str) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::hash::DefaultHasher::new();
