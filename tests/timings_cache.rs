@@ -176,12 +176,9 @@ async fn a_rebuild_on_an_empty_daemon_reuses_the_layers_of_the_pushed_latest_ima
     );
     let svc = Service::start(&["--docker-build-settings", &settings]).await;
     let log = rebuild(&svc, &first, &archive, &cb).await;
-    assert!(
-        log.contains(&format!("Using {latest} as the layer cache")),
-        "{log}"
-    );
-    assert_each_step_cached(
+    assert_warm_from(
         &log,
+        &latest,
         &["RUN echo warm-one", "RUN echo warm-two", "COPY app.txt"],
     );
 
@@ -263,12 +260,9 @@ async fn a_cache_repository_keeps_every_apps_layer_cache_in_a_registry_of_its_ow
     assert!(second.inspect_image(&cached).await.is_err());
     let svc = Service::start(&[&flags[..], &["--docker-build-settings", &settings]].concat()).await;
     let log = rebuild(&svc, &first, &archive, &cb).await;
-    assert!(
-        log.contains(&format!("Using {cached} as the layer cache")),
-        "{log}"
-    );
-    assert_each_step_cached(
+    assert_warm_from(
         &log,
+        &cached,
         &["RUN echo cache-one", "RUN echo cache-two", "COPY app.txt"],
     );
 }
@@ -291,8 +285,13 @@ async fn rebuild(svc: &Service, first: &Value, archive: &[u8], cb: &Callbacks) -
     svc.log(&again).await
 }
 
-/// Each of `steps` came from the layer cache: "Using cache" follows its step line.
-fn assert_each_step_cached(log: &str, steps: &[&str]) {
+/// The build used `image` as its layer cache, and each of `steps` came from it: "Using
+/// cache" follows its step line.
+fn assert_warm_from(log: &str, image: &str, steps: &[&str]) {
+    assert!(
+        log.contains(&format!("Using {image} as the layer cache")),
+        "{log}"
+    );
     let lines: Vec<&str> = log.lines().collect();
     for step in steps {
         let at = lines

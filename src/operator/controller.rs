@@ -981,8 +981,6 @@ pub(crate) fn publish_later(ctx: &Arc<Context>, job: &BuildJob, events: Vec<Even
     });
 }
 
-/// Per-BuildJob exponential backoff with jitter, so throttled retries do not fire in
-/// lockstep; a permanent error waits long (until the object or the setup changes).
 /// The oldest queued BuildJobs, as many as slots are free by the watch cache: the ones a
 /// slot freed just now may go to. Each still checks its own place in the queue.
 fn queued_to_wake(store: &Store<BuildJob>, max_parallel: usize) -> Vec<ObjectRef<BuildJob>> {
@@ -1014,6 +1012,8 @@ fn queued_to_wake(store: &Store<BuildJob>, max_parallel: usize) -> Vec<ObjectRef
         .collect()
 }
 
+/// Per-BuildJob exponential backoff with jitter, so throttled retries do not fire in
+/// lockstep; a permanent error waits long (until the object or the setup changes).
 pub fn error_policy(job: Arc<BuildJob>, err: &Error, ctx: Arc<Context>) -> Requeue {
     if matches!(err, Error::Stale) {
         return Requeue::requeue(Duration::from_millis(100));
@@ -1268,6 +1268,35 @@ mod tests {
         j
     }
 
+    /// `j` as a new job's reconcile writes it (version `rv`): Pending, its pending callback
+    /// in flight.
+    fn starting(j: &BuildJob, rv: &str) -> BuildJob {
+        let mut s = with_rv(j, rv);
+        s.status = Some(BuildJobStatus {
+            phase: Some(Phase::Pending),
+            callbacks: CallbacksSent {
+                in_flight: Some(CallbackInFlight {
+                    status: "pending".into(),
+                    by: "test".into(),
+                    since: Time(Timestamp::now()),
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        s
+    }
+
+    /// Waits (at most 2 s) for the callback senders `ctx` started to let go.
+    async fn until_sent(ctx: &Context) {
+        for _ in 0..200 {
+            if lock(&ctx.sending).is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     fn other(name: &str, phase: Phase) -> BuildJob {
         let mut j = job(Some(phase));
         j.metadata.name = Some(name.into());
@@ -1336,19 +1365,7 @@ mod tests {
             f.metadata.finalizers = Some(vec![FINALIZER.into()]);
             f
         };
-        let mut in_flight = with_rv(&with_finalizer, "3");
-        in_flight.status = Some(BuildJobStatus {
-            phase: Some(Phase::Pending),
-            callbacks: CallbacksSent {
-                in_flight: Some(CallbackInFlight {
-                    status: "pending".into(),
-                    by: "test".into(),
-                    since: Time(Timestamp::now()),
-                }),
-                ..Default::default()
-            },
-            ..Default::default()
-        });
+        let in_flight = starting(&with_finalizer, "3");
         let mut scenario = vec![
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
             Expect::new(
@@ -1616,19 +1633,7 @@ mod tests {
         // As the facade creates it: our finalizer, no status.
         let mut j = job_with(None, &rx.url, false);
         j.status = None;
-        let mut in_flight = with_rv(&j, "2");
-        in_flight.status = Some(BuildJobStatus {
-            phase: Some(Phase::Pending),
-            callbacks: CallbacksSent {
-                in_flight: Some(CallbackInFlight {
-                    status: "pending".into(),
-                    by: "test".into(),
-                    since: Time(Timestamp::now()),
-                }),
-                ..Default::default()
-            },
-            ..Default::default()
-        });
+        let in_flight = starting(&j, "2");
         // No GET of the BuildJob or its Secret: the pod (no pod watch in this test), the
         // pod's creation, the status.
         let mut scenario = vec![
@@ -1658,12 +1663,7 @@ mod tests {
         ctx.own.secret_known(&j, Some(Secret::new("cb-token")));
         let res = reconcile(Arc::new(j), ctx.clone()).await;
         assert!(res.is_ok(), "{res:?}");
-        for _ in 0..200 {
-            if lock(&ctx.sending).is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        until_sent(&ctx).await;
         drop(ctx);
         verifier
             .await
@@ -1700,12 +1700,7 @@ mod tests {
         let ctx = context(client, vec![]);
         let res = reconcile(Arc::new(j), ctx.clone()).await;
         assert!(res.is_ok(), "{res:?}");
-        for _ in 0..200 {
-            if lock(&ctx.sending).is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        until_sent(&ctx).await;
         assert!(lock(&ctx.sending).is_empty(), "the callback was recorded");
         // Version 3 is what our last write returned: no call at all (nothing is owed).
         let res = reconcile(Arc::new(all), ctx.clone()).await;

@@ -611,6 +611,16 @@ mod tests {
         (exec, storage)
     }
 
+    /// The BuildJob's GET, answered 404.
+    fn no_job_yet() -> Expect {
+        Expect::new(
+            Method::GET,
+            format!("{JOBS}/{JOB}"),
+            404,
+            Some(status_error(404, "NotFound")),
+        )
+    }
+
     fn with_uid(mut v: Value) -> Value {
         v["metadata"]["uid"] = json!("uid-7");
         v
@@ -648,12 +658,7 @@ mod tests {
         let spec = data_spec();
         let leaks = secrets_in(&spec);
         let scenario = vec![
-            Expect::new(
-                Method::GET,
-                format!("{JOBS}/{JOB}"),
-                404,
-                Some(status_error(404, "NotFound")),
-            ),
+            no_job_yet(),
             Expect::new(Method::POST, JOBS, 201, None).check(move |b| {
                 let text = b.to_string();
                 for s in &leaks {
@@ -721,12 +726,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let (client, handle) = mock::client();
         let scenario = vec![
-            Expect::new(
-                Method::GET,
-                format!("{JOBS}/{JOB}"),
-                404,
-                Some(status_error(404, "NotFound")),
-            ),
+            no_job_yet(),
             Expect::new(Method::POST, JOBS, 201, None),
             Expect::new(Method::POST, SECRETS, 201, None),
         ];
@@ -790,12 +790,7 @@ mod tests {
         let mut spec = crate::build::tests::spec();
         spec.sources = Secret::new("https://user:tok@example.com/a.tgz?sig=abc");
         let scenario = vec![
-            Expect::new(
-                Method::GET,
-                format!("{JOBS}/{JOB}"),
-                404,
-                Some(status_error(404, "NotFound")),
-            ),
+            no_job_yet(),
             Expect::new(
                 Method::POST,
                 JOBS,
@@ -894,12 +889,7 @@ mod tests {
                 200,
                 Some(serde_json::to_value(&finished).unwrap_or_default()),
             ),
-            Expect::new(
-                Method::GET,
-                format!("{JOBS}/{JOB}"),
-                404,
-                Some(status_error(404, "NotFound")),
-            ),
+            no_job_yet(),
         ];
         let verifier = mock::verify(handle, scenario);
         let (exec, storage) = executor(client, dir.path());
