@@ -359,6 +359,12 @@ pub struct BuildArgs {
     /// an empty daemon (a dind worker pod) rebuilds warm. Off when NO_CACHE is true.
     #[arg(long, env = "CACHE_FROM_LATEST", value_name = "CACHE_FROM_LATEST", default_value_t = true, action = clap::ArgAction::Set)]
     pub cache_from_latest: bool,
+    /// Which of dockerd's builders builds: `true`/`1` BuildKit, `false`/`0` the classic
+    /// builder, `auto` BuildKit where the daemon is the build's own (dind worker pods) and the
+    /// classic builder on a daemon that concurrent builds share (local mode, host and external
+    /// workers), where dockerd 20.10's BuildKit has been seen to wedge every later build.
+    #[arg(long = "docker-buildkit", env = "DOCKER_BUILDKIT", value_name = "DOCKER_BUILDKIT", default_value = "auto", value_parser = Builder::parse)]
+    pub builder: Builder,
     /// A repository (`host[:port]/path`) that keeps every app's layer cache as
     /// `{CACHE_REPOSITORY}/{app}-{app_uuid}:latest` instead of the app's own `…:latest`:
     /// pulled before a build, pushed after a successful one. Credentials: the build's
@@ -546,11 +552,44 @@ impl DockerSettings {
     }
 }
 
+/// DOCKER_BUILDKIT: which of dockerd's builders builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Builder {
+    /// BuildKit on a daemon that is the build's own, else the classic builder.
+    Auto,
+    BuildKit,
+    Classic,
+}
+
+impl Builder {
+    pub fn parse(value: &str) -> Result<Builder, String> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "auto" | "" => Ok(Builder::Auto),
+            "1" | "true" | "yes" | "on" => Ok(Builder::BuildKit),
+            "0" | "false" | "no" | "off" => Ok(Builder::Classic),
+            other => Err(format!(
+                "{other:?} is not one of auto, true (1) or false (0)"
+            )),
+        }
+    }
+
+    /// Whether to build with BuildKit, given whether the daemon serves this build alone.
+    pub fn buildkit(self, own_daemon: bool) -> bool {
+        match self {
+            Builder::Auto => own_daemon,
+            Builder::BuildKit => true,
+            Builder::Classic => false,
+        }
+    }
+}
+
 /// Everything the pipeline needs, validated.
 #[derive(Debug, Clone)]
 pub struct BuildConfig {
     pub no_cache: bool,
     pub cache_from_latest: bool,
+    /// DOCKER_BUILDKIT.
+    pub builder: Builder,
     /// CACHE_REPOSITORY, validated (no trailing `/`).
     pub cache_repository: Option<String>,
     pub docker: DockerSettings,
@@ -582,6 +621,7 @@ impl BuildArgs {
         Ok(BuildConfig {
             no_cache: self.no_cache,
             cache_from_latest: self.cache_from_latest,
+            builder: self.builder,
             cache_repository: parse_cache_repository(self.cache_repository.as_deref())?,
             docker: DockerSettings::parse(&self.docker_build_settings)?,
             data_dir: self.data_dir.clone(),
@@ -1141,6 +1181,22 @@ mod tests {
     #[test]
     fn verify_cli() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn docker_buildkit_auto_means_buildkit_only_on_a_daemon_of_the_builds_own() {
+        assert_eq!(Builder::parse("auto"), Ok(Builder::Auto));
+        for on in ["1", "true", "TRUE", "yes"] {
+            assert_eq!(Builder::parse(on), Ok(Builder::BuildKit), "{on}");
+        }
+        for off in ["0", "false", "no", "off"] {
+            assert_eq!(Builder::parse(off), Ok(Builder::Classic), "{off}");
+        }
+        assert!(Builder::parse("maybe")
+            .unwrap_err()
+            .contains("auto, true (1) or false (0)"));
+        assert!(Builder::Auto.buildkit(true) && !Builder::Auto.buildkit(false));
+        assert!(Builder::BuildKit.buildkit(false) && !Builder::Classic.buildkit(true));
     }
 
     #[test]

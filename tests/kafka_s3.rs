@@ -521,7 +521,7 @@ async fn with_s3_a_build_stopped_while_queued_has_its_log_in_the_bucket_and_on_k
     );
     let first = body(&data_uri(&tar_gz(&[("Dockerfile", slow.as_bytes())])), &cbs);
     assert_eq!(svc.post(&first).await.0, 200);
-    svc.wait_log(&first, "Step 1/", Duration::from_secs(30))
+    svc.wait_log(&first, "Building ", Duration::from_secs(30))
         .await;
 
     let mut queued = body(&data_uri(&archive(&[])), &cbs);

@@ -243,7 +243,8 @@ mod scenario {
     }
 
     pub async fn external_mode_builds_and_reports_failures_with_their_reason(cluster: Cluster) {
-        let shuttle = cluster.serve(Mode::External, &[]);
+        // With BuildKit (its session to dockerd over TCP and TLS, from the worker pod).
+        let shuttle = cluster.serve(Mode::External, &[("DOCKER_BUILDKIT", "true")]);
         let cb = Callbacks::start().await;
         let files = Files::start().await;
 
@@ -281,6 +282,17 @@ mod scenario {
         );
         let tags = cluster.tags(&ok).await;
         assert!(tags.contains(&"1.1".to_string()), "{tags:?}");
+        let log = reqwest::get(shuttle.url(&logs_path(&ok)))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            log.lines()
+                .any(|l| l.starts_with('#') && l.contains(" DONE ")),
+            "built by BuildKit:\n{log}"
+        );
 
         let job = cluster
             .wait_job(&failing, "Failed", BUILD, |j| {

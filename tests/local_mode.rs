@@ -15,15 +15,39 @@ fn dockerfile(body: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_uri_build_is_pushed_with_args_labels_callbacks_and_stored_sources() {
-    let svc = Service::start(&[
+    let log = build_with_args_labels_callbacks_and_stored_sources(&[]).await;
+    assert!(
+        log.contains("Step 1/"),
+        "local mode's daemon is shared: the classic builder by default:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buildkit_does_the_same_when_turned_on() {
+    let log =
+        build_with_args_labels_callbacks_and_stored_sources(&["--docker-buildkit", "1"]).await;
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with('#') && l.contains(" DONE ")),
+        "BuildKit's steps:\n{log}"
+    );
+    assert!(!log.contains("Step 1/"), "{log}");
+}
+
+/// One build with build args, labels, callbacks and stored sources, on a service started with
+/// `flags`; returns its log.
+async fn build_with_args_labels_callbacks_and_stored_sources(flags: &[&str]) -> String {
+    let mut all = vec![
         "--extra-build-args",
         r#"{"FROM_EXTRA":"extra-value","GREETING":"overridden"}"#,
-    ])
-    .await;
+    ];
+    all.extend_from_slice(flags);
+    let svc = Service::start(&all).await;
     let cb = Callbacks::start().await;
-    // Multi-stage, CRLF, lower-case `from`: every stage sees the args.
+    // Multi-stage, CRLF, lower-case `from`: every stage sees the args (the last stage copies
+    // from the first, so BuildKit runs both).
     let df = format!(
-        "FROM {BASE_IMAGE} AS first\r\n{cb}\r\nRUN echo \"stage1 $GREETING $FROM_EXTRA\"\r\nfrom {BASE_IMAGE}\r\n{cb}\r\nRUN echo \"stage2 $GREETING\" && printf '%s' \"$MULTI\" | wc -l\r\n",
+        "FROM {BASE_IMAGE} AS first\r\n{cb}\r\nRUN echo \"stage1 $GREETING $FROM_EXTRA\" > /stage1\r\nfrom {BASE_IMAGE}\r\n{cb}\r\nCOPY --from=first /stage1 /stage1\r\nRUN cat /stage1 && echo \"stage2 $GREETING badkey=$BADKEYx\" && printf '%s' \"$MULTI\" | wc -l | sed 's/^ */lines=/'\r\n",
         cb = cache_buster()
     );
     let archive = tar_gz(&[("Dockerfile", df.as_bytes())]);
@@ -65,11 +89,11 @@ async fn data_uri_build_is_pushed_with_args_labels_callbacks_and_stored_sources(
     );
     assert!(log.contains("stage2 hello"), "{log}");
     assert!(
-        log.lines().any(|l| l.trim() == "2"),
+        log.contains("lines=2"),
         "newlines in values pass through untouched:\n{log}"
     );
     assert!(
-        log.contains("ARG BADKEYx"),
+        log.contains("badkey=k"),
         "keys are stripped to [A-Za-z0-9_]:\n{log}"
     );
     assert!(log.trim_end().ends_with("Build finished"), "{log}");
@@ -106,6 +130,7 @@ async fn data_uri_build_is_pushed_with_args_labels_callbacks_and_stored_sources(
         .await
         .unwrap();
     assert_eq!(head.status(), 200);
+    log
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -340,7 +365,20 @@ async fn pulls_inside_the_build_use_extra_registry_config() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_are_reported_with_a_reason_in_the_log() {
-    let svc = Service::start(&["--sources-connect-timeout-seconds", "3"]).await;
+    failures_reported(&[], "returned a non-zero code").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_reported_with_a_reason_by_buildkit_too() {
+    failures_reported(&["--docker-buildkit", "true"], "exit code: 1").await;
+}
+
+/// Each way a build can fail, on a service started with `flags`; `non_zero` is how the builder
+/// reports a `RUN` step that failed.
+async fn failures_reported(flags: &[&str], non_zero: &str) {
+    let mut all = vec!["--sources-connect-timeout-seconds", "3"];
+    all.extend_from_slice(flags);
+    let svc = Service::start(&all).await;
     let cb = Callbacks::start().await;
     let files = Files::start().await;
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
@@ -353,7 +391,7 @@ async fn failures_are_reported_with_a_reason_in_the_log() {
                 "Dockerfile",
                 &dockerfile("RUN echo about-to-fail && false"),
             )])),
-            "returned a non-zero code",
+            non_zero,
         ),
         (
             data_uri(&tar_gz(&[(
@@ -396,7 +434,7 @@ async fn stop_a_running_build_and_stop_all_of_an_app() {
     let b = body(&sleeper("stopme", 301), &cb);
     svc.post(&b).await;
     svc.wait_log(&b, "stopme-start", BUILD).await;
-    assert_eq!(running_containers_with("sleep 301").await, 1);
+    assert_eq!(running_steps_with("sleep 301").await, 1);
     let path = format!(
         "/{}-{}/1",
         b["app"].as_str().unwrap(),
@@ -408,7 +446,7 @@ async fn stop_a_running_build_and_stop_all_of_an_app() {
     let id = b["build_uuid"].as_str().unwrap();
     assert_eq!(cb.wait_final(id, Duration::from_secs(10)).await, "failed");
     let start = std::time::Instant::now();
-    while running_containers_with("sleep 301").await > 0 {
+    while running_steps_with("sleep 301").await > 0 {
         assert!(
             start.elapsed() < Duration::from_secs(15),
             "the build container is still running"
@@ -452,7 +490,7 @@ async fn stop_a_running_build_and_stop_all_of_an_app() {
         "the queued build never ran"
     );
     let start = std::time::Instant::now();
-    while running_containers_with("sleep 302").await > 0 {
+    while running_steps_with("sleep 302").await > 0 {
         assert!(
             start.elapsed() < Duration::from_secs(15),
             "a build container is still running"
@@ -484,7 +522,7 @@ async fn a_build_past_timeout_in_ms_fails_and_its_container_stops() {
         "{log}"
     );
     let start = std::time::Instant::now();
-    while running_containers_with("sleep 303").await > 0 {
+    while running_steps_with("sleep 303").await > 0 {
         assert!(
             start.elapsed() < Duration::from_secs(15),
             "the build container is still running"
@@ -654,7 +692,7 @@ async fn no_cache_builds_without_the_layer_cache() {
     cb.wait_final(cached["build_uuid"].as_str().unwrap(), BUILD)
         .await;
     assert!(
-        svc.log(&cached).await.contains("Using cache"),
+        used_cache(&svc.log(&cached).await),
         "the cache is used by default"
     );
     let nc = Service::start(&["--no-cache", "true"]).await;
@@ -665,11 +703,7 @@ async fn no_cache_builds_without_the_layer_cache() {
             .await,
         "succeeded"
     );
-    assert!(
-        !nc.log(&b).await.contains("Using cache"),
-        "{}",
-        nc.log(&b).await
-    );
+    assert!(!used_cache(&nc.log(&b).await), "{}", nc.log(&b).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -129,7 +129,7 @@ async fn sigkill_mid_build_then_restart_reports_interrupted_and_runs_the_queue()
     assert_eq!(finals(&cb, &running), 1, "no duplicate final callback");
     assert_eq!(finals(&cb, &queued), 1);
     let start = Instant::now();
-    while running_containers_with("sleep 304").await > 0 {
+    while running_steps_with("sleep 304").await > 0 {
         assert!(
             start.elapsed() < Duration::from_secs(20),
             "the killed build's container is still running"
@@ -294,4 +294,47 @@ async fn sigkill_during_a_post_burst_loses_no_accepted_build() {
             more => panic!("{id}: {} final callbacks", more.len()),
         }
     }
+}
+
+/// Open sockets of a process (its connections to dockerd, the API's, …).
+fn open_sockets(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| t.to_string_lossy().starts_with("socket:"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buildkit_sessions_end_with_their_builds() {
+    // dockerd never closes a BuildKit session: a build that left its session open would hold
+    // a connection (and a task) for the life of the service.
+    require_services();
+    let data = tempfile::tempdir().unwrap();
+    let cb = Callbacks::start().await;
+    let p = spawn(data.path(), free_port(), &[("DOCKER_BUILDKIT", "1")]);
+    let mut after = Vec::new();
+    for n in 1..=4 {
+        let df = format!(
+            "FROM {BASE_IMAGE}\n{}\nRUN echo session-{n}\n",
+            cache_buster()
+        );
+        let mut b = body(&data_uri(&tar_gz(&[("Dockerfile", df.as_bytes())])), &cb);
+        b["build_number"] = json!(n);
+        p.post(&b).await;
+        let id = b["build_uuid"].as_str().unwrap();
+        assert_eq!(
+            cb.wait_final(id, Duration::from_secs(120)).await,
+            "succeeded",
+            "{}",
+            p.log(&b).await
+        );
+        assert!(p.log(&b).await.contains("DONE"), "built with BuildKit");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        after.push(open_sockets(p.child.id()));
+    }
+    assert!(
+        after[3] <= after[0],
+        "sockets after each build: {after:?} (a session per build left open)"
+    );
 }

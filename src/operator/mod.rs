@@ -196,6 +196,7 @@ impl KubernetesMode {
                 timeout: cfg.build.timeout,
                 no_cache: cfg.build.no_cache,
                 cache_from_latest: cfg.build.cache_from_latest,
+                builder: cfg.build.builder,
                 cache_repository: cfg.build.cache_repository.clone(),
                 kafka_topic: cfg.build.kafka_topic.clone(),
                 sources_deny_networks: k.sources_deny_networks.clone(),

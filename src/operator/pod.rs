@@ -73,6 +73,9 @@ pub struct PodSettings {
     pub no_cache: bool,
     /// CACHE_FROM_LATEST of the service, passed on to workers.
     pub cache_from_latest: bool,
+    /// DOCKER_BUILDKIT of the service; workers get it resolved for the mode (`auto`:
+    /// BuildKit in a dind pod, whose daemon serves that one build).
+    pub builder: crate::config::Builder,
     /// CACHE_REPOSITORY of the service, passed on to workers.
     pub cache_repository: Option<String>,
     pub kafka_topic: String,
@@ -121,6 +124,12 @@ pub fn worker_pod(job: &BuildJob, attempt: u32, s: &PodSettings) -> Result<Pod, 
         plain("TIMEOUT_IN_MS", s.timeout.as_millis().to_string()),
         plain("NO_CACHE", s.no_cache.to_string()),
         plain("CACHE_FROM_LATEST", s.cache_from_latest.to_string()),
+        plain(
+            "DOCKER_BUILDKIT",
+            s.builder
+                .buildkit(s.docker_mode == DockerMode::Dind)
+                .to_string(),
+        ),
         plain(
             "CACHE_REPOSITORY",
             s.cache_repository.clone().unwrap_or_default(),
@@ -384,6 +393,7 @@ pub(crate) mod tests {
             timeout: Duration::from_millis(1_200_000),
             no_cache: false,
             cache_from_latest: true,
+            builder: crate::config::Builder::Auto,
             cache_repository: Some("127.0.0.1:5000/build-cache".into()),
             kafka_topic: "alamobuildlogs".into(),
             sources_deny_networks: "169.254.0.0/16".into(),
@@ -410,6 +420,37 @@ pub(crate) mod tests {
 
     fn env_value<'a>(c: &'a Container, name: &str) -> Option<&'a EnvVar> {
         c.env.iter().flatten().find(|e| e.name == name)
+    }
+
+    #[test]
+    fn workers_build_with_buildkit_on_a_daemon_of_their_own_unless_told() {
+        use crate::config::Builder;
+        let env = |mode, builder| {
+            let mut s = settings(mode);
+            s.builder = builder;
+            let p = worker_pod(&job(None), 0, &s).unwrap_or_else(|e| panic!("{e}"));
+            env_value(worker(&p), "DOCKER_BUILDKIT").and_then(|e| e.value.clone())
+        };
+        assert_eq!(
+            env(DockerMode::Dind, Builder::Auto).as_deref(),
+            Some("true")
+        );
+        assert_eq!(
+            env(DockerMode::Host, Builder::Auto).as_deref(),
+            Some("false")
+        );
+        assert_eq!(
+            env(DockerMode::External, Builder::Auto).as_deref(),
+            Some("false")
+        );
+        assert_eq!(
+            env(DockerMode::Host, Builder::BuildKit).as_deref(),
+            Some("true")
+        );
+        assert_eq!(
+            env(DockerMode::Dind, Builder::Classic).as_deref(),
+            Some("false")
+        );
     }
 
     #[test]

@@ -160,6 +160,8 @@ pub struct BuildRequest {
     /// Images whose layers the classic builder may reuse (`cachefrom`); empty: the daemon's
     /// own layer cache.
     pub cache_from: Vec<String>,
+    /// BuildKit rather than the classic builder (DOCKER_BUILDKIT).
+    pub buildkit: bool,
 }
 
 /// Builds the image from the streamed context. Returns when the build ended; the daemon's
@@ -170,6 +172,9 @@ pub async fn build(
     context: impl Stream<Item = std::io::Result<Bytes>> + Send + 'static,
     log: &mut BuildLog,
 ) -> Result<(), DockerError> {
+    if req.buildkit {
+        return buildkit(docker, req, context, log).await;
+    }
     let options = BuildImageOptions {
         dockerfile: "Dockerfile".into(),
         t: Some(req.tag),
@@ -216,6 +221,110 @@ pub async fn build(
         }
     }
     Ok(())
+}
+
+/// What a BuildKit build's own thread reports.
+enum Reported {
+    Lines(Vec<String>),
+    Ended(Result<(), DockerError>),
+}
+
+/// A BuildKit build: dockerd's BuildKit, with a session that answers its registry credential
+/// requests (pulls of `FROM` images, the layer cache). The image gets BuildKit's inline cache
+/// metadata, so another daemon can use it as `cachefrom`.
+///
+/// bollard serves the session from a task of its own that lasts as long as its connection to
+/// dockerd, which dockerd never closes; so the build runs on a runtime of its own, on a
+/// blocking thread, whose end closes the session. Dropping the returned future (a stop, a
+/// timeout) ends that runtime too, which also cancels the build in dockerd.
+async fn buildkit(
+    docker: &Docker,
+    req: BuildRequest,
+    context: impl Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+    log: &mut BuildLog,
+) -> Result<(), DockerError> {
+    let mut args = req.build_args;
+    args.insert("BUILDKIT_INLINE_CACHE".into(), "1".into());
+    let options = BuildImageOptions {
+        dockerfile: "Dockerfile".into(),
+        t: Some(req.tag),
+        nocache: req.no_cache,
+        buildargs: Some(args.into_iter().collect()),
+        labels: (!req.labels.is_empty()).then(|| req.labels.into_iter().collect()),
+        cachefrom: (!req.cache_from.is_empty()).then_some(req.cache_from),
+        version: bollard::query_parameters::BuilderVersion::BuilderBuildKit,
+        session: Some(format!("buildshuttle-{}", uuid::Uuid::new_v4())),
+        ..Default::default()
+    };
+    let registries = (!req.registries.is_empty()).then_some(req.registries);
+    let docker = docker.clone();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Reported>(64);
+    let _thread = tokio::task::spawn_blocking(move || {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                let lost = DockerError::Lost(format!("no runtime for the build: {e}"));
+                let _ = tx.blocking_send(Reported::Ended(Err(lost)));
+                return;
+            }
+        };
+        runtime.block_on(async {
+            let run = async {
+                let mut progress = super::progress::Progress::default();
+                let body = bollard::body_try_stream(context);
+                let mut stream = docker.build_image(options, registries, Some(body));
+                while let Some(item) = stream.next().await {
+                    let info = match item {
+                        Ok(info) => info,
+                        Err(e) => {
+                            let daemon = from_daemon(&e);
+                            let msg = stream_error(e);
+                            return Err(if daemon {
+                                DockerError::Build(msg)
+                            } else {
+                                DockerError::Lost(msg)
+                            });
+                        }
+                    };
+                    let mut lines: Vec<String> = info.stream.into_iter().collect();
+                    if let Some(bollard::models::BuildInfoAux::BuildKit(status)) = info.aux {
+                        lines.extend(progress.lines(status));
+                    }
+                    if let Some(msg) = info.error_detail.and_then(|d| d.message) {
+                        return Err(DockerError::Build(msg));
+                    }
+                    if !lines.is_empty() && tx.send(Reported::Lines(lines)).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(())
+            };
+            tokio::select! {
+                _ = tx.closed() => {}
+                ended = run => { let _ = tx.send(Reported::Ended(ended)).await; }
+            }
+        });
+        // Dropping the runtime ends the session's task and closes its connection.
+        drop(runtime);
+    });
+    while let Some(reported) = rx.recv().await {
+        match reported {
+            Reported::Lines(lines) => lines.iter().for_each(|l| log.line(l)),
+            Reported::Ended(Err(e)) => {
+                if let DockerError::Build(m) | DockerError::Lost(m) = &e {
+                    log.line(m);
+                }
+                return Err(e);
+            }
+            Reported::Ended(Ok(())) => return Ok(()),
+        }
+    }
+    Err(DockerError::Lost(
+        "the build's thread ended without a result".into(),
+    ))
 }
 
 /// Pull/push progress: one line per status change; the byte-count ticks are skipped so a

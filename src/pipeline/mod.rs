@@ -7,6 +7,7 @@
 pub mod context;
 pub mod docker;
 pub mod dockerfile;
+pub mod progress;
 pub mod registry;
 pub mod sources;
 
@@ -235,6 +236,9 @@ impl Pipeline {
             no_cache: self.config.no_cache,
             registries: docker::credentials(&registries),
             cache_from,
+            // `auto` is resolved by whoever knows the daemon is the build's own (the
+            // controller, for dind pods); here the daemon may be shared.
+            buildkit: self.config.builder.buildkit(false),
         };
         log.line(&format!("Building {image}"));
         let build_started = Instant::now();

@@ -289,6 +289,30 @@ impl Files {
 
 /// A Dockerfile step unique to this call: everything after it misses dockerd's layer
 /// cache, so the build's output really appears in the log on every run.
+/// Whether the build step whose log line contains `step` came from the layer cache: the
+/// classic builder's ` ---> Using cache` within the next two lines, or BuildKit's `#N CACHED`
+/// for the step's `#N`.
+pub fn step_cached(log: &str, step: &str) -> bool {
+    let lines: Vec<&str> = log.lines().collect();
+    lines.iter().enumerate().any(|(at, line)| {
+        if !line.contains(step) {
+            return false;
+        }
+        if let Some(n) = line.strip_prefix('#').and_then(|l| l.split(' ').next()) {
+            return lines.contains(&format!("#{n} CACHED").as_str());
+        }
+        lines[at + 1..]
+            .iter()
+            .take(2)
+            .any(|l| l.contains("Using cache"))
+    })
+}
+
+/// Whether any `RUN` or `COPY` step of the build came from the layer cache.
+pub fn used_cache(log: &str) -> bool {
+    step_cached(log, "RUN ") || step_cached(log, "COPY ")
+}
+
 pub fn cache_buster() -> String {
     format!("RUN echo run-{}", uuid::Uuid::new_v4().simple())
 }
@@ -412,13 +436,18 @@ pub fn docker() -> bollard::Docker {
 }
 
 /// Containers currently running whose command line contains `needle`.
-pub async fn running_containers_with(needle: &str) -> usize {
-    let list = docker()
-        .list_containers(None::<bollard::query_parameters::ListContainersOptions>)
-        .await
-        .expect("list containers");
-    list.iter()
-        .filter(|c| c.command.as_deref().is_some_and(|cmd| cmd.contains(needle)))
+/// How many processes of this host run exactly the command `needle` (e.g. `sleep 301`): a
+/// build step's process, wherever it runs (a classic builder's container or a BuildKit step;
+/// both are processes of this host, in namespaces of their own).
+pub async fn running_steps_with(needle: &str) -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .filter(|cmd| {
+            let args: Vec<&[u8]> = cmd.split(|&b| b == 0).filter(|a| !a.is_empty()).collect();
+            args.join(&b' ') == needle.as_bytes()
+        })
         .count()
 }
 
