@@ -5,7 +5,7 @@
 # Prints each pair, the medians and the ratio, plus our median per-stage timings.
 #   bash benches/p1_vs_cli.sh                 # small app, 7 pairs
 #   PAIRS=5 BIG_MIB=100 bash benches/p1_vs_cli.sh   # + a 100 MiB file, sources over http
-#   DOCKER_BUILDKIT=false bash benches/p1_vs_cli.sh  # ours with dockerd's classic builder
+#   DOCKER_BUILDKIT=true bash benches/p1_vs_cli.sh   # ours with BuildKit (auto: the classic builder here)
 # The CLI side uses the classic builder (the CLI here has no buildx, so no BuildKit).
 # Run after `bash .ci/services` and `cargo build --release`. Ours runs with NO_CACHE=true,
 # as the CLI side runs with --no-cache.
@@ -34,7 +34,7 @@ python3 benches/callback_recorder.py "$CB_PORT" "$work/callbacks" & pids+=($!)
 mkdir -p "$work/www"
 (cd "$work/www" && exec python3 -m http.server "$FILES_PORT" --bind 127.0.0.1 >/dev/null 2>&1) & pids+=($!)
 PORT=$PORT LISTEN_ADDRESS=127.0.0.1 DATA_DIR="$work/data" NO_CACHE=true RUST_LOG=warn \
-  DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-true} \
+  DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-auto} \
   MAX_SOURCE_BYTES=$((4 << 30)) "$BIN" serve >"$work/service.log" 2>&1 & pids+=($!)
 for _ in $(seq 1 50); do curl -sf "http://127.0.0.1:$PORT/octhc" >/dev/null && break; sleep 0.2; done
 curl -sf "http://127.0.0.1:$PORT/octhc" >/dev/null || { cat "$work/service.log"; exit 1; }
@@ -82,8 +82,10 @@ raw() {
     labels=(--label app=praw --label space=default --label "build_uuid=$(cat /proc/sys/kernel/random/uuid)" --label "app_uuid=${repo##*praw-}")
   fi
   t0=$(now)
-  docker build --no-cache "${labels[@]}" -t "$repo:1.1" -t "$repo:latest" "$work/raw-$i" >/dev/null 2>&1 \
-    && docker push "$repo:1.1" >/dev/null && docker push "$repo:latest" >/dev/null
+  # DOCKER_BUILDKIT=0: the classic builder (the CLI here has no buildx), whatever ours uses.
+  DOCKER_BUILDKIT=0 docker build --no-cache "${labels[@]}" -t "$repo:1.1" -t "$repo:latest" "$work/raw-$i" >/dev/null 2>&1 \
+    && docker push "$repo:1.1" >/dev/null && docker push "$repo:latest" >/dev/null \
+    || { echo "[p1] the CLI's build or push failed" >&2; exit 1; }
   t1=$(now)
   docker rmi "$repo:1.1" "$repo:latest" >/dev/null 2>&1 || true
   echo "$t1 - $t0" | bc
@@ -105,7 +107,7 @@ for i in $(seq 1 "$PAIRS"); do
 done
 mo=$(median < "$work/o"); mr=$(median < "$work/r"); ml=$(median < "$work/l")
 printf 'median %9.3f %9.3f %9.3f %10.3f %10.3f\n' "$mo" "$mr" "$ml" "$(echo "$mo / $mr" | bc -l)" "$(echo "$mo / $ml" | bc -l)"
-echo "ours = POST → final callback (DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-true}); cli = docker build --no-cache + push 1.N + push latest; cli+lbl = the same with the 4 image labels"
+echo "ours = POST → final callback (DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-auto}); cli = docker build --no-cache + push 1.N + push latest; cli+lbl = the same with the 4 image labels"
 if [ "$BIG_MIB" -gt 0 ]; then
   # The goal for big apps: ours ≤ cli + the download time (our `fetch` stage).
   sed -n 's/.* fetch \([0-9]*\) ms.*/\1/p' "$work/timings" > "$work/fetch"

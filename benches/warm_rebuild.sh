@@ -6,6 +6,7 @@
 # (CACHE_FROM_LATEST=true, the default), each time after removing everything that round put
 # on the second daemon, the base image included. Time = POST → final callback.
 #   ROUNDS=3 bash benches/warm_rebuild.sh
+#   DOCKER_BUILDKIT=true ROUNDS=3 bash benches/warm_rebuild.sh   # as in a dind pod (auto: BuildKit)
 # Run after `bash .ci/services` and `cargo build --release`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,6 +61,8 @@ fresh() {
   local repo=$1
   d2 images --format '{{.Repository}}:{{.Tag}}' | grep -E "^($repo|$REG/base/busybox):" | xargs -r -n1 env DOCKER_HOST=unix://$SOCK2 docker rmi -f >/dev/null 2>&1 || true
   d2 image prune -f --filter "label=app_uuid=$2" >/dev/null 2>&1 || true
+  # BuildKit keeps its own cache, which removing images leaves behind.
+  d2 builder prune -af >/dev/null 2>&1 || true
 }
 
 printf '%-6s %10s %10s %8s\n' round cold_s warm_s ratio
