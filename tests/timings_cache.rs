@@ -201,6 +201,19 @@ async fn a_rebuild_on_an_empty_daemon_reuses_the_layers_of_the_pushed_latest_ima
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cache_repository_keeps_every_apps_layer_cache_in_a_registry_of_its_own() {
+    cache_repository_warms_an_empty_daemon(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buildkit_rebuilds_warm_on_an_empty_daemon_from_the_inline_cache_of_a_private_registry() {
+    // As in a dind pod: BuildKit, a fresh daemon, the cache image behind a password that
+    // only BuildKit's session can give it.
+    cache_repository_warms_an_empty_daemon(&["--docker-buildkit", "true"]).await;
+}
+
+/// A build with CACHE_REPOSITORY on the main daemon, then the same app rebuilt on the empty
+/// second daemon, both with `builder` flags: every step of the rebuild comes from the cache.
+async fn cache_repository_warms_an_empty_daemon(builder: &[&str]) {
     let second = dockerd2();
     let settings = json!({ "socketPath": DOCKERD2 }).to_string();
     let cb = Callbacks::start().await;
@@ -216,11 +229,15 @@ async fn a_cache_repository_keeps_every_apps_layer_cache_in_a_registry_of_its_ow
     );
     let archive = tar_gz(&[("Dockerfile", df.as_bytes()), ("app.txt", b"unchanged")]);
     let flags = [
-        "--cache-repository",
-        cache.as_str(),
-        "--extra-docker-registry-config",
-        extra.as_str(),
-    ];
+        &[
+            "--cache-repository",
+            cache.as_str(),
+            "--extra-docker-registry-config",
+            extra.as_str(),
+        ],
+        builder,
+    ]
+    .concat();
 
     let first_svc = Service::start(&flags).await;
     let first = body(&data_uri(&archive), &cb);
