@@ -451,31 +451,38 @@ fn compact(dir: &Path, upto: u64) -> std::io::Result<u64> {
     let files: Vec<PathBuf> = std::iter::once(dir.join(SNAPSHOT))
         .chain(old.iter().cloned())
         .collect();
-    // Build → (file, offset) of its last line, for builds not finished.
-    let mut last: HashMap<Uuid, (usize, u64)> = HashMap::new();
+    // Build → where its last line is (file and offset packed in one u64), for builds not
+    // finished. This index is the compaction's memory peak, so it is kept small: 24 bytes
+    // per live build, then 8 once sorted.
+    let mut last: HashMap<Uuid, u64> = HashMap::new();
     for (i, path) in files.iter().enumerate() {
         for_each_line_at(path, |at, line| {
             if let Ok(h) = serde_json::from_slice::<Head>(line) {
                 if h.final_sent {
                     last.remove(&h.spec.build_uuid);
                 } else {
-                    last.insert(h.spec.build_uuid, (i, at));
+                    last.insert(h.spec.build_uuid, position(i, at));
                 }
             }
         })?;
     }
-    let mut keep: Vec<HashSet<u64>> = vec![HashSet::new(); files.len()];
-    for (i, at) in last.into_values() {
-        keep[i].insert(at);
-    }
+    let mut keep: Vec<u64> = last.into_values().collect();
+    keep.sort_unstable();
+    // Lines are visited in (file, offset) order, as `keep` is sorted; a position passed
+    // without a match (which unchanged files cannot give) is skipped, never waited on.
+    let mut next = keep.iter().copied().peekable();
     let len = write_snapshot(dir, |out| {
         for (i, path) in files.iter().enumerate() {
-            if keep[i].is_empty() {
+            let first = position(i, 0);
+            while next.next_if(|&p| p < first).is_some() {}
+            if next.peek().is_none_or(|&p| p >> OFFSET_BITS != i as u64) {
                 continue;
             }
             let mut result = Ok(());
             for_each_line_at(path, |at, line| {
-                if result.is_ok() && keep[i].contains(&at) {
+                let here = position(i, at);
+                while next.next_if(|&p| p < here).is_some() {}
+                if result.is_ok() && next.next_if_eq(&here).is_some() {
                     result = out.write_all(line).and_then(|()| out.write_all(b"\n"));
                 }
             })?;
@@ -487,6 +494,14 @@ fn compact(dir: &Path, upto: u64) -> std::io::Result<u64> {
         remove_if_exists(path)?;
     }
     Ok(len)
+}
+
+/// Bits of a packed position that hold the line's offset (256 TiB); the rest, the file's index.
+const OFFSET_BITS: u32 = 48;
+
+/// A line's place among the compacted files: file `i`, byte offset `at`, in one sortable u64.
+fn position(i: usize, at: u64) -> u64 {
+    ((i as u64) << OFFSET_BITS) | (at & ((1 << OFFSET_BITS) - 1))
 }
 
 fn remove_if_exists(path: &Path) -> std::io::Result<()> {
@@ -722,6 +737,33 @@ pub(crate) mod tests {
         assert_eq!(ids, vec![b.spec.build_uuid]);
         assert!(store.is_done(&a.spec.build_uuid), "done survives a restart");
         assert_eq!(got.next_seq, 2);
+    }
+
+    #[test]
+    fn compaction_keeps_each_unfinished_builds_last_line_in_journal_order() {
+        let dir = tempfile::tempdir().unwrap();
+        // A journal line, newline included.
+        let line = |r: &Record| encode(r).unwrap();
+        let (a, b, c) = (rec(1), rec(2), rec(3));
+        let mut a_running = a.clone();
+        a_running.phase = Phase::Running;
+        let mut b_done = b.clone();
+        b_done.final_sent = true;
+        std::fs::write(dir.path().join(DONE), b"").unwrap();
+        std::fs::write(dir.path().join(SNAPSHOT), line(&a)).unwrap();
+        std::fs::write(
+            segment_path(dir.path(), 1),
+            [line(&b), line(&a_running), line(&c)].concat(),
+        )
+        .unwrap();
+        std::fs::write(segment_path(dir.path(), 2), line(&b_done)).unwrap();
+        let len = compact(dir.path(), 2).unwrap();
+        let snapshot = std::fs::read(dir.path().join(SNAPSHOT)).unwrap();
+        assert_eq!(snapshot, [line(&a_running), line(&c)].concat());
+        assert_eq!(len, snapshot.len() as u64);
+        assert!(!segment_path(dir.path(), 1).exists() && !segment_path(dir.path(), 2).exists());
+        assert_eq!(position(1, 5) >> OFFSET_BITS, 1);
+        assert!(position(0, u64::from(u32::MAX)) < position(1, 0));
     }
 
     #[test]
