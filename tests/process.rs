@@ -32,6 +32,7 @@ fn bad_configuration_is_one_line_naming_the_variable_and_exit_2() {
         ("MAXIMUM_PARALLEL_BUILDS", "0"),
         ("MAXIMUM_PARALLEL_BUILDS", "many"),
         ("TIMEOUT_IN_MS", "-5"),
+        ("DOCKER_BUILDKIT", "maybe"),
         (
             "DOCKER_BUILD_SETTINGS",
             "{\"socketPath\": \"/nonexistent/docker.sock\"}",
