@@ -7,7 +7,7 @@
 mod common;
 
 use common::cluster::{Cluster, KubesimProcess, Mode};
-use common::{cache_buster, data_uri, image_repo, tar_gz, Callbacks, Files};
+use common::{built_by_buildkit, cache_buster, data_uri, image_repo, tar_gz, Callbacks, Files};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -288,11 +288,7 @@ mod scenario {
             .text()
             .await
             .unwrap();
-        assert!(
-            log.lines()
-                .any(|l| l.starts_with('#') && l.contains(" DONE ")),
-            "built by BuildKit:\n{log}"
-        );
+        assert!(built_by_buildkit(&log), "built by BuildKit:\n{log}");
 
         let job = cluster
             .wait_job(&failing, "Failed", BUILD, |j| {

@@ -299,8 +299,8 @@ async fn rebuild(svc: &Service, first: &Value, archive: &[u8], cb: &Callbacks) -
     svc.log(&again).await
 }
 
-/// The build used `image` as its layer cache, and each of `steps` came from it: "Using
-/// cache" follows its step line.
+/// The build used `image` as its layer cache, and each of `steps` came from it
+/// (`step_cached`, either builder).
 fn assert_warm_from(log: &str, image: &str, steps: &[&str]) {
     assert!(
         log.contains(&format!("Using {image} as the layer cache")),

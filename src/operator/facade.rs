@@ -730,8 +730,8 @@ mod tests {
             Expect::new(Method::POST, JOBS, 201, None),
             Expect::new(Method::POST, SECRETS, 201, None),
         ];
-        let created = |mut v: Value| {
-            v["metadata"]["uid"] = json!("uid-7");
+        let created = |v: Value| {
+            let mut v = with_uid(v);
             v["metadata"]["resourceVersion"] = json!("5");
             v
         };

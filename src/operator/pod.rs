@@ -431,26 +431,19 @@ pub(crate) mod tests {
             let p = worker_pod(&job(None), 0, &s).unwrap_or_else(|e| panic!("{e}"));
             env_value(worker(&p), "DOCKER_BUILDKIT").and_then(|e| e.value.clone())
         };
-        assert_eq!(
-            env(DockerMode::Dind, Builder::Auto).as_deref(),
-            Some("true")
-        );
-        assert_eq!(
-            env(DockerMode::Host, Builder::Auto).as_deref(),
-            Some("false")
-        );
-        assert_eq!(
-            env(DockerMode::External, Builder::Auto).as_deref(),
-            Some("false")
-        );
-        assert_eq!(
-            env(DockerMode::Host, Builder::BuildKit).as_deref(),
-            Some("true")
-        );
-        assert_eq!(
-            env(DockerMode::Dind, Builder::Classic).as_deref(),
-            Some("false")
-        );
+        for (mode, builder, want) in [
+            (DockerMode::Dind, Builder::Auto, "true"),
+            (DockerMode::Host, Builder::Auto, "false"),
+            (DockerMode::External, Builder::Auto, "false"),
+            (DockerMode::Host, Builder::BuildKit, "true"),
+            (DockerMode::Dind, Builder::Classic, "false"),
+        ] {
+            assert_eq!(
+                env(mode, builder).as_deref(),
+                Some(want),
+                "{mode:?} {builder:?}"
+            );
+        }
     }
 
     #[test]

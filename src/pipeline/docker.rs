@@ -157,70 +157,81 @@ pub struct BuildRequest {
     pub build_args: BTreeMap<String, String>,
     pub no_cache: bool,
     pub registries: HashMap<String, DockerCredentials>,
-    /// Images whose layers the classic builder may reuse (`cachefrom`); empty: the daemon's
-    /// own layer cache.
+    /// Images whose layers the build may reuse (`cachefrom`; for BuildKit, images with inline
+    /// cache metadata); empty: the daemon's own layer cache.
     pub cache_from: Vec<String>,
     /// BuildKit rather than the classic builder (DOCKER_BUILDKIT).
     pub buildkit: bool,
 }
 
-/// Builds the image from the streamed context. Returns when the build ended; the daemon's
-/// output is logged line by line.
+/// Builds the image from the streamed context, with the classic builder or BuildKit. Returns
+/// when the build ended; the daemon's output is logged line by line.
 pub async fn build(
     docker: &Docker,
     req: BuildRequest,
     context: impl Stream<Item = std::io::Result<Bytes>> + Send + 'static,
     log: &mut BuildLog,
 ) -> Result<(), DockerError> {
+    let mut build_args = req.build_args;
     if req.buildkit {
-        return buildkit(docker, req, context, log).await;
+        // The image carries its layer cache metadata, so another daemon can use it as
+        // `cachefrom`.
+        build_args.insert("BUILDKIT_INLINE_CACHE".into(), "1".into());
     }
-    let options = BuildImageOptions {
+    let mut options = BuildImageOptions {
         dockerfile: "Dockerfile".into(),
         t: Some(req.tag),
         nocache: req.no_cache,
         rm: true,
         forcerm: true,
-        buildargs: Some(req.build_args.into_iter().collect()),
+        buildargs: Some(build_args.into_iter().collect()),
         labels: (!req.labels.is_empty()).then(|| req.labels.into_iter().collect()),
         cachefrom: (!req.cache_from.is_empty()).then_some(req.cache_from),
         ..Default::default()
     };
     let registries = (!req.registries.is_empty()).then_some(req.registries);
+    if req.buildkit {
+        options.version = bollard::query_parameters::BuilderVersion::BuilderBuildKit;
+        options.session = Some(format!("buildshuttle-{}", uuid::Uuid::new_v4()));
+        return buildkit(docker, options, registries, context, log).await;
+    }
+    // (A daemon error arrives as an `Err`: bollard turns `errorDetail` messages into one.)
     let mut stream =
         docker.build_image(options, registries, Some(bollard::body_try_stream(context)));
     while let Some(item) = stream.next().await {
-        match item {
-            Ok(info) => {
-                if let Some(text) = info.stream.as_deref() {
-                    log.line(text);
-                }
-                if let Some(status) = info.status.as_deref() {
-                    log_status(
-                        log,
-                        info.id.as_deref(),
-                        status,
-                        info.progress_detail.is_some(),
-                    );
-                }
-                if let Some(msg) = info.error_detail.and_then(|d| d.message) {
-                    log.line(&msg);
-                    return Err(DockerError::Build(msg));
-                }
-            }
-            Err(e) => {
-                let daemon = from_daemon(&e);
-                let msg = stream_error(e);
-                log.line(&msg);
-                return Err(if daemon {
-                    DockerError::Build(msg)
-                } else {
-                    DockerError::Lost(msg)
-                });
-            }
+        let info = item.map_err(|e| logged(log, build_error(e)))?;
+        if let Some(text) = info.stream.as_deref() {
+            log.line(text);
+        }
+        if let Some(status) = info.status.as_deref() {
+            log_status(
+                log,
+                info.id.as_deref(),
+                status,
+                info.progress_detail.is_some(),
+            );
         }
     }
     Ok(())
+}
+
+/// A build stream's error: the daemon's message as the build's failure, or a lost connection.
+fn build_error(e: bollard::errors::Error) -> DockerError {
+    let daemon = from_daemon(&e);
+    let msg = stream_error(e);
+    if daemon {
+        DockerError::Build(msg)
+    } else {
+        DockerError::Lost(msg)
+    }
+}
+
+/// `err`, its message written to the build log first.
+fn logged(log: &mut BuildLog, err: DockerError) -> DockerError {
+    if let DockerError::Build(m) | DockerError::Lost(m) = &err {
+        log.line(m);
+    }
+    err
 }
 
 /// What a BuildKit build's own thread reports.
@@ -229,9 +240,8 @@ enum Reported {
     Ended(Result<(), DockerError>),
 }
 
-/// A BuildKit build: dockerd's BuildKit, with a session that answers its registry credential
-/// requests (pulls of `FROM` images, the layer cache). The image gets BuildKit's inline cache
-/// metadata, so another daemon can use it as `cachefrom`.
+/// A BuildKit build (`options` with BuildKit's version and a session id): bollard's session
+/// answers BuildKit's registry credential requests (pulls of `FROM` images, the layer cache).
 ///
 /// bollard serves the session from a task of its own that lasts as long as its connection to
 /// dockerd, which dockerd never closes; so the build runs on a runtime of its own, on a
@@ -239,24 +249,11 @@ enum Reported {
 /// timeout) ends that runtime too, which also cancels the build in dockerd.
 async fn buildkit(
     docker: &Docker,
-    req: BuildRequest,
+    options: BuildImageOptions,
+    registries: Option<HashMap<String, DockerCredentials>>,
     context: impl Stream<Item = std::io::Result<Bytes>> + Send + 'static,
     log: &mut BuildLog,
 ) -> Result<(), DockerError> {
-    let mut args = req.build_args;
-    args.insert("BUILDKIT_INLINE_CACHE".into(), "1".into());
-    let options = BuildImageOptions {
-        dockerfile: "Dockerfile".into(),
-        t: Some(req.tag),
-        nocache: req.no_cache,
-        buildargs: Some(args.into_iter().collect()),
-        labels: (!req.labels.is_empty()).then(|| req.labels.into_iter().collect()),
-        cachefrom: (!req.cache_from.is_empty()).then_some(req.cache_from),
-        version: bollard::query_parameters::BuilderVersion::BuilderBuildKit,
-        session: Some(format!("buildshuttle-{}", uuid::Uuid::new_v4())),
-        ..Default::default()
-    };
-    let registries = (!req.registries.is_empty()).then_some(req.registries);
     let docker = docker.clone();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Reported>(64);
     let _thread = tokio::task::spawn_blocking(move || {
@@ -277,24 +274,10 @@ async fn buildkit(
                 let body = bollard::body_try_stream(context);
                 let mut stream = docker.build_image(options, registries, Some(body));
                 while let Some(item) = stream.next().await {
-                    let info = match item {
-                        Ok(info) => info,
-                        Err(e) => {
-                            let daemon = from_daemon(&e);
-                            let msg = stream_error(e);
-                            return Err(if daemon {
-                                DockerError::Build(msg)
-                            } else {
-                                DockerError::Lost(msg)
-                            });
-                        }
-                    };
+                    let info = item.map_err(build_error)?;
                     let mut lines: Vec<String> = info.stream.into_iter().collect();
                     if let Some(bollard::models::BuildInfoAux::BuildKit(status)) = info.aux {
                         lines.extend(progress.lines(status));
-                    }
-                    if let Some(msg) = info.error_detail.and_then(|d| d.message) {
-                        return Err(DockerError::Build(msg));
                     }
                     if !lines.is_empty() && tx.send(Reported::Lines(lines)).await.is_err() {
                         break;
@@ -313,12 +296,7 @@ async fn buildkit(
     while let Some(reported) = rx.recv().await {
         match reported {
             Reported::Lines(lines) => lines.iter().for_each(|l| log.line(l)),
-            Reported::Ended(Err(e)) => {
-                if let DockerError::Build(m) | DockerError::Lost(m) = &e {
-                    log.line(m);
-                }
-                return Err(e);
-            }
+            Reported::Ended(Err(e)) => return Err(logged(log, e)),
             Reported::Ended(Ok(())) => return Ok(()),
         }
     }

@@ -359,10 +359,7 @@ impl Session<'_> {
             .map_err(|e| RegistryError::Auth(format!("token realm {realm:?}: {e}")))?;
         // Credentials travel to the token service only as safely as to the registry.
         let same_http_host = matches!(self.scheme, Scheme::Known("http"))
-            && realm_url
-                .host_str()
-                .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
-                == Some(hostname(self.host));
+            && realm_url.host_str().map(hostname) == Some(hostname(self.host));
         if realm_url.scheme() != "https" && !same_http_host {
             return Err(RegistryError::Auth(format!(
                 "token realm {realm} is not https; not sending credentials there"
@@ -584,12 +581,18 @@ mod tests {
     }
 
     fn loopback_registry() -> Registry {
+        registry_where_dockerd_says(HashMap::new())
+    }
+
+    /// A client whose dockerd (never asked) treats 127.0.0.0/8 as insecure, and `hosts` as
+    /// they say (`true`: secure).
+    fn registry_where_dockerd_says(hosts: HashMap<String, bool>) -> Registry {
         let docker =
             Docker::connect_with_http("http://127.0.0.1:9", 5, bollard::API_DEFAULT_VERSION)
                 .expect("client");
         let insecure = Insecure {
             cidrs: vec!["127.0.0.0/8".parse().expect("cidr")],
-            hosts: HashMap::new(),
+            hosts,
         };
         Registry::with_insecure(docker, OnceCell::new_with(Some(insecure)))
     }
@@ -661,15 +664,8 @@ mod tests {
     #[tokio::test]
     async fn credentials_never_go_over_http_to_a_registry_dockerd_calls_secure() {
         let (host, seen) = token_registry().await;
-        let docker =
-            Docker::connect_with_http("http://127.0.0.1:9", 5, bollard::API_DEFAULT_VERSION)
-                .expect("client");
         // dockerd says this host is secure: https only, which the mock does not speak.
-        let insecure = Insecure {
-            cidrs: vec!["127.0.0.0/8".parse().expect("cidr")],
-            hosts: [(host.clone(), true)].into(),
-        };
-        let registry = Registry::with_insecure(docker, OnceCell::new_with(Some(insecure)));
+        let registry = registry_where_dockerd_says([(host.clone(), true)].into());
         let r = registry
             .add_tag(
                 &format!("{host}/repo/app"),

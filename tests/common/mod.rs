@@ -287,8 +287,6 @@ impl Files {
     }
 }
 
-/// A Dockerfile step unique to this call: everything after it misses dockerd's layer
-/// cache, so the build's output really appears in the log on every run.
 /// Whether the build step whose log line contains `step` came from the layer cache: the
 /// classic builder's ` ---> Using cache` within the next two lines, or BuildKit's `#N CACHED`
 /// for the step's `#N`.
@@ -313,6 +311,15 @@ pub fn used_cache(log: &str) -> bool {
     step_cached(log, "RUN ") || step_cached(log, "COPY ")
 }
 
+/// Whether BuildKit built it: its steps end in `#N DONE …` lines (the classic builder's in
+/// `Step N/M : …`).
+pub fn built_by_buildkit(log: &str) -> bool {
+    log.lines()
+        .any(|l| l.starts_with('#') && l.contains(" DONE "))
+}
+
+/// A Dockerfile step unique to this call: everything after it misses dockerd's layer
+/// cache, so the build's output really appears in the log on every run.
 pub fn cache_buster() -> String {
     format!("RUN echo run-{}", uuid::Uuid::new_v4().simple())
 }
@@ -435,7 +442,6 @@ pub fn docker() -> bollard::Docker {
     bollard::Docker::connect_with_unix_defaults().expect("docker socket")
 }
 
-/// Containers currently running whose command line contains `needle`.
 /// How many processes of this host run exactly the command `needle` (e.g. `sleep 301`): a
 /// build step's process, wherever it runs (a classic builder's container or a BuildKit step;
 /// both are processes of this host, in namespaces of their own).
