@@ -391,7 +391,10 @@ impl Writer {
                 super::runtime::lower_priority();
                 let started = Instant::now();
                 match compact(&dir, upto) {
-                    Ok(len) => shared.snapshot_len.store(len, Ordering::SeqCst),
+                    Ok(len) => {
+                        tracing::debug!(took_ms = started.elapsed().as_millis() as u64, snapshot_bytes = len, "build state compacted");
+                        shared.snapshot_len.store(len, Ordering::SeqCst);
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, dir = %dir.display(), "build state compaction failed; it is retried later");
                     }
@@ -424,9 +427,10 @@ fn compaction_due(
 }
 
 /// Folds the snapshot and every segment up to `upto` into a new snapshot without the
-/// finished builds, then removes those segments. Streams: the first pass keeps only where
-/// each build's last line is, the second copies those lines, so memory stays small however
-/// many builds are queued. Returns the new snapshot's size.
+/// finished builds, then removes those segments. Streams: the first pass over the segments
+/// keeps only where each build's last line is, the second copies the snapshot's lines of
+/// builds the segments do not mention and the segments' last lines, so memory stays small
+/// however many builds are queued. Returns the new snapshot's size.
 fn compact(dir: &Path, upto: u64) -> std::io::Result<u64> {
     #[derive(Deserialize)]
     struct Head {
@@ -448,31 +452,42 @@ fn compact(dir: &Path, upto: u64) -> std::io::Result<u64> {
         .filter(|(g, _)| *g <= upto)
         .map(|(_, p)| p)
         .collect();
-    let files: Vec<PathBuf> = std::iter::once(dir.join(SNAPSHOT))
-        .chain(old.iter().cloned())
-        .collect();
-    // Build → where its last line is (file and offset packed in one u64), for builds not
-    // finished. This index is the compaction's memory peak, so it is kept small: 24 bytes
-    // per live build, then 8 once sorted.
+    // Build → where its last line in the segments is (file and offset packed in one u64),
+    // or FINISHED. The snapshot holds one line per build, so its builds need no entry: one
+    // absent here is copied as it is. This index is the compaction's memory peak, so it
+    // covers only what changed since the last compaction (a scrub a second after a build
+    // finished: a second's worth), not the whole queue.
     let mut last: HashMap<Uuid, u64> = HashMap::new();
-    for (i, path) in files.iter().enumerate() {
+    for (i, path) in old.iter().enumerate() {
         for_each_line_at(path, |at, line| {
             if let Ok(h) = serde_json::from_slice::<Head>(line) {
-                if h.final_sent {
-                    last.remove(&h.spec.build_uuid);
+                let at = if h.final_sent {
+                    FINISHED
                 } else {
-                    last.insert(h.spec.build_uuid, position(i, at));
-                }
+                    position(i, at)
+                };
+                last.insert(h.spec.build_uuid, at);
             }
         })?;
     }
-    let mut keep: Vec<u64> = last.into_values().collect();
+    let mut keep: Vec<u64> = last.values().copied().filter(|&p| p != FINISHED).collect();
     keep.sort_unstable();
-    // Lines are visited in (file, offset) order, as `keep` is sorted; a position passed
-    // without a match (which unchanged files cannot give) is skipped, never waited on.
-    let mut next = keep.iter().copied().peekable();
     let len = write_snapshot(dir, |out| {
-        for (i, path) in files.iter().enumerate() {
+        let mut result = Ok(());
+        for_each_line(&dir.join(SNAPSHOT), |line| {
+            let unchanged = serde_json::from_slice::<Head>(line)
+                .is_ok_and(|h| !h.final_sent && !last.contains_key(&h.spec.build_uuid));
+            if result.is_ok() && unchanged {
+                result = out.write_all(line).and_then(|()| out.write_all(b"\n"));
+            }
+        })?;
+        result?;
+        drop(last);
+        // Segment lines are visited in (file, offset) order, as `keep` is sorted; a
+        // position passed without a match (which unchanged files cannot give) is skipped,
+        // never waited on.
+        let mut next = keep.iter().copied().peekable();
+        for (i, path) in old.iter().enumerate() {
             let first = position(i, 0);
             while next.next_if(|&p| p < first).is_some() {}
             if next.peek().is_none_or(|&p| p >> OFFSET_BITS != i as u64) {
@@ -498,6 +513,8 @@ fn compact(dir: &Path, upto: u64) -> std::io::Result<u64> {
 
 /// Bits of a packed position that hold the line's offset (256 TiB); the rest, the file's index.
 const OFFSET_BITS: u32 = 48;
+/// In compaction's index: the build's last line is final (no packed position is this large).
+const FINISHED: u64 = u64::MAX;
 
 /// A line's place among the compacted files: file `i`, byte offset `at`, in one sortable u64.
 fn position(i: usize, at: u64) -> u64 {
@@ -622,14 +639,85 @@ fn write_snapshot(
         .truncate(true)
         .mode(0o600)
         .open(&tmp)?;
-    let mut out = std::io::BufWriter::with_capacity(256 * 1024, file);
+    let mut out = std::io::BufWriter::with_capacity(256 * 1024, Paced::new(file));
     fill(&mut out)?;
-    let file = out.into_inner().map_err(|e| e.into_error())?;
+    let file = out.into_inner().map_err(|e| e.into_error())?.file;
     file.sync_data()?;
     let len = file.metadata()?.len();
     std::fs::rename(&tmp, dir.join(SNAPSHOT))?;
     sync_dir(dir)?;
     Ok(len)
+}
+
+/// How much of a snapshot may be written before it is pushed to the disk.
+const PACE_CHUNK: u64 = 1024 * 1024;
+
+/// A file written in order whose data goes to the disk a chunk at a time while it is being
+/// written, each chunk waiting for the one before (as RocksDB's `bytes_per_sync`). Without
+/// this a compaction leaves tens of MiB dirty and its final fsync floods the disk queue,
+/// so every `POST /` waiting on the journal's fsync meanwhile waits behind it.
+struct Paced {
+    file: File,
+    written: u64,
+    /// Where the chunk being written starts.
+    chunk: u64,
+    /// Where the chunk before it (whose writeback was started) starts.
+    started: Option<u64>,
+}
+
+impl Paced {
+    fn new(file: File) -> Self {
+        Self {
+            file,
+            written: 0,
+            chunk: 0,
+            started: None,
+        }
+    }
+
+    /// Starts writeback of `[from, to)` after waiting for any already under way there
+    /// and, when `wait`, waits for it to finish.
+    #[cfg(target_os = "linux")]
+    fn sync_range(&self, from: u64, to: u64, wait: bool) {
+        use std::os::fd::AsRawFd;
+        let mut flags = libc::SYNC_FILE_RANGE_WRITE;
+        if wait {
+            flags |= libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        }
+        let (Ok(from), Ok(len)) = (i64::try_from(from), i64::try_from(to - from)) else {
+            return;
+        };
+        // SAFETY: plain syscall on a descriptor this struct owns; no memory is passed.
+        // Only a hint: the final fsync is what makes the snapshot durable.
+        unsafe {
+            libc::sync_file_range(self.file.as_raw_fd(), from, len, flags);
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn sync_range(&self, _from: u64, _to: u64, _wait: bool) {}
+}
+
+impl Write for Paced {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        if self.written - self.chunk >= PACE_CHUNK {
+            // Wait for the chunk started last time, start this one: the disk is kept busy
+            // with at most two chunks of ours.
+            if let Some(from) = self.started {
+                self.sync_range(from, self.chunk, true);
+            }
+            self.sync_range(self.chunk, self.written, false);
+            self.started = Some(self.chunk);
+            self.chunk = self.written;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -744,26 +832,51 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         // A journal line, newline included.
         let line = |r: &Record| encode(r).unwrap();
-        let (a, b, c) = (rec(1), rec(2), rec(3));
+        let (a, b, c, d, e) = (rec(1), rec(2), rec(3), rec(4), rec(5));
         let mut a_running = a.clone();
         a_running.phase = Phase::Running;
         let mut b_done = b.clone();
         b_done.final_sent = true;
+        let mut e_done = e.clone();
+        e_done.final_sent = true;
         std::fs::write(dir.path().join(DONE), b"").unwrap();
-        std::fs::write(dir.path().join(SNAPSHOT), line(&a)).unwrap();
+        // The snapshot: a (changed since), d (untouched), e (finished since).
+        std::fs::write(
+            dir.path().join(SNAPSHOT),
+            [line(&a), line(&d), line(&e)].concat(),
+        )
+        .unwrap();
         std::fs::write(
             segment_path(dir.path(), 1),
-            [line(&b), line(&a_running), line(&c)].concat(),
+            [line(&b), line(&a_running), line(&c), line(&e_done)].concat(),
         )
         .unwrap();
         std::fs::write(segment_path(dir.path(), 2), line(&b_done)).unwrap();
         let len = compact(dir.path(), 2).unwrap();
         let snapshot = std::fs::read(dir.path().join(SNAPSHOT)).unwrap();
-        assert_eq!(snapshot, [line(&a_running), line(&c)].concat());
+        assert_eq!(snapshot, [line(&d), line(&a_running), line(&c)].concat());
         assert_eq!(len, snapshot.len() as u64);
         assert!(!segment_path(dir.path(), 1).exists() && !segment_path(dir.path(), 2).exists());
         assert_eq!(position(1, 5) >> OFFSET_BITS, 1);
         assert!(position(0, u64::from(u32::MAX)) < position(1, 0));
+    }
+
+    #[test]
+    fn a_snapshot_larger_than_a_few_paced_chunks_is_written_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        // Odd-sized writes, so chunk boundaries fall mid-write.
+        let piece: Vec<u8> = (0..70_001u32).map(|i| (i % 251) as u8).collect();
+        let pieces = (3 * PACE_CHUNK as usize) / piece.len() + 1;
+        let len = write_snapshot(dir.path(), |out| {
+            for _ in 0..pieces {
+                out.write_all(&piece)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        let written = std::fs::read(dir.path().join(SNAPSHOT)).unwrap();
+        assert_eq!(len, written.len() as u64);
+        assert_eq!(written, piece.repeat(pieces));
     }
 
     #[test]
