@@ -4,6 +4,7 @@
 //! still run and a build that was running is reported failed ("interrupted") instead of
 //! being forgotten.
 
+mod queue;
 mod records;
 mod runtime;
 pub mod state;
@@ -16,9 +17,10 @@ use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::storage::Object;
 use async_trait::async_trait;
+use queue::ChunkedQueue;
 use records::Records;
 use state::{Phase, Record, Recovered, StateStore};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -57,7 +59,7 @@ struct Inner {
     /// Builds waiting for a slot, oldest first. A queued build has no task (the dispatcher
     /// starts one when a slot frees), so a burst of accepted builds costs little memory
     /// beyond its records. Lock order: `waiting`, then `active`.
-    waiting: Mutex<VecDeque<Waiting>>,
+    waiting: Mutex<ChunkedQueue<Waiting>>,
     /// Wakes the dispatcher when a build joins `waiting`.
     wake: Notify,
     semaphore: Arc<Semaphore>,
@@ -159,7 +161,7 @@ impl LocalExecutor {
                 &settings.data_dir.join("state").join("queue.spill"),
             )),
             active: Mutex::new(HashMap::new()),
-            waiting: Mutex::new(VecDeque::new()),
+            waiting: Mutex::new(ChunkedQueue::default()),
             wake: Notify::new(),
             semaphore,
             seq: AtomicU64::new(0),
@@ -301,7 +303,7 @@ impl Inner {
             .collect()
     }
 
-    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, VecDeque<Waiting>> {
+    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, ChunkedQueue<Waiting>> {
         self.waiting
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

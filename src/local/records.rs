@@ -14,14 +14,25 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use uuid::Uuid;
 
+/// 16 bytes (a thin box or a scratch-file place), so a map entry is 32: the map holds every
+/// queued build, and its size is the memory peak of a burst.
 enum Held {
     Parsed(Box<Record>),
-    Line(Box<[u8]>),
-    Spilled { at: u64, len: u32 },
+    /// Boxed twice: a `Box<[u8]>` is 16 bytes, one more than fits.
+    Line(Box<Box<[u8]>>),
+    Spilled {
+        at: u64,
+        len: u32,
+    },
 }
 
+/// The map is split in this many shards by build id: each grows on its own, so when a
+/// burst's queue crosses a hash table's doubling point, one shard at a time is copied (a
+/// sixteenth of the map) instead of the whole map at once.
+const SHARDS: usize = 16;
+
 pub struct Records {
-    map: HashMap<Uuid, Held>,
+    shards: [HashMap<Uuid, Held>; SHARDS],
     spill: Option<Spill>,
 }
 
@@ -33,13 +44,21 @@ impl Records {
             .map_err(|e| tracing::warn!(file = %spill.display(), error = %e, "no scratch file for queued builds; they stay in memory"))
             .ok();
         Self {
-            map: HashMap::new(),
+            shards: Default::default(),
             spill,
         }
     }
 
+    fn map(&self, id: &Uuid) -> &HashMap<Uuid, Held> {
+        &self.shards[shard(id)]
+    }
+
+    fn map_mut(&mut self, id: &Uuid) -> &mut HashMap<Uuid, Held> {
+        &mut self.shards[shard(id)]
+    }
+
     pub fn contains(&self, id: &Uuid) -> bool {
-        self.map.contains_key(id)
+        self.map(id).contains_key(id)
     }
 
     /// Holds `rec` (whose journal line is `line`): parsed unless queued; a queued one in the
@@ -56,17 +75,17 @@ impl Records {
             };
             match spilled {
                 Some((at, len)) => Held::Spilled { at, len },
-                None => Held::Line(line.into()),
+                None => Held::Line(Box::new(line.into())),
             }
         };
-        if let Some(old) = self.map.insert(id, held) {
+        if let Some(old) = self.map_mut(&id).insert(id, held) {
             self.release(&old);
         }
     }
 
     /// A copy of the record.
     pub fn get(&self, id: &Uuid) -> Option<Record> {
-        let line = match self.map.get(id)? {
+        let line = match self.map(id).get(id)? {
             Held::Parsed(r) => return Some(Record::clone(r)),
             Held::Line(l) => std::borrow::Cow::Borrowed(&l[..]),
             Held::Spilled { at, len } => {
@@ -85,11 +104,11 @@ impl Records {
         id: &Uuid,
         f: impl FnOnce(&mut Record),
     ) -> Option<Result<(bool, Vec<u8>), StateError>> {
-        if let Some(Held::Parsed(rec)) = self.map.get_mut(id) {
+        if let Some(Held::Parsed(rec)) = self.map_mut(id).get_mut(id) {
             f(rec);
             return Some(state::encode(rec).map(|line| (rec.final_sent, line)));
         }
-        let cold = matches!(self.map.get(id)?, Held::Spilled { .. });
+        let cold = matches!(self.map(id).get(id)?, Held::Spilled { .. });
         let mut rec = self.get(id)?;
         f(&mut rec);
         Some(state::encode(&rec).map(|line| {
@@ -101,7 +120,7 @@ impl Records {
     }
 
     pub fn remove(&mut self, id: &Uuid) {
-        if let Some(old) = self.map.remove(id) {
+        if let Some(old) = self.map_mut(id).remove(id) {
             self.release(&old);
         }
     }
@@ -111,6 +130,13 @@ impl Records {
             spill.release();
         }
     }
+}
+
+/// A build's shard, from bytes of its id that vary between ids whether they are random
+/// (v4), time-ordered (v7) or time-and-host (v1, whose last six bytes are constant).
+fn shard(id: &Uuid) -> usize {
+    let b = id.as_bytes();
+    usize::from(b[3] ^ b[9] ^ b[15]) % SHARDS
 }
 
 /// The scratch file: lines appended, read back by offset, truncated when none is live.
@@ -174,6 +200,29 @@ mod tests {
             phase,
             ..state::tests::rec(0)
         }
+    }
+
+    #[test]
+    fn ids_of_each_kind_spread_over_the_shards() {
+        let spread = |ids: &[Uuid]| {
+            let mut n = [0usize; SHARDS];
+            for id in ids {
+                n[shard(id)] += 1;
+            }
+            n.iter().all(|&k| k > ids.len() / SHARDS / 2)
+        };
+        let random: Vec<Uuid> = (0..1600).map(|_| Uuid::new_v4()).collect();
+        assert!(spread(&random));
+        // v1 ids of one host: only the timestamp fields change.
+        let v1: Vec<Uuid> = (0..1600u32)
+            .map(|t| Uuid::from_fields(t * 7919, 0x11d0, 0x1000, &[0x80, 0x42, 1, 2, 3, 4, 5, 6]))
+            .collect();
+        assert!(spread(&v1));
+    }
+
+    #[test]
+    fn a_held_record_is_16_bytes() {
+        assert_eq!(std::mem::size_of::<Held>(), 16);
     }
 
     #[test]
