@@ -95,7 +95,6 @@ pub fn extract_streaming(
     dest: &Path,
     limits: &Limits,
 ) -> Result<Option<PathBuf>, ContextError> {
-    fs::create_dir_all(dest)?;
     let mut head = [0u8; 262];
     let mut n = 0;
     while n < head.len() {
@@ -106,8 +105,14 @@ pub fn extract_streaming(
     }
     let head = &head[..n];
     let whole = io::Cursor::new(head.to_vec()).chain(reader);
+    let format = detect_bytes(head)?;
+    if format == Format::Zip {
+        return Ok(None);
+    }
+    // Only now: a fetch that failed before its first byte leaves no folder to remove.
+    fs::create_dir_all(dest)?;
     let mut budget = Budget::new(limits);
-    match detect_bytes(head)? {
+    match format {
         Format::TarGz => extract_tar(
             flate2::read::MultiGzDecoder::new(io::BufReader::new(whole)),
             dest,
@@ -707,6 +712,15 @@ mod tests {
         let root = extract(&a, &dir.path().join("out"), &limits()).unwrap();
         assert!(root.ends_with("repo-abc"));
         assert!(root.join("src/m").is_file());
+    }
+
+    #[test]
+    fn a_stream_that_ends_before_its_first_byte_creates_no_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("build").join("context");
+        let err = extract_streaming(std::io::empty(), &dest, &limits()).unwrap_err();
+        assert!(matches!(err, ContextError::UnknownFormat), "{err}");
+        assert!(!dir.path().join("build").exists());
     }
 
     #[test]

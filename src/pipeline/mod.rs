@@ -51,8 +51,9 @@ impl Pipeline {
         }
     }
 
-    /// Runs one build in `workdir` (created; the caller removes it). Never panics on input:
-    /// every failure is an `Outcome::Failed` with a reason, and a line in the log saying why.
+    /// Runs one build in `workdir` (created once sources arrive; the caller removes it, and
+    /// may find none). Never panics on input: every failure is an `Outcome::Failed` with a
+    /// reason, and a line in the log saying why.
     /// Each stage's duration goes into `timings` as it ends (so a stopped build keeps what
     /// it measured).
     pub async fn run(
@@ -102,12 +103,7 @@ impl Pipeline {
         workdir: &Path,
         timings: &mut StageTimings,
     ) -> Outcome {
-        if let Err(e) = tokio::fs::create_dir_all(workdir).await {
-            return Outcome::failed(
-                FailureReason::Internal,
-                format!("cannot create the build folder: {e}"),
-            );
-        }
+        // `workdir` is created with the archive file (see ArchiveWriter::create).
         let archive = workdir.join("sources");
         let limits = self.config.limits;
         // A .tar.gz or .tar is extracted as it arrives: the fetch feeds the file (for

@@ -167,6 +167,11 @@ impl ArchiveWriter {
         dest: &Path,
         tee: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
     ) -> std::io::Result<Self> {
+        // The build's folder is made here, once there is something to keep: sources that
+        // fail before their first byte cost the disk nothing.
+        if let Some(folder) = dest.parent() {
+            tokio::fs::create_dir_all(folder).await?;
+        }
         Ok(Self {
             file: tokio::fs::File::create(dest).await?,
             tee,
@@ -404,6 +409,16 @@ fn describe(e: reqwest::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_archive_file_brings_its_build_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("work").join("b1").join("sources");
+        let mut w = ArchiveWriter::create(&dest, None).await.unwrap();
+        w.write(bytes::Bytes::from_static(b"abc")).await.unwrap();
+        w.finish().await.unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"abc");
+    }
 
     #[test]
     fn parses_each_scheme() {
