@@ -675,8 +675,8 @@ impl Paced {
         }
     }
 
-    /// Starts writeback of `[from, to)` after waiting for any already under way there
-    /// and, when `wait`, waits for it to finish.
+    /// Starts writeback of `[from, to)`; with `wait`, first waits for any already under
+    /// way there, and then for this one to finish.
     #[cfg(target_os = "linux")]
     fn sync_range(&self, from: u64, to: u64, wait: bool) {
         use std::os::fd::AsRawFd;
