@@ -3,7 +3,8 @@
 # 32 connections on loopback with wrk (Debian's); every POST is a new build (fresh
 # build_uuid and build_number, see post_rate.lua) whose sources fail at once (a closed
 # loopback port), no callback. GET /octhc runs first on the idle server, then POST /.
-# Prints req/s, p50, p99 side by side, and the service's peak RSS (VmHWM) over the run.
+# Prints req/s, p50, p99 side by side, the service's peak RSS (VmHWM) over the run, and
+# that peak less the idle RSS per build still queued.
 #   SECONDS_EACH=10 CONNECTIONS=32 bash benches/post_rate.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,7 @@ pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$data"' EXIT
 for _ in $(seq 100); do curl -sf "127.0.0.1:$port/octhc" >/dev/null && break; sleep 0.1; done
 
+idle=$(awk '/VmRSS/{print $2}' "/proc/$pid/status")
 run() { wrk -t2 -c"$CONNECTIONS" -d"${SECONDS_EACH}s" "$@" | grep '^RESULT'; }
 get=$(run -s benches/get_rate.lua "http://127.0.0.1:$port/octhc")
 post=$(SOURCES="http://127.0.0.1:$closed/gone.tgz" run -s benches/post_rate.lua "http://127.0.0.1:$port/")
@@ -37,4 +39,6 @@ printf '%-14s %12s %10s %10s %10s\n' "GET /octhc" "$(field "$get" rps)" "$(field
 printf '%-14s %12s %10s %10s %10s\n' "POST /" "$(field "$post" rps)" "$(field "$post" p50_ms)" "$(field "$post" p99_ms)" "$(field "$post" non2xx)"
 echo "POST requests sent: $(field "$post" requests) (socket errors: $(field "$post" errors))"
 echo "builds finished when wrk stopped: $finished (the rest were still queued)"
-echo "peak RSS (VmHWM) of the service over the run: $((hwm / 1024)) MiB"
+echo "peak RSS (VmHWM) of the service over the run: $((hwm / 1024)) MiB (idle before it: $((idle / 1024)) MiB)"
+queued=$(( $(field "$post" requests) - finished ))
+[ "$queued" -gt 0 ] && echo "memory per queued build at the peak: $(( (hwm - idle) * 1024 / queued )) bytes ($queued queued when wrk stopped)"
