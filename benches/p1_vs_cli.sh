@@ -68,6 +68,9 @@ ours() {
   grep -q "/b/$build_uuid .*succeeded" "$work/callbacks" || { curl -s "http://127.0.0.1:$PORT/pone-$app_uuid/1/logs" | tail; exit 1; }
   t1=$(grep "/b/$build_uuid .*\"status\":\"succeeded\"" "$work/callbacks" | cut -d' ' -f1)
   curl -sf "http://127.0.0.1:$PORT/pone-$app_uuid/1/logs" | grep '^Timings: ' >> "$work/timings"
+  # Ours moves the app's local `latest` to the image beside the final callback (tidy): wait
+  # for it, so each run leaves the daemon as it found it.
+  for _ in $(seq 100); do docker image inspect "$REG/bench/pone-$app_uuid:latest" >/dev/null 2>&1 && break; sleep 0.02; done
   docker rmi "$REG/bench/pone-$app_uuid:1.1" "$REG/bench/pone-$app_uuid:latest" >/dev/null 2>&1 || true
   echo "$t1 - $t0" | bc
 }
@@ -81,19 +84,22 @@ raw() {
   if [ "${2:-}" = labels ]; then
     labels=(--label app=praw --label space=default --label "build_uuid=$(cat /proc/sys/kernel/random/uuid)" --label "app_uuid=${repo##*praw-}")
   fi
+  local tb tp
   t0=$(now)
   # DOCKER_BUILDKIT=0: the classic builder (the CLI here has no buildx), whatever ours uses.
   DOCKER_BUILDKIT=0 docker build --no-cache "${labels[@]}" -t "$repo:1.1" -t "$repo:latest" "$work/raw-$i" >/dev/null 2>&1 \
-    && docker push "$repo:1.1" >/dev/null && docker push "$repo:latest" >/dev/null \
+    && tb=$(now) && docker push "$repo:1.1" >/dev/null && tp=$(now) && docker push "$repo:latest" >/dev/null \
     || { echo "[p1] the CLI's build or push failed" >&2; exit 1; }
   t1=$(now)
+  # The bare CLI's own stages, to set beside ours (ms).
+  [ "${2:-}" = labels ] || echo "$t0 $tb $tp $t1" | awk '{printf "build %d push %d push_latest %d\n", ($2-$1)*1000, ($3-$2)*1000, ($4-$3)*1000}' >> "$work/cli_stages"
   docker rmi "$repo:1.1" "$repo:latest" >/dev/null 2>&1 || true
   echo "$t1 - $t0" | bc
 }
 
 say "app: FROM test/busybox, a RUN, a COPY$([ "$BIG_MIB" -gt 0 ] && echo " of a ${BIG_MIB} MiB file (ours: sources over http)"); $PAIRS interleaved pairs"
 ours warmup >/dev/null; raw warmup >/dev/null
-: > "$work/timings"
+: > "$work/timings"; : > "$work/cli_stages"
 printf '%-6s %9s %9s %9s %10s %10s\n' pair ours_s cli_s cli+lbl_s ours/cli ours/cli+lbl
 for i in $(seq 1 "$PAIRS"); do
   # Interleaved, the order rotating so no side always runs first.
@@ -124,3 +130,11 @@ for s in $stages; do
   line="$line $s ${m} ms,"
 done
 echo "${line%,}"
+if [ -s "$work/cli_stages" ]; then
+  line="cli, median per stage:"
+  for s in build push push_latest; do
+    m=$(sed -n "s/.*\b$s \([0-9]*\).*/\1/p" "$work/cli_stages" | median)
+    line="$line $s ${m} ms,"
+  done
+  echo "${line%,}"
+fi

@@ -33,8 +33,9 @@ end
 
 function done(summary, latency, requests)
   local non2xx = summary.errors.status
-  io.write(string.format("RESULT rps=%.0f p50_ms=%.2f p99_ms=%.2f requests=%d non2xx=%d errors=%d\n",
+  io.write(string.format("RESULT rps=%.0f p50_ms=%.2f p90_ms=%.2f p99_ms=%.2f p999_ms=%.2f max_ms=%.2f requests=%d non2xx=%d errors=%d\n",
     summary.requests / (summary.duration / 1e6), latency:percentile(50) / 1000,
-    latency:percentile(99) / 1000, summary.requests, non2xx,
+    latency:percentile(90) / 1000, latency:percentile(99) / 1000, latency:percentile(99.9) / 1000,
+    latency.max / 1000, summary.requests, non2xx,
     summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
 end

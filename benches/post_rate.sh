@@ -3,7 +3,7 @@
 # 32 connections on loopback with wrk (Debian's); every POST is a new build (fresh
 # build_uuid and build_number, see post_rate.lua) whose sources fail at once (a closed
 # loopback port), no callback. GET /octhc runs first on the idle server, then POST /.
-# Prints req/s, p50, p99 side by side, the service's peak RSS (VmHWM) over the run, and
+# Prints req/s and latency percentiles (p50, p90, p99, p99.9, max) side by side, the service's peak RSS (VmHWM) over the run, and
 # that peak less the idle RSS per build still queued.
 #   SECONDS_EACH=10 CONNECTIONS=32 bash benches/post_rate.sh
 set -euo pipefail
@@ -34,9 +34,13 @@ field() { echo "$1" | tr ' ' '\n' | sed -n "s/^$2=//p"; }
 hwm=$(awk '/VmHWM/{print $2}' "/proc/$pid/status")
 finished=$(wc -l <"$data/state/done.log" 2>/dev/null || echo 0)
 
-printf '%-14s %12s %10s %10s %10s\n' route "req/s" "p50 ms" "p99 ms" "non-2xx"
-printf '%-14s %12s %10s %10s %10s\n' "GET /octhc" "$(field "$get" rps)" "$(field "$get" p50_ms)" "$(field "$get" p99_ms)" "$(field "$get" non2xx)"
-printf '%-14s %12s %10s %10s %10s\n' "POST /" "$(field "$post" rps)" "$(field "$post" p50_ms)" "$(field "$post" p99_ms)" "$(field "$post" non2xx)"
+row() { printf '%-14s %9s %8s %8s %8s %9s %8s %8s\n' "$@"; }
+row route "req/s" "p50 ms" "p90 ms" "p99 ms" "p99.9 ms" "max ms" "non-2xx"
+for r in "GET /octhc" "POST /"; do
+  res=$get; [ "$r" = "POST /" ] && res=$post
+  row "$r" "$(field "$res" rps)" "$(field "$res" p50_ms)" "$(field "$res" p90_ms)" "$(field "$res" p99_ms)" \
+    "$(field "$res" p999_ms)" "$(field "$res" max_ms)" "$(field "$res" non2xx)"
+done
 echo "POST requests sent: $(field "$post" requests) (socket errors: $(field "$post" errors))"
 echo "builds finished when wrk stopped: $finished (the rest were still queued)"
 echo "peak RSS (VmHWM) of the service over the run: $((hwm / 1024)) MiB (idle before it: $((idle / 1024)) MiB)"

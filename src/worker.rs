@@ -173,11 +173,16 @@ async fn build(
         c = connect(cfg, wait) => Some(c),
         _ = sigterm.recv() => None,
     };
+    let mut pipeline = None;
     let outcome = match connected {
         None => interrupted(),
         Some(Err(e)) => Outcome::failed(FailureReason::DockerUnavailable, e.to_string()),
         Some(Ok(conn)) => {
-            let pipeline = Pipeline::new(conn, storage, std::sync::Arc::new(cfg.clone()));
+            let pipeline = pipeline.insert(Pipeline::new(
+                conn,
+                storage,
+                std::sync::Arc::new(cfg.clone()),
+            ));
             let workdir = cfg.data_dir.join("build");
             let o = tokio::select! {
                 o = pipeline.run(spec, &mut log, &workdir, timings) => o,
@@ -201,7 +206,13 @@ async fn build(
     }
     timings.total = Some(crate::build::elapsed_ms(started));
     log.line(&timings.summary());
-    log.finish().await;
+    // The local tags matter where the daemon outlives this pod (`host`, `external`).
+    let tidy = async {
+        if let Some(p) = &pipeline {
+            p.tidy(spec, &outcome).await;
+        }
+    };
+    tokio::join!(log.finish(), tidy);
     outcome
 }
 

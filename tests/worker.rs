@@ -325,6 +325,22 @@ async fn worker_reads_s3_sources_and_writes_its_log_to_s3_and_kafka() {
         .expect("worker");
     assert_eq!(run.code, Some(0), "{:?}\n{}", run.outcome, run.stdout);
 
+    // Before it exits, the worker leaves the daemon (which may outlive the pod) the app's
+    // `latest` as its only tag of the build.
+    let docker = common::docker();
+    assert!(
+        docker.inspect_image(&b.image()).await.is_err(),
+        "1.3 untagged"
+    );
+    let latest = docker
+        .inspect_image(&format!("{}:latest", b.image_repository()))
+        .await
+        .expect("the app's latest image is local")
+        .config
+        .and_then(|c| c.labels)
+        .unwrap_or_default();
+    assert_eq!(latest["build_uuid"], b.build_uuid.to_string());
+
     // The log is in the bucket, complete.
     use futures::StreamExt;
     let obj = storage

@@ -551,10 +551,14 @@ impl Inner {
         timings.total = Some(ms_since(accepted_at));
         log.line(&timings.summary());
         let flush = log.finish();
-        // Cleaning up runs beside the final callback too.
+        // Cleaning up (the build folder, the local tags) runs beside the final callback too.
+        let (pipeline, spec, done) = (self.pipeline.clone(), spec.clone(), outcome.clone());
         let flush = async move {
-            let _ = tokio::fs::remove_dir_all(&workdir).await;
-            flush.await;
+            let cleanup = async {
+                let _ = tokio::fs::remove_dir_all(&workdir).await;
+                flush.await;
+            };
+            tokio::join!(cleanup, pipeline.tidy(&spec, &done));
         };
         (outcome, Some(Box::pin(flush)))
     }

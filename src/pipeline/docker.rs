@@ -7,7 +7,7 @@ use crate::config::DockerSettings;
 use crate::logs::BuildLog;
 use bollard::auth::DockerCredentials;
 use bollard::query_parameters::{
-    BuildImageOptions, CreateImageOptions, PushImageOptions, TagImageOptions,
+    BuildImageOptions, CreateImageOptions, PushImageOptions, RemoveImageOptions, TagImageOptions,
 };
 use bollard::{Docker, API_DEFAULT_VERSION};
 use bytes::Bytes;
@@ -345,6 +345,27 @@ pub async fn tag(docker: &Docker, image: &str, repo: &str, tag: &str) -> Result<
             }),
         )
         .await
+        .map_err(|e| DockerError::Tag {
+            image: image.to_string(),
+            message: stream_error(e),
+        })
+}
+
+/// Removes the local tag `image` (`repo:tag`), never the parent images it leaves untagged.
+/// The image itself goes only if that was its last tag and no container uses it.
+pub async fn untag(docker: &Docker, image: &str) -> Result<(), DockerError> {
+    docker
+        .remove_image(
+            image,
+            Some(RemoveImageOptions {
+                force: false,
+                noprune: true,
+                ..Default::default()
+            }),
+            None,
+        )
+        .await
+        .map(|_| ())
         .map_err(|e| DockerError::Tag {
             image: image.to_string(),
             message: stream_error(e),
