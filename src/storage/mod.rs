@@ -42,7 +42,8 @@ pub struct Object {
 
 #[async_trait]
 pub trait Storage: Send + Sync + 'static {
-    /// Stores the file at `path` under `key`, streaming it.
+    /// Stores the file at `path` under `key`, streaming it. The caller no longer changes the
+    /// file: local storage links it instead of copying it where the filesystem allows.
     async fn put_file(&self, key: &str, path: &Path) -> Result<(), StorageError>;
     /// Opens the object under `key`; `None` when there is none.
     async fn get(&self, key: &str) -> Result<Option<Object>, StorageError>;
