@@ -124,13 +124,18 @@ async fn build_with_args_labels_callbacks_and_stored_sources(flags: &[&str]) -> 
     // Locally, beside the final callback: `latest` moves to the new image (the next build's
     // layer cache) and the push's `1.7` tag goes, so the daemon keeps one tag per app.
     let labels = local_labels(&format!("{REGISTRY}/{repo}:latest"), id).await;
-    assert!(
-        docker()
-            .inspect_image(&format!("{REGISTRY}/{repo}:1.7"))
-            .await
-            .is_err(),
-        "the local 1.7 tag is removed once latest holds the image"
-    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while docker()
+        .inspect_image(&format!("{REGISTRY}/{repo}:1.7"))
+        .await
+        .is_ok()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the local 1.7 tag is removed once latest holds the image"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(labels["app"], b["app"].as_str().unwrap());
     assert_eq!(labels["space"], "default");
     assert_eq!(labels["build_uuid"], id);
