@@ -56,6 +56,12 @@ build() {
   curl -sf "http://127.0.0.1:$port/warm-$app_uuid/$n/logs" > "$work/last.log"
   echo "$t1 - $t0" | bc
 }
+# Waits (≤ 2 s) for the build's tidy, which tags the app's `latest` on the daemon that built it
+# beside the final callback: `fresh` must come after it, or a late tag would keep the image.
+settled() {
+  local repo=$1; shift
+  for _ in $(seq 100); do "$@" image inspect "$repo:latest" >/dev/null 2>&1 && return; sleep 0.02; done
+}
 # Leaves the second daemon as this round found it: no image of the app, no base image.
 fresh() {
   local repo=$1
@@ -76,8 +82,10 @@ for i in $(seq 1 "$ROUNDS"); do
   build 9332 "$app_uuid" 1 "$work/app-$i.tgz" >/dev/null
   fresh "$repo" "$app_uuid"
   c=$(build 9333 "$app_uuid" 2 "$work/app-$i.tgz")
+  settled "$repo" d2
   fresh "$repo" "$app_uuid"
   w=$(build 9334 "$app_uuid" 3 "$work/app-$i.tgz")
+  settled "$repo" d2
   grep -Eq 'Using cache|^#[0-9]+ CACHED$' "$work/last.log" || { say "the warm build used no cache:"; cat "$work/last.log"; exit 1; }
   fresh "$repo" "$app_uuid"
   echo "$c" >> "$work/c"; echo "$w" >> "$work/w"
