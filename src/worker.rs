@@ -173,16 +173,13 @@ async fn build(
         c = connect(cfg, wait) => Some(c),
         _ = sigterm.recv() => None,
     };
-    let mut pipeline = None;
+    // The local tags matter where the daemon outlives this pod (`host`, `external`).
+    let mut tidy = None;
     let outcome = match connected {
         None => interrupted(),
         Some(Err(e)) => Outcome::failed(FailureReason::DockerUnavailable, e.to_string()),
         Some(Ok(conn)) => {
-            let pipeline = pipeline.insert(Pipeline::new(
-                conn,
-                storage,
-                std::sync::Arc::new(cfg.clone()),
-            ));
+            let pipeline = Pipeline::new(conn, storage, std::sync::Arc::new(cfg.clone()));
             let workdir = cfg.data_dir.join("build");
             let o = tokio::select! {
                 o = pipeline.run(spec, &mut log, &workdir, timings) => o,
@@ -193,6 +190,7 @@ async fn build(
                 _ = sigterm.recv() => interrupted(),
             };
             let _ = tokio::fs::remove_dir_all(&workdir).await;
+            tidy = Some(pipeline.tidy(spec, &o));
             o
         }
     };
@@ -206,13 +204,11 @@ async fn build(
     }
     timings.total = Some(crate::build::elapsed_ms(started));
     log.line(&timings.summary());
-    // The local tags matter where the daemon outlives this pod (`host`, `external`).
-    let tidy = async {
-        if let Some(p) = &pipeline {
-            p.tidy(spec, &outcome).await;
+    tokio::join!(log.finish(), async {
+        if let Some(tidy) = tidy {
+            tidy.await;
         }
-    };
-    tokio::join!(log.finish(), tidy);
+    });
     outcome
 }
 

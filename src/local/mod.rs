@@ -552,13 +552,13 @@ impl Inner {
         log.line(&timings.summary());
         let flush = log.finish();
         // Cleaning up (the build folder, the local tags) runs beside the final callback too.
-        let (pipeline, spec, done) = (self.pipeline.clone(), spec.clone(), outcome.clone());
+        let tidy = self.pipeline.tidy(spec, &outcome);
         let flush = async move {
             let cleanup = async {
                 let _ = tokio::fs::remove_dir_all(&workdir).await;
                 flush.await;
             };
-            tokio::join!(cleanup, pipeline.tidy(&spec, &done));
+            tokio::join!(cleanup, tidy);
         };
         (outcome, Some(Box::pin(flush)))
     }

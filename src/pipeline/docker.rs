@@ -32,6 +32,8 @@ pub enum DockerError {
     Lost(String),
     #[error("tagging {image} failed: {message}")]
     Tag { image: String, message: String },
+    #[error("removing the local tag {image} failed: {message}")]
+    Untag { image: String, message: String },
 }
 
 /// Seconds bollard waits for a response's headers; long-running output streams are bounded
@@ -366,7 +368,7 @@ pub async fn untag(docker: &Docker, image: &str) -> Result<(), DockerError> {
         )
         .await
         .map(|_| ())
-        .map_err(|e| DockerError::Tag {
+        .map_err(|e| DockerError::Untag {
             image: image.to_string(),
             message: stream_error(e),
         })

@@ -521,30 +521,39 @@ impl Pipeline {
         Ok(digest.or(pushed))
     }
 
-    /// Housekeeping once a build has succeeded, beside its final callback rather than before
-    /// it: the app's local `latest` (the next build's local layer cache) moves to the new
-    /// image, and the local `1.{n}` tag, needed only for the push, goes. A daemon that
+    /// Housekeeping once a build has succeeded, to run beside its final callback rather than
+    /// before it: the app's local `latest` (the next build's local layer cache) moves to the
+    /// new image, and the local `1.{n}` tag, needed only for the push, goes. A daemon that
     /// outlives its builds (local mode, `host` and `external` workers) so keeps one tag per
     /// app instead of one per build: dockerd rewrites its whole tag store on every tag
     /// change, 10 ms per tag here with 200 tags and 30–60 ms with 8,000. The image the tag
-    /// left is dangling; `docker image prune` reclaims its layers.
-    pub async fn tidy(&self, spec: &BuildSpec, outcome: &Outcome) {
-        if !matches!(outcome, Outcome::Succeeded { .. }) {
-            return;
-        }
-        let (image, repo) = (spec.image(), spec.image_repository());
-        if let Err(e) = docker::tag(&self.docker, &image, &repo, "latest").await {
-            tracing::info!(error = %e, "could not tag the app's local latest image");
-            return;
-        }
-        // Only while `latest` still holds the image (a build of the same app finishing at
-        // the same time may have moved it): then the image keeps a tag and nothing is deleted.
-        let latest = docker::image_id(&self.docker, &format!("{repo}:latest")).await;
-        if latest.is_none() || latest != docker::image_id(&self.docker, &image).await {
-            return;
-        }
-        if let Err(e) = docker::untag(&self.docker, &image).await {
-            tracing::info!(error = %e, "could not remove the build's local tag");
+    /// left is dangling; `docker image prune` reclaims its layers. The future holds only
+    /// what it needs, and nothing for a failed build.
+    pub fn tidy(
+        &self,
+        spec: &BuildSpec,
+        outcome: &Outcome,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let job = matches!(outcome, Outcome::Succeeded { .. })
+            .then(|| (self.docker.clone(), spec.image(), spec.image_repository()));
+        async move {
+            let Some((docker, image, repo)) = job else {
+                return;
+            };
+            if let Err(e) = docker::tag(&docker, &image, &repo, "latest").await {
+                tracing::info!(error = %e, "could not tag the app's local latest image");
+                return;
+            }
+            // Only while `latest` still holds the image (a build of the same app finishing
+            // at the same time may have moved it): then the image keeps a tag and nothing is
+            // deleted.
+            let latest = docker::image_id(&docker, &format!("{repo}:latest")).await;
+            if latest.is_none() || latest != docker::image_id(&docker, &image).await {
+                return;
+            }
+            if let Err(e) = docker::untag(&docker, &image).await {
+                tracing::info!(error = %e, "could not remove the build's local tag");
+            }
         }
     }
 }
@@ -645,7 +654,7 @@ fn docker_failure(e: DockerError) -> Outcome {
         DockerError::Build(_) => FailureReason::BuildFailed,
         DockerError::Push { .. } => FailureReason::PushFailed,
         DockerError::Pull { .. } => FailureReason::PullFailed,
-        DockerError::Tag { .. } => FailureReason::BuildFailed,
+        DockerError::Tag { .. } | DockerError::Untag { .. } => FailureReason::BuildFailed,
         DockerError::Unavailable { .. } | DockerError::Lost(_) | DockerError::TlsFiles(_) => {
             FailureReason::DockerUnavailable
         }
