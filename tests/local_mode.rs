@@ -184,7 +184,68 @@ async fn http_zip_behind_a_redirect_with_a_top_folder_and_dockerignore() {
         "log:\n{}",
         svc.log(&b).await
     );
-    assert!(svc.log(&b).await.contains("CONTEXT-OK"));
+    let log = svc.log(&b).await;
+    assert!(log.contains("CONTEXT-OK"), "{log}");
+    assert!(
+        log.contains("Extracted the sources for the build context (it is a zip)"),
+        "{log}"
+    );
+}
+
+/// A .tar.gz goes to dockerd straight from the archive (no extracted copy): the same context
+/// as an extraction would give, checked inside the image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_tar_gz_context_is_streamed_with_its_top_folder_dockerignore_and_links() {
+    let svc = Service::start(&[]).await;
+    let cb = Callbacks::start().await;
+    let files = Files::start().await;
+    let df = dockerfile(
+        "COPY . /ctx\nRUN test -f /ctx/src/keep.txt && test ! -e /ctx/secret.txt && test ! -e /ctx/logs/a.log \\\n && test -f /ctx/logs/keep.log && test -x /ctx/run.sh && test ! -x /ctx/src/keep.txt \\\n && test -L /ctx/current && test \"$(cat /ctx/current)\" = keep && echo CONTEXT-OK",
+    );
+    let enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut tar = tar::Builder::new(enc);
+    let files_in: [(&str, &[u8], u32); 7] = [
+        ("repo-0123abc/Dockerfile", &df, 0o644),
+        (
+            "repo-0123abc/.dockerignore",
+            b"secret.txt\nlogs\n!logs/keep.log\n",
+            0o644,
+        ),
+        ("repo-0123abc/src/keep.txt", b"keep", 0o644),
+        ("repo-0123abc/run.sh", b"#!/bin/sh\n", 0o755),
+        ("repo-0123abc/secret.txt", b"do not send", 0o600),
+        ("repo-0123abc/logs/a.log", b"x", 0o644),
+        ("repo-0123abc/logs/keep.log", b"y", 0o644),
+    ];
+    for (name, data, mode) in files_in {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(mode);
+        tar.append_data(&mut h, name, data).unwrap();
+    }
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_size(0);
+    tar.append_link(&mut h, "repo-0123abc/current", "src/keep.txt")
+        .unwrap();
+    let archive = tar.into_inner().unwrap().finish().unwrap();
+    files.put("app.tgz", archive);
+    let b = body(&format!("http://{}/app.tgz", files.addr), &cb);
+    assert_eq!(svc.post(&b).await.0, 200);
+    let id = b["build_uuid"].as_str().unwrap();
+    let log = || svc.log(&b);
+    assert_eq!(
+        cb.wait_final(id, BUILD).await,
+        "succeeded",
+        "log:\n{}",
+        log().await
+    );
+    let log = log().await;
+    assert!(log.contains("CONTEXT-OK"), "{log}");
+    assert!(
+        log.contains("Sending the build context straight from the archive"),
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

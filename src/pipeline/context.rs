@@ -6,7 +6,6 @@
 
 use crate::config::Limits;
 use bytes::Bytes;
-use futures::Stream;
 use globset::{GlobBuilder, GlobMatcher};
 use std::fs;
 use std::io::{self, Read, Write};
@@ -33,7 +32,7 @@ pub enum ContextError {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Format {
+pub(super) enum Format {
     TarGz,
     Tar,
     Zip,
@@ -53,7 +52,7 @@ fn detect(path: &Path) -> Result<Format, ContextError> {
 }
 
 /// The format from an archive's first 262 bytes (fewer only when the archive is shorter).
-fn detect_bytes(head: &[u8]) -> Result<Format, ContextError> {
+pub(super) fn detect_bytes(head: &[u8]) -> Result<Format, ContextError> {
     if head.starts_with(&[0x1f, 0x8b]) {
         Ok(Format::TarGz)
     } else if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
@@ -86,44 +85,6 @@ pub fn extract(archive: &Path, dest: &Path, limits: &Limits) -> Result<PathBuf, 
     flattened_root(dest)
 }
 
-/// Extracts a `.tar.gz` or `.tar` from `reader` while it is still arriving (the download
-/// feeds it), with the same checks and limits as `extract`. `Ok(None)`: the archive is a
-/// zip, whose directory sits at its end: extract it from the finished file with `extract`
-/// (`dest` is left empty for that).
-pub fn extract_streaming(
-    mut reader: impl Read,
-    dest: &Path,
-    limits: &Limits,
-) -> Result<Option<PathBuf>, ContextError> {
-    let mut head = [0u8; 262];
-    let mut n = 0;
-    while n < head.len() {
-        match reader.read(&mut head[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    let head = &head[..n];
-    let whole = io::Cursor::new(head.to_vec()).chain(reader);
-    let format = detect_bytes(head)?;
-    if format == Format::Zip {
-        return Ok(None);
-    }
-    // Only now: a fetch that failed before its first byte leaves no folder to remove.
-    fs::create_dir_all(dest)?;
-    let mut budget = Budget::new(limits);
-    match format {
-        Format::TarGz => extract_tar(
-            flate2::read::MultiGzDecoder::new(io::BufReader::new(whole)),
-            dest,
-            &mut budget,
-        )?,
-        Format::Tar => extract_tar(whole, dest, &mut budget)?,
-        Format::Zip => return Ok(None),
-    }
-    flattened_root(dest).map(Some)
-}
-
 /// A blocking `Read` over chunks arriving on a channel; the end of the channel is the end
 /// of the data.
 pub struct ChunkReader {
@@ -154,21 +115,21 @@ impl Read for ChunkReader {
     }
 }
 
-struct Budget {
+pub(super) struct Budget {
     bytes: u64,
     entries: u64,
     limits: Limits,
 }
 
 impl Budget {
-    fn new(limits: &Limits) -> Self {
+    pub(super) fn new(limits: &Limits) -> Self {
         Self {
             bytes: 0,
             entries: 0,
             limits: *limits,
         }
     }
-    fn entry(&mut self) -> Result<(), ContextError> {
+    pub(super) fn entry(&mut self) -> Result<(), ContextError> {
         self.entries += 1;
         if self.entries > self.limits.max_archive_entries {
             return Err(ContextError::TooManyEntries {
@@ -178,10 +139,10 @@ impl Budget {
         Ok(())
     }
     /// Bytes an entry may still write.
-    fn remaining(&self) -> u64 {
+    pub(super) fn remaining(&self) -> u64 {
         self.limits.max_context_bytes.saturating_sub(self.bytes)
     }
-    fn wrote(&mut self, n: u64) -> Result<(), ContextError> {
+    pub(super) fn wrote(&mut self, n: u64) -> Result<(), ContextError> {
         self.bytes += n;
         if self.bytes > self.limits.max_context_bytes {
             return Err(ContextError::TooLarge {
@@ -193,7 +154,7 @@ impl Budget {
 }
 
 /// Checks an entry name and returns it as a clean relative path.
-fn safe_relative(name: &str) -> Result<PathBuf, ContextError> {
+pub(super) fn safe_relative(name: &str) -> Result<PathBuf, ContextError> {
     let refuse = |why| ContextError::UnsafeEntry {
         entry: name.to_string(),
         why,
@@ -223,7 +184,11 @@ fn safe_relative(name: &str) -> Result<PathBuf, ContextError> {
 }
 
 /// Checks that a symlink at `rel` pointing to `target` stays inside the context.
-fn check_link_target(entry: &str, rel: &Path, target: &Path) -> Result<(), ContextError> {
+pub(super) fn check_link_target(
+    entry: &str,
+    rel: &Path,
+    target: &Path,
+) -> Result<(), ContextError> {
     let refuse = |why| ContextError::UnsafeEntry {
         entry: entry.to_string(),
         why,
@@ -446,9 +411,8 @@ fn flattened_root(dest: &Path) -> Result<PathBuf, ContextError> {
     Ok(dest.to_path_buf())
 }
 
-/// Reads the Dockerfile at the root and rewrites it with the ARG lines.
-/// With `labels`, they are appended as one `LABEL` instruction when that is safe; returns
-/// whether it was (else the caller passes them to the build API).
+/// Reads the Dockerfile at the root and rewrites it (see `rewrite_dockerfile`); returns
+/// whether the labels went into it.
 pub fn prepare_dockerfile(
     root: &Path,
     arg_keys: &[String],
@@ -457,27 +421,42 @@ pub fn prepare_dockerfile(
     let path = root.join("Dockerfile");
     let meta = fs::symlink_metadata(&path);
     if !meta.as_ref().is_ok_and(|m| m.is_file()) {
-        let mut found: Vec<String> = fs::read_dir(root)?
+        let found = fs::read_dir(root)?
             .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
             .collect();
-        found.sort();
-        found.truncate(20);
-        let found = if found.is_empty() {
-            "nothing".to_string()
-        } else {
-            found.join(", ")
-        };
-        return Err(ContextError::NoDockerfile { found });
+        return Err(no_dockerfile(found));
     }
-    let bytes = fs::read(&path)?;
-    let text = String::from_utf8_lossy(&bytes);
+    let (rewritten, labelled) = rewrite_dockerfile(&fs::read(&path)?, arg_keys, labels);
+    fs::write(&path, rewritten)?;
+    Ok(labelled)
+}
+
+/// The Dockerfile with the ARG lines, and the labels appended as one `LABEL` instruction
+/// when that is safe; says whether they were (else the caller passes them to the build API).
+pub(super) fn rewrite_dockerfile(
+    bytes: &[u8],
+    arg_keys: &[String],
+    labels: &std::collections::BTreeMap<String, String>,
+) -> (String, bool) {
+    let text = String::from_utf8_lossy(bytes);
     let mut rewritten = super::dockerfile::inject_args(&text, arg_keys);
     let label = super::dockerfile::label_line(&rewritten, labels);
     if let Some(line) = &label {
         rewritten = super::dockerfile::append_line(&rewritten, line);
     }
-    fs::write(&path, rewritten)?;
-    Ok(label.is_some())
+    (rewritten, label.is_some())
+}
+
+/// The error for sources without a Dockerfile at the top, naming (some of) what is there.
+pub(super) fn no_dockerfile(mut found: Vec<String>) -> ContextError {
+    found.sort();
+    found.truncate(20);
+    let found = if found.is_empty() {
+        "nothing".to_string()
+    } else {
+        found.join(", ")
+    };
+    ContextError::NoDockerfile { found }
 }
 
 /// `.dockerignore` rules: the last matching pattern wins; `!` re-includes; a pattern that
@@ -550,7 +529,7 @@ impl DockerIgnore {
 
 /// A `Write` that hands fixed-size chunks to an async receiver through a bounded channel, so
 /// the tar is produced on a blocking thread at the pace dockerd reads it.
-struct ChannelWriter {
+pub(super) struct ChannelWriter {
     tx: tokio::sync::mpsc::Sender<io::Result<Bytes>>,
     buf: Vec<u8>,
 }
@@ -579,12 +558,24 @@ impl Write for ChannelWriter {
     }
 }
 
+/// The build context as dockerd reads it: tar bytes, produced on a blocking thread.
+pub type ContextStream = tokio_stream::wrappers::ReceiverStream<io::Result<Bytes>>;
+
 /// Streams the folder `root` as a tar (symlinks kept as links, `.dockerignore` honoured;
-/// the Dockerfile and `.dockerignore` always sent). At most 4 chunks of 256 KiB in flight.
-pub fn tar_stream(
-    root: PathBuf,
-    ignore: DockerIgnore,
-) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+/// the Dockerfile and `.dockerignore` always sent).
+pub fn tar_stream(root: PathBuf, ignore: DockerIgnore) -> ContextStream {
+    spawn_tar(move |builder| {
+        builder.follow_symlinks(false);
+        builder.mode(tar::HeaderMode::Deterministic);
+        append_dir(builder, &root, "", &ignore)
+    })
+}
+
+/// Runs `produce` on a blocking thread, writing a tar at the pace dockerd reads it: at most
+/// 4 chunks of 256 KiB in flight. A failure ends the stream with its error.
+pub(super) fn spawn_tar(
+    produce: impl FnOnce(&mut tar::Builder<ChannelWriter>) -> io::Result<()> + Send + 'static,
+) -> ContextStream {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::task::spawn_blocking(move || {
         let writer = ChannelWriter {
@@ -593,9 +584,7 @@ pub fn tar_stream(
         };
         let result = (|| {
             let mut builder = tar::Builder::new(writer);
-            builder.follow_symlinks(false);
-            builder.mode(tar::HeaderMode::Deterministic);
-            append_dir(&mut builder, &root, "", &ignore)?;
+            produce(&mut builder)?;
             let mut writer = builder.into_inner()?;
             writer.flush()
         })();
@@ -712,15 +701,6 @@ mod tests {
         let root = extract(&a, &dir.path().join("out"), &limits()).unwrap();
         assert!(root.ends_with("repo-abc"));
         assert!(root.join("src/m").is_file());
-    }
-
-    #[test]
-    fn a_stream_that_ends_before_its_first_byte_creates_no_folder() {
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("build").join("context");
-        let err = extract_streaming(std::io::empty(), &dest, &limits()).unwrap_err();
-        assert!(matches!(err, ContextError::UnknownFormat), "{err}");
-        assert!(!dir.path().join("build").exists());
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod docker;
 pub mod dockerfile;
 pub mod progress;
 pub mod registry;
+pub mod restream;
 pub mod sources;
 
 use crate::build::{elapsed_ms, BuildSpec, FailureReason, Outcome, RegistryAuth, StageTimings};
@@ -23,6 +24,23 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
+
+/// Where the build context comes from.
+enum Context {
+    /// The source archive itself (see `restream`).
+    Archive(std::path::PathBuf, restream::Prepared),
+    /// The archive extracted into this folder, with its `.dockerignore`.
+    Folder(std::path::PathBuf, context::DockerIgnore),
+}
+
+impl Context {
+    fn stream(self) -> context::ContextStream {
+        match self {
+            Context::Archive(file, prepared) => restream::stream(file, prepared),
+            Context::Folder(root, ignore) => context::tar_stream(root, ignore),
+        }
+    }
+}
 
 /// Everything a build needs besides its spec. Cheap to clone.
 #[derive(Clone)]
@@ -106,16 +124,12 @@ impl Pipeline {
         // `workdir` is created with the archive file (see ArchiveWriter::create).
         let archive = workdir.join("sources");
         let limits = self.config.limits;
-        // A .tar.gz or .tar is extracted as it arrives: the fetch feeds the file (for
-        // storage) and the extraction at once.
+        // A .tar.gz or .tar is checked as it arrives: the fetch feeds the file (for storage)
+        // and the check at once; the build then streams its context from the file.
         let (tee, chunks) = mpsc::channel(16);
-        let dest = workdir.join("context");
-        let streaming = {
-            let dest = dest.clone();
-            AbortOnDropHandle::new(tokio::task::spawn_blocking(move || {
-                context::extract_streaming(context::ChunkReader::new(chunks), &dest, &limits)
-            }))
-        };
+        let scanning = AbortOnDropHandle::new(tokio::task::spawn_blocking(move || {
+            restream::scan(context::ChunkReader::new(chunks), &limits)
+        }));
         let fetch_started = Instant::now();
         let (fetched, cache) = {
             let fetch = async {
@@ -181,32 +195,42 @@ impl Pipeline {
             }
         };
 
-        // From here on, only what the extraction still has to do after the fetch counts.
+        // From here on, only what the check still has to do after the fetch counts.
         let context_started = Instant::now();
         let args = spec.docker_build_args();
         let keys: Vec<String> = args.keys().cloned().collect();
         let labels = spec.image_labels();
         let labels2 = labels.clone();
+        let dest = workdir.join("context");
+        let file = archive.clone();
         let prepared = async {
-            let streamed = streaming
+            let scanned = scanning
                 .await
                 .map_err(|e| format!("context preparation stopped: {e}"))?;
-            tokio::task::spawn_blocking(move || {
-                let root = match streamed? {
-                    Some(root) => root,
-                    None => context::extract(&archive, &dest, &limits)?,
-                };
-                let labelled = context::prepare_dockerfile(&root, &keys, &labels2)?;
-                let ignore = context::DockerIgnore::load(&root)?;
-                Ok::<_, context::ContextError>((root, ignore, labelled))
+            tokio::task::spawn_blocking(move || match scanned? {
+                restream::Scan::Stream(plan) => {
+                    let (prepared, labelled) = plan.prepare(&keys, &labels2)?;
+                    let how = "Sending the build context straight from the archive".to_string();
+                    Ok((Context::Archive(file, prepared), labelled, how))
+                }
+                restream::Scan::Extract(why) => {
+                    let root = context::extract(&file, &dest, &limits)?;
+                    let labelled = context::prepare_dockerfile(&root, &keys, &labels2)?;
+                    let ignore = context::DockerIgnore::load(&root)?;
+                    let how = format!("Extracted the sources for the build context ({why})");
+                    Ok::<_, context::ContextError>((Context::Folder(root, ignore), labelled, how))
+                }
             })
             .await
             .map_err(|e| format!("context preparation stopped: {e}"))
         }
         .await;
         timings.context = Some(elapsed_ms(context_started));
-        let (root, ignore, labelled) = match prepared {
-            Ok(Ok(p)) => p,
+        let (build_context, labelled) = match prepared {
+            Ok(Ok((context, labelled, how))) => {
+                log.line(&how);
+                (context, labelled)
+            }
             Ok(Err(e)) => {
                 // The original archive is still kept, as for any other failed build.
                 if let Some(store) = store {
@@ -238,13 +262,7 @@ impl Pipeline {
         };
         log.line(&format!("Building {image}"));
         let build_started = Instant::now();
-        let built = docker::build(
-            &self.docker,
-            request,
-            context::tar_stream(root, ignore),
-            log,
-        )
-        .await;
+        let built = docker::build(&self.docker, request, build_context.stream(), log).await;
         timings.build = Some(elapsed_ms(build_started));
         if let Some(store) = store {
             if let Err(e) = self.stored(store, timings).await {
