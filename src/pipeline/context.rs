@@ -1,8 +1,10 @@
-//! Source archive → build context. The archive (`.tar.gz`, `.tar` or `.zip`, detected by
-//! content) is extracted into the build's own folder with every entry checked (no `..`,
-//! absolute or drive paths, no links out of the folder, no devices or FIFOs) and within the
-//! size and entry limits; a single top-level folder is flattened; the Dockerfile gets its ARG
-//! lines; then the folder is streamed to dockerd as a tar, honouring `.dockerignore`.
+//! Source archive → build context by extraction, and what both ways to a context share.
+//! The archive (`.tar.gz`, `.tar` or `.zip`, detected by content) is extracted into the
+//! build's own folder with every entry checked (no `..`, absolute or drive paths, no links out
+//! of the folder, no devices or FIFOs) and within the size and entry limits; a single
+//! top-level folder is flattened; the Dockerfile gets its ARG lines; then the folder is
+//! streamed to dockerd as a tar, honouring `.dockerignore`. A `.tar.gz` or `.tar` usually
+//! skips the folder: `restream` applies the same checks and sends it from the archive.
 
 use crate::config::Limits;
 use bytes::Bytes;
