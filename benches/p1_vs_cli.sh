@@ -5,6 +5,7 @@
 # Prints each pair, the medians and the ratio, plus our median per-stage timings.
 #   bash benches/p1_vs_cli.sh                 # small app, 7 pairs
 #   PAIRS=5 BIG_MIB=100 bash benches/p1_vs_cli.sh   # + a 100 MiB file, sources over http
+#   BIG_KIND=source PAIRS=5 BIG_MIB=100 bash …      # the big file compressible source text, not random
 #   DOCKER_BUILDKIT=true bash benches/p1_vs_cli.sh   # ours with BuildKit (auto: the classic builder here)
 # The CLI side uses the classic builder (the CLI here has no buildx, so no BuildKit).
 # Run after `bash .ci/services` and `cargo build --release`. Ours runs with NO_CACHE=true,
@@ -13,6 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PAIRS=${PAIRS:-7}
 BIG_MIB=${BIG_MIB:-0}
+BIG_KIND=${BIG_KIND:-random}
 BIN=${BIN:-target/release/buildshuttle}
 PORT=${PORT:-9320}
 CB_PORT=${CB_PORT:-9321}
@@ -47,7 +49,13 @@ app_dir() {
   echo "hello" > "$dir/index.txt"
   if [ "$BIG_MIB" -gt 0 ]; then cp "$work/big.bin" "$dir/big.bin"; fi
 }
-[ "$BIG_MIB" -gt 0 ] && head -c "$((BIG_MIB << 20))" /dev/urandom > "$work/big.bin"
+if [ "$BIG_MIB" -gt 0 ] && [ "$BIG_KIND" = source ]; then
+  # Real source text (the cargo registry's crates, gzip about 4:1): the archive is inflated
+  # twice by ours (checked while it downloads, then streamed to dockerd).
+  { tar -C "${CARGO_HOME:-$HOME/.cargo}/registry/src" -cf - . 2>/dev/null || true; } | head -c "$((BIG_MIB << 20))" > "$work/big.bin"
+elif [ "$BIG_MIB" -gt 0 ]; then
+  head -c "$((BIG_MIB << 20))" /dev/urandom > "$work/big.bin"
+fi
 
 ours() {
   local i=$1 app_uuid build_uuid sources
@@ -97,7 +105,7 @@ raw() {
   echo "$t1 - $t0" | bc
 }
 
-say "app: FROM test/busybox, a RUN, a COPY$([ "$BIG_MIB" -gt 0 ] && echo " of a ${BIG_MIB} MiB file (ours: sources over http)"); $PAIRS interleaved pairs"
+say "app: FROM test/busybox, a RUN, a COPY$([ "$BIG_MIB" -gt 0 ] && echo " of a ${BIG_MIB} MiB $BIG_KIND file (ours: sources over http)"); $PAIRS interleaved pairs"
 ours warmup >/dev/null; raw warmup >/dev/null
 : > "$work/timings"; : > "$work/cli_stages"
 printf '%-6s %9s %9s %9s %10s %10s\n' pair ours_s cli_s cli+lbl_s ours/cli ours/cli+lbl
