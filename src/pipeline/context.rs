@@ -266,6 +266,44 @@ fn write_file(
     Ok(())
 }
 
+/// Tar entries that only carry metadata for the next one (the tar crate applies them).
+pub(super) fn is_extension_header(kind: tar::EntryType) -> bool {
+    use tar::EntryType;
+    matches!(
+        kind,
+        EntryType::XGlobalHeader
+            | EntryType::XHeader
+            | EntryType::GNULongName
+            | EntryType::GNULongLink
+    )
+}
+
+/// The error for an entry of a type a context never holds.
+pub(super) fn refused_kind(name: String, kind: tar::EntryType) -> ContextError {
+    use tar::EntryType;
+    let why = match kind {
+        EntryType::Char | EntryType::Block => "it is a device file",
+        EntryType::Fifo => "it is a FIFO",
+        _ => "its entry type is not supported",
+    };
+    ContextError::UnsafeEntry { entry: name, why }
+}
+
+/// A symlink entry's target, checked to stay inside the sources.
+pub(super) fn symlink_target<R: Read>(
+    entry: &tar::Entry<R>,
+    name: &str,
+    rel: &Path,
+) -> Result<PathBuf, ContextError> {
+    let target = entry
+        .link_name()
+        .map_err(|e| ContextError::Corrupt(e.to_string()))?
+        .ok_or_else(|| ContextError::Corrupt(format!("symlink {name:?} has no target")))?
+        .into_owned();
+    check_link_target(name, rel, &target)?;
+    Ok(target)
+}
+
 fn extract_tar(reader: impl Read, dest: &Path, budget: &mut Budget) -> Result<(), ContextError> {
     use tar::EntryType;
     let mut archive = tar::Archive::new(reader);
@@ -273,13 +311,7 @@ fn extract_tar(reader: impl Read, dest: &Path, budget: &mut Budget) -> Result<()
     for entry in archive.entries().map_err(corrupt)? {
         let mut entry = entry.map_err(corrupt)?;
         let kind = entry.header().entry_type();
-        if matches!(
-            kind,
-            EntryType::XGlobalHeader
-                | EntryType::XHeader
-                | EntryType::GNULongName
-                | EntryType::GNULongLink
-        ) {
+        if is_extension_header(kind) {
             continue;
         }
         budget.entry()?;
@@ -297,14 +329,7 @@ fn extract_tar(reader: impl Read, dest: &Path, budget: &mut Budget) -> Result<()
             }
             EntryType::Directory => fs::create_dir_all(&path)?,
             EntryType::Symlink => {
-                let target = entry
-                    .link_name()
-                    .map_err(corrupt)?
-                    .ok_or_else(|| {
-                        ContextError::Corrupt(format!("symlink {name:?} has no target"))
-                    })?
-                    .into_owned();
-                check_link_target(&name, &rel, &target)?;
+                let target = symlink_target(&entry, &name, &rel)?;
                 prepare_slot(&path)?;
                 std::os::unix::fs::symlink(&target, &path)?;
             }
@@ -335,24 +360,7 @@ fn extract_tar(reader: impl Read, dest: &Path, budget: &mut Budget) -> Result<()
                 use std::os::unix::fs::PermissionsExt;
                 write_file(&path, src, Some(meta.permissions().mode()), budget)?;
             }
-            EntryType::Char | EntryType::Block => {
-                return Err(ContextError::UnsafeEntry {
-                    entry: name,
-                    why: "it is a device file",
-                })
-            }
-            EntryType::Fifo => {
-                return Err(ContextError::UnsafeEntry {
-                    entry: name,
-                    why: "it is a FIFO",
-                })
-            }
-            _ => {
-                return Err(ContextError::UnsafeEntry {
-                    entry: name,
-                    why: "its entry type is not supported",
-                })
-            }
+            _ => return Err(refused_kind(name, kind)),
         }
     }
     Ok(())

@@ -132,13 +132,7 @@ fn scan_tar(reader: impl Read, format: Format, limits: &Limits) -> Result<Scan, 
     for entry in archive.entries().map_err(corrupt)? {
         let mut entry = entry.map_err(corrupt)?;
         let kind = entry.header().entry_type();
-        if matches!(
-            kind,
-            EntryType::XGlobalHeader
-                | EntryType::XHeader
-                | EntryType::GNULongName
-                | EntryType::GNULongLink
-        ) {
+        if context::is_extension_header(kind) {
             continue;
         }
         budget.entry()?;
@@ -213,14 +207,7 @@ fn scan_tar(reader: impl Read, format: Format, limits: &Limits) -> Result<Scan, 
                 }
             }
             EntryType::Symlink => {
-                let target = entry
-                    .link_name()
-                    .map_err(corrupt)?
-                    .ok_or_else(|| {
-                        ContextError::Corrupt(format!("symlink {name:?} has no target"))
-                    })?
-                    .into_owned();
-                context::check_link_target(&name, &rel, &target)?;
+                context::symlink_target(&entry, &name, &rel)?;
                 // The extraction reads a linked .dockerignore through its link.
                 if is_ignore_file && watched.is_some() {
                     return Ok(Scan::Extract("its .dockerignore is a symlink"));
@@ -232,24 +219,7 @@ fn scan_tar(reader: impl Read, format: Format, limits: &Limits) -> Result<Scan, 
             }
             // The extraction copies the linked file; a stream cannot reach back for it.
             EntryType::Link => return Ok(Scan::Extract("it has hard links")),
-            EntryType::Char | EntryType::Block => {
-                return Err(ContextError::UnsafeEntry {
-                    entry: name,
-                    why: "it is a device file",
-                })
-            }
-            EntryType::Fifo => {
-                return Err(ContextError::UnsafeEntry {
-                    entry: name,
-                    why: "it is a FIFO",
-                })
-            }
-            _ => {
-                return Err(ContextError::UnsafeEntry {
-                    entry: name,
-                    why: "its entry type is not supported",
-                })
-            }
+            _ => return Err(context::refused_kind(name, kind)),
         }
     }
     let flatten = !many_tops && top.is_some() && top_is_dir;
@@ -323,13 +293,7 @@ fn copy_entries<W: io::Write>(
     for entry in archive.entries()? {
         let mut entry = entry?;
         let kind = entry.header().entry_type();
-        if matches!(
-            kind,
-            EntryType::XGlobalHeader
-                | EntryType::XHeader
-                | EntryType::GNULongName
-                | EntryType::GNULongLink
-        ) {
+        if context::is_extension_header(kind) {
             continue;
         }
         let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
