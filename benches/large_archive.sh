@@ -4,6 +4,7 @@
 # GET /{build_uuid}. Prints the service's peak RSS (VmHWM) before and after, and timings.
 # Not a timed test: run by hand after `bash .ci/services` and `cargo build`.
 #   SIZE_MIB=1000 bash benches/large_archive.sh
+#   IN_CONTEXT=1 SIZE_MIB=256 bash benches/large_archive.sh   # the big file in the build context too
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MIB=${SIZE_MIB:-1000}
@@ -28,7 +29,12 @@ mkdir -p "$work/src" "$work/www"
 head -c "$((SIZE_MIB * 1024 * 1024))" /dev/urandom > "$work/src/big.bin"
 printf 'FROM test/busybox:latest\nRUN echo large-archive-%s\n' "$RANDOM$RANDOM" > "$work/src/Dockerfile"
 # The big file stays out of the docker context: this measures storage, not dockerd.
-printf 'big.bin\n' > "$work/src/.dockerignore"
+# IN_CONTEXT=1 keeps it in (and COPYs it): the context streamed from the archive to dockerd too.
+if [ "${IN_CONTEXT:-0}" = 1 ]; then
+  echo 'COPY big.bin /big.bin' >> "$work/src/Dockerfile"
+else
+  printf 'big.bin\n' > "$work/src/.dockerignore"
+fi
 tar -C "$work/src" -cf - . | gzip -1 > "$work/www/sources.tar.gz"
 rm "$work/src/big.bin"
 size=$(stat -c %s "$work/www/sources.tar.gz")
