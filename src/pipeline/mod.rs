@@ -354,7 +354,11 @@ impl Pipeline {
             sources::write_data(b64, &file, &self.config.limits)
                 .await
                 .ok()?;
-            self.storage.put_file(&spec.source_key(), &file).await.ok()
+            // The build is acknowledged after this: the stored copy must survive a power loss.
+            self.storage
+                .put_file_durable(&spec.source_key(), &file)
+                .await
+                .ok()
         }
         .await;
         let _ = tokio::fs::remove_file(&file).await;
@@ -678,4 +682,68 @@ fn docker_failure(e: DockerError) -> Outcome {
         }
     };
     Outcome::failed(reason, e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{Object, StorageError};
+    use clap::Parser;
+    use std::sync::Mutex;
+
+    /// Records which store call each key went through.
+    #[derive(Default)]
+    struct Recording(Mutex<Vec<(String, &'static str)>>);
+
+    #[async_trait::async_trait]
+    impl crate::storage::Storage for Recording {
+        async fn put_file(&self, key: &str, _path: &Path) -> Result<(), StorageError> {
+            self.0.lock().unwrap().push((key.into(), "put_file"));
+            Ok(())
+        }
+        async fn put_file_durable(&self, key: &str, _path: &Path) -> Result<(), StorageError> {
+            self.0
+                .lock()
+                .unwrap()
+                .push((key.into(), "put_file_durable"));
+            Ok(())
+        }
+        async fn get(&self, _key: &str) -> Result<Option<Object>, StorageError> {
+            Ok(None)
+        }
+        async fn exists(&self, _key: &str) -> Result<bool, StorageError> {
+            Ok(false)
+        }
+        fn describe(&self) -> String {
+            "recording".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn inline_sources_are_staged_durably_before_the_build_is_acknowledged() {
+        let cli = crate::config::Cli::try_parse_from(["buildshuttle", "serve"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let crate::config::Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
+        let config = Arc::new(args.build.validate().unwrap_or_else(|e| panic!("{e}")));
+        // Never contacted: staging only decodes and stores.
+        let docker =
+            Docker::connect_with_http("http://127.0.0.1:9", 1, bollard::API_DEFAULT_VERSION)
+                .unwrap_or_else(|e| panic!("{e}"));
+        let storage = Arc::new(Recording::default());
+        let pipeline = Pipeline::new(docker, storage.clone(), config);
+        let scratch = tempfile::tempdir().unwrap();
+        let mut spec = crate::build::tests::spec();
+        pipeline
+            .stage_inline_sources(&mut spec, scratch.path())
+            .await;
+        assert!(spec.sources_stored);
+        assert_eq!(spec.sources.expose(), "data:base64,");
+        assert_eq!(
+            *storage.0.lock().unwrap(),
+            vec![(spec.source_key(), "put_file_durable")]
+        );
+        assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0);
+    }
 }

@@ -45,6 +45,12 @@ pub trait Storage: Send + Sync + 'static {
     /// Stores the file at `path` under `key`, streaming it. The caller no longer changes the
     /// file: local storage links it instead of copying it where the filesystem allows.
     async fn put_file(&self, key: &str, path: &Path) -> Result<(), StorageError>;
+    /// `put_file` for an object that is the only copy of what a client handed over (a `data:`
+    /// URI's archive, staged before the build is acknowledged): on stable storage when this
+    /// returns. An S3 `PUT` already is.
+    async fn put_file_durable(&self, key: &str, path: &Path) -> Result<(), StorageError> {
+        self.put_file(key, path).await
+    }
     /// Opens the object under `key`; `None` when there is none.
     async fn get(&self, key: &str) -> Result<Option<Object>, StorageError>;
     /// Whether an object is stored under `key`.
