@@ -6,6 +6,7 @@
 #   bash benches/p1_vs_cli.sh                 # small app, 7 pairs
 #   PAIRS=5 BIG_MIB=100 bash benches/p1_vs_cli.sh   # + a 100 MiB file, sources over http
 #   BIG_KIND=source PAIRS=5 BIG_MIB=100 bash …      # the big file compressible source text, not random
+#   ARGS=8 bash benches/p1_vs_cli.sh              # with 8 build args (each side)
 #   DOCKER_BUILDKIT=true bash benches/p1_vs_cli.sh   # ours with BuildKit (auto: the classic builder here)
 # The CLI side uses the classic builder (the CLI here has no buildx, so no BuildKit).
 # Run after `bash .ci/services` and `cargo build --release`. Ours runs with NO_CACHE=true,
@@ -15,6 +16,14 @@ cd "$(dirname "$0")/.."
 PAIRS=${PAIRS:-7}
 BIG_MIB=${BIG_MIB:-0}
 BIG_KIND=${BIG_KIND:-random}
+# ARGS=N: ours gets N build args (as controller-api sends an app's config), the CLI the same
+# --build-arg flags; the app's Dockerfile does not use them.
+ARGS=${ARGS:-0}
+args_json=""; cli_args=()
+for k in $(seq 1 "$ARGS"); do
+  args_json="$args_json${args_json:+,}\"CONFIG_VAR_$k\":\"value-$k\""
+  cli_args+=(--build-arg "CONFIG_VAR_$k=value-$k")
+done
 BIN=${BIN:-target/release/buildshuttle}
 PORT=${PORT:-9320}
 CB_PORT=${CB_PORT:-9321}
@@ -67,8 +76,8 @@ ours() {
   else
     sources="data:base64,$(base64 -w0 "$work/www/ours-$i.tgz")"
   fi
-  printf '{"app":"pone","space":"default","app_uuid":"%s","build_uuid":"%s","build_number":1,"sources":"%s","gm_registry_host":"%s","gm_registry_repo":"bench","callback":"http://127.0.0.1:%s/b/%s"}' \
-    "$app_uuid" "$build_uuid" "$sources" "$REG" "$CB_PORT" "$build_uuid" > "$work/post.json"
+  printf '{"app":"pone","space":"default","app_uuid":"%s","build_uuid":"%s","build_number":1,"sources":"%s","gm_registry_host":"%s","gm_registry_repo":"bench","callback":"http://127.0.0.1:%s/b/%s","build_args":{%s}}' \
+    "$app_uuid" "$build_uuid" "$sources" "$REG" "$CB_PORT" "$build_uuid" "$args_json" > "$work/post.json"
   local t0 t1
   t0=$(now)
   curl -sf -X POST "http://127.0.0.1:$PORT/" -H 'content-type: application/json' --data-binary @"$work/post.json" >/dev/null
@@ -95,7 +104,7 @@ raw() {
   local tb tp
   t0=$(now)
   # DOCKER_BUILDKIT=0: the classic builder (the CLI here has no buildx), whatever ours uses.
-  DOCKER_BUILDKIT=0 docker build --no-cache "${labels[@]}" -t "$repo:1.1" -t "$repo:latest" "$work/raw-$i" >/dev/null 2>&1 \
+  DOCKER_BUILDKIT=0 docker build --no-cache "${labels[@]}" "${cli_args[@]}" -t "$repo:1.1" -t "$repo:latest" "$work/raw-$i" >/dev/null 2>&1 \
     && tb=$(now) && docker push "$repo:1.1" >/dev/null && tp=$(now) && docker push "$repo:latest" >/dev/null \
     || { echo "[p1] the CLI's build or push failed" >&2; exit 1; }
   t1=$(now)

@@ -115,6 +115,20 @@ async fn build_with_args_labels_callbacks_and_stored_sources(flags: &[&str]) -> 
     );
     assert!(log.trim_end().ends_with("Build finished"), "{log}");
     assert!(!log.contains("cb-secret-token"));
+    if !built_by_buildkit(&log) {
+        // The classic builder runs each ARG instruction as a step: one per stage, naming all.
+        let arg_steps: Vec<&str> = log
+            .lines()
+            .filter(|l| l.starts_with("Step ") && l.contains(" : ARG "))
+            .collect();
+        assert_eq!(arg_steps.len(), 2, "{log}");
+        assert!(
+            arg_steps
+                .iter()
+                .all(|l| l.ends_with(": ARG BADKEYx FROM_EXTRA GREETING MULTI")),
+            "{arg_steps:?}"
+        );
+    }
 
     // Both tags pushed, labels set.
     let repo = image_repo(&b);

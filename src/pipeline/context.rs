@@ -6,6 +6,7 @@
 //! streamed to dockerd as a tar, honouring `.dockerignore`. A `.tar.gz` or `.tar` usually
 //! skips the folder: `restream` applies the same checks and sends it from the archive.
 
+use super::dockerfile::ArgStyle;
 use crate::config::Limits;
 use bytes::Bytes;
 use globset::{GlobBuilder, GlobMatcher};
@@ -426,6 +427,7 @@ fn flattened_root(dest: &Path) -> Result<PathBuf, ContextError> {
 pub fn prepare_dockerfile(
     root: &Path,
     arg_keys: &[String],
+    style: ArgStyle,
     labels: &std::collections::BTreeMap<String, String>,
 ) -> Result<bool, ContextError> {
     let path = root.join("Dockerfile");
@@ -436,7 +438,7 @@ pub fn prepare_dockerfile(
             .collect();
         return Err(no_dockerfile(found));
     }
-    let (rewritten, labelled) = rewrite_dockerfile(&fs::read(&path)?, arg_keys, labels);
+    let (rewritten, labelled) = rewrite_dockerfile(&fs::read(&path)?, arg_keys, style, labels);
     fs::write(&path, rewritten)?;
     Ok(labelled)
 }
@@ -446,10 +448,11 @@ pub fn prepare_dockerfile(
 pub(super) fn rewrite_dockerfile(
     bytes: &[u8],
     arg_keys: &[String],
+    style: ArgStyle,
     labels: &std::collections::BTreeMap<String, String>,
 ) -> (String, bool) {
     let text = String::from_utf8_lossy(bytes);
-    let mut rewritten = super::dockerfile::inject_args(&text, arg_keys);
+    let mut rewritten = super::dockerfile::inject_args(&text, arg_keys, style);
     let label = super::dockerfile::label_line(&rewritten, labels);
     if let Some(line) = &label {
         rewritten = super::dockerfile::append_line(&rewritten, line);
@@ -751,9 +754,14 @@ mod tests {
     fn missing_dockerfile_says_what_is_there() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("README"), b"x").unwrap();
-        let e = prepare_dockerfile(dir.path(), &[], &Default::default())
-            .unwrap_err()
-            .to_string();
+        let e = prepare_dockerfile(
+            dir.path(),
+            &[],
+            ArgStyle::OneInstruction,
+            &Default::default(),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("no Dockerfile") && e.contains("README"), "{e}");
     }
 }

@@ -36,6 +36,32 @@ pub enum DockerError {
     Untag { image: String, message: String },
 }
 
+/// The ARG form the daemon's builder takes: one instruction naming every arg from API 1.41
+/// (dockerd 20.10), one per name before. `Err` when the daemon cannot say.
+pub async fn arg_style(docker: &Docker) -> Result<super::dockerfile::ArgStyle, DockerError> {
+    use super::dockerfile::ArgStyle;
+    let version = docker
+        .version()
+        .await
+        .map_err(|e| DockerError::Unavailable {
+            where_: "the version endpoint".into(),
+            message: e.to_string(),
+        })?;
+    Ok(arg_style_for_api(&version.api_version.unwrap_or_default()))
+}
+
+/// `arg_style` for an API version such as "1.41"; anything unreadable gets one ARG per name.
+fn arg_style_for_api(api: &str) -> super::dockerfile::ArgStyle {
+    use super::dockerfile::ArgStyle;
+    let mut parts = api.split('.').map(|p| p.trim().parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if (major, minor) >= (1, 41) {
+        ArgStyle::OneInstruction
+    } else {
+        ArgStyle::OnePerName
+    }
+}
+
 /// Seconds bollard waits for a response's headers; long-running output streams are bounded
 /// by the build timeout instead.
 const REQUEST_TIMEOUT_SECS: u64 = 600;
@@ -528,5 +554,21 @@ mod tests {
             Some(d)
         );
         assert_eq!(parse_digest("Pushed"), None);
+    }
+
+    #[test]
+    fn one_arg_instruction_from_api_1_41() {
+        use crate::pipeline::dockerfile::ArgStyle::*;
+        for (api, style) in [
+            ("1.41", OneInstruction),
+            ("1.43", OneInstruction),
+            ("2.0", OneInstruction),
+            ("1.40", OnePerName),
+            ("1.9", OnePerName),
+            ("", OnePerName),
+            ("x.y", OnePerName),
+        ] {
+            assert_eq!(arg_style_for_api(api), style, "{api}");
+        }
     }
 }

@@ -1,10 +1,22 @@
-//! Dockerfile rewriting: an `ARG <key>` line after every `FROM`, so each build arg is visible
-//! to every stage's `RUN` steps. Case-insensitive, CRLF-preserving, continuation-aware.
+//! Dockerfile rewriting: an `ARG` instruction after every `FROM`, naming every build arg, so
+//! each is visible to every stage's `RUN` steps. Case-insensitive, CRLF-preserving,
+//! continuation-aware.
 
 use std::collections::BTreeMap;
 
-/// Inserts `ARG {key}` for each key after every `FROM` instruction of `dockerfile`.
-pub fn inject_args(dockerfile: &str, keys: &[String]) -> String {
+/// How the ARG names go in: the classic builder runs every `ARG` instruction as a build step
+/// (a container created and committed, ~100 ms here), so one instruction naming them all is
+/// much cheaper than one per name; builders before dockerd 20.10 take one name per `ARG`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArgStyle {
+    /// `ARG K1 K2 …`: dockerd 20.10 and later (and BuildKit's frontends).
+    OneInstruction,
+    /// `ARG K1`, `ARG K2`, …: older builders.
+    OnePerName,
+}
+
+/// Inserts the `ARG` line(s) for `keys` after every `FROM` instruction of `dockerfile`.
+pub fn inject_args(dockerfile: &str, keys: &[String], style: ArgStyle) -> String {
     if keys.is_empty() {
         return dockerfile.to_string();
     }
@@ -23,10 +35,22 @@ pub fn inject_args(dockerfile: &str, keys: &[String]) -> String {
             if !line.ends_with('\n') {
                 out.push_str(eol);
             }
-            for key in keys {
-                out.push_str("ARG ");
-                out.push_str(key);
-                out.push_str(eol);
+            match style {
+                ArgStyle::OneInstruction => {
+                    out.push_str("ARG");
+                    for key in keys {
+                        out.push(' ');
+                        out.push_str(key);
+                    }
+                    out.push_str(eol);
+                }
+                ArgStyle::OnePerName => {
+                    for key in keys {
+                        out.push_str("ARG ");
+                        out.push_str(key);
+                        out.push_str(eol);
+                    }
+                }
             }
         }
     }
@@ -84,11 +108,17 @@ mod tests {
         k.iter().map(|s| s.to_string()).collect()
     }
 
+    const ONE: ArgStyle = ArgStyle::OneInstruction;
+
     #[test]
     fn after_every_from_in_a_multi_stage_file() {
         let src = "FROM a AS build\nRUN make\nfrom b\nCOPY --from=build /x /x\n";
         assert_eq!(
-            inject_args(src, &keys(&["K1", "K2"])),
+            inject_args(src, &keys(&["K1", "K2"]), ONE),
+            "FROM a AS build\nARG K1 K2\nRUN make\nfrom b\nARG K1 K2\nCOPY --from=build /x /x\n"
+        );
+        assert_eq!(
+            inject_args(src, &keys(&["K1", "K2"]), ArgStyle::OnePerName),
             "FROM a AS build\nARG K1\nARG K2\nRUN make\nfrom b\nARG K1\nARG K2\nCOPY --from=build /x /x\n"
         );
     }
@@ -96,23 +126,26 @@ mod tests {
     #[test]
     fn crlf_is_kept_and_last_line_without_newline() {
         assert_eq!(
-            inject_args("FROM a\r\nRUN x\r\n", &keys(&["K"])),
+            inject_args("FROM a\r\nRUN x\r\n", &keys(&["K"]), ONE),
             "FROM a\r\nARG K\r\nRUN x\r\n"
         );
-        assert_eq!(inject_args("  From a", &keys(&["K"])), "  From a\nARG K\n");
+        assert_eq!(
+            inject_args("  From a", &keys(&["K"]), ONE),
+            "  From a\nARG K\n"
+        );
     }
 
     #[test]
     fn continued_from_and_lookalikes() {
         assert_eq!(
-            inject_args("FROM \\\n  a\nRUN echo FROM x\n", &keys(&["K"])),
+            inject_args("FROM \\\n  a\nRUN echo FROM x\n", &keys(&["K"]), ONE),
             "FROM \\\n  a\nARG K\nRUN echo FROM x\n"
         );
         assert_eq!(
-            inject_args("FROMAGE x\n# FROM y\n", &keys(&["K"])),
+            inject_args("FROMAGE x\n# FROM y\n", &keys(&["K"]), ONE),
             "FROMAGE x\n# FROM y\n"
         );
-        assert_eq!(inject_args("FROM a\n", &[]), "FROM a\n");
+        assert_eq!(inject_args("FROM a\n", &[], ONE), "FROM a\n");
     }
 
     #[test]

@@ -51,6 +51,8 @@ pub struct Pipeline {
     pub http: reqwest::Client,
     /// Adds the second tag in the registry itself (see `registry`).
     pub registry: Arc<registry::Registry>,
+    /// The ARG form the daemon's builder takes, asked once (see `dockerfile::ArgStyle`).
+    arg_style: Arc<tokio::sync::OnceCell<dockerfile::ArgStyle>>,
 }
 
 impl Pipeline {
@@ -62,6 +64,7 @@ impl Pipeline {
         );
         Self {
             registry: Arc::new(registry::Registry::new(docker.clone())),
+            arg_style: Default::default(),
             docker,
             storage,
             config,
@@ -199,6 +202,11 @@ impl Pipeline {
         let context_started = Instant::now();
         let args = spec.docker_build_args();
         let keys: Vec<String> = args.keys().cloned().collect();
+        let style = if keys.is_empty() {
+            dockerfile::ArgStyle::OneInstruction
+        } else {
+            self.arg_style().await
+        };
         let labels = spec.image_labels();
         let labels2 = labels.clone();
         let dest = workdir.join("context");
@@ -209,13 +217,13 @@ impl Pipeline {
                 .map_err(|e| format!("context preparation stopped: {e}"))?;
             tokio::task::spawn_blocking(move || match scanned? {
                 restream::Scan::Stream(plan) => {
-                    let (prepared, labelled) = plan.prepare(&keys, &labels2)?;
+                    let (prepared, labelled) = plan.prepare(&keys, style, &labels2)?;
                     let how = "Sending the build context straight from the archive".to_string();
                     Ok((Context::Archive(file, prepared), labelled, how))
                 }
                 restream::Scan::Extract(why) => {
                     let root = context::extract(&file, &dest, &limits)?;
-                    let labelled = context::prepare_dockerfile(&root, &keys, &labels2)?;
+                    let labelled = context::prepare_dockerfile(&root, &keys, style, &labels2)?;
                     let ignore = context::DockerIgnore::load(&root)?;
                     let how = format!("Extracted the sources for the build context ({why})");
                     Ok::<_, context::ContextError>((Context::Folder(root, ignore), labelled, how))
@@ -273,6 +281,16 @@ impl Pipeline {
             return docker_failure(e);
         }
         self.push_both(spec, &image, &repo, log, timings).await
+    }
+
+    /// The ARG form this daemon's builder takes. A failed question is not remembered: the
+    /// next build asks again, this one uses the form every builder takes.
+    async fn arg_style(&self) -> dockerfile::ArgStyle {
+        let asked = self
+            .arg_style
+            .get_or_try_init(|| docker::arg_style(&self.docker))
+            .await;
+        asked.copied().unwrap_or(dockerfile::ArgStyle::OnePerName)
     }
 
     /// Waits for the archive's upload to storage and records how long it took.

@@ -13,6 +13,7 @@
 //! the extraction path (`context::extract`) instead.
 
 use super::context::{self, Budget, ContextError, ContextStream, DockerIgnore, Format};
+use super::dockerfile::ArgStyle;
 use crate::config::Limits;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::ffi::OsString;
@@ -243,12 +244,13 @@ impl Plan {
     pub fn prepare(
         self,
         arg_keys: &[String],
+        style: ArgStyle,
         labels: &BTreeMap<String, String>,
     ) -> Result<(Prepared, bool), ContextError> {
         let Slot::File { data, exec } = self.dockerfile else {
             return Err(context::no_dockerfile(self.found));
         };
-        let (dockerfile, labelled) = context::rewrite_dockerfile(&data, arg_keys, labels);
+        let (dockerfile, labelled) = context::rewrite_dockerfile(&data, arg_keys, style, labels);
         let ignore = match &self.dockerignore {
             Slot::File { data, .. } => DockerIgnore::parse(&String::from_utf8_lossy(data))?,
             // A folder named .dockerignore holds no rules (the extraction path fails to read
@@ -486,12 +488,17 @@ mod tests {
         let Scan::Stream(plan) = scan(archive, &limits()).unwrap() else {
             panic!("expected a streamable archive")
         };
-        let (prepared, labelled) = plan.prepare(&keys(), &labels()).unwrap();
+        let (prepared, labelled) = plan
+            .prepare(&keys(), ArgStyle::OneInstruction, &labels())
+            .unwrap();
         assert!(labelled);
         let streamed = listing(&collect(stream(file.clone(), prepared)).await);
 
         let root = context::extract(&file, &dir.path().join("context"), &limits()).unwrap();
-        assert!(context::prepare_dockerfile(&root, &keys(), &labels()).unwrap());
+        assert!(
+            context::prepare_dockerfile(&root, &keys(), ArgStyle::OneInstruction, &labels())
+                .unwrap()
+        );
         let ignore = DockerIgnore::load(&root).unwrap();
         let extracted = listing(&collect(context::tar_stream(root, ignore)).await);
         (streamed, extracted)
@@ -619,16 +626,20 @@ mod tests {
             let Scan::Stream(plan) = scan(archive.as_slice(), &limits()).unwrap() else {
                 panic!("streamable")
             };
-            let err = plan.prepare(&[], &BTreeMap::new()).unwrap_err().to_string();
+            let err = plan
+                .prepare(&[], ArgStyle::OneInstruction, &BTreeMap::new())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(expect), "{err}");
 
             let dir = tempfile::tempdir().unwrap();
             let file = dir.path().join("sources");
             fs::write(&file, &archive).unwrap();
             let root = context::extract(&file, &dir.path().join("c"), &limits()).unwrap();
-            let err2 = context::prepare_dockerfile(&root, &[], &BTreeMap::new())
-                .unwrap_err()
-                .to_string();
+            let err2 =
+                context::prepare_dockerfile(&root, &[], ArgStyle::OneInstruction, &BTreeMap::new())
+                    .unwrap_err()
+                    .to_string();
             assert_eq!(err, err2);
         }
     }
