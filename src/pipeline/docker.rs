@@ -39,7 +39,6 @@ pub enum DockerError {
 /// The ARG form the daemon's builder takes: one instruction naming every arg from API 1.41
 /// (dockerd 20.10), one per name before. `Err` when the daemon cannot say.
 pub async fn arg_style(docker: &Docker) -> Result<super::dockerfile::ArgStyle, DockerError> {
-    use super::dockerfile::ArgStyle;
     let version = docker
         .version()
         .await
