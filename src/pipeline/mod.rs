@@ -202,19 +202,22 @@ impl Pipeline {
         let context_started = Instant::now();
         let args = spec.docker_build_args();
         let keys: Vec<String> = args.keys().cloned().collect();
-        let style = if keys.is_empty() {
-            dockerfile::ArgStyle::OneInstruction
-        } else {
-            self.arg_style().await
+        let no_args = keys.is_empty();
+        let style = async {
+            if no_args {
+                dockerfile::ArgStyle::OneInstruction
+            } else {
+                self.arg_style().await
+            }
         };
         let labels = spec.image_labels();
         let labels2 = labels.clone();
         let dest = workdir.join("context");
         let file = archive.clone();
         let prepared = async {
-            let scanned = scanning
-                .await
-                .map_err(|e| format!("context preparation stopped: {e}"))?;
+            // The daemon's ARG form (asked once per process) while the check finishes.
+            let (style, scanned) = tokio::join!(style, scanning);
+            let scanned = scanned.map_err(|e| format!("context preparation stopped: {e}"))?;
             tokio::task::spawn_blocking(move || match scanned? {
                 restream::Scan::Stream(plan) => {
                     let (prepared, labelled) = plan.prepare(&keys, style, &labels2)?;
