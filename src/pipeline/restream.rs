@@ -175,9 +175,6 @@ fn scan_tar(reader: impl Read, format: Format, limits: &Limits) -> Result<Scan, 
             Some(".dockerignore") => Some(&mut w.dockerignore),
             _ => None,
         });
-        let is_ignore_file = parts
-            .last()
-            .is_some_and(|p| p.as_os_str() == ".dockerignore");
         if kind != EntryType::Symlink {
             symlinks.remove(&rel);
         }
@@ -209,10 +206,6 @@ fn scan_tar(reader: impl Read, format: Format, limits: &Limits) -> Result<Scan, 
             }
             EntryType::Symlink => {
                 context::symlink_target(&entry, &name, &rel)?;
-                // The extraction reads a linked .dockerignore through its link.
-                if is_ignore_file && watched.is_some() {
-                    return Ok(Scan::Extract("its .dockerignore is a symlink"));
-                }
                 if let Some(slot) = watched {
                     *slot = Slot::Other;
                 }
@@ -229,6 +222,10 @@ fn scan_tar(reader: impl Read, format: Format, limits: &Limits) -> Result<Scan, 
     } else {
         (root, top_names)
     };
+    // The extraction reads a linked .dockerignore through its link, and fails on a folder.
+    if matches!(watched.dockerignore, Slot::Other) {
+        return Ok(Scan::Extract("its .dockerignore is not a plain file"));
+    }
     Ok(Scan::Stream(Plan {
         format,
         prefix: top.filter(|_| flatten).map(PathBuf::from),
@@ -253,8 +250,7 @@ impl Plan {
         let (dockerfile, labelled) = context::rewrite_dockerfile(&data, arg_keys, style, labels);
         let ignore = match &self.dockerignore {
             Slot::File { data, .. } => DockerIgnore::parse(&String::from_utf8_lossy(data))?,
-            // A folder named .dockerignore holds no rules (the extraction path fails to read
-            // it as a file: the same answer would be an error there, so keep it simple).
+            // (`scan` sent any other kind to the extraction.)
             Slot::Missing | Slot::Other => DockerIgnore::default(),
         };
         Ok((
@@ -654,6 +650,12 @@ mod tests {
                 df(),
                 E::File("rules", b"x", 0o644),
                 E::Link(".dockerignore", "rules"),
+            ],
+            vec![df(), E::Dir(".dockerignore/")],
+            vec![
+                E::File("top/Dockerfile", b"FROM x\n", 0o644),
+                E::File("top/rules", b"x", 0o644),
+                E::Link("top/.dockerignore", "rules"),
             ],
             vec![E::File("Dockerfile", &big, 0o644)],
         ];
