@@ -532,6 +532,14 @@ mod tests {
                 E::Link("repo-1/current", "src/main.sh"),
                 E::File(&long, b"deep", 0o640),
             ],
+            // `git archive --prefix`: a pax global header (the commit id) before the top
+            // folder must not count as a second top-level entry.
+            vec![
+                E::Raw("pax_global_header", tar::EntryType::XGlobalHeader),
+                E::Dir("repo-2/"),
+                E::File("repo-2/Dockerfile", b"FROM g\n", 0o644),
+                E::File("repo-2/app.js", b"js", 0o644),
+            ],
             // Two top-level entries: nothing flattened; a later Dockerfile wins.
             vec![
                 E::File("Dockerfile", b"FROM old\n", 0o644),
