@@ -150,6 +150,31 @@ async fn build_with_args_labels_callbacks_and_stored_sources(flags: &[&str]) -> 
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The final stage's ARG lines, from the image's history: one instruction naming every key
+    // for the classic builder (each ARG is a step there), one per key for BuildKit (free, and a
+    // pinned old frontend may take only that form).
+    let history = docker()
+        .image_history(&format!("{REGISTRY}/{repo}:latest"))
+        .await
+        .unwrap();
+    let args: Vec<String> = history
+        .iter()
+        .filter_map(|h| {
+            let at = h.created_by.find("ARG ")?;
+            Some(h.created_by[at..].trim().to_string())
+        })
+        .collect();
+    if built_by_buildkit(&log) {
+        let mut sorted = args.clone();
+        sorted.sort();
+        assert_eq!(
+            sorted,
+            ["ARG BADKEYx", "ARG FROM_EXTRA", "ARG GREETING", "ARG MULTI"],
+            "{history:?}"
+        );
+    } else {
+        assert_eq!(args, ["ARG BADKEYx FROM_EXTRA GREETING MULTI"], "{history:?}");
+    }
     assert_eq!(labels["app"], b["app"].as_str().unwrap());
     assert_eq!(labels["space"], "default");
     assert_eq!(labels["build_uuid"], id);

@@ -7,9 +7,10 @@ use std::collections::BTreeMap;
 /// How the ARG names go in: the classic builder runs every `ARG` instruction as a build step
 /// (a container created and committed, ~100 ms here), so one instruction naming them all is
 /// much cheaper than one per name; builders before dockerd 20.10 take one name per `ARG`.
+/// (BuildKit's ARGs are free, and a Dockerfile may pin an old frontend: one per name there.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ArgStyle {
-    /// `ARG K1 K2 …`: dockerd 20.10 and later (and BuildKit's frontends).
+    /// `ARG K1 K2 …`: dockerd 20.10's classic builder and later.
     OneInstruction,
     /// `ARG K1`, `ARG K2`, …: older builders.
     OnePerName,

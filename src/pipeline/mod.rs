@@ -202,10 +202,15 @@ impl Pipeline {
         let context_started = Instant::now();
         let args = spec.docker_build_args();
         let keys: Vec<String> = args.keys().cloned().collect();
-        let no_args = keys.is_empty();
+        // `auto` is resolved by whoever knows the daemon is the build's own (the controller,
+        // for dind pods); here the daemon may be shared.
+        let buildkit = self.config.builder.buildkit(false);
+        // BuildKit's ARGs cost nothing and a pinned `# syntax=` frontend may predate the
+        // one-instruction form: one per name there. The classic builder pays a step per ARG.
+        let one_per_name = keys.is_empty() || buildkit;
         let style = async {
-            if no_args {
-                dockerfile::ArgStyle::OneInstruction
+            if one_per_name {
+                dockerfile::ArgStyle::OnePerName
             } else {
                 self.arg_style().await
             }
@@ -267,9 +272,7 @@ impl Pipeline {
             no_cache: self.config.no_cache,
             registries: docker::credentials(&registries),
             cache_from,
-            // `auto` is resolved by whoever knows the daemon is the build's own (the
-            // controller, for dind pods); here the daemon may be shared.
-            buildkit: self.config.builder.buildkit(false),
+            buildkit,
         };
         log.line(&format!("Building {image}"));
         let build_started = Instant::now();
@@ -286,8 +289,8 @@ impl Pipeline {
         self.push_both(spec, &image, &repo, log, timings).await
     }
 
-    /// The ARG form this daemon's builder takes. A failed question is not remembered: the
-    /// next build asks again, this one uses the form every builder takes.
+    /// The ARG form this daemon's classic builder takes. A failed question is not remembered:
+    /// the next build asks again, this one uses the form every builder takes.
     async fn arg_style(&self) -> dockerfile::ArgStyle {
         let asked = self
             .arg_style
