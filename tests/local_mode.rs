@@ -173,7 +173,11 @@ async fn build_with_args_labels_callbacks_and_stored_sources(flags: &[&str]) -> 
             "{history:?}"
         );
     } else {
-        assert_eq!(args, ["ARG BADKEYx FROM_EXTRA GREETING MULTI"], "{history:?}");
+        assert_eq!(
+            args,
+            ["ARG BADKEYx FROM_EXTRA GREETING MULTI"],
+            "{history:?}"
+        );
     }
     assert_eq!(labels["app"], b["app"].as_str().unwrap());
     assert_eq!(labels["space"], "default");
