@@ -42,16 +42,14 @@ pub(super) enum Format {
 }
 
 fn detect(path: &Path) -> Result<Format, ContextError> {
-    let mut head = [0u8; 262];
-    let mut f = fs::File::open(path)?;
-    let mut n = 0;
-    while n < head.len() {
-        match f.read(&mut head[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    detect_bytes(&head[..n])
+    detect_bytes(&read_head(&mut fs::File::open(path)?)?)
+}
+
+/// An archive's first 262 bytes (all of it when shorter): enough for `detect_bytes`.
+pub(super) fn read_head(reader: &mut impl Read) -> io::Result<Vec<u8>> {
+    let mut head = Vec::with_capacity(262);
+    reader.take(262).read_to_end(&mut head)?;
+    Ok(head)
 }
 
 /// The format from an archive's first 262 bytes (fewer only when the archive is shorter).

@@ -38,7 +38,8 @@ pub enum Scan {
 /// How to stream the archive as the context: what `scan` kept.
 #[derive(Debug)]
 pub struct Plan {
-    format: Format,
+    /// A `.tar.gz` (else a plain `.tar`).
+    gzip: bool,
     /// The single top-level folder to flatten.
     prefix: Option<PathBuf>,
     dockerfile: Slot,
@@ -50,7 +51,7 @@ pub struct Plan {
 /// A plan with the Dockerfile rewritten and the `.dockerignore` parsed: ready to stream.
 #[derive(Debug)]
 pub struct Prepared {
-    format: Format,
+    gzip: bool,
     prefix: Option<PathBuf>,
     ignore: DockerIgnore,
     dockerfile: Vec<u8>,
@@ -93,29 +94,21 @@ impl FirstNames {
 /// Reads a `.tar.gz`, `.tar` or `.zip` from `reader` (the download as it arrives) and checks
 /// it as `context::extract` would, without writing anything.
 pub fn scan(mut reader: impl Read, limits: &Limits) -> Result<Scan, ContextError> {
-    let mut head = [0u8; 262];
-    let mut n = 0;
-    while n < head.len() {
-        match reader.read(&mut head[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    let head = &head[..n];
-    let format = context::detect_bytes(head)?;
-    let whole = io::Cursor::new(head.to_vec()).chain(reader);
+    let head = context::read_head(&mut reader)?;
+    let format = context::detect_bytes(&head)?;
+    let whole = io::Cursor::new(head).chain(reader);
     match format {
         Format::Zip => Ok(Scan::Extract("it is a zip")),
         Format::TarGz => scan_tar(
             flate2::read::MultiGzDecoder::new(io::BufReader::new(whole)),
-            format,
+            true,
             limits,
         ),
-        Format::Tar => scan_tar(whole, format, limits),
+        Format::Tar => scan_tar(whole, false, limits),
     }
 }
 
-fn scan_tar(reader: impl Read, format: Format, limits: &Limits) -> Result<Scan, ContextError> {
+fn scan_tar(reader: impl Read, gzip: bool, limits: &Limits) -> Result<Scan, ContextError> {
     use tar::EntryType;
     let mut budget = Budget::new(limits);
     let mut archive = tar::Archive::new(reader);
@@ -227,7 +220,7 @@ fn scan_tar(reader: impl Read, format: Format, limits: &Limits) -> Result<Scan, 
         return Ok(Scan::Extract("its .dockerignore is not a plain file"));
     }
     Ok(Scan::Stream(Plan {
-        format,
+        gzip,
         prefix: top.filter(|_| flatten).map(PathBuf::from),
         dockerfile: watched.dockerfile,
         dockerignore: watched.dockerignore,
@@ -255,7 +248,7 @@ impl Plan {
         };
         Ok((
             Prepared {
-                format: self.format,
+                gzip: self.gzip,
                 prefix: self.prefix,
                 ignore,
                 dockerfile: dockerfile.into_bytes(),
@@ -270,10 +263,10 @@ impl Plan {
 pub fn stream(archive: PathBuf, context: Prepared) -> ContextStream {
     context::spawn_tar(move |out| {
         let file = io::BufReader::with_capacity(256 * 1024, fs::File::open(&archive)?);
-        match context.format {
-            Format::TarGz => copy_entries(flate2::read::MultiGzDecoder::new(file), &context, out)?,
-            Format::Tar => copy_entries(file, &context, out)?,
-            Format::Zip => return Err(changed("a zip cannot be streamed")),
+        if context.gzip {
+            copy_entries(flate2::read::MultiGzDecoder::new(file), &context, out)?;
+        } else {
+            copy_entries(file, &context, out)?;
         }
         let mut h = header(tar::EntryType::Regular, context.dockerfile_exec);
         h.set_size(context.dockerfile.len() as u64);
