@@ -99,44 +99,46 @@ impl Storage for LocalStorage {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn round_trip_and_missing() {
+    /// An empty store, and a file beside it holding `bytes`.
+    fn store_and_file(bytes: &[u8]) -> (tempfile::TempDir, LocalStorage, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStorage::new(dir.path().join("store")).unwrap();
         let src = dir.path().join("src");
-        std::fs::write(&src, b"hello").unwrap();
+        std::fs::write(&src, bytes).unwrap();
+        (dir, store, src)
+    }
+
+    /// The stored object's bytes.
+    async fn read(store: &LocalStorage, key: &str) -> Vec<u8> {
+        let obj = store.get(key).await.unwrap().unwrap();
+        obj.body.map(|c| c.unwrap().to_vec()).concat().await
+    }
+
+    #[tokio::test]
+    async fn round_trip_and_missing() {
+        let (_dir, store, src) = store_and_file(b"hello");
         store.put_file("k1", &src).await.unwrap();
         assert!(store.exists("k1").await.unwrap());
         assert!(!store.exists("k2").await.unwrap());
-        let obj = store.get("k1").await.unwrap().unwrap();
-        assert_eq!(obj.len, Some(5));
-        let bytes: Vec<u8> = obj.body.map(|c| c.unwrap().to_vec()).concat().await;
-        assert_eq!(bytes, b"hello");
+        assert_eq!(store.get("k1").await.unwrap().unwrap().len, Some(5));
+        assert_eq!(read(&store, "k1").await, b"hello");
         assert!(store.get("nope").await.unwrap().is_none());
         assert!(store.get("../x").await.is_err());
     }
 
     #[tokio::test]
     async fn a_durable_put_stores_the_same_bytes() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = LocalStorage::new(dir.path().join("store")).unwrap();
-        let src = dir.path().join("staged");
-        std::fs::write(&src, b"inline sources").unwrap();
+        let (_dir, store, src) = store_and_file(b"inline sources");
         store.put_file_durable("k", &src).await.unwrap();
         std::fs::remove_file(&src).unwrap();
-        let obj = store.get("k").await.unwrap().unwrap();
-        let bytes: Vec<u8> = obj.body.map(|c| c.unwrap().to_vec()).concat().await;
-        assert_eq!(bytes, b"inline sources");
+        assert_eq!(read(&store, "k").await, b"inline sources");
         assert!(store.put_file_durable("../k", &src).await.is_err());
     }
 
     #[tokio::test]
     async fn a_file_on_the_same_filesystem_is_linked_and_outlives_its_source() {
         use std::os::unix::fs::MetadataExt;
-        let dir = tempfile::tempdir().unwrap();
-        let store = LocalStorage::new(dir.path().join("store")).unwrap();
-        let src = dir.path().join("archive");
-        std::fs::write(&src, b"sources").unwrap();
+        let (dir, store, src) = store_and_file(b"sources");
         // What a crash during an earlier store left behind does not stop this one.
         std::fs::write(dir.path().join("store/.k.partial"), b"stale").unwrap();
         store.put_file("k", &src).await.unwrap();
@@ -150,9 +152,7 @@ mod tests {
             "the same file, no copy"
         );
         std::fs::remove_file(&src).unwrap();
-        let obj = store.get("k").await.unwrap().unwrap();
-        let bytes: Vec<u8> = obj.body.map(|c| c.unwrap().to_vec()).concat().await;
-        assert_eq!(bytes, b"sources");
+        assert_eq!(read(&store, "k").await, b"sources");
         assert!(!dir.path().join("store/.k.partial").exists());
     }
 }
