@@ -203,22 +203,15 @@ async fn build_with_args_labels_callbacks_and_stored_sources(flags: &[&str]) -> 
     log
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http_zip_behind_a_redirect_with_a_top_folder_and_dockerignore() {
+/// Serves `archive` as `name` over http and builds it from `/{route}{name}`: the build must
+/// succeed, print `CONTEXT-OK` (its checks of the context passed) and say `how` the context
+/// was made.
+async fn context_ok_when_served(route: &str, name: &str, archive: Vec<u8>, how: &str) {
     let svc = Service::start(&[]).await;
     let cb = Callbacks::start().await;
     let files = Files::start().await;
-    let df = dockerfile("COPY . /ctx\nRUN test -f /ctx/src/keep.txt && test ! -e /ctx/secret.txt && test ! -e /ctx/logs && echo CONTEXT-OK");
-    let archive = zip(&[
-        ("repo-0123abc/Dockerfile", &df),
-        ("repo-0123abc/.dockerignore", b"secret.txt\nlogs\n"),
-        ("repo-0123abc/src/keep.txt", b"keep"),
-        ("repo-0123abc/secret.txt", b"do not send"),
-        ("repo-0123abc/logs/a.log", b"x"),
-    ]);
-    files.put("app.zip", archive);
-    let url = format!("http://{}/redirect/app.zip", files.addr);
-    let b = body(&url, &cb);
+    files.put(name, archive);
+    let b = body(&format!("http://{}/{route}{name}", files.addr), &cb);
     assert_eq!(svc.post(&b).await.0, 200);
     let id = b["build_uuid"].as_str().unwrap();
     assert_eq!(
@@ -229,19 +222,27 @@ async fn http_zip_behind_a_redirect_with_a_top_folder_and_dockerignore() {
     );
     let log = svc.log(&b).await;
     assert!(log.contains("CONTEXT-OK"), "{log}");
-    assert!(
-        log.contains("Extracted the sources for the build context (it is a zip)"),
-        "{log}"
-    );
+    assert!(log.contains(how), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_zip_behind_a_redirect_with_a_top_folder_and_dockerignore() {
+    let df = dockerfile("COPY . /ctx\nRUN test -f /ctx/src/keep.txt && test ! -e /ctx/secret.txt && test ! -e /ctx/logs && echo CONTEXT-OK");
+    let archive = zip(&[
+        ("repo-0123abc/Dockerfile", &df),
+        ("repo-0123abc/.dockerignore", b"secret.txt\nlogs\n"),
+        ("repo-0123abc/src/keep.txt", b"keep"),
+        ("repo-0123abc/secret.txt", b"do not send"),
+        ("repo-0123abc/logs/a.log", b"x"),
+    ]);
+    let how = "Extracted the sources for the build context (it is a zip)";
+    context_ok_when_served("redirect/", "app.zip", archive, how).await;
 }
 
 /// A .tar.gz goes to dockerd straight from the archive (no extracted copy): the same context
 /// as an extraction would give, checked inside the image.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_tar_gz_context_is_streamed_with_its_top_folder_dockerignore_and_links() {
-    let svc = Service::start(&[]).await;
-    let cb = Callbacks::start().await;
-    let files = Files::start().await;
     let df = dockerfile(
         "COPY . /ctx\nRUN test -f /ctx/src/keep.txt && test ! -e /ctx/secret.txt && test ! -e /ctx/logs/a.log \\\n && test -f /ctx/logs/keep.log && test -x /ctx/run.sh && test ! -x /ctx/src/keep.txt \\\n && test -L /ctx/current && test \"$(cat /ctx/current)\" = keep && echo CONTEXT-OK",
     );
@@ -272,23 +273,8 @@ async fn http_tar_gz_context_is_streamed_with_its_top_folder_dockerignore_and_li
     tar.append_link(&mut h, "repo-0123abc/current", "src/keep.txt")
         .unwrap();
     let archive = tar.into_inner().unwrap().finish().unwrap();
-    files.put("app.tgz", archive);
-    let b = body(&format!("http://{}/app.tgz", files.addr), &cb);
-    assert_eq!(svc.post(&b).await.0, 200);
-    let id = b["build_uuid"].as_str().unwrap();
-    let log = || svc.log(&b);
-    assert_eq!(
-        cb.wait_final(id, BUILD).await,
-        "succeeded",
-        "log:\n{}",
-        log().await
-    );
-    let log = log().await;
-    assert!(log.contains("CONTEXT-OK"), "{log}");
-    assert!(
-        log.contains("Sending the build context straight from the archive"),
-        "{log}"
-    );
+    let how = "Sending the build context straight from the archive";
+    context_ok_when_served("", "app.tgz", archive, how).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
