@@ -31,11 +31,5 @@ function request()
   return wrk.format("POST", "/", { ["Content-Type"] = "application/json" }, body)
 end
 
-function done(summary, latency, requests)
-  local non2xx = summary.errors.status
-  io.write(string.format("RESULT rps=%.0f p50_ms=%.2f p90_ms=%.2f p99_ms=%.2f p999_ms=%.2f max_ms=%.2f requests=%d non2xx=%d errors=%d\n",
-    summary.requests / (summary.duration / 1e6), latency:percentile(50) / 1000,
-    latency:percentile(90) / 1000, latency:percentile(99) / 1000, latency:percentile(99.9) / 1000,
-    latency.max / 1000, summary.requests, non2xx,
-    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
-end
+-- The summary line: the same as GET's (run from the repository's root, as post_rate.sh does).
+dofile("benches/get_rate.lua")
