@@ -30,27 +30,6 @@ async fn buildkit_does_the_same_when_turned_on() {
     assert!(!log.contains("Step 1/"), "{log}");
 }
 
-/// The labels of the local image `image` once it is the build `build_uuid`'s (waits for it).
-async fn local_labels(image: &str, build_uuid: &str) -> std::collections::HashMap<String, String> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let labels = docker()
-            .inspect_image(image)
-            .await
-            .ok()
-            .and_then(|i| i.config?.labels)
-            .unwrap_or_default();
-        if labels.get("build_uuid").map(String::as_str) == Some(build_uuid) {
-            return labels;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{image} never became the build {build_uuid}'s image: {labels:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// One build with build args, labels, callbacks and stored sources, on a service started with
 /// `flags`; returns its log.
 async fn build_with_args_labels_callbacks_and_stored_sources(flags: &[&str]) -> String {
@@ -138,6 +117,27 @@ async fn build_with_args_labels_callbacks_and_stored_sources(flags: &[&str]) -> 
     // Locally, beside the final callback: `latest` moves to the new image (the next build's
     // layer cache) and the push's `1.7` tag goes, so the daemon keeps one tag per app.
     let labels = local_labels(&format!("{REGISTRY}/{repo}:latest"), id).await;
+    // The registry's image carries them, and the local `latest` is that very image (its ID is
+    // the config's digest). The classic builder's labels are set in the registry, not by a
+    // LABEL step.
+    let (config_digest, config) = registry_config(REGISTRY, &repo, "latest", None)
+        .await
+        .expect("the pushed config");
+    assert_eq!(config["config"]["Labels"]["build_uuid"], id, "{config}");
+    let local = docker()
+        .inspect_image(&format!("{REGISTRY}/{repo}:latest"))
+        .await
+        .unwrap();
+    assert_eq!(local.id.as_deref(), Some(config_digest.as_str()));
+    if !built_by_buildkit(&log) {
+        assert!(!log.contains(" : LABEL "), "{log}");
+        assert!(
+            log.contains(&format!(
+                "Labelled {REGISTRY}/{repo}:1.7 and tagged it latest"
+            )),
+            "{log}"
+        );
+    }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while docker()
         .inspect_image(&format!("{REGISTRY}/{repo}:1.7"))
@@ -390,10 +390,18 @@ async fn registry_auth_right_and_wrong_password() {
         latest,
         manifest_digest(AUTH_REGISTRY, &repo, "1.1", auth).await
     );
+    // The classic builder's image gets its labels there too (no LABEL step in the build).
     assert!(
-        log.contains(&format!("Tagged {AUTH_REGISTRY}/{repo}:latest as sha256:")),
+        log.contains(&format!(
+            "Labelled {AUTH_REGISTRY}/{repo}:1.1 and tagged it latest in the registry as sha256:"
+        )),
         "{log}"
     );
+    assert!(!log.contains(" : LABEL "), "{log}");
+    let (_, config) = registry_config(AUTH_REGISTRY, &repo, "latest", auth)
+        .await
+        .expect("config");
+    assert_eq!(config["config"]["Labels"]["build_uuid"], id, "{config}");
     assert!(
         !log.contains(&format!("Pushing {AUTH_REGISTRY}/{repo}:latest")),
         "{log}"
@@ -412,6 +420,43 @@ async fn registry_auth_right_and_wrong_password() {
         "the daemon's message is in the log:\n{log}"
     );
     assert!(!log.contains("wrong-password-123"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labels_go_on_with_a_build_step_when_the_registry_api_refuses() {
+    // dockerd's pushes pass; this process's manifest writes are refused, so labelling in the
+    // registry fails after the first push.
+    let proxy = registry_proxy(REGISTRY, |method, path, agent| {
+        method == "PUT" && path.contains("/manifests/") && !agent.starts_with("docker/")
+    })
+    .await;
+    let svc = Service::start(&[]).await;
+    let cb = Callbacks::start().await;
+    let archive = tar_gz(&[("Dockerfile", &dockerfile("RUN echo FALLBACK"))]);
+    let mut b = body(&data_uri(&archive), &cb);
+    b["gm_registry_host"] = json!(proxy);
+    svc.post(&b).await;
+    let id = b["build_uuid"].as_str().unwrap();
+    let status = cb.wait_final(id, BUILD).await;
+    let log = svc.log(&b).await;
+    assert_eq!(status, "succeeded", "{log}");
+    assert!(
+        log.contains("Could not label the image in the registry")
+            && log.contains(" : LABEL app=")
+            && log.contains("Pushing"),
+        "{log}"
+    );
+    // Both tags carry the labels (the registry behind the proxy is the open one).
+    let repo = image_repo(&b);
+    for tag in ["1.1", "latest"] {
+        let (_, config) = registry_config(REGISTRY, &repo, tag, None)
+            .await
+            .expect("config");
+        assert_eq!(
+            config["config"]["Labels"]["build_uuid"], id,
+            "{tag}: {config}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

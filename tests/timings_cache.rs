@@ -168,8 +168,17 @@ async fn a_rebuild_on_an_empty_daemon_reuses_the_layers_of_the_pushed_latest_ima
         "{log}"
     );
 
-    // The same app, unchanged, on the empty daemon.
+    // The same app, unchanged, on the same daemon: every step from the local `latest`, which
+    // is the image relabelled in the registry (loaded, so no parent images of its own).
     let latest = format!("{REGISTRY}/{}:latest", image_repo(&first));
+    local_labels(&latest, first["build_uuid"].as_str().unwrap()).await;
+    let log = rebuild(&first_svc, &first, &archive, &cb).await;
+    assert!(log.contains(&format!("{latest} is already here")), "{log}");
+    for step in ["RUN echo warm-one", "RUN echo warm-two", "COPY app.txt"] {
+        assert!(step_cached(&log, step), "{step} was not cached:\n{log}");
+    }
+
+    // The same app, unchanged, on the empty daemon.
     assert!(
         second.inspect_image(&latest).await.is_err(),
         "the second daemon must not have the image yet"

@@ -582,6 +582,18 @@ pub fn tar_stream(root: PathBuf, ignore: DockerIgnore) -> ContextStream {
     })
 }
 
+/// A tar of a few small files (mode 644, owner 0, mtime 0), built in memory.
+pub fn small_tar(files: &[(&str, &[u8])]) -> io::Result<Vec<u8>> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, bytes) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o644);
+        builder.append_data(&mut header, name, *bytes)?;
+    }
+    builder.into_inner()
+}
+
 /// Runs `produce` on a blocking thread, writing a tar at the pace dockerd reads it: at most
 /// 4 chunks of 256 KiB in flight. A failure ends the stream with its error.
 pub(super) fn spawn_tar(

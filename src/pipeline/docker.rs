@@ -34,6 +34,8 @@ pub enum DockerError {
     Tag { image: String, message: String },
     #[error("removing the local tag {image} failed: {message}")]
     Untag { image: String, message: String },
+    #[error("loading the image config for {image} failed: {message}")]
+    Load { image: String, message: String },
 }
 
 /// The ARG form the daemon's builder takes: one instruction naming every arg from API 1.41
@@ -378,6 +380,46 @@ pub async fn tag(docker: &Docker, image: &str, repo: &str, tag: &str) -> Result<
         })
 }
 
+/// Makes `config` (an image config whose `layers` layers this daemon has already) a local
+/// image tagged `image`, through `docker load` with no layer in the archive: a daemon with the
+/// graphdriver image store finds every layer by its chain ID and reads none of them. That is
+/// how an image relabelled in the registry becomes the local one without a pull. A daemon
+/// that wants the layers (the containerd image store) refuses; the caller keeps the image it
+/// had.
+pub async fn load_config(
+    docker: &Docker,
+    config: Bytes,
+    layers: usize,
+    image: &str,
+) -> Result<(), DockerError> {
+    let failed = |message: String| DockerError::Load {
+        image: image.to_string(),
+        message,
+    };
+    let manifest = serde_json::json!([{
+        "Config": "config.json",
+        "RepoTags": [image],
+        "Layers": (0..layers).map(|i| format!("{i}/layer.tar")).collect::<Vec<_>>(),
+    }])
+    .to_string();
+    let archive = super::context::small_tar(&[
+        ("config.json", &config[..]),
+        ("manifest.json", manifest.as_bytes()),
+    ])
+    .map_err(|e| failed(e.to_string()))?;
+    let mut out = docker.import_image(
+        bollard::query_parameters::ImportImageOptionsBuilder::default()
+            .quiet(true)
+            .build(),
+        bollard::body_full(archive.into()),
+        None,
+    );
+    while let Some(item) = out.next().await {
+        item.map_err(|e| failed(stream_error(e)))?;
+    }
+    Ok(())
+}
+
 /// Removes the local tag `image` (`repo:tag`), never the parent images it leaves untagged.
 /// The image itself goes only if that was its last tag and no container uses it.
 pub async fn untag(docker: &Docker, image: &str) -> Result<(), DockerError> {
@@ -459,6 +501,16 @@ fn parse_digest(status: &str) -> Option<String> {
 }
 
 /// The ID of a local image, `None` when the daemon has no such image.
+/// Whether the local image `image` has its parent images here (it was built here), so the
+/// classic builder finds its steps in the local cache. A pulled or loaded image has none: its
+/// history names no image below the top one.
+pub async fn has_parents(docker: &Docker, image: &str) -> bool {
+    match docker.image_history(image).await {
+        Ok(history) => history.get(1).is_some_and(|h| h.id != "<missing>"),
+        Err(_) => false,
+    }
+}
+
 pub async fn image_id(docker: &Docker, image: &str) -> Option<String> {
     docker.inspect_image(image).await.ok().and_then(|i| i.id)
 }

@@ -1,6 +1,6 @@
 //! The build pipeline: one entry point, used by local mode and by the Kubernetes worker.
 //! sources → storage (original archive) ∥ context → docker build (layer cache pulled
-//! meanwhile) → tag → push `1.{n}`, then tag `latest` in the registry; every output line to
+//! meanwhile) → tag → push `1.{n}`, then label it and tag `latest` in the registry; every output line to
 //! the build log, and each stage's duration to `StageTimings`. Knows nothing about HTTP or
 //! Kubernetes.
 
@@ -19,6 +19,7 @@ use crate::storage::Storage;
 use bollard::Docker;
 use docker::DockerError;
 use sources::Source;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -53,6 +54,9 @@ pub struct Pipeline {
     pub registry: Arc<registry::Registry>,
     /// The ARG form the daemon's builder takes, asked once (see `dockerfile::ArgStyle`).
     arg_style: Arc<tokio::sync::OnceCell<dockerfile::ArgStyle>>,
+    /// Per built image (`repo:1.{n}`), what labelling it in the registry left there, until
+    /// `tidy` makes it the local `latest`.
+    relabelled: Arc<std::sync::Mutex<std::collections::HashMap<String, registry::Relabelled>>>,
 }
 
 impl Pipeline {
@@ -65,6 +69,7 @@ impl Pipeline {
         Self {
             registry: Arc::new(registry::Registry::new(docker.clone())),
             arg_style: Default::default(),
+            relabelled: Default::default(),
             docker,
             storage,
             config,
@@ -216,7 +221,16 @@ impl Pipeline {
             }
         };
         let labels = spec.image_labels();
-        let labels2 = labels.clone();
+        // The classic builder spends a step (a container created and committed) on a `LABEL`
+        // instruction. When this process can write to the app's registry, the labels go on
+        // there after the push instead (see `tag_and_push`). BuildKit sets them for free.
+        let repo = spec.image_repository();
+        let label_in_registry = !buildkit && self.registry.can_write(&repo);
+        let labels2 = if label_in_registry {
+            Default::default()
+        } else {
+            labels.clone()
+        };
         let dest = workdir.join("context");
         let file = archive.clone();
         let prepared = async {
@@ -258,7 +272,6 @@ impl Pipeline {
         };
 
         let cache_from = cache.finish(log, timings).await;
-        let repo = spec.image_repository();
         let image = spec.image();
         let mut registries = self.config.extra_registries.clone();
         if let Some(auth) = &spec.gm_registry_auth {
@@ -266,8 +279,13 @@ impl Pipeline {
         }
         let request = docker::BuildRequest {
             tag: image.clone(),
-            // Already one LABEL step in the Dockerfile, or (rarely) one step per label here.
-            labels: if labelled { Default::default() } else { labels },
+            // Set in the registry later, or already one LABEL step in the Dockerfile, or
+            // (rarely) one step per label here.
+            labels: if labelled || label_in_registry {
+                Default::default()
+            } else {
+                labels.clone()
+            },
             build_args: args,
             no_cache: self.config.no_cache,
             registries: docker::credentials(&registries),
@@ -286,7 +304,9 @@ impl Pipeline {
         if let Err(e) = built {
             return docker_failure(e);
         }
-        self.push_both(spec, &image, &repo, log, timings).await
+        let in_registry = label_in_registry.then_some(&labels);
+        self.push_both(spec, &image, &repo, in_registry, log, timings)
+            .await
     }
 
     /// The ARG form this daemon's classic builder takes. A failed question is not remembered:
@@ -333,18 +353,24 @@ impl Pipeline {
         let docker = self.docker.clone();
         let (repo, auth) = self.layer_cache(spec);
         let image = format!("{repo}:latest");
+        let classic = !self.config.builder.buildkit(false);
         let (mut side, lines) = side_log();
         let task = tokio::spawn(async move {
             let started = Instant::now();
             // A daemon that has the app's latest image has its layers in its own cache
             // (it built or pulled it): no registry round trip on the critical path. And with
             // `cachefrom` the classic builder would use nothing but the listed images, so it
-            // is only passed for an image that came from the registry.
+            // is only passed for an image it cannot find its steps from: one that came from
+            // the registry, or was loaded relabelled (no parent image here).
             let cache_from = if docker::image_id(&docker, &image).await.is_some() {
                 side.line(&format!(
                     "{image} is already here; using the local layer cache"
                 ));
-                vec![]
+                if classic && !docker::has_parents(&docker, &image).await {
+                    vec![image]
+                } else {
+                    vec![]
+                }
             } else {
                 match docker::pull_quiet(&docker, &image, auth, &mut side).await {
                     Ok(()) => {
@@ -461,22 +487,31 @@ impl Pipeline {
         if let Err(e) = pulled {
             return docker_failure(e);
         }
-        self.push_both(spec, &src.image, &spec.image_repository(), log, timings)
-            .await
+        self.push_both(
+            spec,
+            &src.image,
+            &spec.image_repository(),
+            None,
+            log,
+            timings,
+        )
+        .await
     }
 
     /// Pushes `image` as `repo:1.{n}` and `repo:latest` with gm_registry_auth (`latest`
-    /// through the registry's API when it can; then no local `latest` tag is needed yet).
+    /// through the registry's API when it can; then no local `latest` tag is needed yet),
+    /// with `labels` set on it in the registry when they are not on the image yet.
     async fn push_both(
         &self,
         spec: &BuildSpec,
         image: &str,
         repo: &str,
+        labels: Option<&BTreeMap<String, String>>,
         log: &mut BuildLog,
         timings: &mut StageTimings,
     ) -> Outcome {
         let started = Instant::now();
-        let pushed = self.tag_and_push(spec, image, repo, log).await;
+        let pushed = self.tag_and_push(spec, image, repo, labels, log).await;
         if pushed.is_ok() {
             self.push_cache(spec, image, log).await;
         }
@@ -533,6 +568,7 @@ impl Pipeline {
         spec: &BuildSpec,
         image: &str,
         repo: &str,
+        labels: Option<&BTreeMap<String, String>>,
         log: &mut BuildLog,
     ) -> Result<Option<String>, DockerError> {
         let version = spec.version_tag();
@@ -542,7 +578,43 @@ impl Pipeline {
             docker::tag(&self.docker, image, repo, &version).await?;
         }
         let auth = app_registry_credentials(spec);
-        let digest = docker::push(&self.docker, repo, &version, auth.clone(), log).await?;
+        let mut digest = docker::push(&self.docker, repo, &version, auth.clone(), log).await?;
+        if let Some(labels) = labels {
+            // The image as pushed has no labels yet: a copy of its config with them, under
+            // both tags (four requests more than tagging `latest` alone).
+            let relabelled = match &digest {
+                Some(d) => {
+                    self.registry
+                        .relabel(repo, d, labels, &[&version, "latest"], auth.as_ref())
+                        .await
+                }
+                None => Err(registry::RegistryError::Unexpected(
+                    "dockerd did not say which digest it pushed".into(),
+                )),
+            };
+            match relabelled {
+                Ok(r) => {
+                    log.line(&format!(
+                        "Labelled {repo}:{version} and tagged it latest in the registry as {}",
+                        r.digest
+                    ));
+                    let new = r.digest.clone();
+                    if let Ok(mut m) = self.relabelled.lock() {
+                        m.insert(image.to_string(), r);
+                    }
+                    return Ok(Some(new));
+                }
+                Err(e) => {
+                    // The image must not ship without its labels: a LABEL step now, and the
+                    // labelled image pushed over the unlabelled one.
+                    log.line(&format!(
+                        "Could not label the image in the registry ({e}); adding the labels with a build step"
+                    ));
+                    self.label_with_a_step(image, labels, log).await?;
+                    digest = docker::push(&self.docker, repo, &version, auth.clone(), log).await?;
+                }
+            }
+        }
         // `latest` is the same manifest. Written straight to the registry it is two requests;
         // dockerd's push of it checks every layer again (~50 ms for a small image here).
         // Both pushes at once made the registry answer 500 now and then (two uploads of the
@@ -567,6 +639,34 @@ impl Pipeline {
         Ok(digest.or(pushed))
     }
 
+    /// Gives the local image `image` `labels` with a one-line build (`FROM image` + `LABEL`),
+    /// tagged `image` again: what the build's own Dockerfile would have done.
+    async fn label_with_a_step(
+        &self,
+        image: &str,
+        labels: &BTreeMap<String, String>,
+        log: &mut BuildLog,
+    ) -> Result<(), DockerError> {
+        let from = format!("FROM {image}\n");
+        let (dockerfile, option_labels) = match dockerfile::label_line(&from, labels) {
+            Some(line) => (dockerfile::append_line(&from, &line), BTreeMap::new()),
+            None => (from, labels.clone()),
+        };
+        let context = context::small_tar(&[("Dockerfile", dockerfile.as_bytes())])
+            .map_err(|e| DockerError::Build(format!("the labelling context: {e}")))?;
+        let request = docker::BuildRequest {
+            tag: image.to_string(),
+            labels: option_labels,
+            build_args: BTreeMap::new(),
+            no_cache: false,
+            registries: Default::default(),
+            cache_from: vec![],
+            buildkit: false,
+        };
+        let context = futures::stream::once(async move { Ok(bytes::Bytes::from(context)) });
+        docker::build(&self.docker, request, context, log).await
+    }
+
     /// Housekeeping once a build has succeeded, to run beside its final callback rather than
     /// before it: the app's local `latest` (the next build's local layer cache) moves to the
     /// new image, and the local `1.{n}` tag, needed only for the push, goes. A daemon that
@@ -580,21 +680,46 @@ impl Pipeline {
         spec: &BuildSpec,
         outcome: &Outcome,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let job = matches!(outcome, Outcome::Succeeded { .. })
-            .then(|| (self.docker.clone(), spec.image(), spec.image_repository()));
+        let relabelled = self
+            .relabelled
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(&spec.image()));
+        let job = matches!(outcome, Outcome::Succeeded { .. }).then(|| {
+            let docker = self.docker.clone();
+            (docker, spec.image(), spec.image_repository(), relabelled)
+        });
         async move {
-            let Some((docker, image, repo)) = job else {
+            let Some((docker, image, repo, relabelled)) = job else {
                 return;
             };
-            if let Err(e) = docker::tag(&docker, &image, &repo, "latest").await {
-                tracing::info!(error = %e, "could not tag the app's local latest image");
-                return;
+            let latest = format!("{repo}:latest");
+            // Labelled in the registry: the local `latest` becomes that very image (its config
+            // over the layers already here, so its ID is the registry's config digest).
+            // Otherwise, or if the daemon will not load it, the built image.
+            let mut ours = None;
+            if let Some(r) = relabelled {
+                let id = registry::sha256_digest(&r.config);
+                match docker::load_config(&docker, r.config, r.layers, &latest).await {
+                    Ok(()) => ours = Some(id),
+                    Err(e) => tracing::info!(error = %e, "the local latest image keeps no labels"),
+                }
             }
-            // Only while `latest` still holds the image (a build of the same app finishing
-            // at the same time may have moved it): then the image keeps a tag and nothing is
-            // deleted.
-            let latest = docker::image_id(&docker, &format!("{repo}:latest")).await;
-            if latest.is_none() || latest != docker::image_id(&docker, &image).await {
+            let ours = match ours {
+                Some(id) => Some(id),
+                None => {
+                    if let Err(e) = docker::tag(&docker, &image, &repo, "latest").await {
+                        tracing::info!(error = %e, "could not tag the app's local latest image");
+                        return;
+                    }
+                    docker::image_id(&docker, &image).await
+                }
+            };
+            // Only while `latest` still holds the build's image (a build of the same app
+            // finishing at the same time may have moved it): then the image keeps a tag and
+            // nothing is deleted.
+            let now = docker::image_id(&docker, &latest).await;
+            if now.is_none() || now != ours {
                 return;
             }
             if let Err(e) = docker::untag(&docker, &image).await {
@@ -700,7 +825,9 @@ fn docker_failure(e: DockerError) -> Outcome {
         DockerError::Build(_) => FailureReason::BuildFailed,
         DockerError::Push { .. } => FailureReason::PushFailed,
         DockerError::Pull { .. } => FailureReason::PullFailed,
-        DockerError::Tag { .. } | DockerError::Untag { .. } => FailureReason::BuildFailed,
+        DockerError::Tag { .. } | DockerError::Untag { .. } | DockerError::Load { .. } => {
+            FailureReason::BuildFailed
+        }
         DockerError::Unavailable { .. } | DockerError::Lost(_) | DockerError::TlsFiles(_) => {
             FailureReason::DockerUnavailable
         }

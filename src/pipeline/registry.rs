@@ -1,15 +1,22 @@
-//! Gives a manifest already in a registry a second tag through the registry's HTTP API (the
-//! OCI distribution spec: GET the manifest by digest, PUT the same bytes under the tag).
-//! dockerd's push of a second tag checks every layer and then writes that same manifest;
-//! this is two requests (plus the auth challenge). Any failure here is the caller's cue to
-//! push the tag with dockerd as before, so it never fails a build by itself.
+//! Works on images already pushed, through the registry's HTTP API (the OCI distribution
+//! spec), where dockerd would be slower:
+//! - `add_tag`: a second tag for a manifest (GET it by digest, PUT the same bytes under the
+//!   tag). dockerd's push of a second tag checks every layer and then writes that same
+//!   manifest; this is two requests (plus the auth challenge).
+//! - `relabel`: the image's labels set in the registry (a copy of its config with the labels,
+//!   and a manifest naming it), where the classic builder would spend a build step (a
+//!   container created and committed) on a `LABEL` instruction.
+//!
+//! Any failure here is the caller's cue to do it with dockerd instead, so it never fails a
+//! build by itself.
 //!
 //! Credentials go only where dockerd would send them: over https, or over http to a
 //! registry dockerd itself treats as insecure (`--insecure-registry`, 127.0.0.0/8).
 
 use bollard::auth::DockerCredentials;
 use bollard::Docker;
-use std::collections::HashMap;
+use sha2::Digest as _;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -25,7 +32,27 @@ pub enum RegistryError {
     Status { url: String, status: u16 },
     #[error("{0}")]
     Auth(String),
+    #[error("{0}")]
+    Unexpected(String),
 }
+
+/// The image an image's relabelling left in the registry.
+#[derive(Debug, Clone)]
+pub struct Relabelled {
+    /// The new manifest's digest (what the tags now name).
+    pub digest: String,
+    /// The new config, byte for byte (its sha256 is the image's ID).
+    pub config: bytes::Bytes,
+    /// How many layers the image has.
+    pub layers: usize,
+}
+
+/// A config blob larger than this is not an image config this client edits.
+const MAX_CONFIG_BYTES: usize = 4 << 20;
+const SINGLE_MANIFESTS: [&str; 2] = [
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+];
 
 /// The manifest media types dockerd pushes (and their OCI equivalents).
 const MANIFEST_TYPES: &str = "application/vnd.docker.distribution.manifest.v2+json, \
@@ -113,37 +140,110 @@ impl Registry {
         tag: &str,
         auth: Option<&DockerCredentials>,
     ) -> Result<(), RegistryError> {
-        let (host, name) =
-            split_repo(repo).ok_or_else(|| RegistryError::NotSupported(repo.to_string()))?;
+        let mut session = self.open(repo, auth).await?;
+        let tagged = async {
+            let (media_type, body) = session.get_manifest(digest).await?;
+            session.put_manifest(tag, &media_type, body).await
+        }
+        .await;
+        self.note(session.host, tagged)
+    }
+
+    /// Whether `repo`'s registry is one this client talks to (a registry host in the name, not
+    /// found unreachable a moment ago).
+    pub fn can_write(&self, repo: &str) -> bool {
+        let Some((host, _)) = split_repo(repo) else {
+            return false;
+        };
         let paused = self
             .unreachable
             .lock()
             .ok()
             .and_then(|m| m.get(host).copied());
-        if paused.is_some_and(|at| at.elapsed() < UNREACHABLE_PAUSE) {
+        !paused.is_some_and(|at| at.elapsed() < UNREACHABLE_PAUSE)
+    }
+
+    /// Sets `labels` on the image `repo@digest` (over any it has) and writes the result under
+    /// each of `tags`. The layers stay where they are: only a config and a manifest are new.
+    pub async fn relabel(
+        &self,
+        repo: &str,
+        digest: &str,
+        labels: &BTreeMap<String, String>,
+        tags: &[&str],
+        auth: Option<&DockerCredentials>,
+    ) -> Result<Relabelled, RegistryError> {
+        let mut session = self.open(repo, auth).await?;
+        let relabelled = async {
+            let (media_type, manifest) = session.get_manifest(digest).await?;
+            if !SINGLE_MANIFESTS.contains(&media_type.as_str()) {
+                return Err(RegistryError::Unexpected(format!(
+                    "{repo}@{digest} is a {media_type}, not one image's manifest"
+                )));
+            }
+            let mut manifest: serde_json::Value = serde_json::from_slice(&manifest)
+                .map_err(|e| RegistryError::Unexpected(format!("{repo}@{digest}: {e}")))?;
+            let config_digest = manifest["config"]["digest"]
+                .as_str()
+                .ok_or_else(|| {
+                    RegistryError::Unexpected(format!("{repo}@{digest} names no config"))
+                })?
+                .to_string();
+            let config = session.get_blob(&config_digest).await?;
+            let (config, layers) = with_labels(&config, labels).map_err(|e| {
+                RegistryError::Unexpected(format!("the config of {repo}@{digest}: {e}"))
+            })?;
+            let config_digest = sha256_digest(&config);
+            session.put_blob(&config_digest, config.clone()).await?;
+            manifest["config"]["digest"] = config_digest.into();
+            manifest["config"]["size"] = config.len().into();
+            let manifest = bytes::Bytes::from(manifest.to_string());
+            for tag in tags {
+                session
+                    .put_manifest(tag, &media_type, manifest.clone())
+                    .await?;
+            }
+            Ok(Relabelled {
+                digest: sha256_digest(&manifest),
+                config,
+                layers,
+            })
+        }
+        .await;
+        self.note(session.host, relabelled)
+    }
+
+    /// A session with `repo`'s registry, unless this process could not reach it a moment ago.
+    async fn open<'a>(
+        &'a self,
+        repo: &'a str,
+        auth: Option<&'a DockerCredentials>,
+    ) -> Result<Session<'a>, RegistryError> {
+        let (host, name) =
+            split_repo(repo).ok_or_else(|| RegistryError::NotSupported(repo.to_string()))?;
+        if !self.can_write(repo) {
             return Err(RegistryError::NotSupported(format!(
                 "{host} (unreachable from here a moment ago)"
             )));
         }
-        let mut session = Session {
+        Ok(Session {
             client: self,
             host,
             name,
             auth,
             scheme: self.scheme_for(host).await,
             header: None,
-        };
-        let tagged = async {
-            let (media_type, body) = session.get_manifest(digest).await?;
-            session.put_manifest(tag, &media_type, body).await
-        }
-        .await;
+        })
+    }
+
+    /// Remembers a host this process could not reach; passes `result` on.
+    fn note<T>(&self, host: &str, result: Result<T, RegistryError>) -> Result<T, RegistryError> {
         if let (Err(RegistryError::Unreachable { .. }), Ok(mut m)) =
-            (&tagged, self.unreachable.lock())
+            (&result, self.unreachable.lock())
         {
             m.insert(host.to_string(), Instant::now());
         }
-        tagged
+        result
     }
 
     /// https, or http where dockerd would use it (tried after https fails to connect).
@@ -255,8 +355,108 @@ impl Session<'_> {
         .map(drop)
     }
 
+    /// A blob's bytes (at most MAX_CONFIG_BYTES), checked against its digest. A registry
+    /// that keeps blobs elsewhere answers with a redirect, followed without credentials.
+    async fn get_blob(&mut self, digest: &str) -> Result<bytes::Bytes, RegistryError> {
+        let path = format!("/v2/{}/blobs/{digest}", self.name);
+        let mut resp = self.send_or_redirect(&path, |c, url| c.get(url)).await?;
+        if resp.status().is_redirection() {
+            let to = location(&resp).ok_or_else(|| {
+                RegistryError::Unexpected(format!("{path} redirected to nowhere"))
+            })?;
+            let to = resp
+                .url()
+                .join(&to)
+                .map_err(|e| RegistryError::Unexpected(format!("{path} redirected: {e}")))?;
+            resp = self.client.http.get(to.clone()).send().await.map_err(|e| {
+                RegistryError::Unreachable {
+                    url: to.to_string(),
+                    message: e.to_string(),
+                }
+            })?;
+            if !resp.status().is_success() {
+                return Err(RegistryError::Status {
+                    url: to.to_string(),
+                    status: resp.status().as_u16(),
+                });
+            }
+        }
+        let url = resp.url().to_string();
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| RegistryError::Unreachable {
+            url: url.clone(),
+            message: e.to_string(),
+        })? {
+            if body.len() + chunk.len() > MAX_CONFIG_BYTES {
+                return Err(RegistryError::Unexpected(format!(
+                    "{url} is larger than {MAX_CONFIG_BYTES} bytes"
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        if sha256_digest(&body) != digest {
+            return Err(RegistryError::Unexpected(format!(
+                "{url} did not hold the bytes of {digest}"
+            )));
+        }
+        Ok(body.into())
+    }
+
+    /// Uploads `body` as the blob `digest` (a monolithic upload: POST for a location, PUT
+    /// the bytes there).
+    async fn put_blob(&mut self, digest: &str, body: bytes::Bytes) -> Result<(), RegistryError> {
+        let path = format!("/v2/{}/blobs/uploads/", self.name);
+        let started = self.send(&path, |c, url| c.post(url)).await?;
+        let to = location(&started)
+            .ok_or_else(|| RegistryError::Unexpected(format!("{path} gave no upload location")))?;
+        let upload = self.same_origin_path(&to).ok_or_else(|| {
+            RegistryError::Unexpected(format!("the upload location {to} is not on {}", self.host))
+        })?;
+        let sep = if upload.contains('?') { '&' } else { '?' };
+        let put = format!("{upload}{sep}digest={digest}");
+        self.send(&put, |c, url| {
+            c.put(url)
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(body.clone())
+        })
+        .await
+        .map(drop)
+    }
+
+    /// The path and query of `location` when it is on this session's registry (or relative):
+    /// credentials go nowhere else.
+    fn same_origin_path(&self, location: &str) -> Option<String> {
+        if location.starts_with('/') {
+            return Some(location.to_string());
+        }
+        let url = url::Url::parse(location).ok()?;
+        let scheme_ok = match self.scheme {
+            Scheme::Known(s) => url.scheme() == s,
+            Scheme::Try { .. } => false,
+        };
+        let authority = &url[url::Position::BeforeHost..url::Position::AfterPort];
+        (scheme_ok && authority == self.host)
+            .then(|| url[url::Position::BeforePath..url::Position::AfterQuery].to_string())
+    }
+
     /// Sends one request, answering one auth challenge, and fails on anything but 2xx.
     async fn send(
+        &mut self,
+        path: &str,
+        request: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let resp = self.send_or_redirect(path, request).await?;
+        if resp.status().is_redirection() {
+            return Err(RegistryError::Status {
+                url: resp.url().to_string(),
+                status: resp.status().as_u16(),
+            });
+        }
+        Ok(resp)
+    }
+
+    /// As `send`, but a redirect is returned for the caller to follow.
+    async fn send_or_redirect(
         &mut self,
         path: &str,
         request: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
@@ -276,7 +476,7 @@ impl Session<'_> {
                 self.header = Some(self.authorize(&challenge).await?);
                 continue;
             }
-            if !status.is_success() {
+            if !status.is_success() && !status.is_redirection() {
                 return Err(RegistryError::Status {
                     url: resp.url().to_string(),
                     status: status.as_u16(),
@@ -406,6 +606,55 @@ impl Session<'_> {
             .map(|t| format!("Bearer {t}"))
             .ok_or_else(|| RegistryError::Auth(format!("token service {realm} sent no token")))
     }
+}
+
+fn location(resp: &reqwest::Response) -> Option<String> {
+    resp.headers()
+        .get(reqwest::header::LOCATION)?
+        .to_str()
+        .ok()
+        .map(str::to_string)
+}
+
+/// `sha256:<hex>` of `bytes`.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    let sum = sha2::Sha256::digest(bytes);
+    let mut out = String::with_capacity(7 + 64);
+    out.push_str("sha256:");
+    for b in sum.iter() {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+/// The image config `config` with `labels` set in `config.Labels` (over any of the same
+/// name), and the number of layers it describes. Everything else is kept as it was.
+fn with_labels(
+    config: &[u8],
+    labels: &BTreeMap<String, String>,
+) -> Result<(bytes::Bytes, usize), String> {
+    let mut doc: serde_json::Value = serde_json::from_slice(config).map_err(|e| e.to_string())?;
+    let layers = doc["rootfs"]["diff_ids"]
+        .as_array()
+        .map(Vec::len)
+        .ok_or("it lists no rootfs.diff_ids")?;
+    let root = doc.as_object_mut().ok_or("it is not a JSON object")?;
+    let run = root
+        .entry("config")
+        .or_insert_with(|| serde_json::json!({}));
+    if run.is_null() {
+        *run = serde_json::json!({});
+    }
+    let run = run.as_object_mut().ok_or("its config is not an object")?;
+    let slot = run.entry("Labels").or_insert_with(|| serde_json::json!({}));
+    if slot.is_null() {
+        *slot = serde_json::json!({});
+    }
+    let slot = slot.as_object_mut().ok_or("its Labels are not an object")?;
+    for (k, v) in labels {
+        slot.insert(k.clone(), v.clone().into());
+    }
+    Ok((doc.to_string().into(), layers))
 }
 
 /// `Bearer realm="…",service="…"` → ("Bearer", {realm, service}).

@@ -418,6 +418,127 @@ pub async fn manifest_digest(
         .map(String::from)
 }
 
+/// The labels of the local image `image` once it is the build `build_uuid`'s (waits for it).
+pub async fn local_labels(
+    image: &str,
+    build_uuid: &str,
+) -> std::collections::HashMap<String, String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let labels = docker()
+            .inspect_image(image)
+            .await
+            .ok()
+            .and_then(|i| i.config?.labels)
+            .unwrap_or_default();
+        if labels.get("build_uuid").map(String::as_str) == Some(build_uuid) {
+            return labels;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{image} never became the build {build_uuid}'s image: {labels:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A reverse proxy on loopback in front of the registry `upstream` that answers `500` to the
+/// requests `refuse` picks (method, path, User-Agent) and forwards every other one, streamed
+/// both ways. Its address, a registry host dockerd treats as insecure like any on loopback.
+pub async fn registry_proxy(
+    upstream: &'static str,
+    refuse: fn(&str, &str, &str) -> bool,
+) -> String {
+    use axum::body::Body;
+    use axum::http::{Request, Response, StatusCode};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let app = axum::Router::new().fallback(move |req: Request<Body>| {
+        let client = client.clone();
+        async move {
+            let agent = req
+                .headers()
+                .get("user-agent")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            let path = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_default();
+            if refuse(req.method().as_str(), &path, &agent) {
+                return Response::builder()
+                    .status(StatusCode::INTERNAL_SERVER_ERROR)
+                    .body(Body::from("refused by the test's proxy"))
+                    .expect("response");
+            }
+            let mut out = client.request(req.method().clone(), format!("http://{upstream}{path}"));
+            // The Host header stays the proxy's: the registry builds its Location URLs from it.
+            for (k, v) in req.headers() {
+                out = out.header(k, v);
+            }
+            let body = reqwest::Body::wrap_stream(req.into_body().into_data_stream());
+            let Ok(resp) = out.body(body).send().await else {
+                return Response::builder()
+                    .status(StatusCode::BAD_GATEWAY)
+                    .body(Body::empty())
+                    .expect("response");
+            };
+            let mut back = Response::builder().status(resp.status().as_u16());
+            for (k, v) in resp.headers() {
+                back = back.header(k, v);
+            }
+            back.body(Body::from_stream(resp.bytes_stream()))
+                .expect("response")
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// The image config `repo:tag` names in `registry` (as JSON) and its digest, which is the
+/// image's ID wherever it is loaded or pulled.
+pub async fn registry_config(
+    registry: &str,
+    repo: &str,
+    tag: &str,
+    auth: Option<(&str, &str)>,
+) -> Option<(String, serde_json::Value)> {
+    let get = |url: String| {
+        let req = reqwest::Client::new().get(url).header(
+            "accept",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        );
+        match auth {
+            Some((u, p)) => req.basic_auth(u, Some(p)),
+            None => req,
+        }
+    };
+    let manifest: serde_json::Value = get(format!("http://{registry}/v2/{repo}/manifests/{tag}"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    let digest = manifest["config"]["digest"].as_str()?.to_string();
+    let config = get(format!("http://{registry}/v2/{repo}/blobs/{digest}"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    Some((digest, config))
+}
+
 /// The tags a registry's `tags/list` at `url` answers (none when it cannot be read).
 pub async fn tags_list(url: &str, auth: Option<(&str, &str)>) -> Vec<String> {
     let mut req = reqwest::Client::new().get(url);
