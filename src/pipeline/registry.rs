@@ -160,7 +160,7 @@ impl Registry {
             .lock()
             .ok()
             .and_then(|m| m.get(host).copied());
-        !paused.is_some_and(|at| at.elapsed() < UNREACHABLE_PAUSE)
+        paused.is_none_or(|at| at.elapsed() >= UNREACHABLE_PAUSE)
     }
 
     /// Sets `labels` on the image `repo@digest` (over any it has) and writes the result under
@@ -852,6 +852,220 @@ mod tests {
             password: Some(pass.into()),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn labels_are_set_over_the_config_and_nothing_else_changes() {
+        let labels = BTreeMap::from([
+            ("app".to_string(), "web".to_string()),
+            ("build_uuid".to_string(), "b-2".to_string()),
+        ]);
+        let config = br#"{"architecture":"amd64","config":{"Cmd":["sh"],"Labels":{"build_uuid":"b-1","team":"x"}},"history":[{"created_by":"RUN x"}],"rootfs":{"type":"layers","diff_ids":["sha256:1","sha256:2"]}}"#;
+        let (out, layers) = with_labels(config, &labels).expect("labelled");
+        let out: serde_json::Value = serde_json::from_slice(&out).expect("json");
+        assert_eq!(layers, 2);
+        assert_eq!(
+            out["config"]["Labels"],
+            serde_json::json!({"app": "web", "build_uuid": "b-2", "team": "x"}),
+            "ours win, the image's own stay"
+        );
+        assert_eq!(out["config"]["Cmd"], serde_json::json!(["sh"]));
+        assert_eq!(out["history"][0]["created_by"], "RUN x");
+        assert_eq!(out["architecture"], "amd64");
+
+        // No labels yet (null, or no config at all).
+        for bare in [
+            &br#"{"config":{"Labels":null},"rootfs":{"diff_ids":[]}}"#[..],
+            br#"{"rootfs":{"diff_ids":["sha256:1"]}}"#,
+        ] {
+            let (out, _) = with_labels(bare, &labels).expect("labelled");
+            let out: serde_json::Value = serde_json::from_slice(&out).expect("json");
+            assert_eq!(out["config"]["Labels"]["app"], "web", "{out}");
+        }
+        for bad in [&b"[]"[..], b"{\"config\":{}}", b"not json"] {
+            assert!(with_labels(bad, &labels).is_err());
+        }
+    }
+
+    #[test]
+    fn a_digest_is_the_sha256_of_the_bytes() {
+        assert_eq!(
+            sha256_digest(b""),
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+
+    #[tokio::test]
+    async fn upload_locations_keep_credentials_on_the_registry() {
+        let registry = loopback_registry();
+        let session = |scheme| Session {
+            client: &registry,
+            host: "127.0.0.1:5000",
+            name: "repo/app",
+            auth: None,
+            scheme,
+            header: None,
+        };
+        let http = session(Scheme::Known("http"));
+        for (location, path) in [
+            (
+                "/v2/repo/app/blobs/uploads/u1?_state=s",
+                Some("/v2/repo/app/blobs/uploads/u1?_state=s"),
+            ),
+            (
+                "http://127.0.0.1:5000/v2/repo/app/blobs/uploads/u1",
+                Some("/v2/repo/app/blobs/uploads/u1"),
+            ),
+            ("http://127.0.0.1:5001/v2/repo/app/blobs/uploads/u1", None),
+            ("http://storage.example/upload/u1", None),
+            ("https://127.0.0.1:5000/v2/repo/app/blobs/uploads/u1", None),
+        ] {
+            assert_eq!(
+                http.same_origin_path(location).as_deref(),
+                path,
+                "{location}"
+            );
+        }
+    }
+
+    /// What the relabelling mock saw.
+    #[derive(Default)]
+    struct Writes {
+        storage_auth: Option<bool>,
+        blob: Option<(String, Vec<u8>)>,
+        manifests: Vec<(String, String, Vec<u8>)>,
+    }
+
+    /// A registry with Basic auth whose blobs live elsewhere (a redirect to a storage URL, as
+    /// with distribution's S3 driver), for `relabel`'s whole exchange.
+    async fn relabelling_registry(config: &'static [u8]) -> (String, Arc<Mutex<Writes>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let host = listener.local_addr().expect("addr").to_string();
+        let writes = Arc::new(Mutex::new(Writes::default()));
+        let config_digest = sha256_digest(config);
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": V2,
+            "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": config.len(), "digest": config_digest},
+            "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "size": 3, "digest": "sha256:l1"}],
+        })
+        .to_string();
+        let storage = format!("http://{host}/storage/config");
+        let app = axum::Router::new()
+            .route(
+                "/storage/config",
+                axum::routing::get(
+                    move |State(w): State<Arc<Mutex<Writes>>>, h: HeaderMap| async move {
+                        w.lock().expect("lock").storage_auth =
+                            Some(h.contains_key("authorization"));
+                        config
+                    },
+                ),
+            )
+            .fallback(
+                move |State(w): State<Arc<Mutex<Writes>>>,
+                      method: axum::http::Method,
+                      uri: axum::http::Uri,
+                      h: HeaderMap,
+                      body: bytes::Bytes| async move {
+                    // "shuttle:pw"
+                    if h.get("authorization")
+                        .is_none_or(|v| v != "Basic c2h1dHRsZTpwdw==")
+                    {
+                        return (
+                            StatusCode::UNAUTHORIZED,
+                            [("www-authenticate", r#"Basic realm="mock""#)],
+                        )
+                            .into_response();
+                    }
+                    let path = uri.path();
+                    let ct = h
+                        .get("content-type")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string();
+                    match (method.as_str(), path) {
+                        ("GET", "/v2/repo/app/manifests/sha256:pushed") => {
+                            ([("content-type", V2)], manifest.clone()).into_response()
+                        }
+                        ("GET", p) if p == format!("/v2/repo/app/blobs/{config_digest}") => (
+                            StatusCode::TEMPORARY_REDIRECT,
+                            [("location", storage.clone())],
+                        )
+                            .into_response(),
+                        ("POST", "/v2/repo/app/blobs/uploads/") => (
+                            StatusCode::ACCEPTED,
+                            [("location", "/v2/repo/app/blobs/uploads/u1?_state=s")],
+                        )
+                            .into_response(),
+                        ("PUT", "/v2/repo/app/blobs/uploads/u1") => {
+                            let q = uri.query().unwrap_or_default().to_string();
+                            w.lock().expect("lock").blob = Some((q, body.to_vec()));
+                            StatusCode::CREATED.into_response()
+                        }
+                        ("PUT", p) if p.starts_with("/v2/repo/app/manifests/") => {
+                            let tag = p.rsplit('/').next().unwrap_or_default().to_string();
+                            w.lock()
+                                .expect("lock")
+                                .manifests
+                                .push((tag, ct, body.to_vec()));
+                            StatusCode::CREATED.into_response()
+                        }
+                        _ => StatusCode::NOT_FOUND.into_response(),
+                    }
+                },
+            )
+            .with_state(writes.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (host, writes)
+    }
+
+    #[tokio::test]
+    async fn relabelling_writes_a_new_config_and_one_manifest_under_every_tag() {
+        const CONFIG: &[u8] =
+            br#"{"config":{"Labels":null},"rootfs":{"type":"layers","diff_ids":["sha256:d1"]}}"#;
+        let (host, writes) = relabelling_registry(CONFIG).await;
+        let labels = BTreeMap::from([("build_uuid".to_string(), "b-9".to_string())]);
+        let done = loopback_registry()
+            .relabel(
+                &format!("{host}/repo/app"),
+                "sha256:pushed",
+                &labels,
+                &["1.9", "latest"],
+                Some(&creds("shuttle", "pw")),
+            )
+            .await
+            .expect("relabelled");
+        let w = writes.lock().expect("lock");
+        assert_eq!(
+            w.storage_auth,
+            Some(false),
+            "no credentials to the blob's storage"
+        );
+        let (query, blob) = w.blob.clone().expect("a config uploaded");
+        assert_eq!(blob, done.config.to_vec());
+        assert_eq!(query, format!("_state=s&digest={}", sha256_digest(&blob)));
+        assert_eq!(done.layers, 1);
+        let config: serde_json::Value = serde_json::from_slice(&blob).expect("json");
+        assert_eq!(config["config"]["Labels"]["build_uuid"], "b-9");
+        let tags: Vec<&str> = w.manifests.iter().map(|(t, _, _)| t.as_str()).collect();
+        assert_eq!(tags, ["1.9", "latest"]);
+        let (_, ct, body) = &w.manifests[0];
+        assert_eq!(ct, V2);
+        assert!(
+            w.manifests.iter().all(|(_, _, b)| b == body),
+            "the same manifest"
+        );
+        assert_eq!(done.digest, sha256_digest(body));
+        let manifest: serde_json::Value = serde_json::from_slice(body).expect("json");
+        assert_eq!(manifest["config"]["digest"], sha256_digest(&blob));
+        assert_eq!(manifest["config"]["size"], blob.len());
+        assert_eq!(
+            manifest["layers"][0]["digest"], "sha256:l1",
+            "the layers stay"
+        );
     }
 
     #[tokio::test]
