@@ -79,6 +79,9 @@ ours() {
   printf '{"app":"pone","space":"default","app_uuid":"%s","build_uuid":"%s","build_number":1,"sources":"%s","gm_registry_host":"%s","gm_registry_repo":"bench","callback":"http://127.0.0.1:%s/b/%s","build_args":{%s}}' \
     "$app_uuid" "$build_uuid" "$sources" "$REG" "$CB_PORT" "$build_uuid" "$args_json" > "$work/post.json"
   local t0 t1
+  # The inputs' dirty pages (the copied app, its archive) are the bench's, not the build's:
+  # each side starts with them on disk, so neither build waits for the other's writeback.
+  sync
   t0=$(now)
   curl -sf -X POST "http://127.0.0.1:$PORT/" -H 'content-type: application/json' --data-binary @"$work/post.json" >/dev/null
   until grep -q "/b/$build_uuid .*\"status\":\"\(succeeded\|failed\)\"" "$work/callbacks" 2>/dev/null; do sleep 0.01; done
@@ -102,6 +105,7 @@ raw() {
     labels=(--label app=praw --label space=default --label "build_uuid=$(cat /proc/sys/kernel/random/uuid)" --label "app_uuid=${repo##*praw-}")
   fi
   local tb tp
+  sync
   t0=$(now)
   # DOCKER_BUILDKIT=0: the classic builder (the CLI here has no buildx), whatever ours uses.
   DOCKER_BUILDKIT=0 docker build --no-cache "${labels[@]}" "${cli_args[@]}" -t "$repo:1.1" -t "$repo:latest" "$work/raw-$i" >/dev/null 2>&1 \
