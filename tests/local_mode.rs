@@ -457,6 +457,24 @@ async fn labels_go_on_with_a_build_step_when_the_registry_api_refuses() {
             "{tag}: {config}"
         );
     }
+
+    // The next build to that registry does not try again: its labels are a LABEL instruction
+    // in the Dockerfile, as where the registry's API cannot be used at all.
+    let mut next = body(&data_uri(&archive), &cb);
+    next["gm_registry_host"] = json!(proxy);
+    svc.post(&next).await;
+    let id = next["build_uuid"].as_str().unwrap();
+    let status = cb.wait_final(id, BUILD).await;
+    let log = svc.log(&next).await;
+    assert_eq!(status, "succeeded", "{log}");
+    assert!(
+        !log.contains("Could not label the image in the registry") && log.contains(" : LABEL app="),
+        "{log}"
+    );
+    let (_, config) = registry_config(REGISTRY, &image_repo(&next), "latest", None)
+        .await
+        .expect("config");
+    assert_eq!(config["config"]["Labels"]["build_uuid"], id, "{config}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

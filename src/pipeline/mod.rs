@@ -225,7 +225,7 @@ impl Pipeline {
         // instruction. When this process can write to the app's registry, the labels go on
         // there after the push instead (see `tag_and_push`). BuildKit sets them for free.
         let repo = spec.image_repository();
-        let label_in_registry = !buildkit && self.registry.can_write(&repo);
+        let label_in_registry = !buildkit && self.registry.can_relabel(&repo);
         let labels2 = if label_in_registry {
             Default::default()
         } else {

@@ -71,6 +71,9 @@ pub struct Registry {
     /// Hosts this process could not reach (dockerd may: another network), and when: for
     /// UNREACHABLE_PAUSE their builds go straight to dockerd's push.
     unreachable: Mutex<HashMap<String, Instant>>,
+    /// Hosts where relabelling failed, and when: for UNREACHABLE_PAUSE their builds' labels
+    /// go back into the Dockerfile rather than costing a failed try and a second push each.
+    relabel_failed: Mutex<HashMap<String, Instant>>,
 }
 
 const UNREACHABLE_PAUSE: Duration = Duration::from_secs(600);
@@ -92,6 +95,14 @@ impl Insecure {
                 .any(|ip| self.cidrs.iter().any(|n| n.contains(ip))),
         }
     }
+}
+
+/// Whether `host` was put in `map` less than UNREACHABLE_PAUSE ago.
+fn recent(map: &Mutex<HashMap<String, Instant>>, host: &str) -> bool {
+    map.lock()
+        .ok()
+        .and_then(|m| m.get(host).copied())
+        .is_some_and(|at| at.elapsed() < UNREACHABLE_PAUSE)
 }
 
 /// `host[:port]` and the repository name inside it, for `host[:port]/path`.
@@ -129,6 +140,7 @@ impl Registry {
             insecure,
             schemes: Mutex::new(HashMap::new()),
             unreachable: Mutex::new(HashMap::new()),
+            relabel_failed: Mutex::new(HashMap::new()),
         }
     }
 
@@ -151,16 +163,15 @@ impl Registry {
 
     /// Whether `repo`'s registry is one this client talks to (a registry host in the name, not
     /// found unreachable a moment ago).
-    pub fn can_write(&self, repo: &str) -> bool {
-        let Some((host, _)) = split_repo(repo) else {
-            return false;
-        };
-        let paused = self
-            .unreachable
-            .lock()
-            .ok()
-            .and_then(|m| m.get(host).copied());
-        paused.is_none_or(|at| at.elapsed() >= UNREACHABLE_PAUSE)
+    fn can_write(&self, repo: &str) -> bool {
+        split_repo(repo).is_some_and(|(host, _)| !recent(&self.unreachable, host))
+    }
+
+    /// Whether `relabel` is worth trying for `repo`: it can be written, and relabelling there
+    /// has not failed a moment ago.
+    pub fn can_relabel(&self, repo: &str) -> bool {
+        self.can_write(repo)
+            && split_repo(repo).is_some_and(|(host, _)| !recent(&self.relabel_failed, host))
     }
 
     /// Sets `labels` on the image `repo@digest` (over any it has) and writes the result under
@@ -210,6 +221,9 @@ impl Registry {
             })
         }
         .await;
+        if let (Err(_), Ok(mut m)) = (&relabelled, self.relabel_failed.lock()) {
+            m.insert(session.host.to_string(), Instant::now());
+        }
         self.note(session.host, relabelled)
     }
 
