@@ -432,14 +432,21 @@ async fn labels_go_on_with_a_build_step_when_the_registry_api_refuses() {
     .await;
     let svc = Service::start(&[]).await;
     let cb = Callbacks::start().await;
-    let archive = tar_gz(&[("Dockerfile", &dockerfile("RUN echo FALLBACK"))]);
-    let mut b = body(&data_uri(&archive), &cb);
-    b["gm_registry_host"] = json!(proxy);
-    svc.post(&b).await;
+    // One build of a new app pushed through the proxy; its body and log once it succeeded.
+    let build = || async {
+        let archive = tar_gz(&[("Dockerfile", &dockerfile("RUN echo FALLBACK"))]);
+        let mut b = body(&data_uri(&archive), &cb);
+        b["gm_registry_host"] = json!(proxy);
+        svc.post(&b).await;
+        let status = cb
+            .wait_final(b["build_uuid"].as_str().unwrap(), BUILD)
+            .await;
+        let log = svc.log(&b).await;
+        assert_eq!(status, "succeeded", "{log}");
+        (b, log)
+    };
+    let (b, log) = build().await;
     let id = b["build_uuid"].as_str().unwrap();
-    let status = cb.wait_final(id, BUILD).await;
-    let log = svc.log(&b).await;
-    assert_eq!(status, "succeeded", "{log}");
     assert!(
         log.contains("Could not label the image in the registry")
             && log.contains(" : LABEL app=")
@@ -460,13 +467,8 @@ async fn labels_go_on_with_a_build_step_when_the_registry_api_refuses() {
 
     // The next build to that registry does not try again: its labels are a LABEL instruction
     // in the Dockerfile, as where the registry's API cannot be used at all.
-    let mut next = body(&data_uri(&archive), &cb);
-    next["gm_registry_host"] = json!(proxy);
-    svc.post(&next).await;
+    let (next, log) = build().await;
     let id = next["build_uuid"].as_str().unwrap();
-    let status = cb.wait_final(id, BUILD).await;
-    let log = svc.log(&next).await;
-    assert_eq!(status, "succeeded", "{log}");
     assert!(
         !log.contains("Could not label the image in the registry") && log.contains(" : LABEL app="),
         "{log}"

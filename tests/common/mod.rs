@@ -511,31 +511,25 @@ pub async fn registry_config(
     tag: &str,
     auth: Option<(&str, &str)>,
 ) -> Option<(String, serde_json::Value)> {
-    let get = |url: String| {
+    let json = |url: String| async move {
         let req = reqwest::Client::new().get(url).header(
             "accept",
             "application/vnd.docker.distribution.manifest.v2+json",
         );
-        match auth {
+        let req = match auth {
             Some((u, p)) => req.basic_auth(u, Some(p)),
             None => req,
-        }
+        };
+        req.send()
+            .await
+            .ok()?
+            .json::<serde_json::Value>()
+            .await
+            .ok()
     };
-    let manifest: serde_json::Value = get(format!("http://{registry}/v2/{repo}/manifests/{tag}"))
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()?;
+    let manifest = json(format!("http://{registry}/v2/{repo}/manifests/{tag}")).await?;
     let digest = manifest["config"]["digest"].as_str()?.to_string();
-    let config = get(format!("http://{registry}/v2/{repo}/blobs/{digest}"))
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()?;
+    let config = json(format!("http://{registry}/v2/{repo}/blobs/{digest}")).await?;
     Some((digest, config))
 }
 
