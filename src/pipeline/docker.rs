@@ -500,7 +500,6 @@ fn parse_digest(status: &str) -> Option<String> {
     d.starts_with("sha256:").then(|| d.to_string())
 }
 
-/// The ID of a local image, `None` when the daemon has no such image.
 /// Whether the local image `image` has its parent images here (it was built here), so the
 /// classic builder finds its steps in the local cache. A pulled or loaded image has none: its
 /// history names no image below the top one.
@@ -511,6 +510,7 @@ pub async fn has_parents(docker: &Docker, image: &str) -> bool {
     }
 }
 
+/// The ID of a local image, `None` when the daemon has no such image.
 pub async fn image_id(docker: &Docker, image: &str) -> Option<String> {
     docker.inspect_image(image).await.ok().and_then(|i| i.id)
 }

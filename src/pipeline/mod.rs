@@ -1,8 +1,8 @@
 //! The build pipeline: one entry point, used by local mode and by the Kubernetes worker.
 //! sources → storage (original archive) ∥ context → docker build (layer cache pulled
-//! meanwhile) → tag → push `1.{n}`, then label it and tag `latest` in the registry; every output line to
-//! the build log, and each stage's duration to `StageTimings`. Knows nothing about HTTP or
-//! Kubernetes.
+//! meanwhile) → tag → push `1.{n}`, then label it (classic builder) and tag `latest` in the
+//! registry; every output line to the build log, and each stage's duration to `StageTimings`.
+//! Knows nothing about HTTP or Kubernetes.
 
 pub mod context;
 pub mod docker;
@@ -697,15 +697,20 @@ impl Pipeline {
             // Labelled in the registry: the local `latest` becomes that very image (its config
             // over the layers already here, so its ID is the registry's config digest).
             // Otherwise, or if the daemon will not load it, the built image.
-            let mut ours = None;
-            if let Some(r) = relabelled {
-                let id = registry::sha256_digest(&r.config);
-                match docker::load_config(&docker, r.config, r.layers, &latest).await {
-                    Ok(()) => ours = Some(id),
-                    Err(e) => tracing::info!(error = %e, "the local latest image keeps no labels"),
+            let loaded = match relabelled {
+                Some(r) => {
+                    let id = registry::sha256_digest(&r.config);
+                    match docker::load_config(&docker, r.config, r.layers, &latest).await {
+                        Ok(()) => Some(id),
+                        Err(e) => {
+                            tracing::info!(error = %e, "the local latest image keeps no labels");
+                            None
+                        }
+                    }
                 }
-            }
-            let ours = match ours {
+                None => None,
+            };
+            let ours = match loaded {
                 Some(id) => Some(id),
                 None => {
                     if let Err(e) = docker::tag(&docker, &image, &repo, "latest").await {
