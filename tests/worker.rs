@@ -179,6 +179,26 @@ fn worker_builds_stored_sources_pushes_and_writes_its_outcome() {
             .expect("curl");
         assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{url}");
     }
+    // A host worker's classic build is labelled in the registry: its outcome's digest is the
+    // labelled manifest under `latest`, and the daemon's local `latest` is that very image.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let repo = format!("akkeris/{}", b.app_key());
+    let registry = "127.0.0.1:5000";
+    assert_eq!(
+        rt.block_on(common::manifest_digest(registry, &repo, "latest", None)),
+        digest.clone()
+    );
+    let (config_digest, config) = rt
+        .block_on(common::registry_config(registry, &repo, "latest", None))
+        .expect("config");
+    assert_eq!(
+        config["config"]["Labels"]["build_uuid"],
+        b.build_uuid.to_string()
+    );
+    let local = rt
+        .block_on(common::docker().inspect_image(&format!("{}:latest", b.image_repository())))
+        .expect("the local latest");
+    assert_eq!(local.id, Some(config_digest));
 }
 
 #[test]
