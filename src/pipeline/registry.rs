@@ -161,17 +161,12 @@ impl Registry {
         self.note(session.host, tagged)
     }
 
-    /// Whether `repo`'s registry is one this client talks to (a registry host in the name, not
-    /// found unreachable a moment ago).
-    fn can_write(&self, repo: &str) -> bool {
-        split_repo(repo).is_some_and(|(host, _)| !recent(&self.unreachable, host))
-    }
-
-    /// Whether `relabel` is worth trying for `repo`: it can be written, and relabelling there
-    /// has not failed a moment ago.
+    /// Whether `relabel` is worth trying for `repo`: a registry host in the name, neither found
+    /// unreachable nor failing to relabel a moment ago.
     pub fn can_relabel(&self, repo: &str) -> bool {
-        self.can_write(repo)
-            && split_repo(repo).is_some_and(|(host, _)| !recent(&self.relabel_failed, host))
+        split_repo(repo).is_some_and(|(host, _)| {
+            !recent(&self.unreachable, host) && !recent(&self.relabel_failed, host)
+        })
     }
 
     /// Sets `labels` on the image `repo@digest` (over any it has) and writes the result under
@@ -235,7 +230,7 @@ impl Registry {
     ) -> Result<Session<'a>, RegistryError> {
         let (host, name) =
             split_repo(repo).ok_or_else(|| RegistryError::NotSupported(repo.to_string()))?;
-        if !self.can_write(repo) {
+        if recent(&self.unreachable, host) {
             return Err(RegistryError::NotSupported(format!(
                 "{host} (unreachable from here a moment ago)"
             )));
@@ -632,11 +627,12 @@ fn location(resp: &reqwest::Response) -> Option<String> {
 
 /// `sha256:<hex>` of `bytes`.
 pub fn sha256_digest(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
     let sum = sha2::Sha256::digest(bytes);
     let mut out = String::with_capacity(7 + 64);
     out.push_str("sha256:");
     for b in sum.iter() {
-        out.push_str(&format!("{b:02x}"));
+        let _ = write!(out, "{b:02x}");
     }
     out
 }
@@ -653,22 +649,25 @@ fn with_labels(
         .map(Vec::len)
         .ok_or("it lists no rootfs.diff_ids")?;
     let root = doc.as_object_mut().ok_or("it is not a JSON object")?;
-    let run = root
-        .entry("config")
-        .or_insert_with(|| serde_json::json!({}));
-    if run.is_null() {
-        *run = serde_json::json!({});
-    }
-    let run = run.as_object_mut().ok_or("its config is not an object")?;
-    let slot = run.entry("Labels").or_insert_with(|| serde_json::json!({}));
-    if slot.is_null() {
-        *slot = serde_json::json!({});
-    }
-    let slot = slot.as_object_mut().ok_or("its Labels are not an object")?;
+    let run = object_at(root, "config").ok_or("its config is not an object")?;
+    let slot = object_at(run, "Labels").ok_or("its Labels are not an object")?;
     for (k, v) in labels {
         slot.insert(k.clone(), v.clone().into());
     }
     Ok((doc.to_string().into(), layers))
+}
+
+/// The object under `key` in `map`, made an empty one when it is missing or null; `None`
+/// when it is something else.
+fn object_at<'a>(
+    map: &'a mut serde_json::Map<String, serde_json::Value>,
+    key: &str,
+) -> Option<&'a mut serde_json::Map<String, serde_json::Value>> {
+    let slot = map.entry(key).or_insert(serde_json::Value::Null);
+    if slot.is_null() {
+        *slot = serde_json::Value::Object(Default::default());
+    }
+    slot.as_object_mut()
 }
 
 /// `Bearer realm="…",service="…"` → ("Bearer", {realm, service}).
