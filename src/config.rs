@@ -127,6 +127,15 @@ pub struct ServeArgs {
     #[arg(long, env = "MAXIMUM_PARALLEL_BUILDS", value_name = "MAXIMUM_PARALLEL_BUILDS", default_value_t = 4,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub maximum_parallel_builds: u32,
+    /// Local mode: at most this many builds wait in the queue; a `POST /` beyond it gets
+    /// 503 and starts nothing. 0: no limit.
+    #[arg(
+        long,
+        env = "MAX_QUEUED_BUILDS",
+        value_name = "MAX_QUEUED_BUILDS",
+        default_value_t = 0
+    )]
+    pub max_queued_builds: u64,
     /// Largest accepted request body, in bytes; larger bodies get 413.
     #[arg(long, env = "MAX_REQUEST_BYTES", value_name = "MAX_REQUEST_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_request_bytes: usize,
@@ -756,6 +765,8 @@ pub struct Config {
     pub build: BuildConfig,
     pub use_kubernetes: bool,
     pub maximum_parallel_builds: usize,
+    /// `None`: no limit.
+    pub max_queued_builds: Option<usize>,
     pub max_request_bytes: usize,
     pub callback_retry_for: Duration,
     pub shutdown_grace: Duration,
@@ -774,12 +785,23 @@ impl ServeArgs {
                  and store build logs in S3 (a local DATA_DIR is not shared with them)",
             ));
         }
+        if self.use_kubernetes && self.max_queued_builds > 0 {
+            // Queued builds are BuildJobs there, in the cluster's store, not in this process.
+            return Err(invalid(
+                "MAX_QUEUED_BUILDS",
+                "applies to local mode only; with USE_KUBERNETES=true leave it unset (queued \
+                 builds are BuildJobs: bound them with a ResourceQuota on \
+                 count/buildjobs.buildshuttle.akkeris.io)",
+            ));
+        }
         let k = &self.kubernetes;
         Ok(Config {
             listen: format!("{}:{}", self.listen_address, self.port),
             build,
             use_kubernetes: self.use_kubernetes,
             maximum_parallel_builds: self.maximum_parallel_builds as usize,
+            max_queued_builds: (self.max_queued_builds > 0)
+                .then(|| usize::try_from(self.max_queued_builds).unwrap_or(usize::MAX)),
             max_request_bytes: self.max_request_bytes,
             callback_retry_for: Duration::from_secs(self.callback_retry_seconds),
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),

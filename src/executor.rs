@@ -13,6 +13,9 @@ pub enum ExecutorError {
     /// The service cannot take builds now (shutting down, state not writable, API down).
     #[error("the build service cannot accept builds right now: {0}")]
     Unavailable(String),
+    /// The queue holds its configured maximum; the client should try again later.
+    #[error("{0} builds are already queued (MAX_QUEUED_BUILDS)")]
+    QueueFull(usize),
 }
 
 /// Which builds a stop applies to.

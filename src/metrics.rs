@@ -38,6 +38,7 @@ pub struct Metrics {
     pub queued: Gauge,
     pub running: Gauge,
     pub callback_failures: Counter,
+    pub refused_queue_full: Counter,
 }
 
 impl Default for Metrics {
@@ -63,6 +64,7 @@ impl Metrics {
         let queued = Gauge::default();
         let running = Gauge::default();
         let callback_failures = Counter::default();
+        let refused_queue_full = Counter::default();
         registry.register(
             "builds",
             "Builds finished, by result and failure reason",
@@ -94,6 +96,11 @@ impl Metrics {
             "Status callbacks given up after all retries",
             callback_failures.clone(),
         );
+        registry.register(
+            "builds_refused_queue_full",
+            "POST / answered 503 because MAX_QUEUED_BUILDS builds were queued",
+            refused_queue_full.clone(),
+        );
         Self {
             registry,
             builds,
@@ -103,6 +110,7 @@ impl Metrics {
             queued,
             running,
             callback_failures,
+            refused_queue_full,
         }
     }
 

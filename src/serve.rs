@@ -106,6 +106,7 @@ pub async fn start(cfg: Config) -> Result<Started, StartError> {
         LocalSettings {
             data_dir: data_dir.clone(),
             max_parallel: cfg.maximum_parallel_builds,
+            max_queued: cfg.max_queued_builds,
             timeout: cfg.build.timeout,
         },
         pipeline,

@@ -31,6 +31,7 @@ fn bad_configuration_is_one_line_naming_the_variable_and_exit_2() {
         ("EXTRA_BUILD_ARGS", "[1,2]"),
         ("MAXIMUM_PARALLEL_BUILDS", "0"),
         ("MAXIMUM_PARALLEL_BUILDS", "many"),
+        ("MAX_QUEUED_BUILDS", "-1"),
         ("TIMEOUT_IN_MS", "-5"),
         ("DOCKER_BUILDKIT", "maybe"),
         (
@@ -54,6 +55,18 @@ fn bad_configuration_is_one_line_naming_the_variable_and_exit_2() {
         assert!(lines[0].contains(var), "{var}={value}: {stderr}");
         assert!(!stderr.contains("panicked"));
     }
+    // Local mode's queue limit is refused in Kubernetes mode rather than silently ignored.
+    let (code, stderr) = run_serve(&[
+        ("USE_KUBERNETES", "true"),
+        ("S3_BUCKET", "b"),
+        ("MAX_QUEUED_BUILDS", "10"),
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("MAX_QUEUED_BUILDS") && stderr.contains("count/buildjobs"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -338,4 +351,81 @@ async fn buildkit_sessions_end_with_their_builds() {
         after[3] <= after[0],
         "sockets after each build: {after:?} (a session per build left open)"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_503_and_keeps_nothing_of_the_refused_build() {
+    require_services();
+    let data = tempfile::tempdir().unwrap();
+    let cb = Callbacks::start().await;
+    let port = free_port();
+    // Accepts connections and never answers: a build fetching from it holds its slot.
+    let hang = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hang_url = format!("http://{}/never.tgz", hang.local_addr().unwrap());
+    let env = [("MAXIMUM_PARALLEL_BUILDS", "1"), ("MAX_QUEUED_BUILDS", "2")];
+    let p = spawn(data.path(), port, &env);
+    let running = body(&hang_url, &cb);
+    p.post(&running).await;
+    p.wait_log(&running, "Fetching sources").await;
+    let queued: Vec<Value> = (0..2).map(|_| body(&hang_url, &cb)).collect();
+    for b in &queued {
+        p.post(b).await;
+    }
+
+    let refused = body(&hang_url, &cb);
+    let client = reqwest::Client::new();
+    let r = client.post(p.url("/")).json(&refused).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "30");
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(
+        answer["status"],
+        "Service Unavailable - the build queue is full; try again later."
+    );
+    // A build already queued is still acknowledged: a retried POST must not look refused.
+    p.post(&queued[0]).await;
+    let metrics = reqwest::get(p.url("/metrics")).await.unwrap();
+    let metrics = metrics.text().await.unwrap();
+    assert!(
+        metrics.contains("buildshuttle_builds_refused_queue_full_total 1"),
+        "{metrics}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rid = refused["build_uuid"].as_str().unwrap();
+    assert!(
+        cb.calls_for(rid).is_empty(),
+        "a refused build sends no callback"
+    );
+    assert_eq!(p.log(&refused).await, "", "a refused build has no log");
+    let sources = reqwest::get(p.url(&format!("/{rid}"))).await.unwrap();
+    assert_eq!(sources.status(), 404, "a refused build stores nothing");
+
+    // Stopping the running build frees its slot; the oldest queued one starts and the
+    // queue has room again.
+    let key = format!(
+        "/{}-{}/1",
+        running["app"].as_str().unwrap(),
+        running["app_uuid"].as_str().unwrap()
+    );
+    let stop = client.delete(p.url(&key)).send().await.unwrap();
+    assert_eq!(stop.status(), 200);
+    p.wait_log(&queued[0], "Fetching sources").await;
+    p.post(&refused).await;
+    assert_eq!(
+        cb.wait_final(
+            running["build_uuid"].as_str().unwrap(),
+            Duration::from_secs(30)
+        )
+        .await,
+        "failed"
+    );
+    let start = Instant::now();
+    while cb.calls_for(rid).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the accepted build's pending callback never came"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(hang);
 }

@@ -34,6 +34,8 @@ pub enum ApiError {
     BadRequest(String),
     NotFound,
     Unavailable,
+    /// 503 with `Retry-After`: the queue is full.
+    Busy,
     Internal,
 }
 
@@ -46,6 +48,20 @@ impl IntoResponse for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Service Unavailable - try again shortly.".to_string(),
             ),
+            ApiError::Busy => {
+                let body = Json(serde_json::json!({
+                    "status": "Service Unavailable - the build queue is full; try again later."
+                }));
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(
+                        header::RETRY_AFTER,
+                        HeaderValue::from_static(QUEUE_FULL_RETRY_AFTER),
+                    )],
+                    body,
+                )
+                    .into_response();
+            }
             ApiError::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "Internal Server Error".to_string(),
@@ -55,10 +71,19 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Seconds a client is told to wait when the queue is full: about one small build.
+const QUEUE_FULL_RETRY_AFTER: &str = "30";
+
 impl From<ExecutorError> for ApiError {
     fn from(e: ExecutorError) -> Self {
-        tracing::error!(error = %e, "executor error");
-        ApiError::Unavailable
+        match e {
+            // Expected under load and logged by the executor once per episode, not per request.
+            ExecutorError::QueueFull(_) => ApiError::Busy,
+            ExecutorError::Unavailable(_) => {
+                tracing::error!(error = %e, "executor error");
+                ApiError::Unavailable
+            }
+        }
     }
 }
 

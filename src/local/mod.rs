@@ -35,6 +35,8 @@ use uuid::Uuid;
 pub struct LocalSettings {
     pub data_dir: PathBuf,
     pub max_parallel: usize,
+    /// Builds that may wait in the queue; `None`: no limit.
+    pub max_queued: Option<usize>,
     pub timeout: Duration,
 }
 
@@ -65,6 +67,10 @@ struct Inner {
     semaphore: Arc<Semaphore>,
     seq: AtomicU64,
     draining: AtomicBool,
+    max_queued: Option<usize>,
+    /// Whether the last `POST /` found the queue full: the warning is logged once when it
+    /// fills, not once per refused request.
+    full: AtomicBool,
     /// Builds that took a slot and have not yet sent their final callback: a graceful
     /// shutdown waits for these (the `running` gauge drops before the final callback).
     finishing: AtomicU64,
@@ -166,6 +172,8 @@ impl LocalExecutor {
             semaphore,
             seq: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            max_queued: settings.max_queued,
+            full: AtomicBool::new(false),
             finishing: AtomicU64::new(0),
             tasks: TaskTracker::new(),
             builds: runtime.handle().clone(),
@@ -307,6 +315,30 @@ impl Inner {
         self.waiting
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Refuses a new build while `max_queued` builds wait. Checked before the build is
+    /// written anywhere, so a refused build leaves nothing behind; requests in flight at
+    /// once may each pass it, so the queue can exceed the limit by at most that many.
+    fn check_room(&self) -> Result<(), ExecutorError> {
+        let Some(max) = self.max_queued else {
+            return Ok(());
+        };
+        let queued = self.lock_waiting().len();
+        if queued < max {
+            if self.full.swap(false, Ordering::Relaxed) {
+                tracing::info!(queued, "the build queue has room again");
+            }
+            return Ok(());
+        }
+        if !self.full.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                queued,
+                "the build queue is full (MAX_QUEUED_BUILDS); new builds get 503 until it drains"
+            );
+        }
+        self.metrics.refused_queue_full.inc();
+        Err(ExecutorError::QueueFull(queued))
     }
 
     /// Whether a build queued now waits behind HOT_QUEUE others (its record then waits in
@@ -705,6 +737,7 @@ impl Executor for LocalExecutor {
             tracing::info!(build = %id, "build already accepted; not starting it again");
             return Ok(());
         }
+        self.inner.check_room()?;
         // A data: payload goes to storage now; the state keeps a reference, not megabytes.
         self.inner
             .pipeline
