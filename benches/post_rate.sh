@@ -6,6 +6,8 @@
 # Prints req/s and latency percentiles (p50, p90, p99, p99.9, max) side by side, the service's peak RSS (VmHWM) over the run, and
 # that peak less the idle RSS per build still queued.
 #   SECONDS_EACH=10 CONNECTIONS=32 bash benches/post_rate.sh
+# MAX_QUEUED_BUILDS=N (passed to the service) bounds the queue: POSTs past it are 503s, which
+# the non-2xx column counts and the per-queued-build figure leaves out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_EACH=${SECONDS_EACH:-10}
@@ -42,7 +44,7 @@ for r in "GET /octhc" "POST /"; do
     "$(field "$res" p999_ms)" "$(field "$res" max_ms)" "$(field "$res" non2xx)"
 done
 echo "POST requests sent: $(field "$post" requests) (socket errors: $(field "$post" errors))"
-echo "builds finished when wrk stopped: $finished (the rest were still queued)"
+echo "builds accepted: $(( $(field "$post" requests) - $(field "$post" non2xx) )), finished when wrk stopped: $finished (the rest were still queued)"
 echo "peak RSS (VmHWM) of the service over the run: $((hwm / 1024)) MiB (idle before it: $((idle / 1024)) MiB)"
-queued=$(( $(field "$post" requests) - finished ))
+queued=$(( $(field "$post" requests) - $(field "$post" non2xx) - finished ))
 [ "$queued" -gt 0 ] && echo "memory per queued build at the peak: $(( (hwm - idle) * 1024 / queued )) bytes ($queued queued when wrk stopped)"
