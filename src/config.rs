@@ -790,8 +790,7 @@ impl ServeArgs {
             return Err(invalid(
                 "MAX_QUEUED_BUILDS",
                 "applies to local mode only; with USE_KUBERNETES=true leave it unset (queued \
-                 builds are BuildJobs: bound them with a ResourceQuota on \
-                 count/buildjobs.buildshuttle.akkeris.io)",
+                 builds are BuildJobs, kept by the cluster, not in this process's memory)",
             ));
         }
         let k = &self.kubernetes;

@@ -64,7 +64,7 @@ fn bad_configuration_is_one_line_naming_the_variable_and_exit_2() {
     assert_eq!(code, 2, "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(
-        stderr.contains("MAX_QUEUED_BUILDS") && stderr.contains("count/buildjobs"),
+        stderr.contains("MAX_QUEUED_BUILDS") && stderr.contains("local mode only"),
         "{stderr}"
     );
 }
