@@ -543,12 +543,19 @@ impl DockerIgnore {
 pub(super) struct ChannelWriter {
     tx: tokio::sync::mpsc::Sender<io::Result<Bytes>>,
     buf: Vec<u8>,
+    /// Set once the producer failed: what `tar::Builder` writes when dropped (the archive's
+    /// end) is discarded, so dockerd sees the error and never a shorter, complete-looking
+    /// context.
+    failed: bool,
 }
 
 const CHUNK: usize = 256 * 1024;
 
 impl Write for ChannelWriter {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.failed {
+            return Ok(data.len());
+        }
         self.buf.extend_from_slice(data);
         if self.buf.len() >= CHUNK {
             self.flush()?;
@@ -556,7 +563,7 @@ impl Write for ChannelWriter {
         Ok(data.len())
     }
     fn flush(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
+        if self.buf.is_empty() || self.failed {
             return Ok(());
         }
         let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
@@ -604,10 +611,14 @@ pub(super) fn spawn_tar(
         let writer = ChannelWriter {
             tx: tx.clone(),
             buf: Vec::with_capacity(CHUNK),
+            failed: false,
         };
         let result = (|| {
             let mut builder = tar::Builder::new(writer);
-            produce(&mut builder)?;
+            if let Err(e) = produce(&mut builder) {
+                builder.get_mut().failed = true;
+                return Err(e);
+            }
             let mut writer = builder.into_inner()?;
             writer.flush()
         })();
@@ -663,6 +674,46 @@ mod tests {
             max_source_bytes: 1 << 20,
             max_context_bytes: 1 << 20,
             max_archive_entries: 100,
+        }
+    }
+
+    /// A producer that fails part-way: dockerd must get an error, not a tar that ends
+    /// cleanly after the entries so far (which it would build from).
+    #[tokio::test]
+    async fn a_failing_producer_never_ends_the_archive() {
+        use futures::StreamExt;
+        // Sizes that leave tar::Builder's end-of-archive blocks (written when it is dropped)
+        // enough to fill the buffer and go out, were they not discarded.
+        for size in [0usize, 1000, CHUNK - 1536, CHUNK - 600, CHUNK + 100] {
+            let mut stream = spawn_tar(move |b| {
+                let data = vec![7u8; size];
+                let mut h = tar::Header::new_gnu();
+                h.set_size(size as u64);
+                h.set_mode(0o644);
+                b.append_data(&mut h, "a", data.as_slice())?;
+                Err(io::Error::other("stopped"))
+            });
+            let mut sent = Vec::new();
+            let mut failed = false;
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(chunk) => {
+                        assert!(!failed, "data after the error");
+                        sent.extend_from_slice(&chunk);
+                    }
+                    Err(e) => {
+                        assert_eq!(e.to_string(), "stopped");
+                        failed = true;
+                    }
+                }
+            }
+            assert!(failed, "size {size}: the error reached the stream");
+            let entry = 512 + size.div_ceil(512) * 512;
+            assert!(
+                sent.len() <= entry,
+                "size {size}: {} bytes sent, the entry is {entry}",
+                sent.len()
+            );
         }
     }
 
