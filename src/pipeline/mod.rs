@@ -7,6 +7,7 @@
 pub mod context;
 pub mod docker;
 pub mod dockerfile;
+pub mod overlap;
 pub mod progress;
 pub mod registry;
 pub mod restream;

@@ -22,7 +22,7 @@ use std::io::{self, Read};
 use std::path::{Component, PathBuf};
 
 /// A Dockerfile or `.dockerignore` larger than this is left to the extraction path.
-const CAPTURE_LIMIT: u64 = 1 << 20;
+pub(super) const CAPTURE_LIMIT: u64 = 1 << 20;
 /// The mtime every header carries, as `tar::HeaderMode::Deterministic` sets it.
 const MTIME: u64 = 1153704088;
 
@@ -54,6 +54,8 @@ pub struct Prepared {
     gzip: bool,
     prefix: Option<PathBuf>,
     ignore: DockerIgnore,
+    /// The `.dockerignore` as the archive has it, if any.
+    ignore_source: Option<Vec<u8>>,
     dockerfile: Vec<u8>,
     dockerfile_exec: bool,
 }
@@ -228,6 +230,18 @@ fn scan_tar(reader: impl Read, gzip: bool, limits: &Limits) -> Result<Scan, Cont
     }))
 }
 
+impl Prepared {
+    /// What a stream sent while the archive downloaded must have matched (see `overlap`).
+    pub fn verdict(&self) -> super::overlap::Verdict {
+        super::overlap::Verdict {
+            prefix: self.prefix.clone(),
+            dockerignore: self.ignore_source.clone(),
+            dockerfile: self.dockerfile.clone(),
+            dockerfile_exec: self.dockerfile_exec,
+        }
+    }
+}
+
 impl Plan {
     /// Rewrites the Dockerfile (see `context::rewrite_dockerfile`) and parses the
     /// `.dockerignore`; also returns whether the labels went into the Dockerfile.
@@ -241,16 +255,20 @@ impl Plan {
             return Err(context::no_dockerfile(self.found));
         };
         let (dockerfile, labelled) = context::rewrite_dockerfile(&data, arg_keys, style, labels);
-        let ignore = match &self.dockerignore {
-            Slot::File { data, .. } => DockerIgnore::parse(&String::from_utf8_lossy(data))?,
+        let (ignore, ignore_source) = match self.dockerignore {
+            Slot::File { data, .. } => (
+                DockerIgnore::parse(&String::from_utf8_lossy(&data))?,
+                Some(data),
+            ),
             // (`scan` sent any other kind to the extraction.)
-            Slot::Missing | Slot::Other => DockerIgnore::default(),
+            Slot::Missing | Slot::Other => (DockerIgnore::default(), None),
         };
         Ok((
             Prepared {
                 gzip: self.gzip,
                 prefix: self.prefix,
                 ignore,
+                ignore_source,
                 dockerfile: dockerfile.into_bytes(),
                 dockerfile_exec: exec,
             },
@@ -268,10 +286,18 @@ pub fn stream(archive: PathBuf, context: Prepared) -> ContextStream {
         } else {
             copy_entries(file, &context, out)?;
         }
-        let mut h = header(tar::EntryType::Regular, context.dockerfile_exec);
-        h.set_size(context.dockerfile.len() as u64);
-        out.append_data(&mut h, "Dockerfile", context.dockerfile.as_slice())
+        append_dockerfile(out, &context.dockerfile, context.dockerfile_exec)
     })
+}
+
+pub(super) fn append_dockerfile<W: io::Write>(
+    out: &mut tar::Builder<W>,
+    dockerfile: &[u8],
+    exec: bool,
+) -> io::Result<()> {
+    let mut h = header(tar::EntryType::Regular, exec);
+    h.set_size(dockerfile.len() as u64);
+    out.append_data(&mut h, "Dockerfile", dockerfile)
 }
 
 fn copy_entries<W: io::Write>(
@@ -279,7 +305,6 @@ fn copy_entries<W: io::Write>(
     context: &Prepared,
     out: &mut tar::Builder<W>,
 ) -> io::Result<()> {
-    use tar::EntryType;
     let mut archive = tar::Archive::new(reader);
     for entry in archive.entries()? {
         let mut entry = entry?;
@@ -307,34 +332,49 @@ fn copy_entries<W: io::Write>(
         if !always && context.ignore.excludes(rel_str) {
             continue;
         }
-        match kind {
-            EntryType::Regular | EntryType::Continuous => {
-                let exec = entry.header().mode().is_ok_and(|m| m & 0o100 != 0);
-                let mut h = header(EntryType::Regular, exec);
-                h.set_size(entry.size());
-                out.append_data(&mut h, &rel, &mut entry)?;
-            }
-            EntryType::Directory => {
-                let mut h = header(EntryType::Directory, true);
-                out.append_data(&mut h, &rel, io::empty())?;
-            }
-            EntryType::Symlink => {
-                let target = entry
-                    .link_name()?
-                    .ok_or_else(|| changed("a symlink lost its target"))?
-                    .into_owned();
-                let mut h = header(EntryType::Symlink, true);
-                out.append_link(&mut h, &rel, target)?;
-            }
-            _ => return Err(changed("an entry the check did not see")),
+        if !copy_entry(&mut entry, kind, &rel, out)? {
+            return Err(changed("an entry the check did not see"));
         }
     }
     Ok(())
 }
 
+/// Writes one entry (a file, folder or symlink) at `rel` with a deterministic header;
+/// `false` for any other kind.
+pub(super) fn copy_entry<R: Read, W: io::Write>(
+    entry: &mut tar::Entry<'_, R>,
+    kind: tar::EntryType,
+    rel: &std::path::Path,
+    out: &mut tar::Builder<W>,
+) -> io::Result<bool> {
+    use tar::EntryType;
+    match kind {
+        EntryType::Regular | EntryType::Continuous => {
+            let exec = entry.header().mode().is_ok_and(|m| m & 0o100 != 0);
+            let mut h = header(EntryType::Regular, exec);
+            h.set_size(entry.size());
+            out.append_data(&mut h, rel, entry)?;
+        }
+        EntryType::Directory => {
+            let mut h = header(EntryType::Directory, true);
+            out.append_data(&mut h, rel, io::empty())?;
+        }
+        EntryType::Symlink => {
+            let target = entry
+                .link_name()?
+                .ok_or_else(|| changed("a symlink lost its target"))?
+                .into_owned();
+            let mut h = header(EntryType::Symlink, true);
+            out.append_link(&mut h, rel, target)?;
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
 /// A header as `tar::HeaderMode::Deterministic` writes one: fixed mtime, owner 0, mode 755 or
 /// 644 by the owner's execute bit (folders and symlinks 755).
-fn header(kind: tar::EntryType, exec: bool) -> tar::Header {
+pub(super) fn header(kind: tar::EntryType, exec: bool) -> tar::Header {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(kind);
     h.set_size(0);

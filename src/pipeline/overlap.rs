@@ -1,0 +1,547 @@
+//! The build context sent to dockerd while the sources still download.
+//!
+//! `restream` sends the context once the archive is whole and checked. For a big archive
+//! that puts the download and the context's upload one after the other, though neither
+//! needs the other's end: `stream_while_written` follows the archive file as the download
+//! writes it and sends its entries at once, guessing what `restream` only knows at the end
+//! (the single top folder to flatten, the `.dockerignore`), with the Dockerfile held back.
+//! At the archive's end it waits for the checked archive's `Verdict`: if the guesses hold,
+//! the rewritten Dockerfile goes last and dockerd builds exactly the context `restream` would
+//! have sent. If not (a guess was wrong, the check refused the archive, the download failed),
+//! the stream ends with an error, so dockerd drops the upload and builds nothing, and the
+//! pipeline sends the context again the usual way. The download never waits for dockerd:
+//! the stream reads the file (the page cache), not the download.
+
+use super::context::{self, ContextStream, DockerIgnore, Format};
+use super::restream::{self, CAPTURE_LIMIT};
+use std::fs;
+use std::io::{self, Read};
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::Duration;
+
+/// How long a reader at the end of the file waits before looking again (the writer's end
+/// wakes it at once).
+const POLL: Duration = Duration::from_millis(5);
+/// Names sent before a `.dockerignore` are kept to check against it, up to this many; past
+/// it, a `.dockerignore` that comes later gives the guess up.
+const NAMES_BEFORE_IGNORE: usize = 4096;
+
+/// The archive file while the download writes it: tells a reader at its end whether more
+/// is coming.
+#[derive(Default)]
+pub struct Growing {
+    /// `Some(true)`: the whole archive is in the file; `Some(false)`: the download failed.
+    ended: Mutex<Option<bool>>,
+    changed: Condvar,
+}
+
+impl Growing {
+    /// The download ended (the first call counts).
+    pub fn end(&self, complete: bool) {
+        let mut ended = self.ended.lock().unwrap_or_else(PoisonError::into_inner);
+        ended.get_or_insert(complete);
+        self.changed.notify_all();
+    }
+
+    fn ended(&self) -> Option<bool> {
+        *self.ended.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn wait(&self) {
+        let ended = self.ended.lock().unwrap_or_else(PoisonError::into_inner);
+        if ended.is_none() {
+            let _ = self.changed.wait_timeout(ended, POLL);
+        }
+    }
+}
+
+/// Ends a `Growing` as failed when dropped, unless it was ended before: a reader never waits
+/// for a download whose pipeline has moved on.
+pub struct EndOnDrop(pub Arc<Growing>);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        self.0.end(false);
+    }
+}
+
+/// Reads a file as it is written, waiting at its end until the writer ends.
+struct Follow {
+    path: PathBuf,
+    file: Option<fs::File>,
+    growing: Arc<Growing>,
+}
+
+impl Read for Follow {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            // Asked before reading: a writer that ended had written everything, so the
+            // read that follows sees it all.
+            let ended = self.growing.ended();
+            if self.file.is_none() {
+                match fs::File::open(&self.path) {
+                    Ok(f) => self.file = Some(f),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound && ended.is_none() => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if let Some(file) = &mut self.file {
+                let n = file.read(buf)?;
+                if n > 0 || ended == Some(true) {
+                    return Ok(n);
+                }
+            }
+            match ended {
+                Some(false) => return Err(io::Error::other("the download stopped")),
+                _ => self.growing.wait(),
+            }
+        }
+    }
+}
+
+/// The checked archive's context, for the end of a stream that guessed it: what it must
+/// have sent, and the Dockerfile to send last.
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    pub(super) prefix: Option<PathBuf>,
+    pub(super) dockerignore: Option<Vec<u8>>,
+    pub(super) dockerfile: Vec<u8>,
+    pub(super) dockerfile_exec: bool,
+}
+
+/// What the stream guessed while the archive downloaded.
+#[derive(Debug, PartialEq)]
+struct Guess {
+    prefix: Option<PathBuf>,
+    dockerignore: Option<Vec<u8>>,
+}
+
+/// Why a stream gave its guess up (the pipeline then sends the context the usual way).
+pub type GaveUp = Arc<Mutex<Option<String>>>;
+
+/// Streams `archive` (a `.tar.gz` or `.tar` being written; `growing` says when it ends) as
+/// the build context. `verdict` is the checked archive's (an error message where it is not
+/// to be streamed); a stream that gives up ends with an error and says why in `gave_up`.
+pub fn stream_while_written(
+    archive: PathBuf,
+    growing: Arc<Growing>,
+    verdict: tokio::sync::oneshot::Receiver<Result<Verdict, String>>,
+    gave_up: GaveUp,
+) -> ContextStream {
+    context::spawn_tar(move |out| {
+        let sent = (|| {
+            let mut reader = Follow {
+                path: archive,
+                file: None,
+                growing,
+            };
+            let head = context::read_head(&mut reader)?;
+            let format = context::detect_bytes(&head).map_err(io::Error::other)?;
+            let whole = io::Cursor::new(head).chain(reader);
+            let guess = match format {
+                Format::TarGz => guess_entries(
+                    flate2::read::MultiGzDecoder::new(io::BufReader::with_capacity(
+                        256 * 1024,
+                        whole,
+                    )),
+                    out,
+                )?,
+                Format::Tar => guess_entries(whole, out)?,
+                Format::Zip => return Err(io::Error::other("it is a zip")),
+            };
+            let verdict = verdict
+                .blocking_recv()
+                .map_err(|_| io::Error::other("the build went on without it"))?
+                .map_err(io::Error::other)?;
+            let expected = Guess {
+                prefix: verdict.prefix,
+                dockerignore: verdict.dockerignore,
+            };
+            if guess != expected {
+                return Err(io::Error::other(
+                    "the archive's top folder or .dockerignore was not what its first entries \
+                     suggested",
+                ));
+            }
+            restream::append_dockerfile(out, &verdict.dockerfile, verdict.dockerfile_exec)
+        })();
+        if let Err(e) = &sent {
+            // dockerd stopping its read is the build's own failure, not a wrong guess.
+            if e.kind() != io::ErrorKind::BrokenPipe {
+                *gave_up.lock().unwrap_or_else(PoisonError::into_inner) = Some(e.to_string());
+            }
+        }
+        sent
+    })
+}
+
+/// Sends the archive's entries as `restream` would, guessing the top folder from the first
+/// entry and applying a `.dockerignore` from where it appears (checking what went before).
+fn guess_entries<W: io::Write>(reader: impl Read, out: &mut tar::Builder<W>) -> io::Result<Guess> {
+    use tar::EntryType;
+    let mut archive = tar::Archive::new(reader);
+    // Decided by the first entry: a folder (or a path in one) is the top folder to flatten.
+    let mut prefix: Option<Option<PathBuf>> = None;
+    let mut ignore: Option<(DockerIgnore, Vec<u8>)> = None;
+    // Names sent while no .dockerignore was seen; `None` past NAMES_BEFORE_IGNORE.
+    let mut before: Option<Vec<String>> = Some(Vec::new());
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let kind = entry.header().entry_type();
+        if context::is_extension_header(kind) {
+            continue;
+        }
+        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let rel = context::safe_relative(&name).map_err(io::Error::other)?;
+        if rel.as_os_str().is_empty() {
+            continue;
+        }
+        let top = prefix.get_or_insert_with(|| {
+            let mut parts = rel.components();
+            let first = parts.next().map(|c| PathBuf::from(c.as_os_str()));
+            (parts.next().is_some() || kind == EntryType::Directory)
+                .then_some(first)
+                .flatten()
+        });
+        let rel = match top {
+            Some(p) => rel
+                .strip_prefix(&*p)
+                .map_err(|_| io::Error::other("an entry is outside the first entry's folder"))?
+                .to_path_buf(),
+            None => rel,
+        };
+        let Some(rel_str) = rel.to_str().filter(|s| !s.is_empty()) else {
+            continue;
+        };
+        let top_level = !rel_str.contains('/');
+        if top_level && rel_str == "Dockerfile" {
+            continue; // sent last, rewritten (the verdict's)
+        }
+        if top_level && rel_str == ".dockerignore" {
+            let data = read_dockerignore(&mut entry, kind, ignore.is_some())?;
+            let parsed =
+                DockerIgnore::parse(&String::from_utf8_lossy(&data)).map_err(io::Error::other)?;
+            let sent = before.take().ok_or_else(|| {
+                io::Error::other("too many entries came before the .dockerignore")
+            })?;
+            if let Some(n) = sent.iter().find(|n| parsed.excludes(n)) {
+                return Err(io::Error::other(format!(
+                    "the .dockerignore came after {n}, which it leaves out"
+                )));
+            }
+            let mut h = restream::header(EntryType::Regular, false);
+            h.set_size(data.len() as u64);
+            out.append_data(&mut h, &rel, data.as_slice())?;
+            ignore = Some((parsed, data));
+            continue;
+        }
+        if kind == EntryType::Link {
+            return Err(io::Error::other("it has hard links"));
+        }
+        match &ignore {
+            Some((rules, _)) if rules.excludes(rel_str) => continue,
+            Some(_) => {}
+            None => {
+                if let Some(names) = &mut before {
+                    if names.len() < NAMES_BEFORE_IGNORE {
+                        names.push(rel_str.to_string());
+                    } else {
+                        before = None;
+                    }
+                }
+            }
+        }
+        if !restream::copy_entry(&mut entry, kind, &rel, out)? {
+            return Err(io::Error::other(format!("{name} is of a kind not sent")));
+        }
+    }
+    Ok(Guess {
+        prefix: prefix.flatten(),
+        dockerignore: ignore.map(|(_, data)| data),
+    })
+}
+
+/// The `.dockerignore` entry's bytes, if the stream can use it as `restream` would.
+fn read_dockerignore<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    kind: tar::EntryType,
+    seen_one: bool,
+) -> io::Result<Vec<u8>> {
+    if seen_one {
+        return Err(io::Error::other("the archive has two .dockerignore files"));
+    }
+    if !matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous) {
+        return Err(io::Error::other("its .dockerignore is not a plain file"));
+    }
+    if entry.size() > CAPTURE_LIMIT {
+        return Err(io::Error::other("its .dockerignore is over 1 MiB"));
+    }
+    let mut data = Vec::new();
+    entry.read_to_end(&mut data)?;
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Limits;
+    use crate::pipeline::dockerfile::ArgStyle;
+    use crate::pipeline::restream::{scan, stream, Scan};
+    use futures::StreamExt;
+    use std::collections::BTreeMap;
+
+    enum E<'a> {
+        File(&'a str, &'a [u8]),
+        Dir(&'a str),
+        Symlink(&'a str, &'a str),
+        Hard(&'a str, &'a str),
+    }
+
+    fn tar_gz(entries: &[E]) -> Vec<u8> {
+        let enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        let mut b = tar::Builder::new(enc);
+        for e in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_size(0);
+            match e {
+                E::File(name, data) => {
+                    h.set_size(data.len() as u64);
+                    b.append_data(&mut h, name, *data).unwrap();
+                }
+                E::Dir(name) => {
+                    h.set_entry_type(tar::EntryType::Directory);
+                    b.append_data(&mut h, name, io::empty()).unwrap();
+                }
+                E::Symlink(name, target) | E::Hard(name, target) => {
+                    h.set_entry_type(if matches!(e, E::Hard(..)) {
+                        tar::EntryType::Link
+                    } else {
+                        tar::EntryType::Symlink
+                    });
+                    b.append_link(&mut h, name, target).unwrap();
+                }
+            }
+        }
+        b.into_inner().unwrap().finish().unwrap()
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            max_source_bytes: 1 << 30,
+            max_context_bytes: 1 << 30,
+            max_archive_entries: 1000,
+        }
+    }
+
+    /// A tar's entries in order: kind, path, mode and content.
+    fn listing(tar_bytes: &[u8]) -> Vec<String> {
+        let mut ar = tar::Archive::new(tar_bytes);
+        ar.entries()
+            .unwrap()
+            .map(|e| {
+                let mut e = e.unwrap();
+                let mut body = String::new();
+                let _ = e.read_to_string(&mut body);
+                let h = e.header().clone();
+                format!(
+                    "{:?} {} {:o} {body}",
+                    h.entry_type(),
+                    e.path().unwrap().display(),
+                    h.mode().unwrap()
+                )
+            })
+            .collect()
+    }
+
+    /// Streams `archive` while a thread writes it in small pieces; the verdict goes out
+    /// once the whole archive is checked, as the pipeline sends it. Returns what dockerd got
+    /// (or the stream's error) and why it gave up.
+    async fn while_written(
+        archive: &[u8],
+        fail_download: bool,
+    ) -> (Result<Vec<u8>, String>, Option<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sources");
+        let growing = Arc::new(Growing::default());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let gave_up = GaveUp::default();
+        let mut stream = stream_while_written(file.clone(), growing.clone(), rx, gave_up.clone());
+        let writer = {
+            let (file, archive, growing) = (file.clone(), archive.to_vec(), growing.clone());
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let mut f = fs::File::create(&file).unwrap();
+                let pieces: Vec<&[u8]> = archive.chunks(4096).collect();
+                for (i, piece) in pieces.iter().enumerate() {
+                    if fail_download && i == pieces.len() / 2 {
+                        growing.end(false);
+                        return;
+                    }
+                    f.write_all(piece).unwrap();
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                f.flush().unwrap();
+                growing.end(true);
+            })
+        };
+        let verdict = match scan(archive, &limits()) {
+            Ok(Scan::Stream(plan)) => plan
+                .prepare(
+                    &["K".to_string()],
+                    ArgStyle::OneInstruction,
+                    &BTreeMap::new(),
+                )
+                .map(|(p, _)| p.verdict())
+                .map_err(|e| e.to_string()),
+            Ok(Scan::Extract(why)) => Err(why.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        // As the pipeline does: the verdict once the download has ended and been checked.
+        let sender = tokio::task::spawn_blocking(move || {
+            writer.join().unwrap();
+            let _ = tx.send(verdict);
+        });
+        let mut sent = Vec::new();
+        let mut result = Ok(());
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(chunk) => sent.extend_from_slice(&chunk),
+                Err(e) => {
+                    result = Err(e.to_string());
+                    break;
+                }
+            }
+        }
+        drop(stream);
+        sender.await.unwrap();
+        let why = gave_up.lock().unwrap().clone();
+        (result.map(|()| sent), why)
+    }
+
+    /// What `restream` sends for the same archive, once it is whole.
+    async fn restreamed(archive: &[u8]) -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sources");
+        fs::write(&file, archive).unwrap();
+        let Ok(Scan::Stream(plan)) = scan(archive, &limits()) else {
+            panic!("streamable")
+        };
+        let (prepared, _) = plan
+            .prepare(
+                &["K".to_string()],
+                ArgStyle::OneInstruction,
+                &BTreeMap::new(),
+            )
+            .unwrap();
+        let mut out = Vec::new();
+        let mut s = stream(file, prepared);
+        while let Some(chunk) = s.next().await {
+            out.extend_from_slice(&chunk.unwrap());
+        }
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn while_it_downloads_the_context_is_the_one_restream_sends() {
+        // Incompressible, so the archive comes in many pieces and the stream waits for them.
+        let mut seed = 1u32;
+        let big: Vec<u8> = (0..300_000)
+            .map(|_| {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (seed >> 24) as u8
+            })
+            .collect();
+        let cases: Vec<Vec<E>> = vec![
+            // A top folder (GitHub's tarballs), its .dockerignore first.
+            vec![
+                E::Dir("repo-1/"),
+                E::File("repo-1/.dockerignore", b"logs\n*.md\n!KEEP.md\n"),
+                E::File("repo-1/Dockerfile", b"FROM x\nRUN y\n"),
+                E::File("repo-1/big.bin", &big),
+                E::Dir("repo-1/logs/"),
+                E::File("repo-1/logs/a.log", b"a"),
+                E::File("repo-1/README.md", b"r"),
+                E::File("repo-1/KEEP.md", b"k"),
+                E::Symlink("repo-1/current", "big.bin"),
+            ],
+            // A .dockerignore after entries it does not leave out (.circleci sorts first).
+            vec![
+                E::Dir("repo-2/"),
+                E::Dir("repo-2/.circleci/"),
+                E::File("repo-2/.circleci/config.yml", b"c"),
+                E::File("repo-2/.dockerignore", b"*.log\n"),
+                E::File("repo-2/Dockerfile", b"FROM g\n"),
+                E::File("repo-2/x.log", b"l"),
+            ],
+            // No top folder; two Dockerfiles (the last wins).
+            vec![
+                E::File("Dockerfile", b"FROM old\n"),
+                E::Dir("app/"),
+                E::File("app/index.js", &big),
+                E::File("Dockerfile", b"FROM new\n"),
+            ],
+        ];
+        for (i, entries) in cases.iter().enumerate() {
+            let archive = tar_gz(entries);
+            let (sent, why) = while_written(&archive, false).await;
+            assert_eq!(why, None, "case {i}");
+            assert_eq!(
+                listing(&sent.unwrap()),
+                listing(&restreamed(&archive).await),
+                "case {i}"
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_wrong_guess_or_a_refused_archive_gives_up_with_an_error() {
+        let df = || E::File("Dockerfile", b"FROM x\n");
+        let cases: Vec<(Vec<E>, bool, &str)> = vec![
+            (
+                vec![
+                    df(),
+                    E::File("notes.md", b"n"),
+                    E::File(".dockerignore", b"*.md\n"),
+                ],
+                false,
+                "the .dockerignore came after notes.md, which it leaves out",
+            ),
+            (
+                vec![
+                    E::File("app/Dockerfile", b"FROM x\n"),
+                    E::File("other/y", b"y"),
+                ],
+                false,
+                "an entry is outside the first entry's folder",
+            ),
+            (
+                vec![
+                    E::File("app/Dockerfile", b"FROM x\n"),
+                    E::File("app", b"a file"),
+                ],
+                false,
+                // (Not flattened: a top-level file, not a folder, shares the name.)
+                "no Dockerfile at the top",
+            ),
+            (
+                vec![df(), E::File("a", b"a"), E::Hard("b", "a")],
+                false,
+                "it has hard links",
+            ),
+            (vec![E::File("README", b"r")], false, "no Dockerfile"),
+            (
+                vec![df(), E::File("a", &[7u8; 100_000])],
+                true,
+                "the download stopped",
+            ),
+        ];
+        for (i, (entries, fail, why)) in cases.iter().enumerate() {
+            let (sent, gave_up) = while_written(&tar_gz(entries), *fail).await;
+            let err = sent.expect_err("the stream ends with an error");
+            assert!(err.contains(why), "case {i}: {err}");
+            assert!(gave_up.is_some_and(|g| g.contains(why)), "case {i}");
+        }
+    }
+}
