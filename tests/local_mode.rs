@@ -206,7 +206,7 @@ async fn build_with_args_labels_callbacks_and_stored_sources(flags: &[&str]) -> 
 /// Serves `archive` as `name` over http and builds it from `/{route}{name}`: the build must
 /// succeed, print `CONTEXT-OK` (its checks of the context passed) and say `how` the context
 /// was made.
-async fn context_ok_when_served(route: &str, name: &str, archive: Vec<u8>, how: &str) {
+async fn context_ok_when_served(route: &str, name: &str, archive: Vec<u8>, how: &str) -> String {
     let svc = Service::start(&[]).await;
     let cb = Callbacks::start().await;
     let files = Files::start().await;
@@ -223,6 +223,7 @@ async fn context_ok_when_served(route: &str, name: &str, archive: Vec<u8>, how: 
     let log = svc.log(&b).await;
     assert!(log.contains("CONTEXT-OK"), "{log}");
     assert!(log.contains(how), "{log}");
+    log
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,6 +276,85 @@ async fn http_tar_gz_context_is_streamed_with_its_top_folder_dockerignore_and_li
     let archive = tar.into_inner().unwrap().finish().unwrap();
     let how = "Sending the build context straight from the archive";
     context_ok_when_served("", "app.tgz", archive, how).await;
+}
+
+/// 400 KB that gzip cannot shrink: its download lasts (about half a second at `/slow/`).
+fn incompressible() -> Vec<u8> {
+    let mut seed = 7u32;
+    (0..400_000)
+        .map(|_| {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 24) as u8
+        })
+        .collect()
+}
+
+/// A download that lasts feeds dockerd the context as it arrives (the classic builder),
+/// with the top folder flattened and the .dockerignore applied as when it is sent after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_download_feeds_the_build_as_it_arrives() {
+    let df = dockerfile(
+        "COPY . /ctx\nRUN test -f /ctx/src/keep.txt && test ! -e /ctx/secret.txt && test -f /ctx/big.bin \\\n && test ! -e /ctx/repo-0123abc && echo CONTEXT-OK",
+    );
+    let big = incompressible();
+    let archive = tar_gz(&[
+        ("repo-0123abc/.dockerignore", b"secret.txt\n"),
+        ("repo-0123abc/src/keep.txt", b"keep"),
+        ("repo-0123abc/big.bin", &big),
+        ("repo-0123abc/secret.txt", b"do not send"),
+        ("repo-0123abc/Dockerfile", &df),
+    ]);
+    let how = "The build context went to dockerd as the sources downloaded";
+    context_ok_when_served("slow/", "app.tgz", archive, how).await;
+}
+
+/// A .dockerignore that comes after an entry it leaves out: the context already on its way
+/// is dropped (dockerd builds nothing from it) and sent again, right, from the stored archive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_dockerignore_sends_the_context_again() {
+    let df = dockerfile(
+        "COPY . /ctx\nRUN test ! -e /ctx/notes.md && test -f /ctx/big.bin && echo CONTEXT-OK",
+    );
+    let big = incompressible();
+    let archive = tar_gz(&[
+        ("notes.md", b"left out"),
+        ("big.bin", &big),
+        (".dockerignore", b"*.md\n"),
+        ("Dockerfile", &df),
+    ]);
+    let how = "Sending the build context again (the .dockerignore came after notes.md, which it leaves out)";
+    let log = context_ok_when_served("slow/", "app.tgz", archive, how).await;
+    // The dropped upload's own error is not the build's: nothing between it and the retry.
+    let lines: Vec<&str> = log.lines().collect();
+    let again = lines.iter().position(|l| l.starts_with(how)).unwrap();
+    assert!(lines[again - 1].starts_with("Building "), "{log}");
+}
+
+/// A download cut short fails the build as the sources' failure, and dockerd, which had
+/// part of the context, builds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_cut_short_fails_and_builds_nothing() {
+    let svc = Service::start(&[]).await;
+    let cb = Callbacks::start().await;
+    let files = Files::start().await;
+    let df = dockerfile("COPY . /ctx");
+    let big = incompressible();
+    files.put(
+        "app.tgz",
+        tar_gz(&[("Dockerfile", &df), ("big.bin", &big), ("more.bin", &big)]),
+    );
+    let b = body(&format!("http://{}/cut/app.tgz", files.addr), &cb);
+    assert_eq!(svc.post(&b).await.0, 200);
+    let id = b["build_uuid"].as_str().unwrap();
+    assert_eq!(cb.wait_final(id, BUILD).await, "failed");
+    let log = svc.log(&b).await;
+    assert!(log.contains("Build failed (SourceFetchFailed)"), "{log}");
+    assert!(!log.contains("Step 1/"), "{log}");
+    let image = format!("{REGISTRY}/{}:1.1", image_repo(&b));
+    assert!(
+        docker().inspect_image(&image).await.is_err(),
+        "dockerd built {image} from a partial context"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -180,6 +180,7 @@ pub fn credential(host: &str, a: &RegistryAuth) -> DockerCredentials {
 }
 
 /// What to build.
+#[derive(Clone)]
 pub struct BuildRequest {
     pub tag: String,
     pub labels: BTreeMap<String, String>,

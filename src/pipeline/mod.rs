@@ -121,7 +121,8 @@ impl Pipeline {
 
     /// fetch → (store ∥ context) → build → push, with the previous image pulled as the layer
     /// cache meanwhile. Storing the archive overlaps the context and the build; it must have
-    /// succeeded before anything is pushed.
+    /// succeeded before anything is pushed. With the classic builder, a download that lasts
+    /// also feeds dockerd the context as it arrives (see `overlap`).
     async fn build(
         &self,
         spec: &BuildSpec,
@@ -139,15 +140,41 @@ impl Pipeline {
         let scanning = AbortOnDropHandle::new(tokio::task::spawn_blocking(move || {
             restream::scan(context::ChunkReader::new(chunks), &limits)
         }));
+        // `auto` is resolved by whoever knows the daemon is the build's own (the controller,
+        // for dind pods); here the daemon may be shared.
+        let buildkit = self.config.builder.buildkit(false);
+        let image = spec.image();
+        let args = spec.docker_build_args();
+        let mut registries = self.config.extra_registries.clone();
+        if let Some(auth) = &spec.gm_registry_auth {
+            registries.insert(spec.gm_registry_host.clone(), auth.clone());
+        }
+        let request = docker::BuildRequest {
+            tag: image.clone(),
+            // Set in the registry later, or one LABEL step in the Dockerfile, or (rarely, see
+            // below) one step per label.
+            labels: Default::default(),
+            build_args: args.clone(),
+            no_cache: self.config.no_cache,
+            registries: docker::credentials(&registries),
+            cache_from: Vec::new(),
+            buildkit,
+        };
+        let growing = Arc::new(overlap::Growing::default());
+        let _ended = overlap::EndOnDrop(growing.clone());
         let fetch_started = Instant::now();
-        let (fetched, cache) = {
+        match source {
+            Fetch::Http(url) => log.line(&format!(
+                "Fetching sources from {}",
+                crate::secret::redact_url(url.as_str())
+            )),
+            Fetch::Data(_) => log.line("Decoding sources from the data: URI"),
+            Fetch::Stored => log.line("Reading the sources from storage"),
+        }
+        let (fetched, cache, early) = {
             let fetch = async {
                 match source {
                     Fetch::Http(url) => {
-                        log.line(&format!(
-                            "Fetching sources from {}",
-                            crate::secret::redact_url(url.as_str())
-                        ));
                         sources::download(
                             &self.http,
                             &self.config.deny_networks,
@@ -159,11 +186,9 @@ impl Pipeline {
                         .await
                     }
                     Fetch::Data(b64) => {
-                        log.line("Decoding sources from the data: URI");
                         sources::write_data_tee(b64, &archive, &limits, Some(tee)).await
                     }
                     Fetch::Stored => {
-                        log.line("Reading the sources from storage");
                         self.read_stored(&spec.source_key(), &archive, &limits, tee)
                             .await
                     }
@@ -171,24 +196,35 @@ impl Pipeline {
             };
             // The layer cache pull runs beside the fetch (on an empty daemon it is the longest
             // step before the build), starting once the fetch has lasted CACHE_PULL_AFTER: sources
-            // that fail at once cost no call to dockerd, and a real download hardly waits.
+            // that fail at once cost no call to dockerd, and a real download hardly waits. So
+            // does the build, fed as the archive arrives, once the pull is done.
             tokio::pin!(fetch);
-            let mut cache = None;
+            let (mut cache, mut early) = (None, None);
             let fetched = tokio::select! {
                 biased;
                 fetched = &mut fetch => fetched,
                 () = tokio::time::sleep(CACHE_PULL_AFTER) => {
-                    cache = Some(self.start_cache_pull(spec));
+                    let pull = self.start_cache_pull(spec);
+                    if !buildkit {
+                        early = Some(self.start_early_build(
+                            &archive,
+                            growing.clone(),
+                            pull.images(),
+                            request.clone(),
+                        ));
+                    }
+                    cache = Some(pull);
                     fetch.await
                 }
             };
-            (fetched, cache)
+            (fetched, cache, early)
         };
         timings.fetch = Some(elapsed_ms(fetch_started));
         let size = match fetched {
             Ok(n) => n,
             Err(e) => return Outcome::failed(FailureReason::SourceFetchFailed, e.to_string()),
         };
+        growing.end(true);
         let cache = cache.unwrap_or_else(|| self.start_cache_pull(spec));
         log.line(&format!("Fetched {size} bytes of sources"));
         let store = match source {
@@ -209,11 +245,7 @@ impl Pipeline {
 
         // From here on, only what the check still has to do after the fetch counts.
         let context_started = Instant::now();
-        let args = spec.docker_build_args();
         let keys: Vec<String> = args.keys().cloned().collect();
-        // `auto` is resolved by whoever knows the daemon is the build's own (the controller,
-        // for dind pods); here the daemon may be shared.
-        let buildkit = self.config.builder.buildkit(false);
         // BuildKit's ARGs cost nothing and a pinned `# syntax=` frontend may predate the
         // one-instruction form: one per name there. The classic builder pays a step per ARG.
         let one_per_name = keys.is_empty() || buildkit;
@@ -260,11 +292,11 @@ impl Pipeline {
         }
         .await;
         timings.context = Some(elapsed_ms(context_started));
-        let (build_context, labelled) = match prepared {
-            Ok(Ok((context, labelled, how))) => {
-                log.line(&how);
-                (context, labelled)
-            }
+        // The early build goes on only with the context this check would send, and where the
+        // labels need no build option (which it was started without).
+        let early = early.and_then(|e| e.decide(&prepared, label_in_registry));
+        let (build_context, labelled, how) = match prepared {
+            Ok(Ok(prepared)) => prepared,
             Ok(Err(e)) => {
                 // The original archive is still kept, as for any other failed build.
                 if let Some(store) = store {
@@ -276,30 +308,43 @@ impl Pipeline {
         };
 
         let cache_from = cache.finish(log, timings).await;
-        let image = spec.image();
-        let mut registries = self.config.extra_registries.clone();
-        if let Some(auth) = &spec.gm_registry_auth {
-            registries.insert(spec.gm_registry_host.clone(), auth.clone());
+        let mut built = None;
+        if let Some(early) = early {
+            log.line("The build context went to dockerd as the sources downloaded");
+            log.line(&format!("Building {image}"));
+            let (result, started) = forward(log, early.lines, early.task)
+                .await
+                .unwrap_or_else(|e| (Err(DockerError::Build(e.to_string())), None));
+            match early.gave_up.lock().map(|mut g| g.take()) {
+                Ok(Some(why)) => log.line(&format!("Sending the build context again ({why})")),
+                _ => {
+                    timings.build = started.map(elapsed_ms);
+                    built = Some(result);
+                }
+            }
         }
-        let request = docker::BuildRequest {
-            tag: image.clone(),
-            // Set in the registry later, or already one LABEL step in the Dockerfile, or
-            // (rarely) one step per label here.
-            labels: if labelled || label_in_registry {
-                Default::default()
-            } else {
-                labels.clone()
-            },
-            build_args: args,
-            no_cache: self.config.no_cache,
-            registries: docker::credentials(&registries),
-            cache_from,
-            buildkit,
+        let built = match built {
+            Some(built) => built,
+            None => {
+                log.line(&how);
+                let request = docker::BuildRequest {
+                    // With the labels neither in the Dockerfile nor set in the registry later:
+                    // one step per label.
+                    labels: if labelled || label_in_registry {
+                        Default::default()
+                    } else {
+                        labels.clone()
+                    },
+                    cache_from,
+                    ..request
+                };
+                log.line(&format!("Building {image}"));
+                let build_started = Instant::now();
+                let built = docker::build(&self.docker, request, build_context.stream(), log).await;
+                timings.build = Some(elapsed_ms(build_started));
+                built
+            }
         };
-        log.line(&format!("Building {image}"));
-        let build_started = Instant::now();
-        let built = docker::build(&self.docker, request, build_context.stream(), log).await;
-        timings.build = Some(elapsed_ms(build_started));
         if let Some(store) = store {
             if let Err(e) = self.stored(store, timings).await {
                 return e;
@@ -311,6 +356,49 @@ impl Pipeline {
         let in_registry = label_in_registry.then_some(&labels);
         self.push_both(spec, &image, &repo, in_registry, log, timings)
             .await
+    }
+
+    /// Starts the build with a context fed by the archive as it downloads (see `overlap`):
+    /// dockerd is called once the archive has given its first entries, with the layer cache
+    /// `images` once that pull is done. Its lines wait in a side log.
+    fn start_early_build(
+        &self,
+        archive: &Path,
+        growing: Arc<overlap::Growing>,
+        images: futures::future::BoxFuture<'static, Vec<String>>,
+        mut request: docker::BuildRequest,
+    ) -> EarlyBuild {
+        use futures::StreamExt;
+        let (verdict, verdict_rx) = tokio::sync::oneshot::channel();
+        let gave_up = overlap::GaveUp::default();
+        let mut context = overlap::stream_while_written(
+            archive.to_path_buf(),
+            growing,
+            verdict_rx,
+            gave_up.clone(),
+        );
+        let docker = self.docker.clone();
+        let (mut side, lines) = gated_side_log(gave_up.clone());
+        let task = tokio::spawn(async move {
+            let first = match context.next().await {
+                Some(Ok(chunk)) => chunk,
+                Some(Err(e)) => return (Err(DockerError::Build(e.to_string())), None),
+                None => return (Err(DockerError::Build("no context".into())), None),
+            };
+            request.cache_from = images.await;
+            let started = Instant::now();
+            let body = futures::stream::once(async move { Ok(first) }).chain(context);
+            (
+                docker::build(&docker, request, body, &mut side).await,
+                Some(started),
+            )
+        });
+        EarlyBuild {
+            task: AbortOnDropHandle::new(task),
+            lines,
+            verdict: Some(verdict),
+            gave_up,
+        }
     }
 
     /// The ARG form this daemon's classic builder takes. A failed question is not remembered:
@@ -391,8 +479,11 @@ impl Pipeline {
             };
             (cache_from, elapsed_ms(started))
         });
+        let task = AbortOnDropHandle::new(task);
         CachePull::Running {
-            task: AbortOnDropHandle::new(task),
+            result: futures::FutureExt::shared(futures::FutureExt::boxed(async move {
+                task.await.map_err(|e| e.to_string())
+            })),
             lines,
         }
     }
@@ -743,16 +834,32 @@ impl Pipeline {
 fn side_log() -> (BuildLog, mpsc::UnboundedReceiver<String>) {
     let (tx, rx) = mpsc::unbounded_channel();
     (
-        BuildLog::new(Vec::new()).with_sink(Box::new(Forward(tx))),
+        BuildLog::new(Vec::new()).with_sink(Box::new(Forward(tx, None))),
         rx,
     )
 }
 
-struct Forward(mpsc::UnboundedSender<String>);
+/// A side log that stops taking lines once `gate` holds a reason: an early build's lines
+/// after its stream gave up (the failed upload's error) are not the build's.
+fn gated_side_log(gate: overlap::GaveUp) -> (BuildLog, mpsc::UnboundedReceiver<String>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (
+        BuildLog::new(Vec::new()).with_sink(Box::new(Forward(tx, Some(gate)))),
+        rx,
+    )
+}
+
+struct Forward(mpsc::UnboundedSender<String>, Option<overlap::GaveUp>);
 
 impl Sink for Forward {
     fn write_line(&mut self, line: &str) {
-        let _ = self.0.send(line.to_string());
+        let closed = self
+            .1
+            .as_ref()
+            .is_some_and(|gate| gate.lock().map_or(true, |reason| reason.is_some()));
+        if !closed {
+            let _ = self.0.send(line.to_string());
+        }
     }
     fn finish(self: Box<Self>) -> futures::future::BoxFuture<'static, ()> {
         Box::pin(async {})
@@ -760,11 +867,11 @@ impl Sink for Forward {
 }
 
 /// Waits for `task`, writing the lines of its side log into `log` as they come.
-async fn forward<T>(
+async fn forward<F: std::future::Future>(
     log: &mut BuildLog,
     mut lines: mpsc::UnboundedReceiver<String>,
-    task: AbortOnDropHandle<T>,
-) -> Result<T, tokio::task::JoinError> {
+    task: F,
+) -> F::Output {
     tokio::pin!(task);
     loop {
         tokio::select! {
@@ -790,22 +897,73 @@ fn app_registry_credentials(spec: &BuildSpec) -> Option<bollard::auth::DockerCre
 /// How long a fetch runs before the layer cache pull starts beside it.
 const CACHE_PULL_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// A build started while the sources download (see `Pipeline::start_early_build`).
+struct EarlyBuild {
+    /// The build's result, and when dockerd was called.
+    task: AbortOnDropHandle<(Result<(), DockerError>, Option<Instant>)>,
+    lines: mpsc::UnboundedReceiver<String>,
+    /// The checked archive's context, for the end of the stream.
+    verdict: Option<tokio::sync::oneshot::Sender<Result<overlap::Verdict, String>>>,
+    gave_up: overlap::GaveUp,
+}
+
+type Prepared = Result<Result<(Context, bool, String), context::ContextError>, String>;
+
+impl EarlyBuild {
+    /// Tells the stream whether the checked archive's context is the one it guessed; the
+    /// build goes on only then (dropped, it stops: dockerd builds nothing).
+    fn decide(mut self, prepared: &Prepared, label_in_registry: bool) -> Option<Self> {
+        let verdict = match prepared {
+            Ok(Ok((Context::Archive(_, p), labelled, _))) if *labelled || label_in_registry => {
+                Ok(p.verdict())
+            }
+            Ok(Ok((Context::Archive(..), ..))) => Err("its labels are build options".into()),
+            Ok(Ok((Context::Folder(..), _, how))) => Err(how.clone()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.clone()),
+        };
+        let go = verdict.is_ok();
+        if let Some(sender) = self.verdict.take() {
+            let _ = sender.send(verdict);
+        }
+        go.then_some(self)
+    }
+}
+
+/// A task's result that more than one waits for (the task stops when none does).
+type SharedResult<T> =
+    futures::future::Shared<futures::future::BoxFuture<'static, Result<T, String>>>;
+
 /// The pull of the previous image, running beside fetch and context.
 enum CachePull {
     Off,
     Running {
-        task: AbortOnDropHandle<(Vec<String>, u64)>,
+        /// The images to build from, and how long the pull took.
+        result: SharedResult<(Vec<String>, u64)>,
         lines: mpsc::UnboundedReceiver<String>,
     },
 }
 
 impl CachePull {
+    /// The images to build from, once the pull is done (for a build that starts before
+    /// `finish` logs it).
+    fn images(&self) -> futures::future::BoxFuture<'static, Vec<String>> {
+        use futures::FutureExt;
+        match self {
+            CachePull::Off => futures::future::ready(Vec::new()).boxed(),
+            CachePull::Running { result, .. } => result
+                .clone()
+                .map(|r| r.map(|(images, _)| images).unwrap_or_default())
+                .boxed(),
+        }
+    }
+
     /// Waits for the pull, logs what it did, and returns the images to build from.
     async fn finish(self, log: &mut BuildLog, timings: &mut StageTimings) -> Vec<String> {
-        let CachePull::Running { task, lines } = self else {
+        let CachePull::Running { result, lines } = self else {
             return Vec::new();
         };
-        match forward(log, lines, task).await {
+        match forward(log, lines, result).await {
             Ok((images, ms)) => {
                 timings.cache = Some(ms);
                 images

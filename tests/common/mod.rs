@@ -253,6 +253,8 @@ impl Callbacks {
 type FileMap = Arc<Mutex<HashMap<String, Vec<u8>>>>;
 
 /// Serves files at `/{name}`, redirects `/redirect/{name}` → `/{name}`, anything else 404.
+/// `/slow/{name}` sends the file 16 KiB every 20 ms; `/cut/{name}` sends half of it that way
+/// and then breaks the connection.
 pub struct Files {
     pub addr: SocketAddr,
     files: FileMap,
@@ -265,6 +267,28 @@ async fn file(State(files): State<FileMap>, AxPath(name): AxPath<String>) -> Res
     }
 }
 
+/// The file in 16 KiB pieces, 20 ms apart; `cut`: only the first half, then an error.
+fn trickle(files: &FileMap, name: &str, cut: bool) -> Response {
+    use futures::StreamExt;
+    let Some(bytes) = files.lock().unwrap().get(name).cloned() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let end = if cut { bytes.len() / 2 } else { bytes.len() };
+    let pieces: Vec<Bytes> = bytes[..end]
+        .chunks(16 * 1024)
+        .map(Bytes::copy_from_slice)
+        .collect();
+    let body = futures::stream::iter(pieces.into_iter().map(Ok::<_, std::io::Error>))
+        .then(|piece| async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            piece
+        })
+        .chain(futures::stream::iter(
+            cut.then(|| Err(std::io::Error::other("cut"))),
+        ));
+    axum::body::Body::from_stream(body).into_response()
+}
+
 impl Files {
     pub async fn start() -> Files {
         let files = Arc::new(Mutex::new(HashMap::new()));
@@ -274,6 +298,22 @@ impl Files {
                 get(|AxPath(name): AxPath<String>| async move {
                     Redirect::temporary(&format!("/{name}"))
                 }),
+            )
+            .route(
+                "/slow/{name}",
+                get(
+                    |State(f): State<FileMap>, AxPath(name): AxPath<String>| async move {
+                        trickle(&f, &name, false)
+                    },
+                ),
+            )
+            .route(
+                "/cut/{name}",
+                get(
+                    |State(f): State<FileMap>, AxPath(name): AxPath<String>| async move {
+                        trickle(&f, &name, true)
+                    },
+                ),
             )
             .route("/{name}", get(file))
             .with_state(files.clone());
