@@ -373,6 +373,7 @@ impl Pipeline {
         let gave_up = overlap::GaveUp::default();
         let mut context = overlap::stream_while_written(
             archive.to_path_buf(),
+            self.config.limits,
             growing,
             verdict_rx,
             gave_up.clone(),

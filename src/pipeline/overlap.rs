@@ -12,8 +12,9 @@
 //! pipeline sends the context again the usual way. The download never waits for dockerd:
 //! the stream reads the file (the page cache), not the download.
 
-use super::context::{self, ContextStream, DockerIgnore, Format};
+use super::context::{self, Budget, ContextStream, DockerIgnore, Format};
 use super::restream::{self, CAPTURE_LIMIT};
+use crate::config::Limits;
 use std::fs;
 use std::io::{self, Read};
 use std::path::PathBuf;
@@ -121,10 +122,12 @@ struct Guess {
 pub type GaveUp = Arc<Mutex<Option<String>>>;
 
 /// Streams `archive` (a `.tar.gz` or `.tar` being written; `growing` says when it ends) as
-/// the build context. `verdict` is the checked archive's (an error message where it is not
+/// the build context, within `limits` as the check is (an archive that inflates past them
+/// stops here, not in dockerd, even before the check has said so). `verdict` is the checked archive's (an error message where it is not
 /// to be streamed); a stream that gives up ends with an error and says why in `gave_up`.
 pub fn stream_while_written(
     archive: PathBuf,
+    limits: Limits,
     growing: Arc<Growing>,
     verdict: tokio::sync::oneshot::Receiver<Result<Verdict, String>>,
     gave_up: GaveUp,
@@ -145,9 +148,10 @@ pub fn stream_while_written(
                         256 * 1024,
                         whole,
                     )),
+                    &limits,
                     out,
                 )?,
-                Format::Tar => guess_entries(whole, out)?,
+                Format::Tar => guess_entries(whole, &limits, out)?,
                 Format::Zip => return Err(io::Error::other("it is a zip")),
             };
             let verdict = verdict
@@ -178,8 +182,13 @@ pub fn stream_while_written(
 
 /// Sends the archive's entries as `restream` would, guessing the top folder from the first
 /// entry and applying a `.dockerignore` from where it appears (checking what went before).
-fn guess_entries<W: io::Write>(reader: impl Read, out: &mut tar::Builder<W>) -> io::Result<Guess> {
+fn guess_entries<W: io::Write>(
+    reader: impl Read,
+    limits: &Limits,
+    out: &mut tar::Builder<W>,
+) -> io::Result<Guess> {
     use tar::EntryType;
+    let mut budget = Budget::new(limits);
     let mut archive = tar::Archive::new(reader);
     // Decided by the first entry: a folder (or a path in one) is the top folder to flatten.
     let mut prefix: Option<Option<PathBuf>> = None;
@@ -191,6 +200,10 @@ fn guess_entries<W: io::Write>(reader: impl Read, out: &mut tar::Builder<W>) -> 
         let kind = entry.header().entry_type();
         if context::is_extension_header(kind) {
             continue;
+        }
+        budget.entry().map_err(io::Error::other)?;
+        if matches!(kind, EntryType::Regular | EntryType::Continuous) {
+            budget.wrote(entry.size()).map_err(io::Error::other)?;
         }
         let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let rel = context::safe_relative(&name).map_err(io::Error::other)?;
@@ -361,13 +374,15 @@ mod tests {
     async fn while_written(
         archive: &[u8],
         fail_download: bool,
+        limits: Limits,
     ) -> (Result<Vec<u8>, String>, Option<String>) {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("sources");
         let growing = Arc::new(Growing::default());
         let (tx, rx) = tokio::sync::oneshot::channel();
         let gave_up = GaveUp::default();
-        let mut stream = stream_while_written(file.clone(), growing.clone(), rx, gave_up.clone());
+        let mut stream =
+            stream_while_written(file.clone(), limits, growing.clone(), rx, gave_up.clone());
         let writer = {
             let (file, archive, growing) = (file.clone(), archive.to_vec(), growing.clone());
             std::thread::spawn(move || {
@@ -386,7 +401,7 @@ mod tests {
                 growing.end(true);
             })
         };
-        let verdict = match scan(archive, &limits()) {
+        let verdict = match scan(archive, &limits) {
             Ok(Scan::Stream(plan)) => plan
                 .prepare(
                     &["K".to_string()],
@@ -417,7 +432,13 @@ mod tests {
         drop(stream);
         sender.await.unwrap();
         let why = gave_up.lock().unwrap().clone();
+        SENT.with(|s| s.set(sent.len()));
         (result.map(|()| sent), why)
+    }
+
+    thread_local! {
+        /// Bytes the last `while_written` on this thread saw before the stream ended.
+        static SENT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     }
 
     /// What `restream` sends for the same archive, once it is whole.
@@ -485,7 +506,7 @@ mod tests {
         ];
         for (i, entries) in cases.iter().enumerate() {
             let archive = tar_gz(entries);
-            let (sent, why) = while_written(&archive, false).await;
+            let (sent, why) = while_written(&archive, false, limits()).await;
             assert_eq!(why, None, "case {i}");
             assert_eq!(
                 listing(&sent.unwrap()),
@@ -538,10 +559,37 @@ mod tests {
             ),
         ];
         for (i, (entries, fail, why)) in cases.iter().enumerate() {
-            let (sent, gave_up) = while_written(&tar_gz(entries), *fail).await;
+            let (sent, gave_up) = while_written(&tar_gz(entries), *fail, limits()).await;
             let err = sent.expect_err("the stream ends with an error");
             assert!(err.contains(why), "case {i}: {err}");
             assert!(gave_up.is_some_and(|g| g.contains(why)), "case {i}");
         }
+    }
+
+    /// An archive that inflates past the context limit stops at the limit: dockerd never
+    /// gets more than the check would have allowed, even before the check says no.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_stream_keeps_the_context_limits_itself() {
+        let df = E::File("Dockerfile", b"FROM x\n");
+        let small = Limits {
+            max_context_bytes: 50_000,
+            ..limits()
+        };
+        // Larger than the stream's buffers: without a limit of its own, most of it would
+        // have gone out before the end.
+        let big = vec![0u8; 2_000_000];
+        let (sent, gave_up) = while_written(&tar_gz(&[df, E::File("a", &big)]), false, small).await;
+        let err = sent.expect_err("refused");
+        assert!(err.contains("50000"), "{err}");
+        assert!(gave_up.is_some());
+        let sent = SENT.with(|s| s.get());
+        assert!(sent < 50_000, "{sent} bytes went to dockerd");
+        let few = Limits {
+            max_archive_entries: 3,
+            ..limits()
+        };
+        let many: Vec<E> = (0..5).map(|_| E::File("a", b"a")).collect();
+        let (sent, _) = while_written(&tar_gz(&many), false, few).await;
+        assert!(sent.expect_err("refused").contains("entries"));
     }
 }
