@@ -6,6 +6,7 @@
 #   bash benches/p1_vs_cli.sh                 # small app, 7 pairs
 #   PAIRS=5 BIG_MIB=100 bash benches/p1_vs_cli.sh   # + a 100 MiB file, sources over http
 #   BIG_KIND=source PAIRS=5 BIG_MIB=100 bash …      # the big file compressible source text, not random
+#   RATE_MIBS=50 PAIRS=5 BIG_MIB=100 bash …        # the sources served at 50 MiB/s (a download that lasts)
 #   ARGS=8 bash benches/p1_vs_cli.sh              # with 8 build args (each side)
 #   DOCKER_BUILDKIT=true bash benches/p1_vs_cli.sh   # ours with BuildKit (auto: the classic builder here)
 # The CLI side uses the classic builder (the CLI here has no buildx, so no BuildKit).
@@ -43,7 +44,12 @@ median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a
 
 python3 benches/callback_recorder.py "$CB_PORT" "$work/callbacks" & pids+=($!)
 mkdir -p "$work/www"
-(cd "$work/www" && exec python3 -m http.server "$FILES_PORT" --bind 127.0.0.1 >/dev/null 2>&1) & pids+=($!)
+if [ -n "${RATE_MIBS:-}" ]; then
+  # A source server at a capped rate, as over a real network (the download then lasts).
+  python3 benches/throttled_http.py "$FILES_PORT" "$work/www" "$RATE_MIBS" & pids+=($!)
+else
+  (cd "$work/www" && exec python3 -m http.server "$FILES_PORT" --bind 127.0.0.1 >/dev/null 2>&1) & pids+=($!)
+fi
 PORT=$PORT LISTEN_ADDRESS=127.0.0.1 DATA_DIR="$work/data" NO_CACHE=true RUST_LOG=warn \
   DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-auto} \
   MAX_SOURCE_BYTES=$((4 << 30)) "$BIN" serve >"$work/service.log" 2>&1 & pids+=($!)
