@@ -96,6 +96,14 @@ fn help_and_version() {
     }
 }
 
+/// A source URL whose server accepts connections (the kernel's backlog) and never answers:
+/// a build fetching from it holds its slot. Keep the listener while it should.
+fn hanging_source() -> (std::net::TcpListener, String) {
+    let hang = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/never.tgz", hang.local_addr().unwrap());
+    (hang, url)
+}
+
 fn finals(cb: &Callbacks, b: &Value) -> usize {
     cb.calls_for(b["build_uuid"].as_str().unwrap())
         .iter()
@@ -221,9 +229,7 @@ async fn sigkill_during_a_post_burst_loses_no_accepted_build() {
     let data = tempfile::tempdir().unwrap();
     let cb = Callbacks::start().await;
     let port = free_port();
-    // Accepts connections (the kernel's backlog) and never answers: the fetch hangs.
-    let hang = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let hang_url = format!("http://{}/never.tgz", hang.local_addr().unwrap());
+    let (_hang, hang_url) = hanging_source();
     let closed = format!("http://127.0.0.1:{}/gone.tgz", free_port());
     let env = [("MAXIMUM_PARALLEL_BUILDS", "1")];
     let p = spawn(data.path(), port, &env);
@@ -359,9 +365,7 @@ async fn a_full_queue_answers_503_and_keeps_nothing_of_the_refused_build() {
     let data = tempfile::tempdir().unwrap();
     let cb = Callbacks::start().await;
     let port = free_port();
-    // Accepts connections and never answers: a build fetching from it holds its slot.
-    let hang = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let hang_url = format!("http://{}/never.tgz", hang.local_addr().unwrap());
+    let (hang, hang_url) = hanging_source();
     let env = [("MAXIMUM_PARALLEL_BUILDS", "1"), ("MAX_QUEUED_BUILDS", "2")];
     let p = spawn(data.path(), port, &env);
     let running = body(&hang_url, &cb);

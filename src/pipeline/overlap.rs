@@ -300,73 +300,10 @@ mod tests {
     use super::*;
     use crate::config::Limits;
     use crate::pipeline::dockerfile::ArgStyle;
+    use crate::pipeline::restream::tests::{limits, listing, tar_gz, E};
     use crate::pipeline::restream::{scan, stream, Scan};
     use futures::StreamExt;
     use std::collections::BTreeMap;
-
-    enum E<'a> {
-        File(&'a str, &'a [u8]),
-        Dir(&'a str),
-        Symlink(&'a str, &'a str),
-        Hard(&'a str, &'a str),
-    }
-
-    fn tar_gz(entries: &[E]) -> Vec<u8> {
-        let enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        let mut b = tar::Builder::new(enc);
-        for e in entries {
-            let mut h = tar::Header::new_gnu();
-            h.set_mode(0o644);
-            h.set_size(0);
-            match e {
-                E::File(name, data) => {
-                    h.set_size(data.len() as u64);
-                    b.append_data(&mut h, name, *data).unwrap();
-                }
-                E::Dir(name) => {
-                    h.set_entry_type(tar::EntryType::Directory);
-                    b.append_data(&mut h, name, io::empty()).unwrap();
-                }
-                E::Symlink(name, target) | E::Hard(name, target) => {
-                    h.set_entry_type(if matches!(e, E::Hard(..)) {
-                        tar::EntryType::Link
-                    } else {
-                        tar::EntryType::Symlink
-                    });
-                    b.append_link(&mut h, name, target).unwrap();
-                }
-            }
-        }
-        b.into_inner().unwrap().finish().unwrap()
-    }
-
-    fn limits() -> Limits {
-        Limits {
-            max_source_bytes: 1 << 30,
-            max_context_bytes: 1 << 30,
-            max_archive_entries: 1000,
-        }
-    }
-
-    /// A tar's entries in order: kind, path, mode and content.
-    fn listing(tar_bytes: &[u8]) -> Vec<String> {
-        let mut ar = tar::Archive::new(tar_bytes);
-        ar.entries()
-            .unwrap()
-            .map(|e| {
-                let mut e = e.unwrap();
-                let mut body = String::new();
-                let _ = e.read_to_string(&mut body);
-                let h = e.header().clone();
-                format!(
-                    "{:?} {} {:o} {body}",
-                    h.entry_type(),
-                    e.path().unwrap().display(),
-                    h.mode().unwrap()
-                )
-            })
-            .collect()
-    }
 
     /// Streams `archive` while a thread writes it in small pieces; the verdict goes out
     /// once the whole archive is checked, as the pipeline sends it. Returns what dockerd got
@@ -478,30 +415,30 @@ mod tests {
             // A top folder (GitHub's tarballs), its .dockerignore first.
             vec![
                 E::Dir("repo-1/"),
-                E::File("repo-1/.dockerignore", b"logs\n*.md\n!KEEP.md\n"),
-                E::File("repo-1/Dockerfile", b"FROM x\nRUN y\n"),
-                E::File("repo-1/big.bin", &big),
+                E::File("repo-1/.dockerignore", b"logs\n*.md\n!KEEP.md\n", 0o644),
+                E::File("repo-1/Dockerfile", b"FROM x\nRUN y\n", 0o644),
+                E::File("repo-1/big.bin", &big, 0o644),
                 E::Dir("repo-1/logs/"),
-                E::File("repo-1/logs/a.log", b"a"),
-                E::File("repo-1/README.md", b"r"),
-                E::File("repo-1/KEEP.md", b"k"),
-                E::Symlink("repo-1/current", "big.bin"),
+                E::File("repo-1/logs/a.log", b"a", 0o644),
+                E::File("repo-1/README.md", b"r", 0o644),
+                E::File("repo-1/KEEP.md", b"k", 0o644),
+                E::Link("repo-1/current", "big.bin"),
             ],
             // A .dockerignore after entries it does not leave out (.circleci sorts first).
             vec![
                 E::Dir("repo-2/"),
                 E::Dir("repo-2/.circleci/"),
-                E::File("repo-2/.circleci/config.yml", b"c"),
-                E::File("repo-2/.dockerignore", b"*.log\n"),
-                E::File("repo-2/Dockerfile", b"FROM g\n"),
-                E::File("repo-2/x.log", b"l"),
+                E::File("repo-2/.circleci/config.yml", b"c", 0o644),
+                E::File("repo-2/.dockerignore", b"*.log\n", 0o644),
+                E::File("repo-2/Dockerfile", b"FROM g\n", 0o644),
+                E::File("repo-2/x.log", b"l", 0o644),
             ],
             // No top folder; two Dockerfiles (the last wins).
             vec![
-                E::File("Dockerfile", b"FROM old\n"),
+                E::File("Dockerfile", b"FROM old\n", 0o644),
                 E::Dir("app/"),
-                E::File("app/index.js", &big),
-                E::File("Dockerfile", b"FROM new\n"),
+                E::File("app/index.js", &big, 0o644),
+                E::File("Dockerfile", b"FROM new\n", 0o644),
             ],
         ];
         for (i, entries) in cases.iter().enumerate() {
@@ -518,42 +455,42 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn a_wrong_guess_or_a_refused_archive_gives_up_with_an_error() {
-        let df = || E::File("Dockerfile", b"FROM x\n");
+        let df = || E::File("Dockerfile", b"FROM x\n", 0o644);
         let cases: Vec<(Vec<E>, bool, &str)> = vec![
             (
                 vec![
                     df(),
-                    E::File("notes.md", b"n"),
-                    E::File(".dockerignore", b"*.md\n"),
+                    E::File("notes.md", b"n", 0o644),
+                    E::File(".dockerignore", b"*.md\n", 0o644),
                 ],
                 false,
                 "the .dockerignore came after notes.md, which it leaves out",
             ),
             (
                 vec![
-                    E::File("app/Dockerfile", b"FROM x\n"),
-                    E::File("other/y", b"y"),
+                    E::File("app/Dockerfile", b"FROM x\n", 0o644),
+                    E::File("other/y", b"y", 0o644),
                 ],
                 false,
                 "an entry is outside the first entry's folder",
             ),
             (
                 vec![
-                    E::File("app/Dockerfile", b"FROM x\n"),
-                    E::File("app", b"a file"),
+                    E::File("app/Dockerfile", b"FROM x\n", 0o644),
+                    E::File("app", b"a file", 0o644),
                 ],
                 false,
                 // (Not flattened: a top-level file, not a folder, shares the name.)
                 "no Dockerfile at the top",
             ),
             (
-                vec![df(), E::File("a", b"a"), E::Hard("b", "a")],
+                vec![df(), E::File("a", b"a", 0o644), E::Hard("b", "a")],
                 false,
                 "it has hard links",
             ),
-            (vec![E::File("README", b"r")], false, "no Dockerfile"),
+            (vec![E::File("README", b"r", 0o644)], false, "no Dockerfile"),
             (
-                vec![df(), E::File("a", &[7u8; 100_000])],
+                vec![df(), E::File("a", &[7u8; 100_000], 0o644)],
                 true,
                 "the download stopped",
             ),
@@ -570,7 +507,7 @@ mod tests {
     /// gets more than the check would have allowed, even before the check says no.
     #[tokio::test(flavor = "multi_thread")]
     async fn the_stream_keeps_the_context_limits_itself() {
-        let df = E::File("Dockerfile", b"FROM x\n");
+        let df = E::File("Dockerfile", b"FROM x\n", 0o644);
         let small = Limits {
             max_context_bytes: 50_000,
             ..limits()
@@ -578,7 +515,8 @@ mod tests {
         // Larger than the stream's buffers: without a limit of its own, most of it would
         // have gone out before the end.
         let big = vec![0u8; 2_000_000];
-        let (sent, gave_up) = while_written(&tar_gz(&[df, E::File("a", &big)]), false, small).await;
+        let (sent, gave_up) =
+            while_written(&tar_gz(&[df, E::File("a", &big, 0o644)]), false, small).await;
         let err = sent.expect_err("refused");
         assert!(err.contains("50000"), "{err}");
         assert!(gave_up.is_some());
@@ -588,7 +526,7 @@ mod tests {
             max_archive_entries: 3,
             ..limits()
         };
-        let many: Vec<E> = (0..5).map(|_| E::File("a", b"a")).collect();
+        let many: Vec<E> = (0..5).map(|_| E::File("a", b"a", 0o644)).collect();
         let (sent, _) = while_written(&tar_gz(&many), false, few).await;
         assert!(sent.expect_err("refused").contains("entries"));
     }

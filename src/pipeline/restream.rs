@@ -393,11 +393,11 @@ fn changed(what: &str) -> io::Error {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use futures::StreamExt;
 
-    fn limits() -> Limits {
+    pub(in crate::pipeline) fn limits() -> Limits {
         Limits {
             max_source_bytes: 1 << 30,
             max_context_bytes: 1 << 30,
@@ -405,7 +405,7 @@ mod tests {
         }
     }
 
-    enum E<'a> {
+    pub(in crate::pipeline) enum E<'a> {
         File(&'a str, &'a [u8], u32),
         Dir(&'a str),
         Link(&'a str, &'a str),
@@ -414,7 +414,7 @@ mod tests {
         Raw(&'a str, tar::EntryType),
     }
 
-    fn tar_gz(entries: &[E]) -> Vec<u8> {
+    pub(in crate::pipeline) fn tar_gz(entries: &[E]) -> Vec<u8> {
         let enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         let mut b = tar::Builder::new(enc);
         for e in entries {
@@ -457,7 +457,7 @@ mod tests {
     }
 
     /// A tar's entries as sorted lines: kind, mode, path, and the content or link target.
-    fn listing(tar_bytes: &[u8]) -> Vec<String> {
+    pub(in crate::pipeline) fn listing(tar_bytes: &[u8]) -> Vec<String> {
         let mut out = Vec::new();
         let mut ar = tar::Archive::new(tar_bytes);
         for e in ar.entries().unwrap() {
@@ -474,9 +474,9 @@ mod tests {
                     format!("-> {}", e.link_name().unwrap().unwrap().display())
                 }
                 _ => {
-                    let mut s = String::new();
-                    e.read_to_string(&mut s).unwrap();
-                    s
+                    let mut bytes = Vec::new();
+                    e.read_to_end(&mut bytes).unwrap();
+                    String::from_utf8_lossy(&bytes).into_owned()
                 }
             };
             out.push(format!(
