@@ -308,22 +308,11 @@ impl Pipeline {
         };
 
         let cache_from = cache.finish(log, timings).await;
-        let mut built = None;
-        if let Some(early) = early {
-            log.line("The build context went to dockerd as the sources downloaded");
-            log.line(&format!("Building {image}"));
-            let (result, started) = forward(log, early.lines, early.task)
-                .await
-                .unwrap_or_else(|e| (Err(DockerError::Build(e.to_string())), None));
-            match early.gave_up.lock().map(|mut g| g.take()) {
-                Ok(Some(why)) => log.line(&format!("Sending the build context again ({why})")),
-                _ => {
-                    timings.build = started.map(elapsed_ms);
-                    built = Some(result);
-                }
-            }
-        }
-        let built = match built {
+        let early_built = match early {
+            Some(early) => early.finish(&image, log, timings).await,
+            None => None,
+        };
+        let built = match early_built {
             Some(built) => built,
             None => {
                 log.line(&how);
@@ -928,6 +917,27 @@ impl EarlyBuild {
             let _ = sender.send(verdict);
         }
         go.then_some(self)
+    }
+
+    /// Waits for the build, writing its lines into `log`; `None` if its stream gave up after
+    /// all (the context is then sent again the usual way).
+    async fn finish(
+        self,
+        image: &str,
+        log: &mut BuildLog,
+        timings: &mut StageTimings,
+    ) -> Option<Result<(), DockerError>> {
+        log.line("The build context went to dockerd as the sources downloaded");
+        log.line(&format!("Building {image}"));
+        let (result, started) = forward(log, self.lines, self.task)
+            .await
+            .unwrap_or_else(|e| (Err(DockerError::Build(e.to_string())), None));
+        if let Ok(Some(why)) = self.gave_up.lock().map(|mut g| g.take()) {
+            log.line(&format!("Sending the build context again ({why})"));
+            return None;
+        }
+        timings.build = started.map(elapsed_ms);
+        Some(result)
     }
 }
 
