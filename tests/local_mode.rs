@@ -280,8 +280,12 @@ async fn http_tar_gz_context_is_streamed_with_its_top_folder_dockerignore_and_li
 
 /// 400 KB that gzip cannot shrink: its download lasts (about half a second at `/slow/`).
 fn incompressible() -> Vec<u8> {
+    incompressible_of(400_000)
+}
+
+fn incompressible_of(len: usize) -> Vec<u8> {
     let mut seed = 7u32;
-    (0..400_000)
+    (0..len)
         .map(|_| {
             seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
             (seed >> 24) as u8
@@ -328,6 +332,41 @@ async fn a_late_dockerignore_sends_the_context_again() {
     let lines: Vec<&str> = log.lines().collect();
     let again = lines.iter().position(|l| l.starts_with(how)).unwrap();
     assert!(lines[again - 1].starts_with("Building "), "{log}");
+}
+
+/// A build stopped while its sources download (and dockerd already has part of its context)
+/// ends as cancelled, and dockerd builds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_stopped_mid_download_builds_nothing() {
+    let svc = Service::start(&[]).await;
+    let cb = Callbacks::start().await;
+    let files = Files::start().await;
+    let df = dockerfile("COPY . /ctx");
+    // About 2.5 s at `/slow/`.
+    let big = incompressible_of(2_000_000);
+    files.put("app.tgz", tar_gz(&[("Dockerfile", &df), ("big.bin", &big)]));
+    let b = body(&format!("http://{}/slow/app.tgz", files.addr), &cb);
+    svc.post(&b).await;
+    svc.wait_log(&b, "Fetching sources", BUILD).await;
+    // Past the 20 ms and the first 256 KiB of context (about 0.35 s): the early build is on.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let path = format!(
+        "/{}-{}/1",
+        b["app"].as_str().unwrap(),
+        b["app_uuid"].as_str().unwrap()
+    );
+    let resp = svc.client.delete(svc.url(&path)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = b["build_uuid"].as_str().unwrap();
+    assert_eq!(cb.wait_final(id, Duration::from_secs(10)).await, "failed");
+    let log = svc.log(&b).await;
+    assert!(log.contains("Cancelled"), "{log}");
+    assert!(!log.contains("Step 1/"), "{log}");
+    let image = format!("{REGISTRY}/{}:1.1", image_repo(&b));
+    assert!(
+        docker().inspect_image(&image).await.is_err(),
+        "{image} was built"
+    );
 }
 
 /// A download cut short fails the build as the sources' failure, and dockerd, which had
