@@ -190,7 +190,8 @@ fn guess_entries<W: io::Write>(
     use tar::EntryType;
     let mut budget = Budget::new(limits);
     let mut archive = tar::Archive::new(reader);
-    // Decided by the first entry: a folder (or a path in one) is the top folder to flatten.
+    // Decided by the first entry: a folder (or a path in one) is the top folder to flatten
+    // (GitHub's tarballs), unless the archive starts with its root `./`.
     let mut prefix: Option<Option<PathBuf>> = None;
     let mut ignore: Option<(DockerIgnore, Vec<u8>)> = None;
     // Names sent while no .dockerignore was seen; `None` past NAMES_BEFORE_IGNORE.
@@ -208,6 +209,9 @@ fn guess_entries<W: io::Write>(
         let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let rel = context::safe_relative(&name).map_err(io::Error::other)?;
         if rel.as_os_str().is_empty() {
+            // `./` first: made by `tar -C dir .`, whose entries are the folder's own
+            // (rarely a single folder to flatten).
+            prefix.get_or_insert(None);
             continue;
         }
         let top = prefix.get_or_insert_with(|| {
@@ -432,6 +436,13 @@ mod tests {
                 E::File("repo-2/.dockerignore", b"*.log\n", 0o644),
                 E::File("repo-2/Dockerfile", b"FROM g\n", 0o644),
                 E::File("repo-2/x.log", b"l", 0o644),
+            ],
+            // `tar -C dir .`: the root first, then a subfolder: not a folder to flatten.
+            vec![
+                E::Dir("./"),
+                E::Dir("./src/"),
+                E::File("./src/main.c", &big, 0o644),
+                E::File("./Dockerfile", b"FROM c\n", 0o644),
             ],
             // No top folder; two Dockerfiles (the last wins).
             vec![
