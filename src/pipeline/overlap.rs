@@ -123,8 +123,9 @@ pub type GaveUp = Arc<Mutex<Option<String>>>;
 
 /// Streams `archive` (a `.tar.gz` or `.tar` being written; `growing` says when it ends) as
 /// the build context, within `limits` as the check is (an archive that inflates past them
-/// stops here, not in dockerd, even before the check has said so). `verdict` is the checked archive's (an error message where it is not
-/// to be streamed); a stream that gives up ends with an error and says why in `gave_up`.
+/// stops here, not in dockerd, even before the check has said so). `verdict` is the checked
+/// archive's (an error message where it is not to be streamed); a stream that gives up ends
+/// with an error and says why in `gave_up`.
 pub fn stream_while_written(
     archive: PathBuf,
     limits: Limits,
@@ -141,16 +142,12 @@ pub fn stream_while_written(
             };
             let head = context::read_head(&mut reader)?;
             let format = context::detect_bytes(&head).map_err(io::Error::other)?;
-            let whole = io::Cursor::new(head).chain(reader);
+            let whole =
+                io::BufReader::with_capacity(256 * 1024, io::Cursor::new(head).chain(reader));
             let guess = match format {
-                Format::TarGz => guess_entries(
-                    flate2::read::MultiGzDecoder::new(io::BufReader::with_capacity(
-                        256 * 1024,
-                        whole,
-                    )),
-                    &limits,
-                    out,
-                )?,
+                Format::TarGz => {
+                    guess_entries(flate2::read::MultiGzDecoder::new(whole), &limits, out)?
+                }
                 Format::Tar => guess_entries(whole, &limits, out)?,
                 Format::Zip => return Err(io::Error::other("it is a zip")),
             };
@@ -453,14 +450,21 @@ mod tests {
             ],
         ];
         for (i, entries) in cases.iter().enumerate() {
-            let archive = tar_gz(entries);
-            let (sent, why) = while_written(&archive, false, limits()).await;
-            assert_eq!(why, None, "case {i}");
-            assert_eq!(
-                listing(&sent.unwrap()),
-                listing(&restreamed(&archive).await),
-                "case {i}"
-            );
+            let gz = tar_gz(entries);
+            // And the same archive as a plain .tar.
+            let mut plain = Vec::new();
+            flate2::read::GzDecoder::new(gz.as_slice())
+                .read_to_end(&mut plain)
+                .unwrap();
+            for archive in [gz, plain] {
+                let (sent, why) = while_written(&archive, false, limits()).await;
+                assert_eq!(why, None, "case {i}");
+                assert_eq!(
+                    listing(&sent.unwrap()),
+                    listing(&restreamed(&archive).await),
+                    "case {i}"
+                );
+            }
         }
     }
 
