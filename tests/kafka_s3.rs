@@ -5,7 +5,7 @@
 mod common;
 
 use common::kafka::consume_build;
-use common::{body, cache_buster, data_uri, tar_gz, Callbacks, Service};
+use common::{body, build_path, cache_buster, data_uri, tar_gz, Callbacks, Service};
 use rdkafka::mocking::MockCluster;
 use serde_json::Value;
 use std::sync::{Arc, Mutex};
@@ -52,12 +52,7 @@ fn archive(extra: &[(&str, &[u8])]) -> Vec<u8> {
 }
 
 fn log_path(b: &Value) -> String {
-    format!(
-        "/{}-{}/{}/logs",
-        b["app"].as_str().unwrap(),
-        b["app_uuid"].as_str().unwrap(),
-        b["build_number"]
-    )
+    format!("{}/logs", build_path(b))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -528,11 +523,7 @@ async fn with_s3_a_build_stopped_while_queued_has_its_log_in_the_bucket_and_on_k
     queued["kafka_hosts"] = cluster.bootstrap_servers().into();
     let id = queued["build_uuid"].as_str().unwrap().to_string();
     assert_eq!(svc.post(&queued).await.0, 200);
-    let stop = format!(
-        "/{}-{}/1",
-        queued["app"].as_str().unwrap(),
-        queued["app_uuid"].as_str().unwrap()
-    );
+    let stop = build_path(&queued);
     let resp = svc.client.delete(svc.url(&stop)).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(cbs.wait_final(&id, BUILD_WITHIN).await, "failed");

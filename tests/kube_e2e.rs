@@ -7,7 +7,9 @@
 mod common;
 
 use common::cluster::{Cluster, KubesimProcess, Mode};
-use common::{built_by_buildkit, cache_buster, data_uri, image_repo, tar_gz, Callbacks, Files};
+use common::{
+    build_path, built_by_buildkit, cache_buster, data_uri, image_repo, tar_gz, Callbacks, Files,
+};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -57,12 +59,7 @@ fn app(cluster: &Cluster, m: &str, secs: u32) -> Vec<u8> {
 }
 
 fn logs_path(b: &Value) -> String {
-    format!(
-        "/{}-{}/{}/logs",
-        b["app"].as_str().unwrap(),
-        b["app_uuid"].as_str().unwrap(),
-        b["build_number"]
-    )
+    format!("{}/logs", build_path(b))
 }
 
 /// Waits a little past the final callback, then returns (pending, final) counts.

@@ -350,23 +350,10 @@ async fn a_build_stopped_mid_download_builds_nothing() {
     svc.wait_log(&b, "Fetching sources", BUILD).await;
     // Past the 20 ms and the first 256 KiB of context (about 0.35 s): the early build is on.
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let path = format!(
-        "/{}-{}/1",
-        b["app"].as_str().unwrap(),
-        b["app_uuid"].as_str().unwrap()
-    );
+    let path = build_path(&b);
     let resp = svc.client.delete(svc.url(&path)).send().await.unwrap();
     assert_eq!(resp.status(), 200);
-    let id = b["build_uuid"].as_str().unwrap();
-    assert_eq!(cb.wait_final(id, Duration::from_secs(10)).await, "failed");
-    let log = svc.log(&b).await;
-    assert!(log.contains("Cancelled"), "{log}");
-    assert!(!log.contains("Step 1/"), "{log}");
-    let image = format!("{REGISTRY}/{}:1.1", image_repo(&b));
-    assert!(
-        docker().inspect_image(&image).await.is_err(),
-        "{image} was built"
-    );
+    failed_and_built_nothing(&svc, &cb, &b, "Cancelled", Duration::from_secs(10)).await;
 }
 
 /// A download cut short fails the build as the sources' failure, and dockerd, which had
@@ -384,12 +371,24 @@ async fn a_download_cut_short_fails_and_builds_nothing() {
     );
     let b = body(&format!("http://{}/cut/app.tgz", files.addr), &cb);
     assert_eq!(svc.post(&b).await.0, 200);
+    failed_and_built_nothing(&svc, &cb, &b, "Build failed (SourceFetchFailed)", BUILD).await;
+}
+
+/// The build `b` ended `failed` within `within`, its log says `why` and ran no step, and
+/// dockerd, which had part of its context, has no image of it.
+async fn failed_and_built_nothing(
+    svc: &Service,
+    cb: &Callbacks,
+    b: &Value,
+    why: &str,
+    within: Duration,
+) {
     let id = b["build_uuid"].as_str().unwrap();
-    assert_eq!(cb.wait_final(id, BUILD).await, "failed");
-    let log = svc.log(&b).await;
-    assert!(log.contains("Build failed (SourceFetchFailed)"), "{log}");
+    assert_eq!(cb.wait_final(id, within).await, "failed");
+    let log = svc.log(b).await;
+    assert!(log.contains(why), "{log}");
     assert!(!log.contains("Step 1/"), "{log}");
-    let image = format!("{REGISTRY}/{}:1.1", image_repo(&b));
+    let image = format!("{REGISTRY}/{}:1.1", image_repo(b));
     assert!(
         docker().inspect_image(&image).await.is_err(),
         "dockerd built {image} from a partial context"
@@ -736,11 +735,7 @@ async fn stop_a_running_build_and_stop_all_of_an_app() {
     svc.post(&b).await;
     svc.wait_log(&b, "stopme-start", BUILD).await;
     assert_eq!(running_steps_with("sleep 301").await, 1);
-    let path = format!(
-        "/{}-{}/1",
-        b["app"].as_str().unwrap(),
-        b["app_uuid"].as_str().unwrap()
-    );
+    let path = build_path(&b);
     let resp = svc.client.delete(svc.url(&path)).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.json::<Value>().await.unwrap(), json!({"status": "ok"}));
@@ -1118,11 +1113,7 @@ async fn a_queue_longer_than_the_memory_window_runs_in_order_from_the_scratch_fi
         std::fs::metadata(&spill).map(|m| m.len()).unwrap_or(0) > 0,
         "the builds past the memory window are not in the scratch file"
     );
-    let stop = format!(
-        "/{}-{}/1",
-        blocker["app"].as_str().unwrap(),
-        blocker["app_uuid"].as_str().unwrap()
-    );
+    let stop = build_path(&blocker);
     let resp = svc.client.delete(svc.url(&stop)).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     for b in &bodies {

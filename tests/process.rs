@@ -406,11 +406,7 @@ async fn a_full_queue_answers_503_and_keeps_nothing_of_the_refused_build() {
 
     // Stopping the running build frees its slot; the oldest queued one starts and the
     // queue has room again.
-    let key = format!(
-        "/{}-{}/1",
-        running["app"].as_str().unwrap(),
-        running["app_uuid"].as_str().unwrap()
-    );
+    let key = build_path(&running);
     let stop = client.delete(p.url(&key)).send().await.unwrap();
     assert_eq!(stop.status(), 200);
     p.wait_log(&queued[0], "Fetching sources").await;

@@ -112,12 +112,7 @@ impl Service {
     }
 
     pub async fn log(&self, b: &Value) -> String {
-        let path = format!(
-            "/{}-{}/{}/logs",
-            b["app"].as_str().unwrap(),
-            b["app_uuid"].as_str().unwrap(),
-            b["build_number"]
-        );
+        let path = format!("{}/logs", build_path(b));
         let resp = self
             .client
             .get(self.url(&path))
@@ -417,6 +412,17 @@ pub fn body(sources: &str, callbacks: &Callbacks) -> Value {
         "build_uuid": build_uuid, "app_uuid": uuid::Uuid::new_v4().to_string(), "build_number": 1,
         "sources": sources, "gm_registry_host": REGISTRY, "gm_registry_repo": "akkeris",
     })
+}
+
+/// The API path of the build `b` posts: `/{app}-{app_uuid}/{build_number}` (DELETE stops it;
+/// `/logs` after it is its log).
+pub fn build_path(b: &Value) -> String {
+    format!(
+        "/{}-{}/{}",
+        b["app"].as_str().unwrap(),
+        b["app_uuid"].as_str().unwrap(),
+        b["build_number"]
+    )
 }
 
 pub fn image_repo(b: &Value) -> String {
