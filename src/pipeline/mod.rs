@@ -145,80 +145,21 @@ impl Pipeline {
         let buildkit = self.config.builder.buildkit(false);
         let image = spec.image();
         let args = spec.docker_build_args();
-        let mut registries = self.config.extra_registries.clone();
-        if let Some(auth) = &spec.gm_registry_auth {
-            registries.insert(spec.gm_registry_host.clone(), auth.clone());
-        }
-        let request = docker::BuildRequest {
-            tag: image.clone(),
-            // Set in the registry later, or one LABEL step in the Dockerfile, or (rarely, see
-            // below) one step per label.
-            labels: Default::default(),
-            build_args: args.clone(),
-            no_cache: self.config.no_cache,
-            registries: docker::credentials(&registries),
-            cache_from: Vec::new(),
-            buildkit,
-        };
+        let request = self.build_request(spec, &image, &args, buildkit);
         let growing = Arc::new(overlap::Growing::default());
         let _ended = overlap::EndOnDrop(growing.clone());
         let fetch_started = Instant::now();
-        match source {
-            Fetch::Http(url) => log.line(&format!(
-                "Fetching sources from {}",
-                crate::secret::redact_url(url.as_str())
-            )),
-            Fetch::Data(_) => log.line("Decoding sources from the data: URI"),
-            Fetch::Stored => log.line("Reading the sources from storage"),
-        }
-        let (fetched, cache, early) = {
-            let fetch = async {
-                match source {
-                    Fetch::Http(url) => {
-                        sources::download(
-                            &self.http,
-                            &self.config.deny_networks,
-                            url,
-                            &archive,
-                            &limits,
-                            Some(tee),
-                        )
-                        .await
-                    }
-                    Fetch::Data(b64) => {
-                        sources::write_data_tee(b64, &archive, &limits, Some(tee)).await
-                    }
-                    Fetch::Stored => {
-                        self.read_stored(&spec.source_key(), &archive, &limits, tee)
-                            .await
-                    }
-                }
-            };
-            // The layer cache pull runs beside the fetch (on an empty daemon it is the longest
-            // step before the build), starting once the fetch has lasted CACHE_PULL_AFTER: sources
-            // that fail at once cost no call to dockerd, and a real download hardly waits. So
-            // does the build, fed as the archive arrives, once the pull is done.
-            tokio::pin!(fetch);
-            let (mut cache, mut early) = (None, None);
-            let fetched = tokio::select! {
-                biased;
-                fetched = &mut fetch => fetched,
-                () = tokio::time::sleep(CACHE_PULL_AFTER) => {
-                    let pull = self.start_cache_pull(spec);
-                    if !buildkit {
-                        early = Some(self.start_early_build(
-                            &archive,
-                            growing.clone(),
-                            pull.images(),
-                            request.clone(),
-                        ));
-                    }
-                    cache = Some(pull);
-                    fetch.await
-                }
-            };
-            (fetched, cache, early)
-        };
+        log.line(&source.announce());
+        let (fetched, cache, early) = self
+            .fetch_beside_pull(
+                spec,
+                source,
+                &archive,
+                tee,
+                &growing,
+                (!buildkit).then(|| request.clone()),
+            )
+            .await;
         timings.fetch = Some(elapsed_ms(fetch_started));
         let size = match fetched {
             Ok(n) => n,
@@ -227,70 +168,31 @@ impl Pipeline {
         growing.end(true);
         let cache = cache.unwrap_or_else(|| self.start_cache_pull(spec));
         log.line(&format!("Fetched {size} bytes of sources"));
-        let store = match source {
-            Fetch::Stored => None,
-            _ => {
-                let (storage, key, file) =
-                    (self.storage.clone(), spec.source_key(), archive.clone());
-                // Durable: a retry or a rebuild reads this copy. And its writeback starts
-                // now, beside the context and the build, rather than when dockerd's first
-                // build container syncs the disk and waits for it (40–80 ms for 100 MiB).
-                Some(AbortOnDropHandle::new(tokio::spawn(async move {
-                    let started = Instant::now();
-                    let stored = storage.put_file_durable(&key, &file).await;
-                    (stored, elapsed_ms(started))
-                })))
-            }
-        };
+        let store = self.start_store(spec, source, &archive);
 
         // From here on, only what the check still has to do after the fetch counts.
         let context_started = Instant::now();
-        let keys: Vec<String> = args.keys().cloned().collect();
-        // BuildKit's ARGs cost nothing and a pinned `# syntax=` frontend may predate the
-        // one-instruction form: one per name there. The classic builder pays a step per ARG.
-        let one_per_name = keys.is_empty() || buildkit;
-        let style = async {
-            if one_per_name {
-                dockerfile::ArgStyle::OnePerName
-            } else {
-                self.arg_style().await
-            }
-        };
         let labels = spec.image_labels();
         // The classic builder spends a step (a container created and committed) on a `LABEL`
         // instruction. When this process can write to the app's registry, the labels go on
         // there after the push instead (see `tag_and_push`). BuildKit sets them for free.
         let repo = spec.image_repository();
         let label_in_registry = !buildkit && self.registry.can_relabel(&repo);
-        let labels2 = if label_in_registry {
+        let in_dockerfile = if label_in_registry {
             Default::default()
         } else {
             labels.clone()
         };
-        let dest = workdir.join("context");
-        let file = archive.clone();
-        let prepared = async {
-            // The daemon's ARG form (asked once per process) while the check finishes.
-            let (style, scanned) = tokio::join!(style, scanning);
-            let scanned = scanned.map_err(|e| format!("context preparation stopped: {e}"))?;
-            tokio::task::spawn_blocking(move || match scanned? {
-                restream::Scan::Stream(plan) => {
-                    let (prepared, labelled) = plan.prepare(&keys, style, &labels2)?;
-                    let how = "Sending the build context straight from the archive".to_string();
-                    Ok((Context::Archive(file, prepared), labelled, how))
-                }
-                restream::Scan::Extract(why) => {
-                    let root = context::extract(&file, &dest, &limits)?;
-                    let labelled = context::prepare_dockerfile(&root, &keys, style, &labels2)?;
-                    let ignore = context::DockerIgnore::load(&root)?;
-                    let how = format!("Extracted the sources for the build context ({why})");
-                    Ok::<_, context::ContextError>((Context::Folder(root, ignore), labelled, how))
-                }
-            })
-            .await
-            .map_err(|e| format!("context preparation stopped: {e}"))
-        }
-        .await;
+        let prepared = self
+            .prepare_context(
+                scanning,
+                args.keys().cloned().collect(),
+                buildkit,
+                in_dockerfile,
+                &archive,
+                workdir.join("context"),
+            )
+            .await;
         timings.context = Some(elapsed_ms(context_started));
         // The early build goes on only with the context this check would send, and where the
         // labels need no build option (which it was started without).
@@ -345,6 +247,143 @@ impl Pipeline {
         let in_registry = label_in_registry.then_some(&labels);
         self.push_both(spec, &image, &repo, in_registry, log, timings)
             .await
+    }
+
+    /// The build's request to dockerd, without its labels and layer cache (decided later).
+    fn build_request(
+        &self,
+        spec: &BuildSpec,
+        image: &str,
+        args: &BTreeMap<String, String>,
+        buildkit: bool,
+    ) -> docker::BuildRequest {
+        let mut registries = self.config.extra_registries.clone();
+        if let Some(auth) = &spec.gm_registry_auth {
+            registries.insert(spec.gm_registry_host.clone(), auth.clone());
+        }
+        docker::BuildRequest {
+            tag: image.to_string(),
+            // Set in the registry later, or one LABEL step in the Dockerfile, or (rarely, see
+            // `build`) one step per label.
+            labels: Default::default(),
+            build_args: args.clone(),
+            no_cache: self.config.no_cache,
+            registries: docker::credentials(&registries),
+            cache_from: Vec::new(),
+            buildkit,
+        }
+    }
+
+    /// Fetches the sources into `archive` (and `tee`). The layer cache pull runs beside the
+    /// fetch (on an empty daemon it is the longest step before the build), starting once the
+    /// fetch has lasted CACHE_PULL_AFTER: sources that fail at once cost no call to dockerd,
+    /// and a real download hardly waits. So does the build fed as the archive arrives, when
+    /// `early` holds its request (classic builder), once the pull is done.
+    async fn fetch_beside_pull(
+        &self,
+        spec: &BuildSpec,
+        source: Fetch<'_>,
+        archive: &Path,
+        tee: mpsc::Sender<bytes::Bytes>,
+        growing: &Arc<overlap::Growing>,
+        early: Option<docker::BuildRequest>,
+    ) -> (
+        Result<u64, sources::SourceError>,
+        Option<CachePull>,
+        Option<EarlyBuild>,
+    ) {
+        let limits = self.config.limits;
+        let fetch = async {
+            match source {
+                Fetch::Http(url) => {
+                    let (http, deny) = (&self.http, &self.config.deny_networks);
+                    sources::download(http, deny, url, archive, &limits, Some(tee)).await
+                }
+                Fetch::Data(b64) => sources::write_data_tee(b64, archive, &limits, Some(tee)).await,
+                Fetch::Stored => {
+                    self.read_stored(&spec.source_key(), archive, &limits, tee)
+                        .await
+                }
+            }
+        };
+        tokio::pin!(fetch);
+        tokio::select! {
+            biased;
+            fetched = &mut fetch => (fetched, None, None),
+            () = tokio::time::sleep(CACHE_PULL_AFTER) => {
+                let pull = self.start_cache_pull(spec);
+                let early = early.map(|request| {
+                    self.start_early_build(archive, growing.clone(), pull.images(), request)
+                });
+                (fetch.await, Some(pull), early)
+            }
+        }
+    }
+
+    /// Starts the durable upload of a fetched archive to storage (none for sources read back
+    /// from it). Its writeback starts now, beside the context and the build, rather than when
+    /// dockerd's first build container syncs the disk and waits for it (40–80 ms for 100 MiB).
+    fn start_store(
+        &self,
+        spec: &BuildSpec,
+        source: Fetch<'_>,
+        archive: &Path,
+    ) -> Option<AbortOnDropHandle<(Result<(), crate::storage::StorageError>, u64)>> {
+        if matches!(source, Fetch::Stored) {
+            return None;
+        }
+        let (storage, key, file) = (self.storage.clone(), spec.source_key(), archive.to_owned());
+        // Durable: a retry or a rebuild reads this copy.
+        Some(AbortOnDropHandle::new(tokio::spawn(async move {
+            let started = Instant::now();
+            let stored = storage.put_file_durable(&key, &file).await;
+            (stored, elapsed_ms(started))
+        })))
+    }
+
+    /// Finishes the context once the fetch has ended: a checked archive streams as it is
+    /// (`restream`), anything else is extracted into `dest`. The Dockerfile gets the build's
+    /// ARGs and, unless empty, `labels`. Answers the context, whether the labels went into
+    /// the Dockerfile, and a log line saying how the context is sent.
+    async fn prepare_context(
+        &self,
+        scanning: AbortOnDropHandle<Result<restream::Scan, context::ContextError>>,
+        keys: Vec<String>,
+        buildkit: bool,
+        labels: BTreeMap<String, String>,
+        archive: &Path,
+        dest: std::path::PathBuf,
+    ) -> Result<Result<(Context, bool, String), context::ContextError>, String> {
+        // BuildKit's ARGs cost nothing and a pinned `# syntax=` frontend may predate the
+        // one-instruction form: one per name there. The classic builder pays a step per ARG.
+        let one_per_name = keys.is_empty() || buildkit;
+        let style = async {
+            if one_per_name {
+                dockerfile::ArgStyle::OnePerName
+            } else {
+                self.arg_style().await
+            }
+        };
+        let (file, limits) = (archive.to_owned(), self.config.limits);
+        // The daemon's ARG form (asked once per process) while the check finishes.
+        let (style, scanned) = tokio::join!(style, scanning);
+        let scanned = scanned.map_err(|e| format!("context preparation stopped: {e}"))?;
+        tokio::task::spawn_blocking(move || match scanned? {
+            restream::Scan::Stream(plan) => {
+                let (prepared, labelled) = plan.prepare(&keys, style, &labels)?;
+                let how = "Sending the build context straight from the archive".to_string();
+                Ok((Context::Archive(file, prepared), labelled, how))
+            }
+            restream::Scan::Extract(why) => {
+                let root = context::extract(&file, &dest, &limits)?;
+                let labelled = context::prepare_dockerfile(&root, &keys, style, &labels)?;
+                let ignore = context::DockerIgnore::load(&root)?;
+                let how = format!("Extracted the sources for the build context ({why})");
+                Ok::<_, context::ContextError>((Context::Folder(root, ignore), labelled, how))
+            }
+        })
+        .await
+        .map_err(|e| format!("context preparation stopped: {e}"))
     }
 
     /// Starts the build with a context fed by the archive as it downloads (see `overlap`):
@@ -996,6 +1035,20 @@ enum Fetch<'a> {
     Data(&'a str),
     /// Already in storage under the build's source key.
     Stored,
+}
+
+impl Fetch<'_> {
+    /// The build log's line for the fetch's start (a URL's credentials redacted).
+    fn announce(self) -> String {
+        match self {
+            Fetch::Http(url) => format!(
+                "Fetching sources from {}",
+                crate::secret::redact_url(url.as_str())
+            ),
+            Fetch::Data(_) => "Decoding sources from the data: URI".into(),
+            Fetch::Stored => "Reading the sources from storage".into(),
+        }
+    }
 }
 
 fn docker_failure(e: DockerError) -> Outcome {
