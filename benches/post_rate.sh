@@ -6,6 +6,7 @@
 # Prints req/s and latency percentiles (p50, p90, p99, p99.9, max) side by side, the service's peak RSS (VmHWM) over the run, and
 # that peak less the idle RSS per build still queued.
 #   SECONDS_EACH=10 CONNECTIONS=32 bash benches/post_rate.sh
+# Then both routes again at fixed rates (open loop, OPEN_RATES="2000 10000"; empty to skip).
 # MAX_QUEUED_BUILDS=N (passed to the service) bounds the queue: POSTs past it are 503s, which
 # the non-2xx column counts and the per-queued-build figure leaves out.
 set -euo pipefail
@@ -25,7 +26,11 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 closed=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 PORT=$port LISTEN_ADDRESS=127.0.0.1 DATA_DIR="$data" "$BIN" serve >"$data/serve.log" 2>&1 &
 pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$data"' EXIT
+# Every server's folder is removed at the end, not between runs: tens of thousands of files
+# deleted just before a run make the next run's file creations slow on some filesystems
+# (ext4 without a journal skips recently deleted inodes one by one).
+datas=$data
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf $datas' EXIT
 for _ in $(seq 100); do curl -sf "127.0.0.1:$port/octhc" >/dev/null && break; sleep 0.1; done
 
 idle=$(awk '/VmRSS/{print $2}' "/proc/$pid/status")
@@ -48,3 +53,31 @@ echo "builds accepted: $(( $(field "$post" requests) - $(field "$post" non2xx) )
 echo "peak RSS (VmHWM) of the service over the run: $((hwm / 1024)) MiB (idle before it: $((idle / 1024)) MiB)"
 queued=$(( $(field "$post" requests) - $(field "$post" non2xx) - finished ))
 [ "$queued" -gt 0 ] && echo "memory per queued build at the peak: $(( (hwm - idle) * 1024 / queued )) bytes ($queued queued when wrk stopped)"
+
+# The same two routes at the same offered load: an open loop (benches/open-loop) sends
+# OPEN_RATES requests a second on CONNECTIONS connections, on a fresh server for each rate,
+# latency counted from each request's scheduled time. wrk's closed loop above offers a route
+# as many requests as it can answer, so there the dearer route also waits longer in line.
+OPEN_RATES=${OPEN_RATES-2000 10000}
+[ -n "$OPEN_RATES" ] || exit 0
+kill $pid 2>/dev/null; wait $pid 2>/dev/null || true
+cargo build -q --release -p open-loop
+echo
+echo "open loop, $CONNECTIONS connections, ${SECONDS_EACH}s each, a fresh server per rate:"
+row "route @ rate" "req/s" "p50 ms" "p90 ms" "p99 ms" "p99.9 ms" "max ms" "non-2xx"
+for rate in $OPEN_RATES; do
+  data=$(mktemp -d /tmp/post-rate.XXXXXX); datas="$datas $data"
+  PORT=$port LISTEN_ADDRESS=127.0.0.1 DATA_DIR="$data" "$BIN" serve >"$data/serve.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 100); do curl -sf "127.0.0.1:$port/octhc" >/dev/null && break; sleep 0.1; done
+  open() { target/release/open-loop "127.0.0.1:$port" "$1" "$rate" "$SECONDS_EACH" "$CONNECTIONS" \
+    "http://127.0.0.1:$closed/gone.tgz" 2>/dev/null | grep '^RESULT'; }
+  get=$(open octhc); post=$(open post)
+  for r in octhc post; do
+    res=$get; [ $r = post ] && res=$post
+    row "$r @ $rate" "$(field "$res" rps)" "$(field "$res" p50_ms)" "$(field "$res" p90_ms)" "$(field "$res" p99_ms)" \
+      "$(field "$res" p999_ms)" "$(field "$res" max_ms)" "$(field "$res" non2xx)"
+  done
+  echo "  (the load generator woke late by p99 $(field "$get" late_p99_ms) / $(field "$post" late_p99_ms) ms; socket errors $(field "$get" errors) / $(field "$post" errors))"
+  kill $pid 2>/dev/null; wait $pid 2>/dev/null || true
+done
