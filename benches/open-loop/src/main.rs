@@ -90,6 +90,8 @@ fn main() {
             all.errors += t.errors;
         }
     }
+    // Answered per second over the time it took (more than SECONDS when the server fell behind).
+    let took = start.elapsed().as_secs_f64().max(run.seconds);
     all.latencies_us.sort_unstable();
     all.late_us.sort_unstable();
     let pct = |v: &[u64], p: f64| -> f64 {
@@ -102,7 +104,7 @@ fn main() {
     let l = &all.latencies_us;
     println!(
         "RESULT rps={:.0} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} p999_ms={:.2} max_ms={:.2} requests={} non2xx={} errors={} late_p99_ms={:.2}",
-        l.len() as f64 / run.seconds,
+        l.len() as f64 / took,
         pct(l, 50.0),
         pct(l, 90.0),
         pct(l, 99.0),
