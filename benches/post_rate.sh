@@ -60,7 +60,7 @@ queued=$(( $(field "$post" requests) - $(field "$post" non2xx) - finished ))
 # as many requests as it can answer, so there the dearer route also waits longer in line.
 OPEN_RATES=${OPEN_RATES-2000 10000}
 [ -n "$OPEN_RATES" ] || exit 0
-kill $pid 2>/dev/null; wait $pid 2>/dev/null || true
+kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true
 cargo build -q --release -p open-loop
 echo
 echo "open loop, $CONNECTIONS connections, ${SECONDS_EACH}s each, a fresh server per rate:"
@@ -79,5 +79,5 @@ for rate in $OPEN_RATES; do
       "$(field "$res" p999_ms)" "$(field "$res" max_ms)" "$(field "$res" non2xx)"
   done
   echo "  (the load generator woke late by p99 $(field "$get" late_p99_ms) / $(field "$post" late_p99_ms) ms; socket errors $(field "$get" errors) / $(field "$post" errors))"
-  kill $pid 2>/dev/null; wait $pid 2>/dev/null || true
+  kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true
 done
