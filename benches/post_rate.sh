@@ -30,7 +30,7 @@ pid=$!
 # deleted just before a run make the next run's file creations slow on some filesystems
 # (ext4 without a journal skips recently deleted inodes one by one).
 datas=$data
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf $datas' EXIT
+trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf $datas' EXIT
 for _ in $(seq 100); do curl -sf "127.0.0.1:$port/octhc" >/dev/null && break; sleep 0.1; done
 
 idle=$(awk '/VmRSS/{print $2}' "/proc/$pid/status")
