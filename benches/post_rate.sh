@@ -21,17 +21,21 @@ if [ -z "${BIN:-}" ]; then
   BIN=target/release/buildshuttle
 fi
 
-data=$(mktemp -d /tmp/post-rate.XXXXXX)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 closed=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-PORT=$port LISTEN_ADDRESS=127.0.0.1 DATA_DIR="$data" "$BIN" serve >"$data/serve.log" 2>&1 &
-pid=$!
 # Every server's folder is removed at the end, not between runs: tens of thousands of files
 # deleted just before a run make the next run's file creations slow on some filesystems
 # (ext4 without a journal skips recently deleted inodes one by one).
-datas=$data
+pid= datas=
 trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf $datas' EXIT
-for _ in $(seq 100); do curl -sf "127.0.0.1:$port/octhc" >/dev/null && break; sleep 0.1; done
+# Starts a server on a fresh folder ($data) and waits until it answers.
+start() {
+  data=$(mktemp -d /tmp/post-rate.XXXXXX); datas="$datas $data"
+  PORT=$port LISTEN_ADDRESS=127.0.0.1 DATA_DIR="$data" "$BIN" serve >"$data/serve.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 100); do curl -sf "127.0.0.1:$port/octhc" >/dev/null && break; sleep 0.1; done
+}
+start
 
 idle=$(awk '/VmRSS/{print $2}' "/proc/$pid/status")
 run() { wrk -t2 -c"$CONNECTIONS" -d"${SECONDS_EACH}s" "$@" | grep '^RESULT'; }
@@ -66,10 +70,7 @@ echo
 echo "open loop, $CONNECTIONS connections, ${SECONDS_EACH}s each, a fresh server per rate:"
 row "route @ rate" "req/s" "p50 ms" "p90 ms" "p99 ms" "p99.9 ms" "max ms" "non-2xx"
 for rate in $OPEN_RATES; do
-  data=$(mktemp -d /tmp/post-rate.XXXXXX); datas="$datas $data"
-  PORT=$port LISTEN_ADDRESS=127.0.0.1 DATA_DIR="$data" "$BIN" serve >"$data/serve.log" 2>&1 &
-  pid=$!
-  for _ in $(seq 100); do curl -sf "127.0.0.1:$port/octhc" >/dev/null && break; sleep 0.1; done
+  start
   open() { target/release/open-loop "127.0.0.1:$port" "$1" "$rate" "$SECONDS_EACH" "$CONNECTIONS" \
     "http://127.0.0.1:$closed/gone.tgz" 2>/dev/null | grep '^RESULT'; }
   get=$(open octhc); post=$(open post)
