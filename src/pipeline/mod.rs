@@ -157,7 +157,7 @@ impl Pipeline {
                 &archive,
                 tee,
                 &growing,
-                (!buildkit).then(|| request.clone()),
+                (!buildkit).then_some(&request),
             )
             .await;
         timings.fetch = Some(elapsed_ms(fetch_started));
@@ -286,7 +286,7 @@ impl Pipeline {
         archive: &Path,
         tee: mpsc::Sender<bytes::Bytes>,
         growing: &Arc<overlap::Growing>,
-        early: Option<docker::BuildRequest>,
+        early: Option<&docker::BuildRequest>,
     ) -> (
         Result<u64, sources::SourceError>,
         Option<CachePull>,
@@ -313,7 +313,7 @@ impl Pipeline {
             () = tokio::time::sleep(CACHE_PULL_AFTER) => {
                 let pull = self.start_cache_pull(spec);
                 let early = early.map(|request| {
-                    self.start_early_build(archive, growing.clone(), pull.images(), request)
+                    self.start_early_build(archive, growing.clone(), pull.images(), request.clone())
                 });
                 (fetch.await, Some(pull), early)
             }
