@@ -5,7 +5,7 @@
 mod common;
 
 use common::kafka::consume_build;
-use common::{body, build_path, cache_buster, data_uri, tar_gz, Callbacks, Service};
+use common::{body, build_path, cache_buster, data_uri, logs_path, tar_gz, Callbacks, Service};
 use rdkafka::mocking::MockCluster;
 use serde_json::Value;
 use std::sync::{Arc, Mutex};
@@ -49,10 +49,6 @@ fn archive(extra: &[(&str, &[u8])]) -> Vec<u8> {
     let mut entries: Vec<(&str, &[u8])> = vec![("Dockerfile", dockerfile.as_bytes())];
     entries.extend_from_slice(extra);
     tar_gz(&entries)
-}
-
-fn log_path(b: &Value) -> String {
-    format!("{}/logs", build_path(b))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,7 +273,7 @@ async fn s3_keeps_sources_and_logs_byte_for_byte() {
     // Follow mode on a finished build returns the whole stored log and ends.
     let followed = svc
         .client
-        .get(svc.url(&format!("{}?follow=true", log_path(&b))))
+        .get(svc.url(&format!("{}?follow=true", logs_path(&b))))
         .send()
         .await
         .unwrap()
@@ -335,7 +331,7 @@ async fn follow_streams_a_running_builds_log_from_the_spool_then_ends() {
 
     let mut resp = svc
         .client
-        .get(svc.url(&format!("{}?follow=true", log_path(&b))))
+        .get(svc.url(&format!("{}?follow=true", logs_path(&b))))
         .send()
         .await
         .unwrap();

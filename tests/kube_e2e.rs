@@ -8,7 +8,7 @@ mod common;
 
 use common::cluster::{Cluster, KubesimProcess, Mode};
 use common::{
-    build_path, built_by_buildkit, cache_buster, data_uri, image_repo, tar_gz, Callbacks, Files,
+    built_by_buildkit, cache_buster, data_uri, image_repo, logs_path, tar_gz, Callbacks, Files,
 };
 use serde_json::Value;
 use std::time::{Duration, Instant};
@@ -56,10 +56,6 @@ fn app(cluster: &Cluster, m: &str, secs: u32) -> Vec<u8> {
         cache_buster()
     );
     tar_gz(&[("Dockerfile", df.as_bytes())])
-}
-
-fn logs_path(b: &Value) -> String {
-    format!("{}/logs", build_path(b))
 }
 
 /// Waits a little past the final callback, then returns (pending, final) counts.

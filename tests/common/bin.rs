@@ -67,7 +67,7 @@ impl Proc {
         assert_eq!(r.status(), 200);
     }
     pub async fn log(&self, b: &Value) -> String {
-        let p = format!("{}/logs", super::build_path(b));
+        let p = super::logs_path(b);
         match reqwest::get(self.url(&p)).await {
             Ok(r) if r.status() == 200 => r.text().await.unwrap_or_default(),
             _ => String::new(),

@@ -112,7 +112,7 @@ impl Service {
     }
 
     pub async fn log(&self, b: &Value) -> String {
-        let path = format!("{}/logs", build_path(b));
+        let path = logs_path(b);
         let resp = self
             .client
             .get(self.url(&path))
@@ -423,6 +423,11 @@ pub fn build_path(b: &Value) -> String {
         b["app_uuid"].as_str().unwrap(),
         b["build_number"]
     )
+}
+
+/// The API path of the build `b`'s log.
+pub fn logs_path(b: &Value) -> String {
+    format!("{}/logs", build_path(b))
 }
 
 pub fn image_repo(b: &Value) -> String {
