@@ -204,9 +204,9 @@ async fn build_with_args_labels_callbacks_and_stored_sources(flags: &[&str]) -> 
 }
 
 /// Serves `archive` as `name` over http and builds it from `/{route}{name}`: the build must
-/// succeed, print `CONTEXT-OK` (its checks of the context passed) and say `how` the context
-/// was made.
-async fn context_ok_when_served(route: &str, name: &str, archive: Vec<u8>, how: &str) -> String {
+/// succeed, print `CONTEXT-OK` (its checks of the context passed) and say how the context
+/// was made, with one of the lines in `how`.
+async fn context_ok_when_served(route: &str, name: &str, archive: Vec<u8>, how: &[&str]) -> String {
     let svc = Service::start(&[]).await;
     let cb = Callbacks::start().await;
     let files = Files::start().await;
@@ -222,7 +222,7 @@ async fn context_ok_when_served(route: &str, name: &str, archive: Vec<u8>, how: 
     );
     let log = svc.log(&b).await;
     assert!(log.contains("CONTEXT-OK"), "{log}");
-    assert!(log.contains(how), "{log}");
+    assert!(how.iter().any(|h| log.contains(h)), "{how:?} in:\n{log}");
     log
 }
 
@@ -237,7 +237,7 @@ async fn http_zip_behind_a_redirect_with_a_top_folder_and_dockerignore() {
         ("repo-0123abc/logs/a.log", b"x"),
     ]);
     let how = "Extracted the sources for the build context (it is a zip)";
-    context_ok_when_served("redirect/", "app.zip", archive, how).await;
+    context_ok_when_served("redirect/", "app.zip", archive, &[how]).await;
 }
 
 /// A .tar.gz goes to dockerd straight from the archive (no extracted copy): the same context
@@ -274,8 +274,14 @@ async fn http_tar_gz_context_is_streamed_with_its_top_folder_dockerignore_and_li
     tar.append_link(&mut h, "repo-0123abc/current", "src/keep.txt")
         .unwrap();
     let archive = tar.into_inner().unwrap().finish().unwrap();
-    let how = "Sending the build context straight from the archive";
-    context_ok_when_served("", "app.tgz", archive, how).await;
+    // Either way the archive streams: when the download outlasts CACHE_PULL_AFTER (20 ms,
+    // which a loaded machine can make it do) the build starts as it arrives.
+    let how = [
+        "Sending the build context straight from the archive",
+        "The build context went to dockerd as the sources downloaded",
+    ];
+    let log = context_ok_when_served("", "app.tgz", archive, &how).await;
+    assert!(!log.contains("Extracted the sources"), "{log}");
 }
 
 /// 400 KB that gzip cannot shrink: its download lasts (about half a second at `/slow/`).
@@ -309,7 +315,7 @@ async fn a_slow_download_feeds_the_build_as_it_arrives() {
         ("repo-0123abc/Dockerfile", &df),
     ]);
     let how = "The build context went to dockerd as the sources downloaded";
-    context_ok_when_served("slow/", "app.tgz", archive, how).await;
+    context_ok_when_served("slow/", "app.tgz", archive, &[how]).await;
 }
 
 /// A .dockerignore that comes after an entry it leaves out: the context already on its way
@@ -327,7 +333,7 @@ async fn a_late_dockerignore_sends_the_context_again() {
         ("Dockerfile", &df),
     ]);
     let how = "Sending the build context again (the .dockerignore came after notes.md, which it leaves out)";
-    let log = context_ok_when_served("slow/", "app.tgz", archive, how).await;
+    let log = context_ok_when_served("slow/", "app.tgz", archive, &[how]).await;
     // The dropped upload's own error is not the build's: nothing between it and the retry.
     let lines: Vec<&str> = log.lines().collect();
     let again = lines.iter().position(|l| l.starts_with(how)).unwrap();
