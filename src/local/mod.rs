@@ -19,7 +19,7 @@ use crate::storage::Object;
 use async_trait::async_trait;
 use queue::ChunkedQueue;
 use records::Records;
-use state::{Phase, Record, Recovered, StateStore};
+use state::{Durability, Phase, Record, Recovered, StateStore};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -379,12 +379,14 @@ impl Inner {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    async fn update(&self, id: Uuid, f: impl FnOnce(&mut Record)) {
+    async fn update(&self, id: Uuid, durability: Durability, f: impl FnOnce(&mut Record)) {
         let saved = {
             let mut records = self.lock_records();
             match records.change(&id, f) {
                 None => return,
-                Some(Ok((final_sent, line))) => self.state.save_line(id, final_sent, line),
+                Some(Ok((final_sent, line))) => {
+                    self.state.save_line(id, final_sent, line, durability)
+                }
                 Some(Err(e)) => {
                     tracing::error!(build = %id, error = %e, "could not write the build's state");
                     return;
@@ -495,7 +497,9 @@ impl Inner {
         self.metrics.observe_stages(&timings, &[]);
         self.remove_active(id);
         tracing::info!(build = %id, app = %spec.app, number = spec.build_number, result = outcome.callback_status(), "build finished");
-        self.update(id, |r| {
+        // On disk before any callback: lost in a power cut, the build would run again after
+        // its final callback had gone.
+        self.update(id, Durability::Synced, |r| {
             r.phase = Phase::Finished;
             r.outcome = Some(outcome);
             r.finished_at = Some(chrono::Utc::now());
@@ -533,9 +537,9 @@ impl Inner {
         timings: &mut StageTimings,
     ) -> (Outcome, Option<futures::future::BoxFuture<'static, ()>>) {
         let id = spec.build_uuid;
-        // Recorded beside the build's start rather than before it (one fsync less on the
-        // critical path): a crash before it lands re-runs the build after the restart.
-        let running = self.update(id, |r| {
+        // Recorded beside the build's start rather than before it, and not synced: lost in a
+        // crash or a power cut, the build runs again after the restart.
+        let running = self.update(id, Durability::Written, |r| {
             r.phase = Phase::Running;
             r.started_at = Some(started_at);
         });
@@ -633,7 +637,8 @@ impl Inner {
             .callback
             .is_some()
             .then(|| ms_since(rec.accepted_at));
-        self.update(id, |r| {
+        // Lost in a power cut, the pending callback goes again after the restart.
+        self.update(id, Durability::Written, |r| {
             r.pending_sent = true;
             r.timings.callback_pending = took;
         })
@@ -673,7 +678,9 @@ impl Inner {
             callback_final: took,
             ..Default::default()
         });
-        self.update(id, |r| {
+        // Lost in a power cut, the final callback goes again after the restart (the
+        // outcome it reports is on disk).
+        self.update(id, Durability::Written, |r| {
             r.final_sent = true;
             r.timings.callback_final = took;
             // Nothing needs the credentials any more: they do not stay on disk.
@@ -774,7 +781,9 @@ impl Executor for LocalExecutor {
                 }
             };
             records.insert(rec.clone(), &line, cold);
-            self.inner.state.save_line(id, false, line)
+            self.inner
+                .state
+                .save_line(id, false, line, Durability::Synced)
         };
         // The 200 waits for the fsync of this record's batch: an accepted build survives a
         // SIGKILL that follows the answer.

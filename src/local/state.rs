@@ -4,7 +4,11 @@
 //! - `journal-{gen}.log`: one JSON line per change of a build's record. One writer thread
 //!   appends every change waiting when it wakes in one write and one fsync (group commit),
 //!   and each caller awaits the fsync of its batch. A burst of `POST /` therefore costs one
-//!   fsync per batch instead of one per build, and no lock is held across the I/O.
+//!   fsync per batch instead of one per build, and no lock is held across the I/O. Changes
+//!   whose loss in a power cut costs only a repeat (`Durability::Written`: a build marked
+//!   running, a callback marked sent) wait for the write alone, which outlives the process;
+//!   the next fsync, or one within LAZY_SYNC, makes them durable. So the fsyncs a `POST /`
+//!   queues behind are only those of other acceptances and of finished builds.
 //! - `snapshot.log`: the last line of every unfinished build, written by compaction.
 //! - `done.log`: one line per build whose final callback is done (credentials scrubbed);
 //!   it is what makes a repeated `POST /` idempotent after a restart.
@@ -79,6 +83,8 @@ const SEGMENT_LIMIT: u64 = 16 * 1024 * 1024;
 const SCRUB_DELAY: Duration = Duration::from_secs(1);
 /// No change for this long: the store is idle, and compaction runs at once.
 const IDLE: Duration = Duration::from_millis(50);
+/// The longest a `Durability::Written` change stays unsynced when no synced batch follows.
+const LAZY_SYNC: Duration = Duration::from_millis(20);
 /// After a compaction, the next one for scrubbing waits this many times as long as it took,
 /// so compaction (which rewrites every queued build's line) takes at most a tenth of a core
 /// however long the queue is. Credentials of finished builds stay on disk that much longer
@@ -90,12 +96,27 @@ const DONE: &str = "done.log";
 struct Op {
     line: Vec<u8>,
     final_sent: bool,
+    durability: Durability,
     ack: oneshot::Sender<Result<(), StateError>>,
+}
+
+/// What a saved change's future waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// On disk (fsynced): survives a power cut. For what must not be redone or lost: an
+    /// accepted build, a build's outcome before its callbacks go.
+    Synced,
+    /// Written (in the page cache): survives the process being killed, and is synced soon
+    /// after. For a change whose loss in a power cut only repeats something: a build marked
+    /// running (it runs again), a callback marked sent (it is sent again).
+    Written,
 }
 
 /// Handle to the state; cheap to share. Writes go to the writer thread.
 pub struct StateStore {
     tx: mpsc::Sender<Op>,
+    /// How many times the writer has fsynced the journal.
+    syncs: Arc<AtomicU64>,
     /// Builds whose final callback is done: a repeated POST of one starts nothing.
     done: Mutex<HashSet<Uuid>>,
 }
@@ -178,13 +199,16 @@ impl StateStore {
         sync_dir(&dir)?;
 
         let (tx, rx) = mpsc::channel();
+        let syncs = Arc::new(AtomicU64::new(0));
         let writer = Writer {
+            syncs: syncs.clone(),
             dir: dir.clone(),
             gen,
             journal,
             journal_len: 0,
             done: done_file,
             first_final: None,
+            unsynced: None,
             compaction: Arc::new(Compaction {
                 snapshot_len: AtomicU64::new(snapshot_len),
                 ..Compaction::default()
@@ -195,9 +219,15 @@ impl StateStore {
             .spawn(move || writer.run(rx))?;
         let store = Self {
             tx,
+            syncs,
             done: Mutex::new(done),
         };
         Ok((store, Recovered { records, next_seq }))
+    }
+
+    /// How many times the journal has been fsynced since the store opened.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
     }
 
     /// Whether this build finished (final callback done) in this or an earlier process.
@@ -212,17 +242,24 @@ impl StateStore {
         &self,
         rec: &Record,
     ) -> impl std::future::Future<Output = Result<(), StateError>> + Send + 'static {
-        let queued =
-            encode(rec).map(|line| self.save_line(rec.spec.build_uuid, rec.final_sent, line));
+        let queued = encode(rec).map(|line| {
+            self.save_line(
+                rec.spec.build_uuid,
+                rec.final_sent,
+                line,
+                Durability::Synced,
+            )
+        });
         async move { queued?.await }
     }
 
-    /// `save` of a record already encoded (by `encode`).
+    /// `save` of a record already encoded (by `encode`), resolving once `durability` holds.
     pub fn save_line(
         &self,
         id: Uuid,
         final_sent: bool,
         line: Vec<u8>,
+        durability: Durability,
     ) -> impl std::future::Future<Output = Result<(), StateError>> + Send + 'static {
         let (ack, done) = oneshot::channel();
         if final_sent {
@@ -233,6 +270,7 @@ impl StateStore {
         let op = Op {
             line,
             final_sent,
+            durability,
             ack,
         };
         let queued = self.tx.send(op).map_err(|_| StateError::WriterStopped);
@@ -258,6 +296,9 @@ struct Writer {
     done: File,
     /// When the oldest final record not yet compacted away was written.
     first_final: Option<Instant>,
+    /// Since when the journal holds `Durability::Written` lines no fsync has covered.
+    unsynced: Option<Instant>,
+    syncs: Arc<AtomicU64>,
     compaction: Arc<Compaction>,
 }
 
@@ -283,16 +324,26 @@ impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Op>) {
         let mut batch: Vec<Op> = Vec::new();
         loop {
-            let op = match self.first_final {
-                // Quiet for IDLE with finished builds to fold away: compact now, it costs
-                // nobody. (A gap between two batches of a burst is not quiet.)
-                Some(_) => match rx.recv_timeout(IDLE) {
+            // Unsynced lines get their fsync once LAZY_SYNC passes without a synced batch.
+            let sync_in = self.unsynced.map(|t| LAZY_SYNC.saturating_sub(t.elapsed()));
+            // Quiet for IDLE with finished builds to fold away: compact then, it costs
+            // nobody. (A gap between two batches of a burst is not quiet.)
+            let compact_in = self.first_final.map(|_| IDLE);
+            let op = match sync_in.into_iter().chain(compact_in).min() {
+                Some(wait) => match rx.recv_timeout(wait) {
                     Ok(op) => op,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
-                        self.maybe_compact(true);
+                        if self.unsynced.is_some() {
+                            self.sync_lazy();
+                        } else {
+                            self.maybe_compact(true);
+                        }
                         continue;
                     }
-                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        self.sync_lazy();
+                        return;
+                    }
                 },
                 None => match rx.recv() {
                     Ok(op) => op,
@@ -338,17 +389,43 @@ impl Writer {
         self.journal_len += buf.len() as u64;
         if !done.is_empty() {
             // Synced by compaction before the journal forgets these builds; until then the
-            // journal's own (synced) final line is what counts.
+            // journal's own final line is what counts.
             self.done.write_all(&done)?;
         }
-        self.journal.sync_data()?;
+        if batch.iter().any(|o| o.durability == Durability::Synced) {
+            // Covers the earlier unsynced lines too: the whole file's data.
+            self.journal.sync_data()?;
+            self.syncs.fetch_add(1, Ordering::Relaxed);
+            self.unsynced = None;
+        } else {
+            self.unsynced.get_or_insert_with(Instant::now);
+        }
         if !done.is_empty() {
             self.first_final.get_or_insert_with(Instant::now);
         }
         Ok(())
     }
 
+    /// Syncs the lines written as `Durability::Written` that no batch has synced since.
+    fn sync_lazy(&mut self) {
+        if self.unsynced.is_none() {
+            return;
+        }
+        match self.journal.sync_data() {
+            Ok(()) => {
+                self.syncs.fetch_add(1, Ordering::Relaxed);
+                self.unsynced = None;
+            }
+            // Kept as unsynced: tried again after LAZY_SYNC; nobody waits for it.
+            Err(e) => {
+                tracing::error!(error = %e, dir = %self.dir.display(), "cannot sync the build state journal")
+            }
+        }
+    }
+
     fn rotate_segment(&mut self) -> bool {
+        // Later fsyncs go to the new segment: this one's unsynced lines get theirs now.
+        self.sync_lazy();
         let next = self.gen + 1;
         match open_append(&segment_path(&self.dir, next)) {
             Ok(f) => {
@@ -797,6 +874,39 @@ pub(crate) mod tests {
         assert_eq!(running, 50);
         assert!(got.records.windows(2).all(|w| w[0].seq < w[1].seq));
         assert!(!store.is_done(&recs[0].spec.build_uuid));
+    }
+
+    /// `Written` changes are acknowledged without an fsync of their own, and synced soon
+    /// after; a `Synced` one waits for its fsync. Both replay.
+    #[tokio::test]
+    async fn written_changes_wait_for_no_fsync_and_are_synced_soon_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = StateStore::open(dir.path()).unwrap();
+        let recs: Vec<Record> = (0..50).map(rec).collect();
+        for r in &recs {
+            let line = encode(r).unwrap();
+            store
+                .save_line(r.spec.build_uuid, false, line, Durability::Written)
+                .await
+                .unwrap();
+        }
+        // One at a time, each alone in its batch: 50 fsyncs if each had its own.
+        let written = store.syncs();
+        assert!(written < 10, "{written} fsyncs for 50 written changes");
+        tokio::time::sleep(LAZY_SYNC * 5).await;
+        let later = store.syncs();
+        assert!(later >= 1, "the written changes were never synced");
+        let mut last = recs[49].clone();
+        last.phase = Phase::Running;
+        store.save(&last).await.unwrap();
+        assert!(
+            store.syncs() > later,
+            "a synced change did not wait for an fsync"
+        );
+        drop(store);
+        let (_store, got) = StateStore::open(dir.path()).unwrap();
+        assert_eq!(got.records.len(), 50);
+        assert_eq!(got.records[49].phase, Phase::Running);
     }
 
     #[tokio::test]
