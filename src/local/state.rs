@@ -416,8 +416,10 @@ impl Writer {
                 self.syncs.fetch_add(1, Ordering::Relaxed);
                 self.unsynced = None;
             }
-            // Kept as unsynced: tried again after LAZY_SYNC; nobody waits for it.
+            // Still unsynced: tried again LAZY_SYNC from now (not at once, in a loop of
+            // errors); nobody waits for it.
             Err(e) => {
+                self.unsynced = Some(Instant::now());
                 tracing::error!(error = %e, dir = %self.dir.display(), "cannot sync the build state journal")
             }
         }
