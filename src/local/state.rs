@@ -393,10 +393,7 @@ impl Writer {
             self.done.write_all(&done)?;
         }
         if batch.iter().any(|o| o.durability == Durability::Synced) {
-            // Covers the earlier unsynced lines too: the whole file's data.
-            self.journal.sync_data()?;
-            self.syncs.fetch_add(1, Ordering::Relaxed);
-            self.unsynced = None;
+            self.sync()?;
         } else {
             self.unsynced.get_or_insert_with(Instant::now);
         }
@@ -406,22 +403,24 @@ impl Writer {
         Ok(())
     }
 
+    /// Fsyncs the journal's data: this batch's lines and the earlier unsynced ones.
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.journal.sync_data()?;
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        self.unsynced = None;
+        Ok(())
+    }
+
     /// Syncs the lines written as `Durability::Written` that no batch has synced since.
     fn sync_lazy(&mut self) {
         if self.unsynced.is_none() {
             return;
         }
-        match self.journal.sync_data() {
-            Ok(()) => {
-                self.syncs.fetch_add(1, Ordering::Relaxed);
-                self.unsynced = None;
-            }
-            // Still unsynced: tried again LAZY_SYNC from now (not at once, in a loop of
-            // errors); nobody waits for it.
-            Err(e) => {
-                self.unsynced = Some(Instant::now());
-                tracing::error!(error = %e, dir = %self.dir.display(), "cannot sync the build state journal")
-            }
+        // Still unsynced after an error: tried again LAZY_SYNC from now (not at once, in a
+        // loop of errors); nobody waits for it.
+        if let Err(e) = self.sync() {
+            self.unsynced = Some(Instant::now());
+            tracing::error!(error = %e, dir = %self.dir.display(), "cannot sync the build state journal")
         }
     }
 
