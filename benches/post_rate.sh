@@ -46,12 +46,14 @@ hwm=$(awk '/VmHWM/{print $2}' "/proc/$pid/status")
 finished=$(wc -l <"$data/state/done.log" 2>/dev/null || echo 0)
 
 row() { printf '%-14s %9s %8s %8s %8s %9s %8s %8s\n' "$@"; }
+# One table row: a label, then the figures of a RESULT line.
+result_row() {
+  row "$1" "$(field "$2" rps)" "$(field "$2" p50_ms)" "$(field "$2" p90_ms)" "$(field "$2" p99_ms)" \
+    "$(field "$2" p999_ms)" "$(field "$2" max_ms)" "$(field "$2" non2xx)"
+}
 row route "req/s" "p50 ms" "p90 ms" "p99 ms" "p99.9 ms" "max ms" "non-2xx"
-for r in "GET /octhc" "POST /"; do
-  res=$get; [ "$r" = "POST /" ] && res=$post
-  row "$r" "$(field "$res" rps)" "$(field "$res" p50_ms)" "$(field "$res" p90_ms)" "$(field "$res" p99_ms)" \
-    "$(field "$res" p999_ms)" "$(field "$res" max_ms)" "$(field "$res" non2xx)"
-done
+result_row "GET /octhc" "$get"
+result_row "POST /" "$post"
 echo "POST requests sent: $(field "$post" requests) (socket errors: $(field "$post" errors))"
 echo "builds accepted: $(( $(field "$post" requests) - $(field "$post" non2xx) )), finished when wrk stopped: $finished (the rest were still queued)"
 echo "peak RSS (VmHWM) of the service over the run: $((hwm / 1024)) MiB (idle before it: $((idle / 1024)) MiB)"
@@ -74,11 +76,8 @@ for rate in $OPEN_RATES; do
   open() { target/release/open-loop "127.0.0.1:$port" "$1" "$rate" "$SECONDS_EACH" "$CONNECTIONS" \
     "http://127.0.0.1:$closed/gone.tgz" 2>/dev/null | grep '^RESULT'; }
   get=$(open octhc); post=$(open post)
-  for r in octhc post; do
-    res=$get; [ $r = post ] && res=$post
-    row "$r @ $rate" "$(field "$res" rps)" "$(field "$res" p50_ms)" "$(field "$res" p90_ms)" "$(field "$res" p99_ms)" \
-      "$(field "$res" p999_ms)" "$(field "$res" max_ms)" "$(field "$res" non2xx)"
-  done
+  result_row "octhc @ $rate" "$get"
+  result_row "post @ $rate" "$post"
   echo "  (the load generator woke late by p99 $(field "$get" late_p99_ms) / $(field "$post" late_p99_ms) ms; socket errors $(field "$get" errors) / $(field "$post" errors))"
   kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true
 done
