@@ -740,21 +740,14 @@ async fn stop_a_running_build_and_stop_all_of_an_app() {
     let b = body(&sleeper("stopme", 301), &cb);
     svc.post(&b).await;
     svc.wait_log(&b, "stopme-start", BUILD).await;
-    assert_eq!(running_steps_with("sleep 301").await, 1);
+    wait_running_steps_with("sleep 301", 1, Duration::from_secs(5)).await;
     let path = build_path(&b);
     let resp = svc.client.delete(svc.url(&path)).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.json::<Value>().await.unwrap(), json!({"status": "ok"}));
     let id = b["build_uuid"].as_str().unwrap();
     assert_eq!(cb.wait_final(id, Duration::from_secs(10)).await, "failed");
-    let start = std::time::Instant::now();
-    while running_steps_with("sleep 301").await > 0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "the build container is still running"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_running_steps_with("sleep 301", 0, Duration::from_secs(15)).await;
     assert!(svc.log(&b).await.contains("Cancelled"));
 
     // Stop-all: one running, one queued behind it (same app).
@@ -791,14 +784,7 @@ async fn stop_a_running_build_and_stop_all_of_an_app() {
         !svc.log(&b2).await.contains("all2-start"),
         "the queued build never ran"
     );
-    let start = std::time::Instant::now();
-    while running_steps_with("sleep 302").await > 0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "a build container is still running"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_running_steps_with("sleep 302", 0, Duration::from_secs(15)).await;
     // Exactly one final callback each.
     for b in [&b, &b1, &b2] {
         let finals = cb
@@ -823,14 +809,7 @@ async fn a_build_past_timeout_in_ms_fails_and_its_container_stops() {
         log.contains("Timeout") && log.contains("TIMEOUT_IN_MS"),
         "{log}"
     );
-    let start = std::time::Instant::now();
-    while running_steps_with("sleep 303").await > 0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "the build container is still running"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_running_steps_with("sleep 303", 0, Duration::from_secs(15)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

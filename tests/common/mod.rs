@@ -623,6 +623,24 @@ pub async fn running_steps_with(needle: &str) -> usize {
         .count()
 }
 
+/// Waits until `running_steps_with(needle)` is `want`, or panics after `within`.
+/// A step's shell prints its marker before it forks the command after it, so a
+/// log line can be seen a moment before that process exists.
+pub async fn wait_running_steps_with(needle: &str, want: usize, within: Duration) {
+    let start = std::time::Instant::now();
+    loop {
+        let now = running_steps_with(needle).await;
+        if now == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < within,
+            "{now} processes run {needle:?}, expected {want} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A callback receiver that takes `delay` to answer each POST (a slow controller-api).
 pub struct SlowReceiver {
     addr: SocketAddr,
