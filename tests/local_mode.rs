@@ -5,6 +5,8 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const BUILD: Duration = Duration::from_secs(120);
@@ -731,6 +733,106 @@ async fn failures_reported(flags: &[&str], non_zero: &str) {
         assert!(log.contains(expect), "expected {expect:?} in:\n{log}");
         assert!(log.contains("Build failed ("), "{log}");
     }
+}
+
+/// Every line written to the journal while it runs: each segment is opened as soon as it
+/// appears and read as it grows (an open segment stays readable after compaction removes it).
+struct JournalTail {
+    lines: Arc<Mutex<Vec<Value>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl JournalTail {
+    fn start(data: &std::path::Path) -> Self {
+        use std::io::Read;
+        let (lines, stop) = (
+            Arc::new(Mutex::new(Vec::new())),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (out, done, dir) = (lines.clone(), stop.clone(), data.join("state"));
+        std::thread::spawn(move || {
+            let mut open: Vec<(std::path::PathBuf, std::fs::File, Vec<u8>)> = Vec::new();
+            while !done.load(Ordering::SeqCst) {
+                for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                    let path = e.path();
+                    let journal = e.file_name().to_string_lossy().starts_with("journal-");
+                    if journal && !open.iter().any(|(p, _, _)| *p == path) {
+                        if let Ok(f) = std::fs::File::open(&path) {
+                            open.push((path, f, Vec::new()));
+                        }
+                    }
+                }
+                for (_, f, buf) in &mut open {
+                    let _ = f.read_to_end(buf);
+                    while let Some(n) = buf.iter().position(|&b| b == b'\n') {
+                        let line: Vec<u8> = buf.drain(..=n).collect();
+                        if let Ok(v) = serde_json::from_slice(&line) {
+                            out.lock().unwrap().push(v);
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        Self { lines, stop }
+    }
+
+    /// The phases recorded for build `id`, in order.
+    fn phases(&self, id: &str) -> Vec<String> {
+        let lines = self.lines.lock().unwrap();
+        lines
+            .iter()
+            .filter(|v| v["spec"]["build_uuid"] == id)
+            .map(|v| v["phase"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+}
+
+impl Drop for JournalTail {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_journal_marks_a_build_running_only_once_it_has_run_a_while() {
+    let svc = Service::start(&[]).await;
+    let tail = JournalTail::start(svc.data.path());
+    let cb = Callbacks::start().await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    // Sources that fail at once: only the acceptance and the outcome are written.
+    let quick = body(&format!("http://{closed}/gone.tgz"), &cb);
+    let slow = body(&sleeper("marked", 1), &cb);
+    for b in [&quick, &slow] {
+        assert_eq!(svc.post(b).await.0, 200);
+    }
+    for b in [&quick, &slow] {
+        let id = b["build_uuid"].as_str().unwrap();
+        assert_eq!(
+            cb.wait_final(id, BUILD).await,
+            if b == &quick { "failed" } else { "succeeded" }
+        );
+    }
+    let id = |b: &Value| b["build_uuid"].as_str().unwrap().to_string();
+    let quick_phases = tail.phases(&id(&quick));
+    assert_eq!(quick_phases.first().map(String::as_str), Some("queued"));
+    assert!(
+        !quick_phases.iter().any(|p| p == "running"),
+        "{quick_phases:?}"
+    );
+    assert!(
+        quick_phases.iter().any(|p| p == "finished"),
+        "{quick_phases:?}"
+    );
+    let slow_phases = tail.phases(&id(&slow));
+    let at = |p: &str| slow_phases.iter().position(|x| x == p);
+    assert!(
+        at("queued") < at("running") && at("running") < at("finished") && at("queued").is_some(),
+        "{slow_phases:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

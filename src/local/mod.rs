@@ -95,6 +95,10 @@ impl Drop for Finishing<'_> {
 /// Queued builds past this many keep their record in the scratch file (see `records`).
 const HOT_QUEUE: usize = 2048;
 
+/// A build's "running" journal line is written once it has run this long; one that ends
+/// sooner has only its outcome written.
+const RUNNING_LINE_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Why a build was stopped, set before its token fires; `None` means "stopped by request".
 type StopReason = Arc<Mutex<Option<(FailureReason, String)>>>;
 
@@ -458,7 +462,8 @@ impl Inner {
         drop(permit);
         self.metrics
             .build_finished(&outcome, Some(started.elapsed().as_secs_f64()));
-        Box::pin(self.finish(&rec, ticket.pending, outcome, timings, flush)).await;
+        let started = Some(ticket.started_at);
+        Box::pin(self.finish(&rec, ticket.pending, outcome, timings, flush, started)).await;
         drop(finishing);
     }
 
@@ -476,7 +481,7 @@ impl Inner {
         let line = format!("Build failed ({}): {m} before it started", r.as_str());
         Box::pin(self.append_log_line(&rec.spec, &line)).await;
         let outcome = Outcome::failed(r, format!("{m} before it started"));
-        Box::pin(self.finish(&rec, pending, outcome, timings, None)).await;
+        Box::pin(self.finish(&rec, pending, outcome, timings, None, None)).await;
     }
 
     /// Records the outcome, then sends the callbacks (the final one after the pending one)
@@ -488,6 +493,7 @@ impl Inner {
         outcome: Outcome,
         mut timings: StageTimings,
         flush_log: Option<futures::future::BoxFuture<'static, ()>>,
+        started_at: Option<chrono::DateTime<chrono::Utc>>,
     ) {
         let spec = &rec.spec;
         let id = spec.build_uuid;
@@ -501,6 +507,8 @@ impl Inner {
         // its final callback had gone.
         self.update(id, Durability::Synced, |r| {
             r.phase = Phase::Finished;
+            // Not recorded yet when the build ended before its "running" line was due.
+            r.started_at = r.started_at.or(started_at);
             r.outcome = Some(outcome);
             r.finished_at = Some(chrono::Utc::now());
             // The pending callback's time may already be recorded: keep it.
@@ -537,8 +545,9 @@ impl Inner {
         timings: &mut StageTimings,
     ) -> (Outcome, Option<futures::future::BoxFuture<'static, ()>>) {
         let id = spec.build_uuid;
-        // Recorded beside the build's start rather than before it, and not synced: lost in a
-        // crash or a power cut, the build runs again after the restart.
+        // Recorded beside the build rather than before it, not synced, and only once it has
+        // run RUNNING_LINE_AFTER (below): lost in a crash or a power cut, or never written,
+        // the build runs again after the restart.
         let running = self.update(id, Durability::Written, |r| {
             r.phase = Phase::Running;
             r.started_at = Some(started_at);
@@ -574,8 +583,20 @@ impl Inner {
                 }
             }
         };
-        // The record update always completes, even when the build is stopped.
-        let ((), outcome) = tokio::join!(running, build);
+        // A build that ends sooner (sources that fail at once) is recorded once, by its outcome:
+        // one journal line and one wake-up of the journal's writer fewer. Once due, the
+        // record update always completes, even when the build is stopped.
+        let outcome = {
+            let mut build = std::pin::pin!(build);
+            tokio::select! {
+                biased;
+                outcome = &mut build => outcome,
+                () = tokio::time::sleep(RUNNING_LINE_AFTER) => {
+                    let ((), outcome) = tokio::join!(running, build);
+                    outcome
+                }
+            }
+        };
         if let Outcome::Failed { reason, message } = &outcome {
             if matches!(
                 reason,
@@ -591,7 +612,11 @@ impl Inner {
         let tidy = self.pipeline.tidy(spec, &outcome);
         let flush = async move {
             let cleanup = async {
-                let _ = tokio::fs::remove_dir_all(&workdir).await;
+                // Sources that failed before their first byte made no folder. One stat here
+                // spares those builds a trip through the blocking pool (two thread wake-ups).
+                if std::fs::symlink_metadata(&workdir).is_ok() {
+                    let _ = tokio::fs::remove_dir_all(&workdir).await;
+                }
                 flush.await;
             };
             tokio::join!(cleanup, tidy);

@@ -136,10 +136,12 @@ impl Pipeline {
         let limits = self.config.limits;
         // A .tar.gz or .tar is checked as it arrives: the fetch feeds the file (for storage)
         // and the check at once; the build then streams its context from the file.
-        let (tee, chunks) = mpsc::channel(16);
-        let scanning = AbortOnDropHandle::new(tokio::task::spawn_blocking(move || {
-            restream::scan(context::ChunkReader::new(chunks), &limits)
-        }));
+        let (tx, chunks) = mpsc::channel(16);
+        let scan = Arc::new(restream::LazyScan::new(chunks, limits));
+        let tee = sources::Tee::new(tx).on_start({
+            let scan = scan.clone();
+            move || scan.start()
+        });
         // `auto` is resolved by whoever knows the daemon is the build's own (the controller,
         // for dind pods); here the daemon may be shared.
         let buildkit = self.config.builder.buildkit(false);
@@ -182,6 +184,9 @@ impl Pipeline {
             Default::default()
         } else {
             labels.clone()
+        };
+        let Some(scanning) = scan.take() else {
+            return Outcome::failed(FailureReason::Internal, "the archive's check was lost");
         };
         let prepared = self
             .prepare_context(
@@ -284,7 +289,7 @@ impl Pipeline {
         spec: &BuildSpec,
         source: Fetch<'_>,
         archive: &Path,
-        tee: mpsc::Sender<bytes::Bytes>,
+        tee: sources::Tee,
         growing: &Arc<overlap::Growing>,
         early: Option<&docker::BuildRequest>,
     ) -> (
@@ -347,7 +352,7 @@ impl Pipeline {
     /// the Dockerfile, and a log line saying how the context is sent.
     async fn prepare_context(
         &self,
-        scanning: AbortOnDropHandle<Result<restream::Scan, context::ContextError>>,
+        scanning: restream::Scanning,
         keys: Vec<String>,
         buildkit: bool,
         labels: BTreeMap<String, String>,
@@ -548,7 +553,7 @@ impl Pipeline {
         key: &str,
         dest: &Path,
         limits: &crate::config::Limits,
-        tee: mpsc::Sender<bytes::Bytes>,
+        tee: sources::Tee,
     ) -> Result<u64, sources::SourceError> {
         use futures::StreamExt;
         let missing = || sources::SourceError::Download {

@@ -32,27 +32,46 @@ const NAMES_BEFORE_IGNORE: usize = 4096;
 /// is coming.
 #[derive(Default)]
 pub struct Growing {
-    /// `Some(true)`: the whole archive is in the file; `Some(false)`: the download failed.
-    ended: Mutex<Option<bool>>,
+    state: Mutex<GrowingState>,
     changed: Condvar,
+}
+
+#[derive(Default)]
+struct GrowingState {
+    /// `Some(true)`: the whole archive is in the file; `Some(false)`: the download failed.
+    ended: Option<bool>,
+    /// Readers waiting at the end of the file. Without any, `end` makes no system call
+    /// (std's condvar wakes the kernel on every notify): most builds never have one.
+    waiting: usize,
 }
 
 impl Growing {
     /// The download ended (the first call counts).
     pub fn end(&self, complete: bool) {
-        let mut ended = self.ended.lock().unwrap_or_else(PoisonError::into_inner);
-        ended.get_or_insert(complete);
-        self.changed.notify_all();
+        let mut state = self.lock();
+        state.ended.get_or_insert(complete);
+        if state.waiting > 0 {
+            self.changed.notify_all();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GrowingState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn ended(&self) -> Option<bool> {
-        *self.ended.lock().unwrap_or_else(PoisonError::into_inner)
+        self.lock().ended
     }
 
     fn wait(&self) {
-        let ended = self.ended.lock().unwrap_or_else(PoisonError::into_inner);
-        if ended.is_none() {
-            let _ = self.changed.wait_timeout(ended, POLL);
+        let mut state = self.lock();
+        if state.ended.is_none() {
+            state.waiting += 1;
+            let (mut state, _) = self
+                .changed
+                .wait_timeout(state, POLL)
+                .unwrap_or_else(PoisonError::into_inner);
+            state.waiting -= 1;
         }
     }
 }

@@ -93,6 +93,63 @@ impl FirstNames {
     }
 }
 
+/// The running check of an archive.
+pub type Scanning = tokio_util::task::AbortOnDropHandle<Result<Scan, ContextError>>;
+
+/// `scan` on a blocking thread of its own, fed the archive's chunks, started when the archive
+/// file is created (`sources::Tee::on_start`): a fetch that fails before its first byte, the
+/// common failure, starts no thread and wakes none.
+pub struct LazyScan {
+    state: std::sync::Mutex<LazyState>,
+    limits: Limits,
+}
+
+enum LazyState {
+    Waiting(tokio::sync::mpsc::Receiver<bytes::Bytes>),
+    Started(Scanning),
+    Taken,
+}
+
+impl LazyScan {
+    pub fn new(chunks: tokio::sync::mpsc::Receiver<bytes::Bytes>, limits: Limits) -> Self {
+        Self {
+            state: std::sync::Mutex::new(LazyState::Waiting(chunks)),
+            limits,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LazyState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts the check (once; later calls do nothing). Needs a Tokio runtime.
+    pub fn start(&self) {
+        let mut state = self.lock();
+        if let LazyState::Waiting(_) = &*state {
+            if let LazyState::Waiting(chunks) = std::mem::replace(&mut *state, LazyState::Taken) {
+                let limits = self.limits;
+                *state = LazyState::Started(tokio_util::task::AbortOnDropHandle::new(
+                    tokio::task::spawn_blocking(move || {
+                        scan(context::ChunkReader::new(chunks), &limits)
+                    }),
+                ));
+            }
+        }
+    }
+
+    /// The check, started now if the archive never was (it then reads an empty archive);
+    /// `None` once taken.
+    pub fn take(&self) -> Option<Scanning> {
+        self.start();
+        match std::mem::replace(&mut *self.lock(), LazyState::Taken) {
+            LazyState::Started(scanning) => Some(scanning),
+            _ => None,
+        }
+    }
+}
+
 /// Reads a `.tar.gz`, `.tar` or `.zip` from `reader` (the download as it arrives) and checks
 /// it as `context::extract` would, without writing anything.
 pub fn scan(mut reader: impl Read, limits: &Limits) -> Result<Scan, ContextError> {
@@ -457,6 +514,30 @@ pub(super) mod tests {
     }
 
     /// A tar's entries as sorted lines: kind, mode, path, and the content or link target.
+    #[tokio::test]
+    async fn a_lazy_scan_checks_what_it_is_fed_once_started_and_is_taken_once() {
+        let archive = tar_gz(&[E::File("Dockerfile", b"FROM x\n", 0o644)]);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let scan = LazyScan::new(rx, limits());
+        scan.start();
+        scan.start();
+        tx.send(bytes::Bytes::from(archive)).await.unwrap();
+        drop(tx);
+        let scanned = scan.take().expect("started").await.unwrap();
+        assert!(matches!(scanned, Ok(Scan::Stream(_))), "{scanned:?}");
+        assert!(scan.take().is_none());
+        // Never started (the fetch failed before its archive): taking it finds no archive.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        drop(tx);
+        let never = LazyScan::new(rx, limits());
+        assert!(never
+            .take()
+            .expect("started by take")
+            .await
+            .unwrap()
+            .is_err());
+    }
+
     pub(in crate::pipeline) fn listing(tar_bytes: &[u8]) -> Vec<String> {
         let mut out = Vec::new();
         let mut ar = tar::Archive::new(tar_bytes);

@@ -154,34 +154,54 @@ pub fn is_image_reference(r: &str) -> bool {
     r.len() <= 512 && re.is_match(r)
 }
 
+/// A channel fed the archive's bytes as they are written, and what to start once the archive
+/// file exists (the channel's reader): sources that fail before their first byte start
+/// nothing.
+pub struct Tee {
+    tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    on_start: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl Tee {
+    pub fn new(tx: tokio::sync::mpsc::Sender<bytes::Bytes>) -> Self {
+        Self { tx, on_start: None }
+    }
+
+    /// Runs `start` when the archive file is created (at most once).
+    pub fn on_start(self, start: impl FnOnce() + Send + 'static) -> Self {
+        Self {
+            on_start: Some(Box::new(start)),
+            ..self
+        }
+    }
+}
+
 /// Where fetched bytes go: a file, and optionally (`tee`) a channel that feeds the context's
 /// extraction at the same time. The channel is dropped (and no longer fed) once its reader
 /// has stopped.
 pub struct ArchiveWriter {
     file: tokio::fs::File,
-    tee: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
+    tee: Option<Tee>,
 }
 
 impl ArchiveWriter {
-    pub async fn create(
-        dest: &Path,
-        tee: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
-    ) -> std::io::Result<Self> {
+    pub async fn create(dest: &Path, mut tee: Option<Tee>) -> std::io::Result<Self> {
         // The build's folder is made here, once there is something to keep: sources that
         // fail before their first byte cost the disk nothing.
         if let Some(folder) = dest.parent() {
             tokio::fs::create_dir_all(folder).await?;
         }
-        Ok(Self {
-            file: tokio::fs::File::create(dest).await?,
-            tee,
-        })
+        let file = tokio::fs::File::create(dest).await?;
+        if let Some(start) = tee.as_mut().and_then(|t| t.on_start.take()) {
+            start();
+        }
+        Ok(Self { file, tee })
     }
 
     pub async fn write(&mut self, chunk: bytes::Bytes) -> std::io::Result<()> {
         self.file.write_all(&chunk).await?;
         if let Some(tee) = &self.tee {
-            if tee.send(chunk).await.is_err() {
+            if tee.tx.send(chunk).await.is_err() {
                 self.tee = None;
             }
         }
@@ -204,7 +224,7 @@ pub async fn write_data_tee(
     b64: &str,
     dest: &Path,
     limits: &Limits,
-    tee: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
+    tee: Option<Tee>,
 ) -> Result<u64, SourceError> {
     let decoded_len = (b64.len() as u64 / 4) * 3;
     if decoded_len > limits.max_source_bytes + 3 {
@@ -326,7 +346,7 @@ pub async fn download(
     url: &reqwest::Url,
     dest: &Path,
     limits: &Limits,
-    tee: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
+    tee: Option<Tee>,
 ) -> Result<u64, SourceError> {
     let shown = redact_url(url.as_str());
     if deny.denies_url(url) {
@@ -418,6 +438,64 @@ mod tests {
         w.write(bytes::Bytes::from_static(b"abc")).await.unwrap();
         w.finish().await.unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), b"abc");
+    }
+
+    #[tokio::test]
+    async fn the_tee_starts_its_reader_with_the_archive_file_and_not_before() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_source_bytes: 1 << 20,
+            max_context_bytes: 1 << 20,
+            max_archive_entries: 100,
+        };
+        let started = Arc::new(AtomicUsize::new(0));
+        let tee = |rx_to: &mut Vec<tokio::sync::mpsc::Receiver<bytes::Bytes>>| {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            rx_to.push(rx);
+            let started = started.clone();
+            Tee::new(tx).on_start(move || {
+                started.fetch_add(1, Ordering::SeqCst);
+            })
+        };
+        let mut readers = Vec::new();
+        // Nothing listens there: the download fails before its first byte.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let url = reqwest::Url::parse(&format!("http://{closed}/gone.tgz")).unwrap();
+        let client = http_client(
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+            DenyList::default(),
+        );
+        let dest = dir.path().join("b1").join("sources");
+        let t = tee(&mut readers);
+        assert!(
+            download(&client, &DenyList::default(), &url, &dest, &limits, Some(t))
+                .await
+                .is_err()
+        );
+        assert_eq!(
+            started.load(Ordering::SeqCst),
+            0,
+            "no reader for a failed connect"
+        );
+        assert!(!dest.exists());
+        // The archive file exists: its reader starts, once, and gets the bytes.
+        let t = tee(&mut readers);
+        assert_eq!(
+            write_data_tee("QUJD", &dest, &limits, Some(t))
+                .await
+                .unwrap(),
+            3
+        );
+        assert_eq!(started.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            readers[1].recv().await.unwrap(),
+            bytes::Bytes::from_static(b"ABC")
+        );
     }
 
     #[test]
