@@ -127,16 +127,17 @@ impl LazyScan {
     /// Starts the check (once; later calls do nothing). Needs a Tokio runtime.
     pub fn start(&self) {
         let mut state = self.lock();
-        if let LazyState::Waiting(_) = &*state {
-            if let LazyState::Waiting(chunks) = std::mem::replace(&mut *state, LazyState::Taken) {
+        *state = match std::mem::replace(&mut *state, LazyState::Taken) {
+            LazyState::Waiting(chunks) => {
                 let limits = self.limits;
-                *state = LazyState::Started(tokio_util::task::AbortOnDropHandle::new(
+                LazyState::Started(tokio_util::task::AbortOnDropHandle::new(
                     tokio::task::spawn_blocking(move || {
                         scan(context::ChunkReader::new(chunks), &limits)
                     }),
-                ));
+                ))
             }
-        }
+            started_or_taken => started_or_taken,
+        };
     }
 
     /// The check, started now if the archive never was (it then reads an empty archive);
@@ -513,7 +514,6 @@ pub(super) mod tests {
         b.into_inner().unwrap().finish().unwrap()
     }
 
-    /// A tar's entries as sorted lines: kind, mode, path, and the content or link target.
     #[tokio::test]
     async fn a_lazy_scan_checks_what_it_is_fed_once_started_and_is_taken_once() {
         let archive = tar_gz(&[E::File("Dockerfile", b"FROM x\n", 0o644)]);
@@ -538,6 +538,7 @@ pub(super) mod tests {
             .is_err());
     }
 
+    /// A tar's entries as sorted lines: kind, mode, path, and the content or link target.
     pub(in crate::pipeline) fn listing(tar_bytes: &[u8]) -> Vec<String> {
         let mut out = Vec::new();
         let mut ar = tar::Archive::new(tar_bytes);
