@@ -324,7 +324,11 @@ impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Op>) {
         let mut batch: Vec<Op> = Vec::new();
         loop {
-            // Unsynced lines get their fsync once LAZY_SYNC passes without a synced batch.
+            // Unsynced lines get their fsync once LAZY_SYNC passes without a synced batch, also
+            // while changes keep coming (a receive with no time left would just take the next).
+            if self.unsynced.is_some_and(|t| t.elapsed() >= LAZY_SYNC) {
+                self.sync_lazy();
+            }
             let sync_in = self.unsynced.map(|t| LAZY_SYNC.saturating_sub(t.elapsed()));
             // Quiet for IDLE with finished builds to fold away: compact then, it costs
             // nobody. (A gap between two batches of a burst is not quiet.)
@@ -901,8 +905,9 @@ pub(crate) mod tests {
             written < 50 && written <= lazy_bound,
             "{written} fsyncs for 50 written changes in {took:?}"
         );
-        tokio::time::sleep(LAZY_SYNC * 5).await;
-        let later = store.syncs();
+        // Synced with no other change to carry them (polled: a loaded machine may run the
+        // writer late, and how soon is the benches' business, not this test's).
+        let later = synced_within(&store, 1, Duration::from_secs(10)).await;
         assert!(later >= 1, "the written changes were never synced");
         let mut last = recs[49].clone();
         last.phase = Phase::Running;
@@ -915,6 +920,15 @@ pub(crate) mod tests {
         let (_store, got) = StateStore::open(dir.path()).unwrap();
         assert_eq!(got.records.len(), 50);
         assert_eq!(got.records[49].phase, Phase::Running);
+    }
+
+    /// The journal's fsync count once it reaches `want`, or after `within`.
+    async fn synced_within(store: &StateStore, want: u64, within: Duration) -> u64 {
+        let start = Instant::now();
+        while store.syncs() < want && start.elapsed() < within {
+            tokio::time::sleep(LAZY_SYNC).await;
+        }
+        store.syncs()
     }
 
     #[tokio::test]
