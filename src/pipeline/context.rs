@@ -30,6 +30,8 @@ pub enum ContextError {
     NoDockerfile { found: String },
     #[error("the .dockerignore pattern {pattern:?} is invalid: {why}")]
     BadIgnorePattern { pattern: String, why: String },
+    #[error("the {file} is larger than {limit} bytes; a build needs it whole in memory")]
+    ControlFileTooLarge { file: &'static str, limit: u64 },
     #[error("preparing the build context on disk failed: {0}")]
     Io(#[from] io::Error),
 }
@@ -265,6 +267,62 @@ fn write_file(
     Ok(())
 }
 
+/// What the tar crate may read for an entry's headers: its header, and a GNU long name or
+/// link, or pax records, which it reads whole into memory (with no limit of its own, so a
+/// header claiming 8 GiB of long name would be 8 GiB of memory).
+const HEADER_ALLOWANCE: u64 = 1 << 20;
+
+/// A tar stream that the tar crate may read only so far past the entry it last handed out:
+/// that entry's data, then at most HEADER_ALLOWANCE of headers. Make one with `header_guard`,
+/// and call `Allowance::entry` with every entry the archive yields.
+pub(super) struct HeaderGuard<R> {
+    inner: R,
+    left: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// The other end of a `HeaderGuard`.
+pub(super) struct Allowance(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+pub(super) fn header_guard<R: Read>(inner: R) -> (HeaderGuard<R>, Allowance) {
+    let left = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(HEADER_ALLOWANCE));
+    (
+        HeaderGuard {
+            inner,
+            left: left.clone(),
+        },
+        Allowance(left),
+    )
+}
+
+impl Allowance {
+    /// The archive yielded `entry`: what it may read next is the entry's data (in 512-byte
+    /// blocks) and the next entry's headers.
+    pub(super) fn entry<R: Read>(&self, entry: &tar::Entry<'_, R>) {
+        let data = entry.size().div_ceil(512).saturating_mul(512);
+        self.0.store(
+            data.saturating_add(HEADER_ALLOWANCE),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+}
+
+impl<R: Read> Read for HeaderGuard<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let left = self.left.load(Relaxed);
+        if left == 0 && !buf.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("an entry's headers (a long name or pax records) are larger than {HEADER_ALLOWANCE} bytes"),
+            ));
+        }
+        let max = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..max])?;
+        self.left.store(left - n as u64, Relaxed);
+        Ok(n)
+    }
+}
+
 /// Tar entries that only carry metadata for the next one (the tar crate applies them).
 pub(super) fn is_extension_header(kind: tar::EntryType) -> bool {
     use tar::EntryType;
@@ -305,10 +363,12 @@ pub(super) fn symlink_target<R: Read>(
 
 fn extract_tar(reader: impl Read, dest: &Path, budget: &mut Budget) -> Result<(), ContextError> {
     use tar::EntryType;
+    let (reader, allowance) = header_guard(reader);
     let mut archive = tar::Archive::new(reader);
     let corrupt = |e: io::Error| ContextError::Corrupt(e.to_string());
     for entry in archive.entries().map_err(corrupt)? {
         let mut entry = entry.map_err(corrupt)?;
+        allowance.entry(&entry);
         let kind = entry.header().entry_type();
         if is_extension_header(kind) {
             continue;
@@ -342,6 +402,9 @@ fn extract_tar(reader: impl Read, dest: &Path, budget: &mut Budget) -> Result<()
                         why: "it is a hard link that points outside the sources",
                     }
                 })?;
+                // An earlier symlink on the way (`esc -> l/l/../../..`, `l -> .`) would
+                // make the copy read any file of this host.
+                check_parents(dest, &target_rel, &name)?;
                 let target_path = dest.join(target_rel);
                 let meta =
                     fs::symlink_metadata(&target_path).map_err(|_| ContextError::UnsafeEntry {
@@ -355,7 +418,7 @@ fn extract_tar(reader: impl Read, dest: &Path, budget: &mut Budget) -> Result<()
                     });
                 }
                 // A copy, not a link: the context folder must not alias files.
-                let src = fs::File::open(&target_path)?;
+                let src = open_no_follow(&target_path)?;
                 use std::os::unix::fs::PermissionsExt;
                 write_file(&path, src, Some(meta.permissions().mode()), budget)?;
             }
@@ -409,6 +472,47 @@ fn extract_zip(archive: &Path, dest: &Path, budget: &mut Budget) -> Result<(), C
     Ok(())
 }
 
+/// A Dockerfile or `.dockerignore` larger than this is refused: each is read whole (and the
+/// Dockerfile copied as it is rewritten), so the limit is what bounds that memory.
+pub(super) const MAX_CONTROL_FILE: u64 = 4 << 20;
+
+/// Opens a file that must not be a symlink (`O_NOFOLLOW`).
+fn open_no_follow(path: &Path) -> io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// Reads the Dockerfile or `.dockerignore` at `path` (`None` when there is none): only a
+/// regular file, never through a symlink (extraction keeps the archive's symlinks, and one
+/// may point anywhere on this host), and at most MAX_CONTROL_FILE bytes.
+fn read_control_file(path: &Path, file: &'static str) -> Result<Option<Vec<u8>>, ContextError> {
+    match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+        Ok(m) if !m.is_file() => {
+            return Err(ContextError::UnsafeEntry {
+                entry: file.to_string(),
+                why: "it is not a regular file (a symlink, a folder, …)",
+            })
+        }
+        Ok(_) => {}
+    }
+    let mut bytes = Vec::new();
+    open_no_follow(path)?
+        .take(MAX_CONTROL_FILE + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_CONTROL_FILE {
+        return Err(ContextError::ControlFileTooLarge {
+            file,
+            limit: MAX_CONTROL_FILE,
+        });
+    }
+    Ok(Some(bytes))
+}
+
 fn flattened_root(dest: &Path) -> Result<PathBuf, ContextError> {
     let mut entries = fs::read_dir(dest)?.collect::<Result<Vec<_>, _>>()?;
     if entries.len() == 1 {
@@ -436,7 +540,8 @@ pub fn prepare_dockerfile(
             .collect();
         return Err(no_dockerfile(found));
     }
-    let (rewritten, labelled) = rewrite_dockerfile(&fs::read(&path)?, arg_keys, style, labels);
+    let bytes = read_control_file(&path, "Dockerfile")?.unwrap_or_default();
+    let (rewritten, labelled) = rewrite_dockerfile(&bytes, arg_keys, style, labels);
     fs::write(&path, rewritten)?;
     Ok(labelled)
 }
@@ -510,10 +615,9 @@ impl DockerIgnore {
     }
 
     pub fn load(root: &Path) -> Result<Self, ContextError> {
-        match fs::read_to_string(root.join(".dockerignore")) {
-            Ok(text) => Self::parse(&text),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(e.into()),
+        match read_control_file(&root.join(".dockerignore"), ".dockerignore")? {
+            Some(bytes) => Self::parse(&String::from_utf8_lossy(&bytes)),
+            None => Ok(Self::default()),
         }
     }
 
@@ -666,7 +770,7 @@ fn append_dir<W: Write>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn limits() -> Limits {
@@ -758,6 +862,154 @@ mod tests {
             b.append_data(&mut h, name, *data).unwrap();
         }
         b.into_inner().unwrap().finish().unwrap()
+    }
+
+    /// A tar of symlinks, hard links and files, in order: `(name, kind, target or data)`.
+    fn tar_of(entries: &[(&str, tar::EntryType, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, kind, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(*kind);
+            h.set_mode(0o644);
+            if kind.is_file() {
+                h.set_size(data.len() as u64);
+                b.append_data(&mut h, name, *data).unwrap();
+            } else {
+                h.set_size(0);
+                b.append_link(&mut h, name, std::str::from_utf8(data).unwrap())
+                    .unwrap();
+            }
+        }
+        b.into_inner().unwrap()
+    }
+
+    /// `l -> .` makes `esc -> l/l/../../outside` look two levels deep to a check that reads
+    /// the target's names, while the kernel resolves it two levels above the context.
+    fn escaping(last: (&'static str, tar::EntryType, &'static [u8])) -> Vec<u8> {
+        use tar::EntryType::{Regular, Symlink};
+        tar_of(&[
+            ("Dockerfile", Regular, b"FROM x\n"),
+            ("l", Symlink, b"."),
+            ("esc", Symlink, b"l/l/../../outside"),
+            last,
+        ])
+    }
+
+    #[test]
+    fn a_hard_link_through_an_earlier_symlink_copies_nothing_from_outside() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("outside")).unwrap();
+        fs::write(dir.path().join("outside/secret"), b"s3cret").unwrap();
+        fs::create_dir_all(dir.path().join("work")).unwrap();
+        let a = dir.path().join("a.tar");
+        fs::write(&a, escaping(("leak", tar::EntryType::Link, b"esc/secret"))).unwrap();
+        let out = dir.path().join("work/ctx");
+        let err = extract(&a, &out, &limits()).unwrap_err();
+        assert!(matches!(err, ContextError::UnsafeEntry { .. }), "{err}");
+        assert!(!out.join("leak").exists());
+    }
+
+    #[test]
+    fn a_dockerignore_or_dockerfile_that_is_a_symlink_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("outside")).unwrap();
+        fs::write(dir.path().join("outside/secret"), b"s3cret").unwrap();
+        fs::create_dir_all(dir.path().join("work")).unwrap();
+        let a = dir.path().join("a.tar");
+        fs::write(
+            &a,
+            escaping((".dockerignore", tar::EntryType::Symlink, b"esc/secret")),
+        )
+        .unwrap();
+        let root = extract(&a, &dir.path().join("work/ctx"), &limits()).unwrap();
+        let err = DockerIgnore::load(&root).unwrap_err();
+        assert!(matches!(err, ContextError::UnsafeEntry { .. }), "{err}");
+        fs::remove_file(root.join("Dockerfile")).unwrap();
+        std::os::unix::fs::symlink("esc/secret", root.join("Dockerfile")).unwrap();
+        // Not a regular file: as missing.
+        let err = prepare_dockerfile(&root, &[], ArgStyle::OneInstruction, &Default::default())
+            .unwrap_err();
+        assert!(matches!(err, ContextError::NoDockerfile { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_dockerfile_larger_than_the_limit_is_refused_before_it_is_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut big = b"FROM x\n".to_vec();
+        big.resize(MAX_CONTROL_FILE as usize + 1, b'#');
+        fs::write(dir.path().join("Dockerfile"), &big).unwrap();
+        let err = prepare_dockerfile(
+            dir.path(),
+            &[],
+            ArgStyle::OneInstruction,
+            &Default::default(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, ContextError::ControlFileTooLarge { .. }),
+            "{err}"
+        );
+        fs::write(dir.path().join(".dockerignore"), &big).unwrap();
+        let err = DockerIgnore::load(dir.path()).unwrap_err();
+        assert!(
+            matches!(err, ContextError::ControlFileTooLarge { .. }),
+            "{err}"
+        );
+    }
+
+    /// Counts what is read through it.
+    pub(crate) struct Counting<R>(pub R, pub std::rc::Rc<std::cell::Cell<u64>>);
+    impl<R: Read> Read for Counting<R> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.0.read(buf)?;
+            self.1.set(self.1.get() + n as u64);
+            Ok(n)
+        }
+    }
+
+    /// A tar whose first header is a GNU long name of `size` bytes (zeros), then nothing.
+    pub(crate) fn long_name_header(size: u64) -> impl Read {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::GNULongName);
+        h.set_path("././@LongLink").unwrap();
+        h.set_size(size);
+        h.set_mode(0o644);
+        h.set_cksum();
+        io::Cursor::new(h.as_bytes().to_vec()).chain(io::repeat(0).take(size + 1024))
+    }
+
+    #[test]
+    fn a_huge_long_name_header_is_refused_before_it_is_read_into_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let read = std::rc::Rc::new(std::cell::Cell::new(0));
+        let input = Counting(long_name_header(64 << 20), read.clone());
+        let err = extract_tar(input, dir.path(), &mut Budget::new(&limits())).unwrap_err();
+        assert!(matches!(err, ContextError::Corrupt(_)), "{err}");
+        assert!(
+            read.get() <= 2 * HEADER_ALLOWANCE,
+            "{} bytes read",
+            read.get()
+        );
+    }
+
+    #[test]
+    fn the_header_guard_lets_entries_of_any_size_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = vec![1u8; 3 * HEADER_ALLOWANCE as usize];
+        // Longer than a header's 100 bytes of name: a GNU long name entry carries it.
+        let long = format!("d/{}/{}/Dockerfile", "e".repeat(100), "f".repeat(100));
+        let a = dir.path().join("a.tgz");
+        fs::write(&a, tar_gz(&[(&long, b"FROM x\n"), ("d/big", &big)])).unwrap();
+        let roomy = Limits {
+            max_context_bytes: 1 << 30,
+            ..limits()
+        };
+        let root = extract(&a, &dir.path().join("out"), &roomy).unwrap();
+        assert_eq!(
+            fs::metadata(dir.path().join("out/d/big")).unwrap().len(),
+            big.len() as u64
+        );
+        assert!(root.exists());
     }
 
     #[test]

@@ -205,6 +205,7 @@ fn guess_entries<W: io::Write>(
 ) -> io::Result<Guess> {
     use tar::EntryType;
     let mut budget = Budget::new(limits);
+    let (reader, allowance) = context::header_guard(reader);
     let mut archive = tar::Archive::new(reader);
     // Decided by the first entry: a folder (or a path in one) is the top folder to flatten
     // (GitHub's tarballs), unless the archive starts with its root `./`.
@@ -214,6 +215,7 @@ fn guess_entries<W: io::Write>(
     let mut before: Option<Vec<String>> = Some(Vec::new());
     for entry in archive.entries()? {
         let mut entry = entry?;
+        allowance.entry(&entry);
         let kind = entry.header().entry_type();
         if context::is_extension_header(kind) {
             continue;
@@ -324,6 +326,16 @@ mod tests {
     use crate::pipeline::restream::{scan, stream, Scan};
     use futures::StreamExt;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn the_guess_refuses_a_huge_long_name_before_reading_it_whole() {
+        use crate::pipeline::context::tests::{long_name_header, Counting};
+        let read = std::rc::Rc::new(std::cell::Cell::new(0));
+        let mut out = tar::Builder::new(Vec::new());
+        let input = Counting(long_name_header(64 << 20), read.clone());
+        assert!(guess_entries(input, &limits(), &mut out).is_err());
+        assert!(read.get() <= 2 << 20, "{} bytes read", read.get());
+    }
 
     /// Streams `archive` while a thread writes it in small pieces; the verdict goes out
     /// once the whole archive is checked, as the pipeline sends it. Returns what dockerd got

@@ -171,6 +171,7 @@ pub fn scan(mut reader: impl Read, limits: &Limits) -> Result<Scan, ContextError
 fn scan_tar(reader: impl Read, gzip: bool, limits: &Limits) -> Result<Scan, ContextError> {
     use tar::EntryType;
     let mut budget = Budget::new(limits);
+    let (reader, allowance) = context::header_guard(reader);
     let mut archive = tar::Archive::new(reader);
     let corrupt = |e: io::Error| ContextError::Corrupt(e.to_string());
     // The first entry's first component, and whether any entry has another.
@@ -185,6 +186,7 @@ fn scan_tar(reader: impl Read, gzip: bool, limits: &Limits) -> Result<Scan, Cont
     let mut symlinks: HashSet<PathBuf> = HashSet::new();
     for entry in archive.entries().map_err(corrupt)? {
         let mut entry = entry.map_err(corrupt)?;
+        allowance.entry(&entry);
         let kind = entry.header().entry_type();
         if context::is_extension_header(kind) {
             continue;
@@ -363,9 +365,11 @@ fn copy_entries<W: io::Write>(
     context: &Prepared,
     out: &mut tar::Builder<W>,
 ) -> io::Result<()> {
+    let (reader, allowance) = context::header_guard(reader);
     let mut archive = tar::Archive::new(reader);
     for entry in archive.entries()? {
         let mut entry = entry?;
+        allowance.entry(&entry);
         let kind = entry.header().entry_type();
         if context::is_extension_header(kind) {
             continue;
@@ -461,6 +465,33 @@ pub(super) mod tests {
             max_context_bytes: 1 << 30,
             max_archive_entries: 1000,
         }
+    }
+
+    #[test]
+    fn the_scan_and_the_stream_refuse_a_huge_long_name_before_reading_it_whole() {
+        use crate::pipeline::context::tests::{long_name_header, Counting};
+        let read = std::rc::Rc::new(std::cell::Cell::new(0));
+        let err = scan_tar(
+            Counting(long_name_header(64 << 20), read.clone()),
+            false,
+            &limits(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, ContextError::Corrupt(_)), "{err}");
+        assert!(read.get() <= 2 << 20, "{} bytes read", read.get());
+        read.set(0);
+        let prepared = Prepared {
+            gzip: false,
+            prefix: None,
+            ignore: DockerIgnore::default(),
+            ignore_source: None,
+            dockerfile: b"FROM x\n".to_vec(),
+            dockerfile_exec: false,
+        };
+        let mut out = tar::Builder::new(Vec::new());
+        let input = Counting(long_name_header(64 << 20), read.clone());
+        assert!(copy_entries(input, &prepared, &mut out).is_err());
+        assert!(read.get() <= 2 << 20, "{} bytes read", read.get());
     }
 
     pub(in crate::pipeline) enum E<'a> {

@@ -91,7 +91,13 @@ fn parse_data(uri: &str) -> Result<&str, SourceError> {
 }
 
 fn parse_docker(uri: &str) -> Result<DockerSource, SourceError> {
-    let rest = &uri["docker://".len().min(uri.len())..];
+    // `parse` saw the scheme, so the first 7 bytes are ASCII; what follows may not be.
+    let Some(rest) = uri
+        .get("docker:".len()..)
+        .and_then(|r| r.strip_prefix("//"))
+    else {
+        return Err(SourceError::BadDockerRef("docker:…".into()));
+    };
     let (userinfo, image) = match rest.rsplit_once('@') {
         // An '@' followed by a digest belongs to the image, not to credentials.
         Some((before, after)) if !after.starts_with("sha256:") => (Some(before), after),
@@ -544,6 +550,9 @@ mod tests {
             "docker://Host/UPPER:tag",
             "docker://h/r:tag with space",
             "docker://u:p@",
+            "docker:aé",
+            "DOCKER:é//x",
+            "docker:",
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
