@@ -119,17 +119,22 @@ impl BuildSpec {
         }
         s.docker_password = None;
         s.callback_auth = None;
-        // A callback URL may carry a token in its query.
-        s.callback = s
-            .callback
-            .as_deref()
-            .map(|c| c.split('?').next().unwrap_or_default().to_string());
-        if let Some((user, pass)) = docker_source_userinfo(self.sources.expose()) {
-            let without = self
-                .sources
-                .expose()
-                .replacen(&format!("{user}:{pass}@"), "", 1);
+        // A callback URL may carry a token in its query or its userinfo.
+        s.callback = s.callback.as_deref().map(without_credentials);
+        let sources = self.sources.expose();
+        if let Some((user, pass)) = docker_source_userinfo(sources) {
+            let without = sources.replacen(&format!("{user}:{pass}@"), "", 1);
             s.sources = Secret::new(without);
+        } else if sources
+            .get(..4)
+            .is_some_and(|s| s.eq_ignore_ascii_case("http"))
+        {
+            // A presigned URL's signature, or user:token@, is a credential too.
+            s.sources = Secret::new(without_credentials(sources));
+        }
+        // Build args often carry tokens (NPM_TOKEN, …); their names say enough afterwards.
+        for value in s.build_args.values_mut() {
+            value.clear();
         }
         s
     }
@@ -153,11 +158,37 @@ impl BuildSpec {
     }
 }
 
-/// The `user:pass` part of a `docker://user:pass@host/…` source, if any.
+/// The `user:pass` part of a `docker://user:pass@host/…` source, if any, split where
+/// `sources::parse` splits it (the last `@` not followed by a digest).
 fn docker_source_userinfo(sources: &str) -> Option<(&str, &str)> {
-    let rest = sources.strip_prefix("docker://")?;
-    let (userinfo, _) = rest.split_once('@')?;
+    let scheme = sources.get(..9)?;
+    if !scheme.eq_ignore_ascii_case("docker://") {
+        return None;
+    }
+    let (userinfo, image) = sources[9..].rsplit_once('@')?;
+    if image.starts_with("sha256:") {
+        return None;
+    }
     userinfo.split_once(':')
+}
+
+/// A URL without its userinfo, query and fragment (what is left when it does not parse:
+/// the text before any `?`, `#` or `@`).
+fn without_credentials(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            // Only fails for URLs that cannot have userinfo: nothing to remove then.
+            let _ = u.set_password(None);
+            let _ = u.set_username("");
+            u.set_query(None);
+            u.set_fragment(None);
+            u.to_string()
+        }
+        Err(_) => {
+            let head = url.split(['?', '#']).next().unwrap_or_default();
+            head.rsplit_once('@').map_or(head, |(_, h)| h).to_string()
+        }
+    }
 }
 
 pub fn source_key(build_uuid: &Uuid) -> String {
@@ -414,6 +445,25 @@ pub(crate) mod tests {
             assert!(!json.contains(secret), "{secret} in {json}");
         }
         assert!(json.contains("docker://host/repo:tag"));
+        // A password with a raw '@', an http source's userinfo and signature, a callback's
+        // userinfo, build args.
+        s.sources = Secret::new("DOCKER://bob:p@ss@host/repo:tag");
+        let json = serde_json::to_string(&s.scrubbed()).unwrap();
+        assert!(
+            !json.contains("p@ss") && json.contains("host/repo:tag"),
+            "{json}"
+        );
+        s.sources = Secret::new("https://u:tok3n@h.example/a.tgz?X-Amz-Signature=sig9");
+        s.callback = Some("https://cbuser:cbpass@cb.example/hook?t=q1".into());
+        s.build_args = [("NPM_TOKEN".to_string(), "npm-s3cret".to_string())].into();
+        let json = serde_json::to_string(&s.scrubbed()).unwrap();
+        for secret in ["tok3n", "sig9", "cbpass", "q1", "npm-s3cret"] {
+            assert!(!json.contains(secret), "{secret} in {json}");
+        }
+        assert!(
+            json.contains("https://h.example/a.tgz") && json.contains("NPM_TOKEN"),
+            "{json}"
+        );
     }
 
     #[test]

@@ -104,6 +104,16 @@ pub struct WorkerArgs {
     pub docker_wait_seconds: u64,
 }
 
+/// A boolean setting: `true`/`1`/`yes`/`on` or `false`/`0`/`no`/`off`, in any case
+/// (clap's own parser takes only `true` and `false`, so `NO_CACHE=1` stopped the service).
+fn parse_bool(value: &str) -> Result<bool, String> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(format!("{value:?} is not a boolean: use true or false")),
+    }
+}
+
 /// Flags of `serve`. Booleans accept true/false (and 1/0, yes/no) from the environment.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -121,7 +131,7 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub build: BuildArgs,
     /// Run builds as Kubernetes worker pods via BuildJob resources.
-    #[arg(long, env = "USE_KUBERNETES", value_name = "USE_KUBERNETES", default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, env = "USE_KUBERNETES", value_name = "USE_KUBERNETES", default_value_t = false, action = clap::ArgAction::Set, value_parser = parse_bool)]
     pub use_kubernetes: bool,
     /// Builds running at once; more wait in a queue, first come first served.
     #[arg(long, env = "MAXIMUM_PARALLEL_BUILDS", value_name = "MAXIMUM_PARALLEL_BUILDS", default_value_t = 4,
@@ -172,7 +182,7 @@ pub struct KubernetesArgs {
     pub kubernetes_namespace: Option<String>,
     /// Run the BuildJob controller in this process (one replica leads, via a Lease); false
     /// runs only the API facade.
-    #[arg(long, env = "RUN_CONTROLLER", value_name = "RUN_CONTROLLER", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = "RUN_CONTROLLER", value_name = "RUN_CONTROLLER", default_value_t = true, action = clap::ArgAction::Set, value_parser = parse_bool)]
     pub run_controller: bool,
     /// Image a Kubernetes worker pod runs (this project's own image).
     #[arg(
@@ -216,7 +226,7 @@ pub struct KubernetesArgs {
     /// Mount the worker service account's API token into worker pods. Workers never call
     /// the API; IRSA and EKS Pod Identity inject their own token, so this stays false.
     #[arg(long, env = "WORKER_AUTOMOUNT_SERVICE_ACCOUNT_TOKEN", value_name = "WORKER_AUTOMOUNT_SERVICE_ACCOUNT_TOKEN",
-          default_value_t = false, action = clap::ArgAction::Set)]
+          default_value_t = false, action = clap::ArgAction::Set, value_parser = parse_bool)]
     pub worker_automount_service_account_token: bool,
     /// JSON: resources, emptyDir size limits and placement of worker pods (keys
     /// workerResources, dindResources, workSizeLimit, dindStorageSizeLimit, nodeSelector,
@@ -362,11 +372,11 @@ pub struct KubernetesConfig {
 #[derive(Debug, Clone, Args)]
 pub struct BuildArgs {
     /// Build with no layer cache.
-    #[arg(long, env = "NO_CACHE", value_name = "NO_CACHE", default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, env = "NO_CACHE", value_name = "NO_CACHE", default_value_t = false, action = clap::ArgAction::Set, value_parser = parse_bool)]
     pub no_cache: bool,
     /// Before building, pull the app's previous image (`…:latest`) and reuse its layers, so
     /// an empty daemon (a dind worker pod) rebuilds warm. Off when NO_CACHE is true.
-    #[arg(long, env = "CACHE_FROM_LATEST", value_name = "CACHE_FROM_LATEST", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = "CACHE_FROM_LATEST", value_name = "CACHE_FROM_LATEST", default_value_t = true, action = clap::ArgAction::Set, value_parser = parse_bool)]
     pub cache_from_latest: bool,
     /// Which of dockerd's builders builds: `true`/`1` BuildKit, `false`/`0` the classic
     /// builder, `auto` BuildKit where the daemon is the build's own (dind worker pods) and the
@@ -421,7 +431,7 @@ pub struct BuildArgs {
     )]
     pub kafka_topic: String,
     /// Also print build output on the service's stdout.
-    #[arg(long, env = "SHOW_BUILD_LOGS", value_name = "SHOW_BUILD_LOGS", default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, env = "SHOW_BUILD_LOGS", value_name = "SHOW_BUILD_LOGS", default_value_t = false, action = clap::ArgAction::Set, value_parser = parse_bool)]
     pub show_build_logs: bool,
     /// Largest source archive (download size), in bytes.
     #[arg(long, env = "MAX_SOURCE_BYTES", value_name = "MAX_SOURCE_BYTES", default_value_t = 1 << 30)]
@@ -1202,6 +1212,27 @@ mod tests {
     #[test]
     fn verify_cli() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn boolean_settings_take_1_0_yes_no_in_any_case() {
+        use clap::Parser;
+        for (given, want) in [
+            ("1", true),
+            ("TRUE", true),
+            ("yes", true),
+            ("0", false),
+            ("Off", false),
+        ] {
+            let cli = Cli::try_parse_from(["buildshuttle", "serve", "--no-cache", given])
+                .unwrap_or_else(|e| panic!("{given}: {e}"));
+            let Command::Serve(serve) = cli.command else {
+                panic!("not serve")
+            };
+            assert_eq!(serve.build.no_cache, want, "{given}");
+        }
+        let e = Cli::try_parse_from(["buildshuttle", "serve", "--no-cache", "ture"]).unwrap_err();
+        assert!(e.to_string().contains("use true or false"), "{e}");
     }
 
     #[test]

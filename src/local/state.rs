@@ -168,6 +168,7 @@ impl StateStore {
         }
         // Finished builds move to done.log (durably) before the journal forgets them.
         let mut done_file = open_append(&dir.join(DONE))?;
+        end_torn_line(&mut done_file)?;
         let mut moved = false;
         for rec in live.values().filter(|r| r.final_sent) {
             if done.insert(rec.spec.build_uuid) {
@@ -700,8 +701,22 @@ fn read_done(path: &Path) -> std::io::Result<(HashSet<Uuid>, u64)> {
     Ok((ids, next))
 }
 
+/// Ends a line cut short by a crash (done.log is synced only now and then), so what is
+/// appended next starts a line of its own instead of joining the fragment, unreadable.
+fn end_torn_line(file: &mut File) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let len = file.metadata()?.len();
+    let mut last = [0u8];
+    if len > 0 && file.read_at(&mut last, len - 1)? == 1 && last[0] != b'\n' {
+        file.write_all(b"\n")?;
+        file.sync_data()?;
+    }
+    Ok(())
+}
+
 fn open_append(path: &Path) -> std::io::Result<File> {
     OpenOptions::new()
+        .read(true) // for end_torn_line
         .append(true)
         .create(true)
         .mode(0o600)
@@ -957,6 +972,20 @@ pub(crate) mod tests {
         assert_eq!(ids, vec![b.spec.build_uuid]);
         assert!(store.is_done(&a.spec.build_uuid), "done survives a restart");
         assert_eq!(got.next_seq, 2);
+    }
+
+    #[test]
+    fn a_line_torn_at_the_end_of_done_log_does_not_swallow_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut finished = rec(7);
+        finished.final_sent = true;
+        std::fs::write(dir.path().join(DONE), br#"{"spec":{"bu"#).unwrap();
+        std::fs::write(segment_path(dir.path(), 1), encode(&finished).unwrap()).unwrap();
+        // The first open moves the finished build to done.log and drops the segment.
+        drop(StateStore::open(dir.path()).unwrap());
+        let (store, recovered) = StateStore::open(dir.path()).unwrap();
+        assert!(store.is_done(&finished.spec.build_uuid));
+        assert!(recovered.records.is_empty());
     }
 
     #[test]
