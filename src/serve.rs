@@ -184,18 +184,17 @@ pub async fn serve(started: Started) -> Result<(), ServeError> {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "buildshuttle listening");
     }
-    axum::serve(listener, router)
-        .with_graceful_shutdown({
-            let died = died.clone();
-            async move {
-                tokio::select! {
-                    _ = shutdown_signal() => {}
-                    _ = died.cancelled() => {}
-                }
-            }
-        })
-        .await
-        .map_err(ServeError::Http)?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server =
+        axum::serve(listener, router).with_graceful_shutdown(stop.clone().cancelled_owned());
+    let http = tokio::spawn(async move { server.await });
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        _ = died.cancelled() => {}
+    }
+    // The builds drain while the HTTP server does: a response that lasts as long as a build
+    // (`?follow=true`) must not hold the drain, and no queued build may start meanwhile.
+    stop.cancel();
     tracing::info!(
         grace_seconds = grace.as_secs(),
         "shutting down: no new builds, draining running ones"
@@ -204,11 +203,21 @@ pub async fn serve(started: Started) -> Result<(), ServeError> {
         Mode::Local(executor) => executor.shutdown(grace).await,
         Mode::Kubernetes(k) => k.shutdown(grace).await,
     }
+    // Followers of the drained builds got their last line; what is still open now would
+    // outlive the process anyway.
+    match tokio::time::timeout(HTTP_DRAIN_AFTER_BUILDS, http).await {
+        Ok(Ok(served)) => served.map_err(ServeError::Http)?,
+        Ok(Err(joined)) => tracing::warn!(error = %joined, "the HTTP server's task failed"),
+        Err(_) => tracing::warn!("closing HTTP connections still open after the builds drained"),
+    }
     if died.is_cancelled() {
         return Err(ServeError::ControllerStopped);
     }
     Ok(())
 }
+
+/// How long open HTTP responses may still run once the builds have drained.
+const HTTP_DRAIN_AFTER_BUILDS: std::time::Duration = std::time::Duration::from_secs(5);
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};

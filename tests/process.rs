@@ -172,6 +172,13 @@ async fn sigterm_drains_running_builds_within_the_grace_period() {
     p.post(&long).await;
     p.wait_log(&short, "short-start").await;
     p.wait_log(&long, "long-start").await;
+    // Someone follows the long build's log: that response lasts as long as the build, and
+    // must not keep the builds from draining.
+    let follow = reqwest::get(p.url(&format!("{}?follow=true", logs_path(&long))))
+        .await
+        .unwrap();
+    assert_eq!(follow.status(), 200);
+    let followed = tokio::spawn(async move { follow.text().await.unwrap_or_default() });
     let t = Instant::now();
     p.signal("-TERM");
     let status = loop {
@@ -209,6 +216,8 @@ async fn sigterm_drains_running_builds_within_the_grace_period() {
     )))
     .unwrap();
     assert!(log.contains("interrupted"), "{log}");
+    let followed = followed.await.unwrap();
+    assert!(followed.contains("long-start"), "{followed}");
 }
 
 /// A burst of POSTs, SIGKILL while it is still arriving, restart: every build that got its
