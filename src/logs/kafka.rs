@@ -17,7 +17,7 @@ use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Distinct broker lists with a live producer. Each producer holds threads and sockets, and
 /// the broker list comes from requests, so the cache is bounded.
@@ -108,7 +108,8 @@ type ShuttleProducer = ThreadedProducer<ShuttleContext>;
 pub struct KafkaProducers {
     topic: String,
     delivery_timeout: Duration,
-    producers: Mutex<HashMap<String, Arc<ShuttleProducer>>>,
+    /// Each with when a build last asked for it.
+    producers: Mutex<HashMap<String, (Arc<ShuttleProducer>, Instant)>>,
 }
 
 impl KafkaProducers {
@@ -134,10 +135,13 @@ impl KafkaProducers {
         let key = broker_key(kafka_hosts).ok_or(KafkaSinkError::NoBrokers)?;
         // A poisoned lock only means another build panicked mid-insert; the map is still valid.
         let mut producers = self.producers.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(p) = producers.get(&key) {
+        if let Some((p, used)) = producers.get_mut(&key) {
             // An idempotent producer that hit a fatal error never recovers: replace it.
             match p.client().fatal_error() {
-                None => return Ok(p.clone()),
+                None => {
+                    *used = Instant::now();
+                    return Ok(p.clone());
+                }
                 Some((code, reason)) => {
                     tracing::warn!(brokers = %key, ?code, reason, "Kafka producer failed fatally; creating a new one");
                     producers.remove(&key);
@@ -145,7 +149,18 @@ impl KafkaProducers {
             }
         }
         if producers.len() >= MAX_PRODUCERS {
-            return Err(KafkaSinkError::TooManyProducers);
+            // Make room by closing the least recently used producer no build holds (its
+            // builds flushed their lines when they ended).
+            let idle = producers
+                .iter()
+                .filter(|(_, (p, _))| Arc::strong_count(p) == 1)
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone());
+            let Some((evicted, _)) = idle.and_then(|k| producers.remove(&k)) else {
+                return Err(KafkaSinkError::TooManyProducers);
+            };
+            // Closing a producer joins its thread: not on the caller's (async) thread.
+            std::thread::spawn(move || drop(evicted));
         }
         let producer: ShuttleProducer = producer_config(&key)
             .create_with_context(ShuttleContext)
@@ -154,7 +169,7 @@ impl KafkaProducers {
             source,
         })?;
         let producer = Arc::new(producer);
-        producers.insert(key, producer.clone());
+        producers.insert(key, (producer.clone(), Instant::now()));
         Ok(producer)
     }
 
@@ -297,16 +312,22 @@ mod tests {
     }
 
     #[test]
-    fn the_cache_is_bounded() {
+    fn the_cache_is_bounded_and_makes_room_by_closing_an_idle_producer() {
         let producers = KafkaProducers::new("t", Duration::from_millis(10));
-        for port in 1..=MAX_PRODUCERS {
-            producers.producer(&format!("127.0.0.1:{port}")).unwrap();
-        }
+        let mut held: Vec<_> = (1..=MAX_PRODUCERS)
+            .map(|port| producers.producer(&format!("127.0.0.1:{port}")).unwrap())
+            .collect();
         assert!(matches!(
             producers.producer("127.0.0.1:9999"),
             Err(KafkaSinkError::TooManyProducers)
         ));
         // A known list is still served.
         assert!(producers.producer("127.0.0.1:1").is_ok());
+        // Once no build holds :2, a new list takes its place.
+        drop(held.remove(1));
+        assert!(producers.producer("127.0.0.1:9999").is_ok());
+        assert_eq!(producers.len(), MAX_PRODUCERS);
+        let again = producers.producer("127.0.0.1:1").unwrap();
+        assert!(Arc::ptr_eq(&again, &held[0]), "a held producer is kept");
     }
 }
