@@ -616,9 +616,12 @@ async fn reconcile_inner(
                     Created::Foreign => return Ok(Requeue::requeue(Duration::from_secs(2))),
                     Created::RetryLater(message) => {
                         // A quota may free up: try again a few times, the build still
-                        // waiting as it was (no slot held without a pod).
+                        // waiting as it was (no slot held without a pod). The time goes
+                        // into status because this very write triggers the next reconcile
+                        // at once, which must wait out the rest of the backoff (`decide`).
                         let mut st = prev.clone();
                         st.admission_retries += 1;
+                        st.last_admission_refusal = Some(Time(Timestamp::now()));
                         write_status(&ctx, &jobs, &job, &st).await?;
                         let note = EventNote {
                             warning: true,
@@ -629,7 +632,7 @@ async fn reconcile_inner(
                             ),
                         };
                         publish_later(&ctx, &job, vec![note]);
-                        let wait = Duration::from_secs(5 << st.admission_retries.min(5));
+                        let wait = decide::admission_backoff(st.admission_retries);
                         return Ok(Requeue::requeue(wait));
                     }
                     Created::Refused(message) => {
@@ -798,7 +801,7 @@ async fn create_pod(
                 _ => Ok(Created::Yes),
             }
         }
-        Err(kube::Error::Api(s)) if s.is_forbidden() || s.is_invalid() => {
+        Err(kube::Error::Api(s)) if refuses_the_pod(&s) => {
             let message = format!("the worker pod was refused: {}", s.message);
             let quota = s.message.contains("exceeded quota");
             let retries = job.status.as_ref().map_or(0, |s| s.admission_retries);
@@ -809,6 +812,21 @@ async fn create_pod(
             }
         }
         Err(e) => Err(kube_err("creating the worker pod")(e)),
+    }
+}
+
+/// Whether the API server's answer to a pod create refuses this pod (no retry makes the
+/// same pod acceptable), judged by the HTTP code: an admission webhook's denial comes as
+/// 400 with no reason, or with only the code it chose. Not: 404 (the namespace is gone),
+/// 409 (handled as AlreadyExists or a conflict), 429 (throttled), 401 and 408 (the
+/// controller's credentials or the connection, not the pod): those are retried.
+fn refuses_the_pod(s: &kube::core::Status) -> bool {
+    match s.code {
+        404 | 409 | 429 | 401 | 408 => false,
+        400..=499 => true,
+        // No code in the answer: only its reason tells.
+        0 => s.is_forbidden() || s.is_invalid(),
+        _ => false,
     }
 }
 
@@ -2051,6 +2069,83 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_webhook_denial_without_a_reason_fails_the_build_at_once() {
+        // A validating webhook's denial: 400 and no reason, or only the code it chose.
+        let message = "admission webhook \"x\" denied the request: no";
+        let bare_400 = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                              "code": 400, "reason": "", "message": message});
+        let bare_403 = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                              "code": 403, "message": message});
+        for (code, denial) in [(400, bare_400), (403, bare_403)] {
+            let rx = Receiver::start().await;
+            let mut j = job_with(None, &rx.url, false);
+            j.status = None;
+            let scenario = vec![
+                Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+                Expect::new(
+                    Method::GET,
+                    pod_path(0),
+                    404,
+                    Some(status_error(404, "NotFound")),
+                ),
+                Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+                Expect::new(Method::POST, PODS, code, Some(denial)),
+                Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&j))).check(move |b| {
+                    assert_eq!(b["status"]["phase"], "Failed", "{code}: {b}");
+                    assert_eq!(b["status"]["conditions"][0]["reason"], "PodRejected");
+                    let msg = b["status"]["conditions"][0]["message"]
+                        .as_str()
+                        .unwrap_or("");
+                    assert!(
+                        msg.contains("denied the request"),
+                        "the webhook's words: {msg}"
+                    );
+                }),
+            ];
+            let (res, seen) = play(j, vec![], scenario).await;
+            assert_eq!(
+                res.ok(),
+                Some(Requeue::requeue(Duration::from_millis(200))),
+                "{code}"
+            );
+            assert!(seen.events.iter().any(|e| e["reason"] == "PodRejected"));
+        }
+    }
+
+    #[test]
+    fn only_answers_about_the_pod_refuse_it() {
+        let status = |code: u16, reason: &str| kube::core::Status {
+            code,
+            reason: reason.into(),
+            ..Default::default()
+        };
+        for (code, reason) in [
+            (400, ""),
+            (403, ""),
+            (403, "Forbidden"),
+            (422, "Invalid"),
+            (413, ""),
+            (0, "Forbidden"),
+            (0, "Invalid"),
+        ] {
+            assert!(refuses_the_pod(&status(code, reason)), "{code} {reason}");
+        }
+        for (code, reason) in [
+            (404, "NotFound"),
+            (409, "AlreadyExists"),
+            (409, "Conflict"),
+            (429, "TooManyRequests"),
+            (401, "Unauthorized"),
+            (408, "Timeout"),
+            (500, "InternalError"),
+            (503, ""),
+            (0, ""),
+        ] {
+            assert!(!refuses_the_pod(&status(code, reason)), "{code} {reason}");
+        }
+    }
+
+    #[tokio::test]
     async fn a_quota_refusal_is_retried_a_bounded_number_of_times() {
         let rx = Receiver::start().await;
         let mut j = job_with(None, &rx.url, true);
@@ -2077,6 +2172,7 @@ mod tests {
                 Expect::new(Method::PATCH, STATUS, 200, None).check(move |b| {
                     if retries < 2 {
                         assert_eq!(b["status"]["admissionRetries"], retries + 1);
+                        assert!(b["status"]["lastAdmissionRefusal"].is_string(), "{b}");
                         assert!(b["status"].get("phase").is_none(), "no slot held: {b}");
                     } else {
                         assert_eq!(b["status"]["phase"], "Failed");
@@ -2096,6 +2192,41 @@ mod tests {
             let (res, _) = play(jr, vec![], s).await;
             assert!(res.is_ok(), "{res:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_refused_pod_is_not_tried_again_before_its_backoff() {
+        // The reconcile the refusal's own status write triggers: reads, then waits.
+        let rx = Receiver::start().await;
+        let mut j = job_with(None, &rx.url, true);
+        j.status = Some(BuildJobStatus {
+            callbacks: CallbacksSent {
+                pending: true,
+                ..Default::default()
+            },
+            admission_retries: 1,
+            last_admission_refusal: Some(Time(Timestamp::now())),
+            ..Default::default()
+        });
+        let scenario = vec![
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+            Expect::new(
+                Method::GET,
+                pod_path(0),
+                404,
+                Some(status_error(404, "NotFound")),
+            ),
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+        ];
+        let (res, _) = play(j, vec![], scenario).await;
+        let after = format!("{:?}", res.ok());
+        let secs = after
+            .split("requeue_after: Some(")
+            .nth(1)
+            .and_then(|r| r.split("s)").next())
+            .and_then(|n| n.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("a requeue: {after}"));
+        assert!((9.0..=10.0).contains(&secs), "the rest of 10 s: {after}");
     }
 
     #[tokio::test]

@@ -240,6 +240,10 @@ pub struct BuildJobStatus {
     #[serde(default, skip_serializing_if = "is_zero")]
     #[schemars(schema_with = "int32")]
     pub admission_retries: u32,
+    /// When creating the worker pod was last refused for a reason that may pass: the next
+    /// try waits its backoff from then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_admission_refusal: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timings: Option<BuildTimings>,
 }

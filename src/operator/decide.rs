@@ -165,6 +165,10 @@ pub enum PodState {
     Pending(Option<StartProblem>),
     Running,
     Ended(PodEnd),
+    /// The worker has ended but an ordinary container beside it (a sidecar a mutating
+    /// webhook injected: istio-proxy, vault-agent) keeps the pod running: decided as
+    /// `Ended`, and the pod is deleted so that container stops too.
+    SidecarHeld(PodEnd),
 }
 
 /// Why a pending pod's containers do not start.
@@ -175,6 +179,9 @@ pub struct StartProblem {
     pub message: String,
     /// It will not pass by waiting: fail the build now.
     pub fatal: bool,
+    /// Not fatal yet, but will be this long from now if it has not passed (a failing
+    /// image pull): look again then.
+    pub fatal_in: Option<Duration>,
     /// The scheduler found no node: fails after `pending_limit`.
     pub unschedulable: bool,
     pub pod_created: Option<Timestamp>,
@@ -182,11 +189,31 @@ pub struct StartProblem {
 
 /// Container waiting reasons that mean the pod will never start as it is.
 const FATAL_WAITING: &[&str] = &[
-    "ImagePullBackOff",
     "InvalidImageName",
     "ErrImageNeverPull",
     "CreateContainerConfigError",
     "CreateContainerError",
+];
+
+/// Waiting reasons of a failing image pull. The kubelet retries the pull with backoff, and a
+/// registry blip or a rate limit (`toomanyrequests`) passes, so these fail the build only
+/// after `IMAGE_PULL_PATIENCE` (or at once when the kubelet's message says the image or
+/// the right to pull it is missing).
+const PULL_WAITING: &[&str] = &["ErrImagePull", "ImagePullBackOff"];
+
+/// How long a worker pod may wait on a failing image pull, from when it was scheduled
+/// (or created), before the build fails.
+pub const IMAGE_PULL_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Words (lower case) of a pull failure that waiting cannot fix, as registries and
+/// container runtimes put them (the kubelet's back-off message repeats the last pull
+/// error since Kubernetes 1.32).
+const PULL_HOPELESS: &[&str] = &[
+    "not found",
+    "manifest unknown",
+    "unauthorized",
+    "pull access denied",
+    "repository does not exist",
 ];
 
 /// Pod `status.reason`s of pods ended by the node or the cluster, not by the build.
@@ -201,17 +228,24 @@ const DISRUPTION_REASONS: &[&str] = &[
     "OutOfmemory",
 ];
 
-/// Reads a pod's status. Never assumes success: an ended pod's outcome comes only from the
-/// worker's termination message together with its exit code.
+/// Reads a pod's status. Never assumes success: an ended worker's outcome comes only from
+/// its termination message together with its exit code.
 pub fn classify(pod: Option<&Pod>, now: Timestamp, lost_pod_grace: Duration) -> PodState {
     let Some(pod) = pod else {
         return PodState::Absent;
     };
     let status = pod.status.clone().unwrap_or_default();
     let phase = status.phase.as_deref().unwrap_or("Pending");
-    let pod_reason = status.reason.clone().unwrap_or_default();
-    let ended = matches!(phase, "Succeeded" | "Failed");
-    if !ended {
+    let pod_ended = matches!(phase, "Succeeded" | "Failed");
+    // With restartPolicy Never a terminated worker is final, whatever the pod's phase says
+    // (an injected ordinary sidecar keeps it Running).
+    let terminated = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .find(|c| c.name == WORKER_CONTAINER)
+        .and_then(|c| c.state.as_ref().and_then(|s| s.terminated.clone()));
+    if !pod_ended && terminated.is_none() {
         if let Some(deadline) = &pod.metadata.deletion_timestamp {
             let overdue =
                 now.duration_since(deadline.0).as_secs() >= lost_pod_grace.as_secs() as i64;
@@ -221,42 +255,73 @@ pub fn classify(pod: Option<&Pod>, now: Timestamp, lost_pod_grace: Duration) -> 
         return if phase == "Running" || phase == "Unknown" {
             PodState::Running
         } else {
-            PodState::Pending(start_problem(pod))
+            PodState::Pending(start_problem(pod, now))
         };
     }
-    if pod_reason == "Evicted" {
-        return PodState::Ended(PodEnd::Evicted(status.message.clone().unwrap_or_default()));
+    let end = pod_end(&status, terminated);
+    // Native sidecars (init containers) stop by themselves once the worker has ended; an
+    // ordinary container does not.
+    let held = !pod_ended
+        && status
+            .container_statuses
+            .iter()
+            .flatten()
+            .filter(|c| c.name != WORKER_CONTAINER)
+            .any(|c| c.state.as_ref().is_none_or(|s| s.terminated.is_none()));
+    if held {
+        PodState::SidecarHeld(end)
+    } else {
+        PodState::Ended(end)
     }
-    if let Some(why) = disruption(&status) {
-        return PodState::Ended(PodEnd::Disrupted(why));
-    }
-    if pod_reason == "DeadlineExceeded" {
-        return PodState::Ended(PodEnd::DeadlineExceeded);
-    }
-    let terminated = status
-        .container_statuses
-        .iter()
-        .flatten()
-        .find(|c| c.name == WORKER_CONTAINER)
-        .and_then(|c| c.state.as_ref().and_then(|s| s.terminated.clone()));
-    match terminated {
-        Some(t) if t.reason.as_deref() == Some("OOMKilled") => PodState::Ended(PodEnd::OomKilled),
-        Some(t) => PodState::Ended(PodEnd::Exited {
+}
+
+/// How a pod whose worker (or the pod itself) has ended ended.
+fn pod_end(
+    status: &k8s_openapi::api::core::v1::PodStatus,
+    terminated: Option<k8s_openapi::api::core::v1::ContainerStateTerminated>,
+) -> PodEnd {
+    let pod_reason = status.reason.clone().unwrap_or_default();
+    let exited = terminated.map(|t| {
+        if t.reason.as_deref() == Some("OOMKilled") {
+            return PodEnd::OomKilled;
+        }
+        PodEnd::Exited {
             code: t.exit_code,
             reason: t.reason.unwrap_or_default(),
             outcome: t.message.as_deref().and_then(parse_termination_message),
-        }),
-        // Ended without a worker container status: it never ran (or the node lost it).
-        None => PodState::Ended(PodEnd::Exited {
-            code: -1,
-            reason: if pod_reason.is_empty() {
-                "NoContainerStatus".into()
-            } else {
-                pod_reason
-            },
-            outcome: None,
-        }),
+        }
+    });
+    // The image is pushed: what happened to the pod afterwards (a drain's DisruptionTarget,
+    // an eviction, its deadline) changes nothing.
+    if let Some(
+        done @ PodEnd::Exited {
+            code: 0,
+            outcome: Some(Outcome::Succeeded { .. }),
+            ..
+        },
+    ) = exited
+    {
+        return done;
     }
+    if pod_reason == "Evicted" {
+        return PodEnd::Evicted(status.message.clone().unwrap_or_default());
+    }
+    if let Some(why) = disruption(status) {
+        return PodEnd::Disrupted(why);
+    }
+    if pod_reason == "DeadlineExceeded" {
+        return PodEnd::DeadlineExceeded;
+    }
+    // Ended without a worker container status: it never ran (or the node lost it).
+    exited.unwrap_or_else(|| PodEnd::Exited {
+        code: -1,
+        reason: if pod_reason.is_empty() {
+            "NoContainerStatus".into()
+        } else {
+            pod_reason
+        },
+        outcome: None,
+    })
 }
 
 /// Why a pod ended that was not the build's doing: a `DisruptionTarget` condition (drain,
@@ -288,7 +353,7 @@ fn disruption(status: &k8s_openapi::api::core::v1::PodStatus) -> Option<String> 
 }
 
 /// Why a pending pod does not start, if the kubelet or the scheduler says.
-fn start_problem(pod: &Pod) -> Option<StartProblem> {
+fn start_problem(pod: &Pod, now: Timestamp) -> Option<StartProblem> {
     let status = pod.status.as_ref()?;
     let pod_created = pod.metadata.creation_timestamp.as_ref().map(|t| t.0);
     let waiting = status
@@ -308,11 +373,30 @@ fn start_problem(pod: &Pod) -> Option<StartProblem> {
             })
         });
     if let Some((container, reason, message)) = waiting {
-        let fatal = FATAL_WAITING.contains(&reason.as_str());
+        let (fatal, fatal_in) = if PULL_WAITING.contains(&reason.as_str()) {
+            // The pull starts once the pod is on a node.
+            let scheduled = status
+                .conditions
+                .iter()
+                .flatten()
+                .find(|c| c.type_ == "PodScheduled" && c.status == "True")
+                .and_then(|c| c.last_transition_time.as_ref())
+                .map(|t| t.0);
+            let waited = elapsed(scheduled.or(pod_created).unwrap_or(now), now);
+            let lower = message.to_ascii_lowercase();
+            if waited >= IMAGE_PULL_PATIENCE || PULL_HOPELESS.iter().any(|w| lower.contains(w)) {
+                (true, None)
+            } else {
+                (false, Some(IMAGE_PULL_PATIENCE - waited))
+            }
+        } else {
+            (FATAL_WAITING.contains(&reason.as_str()), None)
+        };
         return Some(StartProblem {
             message: format!("container {container}: {message}"),
             reason,
             fatal,
+            fatal_in,
             unschedulable: false,
             pod_created,
         });
@@ -326,6 +410,7 @@ fn start_problem(pod: &Pod) -> Option<StartProblem> {
         reason: "Unschedulable".into(),
         message: unschedulable.message.clone().unwrap_or_default(),
         fatal: false,
+        fatal_in: None,
         unschedulable: true,
         pod_created,
     })
@@ -402,7 +487,7 @@ pub fn decide(input: &Inputs<'_>, settings: &Settings) -> Decision {
     let finished = prev.phase.is_some_and(Phase::is_finished);
     if !finished {
         let stop = job.spec.cancelled || deleting;
-        let cancel_now = stop && !matches!(pod, PodState::Ended(_));
+        let cancel_now = stop && !matches!(pod, PodState::Ended(_) | PodState::SidecarHeld(_));
         if cancel_now {
             let started = !matches!(pod, PodState::Absent);
             if matches!(pod, PodState::Pending(_) | PodState::Running) {
@@ -505,27 +590,39 @@ fn step(
     let holds_slot = st.phase.is_some_and(Phase::holds_slot);
     match pod {
         PodState::Absent if !holds_slot => {
-            if input.running + input.queued_ahead < settings.max_parallel {
-                start_pod(st, current_pod, now, actions, events, None);
-            } else {
-                if st.phase != Some(Phase::Queued) {
-                    events.push(normal(
-                        "Queued",
-                        format!(
-                            "waiting for a build slot ({} of {} running, {} queued ahead)",
-                            input.running, settings.max_parallel, input.queued_ahead
-                        ),
-                    ));
+            let room = input.running + input.queued_ahead < settings.max_parallel;
+            // Refused a moment ago (a full quota): trying again at once would spend the
+            // retries before the quota can free up.
+            let refused_wait = st
+                .last_admission_refusal
+                .as_ref()
+                .and_then(|t| {
+                    admission_backoff(st.admission_retries).checked_sub(elapsed(t.0, now))
+                })
+                .filter(|w| !w.is_zero());
+            match (room, refused_wait) {
+                (true, Some(wait)) => actions.push(Action::Requeue(wait)),
+                (true, None) => start_pod(st, current_pod, now, actions, events, None),
+                (false, _) => {
+                    if st.phase != Some(Phase::Queued) {
+                        events.push(normal(
+                            "Queued",
+                            format!(
+                                "waiting for a build slot ({} of {} running, {} queued ahead)",
+                                input.running, settings.max_parallel, input.queued_ahead
+                            ),
+                        ));
+                    }
+                    st.phase = Some(Phase::Queued);
+                    set_condition(
+                        st,
+                        "Unknown",
+                        reasons::QUEUED,
+                        "waiting for a build slot",
+                        now,
+                    );
+                    actions.push(Action::Requeue(settings.queued_recheck));
                 }
-                st.phase = Some(Phase::Queued);
-                set_condition(
-                    st,
-                    "Unknown",
-                    reasons::QUEUED,
-                    "waiting for a build slot",
-                    now,
-                );
-                actions.push(Action::Requeue(settings.queued_recheck));
             }
         }
         PodState::Absent => retry_lost_pod(
@@ -637,10 +734,18 @@ fn step(
                 );
                 finish_failed(st, reasons::TIMEOUT, &msg, now, events);
             } else {
-                actions.push(Action::Requeue(ACTIVE_RECHECK.min(limit - age)));
+                let mut next = ACTIVE_RECHECK.min(limit - age);
+                // A failing pull becomes fatal at a known time: decide then.
+                if let PodState::Pending(Some(StartProblem {
+                    fatal_in: Some(d), ..
+                })) = pod
+                {
+                    next = next.min(*d);
+                }
+                actions.push(Action::Requeue(next));
             }
         }
-        PodState::Ended(end) => {
+        PodState::Ended(end) | PodState::SidecarHeld(end) => {
             st.pod_name = Some(current_pod.to_string());
             if st.start_time.is_none() {
                 st.start_time = Some(Time(now));
@@ -748,6 +853,14 @@ fn step(
                     }
                 },
             }
+            // The sidecar that keeps the pod running stops only with the pod.
+            let delete = Action::DeletePod {
+                name: current_pod.to_string(),
+                force: false,
+            };
+            if matches!(pod, PodState::SidecarHeld(_)) && !actions.contains(&delete) {
+                actions.push(delete);
+            }
         }
     }
 }
@@ -825,6 +938,12 @@ fn retry_lost_pod(
         events,
         Some(format!("created worker pod {next}")),
     );
+}
+
+/// How long after its `retries`th refusal (a full quota) the worker pod is tried again:
+/// 10, 20, 40 s, …, at most 160 s.
+pub fn admission_backoff(retries: u32) -> Duration {
+    Duration::from_secs(5 << retries.clamp(1, 5))
 }
 
 /// The status after the API server (or the pod builder) refused the worker pod: the build
@@ -1412,6 +1531,39 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_refused_pod_is_tried_again_only_after_its_backoff() {
+        assert_eq!(
+            [1, 2, 3, 9].map(admission_backoff),
+            [10, 20, 40, 160].map(Duration::from_secs)
+        );
+        let mut j = job(None);
+        j.status = Some(BuildJobStatus {
+            callbacks: CallbacksSent {
+                pending: true,
+                ..Default::default()
+            },
+            admission_retries: 2,
+            last_admission_refusal: Some(Time(t(100))),
+            ..Default::default()
+        });
+        // The status write that recorded the refusal wakes the job at once: it waits.
+        let d = run(&j, None, 0, 0, t(101));
+        assert!(!creates(&d));
+        assert_eq!(d.actions, vec![Action::Requeue(Duration::from_secs(19))]);
+        assert_eq!(
+            d.status,
+            j.status.clone().unwrap_or_default(),
+            "nothing to write"
+        );
+        // Its backoff over: the pod is tried again.
+        let d = run(&j, None, 0, 0, t(120));
+        assert!(creates(&d));
+        // No slot meanwhile: it queues as any other.
+        let d = run(&j, None, 2, 0, t(101));
+        assert_eq!(d.status.phase, Some(Phase::Queued));
+    }
+
+    #[test]
     fn finished_jobs_are_deleted_after_the_ttl() {
         let mut j = job(Some(Phase::Succeeded));
         if let Some(s) = j.status.as_mut() {
@@ -1578,11 +1730,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_pod_that_can_never_start_fails_fast_with_the_kubelets_reason() {
-        for r in [
-            "ImagePullBackOff",
-            "InvalidImageName",
-            "CreateContainerConfigError",
-        ] {
+        for r in ["InvalidImageName", "CreateContainerConfigError"] {
             let p = waiting(r, "the kubelet's words");
             let d = run(&job(Some(Phase::Pending)), Some(&p), 0, 0, t(5));
             assert_eq!(d.status.phase, Some(Phase::Failed), "{r}");
@@ -1607,6 +1755,186 @@ pub(crate) mod tests {
         assert_eq!(d.status.phase, Some(Phase::Pending));
         assert_eq!(reason(&d), "ErrImagePull");
         assert!(final_cb(&d).is_none());
+    }
+
+    #[test]
+    fn a_failing_image_pull_is_waited_out_for_a_while_then_fails() {
+        let backoff = |created: i64| {
+            let mut p = waiting(
+                "ImagePullBackOff",
+                "Back-off pulling image \"r/w:1\": ErrImagePull: 429 Too Many Requests - \
+                 Server message: toomanyrequests: You have reached your pull rate limit",
+            );
+            p.metadata.creation_timestamp = Some(Time(t(created)));
+            p
+        };
+        // A rate limit a few seconds in: the kubelet retries, the build waits.
+        let d = run(&job(Some(Phase::Pending)), Some(&backoff(0)), 0, 0, t(5));
+        assert_eq!(d.status.phase, Some(Phase::Pending));
+        assert_eq!(reason(&d), "ImagePullBackOff");
+        assert!(!deletes(&d) && final_cb(&d).is_none());
+        // It looks again when the wait would be over.
+        let d = run(&job(Some(Phase::Pending)), Some(&backoff(0)), 0, 0, t(100));
+        assert_eq!(d.status.phase, Some(Phase::Pending));
+        assert!(has(&d, |a| *a == Action::Requeue(Duration::from_secs(20))));
+        // Still failing past IMAGE_PULL_PATIENCE: the build fails with the kubelet's words.
+        let d = run(&job(Some(Phase::Pending)), Some(&backoff(0)), 0, 0, t(180));
+        assert_eq!(d.status.phase, Some(Phase::Failed));
+        assert_eq!(reason(&d), "ImagePullBackOff");
+        let msg = d
+            .status
+            .condition()
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        assert!(msg.contains("toomanyrequests"), "{msg}");
+        assert!(deletes(&d));
+        assert_eq!(final_cb(&d), Some("failed"));
+        // The wait counts from when the pod reached a node, not from its creation.
+        let mut late = backoff(0);
+        if let Some(s) = late.status.as_mut() {
+            s.conditions = Some(vec![k8s_openapi::api::core::v1::PodCondition {
+                type_: "PodScheduled".into(),
+                status: "True".into(),
+                last_transition_time: Some(Time(t(100))),
+                ..Default::default()
+            }]);
+        }
+        let d = run(&job(Some(Phase::Pending)), Some(&late), 0, 0, t(180));
+        assert_eq!(d.status.phase, Some(Phase::Pending));
+        // A missing image or missing rights do not pass by waiting: fail at once.
+        for (r, m) in [
+            (
+                "ErrImagePull",
+                "rpc error: code = NotFound desc = failed to pull and unpack image \
+                 \"r/w:1\": failed to resolve reference \"r/w:1\": r/w:1: not found",
+            ),
+            (
+                "ImagePullBackOff",
+                "Back-off pulling image \"r/w:1\": ErrImagePull: manifest unknown",
+            ),
+            ("ErrImagePull", "failed to authorize: 401 Unauthorized"),
+        ] {
+            let mut p = waiting(r, m);
+            p.metadata.creation_timestamp = Some(Time(t(0)));
+            let d = run(&job(Some(Phase::Pending)), Some(&p), 0, 0, t(5));
+            assert_eq!(d.status.phase, Some(Phase::Failed), "{m}");
+            assert_eq!(reason(&d), r);
+            assert!(deletes(&d));
+        }
+    }
+
+    /// A pod whose worker has ended beside another container in `others` (name, still
+    /// running), with the pod phase Running.
+    fn worker_done_beside(message: &str, code: i32, others: &[(&str, bool)]) -> Pod {
+        use k8s_openapi::api::core::v1::ContainerStateRunning;
+        let mut p = ended_pod("Running", None, code, "Completed", Some(message));
+        if let Some(s) = p.status.as_mut() {
+            for (name, running) in others {
+                let state = if *running {
+                    ContainerState {
+                        running: Some(ContainerStateRunning::default()),
+                        ..Default::default()
+                    }
+                } else {
+                    ContainerState {
+                        terminated: Some(ContainerStateTerminated::default()),
+                        ..Default::default()
+                    }
+                };
+                s.container_statuses
+                    .get_or_insert_with(Vec::new)
+                    .push(ContainerStatus {
+                        name: (*name).into(),
+                        state: Some(state),
+                        ..Default::default()
+                    });
+            }
+        }
+        p
+    }
+
+    #[test]
+    fn a_worker_done_beside_an_injected_sidecar_is_decided_and_its_pod_deleted() {
+        let delete = Action::DeletePod {
+            name: pod_name(JOB, 0),
+            force: false,
+        };
+        // istio-proxy runs on: the pod stays Running, but the worker pushed the image.
+        let ok = worker_done_beside(&success_message(), 0, &[("istio-proxy", true)]);
+        let d = run(&job(Some(Phase::Running)), Some(&ok), 0, 0, t(50));
+        assert_eq!(d.status.phase, Some(Phase::Succeeded));
+        assert_eq!(d.status.image.as_deref(), Some("r/a:1.12"));
+        assert_eq!(final_cb(&d), Some("succeeded"));
+        assert_eq!(d.actions.iter().filter(|a| **a == delete).count(), 1);
+        // A failure is the worker's too.
+        let pushed = serde_json::to_string(&Outcome::failed(FailureReason::PushFailed, "denied"))
+            .expect("json");
+        let failed = worker_done_beside(&pushed, 1, &[("vault-agent", true)]);
+        let d = run(&job(Some(Phase::Running)), Some(&failed), 0, 0, t(50));
+        assert_eq!(d.status.phase, Some(Phase::Failed));
+        assert_eq!(reason(&d), "PushFailed");
+        assert!(has(&d, |a| *a == delete));
+        // Interrupted (a drain under way): re-created, the old pod deleted once.
+        let interrupted = serde_json::to_string(&Outcome::failed(
+            FailureReason::Interrupted,
+            "the worker was asked to stop (SIGTERM)",
+        ))
+        .expect("json");
+        let drained = worker_done_beside(&interrupted, 1, &[("istio-proxy", true)]);
+        let d = run(&job(Some(Phase::Running)), Some(&drained), 0, 0, t(50));
+        assert_eq!(d.status.pod_retries, 1);
+        assert_eq!(d.actions.iter().filter(|a| **a == delete).count(), 1);
+        // Being deleted already (by someone else, or by us before a conflict): still decided.
+        let mut going = ok.clone();
+        going.metadata.deletion_timestamp = Some(Time(t(49)));
+        let d = run(&job(Some(Phase::Running)), Some(&going), 0, 0, t(50));
+        assert_eq!(d.status.phase, Some(Phase::Succeeded));
+        // Only native sidecars left (dind, an init container): the pod ends by itself.
+        let mut native = worker_done_beside(&success_message(), 0, &[("istio-proxy", false)]);
+        if let Some(s) = native.status.as_mut() {
+            s.init_container_statuses = Some(vec![ContainerStatus {
+                name: "dind".into(),
+                state: Some(ContainerState {
+                    running: Some(Default::default()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]);
+        }
+        let d = run(&job(Some(Phase::Running)), Some(&native), 0, 0, t(50));
+        assert_eq!(d.status.phase, Some(Phase::Succeeded));
+        assert!(!deletes(&d));
+    }
+
+    #[test]
+    fn a_succeeded_worker_wins_over_a_later_disruption_or_eviction() {
+        let msg = success_message();
+        let drained = with_condition(
+            ended_pod("Succeeded", None, 0, "Completed", Some(&msg)),
+            "DisruptionTarget",
+            "EvictionByEvictionAPI",
+            "Eviction API: evicting",
+        );
+        let evicted = ended_pod("Failed", Some("Evicted"), 0, "Completed", Some(&msg));
+        let shutdown = ended_pod("Failed", Some("NodeShutdown"), 0, "Completed", Some(&msg));
+        let mut deadline = ended_pod(
+            "Failed",
+            Some("DeadlineExceeded"),
+            0,
+            "Completed",
+            Some(&msg),
+        );
+        if let Some(s) = deadline.status.as_mut() {
+            s.message =
+                Some("Pod was active on the node longer than the specified deadline".into());
+        }
+        for p in [drained, evicted, shutdown, deadline] {
+            let d = run(&job(Some(Phase::Running)), Some(&p), 0, 0, t(9));
+            assert_eq!(d.status.phase, Some(Phase::Succeeded), "{:?}", p.status);
+            assert_eq!(d.status.pod_retries, 0);
+            assert!(!creates(&d));
+            assert_eq!(final_cb(&d), Some("succeeded"));
+        }
     }
 
     #[test]

@@ -925,9 +925,14 @@ impl Kubelet {
                         self.pause(ctl, Duration::from_millis(1000)).await;
                         let list = if is_init { &mut init } else { &mut main };
                         if let Some(c) = list.get_mut(i) {
+                            // Since Kubernetes 1.32 the kubelet's back-off message repeats
+                            // the last pull error (image_manager.go, prevPullErrMsg).
                             c.state = waiting(
                                 "ImagePullBackOff",
-                                &format!("Back-off pulling image \"{}\"", c.image),
+                                &format!(
+                                    "Back-off pulling image \"{}\": ErrImagePull: {msg}",
+                                    c.image
+                                ),
                             );
                         }
                         self.write_status(ctl, render(&init, &main, "Pending", None));
