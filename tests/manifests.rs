@@ -250,6 +250,9 @@ fn strict_object(obj: &Value) -> Result<(), String> {
         ("v1", "Secret") => strict::<Secret>(obj),
         ("v1", "Service") => strict::<Service>(obj),
         ("apps/v1", "Deployment") => strict::<Deployment>(obj),
+        ("policy/v1", "PodDisruptionBudget") => {
+            strict::<k8s_openapi::api::policy::v1::PodDisruptionBudget>(obj)
+        }
         ("rbac.authorization.k8s.io/v1", "Role") => strict::<Role>(obj),
         ("rbac.authorization.k8s.io/v1", "RoleBinding") => strict::<RoleBinding>(obj),
         ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
@@ -287,6 +290,7 @@ fn every_object_is_a_strict_typed_kubernetes_object() {
             "RoleBinding",
             "Service",
             "Deployment",
+            "PodDisruptionBudget",
         ]
         .map(String::from)
         .into();
@@ -758,9 +762,28 @@ fn chart_options_shape_the_objects() {
         Some("bs-controller")
     );
     assert_eq!(env_value(&c, "DOCKER_BUILD_SETTINGS"), None);
-    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/octhc");
+    // A leader whose watches fail leaves the Service (readiness) and is not restarted.
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/metrics");
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/octhc");
     assert_eq!(of_kind(&objs, "Secret")[0]["metadata"]["name"], "bs-env");
+    // A drain evicts one replica at a time, and the replicas prefer different nodes: both
+    // select exactly the Deployment's pods.
+    let selector = &of_kind(&objs, "Deployment")[0]["spec"]["selector"]["matchLabels"];
+    let pdb = of_kind(&objs, "PodDisruptionBudget")[0];
+    assert_eq!(&pdb["spec"]["selector"]["matchLabels"], selector);
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    let spread = &of_kind(&objs, "Deployment")[0]["spec"]["template"]["spec"]
+        ["topologySpreadConstraints"][0];
+    assert_eq!(&spread["labelSelector"]["matchLabels"], selector);
+    assert_eq!(spread["whenUnsatisfiable"], "ScheduleAnyway");
+    let without =
+        rendered(json!({"podDisruptionBudget": {"enabled": false}, "spreadAcrossNodes": false}))
+            .unwrap();
+    assert!(of_kind(&without, "PodDisruptionBudget").is_empty());
+    assert!(
+        of_kind(&without, "Deployment")[0]["spec"]["template"]["spec"]["topologySpreadConstraints"]
+            .is_null()
+    );
 
     // host: the socket path reaches the workers through DOCKER_BUILD_SETTINGS.
     let objs =

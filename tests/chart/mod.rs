@@ -137,13 +137,14 @@ pub fn manifest(mode: &str) -> String {
             _ => "need no privileges",
         }
     ));
-    const ORDER: [&str; 6] = [
+    const ORDER: [&str; 7] = [
         "crd.yaml",
         "serviceaccount.yaml",
         "secret.yaml",
         "rbac.yaml",
         "service.yaml",
         "deployment.yaml",
+        "pdb.yaml",
     ];
     for (name, _) in &rendered {
         if name == "NOTES.txt" {
