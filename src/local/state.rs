@@ -114,6 +114,9 @@ pub enum Durability {
 
 /// Handle to the state; cheap to share. Writes go to the writer thread.
 pub struct StateStore {
+    /// Held for the store's life: a second process on the same folder would fold away this
+    /// one's live journal segment and run its queue too.
+    _lock: File,
     tx: mpsc::Sender<Op>,
     /// How many times the writer has fsynced the journal.
     syncs: Arc<AtomicU64>,
@@ -133,6 +136,7 @@ impl StateStore {
     pub fn open(dir: impl Into<PathBuf>) -> std::io::Result<(Self, Recovered)> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir)?;
+        let lock = lock_folder(&dir)?;
         let (done, mut next_seq) = read_done(&dir.join(DONE))?;
         let mut done = done;
         let segments = segments(&dir)?;
@@ -219,6 +223,7 @@ impl StateStore {
             .name("state-writer".into())
             .spawn(move || writer.run(rx))?;
         let store = Self {
+            _lock: lock,
             tx,
             syncs,
             done: Mutex::new(done),
@@ -701,6 +706,34 @@ fn read_done(path: &Path) -> std::io::Result<(HashSet<Uuid>, u64)> {
     Ok((ids, next))
 }
 
+/// Takes the folder's lock (`flock` on `lock`), or says who has it. The kernel drops it
+/// when the process dies, however it dies.
+fn lock_folder(dir: &Path) -> std::io::Result<File> {
+    use std::os::fd::AsRawFd;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(dir.join("lock"))?;
+    // SAFETY: flock on a file descriptor this function owns; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!(
+                    "{} is in use by another buildshuttle process: give each process its own DATA_DIR",
+                    dir.display()
+                ),
+            ));
+        }
+        return Err(e);
+    }
+    Ok(file)
+}
+
 /// Ends a line cut short by a crash (done.log is synced only now and then), so what is
 /// appended next starts a line of its own instead of joining the fragment, unreadable.
 fn end_torn_line(file: &mut File) -> std::io::Result<()> {
@@ -972,6 +1005,20 @@ pub(crate) mod tests {
         assert_eq!(ids, vec![b.spec.build_uuid]);
         assert!(store.is_done(&a.spec.build_uuid), "done survives a restart");
         assert_eq!(got.next_seq, 2);
+    }
+
+    #[test]
+    fn a_second_store_on_the_same_folder_is_refused_until_the_first_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, _) = StateStore::open(dir.path()).unwrap();
+        let err = StateStore::open(dir.path()).err().expect("refused");
+        assert!(
+            err.to_string()
+                .contains("in use by another buildshuttle process"),
+            "{err}"
+        );
+        drop(first);
+        assert!(StateStore::open(dir.path()).is_ok());
     }
 
     #[test]
