@@ -1356,6 +1356,10 @@ pub struct S3Args {
     /// URL of an S3-compatible server (path-style addressing), e.g. http://127.0.0.1:9100.
     #[arg(long, env = "S3_ENDPOINT", value_name = "S3_ENDPOINT")]
     pub s3_endpoint: Option<String>,
+    /// How long one S3 request attempt may take, a part's upload included (16 MiB: 120 s is
+    /// ~140 KiB/s); a server that accepts and never answers fails after the retries.
+    #[arg(long, env = "S3_TIMEOUT_SECONDS", value_name = "S3_TIMEOUT_SECONDS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    pub s3_timeout_seconds: u64,
 }
 
 /// Validated S3 settings. `Debug` shows the keys as `***` (they are `Secret`s).
@@ -1366,6 +1370,8 @@ pub struct S3Config {
     pub keys: Option<(Secret, Secret)>,
     pub region: Option<String>,
     pub endpoint: Option<String>,
+    /// One request attempt's limit (`S3_TIMEOUT_SECONDS`).
+    pub attempt_timeout: std::time::Duration,
 }
 
 /// Keys are parsed straight into `Secret`, so not even `Debug` of the flags shows them.
@@ -1428,6 +1434,7 @@ impl S3Args {
             keys,
             region: non_empty(&self.s3_region).or_else(|| non_empty(&self.s3_location)),
             endpoint,
+            attempt_timeout: std::time::Duration::from_secs(self.s3_timeout_seconds),
         }))
     }
 }

@@ -429,6 +429,18 @@ async fn unusable_s3_is_a_start_error_naming_the_variable() {
         e.starts_with("S3_ENDPOINT:") && e.contains(&port.to_string()),
         "{e}"
     );
+
+    // A server that accepts connections and never answers: bounded by S3_TIMEOUT_SECONDS
+    // per attempt, not a start that hangs.
+    let hanging = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = hanging.local_addr().unwrap().port();
+    let mut args = base(S3_BUCKET, format!("http://127.0.0.1:{port}"), S3_SECRET);
+    args.extend(["--s3-timeout-seconds".to_string(), "1".to_string()]);
+    let e = tokio::time::timeout(Duration::from_secs(60), run(args))
+        .await
+        .expect("the start ends");
+    assert!(e.starts_with("S3_ENDPOINT:"), "{e}");
+    drop(hanging);
 }
 
 #[test]
@@ -470,6 +482,7 @@ async fn large_objects_go_up_in_parts_and_come_back_intact() {
         )),
         region: Some("us-east-1".into()),
         endpoint: Some(S3_ENDPOINT.into()),
+        attempt_timeout: Duration::from_secs(120),
     };
     let store = S3Storage::new(&cfg).await;
     store.check().await.unwrap();

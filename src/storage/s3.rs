@@ -99,11 +99,13 @@ impl S3Storage {
         let shared = loader.load().await;
         let mut builder = aws_sdk_s3::config::Builder::from(&shared)
             .retry_config(RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS))
-            // A dead endpoint fails fast and is retried; no read timeout, since a large part
-            // upload on a slow link is legitimately long.
+            // A dead endpoint fails fast and is retried; an attempt may last as long as a
+            // part's upload on a slow link, but not forever (a server that accepts and never
+            // answers held a POST, the start, or a shutdown's log hand-over).
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(Duration::from_secs(5))
+                    .operation_attempt_timeout(cfg.attempt_timeout)
                     .build(),
             )
             // S3-compatible servers differ in their support for the newer checksum trailers;
