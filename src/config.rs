@@ -1471,6 +1471,7 @@ mod s3_tests {
             s3_location: get("location"),
             s3_region: get("region"),
             s3_endpoint: get("endpoint"),
+            s3_timeout_seconds: 120,
         }
     }
 

@@ -374,8 +374,6 @@ impl Writer {
             });
             if let Err(e) = &result {
                 tracing::error!(error = %e, "build state not written");
-                // A torn line may end the segment: continue in a fresh one.
-                self.rotate_segment();
             }
             for op in batch.drain(..) {
                 let _ = op.ack.send(result.clone());
@@ -386,7 +384,38 @@ impl Writer {
         }
     }
 
+    /// Writes (and, when one asks for it, syncs) a batch; on an error, takes every line of
+    /// it back out of the files, since each of its callers hears that it was not saved (a
+    /// refused POST must not run after a restart, and a torn line must not join the next).
     fn commit(&mut self, batch: &[Op]) -> std::io::Result<()> {
+        let journal_was = self.journal_len;
+        let done_was = match batch.iter().any(|o| o.final_sent) {
+            true => Some(self.done.metadata()?.len()),
+            false => None,
+        };
+        let result = self.write_batch(batch);
+        if result.is_err() {
+            let undone = self
+                .journal
+                .set_len(journal_was)
+                .and_then(|()| self.journal.sync_data())
+                .and_then(|()| match done_was {
+                    Some(len) => self.done.set_len(len),
+                    None => Ok(()),
+                });
+            match undone {
+                Ok(()) => self.journal_len = journal_was,
+                Err(e) => {
+                    tracing::error!(error = %e, dir = %self.dir.display(), "cannot take a failed batch back out of the build state journal");
+                    // At least nothing later joins a torn line: continue in a fresh segment.
+                    self.rotate_segment();
+                }
+            }
+        }
+        result
+    }
+
+    fn write_batch(&mut self, batch: &[Op]) -> std::io::Result<()> {
         let mut buf = Vec::with_capacity(batch.iter().map(|o| o.line.len()).sum());
         let mut done = Vec::new();
         for op in batch {
@@ -1005,6 +1034,70 @@ pub(crate) mod tests {
         assert_eq!(ids, vec![b.spec.build_uuid]);
         assert!(store.is_done(&a.spec.build_uuid), "done survives a restart");
         assert_eq!(got.next_seq, 2);
+    }
+
+    /// Files of this (test) process may not grow past `limit` bytes (`None`: no limit).
+    fn file_size_limit(limit: Option<u64>) {
+        // SAFETY: process-wide settings of this test's own process (nextest runs each test
+        // in a process of its own); a write past the limit then fails with EFBIG instead of
+        // raising SIGXFSZ.
+        unsafe {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let mut lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            assert_eq!(libc::getrlimit(libc::RLIMIT_FSIZE, &mut lim), 0);
+            lim.rlim_cur = limit.unwrap_or(lim.rlim_max);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &lim), 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_fails_to_write_leaves_no_line_a_restart_would_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = StateStore::open(dir.path()).unwrap();
+        let (kept, refused, later) = (rec(1), rec(2), rec(3));
+        store.save(&kept).await.unwrap();
+        let (_, segment) = segments(dir.path()).unwrap().pop().unwrap();
+        let len = std::fs::metadata(&segment).unwrap().len();
+        // The next line gets 100 bytes in, then the disk is "full".
+        file_size_limit(Some(len + 100));
+        assert!(store.save(&refused).await.is_err(), "refused");
+        file_size_limit(None);
+        assert_eq!(
+            std::fs::metadata(&segment).unwrap().len(),
+            len,
+            "taken back out"
+        );
+        store.save(&later).await.unwrap();
+        drop(store);
+        let (_, got) = StateStore::open(dir.path()).unwrap();
+        let ids: Vec<_> = got.records.iter().map(|r| r.spec.build_uuid).collect();
+        assert_eq!(ids, vec![kept.spec.build_uuid, later.spec.build_uuid]);
+    }
+
+    #[tokio::test]
+    async fn a_final_line_whose_done_log_write_fails_is_not_final_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        // done.log larger than the journal will be, so a size limit can fail its write
+        // alone, after the journal's line is complete.
+        std::fs::write(dir.path().join(DONE), "padding\n".repeat(1024)).unwrap();
+        let (store, _) = StateStore::open(dir.path()).unwrap();
+        let mut a = rec(1);
+        store.save(&a).await.unwrap();
+        let (_, segment) = segments(dir.path()).unwrap().pop().unwrap();
+        let len = std::fs::metadata(&segment).unwrap().len();
+        a.phase = Phase::Finished;
+        a.final_sent = true;
+        file_size_limit(Some(len * 3));
+        assert!(store.save(&a).await.is_err(), "refused");
+        file_size_limit(None);
+        drop(store);
+        let (store, got) = StateStore::open(dir.path()).unwrap();
+        assert!(!store.is_done(&a.spec.build_uuid));
+        assert_eq!(got.records.len(), 1);
+        assert!(!got.records[0].final_sent);
     }
 
     #[test]
