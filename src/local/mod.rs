@@ -4,6 +4,7 @@
 //! still run and a build that was running is reported failed ("interrupted") instead of
 //! being forgotten.
 
+mod accepting;
 mod queue;
 mod records;
 mod runtime;
@@ -56,6 +57,9 @@ struct Inner {
     /// Records of unfinished builds. Changes are made and queued for the journal under this
     /// lock (so they reach the disk in order) and awaited after it is released.
     records: Mutex<Records>,
+    /// Builds whose first `POST /` waits for its journal write. Lock order: `records`, then
+    /// this.
+    accepting: accepting::Accepting,
     /// Builds that took a slot, or were stopped while queued and are being ended.
     active: Mutex<HashMap<Uuid, Active>>,
     /// Builds waiting for a slot, oldest first. A queued build has no task (the dispatcher
@@ -170,6 +174,7 @@ impl LocalExecutor {
             records: Mutex::new(Records::new(
                 &settings.data_dir.join("state").join("queue.spill"),
             )),
+            accepting: accepting::Accepting::default(),
             active: Mutex::new(HashMap::new()),
             waiting: Mutex::new(ChunkedQueue::default()),
             wake: Notify::new(),
@@ -287,6 +292,52 @@ impl LocalExecutor {
 }
 
 impl Inner {
+    /// Makes a new build known (under the records lock) and queues its journal line; the
+    /// returned future resolves once the line is on disk.
+    fn accept_locked(
+        &self,
+        records: &mut Records,
+        rec: &mut Record,
+        cold: bool,
+    ) -> Result<
+        (
+            impl std::future::Future<Output = Result<(), state::StateError>> + Send + 'static,
+            accepting::First<'_>,
+        ),
+        ExecutorError,
+    > {
+        // Taken under the lock, so seq order is journal order.
+        rec.seq = self.seq.fetch_add(1, Ordering::SeqCst);
+        let line = state::encode(rec).map_err(|e| {
+            tracing::error!(error = %e, "cannot encode the build's state");
+            ExecutorError::Unavailable("build state cannot be written".into())
+        })?;
+        records.insert(rec.clone(), &line, cold);
+        let first = self.accepting.begin(rec.spec.build_uuid);
+        let saved = self
+            .state
+            .save_line(rec.spec.build_uuid, false, line, Durability::Synced);
+        Ok((saved, first))
+    }
+
+    /// A `POST /` of a build already known: `200` once it is on disk (at once, unless its
+    /// first `POST /` still waits for the journal write, whose answer it then shares).
+    async fn duplicate(
+        &self,
+        id: Uuid,
+        pending: Option<tokio::sync::watch::Receiver<Option<bool>>>,
+    ) -> Result<(), ExecutorError> {
+        if let Some(rx) = pending {
+            if !accepting::answer(rx).await {
+                return Err(ExecutorError::Unavailable(
+                    "build state cannot be written".into(),
+                ));
+            }
+        }
+        tracing::info!(build = %id, "build already accepted; not starting it again");
+        Ok(())
+    }
+
     /// Spawns a task whose panic is logged rather than lost (the build it served would
     /// otherwise never report).
     fn supervise(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
@@ -765,9 +816,14 @@ impl Executor for LocalExecutor {
             ));
         }
         let id = spec.build_uuid;
-        if self.inner.lock_records().contains(&id) || self.inner.state.is_done(&id) {
-            tracing::info!(build = %id, "build already accepted; not starting it again");
-            return Ok(());
+        let known = {
+            let records = self.inner.lock_records();
+            records
+                .contains(&id)
+                .then(|| self.inner.accepting.join(&id))
+        };
+        if known.is_some() || self.inner.state.is_done(&id) {
+            return self.inner.duplicate(id, known.flatten()).await;
         }
         self.inner.check_room()?;
         // A data: payload goes to storage now; the state keeps a reference, not megabytes.
@@ -789,30 +845,24 @@ impl Executor for LocalExecutor {
             timings: StageTimings::default(),
         };
         let cold = self.inner.queue_is_long();
-        let saved = {
+        let accepted = {
             let mut records = self.inner.lock_records();
             if records.contains(&id) {
-                return Ok(());
+                Err(self.inner.accepting.join(&id))
+            } else {
+                Ok(self.inner.accept_locked(&mut records, &mut rec, cold))
             }
-            // Taken under the lock, so seq order is journal order.
-            rec.seq = self.inner.seq.fetch_add(1, Ordering::SeqCst);
-            let line = match state::encode(&rec) {
-                Ok(line) => line,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot encode the build's state");
-                    return Err(ExecutorError::Unavailable(
-                        "build state cannot be written".into(),
-                    ));
-                }
-            };
-            records.insert(rec.clone(), &line, cold);
-            self.inner
-                .state
-                .save_line(id, false, line, Durability::Synced)
+        };
+        let (saved, first) = match accepted {
+            Ok(Ok(accepted)) => accepted,
+            Ok(Err(e)) => return Err(e),
+            Err(pending) => return self.inner.duplicate(id, pending).await,
         };
         // The 200 waits for the fsync of this record's batch: an accepted build survives a
         // SIGKILL that follows the answer.
-        if let Err(e) = saved.await {
+        let saved = saved.await;
+        first.done(saved.is_ok());
+        if let Err(e) = saved {
             self.inner.lock_records().remove(&id);
             tracing::error!(error = %e, "cannot write build state under DATA_DIR");
             return Err(ExecutorError::Unavailable(
