@@ -10,6 +10,7 @@ fn main() -> ExitCode {
     // (kube's `Client::try_from`). Choose one before anything builds a client.
     let _ = rustls::crypto::ring::default_provider().install_default();
     limit_malloc_arenas();
+    no_kill_at_the_file_size_limit();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -90,6 +91,15 @@ fn limit_malloc_arenas() {
         unsafe {
             libc::mallopt(libc::M_ARENA_MAX, 2);
         }
+    }
+}
+
+/// A write past the file size limit (`ulimit -f`, RLIMIT_FSIZE) fails with EFBIG, as a full
+/// disk's does with ENOSPC, instead of killing the process and every build in it.
+fn no_kill_at_the_file_size_limit() {
+    // SAFETY: sets one signal's disposition to "ignore"; no handler runs.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
 }
 

@@ -153,6 +153,59 @@ async fn sigkill_mid_build_then_restart_reports_interrupted_and_runs_the_queue()
     wait_running_steps_with("sleep 304", 0, Duration::from_secs(20)).await;
 }
 
+/// A full disk when a build ends: its outcome cannot be written, so its final callback
+/// waits (sent, it would be sent again after a restart that reruns the build); once there
+/// is room, the outcome is written and the callback goes, once. The disk is "full" through
+/// the process's file size limit (`prlimit`), which fails writes as ENOSPC would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_holds_the_final_callback_until_the_outcome_is_on_disk() {
+    require_services();
+    let data = tempfile::tempdir().unwrap();
+    let cb = Callbacks::start().await;
+    let port = free_port();
+    let p = spawn(data.path(), port, &[]);
+    let b = body(&sleeper("full", 3), &cb);
+    p.post(&b).await;
+    p.wait_log(&b, "full-start").await;
+    // No file of the process may grow any more: the largest journal segment's size.
+    let biggest = std::fs::read_dir(data.path().join("state"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("journal-"))
+        .map(|e| e.metadata().unwrap().len())
+        .max()
+        .unwrap();
+    let pid = p.child.id().to_string();
+    let limit = |v: &str| {
+        let ok = Command::new("prlimit")
+            .args(["--pid", &pid, &format!("--fsize={v}")])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "prlimit --fsize={v}");
+    };
+    limit(&format!("{biggest}:"));
+    // The build ends 3 s after its start; give it time to try to write its outcome.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(
+        finals(&cb, &b),
+        0,
+        "no final callback before the outcome is on disk"
+    );
+    limit("unlimited:");
+    let id = b["build_uuid"].as_str().unwrap();
+    assert_eq!(
+        cb.wait_final(id, Duration::from_secs(40)).await,
+        "succeeded"
+    );
+    // On disk: a restart neither runs it again nor sends another final callback.
+    p.signal("-KILL");
+    drop(p);
+    let _p = spawn(data.path(), port, &[]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(finals(&cb, &b), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_running_builds_within_the_grace_period() {
     require_services();

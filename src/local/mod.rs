@@ -291,6 +291,9 @@ impl LocalExecutor {
     }
 }
 
+/// The longest wait between two tries to write a build's outcome.
+const OUTCOME_WRITE_RETRY_MAX: Duration = Duration::from_secs(15);
+
 impl Inner {
     /// Makes a new build known (under the records lock) and queues its journal line; the
     /// returned future resolves once the line is on disk.
@@ -434,22 +437,28 @@ impl Inner {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    async fn update(&self, id: Uuid, durability: Durability, f: impl FnOnce(&mut Record)) {
+    /// Changes a build's record and writes it; false only when the write failed (a build
+    /// no longer held, or a record that cannot be encoded, has nothing to write again).
+    async fn update(&self, id: Uuid, durability: Durability, f: impl FnOnce(&mut Record)) -> bool {
         let saved = {
             let mut records = self.lock_records();
             match records.change(&id, f) {
-                None => return,
+                None => return true,
                 Some(Ok((final_sent, line))) => {
                     self.state.save_line(id, final_sent, line, durability)
                 }
                 Some(Err(e)) => {
                     tracing::error!(build = %id, error = %e, "could not write the build's state");
-                    return;
+                    return true;
                 }
             }
         };
-        if let Err(e) = saved.await {
-            tracing::error!(build = %id, error = %e, "could not write the build's state under DATA_DIR");
+        match saved.await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(build = %id, error = %e, "could not write the build's state under DATA_DIR");
+                false
+            }
         }
     }
 
@@ -555,20 +564,28 @@ impl Inner {
         self.remove_active(id);
         tracing::info!(build = %id, app = %spec.app, number = spec.build_number, result = outcome.callback_status(), "build finished");
         // On disk before any callback: lost in a power cut, the build would run again after
-        // its final callback had gone.
-        self.update(id, Durability::Synced, |r| {
-            r.phase = Phase::Finished;
-            // Not recorded yet when the build ended before its "running" line was due.
-            r.started_at = r.started_at.or(started_at);
-            r.outcome = Some(outcome);
-            r.finished_at = Some(chrono::Utc::now());
-            // The pending callback's time may already be recorded: keep it.
-            r.timings = StageTimings {
-                callback_pending: r.timings.callback_pending,
-                ..timings
-            };
-        })
-        .await;
+        // its final callback had gone. A full disk holds the callbacks until it has room.
+        let mut saved = self
+            .update(id, Durability::Synced, |r| {
+                r.phase = Phase::Finished;
+                // Not recorded yet when the build ended before its "running" line was due.
+                r.started_at = r.started_at.or(started_at);
+                r.outcome = Some(outcome);
+                r.finished_at = Some(chrono::Utc::now());
+                // The pending callback's time may already be recorded: keep it.
+                r.timings = StageTimings {
+                    callback_pending: r.timings.callback_pending,
+                    ..timings
+                };
+            })
+            .await;
+        let mut wait = Duration::from_secs(1);
+        while !saved {
+            tracing::error!(build = %id, retry_in_s = wait.as_secs(), "the build's outcome is not on disk; its callbacks wait until it is");
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(OUTCOME_WRITE_RETRY_MAX);
+            saved = self.update(id, Durability::Synced, |_| {}).await;
+        }
         // The log's upload and Kafka delivery run beside the final callback, never before it.
         let callbacks = async {
             if let Some(p) = pending {
@@ -643,7 +660,7 @@ impl Inner {
                 biased;
                 outcome = &mut build => outcome,
                 () = tokio::time::sleep(RUNNING_LINE_AFTER) => {
-                    let ((), outcome) = tokio::join!(running, build);
+                    let (_, outcome) = tokio::join!(running, build);
                     outcome
                 }
             }
