@@ -192,12 +192,21 @@ async fn a_full_disk_holds_the_final_callback_until_the_outcome_is_on_disk() {
         0,
         "no final callback before the outcome is on disk"
     );
+    let health = || async {
+        reqwest::get(p.url("/octhc"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(health().await, 503, "the health check says so");
     limit("unlimited:");
     let id = b["build_uuid"].as_str().unwrap();
     assert_eq!(
         cb.wait_final(id, Duration::from_secs(40)).await,
         "succeeded"
     );
+    assert_eq!(health().await, 200);
     // On disk: a restart neither runs it again nor sends another final callback.
     p.signal("-KILL");
     drop(p);

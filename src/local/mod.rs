@@ -891,6 +891,15 @@ impl Executor for LocalExecutor {
         Ok(())
     }
 
+    fn health(&self) -> Result<(), String> {
+        match self.inner.state.failing() {
+            true => {
+                Err("the build state cannot be written under DATA_DIR (is the disk full?)".into())
+            }
+            false => Ok(()),
+        }
+    }
+
     async fn stop(&self, which: BuildSelector) -> Result<usize, ExecutorError> {
         let app = app_id(&which.app, &which.app_uuid);
         let wanted = |a: u64, n: u64| a == app && which.build_number.is_none_or(|b| b == n);

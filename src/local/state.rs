@@ -120,6 +120,8 @@ pub struct StateStore {
     tx: mpsc::Sender<Op>,
     /// How many times the writer has fsynced the journal.
     syncs: Arc<AtomicU64>,
+    /// Whether the writer's last batch failed (a full disk): `/octhc` says so.
+    failing: Arc<AtomicBool>,
     /// Builds whose final callback is done: a repeated POST of one starts nothing.
     done: Mutex<HashSet<Uuid>>,
 }
@@ -205,8 +207,10 @@ impl StateStore {
 
         let (tx, rx) = mpsc::channel();
         let syncs = Arc::new(AtomicU64::new(0));
+        let failing = Arc::new(AtomicBool::new(false));
         let writer = Writer {
             syncs: syncs.clone(),
+            failing: failing.clone(),
             dir: dir.clone(),
             gen,
             journal,
@@ -226,9 +230,15 @@ impl StateStore {
             _lock: lock,
             tx,
             syncs,
+            failing,
             done: Mutex::new(done),
         };
         Ok((store, Recovered { records, next_seq }))
+    }
+
+    /// Whether the last batch of changes could not be written (until one can).
+    pub fn failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
     }
 
     /// How many times the journal has been fsynced since the store opened.
@@ -305,6 +315,7 @@ struct Writer {
     /// Since when the journal holds `Durability::Written` lines no fsync has covered.
     unsynced: Option<Instant>,
     syncs: Arc<AtomicU64>,
+    failing: Arc<AtomicBool>,
     compaction: Arc<Compaction>,
 }
 
@@ -375,6 +386,7 @@ impl Writer {
             if let Err(e) = &result {
                 tracing::error!(error = %e, "build state not written");
             }
+            self.failing.store(result.is_err(), Ordering::Relaxed);
             for op in batch.drain(..) {
                 let _ = op.ack.send(result.clone());
             }
@@ -792,17 +804,27 @@ fn write_snapshot(
     fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> std::io::Result<u64> {
     let tmp = dir.join(".snapshot.log.tmp");
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    let mut out = std::io::BufWriter::with_capacity(256 * 1024, Paced::new(file));
-    fill(&mut out)?;
-    let file = out.into_inner().map_err(|e| e.into_error())?.file;
-    file.sync_data()?;
-    let len = file.metadata()?.len();
+    let written = (|| {
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        let mut out = std::io::BufWriter::with_capacity(256 * 1024, Paced::new(file));
+        fill(&mut out)?;
+        let file = out.into_inner().map_err(|e| e.into_error())?.file;
+        file.sync_data()?;
+        file.metadata().map(|m| m.len())
+    })();
+    let len = match written {
+        Ok(len) => len,
+        Err(e) => {
+            // A half-written snapshot is as large as the disk let it be, when it is full.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
     std::fs::rename(&tmp, dir.join(SNAPSHOT))?;
     sync_dir(dir)?;
     Ok(len)
@@ -1064,6 +1086,7 @@ pub(crate) mod tests {
         // The next line gets 100 bytes in, then the disk is "full".
         file_size_limit(Some(len + 100));
         assert!(store.save(&refused).await.is_err(), "refused");
+        assert!(store.failing(), "said so");
         file_size_limit(None);
         assert_eq!(
             std::fs::metadata(&segment).unwrap().len(),
@@ -1071,6 +1094,7 @@ pub(crate) mod tests {
             "taken back out"
         );
         store.save(&later).await.unwrap();
+        assert!(!store.failing(), "until a batch is written");
         drop(store);
         let (_, got) = StateStore::open(dir.path()).unwrap();
         let ids: Vec<_> = got.records.iter().map(|r| r.spec.build_uuid).collect();
