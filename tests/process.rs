@@ -153,6 +153,47 @@ async fn sigkill_mid_build_then_restart_reports_interrupted_and_runs_the_queue()
     wait_running_steps_with("sleep 304", 0, Duration::from_secs(20)).await;
 }
 
+/// A callback receiver that accepts connections and never answers, while builds queue up:
+/// their pending callbacks go a bounded number at a time, not one connection (and file
+/// descriptor) per queued build.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_callbacks_to_a_hanging_receiver_use_a_bounded_number_of_connections() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    require_services();
+    let data = tempfile::tempdir().unwrap();
+    let cb = Callbacks::start().await;
+    let hanging = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let receiver = format!("http://{}/cb", hanging.local_addr().unwrap());
+    let connections = std::sync::Arc::new(AtomicUsize::new(0));
+    {
+        let connections = connections.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for s in hanging.incoming().flatten() {
+                connections.fetch_add(1, Ordering::SeqCst);
+                held.push(s);
+            }
+        });
+    }
+    let p = spawn(
+        data.path(),
+        free_port(),
+        &[("MAXIMUM_PARALLEL_BUILDS", "1")],
+    );
+    let (_hang, hang_url) = hanging_source();
+    let blocker = body(&hang_url, &cb);
+    p.post(&blocker).await;
+    p.wait_log(&blocker, "Fetching sources").await;
+    for _ in 0..120 {
+        let mut b = body(&hang_url, &cb);
+        b["callback"] = json!(receiver);
+        p.post(&b).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let n = connections.load(Ordering::SeqCst);
+    assert!((1..=40).contains(&n), "{n} connections to the receiver");
+}
+
 /// A full disk when a build ends: its outcome cannot be written, so its final callback
 /// waits (sent, it would be sent again after a restart that reruns the build); once there
 /// is room, the outcome is written and the callback goes, once. The disk is "full" through

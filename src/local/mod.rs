@@ -60,6 +60,9 @@ struct Inner {
     /// Builds whose first `POST /` waits for its journal write. Lock order: `records`, then
     /// this.
     accepting: accepting::Accepting,
+    /// Pending callbacks being delivered at once: every queued build owes one, and a slow
+    /// receiver must not get a connection (a file descriptor here) per queued build.
+    pending_calls: Semaphore,
     /// Builds that took a slot, or were stopped while queued and are being ended.
     active: Mutex<HashMap<Uuid, Active>>,
     /// Builds waiting for a slot, oldest first. A queued build has no task (the dispatcher
@@ -175,6 +178,7 @@ impl LocalExecutor {
                 &settings.data_dir.join("state").join("queue.spill"),
             )),
             accepting: accepting::Accepting::default(),
+            pending_calls: Semaphore::new(PENDING_CALLS_AT_ONCE),
             active: Mutex::new(HashMap::new()),
             waiting: Mutex::new(ChunkedQueue::default()),
             wake: Notify::new(),
@@ -290,6 +294,9 @@ impl LocalExecutor {
         }
     }
 }
+
+/// How many pending callbacks are delivered at once (the rest wait their turn).
+const PENDING_CALLS_AT_ONCE: usize = 32;
 
 /// The longest wait between two tries to write a build's outcome.
 const OUTCOME_WRITE_RETRY_MAX: Duration = Duration::from_secs(15);
@@ -717,6 +724,10 @@ impl Inner {
     }
 
     async fn send_pending(&self, id: Uuid) {
+        // Waiting here holds no record: only this task's id.
+        let Ok(_slot) = self.pending_calls.acquire().await else {
+            return;
+        };
         let Some(rec) = self.record(id) else {
             return;
         };
