@@ -101,6 +101,10 @@ pub struct Context {
     pub starting: Mutex<HashSet<String>>,
     /// BuildJob uids with a callback being sent by this process.
     pub sending: Mutex<HashSet<String>>,
+    /// The callbacks in flight this process recorded, started and saw.
+    pub(crate) in_flight: notify::InFlightLog,
+    /// How long a sender may try (`notify::sender_life`; tests shorten it).
+    pub(crate) sender_life: Duration,
     /// Consecutive failed reconciles per BuildJob (for backoff).
     failures: Mutex<HashMap<String, u32>>,
     /// What this process wrote to each BuildJob, shared with the facade (see `OwnWrites`).
@@ -145,6 +149,13 @@ impl OwnWrites {
     pub fn secret_known(&self, job: &BuildJob, auth: Option<Secret>) {
         if let Some(uid) = job.uid() {
             insert_bounded(&mut lock(&self.credentials), uid, auth);
+        }
+    }
+
+    /// Forgets our last write of `job`: a later one may have committed unseen.
+    pub(crate) fn unsure(&self, job: &BuildJob) {
+        if let Some(uid) = job.uid() {
+            lock(&self.written).remove(&uid);
         }
     }
 
@@ -213,6 +224,8 @@ impl Context {
             store,
             starting: Mutex::new(HashSet::new()),
             sending: Mutex::new(HashSet::new()),
+            in_flight: notify::InFlightLog::default(),
+            sender_life: notify::sender_life(callback_budget),
             failures: Mutex::new(HashMap::new()),
             own,
             pod_cache: None,
@@ -229,6 +242,7 @@ impl Context {
     fn forget(&self, job: &BuildJob) {
         if let Some(uid) = job.uid() {
             self.own.forget(&uid);
+            self.in_flight.forget(&uid);
         }
     }
 
@@ -319,9 +333,10 @@ impl Context {
         (running, ahead)
     }
 
-    /// How long a callback recorded in flight by another sender is trusted.
+    /// How long a callback recorded in flight by another sender is trusted, from when this
+    /// process first saw the record (`notify::takeover_after`).
     pub fn callback_takeover_after(&self) -> Duration {
-        self.callback_budget + Duration::from_secs(60)
+        self.sender_life + notify::TAKEOVER_MARGIN
     }
 }
 
@@ -522,13 +537,21 @@ async fn reconcile_inner(
         Action::SendCallback(kind) => Some(*kind),
         _ => None,
     });
+    let job_uid = uid(&job);
+    let recorded = status.callbacks.in_flight.as_ref();
+    let seen_for = ctx
+        .in_flight
+        .seen_for(&job_uid, recorded, tokio::time::Instant::now());
     let plan = owed.map(|kind| {
-        let sending_here = lock(&ctx.sending).contains(&uid(&job));
+        let here = decide::SenderHere {
+            running: lock(&ctx.sending).contains(&job_uid),
+            unstarted: recorded.is_some_and(|f| ctx.in_flight.unstarted(&job_uid, f)),
+            seen_for,
+        };
         let plan = decide::callback_plan(
             &status.callbacks,
             &ctx.identity,
-            sending_here,
-            now,
+            here,
             ctx.callback_takeover_after(),
         );
         (kind, plan)
@@ -669,7 +692,13 @@ async fn reconcile_inner(
         Some((_, CallbackPlan::InProgress)) | None => {}
     }
 
-    // The status first: what happened is recorded before anyone is told.
+    // The status first: what happened is recorded before anyone is told. The sender's life
+    // counts from before that write, which anyone else must see before counting a takeover.
+    let deadline = tokio::time::Instant::now() + ctx.sender_life;
+    if let (Some(_), Some(f)) = (send, &status.callbacks.in_flight) {
+        // Before the write: its answer may be lost while it commits.
+        ctx.in_flight.writing(&job_uid, f);
+    }
     let mut written = None;
     if status.without_timestamps() != prev.without_timestamps() {
         written = Some(write_status(&ctx, &jobs, &job, &status).await?);
@@ -694,7 +723,13 @@ async fn reconcile_inner(
     publish_later(&ctx, &job, events);
     if let Some(kind) = send {
         // The sender starts from the object as written (it records the delivery on it).
-        notify::spawn(ctx.clone(), written.as_ref().unwrap_or(&job), auth, kind);
+        notify::spawn(
+            ctx.clone(),
+            written.as_ref().unwrap_or(&job),
+            auth,
+            kind,
+            deadline,
+        );
     }
     if remove_finalizer {
         drop_finalizer(&jobs, &job).await?;
@@ -852,7 +887,14 @@ pub(crate) async fn write_status(
             &Patch::Apply(&body),
         )
         .await
-        .map_err(kube_err("writing the BuildJob status"))?;
+        .map_err(|e| {
+            // No answer (a reset connection, a timeout, a 5xx): the write may have
+            // committed, so no copy is known to be our last write until one is read.
+            if !is_status(&e, |s| (400..500).contains(&s.code) && s.code != 408) {
+                ctx.own.unsure(job);
+            }
+            kube_err("writing the BuildJob status")(e)
+        })?;
     ctx.wrote(&written);
     Ok(written)
 }
@@ -1839,6 +1881,218 @@ mod tests {
         let (res, _) = play_with_pods(j, vec![], scenario).await;
         assert!(res.is_ok(), "{res:?}");
         assert!(rx.statuses().is_empty());
+    }
+
+    /// The BuildJob as a simulated API server holds it: each status write applied, one
+    /// version later.
+    #[derive(Clone)]
+    struct Held(Arc<Mutex<BuildJob>>);
+
+    impl Held {
+        fn new(j: &BuildJob) -> Self {
+            Held(Arc::new(Mutex::new(j.clone())))
+        }
+        /// Applies a status write's body (as committed at version `rv`).
+        fn commit(&self, rv: &'static str) -> impl Fn(&Value) + Send + 'static {
+            let held = self.clone();
+            move |b: &Value| {
+                let status: BuildJobStatus =
+                    serde_json::from_value(b["status"].clone()).expect("a status");
+                let mut j = lock(&held.0);
+                j.status = Some(status);
+                j.metadata.resource_version = Some(rv.into());
+            }
+        }
+        fn reply(&self) -> impl Fn(&Value) -> Value + Send + 'static {
+            let held = self.clone();
+            move |_: &Value| as_json(&lock(&held.0))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_callback_record_whose_answer_was_lost_is_sent_by_the_next_reconcile() {
+        let rx = Receiver::start().await;
+        let j = job_with(Some(Phase::Running), &rx.url, true);
+        let (pod, _) = succeeded_pod_and_its_record(&j);
+        let server = Held::new(&j);
+        let pod = Some(pod);
+        let resent = Arc::new(Mutex::new(None::<CallbackInFlight>));
+        let scenario = vec![
+            Expect::new(Method::GET, pod_path(0), 200, pod.clone()),
+            // Committed, but the answer is lost: no sender starts.
+            Expect::new(Method::PATCH, STATUS, 200, None)
+                .check({
+                    let commit = server.commit("2");
+                    move |b| {
+                        assert_eq!(b["status"]["callbacks"]["inFlight"]["by"], "test");
+                        commit(b)
+                    }
+                })
+                .lost(),
+            // The cached copy was our last write, but a later one may have committed: read.
+            Expect::new(Method::GET, JOB_PATH, 200, None).reply(server.reply()),
+            // (The pod too, as the cached copy is not finished.)
+            Expect::new(Method::GET, pod_path(0), 200, pod),
+            // Our record, never started: recorded afresh and sent now, not after a takeover.
+            Expect::new(Method::PATCH, STATUS, 200, None)
+                .check({
+                    let commit = server.commit("3");
+                    let resent = resent.clone();
+                    move |b| {
+                        assert_eq!(b["metadata"]["resourceVersion"], "2");
+                        assert_eq!(b["status"]["callbacks"]["inFlight"]["by"], "test");
+                        *lock(&resent) =
+                            serde_json::from_value(b["status"]["callbacks"]["inFlight"].clone())
+                                .ok();
+                        commit(b)
+                    }
+                })
+                .reply(server.reply()),
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+            Expect::new(Method::PATCH, STATUS, 200, None)
+                .check({
+                    let commit = server.commit("4");
+                    move |b| {
+                        assert_eq!(b["metadata"]["resourceVersion"], "3");
+                        assert_eq!(b["status"]["callbacks"]["final"], true);
+                        assert!(b["status"]["callbacks"].get("inFlight").is_none(), "{b}");
+                        commit(b)
+                    }
+                })
+                .reply(server.reply()),
+        ];
+        let (client, handle) = mock::client();
+        let verifier = mock::verify(handle, scenario);
+        let ctx = context(client, vec![]);
+        ctx.own.wrote(&j);
+        let res = reconcile(Arc::new(j.clone()), ctx.clone()).await;
+        assert!(res.is_err(), "the write's answer was lost: {res:?}");
+        assert!(rx.statuses().is_empty());
+        // The watch has not brought the committed write: the same cached copy again.
+        let res = reconcile(Arc::new(j.clone()), ctx.clone()).await;
+        assert!(res.is_ok(), "{res:?}");
+        until_sent(&ctx).await;
+        // Had its record not been written, the ended sender is still known: never adopted.
+        let resent = lock(&resent).clone().expect("the record written afresh");
+        assert!(!ctx.in_flight.unstarted(&uid(&j), &resent));
+        drop(ctx);
+        verifier
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        assert_eq!(rx.statuses(), ["succeeded"], "once, at once");
+    }
+
+    #[tokio::test]
+    async fn a_record_in_flight_elsewhere_is_trusted_from_when_this_process_first_saw_it() {
+        let rx = Receiver::start().await;
+        let j = job_with(Some(Phase::Running), &rx.url, true);
+        let (_, mut old) = succeeded_pod_and_its_record(&j);
+        // Recorded "an hour ago" by the old leader's clock: it says nothing of ours.
+        if let Some(f) = old
+            .status
+            .as_mut()
+            .and_then(|s| s.callbacks.in_flight.as_mut())
+        {
+            f.by = "the-old-leader".into();
+            f.since = Time(Timestamp::now() - Duration::from_secs(3600));
+        }
+        let server = Held::new(&old);
+        let scenario = vec![
+            // First sight: it waits, writes nothing, sends nothing.
+            Expect::new(Method::GET, JOB_PATH, 200, None).reply(server.reply()),
+            // A whole takeover wait later (by this process's clock): taken over.
+            Expect::new(Method::GET, JOB_PATH, 200, None).reply(server.reply()),
+            Expect::new(Method::PATCH, STATUS, 200, None)
+                .check({
+                    let commit = server.commit("3");
+                    move |b| {
+                        assert_eq!(b["status"]["callbacks"]["inFlight"]["by"], "test");
+                        commit(b)
+                    }
+                })
+                .reply(server.reply()),
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+            Expect::new(Method::PATCH, STATUS, 200, None)
+                .check(server.commit("4"))
+                .reply(server.reply()),
+        ];
+        let (client, handle) = mock::client();
+        let verifier = mock::verify(handle, scenario);
+        let ctx = context(client, vec![]);
+        let takeover = ctx.callback_takeover_after();
+        let res = reconcile(Arc::new(old.clone()), ctx.clone()).await;
+        assert_eq!(res.ok(), Some(Requeue::requeue(takeover)));
+        assert!(rx.statuses().is_empty());
+        ctx.in_flight.backdate(&uid(&old), takeover);
+        let res = reconcile(Arc::new(old), ctx.clone()).await;
+        assert!(res.is_ok(), "{res:?}");
+        until_sent(&ctx).await;
+        drop(ctx);
+        verifier
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        assert_eq!(rx.statuses(), ["succeeded"]);
+    }
+
+    #[tokio::test]
+    async fn a_sender_stops_at_its_deadline_so_a_takeover_never_overlaps_it() {
+        // A receiver that takes the request and never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/cb", listener.local_addr().expect("addr"));
+        let hung = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        let j = job_with(Some(Phase::Running), &url, true);
+        let (pod, done) = succeeded_pod_and_its_record(&j);
+        let mut scenario = vec![
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+            Expect::new(Method::GET, pod_path(0), 200, Some(pod)),
+            Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&done))),
+            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+        ];
+        // Given up (and said so) rather than left to a takeover that would send it again.
+        scenario.extend(recorded(&done, |b| {
+            assert_eq!(b["status"]["callbacks"]["final"], true);
+        }));
+        let (client, handle) = mock::client();
+        let verifier = mock::verify(handle, scenario);
+        let mut ctx = context(client, vec![]);
+        if let Some(c) = Arc::get_mut(&mut ctx) {
+            c.sender_life = Duration::from_secs(1);
+        }
+        assert!(ctx.callback_takeover_after() >= ctx.sender_life + notify::TAKEOVER_MARGIN);
+        let started = std::time::Instant::now();
+        let res = reconcile(Arc::new(j), ctx.clone()).await;
+        assert!(res.is_ok(), "{res:?}");
+        until_sent(&ctx).await;
+        drop(ctx);
+        let seen = verifier
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        // Without the deadline the hung request alone lasts the client's 30 s timeout.
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        let failed = seen
+            .events
+            .iter()
+            .find(|e| e["reason"] == "CallbackFailed")
+            .unwrap_or_else(|| panic!("a CallbackFailed event: {:?}", seen.events));
+        assert!(
+            failed["note"]
+                .as_str()
+                .unwrap_or("")
+                .contains("ran out of time"),
+            "{failed}"
+        );
+        hung.abort();
     }
 
     #[tokio::test]

@@ -106,33 +106,48 @@ pub enum CallbackPlan {
     Wait(Duration),
 }
 
+/// What this process knows about a BuildJob's callback recorded in flight.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SenderHere {
+    /// A sender for this BuildJob runs in this process.
+    pub running: bool,
+    /// The record is one this process wrote and never started a sender for (the write
+    /// committed but its answer was lost): nobody has sent it.
+    pub unstarted: bool,
+    /// How long this process has seen this very record. Counted on this process's clock,
+    /// never from the record's `since` (another replica's clock).
+    pub seen_for: Duration,
+}
+
 /// Whether this controller may send an owed callback now. A recorded in-flight send by
-/// anyone else is trusted for `takeover_after` (the sender's whole retry budget plus a
-/// margin): long enough that a live sender has finished, so taking over re-sends only for a
-/// sender that died mid-delivery.
+/// anyone else (or by this identity before a restart) is trusted for `takeover_after`
+/// after this process first saw it: the recording sender has stopped by then (see
+/// `notify::takeover_after`), so taking over re-sends only for a sender that died
+/// mid-delivery.
 pub fn callback_plan(
     sent: &super::crd::CallbacksSent,
     me: &str,
-    sending_here: bool,
-    now: Timestamp,
+    here: SenderHere,
     takeover_after: Duration,
 ) -> CallbackPlan {
     let Some(f) = &sent.in_flight else {
         // This process's sender has recorded its callback but not yet let go of the job:
         // the next one waits a moment rather than start a sender that would not run.
-        if sending_here {
+        if here.running {
             return CallbackPlan::Wait(SENDER_FINISHING);
         }
         return CallbackPlan::Send;
     };
-    if f.by == me && sending_here {
+    if f.by == me && here.running {
         return CallbackPlan::InProgress;
     }
-    let age = elapsed(f.since.0, now);
-    if age >= takeover_after {
+    if f.by == me && here.unstarted {
+        return CallbackPlan::Send;
+    }
+    if here.seen_for >= takeover_after {
         CallbackPlan::Send
     } else {
-        CallbackPlan::Wait(takeover_after - age)
+        CallbackPlan::Wait(takeover_after - here.seen_for)
     }
 }
 
@@ -2014,13 +2029,22 @@ pub(crate) mod tests {
         use crate::operator::crd::CallbackInFlight;
         let mut sent = CallbacksSent::default();
         let takeover = Duration::from_secs(100);
+        let idle = SenderHere::default();
+        let running = SenderHere {
+            running: true,
+            ..idle
+        };
+        let seen = |secs| SenderHere {
+            seen_for: Duration::from_secs(secs),
+            ..idle
+        };
         assert_eq!(
-            callback_plan(&sent, "me", false, t(0), takeover),
+            callback_plan(&sent, "me", idle, takeover),
             CallbackPlan::Send
         );
         // The sender of the previous callback has recorded it and is about to let go.
         assert_eq!(
-            callback_plan(&sent, "me", true, t(0), takeover),
+            callback_plan(&sent, "me", running, takeover),
             CallbackPlan::Wait(SENDER_FINISHING)
         );
         sent.in_flight = Some(CallbackInFlight {
@@ -2029,11 +2053,11 @@ pub(crate) mod tests {
             since: Time(t(0)),
         });
         assert_eq!(
-            callback_plan(&sent, "me", false, t(40), takeover),
+            callback_plan(&sent, "me", seen(40), takeover),
             CallbackPlan::Wait(Duration::from_secs(60))
         );
         assert_eq!(
-            callback_plan(&sent, "me", false, t(100), takeover),
+            callback_plan(&sent, "me", seen(100), takeover),
             CallbackPlan::Send
         );
         sent.in_flight = Some(CallbackInFlight {
@@ -2042,13 +2066,73 @@ pub(crate) mod tests {
             since: Time(t(0)),
         });
         assert_eq!(
-            callback_plan(&sent, "me", true, t(1), takeover),
+            callback_plan(&sent, "me", running, takeover),
             CallbackPlan::InProgress
         );
         // The same identity after a restart does not know whether it sent: it waits too.
         assert_eq!(
-            callback_plan(&sent, "me", false, t(1), takeover),
+            callback_plan(&sent, "me", seen(1), takeover),
             CallbackPlan::Wait(Duration::from_secs(99))
+        );
+    }
+
+    #[test]
+    fn the_takeover_wait_counts_from_this_process_first_seeing_the_record_not_its_since() {
+        use crate::operator::crd::CallbackInFlight;
+        let takeover = Duration::from_secs(100);
+        // Recorded an hour ago by another replica's clock (or an hour ahead of ours): what
+        // counts is that this process has only just seen it.
+        for since in [t(-3600), t(3600)] {
+            let sent = CallbacksSent {
+                in_flight: Some(CallbackInFlight {
+                    status: "pending".into(),
+                    by: "old".into(),
+                    since: Time(since),
+                }),
+                ..Default::default()
+            };
+            let here = SenderHere::default();
+            assert_eq!(
+                callback_plan(&sent, "me", here, takeover),
+                CallbackPlan::Wait(takeover)
+            );
+        }
+    }
+
+    #[test]
+    fn our_own_record_whose_sender_never_started_is_sent_at_once() {
+        use crate::operator::crd::CallbackInFlight;
+        let takeover = Duration::from_secs(100);
+        let sent = CallbacksSent {
+            in_flight: Some(CallbackInFlight {
+                status: "pending".into(),
+                by: "me".into(),
+                since: Time(t(0)),
+            }),
+            ..Default::default()
+        };
+        let unstarted = SenderHere {
+            unstarted: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            callback_plan(&sent, "me", unstarted, takeover),
+            CallbackPlan::Send
+        );
+        // Another's record is never ours to start, whatever this process believes.
+        let mut theirs = sent.clone();
+        if let Some(f) = theirs.in_flight.as_mut() {
+            f.by = "other".into();
+        }
+        assert_eq!(
+            callback_plan(&theirs, "me", unstarted, takeover),
+            CallbackPlan::Wait(takeover)
+        );
+        // Its sender has started (and maybe delivered, then ended without recording): only
+        // a takeover sends it again.
+        assert_eq!(
+            callback_plan(&sent, "me", SenderHere::default(), takeover),
+            CallbackPlan::Wait(takeover)
         );
     }
 }

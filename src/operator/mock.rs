@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 use tower_test::mock::Handle;
 
 pub type BodyCheck = Box<dyn Fn(&Value) + Send>;
+pub type Reply = Box<dyn Fn(&Value) -> Value + Send>;
 
 pub struct Expect {
     pub method: Method,
@@ -21,6 +22,10 @@ pub struct Expect {
     pub status: u16,
     /// `None`: echo the request body.
     pub response: Option<Value>,
+    /// The response made from the request body (instead of `response`).
+    pub reply: Option<Reply>,
+    /// No answer: the connection fails after the request reached the server.
+    pub lost: bool,
 }
 
 impl Expect {
@@ -36,10 +41,21 @@ impl Expect {
             check: None,
             status,
             response,
+            reply: None,
+            lost: false,
         }
     }
     pub fn check(mut self, f: impl Fn(&Value) + Send + 'static) -> Self {
         self.check = Some(Box::new(f));
+        self
+    }
+    pub fn reply(mut self, f: impl Fn(&Value) -> Value + Send + 'static) -> Self {
+        self.reply = Some(Box::new(f));
+        self
+    }
+    /// The server handles the request but its answer never arrives.
+    pub fn lost(mut self) -> Self {
+        self.lost = true;
         self
     }
 }
@@ -120,7 +136,15 @@ pub fn verify_with(
             if let Some(check) = &exp.check {
                 check(&body);
             }
-            let out = exp.response.clone().unwrap_or_else(|| echo(body));
+            if exp.lost {
+                send.send_error("connection reset by peer");
+                next = steps.next();
+                continue;
+            }
+            let out = match &exp.reply {
+                Some(reply) => reply(&body),
+                None => exp.response.clone().unwrap_or_else(|| echo(body)),
+            };
             send.send_response(respond(exp.status, &out));
             next = steps.next();
         }
