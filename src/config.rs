@@ -433,6 +433,10 @@ pub struct BuildArgs {
     /// Also print build output on the service's stdout.
     #[arg(long, env = "SHOW_BUILD_LOGS", value_name = "SHOW_BUILD_LOGS", default_value_t = false, action = clap::ArgAction::Set, value_parser = parse_bool)]
     pub show_build_logs: bool,
+    /// Largest stored build log, in bytes: past it the stored log keeps only its last
+    /// 64 KiB (Kafka and stdout still get every line), so a runaway step cannot fill DATA_DIR.
+    #[arg(long, env = "MAX_LOG_BYTES", value_name = "MAX_LOG_BYTES", default_value_t = 100 << 20)]
+    pub max_log_bytes: u64,
     /// Largest source archive (download size), in bytes.
     #[arg(long, env = "MAX_SOURCE_BYTES", value_name = "MAX_SOURCE_BYTES", default_value_t = 1 << 30)]
     pub max_source_bytes: u64,
@@ -618,6 +622,8 @@ pub struct BuildConfig {
     pub timeout: Duration,
     pub kafka_topic: String,
     pub show_build_logs: bool,
+    /// MAX_LOG_BYTES.
+    pub max_log_bytes: u64,
     pub limits: Limits,
     pub sources_connect_timeout: Duration,
     pub sources_total_timeout: Duration,
@@ -649,6 +655,7 @@ impl BuildArgs {
             timeout: Duration::from_millis(self.timeout_in_ms),
             kafka_topic: self.kafka_topic.clone(),
             show_build_logs: self.show_build_logs,
+            max_log_bytes: self.max_log_bytes,
             limits: Limits {
                 max_source_bytes: self.max_source_bytes,
                 max_context_bytes: self.max_context_bytes,

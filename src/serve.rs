@@ -96,6 +96,7 @@ pub async fn start(cfg: Config) -> Result<Started, StartError> {
         files,
         storage: storage.clone(),
         show_build_logs: cfg.build.show_build_logs,
+        max_log_bytes: cfg.build.max_log_bytes,
         kafka: Some(Arc::new(KafkaProducers::new(
             cfg.build.kafka_topic.clone(),
             cfg.build.kafka_delivery_timeout,

@@ -145,6 +145,7 @@ async fn build(
         files,
         storage: storage.clone(),
         show_build_logs: true,
+        max_log_bytes: cfg.max_log_bytes,
         kafka: Some(std::sync::Arc::new(crate::logs::KafkaProducers::new(
             cfg.kafka_topic.clone(),
             cfg.kafka_delivery_timeout,

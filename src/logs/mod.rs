@@ -69,6 +69,8 @@ pub struct LogSinks {
     pub files: LogFiles,
     pub storage: Arc<dyn Storage>,
     pub show_build_logs: bool,
+    /// What the stored log keeps whole (MAX_LOG_BYTES; see `StoredLog`).
+    pub max_log_bytes: u64,
     /// Producers for builds that name `kafka_hosts`; `None`: Kafka output is off.
     pub kafka: Option<Arc<KafkaProducers>>,
 }
@@ -80,6 +82,7 @@ impl LogSinks {
             &self.files,
             &spec.log_key(),
             self.storage.clone(),
+            self.max_log_bytes,
         )?));
         if self.show_build_logs {
             log = log.with_sink(Box::new(StdoutSink::new(format!(

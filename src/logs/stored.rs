@@ -4,6 +4,7 @@
 use super::Sink;
 use crate::storage::Storage;
 use futures::future::BoxFuture;
+use std::collections::VecDeque;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -52,6 +53,9 @@ impl LogFiles {
     }
 }
 
+/// What a capped stored log keeps of its end (the outcome and the timings are there).
+const TAIL_BYTES: usize = 64 * 1024;
+
 pub struct StoredLog {
     key: String,
     path: PathBuf,
@@ -59,11 +63,24 @@ pub struct StoredLog {
     storage: Arc<dyn Storage>,
     failed_writes: u64,
     remove_when_stored: bool,
+    /// Bytes written to the file, and what it may hold before only the tail is kept.
+    written: u64,
+    max: u64,
+    /// Past `max`: the latest lines (at most TAIL_BYTES), written at the end after a note
+    /// saying how much was left out.
+    tail: VecDeque<String>,
+    tail_bytes: usize,
+    left_out: (u64, u64),
 }
 
 impl StoredLog {
     /// Starts (truncates) the spool file for `key`.
-    pub fn create(files: &LogFiles, key: &str, storage: Arc<dyn Storage>) -> std::io::Result<Self> {
+    pub fn create(
+        files: &LogFiles,
+        key: &str,
+        storage: Arc<dyn Storage>,
+        max: u64,
+    ) -> std::io::Result<Self> {
         let path = files
             .path(key)
             .ok_or_else(|| std::io::Error::other(format!("log key {key:?} is not a plain name")))?;
@@ -75,6 +92,11 @@ impl StoredLog {
             storage,
             failed_writes: 0,
             remove_when_stored: files.remove_when_stored,
+            written: 0,
+            max,
+            tail: VecDeque::new(),
+            tail_bytes: 0,
+            left_out: (0, 0),
         })
     }
 
@@ -83,21 +105,59 @@ impl StoredLog {
     }
 }
 
-impl Sink for StoredLog {
-    fn write_line(&mut self, line: &str) {
+impl StoredLog {
+    fn append(&mut self, line: &str) {
         // One write per line, unbuffered: the logs route reads the file while the build runs.
         if let Some(f) = &mut self.file {
             let mut buf = Vec::with_capacity(line.len() + 1);
             buf.extend_from_slice(line.as_bytes());
             buf.push(b'\n');
-            if f.write_all(&buf).is_err() {
-                self.failed_writes += 1;
+            match f.write_all(&buf) {
+                Ok(()) => self.written += buf.len() as u64,
+                Err(_) => self.failed_writes += 1,
+            }
+        }
+    }
+
+    /// Writes the kept tail, after a line saying what was left out before it.
+    fn end_tail(&mut self) {
+        if self.tail.is_empty() {
+            return;
+        }
+        let (lines, bytes) = self.left_out;
+        if lines > 0 {
+            let note = format!(
+                "[{lines} lines ({bytes} bytes) left out here: the stored log keeps its first MAX_LOG_BYTES ({}) and its last {} KiB]",
+                self.max,
+                TAIL_BYTES / 1024
+            );
+            self.append(&note);
+        }
+        while let Some(line) = self.tail.pop_front() {
+            self.append(&line);
+        }
+    }
+}
+
+impl Sink for StoredLog {
+    fn write_line(&mut self, line: &str) {
+        if self.tail.is_empty() && self.written + line.len() as u64 + 1 <= self.max {
+            return self.append(line);
+        }
+        self.tail_bytes += line.len() + 1;
+        self.tail.push_back(line.to_string());
+        while self.tail_bytes > TAIL_BYTES && self.tail.len() > 1 {
+            if let Some(old) = self.tail.pop_front() {
+                self.tail_bytes -= old.len() + 1;
+                self.left_out.0 += 1;
+                self.left_out.1 += old.len() as u64 + 1;
             }
         }
     }
 
     fn finish(mut self: Box<Self>) -> BoxFuture<'static, ()> {
         Box::pin(async move {
+            self.end_tail();
             drop(self.file.take());
             if self.failed_writes > 0 {
                 tracing::warn!(key = %self.key, lines = self.failed_writes, "lines could not be written to the stored log");
@@ -127,5 +187,53 @@ async fn hand_over(key: &str, path: &Path, storage: &dyn Storage, remove: bool) 
         Err(e) => {
             tracing::warn!(key, error = %e, "could not store the build log; it stays in the local spool")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_log_past_its_limit_keeps_its_head_and_its_last_64_kib() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = LogFiles::new(dir.path().join("logs")).unwrap();
+        let storage: Arc<dyn Storage> =
+            Arc::new(crate::storage::LocalStorage::new(dir.path().join("logs")).unwrap());
+        let mut log = Box::new(StoredLog::create(&files, "a-b-1.logs", storage, 1000).unwrap());
+        let line = |i: usize| format!("line {i:05} {}", "x".repeat(38));
+        for i in 0..3000 {
+            log.write_line(&line(i));
+        }
+        let path = log.path().to_path_buf();
+        assert!(
+            std::fs::metadata(&path).unwrap().len() <= 1000,
+            "capped while running"
+        );
+        log.finish().await;
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], line(0));
+        assert_eq!(*lines.last().unwrap(), line(2999), "the end is kept");
+        let note = lines
+            .iter()
+            .position(|l| l.contains("left out here"))
+            .unwrap();
+        assert_eq!(lines[note - 1], line(note - 1), "the head, in order");
+        let kept_after = lines.len() - note - 1;
+        assert!(
+            (text.len() as u64) < 1000 + TAIL_BYTES as u64 + 200,
+            "{} bytes",
+            text.len()
+        );
+        // Every line is in the head, said left out, or in the tail.
+        let left: usize = lines[note]
+            .trim_start_matches('[')
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(note + left + kept_after, 3000);
     }
 }
