@@ -141,7 +141,7 @@ impl StoredLog {
 
 impl Sink for StoredLog {
     fn write_line(&mut self, line: &str) {
-        if self.tail.is_empty() && self.written + line.len() as u64 + 1 <= self.max {
+        if self.tail.is_empty() && self.written + (line.len() as u64) < self.max {
             return self.append(line);
         }
         self.tail_bytes += line.len() + 1;
