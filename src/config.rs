@@ -104,6 +104,14 @@ pub struct WorkerArgs {
     pub docker_wait_seconds: u64,
 }
 
+/// An imagePullPolicy, as Kubernetes spells it (empty: unset).
+fn parse_pull_policy(value: &str) -> Result<String, String> {
+    match value.trim() {
+        p @ ("" | "Always" | "IfNotPresent" | "Never") => Ok(p.to_string()),
+        other => Err(format!("{other:?} is not Always, IfNotPresent or Never")),
+    }
+}
+
 /// A boolean setting: `true`/`1`/`yes`/`on` or `false`/`0`/`no`/`off`, in any case
 /// (clap's own parser takes only `true` and `false`, so `NO_CACHE=1` stopped the service).
 fn parse_bool(value: &str) -> Result<bool, String> {
@@ -223,6 +231,10 @@ pub struct KubernetesArgs {
         value_name = "WORKER_IMAGE_PULL_SECRETS"
     )]
     pub worker_image_pull_secrets: Option<String>,
+    /// imagePullPolicy of the worker container (`Always`, `IfNotPresent`, `Never`); unset:
+    /// Kubernetes' default. With a mutable tag, `Always` keeps workers on the API's image.
+    #[arg(long, env = "WORKER_IMAGE_PULL_POLICY", value_name = "WORKER_IMAGE_PULL_POLICY", value_parser = parse_pull_policy)]
+    pub worker_image_pull_policy: Option<String>,
     /// Mount the worker service account's API token into worker pods. Workers never call
     /// the API; IRSA and EKS Pod Identity inject their own token, so this stays false.
     #[arg(long, env = "WORKER_AUTOMOUNT_SERVICE_ACCOUNT_TOKEN", value_name = "WORKER_AUTOMOUNT_SERVICE_ACCOUNT_TOKEN",
@@ -348,6 +360,7 @@ pub struct KubernetesConfig {
     pub worker_docker_socket_gid: Option<i64>,
     pub worker_service_account: Option<String>,
     pub worker_image_pull_secrets: Vec<String>,
+    pub worker_image_pull_policy: Option<String>,
     pub worker_automount_token: bool,
     pub worker_pod: WorkerPodOverrides,
     /// INSTANCE_NAME: set (non-empty) when this installation labels and selects its own
@@ -838,6 +851,10 @@ impl ServeArgs {
                     worker_image_pull_secrets: parse_pull_secrets(
                         k.worker_image_pull_secrets.as_deref(),
                     )?,
+                    worker_image_pull_policy: k
+                        .worker_image_pull_policy
+                        .clone()
+                        .filter(|p| !p.is_empty()),
                     worker_automount_token: k.worker_automount_service_account_token,
                     worker_pod: WorkerPodOverrides::parse(k.worker_pod_overrides.as_deref())?,
                     instance_name: parse_instance_name(&k.instance_name)?,

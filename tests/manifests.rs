@@ -762,6 +762,11 @@ fn chart_options_shape_the_objects() {
         Some("bs-controller")
     );
     assert_eq!(env_value(&c, "DOCKER_BUILD_SETTINGS"), None);
+    // Workers run the API's image and are pulled as it is.
+    assert_eq!(
+        env_value(&c, "WORKER_IMAGE_PULL_POLICY"),
+        c["imagePullPolicy"].as_str().map(String::from)
+    );
     // A leader whose watches fail leaves the Service (readiness) and is not restarted.
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/metrics");
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/octhc");

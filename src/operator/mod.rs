@@ -205,6 +205,7 @@ impl KubernetesMode {
                 service_account: k.worker_service_account.clone(),
                 dind_mtu: k.dind_mtu,
                 image_pull_secrets: k.worker_image_pull_secrets.clone(),
+                image_pull_policy: k.worker_image_pull_policy.clone(),
                 automount_token: k.worker_automount_token,
                 overrides: k.worker_pod.clone(),
             };

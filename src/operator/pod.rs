@@ -88,6 +88,8 @@ pub struct PodSettings {
     pub service_account: Option<String>,
     /// WORKER_IMAGE_PULL_SECRETS: for a worker (or dind) image in a private registry.
     pub image_pull_secrets: Vec<String>,
+    /// WORKER_IMAGE_PULL_POLICY: the worker container's imagePullPolicy (unset: the default).
+    pub image_pull_policy: Option<String>,
     /// WORKER_AUTOMOUNT_SERVICE_ACCOUNT_TOKEN: off unless an identity needs the token.
     pub automount_token: bool,
     /// WORKER_POD_OVERRIDES: resources, emptyDir size limits, placement.
@@ -228,6 +230,7 @@ pub fn worker_pod(job: &BuildJob, attempt: u32, s: &PodSettings) -> Result<Pod, 
     let worker = Container {
         name: WORKER_CONTAINER.into(),
         image: Some(s.image.clone()),
+        image_pull_policy: s.image_pull_policy.clone(),
         args: Some(vec!["worker".into()]),
         env: Some(env_vars),
         env_from: s.env_secret.as_ref().map(|name| {
@@ -401,6 +404,7 @@ pub(crate) mod tests {
             docker_socket_gid: None,
             service_account: None,
             image_pull_secrets: Vec::new(),
+            image_pull_policy: None,
             automount_token: false,
             overrides: WorkerPodOverrides::default(),
         }
@@ -623,6 +627,26 @@ pub(crate) mod tests {
         );
         let p = build(DockerMode::Dind);
         assert_eq!(p.spec.and_then(|s| s.image_pull_secrets), None);
+    }
+
+    #[test]
+    fn the_worker_is_pulled_as_configured_and_by_default_as_kubernetes_decides() {
+        let worker = |p: &Pod| {
+            p.spec
+                .as_ref()
+                .unwrap_or_else(|| panic!("spec"))
+                .containers
+                .iter()
+                .find(|c| c.name == WORKER_CONTAINER)
+                .unwrap_or_else(|| panic!("worker"))
+                .image_pull_policy
+                .clone()
+        };
+        assert_eq!(worker(&build(DockerMode::Dind)), None);
+        let mut s = settings(DockerMode::Host);
+        s.image_pull_policy = Some("Always".into());
+        let p = worker_pod(&job(None), 0, &s).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(worker(&p).as_deref(), Some("Always"));
     }
 
     #[test]
