@@ -206,6 +206,7 @@ impl KubernetesMode {
                 dind_mtu: k.dind_mtu,
                 image_pull_secrets: k.worker_image_pull_secrets.clone(),
                 image_pull_policy: k.worker_image_pull_policy.clone(),
+                forwarded: pod::forwarded(&cfg.build),
                 automount_token: k.worker_automount_token,
                 overrides: k.worker_pod.clone(),
             };

@@ -88,6 +88,8 @@ pub struct PodSettings {
     pub service_account: Option<String>,
     /// WORKER_IMAGE_PULL_SECRETS: for a worker (or dind) image in a private registry.
     pub image_pull_secrets: Vec<String>,
+    /// The API's limits and timeouts that builds obey (`forwarded`), as env of the worker.
+    pub forwarded: Vec<(&'static str, String)>,
     /// WORKER_IMAGE_PULL_POLICY: the worker container's imagePullPolicy (unset: the default).
     pub image_pull_policy: Option<String>,
     /// WORKER_AUTOMOUNT_SERVICE_ACCOUNT_TOKEN: off unless an identity needs the token.
@@ -141,6 +143,7 @@ pub fn worker_pod(job: &BuildJob, attempt: u32, s: &PodSettings) -> Result<Pod, 
         plain("DATA_DIR", WORK_DIR.to_string()),
         plain(env::TERMINATION_LOG_PATH, TERMINATION_LOG.to_string()),
         plain("SHOW_BUILD_LOGS", "true".into()),
+        // Explicit env wins over WORKER_ENV_SECRET's envFrom: the API's settings decide.
         from_secret(env::SOURCES, secret, secret_keys::SOURCES),
         from_secret(
             env::GM_REGISTRY_USERNAME,
@@ -159,6 +162,7 @@ pub fn worker_pod(job: &BuildJob, attempt: u32, s: &PodSettings) -> Result<Pod, 
             secret_keys::EXTRA_REGISTRIES,
         ),
     ];
+    env_vars.extend(s.forwarded.iter().map(|(k, v)| plain(k, v.clone())));
     let o = &s.overrides;
     let mut volumes = vec![empty_dir("work", o.work_size_limit.as_ref())];
     let mut mounts = vec![mount("work", WORK_DIR)];
@@ -304,6 +308,39 @@ pub fn worker_pod(job: &BuildJob, attempt: u32, s: &PodSettings) -> Result<Pod, 
     })
 }
 
+/// The API's settings that bound what a build may do, for its worker: set on the API
+/// (`config.extraEnv`), they must hold for the builds its workers run too.
+pub fn forwarded(b: &crate::config::BuildConfig) -> Vec<(&'static str, String)> {
+    let mut out = vec![
+        ("MAX_SOURCE_BYTES", b.limits.max_source_bytes.to_string()),
+        ("MAX_CONTEXT_BYTES", b.limits.max_context_bytes.to_string()),
+        (
+            "MAX_ARCHIVE_ENTRIES",
+            b.limits.max_archive_entries.to_string(),
+        ),
+        ("MAX_LOG_BYTES", b.max_log_bytes.to_string()),
+        (
+            "SOURCES_CONNECT_TIMEOUT_SECONDS",
+            b.sources_connect_timeout.as_secs().to_string(),
+        ),
+        (
+            "SOURCES_TOTAL_TIMEOUT_SECONDS",
+            b.sources_total_timeout.as_secs().to_string(),
+        ),
+        (
+            "KAFKA_DELIVERY_TIMEOUT_MS",
+            b.kafka_delivery_timeout.as_millis().to_string(),
+        ),
+    ];
+    if let Some(s3) = &b.s3 {
+        out.push((
+            "S3_TIMEOUT_SECONDS",
+            s3.attempt_timeout.as_secs().to_string(),
+        ));
+    }
+    out
+}
+
 fn plain(name: &str, value: String) -> EnvVar {
     EnvVar {
         name: name.into(),
@@ -405,6 +442,7 @@ pub(crate) mod tests {
             service_account: None,
             image_pull_secrets: Vec::new(),
             image_pull_policy: None,
+            forwarded: vec![("MAX_LOG_BYTES", "1000".into())],
             automount_token: false,
             overrides: WorkerPodOverrides::default(),
         }
@@ -627,6 +665,48 @@ pub(crate) mod tests {
         );
         let p = build(DockerMode::Dind);
         assert_eq!(p.spec.and_then(|s| s.image_pull_secrets), None);
+    }
+
+    #[test]
+    fn the_apis_limits_reach_the_worker_under_names_the_worker_reads() {
+        use crate::config::{Cli, Command};
+        use clap::Parser;
+        // A process's build settings, from its flags.
+        let build_config = |flags: &[String]| {
+            let mut argv: Vec<String> = ["buildshuttle", "worker", "--spec", "{}"]
+                .map(String::from)
+                .into();
+            argv.extend(flags.iter().cloned());
+            let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{e}"));
+            let Command::Worker(w) = cli.command else {
+                panic!("not worker")
+            };
+            w.build.validate().unwrap_or_else(|e| panic!("{e}"))
+        };
+        let api = build_config(
+            &["--max-log-bytes", "1234", "--max-archive-entries", "77"].map(String::from),
+        );
+        let env = forwarded(&api);
+        assert!(env.contains(&("MAX_LOG_BYTES", "1234".into())));
+        // The worker, given that env (as the flags its names stand for), ends up the same.
+        let flags: Vec<String> = env
+            .iter()
+            .flat_map(|(name, value)| {
+                [
+                    format!("--{}", name.to_lowercase().replace('_', "-")),
+                    value.clone(),
+                ]
+            })
+            .collect();
+        assert_eq!(forwarded(&build_config(&flags)), env);
+        let p = worker_pod(&job(None), 0, &settings(DockerMode::Host))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let c = &p.spec.as_ref().unwrap_or_else(|| panic!("spec")).containers[0];
+        assert!(c
+            .env
+            .iter()
+            .flatten()
+            .any(|e| e.name == "MAX_LOG_BYTES" && e.value.as_deref() == Some("1000")));
     }
 
     #[test]
