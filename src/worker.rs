@@ -287,7 +287,9 @@ pub fn termination_message(outcome: &Outcome, timings: Option<StageTimings>) -> 
                 .unwrap_or(0)
                 > TERMINATION_MESSAGE_MAX - 8
             {
-                cut.truncate(cut.len() / 2);
+                // Half the characters (a byte index could fall inside one and panic).
+                let half = cut.chars().count() / 2;
+                cut = cut.chars().take(half).collect();
             }
             serde_json::to_string(&Outcome::failed(*reason, format!("{cut}…"))).unwrap_or_default()
         }
@@ -316,6 +318,14 @@ mod tests {
 
     #[test]
     fn long_failures_still_fit_the_termination_message() {
+        // Characters of 3 bytes that JSON escapes to 6: the first cut is still too long, and
+        // the next one halves a string whose byte middle is inside a character.
+        for message in ["x".to_string() + &"中".repeat(2000), "\u{1}".repeat(3000)] {
+            let m =
+                termination_message(&Outcome::failed(FailureReason::BuildFailed, message), None);
+            assert!(m.len() <= TERMINATION_MESSAGE_MAX, "{}", m.len());
+            assert!(serde_json::from_str::<Outcome>(&m).is_ok(), "{m}");
+        }
         let o = Outcome::failed(FailureReason::BuildFailed, "é".repeat(10_000));
         let timings = StageTimings {
             fetch: Some(1),
