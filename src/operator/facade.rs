@@ -52,6 +52,20 @@ fn is_code(e: &kube::Error, code: u16) -> bool {
 }
 
 impl KubeExecutor {
+    /// Deletes a BuildJob this request just created and cannot complete (its finalizer
+    /// first: nothing is owed for a build that was never accepted). Best effort: logged.
+    async fn remove_unfinished(&self, jobs: &Api<BuildJob>, name: &str) {
+        let patch = serde_json::json!({"metadata": {"finalizers": null}});
+        let removed = async {
+            jobs.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+            jobs.delete(name, &Default::default()).await.map(|_| ())
+        };
+        if let Err(e) = removed.await {
+            tracing::error!(job = %name, error = %e, "could not remove a BuildJob whose credentials Secret was not created; delete it by hand");
+        }
+    }
+
     pub fn new(
         client: Client,
         namespace: impl Into<String>,
@@ -381,10 +395,10 @@ impl Executor for KubeExecutor {
             .get_opt(&name)
             .await
             .map_err(unavailable("reading a BuildJob"))?;
-        let (job, source) = match existing {
+        let (job, source, created) = match existing {
             Some(j) => {
                 let source = j.spec.source.clone();
-                (j, source)
+                (j, source, false)
             }
             None => {
                 let source = self.source_ref(&spec).await?;
@@ -398,22 +412,33 @@ impl Executor for KubeExecutor {
                 // Held until the final callback is sent, so deleting a running BuildJob
                 // still tells controller-api.
                 job.metadata.finalizers = Some(vec![super::crd::FINALIZER.to_string()]);
-                let job = match jobs.create(&PostParams::default(), &job).await {
+                let (job, created) = match jobs.create(&PostParams::default(), &job).await {
                     Ok(j) => {
                         if let Some(own) = &self.own {
                             own.wrote(&j);
                         }
-                        j
+                        (j, true)
                     }
-                    Err(e) if is_code(&e, 409) => jobs
-                        .get(&name)
-                        .await
-                        .map_err(unavailable("reading a BuildJob"))?,
+                    Err(e) if is_code(&e, 409) => (
+                        jobs.get(&name)
+                            .await
+                            .map_err(unavailable("reading a BuildJob"))?,
+                        false,
+                    ),
                     Err(e) => return Err(unavailable("creating a BuildJob")(e)),
                 };
-                (job, source)
+                (job, source, created)
             }
         };
+        // The BuildJob's name holds the app and the build number, not the build_uuid: another
+        // build that got the same number must not be answered 200 and never run.
+        if job.spec.build_uuid != spec.build_uuid.to_string() {
+            tracing::warn!(job = %name, build = %spec.build_uuid, taken_by = %job.spec.build_uuid, "build number already used by another build of this app");
+            return Err(ExecutorError::Unavailable(format!(
+                "build number {} of this app is already build {}; each build needs a number of its own",
+                spec.build_number, job.spec.build_uuid
+            )));
+        }
         let secret = self.secret_for(&spec, &job, &source).ok_or_else(|| {
             ExecutorError::Unavailable("the API server returned a BuildJob without a uid".into())
         })?;
@@ -425,7 +450,14 @@ impl Executor for KubeExecutor {
                 }
             }
             Err(e) if is_code(&e, 409) => {}
-            Err(e) => return Err(unavailable("creating the credentials Secret")(e)),
+            Err(e) => {
+                // The caller hears 503 and will not ask again: a BuildJob left behind would run
+                // without its credentials (no source, no registry login, callbacks refused).
+                if created {
+                    self.remove_unfinished(&jobs, &name).await;
+                }
+                return Err(unavailable("creating the credentials Secret")(e));
+            }
         }
         tracing::info!(job = %name, build = %spec.build_uuid, "BuildJob accepted");
         Ok(())
@@ -780,6 +812,68 @@ mod tests {
             .await
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
         assert!(res.is_ok(), "{res:?}");
+    }
+
+    #[tokio::test]
+    async fn a_build_number_another_build_already_has_is_refused_not_dropped() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (client, handle) = mock::client();
+        let mut other = job(Some(Phase::Running));
+        other.spec.build_uuid = "00000000-0000-4000-8000-000000000001".into();
+        let existing = with_uid(serde_json::to_value(other).unwrap_or_default());
+        let scenario = vec![Expect::new(
+            Method::GET,
+            format!("{JOBS}/{JOB}"),
+            200,
+            Some(existing),
+        )];
+        let verifier = mock::verify(handle, scenario);
+        let (exec, _) = executor(client, dir.path());
+        let res = exec.submit(crate::build::tests::spec()).await;
+        drop(exec);
+        verifier
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        let e = res.expect_err("refused").to_string();
+        assert!(e.contains("00000000-0000-4000-8000-000000000001"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_secret_that_cannot_be_created_takes_the_new_buildjob_with_it() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (client, handle) = mock::client();
+        let mut spec = crate::build::tests::spec();
+        spec.sources = Secret::new("https://example.com/a.tgz");
+        let scenario = vec![
+            no_job_yet(),
+            Expect::new(Method::POST, JOBS, 201, None),
+            Expect::new(
+                Method::POST,
+                SECRETS,
+                500,
+                Some(status_error(500, "InternalError")),
+            ),
+            Expect::new(
+                Method::PATCH,
+                format!("{JOBS}/{JOB}"),
+                200,
+                Some(with_uid(
+                    serde_json::to_value(job(None)).unwrap_or_default(),
+                )),
+            )
+            .check(|b| {
+                assert!(b["metadata"]["finalizers"].is_null(), "{b}");
+            }),
+            Expect::new(Method::DELETE, format!("{JOBS}/{JOB}"), 200, None),
+        ];
+        let verifier = mock::verify_with(handle, scenario, with_uid);
+        let (exec, _) = executor(client, dir.path());
+        let res = exec.submit(spec).await;
+        drop(exec);
+        verifier
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        assert!(res.is_err(), "{res:?}");
     }
 
     #[tokio::test]
