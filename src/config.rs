@@ -86,6 +86,14 @@ pub struct WorkerArgs {
         hide_env_values = true
     )]
     pub docker_password: Option<String>,
+    /// The build args as a JSON object, from the credentials Secret (they are often secrets).
+    #[arg(
+        long,
+        env = "WORKER_BUILD_ARGS",
+        value_name = "WORKER_BUILD_ARGS",
+        hide_env_values = true
+    )]
+    pub build_args: Option<String>,
     /// Where the outcome JSON is written for the controller (the pod's termination message).
     #[arg(
         long,

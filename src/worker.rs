@@ -27,6 +27,8 @@ pub enum WorkerError {
     NoSources(SourceKind),
     #[error("BUILD_JOB_SPEC: stored sources must be under the build's source key ({0})")]
     StorageKey(String),
+    #[error("WORKER_BUILD_ARGS is not a JSON object of strings")]
+    BuildArgs,
 }
 
 /// The BuildSpec the pipeline runs.
@@ -77,7 +79,11 @@ pub fn build_spec(args: &WorkerArgs) -> Result<BuildSpec, WorkerError> {
         gm_registry_host: job.gm_registry_host,
         gm_registry_repo: job.gm_registry_repo,
         gm_registry_auth,
-        build_args: job.build_args,
+        // From the Secret; a BuildJob made before they moved there has them in its spec.
+        build_args: match args.build_args.as_deref().filter(|a| !a.is_empty()) {
+            Some(json) => serde_json::from_str(json).map_err(|_| WorkerError::BuildArgs)?,
+            None => job.build_args,
+        },
         docker_registry: job.docker_registry,
         docker_login: job.docker_login,
         docker_password: args

@@ -121,7 +121,15 @@ fn worker_builds_stored_sources_pushes_and_writes_its_outcome() {
             storage_key: Some(b.source_key()),
         },
     );
-    let run = run_worker(dir.path(), &job, None, &[]);
+    // The values of build args are not in the BuildJob: they come from the credentials
+    // Secret, as WORKER_BUILD_ARGS.
+    assert_eq!(job.build_args.get("GREETING").map(String::as_str), Some(""));
+    let run = run_worker(
+        dir.path(),
+        &job,
+        None,
+        &[("WORKER_BUILD_ARGS", r#"{"GREETING":"hello"}"#)],
+    );
     let Outcome::Succeeded { image, digest } = &run.outcome else {
         panic!("expected success, got {:?}\n{}", run.outcome, run.stdout);
     };

@@ -20,6 +20,9 @@ pub mod secret_keys {
     pub const CALLBACK_AUTH: &str = "callback_auth";
     /// EXTRA_DOCKER_REGISTRY_CONFIG of the service that accepted the build (holds passwords).
     pub const EXTRA_REGISTRIES: &str = "extra_docker_registry_config";
+    /// The build args, names and values, as a JSON object: controller-api passes the app's
+    /// config vars, which hold database URLs and tokens.
+    pub const BUILD_ARGS: &str = "build_args";
 }
 
 /// What to build. Holds no credential: see `secret_keys` for what the Secret holds.
@@ -63,7 +66,9 @@ pub struct BuildJobSpec {
     pub kafka_hosts: Option<String>,
     pub gm_registry_host: String,
     pub gm_registry_repo: String,
-    /// Already merged with EXTRA_BUILD_ARGS.
+    /// The build args' names (merged with EXTRA_BUILD_ARGS), each with an empty value: the
+    /// values are in the Secret (`secret_keys::BUILD_ARGS`). BuildJobs made before that
+    /// carry the values here, and their workers use them.
     #[serde(default)]
     pub build_args: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -331,7 +336,11 @@ impl BuildJobSpec {
             kafka_hosts: build.kafka_hosts.clone(),
             gm_registry_host: build.gm_registry_host.clone(),
             gm_registry_repo: build.gm_registry_repo.clone(),
-            build_args: build.build_args.clone(),
+            build_args: build
+                .build_args
+                .keys()
+                .map(|k| (k.clone(), String::new()))
+                .collect(),
             docker_registry: build.docker_registry.clone(),
             docker_login: build.docker_login.clone(),
             credentials_secret: secret_name(&name),

@@ -183,6 +183,12 @@ impl KubeExecutor {
         if let Some(c) = &spec.callback_auth {
             put(secret_keys::CALLBACK_AUTH, c.expose());
         }
+        if !spec.build_args.is_empty() {
+            put(
+                secret_keys::BUILD_ARGS,
+                &serde_json::to_string(&spec.build_args).ok()?,
+            );
+        }
         if let Some(x) = self
             .extra_registries
             .as_deref()
@@ -687,8 +693,11 @@ mod tests {
     async fn submit_stores_data_sources_and_keeps_secrets_out_of_the_buildjob() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let (client, handle) = mock::client();
-        let spec = data_spec();
-        let leaks = secrets_in(&spec);
+        let mut spec = data_spec();
+        // controller-api passes the app's config vars as build args.
+        spec.build_args = [("DATABASE_URL".into(), "postgres://u:s3cr3t@db".into())].into();
+        let mut leaks = secrets_in(&spec);
+        leaks.push("s3cr3t".into());
         let scenario = vec![
             no_job_yet(),
             Expect::new(Method::POST, JOBS, 201, None).check(move |b| {
@@ -711,6 +720,7 @@ mod tests {
                     "6f1b1e3c-8a3e-4b52-9a47-0b6a3e0f3c11"
                 );
                 assert_eq!(b["spec"]["cancelled"], false);
+                assert_eq!(b["spec"]["buildArgs"]["DATABASE_URL"], "", "the name only");
             }),
             Expect::new(Method::POST, SECRETS, 201, None).check(move |b| {
                 assert_eq!(b["metadata"]["name"], format!("{JOB}-credentials"));
@@ -728,6 +738,10 @@ mod tests {
                 assert_eq!(decode("gm_registry_password"), "regpass");
                 assert_eq!(decode("callback_auth"), "cb-token");
                 assert_eq!(decode("docker_password"), "dockerpw");
+                assert_eq!(
+                    decode("build_args"),
+                    r#"{"DATABASE_URL":"postgres://u:s3cr3t@db"}"#
+                );
                 assert!(decode("extra_docker_registry_config").contains("extra-pw"));
                 assert!(
                     b["data"].get("sources").is_none(),

@@ -32,6 +32,7 @@ pub mod env {
     pub const GM_REGISTRY_USERNAME: &str = "WORKER_GM_REGISTRY_USERNAME";
     pub const GM_REGISTRY_PASSWORD: &str = "WORKER_GM_REGISTRY_PASSWORD";
     pub const DOCKER_PASSWORD: &str = "WORKER_DOCKER_PASSWORD";
+    pub const BUILD_ARGS: &str = "WORKER_BUILD_ARGS";
     pub const TERMINATION_LOG_PATH: &str = "TERMINATION_LOG_PATH";
 }
 
@@ -156,6 +157,7 @@ pub fn worker_pod(job: &BuildJob, attempt: u32, s: &PodSettings) -> Result<Pod, 
             secret_keys::GM_REGISTRY_PASSWORD,
         ),
         from_secret(env::DOCKER_PASSWORD, secret, secret_keys::DOCKER_PASSWORD),
+        from_secret(env::BUILD_ARGS, secret, secret_keys::BUILD_ARGS),
         from_secret(
             "EXTRA_DOCKER_REGISTRY_CONFIG",
             secret,
@@ -707,6 +709,26 @@ pub(crate) mod tests {
             .iter()
             .flatten()
             .any(|e| e.name == "MAX_LOG_BYTES" && e.value.as_deref() == Some("1000")));
+    }
+
+    #[test]
+    fn build_args_reach_the_worker_from_the_secret_not_the_pod_spec() {
+        let p = worker_pod(&job(None), 0, &settings(DockerMode::Host))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let c = &p.spec.as_ref().unwrap_or_else(|| panic!("spec")).containers[0];
+        let e = c
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == env::BUILD_ARGS)
+            .unwrap_or_else(|| panic!("no {}", env::BUILD_ARGS));
+        let key = e
+            .value_from
+            .as_ref()
+            .and_then(|v| v.secret_key_ref.as_ref())
+            .unwrap_or_else(|| panic!("not from the Secret"));
+        assert_eq!(key.key, secret_keys::BUILD_ARGS);
+        assert_eq!(key.optional, Some(true), "BuildJobs without build args");
     }
 
     #[test]
