@@ -259,6 +259,16 @@ impl Follower {
         .boxed()
     }
 
+    /// The stored log from the first line not yet sent, and then the end of the stream.
+    async fn end_with_stored_log(&mut self) -> Option<Bytes> {
+        self.ended = true;
+        let skip = if self.pod.is_some() { self.sent } else { 0 };
+        let key = crate::build::log_key(&self.app, &self.app_uuid, self.build_number);
+        stored_after(&self.exec.storage, &key, skip)
+            .await
+            .filter(|b| !b.is_empty())
+    }
+
     async fn next_chunk(&mut self) -> Option<Bytes> {
         loop {
             if self.ended {
@@ -283,17 +293,15 @@ impl Follower {
                     }
                 }
             }
-            let job = self.exec.jobs().get_opt(&self.name).await.ok().flatten();
+            let job = match self.exec.jobs().get_opt(&self.name).await {
+                Ok(Some(job)) => Some(job),
+                // Deleted (and past its finalizer): it will never say it finished.
+                Ok(None) => return self.end_with_stored_log().await,
+                Err(_) => None,
+            };
             let status = job.and_then(|j| j.status).unwrap_or_default();
             match (status.phase, status.pod_name) {
-                (Some(p), _) if p.is_finished() => {
-                    self.ended = true;
-                    let skip = if self.pod.is_some() { self.sent } else { 0 };
-                    let key = crate::build::log_key(&self.app, &self.app_uuid, self.build_number);
-                    return stored_after(&self.exec.storage, &key, skip)
-                        .await
-                        .filter(|b| !b.is_empty());
-                }
+                (Some(p), _) if p.is_finished() => return self.end_with_stored_log().await,
                 (Some(Phase::Running), Some(pod))
                     if !(self.pod_done && self.pod.as_deref() == Some(&pod)) =>
                 {
@@ -970,6 +978,51 @@ mod tests {
         assert_eq!(one.ok(), Some(1));
         assert_eq!(none.ok(), Some(false));
         assert_eq!(all.ok(), Some(1), "the finished build is left alone");
+    }
+
+    #[tokio::test]
+    async fn a_follow_ends_when_its_buildjob_is_gone() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (client, handle) = mock::client();
+        let queued = serde_json::to_value(job(Some(Phase::Queued))).unwrap_or_default();
+        let scenario = vec![
+            Expect::new(Method::GET, format!("{JOBS}/{JOB}"), 200, Some(queued)),
+            // `kubectl delete bj` of a queued build, past its finalizer.
+            no_job_yet(),
+        ];
+        let verifier = mock::verify(handle, scenario);
+        let (exec, storage) = executor(client, dir.path());
+        let spec = crate::build::tests::spec();
+        let src = dir.path().join("log");
+        std::fs::write(&src, "Stopped while queued\nBuild finished\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        storage
+            .put_file(&spec.log_key(), &src)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let stream = exec
+            .follow("myapp", &spec.app_uuid, 12)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("a follower"));
+        let text = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            let chunks: Vec<_> = stream.collect().await;
+            chunks
+                .into_iter()
+                .flat_map(|c| c.unwrap_or_default().to_vec())
+                .collect::<Vec<u8>>()
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the follow never ended"));
+        drop(exec);
+        verifier
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        assert_eq!(
+            String::from_utf8_lossy(&text),
+            "Stopped while queued\nBuild finished\n"
+        );
     }
 
     #[tokio::test]
