@@ -334,7 +334,17 @@ pub fn forwarded(b: &crate::config::BuildConfig) -> Vec<(&'static str, String)> 
             b.kafka_delivery_timeout.as_millis().to_string(),
         ),
     ];
+    // Where the API keeps sources and logs is where the worker must find and put them (a
+    // worker without it would use its pod's own disk, gone with the pod). Not the keys:
+    // WORKER_ENV_SECRET, or the pod's cloud identity, gives those.
     if let Some(s3) = &b.s3 {
+        out.push(("S3_BUCKET", s3.bucket.clone()));
+        if let Some(r) = &s3.region {
+            out.push(("S3_REGION", r.clone()));
+        }
+        if let Some(e) = &s3.endpoint {
+            out.push(("S3_ENDPOINT", e.clone()));
+        }
         out.push((
             "S3_TIMEOUT_SECONDS",
             s3.attempt_timeout.as_secs().to_string(),
@@ -686,10 +696,23 @@ pub(crate) mod tests {
             w.build.validate().unwrap_or_else(|e| panic!("{e}"))
         };
         let api = build_config(
-            &["--max-log-bytes", "1234", "--max-archive-entries", "77"].map(String::from),
+            &[
+                "--max-log-bytes",
+                "1234",
+                "--max-archive-entries",
+                "77",
+                "--s3-bucket",
+                "builds",
+                "--s3-endpoint",
+                "http://127.0.0.1:9100",
+                "--s3-region",
+                "eu-west-1",
+            ]
+            .map(String::from),
         );
         let env = forwarded(&api);
         assert!(env.contains(&("MAX_LOG_BYTES", "1234".into())));
+        assert!(env.contains(&("S3_BUCKET", "builds".into())));
         // The worker, given that env (as the flags its names stand for), ends up the same.
         let flags: Vec<String> = env
             .iter()
