@@ -454,8 +454,9 @@ pub struct BuildArgs {
     /// Also print build output on the service's stdout.
     #[arg(long, env = "SHOW_BUILD_LOGS", value_name = "SHOW_BUILD_LOGS", default_value_t = false, action = clap::ArgAction::Set, value_parser = parse_bool)]
     pub show_build_logs: bool,
-    /// Largest stored build log, in bytes: past it the stored log keeps only its last
-    /// 64 KiB (Kafka and stdout still get every line), so a runaway step cannot fill DATA_DIR.
+    /// What the stored build log keeps whole, in bytes: later lines are held back, and only
+    /// their last 64 KiB are written when the build ends, after a note saying what was left
+    /// out (Kafka and stdout still get every line), so a runaway step cannot fill DATA_DIR.
     #[arg(long, env = "MAX_LOG_BYTES", value_name = "MAX_LOG_BYTES", default_value_t = 100 << 20)]
     pub max_log_bytes: u64,
     /// Largest source archive (download size), in bytes.
