@@ -211,11 +211,23 @@ async fn build(
     }
     timings.total = Some(crate::build::elapsed_ms(started));
     log.line(&timings.summary());
-    tokio::join!(log.finish(), async {
-        if let Some(tidy) = tidy {
-            tidy.await;
-        }
-    });
+    // The outcome is known: for the kubelet now (written again with the final timings at
+    // the end), before the log's upload and Kafka delivery and the tidy-up, which a deadline
+    // or a drain may cut short with a SIGKILL.
+    if let Err(e) = write_termination(&args.termination_log_path, &outcome, Some(timings.clone())) {
+        tracing::error!(error = %e, "cannot write the termination log yet; tried again at the end");
+    }
+    let finishing = async {
+        tokio::join!(log.finish(), async {
+            if let Some(tidy) = tidy {
+                tidy.await;
+            }
+        })
+    };
+    tokio::select! {
+        _ = finishing => {}
+        _ = sigterm.recv() => tracing::warn!("stopped while storing the log; the outcome is written"),
+    }
     outcome
 }
 

@@ -96,6 +96,89 @@ fn run_worker(
     }
 }
 
+/// The outcome is written as soon as it is known, before the log's delivery (here to a
+/// Kafka broker that accepts connections and never answers), which a deadline or a drain
+/// may cut short: a SIGTERM then ends the worker at once, the outcome already in place.
+#[test]
+fn the_outcome_is_written_before_the_log_is_delivered_and_a_sigterm_then_ends_the_wait() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = std::net::TcpListener::bind("127.0.0.1:0").expect("broker");
+    let mut b = spec("wkrk");
+    b.kafka_hosts = Some(broker.local_addr().expect("addr").to_string());
+    let archive = targz(&[("Dockerfile", "FROM test/busybox:latest\nRUN true\n")]);
+    store(dir.path(), &b.source_key(), &archive);
+    let job = BuildJobSpec::from_build(
+        &b,
+        SourceRef {
+            kind: SourceKind::Stored,
+            display: "stored".into(),
+            storage_key: Some(b.source_key()),
+        },
+    );
+    let term = dir.path().join("termination-log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_buildshuttle"))
+        .arg("worker")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env(
+            "BUILD_JOB_SPEC",
+            serde_json::to_string(&job).expect("spec json"),
+        )
+        .env("DATA_DIR", dir.path().join("data"))
+        .env("TERMINATION_LOG_PATH", &term)
+        .env(
+            "DOCKER_BUILD_SETTINGS",
+            r#"{"socketPath":"/var/run/docker.sock"}"#,
+        )
+        .env("DOCKER_WAIT_SECONDS", "20")
+        .env("TIMEOUT_IN_MS", "300000")
+        .env("KAFKA_DELIVERY_TIMEOUT_MS", "120000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the worker runs");
+    let start = std::time::Instant::now();
+    let written = loop {
+        if let Ok(text) = std::fs::read_to_string(&term) {
+            if !text.is_empty() {
+                break text;
+            }
+        }
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "the worker ended before writing its outcome"
+        );
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "no outcome while the log is being delivered"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let outcome: Outcome = serde_json::from_str(&written).expect("an outcome");
+    assert!(matches!(outcome, Outcome::Succeeded { .. }), "{written}");
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "still delivering the log"
+    );
+    let sent = std::time::Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            sent.elapsed() < std::time::Duration::from_secs(10),
+            "SIGTERM did not end the wait for the log's delivery"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+    drop(broker);
+}
+
 /// Puts an archive where local storage (DATA_DIR/store) keeps `{build_uuid}`.
 fn store(dir: &Path, key: &str, bytes: &[u8]) {
     let store = dir.join("data").join("store");
