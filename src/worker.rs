@@ -173,7 +173,10 @@ async fn build(
         spec.build_uuid
     ));
 
-    let wait = Duration::from_secs(args.docker_wait_seconds);
+    // TIMEOUT_IN_MS counts from the worker's start, waiting for dockerd included: the pod's
+    // deadline (TIMEOUT_IN_MS + a margin for the pod's own start) must not come first.
+    let deadline = tokio::time::Instant::from_std(started) + cfg.timeout;
+    let wait = Duration::from_secs(args.docker_wait_seconds).min(cfg.timeout);
     // Waiting for dockerd can take minutes (a dind sidecar that cannot start): a stop must
     // end it at once, not after DOCKER_WAIT_SECONDS.
     let connected = tokio::select! {
@@ -190,7 +193,7 @@ async fn build(
             let workdir = cfg.data_dir.join("build");
             let o = tokio::select! {
                 o = pipeline.run(spec, &mut log, &workdir, timings) => o,
-                _ = tokio::time::sleep(cfg.timeout) => Outcome::failed(
+                _ = tokio::time::sleep_until(deadline) => Outcome::failed(
                     FailureReason::Timeout,
                     format!("the build ran longer than TIMEOUT_IN_MS ({} ms)", cfg.timeout.as_millis()),
                 ),

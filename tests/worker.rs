@@ -179,6 +179,52 @@ fn the_outcome_is_written_before_the_log_is_delivered_and_a_sigterm_then_ends_th
     drop(broker);
 }
 
+/// TIMEOUT_IN_MS counts from the worker's start, the wait for dockerd included: the pod's
+/// deadline is TIMEOUT_IN_MS plus a margin for the pod's own start, and must not come first.
+#[test]
+fn the_wait_for_dockerd_counts_against_timeout_in_ms() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = spec("wkrwait");
+    let job = BuildJobSpec::from_build(
+        &b,
+        SourceRef {
+            kind: SourceKind::Http,
+            display: "http://127.0.0.1:9/a.tgz".into(),
+            storage_key: None,
+        },
+    );
+    let socket = dir.path().join("no-dockerd-here.sock");
+    let settings = format!(r#"{{"socketPath":"{}"}}"#, socket.display());
+    let started = std::time::Instant::now();
+    let run = run_worker(
+        dir.path(),
+        &job,
+        Some("http://127.0.0.1:9/a.tgz"),
+        &[
+            ("DOCKER_BUILD_SETTINGS", settings.as_str()),
+            ("DOCKER_WAIT_SECONDS", "60"),
+            ("TIMEOUT_IN_MS", "2000"),
+        ],
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "waited {:?} for a dockerd that never came",
+        started.elapsed()
+    );
+    assert_eq!(run.code, Some(1));
+    assert!(
+        matches!(
+            run.outcome,
+            Outcome::Failed {
+                reason: FailureReason::DockerUnavailable,
+                ..
+            }
+        ),
+        "{:?}",
+        run.outcome
+    );
+}
+
 /// Puts an archive where local storage (DATA_DIR/store) keeps `{build_uuid}`.
 fn store(dir: &Path, key: &str, bytes: &[u8]) {
     let store = dir.join("data").join("store");
