@@ -809,10 +809,27 @@ mod tests {
         assert!(!own.is_last_write(&job), "a later version is not ours");
     }
 
-    #[tokio::test]
-    async fn a_repeated_submit_creates_nothing_new() {
+    /// `submit(spec)` against a mocked API server that must see exactly `scenario` (echoed
+    /// bodies pass through `echo`); what `submit` answered.
+    async fn submitted(
+        spec: BuildSpec,
+        scenario: Vec<Expect>,
+        echo: fn(Value) -> Value,
+    ) -> Result<(), ExecutorError> {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let (client, handle) = mock::client();
+        let verifier = mock::verify_with(handle, scenario, echo);
+        let (exec, _) = executor(client, dir.path());
+        let res = exec.submit(spec).await;
+        drop(exec);
+        verifier
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        res
+    }
+
+    #[tokio::test]
+    async fn a_repeated_submit_creates_nothing_new() {
         let existing =
             with_uid(serde_json::to_value(job(Some(Phase::Running))).unwrap_or_default());
         let mut spec = crate::build::tests::spec();
@@ -826,20 +843,12 @@ mod tests {
                 Some(status_error(409, "AlreadyExists")),
             ),
         ];
-        let verifier = mock::verify(handle, scenario);
-        let (exec, _) = executor(client, dir.path());
-        let res = exec.submit(spec).await;
-        drop(exec);
-        verifier
-            .await
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        let res = submitted(spec, scenario, |v| v).await;
         assert!(res.is_ok(), "{res:?}");
     }
 
     #[tokio::test]
     async fn a_build_number_another_build_already_has_is_refused_not_dropped() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let (client, handle) = mock::client();
         let mut other = job(Some(Phase::Running));
         other.spec.build_uuid = "00000000-0000-4000-8000-000000000001".into();
         let existing = with_uid(serde_json::to_value(other).unwrap_or_default());
@@ -849,21 +858,13 @@ mod tests {
             200,
             Some(existing),
         )];
-        let verifier = mock::verify(handle, scenario);
-        let (exec, _) = executor(client, dir.path());
-        let res = exec.submit(crate::build::tests::spec()).await;
-        drop(exec);
-        verifier
-            .await
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        let res = submitted(crate::build::tests::spec(), scenario, |v| v).await;
         let e = res.expect_err("refused").to_string();
         assert!(e.contains("00000000-0000-4000-8000-000000000001"), "{e}");
     }
 
     #[tokio::test]
     async fn a_secret_that_cannot_be_created_takes_the_new_buildjob_with_it() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let (client, handle) = mock::client();
         let mut spec = crate::build::tests::spec();
         spec.sources = Secret::new("https://example.com/a.tgz");
         let scenario = vec![
@@ -888,20 +889,12 @@ mod tests {
             }),
             Expect::new(Method::DELETE, format!("{JOBS}/{JOB}"), 200, None),
         ];
-        let verifier = mock::verify_with(handle, scenario, with_uid);
-        let (exec, _) = executor(client, dir.path());
-        let res = exec.submit(spec).await;
-        drop(exec);
-        verifier
-            .await
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        let res = submitted(spec, scenario, with_uid).await;
         assert!(res.is_err(), "{res:?}");
     }
 
     #[tokio::test]
     async fn a_create_race_409_reads_the_winner() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let (client, handle) = mock::client();
         let existing = with_uid(serde_json::to_value(job(None)).unwrap_or_default());
         let mut spec = crate::build::tests::spec();
         spec.sources = Secret::new("https://user:tok@example.com/a.tgz?sig=abc");
@@ -927,13 +920,7 @@ mod tests {
                 assert_eq!(uri, b"https://user:tok@example.com/a.tgz?sig=abc");
             }),
         ];
-        let verifier = mock::verify(handle, scenario);
-        let (exec, _) = executor(client, dir.path());
-        let res = exec.submit(spec).await;
-        drop(exec);
-        verifier
-            .await
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        let res = submitted(spec, scenario, |v| v).await;
         assert!(res.is_ok(), "{res:?}");
     }
 
