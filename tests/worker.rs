@@ -56,13 +56,15 @@ struct Run {
     termination: String,
 }
 
-fn run_worker(
+/// `buildshuttle worker` for `job`, with only the environment a worker pod gives it (the
+/// host's dockerd; `extra_env` last, so it wins); its termination log is
+/// `dir/termination-log`.
+fn worker_command(
     dir: &Path,
     job: &BuildJobSpec,
     sources: Option<&str>,
     extra_env: &[(&str, &str)],
-) -> Run {
-    let term = dir.join("termination-log");
+) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_buildshuttle"));
     cmd.arg("worker")
         .env_clear()
@@ -72,7 +74,7 @@ fn run_worker(
             serde_json::to_string(job).expect("spec json"),
         )
         .env("DATA_DIR", dir.join("data"))
-        .env("TERMINATION_LOG_PATH", &term)
+        .env("TERMINATION_LOG_PATH", dir.join("termination-log"))
         .env(
             "DOCKER_BUILD_SETTINGS",
             r#"{"socketPath":"/var/run/docker.sock"}"#,
@@ -85,7 +87,19 @@ fn run_worker(
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
-    let out = cmd.output().expect("the worker runs");
+    cmd
+}
+
+fn run_worker(
+    dir: &Path,
+    job: &BuildJobSpec,
+    sources: Option<&str>,
+    extra_env: &[(&str, &str)],
+) -> Run {
+    let term = dir.join("termination-log");
+    let out = worker_command(dir, job, sources, extra_env)
+        .output()
+        .expect("the worker runs");
     let text = std::fs::read_to_string(&term).expect("termination log written");
     Run {
         code: out.status.code(),
@@ -116,27 +130,16 @@ fn the_outcome_is_written_before_the_log_is_delivered_and_a_sigterm_then_ends_th
         },
     );
     let term = dir.path().join("termination-log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_buildshuttle"))
-        .arg("worker")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env(
-            "BUILD_JOB_SPEC",
-            serde_json::to_string(&job).expect("spec json"),
-        )
-        .env("DATA_DIR", dir.path().join("data"))
-        .env("TERMINATION_LOG_PATH", &term)
-        .env(
-            "DOCKER_BUILD_SETTINGS",
-            r#"{"socketPath":"/var/run/docker.sock"}"#,
-        )
-        .env("DOCKER_WAIT_SECONDS", "20")
-        .env("TIMEOUT_IN_MS", "300000")
-        .env("KAFKA_DELIVERY_TIMEOUT_MS", "120000")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("the worker runs");
+    let mut child = worker_command(
+        dir.path(),
+        &job,
+        None,
+        &[("KAFKA_DELIVERY_TIMEOUT_MS", "120000")],
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .expect("the worker runs");
     let start = std::time::Instant::now();
     let written = loop {
         if let Ok(text) = std::fs::read_to_string(&term) {
@@ -549,25 +552,19 @@ fn sigterm_while_waiting_for_dockerd_ends_the_worker_with_interrupted() {
         },
     );
     let socket = dir.path().join("no-dockerd-here.sock");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_buildshuttle"))
-        .arg("worker")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env(
-            "BUILD_JOB_SPEC",
-            serde_json::to_string(&job).expect("spec json"),
-        )
-        .env("WORKER_SOURCES", "http://127.0.0.1:9/a.tgz")
-        .env("DATA_DIR", dir.path().join("data"))
-        .env("TERMINATION_LOG_PATH", &term)
-        .env(
-            "DOCKER_BUILD_SETTINGS",
-            format!(r#"{{"socketPath":"{}"}}"#, socket.display()),
-        )
-        .env("DOCKER_WAIT_SECONDS", "300")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("the worker runs");
+    let settings = format!(r#"{{"socketPath":"{}"}}"#, socket.display());
+    let mut child = worker_command(
+        dir.path(),
+        &job,
+        Some("http://127.0.0.1:9/a.tgz"),
+        &[
+            ("DOCKER_BUILD_SETTINGS", settings.as_str()),
+            ("DOCKER_WAIT_SECONDS", "300"),
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .expect("the worker runs");
     // The first build line comes right before the wait for dockerd starts.
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = std::io::BufReader::new(stdout).lines();
