@@ -1250,6 +1250,21 @@ mod tests {
         format!("{PODS}/{}", pod_name(JOB, attempt))
     }
 
+    /// The read of the first worker pod, which does not exist yet.
+    fn no_pod_yet() -> Expect {
+        Expect::new(
+            Method::GET,
+            pod_path(0),
+            404,
+            Some(status_error(404, "NotFound")),
+        )
+    }
+
+    /// The read of the BuildJob's own credentials Secret.
+    fn its_secret() -> Expect {
+        Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1")))
+    }
+
     fn secret_path() -> String {
         format!("/api/v1/namespaces/builds/secrets/{JOB}-credentials")
     }
@@ -1428,13 +1443,8 @@ mod tests {
         let in_flight = starting(&with_finalizer, "3");
         let mut scenario = vec![
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
-            Expect::new(
-                Method::GET,
-                pod_path(0),
-                404,
-                Some(status_error(404, "NotFound")),
-            ),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+            no_pod_yet(),
+            its_secret(),
             Expect::new(Method::POST, PODS, 201, None).check(|b| {
                 assert_eq!(b["metadata"]["name"], pod_name(JOB, 0));
                 assert_eq!(b["metadata"]["ownerReferences"][0]["kind"], "BuildJob");
@@ -1478,13 +1488,8 @@ mod tests {
         j.status = None;
         let scenario = vec![
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
-            Expect::new(
-                Method::GET,
-                pod_path(0),
-                404,
-                Some(status_error(404, "NotFound")),
-            ),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+            no_pod_yet(),
+            its_secret(),
             Expect::new(Method::POST, PODS, 201, None),
             Expect::new(
                 Method::PATCH,
@@ -1562,12 +1567,7 @@ mod tests {
         let others = vec![other("a-1", Phase::Running), other("b-1", Phase::Pending)];
         let scenario = vec![
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
-            Expect::new(
-                Method::GET,
-                pod_path(0),
-                404,
-                Some(status_error(404, "NotFound")),
-            ),
+            no_pod_yet(),
             Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&j)))
                 .check(|b| assert_eq!(b["status"]["phase"], "Queued")),
         ];
@@ -1697,12 +1697,7 @@ mod tests {
         // No GET of the BuildJob or its Secret: the pod (no pod watch in this test), the
         // pod's creation, the status.
         let mut scenario = vec![
-            Expect::new(
-                Method::GET,
-                pod_path(0),
-                404,
-                Some(status_error(404, "NotFound")),
-            ),
+            no_pod_yet(),
             Expect::new(Method::POST, PODS, 201, None),
             Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&in_flight))).check(|b| {
                 assert_eq!(
@@ -1750,7 +1745,7 @@ mod tests {
             Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&done))),
             // The sender: Secret, then the record on what the reconcile wrote (no read; our
             // last write is then version 3).
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+            its_secret(),
             Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&all))),
             // The third reconcile's cached copy (version 2) is older than our last write.
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&all))),
@@ -1822,7 +1817,7 @@ mod tests {
             // No pod read.
             Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&done)))
                 .check(|b| assert_eq!(b["status"]["phase"], "Succeeded")),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+            its_secret(),
         ];
         scenario.extend(recorded(&done, |_| {}));
         let (res, _) = play_with_pods(j, vec![pod], scenario).await;
@@ -1853,7 +1848,7 @@ mod tests {
             Expect::new(Method::GET, pod_path(0), 200, Some(ended)),
             Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&done)))
                 .check(|b| assert_eq!(b["status"]["phase"], "Succeeded")),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+            its_secret(),
         ];
         scenario.extend(recorded(&done, |_| {}));
         let (res, _) =
@@ -1948,7 +1943,7 @@ mod tests {
                     }
                 })
                 .reply(server.reply()),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+            its_secret(),
             Expect::new(Method::PATCH, STATUS, 200, None)
                 .check({
                     let commit = server.commit("4");
@@ -2011,7 +2006,7 @@ mod tests {
                     }
                 })
                 .reply(server.reply()),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+            its_secret(),
             Expect::new(Method::PATCH, STATUS, 200, None)
                 .check(server.commit("4"))
                 .reply(server.reply()),
@@ -2053,7 +2048,7 @@ mod tests {
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
             Expect::new(Method::GET, pod_path(0), 200, Some(pod)),
             Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&done))),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+            its_secret(),
         ];
         // Given up (and said so) rather than left to a takeover that would send it again.
         scenario.extend(recorded(&done, |b| {
@@ -2116,7 +2111,7 @@ mod tests {
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
             Expect::new(Method::GET, pod_path(0), 200, Some(pod)),
             Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&done))),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+            its_secret(),
             Expect::new(
                 Method::PATCH,
                 STATUS,
@@ -2300,13 +2295,8 @@ mod tests {
         refused["message"] = json!("pods \"x\" is forbidden: violates PodSecurity \"baseline:latest\": privileged (container \"dind\" must not set securityContext.privileged=true)");
         let scenario = vec![
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
-            Expect::new(
-                Method::GET,
-                pod_path(0),
-                404,
-                Some(status_error(404, "NotFound")),
-            ),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+            no_pod_yet(),
+            its_secret(),
             Expect::new(Method::POST, PODS, 403, Some(refused)),
             Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&j))).check(|b| {
                 assert_eq!(b["status"]["phase"], "Failed");
@@ -2336,13 +2326,8 @@ mod tests {
             j.status = None;
             let scenario = vec![
                 Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
-                Expect::new(
-                    Method::GET,
-                    pod_path(0),
-                    404,
-                    Some(status_error(404, "NotFound")),
-                ),
-                Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+                no_pod_yet(),
+                its_secret(),
                 Expect::new(Method::POST, PODS, code, Some(denial)),
                 Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&j))).check(move |b| {
                     assert_eq!(b["status"]["phase"], "Failed", "{code}: {b}");
@@ -2415,13 +2400,8 @@ mod tests {
         let scenario = |q: Value, retries: u32| {
             vec![
                 Expect::new(Method::GET, JOB_PATH, 200, None),
-                Expect::new(
-                    Method::GET,
-                    pod_path(0),
-                    404,
-                    Some(status_error(404, "NotFound")),
-                ),
-                Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+                no_pod_yet(),
+                its_secret(),
                 Expect::new(Method::POST, PODS, 403, Some(q)),
                 Expect::new(Method::PATCH, STATUS, 200, None).check(move |b| {
                     if retries < 2 {
@@ -2464,13 +2444,8 @@ mod tests {
         });
         let scenario = vec![
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
-            Expect::new(
-                Method::GET,
-                pod_path(0),
-                404,
-                Some(status_error(404, "NotFound")),
-            ),
-            Expect::new(Method::GET, secret_path(), 200, Some(secret_json("uid-1"))),
+            no_pod_yet(),
+            its_secret(),
         ];
         let (res, _) = play(j, vec![], scenario).await;
         let after = format!("{:?}", res.ok());
@@ -2514,12 +2489,7 @@ mod tests {
         j.status = None;
         let scenario = vec![
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
-            Expect::new(
-                Method::GET,
-                pod_path(0),
-                404,
-                Some(status_error(404, "NotFound")),
-            ),
+            no_pod_yet(),
             Expect::new(
                 Method::GET,
                 secret_path(),
@@ -2552,12 +2522,7 @@ mod tests {
         j.status = None;
         let scenario = vec![
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
-            Expect::new(
-                Method::GET,
-                pod_path(0),
-                404,
-                Some(status_error(404, "NotFound")),
-            ),
+            no_pod_yet(),
             Expect::new(
                 Method::GET,
                 secret_path(),
