@@ -885,25 +885,31 @@ pub(super) mod tests {
 
     /// `l -> .` makes `esc -> l/l/../../outside` look two levels deep to a check that reads
     /// the target's names, while the kernel resolves it two levels above the context.
-    fn escaping(last: (&'static str, tar::EntryType, &'static [u8])) -> Vec<u8> {
+    /// Writes that archive, ending with `last`, beside `outside/secret`; returns the folder,
+    /// the archive and where to extract it (`work/ctx`, two levels below the folder).
+    fn escaping(
+        last: (&'static str, tar::EntryType, &'static [u8]),
+    ) -> (tempfile::TempDir, PathBuf, PathBuf) {
         use tar::EntryType::{Regular, Symlink};
-        tar_of(&[
-            ("Dockerfile", Regular, b"FROM x\n"),
-            ("l", Symlink, b"."),
-            ("esc", Symlink, b"l/l/../../outside"),
-            last,
-        ])
-    }
-
-    #[test]
-    fn a_hard_link_through_an_earlier_symlink_copies_nothing_from_outside() {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir_all(dir.path().join("outside")).unwrap();
         fs::write(dir.path().join("outside/secret"), b"s3cret").unwrap();
         fs::create_dir_all(dir.path().join("work")).unwrap();
-        let a = dir.path().join("a.tar");
-        fs::write(&a, escaping(("leak", tar::EntryType::Link, b"esc/secret"))).unwrap();
+        let archive = dir.path().join("a.tar");
+        let entries = [
+            ("Dockerfile", Regular, b"FROM x\n".as_slice()),
+            ("l", Symlink, b"."),
+            ("esc", Symlink, b"l/l/../../outside"),
+            last,
+        ];
+        fs::write(&archive, tar_of(&entries)).unwrap();
         let out = dir.path().join("work/ctx");
+        (dir, archive, out)
+    }
+
+    #[test]
+    fn a_hard_link_through_an_earlier_symlink_copies_nothing_from_outside() {
+        let (_dir, a, out) = escaping(("leak", tar::EntryType::Link, b"esc/secret"));
         let err = extract(&a, &out, &limits()).unwrap_err();
         assert!(matches!(err, ContextError::UnsafeEntry { .. }), "{err}");
         assert!(!out.join("leak").exists());
@@ -911,17 +917,8 @@ pub(super) mod tests {
 
     #[test]
     fn a_dockerignore_or_dockerfile_that_is_a_symlink_is_not_read() {
-        let dir = tempfile::tempdir().unwrap();
-        fs::create_dir_all(dir.path().join("outside")).unwrap();
-        fs::write(dir.path().join("outside/secret"), b"s3cret").unwrap();
-        fs::create_dir_all(dir.path().join("work")).unwrap();
-        let a = dir.path().join("a.tar");
-        fs::write(
-            &a,
-            escaping((".dockerignore", tar::EntryType::Symlink, b"esc/secret")),
-        )
-        .unwrap();
-        let root = extract(&a, &dir.path().join("work/ctx"), &limits()).unwrap();
+        let (_dir, a, out) = escaping((".dockerignore", tar::EntryType::Symlink, b"esc/secret"));
+        let root = extract(&a, &out, &limits()).unwrap();
         let err = DockerIgnore::load(&root).unwrap_err();
         assert!(matches!(err, ContextError::UnsafeEntry { .. }), "{err}");
         fs::remove_file(root.join("Dockerfile")).unwrap();
