@@ -120,7 +120,7 @@ impl BuildSpec {
         s.docker_password = None;
         s.callback_auth = None;
         // A callback URL may carry a token in its query or its userinfo.
-        s.callback = s.callback.as_deref().map(without_credentials);
+        s.callback = s.callback.as_deref().map(crate::secret::redact_url);
         let sources = self.sources.expose();
         if let Some((user, pass)) = docker_source_userinfo(sources) {
             let without = sources.replacen(&format!("{user}:{pass}@"), "", 1);
@@ -130,7 +130,7 @@ impl BuildSpec {
             .is_some_and(|s| s.eq_ignore_ascii_case("http"))
         {
             // A presigned URL's signature, or user:token@, is a credential too.
-            s.sources = Secret::new(without_credentials(sources));
+            s.sources = Secret::new(crate::secret::redact_url(sources));
         }
         // Build args often carry tokens (NPM_TOKEN, …); their names say enough afterwards.
         for value in s.build_args.values_mut() {
@@ -170,25 +170,6 @@ fn docker_source_userinfo(sources: &str) -> Option<(&str, &str)> {
         return None;
     }
     userinfo.split_once(':')
-}
-
-/// A URL without its userinfo, query and fragment (what is left when it does not parse:
-/// the text before any `?`, `#` or `@`).
-fn without_credentials(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut u) => {
-            // Only fails for URLs that cannot have userinfo: nothing to remove then.
-            let _ = u.set_password(None);
-            let _ = u.set_username("");
-            u.set_query(None);
-            u.set_fragment(None);
-            u.to_string()
-        }
-        Err(_) => {
-            let head = url.split(['?', '#']).next().unwrap_or_default();
-            head.rsplit_once('@').map_or(head, |(_, h)| h).to_string()
-        }
-    }
 }
 
 pub fn source_key(build_uuid: &Uuid) -> String {

@@ -43,7 +43,8 @@ pub fn redact(text: &str, secrets: &[&str]) -> String {
     out
 }
 
-/// A URL fit for a log line: no credentials, no query (which may carry tokens).
+/// A URL fit for a log line or a record kept for good: no credentials, no query or fragment
+/// (which may carry tokens).
 pub fn redact_url(url: &str) -> String {
     match reqwest::Url::parse(url) {
         Ok(mut u) => {
@@ -52,6 +53,7 @@ pub fn redact_url(url: &str) -> String {
             if u.query().is_some() {
                 u.set_query(Some("…"));
             }
+            u.set_fragment(None);
             u.to_string()
         }
         Err(_) => "<invalid url>".to_string(),
@@ -84,5 +86,6 @@ mod tests {
             redact_url("https://u:p@h/x.tgz?token=abc"),
             "https://h/x.tgz?%E2%80%A6"
         );
+        assert_eq!(redact_url("https://h/x.tgz#token=abc"), "https://h/x.tgz");
     }
 }
