@@ -472,7 +472,6 @@ fn the_binary_exits_2_with_one_line_on_wrong_s3_credentials() {
 #[tokio::test]
 async fn large_objects_go_up_in_parts_and_come_back_intact() {
     use buildshuttle::storage::{S3Storage, Storage, PART_SIZE};
-    use futures::StreamExt;
     require_s3();
     let cfg = buildshuttle::config::S3Config {
         bucket: S3_BUCKET.into(),
@@ -499,15 +498,46 @@ async fn large_objects_go_up_in_parts_and_come_back_intact() {
     assert!(store.exists(&key).await.unwrap());
     let obj = store.get(&key).await.unwrap().unwrap();
     assert_eq!(obj.len, Some(len as u64));
-    let mut body = obj.body;
-    let mut got = Vec::with_capacity(len);
-    while let Some(chunk) = body.next().await {
-        got.extend_from_slice(&chunk.unwrap());
-    }
+    let got = collect(obj.body).await;
     assert!(got == data, "downloaded bytes differ");
+    // Resuming reads only the rest, wherever it starts, and nothing past the end.
+    for offset in [
+        1,
+        PART_SIZE + 7,
+        len as u64 - 1,
+        len as u64,
+        len as u64 + 10,
+    ] {
+        let obj = store.get_from(&key, offset).await.unwrap().unwrap();
+        let rest = collect(obj.body).await;
+        let start = (offset as usize).min(len);
+        assert_eq!(rest.len(), len - start, "from {offset}");
+        assert!(rest == data[start..], "bytes from {offset} differ");
+    }
+    assert!(store.get_from("multipart-nope", 5).await.unwrap().is_none());
     assert!(store.get("multipart-nope").await.unwrap().is_none());
     assert!(!store.exists("multipart-nope").await.unwrap());
     let _ = std::fs::remove_file(s3_file(&key));
+    // An empty object (a build that logged nothing) has nothing past any offset.
+    let empty_key = format!("empty-{}", uuid::Uuid::new_v4());
+    std::fs::write(&path, b"").unwrap();
+    store.put_file(&empty_key, &path).await.unwrap();
+    for offset in [0, 3] {
+        let obj = store.get_from(&empty_key, offset).await.unwrap().unwrap();
+        assert!(collect(obj.body).await.is_empty(), "from {offset}");
+    }
+    let _ = std::fs::remove_file(s3_file(&empty_key));
+}
+
+async fn collect(
+    mut body: futures::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>,
+) -> Vec<u8> {
+    use futures::StreamExt;
+    let mut got = Vec::new();
+    while let Some(chunk) = body.next().await {
+        got.extend_from_slice(&chunk.unwrap());
+    }
+    got
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -352,6 +352,61 @@ async fn a_missing_crd_fails_the_health_check() {
     .await;
 }
 
+/// A followed log whose pod log stream is cut while the build runs (an API server or
+/// kubelet restart, a proxy's idle timeout) is re-opened at once: lines printed after the cut
+/// reach the reader while the build still runs, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_whose_pod_log_stream_is_cut_picks_it_up_again_while_the_build_runs() {
+    use futures::StreamExt;
+    let cluster = Cluster::start().await;
+    let shuttle = cluster.serve(Mode::Host, &[]);
+    let cb = Callbacks::start().await;
+    let df = format!(
+        "FROM {}\n{}\nRUN for i in 1 2 3 4 5 6 7 8; do echo tick-$i; sleep 1; done\n",
+        cluster.base_image(),
+        cache_buster()
+    );
+    let b = cluster.body(&data_uri(&tar_gz(&[("Dockerfile", df.as_bytes())])), &cb);
+    shuttle.post(&b).await;
+    running_pod(&cluster, &b).await;
+    let path = format!(
+        "/{}/{}/logs?follow=true",
+        key(&b),
+        b["build_number"].as_u64().unwrap_or(1)
+    );
+    let mut body = reqwest::get(shuttle.url(&path))
+        .await
+        .expect("follow")
+        .bytes_stream();
+    let mut text = String::new();
+    let mut read_until = async |line: &str| {
+        while !text.contains(line) {
+            match tokio::time::timeout(BUILD, body.next()).await {
+                Ok(Some(Ok(chunk))) => text.push_str(&String::from_utf8_lossy(&chunk)),
+                other => panic!("the follow ended before {line:?} ({other:?}): {text}"),
+            }
+        }
+        text.clone()
+    };
+    read_until("tick-2\n").await;
+    cluster.sim.cut_log_streams();
+    read_until("tick-6\n").await;
+    let job = cluster.job(&b).await;
+    assert_eq!(
+        job["status"]["phase"], "Running",
+        "tick-6 came from the re-opened pod log, not from the stored log at the end"
+    );
+    let text = read_until("Build finished").await;
+    for i in 1..=8 {
+        assert_eq!(
+            text.matches(&format!("tick-{i}\n")).count(),
+            1,
+            "tick-{i} once: {text}"
+        );
+    }
+    exactly_once(&cb, &b, "succeeded").await;
+}
+
 /// Polls `/octhc` until it answers `code`.
 async fn wait_octhc(shuttle: &Proc, code: u16, within: Duration, what: &str) {
     let start = Instant::now();

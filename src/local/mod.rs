@@ -963,17 +963,17 @@ impl Executor for LocalExecutor {
         let key = crate::build::log_key(app, app_uuid, build_number);
         if let Some(path) = self.inner.sinks.files.path(&key) {
             if let Ok(file) = tokio::fs::File::open(&path).await {
-                return Ok(Some(crate::logs::file_from(file, offset).await));
+                return Ok(Some(crate::storage::file_object(file, offset).await));
             }
         }
         let obj = self
             .inner
             .sinks
             .storage
-            .get(&key)
+            .get_from(&key, offset)
             .await
             .map_err(|e| ExecutorError::Unavailable(e.to_string()))?;
-        Ok(obj.map(|o| crate::logs::skip(o, offset)))
+        Ok(obj)
     }
 
     async fn is_active(&self, app: &str, app_uuid: &str, build_number: u64) -> bool {

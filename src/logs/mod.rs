@@ -14,55 +14,6 @@ use crate::storage::Storage;
 use futures::future::BoxFuture;
 use std::sync::Arc;
 
-/// A log file read from `offset` on.
-pub async fn file_from(mut file: tokio::fs::File, offset: u64) -> crate::storage::Object {
-    use futures::StreamExt;
-    use tokio::io::AsyncSeekExt;
-    let len = file
-        .metadata()
-        .await
-        .ok()
-        .map(|m| m.len().saturating_sub(offset));
-    if offset > 0 && file.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
-        return crate::storage::Object {
-            len: Some(0),
-            body: futures::stream::empty().boxed(),
-        };
-    }
-    crate::storage::Object {
-        len,
-        body: tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024).boxed(),
-    }
-}
-
-/// A stored object without its first `offset` bytes.
-pub fn skip(obj: crate::storage::Object, offset: u64) -> crate::storage::Object {
-    use futures::StreamExt;
-    if offset == 0 {
-        return obj;
-    }
-    let mut left = offset;
-    let body = obj
-        .body
-        .filter_map(move |chunk| {
-            let out = match chunk {
-                Ok(mut c) => {
-                    let drop = left.min(c.len() as u64) as usize;
-                    left -= drop as u64;
-                    let rest = c.split_off(drop);
-                    (!rest.is_empty()).then_some(Ok(rest))
-                }
-                Err(e) => Some(Err(e)),
-            };
-            futures::future::ready(out)
-        })
-        .boxed();
-    crate::storage::Object {
-        len: obj.len.map(|l| l.saturating_sub(offset)),
-        body,
-    }
-}
-
 /// Opens a build's log with every configured sink.
 #[derive(Clone)]
 pub struct LogSinks {

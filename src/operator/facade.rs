@@ -244,8 +244,11 @@ struct Follower {
     pod: Option<String>,
     sent: usize,
     lines: Option<Lines>,
-    /// The pod's log stream ended (its container stopped): wait for the stored log.
+    /// The worker container of `pod` has stopped: its log will not grow, wait for the
+    /// stored log.
     pod_done: bool,
+    /// The build has ended: the rest of its stored log, then the end.
+    rest: Option<LogStream>,
     ended: bool,
 }
 
@@ -259,20 +262,21 @@ impl Follower {
         .boxed()
     }
 
-    /// The stored log from the first line not yet sent, and then the end of the stream.
-    async fn end_with_stored_log(&mut self) -> Option<Bytes> {
+    /// Switches to the stored log from the first line not yet sent, then the end.
+    async fn end_with_stored_log(&mut self) {
         self.ended = true;
         let skip = if self.pod.is_some() { self.sent } else { 0 };
         let key = crate::build::log_key(&self.app, &self.app_uuid, self.build_number);
-        stored_after(&self.exec.storage, &key, skip)
-            .await
-            .filter(|b| !b.is_empty())
+        self.rest = stored_after(&self.exec.storage, &key, skip).await;
     }
 
     async fn next_chunk(&mut self) -> Option<Bytes> {
         loop {
             if self.ended {
-                return None;
+                return match self.rest.as_mut()?.next().await {
+                    Some(Ok(chunk)) => Some(chunk),
+                    _ => None,
+                };
             }
             if let Some(lines) = self.lines.as_mut() {
                 match lines.next().await {
@@ -286,9 +290,15 @@ impl Follower {
                         }
                         continue;
                     }
+                    // The container stopped, or the API server or kubelet cut the stream
+                    // (a restart, an idle timeout): the log is re-opened unless the pod
+                    // says its worker has stopped. The kubelet records a stop a moment after
+                    // the log ends, so the pod is read after a pause.
                     _ => {
                         self.lines = None;
-                        self.pod_done = true;
+                        tokio::time::sleep(FOLLOW_WAIT).await;
+                        let pod = self.pod.clone().unwrap_or_default();
+                        self.pod_done = worker_stopped(&self.exec, &pod).await.unwrap_or(false);
                         continue;
                     }
                 }
@@ -296,12 +306,15 @@ impl Follower {
             let job = match self.exec.jobs().get_opt(&self.name).await {
                 Ok(Some(job)) => Some(job),
                 // Deleted (and past its finalizer): it will never say it finished.
-                Ok(None) => return self.end_with_stored_log().await,
+                Ok(None) => {
+                    self.end_with_stored_log().await;
+                    continue;
+                }
                 Err(_) => None,
             };
             let status = job.and_then(|j| j.status).unwrap_or_default();
             match (status.phase, status.pod_name) {
-                (Some(p), _) if p.is_finished() => return self.end_with_stored_log().await,
+                (Some(p), _) if p.is_finished() => self.end_with_stored_log().await,
                 (Some(Phase::Running), Some(pod))
                     if !(self.pod_done && self.pod.as_deref() == Some(&pod)) =>
                 {
@@ -319,6 +332,25 @@ impl Follower {
             }
         }
     }
+}
+
+/// Whether the worker container of `pod` has stopped (or the pod is gone); `None` when the
+/// pod could not be read.
+async fn worker_stopped(exec: &KubeExecutor, pod: &str) -> Option<bool> {
+    let pods: Api<Pod> = Api::namespaced(exec.client.clone(), &exec.namespace);
+    let Some(pod) = pods.get_opt(pod).await.ok()? else {
+        return Some(true);
+    };
+    let status = pod.status.unwrap_or_default();
+    let pod_ended = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
+    let worker_ended = status
+        .container_statuses
+        .unwrap_or_default()
+        .iter()
+        .any(|c| {
+            c.name == WORKER_CONTAINER && c.state.as_ref().is_some_and(|s| s.terminated.is_some())
+        });
+    Some(pod_ended || worker_ended)
 }
 
 /// One `follow=true` log request for the worker container, skipping the build lines
@@ -345,22 +377,29 @@ async fn open_log(exec: &KubeExecutor, pod: &str, prefix: &str, sent: usize) -> 
     Some(lines.boxed())
 }
 
-/// The stored log past its first `skip` lines.
-async fn stored_after(storage: &Arc<dyn Storage>, key: &str, skip: usize) -> Option<Bytes> {
+/// The stored log past its first `skip` lines, streamed (a log may be 100 MiB).
+async fn stored_after(storage: &Arc<dyn Storage>, key: &str, skip: usize) -> Option<LogStream> {
     let obj = storage.get(key).await.ok()??;
-    let chunks: Vec<_> = obj.body.collect().await;
-    let mut all = Vec::new();
-    for c in chunks {
-        all.extend_from_slice(&c.ok()?);
-    }
-    let mut start = 0;
-    for _ in 0..skip {
-        match all[start..].iter().position(|b| *b == b'\n') {
-            Some(i) => start += i + 1,
-            None => return Some(Bytes::new()),
-        }
-    }
-    Some(Bytes::from(all).slice(start..))
+    let mut left = skip;
+    let body = obj.body.filter_map(move |chunk| {
+        let out = match chunk {
+            Ok(mut c) => {
+                while left > 0 && !c.is_empty() {
+                    match c.iter().position(|b| *b == b'\n') {
+                        Some(i) => {
+                            let _ = c.split_to(i + 1);
+                            left -= 1;
+                        }
+                        None => c = Bytes::new(),
+                    }
+                }
+                (!c.is_empty()).then_some(Ok(c))
+            }
+            Err(e) => Some(Err(e)),
+        };
+        futures::future::ready(out)
+    });
+    Some(body.boxed())
 }
 
 /// A URL for people: scheme, host and path; no userinfo, no query (tokens live there).
@@ -544,12 +583,12 @@ impl Executor for KubeExecutor {
             };
         }
         let key = crate::build::log_key(app, app_uuid, build_number);
-        let stored = self.storage.get(&key).await.map_err(|e| {
+        let stored = self.storage.get_from(&key, offset).await.map_err(|e| {
             tracing::error!(error = %e, "reading a stored log");
             ExecutorError::Unavailable("the log storage failed".into())
         })?;
         Ok(match (stored, job) {
-            (Some(obj), _) => Some(crate::logs::skip(obj, offset)),
+            (Some(obj), _) => Some(obj),
             // Known but nothing written yet (queued), or its log was never stored.
             (None, Some(_)) => Some(bytes_object(Vec::new(), offset)),
             (None, None) => None,
@@ -586,6 +625,7 @@ impl Executor for KubeExecutor {
             sent: 0,
             lines: None,
             pod_done: false,
+            rest: None,
             ended: false,
         };
         Ok(Some(follower.stream()))

@@ -2,9 +2,7 @@
 
 use super::{check_key, Object, Storage, StorageError};
 use async_trait::async_trait;
-use futures::StreamExt;
 use std::path::{Path, PathBuf};
-use tokio_util::io::ReaderStream;
 
 #[derive(Debug, Clone)]
 pub struct LocalStorage {
@@ -71,15 +69,13 @@ impl Storage for LocalStorage {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Object>, StorageError> {
+        self.get_from(key, 0).await
+    }
+
+    async fn get_from(&self, key: &str, offset: u64) -> Result<Option<Object>, StorageError> {
         let path = self.path(key)?;
         match tokio::fs::File::open(&path).await {
-            Ok(file) => {
-                let len = file.metadata().await.map_err(io(key))?.len();
-                Ok(Some(Object {
-                    len: Some(len),
-                    body: ReaderStream::with_capacity(file, 64 * 1024).boxed(),
-                }))
-            }
+            Ok(file) => Ok(Some(super::file_object(file, offset).await)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io(key)(e)),
         }
@@ -98,6 +94,7 @@ impl Storage for LocalStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::StreamExt;
 
     /// An empty store, and a file beside it holding `bytes`.
     fn store_and_file(bytes: &[u8]) -> (tempfile::TempDir, LocalStorage, std::path::PathBuf) {

@@ -53,6 +53,12 @@ pub trait Storage: Send + Sync + 'static {
     }
     /// Opens the object under `key`; `None` when there is none.
     async fn get(&self, key: &str) -> Result<Option<Object>, StorageError>;
+    /// The object under `key` past its first `offset` bytes (empty when it is shorter);
+    /// `None` when there is none. A reader that resumes (a log follower) reads only what it
+    /// has not seen, instead of the whole object again.
+    async fn get_from(&self, key: &str, offset: u64) -> Result<Option<Object>, StorageError> {
+        Ok(self.get(key).await?.map(|o| skip(o, offset)))
+    }
     /// Whether an object is stored under `key`.
     async fn exists(&self, key: &str) -> Result<bool, StorageError>;
     /// A short description for start-up logs ("local files under …", "S3 bucket …").
@@ -75,6 +81,55 @@ pub async fn open(
         source,
     })?;
     Ok(std::sync::Arc::new(local))
+}
+
+/// An open file as an object, read from `offset` on.
+pub async fn file_object(mut file: tokio::fs::File, offset: u64) -> Object {
+    use futures::StreamExt;
+    use tokio::io::AsyncSeekExt;
+    let len = file
+        .metadata()
+        .await
+        .ok()
+        .map(|m| m.len().saturating_sub(offset));
+    if offset > 0 && file.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
+        return Object {
+            len: Some(0),
+            body: futures::stream::empty().boxed(),
+        };
+    }
+    Object {
+        len,
+        body: tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024).boxed(),
+    }
+}
+
+/// A stored object without its first `offset` bytes.
+fn skip(obj: Object, offset: u64) -> Object {
+    use futures::StreamExt;
+    if offset == 0 {
+        return obj;
+    }
+    let mut left = offset;
+    let body = obj
+        .body
+        .filter_map(move |chunk| {
+            let out = match chunk {
+                Ok(mut c) => {
+                    let drop = left.min(c.len() as u64) as usize;
+                    left -= drop as u64;
+                    let rest = c.split_off(drop);
+                    (!rest.is_empty()).then_some(Ok(rest))
+                }
+                Err(e) => Some(Err(e)),
+            };
+            futures::future::ready(out)
+        })
+        .boxed();
+    Object {
+        len: obj.len.map(|l| l.saturating_sub(offset)),
+        body,
+    }
 }
 
 pub fn check_key(key: &str) -> Result<(), StorageError> {

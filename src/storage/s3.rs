@@ -310,24 +310,40 @@ impl Storage for S3Storage {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Object>, StorageError> {
+        self.get_from(key, 0).await
+    }
+
+    async fn get_from(&self, key: &str, offset: u64) -> Result<Option<Object>, StorageError> {
         check_key(key)?;
-        let out = match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-        {
+        let mut request = self.client.get_object().bucket(&self.bucket).key(key);
+        // No range from 0: an empty object has no byte 0, and S3 refuses such a range.
+        if offset > 0 {
+            request = request.range(format!("bytes={offset}-"));
+        }
+        let out = match request.send().await {
             Ok(out) => out,
             Err(e) if status_of(&e) == Some(404) => return Ok(None),
+            // 416: the object exists and ends at or before `offset`.
+            Err(e) if status_of(&e) == Some(416) => {
+                return Ok(Some(Object {
+                    len: Some(0),
+                    body: futures::stream::empty().boxed(),
+                }))
+            }
             Err(e) => return Err(s3_error("download", key, e)),
         };
         let len = out.content_length().and_then(|l| u64::try_from(l).ok());
+        // A server that ignores ranges answers with the whole object: skip the bytes here.
+        let ignored_range = offset > 0 && out.content_range().is_none();
         let reader = out.body.into_async_read();
-        Ok(Some(Object {
+        let obj = Object {
             len,
             body: tokio_util::io::ReaderStream::with_capacity(reader, 64 * 1024).boxed(),
+        };
+        Ok(Some(if ignored_range {
+            super::skip(obj, offset)
+        } else {
+            obj
         }))
     }
 

@@ -59,6 +59,9 @@ pub struct Kubelet {
     instant_message: Mutex<String>,
     pods: Mutex<HashMap<String, Arc<PodCtl>>>,
     pods_rt: ResourceType,
+    /// Bumped to end every open `pods/log?follow=true` stream, as an API server or kubelet
+    /// restart (or a proxy's idle timeout) does while the container runs on.
+    log_cuts: tokio::sync::watch::Sender<u64>,
 }
 
 /// Sets (or replaces) a condition, keeping lastTransitionTime unless the status flips.
@@ -248,7 +251,13 @@ impl Kubelet {
             instant_message: Mutex::new(String::new()),
             pods: Mutex::new(HashMap::new()),
             pods_rt,
+            log_cuts: tokio::sync::watch::Sender::new(0),
         }))
+    }
+
+    /// Ends every open followed log stream; the containers run on.
+    pub fn cut_log_streams(&self) {
+        self.log_cuts.send_modify(|n| *n += 1);
     }
 
     pub fn set_instant_message(&self, msg: &str) {
@@ -1495,9 +1504,15 @@ impl Kubelet {
         let limit: Option<usize> = q.get("limitBytes").and_then(|s| s.parse().ok());
         let docker = self.docker().clone();
         if follow {
-            let stream = docker.logs(&id, Some(opts)).filter_map(|r| async move {
-                r.ok().map(|c| Ok::<Bytes, std::io::Error>(c.into_bytes()))
-            });
+            let mut cut = self.log_cuts.subscribe();
+            let stream = docker
+                .logs(&id, Some(opts))
+                .filter_map(|r| async move {
+                    r.ok().map(|c| Ok::<Bytes, std::io::Error>(c.into_bytes()))
+                })
+                .take_until(async move {
+                    let _ = cut.changed().await;
+                });
             let stream: std::pin::Pin<
                 Box<dyn futures::Stream<Item = Result<Bytes, std::io::Error>> + Send>,
             > = match limit {

@@ -401,6 +401,12 @@ impl Sim {
             .await
     }
 
+    /// Ends every open `pods/log?follow=true` stream while the containers run on (an API
+    /// server restart does that to every streaming request).
+    pub fn cut_log_streams(&self) {
+        self.shared.kubelet.cut_log_streams();
+    }
+
     /// The instant kubelet's termination message for worker containers.
     pub fn set_instant_message(&self, msg: &str) {
         self.shared.kubelet.set_instant_message(msg);
