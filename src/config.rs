@@ -181,6 +181,15 @@ pub struct ServeArgs {
         default_value_t = 60
     )]
     pub shutdown_grace_seconds: u64,
+    /// On SIGTERM, how long to go on serving (with `/octhc` answering 503) before closing the
+    /// listener, so a Service's endpoints drop this pod before its port closes. Default: 5 with
+    /// USE_KUBERNETES=true, else 0.
+    #[arg(
+        long,
+        env = "SHUTDOWN_DELAY_SECONDS",
+        value_name = "SHUTDOWN_DELAY_SECONDS"
+    )]
+    pub shutdown_delay_seconds: Option<u64>,
     #[command(flatten)]
     pub kubernetes: KubernetesArgs,
 }
@@ -809,6 +818,7 @@ pub struct Config {
     pub max_request_bytes: usize,
     pub callback_retry_for: Duration,
     pub shutdown_grace: Duration,
+    pub shutdown_delay: Duration,
     pub kubernetes: KubernetesConfig,
 }
 
@@ -843,6 +853,11 @@ impl ServeArgs {
             max_request_bytes: self.max_request_bytes,
             callback_retry_for: Duration::from_secs(self.callback_retry_seconds),
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
+            // Only behind a Service does traffic keep coming for a moment after SIGTERM.
+            shutdown_delay: Duration::from_secs(
+                self.shutdown_delay_seconds
+                    .unwrap_or(if self.use_kubernetes { 5 } else { 0 }),
+            ),
             kubernetes: {
                 KubernetesConfig {
                     namespace: k.kubernetes_namespace.clone().filter(|n| !n.is_empty()),

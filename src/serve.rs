@@ -55,6 +55,8 @@ pub struct Started {
     router: axum::Router,
     mode: Mode,
     grace: Duration,
+    delay: Duration,
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Started {
@@ -130,6 +132,7 @@ async fn listen(
     metrics: Arc<Metrics>,
     mode: Mode,
 ) -> Result<Started, StartError> {
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let state = AppState {
         executor,
         storage,
@@ -137,6 +140,7 @@ async fn listen(
         deny_networks: Arc::new(cfg.build.deny_networks.clone()),
         max_request_bytes: cfg.max_request_bytes,
         metrics,
+        draining: draining.clone(),
     };
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
@@ -149,6 +153,8 @@ async fn listen(
         router: api::app(state),
         mode,
         grace: cfg.shutdown_grace,
+        delay: cfg.shutdown_delay,
+        draining,
     })
 }
 
@@ -177,6 +183,8 @@ pub async fn serve(started: Started) -> Result<(), ServeError> {
         router,
         mode,
         grace,
+        delay,
+        draining,
     } = started;
     let died = match &mode {
         Mode::Kubernetes(k) => k.died.clone(),
@@ -189,9 +197,24 @@ pub async fn serve(started: Started) -> Result<(), ServeError> {
     let server =
         axum::serve(listener, router).with_graceful_shutdown(stop.clone().cancelled_owned());
     let http = tokio::spawn(async move { server.await });
-    tokio::select! {
-        _ = shutdown_signal() => {}
-        _ = died.cancelled() => {}
+    let signalled = tokio::select! {
+        _ = shutdown_signal() => true,
+        _ = died.cancelled() => false,
+    };
+    if signalled && !delay.is_zero() {
+        // A Service still routes here until the endpoints controller sees the pod go (and
+        // every kube-proxy catches up): keep serving meanwhile, failing readiness. A second
+        // signal skips the rest of the wait.
+        draining.store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            delay_seconds = delay.as_secs(),
+            "SIGTERM: still serving while load balancers drop this replica (/octhc answers 503)"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown_signal() => {}
+            _ = died.cancelled() => {}
+        }
     }
     // The builds drain while the HTTP server does: a response that lasts as long as a build
     // (`?follow=true`) must not hold the drain, and no queued build may start meanwhile.

@@ -256,6 +256,54 @@ async fn a_full_disk_holds_the_final_callback_until_the_outcome_is_on_disk() {
     assert_eq!(finals(&cb, &b), 1);
 }
 
+/// SIGTERM with `SHUTDOWN_DELAY_SECONDS`: the process goes on answering, with `/octhc` failing,
+/// so a Service's endpoints drop the replica before its port closes; a second signal ends
+/// the wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_keeps_serving_with_failing_readiness_for_the_shutdown_delay() {
+    require_services();
+    let data = tempfile::tempdir().unwrap();
+    let mut p = spawn(
+        data.path(),
+        free_port(),
+        &[("SHUTDOWN_DELAY_SECONDS", "60")],
+    );
+    let get = |path: &str| {
+        let url = p.url(path);
+        async move { reqwest::get(url).await.map(|r| r.status().as_u16()) }
+    };
+    assert_eq!(get("/octhc").await.ok(), Some(200));
+    p.signal("-TERM");
+    let t = Instant::now();
+    while get("/octhc").await.ok() != Some(503) {
+        assert!(t.elapsed() < Duration::from_secs(5), "/octhc never failed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Still serving, for as long as the delay lasts.
+    for _ in 0..5 {
+        assert_eq!(
+            get("/metrics").await.ok(),
+            Some(200),
+            "served during the delay"
+        );
+        assert_eq!(get("/octhc").await.ok(), Some(503));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(p.child.try_wait().unwrap().is_none(), "still running");
+    p.signal("-TERM");
+    let status = loop {
+        if let Some(s) = p.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "a second SIGTERM did not end the 60 s delay"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_running_builds_within_the_grace_period() {
     require_services();

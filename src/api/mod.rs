@@ -25,6 +25,8 @@ pub struct AppState {
     pub deny_networks: Arc<crate::pipeline::sources::DenyList>,
     pub max_request_bytes: usize,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Set on SIGTERM: `/octhc` fails so load balancers stop sending requests here.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// An error answered as the legacy `{"status": "…"}` body. Internal detail goes to the
@@ -109,6 +111,9 @@ pub fn app(state: AppState) -> Router {
 }
 
 async fn health(State(st): State<AppState>) -> Response {
+    if st.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "overall_status=bad").into_response();
+    }
     match st.executor.health() {
         Ok(()) => "overall_status=good".into_response(),
         Err(why) => {
