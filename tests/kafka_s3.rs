@@ -197,6 +197,19 @@ async fn a_dead_broker_neither_fails_nor_stalls_the_build() {
 }
 
 /// The object as s3s-fs keeps it on disk, to check the bytes really went to the bucket.
+fn s3_config() -> buildshuttle::config::S3Config {
+    buildshuttle::config::S3Config {
+        bucket: S3_BUCKET.into(),
+        keys: Some((
+            buildshuttle::secret::Secret::new(S3_ACCESS),
+            buildshuttle::secret::Secret::new(S3_SECRET),
+        )),
+        region: Some("us-east-1".into()),
+        endpoint: Some(S3_ENDPOINT.into()),
+        attempt_timeout: Duration::from_secs(120),
+    }
+}
+
 fn s3_file(key: &str) -> std::path::PathBuf {
     let state = std::env::var("BUILDSHUTTLE_TEST_STATE")
         .unwrap_or_else(|_| "/tmp/buildshuttle-test".into());
@@ -473,17 +486,7 @@ fn the_binary_exits_2_with_one_line_on_wrong_s3_credentials() {
 async fn large_objects_go_up_in_parts_and_come_back_intact() {
     use buildshuttle::storage::{S3Storage, Storage, PART_SIZE};
     require_s3();
-    let cfg = buildshuttle::config::S3Config {
-        bucket: S3_BUCKET.into(),
-        keys: Some((
-            buildshuttle::secret::Secret::new(S3_ACCESS),
-            buildshuttle::secret::Secret::new(S3_SECRET),
-        )),
-        region: Some("us-east-1".into()),
-        endpoint: Some(S3_ENDPOINT.into()),
-        attempt_timeout: Duration::from_secs(120),
-    };
-    let store = S3Storage::new(&cfg).await;
+    let store = S3Storage::new(&s3_config()).await;
     store.check().await.unwrap();
     // Two full parts and a short one.
     let len = 2 * PART_SIZE as usize + 123_457;
@@ -527,6 +530,62 @@ async fn large_objects_go_up_in_parts_and_come_back_intact() {
         assert!(collect(obj.body).await.is_empty(), "from {offset}");
     }
     let _ = std::fs::remove_file(s3_file(&empty_key));
+}
+
+/// A multipart upload given up half way (a stopped build drops its store task) is aborted:
+/// its parts would otherwise stay in the bucket, billed, for ever.
+#[tokio::test]
+async fn an_upload_given_up_half_way_is_aborted() {
+    use base64::Engine;
+    use buildshuttle::storage::{S3Storage, Storage, PART_SIZE};
+    require_s3();
+    let store = S3Storage::new(&s3_config()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big");
+    std::fs::write(&path, vec![7u8; 6 * PART_SIZE as usize]).unwrap();
+    let key = format!("given-up-{}", uuid::Uuid::new_v4());
+    // s3s-fs keeps an open upload's metadata beside the bucket until it is completed or aborted.
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let marker = format!(".bucket-{}.object-{}.upload-", b64(S3_BUCKET), b64(&key));
+    let root = s3_file("x")
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let open_uploads = || {
+        std::fs::read_dir(&root)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&marker))
+            .count()
+    };
+    let upload = {
+        let (store, key, path) = (store.clone(), key.clone(), path.clone());
+        tokio::spawn(async move { store.put_file(&key, &path).await })
+    };
+    let t = std::time::Instant::now();
+    while open_uploads() == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the upload never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    upload.abort();
+    assert!(
+        upload.await.unwrap_err().is_cancelled(),
+        "given up before it ended"
+    );
+    let t = std::time::Instant::now();
+    while open_uploads() > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the upload was left open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(store.get(&key).await.unwrap().is_none());
 }
 
 async fn collect(

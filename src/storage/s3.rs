@@ -186,6 +186,14 @@ impl S3Storage {
             key: key.to_string(),
             message: "the server returned no upload id".into(),
         })?;
+        // A caller that gives up (a stopped or timed-out build drops its store task) leaves
+        // the upload open, its parts billed for ever: the guard aborts it then.
+        let mut open = OpenUpload {
+            client: self.client.clone(),
+            bucket: self.bucket.clone(),
+            key: key.to_string(),
+            upload_id: Some(upload_id.to_string()),
+        };
         let parts = len.div_ceil(PART_SIZE);
         let uploaded: Result<Vec<CompletedPart>, StorageError> = futures::stream::iter(0..parts)
             .map(|i| self.upload_part(key, path, upload_id, i, len))
@@ -210,23 +218,50 @@ impl S3Storage {
                 .map_err(|e| s3_error("multipart upload", key, e)),
             Err(e) => Err(e),
         };
-        if completed.is_err() {
+        let upload_id = open.upload_id.take();
+        if let (Err(_), Some(upload_id)) = (&completed, upload_id) {
             // Parts of an unfinished upload are billed until aborted.
-            if let Err(abort) = self
-                .client
-                .abort_multipart_upload()
-                .bucket(&self.bucket)
-                .key(key)
-                .upload_id(upload_id)
-                .send()
-                .await
-            {
-                tracing::warn!(key, error = %DisplayErrorContext(&abort), "could not abort a failed multipart upload");
-            }
+            abort_upload(&self.client, &self.bucket, key, &upload_id).await;
         }
         completed
     }
+}
 
+/// A multipart upload not yet completed or aborted: dropped as such, it is aborted in the
+/// background.
+struct OpenUpload {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    key: String,
+    upload_id: Option<String>,
+}
+
+impl Drop for OpenUpload {
+    fn drop(&mut self) {
+        let (Some(upload_id), Ok(rt)) =
+            (self.upload_id.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let (client, bucket, key) = (self.client.clone(), self.bucket.clone(), self.key.clone());
+        rt.spawn(async move { abort_upload(&client, &bucket, &key, &upload_id).await });
+    }
+}
+
+async fn abort_upload(client: &aws_sdk_s3::Client, bucket: &str, key: &str, upload_id: &str) {
+    if let Err(abort) = client
+        .abort_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .upload_id(upload_id)
+        .send()
+        .await
+    {
+        tracing::warn!(key, error = %DisplayErrorContext(&abort), "could not abort a multipart upload");
+    }
+}
+
+impl S3Storage {
     async fn upload_part(
         &self,
         key: &str,
