@@ -67,6 +67,7 @@ impl Started {
 
 /// Everything that can fail at start, done before the first request is accepted.
 pub async fn start(cfg: Config) -> Result<Started, StartError> {
+    crate::pipeline::sources::warn_if_proxied(&cfg.build.deny_networks);
     if cfg.use_kubernetes {
         return start_kubernetes(cfg).await;
     }

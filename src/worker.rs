@@ -103,7 +103,10 @@ pub async fn run(args: WorkerArgs) -> Outcome {
     let mut timings = StageTimings::default();
     let outcome = match args.build.validate() {
         Ok(cfg) => match build_spec(&args) {
-            Ok(spec) => build(&args, &cfg, &spec, &mut sigterm, &mut timings).await,
+            Ok(spec) => {
+                crate::pipeline::sources::warn_if_proxied(&cfg.deny_networks);
+                build(&args, &cfg, &spec, &mut sigterm, &mut timings).await
+            }
             Err(e) => Outcome::failed(FailureReason::InvalidSources, e.to_string()),
         },
         Err(e) => Outcome::failed(

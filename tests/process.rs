@@ -69,6 +69,41 @@ fn bad_configuration_is_one_line_naming_the_variable_and_exit_2() {
     );
 }
 
+/// Through a proxy the deny list cannot see the hosts that are resolved: the service says so
+/// at start (and only when there is a list to weaken).
+#[test]
+fn a_proxy_in_the_environment_is_named_in_a_warning_about_the_deny_list() {
+    let output = |env: &[(&str, &str)]| {
+        let out = Command::new(BIN)
+            .arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("PORT", "0")
+            .env("DATA_DIR", tempfile::tempdir().unwrap().path())
+            // Stops right after the start-up checks.
+            .env(
+                "DOCKER_BUILD_SETTINGS",
+                "{\"socketPath\": \"/nonexistent/docker.sock\"}",
+            )
+            .envs(env.iter().copied())
+            .output()
+            .expect("run binary");
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let warned =
+        |text: &str| text.contains("SOURCES_DENY_NETWORKS can only refuse literal addresses");
+    let proxied = output(&[("HTTPS_PROXY", "http://127.0.0.1:1")]);
+    assert!(
+        warned(&proxied) && proxied.contains("HTTPS_PROXY"),
+        "{proxied}"
+    );
+    assert!(!warned(&output(&[])));
+    assert!(!warned(&output(&[
+        ("HTTPS_PROXY", "http://127.0.0.1:1"),
+        ("SOURCES_DENY_NETWORKS", "")
+    ])));
+}
+
 #[test]
 fn help_and_version() {
     for flag in ["--help", "--version"] {

@@ -312,6 +312,30 @@ impl reqwest::dns::Resolve for GuardedResolver {
     }
 }
 
+/// Says, once at start, that `SOURCES_DENY_NETWORKS` checks only literal addresses when a
+/// proxy is set in the environment: the HTTP client then sends every download through the
+/// proxy, which (not this process) resolves and connects to the source's host.
+pub fn warn_if_proxied(deny: &DenyList) {
+    const VARS: [&str; 6] = [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ];
+    let set = VARS
+        .into_iter()
+        .find(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()));
+    if let (Some(var), false) = (set, deny.0.is_empty()) {
+        tracing::warn!(
+            proxy_variable = var,
+            "source downloads go through the proxy {var} names: SOURCES_DENY_NETWORKS can only \
+             refuse literal addresses, so the proxy itself must refuse those networks"
+        );
+    }
+}
+
 /// Most redirects a source download follows.
 pub const MAX_REDIRECTS: usize = 10;
 
