@@ -553,32 +553,52 @@ async fn an_upload_given_up_half_way_is_aborted() {
         .parent()
         .unwrap()
         .to_path_buf();
-    let open_uploads = || {
+    let names = || -> Vec<String> {
         std::fs::read_dir(&root)
             .unwrap()
             .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().starts_with(&marker))
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let upload_id = || -> Option<String> {
+        names().iter().find_map(|n| {
+            let id = n.strip_prefix(&marker)?.strip_suffix(".metadata.json")?;
+            Some(id.to_string())
+        })
+    };
+    // Its metadata and its parts (stored under the upload's id).
+    let open_uploads = |id: &str| {
+        let part = format!(".upload_id-{id}.part-");
+        names()
+            .iter()
+            .filter(|n| n.starts_with(&marker) || n.starts_with(&part))
             .count()
     };
     let upload = {
         let (store, key, path) = (store.clone(), key.clone(), path.clone());
         tokio::spawn(async move { store.put_file(&key, &path).await })
     };
+    // Given up once parts are going up (the client has the upload's id by then; a stop in
+    // the moment between the server's answer and its arrival leaves the upload to the
+    // bucket's lifecycle rule, see the README).
     let t = std::time::Instant::now();
-    while open_uploads() == 0 {
+    let id = loop {
+        if let Some(id) = upload_id().filter(|id| open_uploads(id) > 1) {
+            break id;
+        }
         assert!(
             t.elapsed() < Duration::from_secs(30),
             "the upload never started"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    };
     upload.abort();
     assert!(
         upload.await.unwrap_err().is_cancelled(),
         "given up before it ended"
     );
     let t = std::time::Instant::now();
-    while open_uploads() > 0 {
+    while open_uploads(&id) > 0 {
         assert!(
             t.elapsed() < Duration::from_secs(10),
             "the upload was left open"

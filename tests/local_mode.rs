@@ -898,6 +898,51 @@ async fn stop_a_running_build_and_stop_all_of_an_app() {
     }
 }
 
+/// A new build with a number in use replaces the old one, as the legacy shuttle did
+/// (controller-api numbers builds by count, so a number comes back after a build is deleted):
+/// the running one is stopped (`failed`), and the new one runs once it has ended, so the log
+/// and the tags of that number are the new build's alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_build_with_a_number_in_use_replaces_the_running_one() {
+    let svc = Service::start(&[]).await;
+    let cb = Callbacks::start().await;
+    let old = body(&sleeper("old", 303), &cb);
+    svc.post(&old).await;
+    svc.wait_log(&old, "old-start", BUILD).await;
+    let mut new = body(&sleeper("new", 1), &cb);
+    for field in ["app", "app_uuid", "build_number"] {
+        new[field] = old[field].clone();
+    }
+    svc.post(&new).await;
+    let (old_id, new_id) = (
+        old["build_uuid"].as_str().unwrap(),
+        new["build_uuid"].as_str().unwrap(),
+    );
+    assert_eq!(
+        cb.wait_final(old_id, Duration::from_secs(10)).await,
+        "failed"
+    );
+    assert_eq!(cb.wait_final(new_id, BUILD).await, "succeeded");
+    wait_running_steps_with("sleep 303", 0, Duration::from_secs(15)).await;
+    let log = svc.log(&new).await;
+    assert!(
+        log.contains("new-end") && !log.contains("old-start") && !log.contains("replaced by"),
+        "the new build's log alone: {log}"
+    );
+    for id in [old_id, new_id] {
+        let statuses: Vec<_> = cb
+            .calls_for(id)
+            .iter()
+            .map(|c| c.body["status"].as_str().unwrap_or("").to_string())
+            .collect();
+        assert_eq!(
+            statuses.len(),
+            2,
+            "pending and one final for {id}: {statuses:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_build_past_timeout_in_ms_fails_and_its_container_stops() {
     let svc = Service::start(&["--timeout-in-ms", "4000"]).await;

@@ -73,6 +73,8 @@ struct Inner {
     wake: Notify,
     semaphore: Arc<Semaphore>,
     seq: AtomicU64,
+    /// Counts builds becoming active (`Active::since`).
+    activations: AtomicU64,
     draining: AtomicBool,
     max_queued: Option<usize>,
     /// Whether the last `POST /` found the queue full: the warning is logged once when it
@@ -124,6 +126,9 @@ struct Waiting {
 struct Active {
     app: u64,
     build_number: u64,
+    /// When it became active (a counter): a build waits for the builds of its app and number
+    /// that became active before it (never after: no two wait for each other).
+    since: u64,
     cancel: CancellationToken,
     /// Why it was cancelled: set before the token fires.
     reason: StopReason,
@@ -184,6 +189,7 @@ impl LocalExecutor {
             wake: Notify::new(),
             semaphore,
             seq: AtomicU64::new(0),
+            activations: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             max_queued: settings.max_queued,
             full: AtomicBool::new(false),
@@ -297,6 +303,9 @@ impl LocalExecutor {
 
 /// How many pending callbacks are delivered at once (the rest wait their turn).
 const PENDING_CALLS_AT_ONCE: usize = 32;
+
+/// How often a build checks whether the build of the same number it replaces has ended.
+const SAME_NUMBER_POLL: Duration = Duration::from_millis(50);
 
 /// The longest wait between two tries to write a build's outcome.
 const OUTCOME_WRITE_RETRY_MAX: Duration = Duration::from_secs(15);
@@ -423,6 +432,7 @@ impl Inner {
             Active {
                 app: w.app,
                 build_number: w.build_number,
+                since: self.activations.fetch_add(1, Ordering::SeqCst),
                 cancel: cancel.clone(),
                 reason: reason.clone(),
             },
@@ -511,6 +521,11 @@ impl Inner {
             queued: Some(ms_since(rec.accepted_at)),
             ..Default::default()
         };
+        // A build of the same number that it replaces is still ending (stopped when this
+        // one was accepted): its log and tags go first.
+        while self.earlier_of_same_number(ticket.id) {
+            tokio::time::sleep(SAME_NUMBER_POLL).await;
+        }
         let started = std::time::Instant::now();
         let reason = ticket.reason.clone();
         let cancelled_reason = move || stop_reason(&reason);
@@ -534,8 +549,89 @@ impl Inner {
         drop(finishing);
     }
 
+    /// Stops the matching builds, running or queued, except `keep`, for `why` (by request
+    /// when `None`); returns how many.
+    fn stop_matching(
+        self: &Arc<Self>,
+        which: &BuildSelector,
+        keep: Option<Uuid>,
+        why: Option<(FailureReason, String)>,
+    ) -> usize {
+        let app = app_id(&which.app, &which.app_uuid);
+        let wanted = |id: &Uuid, a: u64, n: u64| {
+            a == app && which.build_number.is_none_or(|b| b == n) && Some(*id) != keep
+        };
+        let mut ending = Vec::new();
+        let mut n = 0;
+        {
+            let mut waiting = self.lock_waiting();
+            let Ok(mut active) = self.active.lock() else {
+                return 0;
+            };
+            for (id, a) in active
+                .iter()
+                .filter(|(id, a)| wanted(id, a.app, a.build_number))
+            {
+                n += 1;
+                if let (Some(why), Ok(mut reason)) = (&why, a.reason.lock()) {
+                    reason.get_or_insert_with(|| why.clone());
+                }
+                tracing::info!(build = %id, "stopping the build");
+                a.cancel.cancel();
+            }
+            // A queued build has no task: it leaves the queue and a task ends it (active
+            // meanwhile, so it is still reported active until its final line is written).
+            waiting.retain_mut(|w| {
+                if !wanted(&w.id, w.app, w.build_number) {
+                    return true;
+                }
+                active.insert(
+                    w.id,
+                    Active {
+                        app: w.app,
+                        build_number: w.build_number,
+                        since: self.activations.fetch_add(1, Ordering::SeqCst),
+                        cancel: CancellationToken::new(),
+                        reason: StopReason::default(),
+                    },
+                );
+                ending.push((w.id, w.pending.take()));
+                false
+            });
+        }
+        n += ending.len();
+        for (id, pending) in ending {
+            let inner = self.clone();
+            let why = why.clone().unwrap_or_else(stopped_by_request);
+            self.supervise(async move { inner.end_unstarted(id, pending, why).await });
+        }
+        n
+    }
+
+    /// Whether a build of the same app and number as `id` became active before it and has
+    /// not ended (its log is still being written, under the same name).
+    fn earlier_of_same_number(&self, id: Uuid) -> bool {
+        let Ok(active) = self.active.lock() else {
+            return false;
+        };
+        let Some(me) = active.get(&id) else {
+            return false;
+        };
+        active.iter().any(|(other, a)| {
+            *other != id
+                && a.app == me.app
+                && a.build_number == me.build_number
+                && a.since < me.since
+        })
+    }
+
     /// Ends a build stopped while it was queued.
-    async fn end_unstarted(self: Arc<Self>, id: Uuid, pending: Option<JoinHandle<()>>) {
+    async fn end_unstarted(
+        self: Arc<Self>,
+        id: Uuid,
+        pending: Option<JoinHandle<()>>,
+        (r, m): (FailureReason, String),
+    ) {
         let Some(rec) = self.record(id) else {
             return;
         };
@@ -544,7 +640,6 @@ impl Inner {
             queued: Some(ms_since(rec.accepted_at)),
             ..Default::default()
         };
-        let (r, m) = stopped_by_request();
         let line = format!("Build failed ({}): {m} before it started", r.as_str());
         Box::pin(self.append_log_line(&rec.spec, &line)).await;
         let outcome = Outcome::failed(r, format!("{m} before it started"));
@@ -568,7 +663,6 @@ impl Inner {
             .total
             .get_or_insert_with(|| ms_since(rec.accepted_at));
         self.metrics.observe_stages(&timings, &[]);
-        self.remove_active(id);
         tracing::info!(build = %id, app = %spec.app, number = spec.build_number, result = outcome.callback_status(), "build finished");
         // On disk before any callback: lost in a power cut, the build would run again after
         // its final callback had gone. A full disk holds the callbacks until it has room.
@@ -600,12 +694,15 @@ impl Inner {
             }
             Box::pin(self.send_callbacks(id)).await;
         };
-        match flush_log {
-            Some(flush) => {
-                tokio::join!(flush, callbacks);
+        // Active until its log is stored: a follower reads it to its end, and a build that
+        // reuses its number opens a log of the same name only then.
+        let flushed = async {
+            if let Some(flush) = flush_log {
+                flush.await;
             }
-            None => callbacks.await,
-        }
+            self.remove_active(id);
+        };
+        tokio::join!(flushed, callbacks);
     }
 
     /// Runs the build; returns its outcome and the flushing of its log (to run beside the
@@ -898,6 +995,19 @@ impl Executor for LocalExecutor {
             ));
         }
         tracing::info!(build = %id, app = %rec.spec.app, number = rec.spec.build_number, "build accepted");
+        // A new build of a number already in use (controller-api numbers builds by count, so
+        // a number comes back after a build is deleted) replaces the old one, as the legacy
+        // shuttle did: a still active one is stopped, and this one starts after it ended.
+        let same_number = BuildSelector {
+            app: rec.spec.app.clone(),
+            app_uuid: rec.spec.app_uuid.clone(),
+            build_number: Some(rec.spec.build_number),
+        };
+        let why = (
+            FailureReason::Cancelled,
+            format!("replaced by build {id}, which has the same number"),
+        );
+        self.inner.stop_matching(&same_number, Some(id), Some(why));
         self.enqueue(rec);
         Ok(())
     }
@@ -912,45 +1022,7 @@ impl Executor for LocalExecutor {
     }
 
     async fn stop(&self, which: BuildSelector) -> Result<usize, ExecutorError> {
-        let app = app_id(&which.app, &which.app_uuid);
-        let wanted = |a: u64, n: u64| a == app && which.build_number.is_none_or(|b| b == n);
-        let mut ending = Vec::new();
-        let mut n = 0;
-        {
-            let mut waiting = self.inner.lock_waiting();
-            let Ok(mut active) = self.inner.active.lock() else {
-                return Ok(0);
-            };
-            for a in active.values().filter(|a| wanted(a.app, a.build_number)) {
-                n += 1;
-                a.cancel.cancel();
-            }
-            // A queued build has no task: it leaves the queue and a task ends it (active
-            // meanwhile, so it is still reported active until its final line is written).
-            waiting.retain_mut(|w| {
-                if !wanted(w.app, w.build_number) {
-                    return true;
-                }
-                active.insert(
-                    w.id,
-                    Active {
-                        app: w.app,
-                        build_number: w.build_number,
-                        cancel: CancellationToken::new(),
-                        reason: StopReason::default(),
-                    },
-                );
-                ending.push((w.id, w.pending.take()));
-                false
-            });
-        }
-        n += ending.len();
-        for (id, pending) in ending {
-            let inner = self.inner.clone();
-            self.inner
-                .supervise(async move { inner.end_unstarted(id, pending).await });
-        }
-        Ok(n)
+        Ok(self.inner.stop_matching(&which, None, None))
     }
 
     async fn log(

@@ -138,10 +138,12 @@ impl BuildLog {
     /// the sinks' flushing (upload, Kafka delivery), which may run beside other work.
     pub fn finish(mut self) -> impl std::future::Future<Output = ()> + Send + 'static {
         self.line(FINISHED_LINE);
-        let sinks = self.sinks;
+        // Each sink ends its writing now (the stored log's kept tail is in its file when this
+        // returns); what takes time (uploads, Kafka delivery) runs when awaited.
+        let finishing: Vec<_> = self.sinks.into_iter().map(|s| s.finish()).collect();
         async move {
-            for sink in sinks {
-                sink.finish().await;
+            for f in finishing {
+                f.await;
             }
         }
     }

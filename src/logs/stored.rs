@@ -156,12 +156,14 @@ impl Sink for StoredLog {
     }
 
     fn finish(mut self: Box<Self>) -> BoxFuture<'static, ()> {
+        // The whole log is in the file before the build counts as ended: a follower that
+        // then reads to the end gets the outcome and `Build finished`, kept tail included.
+        self.end_tail();
+        drop(self.file.take());
+        if self.failed_writes > 0 {
+            tracing::warn!(key = %self.key, lines = self.failed_writes, "lines could not be written to the stored log");
+        }
         Box::pin(async move {
-            self.end_tail();
-            drop(self.file.take());
-            if self.failed_writes > 0 {
-                tracing::warn!(key = %self.key, lines = self.failed_writes, "lines could not be written to the stored log");
-            }
             hand_over(
                 &self.key,
                 &self.path,
@@ -194,6 +196,26 @@ async fn hand_over(key: &str, path: &Path, storage: &dyn Storage, remove: bool) 
 mod tests {
     use super::*;
 
+    /// A build counts as ended once its log is finished: whoever reads the file then (a
+    /// follower) must find the end, `Build finished` included, though storing it takes longer.
+    #[tokio::test]
+    async fn a_finished_build_log_is_whole_in_its_file_before_it_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = LogFiles::new(dir.path().join("logs")).unwrap();
+        let storage: Arc<dyn Storage> =
+            Arc::new(crate::storage::LocalStorage::new(dir.path().join("logs")).unwrap());
+        let stored = StoredLog::create(&files, "a-b-1.logs", storage, 1000).unwrap();
+        let path = stored.path().to_path_buf();
+        let mut log = crate::logs::BuildLog::new(Vec::new()).with_sink(Box::new(stored));
+        for i in 0..3000 {
+            log.line(&format!("line {i:05}"));
+        }
+        let storing = log.finish();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.ends_with("line 02999\nBuild finished\n"), "{text}");
+        storing.await;
+    }
+
     #[tokio::test]
     async fn a_log_past_its_limit_keeps_its_head_and_its_last_64_kib() {
         let dir = tempfile::tempdir().unwrap();
@@ -210,8 +232,10 @@ mod tests {
             std::fs::metadata(&path).unwrap().len() <= 1000,
             "capped while running"
         );
-        log.finish().await;
+        // Written when the log is finished, before storing it (what awaiting does).
+        let storing = log.finish();
         let text = std::fs::read_to_string(&path).unwrap();
+        storing.await;
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], line(0));
         assert_eq!(*lines.last().unwrap(), line(2999), "the end is kept");
