@@ -24,6 +24,31 @@ async fn data_uri_build_is_pushed_with_args_labels_callbacks_and_stored_sources(
     );
 }
 
+/// controller-api passes every config var of an app as a build arg: a thousand of them build
+/// (one `ARG` instruction naming them all, and dockerd's request line holds their values).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_build_args_build() {
+    let svc = Service::start(&[]).await;
+    let cb = Callbacks::start().await;
+    let sources = data_uri(&tar_gz(&[(
+        "Dockerfile",
+        &dockerfile("RUN echo \"last=$K999 first=$K0\""),
+    )]));
+    let mut b = body(&sources, &cb);
+    b["build_args"] = Value::Object(
+        (0..1000)
+            .map(|i| (format!("K{i}"), json!(format!("value-{i}"))))
+            .collect(),
+    );
+    let (status, _) = svc.post(&b).await;
+    assert_eq!(status, 200);
+    let id = b["build_uuid"].as_str().unwrap();
+    let log = svc.log(&b).await;
+    assert_eq!(cb.wait_final(id, BUILD).await, "succeeded", "{log}");
+    let log = svc.log(&b).await;
+    assert!(log.contains("last=value-999 first=value-0"), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buildkit_does_the_same_when_turned_on() {
     let log =

@@ -10,8 +10,11 @@ use uuid::Uuid;
 
 pub const MISSING_FIELDS: &str = "Bad Request - missing fields.";
 pub const BAD_BUILD_UUID: &str = "Bad Request - build uuid is invalid.";
-pub const MAX_BUILD_ARGS: usize = 200;
-pub const MAX_BUILD_ARG_VALUE: usize = 64 * 1024;
+/// The build args (EXTRA_BUILD_ARGS included) as JSON, URL-encoded, at most. No count:
+/// controller-api sends every config var of an app, and the old shuttle took any number. But
+/// dockerd's API takes them in the build request's URL, which the HTTP client caps at 64 KiB
+/// with everything else in it (tags, labels, the cache image); past this a build would fail.
+pub const MAX_BUILD_ARGS_BYTES: usize = 48 * 1024;
 
 const REQUIRED: [&str; 8] = [
     "sources",
@@ -170,15 +173,16 @@ pub fn build_spec(
         }
         Some(_) => return Err(bad("Bad Request - build_args must be an object.")),
     }
-    if build_args.len() > MAX_BUILD_ARGS {
+    let arg_bytes = serde_json::to_string(&build_args).map_or(usize::MAX, |json| {
+        url::form_urlencoded::byte_serialize(json.as_bytes())
+            .map(str::len)
+            .sum()
+    });
+    if arg_bytes > MAX_BUILD_ARGS_BYTES {
         return Err(bad(format!(
-            "Bad Request - at most {MAX_BUILD_ARGS} build args are allowed."
+            "Bad Request - build args are too large: {arg_bytes} bytes once URL-encoded, at most {} KiB (dockerd takes them in its request URL).",
+            MAX_BUILD_ARGS_BYTES / 1024
         )));
-    }
-    if build_args.values().any(|v| v.len() > MAX_BUILD_ARG_VALUE) {
-        return Err(bad(
-            "Bad Request - a build arg value is larger than 64 KiB.",
-        ));
     }
 
     let gm_registry_auth = match obj.get("gm_registry_auth") {
@@ -338,15 +342,20 @@ mod tests {
             o.insert("callback".into(), json!("gopher://x"));
         })
         .contains("callback"));
-        let many: Map<String, Value> = (0..201).map(|i| (format!("K{i}"), json!("v"))).collect();
+        // Many small ones are fine (an app with a thousand config vars); too many bytes not.
+        let mut b = body();
+        let many: Map<String, Value> = (0..1000).map(|i| (format!("K{i}"), json!("v"))).collect();
+        b["build_args"] = Value::Object(many);
+        assert!(build_spec(b, &BTreeMap::new()).is_ok());
         assert!(err(|o| {
-            o.insert("build_args".into(), Value::Object(many.clone()));
+            o.insert("build_args".into(), json!({"K": "x".repeat(48 * 1024)}));
         })
-        .contains("200"));
+        .contains("at most 48 KiB"));
+        // URL-encoding counts: a third of that in characters that encode as %XX is too much.
         assert!(err(|o| {
-            o.insert("build_args".into(), json!({"K": "x".repeat(65 * 1024)}));
+            o.insert("build_args".into(), json!({"K": "/".repeat(17 * 1024)}));
         })
-        .contains("64 KiB"));
+        .contains("too large"));
     }
 
     #[test]
