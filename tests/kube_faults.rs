@@ -2,9 +2,11 @@
 //! (stop, stop-all, queue order, timeout, docker://), a controller killed mid-build, two
 //! replicas and the Lease, a hung Lease renewal, and pod faults (eviction, drain, delete,
 //! OOM, a lost node, unschedulable, a missing image, admission refusal, a stale pod of the
-//! same name, a deleted BuildJob, a slow callback receiver). Each runs the real binary
-//! against the simulated cluster and checks the BuildJob's phase and reason and that
-//! controller-api hears exactly one `pending` and one final callback. Each scenario also
+//! same name, a deleted BuildJob, a slow callback receiver, a build number used again, a
+//! stale credentials Secret, a SIGTERM mid-callback, a finished BuildJob deleted with no
+//! controller left). Each runs the real binary against the simulated cluster and checks
+//! the BuildJob's phase and reason and that controller-api hears exactly one `pending`
+//! and one final callback. Each scenario also
 //! runs, ignored, on the cluster KUBECONFIG names (`real_cluster::…`, `Cluster::external`),
 //! with what needs a simulator knob left out there (it says so).
 
@@ -31,7 +33,11 @@ scenarios!(
     a_slow_callback_receiver_holds_up_nothing_but_its_callback,
     buildjob_status_records_where_the_time_went,
     two_installations_in_one_namespace_reconcile_only_their_own_buildjobs,
-    each_log_follower_holds_one_streaming_pod_log_request;
+    each_log_follower_holds_one_streaming_pod_log_request,
+    a_finished_buildjob_lets_go_of_its_finalizer_so_an_uninstall_never_hangs,
+    a_credentials_secret_an_earlier_buildjob_left_is_replaced_not_used,
+    a_build_number_used_again_by_a_new_build_replaces_the_earlier_buildjob,
+    a_callback_on_the_wire_at_sigterm_is_delivered_once_not_cut_and_resent;
     skipped on a real cluster:
     a_leader_whose_renewal_hangs_steps_down_before_its_lease_can_expire =>
         "needs the simulator to hang Lease renewals (no API call makes a real server do that)",
@@ -903,5 +909,192 @@ mod scenario {
             "BuildJob reads per reader per second: {per_reader_per_s:.1} ({counters:?})"
         );
         exactly_once(&cb, &b, "succeeded").await;
+    }
+
+    pub async fn a_finished_buildjob_lets_go_of_its_finalizer_so_an_uninstall_never_hangs(
+        cluster: Cluster,
+    ) {
+        let shuttle = cluster.serve(Mode::Host, &[]);
+        let cb = Callbacks::start().await;
+        let b = cluster.body(&data_uri(&app(&cluster, 0)), &cb);
+        shuttle.post(&b).await;
+        exactly_once(&cb, &b, "succeeded").await;
+        // Its callbacks are sent: nothing holds it any more, a day before its TTL.
+        cluster
+            .wait_job(&b, "free of its finalizer", Duration::from_secs(20), |j| {
+                j["metadata"]["finalizers"]
+                    .as_array()
+                    .is_none_or(|f| f.is_empty())
+            })
+            .await;
+        // It still answers as a finished build: a repeated POST sends nothing again, and
+        // its log is there.
+        shuttle.post(&b).await;
+        exactly_once(&cb, &b, "succeeded").await;
+        assert!(shuttle.log(&b).await.contains("step-end"));
+        // An uninstall deletes the controller with the namespace (or the CRD): the BuildJob
+        // must not wait for a controller that is gone.
+        drop(shuttle);
+        let name = common::cluster::job_name(&b);
+        let jobs: Api<kube::api::DynamicObject> = Api::namespaced_with(
+            cluster.client.clone(),
+            cluster.ns(),
+            &common::cluster::buildjob_resource(),
+        );
+        jobs.delete(&name, &DeleteParams::default())
+            .await
+            .expect("delete");
+        let start = Instant::now();
+        while jobs.get_opt(&name).await.ok().flatten().is_some() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the BuildJob hangs in Terminating without a controller"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub async fn a_credentials_secret_an_earlier_buildjob_left_is_replaced_not_used(
+        cluster: Cluster,
+    ) {
+        use base64::Engine;
+        let cb = Callbacks::start().await;
+        let b = cluster.body(&data_uri(&app(&cluster, 0)), &cb);
+        let name = common::cluster::job_name(&b);
+        // An earlier BuildJob of this name was deleted; the garbage collector has not yet
+        // removed its Secret (the old build's sources and credentials).
+        let old = format!(
+            "FROM {}\nRUN echo OLD-BUILDS-SOURCES\n",
+            cluster.base_image()
+        );
+        let b64 = |v: &str| base64::engine::general_purpose::STANDARD.encode(v);
+        let stale: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+            "metadata": {"name": format!("{name}-credentials"), "namespace": cluster.ns(),
+                "ownerReferences": [{"apiVersion": "buildshuttle.akkeris.io/v1", "kind": "BuildJob",
+                    "name": name, "uid": "an-earlier-buildjob", "controller": true}]},
+            "data": {"sources": b64(&data_uri(&tar_gz(&[("Dockerfile", old.as_bytes())]))),
+                     "callback_auth": b64("old-builds-token")}
+        }))
+        .expect("secret");
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+            Api::namespaced(cluster.client.clone(), cluster.ns());
+        secrets
+            .create(&PostParams::default(), &stale)
+            .await
+            .expect("stale secret");
+        let shuttle = cluster.serve(Mode::Host, &[]);
+        shuttle.post(&b).await;
+        let job = cluster
+            .wait_job(&b, "created", BUILD, |j| j["metadata"]["uid"].is_string())
+            .await;
+        let secret = secrets
+            .get(&format!("{name}-credentials"))
+            .await
+            .expect("its Secret");
+        let owners: Vec<String> = secret
+            .metadata
+            .owner_references
+            .unwrap_or_default()
+            .into_iter()
+            .map(|o| o.uid)
+            .collect();
+        assert_eq!(
+            owners,
+            [job["metadata"]["uid"].as_str().unwrap_or("")],
+            "the new BuildJob's own Secret"
+        );
+        exactly_once(&cb, &b, "succeeded").await;
+        for c in cb.calls_for(uuid_of(&b)) {
+            assert_eq!(c.auth.as_deref(), Some("cb-secret-token"), "{c:?}");
+        }
+        let log = shuttle.log(&b).await;
+        assert!(
+            log.contains("step-end") && !log.contains("OLD-BUILDS-SOURCES"),
+            "{log}"
+        );
+    }
+
+    pub async fn a_build_number_used_again_by_a_new_build_replaces_the_earlier_buildjob(
+        cluster: Cluster,
+    ) {
+        let shuttle = cluster.serve(Mode::Host, &[]);
+        let cb = Callbacks::start().await;
+        let first = cluster.body(&data_uri(&app(&cluster, 0)), &cb);
+        let five = next_build(&first, 5, &data_uri(&app(&cluster, 0)));
+        shuttle.post(&five).await;
+        exactly_once(&cb, &five, "succeeded").await;
+        // controller-api deleted build 5 and numbers its next build 5 again: the new one
+        // is accepted and runs, the finished one gives way.
+        let again = next_build(&first, 5, &data_uri(&app(&cluster, 0)));
+        shuttle.post(&again).await;
+        exactly_once(&cb, &again, "succeeded").await;
+        let j = finished(&cluster, &again).await;
+        assert_eq!(j["spec"]["buildUuid"], again["build_uuid"], "{j:#}");
+        let statuses: Vec<String> = cb
+            .calls_for(uuid_of(&five))
+            .iter()
+            .map(|c| c.body["status"].as_str().unwrap_or("").to_string())
+            .collect();
+        assert_eq!(statuses, ["pending", "succeeded"], "the earlier build");
+        // A running build whose number a new build takes is stopped (`failed`), and the new
+        // one runs.
+        let running = next_build(&first, 6, &data_uri(&app(&cluster, 60)));
+        shuttle.post(&running).await;
+        running_pod(&cluster, &running).await;
+        let newer = next_build(&first, 6, &data_uri(&app(&cluster, 0)));
+        shuttle.post(&newer).await;
+        exactly_once(&cb, &running, "failed").await;
+        exactly_once(&cb, &newer, "succeeded").await;
+        let j = finished(&cluster, &newer).await;
+        assert_eq!(j["spec"]["buildUuid"], newer["build_uuid"], "{j:#}");
+        assert_eq!(j["status"]["phase"], "Succeeded", "{j:#}");
+    }
+
+    pub async fn a_callback_on_the_wire_at_sigterm_is_delivered_once_not_cut_and_resent(
+        cluster: Cluster,
+    ) {
+        // No delay before the drain: the controller stops at once on SIGTERM.
+        let rollout = [
+            ("SHUTDOWN_DELAY_SECONDS", "0"),
+            ("SHUTDOWN_GRACE_SECONDS", "30"),
+        ];
+        let mut old = cluster.serve_as("old", Mode::Host, &rollout);
+        let slow = common::SlowReceiver::start(Duration::from_secs(8)).await;
+        let cb = Callbacks::start().await;
+        let mut b = cluster.body(&data_uri(&app(&cluster, 0)), &cb);
+        b["callback"] = json!(slow.url());
+        old.post(&b).await;
+        cluster
+            .wait_job(&b, "sending pending", BUILD, |j| {
+                j["status"]["callbacks"]["inFlight"]["status"] == "pending"
+            })
+            .await;
+        // A rollout: the new replica waits for the Lease, the old one is told to stop while
+        // its `pending` is on the wire.
+        let _new = cluster.serve_as("new", Mode::Host, &[]);
+        old.signal("-TERM");
+        let sigterm = Instant::now();
+        // Delivered by the old replica within its grace period, not cut and sent again by
+        // the new leader after its takeover wait (CALLBACK_RETRY_SECONDS 20 + 60 s).
+        while slow.statuses().len() < 2 {
+            assert!(
+                sigterm.elapsed() < Duration::from_secs(60),
+                "callbacks so far: {:?}",
+                slow.statuses()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(slow.statuses(), ["pending", "succeeded"]);
+        // The old replica exited by itself once its sender was done.
+        let start = Instant::now();
+        while old.child.try_wait().ok().flatten().is_none() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the old replica never exited: {}",
+                cluster.serve_log("old")
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 }

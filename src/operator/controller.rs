@@ -105,6 +105,8 @@ pub struct Context {
     pub(crate) in_flight: notify::InFlightLog,
     /// How long a sender may try (`notify::sender_life`; tests shorten it).
     pub(crate) sender_life: Duration,
+    /// The callback senders, across leadership terms: a shutdown waits for them.
+    pub(crate) senders: tokio_util::task::TaskTracker,
     /// Consecutive failed reconciles per BuildJob (for backoff).
     failures: Mutex<HashMap<String, u32>>,
     /// What this process wrote to each BuildJob, shared with the facade (see `OwnWrites`).
@@ -226,11 +228,18 @@ impl Context {
             sending: Mutex::new(HashSet::new()),
             in_flight: notify::InFlightLog::default(),
             sender_life: notify::sender_life(callback_budget),
+            senders: tokio_util::task::TaskTracker::new(),
             failures: Mutex::new(HashMap::new()),
             own,
             pod_cache: None,
             observer,
         }
+    }
+
+    /// Tracks the callback senders in `senders` (`KubernetesMode::shutdown` waits for them).
+    pub fn with_senders(mut self, senders: tokio_util::task::TaskTracker) -> Self {
+        self.senders = senders;
+        self
     }
 
     /// Notes the resourceVersion a write of ours returned.
@@ -732,9 +741,13 @@ async fn reconcile_inner(
         );
     }
     if remove_finalizer {
-        drop_finalizer(&jobs, &job).await?;
-        ctx.forget(&job);
-        return Ok(Requeue::await_change());
+        drop_finalizer(&ctx, &jobs, &job).await?;
+        laps.lap("drop_finalizer");
+        if job.metadata.deletion_timestamp.is_some() {
+            ctx.forget(&job);
+            return Ok(Requeue::await_change());
+        }
+        // A finished BuildJob still waits for its TTL (or is past it: deleted below).
     }
     if delete_job {
         tracing::info!(job = %name, "finished BuildJob reached its TTL; deleting it (sources and logs stay in storage)");
@@ -929,7 +942,7 @@ async fn add_finalizer(ctx: &Context, jobs: &Api<BuildJob>, job: &BuildJob) -> R
     Ok(written)
 }
 
-async fn drop_finalizer(jobs: &Api<BuildJob>, job: &BuildJob) -> Result<()> {
+async fn drop_finalizer(ctx: &Context, jobs: &Api<BuildJob>, job: &BuildJob) -> Result<()> {
     let Some(i) = job.finalizers().iter().position(|f| f == FINALIZER) else {
         return Ok(());
     };
@@ -946,7 +959,10 @@ async fn drop_finalizer(jobs: &Api<BuildJob>, job: &BuildJob) -> Result<()> {
         )
         .await
     {
-        Ok(_) => Ok(()),
+        Ok(written) => {
+            ctx.wrote(&written);
+            Ok(())
+        }
         Err(e) if is_status(&e, |s| s.is_not_found()) => Ok(()),
         Err(kube::Error::Api(s)) if s.is_invalid() || s.is_conflict() => Err(Error::Stale),
         Err(e) => Err(kube_err("removing the finalizer")(e)),
@@ -1671,16 +1687,22 @@ mod tests {
         let got = rx.got.lock().unwrap_or_else(|p| p.into_inner()).clone();
         assert_eq!(got[0].0, "cb-token", "the sender used the Secret it read");
 
-        // The next reconcile (everything recorded) sends nothing and writes nothing.
+        // The next reconcile (everything recorded) sends nothing and writes no status; the
+        // finalizer goes, nothing being owed any more.
         let mut all = done.clone();
         if let Some(st) = all.status.as_mut() {
             st.callbacks.final_ = true;
             st.callbacks.in_flight = None;
         }
+        let mut released = with_rv(&all, "4");
+        released.metadata.finalizers = None;
         let (res, _) = play(
             all.clone(),
             vec![],
-            vec![Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&all)))],
+            vec![
+                Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&all))),
+                Expect::new(Method::PATCH, JOB_PATH, 200, Some(as_json(&released))),
+            ],
         )
         .await;
         assert!(res.is_ok(), "{res:?}");
@@ -1738,6 +1760,8 @@ mod tests {
             st.callbacks.final_ = true;
             st.callbacks.in_flight = None;
         }
+        let mut released = with_rv(&all, "4");
+        released.metadata.finalizers = None;
         let scenario = vec![
             // The first reconcile has no write of ours to trust: it reads.
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
@@ -1747,8 +1771,11 @@ mod tests {
             // last write is then version 3).
             its_secret(),
             Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&all))),
+            // Version 3 is what our last write returned: not read again; all is sent, so
+            // the finalizer goes (version 4).
+            Expect::new(Method::PATCH, JOB_PATH, 200, Some(as_json(&released))),
             // The third reconcile's cached copy (version 2) is older than our last write.
-            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&all))),
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&released))),
         ];
         let (client, handle) = mock::client();
         let verifier = mock::verify(handle, scenario);
@@ -1757,7 +1784,6 @@ mod tests {
         assert!(res.is_ok(), "{res:?}");
         until_sent(&ctx).await;
         assert!(lock(&ctx.sending).is_empty(), "the callback was recorded");
-        // Version 3 is what our last write returned: no call at all (nothing is owed).
         let res = reconcile(Arc::new(all), ctx.clone()).await;
         assert!(res.is_ok(), "{res:?}");
         let res = reconcile(Arc::new(done), ctx.clone()).await;
@@ -2261,6 +2287,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_callback_sender_is_tracked_until_it_has_recorded_its_callback() {
+        let rx = Receiver::start().await;
+        let j = starting(&job_with(None, &rx.url, false), "2");
+        let mut sent = with_rv(&j, "3");
+        if let Some(st) = sent.status.as_mut() {
+            st.callbacks.pending = true;
+            st.callbacks.in_flight = None;
+        }
+        let scenario = vec![
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+            Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&sent))),
+        ];
+        let (client, handle) = mock::client();
+        let verifier = mock::verify(handle, scenario);
+        let ctx = context(client, vec![]);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        notify::spawn(
+            ctx.clone(),
+            &j,
+            notify::Auth::Known(None),
+            decide::CallbackKind::Pending,
+            deadline,
+        );
+        // What a shutdown waits for: the delivery and its record.
+        ctx.senders.close();
+        tokio::time::timeout(Duration::from_secs(10), ctx.senders.wait())
+            .await
+            .unwrap_or_else(|_| panic!("the sender never ended"));
+        assert_eq!(rx.statuses(), ["pending"]);
+        assert!(lock(&ctx.sending).is_empty());
+        drop(ctx);
+        verifier
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    }
+
+    #[tokio::test]
     async fn a_finished_job_past_its_ttl_is_deleted() {
         let mut j = job_with(Some(Phase::Failed), "http://127.0.0.1:9/cb", true);
         j.status = Some(BuildJobStatus {
@@ -2274,16 +2337,44 @@ mod tests {
             ..Default::default()
         });
         let ok = json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200});
+        let mut released = with_rv(&j, "2");
+        released.metadata.finalizers = None;
         let (res, _) = play(
             j.clone(),
             vec![],
             vec![
                 Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+                // One still holding the finalizer (from before) lets go of it first.
+                Expect::new(Method::PATCH, JOB_PATH, 200, Some(as_json(&released))),
                 Expect::new(Method::DELETE, JOB_PATH, 200, Some(ok)),
             ],
         )
         .await;
         assert!(res.is_ok(), "{res:?}");
+    }
+
+    #[tokio::test]
+    async fn a_finished_job_whose_callbacks_are_sent_lets_go_of_its_finalizer_and_waits_for_its_ttl(
+    ) {
+        let mut j = job_with(Some(Phase::Succeeded), "http://127.0.0.1:9/cb", true);
+        if let Some(st) = j.status.as_mut() {
+            st.completion_time = Some(Time(Timestamp::now()));
+            st.callbacks.final_ = true;
+        }
+        let mut released = with_rv(&j, "2");
+        released.metadata.finalizers = None;
+        let scenario = vec![
+            Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
+            Expect::new(Method::PATCH, JOB_PATH, 200, Some(as_json(&released))).check(|b| {
+                assert_eq!(b[0]["op"], "test");
+                assert_eq!(b[1]["op"], "remove");
+                assert_eq!(b[1]["path"], "/metadata/finalizers/0");
+            }),
+        ];
+        let (res, _) = play(j, vec![], scenario).await;
+        let Ok(action) = res else { panic!("{res:?}") };
+        assert_ne!(action, Requeue::await_change(), "its TTL is still kept");
+        assert_ne!(action, Requeue::requeue(Duration::from_millis(100)));
     }
 
     #[tokio::test]

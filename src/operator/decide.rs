@@ -79,7 +79,7 @@ pub enum Action {
     },
     /// Put the finalizer on the BuildJob (it lacks it, e.g. made by hand).
     AddFinalizer,
-    /// The final callback is sent: let a deleted BuildJob go.
+    /// Every callback is sent: nothing holds the BuildJob any more (deleted or not).
     RemoveFinalizer,
     /// Send, then record in status (`callbacks.pending` / `callbacks.final`).
     SendCallback(CallbackKind),
@@ -569,11 +569,11 @@ pub fn decide(input: &Inputs<'_>, settings: &Settings) -> Decision {
 
     let has_finalizer = job.finalizers().iter().any(|f| f == FINALIZER);
     let all_sent = ended && st.callbacks.pending && st.callbacks.final_;
-    if deleting {
-        if all_sent && has_finalizer {
-            actions.push(Action::RemoveFinalizer);
-        }
-    } else if !has_finalizer && !all_sent {
+    // Nothing is owed once every callback is sent: let go at once, not at the TTL, so
+    // deleting the namespace or the CRD (whose controller may go first) never hangs on it.
+    if all_sent && has_finalizer {
+        actions.push(Action::RemoveFinalizer);
+    } else if !deleting && !has_finalizer && !all_sent {
         actions.push(Action::AddFinalizer);
     }
     if all_sent && !deleting {
@@ -1494,6 +1494,7 @@ pub(crate) mod tests {
             };
             s.completion_time = Some(Time(t(0)));
         }
+        j.metadata.finalizers = None;
         let d = run(&j, None, 0, 0, t(10));
         assert!(!has(&d, |a| matches!(a, Action::SendCallback(_))));
         assert_eq!(d.actions, vec![Action::Requeue(Duration::from_secs(3590))]);
@@ -1585,6 +1586,8 @@ pub(crate) mod tests {
             s.callbacks.final_ = true;
             s.completion_time = Some(Time(t(0)));
         }
+        // Its finalizer went when its last callback was sent.
+        j.metadata.finalizers = None;
         assert_eq!(
             run(&j, None, 0, 0, t(3600)).actions,
             vec![Action::DeleteJob]
@@ -2006,6 +2009,45 @@ pub(crate) mod tests {
         assert!(has(&d, |a| *a == Action::RemoveFinalizer));
         assert!(!has(&d, |a| *a == Action::DeleteJob));
         assert!(final_cb(&d).is_none());
+    }
+
+    #[test]
+    fn a_finished_job_lets_go_of_its_finalizer_once_its_callbacks_are_sent_not_at_its_ttl() {
+        let mut done = job(Some(Phase::Succeeded));
+        if let Some(s) = done.status.as_mut() {
+            s.completion_time = Some(Time(t(0)));
+        }
+        // Its final callback still owed: held, whatever else happens.
+        let d = run(&done, None, 0, 0, t(1));
+        assert_eq!(final_cb(&d), Some("succeeded"));
+        assert!(!has(&d, |a| *a == Action::RemoveFinalizer));
+        // Sent: let go now (nobody deleting it), and it still waits for its TTL.
+        if let Some(s) = done.status.as_mut() {
+            s.callbacks.final_ = true;
+        }
+        let d = run(&done, None, 0, 0, t(1));
+        assert!(has(&d, |a| *a == Action::RemoveFinalizer));
+        assert!(has(&d, |a| *a == Action::Requeue(Duration::from_secs(3599))));
+        assert!(!has(&d, |a| *a == Action::DeleteJob));
+        assert!(d
+            .actions
+            .iter()
+            .all(|a| !matches!(a, Action::SendCallback(_))));
+        // Without it, it is never given it back, and the TTL still deletes it.
+        done.metadata.finalizers = None;
+        let d = run(&done, None, 0, 0, t(1));
+        assert!(!has(&d, |a| matches!(
+            a,
+            Action::AddFinalizer | Action::RemoveFinalizer
+        )));
+        let d = run(&done, None, 0, 0, t(3600));
+        assert!(has(&d, |a| *a == Action::DeleteJob));
+        assert!(!has(&d, |a| *a == Action::AddFinalizer));
+        // Past its TTL while still holding it (a job from before): both.
+        done.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        let d = run(&done, None, 0, 0, t(3600));
+        assert!(has(&d, |a| *a == Action::RemoveFinalizer));
+        assert!(has(&d, |a| *a == Action::DeleteJob));
     }
 
     #[test]

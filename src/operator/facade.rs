@@ -1,6 +1,7 @@
 //! The HTTP API's executor in Kubernetes mode: a build is a BuildJob (no secrets) plus a
-//! Secret it owns (the credentials); a `data:` archive goes to storage first. Stop marks
-//! BuildJobs cancelled; logs come from the running pod, or from storage once finished.
+//! Secret it owns (the credentials); a `data:` archive goes to storage first. A new build
+//! whose number another build's BuildJob holds replaces it. Stop marks BuildJobs
+//! cancelled; logs come from the running pod, or from storage once finished.
 
 use super::crd::{job_name, secret_keys, BuildJob, BuildJobSpec, Phase, SourceKind, SourceRef};
 use super::pod::WORKER_CONTAINER;
@@ -16,7 +17,9 @@ use futures::{AsyncBufReadExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Pod, Secret as KubeSecret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
-use kube::api::{ListParams, LogParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams, Preconditions,
+};
 use kube::{Api, Client, Resource, ResourceExt};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -38,6 +41,8 @@ pub struct KubeExecutor {
     /// Shared with this process's controller: a BuildJob created here is decided from the
     /// watch's copy, its Secret not read again (`controller::OwnWrites`).
     own: Option<Arc<super::controller::OwnWrites>>,
+    /// REPLACE_WAIT (tests shorten it).
+    replace_wait: std::time::Duration,
 }
 
 fn unavailable(what: &str) -> impl FnOnce(kube::Error) -> ExecutorError + '_ {
@@ -84,6 +89,7 @@ impl KubeExecutor {
             watch_failing: Arc::default(),
             instance: None,
             own: None,
+            replace_wait: REPLACE_WAIT,
         }
     }
 
@@ -210,6 +216,92 @@ impl KubeExecutor {
         })
     }
 
+    /// Deletes `other`, the BuildJob of another build holding this build number (unless it
+    /// is going already), as `kubectl delete` would: a running build is stopped by the
+    /// controller and reports `failed`; a finished one goes as soon as its callbacks are
+    /// sent. Only that very object (uid precondition): one made since is looked at again.
+    async fn replace(
+        &self,
+        jobs: &Api<BuildJob>,
+        other: &BuildJob,
+        build_uuid: &str,
+    ) -> Result<(), ExecutorError> {
+        if other.metadata.deletion_timestamp.is_some() {
+            return Ok(());
+        }
+        let name = other.name_any();
+        let finished = other
+            .status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .is_some_and(Phase::is_finished);
+        tracing::info!(job = %name, build = %build_uuid, replaced = %other.spec.build_uuid, finished, "a new build has this build number: removing the BuildJob of the earlier one");
+        let params = DeleteParams::background().preconditions(Preconditions {
+            uid: other.uid(),
+            resource_version: None,
+        });
+        match jobs.delete(&name, &params).await {
+            Ok(_) => Ok(()),
+            // Gone already, or replaced by another object meanwhile: the next read tells.
+            Err(e) if is_code(&e, 404) || is_code(&e, 409) => Ok(()),
+            Err(e) => Err(unavailable(
+                "removing the BuildJob of an earlier build with this number",
+            )(e)),
+        }
+    }
+
+    /// Creates the BuildJob's credentials Secret. One of that name that this BuildJob does
+    /// not own (an earlier BuildJob's, not yet garbage-collected) is deleted and made again:
+    /// this build must never run with another build's sources or credentials.
+    async fn create_secret(
+        &self,
+        secret: &KubeSecret,
+        job: &BuildJob,
+    ) -> Result<(), ExecutorError> {
+        let secrets: Api<KubeSecret> = Api::namespaced(self.client.clone(), &self.namespace);
+        let name = secret.name_any();
+        for _ in 0..SECRET_ATTEMPTS {
+            match secrets.create(&PostParams::default(), secret).await {
+                Ok(_) => {
+                    if let Some(own) = &self.own {
+                        own.secret_known(job, super::controller::callback_auth(Some(secret)));
+                    }
+                    return Ok(());
+                }
+                Err(e) if is_code(&e, 409) => {}
+                Err(e) => return Err(unavailable("creating the credentials Secret")(e)),
+            }
+            let there = secrets
+                .get_opt(&name)
+                .await
+                .map_err(unavailable("reading the credentials Secret"))?;
+            let Some(there) = there else {
+                continue; // gone meanwhile: create it again
+            };
+            if owned_by(&there, job) {
+                return Ok(()); // a repeated POST: this build's own
+            }
+            tracing::warn!(secret = %name, job = %job.name_any(), "a credentials Secret of an earlier BuildJob with this name is in the way; replacing it");
+            let params = DeleteParams::background().preconditions(Preconditions {
+                uid: there.uid(),
+                resource_version: None,
+            });
+            match secrets.delete(&name, &params).await {
+                Ok(_) => {}
+                Err(e) if is_code(&e, 404) || is_code(&e, 409) => {}
+                Err(e) => {
+                    return Err(unavailable(
+                        "deleting a credentials Secret an earlier BuildJob left",
+                    )(e))
+                }
+            }
+        }
+        tracing::error!(secret = %name, job = %job.name_any(), "a credentials Secret of another BuildJob is still in the way after {SECRET_ATTEMPTS} attempts; delete it by hand");
+        Err(ExecutorError::Unavailable(format!(
+            "the credentials Secret {name} belongs to another BuildJob and could not be replaced"
+        )))
+    }
+
     async fn cancel(&self, name: &str) -> Result<bool, ExecutorError> {
         let patch = serde_json::json!({"spec": {"cancelled": true}});
         match self
@@ -226,6 +318,27 @@ impl KubeExecutor {
         }
     }
 }
+
+/// Whether `secret` is owned by `job` (by uid: a BuildJob of the same name before it has
+/// another).
+fn owned_by(secret: &KubeSecret, job: &BuildJob) -> bool {
+    let uid = job.uid();
+    uid.is_some()
+        && secret
+            .owner_references()
+            .iter()
+            .any(|o| Some(&o.uid) == uid.as_ref())
+}
+
+/// How long a POST waits for the BuildJob of an earlier build with its number to go (a
+/// running one is stopped first, and its `failed` callback sent).
+pub const REPLACE_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// How often it looks meanwhile.
+const REPLACE_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Tries at replacing a credentials Secret another BuildJob left.
+const SECRET_ATTEMPTS: u32 = 3;
 
 /// How often a follower looks at a BuildJob that has no running pod yet (one GET).
 const FOLLOW_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -443,74 +556,80 @@ impl Executor for KubeExecutor {
     async fn submit(&self, spec: BuildSpec) -> Result<(), ExecutorError> {
         let name = job_name(&spec.app, &spec.app_uuid, spec.build_number);
         let jobs = self.jobs();
-        // A repeated POST finds its BuildJob and stores nothing again.
-        let existing = jobs
-            .get_opt(&name)
-            .await
-            .map_err(unavailable("reading a BuildJob"))?;
-        let (job, source, created) = match existing {
-            Some(j) => {
-                let source = j.spec.source.clone();
-                (j, source, false)
-            }
-            None => {
-                let source = self.source_ref(&spec).await?;
-                let mut job = BuildJob::new(&name, BuildJobSpec::from_build(&spec, source.clone()));
-                job.metadata.namespace = Some(self.namespace.clone());
-                let mut labels = job.spec.labels();
-                if let Some(i) = &self.instance {
-                    labels.insert(super::crd::labels::INSTANCE.into(), i.clone());
+        let build_uuid = spec.build_uuid.to_string();
+        // The BuildJob's name holds the app and the build number, not the build_uuid, and
+        // controller-api numbers builds anew after one is deleted: a BuildJob of another
+        // build with this number (kept for its TTL, or still running) gives way to the new
+        // one, as the legacy shuttle removed the old build's container. It is deleted (a
+        // running one is stopped and reports `failed`); this request waits for it to go.
+        let give_up = tokio::time::Instant::now() + self.replace_wait;
+        let mut source = None;
+        let (job, source, created) = loop {
+            // A repeated POST finds its BuildJob and stores nothing again.
+            let existing = jobs
+                .get_opt(&name)
+                .await
+                .map_err(unavailable("reading a BuildJob"))?;
+            match existing {
+                Some(j) if j.spec.build_uuid == build_uuid => {
+                    let source = j.spec.source.clone();
+                    break (j, source, false);
                 }
-                job.metadata.labels = Some(labels);
-                // Held until the final callback is sent, so deleting a running BuildJob
-                // still tells controller-api.
-                job.metadata.finalizers = Some(vec![super::crd::FINALIZER.to_string()]);
-                let (job, created) = match jobs.create(&PostParams::default(), &job).await {
-                    Ok(j) => {
-                        if let Some(own) = &self.own {
-                            own.wrote(&j);
-                        }
-                        (j, true)
+                Some(other) => {
+                    self.replace(&jobs, &other, &build_uuid).await?;
+                    if tokio::time::Instant::now() >= give_up {
+                        tracing::warn!(job = %name, build = %build_uuid, held_by = %other.spec.build_uuid, "the BuildJob of an earlier build with this number did not go in time");
+                        return Err(ExecutorError::Unavailable(format!(
+                            "build number {} of this app is still held by build {} (being removed); try again shortly",
+                            spec.build_number, other.spec.build_uuid
+                        )));
                     }
-                    Err(e) if is_code(&e, 409) => (
-                        jobs.get(&name)
-                            .await
-                            .map_err(unavailable("reading a BuildJob"))?,
-                        false,
-                    ),
-                    Err(e) => return Err(unavailable("creating a BuildJob")(e)),
-                };
-                (job, source, created)
+                    tokio::time::sleep(REPLACE_POLL).await;
+                }
+                None => {
+                    let source = match &source {
+                        Some(s) => SourceRef::clone(s),
+                        None => source.insert(self.source_ref(&spec).await?).clone(),
+                    };
+                    let mut job =
+                        BuildJob::new(&name, BuildJobSpec::from_build(&spec, source.clone()));
+                    job.metadata.namespace = Some(self.namespace.clone());
+                    let mut labels = job.spec.labels();
+                    if let Some(i) = &self.instance {
+                        labels.insert(super::crd::labels::INSTANCE.into(), i.clone());
+                    }
+                    job.metadata.labels = Some(labels);
+                    // Held until the final callback is sent, so deleting a running BuildJob
+                    // still tells controller-api.
+                    job.metadata.finalizers = Some(vec![super::crd::FINALIZER.to_string()]);
+                    match jobs.create(&PostParams::default(), &job).await {
+                        Ok(j) => {
+                            if let Some(own) = &self.own {
+                                own.wrote(&j);
+                            }
+                            break (j, source, true);
+                        }
+                        // Created meanwhile (a repeated POST, or another build): look again.
+                        Err(e) if is_code(&e, 409) => {
+                            if tokio::time::Instant::now() >= give_up {
+                                return Err(unavailable("creating a BuildJob")(e));
+                            }
+                        }
+                        Err(e) => return Err(unavailable("creating a BuildJob")(e)),
+                    }
+                }
             }
         };
-        // The BuildJob's name holds the app and the build number, not the build_uuid: another
-        // build that got the same number must not be answered 200 and never run.
-        if job.spec.build_uuid != spec.build_uuid.to_string() {
-            tracing::warn!(job = %name, build = %spec.build_uuid, taken_by = %job.spec.build_uuid, "build number already used by another build of this app");
-            return Err(ExecutorError::Unavailable(format!(
-                "build number {} of this app is already build {}; each build needs a number of its own",
-                spec.build_number, job.spec.build_uuid
-            )));
-        }
         let secret = self.secret_for(&spec, &job, &source).ok_or_else(|| {
             ExecutorError::Unavailable("the API server returned a BuildJob without a uid".into())
         })?;
-        let secrets: Api<KubeSecret> = Api::namespaced(self.client.clone(), &self.namespace);
-        match secrets.create(&PostParams::default(), &secret).await {
-            Ok(_) => {
-                if let Some(own) = &self.own {
-                    own.secret_known(&job, super::controller::callback_auth(Some(&secret)));
-                }
+        if let Err(e) = self.create_secret(&secret, &job).await {
+            // The caller hears 503 and will not ask again: a BuildJob left behind would run
+            // without its credentials (no source, no registry login, callbacks refused).
+            if created {
+                self.remove_unfinished(&jobs, &name).await;
             }
-            Err(e) if is_code(&e, 409) => {}
-            Err(e) => {
-                // The caller hears 503 and will not ask again: a BuildJob left behind would run
-                // without its credentials (no source, no registry login, callbacks refused).
-                if created {
-                    self.remove_unfinished(&jobs, &name).await;
-                }
-                return Err(unavailable("creating the credentials Secret")(e));
-            }
+            return Err(e);
         }
         tracing::info!(job = %name, build = %spec.build_uuid, "BuildJob accepted");
         Ok(())
@@ -868,6 +987,31 @@ mod tests {
         res
     }
 
+    /// The credentials Secret of the BuildJob with uid `owner`, as the API server has it.
+    fn secret_owned_by(owner: &str, secret_uid: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": format!("{JOB}-credentials"), "namespace": "builds", "uid": secret_uid,
+                            "ownerReferences": [{"apiVersion": "buildshuttle.akkeris.io/v1", "kind": "BuildJob",
+                                                 "name": JOB, "uid": owner, "controller": true}]},
+               "data": {"sources": "b2xkLXNvdXJjZXM="}})
+    }
+
+    fn secret_path() -> String {
+        format!("{SECRETS}/{JOB}-credentials")
+    }
+
+    fn ok_status() -> Value {
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200})
+    }
+
+    /// The DELETE of the object with uid `uid` (a uid precondition, background propagation).
+    fn delete_of(path: String, uid: &'static str) -> Expect {
+        Expect::new(Method::DELETE, path, 200, Some(ok_status())).check(move |b| {
+            assert_eq!(b["preconditions"]["uid"], uid, "{b}");
+            assert_eq!(b["propagationPolicy"], "Background", "{b}");
+        })
+    }
+
     #[tokio::test]
     async fn a_repeated_submit_creates_nothing_new() {
         let existing =
@@ -882,25 +1026,178 @@ mod tests {
                 409,
                 Some(status_error(409, "AlreadyExists")),
             ),
+            // Its own Secret (from the first POST): kept.
+            Expect::new(
+                Method::GET,
+                secret_path(),
+                200,
+                Some(secret_owned_by("uid-7", "s-1")),
+            ),
         ];
         let res = submitted(spec, scenario, |v| v).await;
         assert!(res.is_ok(), "{res:?}");
     }
 
     #[tokio::test]
-    async fn a_build_number_another_build_already_has_is_refused_not_dropped() {
-        let mut other = job(Some(Phase::Running));
-        other.spec.build_uuid = "00000000-0000-4000-8000-000000000001".into();
-        let existing = with_uid(serde_json::to_value(other).unwrap_or_default());
-        let scenario = vec![Expect::new(
-            Method::GET,
-            format!("{JOBS}/{JOB}"),
-            200,
-            Some(existing),
-        )];
-        let res = submitted(crate::build::tests::spec(), scenario, |v| v).await;
+    async fn a_credentials_secret_an_earlier_buildjob_left_is_replaced_not_used() {
+        let mut spec = crate::build::tests::spec();
+        spec.sources = Secret::new("https://example.com/new.tgz");
+        let scenario = vec![
+            no_job_yet(),
+            Expect::new(Method::POST, JOBS, 201, None),
+            Expect::new(
+                Method::POST,
+                SECRETS,
+                409,
+                Some(status_error(409, "AlreadyExists")),
+            ),
+            // The Secret of a deleted BuildJob of this name, not yet garbage-collected.
+            Expect::new(
+                Method::GET,
+                secret_path(),
+                200,
+                Some(secret_owned_by("uid-old", "s-old")),
+            ),
+            delete_of(secret_path(), "s-old"),
+            Expect::new(Method::POST, SECRETS, 201, None).check(|b| {
+                assert_eq!(b["metadata"]["ownerReferences"][0]["uid"], "uid-7");
+                let v = b["data"]["sources"].as_str().unwrap_or("");
+                let uri = base64::engine::general_purpose::STANDARD
+                    .decode(v)
+                    .unwrap_or_default();
+                assert_eq!(uri, b"https://example.com/new.tgz");
+            }),
+        ];
+        let res = submitted(spec, scenario, with_uid).await;
+        assert!(res.is_ok(), "{res:?}");
+    }
+
+    #[tokio::test]
+    async fn a_credentials_secret_that_stays_in_the_way_fails_the_submit_and_its_buildjob() {
+        let mut spec = crate::build::tests::spec();
+        spec.sources = Secret::new("https://example.com/new.tgz");
+        let mut scenario = vec![no_job_yet(), Expect::new(Method::POST, JOBS, 201, None)];
+        for _ in 0..SECRET_ATTEMPTS {
+            scenario.extend([
+                Expect::new(
+                    Method::POST,
+                    SECRETS,
+                    409,
+                    Some(status_error(409, "AlreadyExists")),
+                ),
+                Expect::new(
+                    Method::GET,
+                    secret_path(),
+                    200,
+                    Some(secret_owned_by("uid-old", "s-old")),
+                ),
+                delete_of(secret_path(), "s-old"),
+            ]);
+        }
+        scenario.extend([
+            Expect::new(
+                Method::PATCH,
+                format!("{JOBS}/{JOB}"),
+                200,
+                Some(with_uid(
+                    serde_json::to_value(job(None)).unwrap_or_default(),
+                )),
+            ),
+            Expect::new(Method::DELETE, format!("{JOBS}/{JOB}"), 200, None),
+        ]);
+        let res = submitted(spec, scenario, with_uid).await;
         let e = res.expect_err("refused").to_string();
-        assert!(e.contains("00000000-0000-4000-8000-000000000001"), "{e}");
+        assert!(e.contains("another BuildJob"), "{e}");
+    }
+
+    /// A BuildJob of another build (`OTHER`) with this build number, uid `uid-old`.
+    fn other_build(phase: Phase, deleting: bool) -> Value {
+        let mut other = job(Some(phase));
+        other.spec.build_uuid = OTHER.into();
+        other.metadata.uid = Some("uid-old".into());
+        if deleting {
+            other.metadata.deletion_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    crate::operator::decide::tests::t(0),
+                ));
+        }
+        serde_json::to_value(other).unwrap_or_default()
+    }
+
+    const OTHER: &str = "00000000-0000-4000-8000-000000000001";
+
+    #[tokio::test]
+    async fn a_finished_build_with_the_same_number_gives_way_to_the_new_one() {
+        let scenario = vec![
+            Expect::new(
+                Method::GET,
+                format!("{JOBS}/{JOB}"),
+                200,
+                Some(other_build(Phase::Succeeded, false)),
+            ),
+            delete_of(format!("{JOBS}/{JOB}"), "uid-old"),
+            no_job_yet(),
+            Expect::new(Method::POST, JOBS, 201, None).check(|b| {
+                assert_eq!(
+                    b["spec"]["buildUuid"],
+                    crate::build::tests::spec().build_uuid.to_string()
+                );
+            }),
+            Expect::new(Method::POST, SECRETS, 201, None),
+        ];
+        let res = submitted(data_spec(), scenario, with_uid).await;
+        assert!(res.is_ok(), "{res:?}");
+    }
+
+    #[tokio::test]
+    async fn a_running_build_with_the_same_number_is_stopped_and_waited_for_then_replaced() {
+        let scenario = vec![
+            Expect::new(
+                Method::GET,
+                format!("{JOBS}/{JOB}"),
+                200,
+                Some(other_build(Phase::Running, false)),
+            ),
+            delete_of(format!("{JOBS}/{JOB}"), "uid-old"),
+            // The controller stops it and sends its `failed` callback: it is held meanwhile,
+            // and not deleted a second time.
+            Expect::new(
+                Method::GET,
+                format!("{JOBS}/{JOB}"),
+                200,
+                Some(other_build(Phase::Failed, true)),
+            ),
+            no_job_yet(),
+            Expect::new(Method::POST, JOBS, 201, None),
+            Expect::new(Method::POST, SECRETS, 201, None),
+        ];
+        let res = submitted(data_spec(), scenario, with_uid).await;
+        assert!(res.is_ok(), "{res:?}");
+    }
+
+    #[tokio::test]
+    async fn a_build_holding_the_number_that_does_not_go_in_time_is_refused_not_dropped() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (client, handle) = mock::client();
+        let scenario = vec![
+            Expect::new(
+                Method::GET,
+                format!("{JOBS}/{JOB}"),
+                200,
+                Some(other_build(Phase::Running, false)),
+            ),
+            delete_of(format!("{JOBS}/{JOB}"), "uid-old"),
+        ];
+        let verifier = mock::verify(handle, scenario);
+        let (mut exec, _) = executor(client, dir.path());
+        exec.replace_wait = std::time::Duration::ZERO;
+        let res = exec.submit(crate::build::tests::spec()).await;
+        drop(exec);
+        verifier
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        let e = res.expect_err("refused").to_string();
+        assert!(e.contains(OTHER), "{e}");
     }
 
     #[tokio::test]

@@ -80,6 +80,8 @@ pub struct KubernetesMode {
     pub executor: facade::KubeExecutor,
     pub storage: std::sync::Arc<dyn crate::storage::Storage>,
     controller: Option<tokio::task::JoinHandle<()>>,
+    /// The controller's callback senders (`notify::spawn`).
+    senders: tokio_util::task::TaskTracker,
     stop: tokio_util::sync::CancellationToken,
     pub died: tokio_util::sync::CancellationToken,
 }
@@ -175,6 +177,8 @@ impl KubernetesMode {
         let died = tokio_util::sync::CancellationToken::new();
         let watch_failing = executor.watch_failing.clone();
         let instance = k.instance_name.clone();
+        let senders = tokio_util::task::TaskTracker::new();
+        let senders_out = senders.clone();
         let controller = k.run_controller.then(|| {
             let settings = decide::Settings {
                 max_parallel: cfg.maximum_parallel_builds,
@@ -243,6 +247,7 @@ impl KubernetesMode {
                     let watch_failing = watch_failing.clone();
                     let instance = instance.clone();
                     let own = own.clone();
+                    let senders = senders.clone();
                     async move {
                         let make = |store| {
                             controller::Context::new(
@@ -256,6 +261,7 @@ impl KubernetesMode {
                                 observer,
                                 own,
                             )
+                            .with_senders(senders)
                         };
                         controller::run(
                             client.clone(),
@@ -275,25 +281,79 @@ impl KubernetesMode {
             executor,
             storage,
             controller,
+            senders: senders_out,
             stop,
             died,
         })
     }
 
-    /// Stops the controller (the BuildJobs and pods carry on; the next leader picks them up).
+    /// Stops the controller (the BuildJobs and pods carry on; the next leader picks them up),
+    /// and lets the callbacks being delivered finish, all within `grace`.
     pub async fn shutdown(self, grace: Duration) {
         self.stop.cancel();
-        if let Some(handle) = self.controller {
-            if tokio::time::timeout(grace, handle).await.is_err() {
-                tracing::warn!("the controller did not stop within the grace period");
-            }
+        drain(self.controller, &self.senders, grace).await;
+    }
+}
+
+/// Waits up to `grace` for the controller task to stop, then (within the same bound) for
+/// the callback senders: one cut mid-delivery is sent again by the next leader only after
+/// its takeover wait (minutes), and twice if the receiver had it already.
+async fn drain(
+    controller: Option<tokio::task::JoinHandle<()>>,
+    senders: &tokio_util::task::TaskTracker,
+    grace: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + grace;
+    if let Some(handle) = controller {
+        if tokio::time::timeout_at(deadline, handle).await.is_err() {
+            tracing::warn!("the controller did not stop within the grace period");
         }
+    }
+    senders.close();
+    if !senders.is_empty() {
+        tracing::info!(
+            senders = senders.len(),
+            "waiting for the callbacks being delivered"
+        );
+    }
+    if tokio::time::timeout_at(deadline, senders.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            senders = senders.len(),
+            "callbacks still being delivered at the end of the grace period are cut; the next leader sends them after its takeover wait"
+        );
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{has_native_sidecars, DiedGuard};
+    use super::{drain, has_native_sidecars, DiedGuard};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_shutdown_lets_callbacks_being_delivered_finish_within_its_grace() {
+        let senders = tokio_util::task::TaskTracker::new();
+        let delivered = Arc::new(AtomicBool::new(false));
+        let d = delivered.clone();
+        senders.spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            d.store(true, Ordering::SeqCst);
+        });
+        let controller = tokio::spawn(async {});
+        drain(Some(controller), &senders, Duration::from_secs(10)).await;
+        assert!(delivered.load(Ordering::SeqCst), "waited for the sender");
+
+        // One that outlives the grace period does not hold the shutdown.
+        let senders = tokio_util::task::TaskTracker::new();
+        senders.spawn(tokio::time::sleep(Duration::from_secs(60)));
+        let started = std::time::Instant::now();
+        drain(None, &senders, Duration::from_millis(200)).await;
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
 
     #[test]
     fn dind_needs_native_sidecars() {

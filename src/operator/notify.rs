@@ -10,10 +10,12 @@ use super::controller::{
 use super::crd::{BuildJob, CallbackInFlight, Phase};
 use super::decide::{CallbackKind, EventNote};
 use crate::secret::Secret;
+use futures::FutureExt;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -186,46 +188,58 @@ pub fn spawn(ctx: Arc<Context>, job: &BuildJob, auth: Auth, kind: CallbackKind, 
         tracing::warn!(job = %name, "a sender for this BuildJob is still running; the callback recorded in flight waits for a takeover");
         return;
     }
-    let url = job.spec.callback.clone().filter(|u| !u.is_empty());
-    let build_number = job.spec.build_number;
     let job = job.clone();
-    tokio::spawn(async move {
-        let word = status_word(kind);
-        if let Some(url) = url {
-            let send = async {
-                let auth = match auth {
-                    Auth::Known(a) => a,
-                    Auth::Read { wait } => credentials(&ctx, &job, wait).await,
-                };
-                ctx.callbacks
-                    .deliver(&url, auth.as_ref(), build_number, word)
-                    .await
-                    .map_err(|e| e.to_string())
-            };
-            // Past the deadline another leader may take the callback over: stop trying.
-            let sent = tokio::time::timeout_at(deadline, send)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(
-                        "its sender ran out of time (CALLBACK_RETRY_SECONDS plus 30 s \
-                         from when it was recorded in flight)"
-                            .to_string(),
-                    )
-                });
-            if let Err(e) = sent {
-                tracing::warn!(job = %name, error = %e, "callback not delivered");
-                ctx.observer.callback_failed();
-                let note = EventNote {
-                    warning: true,
-                    reason: "CallbackFailed".into(),
-                    note: format!("the {word} callback was not delivered: {e}"),
-                };
-                publish(&ctx, &job.object_ref(&()), &note).await;
-            }
-        }
-        record(&ctx, &job, kind).await;
+    // Tracked: a shutdown lets it finish (within the grace period) rather than cut it, which
+    // the next leader would only notice, and send again, after its takeover wait.
+    let senders = ctx.senders.clone();
+    senders.spawn(async move {
+        let done = AssertUnwindSafe(deliver(&ctx, &job, auth, kind, deadline))
+            .catch_unwind()
+            .await;
         lock(&ctx.sending).remove(&uid);
+        if done.is_err() {
+            tracing::error!(job = %name, "a callback sender panicked; the callback waits for a takeover");
+        }
     });
+}
+
+/// Delivers `kind` for `job` (trying until `deadline`), then records it sent.
+async fn deliver(ctx: &Context, job: &BuildJob, auth: Auth, kind: CallbackKind, deadline: Instant) {
+    let name = job.name_any();
+    let word = status_word(kind);
+    if let Some(url) = job.spec.callback.as_deref().filter(|u| !u.is_empty()) {
+        let send = async {
+            let auth = match auth {
+                Auth::Known(a) => a,
+                Auth::Read { wait } => credentials(ctx, job, wait).await,
+            };
+            ctx.callbacks
+                .deliver(url, auth.as_ref(), job.spec.build_number, word)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        // Past the deadline another leader may take the callback over: stop trying.
+        let sent = tokio::time::timeout_at(deadline, send)
+            .await
+            .unwrap_or_else(|_| {
+                Err(
+                    "its sender ran out of time (CALLBACK_RETRY_SECONDS plus 30 s \
+                     from when it was recorded in flight)"
+                        .to_string(),
+                )
+            });
+        if let Err(e) = sent {
+            tracing::warn!(job = %name, error = %e, "callback not delivered");
+            ctx.observer.callback_failed();
+            let note = EventNote {
+                warning: true,
+                reason: "CallbackFailed".into(),
+                note: format!("the {word} callback was not delivered: {e}"),
+            };
+            publish(ctx, &job.object_ref(&()), &note).await;
+        }
+    }
+    record(ctx, job, kind).await;
 }
 
 /// Marks the callback sent on `written` (the BuildJob as the reconcile wrote it), retrying
