@@ -886,6 +886,15 @@ async fn stop_a_running_build_and_stop_all_of_an_app() {
     svc.post(&b1).await;
     svc.post(&b2).await;
     svc.wait_log(&b1, "all1-start", BUILD).await;
+    // Queued: known, nothing written yet (200, empty; 404 is for unknown builds).
+    let queued = svc
+        .client
+        .get(svc.url(&logs_path(&b2)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(queued.status(), 200);
+    assert_eq!(queued.text().await.unwrap(), "");
     let path = format!(
         "/{}-{}",
         b1["app"].as_str().unwrap(),
@@ -1236,13 +1245,27 @@ async fn bad_requests_get_the_legacy_answers() {
         (200, r#"{"status":"ok"}"#.into())
     );
     assert_eq!(get(format!("/myapp-{unknown}/3/logs")).await.0, 404);
+    // Keys no build can have: unknown builds, as with the old shuttle.
     assert_eq!(
         get("/myapp-../../etc/3/logs".into()).await.0,
-        400,
+        404,
         "no way out of the store"
     );
-    assert_eq!(get(format!("/myapp-{unknown}/0/logs")).await.0, 400);
-    assert_eq!(get(format!("/my-app-{unknown}/3/logs")).await.0, 400);
+    assert_eq!(get(format!("/myapp-{unknown}/0/logs")).await.0, 404);
+    assert_eq!(get(format!("/my-app-{unknown}/3/logs")).await.0, 404);
+    // Every stop is answered 200 (controller-api stops a build not started yet as number 0).
+    for path in [
+        format!("/myapp-{unknown}/0"),
+        format!("/my-app-{unknown}/3"),
+        format!("/myapp-{unknown}/x"),
+    ] {
+        let r = svc.client.delete(svc.url(&path)).send().await.unwrap();
+        assert_eq!(
+            (r.status().as_u16(), r.text().await.unwrap()),
+            (200, r#"{"status":"ok"}"#.into()),
+            "{path}"
+        );
+    }
 }
 
 /// More builds queued than the executor keeps in memory: the rest wait in

@@ -249,7 +249,12 @@ async fn stop_build(
     State(st): State<AppState>,
     Path((app_key, number)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let (app, app_uuid, n) = parse_build_path(&app_key, &number)?;
+    // The old shuttle answered every stop `200`: a key no build can have (controller-api
+    // sends build number 0 for a build not started yet) stops nothing.
+    let Ok((app, app_uuid, n)) = parse_build_path(&app_key, &number) else {
+        tracing::info!(app = %app_key, number = %number, "stop of a build key no build has; nothing to stop");
+        return Ok(ok());
+    };
     let stopped = st
         .executor
         .stop(BuildSelector {
@@ -273,7 +278,8 @@ async fn get_logs(
     Path((app_key, number)): Path<(String, String)>,
     Query(q): Query<LogQuery>,
 ) -> Result<Response, ApiError> {
-    let (app, app_uuid, n) = parse_build_path(&app_key, &number)?;
+    // A key no build can have names an unknown build: 404, as for any unknown build.
+    let (app, app_uuid, n) = parse_build_path(&app_key, &number).map_err(|_| ApiError::NotFound)?;
     let follow = matches!(q.follow.as_deref(), Some("true" | "1" | "yes"));
     if follow {
         return follow::follow(st.executor.clone(), app, app_uuid, n).await;

@@ -168,6 +168,12 @@ pub fn build_spec(
                     Value::Null => String::new(),
                     _ => return Err(bad("Bad Request - build_args values must be strings.")),
                 };
+                // The request wins over EXTRA_BUILD_ARGS by the name dockerd sees (keys are
+                // stripped to [A-Za-z0-9_]): `NPM-TOKEN` here replaces an extra `NPMTOKEN`.
+                let name = crate::build::sanitize_arg_key(k);
+                build_args.retain(|e, _| {
+                    !(extra_args.contains_key(e) && crate::build::sanitize_arg_key(e) == name)
+                });
                 build_args.insert(k.clone(), v);
             }
         }
@@ -267,6 +273,17 @@ mod tests {
         assert_eq!(s.build_args["E"], "e");
         assert_eq!(s.build_args["N"], "2");
         assert_eq!(s.gm_registry_auth.unwrap().password.expose(), "p");
+    }
+
+    #[test]
+    fn the_request_wins_by_the_name_dockerd_sees() {
+        // Both are `NPMTOKEN` once stripped to [A-Za-z0-9_].
+        let extra = BTreeMap::from([("NPMTOKEN".to_string(), "extra".to_string())]);
+        let mut b = body();
+        b["build_args"] = json!({"NPM-TOKEN": "request"});
+        let s = build_spec(b, &extra).unwrap();
+        assert_eq!(s.docker_build_args()["NPMTOKEN"], "request");
+        assert_eq!(s.docker_build_args().len(), 1);
     }
 
     #[test]

@@ -1045,6 +1045,13 @@ impl Executor for LocalExecutor {
             .get_from(&key, offset)
             .await
             .map_err(|e| ExecutorError::Unavailable(e.to_string()))?;
+        // A queued build is known but has written nothing yet (as in Kubernetes mode).
+        if obj.is_none() && self.is_active(app, app_uuid, build_number).await {
+            return Ok(Some(Object {
+                len: Some(0),
+                body: futures::StreamExt::boxed(futures::stream::empty()),
+            }));
+        }
         Ok(obj)
     }
 
