@@ -140,14 +140,17 @@ mod scenario {
         let client = reqwest::Client::new();
         let start = Instant::now();
         loop {
-            let text = client
+            let resp = client
                 .get(shuttle.url(&logs_path(&b)))
                 .send()
                 .await
-                .unwrap()
-                .text()
-                .await
                 .unwrap();
+            assert_eq!(
+                resp.headers()["content-type"],
+                "text/plain; charset=utf-8",
+                "the contract's text/plain"
+            );
+            let text = resp.text().await.unwrap();
             if text.contains(&format!("{m}-start")) {
                 break;
             }

@@ -1099,7 +1099,18 @@ async fn logs_are_readable_while_the_build_runs() {
         "read before the build ended"
     );
     assert_eq!(cb.wait_final(id, BUILD).await, "succeeded");
-    assert!(svc.log(&b).await.contains("live-end"));
+    let resp = svc
+        .client
+        .get(svc.url(&logs_path(&b)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers()["content-type"],
+        "text/plain; charset=utf-8",
+        "the contract's text/plain"
+    );
+    assert!(resp.text().await.unwrap().contains("live-end"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
