@@ -207,10 +207,23 @@ async fn build(
             o
         }
     };
+    // Stopped (SIGTERM: a drain, an eviction, a deletion): whether the build ends here is
+    // the controller's call. It re-creates the pod (whose worker writes its own end) or
+    // ends the build and writes `Build failed (…)` and `Build finished` itself, so this log
+    // says only that it was cut, and a consumer reading to `Build finished` misses no retry.
+    let interrupted = matches!(
+        &outcome,
+        Outcome::Failed {
+            reason: FailureReason::Interrupted,
+            ..
+        }
+    );
     if let Outcome::Failed { reason, message } = &outcome {
-        if matches!(
+        if interrupted {
+            log.line(&format!("Build interrupted: {message}"));
+        } else if matches!(
             reason,
-            FailureReason::Timeout | FailureReason::Interrupted | FailureReason::DockerUnavailable
+            FailureReason::Timeout | FailureReason::DockerUnavailable
         ) {
             log.line(&format!("Build failed ({}): {message}", reason.as_str()));
         }
@@ -223,8 +236,13 @@ async fn build(
     if let Err(e) = write_termination(&args.termination_log_path, &outcome, Some(timings.clone())) {
         tracing::error!(error = %e, "cannot write the termination log yet; tried again at the end");
     }
+    let flushing: futures::future::BoxFuture<'static, ()> = if interrupted {
+        Box::pin(log.close())
+    } else {
+        Box::pin(log.finish())
+    };
     let finishing = async {
-        tokio::join!(log.finish(), async {
+        tokio::join!(flushing, async {
             if let Some(tidy) = tidy {
                 tidy.await;
             }

@@ -4,7 +4,7 @@
 //! OOM, a lost node, unschedulable, a missing image, admission refusal, a stale pod of the
 //! same name, a deleted BuildJob, a slow callback receiver, a build number used again, a
 //! stale credentials Secret, a SIGTERM mid-callback, a finished BuildJob deleted with no
-//! controller left). Each runs the real binary against the simulated cluster and checks
+//! controller left, the log of a build no worker ended). Each runs the real binary against the simulated cluster and checks
 //! the BuildJob's phase and reason and that controller-api hears exactly one `pending`
 //! and one final callback. Each scenario also
 //! runs, ignored, on the cluster KUBECONFIG names (`real_cluster::…`, `Cluster::external`),
@@ -37,7 +37,8 @@ scenarios!(
     a_finished_buildjob_lets_go_of_its_finalizer_so_an_uninstall_never_hangs,
     a_credentials_secret_an_earlier_buildjob_left_is_replaced_not_used,
     a_build_number_used_again_by_a_new_build_replaces_the_earlier_buildjob,
-    a_callback_on_the_wire_at_sigterm_is_delivered_once_not_cut_and_resent;
+    a_callback_on_the_wire_at_sigterm_is_delivered_once_not_cut_and_resent,
+    builds_ended_without_a_worker_end_their_log_once_in_storage_and_on_kafka;
     skipped on a real cluster:
     a_leader_whose_renewal_hangs_steps_down_before_its_lease_can_expire =>
         "needs the simulator to hang Lease renewals (no API call makes a real server do that)",
@@ -198,6 +199,102 @@ async fn wait_gone(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The `message` of every Kafka message of build `b` on `topic`, in order, read from the
+/// start until the topic has been quiet for 3 s after a `Build finished` (at most 90 s).
+/// Call it once the build's log is complete: it then sees every line and any extra end.
+async fn kafka_lines(bootstrap: &str, topic: &str, b: &Value) -> Vec<String> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{ClientConfig, Message};
+    let key = format!("{}-{}", key(b), b["build_number"].as_u64().unwrap_or(1));
+    let (bootstrap, topic) = (bootstrap.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", format!("test-{}", uuid::Uuid::new_v4()))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        consumer.subscribe(&[&topic]).expect("subscribe");
+        let start = Instant::now();
+        let mut last = Instant::now();
+        let mut got: Vec<String> = Vec::new();
+        while start.elapsed() < Duration::from_secs(90) {
+            if got.iter().any(|l| l == "Build finished") && last.elapsed() > Duration::from_secs(3)
+            {
+                break;
+            }
+            let Some(Ok(msg)) = consumer.poll(Duration::from_millis(200)) else {
+                continue;
+            };
+            if msg.key() != Some(key.as_bytes()) {
+                continue;
+            }
+            let v: Value =
+                serde_json::from_slice(msg.payload().unwrap_or_default()).expect("a JSON message");
+            got.push(v["message"].as_str().unwrap_or("").to_string());
+            last = Instant::now();
+        }
+        got
+    })
+    .await
+    .expect("consumer thread")
+}
+
+/// Kafka's lines of `b` end with `failed` and `Build finished`, which comes once.
+fn ends_once_with(lines: &[String], failed: &str, what: &str) {
+    assert_eq!(
+        lines.iter().filter(|l| *l == "Build finished").count(),
+        1,
+        "{what}: one `Build finished`: {lines:#?}"
+    );
+    assert!(
+        lines.ends_with(&[failed.to_string(), "Build finished".to_string()]),
+        "{what}: ends with {failed:?} and `Build finished`: {lines:#?}"
+    );
+}
+
+/// Checks the end the controller writes for `b`, which no worker ended: its stored log
+/// (through `GET …/logs`) and its Kafka lines each end with `failed` and one `Build
+/// finished`, and its status records it. Returns (stored log, Kafka lines).
+async fn controller_ended(
+    cluster: &Cluster,
+    shuttle: &Proc,
+    kafka: &str,
+    topic: &str,
+    b: &Value,
+    failed: &str,
+) -> (String, Vec<String>) {
+    let start = Instant::now();
+    let log = loop {
+        let log = shuttle.log(b).await;
+        if log.contains("Build finished") {
+            break log;
+        }
+        assert!(
+            start.elapsed() < BUILD,
+            "the stored log never got `Build finished`: {log:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        log.matches("Build finished").count(),
+        1,
+        "one `Build finished` in the stored log: {log}"
+    );
+    assert!(
+        log.ends_with(&format!("{failed}\nBuild finished\n")),
+        "the stored log ends with {failed:?}: {log}"
+    );
+    let lines = kafka_lines(kafka, topic, b).await;
+    ends_once_with(&lines, failed, uuid_of(b));
+    // Recorded, so no later reconcile (or leader) writes it again.
+    cluster
+        .wait_job(b, "logEnded", BUILD, |j| j["status"]["logEnded"] == true)
+        .await;
+    (log, lines)
 }
 
 /// `kubectl drain`'s way: a policy/v1 Eviction of the pod.
@@ -576,10 +673,22 @@ mod scenario {
     pub async fn evicted_drained_or_deleted_pods_are_recreated_and_the_build_succeeds(
         cluster: Cluster,
     ) {
-        let shuttle = cluster.serve(Mode::Host, &[]);
+        // Log lines on Kafka (pods reach the test's broker on the simulator's host network
+        // only): a stopped worker does not end the log, the re-created pod's worker does.
+        let kafka = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+        let topic = "buildlogs-recreated";
+        kafka.create_topic(topic, 1, 1).expect("topic");
+        let bootstrap = kafka.bootstrap_servers();
+        let shuttle = cluster.serve(Mode::Host, &[("KAFKA_TOPIC", topic)]);
         let cb = Callbacks::start().await;
         let builds: Vec<Value> = (0..3)
-            .map(|_| cluster.body(&data_uri(&app(&cluster, 4)), &cb))
+            .map(|_| {
+                let mut x = cluster.body(&data_uri(&app(&cluster, 4)), &cb);
+                if cluster.sim().is_some() {
+                    x["kafka_hosts"] = json!(bootstrap);
+                }
+                x
+            })
             .collect();
         for x in &builds {
             shuttle.post(x).await;
@@ -607,6 +716,39 @@ mod scenario {
             exactly_once(&cb, x, "succeeded").await;
             let j = finished(&cluster, x).await;
             assert_eq!(j["status"]["podRetries"], 1, "re-created once: {j:#}");
+            // The stored log is the second worker's, whole.
+            let log = shuttle.log(x).await;
+            assert!(
+                log.contains("step-end") && log.ends_with("Build finished\n"),
+                "{log}"
+            );
+            assert_eq!(log.matches("Build finished").count(), 1, "{log}");
+        }
+        if cluster.sim().is_none() {
+            return cluster.skip("Kafka lines (worker pods cannot reach this machine's broker)");
+        }
+        for (i, x) in builds.iter().enumerate() {
+            let lines = kafka_lines(&bootstrap, topic, x).await;
+            assert_eq!(
+                lines.iter().filter(|l| *l == "Build finished").count(),
+                1,
+                "build {i}: one `Build finished`, the last worker's: {lines:#?}"
+            );
+            assert_eq!(lines.last().map(String::as_str), Some("Build finished"));
+            assert!(lines.iter().any(|l| l.contains("step-end")), "{lines:#?}");
+            // Pods 1 and 2 were stopped gracefully (a kubelet eviction kills at once).
+            if i > 0 {
+                let cut = lines
+                    .iter()
+                    .position(|l| l.starts_with("Build interrupted: "))
+                    .unwrap_or_else(|| {
+                        panic!("build {i}: the first worker says it was cut: {lines:#?}")
+                    });
+                assert!(
+                    lines[cut..].iter().any(|l| l.contains("started")),
+                    "build {i}: then the second worker's lines: {lines:#?}"
+                );
+            }
         }
     }
 
@@ -1095,6 +1237,99 @@ mod scenario {
                 cluster.serve_log("old")
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub async fn builds_ended_without_a_worker_end_their_log_once_in_storage_and_on_kafka(
+        cluster: Cluster,
+    ) {
+        let kafka = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+        let topic = "buildlogs-ends";
+        kafka.create_topic(topic, 1, 1).expect("topic");
+        let bootstrap = kafka.bootstrap_servers();
+        let cb = Callbacks::start().await;
+        let fast_lease = ("LEASE_SECONDS", "3");
+
+        // A worker pod whose image cannot be pulled: no worker ever runs.
+        let missing = cluster.serve(
+            Mode::Host,
+            &[
+                fast_lease,
+                ("KAFKA_TOPIC", topic),
+                (
+                    "DOCKER_BUILD_IMAGE",
+                    &format!("{}/nothing/here:1", cluster.registry()),
+                ),
+            ],
+        );
+        let mut pull = cluster.body(&data_uri(&app(&cluster, 0)), &cb);
+        pull["kafka_hosts"] = json!(bootstrap);
+        missing.post(&pull).await;
+        exactly_once(&cb, &pull, "failed").await;
+        let j = finished(&cluster, &pull).await;
+        let failed = format!("Build failed ({}): {}", reason(&j), message(&j));
+        assert!(failed.contains("nothing/here"), "{failed}");
+        let (log, lines) =
+            controller_ended(&cluster, &missing, &bootstrap, topic, &pull, &failed).await;
+        assert_eq!(log, format!("{failed}\nBuild finished\n"), "just the end");
+        assert_eq!(lines.len(), 2, "just the end: {lines:#?}");
+        drop(missing);
+
+        // One slot: `running` holds it and `queued` waits; each is stopped.
+        let shuttle = cluster.serve(
+            Mode::Host,
+            &[
+                fast_lease,
+                ("KAFKA_TOPIC", topic),
+                ("MAXIMUM_PARALLEL_BUILDS", "1"),
+            ],
+        );
+        let mut running = cluster.body(&data_uri(&app(&cluster, 60)), &cb);
+        running["kafka_hosts"] = json!(bootstrap);
+        let queued = next_build(&running, 2, &data_uri(&app(&cluster, 0)));
+        shuttle.post(&running).await;
+        let pod = running_pod(&cluster, &running).await;
+        // The worker's own lines are in its pod log: wait for them, so it has begun.
+        shuttle.wait_log(&running, "step-start").await;
+        shuttle.post(&queued).await;
+        cluster
+            .wait_job(&queued, "Queued", BUILD, |j| {
+                j["status"]["phase"] == "Queued"
+            })
+            .await;
+        assert_eq!(
+            delete(&shuttle, &format!("/{}/2", key(&running))).await,
+            200
+        );
+        exactly_once(&cb, &queued, "failed").await;
+        let failed = "Build failed (Cancelled): stopped by request before it started";
+        let (log, lines) =
+            controller_ended(&cluster, &shuttle, &bootstrap, topic, &queued, failed).await;
+        assert_eq!(log, format!("{failed}\nBuild finished\n"), "just the end");
+        assert_eq!(lines.len(), 2, "just the end: {lines:#?}");
+
+        // Stopped while running: its worker says it was cut (and stores its log); the end
+        // comes after, from the controller, once.
+        assert_eq!(
+            delete(&shuttle, &format!("/{}/1", key(&running))).await,
+            200
+        );
+        exactly_once(&cb, &running, "failed").await;
+        let failed = "Build failed (Cancelled): stopped by request";
+        let (log, lines) =
+            controller_ended(&cluster, &shuttle, &bootstrap, topic, &running, failed).await;
+        assert!(
+            log.contains("step-start") && log.contains("Build interrupted: "),
+            "the worker's log is kept: {log}"
+        );
+        wait_gone(&cluster, &pod, None).await;
+        match cluster.sim() {
+            Some(_) => assert!(
+                lines.iter().any(|l| l.starts_with("Build interrupted: ")),
+                "the worker's lines come first: {lines:#?}"
+            ),
+            None => cluster
+                .skip("the worker's Kafka lines (worker pods cannot reach this machine's broker)"),
         }
     }
 }

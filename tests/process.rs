@@ -326,16 +326,12 @@ async fn sigterm_keeps_serving_with_failing_readiness_for_the_shutdown_delay() {
     }
     assert!(p.child.try_wait().unwrap().is_none(), "still running");
     p.signal("-TERM");
-    let status = loop {
-        if let Some(s) = p.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "a second SIGTERM did not end the 60 s delay"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = p
+        .wait_exit(
+            Duration::from_secs(20),
+            "a second SIGTERM did not end the 60 s delay",
+        )
+        .await;
     assert!(status.success(), "{status:?}");
 }
 
@@ -367,16 +363,9 @@ async fn sigterm_drains_running_builds_within_the_grace_period() {
     let followed = tokio::spawn(async move { follow.text().await.unwrap_or_default() });
     let t = Instant::now();
     p.signal("-TERM");
-    let status = loop {
-        if let Some(s) = p.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(40),
-            "serve did not exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let status = p
+        .wait_exit(Duration::from_secs(40), "serve did not exit after SIGTERM")
+        .await;
     assert!(status.success(), "{status:?}");
     assert!(
         t.elapsed() >= Duration::from_secs(3),

@@ -599,8 +599,28 @@ fn sigterm_while_waiting_for_dockerd_ends_the_worker_with_interrupted() {
         ),
         "{outcome:?}"
     );
+    // The log says it was cut, with its timings, and does not end: whether the build ends
+    // here is the controller's call (a new pod runs it again, or the controller writes the
+    // end), so a consumer reading up to `Build finished` misses no retry.
+    let prefix = format!("[{}-{}] ", b.app, b.build_number);
+    let build_lines: Vec<&str> = rest
+        .iter()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .collect();
     assert!(
-        rest.iter().any(|l| l.contains("Interrupted")),
+        build_lines
+            .iter()
+            .any(|l| l.starts_with("Build interrupted: ")),
         "the build log says why: {rest:?}"
+    );
+    assert!(
+        build_lines
+            .last()
+            .is_some_and(|l| l.starts_with("Timings: ")),
+        "its timings, last: {rest:?}"
+    );
+    assert!(
+        !build_lines.contains(&"Build finished"),
+        "no end of its own: {rest:?}"
     );
 }

@@ -421,22 +421,30 @@ impl Inner {
         self.lock_waiting().len() >= HOT_QUEUE
     }
 
+    /// Makes a queued build active (to run, or to be ended after a stop).
+    fn activate(
+        &self,
+        active: &mut HashMap<Uuid, Active>,
+        w: &Waiting,
+    ) -> (CancellationToken, StopReason) {
+        let (cancel, reason) = (CancellationToken::new(), StopReason::default());
+        let a = Active {
+            app: w.app,
+            build_number: w.build_number,
+            since: self.activations.fetch_add(1, Ordering::SeqCst),
+            cancel: cancel.clone(),
+            reason: reason.clone(),
+        };
+        active.insert(w.id, a);
+        (cancel, reason)
+    }
+
     /// The oldest queued build, now active.
     fn next_waiting(&self) -> Option<Ticket> {
         let mut waiting = self.lock_waiting();
         let mut active = self.active.lock().ok()?;
         let w = waiting.pop_front()?;
-        let (cancel, reason) = (CancellationToken::new(), StopReason::default());
-        active.insert(
-            w.id,
-            Active {
-                app: w.app,
-                build_number: w.build_number,
-                since: self.activations.fetch_add(1, Ordering::SeqCst),
-                cancel: cancel.clone(),
-                reason: reason.clone(),
-            },
-        );
+        let (cancel, reason) = self.activate(&mut active, &w);
         self.metrics.queued.dec();
         Some(Ticket {
             id: w.id,
@@ -585,16 +593,7 @@ impl Inner {
                 if !wanted(&w.id, w.app, w.build_number) {
                     return true;
                 }
-                active.insert(
-                    w.id,
-                    Active {
-                        app: w.app,
-                        build_number: w.build_number,
-                        since: self.activations.fetch_add(1, Ordering::SeqCst),
-                        cancel: CancellationToken::new(),
-                        reason: StopReason::default(),
-                    },
-                );
+                self.activate(&mut active, w);
                 ending.push((w.id, w.pending.take()));
                 false
             });

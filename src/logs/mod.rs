@@ -138,6 +138,14 @@ impl BuildLog {
     /// the sinks' flushing (upload, Kafka delivery), which may run beside other work.
     pub fn finish(mut self) -> impl std::future::Future<Output = ()> + Send + 'static {
         self.line(FINISHED_LINE);
+        self.close()
+    }
+
+    /// Ends the sinks' writing without `Build finished`, for a log whose build may still
+    /// go on elsewhere (a worker pod stopped mid-build: the controller decides whether the
+    /// build runs again or ends, and whoever ends it writes the end). Returns the flushing,
+    /// as `finish` does.
+    pub fn close(self) -> impl std::future::Future<Output = ()> + Send + 'static {
         // Each sink ends its writing now (the stored log's kept tail is in its file when this
         // returns); what takes time (uploads, Kafka delivery) runs when awaited.
         let finishing: Vec<_> = self.sinks.into_iter().map(|s| s.finish()).collect();

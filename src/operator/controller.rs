@@ -105,8 +105,13 @@ pub struct Context {
     pub(crate) in_flight: notify::InFlightLog,
     /// How long a sender may try (`notify::sender_life`; tests shorten it).
     pub(crate) sender_life: Duration,
-    /// The callback senders, across leadership terms: a shutdown waits for them.
+    /// The callback senders and log-end writers, across leadership terms: a shutdown
+    /// waits for them.
     pub(crate) senders: tokio_util::task::TaskTracker,
+    /// Where the end of a log the controller owes is written (`None`: nowhere; tests).
+    pub(crate) log_ends: Option<super::logend::LogEnds>,
+    /// BuildJob uids whose log end this process is writing, or wrote and recorded.
+    pub(crate) ending_logs: Mutex<HashSet<String>>,
     /// Consecutive failed reconciles per BuildJob (for backoff).
     failures: Mutex<HashMap<String, u32>>,
     /// What this process wrote to each BuildJob, shared with the facade (see `OwnWrites`).
@@ -229,6 +234,8 @@ impl Context {
             in_flight: notify::InFlightLog::default(),
             sender_life: notify::sender_life(callback_budget),
             senders: tokio_util::task::TaskTracker::new(),
+            log_ends: None,
+            ending_logs: Mutex::new(HashSet::new()),
             failures: Mutex::new(HashMap::new()),
             own,
             pod_cache: None,
@@ -242,6 +249,12 @@ impl Context {
         self
     }
 
+    /// Writes the log ends the controller owes to `ends` (storage and Kafka).
+    pub fn with_log_ends(mut self, ends: super::logend::LogEnds) -> Self {
+        self.log_ends = Some(ends);
+        self
+    }
+
     /// Notes the resourceVersion a write of ours returned.
     pub(crate) fn wrote(&self, job: &BuildJob) {
         self.own.wrote(job);
@@ -252,6 +265,7 @@ impl Context {
         if let Some(uid) = job.uid() {
             self.own.forget(&uid);
             self.in_flight.forget(&uid);
+            lock(&self.ending_logs).remove(&uid);
         }
     }
 
@@ -614,6 +628,7 @@ async fn reconcile_inner(
 
     let mut requeue = None;
     let mut events = Vec::new();
+    let mut end_log = None;
     let mut delete_job = false;
     let mut remove_finalizer = false;
     for action in actions {
@@ -680,6 +695,7 @@ async fn reconcile_inner(
             Action::RecordEvent(e) => events.push(e),
             Action::Requeue(after) => requeue = Some(after),
             Action::DeleteJob => delete_job = true,
+            Action::EndLog(end) => end_log = Some(end),
         }
     }
 
@@ -740,6 +756,12 @@ async fn reconcile_inner(
             deadline,
         );
     }
+    if let Some(end) = end_log {
+        // Off this path, as a callback: it may wait for a worker to stop, storage, Kafka.
+        // Its record triggers the next reconcile; the re-check covers a writer that died.
+        super::logend::spawn(ctx.clone(), written.as_ref().unwrap_or(&job), end);
+        requeue = Some(requeue.map_or(LOG_END_RECHECK, |r: Duration| r.min(LOG_END_RECHECK)));
+    }
     if remove_finalizer {
         drop_finalizer(&ctx, &jobs, &job).await?;
         laps.lap("drop_finalizer");
@@ -763,6 +785,10 @@ async fn reconcile_inner(
         .map(Requeue::requeue)
         .unwrap_or_else(Requeue::await_change))
 }
+
+/// How soon a BuildJob whose log end is owed is looked at again (its writer records it
+/// sooner, which triggers a reconcile of its own).
+const LOG_END_RECHECK: Duration = Duration::from_secs(60);
 
 fn uid(job: &BuildJob) -> String {
     job.uid().unwrap_or_default()

@@ -251,6 +251,13 @@ pub struct BuildJobStatus {
     pub last_admission_refusal: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timings: Option<BuildTimings>,
+    /// Whether the build's stored log and Kafka lines have their end (the outcome and
+    /// `Build finished`), set when the build ends. `true`: its worker wrote it, or the
+    /// controller has (or gave up after retries). `false`: the build ended without a worker
+    /// writing it (stopped while queued, a pod that never started or was lost): the
+    /// controller owes it. Absent: the build has not ended (or ended before this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_ended: Option<bool>,
 }
 
 fn is_zero(n: &u32) -> bool {

@@ -87,6 +87,24 @@ pub enum Action {
     Requeue(Duration),
     /// The TTL of a finished BuildJob has passed (its callbacks are all sent).
     DeleteJob,
+    /// The build ended failed and no worker wrote the end of its log: write `Build failed
+    /// (reason): message` and `Build finished` to its stored log and Kafka, then record
+    /// `status.logEnded`.
+    EndLog(LogEnd),
+}
+
+/// The end of a build's log that the controller writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogEnd {
+    pub reason: String,
+    pub message: String,
+}
+
+impl LogEnd {
+    /// The line before `Build finished`, worded as the worker and local mode word it.
+    pub fn failed_line(&self) -> String {
+        format!("Build failed ({}): {}", self.reason, self.message)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -552,6 +570,11 @@ pub fn decide(input: &Inputs<'_>, settings: &Settings) -> Decision {
         }
     }
 
+    // Who ends the build's log, settled once as it ends: its worker wrote the outcome and
+    // `Build finished` unless it never ran, left no outcome, or was stopped (Interrupted).
+    if !finished && st.phase.is_some_and(Phase::is_finished) {
+        st.log_ended = Some(st.phase == Some(Phase::Succeeded) || worker_ended_log(input.pod));
+    }
     // Callbacks: pending first, then the final one once the build has ended.
     if !st.callbacks.pending {
         actions.push(Action::SendCallback(CallbackKind::Pending));
@@ -565,10 +588,17 @@ pub fn decide(input: &Inputs<'_>, settings: &Settings) -> Decision {
         };
         actions.push(Action::SendCallback(CallbackKind::Final(status)));
     }
+    // Read from status, not from this reconcile: owed until recorded, across restarts.
+    let log_end = log_end_owed(&st);
+    if let Some(end) = &log_end {
+        actions.push(Action::EndLog(end.clone()));
+    }
     actions.extend(events.into_iter().map(Action::RecordEvent));
 
     let has_finalizer = job.finalizers().iter().any(|f| f == FINALIZER);
-    let all_sent = ended && st.callbacks.pending && st.callbacks.final_;
+    // The log's end is owed like a callback: a deleted BuildJob is held until it is written
+    // (and before a new build of the same number writes that stored log).
+    let all_sent = ended && st.callbacks.pending && st.callbacks.final_ && log_end.is_none();
     // Nothing is owed once every callback is sent: let go at once, not at the TTL, so
     // deleting the namespace or the CRD (whose controller may go first) never hangs on it.
     if all_sent && has_finalizer {
@@ -589,6 +619,34 @@ pub fn decide(input: &Inputs<'_>, settings: &Settings) -> Decision {
         status: st,
         actions,
     }
+}
+
+/// Whether the worker of `pod` wrote the end of the build's log: it left an outcome, and
+/// not `Interrupted` (a stopped worker leaves the end to the controller).
+fn worker_ended_log(pod: Option<&Pod>) -> bool {
+    let outcome = pod
+        .and_then(|p| p.status.as_ref())
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.name == WORKER_CONTAINER))
+        .and_then(|c| c.state.as_ref()?.terminated.as_ref()?.message.as_deref())
+        .and_then(parse_termination_message);
+    match outcome {
+        Some(Outcome::Failed { reason, .. }) => reason != crate::build::FailureReason::Interrupted,
+        Some(Outcome::Succeeded { .. }) => true,
+        None => false,
+    }
+}
+
+/// The end of the log the controller still owes a failed build, from its status.
+pub fn log_end_owed(st: &BuildJobStatus) -> Option<LogEnd> {
+    if st.phase != Some(Phase::Failed) || st.log_ended != Some(false) {
+        return None;
+    }
+    let c = st.condition();
+    Some(LogEnd {
+        reason: c.map_or_else(|| "Failed".into(), |c| c.reason.clone()),
+        message: c.map(|c| c.message.clone()).unwrap_or_default(),
+    })
 }
 
 /// A build that has not ended: queue, start, watch, finish.
@@ -971,6 +1029,8 @@ pub fn reject(
     let mut st = status.clone();
     let mut events = Vec::new();
     finish_failed(&mut st, reasons::POD_REJECTED, message, now, &mut events);
+    // No worker ever ran: the controller writes the log's end.
+    st.log_ended = Some(false);
     let note = events
         .pop()
         .unwrap_or_else(|| warning(reasons::POD_REJECTED, message.to_string()));
@@ -1541,7 +1601,12 @@ pub(crate) mod tests {
             d.actions,
             vec![
                 Action::SendCallback(CallbackKind::Pending),
-                Action::SendCallback(CallbackKind::Final("failed"))
+                Action::SendCallback(CallbackKind::Final("failed")),
+                // No worker ran: the controller ends its log.
+                Action::EndLog(LogEnd {
+                    reason: reasons::POD_REJECTED.into(),
+                    message: "bad image".into()
+                }),
             ]
         );
     }
@@ -2006,6 +2071,15 @@ pub(crate) mod tests {
             s.callbacks.final_ = true;
         }
         let d = run(&sent, None, 0, 0, t(7));
+        assert!(
+            !has(&d, |a| *a == Action::RemoveFinalizer),
+            "not before the end of its log"
+        );
+        assert!(has(&d, |a| matches!(a, Action::EndLog(_))));
+        if let Some(s) = sent.status.as_mut() {
+            s.log_ended = Some(true);
+        }
+        let d = run(&sent, None, 0, 0, t(7));
         assert!(has(&d, |a| *a == Action::RemoveFinalizer));
         assert!(!has(&d, |a| *a == Action::DeleteJob));
         assert!(final_cb(&d).is_none());
@@ -2176,5 +2250,236 @@ pub(crate) mod tests {
             callback_plan(&sent, "me", SenderHere::default(), takeover),
             CallbackPlan::Wait(takeover)
         );
+    }
+
+    fn log_end(d: &Decision) -> Option<LogEnd> {
+        d.actions.iter().find_map(|a| match a {
+            Action::EndLog(e) => Some(e.clone()),
+            _ => None,
+        })
+    }
+
+    fn outcome_message(reason: FailureReason, message: &str) -> String {
+        serde_json::to_string(&Outcome::failed(reason, message)).expect("json")
+    }
+
+    #[test]
+    fn the_controller_ends_the_log_of_a_build_no_worker_ended() {
+        let exhausted = |phase| {
+            let mut j = job(Some(phase));
+            if let Some(s) = j.status.as_mut() {
+                s.pod_retries = 2;
+            }
+            j
+        };
+        let cancelled = |phase| {
+            let mut j = job(phase);
+            j.spec.cancelled = true;
+            j
+        };
+        let mut deleted = job(Some(Phase::Running));
+        deleted.metadata.deletion_timestamp = Some(Time(t(5)));
+        let mut pull = waiting("ErrImagePull", "r/w:1: not found");
+        pull.metadata.creation_timestamp = Some(Time(t(0)));
+        let interrupted = ended_pod(
+            "Failed",
+            None,
+            1,
+            "Error",
+            Some(&outcome_message(
+                FailureReason::Interrupted,
+                "the worker pod was stopped",
+            )),
+        );
+        let oom = ended_pod("Failed", None, 137, "OOMKilled", None);
+        let no_outcome = ended_pod("Failed", None, 2, "Error", None);
+        let cases: Vec<(&str, BuildJob, Option<Pod>, Timestamp, &str)> = vec![
+            (
+                "stopped while queued",
+                cancelled(Some(Phase::Queued)),
+                None,
+                t(1),
+                reasons::CANCELLED,
+            ),
+            (
+                "stopped before it was queued",
+                cancelled(None),
+                None,
+                t(1),
+                reasons::CANCELLED,
+            ),
+            // Its worker is sent SIGTERM and leaves the end to the controller.
+            (
+                "stopped while running",
+                cancelled(Some(Phase::Running)),
+                Some(pod("Running")),
+                t(1),
+                reasons::CANCELLED,
+            ),
+            (
+                "deleted while running",
+                deleted,
+                Some(pod("Running")),
+                t(6),
+                reasons::DELETED,
+            ),
+            (
+                "an image that cannot be pulled",
+                job(Some(Phase::Pending)),
+                Some(pull),
+                t(5),
+                "ErrImagePull",
+            ),
+            (
+                "OOM-killed",
+                job(Some(Phase::Running)),
+                Some(oom),
+                t(9),
+                reasons::OOM_KILLED,
+            ),
+            (
+                "no outcome",
+                job(Some(Phase::Running)),
+                Some(no_outcome),
+                t(9),
+                reasons::WORKER_FAILED,
+            ),
+            (
+                "lost, retries spent",
+                exhausted(Phase::Running),
+                None,
+                t(9),
+                reasons::POD_LOST,
+            ),
+            (
+                "interrupted, retries spent",
+                exhausted(Phase::Running),
+                Some(interrupted),
+                t(9),
+                reasons::POD_DISRUPTED,
+            ),
+            (
+                "past the timeout, never started",
+                job(Some(Phase::Pending)),
+                Some(pod("Pending")),
+                t(1200 + 120),
+                reasons::TIMEOUT,
+            ),
+        ];
+        for (what, j, p, now, want) in cases {
+            let d = run(&j, p.as_ref(), 0, 0, now);
+            assert_eq!(d.status.phase, Some(Phase::Failed), "{what}");
+            assert_eq!(d.status.log_ended, Some(false), "{what}");
+            let end = log_end(&d).unwrap_or_else(|| panic!("{what}: {:?}", d.actions));
+            assert_eq!(end.reason, want, "{what}");
+            let message = d.status.condition().map(|c| c.message.clone());
+            assert_eq!(Some(end.message.clone()), message, "{what}");
+            assert_eq!(
+                end.failed_line(),
+                format!("Build failed ({want}): {}", end.message),
+                "{what}"
+            );
+        }
+        let queued = run(&cancelled(Some(Phase::Queued)), None, 0, 0, t(1));
+        assert_eq!(
+            log_end(&queued).map(|e| e.failed_line()).as_deref(),
+            Some("Build failed (Cancelled): stopped by request before it started")
+        );
+    }
+
+    #[test]
+    fn a_build_its_worker_ended_or_that_goes_on_owes_no_log_end() {
+        let failed = ended_pod(
+            "Failed",
+            None,
+            1,
+            "Error",
+            Some(&outcome_message(
+                FailureReason::BuildFailed,
+                "step 2 failed",
+            )),
+        );
+        let timed_out = ended_pod(
+            "Failed",
+            None,
+            1,
+            "Error",
+            Some(&outcome_message(FailureReason::Timeout, "too long")),
+        );
+        let mut deadline = timed_out.clone();
+        if let Some(s) = deadline.status.as_mut() {
+            s.reason = Some("DeadlineExceeded".into());
+        }
+        let ok = ended_pod("Succeeded", None, 0, "Completed", Some(&success_message()));
+        for (what, p, phase) in [
+            ("the build failed", failed, Phase::Failed),
+            ("its own timeout", timed_out, Phase::Failed),
+            (
+                "its own timeout at the pod's deadline",
+                deadline,
+                Phase::Failed,
+            ),
+            ("a success", ok, Phase::Succeeded),
+        ] {
+            let d = run(&job(Some(Phase::Running)), Some(&p), 0, 0, t(9));
+            assert_eq!(d.status.phase, Some(phase), "{what}");
+            assert_eq!(d.status.log_ended, Some(true), "{what}");
+            assert!(log_end(&d).is_none(), "{what}");
+        }
+        // Interrupted with retries left: a new pod runs the build, and its worker ends the log.
+        let interrupted = ended_pod(
+            "Failed",
+            None,
+            1,
+            "Error",
+            Some(&outcome_message(FailureReason::Interrupted, "stopped")),
+        );
+        let d = run(&job(Some(Phase::Running)), Some(&interrupted), 0, 0, t(9));
+        assert!(creates(&d));
+        assert_eq!(d.status.log_ended, None);
+        assert!(log_end(&d).is_none());
+        // Running, queued: nothing has ended.
+        let d = run(
+            &job(Some(Phase::Running)),
+            Some(&pod("Running")),
+            0,
+            0,
+            t(9),
+        );
+        assert_eq!((d.status.log_ended, log_end(&d)), (None, None));
+    }
+
+    #[test]
+    fn an_owed_log_end_is_owed_until_recorded_and_holds_the_finalizer_meanwhile() {
+        let mut owed = job(Some(Phase::Queued));
+        owed.spec.cancelled = true;
+        let first = run(&owed, None, 0, 0, t(1));
+        // After a restart (or a leader change) the status alone says it is owed: every
+        // callback sent, past the TTL, and still the end is written and the BuildJob kept.
+        let mut done = owed.clone();
+        done.status = Some(first.status.clone());
+        if let Some(s) = done.status.as_mut() {
+            s.callbacks.final_ = true;
+        }
+        let d = run(&done, None, 0, 0, t(7200));
+        assert_eq!(log_end(&d), log_end(&first));
+        assert!(!has(&d, |a| matches!(
+            a,
+            Action::RemoveFinalizer | Action::DeleteJob
+        )));
+        // Recorded: never again, and the BuildJob goes its way.
+        if let Some(s) = done.status.as_mut() {
+            s.log_ended = Some(true);
+        }
+        let d = run(&done, None, 0, 0, t(7200));
+        assert!(log_end(&d).is_none());
+        assert!(has(&d, |a| *a == Action::RemoveFinalizer));
+        assert!(has(&d, |a| *a == Action::DeleteJob));
+        // A BuildJob that failed before the field existed is not given a second end.
+        if let Some(s) = done.status.as_mut() {
+            s.log_ended = None;
+        }
+        let d = run(&done, None, 0, 0, t(7200));
+        assert!(log_end(&d).is_none());
     }
 }

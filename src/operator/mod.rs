@@ -6,6 +6,7 @@ pub mod crd;
 pub mod decide;
 pub mod facade;
 pub mod lease;
+pub mod logend;
 pub mod notify;
 pub mod pod;
 
@@ -110,6 +111,8 @@ pub enum StartError {
     ExtraRegistries(serde_json::Error),
     #[error("cannot reach the Kubernetes API server (USE_KUBERNETES=true): {0}")]
     Version(kube::Error),
+    #[error("cannot create the folder for log ends under DATA_DIR: {0}")]
+    LogEnds(std::io::Error),
     #[error("WORKER_DOCKER_MODE=dind needs Kubernetes 1.29 or newer (native sidecar containers); this cluster is {0}: use WORKER_DOCKER_MODE=host or external, or upgrade")]
     TooOldForDind(String),
 }
@@ -160,6 +163,16 @@ impl KubernetesMode {
             )
         };
         let own = std::sync::Arc::new(controller::OwnWrites::default());
+        // The end of a log no worker wrote goes where workers write theirs.
+        let log_ends = logend::LogEnds::new(
+            storage.clone(),
+            Some(std::sync::Arc::new(crate::logs::KafkaProducers::new(
+                cfg.build.kafka_topic.clone(),
+                cfg.build.kafka_delivery_timeout,
+            ))),
+            cfg.build.data_dir.join("log-ends"),
+        )
+        .map_err(StartError::LogEnds)?;
         let mut executor = facade::KubeExecutor::new(
             client.clone(),
             &namespace,
@@ -248,6 +261,7 @@ impl KubernetesMode {
                     let instance = instance.clone();
                     let own = own.clone();
                     let senders = senders.clone();
+                    let log_ends = log_ends.clone();
                     async move {
                         let make = |store| {
                             controller::Context::new(
@@ -262,6 +276,7 @@ impl KubernetesMode {
                                 own,
                             )
                             .with_senders(senders)
+                            .with_log_ends(log_ends)
                         };
                         controller::run(
                             client.clone(),

@@ -83,6 +83,18 @@ impl Proc {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+    /// Waits for the process to exit, failing with `what` after `within`.
+    pub async fn wait_exit(&mut self, within: Duration, what: &str) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait for serve") {
+                return s;
+            }
+            assert!(start.elapsed() < within, "{what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn signal(&self, sig: &str) {
         Command::new("kill")
             .args([sig, &self.child.id().to_string()])

@@ -1,0 +1,396 @@
+//! The end of the log of a build that ended without a worker writing it (stopped while
+//! queued, a pod that never started, a lost or killed pod, a deleted BuildJob, a worker
+//! stopped by SIGTERM): `Build failed (reason): message` and `Build finished`, appended to
+//! its stored log and sent to Kafka, as local mode does for a build that never ran. Written
+//! off the reconcile path (as callbacks are), then recorded in `status.logEnded`; a crash
+//! in between writes it again (a repeated end is better than none).
+
+use super::controller::{lock, write_status, Context};
+use super::crd::{BuildJob, BuildJobSpec};
+use super::decide::LogEnd;
+use super::pod::WORKER_CONTAINER;
+use crate::build::BuildSpec;
+use crate::logs::{KafkaProducers, LogFiles, LogSinks, FINISHED_LINE};
+use crate::secret::Secret;
+use crate::storage::Storage;
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, ResourceExt};
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+
+/// How long the writer waits for a worker still running to stop (the pod's default
+/// termination grace is 30 s): its own upload of the stored log would replace the end.
+pub const WORKER_STOP_WAIT: Duration = Duration::from_secs(45);
+
+/// BuildJobs whose log end this process remembers writing (see `spawn`).
+const ENDING_MAX: usize = 16_384;
+
+/// Tries at appending to the stored log before the end is given up on (and recorded, so
+/// a BuildJob being deleted is not held while storage is down).
+const STORE_ATTEMPTS: u32 = 5;
+
+/// Where ends are written: storage and the Kafka producers.
+#[derive(Clone)]
+pub struct LogEnds {
+    sinks: LogSinks,
+    scratch: PathBuf,
+}
+
+impl LogEnds {
+    /// `scratch`: a folder for the stored log being appended to (created here).
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        kafka: Option<Arc<KafkaProducers>>,
+        scratch: PathBuf,
+    ) -> std::io::Result<Self> {
+        let files = LogFiles::spool(&scratch)?;
+        Ok(Self {
+            sinks: LogSinks {
+                files,
+                storage,
+                show_build_logs: false,
+                max_log_bytes: u64::MAX,
+                kafka,
+            },
+            scratch,
+        })
+    }
+}
+
+/// Starts writing `end` for `job` (as the reconcile wrote it) unless this process already
+/// is, or has no storage to write to (a controller made for tests).
+pub fn spawn(ctx: Arc<Context>, job: &BuildJob, end: LogEnd) {
+    let Some(ends) = ctx.log_ends.clone() else {
+        return;
+    };
+    let uid = job.uid().unwrap_or_default();
+    {
+        let mut ending = lock(&ctx.ending_logs);
+        // Bounded: forgetting costs at most a repeated end (by a reconcile that read the
+        // BuildJob before its record), nothing else.
+        if ending.len() >= ENDING_MAX && !ending.contains(&uid) {
+            ending.clear();
+        }
+        if !ending.insert(uid.clone()) {
+            return;
+        }
+    }
+    let job = job.clone();
+    let senders = ctx.senders.clone();
+    senders.spawn(async move {
+        let name = job.name_any();
+        let done = AssertUnwindSafe(async {
+            write(&ctx, &ends, &job, &end).await;
+            record(&ctx, &job).await
+        })
+        .catch_unwind()
+        .await;
+        // Written and recorded: the uid stays, so a reconcile that read the BuildJob before
+        // the record does not write the end again. Otherwise the re-check tries again.
+        match done {
+            Ok(true) => {}
+            Ok(false) => {
+                lock(&ctx.ending_logs).remove(&uid);
+            }
+            Err(_) => {
+                lock(&ctx.ending_logs).remove(&uid);
+                tracing::error!(job = %name, "the writer of a build log's end panicked; the next reconcile tries again");
+            }
+        }
+    });
+}
+
+/// Writes the end to Kafka (when the build names brokers) and the stored log, once a
+/// worker still stopping has stopped.
+async fn write(ctx: &Context, ends: &LogEnds, job: &BuildJob, end: &LogEnd) {
+    let name = job.name_any();
+    if let Some(pod) = job.status.as_ref().and_then(|s| s.pod_name.as_deref()) {
+        wait_for_worker(ctx, job, pod).await;
+    }
+    let spec = log_spec(&job.spec);
+    let failed = end.failed_line();
+    let kafka = async {
+        if let Some(mut log) = ends.sinks.kafka_only(&spec) {
+            log.line(&failed);
+            // Waits for delivery at most KAFKA_DELIVERY_TIMEOUT_MS, then warns.
+            log.finish().await;
+        }
+    };
+    let stored = async {
+        let mut lines = split_lines(&failed);
+        lines.push(FINISHED_LINE.to_string());
+        let key = spec.log_key();
+        let mut delay = Duration::from_secs(1);
+        for attempt in 1..=STORE_ATTEMPTS {
+            match append_lines(ends.sinks.storage.as_ref(), &ends.scratch, &key, &lines).await {
+                Ok(()) => return,
+                Err(e) if attempt == STORE_ATTEMPTS => {
+                    tracing::error!(job = %name, key, error = %e, "could not append the build's end to its stored log; giving up");
+                }
+                Err(e) => {
+                    tracing::warn!(job = %name, key, error = %e, "could not append the build's end to its stored log yet");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+            }
+        }
+    };
+    tokio::join!(kafka, stored);
+    tracing::info!(job = %name, line = %failed, "wrote the end of the build's log");
+}
+
+/// Waits (at most WORKER_STOP_WAIT) until the worker of `pod` is not running: a worker
+/// stopping uploads its stored log whole, which would replace an end appended before.
+async fn wait_for_worker(ctx: &Context, job: &BuildJob, pod: &str) {
+    let ns = job.namespace().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let give_up = tokio::time::Instant::now() + WORKER_STOP_WAIT;
+    loop {
+        match pods.get_opt(pod).await {
+            Ok(p) if !worker_may_run(p.as_ref(), job) => return,
+            Ok(_) => {}
+            Err(e) => tracing::debug!(pod, error = %e, "cannot read the worker pod yet"),
+        }
+        if tokio::time::Instant::now() >= give_up {
+            tracing::warn!(job = %job.name_any(), pod, "the worker pod is still running; writing the end of the build's log anyway");
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Whether `pod` (this BuildJob's) may still have a worker running or about to: it exists,
+/// has not ended, and its worker container has not stopped.
+pub fn worker_may_run(pod: Option<&Pod>, job: &BuildJob) -> bool {
+    let Some(pod) = pod else {
+        return false;
+    };
+    let ours = pod
+        .owner_references()
+        .iter()
+        .any(|o| Some(&o.uid) == job.uid().as_ref());
+    let status = pod.status.clone().unwrap_or_default();
+    let ended = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
+    let worker = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .find(|c| c.name == WORKER_CONTAINER)
+        .and_then(|c| c.state.clone())
+        .unwrap_or_default();
+    let stopped = worker.terminated.is_some();
+    // Being deleted while it cannot start (its image cannot be pulled, …): the kubelet
+    // will not try again, so no worker will run. (One still being created may yet start.)
+    let never = pod.metadata.deletion_timestamp.is_some()
+        && worker.waiting.as_ref().is_some_and(|w| {
+            !matches!(
+                w.reason.as_deref(),
+                None | Some("ContainerCreating" | "PodInitializing")
+            )
+        });
+    ours && !ended && !stopped && !never
+}
+
+/// The BuildSpec the log sinks name a build by (key, metadata, build number); it carries no
+/// credentials (the line written is the BuildJob's own status, which holds none).
+fn log_spec(job: &BuildJobSpec) -> BuildSpec {
+    BuildSpec {
+        // Only for the sinks' warnings; a BuildJob's uuid was checked when it was made.
+        build_uuid: uuid::Uuid::parse_str(&job.build_uuid).unwrap_or_default(),
+        app: job.app.clone(),
+        space: job.space.clone(),
+        app_uuid: job.app_uuid.clone(),
+        build_number: job.build_number,
+        sources: Secret::new(String::new()),
+        sources_stored: false,
+        sha: None,
+        branch: None,
+        repo: None,
+        org: None,
+        callback: None,
+        callback_auth: None,
+        kafka_hosts: job.kafka_hosts.clone(),
+        gm_registry_host: job.gm_registry_host.clone(),
+        gm_registry_repo: job.gm_registry_repo.clone(),
+        gm_registry_auth: None,
+        build_args: Default::default(),
+        docker_registry: None,
+        docker_login: None,
+        docker_password: None,
+    }
+}
+
+/// `text` as the build log splits it: one line per `\n` or `\r`, blank ones left out.
+fn split_lines(text: &str) -> Vec<String> {
+    text.split(['\n', '\r'])
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    #[error("{0}")]
+    Storage(#[from] crate::storage::StorageError),
+    #[error("scratch file: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Appends `lines` to the object under `key` (none: an object of just these lines),
+/// streaming it through a file in `scratch`: a stored log may be large.
+pub async fn append_lines(
+    storage: &dyn Storage,
+    scratch: &Path,
+    key: &str,
+    lines: &[String],
+) -> Result<(), AppendError> {
+    let tmp = tempfile::NamedTempFile::new_in(scratch)?;
+    let mut file = tokio::fs::File::from_std(tmp.reopen()?);
+    let mut last = None;
+    if let Some(obj) = storage.get(key).await? {
+        let mut body = obj.body;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk?;
+            if let Some(b) = chunk.last() {
+                last = Some(*b);
+            }
+            file.write_all(&chunk).await?;
+        }
+    }
+    let mut tail = String::new();
+    // A log cut mid-line (a worker killed while writing) still gets the end on its own line.
+    if last.is_some_and(|b| b != b'\n') {
+        tail.push('\n');
+    }
+    for l in lines {
+        tail.push_str(l);
+        tail.push('\n');
+    }
+    file.write_all(tail.as_bytes()).await?;
+    file.flush().await?;
+    drop(file);
+    storage.put_file(key, tmp.path()).await?;
+    Ok(())
+}
+
+/// Records `status.logEnded` on the BuildJob (as the writer started from it), retrying on
+/// conflicts (other writers) and API errors. `false`: not recorded (given up).
+async fn record(ctx: &Context, written: &BuildJob) -> bool {
+    let (name, ns, uid) = (
+        written.name_any(),
+        written.namespace().unwrap_or_default(),
+        written.uid().unwrap_or_default(),
+    );
+    let jobs: Api<BuildJob> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut delay = Duration::from_millis(100);
+    let mut conflict = false;
+    for _ in 0..30 {
+        // As in `notify::record`: a copy that is exactly our last write serves; after a
+        // conflict someone else wrote since, so read.
+        let ours = if conflict {
+            None
+        } else if ctx.is_our_last_write(written) {
+            Some(written.clone())
+        } else {
+            ctx.store
+                .get(&ObjectRef::new(&name).within(&ns))
+                .filter(|j| ctx.is_our_last_write(j))
+                .map(|j| BuildJob::clone(&j))
+        };
+        let read = match ours {
+            Some(j) => Ok(Some(j)),
+            None => jobs.get_opt(&name).await,
+        };
+        match read {
+            Ok(Some(job)) if job.uid().as_deref() == Some(uid.as_str()) => {
+                let mut st = job.status.clone().unwrap_or_default();
+                if st.log_ended != Some(false) {
+                    return true;
+                }
+                st.log_ended = Some(true);
+                match write_status(ctx, &jobs, &job, &st).await {
+                    Ok(_) => return true,
+                    Err(super::controller::Error::Stale) => {
+                        conflict = true;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(job = %name, error = %e, "cannot record the end of the build's log yet")
+                    }
+                }
+            }
+            // Gone, or replaced by a new BuildJob of the same name: nothing to record.
+            Ok(_) => return true,
+            Err(e) => {
+                tracing::warn!(job = %name, error = %e, "cannot record the end of the build's log yet")
+            }
+        }
+        conflict = false;
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+    tracing::error!(job = %name, "gave up recording the end of the build's log; it may be written again");
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::LocalStorage;
+
+    async fn read(storage: &dyn Storage, key: &str) -> String {
+        let obj = storage.get(key).await.ok().flatten().expect("stored");
+        let bytes: Vec<u8> = obj
+            .body
+            .map(|c| c.map(|b| b.to_vec()).unwrap_or_default())
+            .concat()
+            .await;
+        String::from_utf8(bytes).unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn the_end_is_appended_to_what_is_stored_or_makes_the_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = LocalStorage::new(dir.path().join("store")).expect("store");
+        let scratch = dir.path().join("scratch");
+        std::fs::create_dir_all(&scratch).expect("scratch");
+        let end = vec![
+            "Build failed (Cancelled): stopped".to_string(),
+            "Build finished".into(),
+        ];
+        // Nothing stored: just the end.
+        append_lines(&storage, &scratch, "a-b-1.logs", &end)
+            .await
+            .expect("append");
+        assert_eq!(
+            read(&storage, "a-b-1.logs").await,
+            "Build failed (Cancelled): stopped\nBuild finished\n"
+        );
+        // A worker's log, cut mid-line: kept, and the end on lines of its own.
+        let worker = dir.path().join("worker.log");
+        std::fs::write(&worker, "Step 1/2 : FROM x\nBuild interrupted: stop").expect("write");
+        storage.put_file("a-b-2.logs", &worker).await.expect("put");
+        append_lines(&storage, &scratch, "a-b-2.logs", &end)
+            .await
+            .expect("append");
+        assert_eq!(
+            read(&storage, "a-b-2.logs").await,
+            "Step 1/2 : FROM x\nBuild interrupted: stop\nBuild failed (Cancelled): stopped\nBuild finished\n"
+        );
+        // Nothing left in the scratch folder.
+        assert_eq!(std::fs::read_dir(&scratch).expect("dir").count(), 0);
+    }
+
+    #[test]
+    fn a_multi_line_message_is_split_as_the_build_log_splits_it() {
+        assert_eq!(
+            split_lines("Build failed (X): a\nb\r\n\nc"),
+            ["Build failed (X): a", "b", "c"]
+        );
+    }
+}
