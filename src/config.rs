@@ -125,12 +125,22 @@ fn parse_pull_policy(value: &str) -> Result<String, String> {
 fn parse_bool(value: &str) -> Result<bool, String> {
     match value.trim().to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" | "on" => Ok(true),
-        "false" | "0" | "no" | "off" => Ok(false),
+        // Empty (`NO_CACHE=`, a template's blank) is off, as the old shuttle read it.
+        "false" | "0" | "no" | "off" | "" => Ok(false),
         _ => Err(format!("{value:?} is not a boolean: use true or false")),
     }
 }
 
-/// Flags of `serve`. Booleans accept true/false (and 1/0, yes/no) from the environment.
+/// `parse_bool` for a setting that is on by default: empty leaves it on.
+fn parse_bool_default_true(value: &str) -> Result<bool, String> {
+    match value.trim() {
+        "" => Ok(true),
+        v => parse_bool(v),
+    }
+}
+
+/// Flags of `serve`. Booleans accept true/false (and 1/0, yes/no, on/off) from the environment;
+/// empty means the default.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// HTTP listen port.
@@ -207,7 +217,7 @@ pub struct KubernetesArgs {
     pub kubernetes_namespace: Option<String>,
     /// Run the BuildJob controller in this process (one replica leads, via a Lease); false
     /// runs only the API facade.
-    #[arg(long, env = "RUN_CONTROLLER", value_name = "RUN_CONTROLLER", default_value_t = true, action = clap::ArgAction::Set, value_parser = parse_bool)]
+    #[arg(long, env = "RUN_CONTROLLER", value_name = "RUN_CONTROLLER", default_value_t = true, action = clap::ArgAction::Set, value_parser = parse_bool_default_true)]
     pub run_controller: bool,
     /// Image a Kubernetes worker pod runs (this project's own image).
     #[arg(
@@ -406,7 +416,7 @@ pub struct BuildArgs {
     pub no_cache: bool,
     /// Before building, pull the app's previous image (`…:latest`) and reuse its layers, so
     /// an empty daemon (a dind worker pod) rebuilds warm. Off when NO_CACHE is true.
-    #[arg(long, env = "CACHE_FROM_LATEST", value_name = "CACHE_FROM_LATEST", default_value_t = true, action = clap::ArgAction::Set, value_parser = parse_bool)]
+    #[arg(long, env = "CACHE_FROM_LATEST", value_name = "CACHE_FROM_LATEST", default_value_t = true, action = clap::ArgAction::Set, value_parser = parse_bool_default_true)]
     pub cache_from_latest: bool,
     /// Which of dockerd's builders builds: `true`/`1` BuildKit, `false`/`0` the classic
     /// builder, `auto` BuildKit where the daemon is the build's own (dind worker pods) and the
@@ -1281,6 +1291,33 @@ mod tests {
         }
         let e = Cli::try_parse_from(["buildshuttle", "serve", "--no-cache", "ture"]).unwrap_err();
         assert!(e.to_string().contains("use true or false"), "{e}");
+    }
+
+    /// `NO_CACHE=` (a template's blank) is the default, as the old shuttle read it, not a
+    /// refusal to start.
+    #[test]
+    fn an_empty_boolean_setting_is_its_default() {
+        use clap::Parser;
+        let cli = Cli::try_parse_from([
+            "buildshuttle",
+            "serve",
+            "--no-cache",
+            "",
+            "--show-build-logs",
+            "",
+            "--use-kubernetes",
+            "",
+            "--cache-from-latest",
+            "",
+            "--run-controller",
+            "",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let Command::Serve(serve) = cli.command else {
+            panic!("not serve")
+        };
+        assert!(!serve.build.no_cache && !serve.build.show_build_logs && !serve.use_kubernetes);
+        assert!(serve.build.cache_from_latest && serve.kubernetes.run_controller);
     }
 
     #[test]
