@@ -977,6 +977,36 @@ async fn a_new_build_with_a_number_in_use_replaces_the_running_one() {
     }
 }
 
+/// An old build of that number still queued is not looked for (a POST never scans the
+/// queue): it runs first, and the new one after it, so the new one's log is the one kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_build_with_a_number_used_again_runs_before_the_new_one() {
+    let svc = Service::start(&["--maximum-parallel-builds", "2"]).await;
+    let cb = Callbacks::start().await;
+    let old = body(&sleeper("old", 3), &cb);
+    let mut new = body(&sleeper("new", 1), &cb);
+    for field in ["app", "app_uuid", "build_number"] {
+        new[field] = old[field].clone();
+    }
+    // Both slots busy, so the old one waits in the queue when the new one comes.
+    let blockers = [body(&sleeper("b1", 4), &cb), body(&sleeper("b2", 4), &cb)];
+    for b in &blockers {
+        svc.post(b).await;
+        svc.wait_log(b, "start", BUILD).await;
+    }
+    svc.post(&old).await;
+    svc.post(&new).await;
+    for b in [&old, &new] {
+        let id = b["build_uuid"].as_str().unwrap();
+        assert_eq!(cb.wait_final(id, BUILD).await, "succeeded");
+    }
+    let log = svc.log(&new).await;
+    assert!(
+        log.contains("new-end") && !log.contains("old-start"),
+        "the new build ran last: {log}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_build_past_timeout_in_ms_fails_and_its_container_stops() {
     let svc = Service::start(&["--timeout-in-ms", "4000"]).await;

@@ -557,11 +557,13 @@ impl Inner {
         drop(finishing);
     }
 
-    /// Stops the matching builds, running or queued, except `keep`, for `why` (by request
-    /// when `None`); returns how many.
+    /// Stops the matching builds that took a slot and, with `queued`, the queued ones too,
+    /// except `keep`, for `why` (by request when `None`); returns how many. Without `queued`
+    /// it costs as many steps as builds run, not as many as wait.
     fn stop_matching(
         self: &Arc<Self>,
         which: &BuildSelector,
+        queued: bool,
         keep: Option<Uuid>,
         why: Option<(FailureReason, String)>,
     ) -> usize {
@@ -572,7 +574,7 @@ impl Inner {
         let mut ending = Vec::new();
         let mut n = 0;
         {
-            let mut waiting = self.lock_waiting();
+            let mut waiting = queued.then(|| self.lock_waiting());
             let Ok(mut active) = self.active.lock() else {
                 return 0;
             };
@@ -589,14 +591,16 @@ impl Inner {
             }
             // A queued build has no task: it leaves the queue and a task ends it (active
             // meanwhile, so it is still reported active until its final line is written).
-            waiting.retain_mut(|w| {
-                if !wanted(&w.id, w.app, w.build_number) {
-                    return true;
-                }
-                self.activate(&mut active, w);
-                ending.push((w.id, w.pending.take()));
-                false
-            });
+            if let Some(waiting) = waiting.as_mut() {
+                waiting.retain_mut(|w| {
+                    if !wanted(&w.id, w.app, w.build_number) {
+                        return true;
+                    }
+                    self.activate(&mut active, w);
+                    ending.push((w.id, w.pending.take()));
+                    false
+                });
+            }
         }
         n += ending.len();
         for (id, pending) in ending {
@@ -996,7 +1000,9 @@ impl Executor for LocalExecutor {
         tracing::info!(build = %id, app = %rec.spec.app, number = rec.spec.build_number, "build accepted");
         // A new build of a number already in use (controller-api numbers builds by count, so
         // a number comes back after a build is deleted) replaces the old one, as the legacy
-        // shuttle did: a still active one is stopped, and this one starts after it ended.
+        // shuttle did: a running one is stopped, and this one starts after it ended. A queued
+        // one runs first (looking through the queue would cost every POST the queue's
+        // length), and this one after it.
         let same_number = BuildSelector {
             app: rec.spec.app.clone(),
             app_uuid: rec.spec.app_uuid.clone(),
@@ -1006,7 +1012,8 @@ impl Executor for LocalExecutor {
             FailureReason::Cancelled,
             format!("replaced by build {id}, which has the same number"),
         );
-        self.inner.stop_matching(&same_number, Some(id), Some(why));
+        self.inner
+            .stop_matching(&same_number, false, Some(id), Some(why));
         self.enqueue(rec);
         Ok(())
     }
@@ -1021,7 +1028,7 @@ impl Executor for LocalExecutor {
     }
 
     async fn stop(&self, which: BuildSelector) -> Result<usize, ExecutorError> {
-        Ok(self.inner.stop_matching(&which, None, None))
+        Ok(self.inner.stop_matching(&which, true, None, None))
     }
 
     async fn log(
