@@ -938,6 +938,67 @@ pub(crate) async fn write_status(
     Ok(written)
 }
 
+/// Records a status change on the BuildJob `written` (as a reconcile wrote it), off the
+/// reconcile path: `change` makes the new status from the current object, `None` when
+/// there is nothing (left) to record. Retries on conflicts (other writers) and API errors;
+/// `what` names the change in warnings. `Ok(Some(status))`: written; `Ok(None)`: nothing to
+/// record (`change` said so, or the BuildJob is gone or replaced by a new one of the same
+/// name); `Err(())`: given up.
+pub(crate) async fn record_status(
+    ctx: &Context,
+    written: &BuildJob,
+    what: &str,
+    change: impl Fn(&BuildJob) -> Option<BuildJobStatus>,
+) -> std::result::Result<Option<BuildJobStatus>, ()> {
+    let (name, ns, uid) = (
+        written.name_any(),
+        written.namespace().unwrap_or_default(),
+        written.uid().unwrap_or_default(),
+    );
+    let jobs: Api<BuildJob> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut delay = Duration::from_millis(100);
+    // A copy that is exactly our last write serves (as in the reconcile): the one the
+    // reconcile wrote, or the cache's. After a conflict, someone else wrote since: read.
+    let mut conflict = false;
+    for _ in 0..30 {
+        let ours = if conflict {
+            None
+        } else if ctx.is_our_last_write(written) {
+            Some(written.clone())
+        } else {
+            ctx.store
+                .get(&ObjectRef::new(&name).within(&ns))
+                .filter(|j| ctx.is_our_last_write(j))
+                .map(|j| BuildJob::clone(&j))
+        };
+        let read = match ours {
+            Some(j) => Ok(Some(j)),
+            None => jobs.get_opt(&name).await,
+        };
+        match read {
+            Ok(Some(job)) if job.uid().as_deref() == Some(uid.as_str()) => {
+                let Some(st) = change(&job) else {
+                    return Ok(None);
+                };
+                match write_status(ctx, &jobs, &job, &st).await {
+                    Ok(_) => return Ok(Some(st)),
+                    Err(Error::Stale) => {
+                        conflict = true;
+                        continue;
+                    }
+                    Err(e) => tracing::warn!(job = %name, error = %e, "cannot record {what} yet"),
+                }
+            }
+            // Gone, or replaced by a new BuildJob of the same name: nothing to record.
+            Ok(_) => return Ok(None),
+            Err(e) => tracing::warn!(job = %name, error = %e, "cannot record {what} yet"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+    Err(())
+}
+
 async fn add_finalizer(ctx: &Context, jobs: &Api<BuildJob>, job: &BuildJob) -> Result<BuildJob> {
     let rv = job.resource_version().unwrap_or_default();
     let patch = if job.metadata.finalizers.is_none() {

@@ -5,7 +5,7 @@
 //! off the reconcile path (as callbacks are), then recorded in `status.logEnded`; a crash
 //! in between writes it again (a repeated end is better than none).
 
-use super::controller::{lock, write_status, Context};
+use super::controller::{lock, record_status, Context};
 use super::crd::{BuildJob, BuildJobSpec};
 use super::decide::LogEnd;
 use super::pod::WORKER_CONTAINER;
@@ -15,7 +15,6 @@ use crate::secret::Secret;
 use crate::storage::Storage;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -278,64 +277,23 @@ pub async fn append_lines(
     Ok(())
 }
 
-/// Records `status.logEnded` on the BuildJob (as the writer started from it), retrying on
-/// conflicts (other writers) and API errors. `false`: not recorded (given up).
+/// Records `status.logEnded` on the BuildJob (as the writer started from it). `false`: not
+/// recorded (given up).
 async fn record(ctx: &Context, written: &BuildJob) -> bool {
-    let (name, ns, uid) = (
-        written.name_any(),
-        written.namespace().unwrap_or_default(),
-        written.uid().unwrap_or_default(),
-    );
-    let jobs: Api<BuildJob> = Api::namespaced(ctx.client.clone(), &ns);
-    let mut delay = Duration::from_millis(100);
-    let mut conflict = false;
-    for _ in 0..30 {
-        // As in `notify::record`: a copy that is exactly our last write serves; after a
-        // conflict someone else wrote since, so read.
-        let ours = if conflict {
-            None
-        } else if ctx.is_our_last_write(written) {
-            Some(written.clone())
-        } else {
-            ctx.store
-                .get(&ObjectRef::new(&name).within(&ns))
-                .filter(|j| ctx.is_our_last_write(j))
-                .map(|j| BuildJob::clone(&j))
-        };
-        let read = match ours {
-            Some(j) => Ok(Some(j)),
-            None => jobs.get_opt(&name).await,
-        };
-        match read {
-            Ok(Some(job)) if job.uid().as_deref() == Some(uid.as_str()) => {
-                let mut st = job.status.clone().unwrap_or_default();
-                if st.log_ended != Some(false) {
-                    return true;
-                }
-                st.log_ended = Some(true);
-                match write_status(ctx, &jobs, &job, &st).await {
-                    Ok(_) => return true,
-                    Err(super::controller::Error::Stale) => {
-                        conflict = true;
-                        continue;
-                    }
-                    Err(e) => {
-                        tracing::warn!(job = %name, error = %e, "cannot record the end of the build's log yet")
-                    }
-                }
-            }
-            // Gone, or replaced by a new BuildJob of the same name: nothing to record.
-            Ok(_) => return true,
-            Err(e) => {
-                tracing::warn!(job = %name, error = %e, "cannot record the end of the build's log yet")
-            }
+    let recorded = record_status(ctx, written, "the end of the build's log", |job| {
+        let mut st = job.status.clone().unwrap_or_default();
+        // Recorded already (or never owed): nothing to write.
+        if st.log_ended != Some(false) {
+            return None;
         }
-        conflict = false;
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(5));
+        st.log_ended = Some(true);
+        Some(st)
+    })
+    .await;
+    if recorded.is_err() {
+        tracing::error!(job = %written.name_any(), "gave up recording the end of the build's log; it may be written again");
     }
-    tracing::error!(job = %name, "gave up recording the end of the build's log; it may be written again");
-    false
+    recorded.is_ok()
 }
 
 #[cfg(test)]

@@ -5,15 +5,14 @@
 //! event) with an optimistic status write. A slow receiver holds up nothing but its own task.
 
 use super::controller::{
-    callback_auth, fetch_secret, lock, owned_secret, publish, write_status, Context, SECRET_WAIT,
+    callback_auth, fetch_secret, lock, owned_secret, publish, record_status, Context, SECRET_WAIT,
 };
 use super::crd::{BuildJob, CallbackInFlight, Phase};
 use super::decide::{CallbackKind, EventNote};
 use crate::secret::Secret;
 use futures::FutureExt;
 use k8s_openapi::jiff::Timestamp;
-use kube::runtime::reflector::ObjectRef;
-use kube::{Api, Resource, ResourceExt};
+use kube::{Resource, ResourceExt};
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
@@ -242,83 +241,45 @@ async fn deliver(ctx: &Context, job: &BuildJob, auth: Auth, kind: CallbackKind, 
     record(ctx, job, kind).await;
 }
 
-/// Marks the callback sent on `written` (the BuildJob as the reconcile wrote it), retrying
-/// on conflicts (other writers) and API errors.
+/// Marks the callback sent on `written` (the BuildJob as the reconcile wrote it).
 async fn record(ctx: &Context, written: &BuildJob, kind: CallbackKind) {
-    let (name, ns, uid) = (
-        written.name_any(),
-        written.namespace().unwrap_or_default(),
-        written.uid().unwrap_or_default(),
-    );
-    let (name, ns, uid) = (name.as_str(), ns.as_str(), uid.as_str());
-    let jobs: Api<BuildJob> = Api::namespaced(ctx.client.clone(), ns);
-    let mut delay = Duration::from_millis(100);
-    // A copy that is exactly our last write serves (as in the reconcile): the one the
-    // reconcile wrote, or the cache's. After a conflict, someone else wrote since: read.
-    let mut conflict = false;
-    for _ in 0..30 {
-        let ours = if conflict {
-            None
-        } else if ctx.is_our_last_write(written) {
-            Some(written.clone())
-        } else {
-            ctx.store
-                .get(&ObjectRef::new(name).within(ns))
-                .filter(|j| ctx.is_our_last_write(j))
-                .map(|j| BuildJob::clone(&j))
-        };
-        let read = match ours {
-            Some(j) => Ok(Some(j)),
-            None => jobs.get_opt(name).await,
-        };
-        match read {
-            Ok(Some(job)) if job.uid().as_deref() == Some(uid) => {
-                let mut st = job.status.clone().unwrap_or_default();
-                match kind {
-                    CallbackKind::Pending => st.callbacks.pending = true,
-                    CallbackKind::Final(_) => {
-                        st.callbacks.final_ = true;
-                        let created = job.creation_timestamp().map(|t| t.0);
-                        if let Some(c) = created {
-                            st.timings_mut().final_callback_ms =
-                                u64::try_from(Timestamp::now().duration_since(c).as_millis()).ok();
-                        }
-                    }
-                }
-                let ours = st
-                    .callbacks
-                    .in_flight
-                    .as_ref()
-                    .is_some_and(|f| f.by == ctx.identity && f.status == status_word(kind));
-                if ours {
-                    st.callbacks.in_flight = None;
-                }
-                match write_status(ctx, &jobs, &job, &st).await {
-                    Ok(_) => {
-                        if matches!(kind, CallbackKind::Final(_))
-                            && st.phase.is_some_and(Phase::is_finished)
-                        {
-                            tracing::info!(job = %name, "final callback sent");
-                        }
-                        return;
-                    }
-                    Err(super::controller::Error::Stale) => {
-                        conflict = true;
-                        continue;
-                    }
-                    Err(e) => {
-                        tracing::warn!(job = %name, error = %e, "cannot record a sent callback yet")
-                    }
+    let name = written.name_any();
+    let recorded = record_status(ctx, written, "a sent callback", |job| {
+        let mut st = job.status.clone().unwrap_or_default();
+        match kind {
+            CallbackKind::Pending => st.callbacks.pending = true,
+            CallbackKind::Final(_) => {
+                st.callbacks.final_ = true;
+                let created = job.creation_timestamp().map(|t| t.0);
+                if let Some(c) = created {
+                    st.timings_mut().final_callback_ms =
+                        u64::try_from(Timestamp::now().duration_since(c).as_millis()).ok();
                 }
             }
-            // Gone, or replaced by a new BuildJob of the same name: nothing to record.
-            Ok(_) => return,
-            Err(e) => tracing::warn!(job = %name, error = %e, "cannot record a sent callback yet"),
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(5));
+        let ours = st
+            .callbacks
+            .in_flight
+            .as_ref()
+            .is_some_and(|f| f.by == ctx.identity && f.status == status_word(kind));
+        if ours {
+            st.callbacks.in_flight = None;
+        }
+        Some(st)
+    })
+    .await;
+    match recorded {
+        Ok(Some(st))
+            if matches!(kind, CallbackKind::Final(_))
+                && st.phase.is_some_and(Phase::is_finished) =>
+        {
+            tracing::info!(job = %name, "final callback sent");
+        }
+        Ok(_) => {}
+        Err(()) => {
+            tracing::error!(job = %name, "gave up recording a sent callback; the next leader may send it again")
+        }
     }
-    tracing::error!(job = %name, "gave up recording a sent callback; the next leader may send it again");
 }
 
 /// The callback Authorization from the BuildJob's own credentials Secret. Waits for a
