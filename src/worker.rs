@@ -62,35 +62,20 @@ pub fn build_spec(args: &WorkerArgs) -> Result<BuildSpec, WorkerError> {
         _ => None,
     };
     let spec = BuildSpec {
-        build_uuid,
-        app: job.app,
-        space: job.space,
-        app_uuid: job.app_uuid,
-        build_number: job.build_number,
         sources,
         sources_stored: stored,
-        sha: job.sha,
-        branch: job.branch,
-        repo: job.repo,
-        org: job.org,
-        callback: None,
-        callback_auth: None,
-        kafka_hosts: job.kafka_hosts,
-        gm_registry_host: job.gm_registry_host,
-        gm_registry_repo: job.gm_registry_repo,
         gm_registry_auth,
         // From the Secret; a BuildJob made before they moved there has them in its spec.
         build_args: match args.build_args.as_deref().filter(|a| !a.is_empty()) {
             Some(json) => serde_json::from_str(json).map_err(|_| WorkerError::BuildArgs)?,
-            None => job.build_args,
+            None => job.build_args.clone(),
         },
-        docker_registry: job.docker_registry,
-        docker_login: job.docker_login,
         docker_password: args
             .docker_password
             .clone()
             .filter(|p| !p.is_empty())
             .map(Secret::new),
+        ..job.build_spec(build_uuid)
     };
     Ok(spec)
 }

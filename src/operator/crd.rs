@@ -325,6 +325,34 @@ pub fn secret_name(job: &str) -> String {
 }
 
 impl BuildJobSpec {
+    /// The build as the spec alone tells it (`from_build` the other way round): no sources
+    /// and no credentials, which the worker adds from the credentials Secret.
+    pub fn build_spec(&self, build_uuid: uuid::Uuid) -> BuildSpec {
+        BuildSpec {
+            build_uuid,
+            app: self.app.clone(),
+            space: self.space.clone(),
+            app_uuid: self.app_uuid.clone(),
+            build_number: self.build_number,
+            sources: crate::secret::Secret::default(),
+            sources_stored: false,
+            sha: self.sha.clone(),
+            branch: self.branch.clone(),
+            repo: self.repo.clone(),
+            org: self.org.clone(),
+            callback: None,
+            callback_auth: None,
+            kafka_hosts: self.kafka_hosts.clone(),
+            gm_registry_host: self.gm_registry_host.clone(),
+            gm_registry_repo: self.gm_registry_repo.clone(),
+            gm_registry_auth: None,
+            build_args: self.build_args.clone(),
+            docker_registry: self.docker_registry.clone(),
+            docker_login: self.docker_login.clone(),
+            docker_password: None,
+        }
+    }
+
     /// The spec of `build`, with `source` in place of its source URI and no credentials.
     pub fn from_build(build: &BuildSpec, source: SourceRef) -> Self {
         let name = job_name(&build.app, &build.app_uuid, build.build_number);

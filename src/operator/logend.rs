@@ -6,12 +6,10 @@
 //! in between writes it again (a repeated end is better than none).
 
 use super::controller::{lock, record_status, Context};
-use super::crd::{BuildJob, BuildJobSpec};
+use super::crd::BuildJob;
 use super::decide::LogEnd;
 use super::pod::WORKER_CONTAINER;
-use crate::build::BuildSpec;
 use crate::logs::{KafkaProducers, LogFiles, LogSinks, FINISHED_LINE};
-use crate::secret::Secret;
 use crate::storage::Storage;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
@@ -111,7 +109,10 @@ async fn write(ctx: &Context, ends: &LogEnds, job: &BuildJob, end: &LogEnd) {
     if let Some(pod) = job.status.as_ref().and_then(|s| s.pod_name.as_deref()) {
         wait_for_worker(ctx, job, pod).await;
     }
-    let spec = log_spec(&job.spec);
+    // The sinks name a build by its key, metadata and number; a BuildJob's uuid was
+    // checked when it was made (it only shows in the sinks' warnings).
+    let build_uuid = uuid::Uuid::parse_str(&job.spec.build_uuid).unwrap_or_default();
+    let spec = job.spec.build_spec(build_uuid);
     let failed = end.failed_line();
     let kafka = async {
         if let Some(mut log) = ends.sinks.kafka_only(&spec) {
@@ -193,35 +194,6 @@ pub fn worker_may_run(pod: Option<&Pod>, job: &BuildJob) -> bool {
             )
         });
     ours && !ended && !stopped && !never
-}
-
-/// The BuildSpec the log sinks name a build by (key, metadata, build number); it carries no
-/// credentials (the line written is the BuildJob's own status, which holds none).
-fn log_spec(job: &BuildJobSpec) -> BuildSpec {
-    BuildSpec {
-        // Only for the sinks' warnings; a BuildJob's uuid was checked when it was made.
-        build_uuid: uuid::Uuid::parse_str(&job.build_uuid).unwrap_or_default(),
-        app: job.app.clone(),
-        space: job.space.clone(),
-        app_uuid: job.app_uuid.clone(),
-        build_number: job.build_number,
-        sources: Secret::new(String::new()),
-        sources_stored: false,
-        sha: None,
-        branch: None,
-        repo: None,
-        org: None,
-        callback: None,
-        callback_auth: None,
-        kafka_hosts: job.kafka_hosts.clone(),
-        gm_registry_host: job.gm_registry_host.clone(),
-        gm_registry_repo: job.gm_registry_repo.clone(),
-        gm_registry_auth: None,
-        build_args: Default::default(),
-        docker_registry: None,
-        docker_login: None,
-        docker_password: None,
-    }
 }
 
 /// `text` as the build log splits it: one line per `\n` or `\r`, blank ones left out.
