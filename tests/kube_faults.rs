@@ -205,42 +205,20 @@ async fn wait_gone(
 /// start until the topic has been quiet for 3 s after a `Build finished` (at most 90 s).
 /// Call it once the build's log is complete: it then sees every line and any extra end.
 async fn kafka_lines(bootstrap: &str, topic: &str, b: &Value) -> Vec<String> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::{ClientConfig, Message};
     let key = format!("{}-{}", key(b), b["build_number"].as_u64().unwrap_or(1));
     let (bootstrap, topic) = (bootstrap.to_string(), topic.to_string());
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("group.id", format!("test-{}", uuid::Uuid::new_v4()))
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .create()
-            .expect("consumer");
-        consumer.subscribe(&[&topic]).expect("subscribe");
-        let start = Instant::now();
-        let mut last = Instant::now();
-        let mut got: Vec<String> = Vec::new();
-        while start.elapsed() < Duration::from_secs(90) {
-            if got.iter().any(|l| l == "Build finished") && last.elapsed() > Duration::from_secs(3)
-            {
-                break;
-            }
-            let Some(Ok(msg)) = consumer.poll(Duration::from_millis(200)) else {
-                continue;
-            };
-            if msg.key() != Some(key.as_bytes()) {
-                continue;
-            }
-            let v: Value =
-                serde_json::from_slice(msg.payload().unwrap_or_default()).expect("a JSON message");
-            got.push(v["message"].as_str().unwrap_or("").to_string());
-            last = Instant::now();
-        }
-        got
+    let (quiet, within) = (Duration::from_secs(3), Duration::from_secs(90));
+    let got = tokio::task::spawn_blocking(move || {
+        common::kafka::consume_until_quiet(bootstrap, topic, key, quiet, within)
     })
     .await
-    .expect("consumer thread")
+    .expect("consumer thread");
+    got.iter()
+        .map(|(_, v)| {
+            let v: Value = serde_json::from_str(v).expect("a JSON message");
+            v["message"].as_str().unwrap_or("").to_string()
+        })
+        .collect()
 }
 
 /// Kafka's lines of `b` end with `failed` and `Build finished`, which comes once.

@@ -8,8 +8,9 @@ use serde_json::{json, Value};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn run_serve(env: &[(&str, &str)]) -> (i32, String) {
-    let out = Command::new(BIN)
+/// `serve` run to its end with only `env` (and PATH, PORT=0, a fresh DATA_DIR).
+fn serve_output(env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(BIN)
         .arg("serve")
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -17,7 +18,11 @@ fn run_serve(env: &[(&str, &str)]) -> (i32, String) {
         .env("DATA_DIR", tempfile::tempdir().unwrap().path())
         .envs(env.iter().copied())
         .output()
-        .expect("run binary");
+        .expect("run binary")
+}
+
+fn run_serve(env: &[(&str, &str)]) -> (i32, String) {
+    let out = serve_output(env);
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -74,20 +79,12 @@ fn bad_configuration_is_one_line_naming_the_variable_and_exit_2() {
 #[test]
 fn a_proxy_in_the_environment_is_named_in_a_warning_about_the_deny_list() {
     let output = |env: &[(&str, &str)]| {
-        let out = Command::new(BIN)
-            .arg("serve")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("PORT", "0")
-            .env("DATA_DIR", tempfile::tempdir().unwrap().path())
-            // Stops right after the start-up checks.
-            .env(
-                "DOCKER_BUILD_SETTINGS",
-                "{\"socketPath\": \"/nonexistent/docker.sock\"}",
-            )
-            .envs(env.iter().copied())
-            .output()
-            .expect("run binary");
+        // Stops right after the start-up checks.
+        let settings = (
+            "DOCKER_BUILD_SETTINGS",
+            "{\"socketPath\": \"/nonexistent/docker.sock\"}",
+        );
+        let out = serve_output(&[&[settings], env].concat());
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
     };
     let warned =

@@ -1042,16 +1042,30 @@ mod tests {
     async fn a_credentials_secret_an_earlier_buildjob_left_is_replaced_not_used() {
         let mut spec = crate::build::tests::spec();
         spec.sources = Secret::new("https://example.com/new.tgz");
-        let scenario = vec![
-            no_job_yet(),
-            Expect::new(Method::POST, JOBS, 201, None),
+        let mut scenario = vec![no_job_yet(), Expect::new(Method::POST, JOBS, 201, None)];
+        scenario.extend(a_stale_secret_in_the_way());
+        scenario.extend([Expect::new(Method::POST, SECRETS, 201, None).check(|b| {
+            assert_eq!(b["metadata"]["ownerReferences"][0]["uid"], "uid-7");
+            let v = b["data"]["sources"].as_str().unwrap_or("");
+            let uri = base64::engine::general_purpose::STANDARD
+                .decode(v)
+                .unwrap_or_default();
+            assert_eq!(uri, b"https://example.com/new.tgz");
+        })]);
+        let res = submitted(spec, scenario, with_uid).await;
+        assert!(res.is_ok(), "{res:?}");
+    }
+
+    /// Creating the Secret meets one a deleted BuildJob of this name left (not yet
+    /// garbage-collected): 409, read, deleted by its uid.
+    fn a_stale_secret_in_the_way() -> [Expect; 3] {
+        [
             Expect::new(
                 Method::POST,
                 SECRETS,
                 409,
                 Some(status_error(409, "AlreadyExists")),
             ),
-            // The Secret of a deleted BuildJob of this name, not yet garbage-collected.
             Expect::new(
                 Method::GET,
                 secret_path(),
@@ -1059,17 +1073,7 @@ mod tests {
                 Some(secret_owned_by("uid-old", "s-old")),
             ),
             delete_of(secret_path(), "s-old"),
-            Expect::new(Method::POST, SECRETS, 201, None).check(|b| {
-                assert_eq!(b["metadata"]["ownerReferences"][0]["uid"], "uid-7");
-                let v = b["data"]["sources"].as_str().unwrap_or("");
-                let uri = base64::engine::general_purpose::STANDARD
-                    .decode(v)
-                    .unwrap_or_default();
-                assert_eq!(uri, b"https://example.com/new.tgz");
-            }),
-        ];
-        let res = submitted(spec, scenario, with_uid).await;
-        assert!(res.is_ok(), "{res:?}");
+        ]
     }
 
     #[tokio::test]
@@ -1078,21 +1082,7 @@ mod tests {
         spec.sources = Secret::new("https://example.com/new.tgz");
         let mut scenario = vec![no_job_yet(), Expect::new(Method::POST, JOBS, 201, None)];
         for _ in 0..SECRET_ATTEMPTS {
-            scenario.extend([
-                Expect::new(
-                    Method::POST,
-                    SECRETS,
-                    409,
-                    Some(status_error(409, "AlreadyExists")),
-                ),
-                Expect::new(
-                    Method::GET,
-                    secret_path(),
-                    200,
-                    Some(secret_owned_by("uid-old", "s-old")),
-                ),
-                delete_of(secret_path(), "s-old"),
-            ]);
+            scenario.extend(a_stale_secret_in_the_way());
         }
         scenario.extend([
             Expect::new(
