@@ -5,7 +5,9 @@
 //!
 //! The scratch file is a cache, never the truth: the journal (`state`) makes builds durable.
 //! It starts empty, has mode 0600 (lines hold credentials, as the journal's do), and is
-//! truncated whenever no build is left in it.
+//! truncated whenever no build is left in it. Under a backlog that never empties, a line's
+//! bytes are erased (a hole punched) as its build leaves the file, and each block no live
+//! line touches is freed, so neither finished builds' credentials nor their disk space stay.
 
 use super::state::{self, Phase, Record, StateError};
 use std::collections::HashMap;
@@ -126,8 +128,8 @@ impl Records {
     }
 
     fn release(&mut self, held: &Held) {
-        if let (Held::Spilled { .. }, Some(spill)) = (held, self.spill.as_mut()) {
-            spill.release();
+        if let (Held::Spilled { at, len }, Some(spill)) = (held, self.spill.as_mut()) {
+            spill.release(*at, *len);
         }
     }
 }
@@ -139,11 +141,19 @@ fn shard(id: &Uuid) -> usize {
     usize::from(b[3] ^ b[9] ^ b[15]) % SHARDS
 }
 
-/// The scratch file: lines appended, read back by offset, truncated when none is live.
+/// The scratch file's allocation unit for freeing: ext4's and tmpfs's block (a larger
+/// real block only means a partly dead one is zeroed, not freed, until the file empties).
+const BLOCK: u64 = 4096;
+
+/// The scratch file: lines appended, read back by offset, erased when released, truncated
+/// when none is live.
 struct Spill {
     file: File,
     len: u64,
     live: usize,
+    /// Live lines per block (by index) that holds part of one: a block is freed when its
+    /// count reaches zero.
+    blocks: HashMap<u64, u32>,
 }
 
 impl Spill {
@@ -159,11 +169,12 @@ impl Spill {
             file,
             len: 0,
             live: 0,
+            blocks: HashMap::new(),
         })
     }
 
     fn put(&mut self, line: &[u8]) -> Option<(u64, u32)> {
-        let len = u32::try_from(line.len()).ok()?;
+        let len = u32::try_from(line.len()).ok().filter(|&l| l > 0)?;
         let at = self.len;
         if let Err(e) = self.file.write_all_at(line, at) {
             tracing::warn!(error = %e, "cannot write a queued build to the scratch file; it stays in memory");
@@ -171,6 +182,9 @@ impl Spill {
         }
         self.len += u64::from(len);
         self.live += 1;
+        for block in blocks_of(at, len) {
+            *self.blocks.entry(block).or_default() += 1;
+        }
         Some((at, len))
     }
 
@@ -183,17 +197,62 @@ impl Spill {
         Some(buf)
     }
 
-    fn release(&mut self) {
+    fn release(&mut self, at: u64, len: u32) {
         self.live = self.live.saturating_sub(1);
         if self.live == 0 && self.len > 0 && self.file.set_len(0).is_ok() {
             self.len = 0;
+            self.blocks.clear();
+            return;
+        }
+        // The line's own bytes first (they hold credentials), then every block it touched
+        // that no live line holds any more, whole, so the file system frees it.
+        self.erase(at, u64::from(len));
+        for block in blocks_of(at, len) {
+            if let std::collections::hash_map::Entry::Occupied(mut n) = self.blocks.entry(block) {
+                *n.get_mut() -= 1;
+                if *n.get() == 0 {
+                    n.remove();
+                    let end = ((block + 1) * BLOCK).min(self.len);
+                    self.erase(block * BLOCK, end - block * BLOCK);
+                }
+            }
         }
     }
+
+    /// Zeroes `[at, at + len)`: a hole punched where the file system can (whole blocks in
+    /// it are freed), zeros written where it cannot.
+    fn erase(&self, at: u64, len: u64) {
+        use std::os::fd::AsRawFd;
+        let (Ok(off), Ok(n)) = (libc::off_t::try_from(at), libc::off_t::try_from(len)) else {
+            return;
+        };
+        // SAFETY: a plain system call on a file descriptor this struct owns.
+        let punched = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                n,
+            )
+        } == 0;
+        if !punched {
+            let zeros = vec![0; usize::try_from(len).unwrap_or(0)];
+            if let Err(e) = self.file.write_all_at(&zeros, at) {
+                tracing::warn!(error = %e, "cannot erase a released build from the scratch file");
+            }
+        }
+    }
+}
+
+/// The indices of the blocks `[at, at + len)` touches (`len` > 0).
+fn blocks_of(at: u64, len: u32) -> std::ops::RangeInclusive<u64> {
+    at / BLOCK..=(at + u64::from(len) - 1) / BLOCK
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
 
     fn rec(phase: Phase) -> Record {
         Record {
@@ -218,6 +277,55 @@ mod tests {
             .map(|t| Uuid::from_fields(t * 7919, 0x11d0, 0x1000, &[0x80, 0x42, 1, 2, 3, 4, 5, 6]))
             .collect();
         assert!(spread(&v1));
+    }
+
+    /// Allocated bytes of the file (what the file system holds for it).
+    fn allocated(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn a_released_line_is_erased_and_dead_blocks_are_freed_while_others_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.spill");
+        let mut spill = Spill::open(&path).unwrap();
+        // Lines of 1,000 bytes (blocks shared by neighbours), then a long one, then a last.
+        let small: Vec<_> = (0..40u8)
+            .map(|i| spill.put(&[b'a' + i % 26; 1000]).unwrap())
+            .collect();
+        let long = spill.put(&[b'L'; 40_000]).unwrap();
+        let last = spill.put(b"the-last-line").unwrap();
+        let before = allocated(&path);
+        for &(at, len) in &small[..39] {
+            spill.release(at, len);
+        }
+        spill.release(long.0, long.1);
+        let mut content = Vec::new();
+        File::open(&path)
+            .unwrap()
+            .read_to_end(&mut content)
+            .unwrap();
+        // Every released byte is zero: no finished build's credentials stay in the file.
+        let keep = small[39];
+        for (i, b) in content.iter().enumerate() {
+            let i = i as u64;
+            let live = (keep.0..keep.0 + u64::from(keep.1)).contains(&i)
+                || (last.0..last.0 + u64::from(last.1)).contains(&i);
+            assert_eq!(*b == 0, !live, "byte {i}");
+        }
+        assert_eq!(
+            spill.get(keep.0, keep.1).unwrap(),
+            vec![b'a' + 39 % 26; 1000]
+        );
+        assert_eq!(spill.get(last.0, last.1).unwrap(), b"the-last-line");
+        // Only the blocks the two live lines touch stay allocated (two or three blocks).
+        let after = allocated(&path);
+        assert!(
+            after <= 3 * BLOCK && after < before,
+            "{before} bytes allocated before, {after} after"
+        );
+        assert_eq!(spill.live, 2);
     }
 
     #[test]
