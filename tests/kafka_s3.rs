@@ -296,6 +296,96 @@ async fn s3_keeps_sources_and_logs_byte_for_byte() {
     assert_eq!(followed, log);
 }
 
+/// What S3 answers a request its policy denies.
+const ACCESS_DENIED: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>";
+
+/// The bucket as keys without `s3:ListBucket` see it (AWS's documented answers): HeadBucket
+/// and listing are denied, and a missing object is 403 `AccessDenied`, not 404.
+async fn s3_without_listing() -> String {
+    let bucket = format!("/{S3_BUCKET}");
+    common::proxy(
+        "127.0.0.1:9100",
+        move |method, path, _| {
+            let (at, query) = path.split_once('?').unwrap_or((path, ""));
+            let the_bucket = at.trim_end_matches('/') == bucket;
+            let head_bucket = method == "HEAD" && the_bucket;
+            let list = method == "GET" && the_bucket && !query.contains("uploads");
+            if head_bucket {
+                Some((403, ""))
+            } else if list {
+                Some((403, ACCESS_DENIED))
+            } else {
+                None
+            }
+        },
+        |method, status| {
+            (status == 404 && matches!(method, "GET" | "HEAD")).then_some((403, ACCESS_DENIED))
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_that_cannot_list_the_bucket_start_and_read_a_missing_object_as_missing() {
+    require_s3();
+    let endpoint = format!("http://{}", s3_without_listing().await);
+    let mut flags = s3_flags();
+    let at = flags.iter().position(|f| *f == S3_ENDPOINT).unwrap();
+    flags[at] = &endpoint;
+    // Wrong keys are still told apart: the probe's 403 says SignatureDoesNotMatch.
+    let mut wrong = flags.clone();
+    let at = wrong.iter().position(|f| *f == S3_SECRET).unwrap();
+    wrong[at] = "wrong-secret-value";
+    let e = start_error(&wrong).await;
+    assert!(e.starts_with("S3_ACCESS_KEY:"), "{e}");
+
+    let svc = Service::start(&flags).await;
+    let unknown = uuid::Uuid::new_v4();
+    let get = svc
+        .client
+        .get(svc.url(&format!("/{unknown}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status(), 404);
+    let head = svc
+        .client
+        .head(svc.url(&format!("/{unknown}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 404);
+    let no_log = format!("/app-{}/1/logs", uuid::Uuid::new_v4());
+    let log = svc.client.get(svc.url(&no_log)).send().await.unwrap();
+    assert_eq!(log.status(), 404);
+
+    // Objects that exist are written and read through the same keys.
+    let cbs = Callbacks::start().await;
+    let sources = archive(&[]);
+    let b = body(&data_uri(&sources), &cbs);
+    let id = b["build_uuid"].as_str().unwrap().to_string();
+    assert_eq!(svc.post(&b).await.0, 200);
+    assert_eq!(cbs.wait_final(&id, BUILD_WITHIN).await, "succeeded");
+    let got = svc
+        .client
+        .get(svc.url(&format!("/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.bytes().await.unwrap().as_ref(), sources.as_slice());
+    let key = format!(
+        "{}-{}-1.logs",
+        b["app"].as_str().unwrap(),
+        b["app_uuid"].as_str().unwrap()
+    );
+    let start = Instant::now();
+    while !s3_file(&key).exists() && start.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(svc.log(&b).await.ends_with("Build finished\n"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_fetches_sources_from_the_services_own_url() {
     let svc = Service::start(&s3_flags()).await;

@@ -10,11 +10,14 @@ use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
+use aws_sdk_s3::error::ProvideErrorMetadata;
 use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use futures::{StreamExt, TryStreamExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Objects up to this size go in one PUT; larger ones in parts of this size (S3 allows at
@@ -34,6 +37,10 @@ pub struct S3Storage {
     location: String,
     has_keys: bool,
     has_endpoint: bool,
+    /// The credentials may read objects but not list the bucket (no `s3:ListBucket`): S3 then
+    /// answers a missing object with 403 `AccessDenied` instead of 404, and a read takes
+    /// that for "missing". Found by `check`.
+    denied_means_missing: Arc<AtomicBool>,
 }
 
 // The client's config holds the credentials: never print it.
@@ -134,6 +141,7 @@ impl S3Storage {
             location,
             has_keys: cfg.keys.is_some(),
             has_endpoint: cfg.endpoint.is_some(),
+            denied_means_missing: Arc::default(),
         }
     }
 
@@ -145,6 +153,9 @@ impl S3Storage {
             Ok(_) => return Ok(()),
             Err(e) => e,
         };
+        if status_of(&err) == Some(403) && self.objects_readable_without_listing().await {
+            return Ok(());
+        }
         let (bucket, at) = (&self.bucket, &self.location);
         let detail = DisplayErrorContext(&err).to_string();
         Err(match (&err, status_of(&err)) {
@@ -170,6 +181,50 @@ impl S3Storage {
             ),
             _ => unusable("S3_BUCKET", format!("cannot use bucket {bucket:?} at {at}: {detail}")),
         })
+    }
+
+    /// HeadBucket was denied. That needs `s3:ListBucket`, which a least-privilege policy may
+    /// leave out; HEAD answers carry no error code, so a GET of a key that does not exist
+    /// tells wrong keys (`InvalidAccessKeyId`, `SignatureDoesNotMatch`, …) from valid keys
+    /// without that permission (`AccessDenied`, or 404 where listing is allowed after all).
+    async fn objects_readable_without_listing(&self) -> bool {
+        let probe = format!(".buildshuttle-start-check/{}", uuid::Uuid::new_v4());
+        let err = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&probe)
+            .send()
+            .await
+        {
+            Ok(_) => return true,
+            Err(e) => e,
+        };
+        match (status_of(&err), err.code()) {
+            (Some(404), Some("NoSuchKey")) => true,
+            (Some(403), Some("AccessDenied")) => {
+                self.denied_means_missing.store(true, Ordering::Relaxed);
+                tracing::warn!(
+                    bucket = %self.bucket,
+                    "these S3 credentials cannot list the bucket (s3:ListBucket is not granted), so S3 answers a missing object with 403; buildshuttle reads that as missing. Grant s3:ListBucket on the bucket to tell a missing object from a denied one"
+                );
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether a read's error means the object is not there: 404, or 403 from a bucket these
+    /// credentials cannot list (see `check`).
+    fn is_missing<E, R>(&self, e: &SdkError<E, R>) -> bool
+    where
+        R: HttpStatus,
+    {
+        match status_of(e) {
+            Some(404) => true,
+            Some(403) => self.denied_means_missing.load(Ordering::Relaxed),
+            _ => false,
+        }
     }
 
     async fn put_multipart(&self, key: &str, path: &Path, len: u64) -> Result<(), StorageError> {
@@ -357,7 +412,7 @@ impl Storage for S3Storage {
         }
         let out = match request.send().await {
             Ok(out) => out,
-            Err(e) if status_of(&e) == Some(404) => return Ok(None),
+            Err(e) if self.is_missing(&e) => return Ok(None),
             // 416: the object exists and ends at or before `offset`.
             Err(e) if status_of(&e) == Some(416) => {
                 return Ok(Some(Object {
@@ -393,7 +448,7 @@ impl Storage for S3Storage {
             .await
         {
             Ok(_) => Ok(true),
-            Err(e) if status_of(&e) == Some(404) => Ok(false),
+            Err(e) if self.is_missing(&e) => Ok(false),
             Err(e) => Err(s3_error("lookup", key, e)),
         }
     }

@@ -500,8 +500,27 @@ pub async fn registry_proxy(
     upstream: &'static str,
     refuse: fn(&str, &str, &str) -> bool,
 ) -> String {
+    proxy(
+        upstream,
+        move |method, path, agent| {
+            refuse(method, path, agent).then_some((500, "refused by the test's proxy"))
+        },
+        |_, _| None,
+    )
+    .await
+}
+
+/// A reverse proxy on loopback in front of `upstream`: `answer` (method, path with query,
+/// User-Agent) may answer a request itself (status, body); `rewrite` (method, upstream's
+/// status) may replace an upstream answer; everything else is forwarded, streamed both ways
+/// and headers unchanged (so signatures over the Host header still verify). Its address.
+pub async fn proxy(
+    upstream: &'static str,
+    answer: impl Fn(&str, &str, &str) -> Option<(u16, &'static str)> + Clone + Send + Sync + 'static,
+    rewrite: fn(&str, u16) -> Option<(u16, &'static str)>,
+) -> String {
     use axum::body::Body;
-    use axum::http::{Request, Response, StatusCode};
+    use axum::http::{Request, Response};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -510,8 +529,14 @@ pub async fn registry_proxy(
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .expect("client");
+    let reply = |status: u16, body: &'static str| {
+        Response::builder()
+            .status(status)
+            .body(Body::from(body))
+            .expect("response")
+    };
     let app = axum::Router::new().fallback(move |req: Request<Body>| {
-        let client = client.clone();
+        let (client, answer) = (client.clone(), answer.clone());
         async move {
             let agent = req
                 .headers()
@@ -524,11 +549,9 @@ pub async fn registry_proxy(
                 .path_and_query()
                 .map(|p| p.as_str().to_string())
                 .unwrap_or_default();
-            if refuse(req.method().as_str(), &path, &agent) {
-                return Response::builder()
-                    .status(StatusCode::INTERNAL_SERVER_ERROR)
-                    .body(Body::from("refused by the test's proxy"))
-                    .expect("response");
+            let method = req.method().as_str().to_string();
+            if let Some((status, body)) = answer(&method, &path, &agent) {
+                return reply(status, body);
             }
             let mut out = client.request(req.method().clone(), format!("http://{upstream}{path}"));
             // The Host header stays the proxy's: the registry builds its Location URLs from it.
@@ -537,11 +560,11 @@ pub async fn registry_proxy(
             }
             let body = reqwest::Body::wrap_stream(req.into_body().into_data_stream());
             let Ok(resp) = out.body(body).send().await else {
-                return Response::builder()
-                    .status(StatusCode::BAD_GATEWAY)
-                    .body(Body::empty())
-                    .expect("response");
+                return reply(502, "");
             };
+            if let Some((status, body)) = rewrite(&method, resp.status().as_u16()) {
+                return reply(status, body);
+            }
             let mut back = Response::builder().status(resp.status().as_u16());
             for (k, v) in resp.headers() {
                 back = back.header(k, v);
