@@ -175,6 +175,24 @@ pub struct ServeArgs {
     /// Largest accepted request body, in bytes; larger bodies get 413.
     #[arg(long, env = "MAX_REQUEST_BYTES", value_name = "MAX_REQUEST_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_request_bytes: usize,
+    /// How long an HTTP connection may wait for a request's headers (also between keep-alive
+    /// requests) and between two pieces of a request body, in seconds; then it is closed.
+    #[arg(
+        long,
+        env = "HTTP_IDLE_TIMEOUT_SECONDS",
+        value_name = "HTTP_IDLE_TIMEOUT_SECONDS",
+        default_value_t = 30
+    )]
+    pub http_idle_timeout_seconds: u64,
+    /// HTTP connections served at once (at most three quarters of the open-file limit);
+    /// more wait in the listen backlog.
+    #[arg(
+        long,
+        env = "HTTP_MAX_CONNECTIONS",
+        value_name = "HTTP_MAX_CONNECTIONS",
+        default_value_t = 10_000
+    )]
+    pub http_max_connections: usize,
     /// How long a status callback is retried before giving up, in seconds.
     #[arg(
         long,
@@ -826,6 +844,7 @@ pub struct Config {
     /// `None`: no limit.
     pub max_queued_builds: Option<usize>,
     pub max_request_bytes: usize,
+    pub http: crate::http_server::Limits,
     pub callback_retry_for: Duration,
     pub shutdown_grace: Duration,
     pub shutdown_delay: Duration,
@@ -861,6 +880,10 @@ impl ServeArgs {
             max_queued_builds: (self.max_queued_builds > 0)
                 .then(|| usize::try_from(self.max_queued_builds).unwrap_or(usize::MAX)),
             max_request_bytes: self.max_request_bytes,
+            http: crate::http_server::Limits::new(
+                Duration::from_secs(self.http_idle_timeout_seconds.max(1)),
+                self.http_max_connections,
+            ),
             callback_retry_for: Duration::from_secs(self.callback_retry_seconds),
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
             // Only behind a Service does traffic keep coming for a moment after SIGTERM.

@@ -9,6 +9,7 @@ pub mod build;
 pub mod callback;
 pub mod config;
 pub mod executor;
+pub mod http_server;
 pub mod local;
 pub mod logs;
 pub mod metrics;

@@ -55,6 +55,9 @@ fn main() -> ExitCode {
         },
         Command::Serve(args) => {
             init_tracing(&args.build.log_filter());
+            // Before the config: the HTTP connection limit is sized from it.
+            let files = buildshuttle::http_server::raise_open_file_limit();
+            tracing::debug!(open_file_limit = ?files, "RLIMIT_NOFILE");
             let cfg = match args.validate() {
                 Ok(c) => c,
                 Err(e) => return fail_start(&e),

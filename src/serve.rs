@@ -57,6 +57,7 @@ pub struct Started {
     grace: Duration,
     delay: Duration,
     draining: Arc<std::sync::atomic::AtomicBool>,
+    http: crate::http_server::Limits,
 }
 
 impl Started {
@@ -142,6 +143,7 @@ async fn listen(
         max_request_bytes: cfg.max_request_bytes,
         metrics,
         draining: draining.clone(),
+        body_budget: Arc::new(api::BodyBudget::new(cfg.max_request_bytes)),
     };
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
@@ -156,6 +158,7 @@ async fn listen(
         grace: cfg.shutdown_grace,
         delay: cfg.shutdown_delay,
         draining,
+        http: cfg.http,
     })
 }
 
@@ -186,6 +189,7 @@ pub async fn serve(started: Started) -> Result<(), ServeError> {
         grace,
         delay,
         draining,
+        http,
     } = started;
     let died = match &mode {
         Mode::Kubernetes(k) => k.died.clone(),
@@ -195,9 +199,8 @@ pub async fn serve(started: Started) -> Result<(), ServeError> {
         tracing::info!(%addr, "buildshuttle listening");
     }
     let stop = tokio_util::sync::CancellationToken::new();
-    let server =
-        axum::serve(listener, router).with_graceful_shutdown(stop.clone().cancelled_owned());
-    let http = tokio::spawn(async move { server.await });
+    let server = crate::http_server::serve(listener, router, http, stop.clone());
+    let http = tokio::spawn(server);
     let signalled = tokio::select! {
         _ = shutdown_signal() => true,
         _ = died.cancelled() => false,

@@ -490,6 +490,177 @@ async fn sigkill_during_a_post_burst_loses_no_accepted_build() {
     }
 }
 
+/// Clients that stall (half a request line, a body that stops) or keep idle connections
+/// open cannot use up the service's file descriptors: each is closed after
+/// HTTP_IDLE_TIMEOUT_SECONDS, at most three quarters of the open-file limit are served at
+/// once, and a build posted meanwhile runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_clients_are_closed_and_cannot_starve_builds_of_file_descriptors() {
+    use std::io::{Read, Write};
+    require_services();
+    let data = tempfile::tempdir().unwrap();
+    let cb = Callbacks::start().await;
+    let port = free_port();
+    let p = common::bin::spawn_with_nofile(
+        data.path(),
+        port,
+        &[("HTTP_IDLE_TIMEOUT_SECONDS", "2")],
+        256,
+    );
+    // More stalled connections than the process has descriptors: half a request line
+    // each, then a body that stops after 10 of 1,000 bytes.
+    let mut stalled: Vec<std::net::TcpStream> = (0..400)
+        .map(|i| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let half: &[u8] = if i % 2 == 0 {
+                b"GET /octhc HT"
+            } else {
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"app\": \"a"
+            };
+            s.write_all(half).unwrap();
+            s
+        })
+        .collect();
+    // A build posted now gets in once the stalled ones are closed, and has the descriptors
+    // it needs (its log, the source, dockerd, the registry).
+    let b = body(
+        &data_uri(&common::tar_gz(&[(
+            "Dockerfile",
+            format!("FROM test/busybox:latest\n{}\n", common::cache_buster()).as_bytes(),
+        )])),
+        &cb,
+    );
+    let post = tokio::time::timeout(Duration::from_secs(30), async {
+        reqwest::Client::new()
+            .post(p.url("/"))
+            .json(&b)
+            .send()
+            .await
+    })
+    .await
+    .expect("a POST behind 400 stalled clients is answered")
+    .unwrap();
+    assert_eq!(post.status(), 200);
+    let id = b["build_uuid"].as_str().unwrap();
+    assert_eq!(
+        cb.wait_final(id, Duration::from_secs(60)).await,
+        "succeeded"
+    );
+    // Every stalled connection was closed by the service (read gives EOF or a reset).
+    for s in &mut stalled {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 512];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("a stalled connection is still open after 10 s: {e}"),
+            }
+        }
+    }
+    assert!(
+        open_sockets(p.child.id()) < 64,
+        "{} sockets still open",
+        open_sockets(p.child.id())
+    );
+}
+
+/// Peak memory (VmHWM) of a process, in bytes.
+fn peak_memory(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+/// What `POST /` bodies may cost: a body announcing more than MAX_REQUEST_BYTES is refused
+/// before it is read; a body of many small JSON values is not parsed into a tree 16–32 times
+/// its size; and bodies arriving at once share one MAX_REQUEST_BYTES, so the memory the chart
+/// gives for one upload of the largest size holds for any number at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_cost_at_most_one_largest_upload_at_a_time() {
+    use std::io::{Read, Write};
+    require_services();
+    const MAX: usize = 32 << 20;
+    let data = tempfile::tempdir().unwrap();
+    let cb = Callbacks::start().await;
+    let p = spawn(
+        data.path(),
+        free_port(),
+        &[
+            ("MAX_REQUEST_BYTES", &MAX.to_string()),
+            ("MAXIMUM_PARALLEL_BUILDS", "1"),
+        ],
+    );
+    let pid = p.child.id();
+    // 1 GiB announced, 10 bytes sent: the 413 comes at once.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", p.port)).unwrap();
+    s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1073741824\r\n\r\n{\"app\":\"a").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut head = [0u8; 64];
+    let n = s
+        .read(&mut head)
+        .expect("an answer before the body is sent");
+    let head = String::from_utf8_lossy(&head[..n]).to_string();
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    let base = peak_memory(pid);
+    // Many small values, within the limit: refused as a bad body, never a tree of values.
+    let mut zeros = b"{\"x\":[".to_vec();
+    zeros.extend(std::iter::repeat_n(&b"0,"[..], (MAX - 64) / 2).flatten());
+    zeros.extend_from_slice(b"0]}");
+    let r = reqwest::Client::new()
+        .post(p.url("/"))
+        .header("content-type", "application/json")
+        .body(zeros)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let after_zeros = peak_memory(pid);
+    // Four `data:` bodies of almost MAX each, at once.
+    let payload = "A".repeat(MAX - 4096);
+    let posts = (0..4).map(|_| {
+        let mut b = body("data:base64,", &cb);
+        b["sources"] = json!(format!("data:base64,{payload}"));
+        let url = p.url("/");
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .json(&b)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    let codes = futures::future::join_all(posts).await;
+    assert!(codes.iter().all(|c| *c == 200 || *c == 400), "{codes:?}");
+    let after_uploads = peak_memory(pid);
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!(
+        "peak memory: {:.0} MiB at start, {:.0} MiB after the body of zeros, {:.0} MiB after four uploads at once",
+        mib(base),
+        mib(after_zeros),
+        mib(after_uploads)
+    );
+    // The chart's rule: 4 x MAX_REQUEST_BYTES for bodies (tests/manifests.rs).
+    assert!(
+        after_zeros - base < 2 * MAX as u64,
+        "a body of small values raised the peak by {:.0} MiB",
+        mib(after_zeros - base)
+    );
+    assert!(
+        after_uploads - base < 4 * MAX as u64,
+        "four uploads at once raised the peak by {:.0} MiB",
+        mib(after_uploads - base)
+    );
+}
+
 /// Open sockets of a process (its connections to dockerd, the API's, …).
 fn open_sockets(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))

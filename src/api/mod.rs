@@ -7,7 +7,7 @@ pub mod validate;
 use crate::executor::{BuildSelector, Executor, ExecutorError};
 use crate::pipeline::sources::Source;
 use crate::storage::{Object, Storage};
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -27,6 +27,48 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Set on SIGTERM: `/octhc` fails so load balancers stop sending requests here.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Request bodies being read and parsed, by size.
+    pub body_budget: Arc<BodyBudget>,
+}
+
+/// MAX_REQUEST_BYTES shared by the `POST /` bodies being read: the chart sizes the facade's
+/// memory for one body of the largest size, and two at once must not exceed it.
+pub struct BodyBudget {
+    units: tokio::sync::Semaphore,
+    total: u32,
+}
+
+/// The budget's unit, so that any MAX_REQUEST_BYTES fits a semaphore's count.
+const BUDGET_UNIT: usize = 1024;
+
+impl BodyBudget {
+    pub fn new(max_request_bytes: usize) -> Self {
+        let total =
+            u32::try_from(max_request_bytes.div_ceil(BUDGET_UNIT).max(1)).unwrap_or(u32::MAX);
+        Self {
+            units: tokio::sync::Semaphore::new(total as usize),
+            total,
+        }
+    }
+
+    /// Waits until `bytes` fit beside the bodies being read (a body larger than the budget
+    /// waits for all of it). Held until dropped.
+    async fn acquire(&self, bytes: usize) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        let units = u32::try_from(bytes.div_ceil(BUDGET_UNIT).max(1)).unwrap_or(u32::MAX);
+        self.units.acquire_many(units.min(self.total)).await.ok()
+    }
+}
+
+/// Whether reading a body failed because it passed the limit.
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// An error answered as the legacy `{"status": "…"}` body. Internal detail goes to the
@@ -136,24 +178,41 @@ async fn metrics(State(st): State<AppState>) -> Response {
 
 async fn create_build(
     State(st): State<AppState>,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    let body = match body {
+    let too_large = || {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Json(serde_json::json!({"status": "Payload Too Large - the request body exceeds MAX_REQUEST_BYTES."})),
+        )
+            .into_response()
+    };
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    // Refused before a byte of it is read.
+    if announced.is_some_and(|n| n > st.max_request_bytes as u64) {
+        return Ok(too_large());
+    }
+    // Bodies being read share one budget of MAX_REQUEST_BYTES (each weighs what it announces,
+    // or the whole limit): the memory a body costs until it is parsed is then that of one
+    // upload of the largest size, however many arrive at once.
+    let weight = announced.map_or(st.max_request_bytes, |n| n as usize);
+    let _reading = st.body_budget.acquire(weight).await;
+    let body = match axum::body::to_bytes(request.into_body(), st.max_request_bytes).await {
         Ok(b) => b,
-        Err(rej) if rej.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return Ok((
-                StatusCode::PAYLOAD_TOO_LARGE,
-                Json(serde_json::json!({"status": "Payload Too Large - the request body exceeds MAX_REQUEST_BYTES."})),
-            )
-                .into_response())
+        Err(e) if is_length_limit(&e) => return Ok(too_large()),
+        Err(_) => {
+            return Err(ApiError::BadRequest(
+                "Bad Request - the body could not be read.".into(),
+            ))
         }
-        Err(_) => return Err(ApiError::BadRequest("Bad Request - the body could not be read.".into())),
     };
     // The body is read once (capped by MAX_REQUEST_BYTES) and parsed from that buffer; its
     // strings move into the spec and the buffer is dropped before the build is submitted,
     // so a large data: URI is never held more than twice, and only while parsing.
-    let json: serde_json::Value = serde_json::from_slice(&body)
-        .map_err(|_| ApiError::BadRequest("Bad Request - malformed JSON.".into()))?;
+    let json = validate::parse_body(&body).map_err(|e| ApiError::BadRequest(e.0))?;
     drop(body);
     let spec =
         validate::build_spec(json, &st.extra_build_args).map_err(|e| ApiError::BadRequest(e.0))?;

@@ -102,6 +102,94 @@ pub fn check_sources(uri: &str) -> Result<sources::Source, sources::SourceError>
     }
 }
 
+/// The body's fields `build_spec` reads; every other key's value is skipped unparsed.
+const FIELDS: [&str; 20] = [
+    "build_uuid",
+    "app",
+    "space",
+    "app_uuid",
+    "build_number",
+    "sources",
+    "gm_registry_host",
+    "gm_registry_repo",
+    "gm_registry_auth",
+    "build_args",
+    "callback",
+    "callback_auth",
+    "kafka_hosts",
+    "sha",
+    "branch",
+    "repo",
+    "org",
+    "docker_registry",
+    "docker_login",
+    "docker_password",
+];
+/// A field other than `sources` longer than this, as JSON, is refused unparsed: none can be
+/// valid (build args past it are more than `MAX_BUILD_ARGS_BYTES` once decoded).
+const MAX_FIELD_JSON: usize = 1 << 20;
+pub const MALFORMED: &str = "Bad Request - malformed JSON.";
+const NOT_AN_OBJECT: &str = "Bad Request - the body must be a JSON object.";
+
+/// Parses a `POST /` body into the object `build_spec` takes, keeping only the fields it
+/// reads. Parsing a whole body into a `Value` costs 16–32 times the bytes of a body made of
+/// many small values (`[0,0,0,…]`), so a body within MAX_REQUEST_BYTES could exhaust memory:
+/// here other keys' values are skipped as they are read, and a known field is parsed only
+/// when its JSON is small (or it is `sources`, a string). Duplicate keys: the last wins, as
+/// with `JSON.parse`.
+pub fn parse_body(body: &[u8]) -> Result<Value, Invalid> {
+    let known = match serde_json::from_slice::<Known<'_>>(body) {
+        Ok(k) => k,
+        Err(e) if e.is_data() => return Err(bad(NOT_AN_OBJECT)),
+        Err(_) => return Err(bad(MALFORMED)),
+    };
+    let mut obj = Map::new();
+    for (name, raw) in known.0 {
+        let json = raw.get();
+        if name != "sources" && json.len() > MAX_FIELD_JSON {
+            return Err(bad(format!("Bad Request - {name} is too large.")));
+        }
+        let value = serde_json::from_str(json).map_err(|_| bad(MALFORMED))?;
+        obj.insert(name.to_string(), value);
+    }
+    Ok(Value::Object(obj))
+}
+
+/// The known fields of a body, each as its raw JSON (borrowed from the body).
+struct Known<'a>(Vec<(&'static str, &'a serde_json::value::RawValue)>);
+
+impl<'de> serde::Deserialize<'de> for Known<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = Known<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut m: M,
+            ) -> Result<Known<'de>, M::Error> {
+                let mut found: Vec<(&'static str, &'de serde_json::value::RawValue)> = Vec::new();
+                while let Some(key) = m.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match FIELDS.iter().find(|f| **f == key) {
+                        Some(&name) => {
+                            let raw = m.next_value()?;
+                            found.retain(|(n, _)| *n != name);
+                            found.push((name, raw));
+                        }
+                        None => {
+                            m.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(Known(found))
+            }
+        }
+        d.deserialize_map(Fields)
+    }
+}
+
 /// Validates a `POST /` body and turns it into a spec; `extra_args` (EXTRA_BUILD_ARGS) are
 /// merged under the request's own build args. Takes the body by value so the (possibly
 /// large) `sources` string moves into the spec instead of being copied.
@@ -242,6 +330,41 @@ pub fn build_spec(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn parse_body_keeps_the_known_fields_and_skips_the_rest_unparsed() {
+        let text = serde_json::to_vec(&body()).unwrap();
+        assert_eq!(parse_body(&text).unwrap(), body());
+        // Unknown keys, however large, are skipped; the last of a repeated key wins.
+        let mut padded = br#"{"junk":["#.to_vec();
+        padded.extend(std::iter::repeat_n(&b"0,"[..], 100_000).flatten());
+        padded.extend_from_slice(br#"0],"app":"first","app":"second","n\u0061me":{"x":[1]}}"#);
+        assert_eq!(parse_body(&padded).unwrap(), json!({"app": "second"}));
+        assert_eq!(parse_body(b"[1,2]"), Err(bad(NOT_AN_OBJECT)));
+        assert_eq!(parse_body(b"5"), Err(bad(NOT_AN_OBJECT)));
+        assert_eq!(parse_body(br#"{"app": "#), Err(bad(MALFORMED)));
+        assert_eq!(parse_body(br#"{"app": 1} x"#), Err(bad(MALFORMED)));
+        // A known field too large to be valid is refused before it is parsed.
+        let mut huge = br#"{"build_args":{"a":["#.to_vec();
+        huge.extend(std::iter::repeat_n(&b"0,"[..], MAX_FIELD_JSON / 2).flatten());
+        huge.extend_from_slice(br#"0]}}"#);
+        assert_eq!(
+            parse_body(&huge),
+            Err(bad("Bad Request - build_args is too large."))
+        );
+        // `sources` may be as large as the body allows.
+        let big = format!(
+            r#"{{"sources":"data:base64,{}"}}"#,
+            "A".repeat(2 * MAX_FIELD_JSON)
+        );
+        assert_eq!(
+            parse_body(big.as_bytes()).unwrap()["sources"]
+                .as_str()
+                .unwrap()
+                .len(),
+            2 * MAX_FIELD_JSON + 12
+        );
+    }
 
     fn body() -> Value {
         json!({

@@ -31,15 +31,37 @@ pub fn spawn_with_output(
     stdout: Stdio,
     stderr: Stdio,
 ) -> Proc {
-    let child = Command::new(BIN)
+    let mut cmd = Command::new(BIN);
+    cmd.stdout(stdout).stderr(stderr);
+    launch(cmd, data, port, extra)
+}
+
+/// Like `spawn`, with the open-file limit (soft and hard) at `nofile`, as a tight
+/// `ulimit -n` or container runtime sets it.
+pub fn spawn_with_nofile(
+    data: &std::path::Path,
+    port: u16,
+    extra: &[(&str, &str)],
+    nofile: u32,
+) -> Proc {
+    // prlimit execs the service: the child is the service itself.
+    let mut cmd = Command::new("prlimit");
+    cmd.arg(format!("--nofile={nofile}:{nofile}"))
+        .arg(BIN)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    launch(cmd, data, port, extra)
+}
+
+/// Runs `cmd serve` with the test's settings and waits for its port.
+fn launch(mut cmd: Command, data: &std::path::Path, port: u16, extra: &[(&str, &str)]) -> Proc {
+    let child = cmd
         .arg("serve")
         .env("PORT", port.to_string())
         .env("LISTEN_ADDRESS", "127.0.0.1")
         .env("DATA_DIR", data)
         .env("CALLBACK_RETRY_SECONDS", "20")
         .envs(extra.iter().copied())
-        .stdout(stdout)
-        .stderr(stderr)
         .spawn()
         .expect("spawn serve");
     let start = Instant::now();
