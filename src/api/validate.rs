@@ -16,6 +16,16 @@ pub const BAD_BUILD_UUID: &str = "Bad Request - build uuid is invalid.";
 /// with everything else in it (tags, labels, the cache image); past this a build would fail.
 pub const MAX_BUILD_ARGS_BYTES: usize = 48 * 1024;
 
+/// The longest string field (names, hosts, the sha, branch, repo, org, a login): far
+/// past any real value, and a BuildJob, its Secret and a worker's environment (128 KiB per
+/// variable) stay small.
+const MAX_FIELD: usize = 4 * 1024;
+/// The longest URL (callback, http(s) sources: a presigned URL is 1–2 KiB) or credential
+/// (registry tokens and key files run to a few KiB).
+const MAX_LONG_FIELD: usize = 16 * 1024;
+/// librdkafka starts a thread per broker of a producer.
+const MAX_KAFKA_BROKERS: usize = 32;
+
 const REQUIRED: [&str; 8] = [
     "sources",
     "app",
@@ -299,8 +309,50 @@ pub fn build_spec(
         }
     }
     let nonempty = |name: &str| -> Result<Option<String>, Invalid> {
-        Ok(string_field(&obj, name)?.filter(|s| !s.is_empty()))
+        let value = string_field(&obj, name)?.filter(|s| !s.is_empty());
+        let long = matches!(name, "callback_auth" | "docker_password");
+        let max = if long { MAX_LONG_FIELD } else { MAX_FIELD };
+        match value {
+            Some(v) if v.len() > max => Err(bad(format!(
+                "Bad Request - {name} is too long (at most {} KiB).",
+                max / 1024
+            ))),
+            v => Ok(v),
+        }
     };
+    for (name, value) in [
+        ("space", obj.get("space")),
+        ("gm_registry_host", obj.get("gm_registry_host")),
+        ("gm_registry_repo", obj.get("gm_registry_repo")),
+    ] {
+        if value
+            .and_then(Value::as_str)
+            .is_some_and(|v| v.len() > MAX_FIELD)
+        {
+            return Err(bad(format!(
+                "Bad Request - {name} is too long (at most {} KiB).",
+                MAX_FIELD / 1024
+            )));
+        }
+    }
+    if callback.as_ref().is_some_and(|c| c.len() > MAX_LONG_FIELD)
+        || (!sources_uri
+            .get(..5)
+            .is_some_and(|s| s.eq_ignore_ascii_case("data:"))
+            && sources_uri.len() > MAX_LONG_FIELD)
+    {
+        return Err(bad(format!(
+            "Bad Request - callback and http sources URLs are at most {} KiB.",
+            MAX_LONG_FIELD / 1024
+        )));
+    }
+    if let Some(hosts) = string_field(&obj, "kafka_hosts")? {
+        if hosts.split(',').filter(|h| !h.trim().is_empty()).count() > MAX_KAFKA_BROKERS {
+            return Err(bad(format!(
+                "Bad Request - kafka_hosts names more than {MAX_KAFKA_BROKERS} brokers."
+            )));
+        }
+    }
     Ok(BuildSpec {
         build_uuid,
         app,
@@ -427,6 +479,39 @@ mod tests {
                 "{f}"
             );
         }
+    }
+
+    #[test]
+    fn overlong_fields_and_too_many_brokers_are_named() {
+        for (field, len) in [
+            ("sha", MAX_FIELD),
+            ("space", MAX_FIELD),
+            ("gm_registry_repo", MAX_FIELD),
+            ("docker_password", MAX_LONG_FIELD),
+        ] {
+            let e = err(|o| {
+                o.insert(field.into(), json!("a".repeat(len + 1)));
+            });
+            assert!(e.contains(field) && e.contains("too long"), "{field}: {e}");
+            let mut b = body();
+            b[field] = json!("a".repeat(len));
+            assert!(
+                build_spec(b, &BTreeMap::new()).is_ok(),
+                "{field} at its limit"
+            );
+        }
+        let long_url = format!("http://127.0.0.1/{}", "a".repeat(MAX_LONG_FIELD));
+        for field in ["callback", "sources"] {
+            let e = err(|o| {
+                o.insert(field.into(), json!(long_url));
+            });
+            assert!(e.contains("at most 16 KiB"), "{field}: {e}");
+        }
+        let brokers = vec!["127.0.0.1:9092"; MAX_KAFKA_BROKERS + 1].join(",");
+        assert!(err(|o| {
+            o.insert("kafka_hosts".into(), json!(brokers));
+        })
+        .contains("kafka_hosts"));
     }
 
     #[test]
