@@ -16,6 +16,11 @@ pub enum ExecutorError {
     /// The queue holds its configured maximum; the client should try again later.
     #[error("{0} builds are already queued (MAX_QUEUED_BUILDS)")]
     QueueFull(usize),
+    /// The service is not set up to take builds until an operator acts (e.g. the BuildJob
+    /// CRD installed is older than this version); the message says what to do and is
+    /// answered to the client as well.
+    #[error("{0}")]
+    NotReady(String),
 }
 
 /// Which builds a stop applies to.

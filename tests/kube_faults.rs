@@ -16,6 +16,7 @@ use common::bin::Proc;
 use common::cluster::{Cluster, KubesimProcess, Mode, NS};
 use common::{cache_buster, data_uri, tar_gz, Callbacks};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -44,6 +45,8 @@ scenarios!(
         "needs the simulator to hang Lease renewals (no API call makes a real server do that)",
     a_missing_crd_fails_the_health_check =>
         "needs a cluster without the CRD (deleting it would break every other namespace)",
+    a_stale_crd_holds_builds_until_the_current_one_is_applied =>
+        "installs an older CRD (every other namespace's builds would lose fields meanwhile)",
 );
 
 /// The real-cluster path proven without a real cluster (as in kube_e2e): the kubesim binary
@@ -431,6 +434,129 @@ async fn a_missing_crd_fails_the_health_check() {
         "recovered once the CRD was installed",
     )
     .await;
+}
+
+/// `crds/buildjob.yaml` without the properties at `paths` (dotted, below the schema root):
+/// the CRD of an earlier version.
+fn older_crd(paths: &[&str]) -> Value {
+    let mut crd: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/buildjob.yaml"))
+            .expect("crds/buildjob.yaml"),
+    )
+    .expect("CRD YAML");
+    let root = &mut crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    for p in paths {
+        let mut parts: Vec<&str> = p.split('.').collect();
+        let last = parts.pop().expect("a path");
+        let mut at = &mut *root;
+        for part in parts {
+            at = &mut at["properties"][part];
+        }
+        assert!(
+            at["properties"]
+                .as_object_mut()
+                .and_then(|m| m.remove(last))
+                .is_some(),
+            "{p} is in the CRD"
+        );
+    }
+    crd
+}
+
+/// Helm never upgrades `crds/`: a CRD older than the binary (here without `status.logEnded`
+/// and `spec.cancelled`) would have the API server drop what the binary writes there. The
+/// service says so and waits: `/octhc` 503 and `POST /` 503 naming the fields and the fix, no
+/// BuildJob written, no Lease taken (the controller waits); once the current CRD is applied
+/// it goes on within a check interval, without a restart, and a build runs to its end with
+/// `status.logEnded` kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stale_crd_holds_builds_until_the_current_one_is_applied() {
+    let cluster = Cluster::start().await;
+    let crds: Api<CustomResourceDefinition> = Api::all(cluster.client.clone());
+    crds.patch(
+        "buildjobs.buildshuttle.akkeris.io",
+        &PatchParams::apply("kubectl").force(),
+        &Patch::Apply(&older_crd(&["status.logEnded", "spec.cancelled"])),
+    )
+    .await
+    .expect("the older CRD applied");
+    let shuttle = cluster.serve_as("stale", Mode::Host, &[]);
+    let cb = Callbacks::start().await;
+    let fix = "kubectl apply --server-side -f crds/buildjob.yaml";
+
+    // Unready, saying why.
+    let start = Instant::now();
+    let health = loop {
+        let r = reqwest::get(shuttle.url("/octhc")).await.expect("/octhc");
+        let code = r.status().as_u16();
+        let text = r.text().await.unwrap_or_default();
+        if code == 503 && text.contains("status.logEnded") {
+            break text;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "/octhc never failed naming the stale CRD's fields (last {code} {text}): {}",
+            cluster.serve_log("stale")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(health.starts_with("overall_status=bad\n"), "{health}");
+    for needle in ["status.logEnded", "spec.cancelled", fix] {
+        assert!(health.contains(needle), "{needle} in {health}");
+    }
+    // Builds are refused with the same message; nothing is written.
+    let b = cluster.body(&data_uri(&app(&cluster, 0)), &cb);
+    let r = reqwest::Client::new()
+        .post(shuttle.url("/"))
+        .json(&b)
+        .send()
+        .await
+        .expect("POST /");
+    assert_eq!(r.status(), 503);
+    let refused: Value = r.json().await.expect("a JSON body");
+    let said = refused["status"].as_str().unwrap_or("");
+    assert!(
+        said.starts_with("Service Unavailable - ")
+            && said.contains("spec.cancelled")
+            && said.contains(fix),
+        "{refused}"
+    );
+    let jobs: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        cluster.client.clone(),
+        cluster.ns(),
+        &common::cluster::buildjob_resource(),
+    );
+    let listed = jobs
+        .list(&Default::default())
+        .await
+        .expect("list BuildJobs");
+    assert!(listed.items.is_empty(), "no BuildJob written");
+    // The controller neither leads nor reconciles.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(cluster.client.clone(), cluster.ns());
+    assert!(
+        leases
+            .get_opt("buildshuttle-controller")
+            .await
+            .expect("read the Lease")
+            .is_none(),
+        "the controller took the Lease on a stale CRD"
+    );
+
+    // The operator applies this version's CRD: ready again within a check interval.
+    common::cluster::apply_crd(&cluster.client).await;
+    wait_octhc(
+        &shuttle,
+        200,
+        Duration::from_secs(35),
+        "recovered once the current CRD was applied",
+    )
+    .await;
+    shuttle.post(&b).await;
+    exactly_once(&cb, &b, "succeeded").await;
+    let j = finished(&cluster, &b).await;
+    assert_eq!(j["status"]["logEnded"], true, "kept now: {j:#}");
+    assert_eq!(j["spec"]["cancelled"], false, "kept now: {j:#}");
 }
 
 /// A followed log whose pod log stream is cut while the build runs (an API server or

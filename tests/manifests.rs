@@ -11,7 +11,7 @@ mod chart;
 use chart::{chart_dir, documents, manifest, read_yaml, render, root, values, MODES};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Secret, Service, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use regex::Regex;
 use serde_json::{json, Value};
@@ -255,6 +255,8 @@ fn strict_object(obj: &Value) -> Result<(), String> {
         }
         ("rbac.authorization.k8s.io/v1", "Role") => strict::<Role>(obj),
         ("rbac.authorization.k8s.io/v1", "RoleBinding") => strict::<RoleBinding>(obj),
+        ("rbac.authorization.k8s.io/v1", "ClusterRole") => strict::<ClusterRole>(obj),
+        ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => strict::<ClusterRoleBinding>(obj),
         ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
             strict::<CustomResourceDefinition>(obj)
         }
@@ -288,6 +290,8 @@ fn every_object_is_a_strict_typed_kubernetes_object() {
             "Secret",
             "Role",
             "RoleBinding",
+            "ClusterRole",
+            "ClusterRoleBinding",
             "Service",
             "Deployment",
             "PodDisruptionBudget",
@@ -337,9 +341,16 @@ fn resource_of(ty: &str) -> Option<(&'static str, &'static str)> {
         "ConfigMap" => ("", "configmaps"),
         "Lease" => ("coordination.k8s.io", "leases"),
         "Event" => ("events.k8s.io", "events"),
+        "CustomResourceDefinition" => ("apiextensions.k8s.io", "customresourcedefinitions"),
         _ => return None,
     })
 }
+
+/// Resources that are not namespaced: granted by a ClusterRole, never by the Role.
+const CLUSTER_SCOPED: &[&str] = &["customresourcedefinitions"];
+
+/// The only cluster-scoped object the service may read: its own CRD.
+const CRD_NAME: &str = "buildjobs.buildshuttle.akkeris.io";
 
 /// kube's `Api` methods: (subresource, verb).
 fn verb_of(method: &str) -> Option<(&'static str, &'static str)> {
@@ -473,8 +484,10 @@ fn source_files(dir: &Path) -> Vec<(String, String)> {
     out
 }
 
-/// The Role's rules of a rendered manifest, one grant per (group, resource, verb).
+/// The Role's rules of a rendered manifest, one grant per (group, resource, verb). A
+/// ClusterRole's rules must each be limited to the BuildJob CRD (`resourceNames`).
 fn role_grants(role: &Value) -> BTreeSet<Grant> {
+    let cluster = role["kind"] == "ClusterRole";
     let mut out = BTreeSet::new();
     for rule in role["rules"].as_array().unwrap() {
         let list = |k: &str| -> Vec<String> {
@@ -485,8 +498,14 @@ fn role_grants(role: &Value) -> BTreeSet<Grant> {
                 .map(|s| s.as_str().unwrap().to_string())
                 .collect()
         };
+        let names = if cluster {
+            json!([CRD_NAME])
+        } else {
+            Value::Null
+        };
         assert!(
-            rule.get("resourceNames").is_none() && rule.get("nonResourceURLs").is_none(),
+            rule.get("resourceNames").cloned().unwrap_or(Value::Null) == names
+                && rule.get("nonResourceURLs").is_none(),
             "unexpected rule shape {rule}"
         );
         for g in list("apiGroups") {
@@ -508,22 +527,81 @@ fn role_grants_exactly_what_the_code_calls() {
         called.iter().any(|g| g.1 == "buildjobs"),
         "no BuildJob API call found in src/ (is the operator merged?)"
     );
-    for (file, obj) in all_manifest_objects() {
-        if obj["kind"] == "ClusterRole" || obj["kind"] == "ClusterRoleBinding" {
-            panic!("manifests/{file}: cluster-wide RBAC; builds are namespaced");
-        }
-        if obj["kind"] != "Role" {
-            continue;
-        }
-        let granted = role_grants(&obj);
-        let missing: Vec<_> = called.difference(&granted).collect();
-        let extra: Vec<_> = granted.difference(&called).collect();
+    let (cluster, namespaced): (BTreeSet<Grant>, BTreeSet<Grant>) = called
+        .into_iter()
+        .partition(|g| CLUSTER_SCOPED.contains(&g.1.as_str()));
+    assert!(
+        cluster.contains(&grant(
+            "apiextensions.k8s.io",
+            "customresourcedefinitions",
+            "get"
+        )),
+        "the CRD check's read is found in src/"
+    );
+    let objs = all_manifest_objects();
+    for (file, obj) in &objs {
+        let want = match obj["kind"].as_str() {
+            Some("Role") => &namespaced,
+            Some("ClusterRole") => &cluster,
+            _ => continue,
+        };
+        let granted = role_grants(obj);
+        let missing: Vec<_> = want.difference(&granted).collect();
+        let extra: Vec<_> = granted.difference(want).collect();
         assert!(
             missing.is_empty() && extra.is_empty(),
-            "manifests/{file}: the Role misses {missing:?} and grants unused {extra:?} \
-             (edit charts/buildshuttle/templates/rbac.yaml)"
+            "manifests/{file}: the {} misses {missing:?} and grants unused {extra:?} \
+             (edit charts/buildshuttle/templates/rbac.yaml)",
+            obj["kind"]
         );
     }
+    // Each ClusterRole is bound to the service's account alone, by a ClusterRoleBinding of
+    // the same name.
+    for (mode, file, _) in MODES {
+        let mine: Vec<Value> = objs
+            .iter()
+            .filter(|(f, _)| f == file)
+            .map(|(_, o)| o.clone())
+            .collect();
+        let roles = of_kind(&mine, "ClusterRole");
+        let bindings = of_kind(&mine, "ClusterRoleBinding");
+        assert_eq!((roles.len(), bindings.len()), (1, 1), "{mode}");
+        let sa = of_kind(&mine, "Deployment")[0]["spec"]["template"]["spec"]["serviceAccountName"]
+            .clone();
+        let ns = of_kind(&mine, "Deployment")[0]["metadata"]["namespace"].clone();
+        let b = bindings[0];
+        assert_eq!(
+            b["metadata"]["name"], roles[0]["metadata"]["name"],
+            "{mode}"
+        );
+        assert_eq!(
+            b["roleRef"],
+            json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                   "name": roles[0]["metadata"]["name"]}),
+            "{mode}"
+        );
+        assert_eq!(
+            b["subjects"],
+            json!([{"kind": "ServiceAccount", "name": sa, "namespace": ns}]),
+            "{mode}"
+        );
+    }
+}
+
+#[test]
+fn cluster_scoped_names_differ_between_releases_of_one_name_in_two_namespaces() {
+    let names = |ns: &str| -> Vec<String> {
+        let r = render(&values(&with_bucket(json!({}))), "bs", ns).unwrap();
+        r.iter()
+            .filter(|(n, _)| n != "NOTES.txt")
+            .flat_map(|(_, t)| documents(t))
+            .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "ClusterRoleBinding")
+            .map(|o| o["metadata"]["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (a, b) = (names("team-a"), names("team-b"));
+    assert_eq!(a, ["bs-team-a-crd-reader", "bs-team-a-crd-reader"]);
+    assert!(a.iter().all(|n| !b.contains(n)), "{a:?} {b:?}");
 }
 
 #[test]
@@ -545,6 +623,8 @@ fn the_source_scan_finds_each_kind_of_call() {
             let c = Controller::new(jobs_ref, cfg).owns(pods, cfg);
             let r = Recorder::new(client, reporter);
             let m = map.get(&k);
+            let crds: Api<CustomResourceDefinition> = Api::all(client);
+            crds.get_opt(name).await;
         }
         #[cfg(test)]
         mod tests { fn t(pods: Api<Pod>) { pods.delete_collection(&dp, &lp); } }
@@ -564,6 +644,7 @@ fn the_source_scan_finds_each_kind_of_call() {
         grant("coordination.k8s.io", "leases", "create"),
         grant("events.k8s.io", "events", "create"),
         grant("events.k8s.io", "events", "patch"),
+        grant("apiextensions.k8s.io", "customresourcedefinitions", "get"),
     ]
     .into();
     assert_eq!(got, want);
@@ -750,7 +831,15 @@ fn chart_options_shape_the_objects() {
     let objs = rendered(json!({})).unwrap();
     for o in &objs {
         strict_object(o).unwrap_or_else(|e| panic!("{}: {e}", o["kind"]));
-        assert!(o["kind"] == "CustomResourceDefinition" || o["metadata"]["namespace"] == "builds");
+        let cluster_scoped = [
+            "CustomResourceDefinition",
+            "ClusterRole",
+            "ClusterRoleBinding",
+        ];
+        assert!(
+            cluster_scoped.contains(&o["kind"].as_str().unwrap_or(""))
+                || o["metadata"]["namespace"] == "builds"
+        );
     }
     let c = container(&objs);
     assert_eq!(
@@ -997,7 +1086,10 @@ fn worker_pods_get_pull_secrets_their_own_service_account_and_pod_settings() {
         sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"],
         "arn:aws:iam::1:role/builds"
     );
-    for rb in of_kind(&objs, "RoleBinding") {
+    for rb in of_kind(&objs, "RoleBinding")
+        .into_iter()
+        .chain(of_kind(&objs, "ClusterRoleBinding"))
+    {
         for s in rb["subjects"].as_array().unwrap() {
             assert_ne!(s["name"], "bs-worker", "worker pods need no API access");
         }

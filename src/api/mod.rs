@@ -78,6 +78,8 @@ pub enum ApiError {
     BadRequest(String),
     NotFound,
     Unavailable,
+    /// 503 saying what an operator must do first (the message is meant for the client).
+    NotReady(String),
     /// 503 with `Retry-After`: the queue is full.
     Busy,
     Internal,
@@ -91,6 +93,10 @@ impl IntoResponse for ApiError {
             ApiError::Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Service Unavailable - try again shortly.".to_string(),
+            ),
+            ApiError::NotReady(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("Service Unavailable - {why}"),
             ),
             ApiError::Busy => {
                 let body = Json(serde_json::json!({
@@ -127,6 +133,8 @@ impl From<ExecutorError> for ApiError {
                 tracing::error!(error = %e, "executor error");
                 ApiError::Unavailable
             }
+            // Logged by the executor's own check, not per request.
+            ExecutorError::NotReady(why) => ApiError::NotReady(why),
         }
     }
 }
@@ -158,9 +166,14 @@ async fn health(State(st): State<AppState>) -> Response {
     }
     match st.executor.health() {
         Ok(()) => "overall_status=good".into_response(),
+        // The reason on a line of its own: what an operator reading the probe must fix.
         Err(why) => {
             tracing::warn!(%why, "health check failed");
-            (StatusCode::SERVICE_UNAVAILABLE, "overall_status=bad").into_response()
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("overall_status=bad\n{why}\n"),
+            )
+                .into_response()
         }
     }
 }

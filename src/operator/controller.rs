@@ -121,6 +121,9 @@ pub struct Context {
     /// every pod is read fresh).
     pub(crate) pod_cache: Option<Store<Pod>>,
     pub observer: Arc<dyn Observer>,
+    /// Whether the installed CRD declares what this version writes: nothing is reconciled
+    /// while it does not (its API server would drop part of every status written).
+    pub(crate) crd: super::crd_check::CrdCheck,
 }
 
 /// What this process itself wrote, kept across leadership terms and shared by the facade
@@ -240,6 +243,7 @@ impl Context {
             own,
             pod_cache: None,
             observer,
+            crd: super::crd_check::CrdCheck::off(),
         }
     }
 
@@ -252,6 +256,12 @@ impl Context {
     /// Writes the log ends the controller owes to `ends` (storage and Kafka).
     pub fn with_log_ends(mut self, ends: super::logend::LogEnds) -> Self {
         self.log_ends = Some(ends);
+        self
+    }
+
+    /// Reconciles nothing while `check` finds the installed CRD stale.
+    pub fn with_crd_check(mut self, check: super::crd_check::CrdCheck) -> Self {
+        self.crd = check;
         self
     }
 
@@ -418,6 +428,12 @@ async fn reconcile_inner(
     laps: &mut Laps,
 ) -> Result<Requeue> {
     let name = cached.name_any();
+    // On a CRD older than this version (applied while leading), no side effect: the status
+    // it records would lose fields. `crd_check` logs why; the check sees the fix.
+    if ctx.crd.refusal().is_some() {
+        tracing::debug!(job = %name, "not reconciled: the BuildJob CRD installed is stale");
+        return Ok(Requeue::requeue(super::crd_check::RECHECK));
+    }
     let ns = cached
         .namespace()
         .ok_or_else(|| Error::NoNamespace(name.clone()))?;
@@ -1502,6 +1518,25 @@ mod tests {
             .await
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
         (res, seen)
+    }
+
+    #[tokio::test]
+    async fn on_a_stale_crd_nothing_is_reconciled() {
+        use crate::operator::crd_check::{CrdCheck, CrdState, RECHECK};
+        let (client, handle) = mock::client();
+        // No API call: no read, no pod, no status write.
+        let verifier = mock::verify(handle, vec![]);
+        let ctx = Arc::try_unwrap(context(client, vec![]))
+            .unwrap_or_else(|_| panic!("one owner"))
+            .with_crd_check(CrdCheck::fixed(CrdState::Stale(vec![
+                "status.logEnded".into()
+            ])));
+        let j = job_with(None, "http://127.0.0.1:9/cb", false);
+        let res = reconcile(Arc::new(j), Arc::new(ctx)).await;
+        verifier
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        assert_eq!(res.ok(), Some(Requeue::requeue(RECHECK)));
     }
 
     #[test]

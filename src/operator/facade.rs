@@ -43,6 +43,9 @@ pub struct KubeExecutor {
     own: Option<Arc<super::controller::OwnWrites>>,
     /// REPLACE_WAIT (tests shorten it).
     replace_wait: std::time::Duration,
+    /// Whether the installed CRD declares what this version writes (no build is written
+    /// to one that would drop part of it).
+    crd: super::crd_check::CrdCheck,
 }
 
 fn unavailable(what: &str) -> impl FnOnce(kube::Error) -> ExecutorError + '_ {
@@ -90,7 +93,14 @@ impl KubeExecutor {
             instance: None,
             own: None,
             replace_wait: REPLACE_WAIT,
+            crd: super::crd_check::CrdCheck::off(),
         }
+    }
+
+    /// Refuses builds (and fails `/octhc`) while `check` finds the installed CRD stale.
+    pub fn with_crd_check(mut self, check: super::crd_check::CrdCheck) -> Self {
+        self.crd = check;
+        self
     }
 
     /// Tells this process's controller what the facade wrote.
@@ -554,6 +564,10 @@ fn bytes_object(bytes: Vec<u8>, offset: u64) -> Object {
 #[async_trait]
 impl Executor for KubeExecutor {
     async fn submit(&self, spec: BuildSpec) -> Result<(), ExecutorError> {
+        // A CRD older than this version would drop part of the BuildJob.
+        if let Some(why) = self.crd.refusal_after_first_check().await {
+            return Err(ExecutorError::NotReady(why));
+        }
         let name = job_name(&spec.app, &spec.app_uuid, spec.build_number);
         let jobs = self.jobs();
         let build_uuid = spec.build_uuid.to_string();
@@ -755,6 +769,9 @@ impl Executor for KubeExecutor {
     }
 
     fn health(&self) -> Result<(), String> {
+        if let Some(why) = self.crd.refusal() {
+            return Err(why);
+        }
         if self
             .watch_failing
             .load(std::sync::atomic::Ordering::Relaxed)
@@ -966,6 +983,31 @@ mod tests {
         assert_eq!(auth.as_ref().map(|a| a.expose()), Some("cb-token"));
         job.metadata.resource_version = Some("6".into());
         assert!(!own.is_last_write(&job), "a later version is not ours");
+    }
+
+    #[tokio::test]
+    async fn on_a_stale_crd_no_buildjob_is_written_and_the_health_check_says_why() {
+        use crate::operator::crd_check::{CrdCheck, CrdState};
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (client, handle) = mock::client();
+        // No API call at all.
+        let verifier = mock::verify(handle, vec![]);
+        let (exec, _) = executor(client, dir.path());
+        let stale = CrdState::Stale(vec!["status.logEnded".into()]);
+        let exec = exec.with_crd_check(CrdCheck::fixed(stale));
+        let res = exec.submit(data_spec()).await;
+        let health = exec.health();
+        drop(exec);
+        verifier
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        match res {
+            Err(ExecutorError::NotReady(why)) => {
+                assert!(why.contains("status.logEnded"), "{why}");
+                assert_eq!(health, Err(why));
+            }
+            other => panic!("refused as not ready: {other:?}"),
+        }
     }
 
     /// `submit(spec)` against a mocked API server that must see exactly `scenario` (echoed

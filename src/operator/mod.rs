@@ -3,6 +3,7 @@
 
 pub mod controller;
 pub mod crd;
+pub mod crd_check;
 pub mod decide;
 pub mod facade;
 pub mod lease;
@@ -83,6 +84,8 @@ pub struct KubernetesMode {
     controller: Option<tokio::task::JoinHandle<()>>,
     /// The controller's callback senders (`notify::spawn`).
     senders: tokio_util::task::TaskTracker,
+    /// The check that the installed CRD is current (`crd_check`).
+    crd_check: tokio::task::JoinHandle<()>,
     stop: tokio_util::sync::CancellationToken,
     pub died: tokio_util::sync::CancellationToken,
 }
@@ -90,12 +93,14 @@ pub struct KubernetesMode {
 struct DiedGuard {
     stop: tokio_util::sync::CancellationToken,
     died: tokio_util::sync::CancellationToken,
+    /// What stopped, for the log.
+    what: &'static str,
 }
 
 impl Drop for DiedGuard {
     fn drop(&mut self) {
         if !self.stop.is_cancelled() {
-            tracing::error!("the BuildJob controller stopped on its own");
+            tracing::error!("{} stopped on its own", self.what);
             self.died.cancel();
         }
     }
@@ -182,12 +187,27 @@ impl KubernetesMode {
             cfg.build.data_dir.join("scratch"),
         )
         .with_instance(k.instance_name.clone());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let died = tokio_util::sync::CancellationToken::new();
+        // Whether the installed CRD declares what this version writes: until it does, the
+        // facade refuses builds, `/octhc` fails and the controller waits.
+        let (crd, check) = crd_check::CrdCheck::start(client.clone());
+        let crd_check = {
+            let guard = DiedGuard {
+                stop: stop.clone(),
+                died: died.clone(),
+                what: "the check of the BuildJob CRD",
+            };
+            tokio::spawn(async move {
+                let _guard = guard;
+                check.await;
+            })
+        };
+        executor = executor.with_crd_check(crd.clone());
         // Only with a controller in this process: a facade alone would fill it for nobody.
         if k.run_controller {
             executor = executor.with_own_writes(own.clone());
         }
-        let stop = tokio_util::sync::CancellationToken::new();
-        let died = tokio_util::sync::CancellationToken::new();
         let watch_failing = executor.watch_failing.clone();
         let instance = k.instance_name.clone();
         let senders = tokio_util::task::TaskTracker::new();
@@ -242,6 +262,7 @@ impl KubernetesMode {
                 let _guard = DiedGuard {
                     stop: stop2.clone(),
                     died: died2,
+                    what: "the BuildJob controller",
                 };
                 let work = || {
                     let (client, settings, pods, callbacks) = (
@@ -262,6 +283,7 @@ impl KubernetesMode {
                     let own = own.clone();
                     let senders = senders.clone();
                     let log_ends = log_ends.clone();
+                    let crd = crd.clone();
                     async move {
                         let make = |store| {
                             controller::Context::new(
@@ -277,6 +299,7 @@ impl KubernetesMode {
                             )
                             .with_senders(senders)
                             .with_log_ends(log_ends)
+                            .with_crd_check(crd)
                         };
                         controller::run(
                             client.clone(),
@@ -289,6 +312,12 @@ impl KubernetesMode {
                         .await
                     }
                 };
+                // On a CRD older than this version, neither lead nor reconcile: a replica of
+                // the earlier version (a rolling upgrade) keeps leading meanwhile.
+                tokio::select! {
+                    _ = crd.usable() => {}
+                    _ = stop2.cancelled() => return,
+                }
                 lock.run_while_leader(work, stop2.cancelled()).await;
             })
         });
@@ -297,6 +326,7 @@ impl KubernetesMode {
             storage,
             controller,
             senders: senders_out,
+            crd_check,
             stop,
             died,
         })
@@ -306,6 +336,7 @@ impl KubernetesMode {
     /// and lets the callbacks being delivered finish, all within `grace`.
     pub async fn shutdown(self, grace: Duration) {
         self.stop.cancel();
+        self.crd_check.abort();
         drain(self.controller, &self.senders, grace).await;
     }
 }
@@ -386,6 +417,7 @@ mod tests {
         let guard = DiedGuard {
             stop: stop.clone(),
             died: died.clone(),
+            what: "the BuildJob controller",
         };
         let task = tokio::spawn(async move {
             let _guard = guard;
@@ -399,6 +431,7 @@ mod tests {
         drop(DiedGuard {
             stop: stop.clone(),
             died: died.clone(),
+            what: "the BuildJob controller",
         });
         assert!(!died.is_cancelled(), "a requested stop is not a death");
     }

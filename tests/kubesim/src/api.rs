@@ -75,6 +75,77 @@ fn truthy(q: &HashMap<String, String>, k: &str) -> bool {
     matches!(q.get(k).map(String::as_str), Some("true" | "1"))
 }
 
+/// A write's `fieldValidation`: what becomes of fields a custom resource's schema does not
+/// declare (they are pruned in every case but Strict, which refuses the write).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FieldValidation {
+    Ignore,
+    /// The default: pruned, and a `Warning` header per field.
+    Warn,
+    Strict,
+}
+
+fn field_validation(q: &HashMap<String, String>) -> Result<FieldValidation, ApiError> {
+    match q.get("fieldValidation").map(String::as_str) {
+        None | Some("" | "Warn") => Ok(FieldValidation::Warn),
+        Some("Ignore") => Ok(FieldValidation::Ignore),
+        Some("Strict") => Ok(FieldValidation::Strict),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "fieldValidation must be one of Ignore, Warn or Strict, not {other:?}"
+        ))),
+    }
+}
+
+/// Prunes a custom resource's `obj` (a whole object) by its CRD version's schema: the
+/// pruned fields' paths, or 400 under Strict, as the real decoder answers.
+fn prune_write(
+    rt: &ResourceType,
+    obj: &mut Value,
+    fv: FieldValidation,
+) -> Result<Vec<String>, ApiError> {
+    let Some(schema) = rt.schema.as_deref() else {
+        return Ok(Vec::new());
+    };
+    let pruned = crate::prune::prune(obj, schema);
+    if fv == FieldValidation::Strict && !pruned.is_empty() {
+        let list: Vec<String> = pruned
+            .iter()
+            .map(|p| format!("unknown field \"{p}\""))
+            .collect();
+        return Err(ApiError::bad_request(format!(
+            "{} in version \"{}\" cannot be handled as a {}: strict decoding error: {}",
+            rt.kind,
+            rt.version,
+            rt.kind,
+            list.join(", ")
+        )));
+    }
+    Ok(if fv == FieldValidation::Warn {
+        pruned
+    } else {
+        Vec::new()
+    })
+}
+
+/// A stored custom resource as the real server reads it back: pruned by the schema in force
+/// now (fields a CRD update dropped from it go, silently).
+fn as_read(rt: &ResourceType, obj: &mut Value) {
+    if let Some(schema) = rt.schema.as_deref() {
+        crate::prune::prune(obj, schema);
+    }
+}
+
+/// `Warning: 299 - "unknown field \"spec.foo\""` for each field a write pruned.
+fn with_warnings(mut r: Response, pruned: &[String]) -> Response {
+    for p in pruned {
+        let text = format!("299 - \"unknown field \\\"{p}\\\"\"");
+        if let Ok(v) = axum::http::HeaderValue::from_str(&text) {
+            r.headers_mut().append("warning", v);
+        }
+    }
+    r
+}
+
 /// Which object(s) a request is about.
 struct Target {
     rt: ResourceType,
@@ -294,14 +365,15 @@ async fn dispatch(
         "list" => list(sh, &t, q, table, &include),
         "watch" => watch(sh, &t, q, table, &include),
         "create" => {
-            let obj = parse_body(&body, headers)?;
+            let mut obj = parse_body(&body, headers)?;
             match t.sub.as_str() {
                 "" => {
                     if t.rt.plural == "pods" {
                         admit_pod(sh, &obj)?;
                     }
+                    let pruned = prune_write(&t.rt, &mut obj, field_validation(q)?)?;
                     let o = sh.store.create(&t.rt, &ns, obj, How::Update { manager })?;
-                    Ok(json_response(201, &o))
+                    Ok(with_warnings(json_response(201, &o), &pruned))
                 }
                 "eviction" if t.rt.plural == "pods" => evict(sh, &t.rt, &ns, &name, &obj),
                 "binding" if t.rt.plural == "pods" => {
@@ -319,7 +391,8 @@ async fn dispatch(
             if !matches!(t.sub.as_str(), "" | "status") {
                 return Err(ApiError::method_not_allowed());
             }
-            let obj = parse_body(&body, headers)?;
+            let mut obj = parse_body(&body, headers)?;
+            let pruned = prune_write(&t.rt, &mut obj, field_validation(q)?)?;
             let rv = obj["metadata"]["resourceVersion"]
                 .as_str()
                 .unwrap_or("")
@@ -342,7 +415,7 @@ async fn dispatch(
                 Some(&rv),
                 How::Update { manager },
             )?;
-            Ok(json_response(200, &o))
+            Ok(with_warnings(json_response(200, &o), &pruned))
         }
         "patch" => {
             if !matches!(t.sub.as_str(), "" | "status") {
@@ -554,6 +627,9 @@ fn patch(
         }
         Ok(())
     };
+    let fv = field_validation(q)?;
+    // The fields pruned from what the client sent (reported as warnings under Warn).
+    let mut pruned = Vec::new();
     let o = match ct.as_str() {
         "application/apply-patch+yaml" => {
             let Some(fm) = q.get("fieldManager").filter(|s| !s.is_empty()).cloned() else {
@@ -571,6 +647,7 @@ fn patch(
                     applied["apiVersion"].as_str().unwrap_or(""), rt.api_version(), applied["kind"].as_str().unwrap_or(""), rt.kind)));
             }
             crate::store::shape(rt, &applied)?;
+            pruned = prune_write(rt, &mut applied, fv)?;
             let an = applied["metadata"]["name"].as_str().unwrap_or("");
             if !an.is_empty() && an != name {
                 return Err(ApiError::bad_request(format!(
@@ -618,7 +695,7 @@ fn patch(
                     let mut obj = obj;
                     obj["metadata"]["name"] = json!(name);
                     let o = sh.store.create(rt, ns, obj, How::Applied { managers })?;
-                    return Ok(json_response(201, &o));
+                    return Ok(with_warnings(json_response(201, &o), &pruned));
                 }
                 Err(e) => return Err(e),
                 Ok(_) => {}
@@ -630,12 +707,14 @@ fn patch(
                 clean["metadata"]
                     .as_object_mut()
                     .map(|m| m.remove("resourceVersion"));
+                let mut stored = cur.clone();
+                as_read(rt, &mut stored);
                 let n = fields::apply(
                     &mut ms,
                     &fm,
                     sub,
                     &api_version,
-                    cur,
+                    &stored,
                     &clean,
                     force,
                     &crate::store::now(),
@@ -652,8 +731,10 @@ fn patch(
                 .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?;
             sh.store.modify(rt, ns, name, sub, |cur, _| {
                 let mut n = cur.clone();
+                as_read(rt, &mut n);
                 json_patch::merge(&mut n, &p);
                 check_rv(cur, &n)?;
+                pruned = prune_write(rt, &mut n, fv)?;
                 Ok((n, How::Update { manager }))
             })?
         }
@@ -662,6 +743,7 @@ fn patch(
                 .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?;
             sh.store.modify(rt, ns, name, sub, |cur, _| {
                 let mut n = cur.clone();
+                as_read(rt, &mut n);
                 json_patch::patch(&mut n, &p).map_err(|e| {
                     ApiError::new(
                         422,
@@ -672,12 +754,13 @@ fn patch(
                     )
                 })?;
                 check_rv(cur, &n)?;
+                pruned = prune_write(rt, &mut n, fv)?;
                 Ok((n, How::Update { manager }))
             })?
         }
         _ => return Err(ApiError::unsupported_media(accepted)),
     };
-    Ok(json_response(200, &o))
+    Ok(with_warnings(json_response(200, &o), &pruned))
 }
 
 fn conflict_error(rt: &ResourceType, name: &str, c: &[fields::Conflict]) -> ApiError {
@@ -952,8 +1035,8 @@ fn stream_response(rx: tokio::sync::mpsc::UnboundedReceiver<Bytes>) -> Response 
 
 /// OpenAPI v3, just enough for kubectl: every group version, and for each resource a PATCH
 /// operation with its kind and the `fieldValidation` parameter, so kubectl leaves
-/// validation to the server (which, here, does none: see README) instead of downloading
-/// schemas this simulator does not have.
+/// validation to the server (which, here, prunes custom resources' unknown fields and
+/// checks no types: see README) instead of downloading schemas this simulator does not have.
 fn openapi_root(sh: &Shared) -> Value {
     let mut paths = serde_json::Map::new();
     let mut gvs: Vec<String> = sh

@@ -9,6 +9,7 @@ pub mod api;
 pub mod error;
 pub mod fields;
 pub mod kubelet;
+pub mod prune;
 pub mod select;
 pub mod store;
 mod table;

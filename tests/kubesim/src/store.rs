@@ -40,6 +40,8 @@ pub struct ResourceType {
     pub custom: bool,
     /// Extra subresources listed in discovery (`log`, `eviction`).
     pub extra_subresources: Vec<&'static str>,
+    /// A CRD version's `openAPIV3Schema`: what writes are pruned by (see `prune`).
+    pub schema: Option<Arc<Value>>,
 }
 
 impl ResourceType {
@@ -65,6 +67,7 @@ impl ResourceType {
             columns: vec![],
             custom: false,
             extra_subresources: vec![],
+            schema: None,
         }
     }
 }
@@ -1232,6 +1235,9 @@ fn register_crd(st: &mut State, crd: &Value) -> Result<(), ApiError> {
         columns,
         custom: true,
         extra_subresources: vec![],
+        schema: v["schema"]["openAPIV3Schema"]
+            .is_object()
+            .then(|| Arc::new(v["schema"]["openAPIV3Schema"].clone())),
     };
     st.types.insert((group, plural), rt);
     Ok(())

@@ -87,6 +87,33 @@ impl C {
     async fn get(&self, path: &str) -> (u16, Value) {
         self.call("GET", path, None, None).await
     }
+    /// `call`, with the `Warning` headers of the answer.
+    async fn call_warned(
+        &self,
+        method: &str,
+        path: &str,
+        ct: Option<&str>,
+        body: Value,
+    ) -> (u16, Vec<String>, Value) {
+        let url = format!("http://{}{path}", self.sim.addr());
+        let resp = self
+            .http
+            .request(method.parse().unwrap(), url)
+            .bearer_auth(&self.sim.shared.token)
+            .header("content-type", ct.unwrap_or("application/json"))
+            .body(serde_json::to_vec(&body).unwrap())
+            .send()
+            .await
+            .expect("request");
+        let code = resp.status().as_u16();
+        let warnings = resp
+            .headers()
+            .get_all("warning")
+            .iter()
+            .map(|v| v.to_str().unwrap_or("").to_string())
+            .collect();
+        (code, warnings, resp.json().await.unwrap_or(Value::Null))
+    }
     async fn post(&self, path: &str, b: Value) -> (u16, Value) {
         self.call("POST", path, None, Some(b)).await
     }
@@ -660,4 +687,341 @@ async fn malformed_bodies_are_400_never_a_crash() {
     assert_eq!(code, 400);
     // Still serving.
     assert_eq!(c.get(&format!("{W}/a")).await.0, 200);
+}
+
+const G: &str = "/apis/example.com/v1/namespaces/default/gadgets";
+const GCRD: &str = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/gadgets.example.com";
+
+/// A CRD with a structural schema (no preserve-unknown-fields at the root): `spec.size`,
+/// a map of strings, a list of named parts, a nested object, a free-form `config`; status
+/// with a phase and a map of counts. `extra`: more spec properties.
+fn gadget_crd(extra: Value) -> Value {
+    let mut spec = json!({
+        "size": {"type": "integer"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "parts": {"type": "array", "items": {"type": "object", "properties": {"name": {"type": "string"}}}},
+        "nested": {"type": "object", "properties": {"a": {"type": "string"}}},
+        "config": {"type": "object", "x-kubernetes-preserve-unknown-fields": true,
+                   "properties": {"typed": {"type": "object", "properties": {"k": {"type": "string"}}}}},
+    });
+    for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+        spec[k] = v;
+    }
+    json!({
+    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+    "metadata": {"name": "gadgets.example.com"},
+    "spec": {"group": "example.com", "scope": "Namespaced",
+        "names": {"plural": "gadgets", "singular": "gadget", "kind": "Gadget"},
+        "versions": [{"name": "v1", "served": true, "storage": true, "subresources": {"status": {}},
+            "schema": {"openAPIV3Schema": {"type": "object", "properties": {
+                "spec": {"type": "object", "properties": spec},
+                "status": {"type": "object", "properties": {
+                    "phase": {"type": "string"},
+                    "counts": {"type": "object", "additionalProperties": {"type": "object", "properties": {"n": {"type": "integer"}}}},
+                }},
+            }}}}]}})
+}
+
+async fn with_gadgets() -> C {
+    let c = start().await;
+    let (code, _) = c.apply(GCRD, "test", true, gadget_crd(json!({}))).await;
+    assert_eq!(code, 201);
+    c
+}
+
+fn gadget(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "example.com/v1", "kind": "Gadget",
+           "metadata": {"name": name, "labels": {"l": "1"}, "annotations": {"a": "1"}}, "spec": spec})
+}
+
+fn warned(paths: &[&str]) -> Vec<String> {
+    paths
+        .iter()
+        .map(|p| format!("299 - \"unknown field \\\"{p}\\\"\""))
+        .collect()
+}
+
+#[tokio::test]
+async fn writes_drop_what_the_schema_does_not_declare_main_resource() {
+    let c = with_gadgets().await;
+    // Create: unknown fields go, at any depth; maps keep their keys, each value pruned by
+    // the map's schema; a preserve-unknown-fields subtree keeps everything but what its own
+    // declared properties do not declare; metadata, apiVersion and kind stay.
+    let (code, warnings, o) = c
+        .call_warned(
+            "POST",
+            G,
+            None,
+            gadget(
+                "a",
+                json!({"size": 1, "foo": true, "labels": {"x": "1"}, "parts": [{"name": "p", "weight": 3}],
+                       "nested": {"a": "1", "b": "2"},
+                       "config": {"anything": {"deep": [1]}, "typed": {"k": "v", "z": 1}}}),
+            ),
+        )
+        .await;
+    assert_eq!(code, 201, "{o}");
+    let want = json!({"size": 1, "labels": {"x": "1"}, "parts": [{"name": "p"}],
+                      "nested": {"a": "1"}, "config": {"anything": {"deep": [1]}, "typed": {"k": "v"}}});
+    assert_eq!(o["spec"], want);
+    assert_eq!(
+        (o["apiVersion"].as_str(), o["kind"].as_str()),
+        (Some("example.com/v1"), Some("Gadget"))
+    );
+    assert_eq!(o["metadata"]["labels"], json!({"l": "1"}));
+    assert_eq!(o["metadata"]["annotations"], json!({"a": "1"}));
+    let mut warnings = warnings;
+    warnings.sort();
+    assert_eq!(
+        warnings,
+        warned(&[
+            "spec.config.typed.z",
+            "spec.foo",
+            "spec.nested.b",
+            "spec.parts[0].weight"
+        ])
+    );
+    assert_eq!(
+        c.get(&format!("{G}/a")).await.1["spec"],
+        want,
+        "stored pruned"
+    );
+
+    // Replace (PUT), merge patch, JSON patch, server-side apply: the same.
+    let mut put = o.clone();
+    put["spec"]["bar"] = json!(1);
+    let (code, warnings, o) = c.call_warned("PUT", &format!("{G}/a"), None, put).await;
+    assert_eq!((code, warnings), (200, warned(&["spec.bar"])));
+    assert!(o["spec"]["bar"].is_null(), "{o}");
+    let (code, warnings, o) = c
+        .call_warned(
+            "PATCH",
+            &format!("{G}/a"),
+            Some("application/merge-patch+json"),
+            json!({"spec": {"size": 2, "baz": 1, "nested": {"c": 1}}}),
+        )
+        .await;
+    assert_eq!(
+        (code, warnings),
+        (200, warned(&["spec.baz", "spec.nested.c"]))
+    );
+    assert_eq!(o["spec"]["size"], 2);
+    assert!(o["spec"]["baz"].is_null() && o["spec"]["nested"]["c"].is_null());
+    let (code, warnings, o) = c
+        .call_warned(
+            "PATCH",
+            &format!("{G}/a"),
+            Some("application/json-patch+json"),
+            json!([{"op": "add", "path": "/spec/qux", "value": 1}, {"op": "replace", "path": "/spec/size", "value": 3}]),
+        )
+        .await;
+    assert_eq!((code, warnings), (200, warned(&["spec.qux"])));
+    assert_eq!(
+        (o["spec"]["size"].as_i64(), o["spec"]["qux"].is_null()),
+        (Some(3), true)
+    );
+    let (code, warnings, o) = c
+        .call_warned(
+            "PATCH",
+            &format!("{G}/a?fieldManager=ctl&force=true"),
+            Some("application/apply-patch+yaml"),
+            gadget("a", json!({"size": 4, "applied": "x"})),
+        )
+        .await;
+    assert_eq!((code, warnings), (200, warned(&["spec.applied"])));
+    assert_eq!(o["spec"]["size"], 4);
+    assert!(o["spec"]["applied"].is_null());
+    let ctl = o["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["manager"] == "ctl")
+        .cloned()
+        .unwrap();
+    assert!(
+        ctl["fieldsV1"]["f:spec"]["f:applied"].is_null(),
+        "a pruned field is nobody's: {ctl}"
+    );
+    // Apply creates: pruned too.
+    let (code, warnings, o) = c
+        .call_warned(
+            "PATCH",
+            &format!("{G}/b?fieldManager=ctl"),
+            Some("application/apply-patch+yaml"),
+            gadget("b", json!({"size": 1, "new": 1})),
+        )
+        .await;
+    assert_eq!((code, warnings), (201, warned(&["spec.new"])));
+    assert_eq!(o["spec"], json!({"size": 1}));
+    // A CRD without a structural schema at the root (widgets preserve unknown fields) keeps
+    // everything.
+    let (code, warnings, o) = c
+        .call_warned("POST", W, None, json!({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": {"anything": {"x": 1}}}))
+        .await;
+    assert_eq!((code, warnings.len()), (201, 0));
+    assert_eq!(o["spec"]["anything"]["x"], 1);
+}
+
+#[tokio::test]
+async fn writes_drop_what_the_schema_does_not_declare_status() {
+    let c = with_gadgets().await;
+    c.post(G, gadget("a", json!({"size": 1}))).await;
+    let status = format!("{G}/a/status");
+    let (code, warnings, o) = c
+        .call_warned(
+            "PATCH",
+            &status,
+            Some("application/merge-patch+json"),
+            json!({"status": {"phase": "Running", "logEnded": true, "counts": {"x": {"n": 1, "m": 2}}}}),
+        )
+        .await;
+    assert_eq!(code, 200, "{o}");
+    assert_eq!(
+        o["status"],
+        json!({"phase": "Running", "counts": {"x": {"n": 1}}})
+    );
+    let mut warnings = warnings;
+    warnings.sort();
+    assert_eq!(warnings, warned(&["status.counts.x.m", "status.logEnded"]));
+    // Server-side apply of status, as a controller writes it.
+    let (code, warnings, o) = c
+        .call_warned(
+            "PATCH",
+            &format!("{status}?fieldManager=ctl&force=true"),
+            Some("application/apply-patch+yaml"),
+            json!({"apiVersion": "example.com/v1", "kind": "Gadget", "metadata": {"name": "a"},
+                   "status": {"phase": "Failed", "logEnded": false}}),
+        )
+        .await;
+    assert_eq!((code, warnings), (200, warned(&["status.logEnded"])));
+    assert_eq!(o["status"]["phase"], "Failed");
+    assert!(o["status"]["logEnded"].is_null(), "{o}");
+    // PUT on /status.
+    let mut put = o.clone();
+    put["status"]["other"] = json!(1);
+    let (code, warnings, o) = c.call_warned("PUT", &status, None, put).await;
+    assert_eq!((code, warnings), (200, warned(&["status.other"])));
+    assert!(o["status"]["other"].is_null());
+    assert_eq!(
+        c.get(&format!("{G}/a")).await.1["status"]["phase"],
+        "Failed"
+    );
+}
+
+#[tokio::test]
+async fn strict_field_validation_refuses_unknown_fields_ignore_drops_them_silently() {
+    let c = with_gadgets().await;
+    let (code, e) = c
+        .post(
+            &format!("{G}?fieldValidation=Strict"),
+            gadget("a", json!({"size": 1, "foo": 1, "nested": {"b": 1}})),
+        )
+        .await;
+    assert_eq!(
+        (code, e["reason"].as_str()),
+        (400, Some("BadRequest")),
+        "{e}"
+    );
+    let msg = e["message"].as_str().unwrap_or("");
+    assert!(
+        msg.contains("strict decoding error: ")
+            && msg.contains(r#"unknown field "spec.foo""#)
+            && msg.contains(r#"unknown field "spec.nested.b""#),
+        "{msg}"
+    );
+    assert_eq!(c.get(&format!("{G}/a")).await.0, 404, "nothing created");
+    // Declared fields only: Strict is happy.
+    let (code, _) = c
+        .post(
+            &format!("{G}?fieldValidation=Strict"),
+            gadget("a", json!({"size": 1})),
+        )
+        .await;
+    assert_eq!(code, 201);
+    let (code, e) = c
+        .call(
+            "PATCH",
+            &format!("{G}/a/status?fieldValidation=Strict"),
+            Some("application/merge-patch+json"),
+            Some(json!({"status": {"phase": "X", "logEnded": true}})),
+        )
+        .await;
+    assert_eq!(code, 400);
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains(r#"unknown field "status.logEnded""#),
+        "{e}"
+    );
+    assert!(
+        c.get(&format!("{G}/a")).await.1["status"].is_null(),
+        "nothing written"
+    );
+    let (code, e) = c
+        .call(
+            "PATCH",
+            &format!("{G}/a?fieldManager=ctl&fieldValidation=Strict"),
+            Some("application/apply-patch+yaml"),
+            Some(gadget("a", json!({"size": 1, "foo": 1}))),
+        )
+        .await;
+    assert_eq!(code, 400, "{e}");
+    // Ignore: dropped, no warning.
+    let (code, warnings, o) = c
+        .call_warned(
+            "PATCH",
+            &format!("{G}/a?fieldValidation=Ignore"),
+            Some("application/merge-patch+json"),
+            json!({"spec": {"foo": 1, "size": 2}}),
+        )
+        .await;
+    assert_eq!((code, warnings.len()), (200, 0));
+    assert_eq!(o["spec"], json!({"size": 2}));
+    // Anything else is refused.
+    let (code, _) = c
+        .merge(&format!("{G}/a?fieldValidation=Loose"), json!({"spec": {}}))
+        .await;
+    assert_eq!(code, 400);
+}
+
+#[tokio::test]
+async fn what_is_kept_follows_the_crd_in_force() {
+    let c = with_gadgets().await;
+    c.post(G, gadget("a", json!({"size": 1, "color": "red"})))
+        .await;
+    assert!(c.get(&format!("{G}/a")).await.1["spec"]["color"].is_null());
+    // The CRD gains the field: now it is kept.
+    let (code, _) = c
+        .apply(
+            GCRD,
+            "test",
+            true,
+            gadget_crd(json!({"color": {"type": "string"}})),
+        )
+        .await;
+    assert_eq!(code, 200);
+    let (code, warnings, o) = c
+        .call_warned(
+            "PATCH",
+            &format!("{G}/a"),
+            Some("application/merge-patch+json"),
+            json!({"spec": {"color": "red"}}),
+        )
+        .await;
+    assert_eq!((code, warnings.len()), (200, 0));
+    assert_eq!(o["spec"]["color"], "red");
+    // It loses it again (an older CRD applied): the stored value goes with the next write,
+    // without a warning (the client did not send it).
+    c.apply(GCRD, "test", true, gadget_crd(json!({}))).await;
+    let (code, warnings, o) = c
+        .call_warned(
+            "PATCH",
+            &format!("{G}/a"),
+            Some("application/merge-patch+json"),
+            json!({"spec": {"size": 5}}),
+        )
+        .await;
+    assert_eq!((code, warnings.len()), (200, 0));
+    assert_eq!(o["spec"], json!({"size": 5}));
 }
