@@ -138,6 +138,101 @@ async fn a_callback_receiver_that_is_down_is_given_up_with_one_line() {
     assert!(built_in < Duration::from_secs(60));
 }
 
+/// SHOW_BUILD_LOGS=true with a stdout nobody reads any more (a pipe whose reader closed:
+/// every write fails with EPIPE): builds run and report as usual, the service stays up, and
+/// it says once per build that the output could not be printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn build_output_on_a_closed_stdout_fails_neither_the_build_nor_the_service() {
+    require_services();
+    let data = tempfile::tempdir().unwrap();
+    let err_path = data.path().join("stderr");
+    let mut p = spawn_with_output(
+        &data.path().join("data"),
+        free_port(),
+        &[("SHOW_BUILD_LOGS", "true")],
+        Stdio::piped(),
+        Stdio::from(std::fs::File::create(&err_path).unwrap()),
+    );
+    drop(p.child.stdout.take());
+    let cb = Callbacks::start().await;
+    for marker in ["epipe1", "epipe2"] {
+        let b = body(&sleeper(marker, 0), &cb);
+        p.post(&b).await;
+        assert_eq!(
+            cb.wait_final(b["build_uuid"].as_str().unwrap(), Duration::from_secs(60))
+                .await,
+            "succeeded"
+        );
+        assert!(p.log(&b).await.contains(&format!("{marker}-end")));
+    }
+    assert!(p.child.try_wait().unwrap().is_none(), "the service is up");
+    let health = reqwest::get(p.url("/octhc")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    let err = std::fs::read_to_string(&err_path).unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("build output could not be printed on stdout"),
+        "{err}"
+    );
+}
+
+const S3_BUCKET: &str = "buildshuttle-test";
+const S3_ACCESS: &str = "buildshuttle-test";
+const S3_SECRET: &str = "buildshuttle-test-secret";
+
+/// S3 that accepts uploads and never answers them (s3s-fs behind a proxy that holds every
+/// PUT) refuses a `POST /` of `data:` sources with a 503 naming storage once staging passes
+/// its deadline (30 s for a small archive), rather than holding the request for the S3
+/// client's 5 attempts of S3_TIMEOUT_SECONDS (10 minutes by default), and keeps nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_s3_refuses_a_data_post_with_503_within_the_staging_deadline() {
+    assert!(
+        std::net::TcpStream::connect("127.0.0.1:9100").is_ok(),
+        "s3s-fs is not running on 127.0.0.1:9100: run `bash .ci/services` first"
+    );
+    let front = proxy(
+        "127.0.0.1:9100",
+        |method, _, _| (method == "PUT").then_some(Reply::Hang),
+        |_, _| None,
+    )
+    .await;
+    let endpoint = format!("http://{front}");
+    let svc = Service::start(&[
+        "--s3-bucket",
+        S3_BUCKET,
+        "--s3-endpoint",
+        &endpoint,
+        "--s3-access-key",
+        S3_ACCESS,
+        "--s3-secret-key",
+        S3_SECRET,
+        "--s3-region",
+        "us-east-1",
+    ])
+    .await;
+    let cb = Callbacks::start().await;
+    let b = body(&sleeper("hung-s3", 0), &cb);
+    let id = b["build_uuid"].as_str().unwrap();
+    let started = Instant::now();
+    let (code, answer) = tokio::time::timeout(Duration::from_secs(60), svc.post(&b))
+        .await
+        .expect("the POST is answered within a minute");
+    let took = started.elapsed();
+    assert_eq!(code, 503, "{answer}");
+    assert_eq!(
+        answer["status"],
+        "Service Unavailable - storage did not take the build's sources in time; try again later."
+    );
+    assert!(took >= Duration::from_secs(29), "{took:?}");
+    // Nothing of it is kept: unknown to the API, no callback.
+    let head = svc.client.head(svc.url(&format!("/{id}"))).send().await;
+    assert_eq!(head.unwrap().status(), 404);
+    let log = svc.client.get(svc.url(&logs_path(&b))).send().await;
+    assert_eq!(log.unwrap().status(), 404);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(cb.calls_for(id).is_empty(), "{:?}", cb.calls_for(id));
+}
+
 /// Restarts the shared dockerd, so it must not run beside other tests: `.ci/run` runs it
 /// alone after the main suite (`cargo nextest run --run-ignored only -E 'test(dockerd_restart)'`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -311,9 +311,9 @@ async fn s3_without_listing() -> String {
             let head_bucket = method == "HEAD" && the_bucket;
             let list = method == "GET" && the_bucket && !query.contains("uploads");
             if head_bucket {
-                Some((403, ""))
+                Some(common::Reply::Status(403, ""))
             } else if list {
-                Some((403, ACCESS_DENIED))
+                Some(common::Reply::Status(403, ACCESS_DENIED))
             } else {
                 None
             }

@@ -977,6 +977,78 @@ async fn a_new_build_with_a_number_in_use_replaces_the_running_one() {
     }
 }
 
+/// A build that replaces one still ending waits for it without a slot, and not for ever:
+/// here the old build's end is its log's delivery to a Kafka broker that is not there
+/// (KAFKA_DELIVERY_TIMEOUT_MS, 90 s). Meanwhile another build takes the only slot, a stop
+/// ends the new build's wait at once, and TIMEOUT_IN_MS counts the wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_waiting_for_the_one_it_replaces_holds_no_slot_and_can_be_stopped() {
+    let svc = Service::start(&[
+        "--maximum-parallel-builds",
+        "1",
+        "--kafka-delivery-timeout-ms",
+        "90000",
+        "--timeout-in-ms",
+        "20000",
+    ])
+    .await;
+    let cb = Callbacks::start().await;
+    let mut old = body(&sleeper("old", 303), &cb);
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    old["kafka_hosts"] = json!(nobody.local_addr().unwrap().to_string());
+    drop(nobody);
+    svc.post(&old).await;
+    svc.wait_log(&old, "old-start", BUILD).await;
+    let same_number = |sources: &str| {
+        let mut b = body(sources, &cb);
+        for field in ["app", "app_uuid", "build_number"] {
+            b[field] = old[field].clone();
+        }
+        b
+    };
+    let id = |b: &Value| b["build_uuid"].as_str().unwrap().to_string();
+    let new = same_number(&sleeper("new", 1));
+    svc.post(&new).await;
+    assert_eq!(
+        cb.wait_final(&id(&old), Duration::from_secs(15)).await,
+        "failed"
+    );
+    // The old build's log is still on its way to Kafka: the new one waits, the slot does not.
+    let other = body(&sleeper("other", 0), &cb);
+    svc.post(&other).await;
+    assert_eq!(
+        cb.wait_final(&id(&other), Duration::from_secs(40)).await,
+        "succeeded",
+        "another build runs while the new one waits: {}",
+        svc.log(&other).await
+    );
+    let stop = svc.client.delete(svc.url(&build_path(&new))).send().await;
+    assert_eq!(stop.unwrap().status(), 200);
+    assert_eq!(
+        cb.wait_final(&id(&new), Duration::from_secs(5)).await,
+        "failed",
+        "a stop ends the wait at once"
+    );
+    let newer = same_number(&sleeper("newer", 1));
+    let posted = std::time::Instant::now();
+    svc.post(&newer).await;
+    assert_eq!(
+        cb.wait_final(&id(&newer), Duration::from_secs(35)).await,
+        "failed",
+        "TIMEOUT_IN_MS counts the wait"
+    );
+    assert!(posted.elapsed() >= Duration::from_secs(15), "it did wait");
+    // Neither started: the number's log is still the old build's.
+    let log = svc.log(&old).await;
+    assert!(
+        log.contains("old-start")
+            && log.contains("replaced by")
+            && !log.contains("new-start")
+            && !log.contains("before it started"),
+        "{log}"
+    );
+}
+
 /// An old build of that number still queued is not looked for (a POST never scans the
 /// queue): it runs first, and the new one after it, so the new one's log is the one kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,18 +15,18 @@ use crate::callback::Callbacks;
 use crate::executor::{BuildSelector, Executor, ExecutorError};
 use crate::logs::LogSinks;
 use crate::metrics::Metrics;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, StageError};
 use crate::storage::Object;
 use async_trait::async_trait;
 use queue::ChunkedQueue;
 use records::Records;
 use state::{Durability, Phase, Record, Recovered, StateStore};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -69,7 +69,11 @@ struct Inner {
     /// starts one when a slot frees), so a burst of accepted builds costs little memory
     /// beyond its records. Lock order: `waiting`, then `active`.
     waiting: Mutex<ChunkedQueue<Waiting>>,
-    /// Wakes the dispatcher when a build joins `waiting`.
+    /// Builds that left the queue, waited (without a slot) for the build of their number
+    /// they replace to end, and now wait for a slot: the dispatcher hands the next free one
+    /// to the oldest of them, before any queued build.
+    ready: Mutex<VecDeque<oneshot::Sender<OwnedSemaphorePermit>>>,
+    /// Wakes the dispatcher when a build joins `waiting` or `ready`.
     wake: Notify,
     semaphore: Arc<Semaphore>,
     seq: AtomicU64,
@@ -99,6 +103,32 @@ impl Drop for Finishing<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// Removes a build's `Active` entry when its task ends, however it ends (a panic included):
+/// a follower of its log then stops, and a build of the same number no longer waits for it.
+struct ActiveEntry<'a> {
+    active: &'a Mutex<HashMap<Uuid, Active>>,
+    id: Uuid,
+}
+
+impl Drop for ActiveEntry<'_> {
+    fn drop(&mut self) {
+        self.active
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
+/// How a build's wait for the build of its number it replaces ended.
+enum Waited {
+    /// That build ended; this one got a slot.
+    Slot(OwnedSemaphorePermit),
+    /// Stopped or timed out before it started: it ends with this reason and message.
+    Ended(FailureReason, String),
+    /// The service shuts down: it stays queued for the next start.
+    Requeued,
 }
 
 /// Queued builds past this many keep their record in the scratch file (see `records`).
@@ -186,6 +216,7 @@ impl LocalExecutor {
             pending_calls: Semaphore::new(PENDING_CALLS_AT_ONCE),
             active: Mutex::new(HashMap::new()),
             waiting: Mutex::new(ChunkedQueue::default()),
+            ready: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
             semaphore,
             seq: AtomicU64::new(0),
@@ -391,6 +422,14 @@ impl Inner {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    fn lock_ready(
+        &self,
+    ) -> std::sync::MutexGuard<'_, VecDeque<oneshot::Sender<OwnedSemaphorePermit>>> {
+        self.ready
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Refuses a new build while `max_queued` builds wait. Checked before the build is
     /// written anywhere, so a refused build leaves nothing behind; requests in flight at
     /// once may each pass it, so the queue can exceed the limit by at most that many.
@@ -505,6 +544,11 @@ impl Inner {
             .files
             .store(&key, self.sinks.storage.as_ref())
             .await;
+        self.kafka_last_line(spec, line);
+    }
+
+    /// Sends `line` and `Build finished` to the build's Kafka topic, if it names brokers.
+    fn kafka_last_line(&self, spec: &BuildSpec, line: &str) {
         if let Some(mut log) = self.sinks.kafka_only(spec) {
             // Delivery may wait on a dead broker for KAFKA_DELIVERY_TIMEOUT_MS: not inline.
             let line = line.to_string();
@@ -518,8 +562,29 @@ impl Inner {
 
     /// Runs a build that got a slot, then records its outcome and sends its callbacks.
     async fn lifecycle(self: Arc<Self>, ticket: Ticket, permit: OwnedSemaphorePermit) {
+        let _entry = ActiveEntry {
+            active: &self.active,
+            id: ticket.id,
+        };
         let Some(rec) = self.record(ticket.id) else {
             return;
+        };
+        // TIMEOUT_IN_MS counts from here, the wait for a build this one replaces included.
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let (permit, started_at) = if self.earlier_of_same_number(ticket.id) {
+            // A build of the same number that it replaces is still ending (stopped when this
+            // one was accepted): its log and tags go first. That can take minutes (its log's
+            // upload to a slow S3): the slot serves other builds meanwhile.
+            drop(permit);
+            match self.wait_for_earlier(&ticket, deadline).await {
+                Waited::Slot(permit) => (permit, chrono::Utc::now()),
+                Waited::Ended(reason, message) => {
+                    return Box::pin(self.end_waiting(&rec, ticket, reason, message)).await;
+                }
+                Waited::Requeued => return,
+            }
+        } else {
+            (permit, ticket.started_at)
         };
         self.finishing.fetch_add(1, Ordering::SeqCst);
         // Counts this build as finishing until its final callback went (or it was dropped).
@@ -529,22 +594,15 @@ impl Inner {
             queued: Some(ms_since(rec.accepted_at)),
             ..Default::default()
         };
-        // A build of the same number that it replaces is still ending (stopped when this
-        // one was accepted): its log and tags go first.
-        while self.earlier_of_same_number(ticket.id) {
-            tokio::time::sleep(SAME_NUMBER_POLL).await;
-        }
         let started = std::time::Instant::now();
-        let reason = ticket.reason.clone();
-        let cancelled_reason = move || stop_reason(&reason);
         // Boxed (here and below): the large futures (pipeline, callbacks) are only
         // allocated while they run.
         let (outcome, flush) = Box::pin(self.run(
             &rec.spec,
-            &ticket.cancel,
-            cancelled_reason,
+            &ticket,
             rec.accepted_at,
-            ticket.started_at,
+            started_at,
+            deadline,
             &mut timings,
         ))
         .await;
@@ -552,9 +610,63 @@ impl Inner {
         drop(permit);
         self.metrics
             .build_finished(&outcome, Some(started.elapsed().as_secs_f64()));
-        let started = Some(ticket.started_at);
+        let started = Some(started_at);
         Box::pin(self.finish(&rec, ticket.pending, outcome, timings, flush, started)).await;
         drop(finishing);
+    }
+
+    /// Waits, holding no slot, until the builds of its number that became active before it
+    /// have ended, then for a slot (handed over before any queued build's). A stop ends the
+    /// wait at once, and so does the build's deadline.
+    async fn wait_for_earlier(&self, ticket: &Ticket, deadline: tokio::time::Instant) -> Waited {
+        let slot = async {
+            while self.earlier_of_same_number(ticket.id) {
+                tokio::time::sleep(SAME_NUMBER_POLL).await;
+            }
+            if self.draining.load(Ordering::SeqCst) {
+                return None;
+            }
+            let (tx, rx) = oneshot::channel();
+            self.lock_ready().push_back(tx);
+            self.wake.notify_one();
+            // An error: the dispatcher stopped (the service shuts down).
+            rx.await.ok()
+        };
+        tokio::select! {
+            slot = slot => slot.map_or(Waited::Requeued, Waited::Slot),
+            () = ticket.cancel.cancelled() => match stop_reason(&ticket.reason) {
+                // Shutting down: it never started, so it stays queued for the next start.
+                (FailureReason::Interrupted, _) => Waited::Requeued,
+                (reason, message) => Waited::Ended(reason, format!("{message} before it started")),
+            },
+            () = tokio::time::sleep_until(deadline) => Waited::Ended(
+                FailureReason::Timeout,
+                format!(
+                    "waited longer than TIMEOUT_IN_MS ({} ms) for the build of the same number it replaces to end",
+                    self.timeout.as_millis()
+                ),
+            ),
+        }
+    }
+
+    /// Ends a build stopped (or timed out) while it waited for the build of its number it
+    /// replaces. That build still owns the number's stored log (it is storing it): this
+    /// one's last line goes to Kafka only.
+    async fn end_waiting(
+        &self,
+        rec: &Record,
+        ticket: Ticket,
+        reason: FailureReason,
+        message: String,
+    ) {
+        let timings = StageTimings {
+            queued: Some(ms_since(rec.accepted_at)),
+            ..Default::default()
+        };
+        let line = format!("Build failed ({}): {message}", reason.as_str());
+        self.kafka_last_line(&rec.spec, &line);
+        let outcome = Outcome::failed(reason, message);
+        Box::pin(self.finish(rec, ticket.pending, outcome, timings, None, None)).await;
     }
 
     /// Stops the matching builds that took a slot and, with `queued`, the queued ones too,
@@ -635,6 +747,10 @@ impl Inner {
         pending: Option<JoinHandle<()>>,
         (r, m): (FailureReason, String),
     ) {
+        let _entry = ActiveEntry {
+            active: &self.active,
+            id,
+        };
         let Some(rec) = self.record(id) else {
             return;
         };
@@ -713,10 +829,10 @@ impl Inner {
     async fn run(
         &self,
         spec: &BuildSpec,
-        cancel: &CancellationToken,
-        cancelled_reason: impl Fn() -> (FailureReason, String),
+        ticket: &Ticket,
         accepted_at: chrono::DateTime<chrono::Utc>,
         started_at: chrono::DateTime<chrono::Utc>,
+        deadline: tokio::time::Instant,
         timings: &mut StageTimings,
     ) -> (Outcome, Option<futures::future::BoxFuture<'static, ()>>) {
         let id = spec.build_uuid;
@@ -748,12 +864,12 @@ impl Inner {
         let build = async {
             tokio::select! {
                 o = self.pipeline.run(spec, &mut log, &workdir, timings) => o,
-                _ = tokio::time::sleep(self.timeout) => {
+                _ = tokio::time::sleep_until(deadline) => {
                     let msg = format!("the build ran longer than TIMEOUT_IN_MS ({} ms)", self.timeout.as_millis());
                     Outcome::failed(FailureReason::Timeout, msg)
                 }
-                _ = cancel.cancelled() => {
-                    let (r, m) = cancelled_reason();
+                _ = ticket.cancel.cancelled() => {
+                    let (r, m) = stop_reason(&ticket.reason);
                     Outcome::failed(r, m)
                 }
             }
@@ -914,24 +1030,38 @@ fn stopped_by_request() -> (FailureReason, String) {
     (FailureReason::Cancelled, "stopped by request".into())
 }
 
-/// Starts queued builds in submission order as slots free up. While the service drains,
+/// Starts queued builds in submission order as slots free up. A build that waited for the
+/// build of its number it replaces gets the next free slot first. While the service drains,
 /// nothing more starts: queued builds stay queued for the next start.
 async fn dispatch(inner: Arc<Inner>) {
     loop {
-        let Ok(permit) = inner.semaphore.clone().acquire_owned().await else {
+        let Ok(mut permit) = inner.semaphore.clone().acquire_owned().await else {
             return;
         };
-        let ticket = loop {
+        loop {
             if inner.draining.load(Ordering::SeqCst) {
+                // Their wait ends: they stay queued too.
+                inner.lock_ready().clear();
                 return;
             }
-            if let Some(t) = inner.next_waiting() {
-                break t;
+            let ready = inner.lock_ready().pop_front();
+            if let Some(ready) = ready {
+                match ready.send(permit) {
+                    Ok(()) => break,
+                    // Stopped meanwhile: the slot goes to the next one.
+                    Err(back) => {
+                        permit = back;
+                        continue;
+                    }
+                }
+            }
+            if let Some(ticket) = inner.next_waiting() {
+                let i = inner.clone();
+                inner.supervise(async move { i.lifecycle(ticket, permit).await });
+                break;
             }
             inner.wake.notified().await;
-        };
-        let i = inner.clone();
-        inner.supervise(async move { i.lifecycle(ticket, permit).await });
+        }
     }
 }
 
@@ -955,10 +1085,21 @@ impl Executor for LocalExecutor {
         }
         self.inner.check_room()?;
         // A data: payload goes to storage now; the state keeps a reference, not megabytes.
-        self.inner
+        // Storage that fails or hangs refuses the build (503) within a bounded time: it
+        // is not acknowledged without its only copy of the sources.
+        let staged = self
+            .inner
             .pipeline
             .stage_inline_sources(&mut spec, &self.inner.workroot)
             .await;
+        if let Err(e) = staged {
+            tracing::error!(build = %id, app = %spec.app, error = %e, "cannot store the build's data: sources; refusing the build");
+            let why = match e {
+                StageError::TimedOut(_) => "storage did not take the build's sources in time",
+                StageError::Store(_) => "storage refused the build's sources",
+            };
+            return Err(ExecutorError::NotReady(format!("{why}; try again later.")));
+        }
         let mut rec = Record {
             seq: 0,
             // Without a callback URL there is nothing to send (and nothing to record later).
@@ -1091,5 +1232,110 @@ mod tests {
         assert_eq!(app_id("a", "b-c"), app_id("a", "b-c"));
         assert_ne!(app_id("a-b", "c"), app_id("a", "b-c"));
         assert_ne!(app_id("a", "b"), app_id("a", "c"));
+    }
+
+    /// Local files, except that storing a log panics (a bug anywhere in a build's task).
+    struct PanicOnLogUpload(crate::storage::LocalStorage);
+
+    #[async_trait]
+    impl crate::storage::Storage for PanicOnLogUpload {
+        async fn put_file(
+            &self,
+            key: &str,
+            _path: &std::path::Path,
+        ) -> Result<(), crate::storage::StorageError> {
+            panic!("a bug while storing {key}")
+        }
+        async fn put_file_durable(
+            &self,
+            key: &str,
+            path: &std::path::Path,
+        ) -> Result<(), crate::storage::StorageError> {
+            self.0.put_file_durable(key, path).await
+        }
+        async fn get(&self, key: &str) -> Result<Option<Object>, crate::storage::StorageError> {
+            self.0.get(key).await
+        }
+        async fn exists(&self, key: &str) -> Result<bool, crate::storage::StorageError> {
+            self.0.exists(key).await
+        }
+        fn describe(&self) -> String {
+            "panicking".into()
+        }
+    }
+
+    /// A build whose task panics stops counting as active: a follower of its log ends, and
+    /// a later build of its number runs instead of waiting for it for ever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_build_whose_task_panics_leaves_its_number_free() {
+        use clap::Parser;
+        let dir = tempfile::tempdir().unwrap();
+        let cli = crate::config::Cli::try_parse_from(["buildshuttle", "serve"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let crate::config::Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
+        let config = Arc::new(args.build.validate().unwrap_or_else(|e| panic!("{e}")));
+        // dockerd is a closed port: the build fails at once, then its log's upload panics.
+        let docker = bollard::Docker::connect_with_http(
+            "http://127.0.0.1:9",
+            1,
+            bollard::API_DEFAULT_VERSION,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let store = dir.path().join("store");
+        let storage = Arc::new(PanicOnLogUpload(
+            crate::storage::LocalStorage::new(&store).unwrap(),
+        ));
+        let sinks = LogSinks {
+            files: crate::logs::LogFiles::new(&store).unwrap(),
+            storage: storage.clone(),
+            show_build_logs: false,
+            max_log_bytes: 1 << 20,
+            kafka: None,
+        };
+        let exec = LocalExecutor::start(
+            LocalSettings {
+                data_dir: dir.path().to_path_buf(),
+                max_parallel: 2,
+                max_queued: None,
+                timeout: Duration::from_secs(600),
+            },
+            Pipeline::new(docker, storage, config),
+            sinks,
+            Callbacks::new(Duration::from_secs(1)),
+            Arc::new(Metrics::new()),
+        )
+        .await
+        .unwrap();
+        let first = crate::build::tests::spec();
+        let mut second = crate::build::tests::spec();
+        second.build_uuid = Uuid::new_v4();
+        // Its outcome recorded (and, with no callback to send, its record let go).
+        let ended = |id: Uuid| exec.inner.record(id).is_none_or(|r| r.outcome.is_some());
+        exec.submit(first.clone()).await.unwrap();
+        until("the first build ends", || ended(first.build_uuid)).await;
+        let (app, app_uuid, n) = (&first.app, &first.app_uuid, first.build_number);
+        let start = std::time::Instant::now();
+        while exec.is_active(app, app_uuid, n).await {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the build whose task panicked still counts as active"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        exec.submit(second.clone()).await.unwrap();
+        until("a later build of that number runs", || {
+            ended(second.build_uuid)
+        })
+        .await;
+    }
+
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        let start = std::time::Instant::now();
+        while !done() {
+            assert!(start.elapsed() < Duration::from_secs(20), "{what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }

@@ -44,6 +44,24 @@ impl Context {
     }
 }
 
+/// Why a `data:` archive could not be staged (see `Pipeline::stage_inline_sources`).
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error("storage did not take the sources within {} s", .0.as_secs())]
+    TimedOut(std::time::Duration),
+    #[error("storage refused the sources: {0}")]
+    Store(crate::storage::StorageError),
+}
+
+/// How long staging a `data:` archive of `len` bytes may wait on storage: 30 s, plus 1 s
+/// per MiB (an archive of hundreds of MiB over a slow link is not a hung store). Past it
+/// `POST /` is refused (503) rather than held for the S3 client's own limit (5 attempts of
+/// S3_TIMEOUT_SECONDS each).
+pub fn stage_deadline(len: u64) -> std::time::Duration {
+    const BASE: std::time::Duration = std::time::Duration::from_secs(30);
+    BASE + std::time::Duration::from_secs(len / (1024 * 1024))
+}
+
 /// Everything a build needs besides its spec. Cheap to clone.
 #[derive(Clone)]
 pub struct Pipeline {
@@ -522,29 +540,39 @@ impl Pipeline {
         }
     }
     /// Decodes a `data:` URI's archive into storage now, so the build's spec (kept in state,
-    /// or in a BuildJob) carries a reference instead of the payload. Best effort: on any
-    /// failure the spec is left as it was and the build decodes it (and fails) as usual.
-    pub async fn stage_inline_sources(&self, spec: &mut BuildSpec, scratch: &Path) {
+    /// or in a BuildJob) carries a reference instead of the payload. An archive that cannot
+    /// be decoded is left in the spec: the build decodes it and fails (InvalidSources) as
+    /// usual. Storage that fails, or does not take the archive within `stage_deadline`, is
+    /// an error: the build cannot be acknowledged without its only copy of the sources.
+    pub async fn stage_inline_sources(
+        &self,
+        spec: &mut BuildSpec,
+        scratch: &Path,
+    ) -> Result<(), StageError> {
         let Some(b64) = sources::data_payload(spec.sources.expose()) else {
-            return;
+            return Ok(());
         };
         let file = scratch.join(format!("{}.incoming", spec.build_uuid));
         let staged = async {
-            sources::write_data(b64, &file, &self.config.limits)
-                .await
-                .ok()?;
+            let Ok(len) = sources::write_data(b64, &file, &self.config.limits).await else {
+                return Ok(false);
+            };
             // The build is acknowledged after this: the stored copy must survive a power loss.
-            self.storage
-                .put_file_durable(&spec.source_key(), &file)
-                .await
-                .ok()
+            let within = stage_deadline(len);
+            let key = spec.source_key();
+            let store = self.storage.put_file_durable(&key, &file);
+            match tokio::time::timeout(within, store).await {
+                Ok(stored) => stored.map(|()| true).map_err(StageError::Store),
+                Err(_) => Err(StageError::TimedOut(within)),
+            }
         }
         .await;
         let _ = tokio::fs::remove_file(&file).await;
-        if staged.is_some() {
+        if staged? {
             spec.sources = crate::secret::Secret::new("data:base64,");
             spec.sources_stored = true;
         }
+        Ok(())
     }
 
     /// Copies the stored archive `key` into `dest` (and `tee`), within the source size limit.
@@ -1171,13 +1199,62 @@ mod tests {
         let mut spec = crate::build::tests::spec();
         pipeline
             .stage_inline_sources(&mut spec, scratch.path())
-            .await;
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(spec.sources_stored);
         assert_eq!(spec.sources.expose(), "data:base64,");
         assert_eq!(
             *storage.0.lock().unwrap(),
             vec![(spec.source_key(), "put_file_durable")]
         );
+        assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0);
+    }
+
+    /// A store that accepts the upload and never answers (a hung S3).
+    struct Hung;
+
+    #[async_trait::async_trait]
+    impl crate::storage::Storage for Hung {
+        async fn put_file(&self, _key: &str, _path: &Path) -> Result<(), StorageError> {
+            std::future::pending().await
+        }
+        async fn get(&self, _key: &str) -> Result<Option<Object>, StorageError> {
+            Ok(None)
+        }
+        async fn exists(&self, _key: &str) -> Result<bool, StorageError> {
+            Ok(false)
+        }
+        fn describe(&self) -> String {
+            "hung".into()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn staging_into_a_store_that_never_answers_ends_at_its_deadline() {
+        let (offline, _) = offline_pipeline();
+        let pipeline = Pipeline::new(offline.docker, Arc::new(Hung), offline.config);
+        let scratch = tempfile::tempdir().unwrap();
+        let mut spec = crate::build::tests::spec();
+        let before = spec.sources.expose().to_string();
+        let started = tokio::time::Instant::now();
+        let e = pipeline
+            .stage_inline_sources(&mut spec, scratch.path())
+            .await
+            .expect_err("a hung store fails the staging");
+        assert!(matches!(e, StageError::TimedOut(_)), "{e}");
+        let took = started.elapsed();
+        assert!(
+            took >= stage_deadline(3) && took < stage_deadline(3) * 2,
+            "{took:?}"
+        );
+        assert_eq!(stage_deadline(3), std::time::Duration::from_secs(30));
+        assert_eq!(
+            stage_deadline(200 * 1024 * 1024),
+            std::time::Duration::from_secs(230)
+        );
+        // Nothing staged: the spec is as it came, and the scratch file is gone.
+        assert!(!spec.sources_stored);
+        assert_eq!(spec.sources.expose(), before);
         assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0);
     }
 }

@@ -503,20 +503,28 @@ pub async fn registry_proxy(
     proxy(
         upstream,
         move |method, path, agent| {
-            refuse(method, path, agent).then_some((500, "refused by the test's proxy"))
+            refuse(method, path, agent).then_some(Reply::Status(500, "refused by the test's proxy"))
         },
         |_, _| None,
     )
     .await
 }
 
+/// What a test's `proxy` answers in place of the upstream.
+pub enum Reply {
+    /// This status and body.
+    Status(u16, &'static str),
+    /// Nothing, ever, as a hung server (the connection stays open).
+    Hang,
+}
+
 /// A reverse proxy on loopback in front of `upstream`: `answer` (method, path with query,
-/// User-Agent) may answer a request itself (status, body); `rewrite` (method, upstream's
+/// User-Agent) may answer a request itself, or hang; `rewrite` (method, upstream's
 /// status) may replace an upstream answer; everything else is forwarded, streamed both ways
 /// and headers unchanged (so signatures over the Host header still verify). Its address.
 pub async fn proxy(
     upstream: &'static str,
-    answer: impl Fn(&str, &str, &str) -> Option<(u16, &'static str)> + Clone + Send + Sync + 'static,
+    answer: impl Fn(&str, &str, &str) -> Option<Reply> + Clone + Send + Sync + 'static,
     rewrite: fn(&str, u16) -> Option<(u16, &'static str)>,
 ) -> String {
     use axum::body::Body;
@@ -550,8 +558,10 @@ pub async fn proxy(
                 .map(|p| p.as_str().to_string())
                 .unwrap_or_default();
             let method = req.method().as_str().to_string();
-            if let Some((status, body)) = answer(&method, &path, &agent) {
-                return reply(status, body);
+            match answer(&method, &path, &agent) {
+                Some(Reply::Status(status, body)) => return reply(status, body),
+                Some(Reply::Hang) => return std::future::pending().await,
+                None => {}
             }
             let mut out = client.request(req.method().clone(), format!("http://{upstream}{path}"));
             // The Host header stays the proxy's: the registry builds its Location URLs from it.
