@@ -26,8 +26,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinHandle;
+use tokio::sync::{oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -63,6 +62,8 @@ struct Inner {
     /// Pending callbacks being delivered at once: every queued build owes one, and a slow
     /// receiver must not get a connection (a file descriptor here) per queued build.
     pending_calls: Semaphore,
+    /// Pending callbacks owed by queued builds, oldest first, and those being delivered.
+    pending: Mutex<PendingCalls>,
     /// Builds that took a slot, or were stopped while queued and are being ended.
     active: Mutex<HashMap<Uuid, Active>>,
     /// Builds waiting for a slot, oldest first. A queued build has no task (the dispatcher
@@ -141,15 +142,58 @@ const RUNNING_LINE_AFTER: std::time::Duration = std::time::Duration::from_millis
 /// Why a build was stopped, set before its token fires; `None` means "stopped by request".
 type StopReason = Arc<Mutex<Option<(FailureReason, String)>>>;
 
-/// A queued build: what starting it, stopping it and reporting it active need. Small (40
+/// A queued build: what starting it, stopping it and reporting it active need. Small (32
 /// bytes, nothing allocated), since a burst queues hundreds of thousands.
 struct Waiting {
     id: Uuid,
     /// `app_id(app, app_uuid)`.
     app: u64,
     build_number: u64,
-    /// Its pending callback's delivery, handed to the build's run.
-    pending: Option<JoinHandle<()>>,
+}
+
+/// The pending callbacks of queued builds. A queued build costs its id here, not a task of
+/// its own (a task sending one was ~1.3 KB, ten times the rest of a queued build): at most
+/// PENDING_CALLS_AT_ONCE workers take ids in order and deliver them.
+#[derive(Default)]
+struct PendingCalls {
+    queue: VecDeque<Uuid>,
+    workers: usize,
+    /// Being delivered, each with a receiver that wakes when it is done: a build that ends
+    /// meanwhile waits for it, so its final callback goes after.
+    in_flight: HashMap<Uuid, watch::Receiver<()>>,
+}
+
+/// Ends a pending callback's delivery when dropped (delivered, given up or the task gone).
+struct Delivering<'a> {
+    pending: &'a Mutex<PendingCalls>,
+    id: Uuid,
+    _done: watch::Sender<()>,
+}
+
+impl Drop for Delivering<'_> {
+    fn drop(&mut self) {
+        lock(self.pending).in_flight.remove(&self.id);
+    }
+}
+
+/// A pending-callback worker's place in `PendingCalls::workers`, given back when it leaves
+/// (normally under the lock that found the queue empty; on a panic, by this).
+struct PendingWorker<'a> {
+    pending: &'a Mutex<PendingCalls>,
+    left: bool,
+}
+
+impl Drop for PendingWorker<'_> {
+    fn drop(&mut self) {
+        if !self.left {
+            lock(self.pending).workers -= 1;
+        }
+    }
+}
+
+/// A mutex's guard; a panic elsewhere while holding it leaves the data usable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A build that took a slot (or is being ended after a stop while queued).
@@ -181,7 +225,6 @@ struct Ticket {
     started_at: chrono::DateTime<chrono::Utc>,
     cancel: CancellationToken,
     reason: StopReason,
-    pending: Option<JoinHandle<()>>,
 }
 
 impl LocalExecutor {
@@ -214,6 +257,7 @@ impl LocalExecutor {
             )),
             accepting: accepting::Accepting::default(),
             pending_calls: Semaphore::new(PENDING_CALLS_AT_ONCE),
+            pending: Mutex::default(),
             active: Mutex::new(HashMap::new()),
             waiting: Mutex::new(ChunkedQueue::default()),
             ready: Mutex::new(VecDeque::new()),
@@ -289,19 +333,14 @@ impl LocalExecutor {
     /// Queues the build; its pending callback goes out now.
     fn enqueue(&self, rec: Record) {
         let id = rec.spec.build_uuid;
-        let pending = (!rec.pending_sent && rec.spec.callback.is_some()).then(|| {
-            let inner = self.inner.clone();
-            self.inner.tasks.spawn_on(
-                async move { inner.send_pending(id).await },
-                &self.inner.builds,
-            )
-        });
+        if !rec.pending_sent && rec.spec.callback.is_some() {
+            self.inner.queue_pending(id);
+        }
         self.inner.metrics.queued.inc();
         self.inner.lock_waiting().push_back(Waiting {
             id,
             app: app_id(&rec.spec.app, &rec.spec.app_uuid),
             build_number: rec.spec.build_number,
-            pending,
         });
         self.inner.wake.notify_one();
     }
@@ -490,7 +529,6 @@ impl Inner {
             started_at: chrono::Utc::now(),
             cancel,
             reason,
-            pending: w.pending,
         })
     }
 
@@ -579,7 +617,7 @@ impl Inner {
             match self.wait_for_earlier(&ticket, deadline).await {
                 Waited::Slot(permit) => (permit, chrono::Utc::now()),
                 Waited::Ended(reason, message) => {
-                    return Box::pin(self.end_waiting(&rec, ticket, reason, message)).await;
+                    return Box::pin(self.end_waiting(&rec, reason, message)).await;
                 }
                 Waited::Requeued => return,
             }
@@ -611,7 +649,7 @@ impl Inner {
         self.metrics
             .build_finished(&outcome, Some(started.elapsed().as_secs_f64()));
         let started = Some(started_at);
-        Box::pin(self.finish(&rec, ticket.pending, outcome, timings, flush, started)).await;
+        Box::pin(self.finish(&rec, outcome, timings, flush, started)).await;
         drop(finishing);
     }
 
@@ -652,13 +690,7 @@ impl Inner {
     /// Ends a build stopped (or timed out) while it waited for the build of its number it
     /// replaces. That build still owns the number's stored log (it is storing it): this
     /// one's last line goes to Kafka only.
-    async fn end_waiting(
-        &self,
-        rec: &Record,
-        ticket: Ticket,
-        reason: FailureReason,
-        message: String,
-    ) {
+    async fn end_waiting(&self, rec: &Record, reason: FailureReason, message: String) {
         let timings = StageTimings {
             queued: Some(ms_since(rec.accepted_at)),
             ..Default::default()
@@ -666,7 +698,7 @@ impl Inner {
         let line = format!("Build failed ({}): {message}", reason.as_str());
         self.kafka_last_line(&rec.spec, &line);
         let outcome = Outcome::failed(reason, message);
-        Box::pin(self.finish(rec, ticket.pending, outcome, timings, None, None)).await;
+        Box::pin(self.finish(rec, outcome, timings, None, None)).await;
     }
 
     /// Stops the matching builds that took a slot and, with `queued`, the queued ones too,
@@ -709,16 +741,16 @@ impl Inner {
                         return true;
                     }
                     self.activate(&mut active, w);
-                    ending.push((w.id, w.pending.take()));
+                    ending.push(w.id);
                     false
                 });
             }
         }
         n += ending.len();
-        for (id, pending) in ending {
+        for id in ending {
             let inner = self.clone();
             let why = why.clone().unwrap_or_else(stopped_by_request);
-            self.supervise(async move { inner.end_unstarted(id, pending, why).await });
+            self.supervise(async move { inner.end_unstarted(id, why).await });
         }
         n
     }
@@ -741,12 +773,7 @@ impl Inner {
     }
 
     /// Ends a build stopped while it was queued.
-    async fn end_unstarted(
-        self: Arc<Self>,
-        id: Uuid,
-        pending: Option<JoinHandle<()>>,
-        (r, m): (FailureReason, String),
-    ) {
+    async fn end_unstarted(self: Arc<Self>, id: Uuid, (r, m): (FailureReason, String)) {
         let _entry = ActiveEntry {
             active: &self.active,
             id,
@@ -762,7 +789,7 @@ impl Inner {
         let line = format!("Build failed ({}): {m} before it started", r.as_str());
         Box::pin(self.append_log_line(&rec.spec, &line)).await;
         let outcome = Outcome::failed(r, format!("{m} before it started"));
-        Box::pin(self.finish(&rec, pending, outcome, timings, None, None)).await;
+        Box::pin(self.finish(&rec, outcome, timings, None, None)).await;
     }
 
     /// Records the outcome, then sends the callbacks (the final one after the pending one)
@@ -770,7 +797,6 @@ impl Inner {
     async fn finish(
         &self,
         rec: &Record,
-        pending: Option<JoinHandle<()>>,
         outcome: Outcome,
         mut timings: StageTimings,
         flush_log: Option<futures::future::BoxFuture<'static, ()>>,
@@ -807,12 +833,7 @@ impl Inner {
             saved = self.update(id, Durability::Synced, |_| {}).await;
         }
         // The log's upload and Kafka delivery run beside the final callback, never before it.
-        let callbacks = async {
-            if let Some(p) = pending {
-                let _ = p.await;
-            }
-            Box::pin(self.send_callbacks(id)).await;
-        };
+        let callbacks = Box::pin(self.send_callbacks(id));
         // Active until its log is stored: a follower reads it to its end, and a build that
         // reuses its number opens a log of the same name only then.
         let flushed = async {
@@ -939,8 +960,70 @@ impl Inner {
         }
     }
 
+    /// Queues the pending callback of a build just queued, and starts a worker for it if
+    /// fewer than PENDING_CALLS_AT_ONCE run.
+    fn queue_pending(self: &Arc<Self>, id: Uuid) {
+        let start = {
+            let mut p = lock(&self.pending);
+            p.queue.push_back(id);
+            let start = p.workers < PENDING_CALLS_AT_ONCE;
+            p.workers += usize::from(start);
+            start
+        };
+        if start {
+            let inner = self.clone();
+            self.tasks
+                .spawn_on(async move { inner.pending_worker().await }, &self.builds);
+        }
+    }
+
+    /// Delivers queued pending callbacks, oldest first, until none is left.
+    async fn pending_worker(self: Arc<Self>) {
+        let mut me = PendingWorker {
+            pending: &self.pending,
+            left: false,
+        };
+        loop {
+            let next = {
+                let mut p = lock(&self.pending);
+                let next = p.queue.pop_front();
+                if next.is_none() {
+                    p.workers -= 1;
+                    me.left = true;
+                }
+                next
+            };
+            let Some(id) = next else { return };
+            Box::pin(self.send_pending(id)).await;
+        }
+    }
+
+    /// Delivers the build's pending callback unless it was delivered; if it is being
+    /// delivered, waits for that instead.
     async fn send_pending(&self, id: Uuid) {
-        // Waiting here holds no record: only this task's id.
+        let claimed = {
+            let mut p = lock(&self.pending);
+            match p.in_flight.get(&id) {
+                Some(done) => Err(done.clone()),
+                None => {
+                    let (tx, rx) = watch::channel(());
+                    p.in_flight.insert(id, rx);
+                    Ok(tx)
+                }
+            }
+        };
+        let _delivering = match claimed {
+            Ok(tx) => Delivering {
+                pending: &self.pending,
+                id,
+                _done: tx,
+            },
+            Err(mut done) => {
+                // Ends when the other delivery's sender is dropped.
+                let _ = done.changed().await;
+                return;
+            }
+        };
         let Ok(_slot) = self.pending_calls.acquire().await else {
             return;
         };
