@@ -6,7 +6,8 @@
 use crate::build::{BuildSpec, FailureReason, Outcome, RegistryAuth, StageTimings, Termination};
 use crate::config::{BuildConfig, WorkerArgs};
 use crate::logs::{LogFiles, LogSinks};
-use crate::operator::crd::{BuildJobSpec, SourceKind};
+use crate::operator::crd::{BuildJobSpec, SourceKind, SOURCES_TOO_LARGE};
+use crate::pipeline::sources::SourceError;
 use crate::pipeline::{docker, Pipeline};
 use crate::secret::Secret;
 use std::path::Path;
@@ -160,6 +161,27 @@ async fn build(
         spec.app_key(),
         spec.build_uuid
     ));
+
+    // A data: URI too large for MAX_SOURCE_BYTES (the facade passed a stand-in, see
+    // `SOURCES_TOO_LARGE`): failed as the pipeline fails the URI itself, by its length,
+    // with the lines local mode's build of it writes.
+    if spec.sources.expose() == SOURCES_TOO_LARGE {
+        log.line("Decoding sources from the data: URI");
+        let outcome = Outcome::failed(
+            FailureReason::SourceFetchFailed,
+            SourceError::TooLarge {
+                limit: cfg.limits.max_source_bytes,
+            }
+            .to_string(),
+        );
+        if let Outcome::Failed { reason, message } = &outcome {
+            log.line(&format!("Build failed ({}): {message}", reason.as_str()));
+        }
+        timings.total = Some(crate::build::elapsed_ms(started));
+        log.line(&timings.summary());
+        log.finish().await;
+        return outcome;
+    }
 
     // TIMEOUT_IN_MS counts from the worker's start, waiting for dockerd included: the pod's
     // deadline (TIMEOUT_IN_MS + a margin for the pod's own start) must not come first.

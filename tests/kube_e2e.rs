@@ -424,3 +424,130 @@ mod scenario {
         }
     }
 }
+
+/// Peak resident memory of process `pid` (VmHWM), in bytes.
+fn peak_memory(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// `GET …/logs` of a running build streams its worker pod's log through the filter that
+/// keeps the build's own lines: four readers at once of a 28 MiB pod log each get those
+/// lines byte for byte, and the service's peak memory grows by far less than one copy of
+/// the log (it read the whole log into memory per request, and copied it again, before).
+/// Simulator only: the BuildJob's status and its pod are made by the test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logs_of_a_running_build_stream_whatever_the_size_of_its_pod_log() {
+    use futures::StreamExt;
+    use kube::api::{Api, DynamicObject, LogParams, Patch, PatchParams, PostParams};
+    let cluster = Cluster::start().await;
+    // The facade alone: no controller makes a pod for the BuildJob.
+    let shuttle = cluster.serve(Mode::Host, &[("RUN_CONTROLLER", "false")]);
+    let cb = Callbacks::start().await;
+    let b = cluster.body(&data_uri(&app(&cluster, &marker(), 0)), &cb);
+    shuttle.post(&b).await;
+    // Lines of 64 bytes: 12 MiB of the build's, 4 MiB of the service's own, 12 MiB of the
+    // build's again, one last build line; then the worker runs on.
+    let prefix = format!("[{}-1] ", b["app"].as_str().unwrap_or(""));
+    let pad = |c: char, len: usize| std::iter::repeat_n(c, len).collect::<String>();
+    let first = pad('a', 63 - prefix.len());
+    let second = pad('b', 63 - prefix.len());
+    let end = pad('c', 63 - prefix.len());
+    let script = format!(
+        "yes '{prefix}{first}' | head -c 12582912; yes 'WARN the worker itself says {}' | head -c 4194304; yes '{prefix}{second}' | head -c 12582912; echo '{prefix}{end}'; sleep 600",
+        pad('w', 35)
+    );
+    let pod_name = format!("{}-worker-0", common::cluster::job_name(&b));
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": pod_name},
+        "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 1,
+                 "containers": [{"name": "worker", "image": common::BASE_IMAGE,
+                                 "imagePullPolicy": "IfNotPresent", "command": ["sh", "-c", script]}]}
+    }))
+    .expect("a pod");
+    let pods = cluster.pods_api();
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("pod created");
+    let jobs: Api<DynamicObject> = Api::namespaced_with(
+        cluster.client.clone(),
+        cluster.ns(),
+        &common::cluster::buildjob_resource(),
+    );
+    jobs.patch_status(
+        &common::cluster::job_name(&b),
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"status": {"phase": "Running", "podName": pod_name}})),
+    )
+    .await
+    .expect("status");
+    // Wait for the whole log to be written (dockerd's log writer lags the container).
+    let last = format!("{prefix}{end}");
+    let start = Instant::now();
+    loop {
+        let tail = pods
+            .logs(
+                &pod_name,
+                &LogParams {
+                    tail_lines: Some(1),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_or_default();
+        if tail.trim_end() == last {
+            break;
+        }
+        assert!(
+            start.elapsed() < BUILD,
+            "the pod never wrote its log: {tail:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let pid = shuttle.child.id();
+    let before = peak_memory(pid);
+    let lines = 12582912 / 64;
+    let line_len = first.len() + 1;
+    let read = |reader: usize| {
+        let url = shuttle.url(&logs_path(&b));
+        let (first, second, end) = (first.clone(), second.clone(), end.clone());
+        async move {
+            let resp = reqwest::get(url).await.expect("logs");
+            assert_eq!(resp.status(), 200);
+            let mut body = resp.bytes_stream();
+            let mut at = 0usize;
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.unwrap_or_else(|e| panic!("reader {reader}: {e}"));
+                for byte in chunk.iter() {
+                    let (line, col) = (at / line_len, at % line_len);
+                    let text = match line {
+                        l if l < lines => &first,
+                        l if l < 2 * lines => &second,
+                        _ => &end,
+                    };
+                    let want = text.as_bytes().get(col).copied().unwrap_or(b'\n');
+                    assert!(
+                        line <= 2 * lines && *byte == want,
+                        "reader {reader}: byte {at} is {byte}, not {want}"
+                    );
+                    at += 1;
+                }
+            }
+            at
+        }
+    };
+    let got = futures::future::join_all((0..4).map(read)).await;
+    assert_eq!(got, vec![(2 * lines + 1) * line_len; 4], "every line, once");
+    // Before, each request held the log read whole, a copy of it, and its build lines.
+    let grew = peak_memory(pid).saturating_sub(before);
+    println!("peak memory grew by {} KiB", grew >> 10);
+    assert!(
+        grew < 24 << 20,
+        "four readers of a 28 MiB pod log grew the service's peak memory by {} MiB",
+        grew >> 20
+    );
+}

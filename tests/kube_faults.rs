@@ -614,6 +614,196 @@ async fn a_follower_whose_pod_log_stream_is_cut_picks_it_up_again_while_the_buil
     exactly_once(&cb, &b, "succeeded").await;
 }
 
+/// What a future gave, and how long it took.
+async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, Duration) {
+    let start = Instant::now();
+    let out = f.await;
+    (out, start.elapsed())
+}
+
+/// An API server (or a load balancer in front of it) that takes a call and never answers:
+/// `POST /`, a stop and a log request are refused (503) within the facade's bound on each
+/// call (30 s), never held for ever, and a follower whose pod log cannot be opened still
+/// gets the whole log and its end once the build has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_whose_api_calls_get_no_answer_are_refused_in_time_not_held() {
+    let cluster = Cluster::start().await;
+    let shuttle = cluster.serve_as("unanswered", Mode::Host, &[]);
+    let cb = Callbacks::start().await;
+    let b = cluster.body(&data_uri(&app(&cluster, 8)), &cb);
+    shuttle.post(&b).await;
+    running_pod(&cluster, &b).await;
+    let name = common::cluster::job_name(&b);
+    for m in [
+        kubesim::Matcher::new("create", "buildjobs"),
+        kubesim::Matcher::new("patch", "buildjobs").name(&name),
+        kubesim::Matcher::new("get", "pods").subresource("log"),
+    ] {
+        cluster.sim.black_hole(m);
+    }
+    let status =
+        |r: reqwest::Result<reqwest::Response>| r.map(|r| r.status().as_u16()).unwrap_or(0);
+    let other = next_build(&b, 2, &data_uri(&app(&cluster, 0)));
+    let http = reqwest::Client::new();
+    let post = async { status(http.post(shuttle.url("/")).json(&other).send().await) };
+    let path = common::build_path(&b);
+    let stop = delete(&shuttle, &path);
+    let logs = common::logs_path(&b);
+    let log = async { status(reqwest::get(shuttle.url(&logs)).await) };
+    let follow = async {
+        let r = reqwest::get(shuttle.url(&format!("{logs}?follow=true")))
+            .await
+            .expect("follow");
+        r.text().await.unwrap_or_default()
+    };
+    let all = async { tokio::join!(timed(post), timed(stop), timed(log), timed(follow)) };
+    let ((post, post_took), (stop, stop_took), (log, log_took), (followed, follow_took)) =
+        tokio::time::timeout(Duration::from_secs(120), all)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "a request was still held after 120 s: {}",
+                    cluster.serve_log("unanswered")
+                )
+            });
+    let bound = Duration::from_secs(45);
+    for (what, code, took) in [
+        ("POST /", post, post_took),
+        ("DELETE", stop, stop_took),
+        ("GET …/logs", log, log_took),
+    ] {
+        assert_eq!(code, 503, "{what}");
+        assert!(took < bound, "{what} answered after {took:?}");
+    }
+    assert!(
+        follow_took < bound + BUILD,
+        "the follow ended after {follow_took:?}"
+    );
+    assert!(
+        followed.contains("step-end") && followed.ends_with("Build finished\n"),
+        "{followed}"
+    );
+    cluster.sim.clear_black_holes();
+    // The stop was refused, so the build went on to succeed.
+    exactly_once(&cb, &b, "succeeded").await;
+}
+
+/// `data:` URIs whose payload cannot be decoded, of any size, are accepted and fail as local
+/// mode fails them (`SourceFetchFailed`, the decoder's message, the same log lines), from a
+/// credentials Secret that holds at most 64 KiB of them: the URI itself would be refused
+/// over 1 MiB (the API server's limit for a Secret) and keep the worker from starting over
+/// 128 KiB (one environment string).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn undecodable_data_uris_of_any_size_fail_as_in_local_mode() {
+    use base64::Engine;
+    let cluster = Cluster::start().await;
+    let max_source_bytes = 2_000_000u64;
+    let shuttle = cluster.serve(
+        Mode::Host,
+        &[("MAX_SOURCE_BYTES", &max_source_bytes.to_string())],
+    );
+    let cb = Callbacks::start().await;
+    let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![9u8; n]);
+    // 1.5 MiB with a bad symbol in its middle; 300 KiB wrapped in lines of 76 (MIME); 3 MiB
+    // of valid base64, too large for MAX_SOURCE_BYTES.
+    let mut bad_symbol = b64(1_200_000);
+    bad_symbol.replace_range(800_001..800_002, "*");
+    let wrapped: String = b64(230_000)
+        .as_bytes()
+        .chunks(76)
+        .map(|l| format!("{}\n", String::from_utf8_lossy(l)))
+        .collect();
+    let too_large = b64(2_400_000);
+    let limits = buildshuttle::config::Limits {
+        max_source_bytes,
+        max_context_bytes: 1 << 30,
+        max_archive_entries: 1000,
+    };
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let mut builds = Vec::new();
+    for (i, payload) in [bad_symbol, wrapped, too_large].into_iter().enumerate() {
+        // What local mode's build of it says (its pipeline decodes it with this).
+        let expected = buildshuttle::pipeline::sources::write_data(
+            &payload,
+            &scratch.path().join(i.to_string()),
+            &limits,
+        )
+        .await
+        .expect_err("not decodable")
+        .to_string();
+        let b = cluster.body(&format!("data:application/zip;base64,{payload}"), &cb);
+        let r = reqwest::Client::new()
+            .post(shuttle.url("/"))
+            .json(&b)
+            .send()
+            .await
+            .expect("POST /");
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+        builds.push((b, expected));
+    }
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(cluster.client.clone(), cluster.ns());
+    for (b, expected) in &builds {
+        let name = format!("{}-credentials", common::cluster::job_name(b));
+        let secret = secrets.get(&name).await.expect("the credentials Secret");
+        let held = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get("sources"))
+            .map_or(0, |v| v.0.len());
+        assert!(
+            held <= 64 * 1024 + 64,
+            "{name} holds {held} bytes of the URI"
+        );
+        exactly_once(&cb, b, "failed").await;
+        let job = finished(&cluster, b).await;
+        assert_eq!(reason(&job), "SourceFetchFailed", "{job:#}");
+        assert_eq!(message(&job), *expected, "{job:#}");
+        let log = shuttle.log(b).await;
+        let lines: Vec<&str> = log.lines().collect();
+        let started = format!("Build 1 of {} started ({})", key(b), uuid_of(b));
+        let failed = format!("Build failed (SourceFetchFailed): {expected}");
+        assert_eq!(lines.len(), 5, "{log}");
+        assert_eq!(
+            (lines[0], lines[1], lines[2], lines[4]),
+            (
+                started.as_str(),
+                "Decoding sources from the data: URI",
+                failed.as_str(),
+                "Build finished"
+            ),
+            "{log}"
+        );
+        assert!(lines[3].starts_with("Timings: "), "{log}");
+    }
+}
+
+/// Temporary files a killed process left in its data folder (the chart's emptyDir outlives
+/// a container's restarts) are removed when Kubernetes mode starts: the scratch folder of
+/// `data:` archives and the folder of log ends. The rest of DATA_DIR is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn temporary_files_a_killed_process_left_are_removed_at_start() {
+    let cluster = Cluster::start().await;
+    let data = cluster.data.path().join("restarted");
+    let mut left = Vec::new();
+    for dir in ["scratch", "log-ends"] {
+        let d = data.join(dir);
+        std::fs::create_dir_all(d.join(".tmpdir")).expect("folder");
+        for (f, size) in [(".tmpA1b2C3", 1 << 20), ("app-uuid-3.logs", 10)] {
+            std::fs::write(d.join(f), vec![b'x'; size]).expect("file");
+            left.push(d.join(f));
+        }
+        left.push(d.join(".tmpdir"));
+    }
+    std::fs::write(data.join("keep.txt"), "not ours to remove").expect("file");
+    let shuttle = cluster.serve_as("restarted", Mode::Host, &[]);
+    wait_octhc(&shuttle, 200, Duration::from_secs(30), "started").await;
+    for p in &left {
+        assert!(!p.exists(), "{} is still there", p.display());
+    }
+    assert!(data.join("keep.txt").exists());
+}
+
 /// Polls `/octhc` until it answers `code`.
 async fn wait_octhc(shuttle: &Proc, code: u16, within: Duration, what: &str) {
     let start = Instant::now();

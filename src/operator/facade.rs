@@ -1,19 +1,23 @@
 //! The HTTP API's executor in Kubernetes mode: a build is a BuildJob (no secrets) plus a
 //! Secret it owns (the credentials); a `data:` archive goes to storage first. A new build
 //! whose number another build's BuildJob holds replaces it. Stop marks BuildJobs
-//! cancelled; logs come from the running pod, or from storage once finished.
+//! cancelled; logs come from the running pod (streamed), or from storage once finished.
+//! Every API call a request makes is bounded (API_CALL_TIMEOUT): no request waits for ever
+//! on an API server that does not answer.
 
-use super::crd::{job_name, secret_keys, BuildJob, BuildJobSpec, Phase, SourceKind, SourceRef};
+use super::crd::{
+    job_name, secret_keys, BuildJob, BuildJobSpec, Phase, SourceKind, SourceRef, SOURCES_TOO_LARGE,
+};
 use super::pod::WORKER_CONTAINER;
 use crate::build::BuildSpec;
 use crate::config::Limits;
 use crate::executor::LogStream;
 use crate::executor::{BuildSelector, Executor, ExecutorError};
-use crate::pipeline::sources::{self, Source};
+use crate::pipeline::sources::{self, Source, SourceError};
 use crate::storage::{Object, Storage};
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::{AsyncBufReadExt, StreamExt, TryStreamExt};
+use futures::{AsyncBufReadExt, StreamExt};
 use k8s_openapi::api::core::v1::{Pod, Secret as KubeSecret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
@@ -46,6 +50,8 @@ pub struct KubeExecutor {
     /// Whether the installed CRD declares what this version writes (no build is written
     /// to one that would drop part of it).
     crd: super::crd_check::CrdCheck,
+    /// API_CALL_TIMEOUT (tests shorten it).
+    api_timeout: std::time::Duration,
 }
 
 fn unavailable(what: &str) -> impl FnOnce(kube::Error) -> ExecutorError + '_ {
@@ -59,15 +65,34 @@ fn is_code(e: &kube::Error, code: u16) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == code)
 }
 
+/// How long one API call of a request (or one read of a pod log it streams) may take.
+/// kube's client has no read timeout: an API server, or a load balancer in front of it, that
+/// takes a request and never answers would hold `POST /`, a stop or a log request for ever.
+pub const API_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// An API call that got no answer in time, as the client's own errors are (so each caller
+/// treats it as the API failing: 503).
+fn timed_out(after: std::time::Duration) -> kube::Error {
+    kube::Error::Service(Box::new(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!(
+            "the Kubernetes API did not answer within {} s",
+            after.as_secs_f32()
+        ),
+    )))
+}
+
 impl KubeExecutor {
     /// Deletes a BuildJob this request just created and cannot complete (its finalizer
     /// first: nothing is owed for a build that was never accepted). Best effort: logged.
     async fn remove_unfinished(&self, jobs: &Api<BuildJob>, name: &str) {
         let patch = serde_json::json!({"metadata": {"finalizers": null}});
         let removed = async {
-            jobs.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            self.bounded(jobs.patch(name, &PatchParams::default(), &Patch::Merge(&patch)))
                 .await?;
-            jobs.delete(name, &Default::default()).await.map(|_| ())
+            self.bounded(jobs.delete(name, &Default::default()))
+                .await
+                .map(|_| ())
         };
         if let Err(e) = removed.await {
             tracing::error!(job = %name, error = %e, "could not remove a BuildJob whose credentials Secret was not created; delete it by hand");
@@ -94,6 +119,18 @@ impl KubeExecutor {
             own: None,
             replace_wait: REPLACE_WAIT,
             crd: super::crd_check::CrdCheck::off(),
+            api_timeout: API_CALL_TIMEOUT,
+        }
+    }
+
+    /// One API call, bounded by `api_timeout` (see API_CALL_TIMEOUT).
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, kube::Error>>,
+    ) -> Result<T, kube::Error> {
+        match tokio::time::timeout(self.api_timeout, call).await {
+            Ok(answered) => answered,
+            Err(_) => Err(timed_out(self.api_timeout)),
         }
     }
 
@@ -119,75 +156,116 @@ impl KubeExecutor {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
 
-    /// Where the sources are, for the CR: `data:` archives are stored now.
-    async fn source_ref(&self, spec: &BuildSpec) -> Result<SourceRef, ExecutorError> {
+    /// Where the sources are, for the CR, and what the credentials Secret holds of them:
+    /// `data:` archives are stored now.
+    async fn source_ref(&self, spec: &BuildSpec) -> Result<Sources, ExecutorError> {
         if spec.sources_stored {
-            let key = spec.source_key();
-            return Ok(SourceRef {
-                kind: SourceKind::Stored,
-                display: format!("stored as {key}"),
-                storage_key: Some(key),
-            });
+            return Ok(Sources::stored(spec));
         }
-        Ok(match sources::parse(spec.sources.expose()) {
-            Ok(Source::Data(b64)) => {
-                tokio::fs::create_dir_all(&self.scratch)
-                    .await
-                    .map_err(|e| ExecutorError::Unavailable(format!("scratch folder: {e}")))?;
-                let tmp = tempfile::NamedTempFile::new_in(&self.scratch)
-                    .map_err(|e| ExecutorError::Unavailable(format!("scratch file: {e}")))?;
-                let key = spec.source_key();
-                match sources::write_data(&b64, tmp.path(), &self.limits).await {
-                    Ok(_) => {
-                        self.storage.put_file(&key, tmp.path()).await.map_err(|e| {
-                            tracing::error!(error = %e, "storing a data: archive");
-                            ExecutorError::Unavailable("the sources could not be stored".into())
-                        })?;
-                        SourceRef {
-                            kind: SourceKind::Stored,
-                            display: format!("stored as {key}"),
-                            storage_key: Some(key),
-                        }
-                    }
-                    // Not decodable: the worker reports it (InvalidSources), as local mode does.
-                    Err(_) => SourceRef {
+        let uri = spec.sources.expose();
+        let full = |reference| Sources {
+            reference,
+            secret: Some(uri.to_string()),
+        };
+        if let Some(b64) = sources::data_payload(uri) {
+            return match self.decode(b64).await? {
+                Ok(tmp) => {
+                    let key = spec.source_key();
+                    self.storage.put_file(&key, tmp.path()).await.map_err(|e| {
+                        tracing::error!(error = %e, "storing a data: archive");
+                        ExecutorError::Unavailable("the sources could not be stored".into())
+                    })?;
+                    Ok(Sources::stored(spec))
+                }
+                // Not decodable: the worker's pipeline fails it, as local mode's does, from
+                // a stand-in of the URI (which may be far larger than a Secret can hold).
+                Err(e) => Ok(Sources {
+                    reference: SourceRef {
                         kind: SourceKind::Http,
                         display: "data: URI (not decodable)".into(),
                         storage_key: None,
                     },
-                }
-            }
-            Ok(Source::Docker(d)) => SourceRef {
+                    secret: Some(stand_in(uri, b64, &e)),
+                }),
+            };
+        }
+        Ok(match sources::parse(uri) {
+            Ok(Source::Docker(d)) => full(SourceRef {
                 kind: SourceKind::Docker,
                 display: format!("docker://{}", d.image),
                 storage_key: None,
-            },
-            Ok(Source::Http(url)) => SourceRef {
+            }),
+            Ok(Source::Http(url)) => full(SourceRef {
                 kind: SourceKind::Http,
                 display: display_url(&url),
                 storage_key: None,
-            },
-            Err(_) => SourceRef {
+            }),
+            Ok(Source::Data(_)) | Err(_) => full(SourceRef {
                 kind: SourceKind::Http,
                 display: "(unsupported source URI)".into(),
                 storage_key: None,
-            },
+            }),
         })
+    }
+
+    /// What the credentials Secret holds of the sources of a BuildJob made earlier (a
+    /// repeated POST): as `source_ref` made it.
+    async fn secret_sources(
+        &self,
+        spec: &BuildSpec,
+        reference: &SourceRef,
+    ) -> Result<Option<String>, ExecutorError> {
+        if reference.kind == SourceKind::Stored {
+            return Ok(None);
+        }
+        let uri = spec.sources.expose();
+        let Some(b64) = sources::data_payload(uri).filter(|_| uri.len() > STAND_IN_MAX) else {
+            return Ok(Some(uri.to_string()));
+        };
+        Ok(Some(match self.decode(b64).await? {
+            Err(e) => stand_in(uri, b64, &e),
+            // Decodable here (another replica's MAX_SOURCE_BYTES?): the worker sees it as
+            // too large, as the replica that accepted it did.
+            Ok(_) => SOURCES_TOO_LARGE.to_string(),
+        }))
+    }
+
+    /// Decodes a `data:` payload into a scratch file: the file, or why the payload cannot be
+    /// decoded. A failure of this replica's own (its disk) is an error: try again.
+    async fn decode(
+        &self,
+        b64: &str,
+    ) -> Result<Result<tempfile::NamedTempFile, sources::SourceError>, ExecutorError> {
+        tokio::fs::create_dir_all(&self.scratch)
+            .await
+            .map_err(|e| ExecutorError::Unavailable(format!("scratch folder: {e}")))?;
+        let tmp = tempfile::NamedTempFile::new_in(&self.scratch)
+            .map_err(|e| ExecutorError::Unavailable(format!("scratch file: {e}")))?;
+        match sources::write_data(b64, tmp.path(), &self.limits).await {
+            Ok(_) => Ok(Ok(tmp)),
+            Err(e @ (SourceError::BadBase64(_) | SourceError::TooLarge { .. })) => Ok(Err(e)),
+            Err(e) => {
+                tracing::error!(error = %e, "decoding a data: archive into the scratch folder");
+                Err(ExecutorError::Unavailable(
+                    "the sources could not be decoded here".into(),
+                ))
+            }
+        }
     }
 
     fn secret_for(
         &self,
         spec: &BuildSpec,
         job: &BuildJob,
-        source: &SourceRef,
+        sources: Option<&str>,
     ) -> Option<KubeSecret> {
         let owner = job.controller_owner_ref(&())?;
         let mut data = BTreeMap::new();
         let mut put = |k: &str, v: &str| {
             data.insert(k.to_string(), ByteString(v.as_bytes().to_vec()));
         };
-        if source.kind != SourceKind::Stored {
-            put(secret_keys::SOURCES, spec.sources.expose());
+        if let Some(s) = sources {
+            put(secret_keys::SOURCES, s);
         }
         if let Some(a) = &spec.gm_registry_auth {
             put(secret_keys::GM_REGISTRY_USERNAME, &a.username);
@@ -250,7 +328,7 @@ impl KubeExecutor {
             uid: other.uid(),
             resource_version: None,
         });
-        match jobs.delete(&name, &params).await {
+        match self.bounded(jobs.delete(&name, &params)).await {
             Ok(_) => Ok(()),
             // Gone already, or replaced by another object meanwhile: the next read tells.
             Err(e) if is_code(&e, 404) || is_code(&e, 409) => Ok(()),
@@ -271,7 +349,10 @@ impl KubeExecutor {
         let secrets: Api<KubeSecret> = Api::namespaced(self.client.clone(), &self.namespace);
         let name = secret.name_any();
         for _ in 0..SECRET_ATTEMPTS {
-            match secrets.create(&PostParams::default(), secret).await {
+            match self
+                .bounded(secrets.create(&PostParams::default(), secret))
+                .await
+            {
                 Ok(_) => {
                     if let Some(own) = &self.own {
                         own.secret_known(job, super::controller::callback_auth(Some(secret)));
@@ -281,8 +362,8 @@ impl KubeExecutor {
                 Err(e) if is_code(&e, 409) => {}
                 Err(e) => return Err(unavailable("creating the credentials Secret")(e)),
             }
-            let there = secrets
-                .get_opt(&name)
+            let there = self
+                .bounded(secrets.get_opt(&name))
                 .await
                 .map_err(unavailable("reading the credentials Secret"))?;
             let Some(there) = there else {
@@ -296,7 +377,7 @@ impl KubeExecutor {
                 uid: there.uid(),
                 resource_version: None,
             });
-            match secrets.delete(&name, &params).await {
+            match self.bounded(secrets.delete(&name, &params)).await {
                 Ok(_) => {}
                 Err(e) if is_code(&e, 404) || is_code(&e, 409) => {}
                 Err(e) => {
@@ -314,9 +395,9 @@ impl KubeExecutor {
 
     async fn cancel(&self, name: &str) -> Result<bool, ExecutorError> {
         let patch = serde_json::json!({"spec": {"cancelled": true}});
+        let jobs = self.jobs();
         match self
-            .jobs()
-            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .bounded(jobs.patch(name, &PatchParams::default(), &Patch::Merge(&patch)))
             .await
         {
             Ok(j) => Ok(!j
@@ -340,6 +421,67 @@ fn owned_by(secret: &KubeSecret, job: &BuildJob) -> bool {
             .any(|o| Some(&o.uid) == uid.as_ref())
 }
 
+/// Where a build's sources are (the BuildJob's part) and what its credentials Secret holds
+/// of them (none for stored sources).
+#[derive(Clone, Debug)]
+struct Sources {
+    reference: SourceRef,
+    secret: Option<String>,
+}
+
+impl Sources {
+    fn stored(spec: &BuildSpec) -> Self {
+        let key = spec.source_key();
+        Sources {
+            reference: SourceRef {
+                kind: SourceKind::Stored,
+                display: format!("stored as {key}"),
+                storage_key: Some(key),
+            },
+            secret: None,
+        }
+    }
+}
+
+/// The longest `data:` URI a credentials Secret holds, and so the worker's environment: far
+/// below the API server's 1 MiB for a Secret's data and Linux's 128 KiB for one environment
+/// string (MAX_ARG_STRLEN), past which the Secret is refused or the worker cannot start.
+const STAND_IN_MAX: usize = 64 * 1024 + 64;
+
+/// The base64 characters `sources::write_data` decodes at a time, each run on its own: a
+/// chunk fails (or not) the same way whatever precedes it.
+const DATA_CHUNK: usize = 64 * 1024;
+
+/// What the worker gets as `sources` for a `data:` URI this facade could not decode
+/// (`error`), instead of a URI that may be hundreds of MiB: one at most STAND_IN_MAX long
+/// that the worker's pipeline fails the same way (the same reason, message and log lines as
+/// local mode's build of the whole URI). The URI itself when short enough; else, for invalid
+/// base64, the chunk whose decoding failed; else (a payload too large for MAX_SOURCE_BYTES,
+/// refused for its length) `SOURCES_TOO_LARGE`, which the worker reports as that.
+fn stand_in(uri: &str, b64: &str, error: &SourceError) -> String {
+    if uri.len() <= STAND_IN_MAX {
+        return uri.to_string();
+    }
+    if matches!(error, SourceError::BadBase64(_)) {
+        use base64::Engine;
+        let payload = b64.trim_end();
+        let engine = base64::engine::general_purpose::STANDARD;
+        let mut start = 0;
+        while start < payload.len() {
+            let mut end = (start + DATA_CHUNK).min(payload.len());
+            if engine.decode(&payload.as_bytes()[start..end]).is_err() {
+                // Whole characters (the chunk before decoded: it is ASCII, `start` is one).
+                while !payload.is_char_boundary(end) {
+                    end += 1;
+                }
+                return format!("data:base64,{}", &payload[start..end]);
+            }
+            start = end;
+        }
+    }
+    SOURCES_TOO_LARGE.to_string()
+}
+
 /// How long a POST waits for the BuildJob of an earlier build with its number to go (a
 /// running one is stopped first, and its `failed` callback sent).
 pub const REPLACE_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
@@ -353,7 +495,9 @@ const SECRET_ATTEMPTS: u32 = 3;
 /// How often a follower looks at a BuildJob that has no running pod yet (one GET).
 const FOLLOW_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
-type Lines = futures::stream::BoxStream<'static, std::io::Result<String>>;
+/// A worker pod's log through a `LineFilter`: pieces of the build's lines, each with how
+/// many build lines it ends.
+type Pieces = futures::stream::BoxStream<'static, std::io::Result<(Bytes, usize)>>;
 
 /// One reader of a build's log as it grows.
 struct Follower {
@@ -366,7 +510,7 @@ struct Follower {
     /// The pod whose log is (or was last) streamed, and how many build lines of it were sent.
     pod: Option<String>,
     sent: usize,
-    lines: Option<Lines>,
+    lines: Option<Pieces>,
     /// The worker container of `pod` has stopped: its log will not grow, wait for the
     /// stored log.
     pod_done: bool,
@@ -377,7 +521,7 @@ struct Follower {
 
 impl Follower {
     fn stream(mut self) -> LogStream {
-        self.prefix = format!("[{}-{}] ", self.app, self.build_number);
+        self.prefix = build_prefix(&self.app, self.build_number);
         futures::stream::unfold(self, |mut f| async move {
             let chunk = f.next_chunk().await?;
             Some((Ok(chunk), f))
@@ -402,14 +546,20 @@ impl Follower {
                 };
             }
             if let Some(lines) = self.lines.as_mut() {
-                match lines.next().await {
-                    Some(Ok(line)) => {
-                        if let Some(rest) = line.strip_prefix(&self.prefix) {
-                            self.sent += 1;
-                            let mut b = Vec::with_capacity(rest.len() + 1);
-                            b.extend_from_slice(rest.as_bytes());
-                            b.push(b'\n');
-                            return Some(Bytes::from(b));
+                // A build step may print nothing for minutes, so a quiet stream is not cut;
+                // one that went quiet for good (an API server or proxy that stopped
+                // answering mid-stream) is told apart by the pod: a stopped worker's log
+                // does not grow, and the rest comes from the stored log.
+                match tokio::time::timeout(self.exec.api_timeout, lines.next()).await {
+                    Ok(Some(Ok((chunk, ended)))) => {
+                        self.sent += ended;
+                        return Some(chunk);
+                    }
+                    Err(_) => {
+                        let pod = self.pod.clone().unwrap_or_default();
+                        if worker_stopped(&self.exec, &pod).await == Some(true) {
+                            self.lines = None;
+                            self.pod_done = true;
                         }
                         continue;
                     }
@@ -417,7 +567,7 @@ impl Follower {
                     // (a restart, an idle timeout): the log is re-opened unless the pod
                     // says its worker has stopped. The kubelet records a stop a moment after
                     // the log ends, so the pod is read after a pause.
-                    _ => {
+                    Ok(_) => {
                         self.lines = None;
                         tokio::time::sleep(FOLLOW_WAIT).await;
                         let pod = self.pod.clone().unwrap_or_default();
@@ -426,7 +576,8 @@ impl Follower {
                     }
                 }
             }
-            let job = match self.exec.jobs().get_opt(&self.name).await {
+            let jobs = self.exec.jobs();
+            let job = match self.exec.bounded(jobs.get_opt(&self.name)).await {
                 Ok(Some(job)) => Some(job),
                 // Deleted (and past its finalizer): it will never say it finished.
                 Ok(None) => {
@@ -461,7 +612,7 @@ impl Follower {
 /// pod could not be read.
 async fn worker_stopped(exec: &KubeExecutor, pod: &str) -> Option<bool> {
     let pods: Api<Pod> = Api::namespaced(exec.client.clone(), &exec.namespace);
-    let Some(pod) = pods.get_opt(pod).await.ok()? else {
+    let Some(pod) = exec.bounded(pods.get_opt(pod)).await.ok()? else {
         return Some(true);
     };
     let status = pod.status.unwrap_or_default();
@@ -477,27 +628,230 @@ async fn worker_stopped(exec: &KubeExecutor, pod: &str) -> Option<bool> {
 }
 
 /// One `follow=true` log request for the worker container, skipping the build lines
-/// already sent (a reconnect to the same pod).
-async fn open_log(exec: &KubeExecutor, pod: &str, prefix: &str, sent: usize) -> Option<Lines> {
+/// already sent (a reconnect to the same pod). Only whole lines come out of it (`sent`
+/// counts lines), and opening it is bounded; reading is bounded by the follower.
+async fn open_log(exec: &KubeExecutor, pod: &str, prefix: &str, sent: usize) -> Option<Pieces> {
     let pods: Api<Pod> = Api::namespaced(exec.client.clone(), &exec.namespace);
     let params = LogParams {
         container: Some(WORKER_CONTAINER.into()),
         follow: true,
         ..Default::default()
     };
-    let reader = pods.log_stream(pod, &params).await.ok()?;
-    let prefix = prefix.to_string();
-    let mut skip = sent;
-    let lines = reader.lines().try_filter(move |line| {
-        let keep = if skip > 0 && line.starts_with(&prefix) {
-            skip -= 1;
-            false
-        } else {
-            true
+    let reader = exec.bounded(pods.log_stream(pod, &params)).await.ok()?;
+    Some(filtered(reader, LineFilter::new(prefix, sent, true), None))
+}
+
+/// Where a filtered pod log is in the line it reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum At {
+    /// At a line's start, or within its first bytes while too few to tell whether it is a
+    /// build line.
+    Start,
+    /// In a build line being given out.
+    Keep,
+    /// In a line left out.
+    Drop,
+}
+
+/// Picks a build's own lines out of its worker pod's log as it streams: the lines that
+/// start with `[{app}-{n}] ` (the worker prints its build's lines so), without that
+/// prefix, each ended by `\n`. Byte for byte what `str::lines` and `strip_prefix` make of
+/// the whole log (a `\r` before `\n` dropped, a last line without `\n` given one), for any
+/// bytes (not only UTF-8), holding no more than the prefix, however long a line or a log.
+struct LineFilter {
+    prefix: Vec<u8>,
+    /// The current line's first bytes, while `At::Start`.
+    head: Vec<u8>,
+    at: At,
+    /// A `\r` held back from the output: dropped if `\n` follows.
+    cr: bool,
+    /// Build lines still to leave out (those a follower sent before it re-opened the log).
+    skip: usize,
+    /// `Some`: whole lines only, the current one held here until its `\n` (a follower
+    /// counts what it sent in lines); a last line without `\n` is left out (the stored log
+    /// has it whole).
+    line: Option<Vec<u8>>,
+    /// Build lines given out since `take_ended`.
+    ended: usize,
+}
+
+impl LineFilter {
+    fn new(prefix: &str, skip: usize, whole_lines: bool) -> Self {
+        Self {
+            prefix: prefix.as_bytes().to_vec(),
+            head: Vec::with_capacity(prefix.len()),
+            at: At::Start,
+            cr: false,
+            skip,
+            line: whole_lines.then(Vec::new),
+            ended: 0,
+        }
+    }
+
+    fn put(&mut self, out: &mut Vec<u8>, bytes: &[u8]) {
+        match &mut self.line {
+            Some(line) => line.extend_from_slice(bytes),
+            None => out.extend_from_slice(bytes),
+        }
+    }
+
+    /// A build line given out ends.
+    fn end_line(&mut self, out: &mut Vec<u8>) {
+        self.put(out, b"\n");
+        if let Some(line) = &mut self.line {
+            out.append(line);
+        }
+        self.ended += 1;
+        self.at = At::Start;
+    }
+
+    /// Filters the next bytes of the log into `out`.
+    fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) {
+        while !input.is_empty() {
+            let nl = input.iter().position(|b| *b == b'\n');
+            match self.at {
+                At::Start => {
+                    let want = self.prefix.len() - self.head.len();
+                    let take = want.min(nl.unwrap_or(input.len()));
+                    self.head.extend_from_slice(&input[..take]);
+                    input = &input[take..];
+                    if self.head.len() == self.prefix.len() {
+                        let build_line = self.head == self.prefix;
+                        self.head.clear();
+                        self.at = if !build_line {
+                            At::Drop
+                        } else if self.skip > 0 {
+                            self.skip -= 1;
+                            At::Drop
+                        } else {
+                            At::Keep
+                        };
+                    } else if !input.is_empty() {
+                        // A `\n` before the prefix could be whole: not a build line.
+                        self.head.clear();
+                        input = &input[1..];
+                    }
+                }
+                At::Keep => {
+                    let seg = &input[..nl.unwrap_or(input.len())];
+                    if let Some((last, body)) = seg.split_last() {
+                        if std::mem::take(&mut self.cr) {
+                            self.put(out, b"\r");
+                        }
+                        if *last == b'\r' {
+                            self.put(out, body);
+                            self.cr = true;
+                        } else {
+                            self.put(out, seg);
+                        }
+                    }
+                    match nl {
+                        Some(i) => {
+                            self.cr = false;
+                            self.end_line(out);
+                            input = &input[i + 1..];
+                        }
+                        None => input = &[],
+                    }
+                }
+                At::Drop => match nl {
+                    Some(i) => {
+                        self.at = At::Start;
+                        input = &input[i + 1..];
+                    }
+                    None => input = &[],
+                },
+            }
+        }
+    }
+
+    /// The log has ended: a build line without its `\n` gets one (unless whole lines only).
+    fn finish(&mut self, out: &mut Vec<u8>) {
+        if self.at == At::Keep {
+            match &mut self.line {
+                Some(line) => line.clear(),
+                None => {
+                    if std::mem::take(&mut self.cr) {
+                        out.push(b'\r');
+                    }
+                    out.push(b'\n');
+                    self.ended += 1;
+                }
+            }
+        }
+        self.head.clear();
+        self.at = At::Start;
+    }
+
+    fn take_ended(&mut self) -> usize {
+        std::mem::take(&mut self.ended)
+    }
+}
+
+/// A pod log read through `filter`, piece by piece as it arrives (nothing is held but the
+/// piece being read). `read_within`: each read must bring bytes (or the end) in that time.
+fn filtered<R>(reader: R, filter: LineFilter, read_within: Option<std::time::Duration>) -> Pieces
+where
+    R: futures::AsyncBufRead + Send + 'static,
+{
+    let reader = Box::pin(reader);
+    futures::stream::unfold(Some((reader, filter)), move |state| async move {
+        let (mut reader, mut filter) = state?;
+        let mut out = Vec::new();
+        loop {
+            let read = reader.fill_buf();
+            let read = match read_within {
+                Some(within) => match tokio::time::timeout(within, read).await {
+                    Ok(read) => read,
+                    Err(_) => Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("the pod log sent nothing for {} s", within.as_secs_f32()),
+                    )),
+                },
+                None => read.await,
+            };
+            let n = match read {
+                Ok([]) => {
+                    filter.finish(&mut out);
+                    let ended = filter.take_ended();
+                    return (!out.is_empty()).then(|| (Ok((Bytes::from(out), ended)), None));
+                }
+                Ok(buf) => {
+                    filter.feed(buf, &mut out);
+                    buf.len()
+                }
+                Err(e) => return Some((Err(e), None)),
+            };
+            reader.as_mut().consume(n);
+            if !out.is_empty() {
+                let ended = filter.take_ended();
+                return Some((Ok((Bytes::from(out), ended)), Some((reader, filter))));
+            }
+        }
+    })
+    .boxed()
+}
+
+/// A filtered pod log from byte `offset` of what it gives out, streamed (its length is not
+/// known before its end).
+fn from_offset(pieces: Pieces, offset: u64) -> Object {
+    let mut skip = offset;
+    let body = pieces.filter_map(move |piece| {
+        let out = match piece {
+            Ok((mut chunk, _)) => {
+                let cut = usize::try_from(skip).unwrap_or(usize::MAX).min(chunk.len());
+                skip -= cut as u64;
+                let _ = chunk.split_to(cut);
+                (!chunk.is_empty()).then_some(Ok(chunk))
+            }
+            Err(e) => Some(Err(e)),
         };
-        futures::future::ready(keep)
+        futures::future::ready(out)
     });
-    Some(lines.boxed())
+    Object {
+        len: None,
+        body: body.boxed(),
+    }
 }
 
 /// The stored log past its first `skip` lines, streamed (a log may be 100 MiB).
@@ -525,6 +879,11 @@ async fn stored_after(storage: &Arc<dyn Storage>, key: &str, skip: usize) -> Opt
     Some(body.boxed())
 }
 
+/// What the worker puts before each line of its build in its pod's log.
+fn build_prefix(app: &str, build_number: u64) -> String {
+    format!("[{app}-{build_number}] ")
+}
+
 /// A URL for people: scheme, host and path; no userinfo, no query (tokens live there).
 fn display_url(url: &reqwest::Url) -> String {
     format!(
@@ -533,20 +892,6 @@ fn display_url(url: &reqwest::Url) -> String {
         url.host_str().unwrap_or(""),
         url.path()
     )
-}
-
-/// Only the build's own lines of a worker pod's log (the worker prints them as
-/// `[{app}-{n}] line`), without that prefix.
-pub fn build_lines(pod_log: &str, app: &str, build_number: u64) -> String {
-    let prefix = format!("[{app}-{build_number}] ");
-    let mut out = String::new();
-    for line in pod_log.lines() {
-        if let Some(rest) = line.strip_prefix(&prefix) {
-            out.push_str(rest);
-            out.push('\n');
-        }
-    }
-    out
 }
 
 fn bytes_object(bytes: Vec<u8>, offset: u64) -> Object {
@@ -580,14 +925,14 @@ impl Executor for KubeExecutor {
         let mut source = None;
         let (job, source, created) = loop {
             // A repeated POST finds its BuildJob and stores nothing again.
-            let existing = jobs
-                .get_opt(&name)
+            let existing = self
+                .bounded(jobs.get_opt(&name))
                 .await
                 .map_err(unavailable("reading a BuildJob"))?;
             match existing {
                 Some(j) if j.spec.build_uuid == build_uuid => {
-                    let source = j.spec.source.clone();
-                    break (j, source, false);
+                    let secret = self.secret_sources(&spec, &j.spec.source).await?;
+                    break (j, secret, false);
                 }
                 Some(other) => {
                     self.replace(&jobs, &other, &build_uuid).await?;
@@ -602,11 +947,13 @@ impl Executor for KubeExecutor {
                 }
                 None => {
                     let source = match &source {
-                        Some(s) => SourceRef::clone(s),
+                        Some(s) => Sources::clone(s),
                         None => source.insert(self.source_ref(&spec).await?).clone(),
                     };
-                    let mut job =
-                        BuildJob::new(&name, BuildJobSpec::from_build(&spec, source.clone()));
+                    let mut job = BuildJob::new(
+                        &name,
+                        BuildJobSpec::from_build(&spec, source.reference.clone()),
+                    );
                     job.metadata.namespace = Some(self.namespace.clone());
                     let mut labels = job.spec.labels();
                     if let Some(i) = &self.instance {
@@ -616,12 +963,15 @@ impl Executor for KubeExecutor {
                     // Held until the final callback is sent, so deleting a running BuildJob
                     // still tells controller-api.
                     job.metadata.finalizers = Some(vec![super::crd::FINALIZER.to_string()]);
-                    match jobs.create(&PostParams::default(), &job).await {
+                    match self
+                        .bounded(jobs.create(&PostParams::default(), &job))
+                        .await
+                    {
                         Ok(j) => {
                             if let Some(own) = &self.own {
                                 own.wrote(&j);
                             }
-                            break (j, source, true);
+                            break (j, source.secret, true);
                         }
                         // Created meanwhile (a repeated POST, or another build): look again.
                         Err(e) if is_code(&e, 409) => {
@@ -634,9 +984,13 @@ impl Executor for KubeExecutor {
                 }
             }
         };
-        let secret = self.secret_for(&spec, &job, &source).ok_or_else(|| {
-            ExecutorError::Unavailable("the API server returned a BuildJob without a uid".into())
-        })?;
+        let secret = self
+            .secret_for(&spec, &job, source.as_deref())
+            .ok_or_else(|| {
+                ExecutorError::Unavailable(
+                    "the API server returned a BuildJob without a uid".into(),
+                )
+            })?;
         if let Err(e) = self.create_secret(&secret, &job).await {
             // The caller hears 503 and will not ask again: a BuildJob left behind would run
             // without its credentials (no source, no registry login, callbacks refused).
@@ -660,9 +1014,9 @@ impl Executor for KubeExecutor {
         if let Some(s) = super::crd::labels::instance_selector(self.instance.as_deref()) {
             selector = format!("{selector},{s}");
         }
+        let jobs = self.jobs();
         let list = self
-            .jobs()
-            .list(&ListParams::default().labels(&selector))
+            .bounded(jobs.list(&ListParams::default().labels(&selector)))
             .await
             .map_err(unavailable("listing BuildJobs"))?;
         let mut stopped = 0;
@@ -687,9 +1041,9 @@ impl Executor for KubeExecutor {
         offset: u64,
     ) -> Result<Option<Object>, ExecutorError> {
         let name = job_name(app, app_uuid, build_number);
+        let jobs = self.jobs();
         let job = self
-            .jobs()
-            .get_opt(&name)
+            .bounded(jobs.get_opt(&name))
             .await
             .map_err(unavailable("reading a BuildJob"))?;
         let status = job
@@ -703,11 +1057,14 @@ impl Executor for KubeExecutor {
                 container: Some(WORKER_CONTAINER.into()),
                 ..Default::default()
             };
-            return match pods.logs(pod, &params).await {
-                Ok(text) => Ok(Some(bytes_object(
-                    build_lines(&text, app, build_number).into_bytes(),
-                    offset,
-                ))),
+            // Streamed through the line filter: a log of any size costs a request no more
+            // than the piece being read.
+            return match self.bounded(pods.log_stream(pod, &params)).await {
+                Ok(reader) => {
+                    let filter = LineFilter::new(&build_prefix(app, build_number), 0, false);
+                    let pieces = filtered(reader, filter, Some(self.api_timeout));
+                    Ok(Some(from_offset(pieces, offset)))
+                }
                 // Not started yet (or already gone): nothing to show so far.
                 Err(e) if is_code(&e, 400) || is_code(&e, 404) => {
                     Ok(Some(bytes_object(Vec::new(), offset)))
@@ -738,9 +1095,9 @@ impl Executor for KubeExecutor {
         build_number: u64,
     ) -> Result<Option<LogStream>, ExecutorError> {
         let name = job_name(app, app_uuid, build_number);
+        let jobs = self.jobs();
         if self
-            .jobs()
-            .get_opt(&name)
+            .bounded(jobs.get_opt(&name))
             .await
             .map_err(unavailable("reading a BuildJob"))?
             .is_none()
@@ -782,9 +1139,9 @@ impl Executor for KubeExecutor {
     }
 
     async fn is_active(&self, app: &str, app_uuid: &str, build_number: u64) -> bool {
+        let jobs = self.jobs();
         match self
-            .jobs()
-            .get_opt(&job_name(app, app_uuid, build_number))
+            .bounded(jobs.get_opt(&job_name(app, app_uuid, build_number)))
             .await
         {
             Ok(Some(j)) => !j
@@ -1392,14 +1749,25 @@ mod tests {
         }
         let pod_log =
             "[myapp-12] Step 1/2 : FROM x\nWARN something from the service\n[myapp-12] done\n";
-        let scenario = vec![
-            Expect::new(Method::GET, format!("{JOBS}/{JOB}"), 200, Some(running)),
+        let pod_log_of = || {
             Expect::new(
                 Method::GET,
                 format!("/api/v1/namespaces/builds/pods/{JOB}-worker-0/log?&container=worker"),
                 200,
                 Some(Value::String(pod_log.into())),
+            )
+        };
+        let scenario = vec![
+            Expect::new(
+                Method::GET,
+                format!("{JOBS}/{JOB}"),
+                200,
+                Some(running.clone()),
             ),
+            pod_log_of(),
+            // From a byte offset of what the build's lines are.
+            Expect::new(Method::GET, format!("{JOBS}/{JOB}"), 200, Some(running)),
+            pod_log_of(),
             Expect::new(
                 Method::GET,
                 format!("{JOBS}/{JOB}"),
@@ -1412,6 +1780,7 @@ mod tests {
         let (exec, storage) = executor(client, dir.path());
         let spec = crate::build::tests::spec();
         let live = exec.log("myapp", &spec.app_uuid, 12, 0).await;
+        let live_from = exec.log("myapp", &spec.app_uuid, 12, 5).await;
         let src = dir.path().join("log");
         std::fs::write(&src, "stored line\nBuild finished\n").unwrap_or_else(|e| panic!("{e}"));
         storage
@@ -1427,8 +1796,300 @@ mod tests {
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
         let live = live.ok().flatten().unwrap_or_else(|| panic!("live log"));
         assert_eq!(read_all(live).await, "Step 1/2 : FROM x\ndone\n");
+        let live_from = live_from
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("live log"));
+        assert_eq!(read_all(live_from).await, "1/2 : FROM x\ndone\n");
         let done = done.ok().flatten().unwrap_or_else(|| panic!("stored log"));
         assert_eq!(read_all(done).await, "line\nBuild finished\n");
         assert!(after_ttl.ok().flatten().is_some());
+    }
+
+    /// What the facade served of a running build's log before it streamed it: the whole pod
+    /// log read into a `String`, then only the build's own lines, without their prefix.
+    fn build_lines_before(pod_log: &str, app: &str, build_number: u64) -> String {
+        let prefix = format!("[{app}-{build_number}] ");
+        let mut out = String::new();
+        for line in pod_log.lines() {
+            if let Some(rest) = line.strip_prefix(&prefix) {
+                out.push_str(rest);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// A small deterministic generator (no dependency for it).
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn next(&mut self, n: usize) -> usize {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((self.0 >> 33) as usize) % n.max(1)
+        }
+    }
+
+    /// `log` through a `LineFilter` fed in pieces cut where `rng` says: (output, build lines
+    /// counted).
+    fn filter_in_pieces(log: &[u8], filter: &mut LineFilter, rng: &mut Lcg) -> (Vec<u8>, usize) {
+        let mut out = Vec::new();
+        let mut ended = 0;
+        let mut rest = log;
+        while !rest.is_empty() {
+            let n = 1 + rng.next(rest.len().min(12));
+            filter.feed(&rest[..n], &mut out);
+            ended += filter.take_ended();
+            rest = &rest[n..];
+        }
+        filter.finish(&mut out);
+        (out, ended + filter.take_ended())
+    }
+
+    #[test]
+    fn the_streamed_line_filter_gives_what_the_whole_log_gave_byte_for_byte() {
+        let mut rng = Lcg(7);
+        // Pieces of lines that make every case: build lines, others, `\r\n`, a lone `\r`, a
+        // prefix cut short, a line that is only the prefix, no `\n` at the end.
+        let parts = [
+            "[myapp-12] ",
+            "[myapp-12]",
+            "[myapp-1] ",
+            "[myapp-123] ",
+            "x",
+            "Step 1/2 : FROM y",
+            "\r",
+            "\n",
+            "\r\n",
+            " ",
+            "[",
+            "é中",
+        ];
+        for case in 0..3000 {
+            let mut log = String::new();
+            for _ in 0..rng.next(40) {
+                log.push_str(parts[rng.next(parts.len())]);
+            }
+            let mut filter = LineFilter::new("[myapp-12] ", 0, false);
+            let (out, ended) = filter_in_pieces(log.as_bytes(), &mut filter, &mut rng);
+            let before = build_lines_before(&log, "myapp", 12);
+            assert_eq!(
+                String::from_utf8_lossy(&out),
+                before,
+                "case {case}: {log:?}"
+            );
+            assert_eq!(ended, before.matches('\n').count(), "case {case}: {log:?}");
+        }
+    }
+
+    #[test]
+    fn a_follower_gets_whole_lines_and_skips_those_it_had() {
+        let log = b"[a-1] one\nnoise\n[a-1] two\r\n[a-1] three\n[a-1] four, cut";
+        let mut rng = Lcg(3);
+        for _ in 0..200 {
+            let mut filter = LineFilter::new("[a-1] ", 1, true);
+            let mut rest: &[u8] = log;
+            let mut seen = Vec::new();
+            while !rest.is_empty() {
+                let n = 1 + rng.next(rest.len().min(9));
+                let mut out = Vec::new();
+                filter.feed(&rest[..n], &mut out);
+                let ended = filter.take_ended();
+                // Whole lines only, and as many as counted.
+                assert!(out.is_empty() || out.ends_with(b"\n"), "{out:?}");
+                assert_eq!(ended, out.iter().filter(|b| **b == b'\n').count());
+                seen.extend(out);
+                rest = &rest[n..];
+            }
+            let mut out = Vec::new();
+            filter.finish(&mut out);
+            assert!(out.is_empty(), "a line cut short is left to the stored log");
+            assert_eq!(String::from_utf8_lossy(&seen), "two\nthree\n");
+        }
+    }
+
+    #[test]
+    fn any_bytes_pass_a_line_filter_and_long_lines_cost_nothing() {
+        // Not UTF-8 (the `String` read before failed the whole request).
+        let log = b"[a-1] \xff\xfe ok\n\xff\n[a-1] x\n";
+        let mut out = Vec::new();
+        let mut filter = LineFilter::new("[a-1] ", 0, false);
+        filter.feed(log, &mut out);
+        filter.finish(&mut out);
+        assert_eq!(out, b"\xff\xfe ok\nx\n");
+        // A 10 MiB line with no `\n`: given out as it comes, never held.
+        let mut filter = LineFilter::new("[a-1] ", 0, false);
+        let mut out = Vec::new();
+        filter.feed(b"[a-1] ", &mut out);
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..10 {
+            out.clear();
+            filter.feed(&chunk, &mut out);
+            assert_eq!(out.len(), chunk.len());
+            assert!(filter.head.capacity() <= 16);
+        }
+    }
+
+    /// A `data:` URI of `payload` with the pipeline's decoding error of it (as local mode's
+    /// build reports it) and that of the stand-in the worker gets instead.
+    async fn errors_of(payload: &str, limits: &Limits) -> (String, String, String) {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let uri = format!("data:application/zip;base64,{payload}");
+        let error = sources::write_data(payload, &dir.path().join("a"), limits)
+            .await
+            .expect_err("not decodable");
+        let stand_in = stand_in(&uri, payload, &error);
+        let b64 = sources::data_payload(&stand_in).unwrap_or_else(|| panic!("{stand_in}"));
+        let again = match sources::write_data(b64, &dir.path().join("b"), limits).await {
+            Err(e) => e.to_string(),
+            Ok(_) if stand_in == SOURCES_TOO_LARGE => "too large".into(),
+            Ok(n) => panic!("the stand-in decodes ({n} bytes)"),
+        };
+        (error.to_string(), stand_in, again)
+    }
+
+    #[tokio::test]
+    async fn an_undecodable_data_uri_is_passed_on_as_a_short_one_failing_the_same_way() {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let valid = b64.encode(vec![7u8; 3 << 20]); // 4 MiB of base64
+        let mut cases: Vec<(&str, String)> = Vec::new();
+        // A bad symbol in the first chunk, one in the middle, one in the last.
+        for at in [100, 1_500_001, valid.len() - 10] {
+            let mut p = valid.clone();
+            p.replace_range(at..at + 1, "!");
+            cases.push(("a bad symbol", p));
+        }
+        // MIME-style: wrapped at 76 characters.
+        let wrapped: String = valid
+            .as_bytes()
+            .chunks(76)
+            .map(|l| format!("{}\n", String::from_utf8_lossy(l)))
+            .collect();
+        cases.push(("wrapped lines", wrapped));
+        // URL-safe base64; a multi-byte character across a chunk boundary; bad padding.
+        cases.push(("url-safe", valid.replace('w', "-").replace('c', "_")));
+        let mut p = valid.clone();
+        p.replace_range(DATA_CHUNK * 3 - 1..DATA_CHUNK * 3 + 1, "中");
+        cases.push(("a character across chunks", p));
+        cases.push(("bad padding", format!("{}=A==", &valid[..valid.len() - 4])));
+        let large = Limits {
+            max_source_bytes: 1 << 30,
+            ..limits()
+        };
+        for (what, payload) in cases {
+            let (error, stand_in, again) = errors_of(&payload, &large).await;
+            assert_eq!(again, error, "{what}");
+            assert!(
+                error.starts_with("the data: URI's base64 is invalid"),
+                "{what}: {error}"
+            );
+            assert!(stand_in.len() <= STAND_IN_MAX, "{what}: {}", stand_in.len());
+        }
+        // Too large for MAX_SOURCE_BYTES (refused by its length): the worker says so.
+        let (error, stand_in, _) = errors_of(&valid, &limits()).await;
+        assert_eq!(stand_in, SOURCES_TOO_LARGE);
+        assert!(error.contains("MAX_SOURCE_BYTES"), "{error}");
+        // A short one goes as it is.
+        let (error, stand_in, again) = errors_of("QUJD!", &large).await;
+        assert_eq!(stand_in, "data:application/zip;base64,QUJD!");
+        assert_eq!(again, error);
+    }
+
+    fn payload_again() -> String {
+        let mut payload = "QUJD".repeat(150_000);
+        payload.replace_range(300_001..300_002, "!");
+        payload
+    }
+
+    #[tokio::test]
+    async fn an_undecodable_data_uri_is_accepted_with_a_stand_in_a_secret_can_hold() {
+        let mut spec = crate::build::tests::spec();
+        // 600 KB (over the 128 KiB an environment string may hold), within MAX_SOURCE_BYTES.
+        let payload = payload_again();
+        spec.sources = Secret::new(format!("data:base64,{payload}"));
+        let scenario = vec![
+            no_job_yet(),
+            Expect::new(Method::POST, JOBS, 201, None).check(|b| {
+                assert_eq!(b["spec"]["source"]["display"], "data: URI (not decodable)");
+                assert!(b.to_string().len() < 8192);
+            }),
+            Expect::new(Method::POST, SECRETS, 201, None).check(|b| {
+                let v = b["data"]["sources"].as_str().unwrap_or("");
+                let uri = base64::engine::general_purpose::STANDARD
+                    .decode(v)
+                    .unwrap_or_default();
+                let uri = String::from_utf8_lossy(&uri);
+                assert!(uri.len() <= STAND_IN_MAX, "{}", uri.len());
+                // The chunk that failed: the fifth.
+                let chunk = &payload_again()[4 * DATA_CHUNK..5 * DATA_CHUNK];
+                assert_eq!(uri, format!("data:base64,{chunk}"));
+            }),
+        ];
+        let res = submitted(spec, scenario, with_uid).await;
+        assert!(res.is_ok(), "{res:?}");
+    }
+
+    /// An API server that takes every request and never answers.
+    fn hung_api(
+        mut handle: tower_test::mock::Handle<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >,
+    ) -> tokio::task::JoinHandle<usize> {
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Some(call) = handle.next_request().await {
+                held.push(call);
+            }
+            held.len()
+        })
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_api_call_never_answers_is_refused_in_time() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (client, handle) = mock::client();
+        let calls = hung_api(handle);
+        let (mut exec, _) = executor(client, dir.path());
+        exec.api_timeout = std::time::Duration::from_millis(300);
+        let within = std::time::Duration::from_secs(5);
+        let bounded = |what: &'static str, r: Result<Result<(), ExecutorError>, _>| match r {
+            Ok(Err(ExecutorError::Unavailable(_))) => {}
+            other => panic!("{what}: {other:?}"),
+        };
+        let spec = crate::build::tests::spec();
+        bounded(
+            "submit",
+            tokio::time::timeout(within, exec.submit(spec.clone())).await,
+        );
+        let sel = BuildSelector {
+            app: "myapp".into(),
+            app_uuid: spec.app_uuid.clone(),
+            build_number: Some(12),
+        };
+        let stop = tokio::time::timeout(within, exec.stop(sel.clone())).await;
+        bounded("stop", stop.map(|r| r.map(|_| ())));
+        let stop_all = BuildSelector {
+            build_number: None,
+            ..sel
+        };
+        let stop = tokio::time::timeout(within, exec.stop(stop_all)).await;
+        bounded("stop all", stop.map(|r| r.map(|_| ())));
+        let log = tokio::time::timeout(within, exec.log("myapp", &spec.app_uuid, 12, 0)).await;
+        bounded("log", log.map(|r| r.map(|_| ())));
+        let follow = tokio::time::timeout(within, exec.follow("myapp", &spec.app_uuid, 12)).await;
+        bounded("follow", follow.map(|r| r.map(|_| ())));
+        assert!(
+            !tokio::time::timeout(within, exec.is_active("myapp", &spec.app_uuid, 12))
+                .await
+                .unwrap_or(true),
+            "is_active"
+        );
+        drop(exec);
+        assert_eq!(calls.await.unwrap_or(0), 6, "one hung call each");
     }
 }

@@ -168,6 +168,15 @@ impl KubernetesMode {
             )
         };
         let own = std::sync::Arc::new(controller::OwnWrites::default());
+        // Temporary files a killed process left (SIGKILL, OOM: no destructor ran); DATA_DIR
+        // (the chart's emptyDir) outlives a container's restarts. Nothing of this process is
+        // there yet, and nothing there is needed again: a log end not recorded as written is
+        // written again, a POST that was cut was never acknowledged.
+        let log_ends_dir = cfg.build.data_dir.join("log-ends");
+        let scratch = cfg.build.data_dir.join("scratch");
+        for dir in [&log_ends_dir, &scratch] {
+            clear_leftovers(dir).await;
+        }
         // The end of a log no worker wrote goes where workers write theirs.
         let log_ends = logend::LogEnds::new(
             storage.clone(),
@@ -175,7 +184,7 @@ impl KubernetesMode {
                 cfg.build.kafka_topic.clone(),
                 cfg.build.kafka_delivery_timeout,
             ))),
-            cfg.build.data_dir.join("log-ends"),
+            log_ends_dir,
         )
         .map_err(StartError::LogEnds)?;
         let mut executor = facade::KubeExecutor::new(
@@ -184,7 +193,7 @@ impl KubernetesMode {
             storage.clone(),
             extra,
             cfg.build.limits,
-            cfg.build.data_dir.join("scratch"),
+            scratch,
         )
         .with_instance(k.instance_name.clone());
         let stop = tokio_util::sync::CancellationToken::new();
@@ -338,6 +347,44 @@ impl KubernetesMode {
         self.stop.cancel();
         self.crd_check.abort();
         drain(self.controller, &self.senders, grace).await;
+    }
+}
+
+/// Removes everything in `dir`, a folder of this process's temporary files, at its start.
+/// Best effort: what cannot be removed is logged and left.
+async fn clear_leftovers(dir: &std::path::Path) {
+    let mut entries = match tokio::fs::read_dir(dir).await {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot look for temporary files an earlier run left");
+            return;
+        }
+    };
+    let mut removed = 0u64;
+    loop {
+        let entry = match entries.next_entry().await {
+            Ok(Some(entry)) => entry,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot list the temporary files an earlier run left");
+                break;
+            }
+        };
+        let path = entry.path();
+        let gone = match entry.file_type().await {
+            Ok(t) if t.is_dir() => tokio::fs::remove_dir_all(&path).await,
+            _ => tokio::fs::remove_file(&path).await,
+        };
+        match gone {
+            Ok(()) => removed += 1,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove a temporary file an earlier run left")
+            }
+        }
+    }
+    if removed > 0 {
+        tracing::info!(dir = %dir.display(), removed, "removed temporary files an earlier run left");
     }
 }
 

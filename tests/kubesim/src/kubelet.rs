@@ -1533,26 +1533,40 @@ impl Kubelet {
                 .body(Body::from_stream(stream))
                 .unwrap_or_default());
         }
+        // Streamed as dockerd reads it (the kubelet copies the log file to the response):
+        // a log of any size is never held whole. A failure before the first byte is an
+        // error; one later cuts the response short.
         let mut s = docker.logs(&id, Some(opts));
-        let mut out = Vec::new();
-        while let Some(r) = s.next().await {
-            match r {
-                Ok(c) => out.extend_from_slice(&c.into_bytes()),
-                Err(e) => {
-                    return Err(ApiError::new(
-                        500,
-                        "InternalError",
-                        format!("reading the container log: {e}"),
-                    ))
-                }
+        let first = match s.next().await {
+            None => Bytes::new(),
+            Some(Ok(c)) => c.into_bytes(),
+            Some(Err(e)) => {
+                return Err(ApiError::new(
+                    500,
+                    "InternalError",
+                    format!("reading the container log: {e}"),
+                ))
             }
-        }
-        if let Some(max) = limit {
-            out.truncate(max);
-        }
+        };
+        let rest = s.map(|r| r.map(|c| c.into_bytes()).map_err(std::io::Error::other));
+        let stream = futures::stream::once(async move { Ok(first) })
+            .chain(rest)
+            .filter(|r| futures::future::ready(!matches!(r, Ok(c) if c.is_empty())))
+            .scan(limit.unwrap_or(usize::MAX), |left, r| {
+                let out = match r {
+                    _ if *left == 0 => None,
+                    Ok(mut c) => {
+                        c.truncate(*left);
+                        *left -= c.len();
+                        Some(Ok(c))
+                    }
+                    Err(e) => Some(Err(e)),
+                };
+                futures::future::ready(out)
+            });
         Ok(Response::builder()
             .header("content-type", "text/plain")
-            .body(Body::from(out))
+            .body(Body::from_stream(stream))
             .unwrap_or_default())
     }
 

@@ -492,6 +492,7 @@ impl Store {
             obj.as_object_mut().map(|m| m.remove("status"));
         }
         normalize(rt, &mut obj, None);
+        validate(rt, &name, &obj)?;
         let managers = match how {
             How::Update { manager } => {
                 let mut ms = Vec::new();
@@ -658,6 +659,7 @@ impl Store {
         new["apiVersion"] = json!(rt.api_version());
         new["kind"] = json!(rt.kind);
         normalize(rt, &mut new, Some(&old));
+        validate(rt, name, &new)?;
         if rt.plural == "pods" && sub.is_empty() {
             // Pod specs are immutable but for a few fields; the simulator keeps the old
             // spec except nodeName set by binding (internal writes).
@@ -1101,6 +1103,41 @@ fn valid_name(name: &str, rt: &ResourceType) -> bool {
         .last()
         .is_some_and(|c| c.is_ascii_alphanumeric());
     ok_chars && first && last
+}
+
+/// The most a Secret's `data` values may hold together (the API server's MaxSecretSize).
+pub const MAX_SECRET_SIZE: usize = 1024 * 1024;
+
+/// The real server's validation of a kind's objects on every write, where the simulator
+/// models it: a Secret's `data` values (decoded) total at most MAX_SECRET_SIZE bytes
+/// (ValidateSecret: 422 `data: Too long`).
+fn validate(rt: &ResourceType, name: &str, obj: &Value) -> Result<(), ApiError> {
+    if (rt.group.as_str(), rt.plural.as_str()) == ("", "secrets") {
+        use base64::Engine;
+        let total: usize = obj["data"]
+            .as_object()
+            .map(|data| {
+                data.values()
+                    .filter_map(Value::as_str)
+                    .map(|v| {
+                        base64::engine::general_purpose::STANDARD
+                            .decode(v)
+                            .map_or(v.len(), |b| b.len())
+                    })
+                    .sum()
+            })
+            .unwrap_or(0);
+        if total > MAX_SECRET_SIZE {
+            let msg = format!("Too long: may not be more than {MAX_SECRET_SIZE} bytes");
+            let mut e = ApiError::invalid("", "Secret", name, "data", &msg);
+            if let Some(d) = e.details.as_mut() {
+                d["causes"] =
+                    json!([{ "reason": "FieldValueTooLong", "message": msg, "field": "data" }]);
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 /// What the real server does to a kind's objects on every write.

@@ -318,3 +318,38 @@ async fn node_faults_evict_oom_kill_and_lose_pods() {
     assert_eq!(phase(&p), "Running");
     assert!(p["metadata"]["deletionTimestamp"].is_string());
 }
+
+/// A pod's log without `follow` comes as dockerd reads it, all of it (here 16 MiB), and
+/// `limitBytes` cuts it at exactly that many bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_log_is_served_whole_and_limit_bytes_cuts_it_exactly() {
+    let c = start().await;
+    // 16 MiB in lines of 64 bytes, then the container waits.
+    let script = "yes 012345678901234567890123456789012345678901234567890123456789012 | head -c 16777216; sleep 600";
+    c.create(PODS, pod("chatty", json!([sh("main", script)])))
+        .await;
+    c.wait("chatty", "Running", |p| phase(p) == "Running").await;
+    let url = format!("http://{}{PODS}/chatty/log", c.sim.addr());
+    let start = Instant::now();
+    let len = loop {
+        let resp = c
+            .http
+            .get(&url)
+            .bearer_auth(&c.sim.shared.token)
+            .send()
+            .await
+            .expect("log");
+        assert_eq!(resp.status(), 200);
+        let body = resp.bytes().await.expect("the whole log");
+        if body.len() >= 16 << 20 || start.elapsed() > Duration::from_secs(60) {
+            assert!(body.chunks(64).all(|l| l.ends_with(b"\n")));
+            break body.len();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(len, 16 << 20);
+    let (code, cut) = c
+        .call("GET", &format!("{PODS}/chatty/log?limitBytes=1000"), None)
+        .await;
+    assert_eq!((code, cut.len()), (200, 1000));
+}

@@ -1025,3 +1025,35 @@ async fn what_is_kept_follows_the_crd_in_force() {
     assert_eq!((code, warnings.len()), (200, 0));
     assert_eq!(o["spec"], json!({"size": 5}));
 }
+
+/// A Secret's data (decoded values, `stringData` merged) may hold at most 1 MiB: 422
+/// `data: Too long` on create and on an update or patch past it, as ValidateSecret answers.
+#[tokio::test]
+async fn a_secret_over_one_mib_is_refused_as_the_real_server_refuses_it() {
+    let c = start().await;
+    const S: &str = "/api/v1/namespaces/default/secrets";
+    let secret = |name: &str, a: usize, b: usize| {
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
+               "data": {"a": base64_of(a), "b": base64_of(b)}})
+    };
+    let (code, e) = c.post(S, secret("big", 1 << 19, (1 << 19) + 1)).await;
+    assert_eq!((code, e["reason"].as_str()), (422, Some("Invalid")), "{e}");
+    assert_eq!(
+        e["message"],
+        "Secret \"big\" is invalid: data: Too long: may not be more than 1048576 bytes"
+    );
+    assert_eq!(e["details"]["causes"][0]["reason"], "FieldValueTooLong");
+    assert_eq!(c.get(&format!("{S}/big")).await.0, 404, "nothing stored");
+    // Exactly 1 MiB is fine; growing past it by stringData on a patch is not.
+    let (code, _) = c.post(S, secret("full", 1 << 19, 1 << 19)).await;
+    assert_eq!(code, 201);
+    let (code, e) = c
+        .merge(&format!("{S}/full"), json!({"stringData": {"c": "x"}}))
+        .await;
+    assert_eq!((code, e["reason"].as_str()), (422, Some("Invalid")), "{e}");
+}
+
+fn base64_of(n: usize) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(vec![b'x'; n])
+}
