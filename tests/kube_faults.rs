@@ -804,6 +804,53 @@ async fn temporary_files_a_killed_process_left_are_removed_at_start() {
     assert!(data.join("keep.txt").exists());
 }
 
+/// S3 that takes the facade's `data:` archive and never answers: `POST /` is refused with
+/// 503 once the staging deadline passes (30 s for a small archive), as in local mode, not
+/// held for the S3 client's 5 attempts; no BuildJob is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_s3_refuses_a_data_post_in_time_and_writes_no_buildjob() {
+    let cluster = Cluster::start().await;
+    let Some(upstream) = cluster
+        .s3_endpoint()
+        .and_then(|e| e.strip_prefix("http://"))
+    else {
+        return; // S3 on AWS (a real cluster's run) is not ours to hang
+    };
+    let upstream: &'static str = Box::leak(upstream.to_string().into_boxed_str());
+    let front = common::proxy(
+        upstream,
+        |method, _, _| (method == "PUT").then_some(common::Reply::Hang),
+        |_, _| None,
+    )
+    .await;
+    let endpoint = format!("http://{front}");
+    let shuttle = cluster.serve_as("hung-s3", Mode::Host, &[("S3_ENDPOINT", &endpoint)]);
+    wait_octhc(&shuttle, 200, Duration::from_secs(30), "started").await;
+    let cb = Callbacks::start().await;
+    let b = cluster.body(&data_uri(&app(&cluster, 0)), &cb);
+    let started = Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(90),
+        reqwest::Client::new()
+            .post(shuttle.url("/"))
+            .json(&b)
+            .send(),
+    )
+    .await
+    .expect("the POST is answered within 90 s")
+    .expect("POST");
+    let took = started.elapsed();
+    assert_eq!(r.status(), 503);
+    let text = r.text().await.unwrap_or_default();
+    assert!(text.contains("storage did not take"), "{text}");
+    assert!(took >= Duration::from_secs(29), "refused after {took:?}");
+    assert_ne!(
+        cluster.job(&b).await["kind"],
+        "BuildJob",
+        "a BuildJob was written"
+    );
+}
+
 /// Polls `/octhc` until it answers `code`.
 async fn wait_octhc(shuttle: &Proc, code: u16, within: Duration, what: &str) {
     let start = Instant::now();

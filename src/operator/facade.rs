@@ -171,10 +171,30 @@ impl KubeExecutor {
             return match self.decode(b64).await? {
                 Ok(tmp) => {
                     let key = spec.source_key();
-                    self.storage.put_file(&key, tmp.path()).await.map_err(|e| {
-                        tracing::error!(error = %e, "storing a data: archive");
-                        ExecutorError::Unavailable("the sources could not be stored".into())
-                    })?;
+                    // A hung S3 answers 503 in time, as in local mode, rather than holding
+                    // the request for the S3 client's 5 attempts.
+                    let len = tmp.as_file().metadata().map_or(0, |m| m.len());
+                    let within = crate::pipeline::stage_deadline(len);
+                    match tokio::time::timeout(within, self.storage.put_file(&key, tmp.path()))
+                        .await
+                    {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, "storing a data: archive");
+                            return Err(ExecutorError::Unavailable(
+                                "the sources could not be stored".into(),
+                            ));
+                        }
+                        Err(_) => {
+                            tracing::error!(
+                                seconds = within.as_secs(),
+                                "storage did not take a data: archive in time"
+                            );
+                            return Err(ExecutorError::NotReady(
+                                "storage did not take the build's sources in time; try again later.".into(),
+                            ));
+                        }
+                    }
                     Ok(Sources::stored(spec))
                 }
                 // Not decodable: the worker's pipeline fails it, as local mode's does, from

@@ -471,6 +471,15 @@ impl Cluster {
             .unwrap_or(Value::Null)
     }
 
+    /// The S3 endpoint the service is given, when the suite runs one (the simulator's).
+    pub fn s3_endpoint(&self) -> Option<&str> {
+        self.settings
+            .s3
+            .iter()
+            .find(|(k, _)| k == "S3_ENDPOINT")
+            .map(|(_, v)| v.as_str())
+    }
+
     /// The BuildJob of a controller-api body.
     pub async fn job(&self, b: &Value) -> Value {
         let name = job_name(b);
