@@ -185,37 +185,48 @@ async fn sigkill_mid_build_then_restart_reports_interrupted_and_runs_the_queue()
     wait_running_steps_with("sleep 304", 0, Duration::from_secs(20)).await;
 }
 
+/// A callback receiver that accepts connections and never answers: its URL, and how many
+/// connections it took.
+fn hanging_receiver() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let hanging = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let receiver = format!("http://{}/cb", hanging.local_addr().unwrap());
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = connections.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in hanging.incoming().flatten() {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(s);
+        }
+    });
+    (receiver, connections)
+}
+
+/// A service with one build slot, taken by a build whose sources never come, so every
+/// later build stays queued. Returns the service, the hanging source (keep it) and its URL.
+async fn one_slot_taken(
+    data: &std::path::Path,
+    cb: &Callbacks,
+) -> (Proc, std::net::TcpListener, String) {
+    let p = spawn(data, free_port(), &[("MAXIMUM_PARALLEL_BUILDS", "1")]);
+    let (hang, hang_url) = hanging_source();
+    let blocker = body(&hang_url, cb);
+    p.post(&blocker).await;
+    p.wait_log(&blocker, "Fetching sources").await;
+    (p, hang, hang_url)
+}
+
 /// A callback receiver that accepts connections and never answers, while builds queue up:
 /// their pending callbacks go a bounded number at a time, not one connection (and file
 /// descriptor) per queued build.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_callbacks_to_a_hanging_receiver_use_a_bounded_number_of_connections() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::Ordering;
     require_services();
     let data = tempfile::tempdir().unwrap();
     let cb = Callbacks::start().await;
-    let hanging = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let receiver = format!("http://{}/cb", hanging.local_addr().unwrap());
-    let connections = std::sync::Arc::new(AtomicUsize::new(0));
-    {
-        let connections = connections.clone();
-        std::thread::spawn(move || {
-            let mut held = Vec::new();
-            for s in hanging.incoming().flatten() {
-                connections.fetch_add(1, Ordering::SeqCst);
-                held.push(s);
-            }
-        });
-    }
-    let p = spawn(
-        data.path(),
-        free_port(),
-        &[("MAXIMUM_PARALLEL_BUILDS", "1")],
-    );
-    let (_hang, hang_url) = hanging_source();
-    let blocker = body(&hang_url, &cb);
-    p.post(&blocker).await;
-    p.wait_log(&blocker, "Fetching sources").await;
+    let (receiver, connections) = hanging_receiver();
+    let (p, _hang, hang_url) = one_slot_taken(data.path(), &cb).await;
     for _ in 0..120 {
         let mut b = body(&hang_url, &cb);
         b["callback"] = json!(receiver);
@@ -226,12 +237,12 @@ async fn pending_callbacks_to_a_hanging_receiver_use_a_bounded_number_of_connect
     assert!((1..=40).contains(&n), "{n} connections to the receiver");
 }
 
-/// Resident memory of a process, in bytes.
-fn resident_memory(pid: u32) -> u64 {
+/// A memory figure of a process (`VmRSS:` resident, `VmHWM:` peak), in bytes.
+fn memory(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
         .unwrap()
         * 1024
@@ -247,21 +258,8 @@ async fn queued_builds_owing_a_pending_callback_cost_no_task_each() {
     require_services();
     let data = tempfile::tempdir().unwrap();
     let cb = Callbacks::start().await;
-    let hanging = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let receiver = format!("http://{}/cb", hanging.local_addr().unwrap());
-    std::thread::spawn(move || {
-        let held: Vec<_> = hanging.incoming().flatten().collect();
-        drop(held);
-    });
-    let p = spawn(
-        data.path(),
-        free_port(),
-        &[("MAXIMUM_PARALLEL_BUILDS", "1")],
-    );
-    let (_hang, hang_url) = hanging_source();
-    let blocker = body(&hang_url, &cb);
-    p.post(&blocker).await;
-    p.wait_log(&blocker, "Fetching sources").await;
+    let (receiver, _) = hanging_receiver();
+    let (p, _hang, hang_url) = one_slot_taken(data.path(), &cb).await;
     let client = reqwest::Client::new();
     let post_many = |n: usize| {
         let (client, url, receiver, hang_url) = (
@@ -293,11 +291,11 @@ async fn queued_builds_owing_a_pending_callback_cost_no_task_each() {
     // Past the queue's first 2,048 (whose journal lines stay in memory) before measuring.
     post_many(3_000).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = resident_memory(p.child.id());
+    let before = memory(p.child.id(), "VmRSS:");
     const N: u64 = 20_000;
     post_many(N as usize).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let per_build = resident_memory(p.child.id()).saturating_sub(before) / N;
+    let per_build = memory(p.child.id(), "VmRSS:").saturating_sub(before) / N;
     println!("{per_build} bytes of resident memory per queued build owing a pending callback");
     assert!(per_build < 600, "{per_build} bytes per queued build");
 }
@@ -642,17 +640,6 @@ async fn stalled_clients_are_closed_and_cannot_starve_builds_of_file_descriptors
     );
 }
 
-/// Peak memory (VmHWM) of a process, in bytes.
-fn peak_memory(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
-        .unwrap()
-        * 1024
-}
-
 /// What `POST /` bodies may cost: a body announcing more than MAX_REQUEST_BYTES is refused
 /// before it is read; a body of many small JSON values is not parsed into a tree 16–32 times
 /// its size; and bodies arriving at once share one MAX_REQUEST_BYTES, so the memory the chart
@@ -683,7 +670,7 @@ async fn request_bodies_cost_at_most_one_largest_upload_at_a_time() {
         .expect("an answer before the body is sent");
     let head = String::from_utf8_lossy(&head[..n]).to_string();
     assert!(head.starts_with("HTTP/1.1 413"), "{head}");
-    let base = peak_memory(pid);
+    let base = memory(pid, "VmHWM:");
     // Many small values, within the limit: refused as a bad body, never a tree of values.
     let mut zeros = b"{\"x\":[".to_vec();
     zeros.extend(std::iter::repeat_n(&b"0,"[..], (MAX - 64) / 2).flatten());
@@ -696,7 +683,7 @@ async fn request_bodies_cost_at_most_one_largest_upload_at_a_time() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    let after_zeros = peak_memory(pid);
+    let after_zeros = memory(pid, "VmHWM:");
     // Four `data:` bodies of almost MAX each, at once.
     let payload = "A".repeat(MAX - 4096);
     let posts = (0..4).map(|_| {
@@ -716,7 +703,7 @@ async fn request_bodies_cost_at_most_one_largest_upload_at_a_time() {
     });
     let codes = futures::future::join_all(posts).await;
     assert!(codes.iter().all(|c| *c == 200 || *c == 400), "{codes:?}");
-    let after_uploads = peak_memory(pid);
+    let after_uploads = memory(pid, "VmHWM:");
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     println!(
         "peak memory: {:.0} MiB at start, {:.0} MiB after the body of zeros, {:.0} MiB after four uploads at once",
