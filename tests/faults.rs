@@ -176,20 +176,13 @@ async fn build_output_on_a_closed_stdout_fails_neither_the_build_nor_the_service
     );
 }
 
-const S3_BUCKET: &str = "buildshuttle-test";
-const S3_ACCESS: &str = "buildshuttle-test";
-const S3_SECRET: &str = "buildshuttle-test-secret";
-
 /// S3 that accepts uploads and never answers them (s3s-fs behind a proxy that holds every
 /// PUT) refuses a `POST /` of `data:` sources with a 503 naming storage once staging passes
 /// its deadline (30 s for a small archive), rather than holding the request for the S3
 /// client's 5 attempts of S3_TIMEOUT_SECONDS (10 minutes by default), and keeps nothing of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_s3_refuses_a_data_post_with_503_within_the_staging_deadline() {
-    assert!(
-        std::net::TcpStream::connect("127.0.0.1:9100").is_ok(),
-        "s3s-fs is not running on 127.0.0.1:9100: run `bash .ci/services` first"
-    );
+    require_s3();
     let front = proxy(
         "127.0.0.1:9100",
         |method, _, _| (method == "PUT").then_some(Reply::Hang),
@@ -197,19 +190,7 @@ async fn a_hung_s3_refuses_a_data_post_with_503_within_the_staging_deadline() {
     )
     .await;
     let endpoint = format!("http://{front}");
-    let svc = Service::start(&[
-        "--s3-bucket",
-        S3_BUCKET,
-        "--s3-endpoint",
-        &endpoint,
-        "--s3-access-key",
-        S3_ACCESS,
-        "--s3-secret-key",
-        S3_SECRET,
-        "--s3-region",
-        "us-east-1",
-    ])
-    .await;
+    let svc = Service::start(&s3_flags_at(&endpoint)).await;
     let cb = Callbacks::start().await;
     let b = body(&sleeper("hung-s3", 0), &cb);
     let id = b["build_uuid"].as_str().unwrap();

@@ -5,39 +5,19 @@
 mod common;
 
 use common::kafka::consume_build;
-use common::{body, build_path, cache_buster, data_uri, logs_path, tar_gz, Callbacks, Service};
+use common::{
+    body, build_path, cache_buster, data_uri, logs_path, require_s3, s3_flags_at, tar_gz,
+    Callbacks, Service, S3_ACCESS, S3_BUCKET, S3_ENDPOINT, S3_SECRET,
+};
 use rdkafka::mocking::MockCluster;
 use serde_json::Value;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const S3_ENDPOINT: &str = "http://127.0.0.1:9100";
-const S3_BUCKET: &str = "buildshuttle-test";
-const S3_ACCESS: &str = "buildshuttle-test";
-const S3_SECRET: &str = "buildshuttle-test-secret";
 const BUILD_WITHIN: Duration = Duration::from_secs(120);
 
-fn require_s3() {
-    assert!(
-        std::net::TcpStream::connect("127.0.0.1:9100").is_ok(),
-        "s3s-fs is not running on 127.0.0.1:9100: run `bash .ci/services` first"
-    );
-}
-
 fn s3_flags() -> Vec<&'static str> {
-    require_s3();
-    vec![
-        "--s3-bucket",
-        S3_BUCKET,
-        "--s3-endpoint",
-        S3_ENDPOINT,
-        "--s3-access-key",
-        S3_ACCESS,
-        "--s3-secret-key",
-        S3_SECRET,
-        "--s3-region",
-        "us-east-1",
-    ]
+    s3_flags_at(S3_ENDPOINT)
 }
 
 /// Sources whose build prints a few known lines, then a cache-busting step.
@@ -329,9 +309,7 @@ async fn s3_without_listing() -> String {
 async fn keys_that_cannot_list_the_bucket_start_and_read_a_missing_object_as_missing() {
     require_s3();
     let endpoint = format!("http://{}", s3_without_listing().await);
-    let mut flags = s3_flags();
-    let at = flags.iter().position(|f| *f == S3_ENDPOINT).unwrap();
-    flags[at] = &endpoint;
+    let flags = s3_flags_at(&endpoint);
     // Wrong keys are still told apart: the probe's 403 says SignatureDoesNotMatch.
     let mut wrong = flags.clone();
     let at = wrong.iter().position(|f| *f == S3_SECRET).unwrap();

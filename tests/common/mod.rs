@@ -49,6 +49,36 @@ pub async fn serve_router(router: Router) -> SocketAddr {
     addr
 }
 
+/// The S3 bucket of the tests: s3s-fs as `.ci/services` starts it.
+pub const S3_ENDPOINT: &str = "http://127.0.0.1:9100";
+pub const S3_BUCKET: &str = "buildshuttle-test";
+pub const S3_ACCESS: &str = "buildshuttle-test";
+pub const S3_SECRET: &str = "buildshuttle-test-secret";
+
+pub fn require_s3() {
+    assert!(
+        std::net::TcpStream::connect("127.0.0.1:9100").is_ok(),
+        "s3s-fs is not running on 127.0.0.1:9100: run `bash .ci/services` first"
+    );
+}
+
+/// `serve` flags for the test bucket at `endpoint` (s3s-fs, or a proxy in front of it).
+pub fn s3_flags_at(endpoint: &str) -> Vec<&str> {
+    require_s3();
+    vec![
+        "--s3-bucket",
+        S3_BUCKET,
+        "--s3-endpoint",
+        endpoint,
+        "--s3-access-key",
+        S3_ACCESS,
+        "--s3-secret-key",
+        S3_SECRET,
+        "--s3-region",
+        "us-east-1",
+    ]
+}
+
 /// A running buildshuttle (in-process) with its own DATA_DIR.
 pub struct Service {
     pub addr: SocketAddr,
