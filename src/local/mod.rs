@@ -115,10 +115,7 @@ struct ActiveEntry<'a> {
 
 impl Drop for ActiveEntry<'_> {
     fn drop(&mut self) {
-        self.active
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&self.id);
+        lock(self.active).remove(&self.id);
     }
 }
 
@@ -456,17 +453,13 @@ impl Inner {
     }
 
     fn lock_waiting(&self) -> std::sync::MutexGuard<'_, ChunkedQueue<Waiting>> {
-        self.waiting
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.waiting)
     }
 
     fn lock_ready(
         &self,
     ) -> std::sync::MutexGuard<'_, VecDeque<oneshot::Sender<OwnedSemaphorePermit>>> {
-        self.ready
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.ready)
     }
 
     /// Refuses a new build while `max_queued` builds wait. Checked before the build is
@@ -534,9 +527,7 @@ impl Inner {
 
     /// The records map; a panic elsewhere while holding it leaves it usable.
     fn lock_records(&self) -> std::sync::MutexGuard<'_, Records> {
-        self.records
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.records)
     }
 
     /// Changes a build's record and writes it; false only when the write failed (a build
