@@ -174,22 +174,18 @@ impl KubeExecutor {
                     // A hung S3 answers 503 in time, as in local mode, rather than holding
                     // the request for the S3 client's 5 attempts.
                     let len = tmp.as_file().metadata().map_or(0, |m| m.len());
-                    let within = crate::pipeline::stage_deadline(len);
-                    match tokio::time::timeout(within, self.storage.put_file(&key, tmp.path()))
-                        .await
-                    {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => {
+                    let stored =
+                        crate::pipeline::store_staged(self.storage.as_ref(), &key, tmp.path(), len);
+                    match stored.await {
+                        Ok(()) => {}
+                        Err(e @ crate::pipeline::StageError::Store(_)) => {
                             tracing::error!(error = %e, "storing a data: archive");
                             return Err(ExecutorError::Unavailable(
                                 "the sources could not be stored".into(),
                             ));
                         }
-                        Err(_) => {
-                            tracing::error!(
-                                seconds = within.as_secs(),
-                                "storage did not take a data: archive in time"
-                            );
+                        Err(e @ crate::pipeline::StageError::TimedOut(_)) => {
+                            tracing::error!(error = %e, "storing a data: archive");
                             return Err(ExecutorError::NotReady(
                                 "storage did not take the build's sources in time; try again later.".into(),
                             ));

@@ -62,6 +62,21 @@ pub fn stage_deadline(len: u64) -> std::time::Duration {
     BASE + std::time::Duration::from_secs(len / (1024 * 1024))
 }
 
+/// Stores a decoded `data:` archive (`len` bytes in `file`) at `key`, durably, within
+/// `stage_deadline(len)`: both modes stage this way before they acknowledge a build.
+pub async fn store_staged(
+    storage: &dyn Storage,
+    key: &str,
+    file: &Path,
+    len: u64,
+) -> Result<(), StageError> {
+    let within = stage_deadline(len);
+    match tokio::time::timeout(within, storage.put_file_durable(key, file)).await {
+        Ok(stored) => stored.map_err(StageError::Store),
+        Err(_) => Err(StageError::TimedOut(within)),
+    }
+}
+
 /// Everything a build needs besides its spec. Cheap to clone.
 #[derive(Clone)]
 pub struct Pipeline {
@@ -558,13 +573,9 @@ impl Pipeline {
                 return Ok(false);
             };
             // The build is acknowledged after this: the stored copy must survive a power loss.
-            let within = stage_deadline(len);
-            let key = spec.source_key();
-            let store = self.storage.put_file_durable(&key, &file);
-            match tokio::time::timeout(within, store).await {
-                Ok(stored) => stored.map(|()| true).map_err(StageError::Store),
-                Err(_) => Err(StageError::TimedOut(within)),
-            }
+            store_staged(self.storage.as_ref(), &spec.source_key(), &file, len)
+                .await
+                .map(|()| true)
         }
         .await;
         let _ = tokio::fs::remove_file(&file).await;
