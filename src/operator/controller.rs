@@ -2646,13 +2646,17 @@ mod tests {
         // The reconcile the refusal's own status write triggers: reads, then waits.
         let rx = Receiver::start().await;
         let mut j = job_with(None, &rx.url, true);
+        // A whole second, as the status (RFC 3339, second precision) keeps it: the rest of
+        // the backoff is then known from the test's own clock.
+        let refused = Timestamp::from_second(Timestamp::now().as_second()).expect("now");
+        let since = || Timestamp::now().duration_since(refused).as_secs_f64();
         j.status = Some(BuildJobStatus {
             callbacks: CallbacksSent {
                 pending: true,
                 ..Default::default()
             },
             admission_retries: 1,
-            last_admission_refusal: Some(Time(Timestamp::now())),
+            last_admission_refusal: Some(Time(refused)),
             ..Default::default()
         });
         let scenario = vec![
@@ -2660,7 +2664,9 @@ mod tests {
             no_pod_yet(),
             its_secret(),
         ];
+        let most = 10.0 - since();
         let (res, _) = play(j, vec![], scenario).await;
+        let least = 10.0 - since();
         let after = format!("{:?}", res.ok());
         let secs = after
             .split("requeue_after: Some(")
@@ -2668,7 +2674,10 @@ mod tests {
             .and_then(|r| r.split("s)").next())
             .and_then(|n| n.parse::<f64>().ok())
             .unwrap_or_else(|| panic!("a requeue: {after}"));
-        assert!((9.0..=10.0).contains(&secs), "the rest of 10 s: {after}");
+        assert!(
+            (least - 0.01..=most + 0.01).contains(&secs),
+            "the rest of 10 s ({least:.3}–{most:.3}): {after}"
+        );
     }
 
     #[tokio::test]
