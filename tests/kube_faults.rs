@@ -43,6 +43,8 @@ scenarios!(
     skipped on a real cluster:
     a_leader_whose_renewal_hangs_steps_down_before_its_lease_can_expire =>
         "needs the simulator to hang Lease renewals (no API call makes a real server do that)",
+    controller_calls_that_never_get_an_answer_are_given_up_and_tried_again =>
+        "needs the simulator to leave a call unanswered (no API call makes a real server do that)",
     a_missing_crd_fails_the_health_check =>
         "needs a cluster without the CRD (deleting it would break every other namespace)",
     a_stale_crd_holds_builds_until_the_current_one_is_applied =>
@@ -394,6 +396,39 @@ async fn a_leader_whose_renewal_hangs_steps_down_before_its_lease_can_expire() {
     let after = cluster.body(&data_uri(&app(&cluster, 0)), &cb);
     shuttle.post(&after).await;
     exactly_once(&cb, &after, "succeeded").await;
+}
+
+/// A call whose connection died silently (an API server replaced behind a load balancer
+/// that drops the flow) gets no answer, ever: kube's client has no read timeout of its own.
+/// The reconcile waiting on it held its BuildJob for good: no pod, no status, no final
+/// callback. Now the call fails after API_CALL_TIMEOUT (30 s) and the reconcile is retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn controller_calls_that_never_get_an_answer_are_given_up_and_tried_again() {
+    let cluster = Cluster::start().await;
+    let shuttle = cluster.serve_as("swallowed", Mode::Host, &[]);
+    let cb = Callbacks::start().await;
+    let b = cluster.body(&data_uri(&app(&cluster, 0)), &cb);
+    // The worker pod's creation, and the status write that records the build's end.
+    cluster
+        .sim
+        .swallow_once(kubesim::Matcher::new("create", "pods"));
+    let started = Instant::now();
+    shuttle.post(&b).await;
+    running_pod(&cluster, &b).await;
+    let pod_after = started.elapsed();
+    cluster.sim.swallow_once(
+        kubesim::Matcher::new("patch", "buildjobs")
+            .name(&common::cluster::job_name(&b))
+            .subresource("status"),
+    );
+    exactly_once(&cb, &b, "succeeded").await;
+    assert!(
+        pod_after >= Duration::from_secs(25),
+        "the first pod creation was not the one swallowed ({pod_after:?})"
+    );
+    let log = cluster.serve_log("swallowed");
+    assert!(log.contains("reconcile failed"), "{log}");
+    cluster.sim.clear_black_holes();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1240,6 +1240,8 @@ fn slim_job(job: &mut BuildJob) {
 /// Runs the controller over BuildJobs in `namespace` and their worker pods (only ours, by
 /// label) until `shutdown` resolves. `watch_failing` is set while BuildJobs or pods cannot
 /// be listed or watched (CRD missing, RBAC), for `/octhc`.
+/// `client` serves the watches (`Clients::streams`); the reconciler's calls go through the
+/// context's client.
 pub async fn run(
     client: Client,
     namespace: &str,

@@ -52,6 +52,9 @@ pub struct KubeExecutor {
     crd: super::crd_check::CrdCheck,
     /// API_CALL_TIMEOUT (tests shorten it).
     api_timeout: std::time::Duration,
+    /// For followed pod logs, quiet for as long as a build step prints nothing (`client`
+    /// has a read timeout; see `super::client`).
+    streams: Client,
 }
 
 fn unavailable(what: &str) -> impl FnOnce(kube::Error) -> ExecutorError + '_ {
@@ -65,10 +68,9 @@ fn is_code(e: &kube::Error, code: u16) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == code)
 }
 
-/// How long one API call of a request (or one read of a pod log it streams) may take.
-/// kube's client has no read timeout: an API server, or a load balancer in front of it, that
-/// takes a request and never answers would hold `POST /`, a stop or a log request for ever.
-pub const API_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long one API call of a request (or one read of a pod log it streams) may take in
+/// all: the `calls` client's read timeout catches a silent connection, this also a trickle.
+pub use super::client::API_CALL_TIMEOUT;
 
 /// An API call that got no answer in time, as the client's own errors are (so each caller
 /// treats it as the API failing: 503).
@@ -108,7 +110,7 @@ impl KubeExecutor {
         scratch: PathBuf,
     ) -> Self {
         Self {
-            client,
+            client: client.clone(),
             namespace: namespace.into(),
             storage,
             extra_registries,
@@ -120,6 +122,7 @@ impl KubeExecutor {
             replace_wait: REPLACE_WAIT,
             crd: super::crd_check::CrdCheck::off(),
             api_timeout: API_CALL_TIMEOUT,
+            streams: client.clone(),
         }
     }
 
@@ -135,6 +138,12 @@ impl KubeExecutor {
     }
 
     /// Refuses builds (and fails `/octhc`) while `check` finds the installed CRD stale.
+    /// The client for followed pod logs (`Clients::streams`); `new`'s client until then.
+    pub fn with_streams(mut self, streams: Client) -> Self {
+        self.streams = streams;
+        self
+    }
+
     pub fn with_crd_check(mut self, check: super::crd_check::CrdCheck) -> Self {
         self.crd = check;
         self
@@ -647,7 +656,7 @@ async fn worker_stopped(exec: &KubeExecutor, pod: &str) -> Option<bool> {
 /// already sent (a reconnect to the same pod). Only whole lines come out of it (`sent`
 /// counts lines), and opening it is bounded; reading is bounded by the follower.
 async fn open_log(exec: &KubeExecutor, pod: &str, prefix: &str, sent: usize) -> Option<Pieces> {
-    let pods: Api<Pod> = Api::namespaced(exec.client.clone(), &exec.namespace);
+    let pods: Api<Pod> = Api::namespaced(exec.streams.clone(), &exec.namespace);
     let params = LogParams {
         container: Some(WORKER_CONTAINER.into()),
         follow: true,

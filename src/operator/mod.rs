@@ -1,6 +1,7 @@
 //! Kubernetes mode: the `BuildJob` resource, the pure decision and pod builders, the
 //! controller that applies them, and the facade the HTTP API uses.
 
+pub mod client;
 pub mod controller;
 pub mod crd;
 pub mod crd_check;
@@ -141,9 +142,10 @@ impl KubernetesMode {
         cfg: &crate::config::Config,
         observer: std::sync::Arc<dyn Observer>,
     ) -> Result<Self, StartError> {
-        let client = kube::Client::try_default()
+        let clients = client::Clients::connect()
             .await
             .map_err(StartError::Client)?;
+        let client = clients.calls.clone();
         let k = &cfg.kubernetes;
         if k.docker_mode == pod::DockerMode::Dind && k.run_controller {
             let v = client
@@ -195,7 +197,8 @@ impl KubernetesMode {
             cfg.build.limits,
             scratch,
         )
-        .with_instance(k.instance_name.clone());
+        .with_instance(k.instance_name.clone())
+        .with_streams(clients.streams.clone());
         let stop = tokio_util::sync::CancellationToken::new();
         let died = tokio_util::sync::CancellationToken::new();
         // Whether the installed CRD declares what this version writes: until it does, the
@@ -274,8 +277,9 @@ impl KubernetesMode {
                     what: "the BuildJob controller",
                 };
                 let work = || {
-                    let (client, settings, pods, callbacks) = (
+                    let (client, streams, settings, pods, callbacks) = (
                         client.clone(),
+                        clients.streams.clone(),
                         settings.clone(),
                         pods.clone(),
                         callbacks.clone(),
@@ -311,7 +315,7 @@ impl KubernetesMode {
                             .with_crd_check(crd)
                         };
                         controller::run(
-                            client.clone(),
+                            streams,
                             &ns,
                             instance.as_deref(),
                             make,

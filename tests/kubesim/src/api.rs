@@ -1228,6 +1228,16 @@ async fn admin(sh: &Arc<Shared>, method: &Method, rest: &str, body: &[u8]) -> Re
                     .into_response()
             }
         },
+        ("POST", ["swallow-once"]) => match serde_json::from_value::<Matcher>(b) {
+            Ok(m) => {
+                sh.swallow_once(m);
+                ok()
+            }
+            Err(e) => {
+                ApiError::bad_request(format!("want {{verb, resource, name?, subresource?}}: {e}"))
+                    .into_response()
+            }
+        },
         ("DELETE", ["black-hole"]) => {
             sh.black_hole_clear();
             ok()

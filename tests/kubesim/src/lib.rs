@@ -133,6 +133,10 @@ pub struct Knobs {
     pub unschedulable: AtomicBool,
     injections: Mutex<Vec<Injection>>,
     blackholes: Mutex<Vec<Matcher>>,
+    /// One call each to hold until the black holes are cleared (`Sim::swallow_once`).
+    swallow: Mutex<Vec<Matcher>>,
+    /// How many times the black holes were cleared: what a swallowed call waits for.
+    clears: std::sync::atomic::AtomicU64,
     release: tokio::sync::Notify,
 }
 
@@ -173,8 +177,26 @@ impl Shared {
         Some(inj.remove(i))
     }
 
-    /// Waits while a black hole matches this call.
+    /// Waits while a black hole matches this call, or until the black holes are cleared
+    /// when this call is the one a `swallow_once` matcher was waiting for.
     async fn black_hole(&self, verb: &str, resource: &str, name: &str, sub: &str) {
+        let swallowed = {
+            let mut once = self.knobs.swallow.lock().unwrap_or_else(|e| e.into_inner());
+            let at = once
+                .iter()
+                .position(|m| m.matches(verb, resource, name, sub));
+            at.map(|i| once.remove(i))
+        };
+        if swallowed.is_some() {
+            let cleared = self.knobs.clears.load(Ordering::SeqCst);
+            loop {
+                let released = self.knobs.release.notified();
+                if self.knobs.clears.load(Ordering::SeqCst) != cleared {
+                    return;
+                }
+                released.await;
+            }
+        }
         loop {
             let released = self.knobs.release.notified();
             let held = self
@@ -221,12 +243,26 @@ impl Shared {
             .push(m);
     }
 
+    pub fn swallow_once(&self, m: Matcher) {
+        self.knobs
+            .swallow
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(m);
+    }
+
     pub fn black_hole_clear(&self) {
         self.knobs
             .blackholes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+        self.knobs
+            .swallow
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.knobs.clears.fetch_add(1, Ordering::SeqCst);
         self.knobs.release.notify_waiters();
     }
 }
@@ -361,6 +397,13 @@ impl Sim {
 
     pub fn black_hole(&self, matcher: Matcher) {
         self.shared.black_hole_add(matcher);
+    }
+
+    /// The next call `matcher` matches gets no answer until `clear_black_holes` (later ones
+    /// are served): a request whose connection died silently, as when an API server behind
+    /// a load balancer goes away mid-request.
+    pub fn swallow_once(&self, matcher: Matcher) {
+        self.shared.swallow_once(matcher);
     }
 
     pub fn clear_black_holes(&self) {
