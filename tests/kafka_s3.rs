@@ -364,6 +364,96 @@ async fn keys_that_cannot_list_the_bucket_start_and_read_a_missing_object_as_mis
     assert!(svc.log(&b).await.ends_with("Build finished\n"));
 }
 
+/// S3 (s3s-fs behind a proxy) that sends a stored log's headers and its first 64 KiB, then
+/// nothing more: the real binary cuts `GET …/logs` short (the SDK's stalled-stream
+/// protection: 5 s without a byte) instead of holding the request for ever, names the object
+/// and the cause in its log, and keeps serving (another log through the same S3 comes whole).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_whose_s3_body_stalls_is_cut_short_and_the_object_named() {
+    use buildshuttle::storage::{S3Storage, Storage};
+    use futures::StreamExt;
+    require_s3();
+    const SENT: usize = 64 * 1024;
+    let app_uuid = uuid::Uuid::new_v4();
+    let stalled = format!("stall-{app_uuid}-1.logs");
+    let whole = format!("stall-{app_uuid}-2.logs");
+    // 1 MiB of log lines, put straight into the bucket as a finished build's log.
+    let log: String = (0..16_384)
+        .map(|i| format!("Step {i:>10} : RUN echo a line of a long build log, 64 bytes\n"))
+        .collect();
+    assert_eq!(log.len(), 1 << 20);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("log");
+    std::fs::write(&file, &log).unwrap();
+    let store = S3Storage::new(&s3_config()).await;
+    for key in [&stalled, &whole] {
+        store.put_file(key, &file).await.unwrap();
+    }
+    let object = format!("/{S3_BUCKET}/{stalled}");
+    let front = common::proxy(
+        "127.0.0.1:9100",
+        move |method, path, _| {
+            (method == "GET" && path.starts_with(&object))
+                .then_some(common::Reply::StallAfter(SENT))
+        },
+        |_, _| None,
+    )
+    .await;
+    let endpoint = format!("http://{front}");
+    let err_path = dir.path().join("stderr");
+    let shuttle = common::bin::spawn_with_output(
+        &dir.path().join("data"),
+        common::bin::free_port(),
+        &[
+            ("S3_BUCKET", S3_BUCKET),
+            ("S3_ENDPOINT", &endpoint),
+            ("S3_ACCESS_KEY", S3_ACCESS),
+            ("S3_SECRET_KEY", S3_SECRET),
+            ("S3_REGION", "us-east-1"),
+        ],
+        std::process::Stdio::null(),
+        std::process::Stdio::from(std::fs::File::create(&err_path).unwrap()),
+    );
+
+    let started = Instant::now();
+    let resp = reqwest::get(shuttle.url(&format!("/stall-{app_uuid}/1/logs")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.content_length(), Some(log.len() as u64));
+    let mut body = resp.bytes_stream();
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(chunk) = body.next().await {
+            got.extend_from_slice(&chunk?);
+        }
+        Ok::<_, reqwest::Error>(())
+    })
+    .await
+    .expect("the response ends within 15 s instead of hanging");
+    let took = started.elapsed();
+    assert!(end.is_err(), "cut short, not ended as if whole");
+    assert_eq!(got.len(), SENT);
+    assert!(log.as_bytes().starts_with(&got));
+    assert!(took >= Duration::from_secs(4), "{took:?}");
+    let err = std::fs::read_to_string(&err_path).unwrap();
+    assert!(
+        err.contains(&format!("S3 stopped sending the object {stalled} part-way"))
+            && err.contains("minimum throughput"),
+        "{err}"
+    );
+
+    // The service goes on: another log through the same S3 comes whole.
+    let other = reqwest::get(shuttle.url(&format!("/stall-{app_uuid}/2/logs")))
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 200);
+    assert_eq!(other.text().await.unwrap(), log);
+    let health = reqwest::get(shuttle.url("/octhc")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_fetches_sources_from_the_services_own_url() {
     let svc = Service::start(&s3_flags()).await;

@@ -241,7 +241,11 @@ async fn create_build(
 }
 
 fn object_response(obj: Object, content_type: &'static str) -> Response {
-    let mut resp = Response::new(Body::from_stream(obj.body));
+    // A read that fails part-way (S3 stopped sending) cuts the response: say why in our log.
+    let body = futures::TryStreamExt::inspect_err(obj.body, |e| {
+        tracing::warn!(error = %e, "reading a stored object failed; its response was cut short");
+    });
+    let mut resp = Response::new(Body::from_stream(body));
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     if let Some(len) = obj.len {

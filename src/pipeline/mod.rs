@@ -595,23 +595,23 @@ impl Pipeline {
         tee: sources::Tee,
     ) -> Result<u64, sources::SourceError> {
         use futures::StreamExt;
-        let missing = || sources::SourceError::Download {
+        let failed = |reason: String| sources::SourceError::Download {
             url: format!("storage key {key}"),
-            reason: "the stored sources are missing".into(),
+            reason,
         };
         let obj = self
             .storage
             .get(key)
             .await
-            .map_err(|e| sources::SourceError::Download {
-                url: format!("storage key {key}"),
-                reason: e.to_string(),
-            })?;
-        let mut body = obj.ok_or_else(missing)?.body;
+            .map_err(|e| failed(e.to_string()))?;
+        let mut body = obj
+            .ok_or_else(|| failed("the stored sources are missing".into()))?
+            .body;
         let mut file = sources::ArchiveWriter::create(dest, Some(tee)).await?;
         let mut written = 0u64;
         while let Some(chunk) = body.next().await {
-            let chunk = chunk?;
+            // A read error is the storage's (S3 stopped sending), not the disk's.
+            let chunk = chunk.map_err(|e| failed(e.to_string()))?;
             written += chunk.len() as u64;
             if written > limits.max_source_bytes {
                 return Err(sources::SourceError::TooLarge {

@@ -14,7 +14,9 @@ use aws_sdk_s3::error::ProvideErrorMetadata;
 use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
-use futures::{StreamExt, TryStreamExt};
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt, TryStreamExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -374,6 +376,29 @@ async fn file_body(
         })
 }
 
+/// `body` with its errors naming the object and what went wrong. The SDK cuts a download
+/// whose body sends nothing for 5 s (its stalled-stream protection, on by default), but its
+/// error reads only "streaming error"; the cause is further down the chain.
+fn named_errors(
+    body: impl Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+    key: &str,
+) -> BoxStream<'static, std::io::Result<Bytes>> {
+    let key = key.to_string();
+    body.map_err(move |e| {
+        let mut why = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            why = format!("{why}: {c}");
+            cause = c.source();
+        }
+        std::io::Error::new(
+            e.kind(),
+            format!("S3 stopped sending the object {key} part-way ({why}); check the S3 endpoint and anything in front of it"),
+        )
+    })
+    .boxed()
+}
+
 #[async_trait]
 impl Storage for S3Storage {
     async fn put_file(&self, key: &str, path: &Path) -> Result<(), StorageError> {
@@ -426,9 +451,10 @@ impl Storage for S3Storage {
         // A server that ignores ranges answers with the whole object: skip the bytes here.
         let ignored_range = offset > 0 && out.content_range().is_none();
         let reader = out.body.into_async_read();
+        let body = tokio_util::io::ReaderStream::with_capacity(reader, 64 * 1024);
         let obj = Object {
             len,
-            body: tokio_util::io::ReaderStream::with_capacity(reader, 64 * 1024).boxed(),
+            body: named_errors(body, key),
         };
         Ok(Some(if ignored_range {
             super::skip(obj, offset)
@@ -455,5 +481,27 @@ impl Storage for S3Storage {
 
     fn describe(&self) -> String {
         format!("S3 bucket {} at {}", self.bucket, self.location)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A body that fails part-way: the error names the object and keeps its cause.
+    #[tokio::test]
+    async fn a_body_that_fails_part_way_names_the_object_and_the_cause() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("minimum throughput was not met")]
+        struct Stalled;
+        let cut = std::io::Error::other(Stalled);
+        let body = futures::stream::iter([Ok(Bytes::from_static(b"first")), Err(cut)]);
+        let mut body = named_errors(body, "app-uuid-1.logs");
+        assert_eq!(body.next().await.unwrap().unwrap(), "first");
+        let e = body.next().await.unwrap().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "S3 stopped sending the object app-uuid-1.logs part-way (minimum throughput was not met); check the S3 endpoint and anything in front of it"
+        );
     }
 }

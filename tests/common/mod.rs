@@ -546,6 +546,9 @@ pub enum Reply {
     Status(u16, &'static str),
     /// Nothing, ever, as a hung server (the connection stays open).
     Hang,
+    /// The upstream's status and headers and the first this many bytes of its body, then
+    /// nothing more, ever: a server that stalls mid-body.
+    StallAfter(usize),
 }
 
 /// A reverse proxy on loopback in front of `upstream`: `answer` (method, path with query,
@@ -588,11 +591,12 @@ pub async fn proxy(
                 .map(|p| p.as_str().to_string())
                 .unwrap_or_default();
             let method = req.method().as_str().to_string();
-            match answer(&method, &path, &agent) {
+            let stall_after = match answer(&method, &path, &agent) {
                 Some(Reply::Status(status, body)) => return reply(status, body),
                 Some(Reply::Hang) => return std::future::pending().await,
-                None => {}
-            }
+                Some(Reply::StallAfter(n)) => Some(n),
+                None => None,
+            };
             let mut out = client.request(req.method().clone(), format!("http://{upstream}{path}"));
             // The Host header stays the proxy's: the registry builds its Location URLs from it.
             for (k, v) in req.headers() {
@@ -609,12 +613,36 @@ pub async fn proxy(
             for (k, v) in resp.headers() {
                 back = back.header(k, v);
             }
-            back.body(Body::from_stream(resp.bytes_stream()))
-                .expect("response")
+            let body = match stall_after {
+                None => Body::from_stream(resp.bytes_stream()),
+                Some(n) => Body::from_stream(first_bytes(resp.bytes_stream(), n)),
+            };
+            back.body(body).expect("response")
         }
     });
     tokio::spawn(async move { axum::serve(listener, app).await });
     addr
+}
+
+/// The first `n` bytes of `body`, then a stream that never yields (nor ends).
+fn first_bytes<E: Send + 'static>(
+    body: impl futures::Stream<Item = Result<Bytes, E>> + Send + 'static,
+    n: usize,
+) -> impl futures::Stream<Item = Result<Bytes, E>> + Send + 'static {
+    use futures::StreamExt;
+    futures::stream::unfold((body.boxed(), n), |(mut body, left)| async move {
+        if left == 0 {
+            return None;
+        }
+        let mut chunk = match body.next().await? {
+            Ok(chunk) => chunk,
+            Err(e) => return Some((Err(e), (body, 0))),
+        };
+        chunk.truncate(left);
+        let left = left - chunk.len();
+        Some((Ok(chunk), (body, left)))
+    })
+    .chain(futures::stream::pending())
 }
 
 /// The image config `repo:tag` names in `registry` (as JSON) and its digest, which is the
