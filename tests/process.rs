@@ -362,6 +362,189 @@ async fn a_full_disk_holds_the_final_callback_until_the_outcome_is_on_disk() {
     assert_eq!(finals(&cb, &b), 1);
 }
 
+/// A filesystem of its own (an ext4 image, loop-mounted) that the test can freeze as a disk
+/// that stops answering, as a lost network volume does: with `fsfreeze`, every write waits
+/// until it is thawed. Needs root, as `.ci/run` has. Unmounted on drop.
+struct FreezableDisk {
+    _image: tempfile::TempDir,
+    mount: std::path::PathBuf,
+}
+
+impl FreezableDisk {
+    fn new() -> Self {
+        let image = tempfile::tempdir().unwrap();
+        let file = image.path().join("disk.img");
+        let mount = image.path().join("mnt");
+        std::fs::create_dir(&mount).unwrap();
+        let run = |cmd: &str, args: &[&std::ffi::OsStr]| {
+            let out = Command::new(cmd).args(args).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{cmd} {args:?} (a loop-mounted filesystem needs root): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        std::fs::File::create(&file)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        run(
+            "mkfs.ext4",
+            &["-q".as_ref(), "-F".as_ref(), file.as_os_str()],
+        );
+        run(
+            "mount",
+            &[
+                "-o".as_ref(),
+                "loop".as_ref(),
+                file.as_os_str(),
+                mount.as_os_str(),
+            ],
+        );
+        Self {
+            _image: image,
+            mount,
+        }
+    }
+
+    fn path(&self) -> &std::path::Path {
+        &self.mount
+    }
+
+    fn freeze(&self) {
+        let ok = Command::new("fsfreeze")
+            .arg("--freeze")
+            .arg(&self.mount)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "fsfreeze --freeze");
+    }
+
+    /// Thaws the disk when dropped (declared after the service it holds: a process blocked
+    /// on a frozen disk cannot be killed and reaped until it is thawed).
+    fn thaw_on_drop(&self) -> Thaw {
+        Thaw(self.mount.clone())
+    }
+}
+
+impl Drop for FreezableDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze")
+            .arg("--unfreeze")
+            .arg(&self.mount)
+            .status();
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+    }
+}
+
+struct Thaw(std::path::PathBuf);
+
+impl Thaw {
+    fn now(&self) {
+        let ok = Command::new("fsfreeze")
+            .arg("--unfreeze")
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "fsfreeze --unfreeze");
+    }
+}
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        // Not frozen any more is fine.
+        let _ = Command::new("fsfreeze")
+            .arg("--unfreeze")
+            .arg(&self.0)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// A disk that stops answering (frozen): a write of the build state waits in the kernel for
+/// ever, so a `POST /` then was held as long, and `/octhc` said all was well. Now, once one
+/// write has waited 10 s, `/octhc` fails naming it and new builds are refused at once; the
+/// build whose write was waiting is accepted when the disk answers again, and runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_that_stops_answering_fails_the_health_check_and_refuses_builds_at_once() {
+    let disk = FreezableDisk::new();
+    let cb = Callbacks::start().await;
+    let p = spawn(&disk.path().join("data"), free_port(), &[]);
+    let thaw = disk.thaw_on_drop();
+    let http = reqwest::Client::new();
+    let post = |b: Value| {
+        let (http, url) = (http.clone(), p.url("/"));
+        async move {
+            let r = http.post(url).json(&b).send().await.unwrap();
+            r.status().as_u16()
+        }
+    };
+    let health = || async {
+        let r = reqwest::get(p.url("/octhc")).await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap_or_default())
+    };
+    // Sources that fail at once: no dockerd needed.
+    let gone = format!("http://127.0.0.1:{}/gone.tgz", free_port());
+    let warm = body(&gone, &cb);
+    assert_eq!(post(warm.clone()).await, 200);
+    let id = |b: &Value| b["build_uuid"].as_str().unwrap().to_string();
+    assert_eq!(
+        cb.wait_final(&id(&warm), Duration::from_secs(60)).await,
+        "failed"
+    );
+    assert_eq!(health().await.0, 200);
+
+    disk.freeze();
+    let frozen_at = Instant::now();
+    let held = body(&gone, &cb);
+    let held_post = tokio::spawn(post(held.clone()));
+    let (code, why) = loop {
+        let (code, why) = health().await;
+        if code != 200 {
+            break (code, why);
+        }
+        assert!(
+            frozen_at.elapsed() < Duration::from_secs(20),
+            "/octhc still passes {:?} after the disk froze",
+            frozen_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(code, 503);
+    assert!(why.contains("waiting") && why.contains("DATA_DIR"), "{why}");
+    assert!(frozen_at.elapsed() >= Duration::from_secs(9), "too eager");
+    assert!(!held_post.is_finished(), "the waiting POST is still held");
+    let refused = body(&gone, &cb);
+    let asked = Instant::now();
+    assert_eq!(post(refused.clone()).await, 503);
+    assert!(asked.elapsed() < Duration::from_secs(2), "refused at once");
+
+    thaw.now();
+    let held_code = tokio::time::timeout(Duration::from_secs(20), held_post)
+        .await
+        .expect("the held POST is answered once the disk answers")
+        .unwrap();
+    assert_eq!(held_code, 200);
+    assert_eq!(
+        cb.wait_final(&id(&held), Duration::from_secs(60)).await,
+        "failed"
+    );
+    let start = Instant::now();
+    while health().await.0 != 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "/octhc passes again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(finals(&cb, &held), 1);
+    assert!(
+        cb.calls_for(&id(&refused)).is_empty(),
+        "the refused build never ran"
+    );
+}
+
 /// SIGTERM with `SHUTDOWN_DELAY_SECONDS`: the process goes on answering, with `/octhc` failing,
 /// so a Service's endpoints drop the replica before its port closes; a second signal ends
 /// the wait.

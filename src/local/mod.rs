@@ -135,6 +135,10 @@ const HOT_QUEUE: usize = 2048;
 /// A build's "running" journal line is written once it has run this long; one that ends
 /// sooner has only its outcome written.
 const RUNNING_LINE_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
+/// One write or fsync of the build state taking this long means its disk has stopped
+/// answering (a busy disk's fsync takes seconds at worst): `/octhc` fails and `POST /` is
+/// refused until it answers.
+const STATE_STALL: Duration = Duration::from_secs(10);
 
 /// Why a build was stopped, set before its token fires; `None` means "stopped by request".
 type StopReason = Arc<Mutex<Option<(FailureReason, String)>>>;
@@ -1158,6 +1162,13 @@ impl Executor for LocalExecutor {
             return self.inner.duplicate(id, known.flatten()).await;
         }
         self.inner.check_room()?;
+        // A disk that has stopped answering would hold this request until it answers again
+        // (for ever, for a lost volume): refuse it now, as a disk that fails is.
+        if self.inner.state.stalled(STATE_STALL).is_some() {
+            return Err(ExecutorError::Unavailable(
+                "build state cannot be written".into(),
+            ));
+        }
         // A data: payload goes to storage now; the state keeps a reference, not megabytes.
         // Storage that fails or hangs refuses the build (503) within a bounded time: it
         // is not acknowledged without its only copy of the sources.
@@ -1234,11 +1245,17 @@ impl Executor for LocalExecutor {
     }
 
     fn health(&self) -> Result<(), String> {
-        match self.inner.state.failing() {
-            true => {
-                Err("the build state cannot be written under DATA_DIR (is the disk full?)".into())
-            }
-            false => Ok(()),
+        if self.inner.state.failing() {
+            return Err(
+                "the build state cannot be written under DATA_DIR (is the disk full?)".into(),
+            );
+        }
+        match self.inner.state.stalled(STATE_STALL) {
+            Some(d) => Err(format!(
+                "the build state under DATA_DIR has been waiting {} s for one write to its disk (a stalled disk or a lost volume?); new builds are refused until it answers",
+                d.as_secs()
+            )),
+            None => Ok(()),
         }
     }
 

@@ -112,6 +112,46 @@ pub enum Durability {
     Written,
 }
 
+/// When the writer began the disk work it is doing now; 0 while it waits for changes. A
+/// disk that stops answering (a lost network volume, a frozen filesystem) blocks the writer
+/// in a system call, so only a watcher from outside can tell.
+struct Busy {
+    epoch: Instant,
+    /// Milliseconds since `epoch`, plus one (0: idle).
+    since_ms: AtomicU64,
+}
+
+impl Busy {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            since_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Marks the writer busy from now, unless it already is (then from then).
+    fn enter(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1;
+        let _ = self
+            .since_ms
+            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    fn leave(&self) {
+        self.since_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// How long the current disk work has taken so far (`None` while idle).
+    fn for_how_long(&self) -> Option<std::time::Duration> {
+        let since = self.since_ms.load(Ordering::Relaxed).checked_sub(1)?;
+        Some(
+            self.epoch
+                .elapsed()
+                .saturating_sub(Duration::from_millis(since)),
+        )
+    }
+}
+
 /// Handle to the state; cheap to share. Writes go to the writer thread.
 pub struct StateStore {
     /// Held for the store's life: a second process on the same folder would fold away this
@@ -122,6 +162,8 @@ pub struct StateStore {
     syncs: Arc<AtomicU64>,
     /// Whether the writer's last batch failed (a full disk): `/octhc` says so.
     failing: Arc<AtomicBool>,
+    /// Since when the writer has been in its current disk work: a stalled disk.
+    busy: Arc<Busy>,
     /// Builds whose final callback is done: a repeated POST of one starts nothing.
     done: Mutex<HashSet<Uuid>>,
 }
@@ -208,9 +250,11 @@ impl StateStore {
         let (tx, rx) = mpsc::channel();
         let syncs = Arc::new(AtomicU64::new(0));
         let failing = Arc::new(AtomicBool::new(false));
+        let busy = Arc::new(Busy::new());
         let writer = Writer {
             syncs: syncs.clone(),
             failing: failing.clone(),
+            busy: busy.clone(),
             dir: dir.clone(),
             gen,
             journal,
@@ -231,6 +275,7 @@ impl StateStore {
             tx,
             syncs,
             failing,
+            busy,
             done: Mutex::new(done),
         };
         Ok((store, Recovered { records, next_seq }))
@@ -239,6 +284,12 @@ impl StateStore {
     /// Whether the last batch of changes could not be written (until one can).
     pub fn failing(&self) -> bool {
         self.failing.load(Ordering::Relaxed)
+    }
+
+    /// How long the writer has been inside one write or fsync, when that is `after` or more:
+    /// the disk under the state has stopped answering (changes wait for it meanwhile).
+    pub fn stalled(&self, after: Duration) -> Option<Duration> {
+        self.busy.for_how_long().filter(|d| *d >= after)
     }
 
     /// How many times the journal has been fsynced since the store opened.
@@ -316,6 +367,7 @@ struct Writer {
     unsynced: Option<Instant>,
     syncs: Arc<AtomicU64>,
     failing: Arc<AtomicBool>,
+    busy: Arc<Busy>,
     compaction: Arc<Compaction>,
 }
 
@@ -341,6 +393,8 @@ impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Op>) {
         let mut batch: Vec<Op> = Vec::new();
         loop {
+            // Busy from here to the wait for changes, and from a change (or a timer) on.
+            self.busy.enter();
             // Unsynced lines get their fsync once LAZY_SYNC passes without a synced batch, also
             // while changes keep coming (a receive with no time left would just take the next).
             if self.unsynced.is_some_and(|t| t.elapsed() >= LAZY_SYNC) {
@@ -350,10 +404,12 @@ impl Writer {
             // Quiet for IDLE with finished builds to fold away: compact then, it costs
             // nobody. (A gap between two batches of a burst is not quiet.)
             let compact_in = self.first_final.map(|_| IDLE);
+            self.busy.leave();
             let op = match sync_in.into_iter().chain(compact_in).min() {
                 Some(wait) => match rx.recv_timeout(wait) {
                     Ok(op) => op,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.busy.enter();
                         if self.unsynced.is_some() {
                             self.sync_lazy();
                         } else {
@@ -371,6 +427,7 @@ impl Writer {
                     Err(_) => return,
                 },
             };
+            self.busy.enter();
             batch.push(op);
             // Everything that queued up meanwhile joins this batch (bounded, so acks flow).
             while batch.len() < 4096 {
