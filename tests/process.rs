@@ -463,7 +463,7 @@ impl Drop for Thaw {
 
 /// A disk that stops answering (frozen): a write of the build state waits in the kernel for
 /// ever, so a `POST /` then was held as long, and `/octhc` said all was well. Now, once one
-/// write has waited 10 s, `/octhc` fails naming it and new builds are refused at once; the
+/// write has waited 30 s, `/octhc` fails naming it and new builds are refused at once; the
 /// build whose write was waiting is accepted when the disk answers again, and runs once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_that_stops_answering_fails_the_health_check_and_refuses_builds_at_once() {
@@ -504,7 +504,7 @@ async fn a_disk_that_stops_answering_fails_the_health_check_and_refuses_builds_a
             break (code, why);
         }
         assert!(
-            frozen_at.elapsed() < Duration::from_secs(20),
+            frozen_at.elapsed() < Duration::from_secs(45),
             "/octhc still passes {:?} after the disk froze",
             frozen_at.elapsed()
         );
@@ -512,7 +512,7 @@ async fn a_disk_that_stops_answering_fails_the_health_check_and_refuses_builds_a
     };
     assert_eq!(code, 503);
     assert!(why.contains("waiting") && why.contains("DATA_DIR"), "{why}");
-    assert!(frozen_at.elapsed() >= Duration::from_secs(9), "too eager");
+    assert!(frozen_at.elapsed() >= Duration::from_secs(29), "too eager");
     assert!(!held_post.is_finished(), "the waiting POST is still held");
     let refused = body(&gone, &cb);
     let asked = Instant::now();

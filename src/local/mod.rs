@@ -136,9 +136,10 @@ const HOT_QUEUE: usize = 2048;
 /// sooner has only its outcome written.
 const RUNNING_LINE_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
 /// One write or fsync of the build state taking this long means its disk has stopped
-/// answering (a busy disk's fsync takes seconds at worst): `/octhc` fails and `POST /` is
-/// refused until it answers.
-const STATE_STALL: Duration = Duration::from_secs(10);
+/// answering: `/octhc` fails and `POST /` is refused until it answers. Not less: on a busy
+/// disk (dockerd writing layers to the same filesystem) one fsync may wait for seconds of
+/// other files' data (ext4's ordered mode), and a POST refused then would have succeeded.
+const STATE_STALL: Duration = Duration::from_secs(30);
 
 /// Why a build was stopped, set before its token fires; `None` means "stopped by request".
 type StopReason = Arc<Mutex<Option<(FailureReason, String)>>>;
