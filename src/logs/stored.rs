@@ -175,19 +175,42 @@ impl Sink for StoredLog {
     }
 }
 
-/// Puts the spool file in storage and, when the spool is not the store, removes it.
+/// The pauses before each further try to store a finished log, once the storage client's own
+/// attempts (five, within seconds) have failed. A worker pod's spool goes with the pod, so a
+/// log not stored is lost: an outage of storage of up to about a minute is waited out. The
+/// build's end (and its final callback) waits that long only while storage fails.
+const STORE_RETRIES: [std::time::Duration; 4] = [
+    std::time::Duration::from_secs(4),
+    std::time::Duration::from_secs(8),
+    std::time::Duration::from_secs(16),
+    std::time::Duration::from_secs(32),
+];
+
+/// Puts the spool file in storage (trying again after each of STORE_RETRIES) and, when the
+/// spool is not the store, removes it.
 async fn hand_over(key: &str, path: &Path, storage: &dyn Storage, remove: bool) {
-    match storage.put_file(key, path).await {
-        // Readers fall back from the spool to storage, which now has the whole log.
-        Ok(()) if remove => {
-            if let Err(e) = tokio::fs::remove_file(path).await {
-                tracing::warn!(key, error = %e, "could not remove the spooled log after storing it");
+    let mut pauses = STORE_RETRIES.iter();
+    loop {
+        match storage.put_file(key, path).await {
+            // Readers fall back from the spool to storage, which now has the whole log.
+            Ok(()) if remove => {
+                if let Err(e) = tokio::fs::remove_file(path).await {
+                    tracing::warn!(key, error = %e, "could not remove the spooled log after storing it");
+                }
+                return;
             }
-        }
-        Ok(()) => {}
-        // The spool file stays, so the log is still served from this host.
-        Err(e) => {
-            tracing::warn!(key, error = %e, "could not store the build log; it stays in the local spool")
+            Ok(()) => return,
+            Err(e) => match pauses.next() {
+                Some(pause) => {
+                    tracing::warn!(key, error = %e, "could not store the build log; trying again in {pause:?}");
+                    tokio::time::sleep(*pause).await;
+                }
+                // The spool file stays, so the log is still served from this host.
+                None => {
+                    tracing::warn!(key, error = %e, "could not store the build log; it stays in the local spool");
+                    return;
+                }
+            },
         }
     }
 }
@@ -195,6 +218,83 @@ async fn hand_over(key: &str, path: &Path, storage: &dyn Storage, remove: bool) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Storage that refuses the first `refusals` puts, then stores (nothing: it counts).
+    struct Refusing {
+        refusals: std::sync::atomic::AtomicU32,
+        puts: std::sync::atomic::AtomicU32,
+    }
+
+    #[async_trait::async_trait]
+    impl Storage for Refusing {
+        async fn put_file(&self, key: &str, _: &Path) -> Result<(), crate::storage::StorageError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.puts.fetch_add(1, SeqCst);
+            let left = self.refusals.load(SeqCst);
+            if left == 0 {
+                return Ok(());
+            }
+            self.refusals.store(left - 1, SeqCst);
+            Err(crate::storage::StorageError::S3 {
+                op: "PutObject",
+                key: key.into(),
+                message: "503 SlowDown".into(),
+            })
+        }
+        async fn get(
+            &self,
+            _: &str,
+        ) -> Result<Option<crate::storage::Object>, crate::storage::StorageError> {
+            Ok(None)
+        }
+        async fn exists(&self, _: &str) -> Result<bool, crate::storage::StorageError> {
+            Ok(false)
+        }
+        fn describe(&self) -> String {
+            "refusing".into()
+        }
+    }
+
+    fn refusing(refusals: u32) -> Refusing {
+        Refusing {
+            refusals: refusals.into(),
+            puts: 0.into(),
+        }
+    }
+
+    /// Storage down for a while when a build ends: the log is stored once it is back (a
+    /// worker pod's spool goes with the pod), after the pauses so far; then the spool goes.
+    #[tokio::test(start_paused = true)]
+    async fn a_log_is_stored_once_storage_is_back_within_the_retries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a-b-1.logs");
+        std::fs::write(&path, "Build finished\n").unwrap();
+        let storage = refusing(3);
+        let started = tokio::time::Instant::now();
+        hand_over("a-b-1.logs", &path, &storage, true).await;
+        assert_eq!(storage.puts.load(std::sync::atomic::Ordering::SeqCst), 4);
+        assert_eq!(
+            started.elapsed(),
+            STORE_RETRIES[..3].iter().sum::<std::time::Duration>()
+        );
+        assert!(!path.exists(), "stored, so the spool file goes");
+    }
+
+    /// Storage down for longer: given up after the last pause, the spool file kept.
+    #[tokio::test(start_paused = true)]
+    async fn a_log_storage_never_takes_stays_in_the_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a-b-1.logs");
+        std::fs::write(&path, "Build finished\n").unwrap();
+        let storage = refusing(u32::MAX);
+        hand_over("a-b-1.logs", &path, &storage, true).await;
+        let tries = STORE_RETRIES.len() as u32 + 1;
+        assert_eq!(
+            storage.puts.load(std::sync::atomic::Ordering::SeqCst),
+            tries
+        );
+        assert!(path.exists());
+    }
 
     /// A build counts as ended once its log is finished: whoever reads the file then (a
     /// follower) must find the end, `Build finished` included, though storing it takes longer.
