@@ -186,9 +186,14 @@ const STORE_RETRIES: [std::time::Duration; 4] = [
     std::time::Duration::from_secs(32),
 ];
 
+/// No further try starts once this long has passed since the first: a storage that hangs
+/// (each of the client's attempts waits S3_TIMEOUT_SECONDS) is not waited on again.
+const STORE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(90);
+
 /// Puts the spool file in storage (trying again after each of STORE_RETRIES) and, when the
 /// spool is not the store, removes it.
 async fn hand_over(key: &str, path: &Path, storage: &dyn Storage, remove: bool) {
+    let started = tokio::time::Instant::now();
     let mut pauses = STORE_RETRIES.iter();
     loop {
         match storage.put_file(key, path).await {
@@ -200,7 +205,10 @@ async fn hand_over(key: &str, path: &Path, storage: &dyn Storage, remove: bool) 
                 return;
             }
             Ok(()) => return,
-            Err(e) => match pauses.next() {
+            Err(e) => match pauses
+                .next()
+                .filter(|p| started.elapsed() + **p <= STORE_PATIENCE)
+            {
                 Some(pause) => {
                     tracing::warn!(key, error = %e, "could not store the build log; trying again in {pause:?}");
                     tokio::time::sleep(*pause).await;
@@ -219,10 +227,12 @@ async fn hand_over(key: &str, path: &Path, storage: &dyn Storage, remove: bool) 
 mod tests {
     use super::*;
 
-    /// Storage that refuses the first `refusals` puts, then stores (nothing: it counts).
+    /// Storage that refuses the first `refusals` puts (each after `takes`), then stores
+    /// (nothing: it counts).
     struct Refusing {
         refusals: std::sync::atomic::AtomicU32,
         puts: std::sync::atomic::AtomicU32,
+        takes: std::time::Duration,
     }
 
     #[async_trait::async_trait]
@@ -230,6 +240,7 @@ mod tests {
         async fn put_file(&self, key: &str, _: &Path) -> Result<(), crate::storage::StorageError> {
             use std::sync::atomic::Ordering::SeqCst;
             self.puts.fetch_add(1, SeqCst);
+            tokio::time::sleep(self.takes).await;
             let left = self.refusals.load(SeqCst);
             if left == 0 {
                 return Ok(());
@@ -259,6 +270,7 @@ mod tests {
         Refusing {
             refusals: refusals.into(),
             puts: 0.into(),
+            takes: std::time::Duration::ZERO,
         }
     }
 
@@ -278,6 +290,22 @@ mod tests {
             STORE_RETRIES[..3].iter().sum::<std::time::Duration>()
         );
         assert!(!path.exists(), "stored, so the spool file goes");
+    }
+
+    /// Storage that hangs (each put ends only at the client's timeouts): not tried again
+    /// once STORE_PATIENCE has passed, so the build's end waits no longer than before.
+    #[tokio::test(start_paused = true)]
+    async fn a_log_storage_hangs_on_is_not_tried_again_past_the_patience() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a-b-1.logs");
+        std::fs::write(&path, "Build finished\n").unwrap();
+        let storage = Refusing {
+            takes: std::time::Duration::from_secs(600),
+            ..refusing(u32::MAX)
+        };
+        hand_over("a-b-1.logs", &path, &storage, true).await;
+        assert_eq!(storage.puts.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(path.exists());
     }
 
     /// Storage down for longer: given up after the last pause, the spool file kept.
