@@ -107,6 +107,10 @@ pub async fn run(args: WorkerArgs) -> Outcome {
     outcome
 }
 
+/// How long after its build's timeout the worker may still start a pause before trying again
+/// to store its log: half the pod's 120 s margin, the rest for the pod's own start.
+const STORE_MARGIN: Duration = Duration::from_secs(60);
+
 fn interrupted() -> Outcome {
     Outcome::failed(FailureReason::Interrupted, "the worker pod was stopped")
 }
@@ -127,8 +131,12 @@ async fn build(
         }
     };
     let spool = cfg.data_dir.join("spool");
+    // This spool goes with the pod: a log S3 refuses for a while is tried again, as long as
+    // that ends well before the pod's deadline (TIMEOUT_IN_MS + 120 s from the pod's start,
+    // which came before this process's).
+    let retry_until = tokio::time::Instant::from_std(started) + cfg.timeout + STORE_MARGIN;
     let files = match std::fs::create_dir_all(&spool).and_then(|_| LogFiles::new(&spool)) {
-        Ok(f) => f,
+        Ok(f) => f.with_store_retries(retry_until),
         Err(e) => {
             return Outcome::failed(
                 FailureReason::Internal,

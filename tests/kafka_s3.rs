@@ -454,54 +454,6 @@ async fn a_log_whose_s3_body_stalls_is_cut_short_and_the_object_named() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
-/// S3 refusing writes (`503 SlowDown`) for 20 s, longer than the client's own five attempts,
-/// as a build ends: its log is stored once S3 takes writes again. Before, it was given up
-/// after those attempts: kept in this host's spool in local mode, lost with the pod in
-/// Kubernetes mode, whose worker stores its log the same way.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_log_is_stored_once_s3_takes_writes_again() {
-    use buildshuttle::storage::{S3Storage, Storage};
-    require_s3();
-    const SLOW_DOWN: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
-    let refusing_until = Arc::new(Mutex::new(None::<Instant>));
-    let until = refusing_until.clone();
-    let front = common::proxy(
-        "127.0.0.1:9100",
-        move |method, path, _| {
-            let refusing = until.lock().unwrap().is_some_and(|t| Instant::now() < t);
-            (refusing && method == "PUT" && path.contains(".logs"))
-                .then_some(common::Reply::Status(503, SLOW_DOWN))
-        },
-        |_, _| None,
-    )
-    .await;
-    let svc = Service::start(&s3_flags_at(&format!("http://{front}"))).await;
-    let cbs = Callbacks::start().await;
-    // Sources that fail at once: the build ends (and stores its log) right away.
-    let gone = format!("http://127.0.0.1:{}/gone.tgz", common::bin::free_port());
-    let b = body(&gone, &cbs);
-    let id = b["build_uuid"].as_str().unwrap().to_string();
-    *refusing_until.lock().unwrap() = Some(Instant::now() + Duration::from_secs(20));
-    assert_eq!(svc.post(&b).await.0, 200);
-    assert_eq!(cbs.wait_final(&id, BUILD_WITHIN).await, "failed");
-    let key = format!(
-        "{}-{}-1.logs",
-        b["app"].as_str().unwrap(),
-        b["app_uuid"].as_str().unwrap()
-    );
-    let bucket = S3Storage::new(&s3_config()).await;
-    let start = Instant::now();
-    while !bucket.exists(&key).await.unwrap() {
-        assert!(
-            start.elapsed() < Duration::from_secs(90),
-            "the log never reached the bucket"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let stored = std::fs::read_to_string(s3_file(&key)).unwrap();
-    assert!(stored.ends_with("Build finished\n"), "{stored}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_fetches_sources_from_the_services_own_url() {
     let svc = Service::start(&s3_flags()).await;

@@ -533,6 +533,82 @@ async fn worker_reads_s3_sources_and_writes_its_log_to_s3_and_kafka() {
     assert_eq!(messages, log.lines().collect::<Vec<_>>());
 }
 
+/// S3 refusing writes (`503 SlowDown`) for 20 s, longer than the client's own five attempts,
+/// as the worker ends: its log is stored once S3 takes writes again. The worker's spool goes
+/// with its pod, so before, such a log was lost (only the end the controller writes stayed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_s3_refuses_for_a_while_is_stored_once_it_takes_writes_again() {
+    use buildshuttle::storage::{S3Storage, Storage};
+    use futures::StreamExt;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+    common::require_s3();
+    const SLOW_DOWN: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
+    let refusing_until = Arc::new(Mutex::new(None::<Instant>));
+    let until = refusing_until.clone();
+    let front = common::proxy(
+        "127.0.0.1:9100",
+        move |method, path, _| {
+            let refusing = until.lock().unwrap().is_some_and(|t| Instant::now() < t);
+            (refusing && method == "PUT" && path.contains(".logs"))
+                .then_some(common::Reply::Status(503, SLOW_DOWN))
+        },
+        |_, _| None,
+    )
+    .await;
+    let endpoint = format!("http://{front}");
+    let s3 = [
+        ("S3_BUCKET", common::S3_BUCKET),
+        ("S3_ENDPOINT", endpoint.as_str()),
+        ("S3_ACCESS_KEY", common::S3_ACCESS),
+        ("S3_SECRET_KEY", common::S3_SECRET),
+        ("S3_REGION", "us-east-1"),
+    ];
+    let s3: Vec<(String, String)> = s3
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Sources stored under a key nobody wrote: the build fails at once, and stores its log.
+    let b = spec("wkrslow");
+    let job = BuildJobSpec::from_build(
+        &b,
+        SourceRef {
+            kind: SourceKind::Stored,
+            display: "stored".into(),
+            storage_key: Some(b.source_key()),
+        },
+    );
+    *refusing_until.lock().unwrap() = Some(Instant::now() + Duration::from_secs(20));
+    let (d, j) = (dir.path().to_path_buf(), job.clone());
+    let run = tokio::task::spawn_blocking(move || {
+        let env: Vec<(&str, &str)> = s3.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        run_worker(&d, &j, None, &env)
+    })
+    .await
+    .expect("worker");
+    assert_eq!(run.code, Some(1), "{:?}\n{}", run.outcome, run.stdout);
+    let bucket = S3Storage::new(&buildshuttle::config::S3Config {
+        bucket: common::S3_BUCKET.into(),
+        keys: Some((
+            Secret::new(common::S3_ACCESS),
+            Secret::new(common::S3_SECRET),
+        )),
+        region: Some("us-east-1".into()),
+        endpoint: Some(common::S3_ENDPOINT.into()),
+        attempt_timeout: Duration::from_secs(120),
+    })
+    .await;
+    let obj = bucket
+        .get(&b.log_key())
+        .await
+        .expect("get")
+        .expect("the log is in the bucket");
+    let bytes: Vec<u8> = obj.body.map(|c| c.expect("chunk").to_vec()).concat().await;
+    let log = String::from_utf8(bytes).expect("utf-8");
+    assert_eq!(log.lines().last(), Some("Build finished"), "{log}");
+}
+
 /// The kubelet sends SIGTERM when the pod is deleted, evicted or past its deadline. While the
 /// worker waits for dockerd (a dind sidecar that never comes up), it must stop at once and
 /// say so in the termination log, not die silently or wait out DOCKER_WAIT_SECONDS.

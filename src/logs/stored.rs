@@ -16,6 +16,8 @@ use std::sync::Arc;
 pub struct LogFiles {
     dir: PathBuf,
     remove_when_stored: bool,
+    /// Until when a finished log storage refused is tried again (`with_store_retries`).
+    retry_until: Option<tokio::time::Instant>,
 }
 
 impl LogFiles {
@@ -26,6 +28,7 @@ impl LogFiles {
         Ok(Self {
             dir,
             remove_when_stored: false,
+            retry_until: None,
         })
     }
 
@@ -38,11 +41,20 @@ impl LogFiles {
         })
     }
 
+    /// A finished log that storage refuses for a while (a 5xx, throttling, a connection that
+    /// fails) is tried again (STORE_RETRIES), no pause starting after `until`. For a
+    /// Kubernetes worker, whose spool goes with its pod; local mode keeps a log storage
+    /// refused in its spool and serves it from there.
+    pub fn with_store_retries(mut self, until: tokio::time::Instant) -> Self {
+        self.retry_until = Some(until);
+        self
+    }
+
     /// Stores the spooled log of `key` (for a log finished outside a running build, e.g.
     /// one line saying it was interrupted); a no-op when the spool is the store.
     pub async fn store(&self, key: &str, storage: &dyn Storage) {
         if let Some(path) = self.path(key).filter(|_| self.remove_when_stored) {
-            hand_over(key, &path, storage, true).await;
+            hand_over(key, &path, storage, true, None).await;
         }
     }
 
@@ -63,6 +75,7 @@ pub struct StoredLog {
     storage: Arc<dyn Storage>,
     failed_writes: u64,
     remove_when_stored: bool,
+    retry_until: Option<tokio::time::Instant>,
     /// Bytes written to the file, and what it may hold before only the tail is kept.
     written: u64,
     max: u64,
@@ -92,6 +105,7 @@ impl StoredLog {
             storage,
             failed_writes: 0,
             remove_when_stored: files.remove_when_stored,
+            retry_until: files.retry_until,
             written: 0,
             max,
             tail: VecDeque::new(),
@@ -169,6 +183,7 @@ impl Sink for StoredLog {
                 &self.path,
                 self.storage.as_ref(),
                 self.remove_when_stored,
+                self.retry_until,
             )
             .await;
         })
@@ -190,9 +205,15 @@ const STORE_RETRIES: [std::time::Duration; 4] = [
 /// (each of the client's attempts waits S3_TIMEOUT_SECONDS) is not waited on again.
 const STORE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(90);
 
-/// Puts the spool file in storage (trying again after each of STORE_RETRIES) and, when the
-/// spool is not the store, removes it.
-async fn hand_over(key: &str, path: &Path, storage: &dyn Storage, remove: bool) {
+/// Puts the spool file in storage and, when the spool is not the store, removes it. With
+/// `retry_until`, a refusal worth trying again is, after each of STORE_RETRIES.
+async fn hand_over(
+    key: &str,
+    path: &Path,
+    storage: &dyn Storage,
+    remove: bool,
+    retry_until: Option<tokio::time::Instant>,
+) {
     let started = tokio::time::Instant::now();
     let mut pauses = STORE_RETRIES.iter();
     loop {
@@ -205,10 +226,12 @@ async fn hand_over(key: &str, path: &Path, storage: &dyn Storage, remove: bool) 
                 return;
             }
             Ok(()) => return,
-            Err(e) => match pauses
-                .next()
-                .filter(|p| started.elapsed() + **p <= STORE_PATIENCE)
-            {
+            Err(e) => match pauses.next().filter(|p| {
+                let at = tokio::time::Instant::now() + **p;
+                e.is_transient()
+                    && started.elapsed() + **p <= STORE_PATIENCE
+                    && retry_until.is_some_and(|until| at <= until)
+            }) {
                 Some(pause) => {
                     tracing::warn!(key, error = %e, "could not store the build log; trying again in {pause:?}");
                     tokio::time::sleep(*pause).await;
@@ -233,6 +256,7 @@ mod tests {
         refusals: std::sync::atomic::AtomicU32,
         puts: std::sync::atomic::AtomicU32,
         takes: std::time::Duration,
+        transient: bool,
     }
 
     #[async_trait::async_trait]
@@ -250,6 +274,7 @@ mod tests {
                 op: "PutObject",
                 key: key.into(),
                 message: "503 SlowDown".into(),
+                transient: self.transient,
             })
         }
         async fn get(
@@ -266,11 +291,16 @@ mod tests {
         }
     }
 
+    fn far() -> tokio::time::Instant {
+        tokio::time::Instant::now() + std::time::Duration::from_secs(3600)
+    }
+
     fn refusing(refusals: u32) -> Refusing {
         Refusing {
             refusals: refusals.into(),
             puts: 0.into(),
             takes: std::time::Duration::ZERO,
+            transient: true,
         }
     }
 
@@ -283,7 +313,7 @@ mod tests {
         std::fs::write(&path, "Build finished\n").unwrap();
         let storage = refusing(3);
         let started = tokio::time::Instant::now();
-        hand_over("a-b-1.logs", &path, &storage, true).await;
+        hand_over("a-b-1.logs", &path, &storage, true, Some(far())).await;
         assert_eq!(storage.puts.load(std::sync::atomic::Ordering::SeqCst), 4);
         assert_eq!(
             started.elapsed(),
@@ -303,9 +333,35 @@ mod tests {
             takes: std::time::Duration::from_secs(600),
             ..refusing(u32::MAX)
         };
-        hand_over("a-b-1.logs", &path, &storage, true).await;
+        hand_over("a-b-1.logs", &path, &storage, true, Some(far())).await;
         assert_eq!(storage.puts.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert!(path.exists());
+    }
+
+    /// Tried once: a log with no retries asked for (local mode, which serves its spool), a
+    /// refusal that will not change (AccessDenied), and one whose pause would end past
+    /// `retry_until` (a worker near its pod's deadline).
+    #[tokio::test(start_paused = true)]
+    async fn a_log_is_tried_once_without_retries_a_refusal_or_time_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a-b-1.logs");
+        std::fs::write(&path, "Build finished\n").unwrap();
+        let soon = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+        for (storage, until) in [
+            (refusing(1), None),
+            (
+                Refusing {
+                    transient: false,
+                    ..refusing(1)
+                },
+                Some(far()),
+            ),
+            (refusing(1), Some(soon)),
+        ] {
+            hand_over("a-b-1.logs", &path, &storage, true, until).await;
+            assert_eq!(storage.puts.load(std::sync::atomic::Ordering::SeqCst), 1);
+            assert!(path.exists());
+        }
     }
 
     /// Storage down for longer: given up after the last pause, the spool file kept.
@@ -315,7 +371,7 @@ mod tests {
         let path = dir.path().join("a-b-1.logs");
         std::fs::write(&path, "Build finished\n").unwrap();
         let storage = refusing(u32::MAX);
-        hand_over("a-b-1.logs", &path, &storage, true).await;
+        hand_over("a-b-1.logs", &path, &storage, true, Some(far())).await;
         let tries = STORE_RETRIES.len() as u32 + 1;
         assert_eq!(
             storage.puts.load(std::sync::atomic::Ordering::SeqCst),

@@ -8,8 +8,9 @@
 //!   that drops the flow) waits for ever. In the controller that stalled the BuildJob's
 //!   reconcile for good: a build never started or never reported its end.
 //! - `streams`, for watches and followed pod logs, which stay quiet for minutes by design
-//!   (a watch with no change; a build step that prints nothing). Watches have the watcher's
-//!   own idle timeout; a followed log is bounded by the build's timeout.
+//!   (a watch with no change; a build step that prints nothing). An open watch has the
+//!   watcher's own idle timeout (295 s), but its LIST and the request that opens it have
+//!   none; a followed log's reader reads the pod when the log goes quiet.
 
 use kube::Client;
 use std::time::Duration;

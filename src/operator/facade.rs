@@ -137,13 +137,13 @@ impl KubeExecutor {
         }
     }
 
-    /// Refuses builds (and fails `/octhc`) while `check` finds the installed CRD stale.
     /// The client for followed pod logs (`Clients::streams`); `new`'s client until then.
     pub fn with_streams(mut self, streams: Client) -> Self {
         self.streams = streams;
         self
     }
 
+    /// Refuses builds (and fails `/octhc`) while `check` finds the installed CRD stale.
     pub fn with_crd_check(mut self, check: super::crd_check::CrdCheck) -> Self {
         self.crd = check;
         self

@@ -28,10 +28,26 @@ pub enum StorageError {
         op: &'static str,
         key: String,
         message: String,
+        /// Worth trying again later: a timeout, a connection that failed, a 5xx or 429
+        /// answer (not a refusal such as AccessDenied or NoSuchBucket).
+        transient: bool,
     },
     /// The configured storage cannot be used at all; `var` is the setting to fix.
     #[error("{var}: {problem}")]
     Unusable { var: &'static str, problem: String },
+}
+
+impl StorageError {
+    /// Whether the same call may succeed later (see `StorageError::S3`).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StorageError::S3 {
+                transient: true,
+                ..
+            }
+        )
+    }
 }
 
 /// A stored object being read: its length when known, and its bytes as a stream.

@@ -58,13 +58,23 @@ impl std::fmt::Debug for S3Storage {
 fn s3_error<E, R>(op: &'static str, key: &str, e: SdkError<E, R>) -> StorageError
 where
     E: std::error::Error + 'static,
-    R: std::fmt::Debug,
+    R: std::fmt::Debug + HttpStatus,
 {
+    let transient = match &e {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => true,
+        _ => status_of(&e).is_some_and(is_transient_status),
+    };
     StorageError::S3 {
         op,
         key: key.to_string(),
         message: DisplayErrorContext(&e).to_string(),
+        transient,
     }
+}
+
+/// Throttling (429, S3's 503 SlowDown) and server errors pass; other answers are refusals.
+fn is_transient_status(status: u16) -> bool {
+    status == 429 || status >= 500
 }
 
 fn status_of<E, R>(e: &SdkError<E, R>) -> Option<u16>
@@ -242,6 +252,7 @@ impl S3Storage {
             op: "multipart upload",
             key: key.to_string(),
             message: "the server returned no upload id".into(),
+            transient: false,
         })?;
         // A caller that gives up (a stopped or timed-out build drops its store task) leaves
         // the upload open, its parts billed for ever: the guard aborts it then.
@@ -336,6 +347,7 @@ impl S3Storage {
             op: "upload",
             key: key.to_string(),
             message: "too many parts".into(),
+            transient: false,
         })?;
         let out = self
             .client
@@ -373,6 +385,7 @@ async fn file_body(
             op: "upload",
             key: key.to_string(),
             message: format!("cannot read {}: {e}", path.display()),
+            transient: false,
         })
 }
 

@@ -180,15 +180,15 @@ impl Shared {
     /// Waits while a black hole matches this call, or until the black holes are cleared
     /// when this call is the one a `swallow_once` matcher was waiting for.
     async fn black_hole(&self, verb: &str, resource: &str, name: &str, sub: &str) {
+        // Taken, and the clears counted, under one lock: a clear cannot fall between.
         let swallowed = {
             let mut once = self.knobs.swallow.lock().unwrap_or_else(|e| e.into_inner());
             let at = once
                 .iter()
                 .position(|m| m.matches(verb, resource, name, sub));
-            at.map(|i| once.remove(i))
+            at.map(|i| (once.remove(i), self.knobs.clears.load(Ordering::SeqCst)))
         };
-        if swallowed.is_some() {
-            let cleared = self.knobs.clears.load(Ordering::SeqCst);
+        if let Some((_, cleared)) = swallowed {
             loop {
                 let released = self.knobs.release.notified();
                 if self.knobs.clears.load(Ordering::SeqCst) != cleared {
@@ -257,12 +257,10 @@ impl Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
-        self.knobs
-            .swallow
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        let mut once = self.knobs.swallow.lock().unwrap_or_else(|e| e.into_inner());
+        once.clear();
         self.knobs.clears.fetch_add(1, Ordering::SeqCst);
+        drop(once);
         self.knobs.release.notify_waiters();
     }
 }
