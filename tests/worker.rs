@@ -59,6 +59,18 @@ struct Run {
 /// `buildshuttle worker` for `job`, with only the environment a worker pod gives it (the
 /// host's dockerd; `extra_env` last, so it wins); its termination log is
 /// `dir/termination-log`.
+/// The BuildJob of `b` whose sources are stored under its source key.
+fn stored_job(b: &BuildSpec) -> BuildJobSpec {
+    BuildJobSpec::from_build(
+        b,
+        SourceRef {
+            kind: SourceKind::Stored,
+            display: "stored".into(),
+            storage_key: Some(b.source_key()),
+        },
+    )
+}
+
 fn worker_command(
     dir: &Path,
     job: &BuildJobSpec,
@@ -121,14 +133,7 @@ fn the_outcome_is_written_before_the_log_is_delivered_and_a_sigterm_then_ends_th
     b.kafka_hosts = Some(broker.local_addr().expect("addr").to_string());
     let archive = targz(&[("Dockerfile", "FROM test/busybox:latest\nRUN true\n")]);
     store(dir.path(), &b.source_key(), &archive);
-    let job = BuildJobSpec::from_build(
-        &b,
-        SourceRef {
-            kind: SourceKind::Stored,
-            display: "stored".into(),
-            storage_key: Some(b.source_key()),
-        },
-    );
+    let job = stored_job(&b);
     let term = dir.path().join("termination-log");
     let mut child = worker_command(
         dir.path(),
@@ -245,14 +250,7 @@ fn worker_builds_stored_sources_pushes_and_writes_its_outcome() {
         &format!("FROM test/busybox:latest\nRUN echo \"built $GREETING {marker}\"\n"),
     )]);
     store(dir.path(), &b.source_key(), &archive);
-    let job = BuildJobSpec::from_build(
-        &b,
-        SourceRef {
-            kind: SourceKind::Stored,
-            display: "stored".into(),
-            storage_key: Some(b.source_key()),
-        },
-    );
+    let job = stored_job(&b);
     // The values of build args are not in the BuildJob: they come from the credentials
     // Secret, as WORKER_BUILD_ARGS.
     assert_eq!(job.build_args.get("GREETING").map(String::as_str), Some(""));
@@ -350,14 +348,7 @@ fn a_failing_build_exits_1_with_its_reason() {
         &b.source_key(),
         &targz(&[("Dockerfile", "FROM test/busybox:latest\nRUN exit 3\n")]),
     );
-    let job = BuildJobSpec::from_build(
-        &b,
-        SourceRef {
-            kind: SourceKind::Stored,
-            display: "stored".into(),
-            storage_key: Some(b.source_key()),
-        },
-    );
+    let job = stored_job(&b);
     let run = run_worker(dir.path(), &job, None, &[]);
     assert_eq!(run.code, Some(1));
     assert!(
@@ -471,14 +462,7 @@ async fn worker_reads_s3_sources_and_writes_its_log_to_s3_and_kafka() {
     let file = dir.path().join("archive.tgz");
     std::fs::write(&file, &archive).expect("archive");
     storage.put_file(&b.source_key(), &file).await.expect("put");
-    let job = BuildJobSpec::from_build(
-        &b,
-        SourceRef {
-            kind: SourceKind::Stored,
-            display: "stored".into(),
-            storage_key: Some(b.source_key()),
-        },
-    );
+    let job = stored_job(&b);
     let (d, j) = (dir.path().to_path_buf(), job.clone());
     let run = tokio::task::spawn_blocking(move || run_worker(&d, &j, None, &S3))
         .await
@@ -571,14 +555,7 @@ async fn a_log_s3_refuses_for_a_while_is_stored_once_it_takes_writes_again() {
     let dir = tempfile::tempdir().expect("tempdir");
     // Sources stored under a key nobody wrote: the build fails at once, and stores its log.
     let b = spec("wkrslow");
-    let job = BuildJobSpec::from_build(
-        &b,
-        SourceRef {
-            kind: SourceKind::Stored,
-            display: "stored".into(),
-            storage_key: Some(b.source_key()),
-        },
-    );
+    let job = stored_job(&b);
     *refusing_until.lock().unwrap() = Some(Instant::now() + Duration::from_secs(20));
     let (d, j) = (dir.path().to_path_buf(), job.clone());
     let run = tokio::task::spawn_blocking(move || {
