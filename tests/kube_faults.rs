@@ -45,6 +45,8 @@ scenarios!(
         "needs the simulator to hang Lease renewals (no API call makes a real server do that)",
     controller_calls_that_never_get_an_answer_are_given_up_and_tried_again =>
         "needs the simulator to leave a call unanswered (no API call makes a real server do that)",
+    a_watchers_list_that_never_gets_an_answer_is_given_up_and_tried_again =>
+        "needs the simulator to leave a call unanswered (no API call makes a real server do that)",
     a_missing_crd_fails_the_health_check =>
         "needs a cluster without the CRD (deleting it would break every other namespace)",
     a_stale_crd_holds_builds_until_the_current_one_is_applied =>
@@ -428,6 +430,35 @@ async fn controller_calls_that_never_get_an_answer_are_given_up_and_tried_again(
     );
     let log = cluster.serve_log("swallowed");
     assert!(log.contains("reconcile failed"), "{log}");
+    cluster.sim.clear_black_holes();
+}
+
+/// The same for the BuildJob watcher's first LIST, which goes through the stream client
+/// (watches are quiet for minutes by design): it fails after STREAM_READ_TIMEOUT (300 s)
+/// and the watcher lists again, instead of the controller never seeing a BuildJob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watchers_list_that_never_gets_an_answer_is_given_up_and_tried_again() {
+    let cluster = Cluster::start().await;
+    cluster
+        .sim
+        .swallow_once(kubesim::Matcher::new("list", "buildjobs"));
+    let shuttle = cluster.serve_as("unlisted", Mode::Host, &[]);
+    let cb = Callbacks::start().await;
+    let b = cluster.body(&data_uri(&app(&cluster, 0)), &cb);
+    let started = Instant::now();
+    shuttle.post(&b).await;
+    assert_eq!(
+        cb.wait_final(uuid_of(&b), Duration::from_secs(300) + BUILD)
+            .await,
+        "succeeded",
+        "{}",
+        cluster.serve_log("unlisted")
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(290),
+        "the first LIST was not the one swallowed ({:?})",
+        started.elapsed()
+    );
     cluster.sim.clear_black_holes();
 }
 

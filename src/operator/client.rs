@@ -8,9 +8,11 @@
 //!   that drops the flow) waits for ever. In the controller that stalled the BuildJob's
 //!   reconcile for good: a build never started or never reported its end.
 //! - `streams`, for watches and followed pod logs, which stay quiet for minutes by design
-//!   (a watch with no change; a build step that prints nothing). An open watch has the
-//!   watcher's own idle timeout (295 s), but its LIST and the request that opens it have
-//!   none; a followed log's reader reads the pod when the log goes quiet.
+//!   (a watch with no change; a build step that prints nothing): a read timeout of
+//!   STREAM_READ_TIMEOUT, past the watcher's own idle timeout for an open watch (295 s), so
+//!   it bounds only what that does not: the watcher's LIST and the request that opens a
+//!   watch. A followed log quiet for that long is opened again (its reader skips the lines
+//!   it sent), and its reader also reads the pod when the log goes quiet.
 
 use kube::Client;
 use std::time::Duration;
@@ -18,6 +20,10 @@ use std::time::Duration;
 /// How long an API call may get no answer (and one read of a non-followed pod log may get no
 /// bytes): then it fails as the API failing does, and is retried.
 pub const API_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a watch or a followed pod log may get no byte: longer than kube-runtime's idle
+/// timeout of an open watch (its server-side 290 s, plus 5 s).
+pub const STREAM_READ_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[derive(Clone)]
 pub struct Clients {
@@ -32,15 +38,15 @@ impl Clients {
             .await
             .map_err(kube::Error::InferConfig)?;
         Ok(Self {
-            calls: Client::try_from(for_calls(config.clone(), API_CALL_TIMEOUT))?,
-            streams: Client::try_from(config)?,
+            calls: Client::try_from(with_read_timeout(config.clone(), API_CALL_TIMEOUT))?,
+            streams: Client::try_from(with_read_timeout(config, STREAM_READ_TIMEOUT))?,
         })
     }
 }
 
-/// The configuration of the `calls` client: the read timeout restarts with each request
-/// written, so the time a pooled connection sat idle does not count against the answer.
-fn for_calls(mut config: kube::Config, timeout: Duration) -> kube::Config {
+/// `config` with a read timeout that restarts with each request written, so the time a
+/// pooled connection sat idle does not count against the answer.
+fn with_read_timeout(mut config: kube::Config, timeout: Duration) -> kube::Config {
     config.read_timeout = Some(timeout);
     config.reset_reader_on_write = true;
     config
@@ -57,8 +63,15 @@ mod tests {
             base.read_timeout, None,
             "kube's default changed: recheck streams"
         );
-        let calls = for_calls(base, API_CALL_TIMEOUT);
+        let calls = with_read_timeout(base.clone(), API_CALL_TIMEOUT);
         assert_eq!(calls.read_timeout, Some(API_CALL_TIMEOUT));
         assert!(calls.reset_reader_on_write);
+    }
+
+    /// An open watch with no event is ended by kube-runtime's watcher after 290 + 5 s (its
+    /// WATCH_IDLE_TIMEOUT_MARGIN): the stream client's timeout must not come first.
+    #[test]
+    fn streams_time_out_only_past_the_watchers_own_idle_timeout() {
+        assert!(STREAM_READ_TIMEOUT > Duration::from_secs(290 + 5));
     }
 }
