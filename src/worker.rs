@@ -130,11 +130,14 @@ async fn build(
             return Outcome::failed(FailureReason::Internal, format!("cannot open storage: {e}"))
         }
     };
+    // TIMEOUT_IN_MS counts from the worker's start, waiting for dockerd included: the pod's
+    // deadline (TIMEOUT_IN_MS + a margin for the pod's own start) must not come first.
+    let deadline = tokio::time::Instant::from_std(started) + cfg.timeout;
     let spool = cfg.data_dir.join("spool");
     // This spool goes with the pod: a log S3 refuses for a while is tried again, as long as
     // that ends well before the pod's deadline (TIMEOUT_IN_MS + 120 s from the pod's start,
     // which came before this process's).
-    let retry_until = tokio::time::Instant::from_std(started) + cfg.timeout + STORE_MARGIN;
+    let retry_until = deadline + STORE_MARGIN;
     let files = match std::fs::create_dir_all(&spool).and_then(|_| LogFiles::new(&spool)) {
         Ok(f) => f.with_store_retries(retry_until),
         Err(e) => {
@@ -170,56 +173,46 @@ async fn build(
         spec.build_uuid
     ));
 
-    // A data: URI too large for MAX_SOURCE_BYTES (the facade passed a stand-in, see
-    // `SOURCES_TOO_LARGE`): failed as the pipeline fails the URI itself, by its length,
-    // with the lines local mode's build of it writes.
-    if spec.sources.expose() == SOURCES_TOO_LARGE {
-        log.line("Decoding sources from the data: URI");
-        let outcome = Outcome::failed(
-            FailureReason::SourceFetchFailed,
-            SourceError::TooLarge {
-                limit: cfg.limits.max_source_bytes,
-            }
-            .to_string(),
-        );
-        if let Outcome::Failed { reason, message } = &outcome {
-            log.line(&format!("Build failed ({}): {message}", reason.as_str()));
-        }
-        timings.total = Some(crate::build::elapsed_ms(started));
-        log.line(&timings.summary());
-        log.finish().await;
-        return outcome;
-    }
-
-    // TIMEOUT_IN_MS counts from the worker's start, waiting for dockerd included: the pod's
-    // deadline (TIMEOUT_IN_MS + a margin for the pod's own start) must not come first.
-    let deadline = tokio::time::Instant::from_std(started) + cfg.timeout;
-    let wait = Duration::from_secs(args.docker_wait_seconds).min(cfg.timeout);
-    // Waiting for dockerd can take minutes (a dind sidecar that cannot start): a stop must
-    // end it at once, not after DOCKER_WAIT_SECONDS.
-    let connected = tokio::select! {
-        c = connect(cfg, wait) => Some(c),
-        _ = sigterm.recv() => None,
-    };
     // The local tags matter where the daemon outlives this pod (`host`, `external`).
     let mut tidy = None;
-    let outcome = match connected {
-        None => interrupted(),
-        Some(Err(e)) => Outcome::failed(FailureReason::DockerUnavailable, e.to_string()),
-        Some(Ok(conn)) => {
-            let pipeline = Pipeline::new(conn, storage, std::sync::Arc::new(cfg.clone()));
-            let workdir = cfg.data_dir.join("build");
-            let o = tokio::select! {
-                o = pipeline.run(spec, &mut log, &workdir, timings) => o,
-                _ = tokio::time::sleep_until(deadline) => Outcome::failed(
-                    FailureReason::Timeout,
-                    format!("the build ran longer than TIMEOUT_IN_MS ({} ms)", cfg.timeout.as_millis()),
-                ),
-                _ = sigterm.recv() => interrupted(),
-            };
-            let _ = tokio::fs::remove_dir_all(&workdir).await;
-            tidy = Some(pipeline.tidy(spec, &o));
-            o
+    let outcome = if spec.sources.expose() == SOURCES_TOO_LARGE {
+        // A data: URI too large for MAX_SOURCE_BYTES (the facade passed a stand-in, see
+        // `SOURCES_TOO_LARGE`): failed as the pipeline fails the URI itself, by its length,
+        // with the lines local mode's build of it writes, and without waiting for dockerd.
+        log.line("Decoding sources from the data: URI");
+        let message = SourceError::TooLarge {
+            limit: cfg.limits.max_source_bytes,
+        }
+        .to_string();
+        let reason = FailureReason::SourceFetchFailed;
+        log.line(&format!("Build failed ({}): {message}", reason.as_str()));
+        Outcome::failed(reason, message)
+    } else {
+        let wait = Duration::from_secs(args.docker_wait_seconds).min(cfg.timeout);
+        // Waiting for dockerd can take minutes (a dind sidecar that cannot start): a stop
+        // must end it at once, not after DOCKER_WAIT_SECONDS.
+        let connected = tokio::select! {
+            c = connect(cfg, wait) => Some(c),
+            _ = sigterm.recv() => None,
+        };
+        match connected {
+            None => interrupted(),
+            Some(Err(e)) => Outcome::failed(FailureReason::DockerUnavailable, e.to_string()),
+            Some(Ok(conn)) => {
+                let pipeline = Pipeline::new(conn, storage, std::sync::Arc::new(cfg.clone()));
+                let workdir = cfg.data_dir.join("build");
+                let o = tokio::select! {
+                    o = pipeline.run(spec, &mut log, &workdir, timings) => o,
+                    _ = tokio::time::sleep_until(deadline) => Outcome::failed(
+                        FailureReason::Timeout,
+                        format!("the build ran longer than TIMEOUT_IN_MS ({} ms)", cfg.timeout.as_millis()),
+                    ),
+                    _ = sigterm.recv() => interrupted(),
+                };
+                let _ = tokio::fs::remove_dir_all(&workdir).await;
+                tidy = Some(pipeline.tidy(spec, &o));
+                o
+            }
         }
     };
     // Stopped (SIGTERM: a drain, an eviction, a deletion): whether the build ends here is
