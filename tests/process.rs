@@ -412,12 +412,7 @@ impl FreezableDisk {
     }
 
     fn freeze(&self) {
-        let ok = Command::new("fsfreeze")
-            .arg("--freeze")
-            .arg(&self.mount)
-            .status()
-            .unwrap();
-        assert!(ok.success(), "fsfreeze --freeze");
+        assert!(fsfreeze("--freeze", &self.mount), "fsfreeze --freeze");
     }
 
     /// Thaws the disk when dropped (declared after the service it holds: a process blocked
@@ -429,35 +424,32 @@ impl FreezableDisk {
 
 impl Drop for FreezableDisk {
     fn drop(&mut self) {
-        let _ = Command::new("fsfreeze")
-            .arg("--unfreeze")
-            .arg(&self.mount)
-            .status();
+        fsfreeze("--unfreeze", &self.mount);
         let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
     }
+}
+
+/// `fsfreeze {flag} {mount}`; whether it succeeded (an unfreeze of a disk not frozen fails).
+fn fsfreeze(flag: &str, mount: &std::path::Path) -> bool {
+    Command::new("fsfreeze")
+        .arg(flag)
+        .arg(mount)
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 struct Thaw(std::path::PathBuf);
 
 impl Thaw {
     fn now(&self) {
-        let ok = Command::new("fsfreeze")
-            .arg("--unfreeze")
-            .arg(&self.0)
-            .status()
-            .unwrap();
-        assert!(ok.success(), "fsfreeze --unfreeze");
+        assert!(fsfreeze("--unfreeze", &self.0), "fsfreeze --unfreeze");
     }
 }
 
 impl Drop for Thaw {
     fn drop(&mut self) {
         // Not frozen any more is fine.
-        let _ = Command::new("fsfreeze")
-            .arg("--unfreeze")
-            .arg(&self.0)
-            .stderr(std::process::Stdio::null())
-            .status();
+        fsfreeze("--unfreeze", &self.0);
     }
 }
 

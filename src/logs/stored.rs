@@ -291,6 +291,14 @@ mod tests {
         }
     }
 
+    /// A finished log in a spool folder of its own (kept while the folder is).
+    fn spooled() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a-b-1.logs");
+        std::fs::write(&path, "Build finished\n").unwrap();
+        (dir, path)
+    }
+
     fn far() -> tokio::time::Instant {
         tokio::time::Instant::now() + std::time::Duration::from_secs(3600)
     }
@@ -308,9 +316,7 @@ mod tests {
     /// worker pod's spool goes with the pod), after the pauses so far; then the spool goes.
     #[tokio::test(start_paused = true)]
     async fn a_log_is_stored_once_storage_is_back_within_the_retries() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("a-b-1.logs");
-        std::fs::write(&path, "Build finished\n").unwrap();
+        let (_dir, path) = spooled();
         let storage = refusing(3);
         let started = tokio::time::Instant::now();
         hand_over("a-b-1.logs", &path, &storage, true, Some(far())).await;
@@ -326,9 +332,7 @@ mod tests {
     /// once STORE_PATIENCE has passed, so the build's end waits no longer than before.
     #[tokio::test(start_paused = true)]
     async fn a_log_storage_hangs_on_is_not_tried_again_past_the_patience() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("a-b-1.logs");
-        std::fs::write(&path, "Build finished\n").unwrap();
+        let (_dir, path) = spooled();
         let storage = Refusing {
             takes: std::time::Duration::from_secs(600),
             ..refusing(u32::MAX)
@@ -343,9 +347,7 @@ mod tests {
     /// `retry_until` (a worker near its pod's deadline).
     #[tokio::test(start_paused = true)]
     async fn a_log_is_tried_once_without_retries_a_refusal_or_time_left() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("a-b-1.logs");
-        std::fs::write(&path, "Build finished\n").unwrap();
+        let (_dir, path) = spooled();
         let soon = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
         for (storage, until) in [
             (refusing(1), None),
@@ -367,9 +369,7 @@ mod tests {
     /// Storage down for longer: given up after the last pause, the spool file kept.
     #[tokio::test(start_paused = true)]
     async fn a_log_storage_never_takes_stays_in_the_spool() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("a-b-1.logs");
-        std::fs::write(&path, "Build finished\n").unwrap();
+        let (_dir, path) = spooled();
         let storage = refusing(u32::MAX);
         hand_over("a-b-1.logs", &path, &storage, true, Some(far())).await;
         let tries = STORE_RETRIES.len() as u32 + 1;

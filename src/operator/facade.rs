@@ -70,7 +70,7 @@ fn is_code(e: &kube::Error, code: u16) -> bool {
 
 /// How long one API call of a request (or one read of a pod log it streams) may take in
 /// all: the `calls` client's read timeout catches a silent connection, this also a trickle.
-pub use super::client::API_CALL_TIMEOUT;
+use super::client::API_CALL_TIMEOUT;
 
 /// An API call that got no answer in time, as the client's own errors are (so each caller
 /// treats it as the API failing: 503).
