@@ -83,8 +83,11 @@ pub async fn start(cfg: Config) -> Result<Started, StartError> {
         other => StartError::Storage(other),
     })?;
     let files = if cfg.build.s3.is_some() {
-        // Logs of running builds are spooled locally, then uploaded and removed.
-        LogFiles::spool(data_dir.join("logs")).map_err(data_err)?
+        // Logs of running builds are spooled locally, then uploaded and removed; one S3
+        // refuses is served from the spool and stored later.
+        LogFiles::spool(data_dir.join("logs"))
+            .map_err(data_err)?
+            .store_refused_later()
     } else {
         // With local storage the spool is the store: a finished log is already in place.
         LogFiles::new(data_dir.join("store")).map_err(data_err)?

@@ -845,3 +845,127 @@ async fn with_s3_a_build_stopped_while_queued_has_its_log_in_the_bucket_and_on_k
     let first_id = first["build_uuid"].as_str().unwrap();
     assert_eq!(cbs.wait_final(first_id, BUILD_WITHIN).await, "succeeded");
 }
+
+/// Local mode with S3 refusing log writes (`503 SlowDown`) as builds end: each log is served
+/// from the spool meanwhile, and stored once S3 takes writes again, by this process in the
+/// background, or by the next one when this one was killed first. Before, such a log stayed
+/// on this host for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_s3_refused_are_stored_later_and_after_a_restart() {
+    require_s3();
+    const SLOW_DOWN: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
+    let refusing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let refuse = refusing.clone();
+    let front = common::proxy(
+        "127.0.0.1:9100",
+        move |method, path, _| {
+            (refuse.load(std::sync::atomic::Ordering::SeqCst)
+                && method == "PUT"
+                && path.contains(".logs"))
+            .then_some(common::Reply::Status(503, SLOW_DOWN))
+        },
+        |_, _| None,
+    )
+    .await;
+    let endpoint = format!("http://{front}");
+    let env = [
+        ("S3_BUCKET", S3_BUCKET),
+        ("S3_ENDPOINT", endpoint.as_str()),
+        ("S3_ACCESS_KEY", S3_ACCESS),
+        ("S3_SECRET_KEY", S3_SECRET),
+        ("S3_REGION", "us-east-1"),
+    ];
+    let data = tempfile::tempdir().unwrap();
+    let cbs = Callbacks::start().await;
+    let log_key = |b: &Value| {
+        format!(
+            "{}-{}-{}.logs",
+            b["app"].as_str().unwrap(),
+            b["app_uuid"].as_str().unwrap(),
+            b["build_number"]
+        )
+    };
+    // Sources nobody serves: each build fails at once, and its log is handed to S3.
+    let failing = || body("http://127.0.0.1:9/nothing-here.tgz", &cbs);
+    let stored_within = |key: String, within: Duration| async move {
+        let started = Instant::now();
+        loop {
+            let stored = std::fs::read_to_string(s3_file(&key)).unwrap_or_default();
+            if stored.ends_with("Build finished\n") {
+                return stored;
+            }
+            assert!(started.elapsed() < within, "{key} never reached the bucket");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+
+    // The build's own tries (the S3 client's) are over once the service says so.
+    let stderr = data.path().join("stderr");
+    let given_up = |key: String| {
+        let stderr = stderr.clone();
+        async move {
+            let started = Instant::now();
+            loop {
+                let said = std::fs::read_to_string(&stderr).unwrap_or_default();
+                if said
+                    .lines()
+                    .any(|l| l.contains(&key) && l.contains("stays in the local spool"))
+                {
+                    return;
+                }
+                assert!(started.elapsed() < BUILD_WITHIN, "{said}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+
+    // 1. Stored later by the process that ran the build.
+    let shuttle = common::bin::spawn_with_output(
+        data.path(),
+        common::bin::free_port(),
+        &env,
+        std::process::Stdio::null(),
+        std::process::Stdio::from(std::fs::File::create(&stderr).unwrap()),
+    );
+    let first = failing();
+    shuttle.post(&first).await;
+    let id = first["build_uuid"].as_str().unwrap();
+    assert_eq!(cbs.wait_final(id, BUILD_WITHIN).await, "failed");
+    let key = log_key(&first);
+    given_up(key.clone()).await;
+    let spooled = data.path().join("logs").join(&key);
+    assert!(!s3_file(&key).exists(), "S3 refused it");
+    assert!(spooled.exists(), "kept in the spool");
+    let served = shuttle.log(&first).await;
+    assert!(served.ends_with("Build finished\n"), "{served:?}");
+    refusing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let stored = stored_within(key.clone(), Duration::from_secs(60)).await;
+    assert_eq!(stored, served);
+    for _ in 0..50 {
+        if !spooled.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!spooled.exists(), "the spool file goes once stored");
+    assert_eq!(shuttle.log(&first).await, served, "now served from S3");
+
+    // 2. The process is killed before S3 takes the log: the next one stores it.
+    refusing.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut second = failing();
+    second["build_number"] = 2.into();
+    shuttle.post(&second).await;
+    let id = second["build_uuid"].as_str().unwrap();
+    assert_eq!(cbs.wait_final(id, BUILD_WITHIN).await, "failed");
+    let key = log_key(&second);
+    given_up(key.clone()).await;
+    shuttle.signal("-KILL");
+    drop(shuttle);
+    assert!(!s3_file(&key).exists(), "S3 refused it");
+    refusing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let again = common::bin::spawn(data.path(), common::bin::free_port(), &env);
+    // At once, not after the first pause of a retry.
+    let stored = stored_within(key.clone(), Duration::from_secs(4)).await;
+    assert!(stored.contains("nothing-here"), "{stored}");
+    assert_eq!(again.log(&second).await, stored);
+}

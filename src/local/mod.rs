@@ -243,6 +243,8 @@ impl LocalExecutor {
         let (state, recovered) = tokio::task::spawn_blocking(move || StateStore::open(dir))
             .await
             .map_err(std::io::Error::other)??;
+        // Before any build of this process writes to the spool.
+        let leftover_logs = sinks.files.leftovers();
         let workroot = settings.data_dir.join("work");
         // Leftover build folders belong to builds that cannot resume.
         let _ = tokio::fs::remove_dir_all(&workroot).await;
@@ -283,6 +285,10 @@ impl LocalExecutor {
         };
         exec.inner.supervise(dispatch(exec.inner.clone()));
         exec.recover(recovered).await?;
+        // After recovery, which ends (and stores) the logs of builds the last process left
+        // running: the rest are finished logs storage refused then.
+        let sinks = &exec.inner.sinks;
+        sinks.files.store_leftovers(leftover_logs, &sinks.storage);
         Ok(exec)
     }
 
@@ -574,10 +580,7 @@ impl Inner {
             }
         }
         // With S3 the spool is not the store: without this the line would stay on this host.
-        self.sinks
-            .files
-            .store(&key, self.sinks.storage.as_ref())
-            .await;
+        self.sinks.files.store(&key, &self.sinks.storage).await;
         self.kafka_last_line(spec, line);
     }
 

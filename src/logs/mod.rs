@@ -3,6 +3,7 @@
 //! and report what they could not deliver when the build finishes.
 
 pub mod kafka;
+mod later;
 mod stored;
 
 pub use kafka::KafkaProducers;

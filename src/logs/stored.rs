@@ -1,6 +1,7 @@
 //! The stored log: lines appended to a spool file while the build runs (readable at once
 //! through the logs route), handed to storage when it ends.
 
+use super::later::Later;
 use super::Sink;
 use crate::storage::Storage;
 use futures::future::BoxFuture;
@@ -18,6 +19,8 @@ pub struct LogFiles {
     remove_when_stored: bool,
     /// Until when a finished log storage refused is tried again (`with_store_retries`).
     retry_until: Option<tokio::time::Instant>,
+    /// Where a log storage refused is stored later (`store_refused_later`).
+    later: Option<Arc<Later>>,
 }
 
 impl LogFiles {
@@ -29,6 +32,7 @@ impl LogFiles {
             dir,
             remove_when_stored: false,
             retry_until: None,
+            later: None,
         })
     }
 
@@ -50,11 +54,40 @@ impl LogFiles {
         self
     }
 
+    /// A finished log that storage refused stays in the spool (served from there) and is
+    /// stored later, in the background (see `later`): for a long-lived service (local mode
+    /// with S3), whose spool outlives the build.
+    pub fn store_refused_later(mut self) -> Self {
+        self.later = Some(Arc::default());
+        self
+    }
+
     /// Stores the spooled log of `key` (for a log finished outside a running build, e.g.
     /// one line saying it was interrupted); a no-op when the spool is the store.
-    pub async fn store(&self, key: &str, storage: &dyn Storage) {
+    pub async fn store(&self, key: &str, storage: &Arc<dyn Storage>) {
         if let Some(path) = self.path(key).filter(|_| self.remove_when_stored) {
-            hand_over(key, &path, storage, true, None).await;
+            hand_over(key, &path, storage, true, None, self.later.as_ref()).await;
+        }
+    }
+
+    /// The logs a previous process left in the spool, to store (`store_leftovers`) once
+    /// they are whole: read before this process's builds write there. None unless logs are
+    /// stored later.
+    pub fn leftovers(&self) -> Vec<String> {
+        match &self.later {
+            Some(_) => Later::leftovers(&self.dir),
+            None => Vec::new(),
+        }
+    }
+
+    /// Stores `keys` (from `leftovers`) in the background, starting at once, each unless a
+    /// build is writing it or it is stored already.
+    pub fn store_leftovers(&self, keys: Vec<String>, storage: &Arc<dyn Storage>) {
+        let Some(later) = &self.later else { return };
+        for key in keys {
+            if let Some(path) = self.path(&key) {
+                later.store(key, path, storage.clone(), std::time::Duration::ZERO);
+            }
         }
     }
 
@@ -76,6 +109,7 @@ pub struct StoredLog {
     failed_writes: u64,
     remove_when_stored: bool,
     retry_until: Option<tokio::time::Instant>,
+    later: Option<Arc<Later>>,
     /// Bytes written to the file, and what it may hold before only the tail is kept.
     written: u64,
     max: u64,
@@ -97,7 +131,15 @@ impl StoredLog {
         let path = files
             .path(key)
             .ok_or_else(|| std::io::Error::other(format!("log key {key:?} is not a plain name")))?;
-        let file = std::fs::File::create(&path)?;
+        // Before the file is truncated: a retry of an older log under this key lets it be.
+        if let Some(later) = &files.later {
+            later.writing(key);
+        }
+        let file = std::fs::File::create(&path).inspect_err(|_| {
+            if let Some(later) = &files.later {
+                later.written(key);
+            }
+        })?;
         Ok(Self {
             key: key.to_string(),
             path,
@@ -106,6 +148,7 @@ impl StoredLog {
             failed_writes: 0,
             remove_when_stored: files.remove_when_stored,
             retry_until: files.retry_until,
+            later: files.later.clone(),
             written: 0,
             max,
             tail: VecDeque::new(),
@@ -177,13 +220,17 @@ impl Sink for StoredLog {
         if self.failed_writes > 0 {
             tracing::warn!(key = %self.key, lines = self.failed_writes, "lines could not be written to the stored log");
         }
+        if let Some(later) = &self.later {
+            later.written(&self.key);
+        }
         Box::pin(async move {
             hand_over(
                 &self.key,
                 &self.path,
-                self.storage.as_ref(),
+                &self.storage,
                 self.remove_when_stored,
                 self.retry_until,
+                self.later.as_ref(),
             )
             .await;
         })
@@ -206,13 +253,15 @@ const STORE_RETRIES: [std::time::Duration; 4] = [
 const STORE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(90);
 
 /// Puts the spool file in storage and, when the spool is not the store, removes it. With
-/// `retry_until`, a refusal worth trying again is, after each of STORE_RETRIES.
+/// `retry_until`, a refusal worth trying again is, after each of STORE_RETRIES. With `later`,
+/// a log still refused is stored later, in the background.
 async fn hand_over(
     key: &str,
     path: &Path,
-    storage: &dyn Storage,
+    storage: &Arc<dyn Storage>,
     remove: bool,
     retry_until: Option<tokio::time::Instant>,
+    later: Option<&Arc<Later>>,
 ) {
     let started = tokio::time::Instant::now();
     let mut pauses = STORE_RETRIES.iter();
@@ -239,6 +288,14 @@ async fn hand_over(
                 // The spool file stays, so the log is still served from this host.
                 None => {
                     tracing::warn!(key, error = %e, "could not store the build log; it stays in the local spool");
+                    if let Some(later) = later {
+                        later.store(
+                            key.to_string(),
+                            path.to_owned(),
+                            storage.clone(),
+                            super::later::FIRST_PAUSE,
+                        );
+                    }
                     return;
                 }
             },
@@ -299,6 +356,12 @@ mod tests {
         (dir, path)
     }
 
+    /// `hand_over` as a worker's log has it (retries until `until`, nothing stored later).
+    async fn retried(path: &Path, storage: &Arc<Refusing>, until: Option<tokio::time::Instant>) {
+        let storage: Arc<dyn Storage> = storage.clone();
+        hand_over("a-b-1.logs", path, &storage, true, until, None).await;
+    }
+
     fn far() -> tokio::time::Instant {
         tokio::time::Instant::now() + std::time::Duration::from_secs(3600)
     }
@@ -317,9 +380,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_log_is_stored_once_storage_is_back_within_the_retries() {
         let (_dir, path) = spooled();
-        let storage = refusing(3);
+        let storage = Arc::new(refusing(3));
         let started = tokio::time::Instant::now();
-        hand_over("a-b-1.logs", &path, &storage, true, Some(far())).await;
+        retried(&path, &storage, Some(far())).await;
         assert_eq!(storage.puts.load(std::sync::atomic::Ordering::SeqCst), 4);
         assert_eq!(
             started.elapsed(),
@@ -333,11 +396,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_log_storage_hangs_on_is_not_tried_again_past_the_patience() {
         let (_dir, path) = spooled();
-        let storage = Refusing {
+        let storage = Arc::new(Refusing {
             takes: std::time::Duration::from_secs(600),
             ..refusing(u32::MAX)
-        };
-        hand_over("a-b-1.logs", &path, &storage, true, Some(far())).await;
+        });
+        retried(&path, &storage, Some(far())).await;
         assert_eq!(storage.puts.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert!(path.exists());
     }
@@ -350,17 +413,17 @@ mod tests {
         let (_dir, path) = spooled();
         let soon = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
         for (storage, until) in [
-            (refusing(1), None),
+            (Arc::new(refusing(1)), None),
             (
-                Refusing {
+                Arc::new(Refusing {
                     transient: false,
                     ..refusing(1)
-                },
+                }),
                 Some(far()),
             ),
-            (refusing(1), Some(soon)),
+            (Arc::new(refusing(1)), Some(soon)),
         ] {
-            hand_over("a-b-1.logs", &path, &storage, true, until).await;
+            retried(&path, &storage, until).await;
             assert_eq!(storage.puts.load(std::sync::atomic::Ordering::SeqCst), 1);
             assert!(path.exists());
         }
@@ -370,8 +433,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_log_storage_never_takes_stays_in_the_spool() {
         let (_dir, path) = spooled();
-        let storage = refusing(u32::MAX);
-        hand_over("a-b-1.logs", &path, &storage, true, Some(far())).await;
+        let storage = Arc::new(refusing(u32::MAX));
+        retried(&path, &storage, Some(far())).await;
         let tries = STORE_RETRIES.len() as u32 + 1;
         assert_eq!(
             storage.puts.load(std::sync::atomic::Ordering::SeqCst),
