@@ -176,6 +176,53 @@ async fn build_output_on_a_closed_stdout_fails_neither_the_build_nor_the_service
     );
 }
 
+/// SHOW_BUILD_LOGS=true with a stdout that stays open and is never read (a pipe nobody
+/// drains): a build printing 10 MiB, far past the pipe's 64 KiB, still ends and reports as
+/// usual, its stored log whole, and the service says what stdout missed. Before, the build's
+/// output, and so the build, waited on the pipe for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn build_output_on_a_stdout_nobody_reads_holds_up_neither_builds_nor_the_service() {
+    require_services();
+    let data = tempfile::tempdir().unwrap();
+    let err_path = data.path().join("stderr");
+    let p = spawn_with_output(
+        &data.path().join("data"),
+        free_port(),
+        &[("SHOW_BUILD_LOGS", "true")],
+        Stdio::piped(),
+        Stdio::from(std::fs::File::create(&err_path).unwrap()),
+    );
+    // `p.child.stdout` stays open, unread.
+    let cb = Callbacks::start().await;
+    let df = format!(
+        "FROM {BASE_IMAGE}\n{}\nRUN seq 1 200000 | sed 's/$/ a line of build output, fifty bytes long/' && echo loud-end\n",
+        cache_buster()
+    );
+    let b = body(&data_uri(&tar_gz(&[("Dockerfile", df.as_bytes())])), &cb);
+    p.post(&b).await;
+    assert_eq!(
+        cb.wait_final(b["build_uuid"].as_str().unwrap(), BUILD)
+            .await,
+        "succeeded"
+    );
+    let log = p.log(&b).await;
+    assert!(log.contains("200000 a line of build output"), "whole");
+    assert!(log.contains("loud-end"));
+    // A second build runs too.
+    let quiet = body(&sleeper("quiet", 0), &cb);
+    p.post(&quiet).await;
+    assert_eq!(
+        cb.wait_final(quiet["build_uuid"].as_str().unwrap(), BUILD)
+            .await,
+        "succeeded"
+    );
+    let health = reqwest::get(p.url("/octhc")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    let err = std::fs::read_to_string(&err_path).unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("build output was left out of stdout"), "{err}");
+}
+
 /// S3 that accepts uploads and never answers them (s3s-fs behind a proxy that holds every
 /// PUT) refuses a `POST /` of `data:` sources with a 503 naming storage once staging passes
 /// its deadline (30 s for a small archive), rather than holding the request for the S3

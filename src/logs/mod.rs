@@ -4,9 +4,11 @@
 
 pub mod kafka;
 mod later;
+mod stdout;
 mod stored;
 
 pub use kafka::KafkaProducers;
+pub use stdout::StdoutSink;
 pub use stored::{LogFiles, StoredLog};
 
 use crate::build::BuildSpec;
@@ -77,44 +79,6 @@ pub trait Sink: Send {
     fn write_line(&mut self, line: &str);
     /// Called once at the end; flushes and reports problems through `tracing`.
     fn finish(self: Box<Self>) -> BoxFuture<'static, ()>;
-}
-
-/// Prints lines on the service's stdout (`SHOW_BUILD_LOGS`).
-pub struct StdoutSink {
-    prefix: String,
-    /// Lines stdout did not take (closed: nobody reads it any more).
-    failed_writes: u64,
-}
-
-impl StdoutSink {
-    pub fn new(prefix: impl Into<String>) -> Self {
-        Self {
-            prefix: prefix.into(),
-            failed_writes: 0,
-        }
-    }
-}
-
-impl Sink for StdoutSink {
-    fn write_line(&mut self, line: &str) {
-        use std::io::Write;
-        // Not `println!`, which panics when stdout is closed (EPIPE), killing the build's
-        // task. One write under the lock, so lines of builds running at once stay whole.
-        let mut out = std::io::stdout().lock();
-        if writeln!(out, "{} {line}", self.prefix).is_err() {
-            self.failed_writes += 1;
-        }
-    }
-    fn finish(self: Box<Self>) -> BoxFuture<'static, ()> {
-        if self.failed_writes > 0 {
-            tracing::warn!(
-                build = %self.prefix,
-                lines = self.failed_writes,
-                "build output could not be printed on stdout (SHOW_BUILD_LOGS); is it closed?"
-            );
-        }
-        Box::pin(async {})
-    }
 }
 
 /// A build's log, fanned out to its sinks. Lines are redacted of the build's secrets and

@@ -1,0 +1,139 @@
+//! Build output on the service's stdout (`SHOW_BUILD_LOGS`). One thread of its own prints
+//! every line, in order and whole, so a build never waits for whoever reads stdout: a reader
+//! that stalls (a pipe nobody drains) costs the lines past `QUEUE_BYTES`, not the build.
+//! A build's end waits (up to `FLUSH_WAIT`) for its lines to be printed: a worker pod's
+//! stdout is its pod log, and the worker exits right after.
+
+use super::Sink;
+use futures::future::BoxFuture;
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, OnceLock};
+use std::time::Duration;
+
+/// What may wait to be printed, across builds: a stalled reader holds no more memory than
+/// this.
+const QUEUE_BYTES: usize = 4 << 20;
+
+/// How long a build's end waits for its queued lines to be printed.
+const FLUSH_WAIT: Duration = Duration::from_secs(2);
+
+/// A sink's lines, as the printer thread sees them.
+#[derive(Default)]
+struct Counts {
+    /// Queued, not printed yet.
+    queued: AtomicU64,
+    /// Not taken by stdout (closed: EPIPE).
+    failed: AtomicU64,
+}
+
+struct Line {
+    bytes: Vec<u8>,
+    counts: Arc<Counts>,
+}
+
+struct Printer {
+    /// `None` when the thread could not be started: lines then count as not taken.
+    tx: Option<mpsc::Sender<Line>>,
+    queued: Arc<AtomicUsize>,
+}
+
+fn printer() -> &'static Printer {
+    static PRINTER: OnceLock<Printer> = OnceLock::new();
+    PRINTER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Line>();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let printed = queued.clone();
+        let started = std::thread::Builder::new()
+            .name("stdout".into())
+            .spawn(move || {
+                for line in rx {
+                    // Not `println!`, which panics when stdout is closed (EPIPE).
+                    if std::io::stdout().lock().write_all(&line.bytes).is_err() {
+                        line.counts.failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    printed.fetch_sub(line.bytes.len(), Ordering::Relaxed);
+                    line.counts.queued.fetch_sub(1, Ordering::Release);
+                }
+            })
+            .map_err(|e| tracing::warn!(error = %e, "no thread to print build output on stdout (SHOW_BUILD_LOGS)"))
+            .is_ok();
+        Printer {
+            tx: started.then_some(tx),
+            queued,
+        }
+    })
+}
+
+/// Prints a build's lines on stdout, each after `prefix`.
+pub struct StdoutSink {
+    prefix: String,
+    counts: Arc<Counts>,
+    /// Lines left out because the queue was full (stdout not read fast enough, or at all).
+    dropped: u64,
+}
+
+impl StdoutSink {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+            counts: Arc::default(),
+            dropped: 0,
+        }
+    }
+}
+
+impl Sink for StdoutSink {
+    fn write_line(&mut self, line: &str) {
+        let printer = printer();
+        let Some(tx) = &printer.tx else {
+            self.counts.failed.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let len = self.prefix.len() + 1 + line.len() + 1;
+        if printer.queued.fetch_add(len, Ordering::Relaxed) + len > QUEUE_BYTES {
+            printer.queued.fetch_sub(len, Ordering::Relaxed);
+            self.dropped += 1;
+            return;
+        }
+        let mut bytes = Vec::with_capacity(len);
+        bytes.extend_from_slice(self.prefix.as_bytes());
+        bytes.push(b' ');
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.push(b'\n');
+        self.counts.queued.fetch_add(1, Ordering::Relaxed);
+        let counts = self.counts.clone();
+        if tx.send(Line { bytes, counts }).is_err() {
+            printer.queued.fetch_sub(len, Ordering::Relaxed);
+            self.counts.queued.fetch_sub(1, Ordering::Relaxed);
+            self.counts.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn finish(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let deadline = tokio::time::Instant::now() + FLUSH_WAIT;
+            while self.counts.queued.load(Ordering::Acquire) > 0
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let failed = self.counts.failed.load(Ordering::Relaxed);
+            if failed > 0 {
+                tracing::warn!(
+                    build = %self.prefix,
+                    lines = failed,
+                    "build output could not be printed on stdout (SHOW_BUILD_LOGS); is it closed?"
+                );
+            }
+            let unprinted = self.dropped + self.counts.queued.load(Ordering::Acquire);
+            if unprinted > 0 {
+                tracing::warn!(
+                    build = %self.prefix,
+                    lines = unprinted,
+                    "build output was left out of stdout or is still waiting for it (SHOW_BUILD_LOGS): it is not read fast enough; is anything reading it?"
+                );
+            }
+        })
+    }
+}
