@@ -208,6 +208,9 @@ fn split_lines(text: &str) -> Vec<String> {
 pub enum AppendError {
     #[error("{0}")]
     Storage(#[from] crate::storage::StorageError),
+    /// The stored log stopped coming part-way (storage's own message names the object).
+    #[error("reading the stored log: {0}")]
+    Read(std::io::Error),
     #[error("scratch file: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -226,7 +229,7 @@ pub async fn append_lines(
     if let Some(obj) = storage.get(key).await? {
         let mut body = obj.body;
         while let Some(chunk) = body.next().await {
-            let chunk = chunk?;
+            let chunk = chunk.map_err(AppendError::Read)?;
             if let Some(b) = chunk.last() {
                 last = Some(*b);
             }
@@ -314,6 +317,51 @@ mod tests {
         );
         // Nothing left in the scratch folder.
         assert_eq!(std::fs::read_dir(&scratch).expect("dir").count(), 0);
+    }
+
+    /// Storage whose object breaks off after its first chunk (S3 stalling mid-body).
+    struct BreaksOff;
+
+    #[async_trait::async_trait]
+    impl Storage for BreaksOff {
+        async fn put_file(&self, _: &str, _: &Path) -> Result<(), crate::storage::StorageError> {
+            Ok(())
+        }
+        async fn get(
+            &self,
+            _: &str,
+        ) -> Result<Option<crate::storage::Object>, crate::storage::StorageError> {
+            let chunks = [
+                Ok(bytes::Bytes::from_static(b"Step 1/2\n")),
+                Err(std::io::Error::other(
+                    "S3 stopped sending the object a-b-1.logs part-way",
+                )),
+            ];
+            Ok(Some(crate::storage::Object {
+                len: None,
+                body: futures::stream::iter(chunks).boxed(),
+            }))
+        }
+        async fn exists(&self, _: &str) -> Result<bool, crate::storage::StorageError> {
+            Ok(true)
+        }
+        fn describe(&self) -> String {
+            "breaks off".into()
+        }
+    }
+
+    /// A stored log cut short on its way here is said to be that, not a scratch-file error
+    /// (nothing is wrong with the controller's disk).
+    #[tokio::test]
+    async fn a_stored_log_that_breaks_off_is_named_as_such() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = append_lines(&BreaksOff, dir.path(), "a-b-1.logs", &["end".into()])
+            .await
+            .expect_err("cut short");
+        assert_eq!(
+            err.to_string(),
+            "reading the stored log: S3 stopped sending the object a-b-1.logs part-way"
+        );
     }
 
     #[test]
