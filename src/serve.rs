@@ -102,7 +102,11 @@ pub async fn start(cfg: Config) -> Result<Started, StartError> {
     let sinks = LogSinks {
         files,
         storage: storage.clone(),
-        show_build_logs: cfg.build.show_build_logs,
+        stdout: if cfg.build.show_build_logs {
+            crate::logs::Stdout::Lossy
+        } else {
+            crate::logs::Stdout::Off
+        },
         max_log_bytes: cfg.build.max_log_bytes,
         kafka: Some(Arc::new(KafkaProducers::new(
             cfg.build.kafka_topic.clone(),

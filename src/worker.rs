@@ -150,7 +150,8 @@ async fn build(
     let sinks = LogSinks {
         files,
         storage: storage.clone(),
-        show_build_logs: true,
+        // The pod log: the build waits for it rather than leave lines out.
+        stdout: crate::logs::Stdout::Whole,
         max_log_bytes: cfg.max_log_bytes,
         kafka: Some(std::sync::Arc::new(crate::logs::KafkaProducers::new(
             cfg.kafka_topic.clone(),

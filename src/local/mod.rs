@@ -568,19 +568,10 @@ impl Inner {
 
     /// Ends the log of a build that will not run (any more) with `line`, and stores it.
     async fn append_log_line(&self, spec: &BuildSpec, line: &str) {
-        use std::io::Write;
-        let key = spec.log_key();
-        if let Some(path) = self.sinks.files.path(&key) {
-            if let Ok(mut f) = std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(path)
-            {
-                let _ = writeln!(f, "{line}");
-            }
-        }
-        // With S3 the spool is not the store: without this the line would stay on this host.
-        self.sinks.files.store(&key, &self.sinks.storage).await;
+        self.sinks
+            .files
+            .append_and_store(&spec.log_key(), line, &self.sinks.storage)
+            .await;
         self.kafka_last_line(spec, line);
     }
 
@@ -1385,7 +1376,7 @@ mod tests {
         let sinks = LogSinks {
             files: crate::logs::LogFiles::new(&store).unwrap(),
             storage: storage.clone(),
-            show_build_logs: false,
+            stdout: crate::logs::Stdout::Off,
             max_log_bytes: 1 << 20,
             kafka: None,
         };

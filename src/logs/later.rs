@@ -1,36 +1,57 @@
 //! Finished logs that storage refused, stored later. A local-mode service with S3 keeps such
 //! a log in its spool (and serves it from there); without this it would stay on this host
 //! for good. A task per log tries again in the background, the pause doubling from
-//! `FIRST_PAUSE` to `LONGEST_PAUSE`, until storage takes it; a restart tries the spool's
-//! leftovers at once (`Later::leftovers`).
+//! `FIRST_PAUSE` to `LONGEST_PAUSE` (give or take a tenth, so logs refused together do not
+//! come back together), `UPLOADS_AT_ONCE` at a time, until storage takes it; a restart
+//! tries the spool's leftovers at once (`Later::leftovers`).
 //!
-//! The spool file of a key may be written again meanwhile (a build of the same number): a
-//! writer takes the key over (`Later::writing`), and a retry that was under way then leaves
-//! the file alone. Storage gets the writer's whole log when that build ends.
+//! The spool file of a key may be written again meanwhile (a build of the same number, or
+//! the last line of one stopped while queued): a writer takes the key over
+//! (`Later::writing`), which stops the retry, an upload under way included, so neither
+//! the retry's upload nor its removal of the file can follow the writer's. Storage gets the
+//! writer's whole log when it is done.
 
 use crate::storage::Storage;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio::task::AbortHandle;
 
 /// The first pause after the build's own tries failed: past a short outage or throttling.
 pub(super) const FIRST_PAUSE: Duration = Duration::from_secs(5);
 /// Pauses double up to this: an outage of hours costs a request every five minutes a log.
 const LONGEST_PAUSE: Duration = Duration::from_secs(300);
+/// Uploads under way at once: thousands of leftovers after a long outage do not all go at
+/// the same moment.
+const UPLOADS_AT_ONCE: usize = 4;
 
-#[derive(Clone, Copy, PartialEq, Debug)]
+#[derive(Debug)]
 enum Holder {
     /// A build's log is being written to the spool file.
     Writer,
-    /// A background task is storing the finished file.
-    Retry,
+    /// A background task (`id`) is storing the finished file.
+    Retry { id: u64, task: AbortHandle },
 }
 
 /// Who holds each spool file that is being written or stored later.
-#[derive(Default, Debug)]
+#[derive(Debug)]
 pub struct Later {
     keys: Mutex<HashMap<String, Holder>>,
+    next_id: AtomicU64,
+    uploads: Arc<Semaphore>,
+}
+
+impl Default for Later {
+    fn default() -> Self {
+        Self {
+            keys: Mutex::default(),
+            next_id: AtomicU64::new(0),
+            uploads: Arc::new(Semaphore::new(UPLOADS_AT_ONCE)),
+        }
+    }
 }
 
 impl Later {
@@ -39,37 +60,44 @@ impl Later {
     }
 
     /// A build starts writing `key`'s spool file: a retry of an older log under that key
-    /// stops (the new log replaces it).
+    /// stops at once, its upload too (the new log replaces it).
     pub fn writing(&self, key: &str) {
-        self.keys().insert(key.to_string(), Holder::Writer);
+        if let Some(Holder::Retry { task, .. }) =
+            self.keys().insert(key.to_string(), Holder::Writer)
+        {
+            task.abort();
+        }
+    }
+
+    /// Like `writing`, unless another writer holds `key` (whose log is then the key's):
+    /// false.
+    pub fn try_writing(&self, key: &str) -> bool {
+        let mut keys = self.keys();
+        if matches!(keys.get(key), Some(Holder::Writer)) {
+            return false;
+        }
+        if let Some(Holder::Retry { task, .. }) = keys.insert(key.to_string(), Holder::Writer) {
+            task.abort();
+        }
+        true
     }
 
     /// The writer of `key` is done with the file.
     pub fn written(&self, key: &str) {
         let mut keys = self.keys();
-        if keys.get(key) == Some(&Holder::Writer) {
+        if matches!(keys.get(key), Some(Holder::Writer)) {
             keys.remove(key);
         }
     }
 
-    /// Takes `key` for a retry, unless a writer or another retry holds it.
-    fn claim(&self, key: &str) -> bool {
-        let mut keys = self.keys();
-        if keys.contains_key(key) {
-            return false;
-        }
-        keys.insert(key.to_string(), Holder::Retry);
-        true
+    fn still_ours(&self, key: &str, id: u64) -> bool {
+        matches!(self.keys().get(key), Some(Holder::Retry { id: i, .. }) if *i == id)
     }
 
-    fn still_ours(&self, key: &str) -> bool {
-        self.keys().get(key) == Some(&Holder::Retry)
-    }
-
-    /// The retry of `key` ends; a stored file is removed, unless a writer took it meanwhile.
-    fn release(&self, key: &str, stored: Option<&Path>) {
+    /// The retry `id` of `key` ends; a stored file is removed, unless a writer took it.
+    fn release(&self, key: &str, id: u64, stored: Option<&Path>) {
         let mut keys = self.keys();
-        if keys.get(key) != Some(&Holder::Retry) {
+        if !matches!(keys.get(key), Some(Holder::Retry { id: i, .. }) if *i == id) {
             return;
         }
         keys.remove(key);
@@ -90,15 +118,26 @@ impl Later {
         storage: Arc<dyn Storage>,
         first: Duration,
     ) {
-        if !self.claim(&key) {
+        let mut keys = self.keys();
+        if keys.contains_key(&key) {
             return;
         }
-        tokio::spawn(self.clone().retry(key, path, storage, first));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // Spawned under the lock: the task's first look at the map waits for its entry.
+        let task = tokio::spawn(self.clone().retry(key.clone(), id, path, storage, first));
+        keys.insert(
+            key,
+            Holder::Retry {
+                id,
+                task: task.abort_handle(),
+            },
+        );
     }
 
     async fn retry(
         self: Arc<Self>,
         key: String,
+        id: u64,
         path: PathBuf,
         storage: Arc<dyn Storage>,
         first: Duration,
@@ -106,22 +145,25 @@ impl Later {
         let mut pause = first;
         let mut tries = 0u32;
         loop {
-            tokio::time::sleep(pause).await;
-            if !self.still_ours(&key) {
+            tokio::time::sleep(jitter(pause)).await;
+            let Ok(_permit) = self.uploads.clone().acquire_owned().await else {
+                return;
+            };
+            if !self.still_ours(&key, id) {
                 return;
             }
             if !tokio::fs::try_exists(&path).await.unwrap_or(true) {
-                return self.release(&key, None);
+                return self.release(&key, id, None);
             }
             tries += 1;
             match storage.put_file(&key, &path).await {
                 Ok(()) => {
                     tracing::info!(key, tries, "stored a build log storage had refused");
-                    return self.release(&key, Some(&path));
+                    return self.release(&key, id, Some(&path));
                 }
                 Err(e) => {
                     pause = (pause * 2).clamp(FIRST_PAUSE, LONGEST_PAUSE);
-                    tracing::warn!(key, error = %e, "could not store the build log yet; it is served from the local spool meanwhile; trying again in {pause:?}");
+                    tracing::warn!(key, error = %e, "could not store the build log yet; it is served from the local spool meanwhile; trying again in about {pause:?}");
                 }
             }
         }
@@ -143,22 +185,34 @@ impl Later {
     }
 }
 
+/// `pause` give or take a tenth.
+fn jitter(pause: Duration) -> Duration {
+    let spread = (uuid::Uuid::new_v4().as_u128() % 201) as u32; // 0..=200
+    pause * (900 + spread) / 1000
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::storage::StorageError;
     use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 
-    /// Refuses the first `refusals` puts, then takes them (counting, storing nothing).
+    /// Refuses the first `refusals` puts, then takes them (counting, storing nothing), each
+    /// after `takes`.
     struct Refusing {
         refusals: AtomicU32,
         puts: AtomicU32,
+        /// Puts that got to their end (an aborted one does not).
+        ended: AtomicU32,
+        takes: Duration,
     }
 
     #[async_trait::async_trait]
     impl Storage for Refusing {
         async fn put_file(&self, key: &str, _: &Path) -> Result<(), StorageError> {
             self.puts.fetch_add(1, SeqCst);
+            tokio::time::sleep(self.takes).await;
+            self.ended.fetch_add(1, SeqCst);
             let left = self.refusals.load(SeqCst);
             if left == 0 {
                 return Ok(());
@@ -186,6 +240,8 @@ mod tests {
         Arc::new(Refusing {
             refusals: refusals.into(),
             puts: 0.into(),
+            ended: 0.into(),
+            takes: Duration::ZERO,
         })
     }
 
@@ -217,10 +273,16 @@ mod tests {
         start(&later, &path, &storage, FIRST_PAUSE);
         settle(&later, "a-b-1.logs").await;
         assert_eq!(storage.puts.load(SeqCst), 9);
-        // 5 + 10 + 20 + … capped at 300 s.
-        let waited: u64 = [5, 10, 20, 40, 80, 160, 300, 300, 300].iter().sum();
-        let took = started.elapsed().as_secs();
-        assert!((waited..waited + 2).contains(&took), "{took} s");
+        // 5 + 10 + 20 + … capped at 300 s, each give or take a tenth.
+        let waited: f64 = [5, 10, 20, 40, 80, 160, 300, 300, 300]
+            .iter()
+            .sum::<u32>()
+            .into();
+        let took = started.elapsed().as_secs_f64();
+        assert!(
+            (waited * 0.9..waited * 1.1 + 1.0).contains(&took),
+            "{took} s"
+        );
         assert!(!path.exists());
     }
 
@@ -247,6 +309,51 @@ mod tests {
         settle(&later, "a-b-1.logs").await;
         assert_eq!(storage.puts.load(SeqCst), 1);
         assert!(!path.exists());
+    }
+
+    /// A build of the same key starts while a retry's upload is under way (a slow storage):
+    /// the upload is cut short, so it can neither land after the new log nor remove the new
+    /// build's file; a later retry of the key is not ended by the first one.
+    #[tokio::test(start_paused = true)]
+    async fn a_writer_stops_an_upload_under_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = spooled(dir.path());
+        let later = Arc::new(Later::default());
+        let storage = Arc::new(Refusing {
+            takes: Duration::from_secs(30),
+            ..Arc::into_inner(refusing(0)).unwrap()
+        });
+        start(&later, &path, &storage, Duration::ZERO);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(storage.puts.load(SeqCst), 1, "under way");
+        later.writing("a-b-1.logs");
+        later.written("a-b-1.logs");
+        let quick = refusing(0);
+        start(&later, &path, &quick, FIRST_PAUSE * 2);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(
+            storage.ended.load(SeqCst),
+            0,
+            "the first upload was cut short"
+        );
+        settle(&later, "a-b-1.logs").await;
+        assert_eq!(quick.puts.load(SeqCst), 1, "the second retry stored it");
+        assert!(!path.exists());
+    }
+
+    /// The last line of a build stopped while queued goes to a file a retry holds (taking
+    /// it over), but not to one a running build writes.
+    #[tokio::test(start_paused = true)]
+    async fn an_appender_takes_a_retrys_key_but_not_a_writers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = spooled(dir.path());
+        let later = Arc::new(Later::default());
+        let storage = refusing(0);
+        start(&later, &path, &storage, FIRST_PAUSE);
+        assert!(later.try_writing("a-b-1.logs"));
+        assert!(!later.try_writing("a-b-1.logs"), "a writer holds it");
+        tokio::time::sleep(FIRST_PAUSE * 2).await;
+        assert_eq!(storage.puts.load(SeqCst), 0, "the retry stopped");
     }
 
     /// A file that is gone (removed by hand) ends its retry without a put.

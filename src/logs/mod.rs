@@ -8,7 +8,7 @@ mod stdout;
 mod stored;
 
 pub use kafka::KafkaProducers;
-pub use stdout::StdoutSink;
+pub use stdout::{Stdout, StdoutSink};
 pub use stored::{LogFiles, StoredLog};
 
 use crate::build::BuildSpec;
@@ -22,7 +22,8 @@ use std::sync::Arc;
 pub struct LogSinks {
     pub files: LogFiles,
     pub storage: Arc<dyn Storage>,
-    pub show_build_logs: bool,
+    /// Build output on stdout (SHOW_BUILD_LOGS), and whether a build waits for its reader.
+    pub stdout: Stdout,
     /// What the stored log keeps whole (MAX_LOG_BYTES; see `StoredLog`).
     pub max_log_bytes: u64,
     /// Producers for builds that name `kafka_hosts`; `None`: Kafka output is off.
@@ -38,11 +39,11 @@ impl LogSinks {
             self.storage.clone(),
             self.max_log_bytes,
         )?));
-        if self.show_build_logs {
-            log = log.with_sink(Box::new(StdoutSink::new(format!(
-                "[{}-{}]",
-                spec.app, spec.build_number
-            ))));
+        if self.stdout != Stdout::Off {
+            log = log.with_sink(Box::new(StdoutSink::new(
+                format!("[{}-{}]", spec.app, spec.build_number),
+                self.stdout == Stdout::Whole,
+            )));
         }
         if let Some(sink) = self.kafka_sink(spec) {
             log = log.with_sink(sink);

@@ -1,8 +1,9 @@
 //! Build output on the service's stdout (`SHOW_BUILD_LOGS`). One thread of its own prints
-//! every line, in order and whole, so a build never waits for whoever reads stdout: a reader
-//! that stalls (a pipe nobody drains) costs the lines past `QUEUE_BYTES`, not the build.
-//! A build's end waits (up to `FLUSH_WAIT`) for its lines to be printed: a worker pod's
-//! stdout is its pod log, and the worker exits right after.
+//! every line, in order and whole, so a build of the service never waits for whoever reads
+//! stdout: a reader that stalls (a pipe nobody drains) costs the lines past `QUEUE_BYTES`,
+//! not the build, and a build's end waits at most `FLUSH_WAIT` for its lines. A Kubernetes
+//! worker's stdout is its pod log, which the API serves while the build runs: there the
+//! build waits for the reader instead, and its end for every line (a SIGTERM still ends it).
 
 use super::Sink;
 use futures::future::BoxFuture;
@@ -15,7 +16,17 @@ use std::time::Duration;
 /// this.
 const QUEUE_BYTES: usize = 4 << 20;
 
-/// How long a build's end waits for its queued lines to be printed.
+/// Whether build output goes to stdout, and what a reader that falls behind costs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stdout {
+    Off,
+    /// The lines past `QUEUE_BYTES` (the service, SHOW_BUILD_LOGS=true).
+    Lossy,
+    /// The build's time: it waits (a worker pod, whose stdout is its pod log).
+    Whole,
+}
+
+/// How long a build's end waits for its queued lines to be printed (`Stdout::Lossy`).
 const FLUSH_WAIT: Duration = Duration::from_secs(2);
 
 /// A sink's lines, as the printer thread sees them.
@@ -68,15 +79,18 @@ fn printer() -> &'static Printer {
 /// Prints a build's lines on stdout, each after `prefix`.
 pub struct StdoutSink {
     prefix: String,
+    /// Waits for room, and at the end for every line, rather than leave lines out.
+    whole: bool,
     counts: Arc<Counts>,
     /// Lines left out because the queue was full (stdout not read fast enough, or at all).
     dropped: u64,
 }
 
 impl StdoutSink {
-    pub fn new(prefix: impl Into<String>) -> Self {
+    pub fn new(prefix: impl Into<String>, whole: bool) -> Self {
         Self {
             prefix: prefix.into(),
+            whole,
             counts: Arc::default(),
             dropped: 0,
         }
@@ -91,10 +105,19 @@ impl Sink for StdoutSink {
             return;
         };
         let len = self.prefix.len() + 1 + line.len() + 1;
-        if printer.queued.fetch_add(len, Ordering::Relaxed) + len > QUEUE_BYTES {
+        loop {
+            // A line longer than the queue goes alone.
+            let before = printer.queued.fetch_add(len, Ordering::Relaxed);
+            if before == 0 || before + len <= QUEUE_BYTES {
+                break;
+            }
             printer.queued.fetch_sub(len, Ordering::Relaxed);
-            self.dropped += 1;
-            return;
+            if !self.whole {
+                self.dropped += 1;
+                return;
+            }
+            // As a blocking write to stdout would (the worker's lines come from one task).
+            std::thread::sleep(Duration::from_millis(1));
         }
         let mut bytes = Vec::with_capacity(len);
         bytes.extend_from_slice(self.prefix.as_bytes());
@@ -114,7 +137,7 @@ impl Sink for StdoutSink {
         Box::pin(async move {
             let deadline = tokio::time::Instant::now() + FLUSH_WAIT;
             while self.counts.queued.load(Ordering::Acquire) > 0
-                && tokio::time::Instant::now() < deadline
+                && (self.whole || tokio::time::Instant::now() < deadline)
             {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }

@@ -62,10 +62,34 @@ impl LogFiles {
         self
     }
 
-    /// Stores the spooled log of `key` (for a log finished outside a running build, e.g.
-    /// one line saying it was interrupted); a no-op when the spool is the store.
-    pub async fn store(&self, key: &str, storage: &Arc<dyn Storage>) {
-        if let Some(path) = self.path(key).filter(|_| self.remove_when_stored) {
+    /// Appends `line` to the spooled log of `key` and stores it: the end of a build that
+    /// ends without running (stopped while queued, interrupted by a restart). Left alone
+    /// while a build of the same key writes its log, which is then the key's.
+    pub async fn append_and_store(&self, key: &str, line: &str, storage: &Arc<dyn Storage>) {
+        let Some(path) = self.path(key) else { return };
+        if let Some(later) = &self.later {
+            if !later.try_writing(key) {
+                tracing::info!(
+                    key,
+                    line,
+                    "a running build writes this log; the line goes to Kafka only"
+                );
+                return;
+            }
+        }
+        let appended = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&path)
+            .and_then(|mut f| writeln!(f, "{line}"));
+        if let Err(e) = appended {
+            tracing::warn!(key, error = %e, "could not write a line to the spooled log");
+        }
+        if let Some(later) = &self.later {
+            later.written(key);
+        }
+        // A no-op when the spool is the store.
+        if self.remove_when_stored {
             hand_over(key, &path, storage, true, None, self.later.as_ref()).await;
         }
     }
@@ -110,6 +134,8 @@ pub struct StoredLog {
     remove_when_stored: bool,
     retry_until: Option<tokio::time::Instant>,
     later: Option<Arc<Later>>,
+    /// `later` was told the file is written (by `finish`, or on drop).
+    released: bool,
     /// Bytes written to the file, and what it may hold before only the tail is kept.
     written: u64,
     max: u64,
@@ -149,6 +175,7 @@ impl StoredLog {
             remove_when_stored: files.remove_when_stored,
             retry_until: files.retry_until,
             later: files.later.clone(),
+            released: false,
             written: 0,
             max,
             tail: VecDeque::new(),
@@ -223,6 +250,7 @@ impl Sink for StoredLog {
         if let Some(later) = &self.later {
             later.written(&self.key);
         }
+        self.released = true;
         Box::pin(async move {
             hand_over(
                 &self.key,
@@ -234,6 +262,16 @@ impl Sink for StoredLog {
             )
             .await;
         })
+    }
+}
+
+impl Drop for StoredLog {
+    /// A log dropped unfinished (its build's task panicked) lets its key go, so the file can
+    /// be stored later.
+    fn drop(&mut self) {
+        if let (Some(later), false) = (&self.later, self.released) {
+            later.written(&self.key);
+        }
     }
 }
 
@@ -286,6 +324,10 @@ async fn hand_over(
                     tokio::time::sleep(*pause).await;
                 }
                 // The spool file stays, so the log is still served from this host.
+                None if !path.exists() => {
+                    tracing::warn!(key, error = %e, "could not store the build log: its spool file is gone");
+                    return;
+                }
                 None => {
                     tracing::warn!(key, error = %e, "could not store the build log; it stays in the local spool");
                     if let Some(later) = later {

@@ -95,8 +95,8 @@ pub struct BuildJobSpec {
 #[serde(rename_all = "camelCase")]
 pub struct SourceRef {
     pub kind: SourceKind,
-    /// For people: the URI without its userinfo, fragment and query (shown as `?…`), or
-    /// the storage key.
+    /// For people: the URI without its userinfo, fragment and query (shown as `?…`,
+    /// percent-encoded), or the storage key.
     pub display: String,
     /// `Stored`: the storage key of the archive (the `data:` URI's bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -9,7 +9,7 @@ use super::controller::{lock, record_status, Context};
 use super::crd::BuildJob;
 use super::decide::LogEnd;
 use super::pod::WORKER_CONTAINER;
-use crate::logs::{KafkaProducers, LogFiles, LogSinks, FINISHED_LINE};
+use crate::logs::{KafkaProducers, LogFiles, LogSinks, Stdout, FINISHED_LINE};
 use crate::storage::Storage;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
@@ -50,7 +50,7 @@ impl LogEnds {
             sinks: LogSinks {
                 files,
                 storage,
-                show_build_logs: false,
+                stdout: Stdout::Off,
                 max_log_bytes: u64::MAX,
                 kafka,
             },
