@@ -677,3 +677,76 @@ fn sigterm_while_waiting_for_dockerd_ends_the_worker_with_interrupted() {
         "no end of its own: {rest:?}"
     );
 }
+
+/// The worker's stdout is its pod log. A reader that keeps up, however slowly, gets every
+/// line of a 10 MiB build output (the build waits for it); one that stops reading holds the
+/// build up for at most 10 s, then the worker goes on, its stored log whole, and says so.
+#[test]
+fn the_pod_log_gets_every_line_unless_its_reader_stops() {
+    use std::io::Read;
+    let loud = |b: &BuildSpec, dir: &Path| {
+        let df = format!(
+            "FROM test/busybox:latest\nRUN echo {} && seq 1 200000 | sed 's/$/ a line of build output, fifty bytes long/'\n",
+            uuid::Uuid::new_v4()
+        );
+        store(dir, &b.source_key(), &targz(&[("Dockerfile", &df)]));
+    };
+    // A slow reader: 64 KiB every 100 ms (640 KiB/s, far slower than the build prints).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = spec("wkrslowout");
+    loud(&b, dir.path());
+    let mut child = worker_command(dir.path(), &stored_job(&b), None, &[])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the worker runs");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut got = Vec::new();
+    let mut chunk = vec![0; 64 * 1024];
+    loop {
+        let n = stdout.read(&mut chunk).expect("read");
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&chunk[..n]);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(child.wait().expect("wait").success());
+    let text = String::from_utf8_lossy(&got);
+    for n in [1, 100_000, 200_000] {
+        assert!(
+            text.contains(&format!("[wkrslowout-3] {n} a line of build output")),
+            "line {n} missing"
+        );
+    }
+    assert!(text.ends_with("[wkrslowout-3] Build finished\n"));
+
+    // A reader that never reads.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = spec("wkrnoout");
+    loud(&b, dir.path());
+    let err = dir.path().join("stderr");
+    let started = std::time::Instant::now();
+    let mut child = worker_command(dir.path(), &stored_job(&b), None, &[])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&err).expect("stderr"))
+        .spawn()
+        .expect("the worker runs");
+    let _unread = child.stdout.take();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "the worker waits for a reader that has stopped"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(status.success());
+    let said = std::fs::read_to_string(&err).expect("stderr");
+    assert!(said.contains("took no output for 10s"), "{said}");
+    let log = std::fs::read_to_string(dir.path().join("data/store").join(b.log_key()))
+        .expect("stored log");
+    assert!(log.contains("200000 a line of build output"));
+}

@@ -777,7 +777,13 @@ impl Inner {
             ..Default::default()
         };
         let line = format!("Build failed ({}): {m} before it started", r.as_str());
-        Box::pin(self.append_log_line(&rec.spec, &line)).await;
+        // An earlier build of this number may still be storing the number's log: as in
+        // `end_waiting`, this one's last line then goes to Kafka only.
+        if self.earlier_of_same_number(id) {
+            self.kafka_last_line(&rec.spec, &line);
+        } else {
+            Box::pin(self.append_log_line(&rec.spec, &line)).await;
+        }
         let outcome = Outcome::failed(r, format!("{m} before it started"));
         Box::pin(self.finish(&rec, outcome, timings, None, None)).await;
     }

@@ -3,7 +3,9 @@
 //! stdout: a reader that stalls (a pipe nobody drains) costs the lines past `QUEUE_BYTES`,
 //! not the build, and a build's end waits at most `FLUSH_WAIT` for its lines. A Kubernetes
 //! worker's stdout is its pod log, which the API serves while the build runs: there the
-//! build waits for the reader instead, and its end for every line (a SIGTERM still ends it).
+//! build waits for the reader instead, up to `WHOLE_WAIT` for room for a line (past that,
+//! a reader that has stopped, the build goes on as above, so a SIGTERM or the timeout is
+//! heard), and its end for every line (a SIGTERM still ends that wait).
 
 use super::Sink;
 use futures::future::BoxFuture;
@@ -25,6 +27,10 @@ pub enum Stdout {
     /// The build's time: it waits (a worker pod, whose stdout is its pod log).
     Whole,
 }
+
+/// How long a `Stdout::Whole` line waits for room before the build stops waiting for the
+/// reader (the build's own task waits, so its SIGTERM and timeout wait with it).
+const WHOLE_WAIT: Duration = Duration::from_secs(10);
 
 /// How long a build's end waits for its queued lines to be printed (`Stdout::Lossy`).
 const FLUSH_WAIT: Duration = Duration::from_secs(2);
@@ -105,6 +111,7 @@ impl Sink for StdoutSink {
             return;
         };
         let len = self.prefix.len() + 1 + line.len() + 1;
+        let mut waiting = None;
         loop {
             // A line longer than the queue goes alone.
             let before = printer.queued.fetch_add(len, Ordering::Relaxed);
@@ -112,6 +119,14 @@ impl Sink for StdoutSink {
                 break;
             }
             printer.queued.fetch_sub(len, Ordering::Relaxed);
+            let waited_enough = waiting
+                .get_or_insert_with(std::time::Instant::now)
+                .elapsed()
+                >= WHOLE_WAIT;
+            if waited_enough && self.whole {
+                tracing::warn!(build = %self.prefix, "stdout (the pod log) took no output for {WHOLE_WAIT:?}; lines that find no room are left out of it from now on");
+                self.whole = false;
+            }
             if !self.whole {
                 self.dropped += 1;
                 return;
@@ -136,6 +151,7 @@ impl Sink for StdoutSink {
     fn finish(self: Box<Self>) -> BoxFuture<'static, ()> {
         Box::pin(async move {
             let deadline = tokio::time::Instant::now() + FLUSH_WAIT;
+            // `whole` still: the reader kept up (else it is waited for no longer here either).
             while self.counts.queued.load(Ordering::Acquire) > 0
                 && (self.whole || tokio::time::Instant::now() < deadline)
             {
