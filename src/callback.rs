@@ -158,7 +158,8 @@ mod tests {
         use std::sync::atomic::Ordering::SeqCst;
         let callbacks = Callbacks {
             first_delay: Duration::from_millis(10),
-            ..Callbacks::new(Duration::from_millis(300))
+            // Long enough for several tries even on a loaded machine.
+            ..Callbacks::new(Duration::from_secs(2))
         };
         for status in [404, 401] {
             let (url, calls) = receiver(status).await;
