@@ -11,6 +11,24 @@ use std::time::{Duration, Instant};
 
 const BUILD: Duration = Duration::from_secs(120);
 
+/// The service with `env` and `stdout`, data under `dir/data`, its stderr kept in the file
+/// whose path comes back.
+fn spawn_keeping_stderr(
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+    stdout: Stdio,
+) -> (Proc, std::path::PathBuf) {
+    let err_path = dir.join("stderr");
+    let p = spawn_with_output(
+        &dir.join("data"),
+        free_port(),
+        env,
+        stdout,
+        Stdio::from(std::fs::File::create(&err_path).unwrap()),
+    );
+    (p, err_path)
+}
+
 fn finals(cb: &Callbacks, b: &Value) -> Vec<String> {
     cb.calls_for(b["build_uuid"].as_str().unwrap())
         .iter()
@@ -98,13 +116,10 @@ async fn callbacks_answering_500_are_retried_and_the_build_is_unaffected() {
 async fn a_callback_receiver_that_is_down_is_given_up_with_one_line() {
     require_services();
     let data = tempfile::tempdir().unwrap();
-    let err_path = data.path().join("stderr");
-    let p = spawn_with_output(
-        &data.path().join("data"),
-        free_port(),
+    let (p, err_path) = spawn_keeping_stderr(
+        data.path(),
         &[("CALLBACK_RETRY_SECONDS", "2")],
         Stdio::null(),
-        Stdio::from(std::fs::File::create(&err_path).unwrap()),
     );
     let cb = Callbacks::start().await;
     let mut b = body(&sleeper("cbdown", 0), &cb);
@@ -145,14 +160,8 @@ async fn a_callback_receiver_that_is_down_is_given_up_with_one_line() {
 async fn build_output_on_a_closed_stdout_fails_neither_the_build_nor_the_service() {
     require_services();
     let data = tempfile::tempdir().unwrap();
-    let err_path = data.path().join("stderr");
-    let mut p = spawn_with_output(
-        &data.path().join("data"),
-        free_port(),
-        &[("SHOW_BUILD_LOGS", "true")],
-        Stdio::piped(),
-        Stdio::from(std::fs::File::create(&err_path).unwrap()),
-    );
+    let (mut p, err_path) =
+        spawn_keeping_stderr(data.path(), &[("SHOW_BUILD_LOGS", "true")], Stdio::piped());
     drop(p.child.stdout.take());
     let cb = Callbacks::start().await;
     for marker in ["epipe1", "epipe2"] {
@@ -184,14 +193,8 @@ async fn build_output_on_a_closed_stdout_fails_neither_the_build_nor_the_service
 async fn build_output_on_a_stdout_nobody_reads_holds_up_neither_builds_nor_the_service() {
     require_services();
     let data = tempfile::tempdir().unwrap();
-    let err_path = data.path().join("stderr");
-    let p = spawn_with_output(
-        &data.path().join("data"),
-        free_port(),
-        &[("SHOW_BUILD_LOGS", "true")],
-        Stdio::piped(),
-        Stdio::from(std::fs::File::create(&err_path).unwrap()),
-    );
+    let (p, err_path) =
+        spawn_keeping_stderr(data.path(), &[("SHOW_BUILD_LOGS", "true")], Stdio::piped());
     // `p.child.stdout` stays open, unread.
     let cb = Callbacks::start().await;
     let df = format!(

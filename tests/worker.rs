@@ -173,16 +173,12 @@ fn the_outcome_is_written_before_the_log_is_delivered_and_a_sigterm_then_ends_th
         .args(["-TERM", &child.id().to_string()])
         .status()
         .expect("kill");
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            sent.elapsed() < std::time::Duration::from_secs(10),
-            "SIGTERM did not end the wait for the log's delivery"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let status = exit_within(
+        &mut child,
+        sent,
+        std::time::Duration::from_secs(10),
+        "SIGTERM did not end the wait for the log's delivery",
+    );
     assert_eq!(status.code(), Some(0));
     drop(broker);
 }
@@ -231,6 +227,22 @@ fn the_wait_for_dockerd_counts_against_timeout_in_ms() {
         "{:?}",
         run.outcome
     );
+}
+
+/// The worker's exit status, failing with `what` unless it exits within `within` of `since`.
+fn exit_within(
+    child: &mut std::process::Child,
+    since: std::time::Instant,
+    within: std::time::Duration,
+    what: &str,
+) -> std::process::ExitStatus {
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return s;
+        }
+        assert!(since.elapsed() < within, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// Puts an archive where local storage (DATA_DIR/store) keeps `{build_uuid}`.
@@ -631,14 +643,12 @@ fn sigterm_while_waiting_for_dockerd_ends_the_worker_with_interrupted() {
     assert!(kill.success());
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     // Far below DOCKER_WAIT_SECONDS: the wait was cut short, not timed out.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "the worker ignored SIGTERM");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = exit_within(
+        &mut child,
+        Instant::now(),
+        Duration::from_secs(60),
+        "the worker ignored SIGTERM",
+    );
     assert_eq!(status.code(), Some(1), "exited, not killed by the signal");
     let text = std::fs::read_to_string(&term).expect("termination log written");
     let outcome: Outcome = serde_json::from_str(&text).expect("an outcome");
@@ -733,16 +743,12 @@ fn the_pod_log_gets_every_line_unless_its_reader_stops() {
         .spawn()
         .expect("the worker runs");
     let _unread = child.stdout.take();
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(120),
-            "the worker waits for a reader that has stopped"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
+    let status = exit_within(
+        &mut child,
+        started,
+        std::time::Duration::from_secs(120),
+        "the worker waits for a reader that has stopped",
+    );
     assert!(status.success());
     let said = std::fs::read_to_string(&err).expect("stderr");
     assert!(said.contains("took no output for 10s"), "{said}");

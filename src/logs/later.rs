@@ -62,11 +62,7 @@ impl Later {
     /// A build starts writing `key`'s spool file: a retry of an older log under that key
     /// stops at once, its upload too (the new log replaces it).
     pub fn writing(&self, key: &str) {
-        if let Some(Holder::Retry { task, .. }) =
-            self.keys().insert(key.to_string(), Holder::Writer)
-        {
-            task.abort();
-        }
+        take_for_writer(&mut self.keys(), key);
     }
 
     /// Like `writing`, unless another writer holds `key` (whose log is then the key's):
@@ -76,9 +72,7 @@ impl Later {
         if matches!(keys.get(key), Some(Holder::Writer)) {
             return false;
         }
-        if let Some(Holder::Retry { task, .. }) = keys.insert(key.to_string(), Holder::Writer) {
-            task.abort();
-        }
+        take_for_writer(&mut keys, key);
         true
     }
 
@@ -91,13 +85,13 @@ impl Later {
     }
 
     fn still_ours(&self, key: &str, id: u64) -> bool {
-        matches!(self.keys().get(key), Some(Holder::Retry { id: i, .. }) if *i == id)
+        held_by_retry(&self.keys(), key, id)
     }
 
     /// The retry `id` of `key` ends; a stored file is removed, unless a writer took it.
     fn release(&self, key: &str, id: u64, stored: Option<&Path>) {
         let mut keys = self.keys();
-        if !matches!(keys.get(key), Some(Holder::Retry { id: i, .. }) if *i == id) {
+        if !held_by_retry(&keys, key, id) {
             return;
         }
         keys.remove(key);
@@ -183,6 +177,18 @@ impl Later {
             .filter(|name| crate::storage::check_key(name).is_ok())
             .collect()
     }
+}
+
+/// Gives `key` to a writer, stopping the retry that held it, if one did.
+fn take_for_writer(keys: &mut HashMap<String, Holder>, key: &str) {
+    if let Some(Holder::Retry { task, .. }) = keys.insert(key.to_string(), Holder::Writer) {
+        task.abort();
+    }
+}
+
+/// Whether the retry `id` (not a writer, not a later retry) holds `key`.
+fn held_by_retry(keys: &HashMap<String, Holder>, key: &str, id: u64) -> bool {
+    matches!(keys.get(key), Some(Holder::Retry { id: i, .. }) if *i == id)
 }
 
 /// `pause` give or take a tenth.

@@ -133,9 +133,8 @@ pub struct StoredLog {
     failed_writes: u64,
     remove_when_stored: bool,
     retry_until: Option<tokio::time::Instant>,
+    /// Told the file is written by `finish`, which takes it, or on drop (an unfinished log).
     later: Option<Arc<Later>>,
-    /// `later` was told the file is written (by `finish`, or on drop).
-    released: bool,
     /// Bytes written to the file, and what it may hold before only the tail is kept.
     written: u64,
     max: u64,
@@ -175,7 +174,6 @@ impl StoredLog {
             remove_when_stored: files.remove_when_stored,
             retry_until: files.retry_until,
             later: files.later.clone(),
-            released: false,
             written: 0,
             max,
             tail: VecDeque::new(),
@@ -247,10 +245,10 @@ impl Sink for StoredLog {
         if self.failed_writes > 0 {
             tracing::warn!(key = %self.key, lines = self.failed_writes, "lines could not be written to the stored log");
         }
-        if let Some(later) = &self.later {
+        let later = self.later.take();
+        if let Some(later) = &later {
             later.written(&self.key);
         }
-        self.released = true;
         Box::pin(async move {
             hand_over(
                 &self.key,
@@ -258,7 +256,7 @@ impl Sink for StoredLog {
                 &self.storage,
                 self.remove_when_stored,
                 self.retry_until,
-                self.later.as_ref(),
+                later.as_ref(),
             )
             .await;
         })
@@ -269,7 +267,7 @@ impl Drop for StoredLog {
     /// A log dropped unfinished (its build's task panicked) lets its key go, so the file can
     /// be stored later.
     fn drop(&mut self) {
-        if let (Some(later), false) = (&self.later, self.released) {
+        if let Some(later) = &self.later {
             later.written(&self.key);
         }
     }
