@@ -339,6 +339,11 @@ pub struct Termination {
     pub outcome: Outcome,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timings: Option<StageTimings>,
+    /// `false`: the worker could not put its log in storage (refused past its retries, or
+    /// stopped while storing), so the controller copies it from the pod's log. Absent from
+    /// older workers and from a worker that never opened its log.
+    #[serde(default, rename = "logStored", skip_serializing_if = "Option::is_none")]
+    pub log_stored: Option<bool>,
 }
 
 impl Termination {
@@ -490,14 +495,16 @@ pub(crate) mod tests {
                 build: Some(5),
                 ..Default::default()
             }),
+            log_stored: Some(false),
         };
         let json = serde_json::to_string(&t).unwrap();
         assert!(json.starts_with(r#"{"result":"succeeded""#), "{json}");
+        assert!(json.contains(r#""logStored":false"#), "{json}");
         // A parser that knows only `Outcome` still reads it.
         let old: Outcome = serde_json::from_str(&json).unwrap();
         assert_eq!(old, t.outcome);
         assert_eq!(Termination::parse(&json), Some(t));
         let bare = Termination::parse(r#"{"result":"failed","reason":"Timeout","message":"m"}"#);
-        assert_eq!(bare.map(|b| b.timings), Some(None));
+        assert_eq!(bare.map(|b| (b.timings, b.log_stored)), Some((None, None)));
     }
 }

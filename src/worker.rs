@@ -87,11 +87,15 @@ pub async fn run(args: WorkerArgs) -> Outcome {
     // before the outcome is written (the kubelet sends it on delete, eviction, deadline).
     let mut sigterm = Terminated::listen();
     let mut timings = StageTimings::default();
+    let mut log_stored = None;
     let outcome = match args.build.validate() {
         Ok(cfg) => match build_spec(&args) {
             Ok(spec) => {
                 crate::pipeline::sources::warn_if_proxied(&cfg.deny_networks);
-                build(&args, &cfg, &spec, &mut sigterm, &mut timings).await
+                let ran = build(&args, &cfg, &spec, &mut sigterm, &mut timings);
+                let (outcome, stored) = ran.await;
+                log_stored = stored;
+                outcome
             }
             Err(e) => Outcome::failed(FailureReason::InvalidSources, e.to_string()),
         },
@@ -100,11 +104,15 @@ pub async fn run(args: WorkerArgs) -> Outcome {
             format!("bad worker configuration: {e}"),
         ),
     };
-    let timings = (timings != StageTimings::default()).then_some(timings);
-    if let Err(e) = write_termination(&args.termination_log_path, &outcome, timings) {
+    let end = Termination {
+        timings: (timings != StageTimings::default()).then_some(timings),
+        outcome,
+        log_stored,
+    };
+    if let Err(e) = write_termination(&args.termination_log_path, &end) {
         tracing::error!(path = %args.termination_log_path.display(), error = %e, "cannot write the termination log; the controller will report the build failed");
     }
-    outcome
+    end.outcome
 }
 
 /// How long after its build's timeout the worker may still start a pause before trying again
@@ -115,19 +123,39 @@ fn interrupted() -> Outcome {
     Outcome::failed(FailureReason::Interrupted, "the worker pod was stopped")
 }
 
+/// Runs the build; returns its outcome and, once its log was opened, whether the log is
+/// in storage.
 async fn build(
     args: &WorkerArgs,
     cfg: &BuildConfig,
     spec: &BuildSpec,
     sigterm: &mut Terminated,
     timings: &mut StageTimings,
-) -> Outcome {
+) -> (Outcome, Option<bool>) {
+    let (outcome, log) = run_build(args, cfg, spec, sigterm, timings).await;
+    // The spool keeps a log file until storage has it (`LogFiles::spool`).
+    let stored = log.map(|spooled| !spooled.exists());
+    if stored == Some(false) {
+        tracing::error!(key = %spec.log_key(), "the build log is not in storage; the controller copies it from this pod's log");
+    }
+    (outcome, stored)
+}
+
+/// `build`'s work: the outcome and the spool file of the log, if one was opened.
+async fn run_build(
+    args: &WorkerArgs,
+    cfg: &BuildConfig,
+    spec: &BuildSpec,
+    sigterm: &mut Terminated,
+    timings: &mut StageTimings,
+) -> (Outcome, Option<std::path::PathBuf>) {
     // The worker knows nothing of the queue: its total runs from its own start.
     let started = std::time::Instant::now();
     let storage = match crate::storage::open(cfg).await {
         Ok(s) => s,
         Err(e) => {
-            return Outcome::failed(FailureReason::Internal, format!("cannot open storage: {e}"))
+            let o = Outcome::failed(FailureReason::Internal, format!("cannot open storage: {e}"));
+            return (o, None);
         }
     };
     // TIMEOUT_IN_MS counts from the worker's start, waiting for dockerd included: the pod's
@@ -138,15 +166,19 @@ async fn build(
     // that ends well before the pod's deadline (TIMEOUT_IN_MS + 120 s from the pod's start,
     // which came before this process's).
     let retry_until = deadline + STORE_MARGIN;
-    let files = match std::fs::create_dir_all(&spool).and_then(|_| LogFiles::new(&spool)) {
+    // A spool in front of storage: a log leaves it once stored, so one still there at the
+    // end was not (the termination message says so).
+    let files = match LogFiles::spool(&spool) {
         Ok(f) => f.with_store_retries(retry_until),
         Err(e) => {
-            return Outcome::failed(
+            let o = Outcome::failed(
                 FailureReason::Internal,
                 format!("cannot create the log spool: {e}"),
-            )
+            );
+            return (o, None);
         }
     };
+    let spooled = files.path(&spec.log_key());
     let sinks = LogSinks {
         files,
         storage: storage.clone(),
@@ -161,10 +193,11 @@ async fn build(
     let mut log = match sinks.open(spec) {
         Ok(l) => l,
         Err(e) => {
-            return Outcome::failed(
+            let o = Outcome::failed(
                 FailureReason::Internal,
                 format!("cannot open the build log: {e}"),
-            )
+            );
+            return (o, None);
         }
     };
     log.line(&format!(
@@ -241,8 +274,13 @@ async fn build(
     log.line(&timings.summary());
     // The outcome is known: for the kubelet now (written again with the final timings at
     // the end), before the log's upload and Kafka delivery and the tidy-up, which a deadline
-    // or a drain may cut short with a SIGKILL.
-    if let Err(e) = write_termination(&args.termination_log_path, &outcome, Some(timings.clone())) {
+    // or a drain may cut short with a SIGKILL. Until then the log counts as not stored.
+    let early = Termination {
+        outcome: outcome.clone(),
+        timings: Some(timings.clone()),
+        log_stored: Some(false),
+    };
+    if let Err(e) = write_termination(&args.termination_log_path, &early) {
         tracing::error!(error = %e, "cannot write the termination log yet; tried again at the end");
     }
     let flushing: futures::future::BoxFuture<'static, ()> = if interrupted {
@@ -261,7 +299,7 @@ async fn build(
         _ = finishing => {}
         _ = sigterm.recv() => tracing::warn!("stopped while storing the log; the outcome is written"),
     }
-    outcome
+    (outcome, spooled)
 }
 
 /// Waits for dockerd (a dind sidecar starts beside the worker), retrying until `wait`.
@@ -318,34 +356,34 @@ impl Terminated {
 /// `Outcome` ignore it), cut to fit the kubelet's 4 KiB limit: the timings go first, then the
 /// failure message is shortened; the JSON stays whole. Read it back with
 /// `Termination::parse` (in `build`).
-pub fn termination_message(outcome: &Outcome, timings: Option<StageTimings>) -> String {
-    let with = |outcome: Outcome, timings: Option<StageTimings>| {
-        serde_json::to_string(&Termination { outcome, timings }).unwrap_or_default()
+pub fn termination_message(end: &Termination) -> String {
+    let json = serde_json::to_string(end).unwrap_or_default();
+    if json.len() <= TERMINATION_MESSAGE_MAX {
+        return json;
+    }
+    let mut end = Termination {
+        timings: None,
+        ..end.clone()
     };
-    let json = with(outcome.clone(), timings);
+    let json = serde_json::to_string(&end).unwrap_or_default();
     if json.len() <= TERMINATION_MESSAGE_MAX {
         return json;
     }
-    let json = with(outcome.clone(), None);
-    if json.len() <= TERMINATION_MESSAGE_MAX {
-        return json;
-    }
-    match outcome {
-        Outcome::Failed { reason, message } => {
-            let mut cut: String = message.chars().take(TERMINATION_MESSAGE_MAX / 2).collect();
-            while serde_json::to_string(&Outcome::failed(*reason, cut.clone()))
-                .map(|j| j.len())
-                .unwrap_or(0)
-                > TERMINATION_MESSAGE_MAX - 8
-            {
-                // Half the characters (a byte index could fall inside one and panic).
-                let half = cut.chars().count() / 2;
-                cut = cut.chars().take(half).collect();
+    if let Outcome::Failed { reason, message } = &end.outcome {
+        let reason = *reason;
+        let mut cut: String = message.chars().take(TERMINATION_MESSAGE_MAX / 2).collect();
+        loop {
+            end.outcome = Outcome::failed(reason, format!("{cut}…"));
+            let json = serde_json::to_string(&end).unwrap_or_default();
+            if json.len() <= TERMINATION_MESSAGE_MAX {
+                return json;
             }
-            serde_json::to_string(&Outcome::failed(*reason, format!("{cut}…"))).unwrap_or_default()
+            // Half the characters (a byte index could fall inside one and panic).
+            let half = cut.chars().count() / 2;
+            cut = cut.chars().take(half).collect();
         }
-        Outcome::Succeeded { .. } => json,
     }
+    json
 }
 
 /// Reads a worker's termination message: its outcome and, when present, its timings.
@@ -354,12 +392,8 @@ pub fn parse_termination_message(message: &str) -> Option<Termination> {
     Termination::parse(message)
 }
 
-fn write_termination(
-    path: &Path,
-    outcome: &Outcome,
-    timings: Option<StageTimings>,
-) -> std::io::Result<()> {
-    std::fs::write(path, termination_message(outcome, timings))
+fn write_termination(path: &Path, end: &Termination) -> std::io::Result<()> {
+    std::fs::write(path, termination_message(end))
 }
 
 #[cfg(test)]
@@ -371,11 +405,19 @@ mod tests {
     fn long_failures_still_fit_the_termination_message() {
         // Characters of 3 bytes that JSON escapes to 6: the first cut is still too long, and
         // the next one halves a string whose byte middle is inside a character.
+        let end = |outcome, timings, log_stored| Termination {
+            outcome,
+            timings,
+            log_stored,
+        };
         for message in ["x".to_string() + &"中".repeat(2000), "\u{1}".repeat(3000)] {
-            let m =
-                termination_message(&Outcome::failed(FailureReason::BuildFailed, message), None);
+            let o = Outcome::failed(FailureReason::BuildFailed, message);
+            let m = termination_message(&end(o, None, Some(false)));
             assert!(m.len() <= TERMINATION_MESSAGE_MAX, "{}", m.len());
             assert!(serde_json::from_str::<Outcome>(&m).is_ok(), "{m}");
+            // A cut message still says the log is not stored.
+            let t = parse_termination_message(&m).unwrap_or_else(|| panic!("{m}"));
+            assert_eq!(t.log_stored, Some(false), "{m}");
         }
         let o = Outcome::failed(FailureReason::BuildFailed, "é".repeat(10_000));
         let timings = StageTimings {
@@ -383,7 +425,7 @@ mod tests {
             build: Some(2),
             ..Default::default()
         };
-        let m = termination_message(&o, Some(timings.clone()));
+        let m = termination_message(&end(o, Some(timings.clone()), None));
         assert!(m.len() <= TERMINATION_MESSAGE_MAX, "{}", m.len());
         let back: Outcome = serde_json::from_str(&m).unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(
@@ -398,9 +440,12 @@ mod tests {
             image: "r/a:1.1".into(),
             digest: None,
         };
-        let m = termination_message(&ok, Some(timings.clone()));
+        let m = termination_message(&end(ok.clone(), Some(timings.clone()), Some(true)));
         let t = parse_termination_message(&m).unwrap_or_else(|| panic!("{m}"));
-        assert_eq!((t.outcome, t.timings), (ok, Some(timings)));
+        assert_eq!(
+            (t.outcome, t.timings, t.log_stored),
+            (ok, Some(timings), Some(true))
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! OOM, a lost node, unschedulable, a missing image, admission refusal, a stale pod of the
 //! same name, a deleted BuildJob, a slow callback receiver, a build number used again, a
 //! stale credentials Secret, a SIGTERM mid-callback, a finished BuildJob deleted with no
-//! controller left, the log of a build no worker ended). Each runs the real binary against the simulated cluster and checks
+//! controller left, the log of a build no worker ended, a worker's log S3 refused). Each runs the real binary against the simulated cluster and checks
 //! the BuildJob's phase and reason and that controller-api hears exactly one `pending`
 //! and one final callback. Each scenario also
 //! runs, ignored, on the cluster KUBECONFIG names (`real_cluster::…`, `Cluster::external`),
@@ -1739,4 +1739,116 @@ mod scenario {
                 .skip("the worker's Kafka lines (worker pods cannot reach this machine's broker)"),
         }
     }
+}
+
+/// S3 refuses a worker's log for good (`403 AccessDenied`, which the worker does not try
+/// again): before, the log was lost (its spool went with the pod) and the logs route served
+/// nothing. Now the worker says so in its termination message, the logs route serves the
+/// pod's log meanwhile, and the controller copies it into storage once S3 takes it, holding
+/// the BuildJob until then. (Simulator only: the refusing S3 is a proxy on this machine.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_log_its_worker_could_not_store_is_copied_from_its_pod_and_served_meanwhile() {
+    use buildshuttle::storage::{S3Storage, Storage};
+    use futures::StreamExt;
+    use k8s_openapi::api::core::v1::Secret;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    const DENIED: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>";
+    let cluster = Cluster::start().await;
+    let Some(upstream) = cluster
+        .s3_endpoint()
+        .and_then(|e| e.strip_prefix("http://"))
+    else {
+        return; // S3 on AWS (a real cluster's run) is not ours to refuse
+    };
+    let upstream: &'static str = Box::leak(upstream.to_string().into_boxed_str());
+    let refusing = Arc::new(AtomicBool::new(true));
+    let refuse = refusing.clone();
+    let front = common::proxy(
+        upstream,
+        move |method, path, _| {
+            (refuse.load(Ordering::SeqCst) && method == "PUT" && path.contains(".logs"))
+                .then_some(common::Reply::Status(403, DENIED))
+        },
+        |_, _| None,
+    )
+    .await;
+    let endpoint = format!("http://{front}");
+    // The workers' S3 settings, through the refusing front.
+    let secrets: Api<Secret> = Api::namespaced(cluster.client.clone(), cluster.ns());
+    let mut env = secrets
+        .get(common::cluster::WORKER_ENV)
+        .await
+        .expect("worker env");
+    env.metadata = serde_json::from_value(json!({"name": "worker-env-refusing"})).expect("meta");
+    env.data.get_or_insert_with(Default::default).insert(
+        "S3_ENDPOINT".into(),
+        k8s_openapi::ByteString(endpoint.clone().into_bytes()),
+    );
+    secrets
+        .create(&PostParams::default(), &env)
+        .await
+        .expect("secret");
+    let shuttle = cluster.serve(
+        Mode::Host,
+        &[
+            ("S3_ENDPOINT", &endpoint),
+            ("WORKER_ENV_SECRET", "worker-env-refusing"),
+        ],
+    );
+    let cb = Callbacks::start().await;
+    let b = cluster.body(&data_uri(&app(&cluster, 0)), &cb);
+    shuttle.post(&b).await;
+    exactly_once(&cb, &b, "succeeded").await;
+    let j = cluster
+        .wait_job(&b, "owing a copy of its log", BUILD, |j| {
+            j["status"]["logCopied"] == false
+        })
+        .await;
+    assert_eq!(j["status"]["logEnded"], true, "the worker ended it: {j:#}");
+    // Served from the pod meanwhile, whole.
+    let log = shuttle.log(&b).await;
+    assert!(log.contains("step-end"), "{log}");
+    assert!(log.ends_with("Build finished\n"), "{log}");
+    // Held while the copy is owed (the copy is tried again meanwhile).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let j = cluster.job(&b).await;
+    assert_eq!(j["status"]["logCopied"], false, "{j:#}");
+    assert!(
+        j["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty()),
+        "the BuildJob is held: {j:#}"
+    );
+    // S3 takes writes again: the copy lands, once, and is recorded.
+    refusing.store(false, Ordering::SeqCst);
+    cluster
+        .wait_job(&b, "with its log copied", BUILD, |j| {
+            j["status"]["logCopied"] == true
+        })
+        .await;
+    let bucket = S3Storage::new(&buildshuttle::config::S3Config {
+        bucket: common::S3_BUCKET.into(),
+        keys: Some((
+            buildshuttle::secret::Secret::new(common::S3_ACCESS),
+            buildshuttle::secret::Secret::new(common::S3_SECRET),
+        )),
+        region: Some("us-east-1".into()),
+        endpoint: Some(format!("http://{upstream}")),
+        attempt_timeout: Duration::from_secs(60),
+    })
+    .await;
+    let key = format!("{}-{}.logs", key(&b), b["build_number"]);
+    let obj = bucket
+        .get(&key)
+        .await
+        .expect("get")
+        .unwrap_or_else(|| panic!("{key} is not in the bucket"));
+    let bytes: Vec<u8> = obj.body.map(|c| c.expect("chunk").to_vec()).concat().await;
+    let stored = String::from_utf8(bytes).expect("utf-8");
+    assert_eq!(stored, log, "the stored log is the pod's");
+    assert_eq!(stored.matches("Build finished").count(), 1, "{stored}");
+    let first = format!("Build {} of ", b["build_number"]);
+    assert!(stored.starts_with(&first), "{stored}");
+    assert_eq!(shuttle.log(&b).await, stored, "served from storage now");
 }

@@ -265,6 +265,12 @@ pub struct BuildJobStatus {
     /// controller owes it. Absent: the build has not ended (or ended before this field).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_ended: Option<bool>,
+    /// Set when the worker reported that its log is not in storage (storage refused it past
+    /// the worker's retries, or the worker was stopped while storing it). `false`: the
+    /// controller owes a copy of the worker pod's log into storage; `true`: copied (or
+    /// given up on). Absent: the worker stored its log, or never said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_copied: Option<bool>,
 }
 
 fn is_zero(n: &u32) -> bool {

@@ -87,10 +87,19 @@ pub enum Action {
     Requeue(Duration),
     /// The TTL of a finished BuildJob has passed (its callbacks are all sent).
     DeleteJob,
-    /// The build ended failed and no worker wrote the end of its log: write `Build failed
-    /// (reason): message` and `Build finished` to its stored log and Kafka, then record
-    /// `status.logEnded`.
-    EndLog(LogEnd),
+    /// The build's log is not whole in storage: copy the worker pod's log there (its worker
+    /// could not store it), then write the end no worker wrote; record both in status.
+    EndLog(LogOwed),
+}
+
+/// What the controller still owes a build's stored log, in the order it writes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogOwed {
+    /// The worker could not store its log: copy it from the worker pod's log (`logCopied`).
+    pub copy_pod_log: bool,
+    /// The build ended failed and no worker wrote its end: `Build failed (reason): message`
+    /// and `Build finished`, to the stored log and Kafka (`logEnded`).
+    pub end: Option<LogEnd>,
 }
 
 /// The end of a build's log that the controller writes.
@@ -451,20 +460,7 @@ fn start_problem(pod: &Pod, now: Timestamp) -> Option<StartProblem> {
 
 /// The stage timings the worker put in its termination message, if any.
 fn worker_stages(pod: Option<&Pod>) -> Option<std::collections::BTreeMap<String, u64>> {
-    let message = pod?
-        .status
-        .as_ref()?
-        .container_statuses
-        .iter()
-        .flatten()
-        .find(|c| c.name == WORKER_CONTAINER)?
-        .state
-        .as_ref()?
-        .terminated
-        .as_ref()?
-        .message
-        .clone()?;
-    let timings = crate::build::Termination::parse(&message)?.timings?;
+    let timings = crate::build::Termination::parse(worker_message(pod)?)?.timings?;
     Some(
         timings
             .stages()
@@ -574,6 +570,21 @@ pub fn decide(input: &Inputs<'_>, settings: &Settings) -> Decision {
     // `Build finished` unless it never ran, left no outcome, or was stopped (Interrupted).
     if !finished && st.phase.is_some_and(Phase::is_finished) {
         st.log_ended = Some(st.phase == Some(Phase::Succeeded) || worker_ended_log(input.pod));
+        if worker_left_log_unstored(input.pod) {
+            st.log_copied = Some(false);
+        }
+    }
+    // A pod a sidecar keeps running, left for its log to be copied: its turn to go.
+    if finished && st.log_copied == Some(true) && matches!(pod, PodState::SidecarHeld(_)) {
+        let going = input
+            .pod
+            .is_some_and(|p| p.metadata.deletion_timestamp.is_some());
+        if !going {
+            actions.push(Action::DeletePod {
+                name: current_pod.clone(),
+                force: false,
+            });
+        }
     }
     // Callbacks: pending first, then the final one once the build has ended.
     if !st.callbacks.pending {
@@ -589,9 +600,9 @@ pub fn decide(input: &Inputs<'_>, settings: &Settings) -> Decision {
         actions.push(Action::SendCallback(CallbackKind::Final(status)));
     }
     // Read from status, not from this reconcile: owed until recorded, across restarts.
-    let log_end = log_end_owed(&st);
-    if let Some(end) = &log_end {
-        actions.push(Action::EndLog(end.clone()));
+    let log_end = log_owed(&st);
+    if let Some(owed) = &log_end {
+        actions.push(Action::EndLog(owed.clone()));
     }
     actions.extend(events.into_iter().map(Action::RecordEvent));
 
@@ -621,32 +632,51 @@ pub fn decide(input: &Inputs<'_>, settings: &Settings) -> Decision {
     }
 }
 
+/// The termination message the worker of `pod` left, if it has ended.
+fn worker_message(pod: Option<&Pod>) -> Option<&str> {
+    pod?.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find(|c| c.name == WORKER_CONTAINER)?
+        .state
+        .as_ref()?
+        .terminated
+        .as_ref()?
+        .message
+        .as_deref()
+}
+
+/// Whether the worker of `pod` said its log is not in storage: its pod's log is the only
+/// copy left.
+fn worker_left_log_unstored(pod: Option<&Pod>) -> bool {
+    worker_message(pod)
+        .and_then(crate::build::Termination::parse)
+        .is_some_and(|t| t.log_stored == Some(false))
+}
+
 /// Whether the worker of `pod` wrote the end of the build's log: it left an outcome, and
 /// not `Interrupted` (a stopped worker leaves the end to the controller).
 fn worker_ended_log(pod: Option<&Pod>) -> bool {
-    let outcome = pod
-        .and_then(|p| p.status.as_ref())
-        .and_then(|s| s.container_statuses.as_ref())
-        .and_then(|cs| cs.iter().find(|c| c.name == WORKER_CONTAINER))
-        .and_then(|c| c.state.as_ref()?.terminated.as_ref()?.message.as_deref())
-        .and_then(parse_termination_message);
-    match outcome {
+    match worker_message(pod).and_then(parse_termination_message) {
         Some(Outcome::Failed { reason, .. }) => reason != crate::build::FailureReason::Interrupted,
         Some(Outcome::Succeeded { .. }) => true,
         None => false,
     }
 }
 
-/// The end of the log the controller still owes a failed build, from its status.
-pub fn log_end_owed(st: &BuildJobStatus) -> Option<LogEnd> {
-    if st.phase != Some(Phase::Failed) || st.log_ended != Some(false) {
-        return None;
-    }
-    let c = st.condition();
-    Some(LogEnd {
-        reason: c.map_or_else(|| "Failed".into(), |c| c.reason.clone()),
-        message: c.map(|c| c.message.clone()).unwrap_or_default(),
-    })
+/// What the controller still owes a build's stored log, from its status.
+pub fn log_owed(st: &BuildJobStatus) -> Option<LogOwed> {
+    let copy_pod_log = st.log_copied == Some(false);
+    let end = (st.phase == Some(Phase::Failed) && st.log_ended == Some(false)).then(|| {
+        let c = st.condition();
+        LogEnd {
+            reason: c.map_or_else(|| "Failed".into(), |c| c.reason.clone()),
+            message: c.map(|c| c.message.clone()).unwrap_or_default(),
+        }
+    });
+    (copy_pod_log || end.is_some()).then_some(LogOwed { copy_pod_log, end })
 }
 
 /// A build that has not ended: queue, start, watch, finish.
@@ -931,7 +961,11 @@ fn step(
                 name: current_pod.to_string(),
                 force: false,
             };
-            if matches!(pod, PodState::SidecarHeld(_)) && !actions.contains(&delete) {
+            // Unless its worker's log is to be copied from it first (then after the copy).
+            if matches!(pod, PodState::SidecarHeld(_))
+                && !worker_left_log_unstored(input.pod)
+                && !actions.contains(&delete)
+            {
                 actions.push(delete);
             }
         }
@@ -1603,9 +1637,12 @@ pub(crate) mod tests {
                 Action::SendCallback(CallbackKind::Pending),
                 Action::SendCallback(CallbackKind::Final("failed")),
                 // No worker ran: the controller ends its log.
-                Action::EndLog(LogEnd {
-                    reason: reasons::POD_REJECTED.into(),
-                    message: "bad image".into()
+                Action::EndLog(LogOwed {
+                    copy_pod_log: false,
+                    end: Some(LogEnd {
+                        reason: reasons::POD_REJECTED.into(),
+                        message: "bad image".into()
+                    })
                 }),
             ]
         );
@@ -2252,11 +2289,15 @@ pub(crate) mod tests {
         );
     }
 
-    fn log_end(d: &Decision) -> Option<LogEnd> {
+    fn log_owed_by(d: &Decision) -> Option<LogOwed> {
         d.actions.iter().find_map(|a| match a {
-            Action::EndLog(e) => Some(e.clone()),
+            Action::EndLog(o) => Some(o.clone()),
             _ => None,
         })
+    }
+
+    fn log_end(d: &Decision) -> Option<LogEnd> {
+        log_owed_by(d).and_then(|o| o.end)
     }
 
     fn outcome_message(reason: FailureReason, message: &str) -> String {
@@ -2447,6 +2488,97 @@ pub(crate) mod tests {
             t(9),
         );
         assert_eq!((d.status.log_ended, log_end(&d)), (None, None));
+    }
+
+    #[test]
+    fn a_log_its_worker_could_not_store_is_copied_from_its_pod_before_the_pod_goes() {
+        let unstored = |outcome: Outcome| {
+            serde_json::to_string(&crate::build::Termination {
+                outcome,
+                timings: None,
+                log_stored: Some(false),
+            })
+            .expect("json")
+        };
+        let ok = Outcome::Succeeded {
+            image: "r/a:1.12".into(),
+            digest: None,
+        };
+        let delete = Action::DeletePod {
+            name: pod_name(JOB, 0),
+            force: false,
+        };
+        // A success and a failure the worker ended itself: a copy owed, no end.
+        let failed = Outcome::failed(FailureReason::BuildFailed, "step 2 failed");
+        for (what, outcome, code, phase) in [
+            ("a success", ok.clone(), 0, Phase::Succeeded),
+            ("a failure", failed, 1, Phase::Failed),
+        ] {
+            let p = ended_pod("Failed", None, code, "Error", Some(&unstored(outcome)));
+            let d = run(&job(Some(Phase::Running)), Some(&p), 0, 0, t(9));
+            assert_eq!(d.status.phase, Some(phase), "{what}");
+            assert_eq!(
+                (d.status.log_ended, d.status.log_copied),
+                (Some(true), Some(false)),
+                "{what}"
+            );
+            let owed = LogOwed {
+                copy_pod_log: true,
+                end: None,
+            };
+            assert_eq!(log_owed_by(&d), Some(owed), "{what}");
+            assert!(!has(&d, |a| *a == Action::RemoveFinalizer), "{what}");
+        }
+        // Interrupted and out of retries: the copy, then the end the worker left out.
+        let cut = Outcome::failed(FailureReason::Interrupted, "stopped");
+        let p = ended_pod("Failed", None, 1, "Error", Some(&unstored(cut)));
+        let mut spent = job(Some(Phase::Running));
+        if let Some(st) = spent.status.as_mut() {
+            st.pod_retries = 2;
+        }
+        let d = run(&spent, Some(&p), 0, 0, t(9));
+        let owed = log_owed_by(&d).expect("owed");
+        assert!(owed.copy_pod_log && owed.end.is_some(), "{owed:?}");
+        // Beside a sidecar that keeps the pod running: the pod stays until the copy is
+        // recorded (its log goes with it), then it is deleted, once.
+        let held = worker_done_beside(&unstored(ok), 0, &[("istio-proxy", true)]);
+        let d = run(&job(Some(Phase::Running)), Some(&held), 0, 0, t(50));
+        assert_eq!(d.status.phase, Some(Phase::Succeeded));
+        assert!(!has(&d, |a| *a == delete), "{:?}", d.actions);
+        let mut after = job(Some(Phase::Running));
+        after.status = Some(d.status.clone());
+        let d = run(&after, Some(&held), 0, 0, t(51));
+        assert!(!has(&d, |a| *a == delete), "still owed: {:?}", d.actions);
+        assert!(log_owed_by(&d).is_some_and(|o| o.copy_pod_log));
+        if let Some(st) = after.status.as_mut() {
+            st.log_copied = Some(true);
+            st.callbacks.pending = true;
+            st.callbacks.final_ = true;
+        }
+        let d = run(&after, Some(&held), 0, 0, t(52));
+        assert_eq!(log_owed_by(&d), None);
+        assert!(has(&d, |a| *a == delete), "{:?}", d.actions);
+        assert!(has(&d, |a| *a == Action::RemoveFinalizer));
+        let mut going = held.clone();
+        going.metadata.deletion_timestamp = Some(Time(t(52)));
+        let d = run(&after, Some(&going), 0, 0, t(53));
+        assert!(!has(&d, |a| *a == delete), "deleted once: {:?}", d.actions);
+        // A worker that stored its log (or an older one that never says): nothing copied.
+        let d = run(
+            &job(Some(Phase::Running)),
+            Some(&ended_pod(
+                "Succeeded",
+                None,
+                0,
+                "Completed",
+                Some(&success_message()),
+            )),
+            0,
+            0,
+            t(9),
+        );
+        assert_eq!(d.status.log_copied, None);
+        assert_eq!(log_owed_by(&d), None);
     }
 
     #[test]

@@ -64,7 +64,7 @@ fn unavailable(what: &str) -> impl FnOnce(kube::Error) -> ExecutorError + '_ {
     }
 }
 
-fn is_code(e: &kube::Error, code: u16) -> bool {
+pub(super) fn is_code(e: &kube::Error, code: u16) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == code)
 }
 
@@ -522,7 +522,7 @@ const FOLLOW_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A worker pod's log through a `LineFilter`: pieces of the build's lines, each with how
 /// many build lines it ends.
-type Pieces = futures::stream::BoxStream<'static, std::io::Result<(Bytes, usize)>>;
+pub(super) type Pieces = futures::stream::BoxStream<'static, std::io::Result<(Bytes, usize)>>;
 
 /// One reader of a build's log as it grows.
 struct Follower {
@@ -613,7 +613,10 @@ impl Follower {
             };
             let status = job.and_then(|j| j.status).unwrap_or_default();
             match (status.phase, status.pod_name) {
-                (Some(p), _) if p.is_finished() => self.end_with_stored_log().await,
+                // Unless its worker's log is still to be copied from the pod into storage.
+                (Some(p), _) if p.is_finished() && status.log_copied != Some(false) => {
+                    self.end_with_stored_log().await
+                }
                 (Some(Phase::Running), Some(pod))
                     if !(self.pod_done && self.pod.as_deref() == Some(&pod)) =>
                 {
@@ -683,7 +686,7 @@ enum At {
 /// prefix, each ended by `\n`. Byte for byte what `str::lines` and `strip_prefix` make of
 /// the whole log (a `\r` before `\n` dropped, a last line without `\n` given one), for any
 /// bytes (not only UTF-8), holding no more than the prefix, however long a line or a log.
-struct LineFilter {
+pub(super) struct LineFilter {
     prefix: Vec<u8>,
     /// The current line's first bytes, while `At::Start`.
     head: Vec<u8>,
@@ -701,7 +704,7 @@ struct LineFilter {
 }
 
 impl LineFilter {
-    fn new(prefix: &str, skip: usize, whole_lines: bool) -> Self {
+    pub(super) fn new(prefix: &str, skip: usize, whole_lines: bool) -> Self {
         Self {
             prefix: prefix.as_bytes().to_vec(),
             head: Vec::with_capacity(prefix.len()),
@@ -815,7 +818,11 @@ impl LineFilter {
 
 /// A pod log read through `filter`, piece by piece as it arrives (nothing is held but the
 /// piece being read). `read_within`: each read must bring bytes (or the end) in that time.
-fn filtered<R>(reader: R, filter: LineFilter, read_within: Option<std::time::Duration>) -> Pieces
+pub(super) fn filtered<R>(
+    reader: R,
+    filter: LineFilter,
+    read_within: Option<std::time::Duration>,
+) -> Pieces
 where
     R: futures::AsyncBufRead + Send + 'static,
 {
@@ -905,7 +912,7 @@ async fn stored_after(storage: &Arc<dyn Storage>, key: &str, skip: usize) -> Opt
 }
 
 /// What the worker puts before each line of its build in its pod's log.
-fn build_prefix(app: &str, build_number: u64) -> String {
+pub(super) fn build_prefix(app: &str, build_number: u64) -> String {
     format!("[{app}-{build_number}] ")
 }
 
@@ -918,6 +925,37 @@ fn bytes_object(bytes: Vec<u8>, offset: u64) -> Object {
     Object {
         len: Some(rest.len() as u64),
         body: futures::stream::once(async move { Ok(rest) }).boxed(),
+    }
+}
+
+impl KubeExecutor {
+    /// The build's lines in the worker's pod log from byte `offset` of them.
+    async fn pod_log(
+        &self,
+        pod: &str,
+        app: &str,
+        build_number: u64,
+        offset: u64,
+    ) -> Result<Option<Object>, ExecutorError> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        let params = LogParams {
+            container: Some(WORKER_CONTAINER.into()),
+            ..Default::default()
+        };
+        // Streamed through the line filter: a log of any size costs a request no more
+        // than the piece being read.
+        match self.bounded(pods.log_stream(pod, &params)).await {
+            Ok(reader) => {
+                let filter = LineFilter::new(&build_prefix(app, build_number), 0, false);
+                let pieces = filtered(reader, filter, Some(self.api_timeout));
+                Ok(Some(from_offset(pieces, offset)))
+            }
+            // Not started yet (or already gone): nothing to show so far.
+            Err(e) if is_code(&e, 400) || is_code(&e, 404) => {
+                Ok(Some(bytes_object(Vec::new(), offset)))
+            }
+            Err(e) => Err(unavailable("reading a worker pod's log")(e)),
+        }
     }
 }
 
@@ -1066,26 +1104,10 @@ impl Executor for KubeExecutor {
             .and_then(|j| j.status.clone())
             .unwrap_or_default();
         let running = status.phase.is_some_and(Phase::holds_slot);
-        if let (true, Some(pod)) = (running, status.pod_name.as_deref()) {
-            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
-            let params = LogParams {
-                container: Some(WORKER_CONTAINER.into()),
-                ..Default::default()
-            };
-            // Streamed through the line filter: a log of any size costs a request no more
-            // than the piece being read.
-            return match self.bounded(pods.log_stream(pod, &params)).await {
-                Ok(reader) => {
-                    let filter = LineFilter::new(&build_prefix(app, build_number), 0, false);
-                    let pieces = filtered(reader, filter, Some(self.api_timeout));
-                    Ok(Some(from_offset(pieces, offset)))
-                }
-                // Not started yet (or already gone): nothing to show so far.
-                Err(e) if is_code(&e, 400) || is_code(&e, 404) => {
-                    Ok(Some(bytes_object(Vec::new(), offset)))
-                }
-                Err(e) => Err(unavailable("reading a worker pod's log")(e)),
-            };
+        // A worker that could not store its log: its pod's log is the log until copied.
+        let unstored = status.log_copied == Some(false);
+        if let (true, Some(pod)) = (running || unstored, status.pod_name.as_deref()) {
+            return self.pod_log(pod, app, build_number, offset).await;
         }
         let key = crate::build::log_key(app, app_uuid, build_number);
         let stored = self.storage.get_from(&key, offset).await.map_err(|e| {

@@ -1,18 +1,23 @@
-//! The end of the log of a build that ended without a worker writing it (stopped while
-//! queued, a pod that never started, a lost or killed pod, a deleted BuildJob, a worker
-//! stopped by SIGTERM): `Build failed (reason): message` and `Build finished`, appended to
-//! its stored log and sent to Kafka, as local mode does for a build that never ran. Written
-//! off the reconcile path (as callbacks are), then recorded in `status.logEnded`; a crash
-//! in between writes it again (a repeated end is better than none).
+//! What the controller owes a build's stored log. First, the log of a worker that could not
+//! store it (storage refused past the worker's retries): copied from its pod's log, which
+//! holds every line until the pod goes. Then the end of the log of a build that ended
+//! without a worker writing it (stopped while queued, a pod that never started, a lost or
+//! killed pod, a deleted BuildJob, a worker stopped by SIGTERM): `Build failed (reason):
+//! message` and `Build finished`, appended to its stored log and sent to Kafka, as local
+//! mode does for a build that never ran. Written off the reconcile path (as callbacks are),
+//! then recorded in `status.logCopied` and `status.logEnded`; a crash in between writes it
+//! again (a repeated end is better than none).
 
 use super::controller::{lock, record_status, Context};
 use super::crd::BuildJob;
-use super::decide::LogEnd;
+use super::decide::{LogEnd, LogOwed};
+use super::facade::{build_prefix, filtered, is_code, LineFilter};
 use super::pod::WORKER_CONTAINER;
 use crate::logs::{KafkaProducers, LogFiles, LogSinks, Stdout, FINISHED_LINE};
 use crate::storage::Storage;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
+use kube::api::LogParams;
 use kube::{Api, ResourceExt};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -30,6 +35,13 @@ const ENDING_MAX: usize = 16_384;
 /// Tries at appending to the stored log before the end is given up on (and recorded, so
 /// a BuildJob being deleted is not held while storage is down).
 const STORE_ATTEMPTS: u32 = 5;
+
+/// How long a worker's log is tried again to be copied into storage, which refuses it (an
+/// outage the worker already waited out for 90 s): the BuildJob is held meanwhile.
+const COPY_PATIENCE: Duration = Duration::from_secs(600);
+
+/// The longest pause between two tries at copying a worker's log.
+const COPY_PAUSE_MAX: Duration = Duration::from_secs(60);
 
 /// Where ends are written: storage and the Kafka producers.
 #[derive(Clone)]
@@ -61,7 +73,7 @@ impl LogEnds {
 
 /// Starts writing `end` for `job` (as the reconcile wrote it) unless this process already
 /// is, or has no storage to write to (a controller made for tests).
-pub fn spawn(ctx: Arc<Context>, job: &BuildJob, end: LogEnd) {
+pub fn spawn(ctx: Arc<Context>, job: &BuildJob, owed: LogOwed) {
     let Some(ends) = ctx.log_ends.clone() else {
         return;
     };
@@ -82,7 +94,7 @@ pub fn spawn(ctx: Arc<Context>, job: &BuildJob, end: LogEnd) {
     senders.spawn(async move {
         let name = job.name_any();
         let done = AssertUnwindSafe(async {
-            write(&ctx, &ends, &job, &end).await;
+            write(&ctx, &ends, &job, &owed).await;
             record(&ctx, &job).await
         })
         .catch_unwind()
@@ -102,13 +114,111 @@ pub fn spawn(ctx: Arc<Context>, job: &BuildJob, end: LogEnd) {
     });
 }
 
-/// Writes the end to Kafka (when the build names brokers) and the stored log, once a
-/// worker still stopping has stopped.
-async fn write(ctx: &Context, ends: &LogEnds, job: &BuildJob, end: &LogEnd) {
-    let name = job.name_any();
-    if let Some(pod) = job.status.as_ref().and_then(|s| s.pod_name.as_deref()) {
+/// Copies the worker's log from its pod when owed, then writes the end (when owed) to Kafka
+/// (when the build names brokers) and the stored log, once a worker still stopping has
+/// stopped.
+async fn write(ctx: &Context, ends: &LogEnds, job: &BuildJob, owed: &LogOwed) {
+    let pod = job.status.as_ref().and_then(|s| s.pod_name.as_deref());
+    if let Some(pod) = pod {
         wait_for_worker(ctx, job, pod).await;
     }
+    if owed.copy_pod_log {
+        match pod {
+            Some(pod) => copy_with_retries(ctx, ends, job, pod).await,
+            None => {
+                tracing::error!(job = %job.name_any(), "the worker's log is not in storage and its pod is unknown; it is lost")
+            }
+        }
+    }
+    if let Some(end) = &owed.end {
+        write_end(ends, job, end).await;
+    }
+}
+
+/// Copies the worker's log from `pod` into storage, trying again while storage refuses,
+/// for COPY_PATIENCE; gives up at once when the pod (and its log) is gone.
+async fn copy_with_retries(ctx: &Context, ends: &LogEnds, job: &BuildJob, pod: &str) {
+    let name = job.name_any();
+    let key = crate::build::log_key(&job.spec.app, &job.spec.app_uuid, job.spec.build_number);
+    let prefix = build_prefix(&job.spec.app, job.spec.build_number);
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
+    let give_up = tokio::time::Instant::now() + COPY_PATIENCE;
+    let mut pause = Duration::from_secs(1);
+    loop {
+        match copy_pod_log(&pods, pod, &prefix, ends, &key).await {
+            Ok(bytes) => {
+                tracing::info!(job = %name, pod, key, bytes, "copied the worker's log from its pod into storage");
+                return;
+            }
+            Err(CopyError::PodGone) => {
+                tracing::error!(job = %name, pod, key, "the worker's log is not in storage and its pod is gone; it is lost");
+                return;
+            }
+            Err(e) if tokio::time::Instant::now() + pause > give_up => {
+                tracing::error!(job = %name, pod, key, error = %e, "could not copy the worker's log from its pod into storage; giving up");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(job = %name, pod, key, error = %e, "could not copy the worker's log from its pod into storage yet; trying again in {pause:?}");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(COPY_PAUSE_MAX);
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CopyError {
+    #[error("the worker pod is gone")]
+    PodGone,
+    #[error("reading the worker pod's log: {0}")]
+    PodLog(String),
+    #[error("{0}")]
+    Storage(#[from] crate::storage::StorageError),
+    #[error("scratch file: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The build's lines of the worker container's log in `pod` (the worker prints them with
+/// `prefix`), put under `key` whole, through a scratch file. Returns the bytes put.
+async fn copy_pod_log(
+    pods: &Api<Pod>,
+    pod: &str,
+    prefix: &str,
+    ends: &LogEnds,
+    key: &str,
+) -> Result<u64, CopyError> {
+    let params = LogParams {
+        container: Some(WORKER_CONTAINER.into()),
+        ..Default::default()
+    };
+    let reader = match pods.log_stream(pod, &params).await {
+        Ok(r) => r,
+        Err(e) if is_code(&e, 404) => return Err(CopyError::PodGone),
+        Err(e) => return Err(CopyError::PodLog(e.to_string())),
+    };
+    let tmp = tempfile::NamedTempFile::new_in(&ends.scratch)?;
+    let mut file = tokio::fs::File::from_std(tmp.reopen()?);
+    let mut pieces = filtered(
+        reader,
+        LineFilter::new(prefix, 0, false),
+        Some(super::client::API_CALL_TIMEOUT),
+    );
+    let mut bytes = 0;
+    while let Some(piece) = pieces.next().await {
+        let (chunk, _) = piece.map_err(|e| CopyError::PodLog(e.to_string()))?;
+        file.write_all(&chunk).await?;
+        bytes += chunk.len() as u64;
+    }
+    file.flush().await?;
+    drop(file);
+    ends.sinks.storage.put_file(key, tmp.path()).await?;
+    Ok(bytes)
+}
+
+/// Writes the end to Kafka (when the build names brokers) and the stored log.
+async fn write_end(ends: &LogEnds, job: &BuildJob, end: &LogEnd) {
+    let name = job.name_any();
     // The sinks name a build by its key, metadata and number; a BuildJob's uuid was
     // checked when it was made (it only shows in the sinks' warnings).
     let build_uuid = uuid::Uuid::parse_str(&job.spec.build_uuid).unwrap_or_default();
@@ -252,16 +362,20 @@ pub async fn append_lines(
     Ok(())
 }
 
-/// Records `status.logEnded` on the BuildJob (as the writer started from it). `false`: not
-/// recorded (given up).
+/// Records `status.logCopied` and `status.logEnded` on the BuildJob (as the writer started
+/// from it). `false`: not recorded (given up).
 async fn record(ctx: &Context, written: &BuildJob) -> bool {
     let recorded = record_status(ctx, written, "the end of the build's log", |job| {
         let mut st = job.status.clone().unwrap_or_default();
         // Recorded already (or never owed): nothing to write.
-        if st.log_ended != Some(false) {
+        if st.log_ended != Some(false) && st.log_copied != Some(false) {
             return None;
         }
-        st.log_ended = Some(true);
+        for owed in [&mut st.log_ended, &mut st.log_copied] {
+            if *owed == Some(false) {
+                *owed = Some(true);
+            }
+        }
         Some(st)
     })
     .await;
