@@ -1763,12 +1763,16 @@ async fn a_log_its_worker_could_not_store_is_copied_from_its_pod_and_served_mean
     };
     let upstream: &'static str = Box::leak(upstream.to_string().into_boxed_str());
     let refusing = Arc::new(AtomicBool::new(true));
-    let refuse = refusing.clone();
+    let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (refuse, count) = (refusing.clone(), refused.clone());
     let front = common::proxy(
         upstream,
         move |method, path, _| {
-            (refuse.load(Ordering::SeqCst) && method == "PUT" && path.contains(".logs"))
-                .then_some(common::Reply::Status(403, DENIED))
+            let no = refuse.load(Ordering::SeqCst) && method == "PUT" && path.contains(".logs");
+            if no {
+                count.fetch_add(1, Ordering::SeqCst);
+            }
+            no.then_some(common::Reply::Status(403, DENIED))
         },
         |_, _| None,
     )
@@ -1806,13 +1810,24 @@ async fn a_log_its_worker_could_not_store_is_copied_from_its_pod_and_served_mean
         })
         .await;
     assert_eq!(j["status"]["logEnded"], true, "the worker ended it: {j:#}");
-    // Served from the pod meanwhile, whole.
+    // Served from the pod meanwhile, whole; a follower gets it all and its end.
     let log = shuttle.log(&b).await;
     assert!(log.contains("step-end"), "{log}");
     assert!(log.ends_with("Build finished\n"), "{log}");
-    // Held while the copy is owed (the copy is tried again meanwhile).
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let j = cluster.job(&b).await;
+    let followed = tokio::time::timeout(Duration::from_secs(30), async {
+        let url = shuttle.url(&format!("{}?follow=true", common::logs_path(&b)));
+        reqwest::get(url).await.expect("follow").text().await
+    })
+    .await
+    .expect("the follow ends")
+    .expect("text");
+    assert_eq!(followed, log, "followed");
+    // Held while the copy is owed (every callback recorded), the copy tried again meanwhile.
+    let j = cluster
+        .wait_job(&b, "with its callbacks recorded", BUILD, |j| {
+            j["status"]["callbacks"]["final"] == true
+        })
+        .await;
     assert_eq!(j["status"]["logCopied"], false, "{j:#}");
     assert!(
         j["metadata"]["finalizers"]
@@ -1820,11 +1835,19 @@ async fn a_log_its_worker_could_not_store_is_copied_from_its_pod_and_served_mean
             .is_some_and(|f| !f.is_empty()),
         "the BuildJob is held: {j:#}"
     );
+    let start = Instant::now();
+    while refused.load(Ordering::SeqCst) < 3 {
+        assert!(start.elapsed() < BUILD, "the copy is not tried again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // S3 takes writes again: the copy lands, once, and is recorded.
     refusing.store(false, Ordering::SeqCst);
     cluster
-        .wait_job(&b, "with its log copied", BUILD, |j| {
+        .wait_job(&b, "with its log copied and let go", BUILD, |j| {
             j["status"]["logCopied"] == true
+                && j["metadata"]["finalizers"]
+                    .as_array()
+                    .is_none_or(|f| f.is_empty())
         })
         .await;
     let bucket = S3Storage::new(&buildshuttle::config::S3Config {

@@ -574,18 +574,6 @@ pub fn decide(input: &Inputs<'_>, settings: &Settings) -> Decision {
             st.log_copied = Some(false);
         }
     }
-    // A pod a sidecar keeps running, left for its log to be copied: its turn to go.
-    if finished && st.log_copied == Some(true) && matches!(pod, PodState::SidecarHeld(_)) {
-        let going = input
-            .pod
-            .is_some_and(|p| p.metadata.deletion_timestamp.is_some());
-        if !going {
-            actions.push(Action::DeletePod {
-                name: current_pod.clone(),
-                force: false,
-            });
-        }
-    }
     // Callbacks: pending first, then the final one once the build has ended.
     if !st.callbacks.pending {
         actions.push(Action::SendCallback(CallbackKind::Pending));
@@ -961,7 +949,7 @@ fn step(
                 name: current_pod.to_string(),
                 force: false,
             };
-            // Unless its worker's log is to be copied from it first (then after the copy).
+            // Unless its worker's log is to be copied from it first: the copier deletes it.
             if matches!(pod, PodState::SidecarHeld(_))
                 && !worker_left_log_unstored(input.pod)
                 && !actions.contains(&delete)
@@ -2539,30 +2527,24 @@ pub(crate) mod tests {
         let d = run(&spent, Some(&p), 0, 0, t(9));
         let owed = log_owed_by(&d).expect("owed");
         assert!(owed.copy_pod_log && owed.end.is_some(), "{owed:?}");
-        // Beside a sidecar that keeps the pod running: the pod stays until the copy is
-        // recorded (its log goes with it), then it is deleted, once.
+        // Beside a sidecar that keeps the pod running: the pod is left for the copier (its
+        // log goes with it), which deletes it after the copy.
         let held = worker_done_beside(&unstored(ok), 0, &[("istio-proxy", true)]);
         let d = run(&job(Some(Phase::Running)), Some(&held), 0, 0, t(50));
         assert_eq!(d.status.phase, Some(Phase::Succeeded));
         assert!(!has(&d, |a| *a == delete), "{:?}", d.actions);
+        assert!(log_owed_by(&d).is_some_and(|o| o.copy_pod_log));
+        // Recorded (a finished build's reconcile reads no pod): the BuildJob goes its way.
         let mut after = job(Some(Phase::Running));
         after.status = Some(d.status.clone());
-        let d = run(&after, Some(&held), 0, 0, t(51));
-        assert!(!has(&d, |a| *a == delete), "still owed: {:?}", d.actions);
-        assert!(log_owed_by(&d).is_some_and(|o| o.copy_pod_log));
         if let Some(st) = after.status.as_mut() {
             st.log_copied = Some(true);
             st.callbacks.pending = true;
             st.callbacks.final_ = true;
         }
-        let d = run(&after, Some(&held), 0, 0, t(52));
+        let d = run(&after, None, 0, 0, t(52));
         assert_eq!(log_owed_by(&d), None);
-        assert!(has(&d, |a| *a == delete), "{:?}", d.actions);
         assert!(has(&d, |a| *a == Action::RemoveFinalizer));
-        let mut going = held.clone();
-        going.metadata.deletion_timestamp = Some(Time(t(52)));
-        let d = run(&after, Some(&going), 0, 0, t(53));
-        assert!(!has(&d, |a| *a == delete), "deleted once: {:?}", d.actions);
         // A worker that stored its log (or an older one that never says): nothing copied.
         let d = run(
             &job(Some(Phase::Running)),

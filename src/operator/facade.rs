@@ -562,6 +562,28 @@ impl Follower {
         self.rest = stored_after(&self.exec.storage, &key, skip).await;
     }
 
+    /// Ends with the rest of the ended worker's log in `pod` (once read, not followed),
+    /// from the first line not yet sent.
+    async fn end_with_pod_log(&mut self, pod: String) {
+        self.ended = true;
+        let skip = if self.pod.as_deref() == Some(&pod) {
+            self.sent
+        } else {
+            0
+        };
+        let pods: Api<Pod> = Api::namespaced(self.exec.client.clone(), &self.exec.namespace);
+        let params = LogParams {
+            container: Some(WORKER_CONTAINER.into()),
+            ..Default::default()
+        };
+        let Ok(reader) = self.exec.bounded(pods.log_stream(&pod, &params)).await else {
+            return;
+        };
+        let filter = LineFilter::new(&self.prefix, skip, true);
+        let pieces = filtered(reader, filter, Some(self.exec.api_timeout));
+        self.rest = Some(pieces.map(|p| p.map(|(chunk, _)| chunk)).boxed());
+    }
+
     async fn next_chunk(&mut self) -> Option<Bytes> {
         loop {
             if self.ended {
@@ -613,10 +635,12 @@ impl Follower {
             };
             let status = job.and_then(|j| j.status).unwrap_or_default();
             match (status.phase, status.pod_name) {
-                // Unless its worker's log is still to be copied from the pod into storage.
-                (Some(p), _) if p.is_finished() && status.log_copied != Some(false) => {
-                    self.end_with_stored_log().await
+                // The worker's log still to be copied into storage: the rest from its pod,
+                // whose log no longer grows.
+                (Some(p), Some(pod)) if p.is_finished() && status.log_copied == Some(false) => {
+                    self.end_with_pod_log(pod).await
                 }
+                (Some(p), _) if p.is_finished() => self.end_with_stored_log().await,
                 (Some(Phase::Running), Some(pod))
                     if !(self.pod_done && self.pod.as_deref() == Some(&pod)) =>
                 {
@@ -1114,12 +1138,14 @@ impl Executor for KubeExecutor {
             tracing::error!(error = %e, "reading a stored log");
             ExecutorError::Unavailable("the log storage failed".into())
         })?;
-        Ok(match (stored, job) {
-            (Some(obj), _) => Some(obj),
-            // Known but nothing written yet (queued), or its log was never stored.
-            (None, Some(_)) => Some(bytes_object(Vec::new(), offset)),
-            (None, None) => None,
-        })
+        match (stored, job, status.pod_name.as_deref()) {
+            (Some(obj), _, _) => Ok(Some(obj)),
+            // Never stored (its copy given up): what its pod still holds.
+            (None, Some(_), Some(pod)) => self.pod_log(pod, app, build_number, offset).await,
+            // Known but nothing written yet (queued).
+            (None, Some(_), None) => Ok(Some(bytes_object(Vec::new(), offset))),
+            (None, None, _) => Ok(None),
+        }
     }
 
     /// One streaming `pods/log?follow=true` per reader while the pod runs, then the stored

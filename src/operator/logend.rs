@@ -124,15 +124,68 @@ async fn write(ctx: &Context, ends: &LogEnds, job: &BuildJob, owed: &LogOwed) {
     }
     if owed.copy_pod_log {
         match pod {
-            Some(pod) => copy_with_retries(ctx, ends, job, pod).await,
+            Some(pod) => {
+                copy_with_retries(ctx, ends, job, pod).await;
+                delete_if_held(ctx, job, pod).await;
+            }
             None => {
                 tracing::error!(job = %job.name_any(), "the worker's log is not in storage and its pod is unknown; it is lost")
             }
         }
     }
+    // A leader that lost its Lease may still be here: the end goes to this BuildJob's log
+    // only while it owes it (not to a later build's log of the same number).
     if let Some(end) = &owed.end {
-        write_end(ends, job, end).await;
+        if still_owed(ctx, job, |s| s.log_ended == Some(false)).await != Some(false) {
+            write_end(ends, job, end).await;
+        }
     }
+}
+
+/// Whether `job` (this very BuildJob: its uid, not a later one of the same name) still owes
+/// what `owes` reads in its status; `None` when the API could not say.
+async fn still_owed(
+    ctx: &Context,
+    job: &BuildJob,
+    owes: fn(&super::crd::BuildJobStatus) -> bool,
+) -> Option<bool> {
+    let jobs: Api<BuildJob> = Api::namespaced(ctx.client.clone(), &job.namespace()?);
+    let now = jobs.get_opt(&job.name_any()).await.ok()?;
+    Some(now.is_some_and(|now| now.uid() == job.uid() && now.status.as_ref().is_some_and(owes)))
+}
+
+/// Deletes `pod` when its worker has ended but another container (a sidecar a mutating
+/// webhook injected) keeps it running: `decide` left it for the copy of its log.
+async fn delete_if_held(ctx: &Context, job: &BuildJob, pod: &str) {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
+    let Ok(Some(p)) = pods.get_opt(pod).await else {
+        return;
+    };
+    let status = p.status.clone().unwrap_or_default();
+    let ended = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
+    let going = p.metadata.deletion_timestamp.is_some();
+    if !owned_by(&p, job) || ended || going {
+        return;
+    }
+    let params = kube::api::DeleteParams::background().preconditions(kube::api::Preconditions {
+        uid: p.uid(),
+        resource_version: None,
+    });
+    match pods.delete(pod, &params).await {
+        Ok(_) => {
+            tracing::info!(job = %job.name_any(), pod, "deleted the worker pod a sidecar kept running, after copying its log")
+        }
+        Err(e) if is_code(&e, 404) || is_code(&e, 409) => {}
+        Err(e) => {
+            tracing::warn!(job = %job.name_any(), pod, error = %e, "could not delete the worker pod a sidecar keeps running; its activeDeadlineSeconds ends it")
+        }
+    }
+}
+
+fn owned_by(pod: &Pod, job: &BuildJob) -> bool {
+    pod.owner_references()
+        .iter()
+        .any(|o| Some(&o.uid) == job.uid().as_ref())
 }
 
 /// Copies the worker's log from `pod` into storage, trying again while storage refuses,
@@ -145,7 +198,14 @@ async fn copy_with_retries(ctx: &Context, ends: &LogEnds, job: &BuildJob, pod: &
     let give_up = tokio::time::Instant::now() + COPY_PATIENCE;
     let mut pause = Duration::from_secs(1);
     loop {
-        match copy_pod_log(&pods, pod, &prefix, ends, &key).await {
+        // A leader that lost its Lease may still be here, or the build was replaced: the
+        // copy goes only to the log of this BuildJob, only while it owes it.
+        let copied = match still_owed(ctx, job, |s| s.log_copied == Some(false)).await {
+            Some(false) => return,
+            Some(true) => copy_pod_log(&pods, pod, job, &prefix, ends, &key).await,
+            None => Err(CopyError::PodLog("cannot read the BuildJob".into())),
+        };
+        match copied {
             Ok(bytes) => {
                 tracing::info!(job = %name, pod, key, bytes, "copied the worker's log from its pod into storage");
                 return;
@@ -184,10 +244,17 @@ enum CopyError {
 async fn copy_pod_log(
     pods: &Api<Pod>,
     pod: &str,
+    job: &BuildJob,
     prefix: &str,
     ends: &LogEnds,
     key: &str,
 ) -> Result<u64, CopyError> {
+    // This BuildJob's pod, not one of a later BuildJob of the same name.
+    match pods.get_opt(pod).await {
+        Ok(Some(p)) if owned_by(&p, job) => {}
+        Ok(_) => return Err(CopyError::PodGone),
+        Err(e) => return Err(CopyError::PodLog(e.to_string())),
+    }
     let params = LogParams {
         container: Some(WORKER_CONTAINER.into()),
         ..Default::default()
@@ -280,10 +347,7 @@ pub fn worker_may_run(pod: Option<&Pod>, job: &BuildJob) -> bool {
     let Some(pod) = pod else {
         return false;
     };
-    let ours = pod
-        .owner_references()
-        .iter()
-        .any(|o| Some(&o.uid) == job.uid().as_ref());
+    let ours = owned_by(pod, job);
     let status = pod.status.clone().unwrap_or_default();
     let ended = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
     let worker = status
