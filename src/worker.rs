@@ -295,12 +295,34 @@ async fn run_build(
             }
         })
     };
+    // Once the log is stored, the message says so at once, not only at the end: Kafka's
+    // delivery and the tidy-up may go on until a SIGKILL, and a message still saying "not
+    // stored" would have the controller copy the pod's log over the stored one.
+    let stored_said = async {
+        if let Some(path) = &spooled {
+            while path.exists() {
+                tokio::time::sleep(STORED_POLL).await;
+            }
+            let stored = Termination {
+                log_stored: Some(true),
+                ..early
+            };
+            if let Err(e) = write_termination(&args.termination_log_path, &stored) {
+                tracing::warn!(error = %e, "cannot write the termination log yet; tried again at the end");
+            }
+        }
+        std::future::pending::<()>().await;
+    };
     tokio::select! {
         _ = finishing => {}
+        _ = stored_said => {}
         _ = sigterm.recv() => tracing::warn!("stopped while storing the log; the outcome is written"),
     }
     (outcome, spooled)
 }
+
+/// How often the worker looks whether its log has left the spool (been stored).
+const STORED_POLL: Duration = Duration::from_millis(50);
 
 /// Waits for dockerd (a dind sidecar starts beside the worker), retrying until `wait`.
 async fn connect(

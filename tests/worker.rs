@@ -164,6 +164,17 @@ fn the_outcome_is_written_before_the_log_is_delivered_and_a_sigterm_then_ends_th
     };
     let outcome: Outcome = serde_json::from_str(&written).expect("an outcome");
     assert!(matches!(outcome, Outcome::Succeeded { .. }), "{written}");
+    // The stored log is said to be stored while Kafka's delivery goes on: a SIGKILL now
+    // must not have the controller copy the pod's log over it.
+    let stored = r#""logStored":true"#;
+    while !std::fs::read_to_string(&term).is_ok_and(|t| t.contains(stored)) {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "the log's storing is not told before its delivery ends: {:?}",
+            std::fs::read_to_string(&term)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     assert!(
         child.try_wait().expect("wait").is_none(),
         "still delivering the log"
@@ -180,6 +191,8 @@ fn the_outcome_is_written_before_the_log_is_delivered_and_a_sigterm_then_ends_th
         "SIGTERM did not end the wait for the log's delivery",
     );
     assert_eq!(status.code(), Some(0));
+    let last = std::fs::read_to_string(&term).unwrap_or_default();
+    assert!(last.contains(stored), "{last}");
     drop(broker);
 }
 
