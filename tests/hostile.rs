@@ -96,6 +96,20 @@ async fn every_bad_field_is_a_400_naming_it() {
     let (code, v) = status_of(&svc, &big).await;
     assert_eq!(code, 413, "{v}");
     assert!(v["status"].as_str().unwrap().contains("MAX_REQUEST_BYTES"));
+    // Its body left unread, the connection closes: the answer says so, or a keep-alive
+    // client sends its next request into the closing connection (a broken pipe).
+    let r = svc
+        .client
+        .post(svc.url("/"))
+        .json(&big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(
+        r.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
 
     // Route parameters: no way into storage keys.
     for path in ["/..%2F..%2Fetc%2Fpasswd", "/a%00b", "/%2E%2E%2Fx"] {

@@ -193,9 +193,12 @@ async fn create_build(
     State(st): State<AppState>,
     request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
+    // The body is left unread, so the connection cannot carry another request: said, so a
+    // keep-alive client does not send its next request on a connection being closed.
     let too_large = || {
         (
             StatusCode::PAYLOAD_TOO_LARGE,
+            [(header::CONNECTION, "close")],
             Json(serde_json::json!({"status": "Payload Too Large - the request body exceeds MAX_REQUEST_BYTES."})),
         )
             .into_response()
