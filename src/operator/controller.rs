@@ -822,7 +822,7 @@ async fn read_pod(pods: &Api<Pod>, name: &str) -> Result<Option<Arc<Pod>>> {
 }
 
 /// Whether a pod has ended (Succeeded or Failed are final).
-fn pod_ended(pod: &Pod) -> bool {
+pub(super) fn pod_ended(pod: &Pod) -> bool {
     pod.status
         .as_ref()
         .and_then(|s| s.phase.as_deref())
@@ -830,7 +830,7 @@ fn pod_ended(pod: &Pod) -> bool {
 }
 
 /// Whether `pod` belongs to this BuildJob (not to an earlier one of the same name).
-fn owned_by(pod: &Pod, job: &BuildJob) -> bool {
+pub(super) fn owned_by(pod: &Pod, job: &BuildJob) -> bool {
     let uid = job.uid();
     pod.owner_references()
         .iter()

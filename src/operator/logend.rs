@@ -8,7 +8,7 @@
 //! then recorded in `status.logCopied` and `status.logEnded`; a crash in between writes it
 //! again (a repeated end is better than none).
 
-use super::controller::{lock, record_status, Context};
+use super::controller::{lock, owned_by, pod_ended, record_status, Context};
 use super::crd::BuildJob;
 use super::decide::{LogEnd, LogOwed};
 use super::facade::{build_prefix, filtered, is_code, LineFilter};
@@ -161,10 +161,8 @@ async fn delete_if_held(ctx: &Context, job: &BuildJob, pod: &str) {
     let Ok(Some(p)) = pods.get_opt(pod).await else {
         return;
     };
-    let status = p.status.clone().unwrap_or_default();
-    let ended = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
     let going = p.metadata.deletion_timestamp.is_some();
-    if !owned_by(&p, job) || ended || going {
+    if !owned_by(&p, job) || pod_ended(&p) || going {
         return;
     }
     let params = kube::api::DeleteParams::background().preconditions(kube::api::Preconditions {
@@ -180,12 +178,6 @@ async fn delete_if_held(ctx: &Context, job: &BuildJob, pod: &str) {
             tracing::warn!(job = %job.name_any(), pod, error = %e, "could not delete the worker pod a sidecar keeps running; its activeDeadlineSeconds ends it")
         }
     }
-}
-
-fn owned_by(pod: &Pod, job: &BuildJob) -> bool {
-    pod.owner_references()
-        .iter()
-        .any(|o| Some(&o.uid) == job.uid().as_ref())
 }
 
 /// Copies the worker's log from `pod` into storage, trying again while storage refuses,
