@@ -1248,6 +1248,73 @@ async fn dockerd_over_plain_tcp_and_mutual_tls() {
     }
 }
 
+/// What dockerd's classic builder answers when an image it was reading while looking for a
+/// cached step was deleted meanwhile (`getLocalCachedImage` in moby's image cache). On a
+/// shared daemon another build's tidy-up deletes images; CI once lost a build to it.
+const LOST_IMAGE: &str = concat!(
+    r#"{"stream":"Step 1/2 : FROM 127.0.0.1:5000/base/busybox:1\n"}"#,
+    "\n",
+    r#"{"errorDetail":{"message":"unable to find image \"sha256:b14d00932f82fdb7f0582e71d4475cb85ba8c046cff7ece0083838d4684d8825\""},"error":"unable to find image \"sha256:b14d00932f82fdb7f0582e71d4475cb85ba8c046cff7ece0083838d4684d8825\""}"#,
+    "\n"
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_that_loses_a_cache_candidate_to_another_builds_tidy_up_is_built_again() {
+    // dockerd over TCP through a proxy that answers some builds with the race's error: the
+    // build of `twice` twice (then it goes through), the build of `always` every time.
+    let (twice, always) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let front = proxy(
+        "127.0.0.1:2375",
+        {
+            let answered = answered.clone();
+            move |method, path, _| {
+                let build = method == "POST" && path.contains("/build?");
+                let lost = build
+                    && (path.contains(&always.to_string())
+                        || (path.contains(&twice.to_string())
+                            && answered.fetch_add(1, Ordering::SeqCst) < 2));
+                lost.then_some(Reply::AfterBody(200, LOST_IMAGE))
+            }
+        },
+        |_, _| None,
+    )
+    .await;
+    let (host, port) = front.rsplit_once(':').unwrap();
+    let settings = json!({"host": format!("http://{host}"), "port": port}).to_string();
+    let svc = Service::start(&["--docker-build-settings", &settings]).await;
+    let cb = Callbacks::start().await;
+    let archive = tar_gz(&[("Dockerfile", &dockerfile("RUN echo BUILT-AGAIN"))]);
+    let again = "dockerd lost an image while looking for cached steps";
+
+    let mut b = body(&data_uri(&archive), &cb);
+    b["app_uuid"] = json!(twice.to_string());
+    svc.post(&b).await;
+    let id = b["build_uuid"].as_str().unwrap();
+    let status = cb.wait_final(id, BUILD).await;
+    let log = svc.log(&b).await;
+    assert_eq!(status, "succeeded", "{log}");
+    assert_eq!(log.matches(again).count(), 2, "{log}");
+    assert!(log.contains("BUILT-AGAIN"), "{log}");
+    assert_eq!(answered.load(Ordering::SeqCst), 3);
+
+    // Three in a row is not a race: the build fails with dockerd's own words.
+    let mut b = body(&data_uri(&archive), &cb);
+    b["app_uuid"] = json!(always.to_string());
+    svc.post(&b).await;
+    assert_eq!(
+        cb.wait_final(b["build_uuid"].as_str().unwrap(), BUILD)
+            .await,
+        "failed"
+    );
+    let log = svc.log(&b).await;
+    assert_eq!(log.matches(again).count(), 2, "{log}");
+    assert!(
+        log.contains("Build failed (BuildFailed): the build failed: unable to find image"),
+        "{log}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_cache_builds_without_the_layer_cache() {
     let archive = tar_gz(&[("Dockerfile", &dockerfile("RUN echo cache-probe-5d1e"))]);

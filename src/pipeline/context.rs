@@ -577,7 +577,7 @@ pub(super) fn no_dockerfile(mut found: Vec<String>) -> ContextError {
 
 /// `.dockerignore` rules: the last matching pattern wins; `!` re-includes; a pattern that
 /// matches a folder matches everything in it.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct DockerIgnore {
     rules: Vec<(GlobMatcher, bool)>,
 }

@@ -245,6 +245,14 @@ pub async fn build(
     Ok(())
 }
 
+/// Whether a build failed only because the classic builder lost sight of an image while it
+/// looked for a cached step: it lists the step's parent's children, then reads each, and one
+/// was deleted in between (another build's tidy-up on a shared daemon, see
+/// `Pipeline::tidy`). Nothing about the build is wrong; building again works.
+pub fn lost_a_cache_candidate(err: &DockerError) -> bool {
+    matches!(err, DockerError::Build(m) if m.starts_with("unable to find image \"sha256:"))
+}
+
 /// A build stream's error: the daemon's message as the build's failure, or a lost connection.
 fn build_error(e: bollard::errors::Error) -> DockerError {
     let daemon = from_daemon(&e);

@@ -27,7 +27,8 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
 
-/// Where the build context comes from.
+/// Where the build context comes from (cloned to send it again).
+#[derive(Clone)]
 enum Context {
     /// The source archive itself (see `restream`).
     Archive(std::path::PathBuf, restream::Prepared),
@@ -252,28 +253,38 @@ impl Pipeline {
             Some(early) => early.finish(&image, log, timings).await,
             None => None,
         };
-        let built = match early_built {
+        let request = docker::BuildRequest {
+            // With the labels neither in the Dockerfile nor set in the registry later: one
+            // step per label. (An early build ran only without them.)
+            labels: if labelled || label_in_registry {
+                Default::default()
+            } else {
+                labels.clone()
+            },
+            cache_from,
+            ..request
+        };
+        let mut built = match early_built {
             Some(built) => built,
             None => {
                 log.line(&how);
-                let request = docker::BuildRequest {
-                    // With the labels neither in the Dockerfile nor set in the registry later:
-                    // one step per label.
-                    labels: if labelled || label_in_registry {
-                        Default::default()
-                    } else {
-                        labels.clone()
-                    },
-                    cache_from,
-                    ..request
-                };
                 log.line(&format!("Building {image}"));
-                let build_started = Instant::now();
-                let built = docker::build(&self.docker, request, build_context.stream(), log).await;
-                timings.build = Some(elapsed_ms(build_started));
-                built
+                self.build_timed(request.clone(), build_context.clone(), log, timings)
+                    .await
             }
         };
+        for _ in 0..LOST_IMAGE_RETRIES {
+            if !matches!(&built, Err(e) if docker::lost_a_cache_candidate(e)) {
+                break;
+            }
+            log.line(
+                "dockerd lost an image while looking for cached steps (another build's image \
+                 was being removed at that moment); building again",
+            );
+            built = self
+                .build_timed(request.clone(), build_context.clone(), log, timings)
+                .await;
+        }
         if let Some(store) = store {
             if let Err(e) = self.stored(store, timings).await {
                 return e;
@@ -285,6 +296,20 @@ impl Pipeline {
         let in_registry = label_in_registry.then_some(&labels);
         self.push_both(spec, &image, &repo, in_registry, log, timings)
             .await
+    }
+
+    /// One build of `context`; its time is added to `timings.build`.
+    async fn build_timed(
+        &self,
+        request: docker::BuildRequest,
+        context: Context,
+        log: &mut BuildLog,
+        timings: &mut StageTimings,
+    ) -> Result<(), DockerError> {
+        let started = Instant::now();
+        let built = docker::build(&self.docker, request, context.stream(), log).await;
+        timings.build = Some(timings.build.unwrap_or(0) + elapsed_ms(started));
+        built
     }
 
     /// The build's request to dockerd, without its labels and layer cache (decided later).
@@ -969,6 +994,12 @@ fn app_registry_credentials(spec: &BuildSpec) -> Option<bollard::auth::DockerCre
 
 /// How long a fetch runs before the layer cache pull starts beside it.
 const CACHE_PULL_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// How often a build that failed only because dockerd lost an image it was looking through
+/// (`docker::lost_a_cache_candidate`) is built again. Each retry finds the steps done so far
+/// in the cache; the race takes a removal at the very moment of a cache lookup, so a second
+/// one in a row is rare and a third is not a race.
+const LOST_IMAGE_RETRIES: usize = 2;
 
 /// A build started while the sources download (see `Pipeline::start_early_build`).
 struct EarlyBuild {

@@ -49,7 +49,7 @@ pub struct Plan {
 }
 
 /// A plan with the Dockerfile rewritten and the `.dockerignore` parsed: ready to stream.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Prepared {
     gzip: bool,
     prefix: Option<PathBuf>,

@@ -544,6 +544,9 @@ pub async fn registry_proxy(
 pub enum Reply {
     /// This status and body.
     Status(u16, &'static str),
+    /// This status and body once the request's body has been read to its end (as dockerd
+    /// answers a build: after the context).
+    AfterBody(u16, &'static str),
     /// Nothing, ever, as a hung server (the connection stays open).
     Hang,
     /// The upstream's status and headers and the first this many bytes of its body, then
@@ -593,6 +596,10 @@ pub async fn proxy(
             let method = req.method().as_str().to_string();
             let stall_after = match answer(&method, &path, &agent) {
                 Some(Reply::Status(status, body)) => return reply(status, body),
+                Some(Reply::AfterBody(status, body)) => {
+                    let _ = axum::body::to_bytes(req.into_body(), usize::MAX).await;
+                    return reply(status, body);
+                }
                 Some(Reply::Hang) => return std::future::pending().await,
                 Some(Reply::StallAfter(n)) => Some(n),
                 None => None,
