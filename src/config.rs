@@ -728,11 +728,13 @@ impl BuildArgs {
         })
     }
 
-    /// The tracing filter: RUST_LOG wins; DEBUG (legacy) means debug; else info.
+    /// The tracing filter: RUST_LOG wins; DEBUG (legacy) means debug for buildshuttle's
+    /// own lines only (a library's debug lines may hold what it sends: bollard logs every
+    /// request URL, a build's args in it); else info.
     pub fn log_filter(&self) -> String {
         std::env::var("RUST_LOG").unwrap_or_else(|_| {
             if self.debug.as_deref().is_some_and(|d| !d.is_empty()) {
-                "debug,hyper=info,h2=info,rustls=info".into()
+                "info,buildshuttle=debug".into()
             } else {
                 "info".into()
             }

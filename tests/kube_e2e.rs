@@ -10,7 +10,7 @@ use common::cluster::{Cluster, KubesimProcess, Mode};
 use common::{
     built_by_buildkit, cache_buster, data_uri, image_repo, logs_path, tar_gz, Callbacks, Files,
 };
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
 scenarios!(
@@ -107,8 +107,12 @@ mod scenario {
         let cb = Callbacks::start().await;
         let m = marker();
         let archive = app(&cluster, &m, 4);
-        let b = cluster.body(&data_uri(&archive), &cb);
+        let mut b = cluster.body(&data_uri(&archive), &cb);
         let build_uuid = b["build_uuid"].as_str().unwrap().to_string();
+        // A callback URL with a token in its query: it reaches the receiver whole, and
+        // neither the BuildJob nor its pod shows it.
+        let token = format!("cbq-{m}");
+        b["callback"] = json!(format!("{}?token={token}", cb.url(&build_uuid)));
         shuttle.post(&b).await;
 
         // The BuildJob and its worker pod exist, the pod on the simulated node.
@@ -116,6 +120,7 @@ mod scenario {
             .wait_job(&b, "Running", BUILD, |j| j["status"]["phase"] == "Running")
             .await;
         assert_eq!(job["spec"]["app"], b["app"]);
+        assert!(!job.to_string().contains(&token), "{job:#}");
         let pod_name = job["status"]["podName"]
             .as_str()
             .expect("podName")
@@ -125,6 +130,7 @@ mod scenario {
             .iter()
             .find(|p| p["metadata"]["name"] == pod_name.as_str())
             .expect("worker pod");
+        assert!(!pod.to_string().contains(&token), "{pod:#}");
         if cluster.sim().is_some() {
             assert_eq!(pod["spec"]["nodeName"], "sim-node-1");
         } else {
@@ -179,6 +185,14 @@ mod scenario {
 
         assert_eq!(cb.wait_final(&build_uuid, BUILD).await, "succeeded");
         assert_callbacks(&cb, &b, "succeeded");
+        let calls = cb.calls_for(&build_uuid);
+        let query = format!("token={token}");
+        assert!(
+            calls
+                .iter()
+                .all(|c| c.query.as_deref() == Some(query.as_str())),
+            "{calls:?}"
+        );
         let tags = cluster.tags(&b).await;
         assert!(
             tags.contains(&"1.1".to_string()) && tags.contains(&"latest".to_string()),

@@ -31,6 +31,7 @@ scenarios!(
     a_pod_that_cannot_start_or_is_refused_fails_fast_with_the_reason,
     a_deleted_buildjob_still_sends_its_final_callback,
     a_stale_pod_of_the_same_name_is_not_adopted,
+    a_pod_left_terminating_on_a_lost_node_does_not_hold_up_the_next_buildjob_of_its_name,
     a_slow_callback_receiver_holds_up_nothing_but_its_callback,
     buildjob_status_records_where_the_time_went,
     two_installations_in_one_namespace_reconcile_only_their_own_buildjobs,
@@ -1256,6 +1257,51 @@ mod scenario {
             .expect("delete");
         exactly_once(&cb, &b, "failed").await;
         wait_gone(&cluster, &pod, Some((&jobs, &name))).await;
+    }
+
+    pub async fn a_pod_left_terminating_on_a_lost_node_does_not_hold_up_the_next_buildjob_of_its_name(
+        cluster: Cluster,
+    ) {
+        let Some(sim) = cluster.sim() else {
+            return cluster.skip("a lost node (a simulator knob)");
+        };
+        let shuttle = cluster.serve(Mode::Host, &[("POD_LOST_GRACE_SECONDS", "2")]);
+        let cb = Callbacks::start().await;
+        let first = cluster.body(&data_uri(&app(&cluster, 60)), &cb);
+        shuttle.post(&first).await;
+        let pod = running_pod(&cluster, &first).await;
+        // Its node stops reporting; the taint manager deletes the pod, which nobody can
+        // finish now.
+        sim.lose_node(NS, &pod).await.expect("lose node");
+        pods_api(&cluster)
+            .delete(&pod, &DeleteParams::default().grace_period(1))
+            .await
+            .expect("delete");
+        // controller-api numbers a new build as the first: the first gives way (`failed`),
+        // and the new one runs once the lost pod of that name is forced out. (The first
+        // goes only once its log's end is written, after the wait for its worker to stop:
+        // until then the POST is a 503, which controller-api tries again.)
+        let again = next_build(&first, 1, &data_uri(&app(&cluster, 0)));
+        let start = Instant::now();
+        loop {
+            let status = reqwest::Client::new()
+                .post(shuttle.url("/"))
+                .json(&again)
+                .send()
+                .await
+                .expect("POST")
+                .status();
+            if status == 200 {
+                break;
+            }
+            assert_eq!(status, 503);
+            assert!(start.elapsed() < BUILD, "never accepted");
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        exactly_once(&cb, &first, "failed").await;
+        exactly_once(&cb, &again, "succeeded").await;
+        let j = finished(&cluster, &again).await;
+        assert_eq!(j["spec"]["buildUuid"], again["build_uuid"], "{j:#}");
     }
 
     pub async fn a_stale_pod_of_the_same_name_is_not_adopted(cluster: Cluster) {

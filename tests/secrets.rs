@@ -37,6 +37,8 @@ async fn secrets_never_appear_in_any_output() {
     let wrong = "wrong-pw-9f8e7d6c";
     let cb_token = "cb-token-5a4b3c2d";
     let docker_pw = "docker-pw-1a2b3c";
+    // Build args carry the app's config vars (tokens, database URLs).
+    let npm_token = "npm-tok-7h6g5f";
     let df = format!(
         "FROM {AUTH_REGISTRY}/base/busybox:1\n{}\nRUN echo SECRETS-BUILD\n",
         cache_buster()
@@ -49,6 +51,7 @@ async fn secrets_never_appear_in_any_output() {
     ok["gm_registry_host"] = json!(AUTH_REGISTRY);
     ok["gm_registry_auth"] = json!({"username": AUTH_USER, "password": AUTH_PASS});
     ok["callback_auth"] = json!(cb_token);
+    ok["build_args"] = json!({"NPM_TOKEN": npm_token});
     let mut bad = body(&archive, &cb);
     bad["gm_registry_host"] = json!(AUTH_REGISTRY);
     bad["gm_registry_auth"] = json!({"username": AUTH_USER, "password": wrong});
@@ -143,7 +146,7 @@ async fn secrets_never_appear_in_any_output() {
         ("stderr", &stderr),
         ("state", &state),
     ] {
-        for secret in [AUTH_PASS, wrong, cb_token, docker_pw] {
+        for secret in [AUTH_PASS, wrong, cb_token, docker_pw, npm_token] {
             assert!(
                 !text.contains(secret),
                 "{secret} leaked into {name}:\n{text}"

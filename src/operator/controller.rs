@@ -112,6 +112,10 @@ pub struct Context {
     pub(crate) log_ends: Option<super::logend::LogEnds>,
     /// BuildJob uids whose log end this process is writing, or wrote and recorded.
     pub(crate) ending_logs: Mutex<HashSet<String>>,
+    /// Cancelled when this leadership term ends (`run` returns or is dropped: a shutdown,
+    /// a lost Lease): the log-end writers it started stop, so the next leader, which
+    /// writes whatever is not recorded, is not writing the same end beside them.
+    pub(crate) term: tokio_util::sync::CancellationToken,
     /// Consecutive failed reconciles per BuildJob (for backoff).
     failures: Mutex<HashMap<String, u32>>,
     /// What this process wrote to each BuildJob, shared with the facade (see `OwnWrites`).
@@ -140,7 +144,7 @@ pub struct Context {
 #[derive(Default)]
 pub struct OwnWrites {
     written: Mutex<HashMap<String, String>>,
-    credentials: Mutex<HashMap<String, Option<Secret>>>,
+    credentials: Mutex<HashMap<String, CallbackSecrets>>,
 }
 
 /// Past this many BuildJobs the maps start over (a replica that never leads prunes nothing;
@@ -155,8 +159,8 @@ impl OwnWrites {
         }
     }
 
-    /// Notes the callback Authorization of a BuildJob whose own Secret exists.
-    pub fn secret_known(&self, job: &BuildJob, auth: Option<Secret>) {
+    /// Notes the callback secrets of a BuildJob whose own Secret exists.
+    pub fn secret_known(&self, job: &BuildJob, auth: CallbackSecrets) {
         if let Some(uid) = job.uid() {
             insert_bounded(&mut lock(&self.credentials), uid, auth);
         }
@@ -176,7 +180,7 @@ impl OwnWrites {
         lock(&self.written).get(&uid) == Some(&rv)
     }
 
-    pub(crate) fn known_credentials(&self, job: &BuildJob) -> Option<Option<Secret>> {
+    pub(crate) fn known_credentials(&self, job: &BuildJob) -> Option<CallbackSecrets> {
         lock(&self.credentials).get(&job.uid()?).cloned()
     }
 
@@ -239,6 +243,7 @@ impl Context {
             senders: tokio_util::task::TaskTracker::new(),
             log_ends: None,
             ending_logs: Mutex::new(HashSet::new()),
+            term: tokio_util::sync::CancellationToken::new(),
             failures: Mutex::new(HashMap::new()),
             own,
             pod_cache: None,
@@ -279,14 +284,14 @@ impl Context {
         }
     }
 
-    /// Notes the callback Authorization of a BuildJob whose own Secret was read.
-    pub(crate) fn credentials_read(&self, job: &BuildJob, auth: Option<Secret>) {
+    /// Notes the callback secrets of a BuildJob whose own Secret was read.
+    pub(crate) fn credentials_read(&self, job: &BuildJob, auth: CallbackSecrets) {
         self.own.secret_known(job, auth);
         self.own.prune(&self.store);
     }
 
     /// `Some(auth)` if this BuildJob's own Secret was read (or created) before.
-    pub(crate) fn known_credentials(&self, job: &BuildJob) -> Option<Option<Secret>> {
+    pub(crate) fn known_credentials(&self, job: &BuildJob) -> Option<CallbackSecrets> {
         self.own.known_credentials(job)
     }
 
@@ -532,7 +537,7 @@ async fn reconcile_inner(
         }
     };
     if let Some(p) = pod.as_deref().filter(|p| !owned_by(p, &job)) {
-        remove_foreign_pod(&pods, p).await?;
+        remove_foreign_pod(&pods, p, ctx.settings.lost_pod_grace).await?;
         return Ok(Requeue::requeue(Duration::from_secs(2)));
     }
     let now = Timestamp::now();
@@ -560,7 +565,7 @@ async fn reconcile_inner(
         pod = read_pod(&pods, &pod_name(&name, prev.pod_retries)).await?;
         laps.lap("get_pod");
         if let Some(p) = pod.as_deref().filter(|p| !owned_by(p, &job)) {
-            remove_foreign_pod(&pods, p).await?;
+            remove_foreign_pod(&pods, p, ctx.settings.lost_pod_grace).await?;
             return Ok(Requeue::requeue(Duration::from_secs(2)));
         }
         decision = decide_with(pod.as_deref());
@@ -632,7 +637,7 @@ async fn reconcile_inner(
             tracing::debug!(job = %name, "waiting for the credentials Secret");
             return Ok(Requeue::requeue(Duration::from_secs(2)));
         }
-        let a = callback_auth(credentials.as_ref());
+        let a = callback_secrets(credentials.as_ref());
         match credentials {
             Some(_) => ctx.credentials_read(&job, a.clone()),
             None => {
@@ -673,6 +678,10 @@ async fn reconcile_inner(
                 match created {
                     Created::Yes => {
                         lock(&ctx.starting).insert(name.clone());
+                        // Each pod gets the whole budget of refusals (a later re-creation
+                        // is refused for its own reasons).
+                        status.admission_retries = 0;
+                        status.last_admission_refusal = None;
                         let ms = since_created(&job, Timestamp::now());
                         status.timings_mut().pod_created_ms = ms;
                     }
@@ -838,10 +847,24 @@ pub(super) fn owned_by(pod: &Pod, job: &BuildJob) -> bool {
 }
 
 /// A pod with our name that an earlier BuildJob of the same name left: never adopted.
-async fn remove_foreign_pod(pods: &Api<Pod>, pod: &Pod) -> Result<()> {
+async fn remove_foreign_pod(pods: &Api<Pod>, pod: &Pod, lost_pod_grace: Duration) -> Result<()> {
     let name = pod.name_any();
-    tracing::warn!(pod = %name, "a worker pod of an earlier BuildJob with this name is in the way; deleting it");
+    // Deleted already, and still there long past its grace period: its node is gone and
+    // will never confirm. Forced, as for the build's own pod (`decide`), or a BuildJob of
+    // this name would wait for it for ever.
+    let lost = matches!(
+        decide::classify(Some(pod), Timestamp::now(), lost_pod_grace),
+        decide::PodState::Terminating { overdue: true }
+    );
+    if lost {
+        tracing::warn!(pod = %name, "a worker pod of an earlier BuildJob with this name is still terminating long past its grace period (its node is gone); deleting it at once");
+    } else {
+        tracing::warn!(pod = %name, "a worker pod of an earlier BuildJob with this name is in the way; deleting it");
+    }
     let mut params = DeleteParams::background();
+    if lost {
+        params = params.grace_period(0);
+    }
     if let Some(uid) = pod.uid() {
         params = params.preconditions(kube::api::Preconditions {
             uid: Some(uid),
@@ -885,7 +908,7 @@ async fn create_pod(
                 .map_err(kube_err("reading the worker pod"))?;
             match existing {
                 Some(other) if !owned_by(&other, job) => {
-                    remove_foreign_pod(pods, &other).await?;
+                    remove_foreign_pod(pods, &other, ctx.settings.lost_pod_grace).await?;
                     Ok(Created::Foreign)
                 }
                 _ => Ok(Created::Yes),
@@ -1103,12 +1126,27 @@ pub(crate) fn owned_secret(secret: Option<KubeSecret>, job: &BuildJob) -> Option
     })
 }
 
-pub(crate) fn callback_auth(secret: Option<&KubeSecret>) -> Option<Secret> {
-    secret
-        .and_then(|s| s.data.as_ref())
-        .and_then(|d| d.get(secret_keys::CALLBACK_AUTH))
-        .and_then(|v| String::from_utf8(v.0.clone()).ok())
-        .map(Secret::new)
+/// What a callback takes from the BuildJob's credentials Secret.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CallbackSecrets {
+    /// The whole URL, when the spec holds it without its userinfo and query.
+    pub url: Option<Secret>,
+    /// The Authorization value.
+    pub auth: Option<Secret>,
+}
+
+pub(crate) fn callback_secrets(secret: Option<&KubeSecret>) -> CallbackSecrets {
+    let value = |key: &str| {
+        secret
+            .and_then(|s| s.data.as_ref())
+            .and_then(|d| d.get(key))
+            .and_then(|v| String::from_utf8(v.0.clone()).ok())
+            .map(Secret::new)
+    };
+    CallbackSecrets {
+        url: value(secret_keys::CALLBACK),
+        auth: value(secret_keys::CALLBACK_AUTH),
+    }
 }
 
 /// The API server refuses event notes over 1024 bytes.
@@ -1289,6 +1327,7 @@ pub async fn run(
     let mut ctx = make_ctx(job_store.clone());
     ctx.pod_cache = Some(pod_store);
     let ctx = Arc::new(ctx);
+    let _term = ctx.term.clone().drop_guard();
     let (wake_store, max_parallel) = (job_store.clone(), ctx.settings.max_parallel);
     let wakes = futures::stream::unfold(wake_rx, |mut rx| async move {
         rx.recv().await.map(|()| ((), rx))
@@ -1350,7 +1389,7 @@ pub async fn run(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::operator::crd::{CallbackInFlight, CallbacksSent};
     use crate::operator::decide::tests::{ended_pod, job, success_message, JOB};
@@ -1420,11 +1459,16 @@ mod tests {
     }
 
     fn context(client: Client, others: Vec<BuildJob>) -> Arc<Context> {
+        Arc::new(bare_context(client, others))
+    }
+
+    /// A context for tests, with `others` in its BuildJob cache.
+    pub(crate) fn bare_context(client: Client, others: Vec<BuildJob>) -> Context {
         let (store, mut writer) = reflector::store();
         for j in others {
             writer.apply_watcher_event(&watcher::Event::Apply(j));
         }
-        Arc::new(Context::new(
+        Context::new(
             client,
             Reporter {
                 controller: "buildshuttle".into(),
@@ -1437,7 +1481,7 @@ mod tests {
             store,
             Arc::new(NoObserver),
             Arc::new(OwnWrites::default()),
-        ))
+        )
     }
 
     /// A BuildJob as the API server holds it: uid, resourceVersion, our finalizer.
@@ -1861,7 +1905,13 @@ mod tests {
         let ctx = context(client, vec![]);
         // What the facade notes when it has created the BuildJob and then its Secret.
         ctx.own.wrote(&j);
-        ctx.own.secret_known(&j, Some(Secret::new("cb-token")));
+        ctx.own.secret_known(
+            &j,
+            CallbackSecrets {
+                url: None,
+                auth: Some(Secret::new("cb-token")),
+            },
+        );
         let res = reconcile(Arc::new(j), ctx.clone()).await;
         assert!(res.is_ok(), "{res:?}");
         until_sent(&ctx).await;
@@ -2430,7 +2480,7 @@ mod tests {
         notify::spawn(
             ctx.clone(),
             &j,
-            notify::Auth::Known(None),
+            notify::Auth::Known(Default::default()),
             decide::CallbackKind::Pending,
             deadline,
         );

@@ -18,6 +18,9 @@ pub mod secret_keys {
     pub const GM_REGISTRY_PASSWORD: &str = "gm_registry_password";
     pub const DOCKER_PASSWORD: &str = "docker_password";
     pub const CALLBACK_AUTH: &str = "callback_auth";
+    /// The whole callback URL, when it has userinfo or a query (which may hold a token):
+    /// the spec then holds it without them.
+    pub const CALLBACK: &str = "callback";
     /// EXTRA_DOCKER_REGISTRY_CONFIG of the service that accepted the build (holds passwords).
     pub const EXTRA_REGISTRIES: &str = "extra_docker_registry_config";
     /// The build args, names and values, as a JSON object: controller-api passes the app's
@@ -65,7 +68,9 @@ pub struct BuildJobSpec {
     pub repo: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub org: Option<String>,
-    /// Callback URL; its Authorization value is in the Secret.
+    /// Callback URL, without its userinfo and query when it has them (the whole URL is then
+    /// in the Secret, `secret_keys::CALLBACK`); its Authorization value is in the Secret.
+    /// BuildJobs made before that carry the whole URL here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -380,7 +385,7 @@ impl BuildJobSpec {
             branch: build.branch.clone(),
             repo: build.repo.clone(),
             org: build.org.clone(),
-            callback: build.callback.clone(),
+            callback: build.callback.as_deref().map(crate::secret::redact_url),
             kafka_hosts: build.kafka_hosts.clone(),
             gm_registry_host: build.gm_registry_host.clone(),
             gm_registry_repo: build.gm_registry_repo.clone(),

@@ -258,16 +258,25 @@ const PULL_HOPELESS: &[&str] = &[
     "repository does not exist",
 ];
 
-/// Pod `status.reason`s of pods ended by the node or the cluster, not by the build.
+/// Pod `status.reason`s of pods ended by the node or the cluster, not by the build. Besides
+/// these, every `OutOf{resource}` (the kubelet refusing a pod the scheduler placed, for any
+/// resource: cpu, memory, pods, ephemeral-storage, hugepages-…, an extended resource).
 const DISRUPTION_REASONS: &[&str] = &[
     "NodeShutdown",
     "Shutdown",
     "Terminated",
-    "UnexpectedAdmissionError",
-    "NodeAffinity",
     "Preempting",
-    "OutOfcpu",
-    "OutOfmemory",
+    // The kubelet's other admission refusals (its `predicate.go`): a node whose labels,
+    // taints or OS changed after the scheduler placed the pod.
+    "UnexpectedAdmissionError",
+    "UnexpectedPredicateFailureType",
+    "UnknownReason",
+    "NodeAffinity",
+    "NodeName",
+    "NodePorts",
+    "TaintToleration",
+    "PodOSSelectorNodeLabelDoesNotMatch",
+    "PodOSNotSupported",
 ];
 
 /// Reads a pod's status. Never assumes success: an ended worker's outcome comes only from
@@ -382,7 +391,7 @@ fn disruption(status: &k8s_openapi::api::core::v1::PodStatus) -> Option<String> 
         ));
     }
     let reason = status.reason.as_deref().unwrap_or("");
-    if DISRUPTION_REASONS.contains(&reason) {
+    if DISRUPTION_REASONS.contains(&reason) || reason.starts_with("OutOf") {
         return Some(format!(
             "{reason}: {}",
             status
@@ -684,14 +693,7 @@ fn step(
             let room = input.running + input.queued_ahead < settings.max_parallel;
             // Refused a moment ago (a full quota): trying again at once would spend the
             // retries before the quota can free up.
-            let refused_wait = st
-                .last_admission_refusal
-                .as_ref()
-                .and_then(|t| {
-                    admission_backoff(st.admission_retries).checked_sub(elapsed(t.0, now))
-                })
-                .filter(|w| !w.is_zero());
-            match (room, refused_wait) {
+            match (room, refusal_wait(st, now)) {
                 (true, Some(wait)) => actions.push(Action::Requeue(wait)),
                 (true, None) => start_pod(st, current_pod, now, actions, events, None),
                 (false, _) => {
@@ -1006,6 +1008,18 @@ fn retry_lost_pod(
         finish_failed(st, reason, &msg, now, events);
         return;
     }
+    // Its re-creation was refused a moment ago (a full quota: during a drain the pods still
+    // terminating count against it): wait out the backoff, as a first pod does.
+    if let Some(wait) = refusal_wait(st, now) {
+        if pod_exists {
+            actions.push(Action::DeletePod {
+                name: current_pod.to_string(),
+                force: false,
+            });
+        }
+        actions.push(Action::Requeue(wait));
+        return;
+    }
     if pod_exists {
         actions.push(Action::DeletePod {
             name: current_pod.to_string(),
@@ -1033,6 +1047,14 @@ fn retry_lost_pod(
         events,
         Some(format!("created worker pod {next}")),
     );
+}
+
+/// What is left of the backoff after the last refusal of the worker pod, if anything.
+fn refusal_wait(st: &BuildJobStatus, now: Timestamp) -> Option<Duration> {
+    st.last_admission_refusal
+        .as_ref()
+        .and_then(|t| admission_backoff(st.admission_retries).checked_sub(elapsed(t.0, now)))
+        .filter(|w| !w.is_zero())
 }
 
 /// How long after its `retries`th refusal (a full quota) the worker pod is tried again:
@@ -1801,6 +1823,61 @@ pub(crate) mod tests {
                 |a| matches!(a, Action::RecordEvent(e) if e.reason == reasons::POD_DISRUPTED)
             ));
         }
+    }
+
+    #[test]
+    fn a_pod_its_node_refused_to_admit_is_recreated() {
+        // The kubelet refuses a pod the scheduler placed (`OutOf{resource}` for any resource,
+        // or another of its admission reasons): phase Failed, no container ever ran.
+        for why in [
+            "OutOfpods",
+            "OutOfephemeral-storage",
+            "OutOfhugepages-2Mi",
+            "TaintToleration",
+            "PodOSSelectorNodeLabelDoesNotMatch",
+        ] {
+            let mut p = pod("Failed");
+            if let Some(s) = p.status.as_mut() {
+                s.reason = Some(why.into());
+                s.message = Some(format!("Pod was rejected: {why}"));
+            }
+            for phase in [Phase::Pending, Phase::Running] {
+                let d = run(&job(Some(phase)), Some(&p), 0, 0, t(9));
+                assert!(
+                    has(&d, |a| *a
+                        == Action::CreatePod {
+                            name: pod_name(JOB, 1),
+                            attempt: 1
+                        }),
+                    "{why}: {d:?}"
+                );
+                assert!(final_cb(&d).is_none(), "{why}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_pod_recreation_refused_by_a_quota_waits_out_its_backoff() {
+        // The pod was lost (an eviction), its re-creation refused a moment ago: the status
+        // as the controller wrote it then (the build's, plus the refusal).
+        let mut j = job(Some(Phase::Running));
+        if let Some(st) = j.status.as_mut() {
+            st.admission_retries = 1;
+            st.last_admission_refusal = Some(Time(t(100)));
+        }
+        let evicted = ended_pod("Failed", Some("Evicted"), 137, "Error", None);
+        for p in [None, Some(&evicted)] {
+            let d = run(&j, p, 0, 0, t(101));
+            assert!(!has(&d, |a| matches!(a, Action::CreatePod { .. })), "{d:?}");
+            let wait = admission_backoff(1) - Duration::from_secs(1);
+            assert!(has(&d, |a| *a == Action::Requeue(wait)), "{d:?}");
+            assert_eq!(d.status.pod_retries, 0);
+            assert!(final_cb(&d).is_none());
+        }
+        // Once it has passed, the pod is made again.
+        let later = t(100 + admission_backoff(1).as_secs() as i64);
+        let d = run(&j, None, 0, 0, later);
+        assert!(has(&d, |a| matches!(a, Action::CreatePod { .. })), "{d:?}");
     }
 
     #[test]

@@ -21,9 +21,7 @@ use futures::{AsyncBufReadExt, StreamExt};
 use k8s_openapi::api::core::v1::{Pod, Secret as KubeSecret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
-use kube::api::{
-    DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams, Preconditions,
-};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::{Api, Client, Resource, ResourceExt};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -302,6 +300,11 @@ impl KubeExecutor {
         if let Some(c) = &spec.callback_auth {
             put(secret_keys::CALLBACK_AUTH, c.expose());
         }
+        if let Some(url) = spec.callback.as_deref() {
+            if job.spec.callback.as_deref() != Some(url) {
+                put(secret_keys::CALLBACK, url);
+            }
+        }
         if !spec.build_args.is_empty() {
             put(
                 secret_keys::BUILD_ARGS,
@@ -380,7 +383,7 @@ impl KubeExecutor {
             {
                 Ok(_) => {
                     if let Some(own) = &self.own {
-                        own.secret_known(job, super::controller::callback_auth(Some(secret)));
+                        own.secret_known(job, super::controller::callback_secrets(Some(secret)));
                     }
                     return Ok(());
                 }
@@ -572,10 +575,7 @@ impl Follower {
             0
         };
         let pods: Api<Pod> = Api::namespaced(self.exec.client.clone(), &self.exec.namespace);
-        let params = LogParams {
-            container: Some(WORKER_CONTAINER.into()),
-            ..Default::default()
-        };
+        let params = super::pod::worker_log(false);
         let Ok(reader) = self.exec.bounded(pods.log_stream(&pod, &params)).await else {
             return;
         };
@@ -684,11 +684,7 @@ async fn worker_stopped(exec: &KubeExecutor, pod: &str) -> Option<bool> {
 /// counts lines), and opening it is bounded; reading is bounded by the follower.
 async fn open_log(exec: &KubeExecutor, pod: &str, prefix: &str, sent: usize) -> Option<Pieces> {
     let pods: Api<Pod> = Api::namespaced(exec.streams.clone(), &exec.namespace);
-    let params = LogParams {
-        container: Some(WORKER_CONTAINER.into()),
-        follow: true,
-        ..Default::default()
-    };
+    let params = super::pod::worker_log(true);
     let reader = exec.bounded(pods.log_stream(pod, &params)).await.ok()?;
     Some(filtered(reader, LineFilter::new(prefix, sent, true), None))
 }
@@ -962,10 +958,7 @@ impl KubeExecutor {
         offset: u64,
     ) -> Result<Option<Object>, ExecutorError> {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
-        let params = LogParams {
-            container: Some(WORKER_CONTAINER.into()),
-            ..Default::default()
-        };
+        let params = super::pod::worker_log(false);
         // Streamed through the line filter: a log of any size costs a request no more
         // than the piece being read.
         match self.bounded(pods.log_stream(pod, &params)).await {
@@ -1300,8 +1293,11 @@ mod tests {
         let mut spec = data_spec();
         // controller-api passes the app's config vars as build args.
         spec.build_args = [("DATABASE_URL".into(), "postgres://u:s3cr3t@db".into())].into();
+        // A callback URL may carry a password or a token.
+        let callback = "https://ctl:cbpass@api.example/hook?token=cbquery";
+        spec.callback = Some(callback.into());
         let mut leaks = secrets_in(&spec);
-        leaks.push("s3cr3t".into());
+        leaks.extend(["s3cr3t".into(), "cbpass".into(), "cbquery".into()]);
         let scenario = vec![
             no_job_yet(),
             Expect::new(Method::POST, JOBS, 201, None).check(move |b| {
@@ -1324,6 +1320,7 @@ mod tests {
                     "6f1b1e3c-8a3e-4b52-9a47-0b6a3e0f3c11"
                 );
                 assert_eq!(b["spec"]["cancelled"], false);
+                assert_eq!(b["spec"]["callback"], "https://api.example/hook?%E2%80%A6");
                 assert_eq!(b["spec"]["buildArgs"]["DATABASE_URL"], "", "the name only");
             }),
             Expect::new(Method::POST, SECRETS, 201, None).check(move |b| {
@@ -1341,6 +1338,7 @@ mod tests {
                 };
                 assert_eq!(decode("gm_registry_password"), "regpass");
                 assert_eq!(decode("callback_auth"), "cb-token");
+                assert_eq!(decode("callback"), callback);
                 assert_eq!(decode("docker_password"), "dockerpw");
                 assert_eq!(
                     decode("build_args"),
@@ -1399,7 +1397,7 @@ mod tests {
         job.metadata.uid = Some("uid-7".into());
         job.metadata.resource_version = Some("5".into());
         assert!(own.is_last_write(&job), "the creation is our last write");
-        let auth = own.known_credentials(&job).flatten();
+        let auth = own.known_credentials(&job).and_then(|c| c.auth);
         assert_eq!(auth.as_ref().map(|a| a.expose()), Some("cb-token"));
         job.metadata.resource_version = Some("6".into());
         assert!(!own.is_last_write(&job), "a later version is not ours");

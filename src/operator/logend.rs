@@ -17,7 +17,6 @@ use crate::logs::{KafkaProducers, LogFiles, LogSinks, Stdout, FINISHED_LINE};
 use crate::storage::Storage;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::LogParams;
 use kube::{Api, ResourceExt};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -93,12 +92,23 @@ pub fn spawn(ctx: Arc<Context>, job: &BuildJob, owed: LogOwed) {
     let senders = ctx.senders.clone();
     senders.spawn(async move {
         let name = job.name_any();
-        let done = AssertUnwindSafe(async {
+        let work = AssertUnwindSafe(async {
             write(&ctx, &ends, &job, &owed).await;
             record(&ctx, &job).await
         })
-        .catch_unwind()
-        .await;
+        .catch_unwind();
+        // The term ends (a shutdown, a lost Lease): stop, before the Lease can go to the
+        // next leader, which writes what is not recorded (the stored end at most once, see
+        // `append_lines`).
+        let done = tokio::select! {
+            biased;
+            () = ctx.term.cancelled() => {
+                tracing::info!(job = %name, "stopped writing the end of the build's log: no longer the leader; the next one writes it");
+                lock(&ctx.ending_logs).remove(&uid);
+                return;
+            }
+            done = work => done,
+        };
         // Written and recorded: the uid stays, so a reconcile that read the BuildJob before
         // the record does not write the end again. Otherwise the re-check tries again.
         match done {
@@ -247,10 +257,7 @@ async fn copy_pod_log(
         Ok(_) => return Err(CopyError::PodGone),
         Err(e) => return Err(CopyError::PodLog(e.to_string())),
     }
-    let params = LogParams {
-        container: Some(WORKER_CONTAINER.into()),
-        ..Default::default()
-    };
+    let params = super::pod::worker_log(false);
     let reader = match pods.log_stream(pod, &params).await {
         Ok(r) => r,
         Err(e) if is_code(&e, 404) => return Err(CopyError::PodGone),
@@ -391,26 +398,31 @@ pub async fn append_lines(
 ) -> Result<(), AppendError> {
     let tmp = tempfile::NamedTempFile::new_in(scratch)?;
     let mut file = tokio::fs::File::from_std(tmp.reopen()?);
-    let mut last = None;
+    let ending: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    // The log's last bytes: one more than `ending`, to tell a line of its own.
+    let mut end_of_log: Vec<u8> = Vec::new();
     if let Some(obj) = storage.get(key).await? {
         let mut body = obj.body;
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(AppendError::Read)?;
-            if let Some(b) = chunk.last() {
-                last = Some(*b);
-            }
+            end_of_log.extend_from_slice(&chunk[chunk.len().saturating_sub(ending.len() + 1)..]);
+            let extra = end_of_log.len().saturating_sub(ending.len() + 1);
+            end_of_log.drain(..extra);
             file.write_all(&chunk).await?;
+        }
+    }
+    // Appended already (a writer stopped between its upload and its record): not twice.
+    if let Some(before) = end_of_log.strip_suffix(ending.as_bytes()) {
+        if before.is_empty() || before.ends_with(b"\n") {
+            return Ok(());
         }
     }
     let mut tail = String::new();
     // A log cut mid-line (a worker killed while writing) still gets the end on its own line.
-    if last.is_some_and(|b| b != b'\n') {
+    if end_of_log.last().is_some_and(|b| *b != b'\n') {
         tail.push('\n');
     }
-    for l in lines {
-        tail.push_str(l);
-        tail.push('\n');
-    }
+    tail.push_str(&ending);
     file.write_all(tail.as_bytes()).await?;
     file.flush().await?;
     drop(file);
@@ -457,6 +469,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_writer_stops_when_its_leadership_term_ends_and_writes_nothing() {
+        use crate::operator::decide::{tests::job, LogEnd};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Arc::new(LocalStorage::new(dir.path().join("store")).expect("store"));
+        let ends = LogEnds::new(storage.clone(), None, dir.path().join("scratch")).expect("ends");
+        let (client, mut handle) = crate::operator::mock::client();
+        let ctx = Arc::new(
+            crate::operator::controller::tests::bare_context(client, vec![]).with_log_ends(ends),
+        );
+        let mut j = job(Some(crate::operator::crd::Phase::Failed));
+        if let Some(st) = j.status.as_mut() {
+            st.pod_name = Some("job-worker-0".into());
+        }
+        let owed = LogOwed {
+            copy_pod_log: false,
+            end: Some(LogEnd {
+                reason: "Cancelled".into(),
+                message: "stopped".into(),
+            }),
+        };
+        spawn(ctx.clone(), &j, owed);
+        // The writer waits for the worker pod to stop: its read is held unanswered.
+        let (req, _answer) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+            .await
+            .expect("the writer reads the pod")
+            .expect("a request");
+        assert!(req.uri().path().contains("/pods/"), "{}", req.uri());
+        // The Lease is lost (or the process shuts down): the writer stops, before the next
+        // leader can start its own.
+        ctx.term.cancel();
+        ctx.senders.close();
+        tokio::time::timeout(Duration::from_secs(5), ctx.senders.wait())
+            .await
+            .expect("the writer stopped");
+        assert!(
+            !lock(&ctx.ending_logs).contains("uid-1"),
+            "a later term may write it"
+        );
+        let key = crate::build::log_key(&j.spec.app, &j.spec.app_uuid, j.spec.build_number);
+        assert!(storage.get(&key).await.expect("get").is_none());
+    }
+
+    #[tokio::test]
     async fn the_end_is_appended_to_what_is_stored_or_makes_the_log() {
         let dir = tempfile::tempdir().expect("tempdir");
         let storage = LocalStorage::new(dir.path().join("store")).expect("store");
@@ -485,6 +540,29 @@ mod tests {
             read(&storage, "a-b-2.logs").await,
             "Step 1/2 : FROM x\nBuild interrupted: stop\nBuild failed (Cancelled): stopped\nBuild finished\n"
         );
+        // Appended again (a writer stopped between its upload and its record, and the next
+        // leader): the log keeps one end.
+        for key in ["a-b-1.logs", "a-b-2.logs"] {
+            let before = read(&storage, key).await;
+            append_lines(&storage, &scratch, key, &end)
+                .await
+                .expect("append");
+            assert_eq!(read(&storage, key).await, before);
+        }
+        // A line that only ends like the end is not the end.
+        let other = dir.path().join("other.log");
+        std::fs::write(
+            &other,
+            "Not Build failed (Cancelled): stopped\nBuild finished\n",
+        )
+        .expect("write");
+        storage.put_file("a-b-3.logs", &other).await.expect("put");
+        append_lines(&storage, &scratch, "a-b-3.logs", &end)
+            .await
+            .expect("append");
+        assert!(read(&storage, "a-b-3.logs")
+            .await
+            .ends_with("Build finished\nBuild failed (Cancelled): stopped\nBuild finished\n"));
         // Nothing left in the scratch folder.
         assert_eq!(std::fs::read_dir(&scratch).expect("dir").count(), 0);
     }

@@ -4,12 +4,13 @@
 //! `sender_life`), then records the callback as sent (delivered, or given up with a Warning
 //! event) with an optimistic status write. A slow receiver holds up nothing but its own task.
 
+use super::controller::CallbackSecrets;
 use super::controller::{
-    callback_auth, fetch_secret, lock, owned_secret, publish, record_status, Context, SECRET_WAIT,
+    callback_secrets, fetch_secret, lock, owned_secret, publish, record_status, Context,
+    SECRET_WAIT,
 };
 use super::crd::{BuildJob, CallbackInFlight, Phase};
 use super::decide::{CallbackKind, EventNote};
-use crate::secret::Secret;
 use futures::FutureExt;
 use k8s_openapi::jiff::Timestamp;
 use kube::{Resource, ResourceExt};
@@ -160,10 +161,10 @@ pub fn status_word(kind: CallbackKind) -> &'static str {
     }
 }
 
-/// The callback's Authorization (from the BuildJob's credentials Secret).
+/// The callback's Authorization and whole URL (from the BuildJob's credentials Secret).
 pub enum Auth {
     /// The reconcile read the Secret already.
-    Known(Option<Secret>),
+    Known(CallbackSecrets),
     /// The sender reads it; `wait`: a young BuildJob's Secret may not exist yet (the facade
     /// creates it just after the BuildJob), so wait for it up to SECRET_WAIT after the
     /// BuildJob was created.
@@ -206,14 +207,17 @@ pub fn spawn(ctx: Arc<Context>, job: &BuildJob, auth: Auth, kind: CallbackKind, 
 async fn deliver(ctx: &Context, job: &BuildJob, auth: Auth, kind: CallbackKind, deadline: Instant) {
     let name = job.name_any();
     let word = status_word(kind);
-    if let Some(url) = job.spec.callback.as_deref().filter(|u| !u.is_empty()) {
+    if let Some(spec_url) = job.spec.callback.as_deref().filter(|u| !u.is_empty()) {
         let send = async {
-            let auth = match auth {
+            let secrets = match auth {
                 Auth::Known(a) => a,
                 Auth::Read { wait } => credentials(ctx, job, wait).await,
             };
+            // Without the Secret, the spec's URL (the receiver then refuses it, as it does
+            // a callback without its Authorization).
+            let url = secrets.url.as_ref().map_or(spec_url, |u| u.expose());
             ctx.callbacks
-                .deliver(url, auth.as_ref(), job.spec.build_number, word)
+                .deliver(url, secrets.auth.as_ref(), job.spec.build_number, word)
                 .await
                 .map_err(|e| e.to_string())
         };
@@ -282,10 +286,10 @@ async fn record(ctx: &Context, written: &BuildJob, kind: CallbackKind) {
     }
 }
 
-/// The callback Authorization from the BuildJob's own credentials Secret. Waits for a
+/// The callback secrets from the BuildJob's own credentials Secret. Waits for a
 /// missing Secret while `wait` and the BuildJob is young; an API error is retried within
 /// the callback budget. Without it the callback goes out without Authorization (warned).
-async fn credentials(ctx: &Context, job: &BuildJob, wait: bool) -> Option<Secret> {
+async fn credentials(ctx: &Context, job: &BuildJob, wait: bool) -> CallbackSecrets {
     let (name, ns) = (job.name_any(), job.namespace().unwrap_or_default());
     let created = job.creation_timestamp().map(|t| t.0);
     let give_up = tokio::time::Instant::now() + ctx.callback_budget;
@@ -294,7 +298,7 @@ async fn credentials(ctx: &Context, job: &BuildJob, wait: bool) -> Option<Secret
         match fetch_secret(&ctx.client, &ns, &name).await {
             Ok(secret) => {
                 if let Some(s) = owned_secret(secret, job) {
-                    let auth = callback_auth(Some(&s));
+                    let auth = callback_secrets(Some(&s));
                     ctx.credentials_read(job, auth.clone());
                     return auth;
                 }
@@ -302,7 +306,7 @@ async fn credentials(ctx: &Context, job: &BuildJob, wait: bool) -> Option<Secret
                     created.map_or(i64::MAX, |c| Timestamp::now().duration_since(c).as_secs());
                 if !wait || age >= SECRET_WAIT.as_secs() as i64 {
                     tracing::warn!(job = %name, "the credentials Secret is missing (or not owned by this BuildJob); the callback goes without Authorization");
-                    return None;
+                    return CallbackSecrets::default();
                 }
                 tracing::debug!(job = %name, "waiting for the credentials Secret");
                 tokio::time::sleep(Duration::from_secs(2)).await;
@@ -314,7 +318,7 @@ async fn credentials(ctx: &Context, job: &BuildJob, wait: bool) -> Option<Secret
             }
             Err(e) => {
                 tracing::warn!(job = %name, error = %e, "cannot read the credentials Secret; the callback goes without Authorization");
-                return None;
+                return CallbackSecrets::default();
             }
         }
     }

@@ -16,6 +16,16 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 pub const WORKER_CONTAINER: &str = "worker";
+
+/// A request for the worker container's log (a pod with sidecars has several), followed or
+/// read once.
+pub fn worker_log(follow: bool) -> kube::api::LogParams {
+    kube::api::LogParams {
+        container: Some(WORKER_CONTAINER.into()),
+        follow,
+        ..Default::default()
+    }
+}
 pub const DIND_CONTAINER: &str = "dind";
 /// Where the dind sidecar's socket is shared with the worker.
 pub const DIND_SOCKET_DIR: &str = "/var/run/dind";

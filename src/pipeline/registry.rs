@@ -36,6 +36,25 @@ pub enum RegistryError {
     Unexpected(String),
 }
 
+impl RegistryError {
+    /// A request to `url` that got no answer. A blob's storage (after a redirect) is often
+    /// a pre-signed URL, whose query is a credential: neither it nor reqwest's own copy of
+    /// the URL goes into the message.
+    fn unreachable(url: &str, e: reqwest::Error) -> Self {
+        RegistryError::Unreachable {
+            url: crate::secret::redact_url(url),
+            message: e.without_url().to_string(),
+        }
+    }
+
+    fn status(url: &str, status: reqwest::StatusCode) -> Self {
+        RegistryError::Status {
+            url: crate::secret::redact_url(url),
+            status: status.as_u16(),
+        }
+    }
+}
+
 /// The image an image's relabelling left in the registry.
 #[derive(Debug, Clone)]
 pub struct Relabelled {
@@ -341,10 +360,10 @@ impl Session<'_> {
             .unwrap_or("application/vnd.docker.distribution.manifest.v2+json")
             .to_string();
         let url = resp.url().to_string();
-        let body = resp.bytes().await.map_err(|e| RegistryError::Unreachable {
-            url,
-            message: e.to_string(),
-        })?;
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| RegistryError::unreachable(&url, e))?;
         Ok((media_type, body))
     }
 
@@ -377,25 +396,24 @@ impl Session<'_> {
                 .url()
                 .join(&to)
                 .map_err(|e| RegistryError::Unexpected(format!("{path} redirected: {e}")))?;
-            resp = self.client.http.get(to.clone()).send().await.map_err(|e| {
-                RegistryError::Unreachable {
-                    url: to.to_string(),
-                    message: e.to_string(),
-                }
-            })?;
+            resp = self
+                .client
+                .http
+                .get(to.clone())
+                .send()
+                .await
+                .map_err(|e| RegistryError::unreachable(to.as_str(), e))?;
             if !resp.status().is_success() {
-                return Err(RegistryError::Status {
-                    url: to.to_string(),
-                    status: resp.status().as_u16(),
-                });
+                return Err(RegistryError::status(to.as_str(), resp.status()));
             }
         }
         let url = resp.url().to_string();
         let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| RegistryError::Unreachable {
-            url: url.clone(),
-            message: e.to_string(),
-        })? {
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| RegistryError::unreachable(&url, e))?
+        {
             if body.len() + chunk.len() > MAX_CONFIG_BYTES {
                 return Err(RegistryError::Unexpected(format!(
                     "{url} is larger than {MAX_CONFIG_BYTES} bytes"
@@ -456,10 +474,7 @@ impl Session<'_> {
     ) -> Result<reqwest::Response, RegistryError> {
         let resp = self.send_or_redirect(path, request).await?;
         if resp.status().is_redirection() {
-            return Err(RegistryError::Status {
-                url: resp.url().to_string(),
-                status: resp.status().as_u16(),
-            });
+            return Err(RegistryError::status(resp.url().as_str(), resp.status()));
         }
         Ok(resp)
     }
@@ -486,10 +501,7 @@ impl Session<'_> {
                 continue;
             }
             if !status.is_success() && !status.is_redirection() {
-                return Err(RegistryError::Status {
-                    url: resp.url().to_string(),
-                    status: status.as_u16(),
-                });
+                return Err(RegistryError::status(resp.url().as_str(), status));
             }
             return Ok(resp);
         }
@@ -524,12 +536,7 @@ impl Session<'_> {
                     self.client.remember(self.host, scheme);
                     return Ok(resp);
                 }
-                Err(e) => {
-                    last = Some(RegistryError::Unreachable {
-                        url,
-                        message: e.to_string(),
-                    })
-                }
+                Err(e) => last = Some(RegistryError::unreachable(&url, e)),
             }
         }
         Err(last.unwrap_or_else(|| RegistryError::NotSupported(self.host.to_string())))
@@ -589,15 +596,12 @@ impl Session<'_> {
             }
             _ => req.header(reqwest::header::AUTHORIZATION, format!("Basic {}", basic())),
         };
-        let resp = req.send().await.map_err(|e| RegistryError::Unreachable {
-            url: realm.clone(),
-            message: e.to_string(),
-        })?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| RegistryError::unreachable(&realm, e))?;
         if !resp.status().is_success() {
-            return Err(RegistryError::Status {
-                url: realm,
-                status: resp.status().as_u16(),
-            });
+            return Err(RegistryError::status(&realm, resp.status()));
         }
         #[derive(serde::Deserialize)]
         struct Token {
@@ -950,8 +954,12 @@ mod tests {
     }
 
     /// A registry with Basic auth whose blobs live elsewhere (a redirect to a storage URL, as
-    /// with distribution's S3 driver), for `relabel`'s whole exchange.
-    async fn relabelling_registry(config: &'static [u8]) -> (String, Arc<Mutex<Writes>>) {
+    /// with distribution's S3 driver), for `relabel`'s whole exchange. The redirect goes to
+    /// `storage` when given.
+    async fn relabelling_registry(
+        config: &'static [u8],
+        storage: Option<&'static str>,
+    ) -> (String, Arc<Mutex<Writes>>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -965,7 +973,7 @@ mod tests {
             "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "size": 3, "digest": "sha256:l1"}],
         })
         .to_string();
-        let storage = format!("http://{host}/storage/config");
+        let storage = storage.map_or_else(|| format!("http://{host}/storage/config"), String::from);
         let app = axum::Router::new()
             .route(
                 "/storage/config",
@@ -1039,7 +1047,7 @@ mod tests {
     async fn relabelling_writes_a_new_config_and_one_manifest_under_every_tag() {
         const CONFIG: &[u8] =
             br#"{"config":{"Labels":null},"rootfs":{"type":"layers","diff_ids":["sha256:d1"]}}"#;
-        let (host, writes) = relabelling_registry(CONFIG).await;
+        let (host, writes) = relabelling_registry(CONFIG, None).await;
         let labels = BTreeMap::from([("build_uuid".to_string(), "b-9".to_string())]);
         let done = loopback_registry()
             .relabel(
@@ -1078,6 +1086,32 @@ mod tests {
         assert_eq!(
             manifest["layers"][0]["digest"], "sha256:l1",
             "the layers stay"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_blob_storage_that_fails_is_named_without_its_signed_query() {
+        // A pre-signed storage URL's query is a credential; the error goes into the build log.
+        let (host, _) = relabelling_registry(
+            br#"{"config":{}}"#,
+            Some("http://127.0.0.1:1/bucket/blob?X-Amz-Credential=cred-zz&X-Amz-Signature=sig-zz"),
+        )
+        .await;
+        let err = loopback_registry()
+            .relabel(
+                &format!("{host}/repo/app"),
+                "sha256:pushed",
+                &BTreeMap::from([("a".to_string(), "b".to_string())]),
+                &["latest"],
+                Some(&creds("shuttle", "pw")),
+            )
+            .await
+            .expect_err("the storage is down");
+        let text = format!("{err} {err:?}");
+        assert!(text.contains("127.0.0.1:1/bucket/blob"), "{text}");
+        assert!(
+            !text.contains("sig-zz") && !text.contains("cred-zz"),
+            "{text}"
         );
     }
 

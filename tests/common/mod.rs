@@ -176,6 +176,8 @@ impl Service {
 #[derive(Clone, Debug)]
 pub struct Call {
     pub path: String,
+    /// The URL's query, if it had one.
+    pub query: Option<String>,
     pub auth: Option<String>,
     pub content_type: Option<String>,
     pub raw: String,
@@ -199,6 +201,7 @@ struct CbState {
 async fn record(
     State(st): State<CbState>,
     AxPath(rest): AxPath<String>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
     headers: HeaderMap,
     body: Bytes,
 ) -> StatusCode {
@@ -212,6 +215,7 @@ async fn record(
     let raw = String::from_utf8_lossy(&body).into_owned();
     st.calls.lock().unwrap().push(Call {
         path: format!("/{rest}"),
+        query,
         auth: headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
