@@ -1433,11 +1433,13 @@ async fn bad_requests_get_the_legacy_answers() {
     );
     assert_eq!(get(format!("/myapp-{unknown}/0/logs")).await.0, 404);
     assert_eq!(get(format!("/my-app-{unknown}/3/logs")).await.0, 404);
-    // Every stop is answered 200 (controller-api stops a build not started yet as number 0).
+    // Every stop is answered 200 (controller-api stops a build not started yet as number 0),
+    // and every `DELETE /{id}`, as the old shuttle answered them.
     for path in [
         format!("/myapp-{unknown}/0"),
         format!("/my-app-{unknown}/3"),
         format!("/myapp-{unknown}/x"),
+        "/not-a-uuid".to_string(),
     ] {
         let r = svc.client.delete(svc.url(&path)).send().await.unwrap();
         assert_eq!(

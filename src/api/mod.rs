@@ -299,9 +299,11 @@ async fn delete_one(
     if validate::parse_uuid(&id).is_some() {
         return Ok(ok());
     }
-    let (app, app_uuid) = validate::parse_app_key(&id).ok_or_else(|| {
-        ApiError::BadRequest("Bad Request - expected a build uuid or {app}-{app_uuid}.".into())
-    })?;
+    // The old shuttle answered `DELETE /{anything}` `200`, as the stop route still does.
+    let Some((app, app_uuid)) = validate::parse_app_key(&id) else {
+        tracing::info!(id = %id, "delete of an id that is neither a build uuid nor an app key; nothing to do");
+        return Ok(ok());
+    };
     let n = st
         .executor
         .stop(BuildSelector {

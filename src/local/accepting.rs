@@ -3,44 +3,53 @@
 //! build that the first one's failed write then drops (a client retrying on a slow disk).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use uuid::Uuid;
 
+type Answers = Mutex<HashMap<Uuid, watch::Receiver<Option<bool>>>>;
+
 /// The builds being accepted right now, each with the answer its first `POST /` will get.
 #[derive(Default)]
-pub(super) struct Accepting(Mutex<HashMap<Uuid, watch::Receiver<Option<bool>>>>);
+pub(super) struct Accepting(Arc<Answers>);
 
-/// The first `POST /` of a build: `done` tells the duplicates, and forgets the build.
-pub(super) struct First<'a> {
+/// The first `POST /` of a build: `done` tells the duplicates, and forgets the build. It
+/// owns what it needs, so the rest of an acceptance can run on a task of its own.
+pub(super) struct First {
     id: Uuid,
     tx: watch::Sender<Option<bool>>,
-    of: &'a Accepting,
+    of: Arc<Answers>,
+}
+
+fn lock(
+    answers: &Answers,
+) -> std::sync::MutexGuard<'_, HashMap<Uuid, watch::Receiver<Option<bool>>>> {
+    answers
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Accepting {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, watch::Receiver<Option<bool>>>> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// Marks `id` as being accepted. Call it under the lock that makes the build known, so a
     /// duplicate that finds the build also finds this.
-    pub(super) fn begin(&self, id: Uuid) -> First<'_> {
+    pub(super) fn begin(&self, id: Uuid) -> First {
         let (tx, rx) = watch::channel(None);
-        self.lock().insert(id, rx);
-        First { id, tx, of: self }
+        lock(&self.0).insert(id, rx);
+        First {
+            id,
+            tx,
+            of: self.0.clone(),
+        }
     }
 
     /// The first `POST /`'s answer to come, if `id` is being accepted now (else the build
     /// is already on disk).
     pub(super) fn join(&self, id: &Uuid) -> Option<watch::Receiver<Option<bool>>> {
-        self.lock().get(id).cloned()
+        lock(&self.0).get(id).cloned()
     }
 }
 
-impl First<'_> {
+impl First {
     /// Whether the build was saved; the duplicates waiting get the same. Call it before the
     /// build's record is dropped on a failure, so a later `POST /` starts afresh.
     pub(super) fn done(self, saved: bool) {
@@ -48,10 +57,10 @@ impl First<'_> {
     }
 }
 
-impl Drop for First<'_> {
-    /// Answered or not (a cancelled request), the build is no longer being accepted.
+impl Drop for First {
+    /// Answered or not, the build is no longer being accepted.
     fn drop(&mut self) {
-        self.of.lock().remove(&self.id);
+        lock(&self.of).remove(&self.id);
     }
 }
 

@@ -399,7 +399,7 @@ impl Inner {
     ) -> Result<
         (
             impl std::future::Future<Output = Result<(), state::StateError>> + Send + 'static,
-            accepting::First<'_>,
+            accepting::First,
         ),
         ExecutorError,
     > {
@@ -563,6 +563,25 @@ impl Inner {
                 tracing::error!(build = %id, error = %e, "could not write the build's state under DATA_DIR");
                 false
             }
+        }
+    }
+
+    /// `update`, written again (after 1 s, doubling up to OUTCOME_WRITE_RETRY_MAX) until it
+    /// is on disk (a full disk), logging `failing` before each wait.
+    async fn update_until_written(
+        &self,
+        id: Uuid,
+        durability: Durability,
+        failing: &str,
+        f: impl FnOnce(&mut Record),
+    ) {
+        let mut saved = self.update(id, durability, f).await;
+        let mut wait = Duration::from_secs(1);
+        while !saved {
+            tracing::error!(build = %id, retry_in_s = wait.as_secs(), "{failing}");
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(OUTCOME_WRITE_RETRY_MAX);
+            saved = self.update(id, durability, |_| {}).await;
         }
     }
 
@@ -778,14 +797,22 @@ impl Inner {
         };
         let line = format!("Build failed ({}): {m} before it started", r.as_str());
         // An earlier build of this number may still be storing the number's log: as in
-        // `end_waiting`, this one's last line then goes to Kafka only.
-        if self.earlier_of_same_number(id) {
-            self.kafka_last_line(&rec.spec, &line);
-        } else {
-            Box::pin(self.append_log_line(&rec.spec, &line)).await;
-        }
+        // `end_waiting`, this one's last line then goes to Kafka only. Otherwise the line
+        // is stored beside the callbacks, after the outcome is on disk: an upload to a
+        // slow storage must not leave a stopped build `Queued` in the journal, to run
+        // after a restart.
+        let store_line: Option<futures::future::BoxFuture<'static, ()>> =
+            if self.earlier_of_same_number(id) {
+                self.kafka_last_line(&rec.spec, &line);
+                None
+            } else {
+                let (me, spec) = (self.clone(), rec.spec.clone());
+                Some(Box::pin(
+                    async move { me.append_log_line(&spec, &line).await },
+                ))
+            };
         let outcome = Outcome::failed(r, format!("{m} before it started"));
-        Box::pin(self.finish(&rec, outcome, timings, None, None)).await;
+        Box::pin(self.finish(&rec, outcome, timings, store_line, None)).await;
     }
 
     /// Records the outcome, then sends the callbacks (the final one after the pending one)
@@ -807,8 +834,11 @@ impl Inner {
         tracing::info!(build = %id, app = %spec.app, number = spec.build_number, result = outcome.callback_status(), "build finished");
         // On disk before any callback: lost in a power cut, the build would run again after
         // its final callback had gone. A full disk holds the callbacks until it has room.
-        let mut saved = self
-            .update(id, Durability::Synced, |r| {
+        self.update_until_written(
+            id,
+            Durability::Synced,
+            "the build's outcome is not on disk; its callbacks wait until it is",
+            |r| {
                 r.phase = Phase::Finished;
                 // Not recorded yet when the build ended before its "running" line was due.
                 r.started_at = r.started_at.or(started_at);
@@ -819,15 +849,9 @@ impl Inner {
                     callback_pending: r.timings.callback_pending,
                     ..timings
                 };
-            })
-            .await;
-        let mut wait = Duration::from_secs(1);
-        while !saved {
-            tracing::error!(build = %id, retry_in_s = wait.as_secs(), "the build's outcome is not on disk; its callbacks wait until it is");
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(OUTCOME_WRITE_RETRY_MAX);
-            saved = self.update(id, Durability::Synced, |_| {}).await;
-        }
+            },
+        )
+        .await;
         // The log's upload and Kafka delivery run beside the final callback, never before it.
         let callbacks = Box::pin(self.send_callbacks(id));
         // Active until its log is stored: a follower reads it to its end, and a build that
@@ -1079,12 +1103,20 @@ impl Inner {
         });
         // Lost in a power cut, the final callback goes again after the restart (the
         // outcome it reports is on disk).
-        self.update(id, Durability::Written, |r| {
-            r.final_sent = true;
-            r.timings.callback_final = took;
-            // Nothing needs the credentials any more: they do not stay on disk.
-            r.spec = r.spec.scrubbed();
-        })
+        // A failed write is taken back out of the journal, whose last line of this build
+        // then still holds its credentials and says its final callback is owed (sent again
+        // after a restart): written again until it is on disk, as the outcome is.
+        self.update_until_written(
+            id,
+            Durability::Written,
+            "the build's final callback is not recorded on disk; trying again",
+            |r| {
+                r.final_sent = true;
+                r.timings.callback_final = took;
+                // Nothing needs the credentials any more: they do not stay on disk.
+                r.spec = r.spec.scrubbed();
+            },
+        )
         .await;
         // Done with it: the state file stays (idempotent POST, restart), memory does not grow.
         self.lock_records().remove(&id);
@@ -1141,6 +1173,47 @@ async fn dispatch(inner: Arc<Inner>) {
             }
             inner.wake.notified().await;
         }
+    }
+}
+
+impl LocalExecutor {
+    /// The end of a build's acceptance: the `200` waits for the fsync of its record's batch
+    /// (an accepted build survives a SIGKILL that follows the answer), then it is queued.
+    async fn settle(
+        &self,
+        id: Uuid,
+        rec: Record,
+        saved: impl std::future::Future<Output = Result<(), state::StateError>>,
+        first: accepting::First,
+    ) -> Result<(), ExecutorError> {
+        let saved = saved.await;
+        first.done(saved.is_ok());
+        if let Err(e) = saved {
+            self.inner.lock_records().remove(&id);
+            tracing::error!(error = %e, "cannot write build state under DATA_DIR");
+            return Err(ExecutorError::Unavailable(
+                "build state cannot be written".into(),
+            ));
+        }
+        tracing::info!(build = %id, app = %rec.spec.app, number = rec.spec.build_number, "build accepted");
+        // A new build of a number already in use (controller-api numbers builds by count, so
+        // a number comes back after a build is deleted) replaces the old one, as the legacy
+        // shuttle did: a running one is stopped, and this one starts after it ended. A queued
+        // one runs first (looking through the queue would cost every POST the queue's
+        // length), and this one after it.
+        let same_number = BuildSelector {
+            app: rec.spec.app.clone(),
+            app_uuid: rec.spec.app_uuid.clone(),
+            build_number: Some(rec.spec.build_number),
+        };
+        let why = (
+            FailureReason::Cancelled,
+            format!("replaced by build {id}, which has the same number"),
+        );
+        self.inner
+            .stop_matching(&same_number, false, Some(id), Some(why));
+        self.enqueue(rec);
+        Ok(())
     }
 }
 
@@ -1202,7 +1275,9 @@ impl Executor for LocalExecutor {
         let cold = self.inner.queue_is_long();
         let accepted = {
             let mut records = self.inner.lock_records();
-            if records.contains(&id) {
+            // Known by now (a duplicate that arrived beside this one and was staged first),
+            // or finished and forgotten already.
+            if records.contains(&id) || self.inner.state.is_done(&id) {
                 Err(self.inner.accepting.join(&id))
             } else {
                 Ok(self.inner.accept_locked(&mut records, &mut rec, cold))
@@ -1213,36 +1288,19 @@ impl Executor for LocalExecutor {
             Ok(Err(e)) => return Err(e),
             Err(pending) => return self.inner.duplicate(id, pending).await,
         };
-        // The 200 waits for the fsync of this record's batch: an accepted build survives a
-        // SIGKILL that follows the answer.
-        let saved = saved.await;
-        first.done(saved.is_ok());
-        if let Err(e) = saved {
-            self.inner.lock_records().remove(&id);
-            tracing::error!(error = %e, "cannot write build state under DATA_DIR");
-            return Err(ExecutorError::Unavailable(
-                "build state cannot be written".into(),
-            ));
-        }
-        tracing::info!(build = %id, app = %rec.spec.app, number = rec.spec.build_number, "build accepted");
-        // A new build of a number already in use (controller-api numbers builds by count, so
-        // a number comes back after a build is deleted) replaces the old one, as the legacy
-        // shuttle did: a running one is stopped, and this one starts after it ended. A queued
-        // one runs first (looking through the queue would cost every POST the queue's
-        // length), and this one after it.
-        let same_number = BuildSelector {
-            app: rec.spec.app.clone(),
-            app_uuid: rec.spec.app_uuid.clone(),
-            build_number: Some(rec.spec.build_number),
-        };
-        let why = (
-            FailureReason::Cancelled,
-            format!("replaced by build {id}, which has the same number"),
-        );
-        self.inner
-            .stop_matching(&same_number, false, Some(id), Some(why));
-        self.enqueue(rec);
-        Ok(())
+        // The rest runs to its end on a task of its own, even when this request's client
+        // goes away meanwhile (hyper then drops this future): the build is known now, so a
+        // retried `POST /` is answered as a duplicate, and only this can queue the build or
+        // take it back.
+        let this = self.clone();
+        tokio::spawn(async move { this.settle(id, rec, saved, first).await })
+            .await
+            .unwrap_or_else(|e| {
+                tracing::error!(build = %id, error = %e, "accepting a build failed");
+                Err(ExecutorError::Unavailable(
+                    "the build could not be accepted".into(),
+                ))
+            })
     }
 
     fn health(&self) -> Result<(), String> {
@@ -1358,37 +1416,41 @@ mod tests {
 
     /// A build whose task panics stops counting as active: a follower of its log ends, and
     /// a later build of its number runs instead of waiting for it for ever.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_build_whose_task_panics_leaves_its_number_free() {
+    /// An executor on `dir` whose dockerd is a closed port (every build fails at once),
+    /// keeping logs and sources in `storage` (its files under `dir/store`), its logs
+    /// spooled in `dir/spool` first (as with S3) when `spool`.
+    async fn executor(
+        dir: &std::path::Path,
+        storage: Arc<dyn crate::storage::Storage>,
+        spool: bool,
+    ) -> LocalExecutor {
         use clap::Parser;
-        let dir = tempfile::tempdir().unwrap();
         let cli = crate::config::Cli::try_parse_from(["buildshuttle", "serve"])
             .unwrap_or_else(|e| panic!("{e}"));
         let crate::config::Command::Serve(args) = cli.command else {
             panic!("serve")
         };
         let config = Arc::new(args.build.validate().unwrap_or_else(|e| panic!("{e}")));
-        // dockerd is a closed port: the build fails at once, then its log's upload panics.
         let docker = bollard::Docker::connect_with_http(
             "http://127.0.0.1:9",
             1,
             bollard::API_DEFAULT_VERSION,
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        let store = dir.path().join("store");
-        let storage = Arc::new(PanicOnLogUpload(
-            crate::storage::LocalStorage::new(&store).unwrap(),
-        ));
         let sinks = LogSinks {
-            files: crate::logs::LogFiles::new(&store).unwrap(),
+            files: if spool {
+                crate::logs::LogFiles::spool(dir.join("spool")).unwrap()
+            } else {
+                crate::logs::LogFiles::new(dir.join("store")).unwrap()
+            },
             storage: storage.clone(),
             stdout: crate::logs::Stdout::Off,
             max_log_bytes: 1 << 20,
             kafka: None,
         };
-        let exec = LocalExecutor::start(
+        LocalExecutor::start(
             LocalSettings {
-                data_dir: dir.path().to_path_buf(),
+                data_dir: dir.to_path_buf(),
                 max_parallel: 2,
                 max_queued: None,
                 timeout: Duration::from_secs(600),
@@ -1399,7 +1461,189 @@ mod tests {
             Arc::new(Metrics::new()),
         )
         .await
-        .unwrap();
+        .unwrap()
+    }
+
+    fn local_storage(dir: &std::path::Path) -> crate::storage::LocalStorage {
+        crate::storage::LocalStorage::new(dir.join("store")).unwrap()
+    }
+
+    /// Local files, except that reading sources and storing a log never end (a hung S3).
+    struct HungStorage(crate::storage::LocalStorage);
+
+    #[async_trait]
+    impl crate::storage::Storage for HungStorage {
+        async fn put_file(
+            &self,
+            key: &str,
+            path: &std::path::Path,
+        ) -> Result<(), crate::storage::StorageError> {
+            if key.ends_with(".logs") {
+                std::future::pending::<()>().await;
+            }
+            self.0.put_file(key, path).await
+        }
+        async fn put_file_durable(
+            &self,
+            key: &str,
+            path: &std::path::Path,
+        ) -> Result<(), crate::storage::StorageError> {
+            self.0.put_file_durable(key, path).await
+        }
+        async fn get(&self, key: &str) -> Result<Option<Object>, crate::storage::StorageError> {
+            if !key.ends_with(".logs") {
+                std::future::pending::<()>().await;
+            }
+            self.0.get(key).await
+        }
+        async fn exists(&self, key: &str) -> Result<bool, crate::storage::StorageError> {
+            self.0.exists(key).await
+        }
+        fn describe(&self) -> String {
+            "hung".into()
+        }
+    }
+
+    /// A queued build stopped: its outcome is on disk before its log's last line is stored
+    /// (a slow storage would otherwise leave it `Queued`, to run after a restart).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stopped_queued_build_is_recorded_before_its_log_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let exec = executor(
+            dir.path(),
+            Arc::new(HungStorage(local_storage(dir.path()))),
+            true,
+        )
+        .await;
+        // Two builds hold both slots (reading their sources for ever); the third waits.
+        let specs: Vec<BuildSpec> = (1..=3)
+            .map(|n| {
+                let mut s = crate::build::tests::spec();
+                s.build_uuid = Uuid::new_v4();
+                s.build_number = n;
+                s
+            })
+            .collect();
+        for s in &specs {
+            exec.submit(s.clone()).await.unwrap();
+        }
+        let queued = &specs[2];
+        until("two builds run", || exec.running() == 2).await;
+        let stopped = exec
+            .stop(BuildSelector {
+                app: queued.app.clone(),
+                app_uuid: queued.app_uuid.clone(),
+                build_number: Some(3),
+            })
+            .await
+            .unwrap();
+        assert_eq!(stopped, 1);
+        until("the stopped build's outcome is recorded", || {
+            // (Without a callback to send, a finished record is let go at once.)
+            exec.inner
+                .record(queued.build_uuid)
+                .is_none_or(|r| r.phase == Phase::Finished && r.outcome.is_some())
+        })
+        .await;
+    }
+
+    /// A `POST /` whose client went away while its journal write was pending (hyper drops
+    /// the request's future): the build still runs, and a retried `POST /` is a duplicate.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_build_whose_client_hung_up_while_it_was_saved_still_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let exec = executor(dir.path(), Arc::new(local_storage(dir.path())), false).await;
+        let spec = crate::build::tests::spec();
+        let id = spec.build_uuid;
+        let mut post = Box::pin(exec.submit(spec.clone()));
+        // Polled until it waits for the journal write (its data: archive staged), then
+        // dropped.
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if futures::poll!(post.as_mut()).is_ready() {
+                panic!("answered before its write could have been synced");
+            }
+            if exec.inner.lock_records().contains(&id) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_micros(100)).await;
+        }
+        assert!(exec.inner.lock_records().contains(&id), "accepted");
+        drop(post);
+        // The client tries again: the same build, answered 200.
+        exec.submit(spec).await.unwrap();
+        let ended = || exec.inner.record(id).is_none_or(|r| r.outcome.is_some());
+        until("the build runs and ends", ended).await;
+    }
+
+    /// The write that records a build's final callback fails (a full disk): it is written
+    /// again, so neither its credentials nor a callback still owed stay on disk.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_write_of_the_final_callbacks_record_is_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let exec = executor(dir.path(), Arc::new(local_storage(dir.path())), false).await;
+        let state = dir.path().join("state");
+        // The receiver fills the "disk" as the final callback arrives, for 300 ms.
+        use crate::local::state::tests::file_size_limit;
+        let full = {
+            let state = state.clone();
+            move || {
+                let biggest = std::fs::read_dir(&state)
+                    .unwrap()
+                    .flatten()
+                    .filter_map(|f| f.metadata().ok().map(|m| m.len()))
+                    .max()
+                    .unwrap_or(0);
+                file_size_limit(Some(biggest));
+                std::thread::spawn(|| {
+                    std::thread::sleep(Duration::from_millis(300));
+                    file_size_limit(None);
+                });
+            }
+        };
+        let app = axum::Router::new().route(
+            "/cb",
+            axum::routing::post(move |body: String| async move {
+                if !body.contains("pending") {
+                    full();
+                }
+                "ok"
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let mut spec = crate::build::tests::spec();
+        spec.callback = Some(format!("http://{addr}/cb"));
+        let id = spec.build_uuid;
+        exec.submit(spec).await.unwrap();
+        until("the final callback is recorded", || {
+            exec.inner.record(id).is_none()
+        })
+        .await;
+        // On disk as done (a restart sends nothing again), scrubbed; the journal's earlier
+        // lines of it go at the next compaction.
+        let done = std::fs::read_to_string(state.join("done.log")).unwrap_or_default();
+        let line = done
+            .lines()
+            .find(|l| l.contains(&id.to_string()))
+            .unwrap_or_else(|| panic!("not recorded as done: {done}"));
+        assert!(
+            !line.contains("cb-token") && !line.contains("regpass"),
+            "{line}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_build_whose_task_panics_leaves_its_number_free() {
+        let dir = tempfile::tempdir().unwrap();
+        // The build fails at once, then its log's upload panics.
+        let exec = executor(
+            dir.path(),
+            Arc::new(PanicOnLogUpload(local_storage(dir.path()))),
+            false,
+        )
+        .await;
         let first = crate::build::tests::spec();
         let mut second = crate::build::tests::spec();
         second.build_uuid = Uuid::new_v4();

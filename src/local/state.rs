@@ -1116,7 +1116,7 @@ pub(crate) mod tests {
     }
 
     /// Files of this (test) process may not grow past `limit` bytes (`None`: no limit).
-    fn file_size_limit(limit: Option<u64>) {
+    pub(crate) fn file_size_limit(limit: Option<u64>) {
         // SAFETY: process-wide settings of this test's own process (nextest runs each test
         // in a process of its own); a write past the limit then fails with EFBIG instead of
         // raising SIGXFSZ.

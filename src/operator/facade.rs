@@ -1158,7 +1158,14 @@ impl Executor for KubeExecutor {
             .map_err(unavailable("reading a BuildJob"))?
             .is_none()
         {
-            return Ok(None);
+            // Gone (past BUILDJOB_TTL_SECONDS): a finished build's stored log, whole, as
+            // the route without `follow` and local mode serve it.
+            let key = crate::build::log_key(app, app_uuid, build_number);
+            let stored = self.storage.get(&key).await.map_err(|e| {
+                tracing::error!(error = %e, "reading a stored log");
+                ExecutorError::Unavailable("the log storage failed".into())
+            })?;
+            return Ok(stored.map(|obj| obj.body));
         }
         let follower = Follower {
             exec: self.clone(),
@@ -1759,6 +1766,32 @@ mod tests {
         assert_eq!(all.ok(), Some(1), "the finished build is left alone");
     }
 
+    /// Stores `text` as the log of the test spec's build (12).
+    async fn store_log(storage: &Arc<dyn Storage>, dir: &std::path::Path, text: &str) {
+        let src = dir.join("log");
+        std::fs::write(&src, text).unwrap_or_else(|e| panic!("{e}"));
+        let key = crate::build::tests::spec().log_key();
+        storage
+            .put_file(&key, &src)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// What a follow of build `n` sends, to its end (within 5 s); `None`: not found.
+    async fn followed(exec: &KubeExecutor, app_uuid: &str, n: u64) -> Option<String> {
+        let stream = exec.follow("myapp", app_uuid, n).await.ok().flatten()?;
+        let text = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            let chunks: Vec<_> = stream.collect().await;
+            chunks
+                .into_iter()
+                .flat_map(|c| c.unwrap_or_default().to_vec())
+                .collect::<Vec<u8>>()
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the follow never ended"));
+        Some(String::from_utf8_lossy(&text).into_owned())
+    }
+
     #[tokio::test]
     async fn a_follow_ends_when_its_buildjob_is_gone() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -1772,36 +1805,50 @@ mod tests {
         let verifier = mock::verify(handle, scenario);
         let (exec, storage) = executor(client, dir.path());
         let spec = crate::build::tests::spec();
-        let src = dir.path().join("log");
-        std::fs::write(&src, "Stopped while queued\nBuild finished\n")
-            .unwrap_or_else(|e| panic!("{e}"));
-        storage
-            .put_file(&spec.log_key(), &src)
+        store_log(
+            &storage,
+            dir.path(),
+            "Stopped while queued\nBuild finished\n",
+        )
+        .await;
+        let text = followed(&exec, &spec.app_uuid, 12)
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let stream = exec
-            .follow("myapp", &spec.app_uuid, 12)
-            .await
-            .ok()
-            .flatten()
             .unwrap_or_else(|| panic!("a follower"));
-        let text = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-            let chunks: Vec<_> = stream.collect().await;
-            chunks
-                .into_iter()
-                .flat_map(|c| c.unwrap_or_default().to_vec())
-                .collect::<Vec<u8>>()
-        })
-        .await
-        .unwrap_or_else(|_| panic!("the follow never ended"));
         drop(exec);
         verifier
             .await
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
-        assert_eq!(
-            String::from_utf8_lossy(&text),
-            "Stopped while queued\nBuild finished\n"
+        assert_eq!(text, "Stopped while queued\nBuild finished\n");
+    }
+
+    #[tokio::test]
+    async fn a_follow_of_a_build_whose_buildjob_expired_serves_its_stored_log() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (client, handle) = mock::client();
+        let spec = crate::build::tests::spec();
+        // Past BUILDJOB_TTL_SECONDS: no BuildJob, the stored log stays. Then another
+        // build that never was.
+        let never = Expect::new(
+            Method::GET,
+            format!("{JOBS}/{}", job_name("myapp", &spec.app_uuid, 13)),
+            404,
+            Some(status_error(404, "NotFound")),
         );
+        let verifier = mock::verify(handle, vec![no_job_yet(), never]);
+        let (exec, storage) = executor(client, dir.path());
+        store_log(&storage, dir.path(), "Step 1/1 : FROM x\nBuild finished\n").await;
+        let text = followed(&exec, &spec.app_uuid, 12).await;
+        assert_eq!(
+            text.as_deref(),
+            Some("Step 1/1 : FROM x\nBuild finished\n"),
+            "the stored log, as without follow"
+        );
+        let unknown = exec.follow("myapp", &spec.app_uuid, 13).await;
+        assert!(matches!(unknown, Ok(None)), "unknown: a 404");
+        drop(exec);
+        verifier
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
     }
 
     #[tokio::test]

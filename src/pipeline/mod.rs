@@ -592,7 +592,13 @@ impl Pipeline {
         let Some(b64) = sources::data_payload(spec.sources.expose()) else {
             return Ok(());
         };
-        let file = scratch.join(format!("{}.incoming", spec.build_uuid));
+        // Unique: two `POST /`s of one build may stage at once, and storage may keep the
+        // staged file itself (a hard link) as the object.
+        let file = scratch.join(format!(
+            "{}.{}.incoming",
+            spec.build_uuid,
+            uuid::Uuid::new_v4().simple()
+        ));
         let staged = async {
             let Ok(len) = sources::write_data(b64, &file, &self.config.limits).await else {
                 return Ok(false);
