@@ -941,6 +941,43 @@ fn chart_options_shape_the_objects() {
     assert!(e.contains("s3.secretKey"), "{e}");
 }
 
+#[test]
+fn a_real_install_starts_drains_rotates_and_splits_as_a_cluster_needs() {
+    let objs = rendered(json!({})).unwrap();
+    let c = container(&objs);
+    // A slow or blocked S3 at start shows its error instead of liveness restarts: the
+    // startup probe waits as long as the start's S3 check can take (5 attempts).
+    let startup = &c["startupProbe"];
+    assert_eq!(startup["httpGet"]["path"], "/metrics");
+    let budget =
+        startup["periodSeconds"].as_u64().unwrap() * startup["failureThreshold"].as_u64().unwrap();
+    assert!(budget >= 600, "{startup}");
+    // A percentage stays one: `int64` made "50%" a 0, which blocks every drain.
+    let pct = rendered(json!({"podDisruptionBudget": {"maxUnavailable": "50%"}})).unwrap();
+    assert_eq!(
+        of_kind(&pct, "PodDisruptionBudget")[0]["spec"]["maxUnavailable"],
+        "50%"
+    );
+    // A changed Secret rolls the pods (they read it only at start).
+    let annotations = |over: Value| {
+        let objs = rendered(over).unwrap();
+        of_kind(&objs, "Deployment")[0]["spec"]["template"]["metadata"]["annotations"].clone()
+    };
+    let before = annotations(json!({"s3": {"accessKey": "AK", "secretKey": "one"}}));
+    let after = annotations(json!({"s3": {"accessKey": "AK", "secretKey": "two"}}));
+    assert!(before["checksum/env"].is_string(), "{before}");
+    assert_ne!(before["checksum/env"], after["checksum/env"]);
+    // An API-only release labels its BuildJobs for the release whose controller runs them.
+    let api = rendered(json!({"controller": {"enabled": false}, "instanceName": "ctl"})).unwrap();
+    assert_eq!(
+        env_value(&container(&api), "INSTANCE_NAME").as_deref(),
+        Some("ctl")
+    );
+    assert_eq!(env_value(&c, "INSTANCE_NAME").as_deref(), Some("bs"));
+    // How to uninstall without leaving BuildJobs that only a controller can let go.
+    assert!(notes(json!({})).contains("kubectl -n builds delete bj --all --wait"));
+}
+
 fn notes(over: Value) -> String {
     let r = render(&values(&with_bucket(over)), "bs", "builds").unwrap();
     r.into_iter().find(|(n, _)| n == "NOTES.txt").unwrap().1

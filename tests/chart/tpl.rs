@@ -406,6 +406,12 @@ impl Templates {
                 arity(1)?;
                 Value::String(serde_json::to_string(&to_text(&a[0])?).unwrap())
             }
+            "sha256sum" => {
+                arity(1)?;
+                use sha2::Digest;
+                let digest = sha2::Sha256::digest(to_text(&a[0])?.as_bytes());
+                Value::String(digest.iter().map(|b| format!("{b:02x}")).collect())
+            }
             "toJson" => {
                 arity(1)?;
                 Value::String(serde_json::to_string(&integral(&a[0])).unwrap())
