@@ -165,11 +165,8 @@ fn docker_source_userinfo(sources: &str) -> Option<(&str, &str)> {
     if !scheme.eq_ignore_ascii_case("docker://") {
         return None;
     }
-    let (userinfo, image) = sources[9..].rsplit_once('@')?;
-    if image.starts_with("sha256:") {
-        return None;
-    }
-    userinfo.split_once(':')
+    let (userinfo, _) = crate::pipeline::sources::split_userinfo(&sources[9..]);
+    userinfo?.split_once(':')
 }
 
 pub fn source_key(build_uuid: &Uuid) -> String {
@@ -419,6 +416,11 @@ pub(crate) mod tests {
         assert!(s.secrets().contains(&"pw123"));
         assert!(s.secrets().contains(&"regpass"));
         assert!(s.secrets().contains(&"cb-token"));
+        s.sources = Secret::new(format!(
+            "docker://bob:pw456@host/repo@sha256:{}",
+            "a".repeat(64)
+        ));
+        assert!(s.secrets().contains(&"pw456"));
     }
 
     #[test]

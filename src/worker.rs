@@ -7,7 +7,6 @@ use crate::build::{BuildSpec, FailureReason, Outcome, RegistryAuth, StageTimings
 use crate::config::{BuildConfig, WorkerArgs};
 use crate::logs::{LogFiles, LogSinks};
 use crate::operator::crd::{BuildJobSpec, SourceKind, SOURCES_TOO_LARGE};
-use crate::pipeline::sources::SourceError;
 use crate::pipeline::{docker, Pipeline};
 use crate::secret::Secret;
 use std::path::Path;
@@ -213,14 +212,11 @@ async fn run_build(
         // A data: URI too large for MAX_SOURCE_BYTES (the facade passed a stand-in, see
         // `SOURCES_TOO_LARGE`): failed as the pipeline fails the URI itself, by its length,
         // with the lines local mode's build of it writes, and without waiting for dockerd.
-        log.line("Decoding sources from the data: URI");
-        let message = SourceError::TooLarge {
-            limit: cfg.limits.max_source_bytes,
+        let outcome = crate::pipeline::too_large(&mut log, &cfg.limits);
+        if let Outcome::Failed { reason, message } = &outcome {
+            log.line(&format!("Build failed ({}): {message}", reason.as_str()));
         }
-        .to_string();
-        let reason = FailureReason::SourceFetchFailed;
-        log.line(&format!("Build failed ({}): {message}", reason.as_str()));
-        Outcome::failed(reason, message)
+        outcome
     } else {
         let wait = Duration::from_secs(args.docker_wait_seconds).min(cfg.timeout);
         // Waiting for dockerd can take minutes (a dind sidecar that cannot start): a stop

@@ -100,6 +100,22 @@ impl BuildLog {
         }
     }
 
+    /// Also redacts `more` (credentials of the service's own configuration, such as
+    /// EXTRA_DOCKER_REGISTRY_CONFIG's passwords, that a daemon's message might echo).
+    pub fn redact_also<'a>(&mut self, more: impl IntoIterator<Item = &'a str>) {
+        for s in more {
+            if !self.secrets.iter().any(|k| k == s) {
+                self.secrets.push(s.to_string());
+            }
+        }
+    }
+
+    /// What this log redacts, for text that goes elsewhere (an outcome's message).
+    pub fn redact(&self, text: &str) -> String {
+        let secrets: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
+        redact(text, &secrets)
+    }
+
     pub fn with_sink(mut self, sink: Box<dyn Sink>) -> Self {
         self.sinks.push(sink);
         self
@@ -107,8 +123,7 @@ impl BuildLog {
 
     /// Writes `text`, one line per sink call; `\r` progress rewrites become separate lines.
     pub fn line(&mut self, text: &str) {
-        let secrets: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
-        let text = redact(text, &secrets);
+        let text = self.redact(text);
         for line in text.split(['\n', '\r']).filter(|l| !l.trim().is_empty()) {
             for sink in &mut self.sinks {
                 sink.write_line(line);
@@ -165,5 +180,9 @@ mod tests {
             *got.lock().unwrap(),
             vec!["Step 1/2 : FROM x", "login *** ok", FINISHED_LINE]
         );
+        let mut log = BuildLog::new(vec!["s3cret".into()]);
+        log.redact_also(["xtra-pw", "s3cret"]);
+        assert_eq!(log.redact("s3cret xtra-pw"), "*** ***");
+        assert_eq!(log.secrets.len(), 2);
     }
 }

@@ -28,11 +28,7 @@ pub mod secret_keys {
     pub const BUILD_ARGS: &str = "build_args";
 }
 
-/// The credentials Secret's `sources` for a `data:` URI whose payload is too large for
-/// MAX_SOURCE_BYTES (refused for its length before any decoding): the URI itself may be far
-/// larger than a Secret or an environment variable can hold, so the worker gets this and
-/// fails the build as the pipeline fails such a URI.
-pub const SOURCES_TOO_LARGE: &str = "data:application/x-buildshuttle-sources-too-large;base64,";
+pub use crate::pipeline::sources::SOURCES_TOO_LARGE;
 
 /// What to build. Holds no credential: see `secret_keys` for what the Secret holds.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]

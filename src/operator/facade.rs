@@ -13,7 +13,7 @@ use crate::build::BuildSpec;
 use crate::config::Limits;
 use crate::executor::LogStream;
 use crate::executor::{BuildSelector, Executor, ExecutorError};
-use crate::pipeline::sources::{self, Source, SourceError};
+use crate::pipeline::sources::{self, stand_in, Source, SourceError, STAND_IN_MAX};
 use crate::storage::{Object, Storage};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -469,45 +469,6 @@ impl Sources {
             secret: None,
         }
     }
-}
-
-/// The longest `data:` URI a credentials Secret holds, and so the worker's environment: far
-/// below the API server's 1 MiB for a Secret's data and Linux's 128 KiB for one environment
-/// string (MAX_ARG_STRLEN), past which the Secret is refused or the worker cannot start.
-const STAND_IN_MAX: usize = 64 * 1024 + 64;
-
-/// The base64 characters `sources::write_data` decodes at a time, each run on its own: a
-/// chunk fails (or not) the same way whatever precedes it.
-const DATA_CHUNK: usize = 64 * 1024;
-
-/// What the worker gets as `sources` for a `data:` URI this facade could not decode
-/// (`error`), instead of a URI that may be hundreds of MiB: one at most STAND_IN_MAX long
-/// that the worker's pipeline fails the same way (the same reason, message and log lines as
-/// local mode's build of the whole URI). The URI itself when short enough; else, for invalid
-/// base64, the chunk whose decoding failed; else (a payload too large for MAX_SOURCE_BYTES,
-/// refused for its length) `SOURCES_TOO_LARGE`, which the worker reports as that.
-fn stand_in(uri: &str, b64: &str, error: &SourceError) -> String {
-    if uri.len() <= STAND_IN_MAX {
-        return uri.to_string();
-    }
-    if matches!(error, SourceError::BadBase64(_)) {
-        use base64::Engine;
-        let payload = b64.trim_end();
-        let engine = base64::engine::general_purpose::STANDARD;
-        let mut start = 0;
-        while start < payload.len() {
-            let mut end = (start + DATA_CHUNK).min(payload.len());
-            if engine.decode(&payload.as_bytes()[start..end]).is_err() {
-                // Whole characters (the chunk before decoded: it is ASCII, `start` is one).
-                while !payload.is_char_boundary(end) {
-                    end += 1;
-                }
-                return format!("data:base64,{}", &payload[start..end]);
-            }
-            start = end;
-        }
-    }
-    SOURCES_TOO_LARGE.to_string()
 }
 
 /// How long a POST waits for the BuildJob of an earlier build with its number to go (a
@@ -1221,6 +1182,7 @@ mod tests {
     use super::*;
     use crate::operator::decide::tests::{job, JOB};
     use crate::operator::mock::{self, status_error, Expect};
+    use crate::pipeline::sources::DATA_CHUNK;
     use crate::secret::Secret;
     use crate::storage::LocalStorage;
     use base64::Engine;

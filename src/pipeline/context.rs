@@ -9,7 +9,7 @@
 use super::dockerfile::ArgStyle;
 use crate::config::Limits;
 use bytes::Bytes;
-use globset::{GlobBuilder, GlobMatcher};
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Component, Path, PathBuf};
@@ -20,7 +20,7 @@ pub enum ContextError {
     UnknownFormat,
     #[error("the archive is corrupt or truncated: {0}")]
     Corrupt(String),
-    #[error("archive entry {entry:?} is refused: {why}")]
+    #[error("archive entry {} is refused: {why}", shown(.entry))]
     UnsafeEntry { entry: String, why: &'static str },
     #[error("the archive expands past MAX_CONTEXT_BYTES ({limit} bytes)")]
     TooLarge { limit: u64 },
@@ -32,6 +32,8 @@ pub enum ContextError {
     BadIgnorePattern { pattern: String, why: String },
     #[error("the {file} is larger than {limit} bytes; a build needs it whole in memory")]
     ControlFileTooLarge { file: &'static str, limit: u64 },
+    #[error("the Dockerfile's FROM instructions times the build args' names would add more than {limit} bytes of ARG lines")]
+    TooManyArgLines { limit: u64 },
     #[error("preparing the build context on disk failed: {0}")]
     Io(#[from] io::Error),
 }
@@ -156,12 +158,31 @@ impl Budget {
     }
 }
 
+/// An entry name for an error message: quoted, and cut short (names may be a megabyte).
+fn shown(name: &str) -> String {
+    const MAX: usize = 200;
+    match name.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &name[..cut], name.len()),
+        None => format!("{name:?}"),
+    }
+}
+
+/// The longest path (PATH_MAX) and name (NAME_MAX) Linux, and so dockerd, can create.
+const MAX_PATH_BYTES: usize = 4096;
+const MAX_NAME_BYTES: usize = 255;
+/// Folders deep: far past any source tree, and it bounds the per-entry work of checking
+/// every parent folder.
+const MAX_DEPTH: usize = 256;
+
 /// Checks an entry name and returns it as a clean relative path.
 pub(super) fn safe_relative(name: &str) -> Result<PathBuf, ContextError> {
     let refuse = |why| ContextError::UnsafeEntry {
         entry: name.to_string(),
         why,
     };
+    if name.len() > MAX_PATH_BYTES {
+        return Err(refuse("its name is longer than 4096 bytes"));
+    }
     if name.contains('\0') {
         return Err(refuse("it contains a NUL byte"));
     }
@@ -173,9 +194,19 @@ pub(super) fn safe_relative(name: &str) -> Result<PathBuf, ContextError> {
         return Err(refuse("it is a Windows drive path"));
     }
     let mut out = PathBuf::new();
+    let mut depth = 0;
     for c in Path::new(name).components() {
         match c {
-            Component::Normal(p) => out.push(p),
+            Component::Normal(p) => {
+                if p.len() > MAX_NAME_BYTES {
+                    return Err(refuse("a part of its name is longer than 255 bytes"));
+                }
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(refuse("it is more than 256 folders deep"));
+                }
+                out.push(p)
+            }
             Component::CurDir => {}
             Component::ParentDir => return Err(refuse("it contains '..'")),
             Component::RootDir | Component::Prefix(_) => {
@@ -196,6 +227,11 @@ pub(super) fn check_link_target(
         entry: entry.to_string(),
         why,
     };
+    if target.as_os_str().len() > MAX_PATH_BYTES {
+        return Err(refuse(
+            "it is a link whose target is longer than 4096 bytes",
+        ));
+    }
     if target.is_absolute() {
         return Err(refuse("it is a link to an absolute path"));
     }
@@ -218,6 +254,59 @@ pub(super) fn check_link_target(
     Ok(())
 }
 
+/// The symlinks an archive has made so far, to tell whether an entry lies beneath one in
+/// time linear in its name (a set of whole paths hashes every parent folder anew: quadratic
+/// in a 4 KiB name). Kept as hashes of each path's components, with this process's random
+/// keys so names cannot be chosen to collide; a collision could only ever add a check.
+pub(super) struct Links {
+    keys: std::collections::hash_map::RandomState,
+    paths: std::collections::HashSet<u64>,
+}
+
+impl Default for Links {
+    fn default() -> Self {
+        Self {
+            keys: std::collections::hash_map::RandomState::new(),
+            paths: std::collections::HashSet::new(),
+        }
+    }
+}
+
+impl Links {
+    /// The hash of each leading part of `rel`: `a`, `a/b`, `a/b/c`.
+    fn prefixes(&self, rel: &Path) -> Vec<u64> {
+        use std::hash::{BuildHasher, Hash, Hasher};
+        let mut h = self.keys.build_hasher();
+        rel.components()
+            .map(|c| {
+                c.as_os_str().hash(&mut h);
+                h.clone().finish()
+            })
+            .collect()
+    }
+    pub(super) fn insert(&mut self, rel: &Path) {
+        if let Some(last) = self.prefixes(rel).pop() {
+            self.paths.insert(last);
+        }
+    }
+    pub(super) fn remove(&mut self, rel: &Path) {
+        if !self.paths.is_empty() {
+            if let Some(last) = self.prefixes(rel).pop() {
+                self.paths.remove(&last);
+            }
+        }
+    }
+    /// Whether one of `rel`'s parent folders is (or, after a collision, may be) a symlink.
+    pub(super) fn beneath_one(&self, rel: &Path) -> bool {
+        if self.paths.is_empty() {
+            return false;
+        }
+        let mut prefixes = self.prefixes(rel);
+        prefixes.pop();
+        prefixes.iter().any(|p| self.paths.contains(p))
+    }
+}
+
 /// Makes room for a new entry at `path`: parents created, any existing entry removed, so a
 /// file never writes through a symlink an earlier entry planted.
 fn prepare_slot(path: &Path) -> io::Result<()> {
@@ -232,8 +321,13 @@ fn prepare_slot(path: &Path) -> io::Result<()> {
 }
 
 /// Refuses an entry whose parent folders pass through a symlink: writing there would land
-/// wherever the link points.
-fn check_parents(dest: &Path, rel: &Path, entry: &str) -> Result<(), ContextError> {
+/// wherever the link points. `links` holds every symlink this extraction made (the only
+/// ones in `dest`): without one on the way, the folders need no look (one `lstat` per parent
+/// is quadratic in the depth).
+fn check_parents(dest: &Path, rel: &Path, entry: &str, links: &Links) -> Result<(), ContextError> {
+    if !links.beneath_one(rel) {
+        return Ok(());
+    }
     let mut cur = dest.to_path_buf();
     let comps: Vec<_> = rel.components().collect();
     for c in comps.iter().take(comps.len().saturating_sub(1)) {
@@ -257,7 +351,7 @@ fn write_file(
     prepare_slot(path)?;
     let mut out = fs::File::create(path)?;
     let limit = budget.remaining();
-    let n = io::copy(&mut (&mut src).take(limit + 1), &mut out)?;
+    let n = io::copy(&mut (&mut src).take(limit.saturating_add(1)), &mut out)?;
     budget.wrote(n)?;
     if let Some(mode) = mode {
         use std::os::unix::fs::PermissionsExt;
@@ -366,20 +460,27 @@ fn extract_tar(reader: impl Read, dest: &Path, budget: &mut Budget) -> Result<()
     let (reader, allowance) = header_guard(reader);
     let mut archive = tar::Archive::new(reader);
     let corrupt = |e: io::Error| ContextError::Corrupt(e.to_string());
+    // Never forgets one (a stale entry costs only a look at the folders).
+    let mut links = Links::default();
     for entry in archive.entries().map_err(corrupt)? {
         let mut entry = entry.map_err(corrupt)?;
         allowance.entry(&entry);
         let kind = entry.header().entry_type();
+        budget.entry()?;
+        // What is skipped is read (and inflated) all the same: a folder or pax global
+        // header declaring 8 GiB of data counts like a file of 8 GiB.
+        if !matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous) {
+            budget.wrote(entry.size())?;
+        }
         if is_extension_header(kind) {
             continue;
         }
-        budget.entry()?;
         let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let rel = safe_relative(&name)?;
         if rel.as_os_str().is_empty() {
             continue; // "./" itself
         }
-        check_parents(dest, &rel, &name)?;
+        check_parents(dest, &rel, &name, &links)?;
         let path = dest.join(&rel);
         match kind {
             EntryType::Regular | EntryType::Continuous => {
@@ -391,6 +492,7 @@ fn extract_tar(reader: impl Read, dest: &Path, budget: &mut Budget) -> Result<()
                 let target = symlink_target(&entry, &name, &rel)?;
                 prepare_slot(&path)?;
                 std::os::unix::fs::symlink(&target, &path)?;
+                links.insert(&rel);
             }
             EntryType::Link => {
                 let target = entry.link_name().map_err(corrupt)?.ok_or_else(|| {
@@ -404,7 +506,7 @@ fn extract_tar(reader: impl Read, dest: &Path, budget: &mut Budget) -> Result<()
                 })?;
                 // An earlier symlink on the way (`esc -> l/l/../../..`, `l -> .`) would
                 // make the copy read any file of this host.
-                check_parents(dest, &target_rel, &name)?;
+                check_parents(dest, &target_rel, &name, &links)?;
                 let target_path = dest.join(target_rel);
                 let meta =
                     fs::symlink_metadata(&target_path).map_err(|_| ContextError::UnsafeEntry {
@@ -428,10 +530,126 @@ fn extract_tar(reader: impl Read, dest: &Path, budget: &mut Budget) -> Result<()
     Ok(())
 }
 
+/// What a zip's last end-of-central-directory record (zip64's, when there is one) claims.
+#[derive(Debug, PartialEq)]
+struct ZipEnd {
+    entries: u64,
+    directory_bytes: u64,
+}
+
+/// Reads the end record from the file's last 64 KiB: `None` when there is none to read (the
+/// zip crate then says what is wrong).
+fn zip_end(file: &mut (impl Read + io::Seek)) -> io::Result<Option<ZipEnd>> {
+    use io::SeekFrom;
+    let len = file.seek(SeekFrom::End(0))?;
+    let tail_len = len.min(22 + 65_535);
+    file.seek(SeekFrom::Start(len - tail_len))?;
+    let mut tail = Vec::with_capacity(tail_len as usize);
+    file.take(tail_len).read_to_end(&mut tail)?;
+    let le16 = |b: &[u8], at: usize| b.get(at..at + 2).map(|s| u16::from_le_bytes([s[0], s[1]]));
+    let le32 = |b: &[u8], at: usize| {
+        b.get(at..at + 4)
+            .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    };
+    let le64 = |b: &[u8], at: usize| {
+        b.get(at..at + 8)
+            .and_then(|s| s.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
+    let Some(at) = (0..tail.len().saturating_sub(21))
+        .rev()
+        .find(|&i| le32(&tail, i) == Some(0x0605_4b50))
+    else {
+        return Ok(None);
+    };
+    let (Some(entries), Some(directory_bytes)) = (le16(&tail, at + 10), le32(&tail, at + 12))
+    else {
+        return Ok(None);
+    };
+    let mut end = ZipEnd {
+        entries: entries.into(),
+        directory_bytes: directory_bytes.into(),
+    };
+    // A zip64 locator right before it points at the record with the real figures.
+    if at >= 20 && le32(&tail, at - 20) == Some(0x0706_4b50) {
+        if let Some(offset) = le64(&tail, at - 20 + 8).filter(|o| o.saturating_add(56) <= len) {
+            let mut record = [0u8; 56];
+            file.seek(SeekFrom::Start(offset))?;
+            file.read_exact(&mut record)?;
+            if le32(&record, 0) == Some(0x0606_4b50) {
+                if let (Some(e), Some(b)) = (le64(&record, 32), le64(&record, 40)) {
+                    end = ZipEnd {
+                        entries: e,
+                        directory_bytes: b,
+                    };
+                }
+            }
+        }
+    }
+    Ok(Some(end))
+}
+
+const GAVE_UP: &str =
+    "the zip's central directory is not where its end record says (the zip reader gave up)";
+
+/// A reader that fails once it has handed out `left` bytes: the zip crate reads the whole
+/// central directory of every end record it tries, from the last back to the first, so a
+/// file of many end records would otherwise cost time quadratic in its size. Lifted (set to
+/// `u64::MAX`) once the directory is read.
+struct ReadBudget<R> {
+    inner: R,
+    left: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<R: Read> Read for ReadBudget<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::sync::atomic::Ordering;
+        let left = self.left.load(Ordering::Relaxed);
+        if left == 0 {
+            return Err(io::Error::other(GAVE_UP));
+        }
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        if left != u64::MAX {
+            self.left.fetch_sub(n as u64, Ordering::Relaxed);
+        }
+        Ok(n)
+    }
+}
+
+impl<R: io::Seek> io::Seek for ReadBudget<R> {
+    fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
+        self.inner.seek(pos)
+    }
+}
+
 fn extract_zip(archive: &Path, dest: &Path, budget: &mut Budget) -> Result<(), ContextError> {
     let corrupt = |e: zip::result::ZipError| ContextError::Corrupt(e.to_string());
-    let mut zip =
-        zip::ZipArchive::new(io::BufReader::new(fs::File::open(archive)?)).map_err(corrupt)?;
+    let mut file = io::BufReader::new(fs::File::open(archive)?);
+    let end = zip_end(&mut file)?;
+    let limit = budget.limits.max_archive_entries;
+    if end.as_ref().is_some_and(|e| e.entries > limit) {
+        // Refused before the crate holds every entry's record in memory.
+        return Err(ContextError::TooManyEntries { limit });
+    }
+    // The directory once, plus the search for its end record, with room to spare.
+    let directory = end.map_or(0, |e| e.directory_bytes);
+    let left = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
+        directory.saturating_add(1 << 20),
+    ));
+    let reader = ReadBudget {
+        inner: file,
+        left: left.clone(),
+    };
+    let mut zip = zip::ZipArchive::new(reader).map_err(|e| {
+        if left.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            ContextError::Corrupt(GAVE_UP.to_string())
+        } else {
+            corrupt(e)
+        }
+    })?;
+    left.store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
+    let mut links = Links::default();
     for i in 0..zip.len() {
         let mut file = zip.by_index(i).map_err(corrupt)?;
         budget.entry()?;
@@ -440,7 +658,7 @@ fn extract_zip(archive: &Path, dest: &Path, budget: &mut Budget) -> Result<(), C
         if rel.as_os_str().is_empty() {
             continue;
         }
-        check_parents(dest, &rel, &name)?;
+        check_parents(dest, &rel, &name, &links)?;
         let path = dest.join(&rel);
         let mode = file.unix_mode();
         const S_IFMT: u32 = 0o170000;
@@ -452,6 +670,7 @@ fn extract_zip(archive: &Path, dest: &Path, budget: &mut Budget) -> Result<(), C
                 check_link_target(&name, &rel, &target)?;
                 prepare_slot(&path)?;
                 std::os::unix::fs::symlink(&target, &path)?;
+                links.insert(&rel);
             }
             Some(0o020000) | Some(0o060000) => {
                 return Err(ContextError::UnsafeEntry {
@@ -541,7 +760,7 @@ pub fn prepare_dockerfile(
         return Err(no_dockerfile(found));
     }
     let bytes = read_control_file(&path, "Dockerfile")?.unwrap_or_default();
-    let (rewritten, labelled) = rewrite_dockerfile(&bytes, arg_keys, style, labels);
+    let (rewritten, labelled) = rewrite_dockerfile(&bytes, arg_keys, style, labels)?;
     fs::write(&path, rewritten)?;
     Ok(labelled)
 }
@@ -553,14 +772,19 @@ pub(super) fn rewrite_dockerfile(
     arg_keys: &[String],
     style: ArgStyle,
     labels: &std::collections::BTreeMap<String, String>,
-) -> (String, bool) {
+) -> Result<(String, bool), ContextError> {
     let text = String::from_utf8_lossy(bytes);
-    let mut rewritten = super::dockerfile::inject_args(&text, arg_keys, style);
+    let mut rewritten =
+        super::dockerfile::inject_args(&text, arg_keys, style, MAX_CONTROL_FILE as usize).ok_or(
+            ContextError::TooManyArgLines {
+                limit: MAX_CONTROL_FILE,
+            },
+        )?;
     let label = super::dockerfile::label_line(&rewritten, labels);
     if let Some(line) = &label {
         rewritten = super::dockerfile::append_line(&rewritten, line);
     }
-    (rewritten, label.is_some())
+    Ok((rewritten, label.is_some()))
 }
 
 /// The error for sources without a Dockerfile at the top, naming (some of) what is there.
@@ -577,20 +801,37 @@ pub(super) fn no_dockerfile(mut found: Vec<String>) -> ContextError {
 
 /// `.dockerignore` rules: the last matching pattern wins; `!` re-includes; a pattern that
 /// matches a folder matches everything in it.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct DockerIgnore {
-    rules: Vec<(GlobMatcher, bool)>,
+    /// Every pattern, matched at once (one by one, 2 MiB of patterns times every entry
+    /// and parent folder is hours of work).
+    set: GlobSet,
+    /// Per pattern, in order: whether it is a `!` rule.
+    negate: Vec<bool>,
 }
+
+impl Default for DockerIgnore {
+    fn default() -> Self {
+        Self {
+            set: GlobSet::empty(),
+            negate: Vec::new(),
+        }
+    }
+}
+
+/// More patterns than any `.dockerignore` has; the bound keeps matching cheap.
+const MAX_IGNORE_PATTERNS: usize = 10_000;
 
 impl DockerIgnore {
     pub fn parse(text: &str) -> Result<Self, ContextError> {
-        let mut rules = Vec::new();
+        let mut set = GlobSetBuilder::new();
+        let mut negate = Vec::new();
         for line in text.lines() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let (negate, pat) = match line.strip_prefix('!') {
+            let (is_negation, pat) = match line.strip_prefix('!') {
                 Some(p) => (true, p.trim()),
                 None => (false, line),
             };
@@ -609,9 +850,20 @@ impl DockerIgnore {
                     pattern: line.to_string(),
                     why: e.kind().to_string(),
                 })?;
-            rules.push((glob.compile_matcher(), negate));
+            if negate.len() == MAX_IGNORE_PATTERNS {
+                return Err(ContextError::BadIgnorePattern {
+                    pattern: line.to_string(),
+                    why: format!("the .dockerignore has more than {MAX_IGNORE_PATTERNS} patterns"),
+                });
+            }
+            set.add(glob);
+            negate.push(is_negation);
         }
-        Ok(Self { rules })
+        let set = set.build().map_err(|e| ContextError::BadIgnorePattern {
+            pattern: "(all of them together)".to_string(),
+            why: e.kind().to_string(),
+        })?;
+        Ok(Self { set, negate })
     }
 
     pub fn load(root: &Path) -> Result<Self, ContextError> {
@@ -623,22 +875,19 @@ impl DockerIgnore {
 
     /// Whether `rel` (slash-separated, relative to the root) is excluded.
     pub fn excludes(&self, rel: &str) -> bool {
-        let mut excluded = false;
-        for (glob, negate) in &self.rules {
-            // The path itself or any of its parent folders.
-            let hit = glob.is_match(rel)
-                || rel
-                    .match_indices('/')
-                    .any(|(i, _)| glob.is_match(&rel[..i]));
-            if hit {
-                excluded = !negate;
-            }
+        if self.negate.is_empty() {
+            return false;
         }
-        excluded
+        // The last pattern that matches the path itself or any of its parent folders.
+        let last = std::iter::once(rel)
+            .chain(rel.match_indices('/').map(|(i, _)| &rel[..i]))
+            .filter_map(|p| self.set.matches(p).into_iter().max())
+            .max();
+        last.is_some_and(|i| !self.negate[i])
     }
 
     fn has_negations(&self) -> bool {
-        self.rules.iter().any(|(_, n)| *n)
+        self.negate.iter().any(|n| *n)
     }
 }
 
@@ -827,6 +1076,19 @@ pub(super) mod tests {
         for bad in ["../x", "a/../../x", "/etc/passwd", "C:/x", "a\\..\\x"] {
             assert!(safe_relative(bad).is_err(), "{bad}");
         }
+        // What no Linux path can be, and what would make checking parents quadratic.
+        let long_name = format!("a/{}", "n".repeat(256));
+        let too_deep = "d/".repeat(257) + "f";
+        let too_long = "a/".repeat(2000) + &"b".repeat(200);
+        for bad in [&long_name, &too_deep, &too_long] {
+            let e = safe_relative(bad).unwrap_err().to_string();
+            // The message names the entry, cut short.
+            assert!(e.len() < 400, "{e}");
+        }
+        assert!(safe_relative(&("d/".repeat(255) + "f")).is_ok());
+        assert!(safe_relative(&format!("a/{}", "n".repeat(255))).is_ok());
+        let target = "x".repeat(4097);
+        assert!(check_link_target("l", Path::new("l"), Path::new(&target)).is_err());
     }
 
     #[test]
@@ -849,6 +1111,15 @@ pub(super) mod tests {
         assert!(ig.excludes("docs/a/b/c.md"));
         assert!(ig.excludes("secret"));
         assert!(!ig.excludes("src/main.rs"));
+        // A later rule wins over an earlier one, whichever of path or parent it matched.
+        let ig = DockerIgnore::parse("!a/keep\na\n").unwrap();
+        assert!(ig.excludes("a/keep"));
+        let ig = DockerIgnore::parse("a\n!a/keep\n").unwrap();
+        assert!(!ig.excludes("a/keep") && ig.excludes("a/other"));
+        // Matching stays cheap: the pattern count is bounded.
+        assert!(DockerIgnore::parse(&"a\n".repeat(MAX_IGNORE_PATTERNS)).is_ok());
+        let e = DockerIgnore::parse(&"a\n".repeat(MAX_IGNORE_PATTERNS + 1)).unwrap_err();
+        assert!(e.to_string().contains("more than 10000 patterns"), "{e}");
     }
 
     fn tar_gz(entries: &[(&str, &[u8])]) -> Vec<u8> {
@@ -1047,6 +1318,131 @@ pub(super) mod tests {
             extract(&a, &dir.path().join("o2"), &few),
             Err(ContextError::TooManyEntries { .. })
         ));
+    }
+
+    /// `count` central-directory headers (no names, local offset `offset`) from offset 4,
+    /// after a local-header signature, as a zip's directory.
+    fn zip_directory(count: usize, offset: u32) -> Vec<u8> {
+        let mut z = b"PK\x03\x04".to_vec();
+        for _ in 0..count {
+            let mut h = [0u8; 46];
+            h[..4].copy_from_slice(&0x0201_4b50u32.to_le_bytes());
+            h[42..46].copy_from_slice(&offset.to_le_bytes());
+            z.extend_from_slice(&h);
+        }
+        z
+    }
+
+    /// An end record claiming `entries` entries in `bytes` bytes from offset 4.
+    fn zip_end_record(entries: u16, bytes: u32) -> Vec<u8> {
+        let mut e = vec![0u8; 22];
+        e[..4].copy_from_slice(&0x0605_4b50u32.to_le_bytes());
+        e[8..10].copy_from_slice(&entries.to_le_bytes());
+        e[10..12].copy_from_slice(&entries.to_le_bytes());
+        e[12..16].copy_from_slice(&bytes.to_le_bytes());
+        e[16..20].copy_from_slice(&4u32.to_le_bytes());
+        e
+    }
+
+    #[test]
+    fn a_zip_is_refused_before_its_directory_costs_memory_or_time() {
+        let dir = tempfile::tempdir().unwrap();
+        // An end record claiming more entries than allowed: refused from the record alone.
+        let claims = dir.path().join("claims.zip");
+        let mut z = zip_directory(0, 0);
+        z.extend(zip_end_record(60_000, 46 * 60_000));
+        fs::write(&claims, &z).unwrap();
+        let few = Limits {
+            max_archive_entries: 1000,
+            ..limits()
+        };
+        assert!(matches!(
+            extract(&claims, &dir.path().join("o1"), &few),
+            Err(ContextError::TooManyEntries { limit: 1000 })
+        ));
+        // A directory whose last header is bad, behind many end records: the zip reader
+        // would parse the whole directory once per record; it is stopped after the first.
+        let records = dir.path().join("records.zip");
+        let n = 2000;
+        let mut z = zip_directory(n, 0);
+        z.extend(zip_directory(1, 4)[4..].iter());
+        for _ in 0..2000 {
+            z.extend(zip_end_record(n as u16 + 1, 46 * (n as u32 + 1)));
+        }
+        fs::write(&records, &z).unwrap();
+        let many = Limits {
+            max_archive_entries: 100_000,
+            ..limits()
+        };
+        let e = extract(&records, &dir.path().join("o2"), &many).unwrap_err();
+        assert!(e.to_string().contains("the zip reader gave up"), "{e}");
+        // A real zip, its end record read as it is.
+        let real = dir.path().join("real.zip");
+        let mut w = zip::ZipWriter::new(io::Cursor::new(Vec::new()));
+        w.start_file("Dockerfile", zip::write::SimpleFileOptions::default())
+            .unwrap();
+        w.write_all(b"FROM x\n").unwrap();
+        fs::write(&real, w.finish().unwrap().into_inner()).unwrap();
+        let end = zip_end(&mut fs::File::open(&real).unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(end.entries, 1);
+        assert!(extract(&real, &dir.path().join("o3"), &limits()).is_ok());
+    }
+
+    #[test]
+    fn data_that_is_only_skipped_counts_against_the_context_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.tgz");
+        // A folder entry that declares (and carries) 5000 bytes.
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_size(5000);
+        h.set_mode(0o755);
+        h.set_cksum();
+        b.append_data(&mut h, "d/", &[0u8; 5000][..]).unwrap();
+        fs::write(&a, b.into_inner().unwrap()).unwrap();
+        let small = Limits {
+            max_context_bytes: 1000,
+            ..limits()
+        };
+        assert!(matches!(
+            extract(&a, &dir.path().join("o"), &small),
+            Err(ContextError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            crate::pipeline::restream::scan(fs::File::open(&a).unwrap(), &small),
+            Err(ContextError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn a_from_bomb_times_many_build_args_is_refused() {
+        let bomb = "FROM \n".repeat(700_000);
+        let keys: Vec<String> = (0..1000).map(|i| format!("KEY_{i:04}")).collect();
+        let e = rewrite_dockerfile(
+            bomb.as_bytes(),
+            &keys,
+            ArgStyle::OneInstruction,
+            &Default::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, ContextError::TooManyArgLines { .. }), "{e}");
+    }
+
+    #[test]
+    fn links_tell_what_lies_beneath_a_symlink() {
+        let mut links = Links::default();
+        assert!(!links.beneath_one(Path::new("a/b/c")));
+        links.insert(Path::new("a/b"));
+        assert!(links.beneath_one(Path::new("a/b/c")));
+        assert!(links.beneath_one(Path::new("a/b/c/d")));
+        assert!(!links.beneath_one(Path::new("a/b")), "the link itself");
+        assert!(!links.beneath_one(Path::new("a/bc/d")));
+        assert!(!links.beneath_one(Path::new("ab/c")));
+        links.remove(Path::new("a/b"));
+        assert!(!links.beneath_one(Path::new("a/b/c")));
     }
 
     #[test]

@@ -16,12 +16,20 @@ pub enum ArgStyle {
     OnePerName,
 }
 
-/// Inserts the `ARG` line(s) for `keys` after every `FROM` instruction of `dockerfile`.
-pub fn inject_args(dockerfile: &str, keys: &[String], style: ArgStyle) -> String {
+/// Inserts the `ARG` line(s) for `keys` after every `FROM` instruction of `dockerfile`;
+/// `None` when they would add more than `max_added` bytes (the ARG lines repeat per `FROM`:
+/// 48 KiB of names times a Dockerfile of a million `FROM` lines is gigabytes).
+pub fn inject_args(
+    dockerfile: &str,
+    keys: &[String],
+    style: ArgStyle,
+    max_added: usize,
+) -> Option<String> {
     if keys.is_empty() {
-        return dockerfile.to_string();
+        return Some(dockerfile.to_string());
     }
-    let mut out = String::with_capacity(dockerfile.len() + keys.len() * 16);
+    let names: usize = keys.iter().map(|k| k.len() + 1).sum();
+    let mut out = String::with_capacity(dockerfile.len() + names.min(max_added));
     // True while inside a FROM instruction continued with a trailing backslash.
     let mut in_from = false;
     for line in dockerfile.split_inclusive('\n') {
@@ -35,6 +43,13 @@ pub fn inject_args(dockerfile: &str, keys: &[String], style: ArgStyle) -> String
             in_from = false;
             if !line.ends_with('\n') {
                 out.push_str(eol);
+            }
+            let adding = match style {
+                ArgStyle::OneInstruction => 3 + names + eol.len(),
+                ArgStyle::OnePerName => names + keys.len() * (3 + eol.len()),
+            };
+            if out.len() + adding > dockerfile.len() + max_added {
+                return None;
             }
             match style {
                 ArgStyle::OneInstruction => {
@@ -55,7 +70,7 @@ pub fn inject_args(dockerfile: &str, keys: &[String], style: ArgStyle) -> String
             }
         }
     }
-    out
+    Some(out)
 }
 
 fn is_from(line: &str) -> bool {
@@ -111,15 +126,32 @@ mod tests {
 
     const ONE: ArgStyle = ArgStyle::OneInstruction;
 
+    fn inject(src: &str, k: &[&str], style: ArgStyle) -> String {
+        inject_args(src, &keys(k), style, usize::MAX / 2).unwrap()
+    }
+
+    #[test]
+    fn arg_lines_stop_at_their_budget() {
+        // Exactly the budget is fine; a byte less, and a FROM bomb, are refused.
+        let exact = "FROM a\nARG K1 K2\nFROM b\nARG K1 K2\n".len() - "FROM a\nFROM b\n".len();
+        let src = "FROM a\nFROM b\n";
+        assert!(inject_args(src, &keys(&["K1", "K2"]), ONE, exact).is_some());
+        assert!(inject_args(src, &keys(&["K1", "K2"]), ONE, exact - 1).is_none());
+        let bomb = "FROM \n".repeat(100_000);
+        let many: Vec<String> = (0..1000).map(|i| format!("K{i}")).collect();
+        assert!(inject_args(&bomb, &many, ONE, 4 << 20).is_none());
+        assert!(inject_args(&bomb, &many, ArgStyle::OnePerName, 4 << 20).is_none());
+    }
+
     #[test]
     fn after_every_from_in_a_multi_stage_file() {
         let src = "FROM a AS build\nRUN make\nfrom b\nCOPY --from=build /x /x\n";
         assert_eq!(
-            inject_args(src, &keys(&["K1", "K2"]), ONE),
+            inject(src, &["K1", "K2"], ONE),
             "FROM a AS build\nARG K1 K2\nRUN make\nfrom b\nARG K1 K2\nCOPY --from=build /x /x\n"
         );
         assert_eq!(
-            inject_args(src, &keys(&["K1", "K2"]), ArgStyle::OnePerName),
+            inject(src, &["K1", "K2"], ArgStyle::OnePerName),
             "FROM a AS build\nARG K1\nARG K2\nRUN make\nfrom b\nARG K1\nARG K2\nCOPY --from=build /x /x\n"
         );
     }
@@ -127,26 +159,23 @@ mod tests {
     #[test]
     fn crlf_is_kept_and_last_line_without_newline() {
         assert_eq!(
-            inject_args("FROM a\r\nRUN x\r\n", &keys(&["K"]), ONE),
+            inject("FROM a\r\nRUN x\r\n", &["K"], ONE),
             "FROM a\r\nARG K\r\nRUN x\r\n"
         );
-        assert_eq!(
-            inject_args("  From a", &keys(&["K"]), ONE),
-            "  From a\nARG K\n"
-        );
+        assert_eq!(inject("  From a", &["K"], ONE), "  From a\nARG K\n");
     }
 
     #[test]
     fn continued_from_and_lookalikes() {
         assert_eq!(
-            inject_args("FROM \\\n  a\nRUN echo FROM x\n", &keys(&["K"]), ONE),
+            inject("FROM \\\n  a\nRUN echo FROM x\n", &["K"], ONE),
             "FROM \\\n  a\nARG K\nRUN echo FROM x\n"
         );
         assert_eq!(
-            inject_args("FROMAGE x\n# FROM y\n", &keys(&["K"]), ONE),
+            inject("FROMAGE x\n# FROM y\n", &["K"], ONE),
             "FROMAGE x\n# FROM y\n"
         );
-        assert_eq!(inject_args("FROM a\n", &[], ONE), "FROM a\n");
+        assert_eq!(inject("FROM a\n", &[], ONE), "FROM a\n");
     }
 
     #[test]

@@ -124,9 +124,18 @@ impl Pipeline {
         workdir: &Path,
         timings: &mut StageTimings,
     ) -> Outcome {
-        let outcome = match sources::parse(spec.sources.expose()) {
+        log.redact_also(
+            self.config
+                .extra_registries
+                .values()
+                .map(|a| a.password.expose()),
+        );
+        let mut outcome = match sources::parse(spec.sources.expose()) {
             _ if spec.sources_stored => {
                 self.build(spec, Fetch::Stored, log, workdir, timings).await
+            }
+            _ if spec.sources.expose() == sources::SOURCES_TOO_LARGE => {
+                too_large(log, &self.config.limits)
             }
             Err(e) => Outcome::failed(FailureReason::InvalidSources, e.to_string()),
             Ok(Source::Docker(src)) => self.retag(spec, &src, log, timings).await,
@@ -149,6 +158,10 @@ impl Pipeline {
             Outcome::Failed { reason, message } => {
                 log.line(&format!("Build failed ({}): {message}", reason.as_str()));
             }
+        }
+        // The message is kept (state, BuildJob status) and sent on: no credential in it.
+        if let Outcome::Failed { message, .. } = &mut outcome {
+            *message = log.redact(message);
         }
         outcome
     }
@@ -600,19 +613,24 @@ impl Pipeline {
             uuid::Uuid::new_v4().simple()
         ));
         let staged = async {
-            let Ok(len) = sources::write_data(b64, &file, &self.config.limits).await else {
-                return Ok(false);
+            let len = match sources::write_data(b64, &file, &self.config.limits).await {
+                Ok(len) => len,
+                // Failed again when it runs, from a stand-in: the state keeps no megabytes.
+                Err(e) => return Ok(Err(sources::stand_in(spec.sources.expose(), b64, &e))),
             };
             // The build is acknowledged after this: the stored copy must survive a power loss.
             store_staged(self.storage.as_ref(), &spec.source_key(), &file, len)
                 .await
-                .map(|()| true)
+                .map(Ok)
         }
         .await;
         let _ = tokio::fs::remove_file(&file).await;
-        if staged? {
-            spec.sources = crate::secret::Secret::new("data:base64,");
-            spec.sources_stored = true;
+        match staged? {
+            Ok(()) => {
+                spec.sources = crate::secret::Secret::new("data:base64,");
+                spec.sources_stored = true;
+            }
+            Err(stand_in) => spec.sources = crate::secret::Secret::new(stand_in),
         }
         Ok(())
     }
@@ -1147,6 +1165,16 @@ fn docker_failure(e: DockerError) -> Outcome {
     Outcome::failed(reason, e.to_string())
 }
 
+/// The build of `SOURCES_TOO_LARGE` (a `data:` URI refused for its length when it was
+/// accepted): failed as the URI itself fails, with the same lines, at once.
+pub fn too_large(log: &mut BuildLog, limits: &crate::config::Limits) -> Outcome {
+    log.line("Decoding sources from the data: URI");
+    let error = sources::SourceError::TooLarge {
+        limit: limits.max_source_bytes,
+    };
+    Outcome::failed(FailureReason::SourceFetchFailed, error.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1256,6 +1284,83 @@ mod tests {
             vec![(spec.source_key(), "put_file_durable")]
         );
         assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_undecodable_data_uri_is_kept_as_a_short_stand_in_that_fails_the_same_way() {
+        let (offline, storage) = offline_pipeline();
+        let mut config = (*offline.config).clone();
+        config.limits.max_source_bytes = 1 << 20;
+        let pipeline = Pipeline::new(offline.docker, storage.clone(), Arc::new(config));
+        let scratch = tempfile::tempdir().unwrap();
+        // 600 KB of base64 with a bad symbol in its fifth 64 KiB: the state would keep it all.
+        let mut payload = "QUJD".repeat(150_000);
+        payload.replace_range(300_001..300_002, "!");
+        let mut spec = crate::build::tests::spec();
+        spec.sources = crate::secret::Secret::new(format!("data:base64,{payload}"));
+        pipeline
+            .stage_inline_sources(&mut spec, scratch.path())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!spec.sources_stored);
+        let kept = spec.sources.expose();
+        assert!(kept.len() <= sources::STAND_IN_MAX, "{}", kept.len());
+        let b64 = sources::data_payload(kept).unwrap_or_else(|| panic!("{kept}"));
+        let elsewhere = tempfile::tempdir().unwrap();
+        let e = sources::write_data(b64, &elsewhere.path().join("x"), &pipeline.config.limits)
+            .await
+            .expect_err("it fails as the whole URI does");
+        assert!(matches!(e, sources::SourceError::BadBase64(_)), "{e}");
+        // Too large for MAX_SOURCE_BYTES: kept as SOURCES_TOO_LARGE, whose build fails so.
+        let mut spec = crate::build::tests::spec();
+        spec.sources =
+            crate::secret::Secret::new(format!("data:base64,{}", "QUJD".repeat(400_000)));
+        pipeline
+            .stage_inline_sources(&mut spec, scratch.path())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(spec.sources.expose(), sources::SOURCES_TOO_LARGE);
+        let mut log = BuildLog::new(Vec::new());
+        let work = tempfile::tempdir().unwrap();
+        let outcome = pipeline
+            .run(&spec, &mut log, work.path(), &mut StageTimings::default())
+            .await;
+        match outcome {
+            Outcome::Failed { reason, message } => {
+                assert_eq!(reason, FailureReason::SourceFetchFailed);
+                assert!(message.contains("MAX_SOURCE_BYTES"), "{message}");
+            }
+            o => panic!("{o:?}"),
+        }
+        assert!(storage.0.lock().unwrap().is_empty());
+        assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_outcome_message_holds_no_credential() {
+        let (offline, storage) = offline_pipeline();
+        let mut config = (*offline.config).clone();
+        // A password the daemon's error happens to echo (words of it, here).
+        config.extra_registries.insert(
+            "r.example:5000".into(),
+            crate::build::RegistryAuth {
+                username: "u".into(),
+                password: crate::secret::Secret::new("hyper legacy client"),
+            },
+        );
+        let pipeline = Pipeline::new(offline.docker, storage, Arc::new(config));
+        let mut spec = crate::build::tests::spec();
+        spec.sources = crate::secret::Secret::new("docker://127.0.0.1:5000/base/busybox:1");
+        let mut log = BuildLog::new(Vec::new());
+        let work = tempfile::tempdir().unwrap();
+        let outcome = pipeline
+            .run(&spec, &mut log, work.path(), &mut StageTimings::default())
+            .await;
+        let Outcome::Failed { message, .. } = outcome else {
+            panic!("{outcome:?}")
+        };
+        assert!(!message.contains("hyper legacy client"), "{message}");
+        assert!(message.contains("***"), "{message}");
     }
 
     /// A store that accepts the upload and never answers (a hung S3).

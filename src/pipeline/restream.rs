@@ -15,7 +15,7 @@
 use super::context::{self, Budget, ContextError, ContextStream, DockerIgnore, Format};
 use super::dockerfile::ArgStyle;
 use crate::config::Limits;
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::fs;
 use std::io::{self, Read};
@@ -183,21 +183,26 @@ fn scan_tar(reader: impl Read, gzip: bool, limits: &Limits) -> Result<Scan, Cont
     let mut nested_names = FirstNames::default();
     let (mut root, mut nested) = (Watched::default(), Watched::default());
     // Symlinks so far: an entry beneath one would be written wherever it points.
-    let mut symlinks: HashSet<PathBuf> = HashSet::new();
+    let mut symlinks = context::Links::default();
     for entry in archive.entries().map_err(corrupt)? {
         let mut entry = entry.map_err(corrupt)?;
         allowance.entry(&entry);
         let kind = entry.header().entry_type();
+        budget.entry()?;
+        // What is skipped is read (and inflated) all the same: a folder or pax global
+        // header declaring 8 GiB of data counts like a file of 8 GiB.
+        if !matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous) {
+            budget.wrote(entry.size())?;
+        }
         if context::is_extension_header(kind) {
             continue;
         }
-        budget.entry()?;
         let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let rel = context::safe_relative(&name)?;
         if rel.as_os_str().is_empty() {
             continue; // "./" itself
         }
-        if !symlinks.is_empty() && rel.ancestors().skip(1).any(|a| symlinks.contains(a)) {
+        if symlinks.beneath_one(&rel) {
             return Err(ContextError::UnsafeEntry {
                 entry: name,
                 why: "it is inside a folder that is a symlink",
@@ -237,7 +242,7 @@ fn scan_tar(reader: impl Read, gzip: bool, limits: &Limits) -> Result<Scan, Cont
             EntryType::Regular | EntryType::Continuous => {
                 let exec = entry.header().mode().is_ok_and(|m| m & 0o100 != 0);
                 let limit = budget.remaining();
-                let mut data = (&mut entry).take(limit + 1);
+                let mut data = (&mut entry).take(limit.saturating_add(1));
                 match watched {
                     Some(slot) => {
                         let mut kept = Vec::new();
@@ -264,7 +269,7 @@ fn scan_tar(reader: impl Read, gzip: bool, limits: &Limits) -> Result<Scan, Cont
                 if let Some(slot) = watched {
                     *slot = Slot::Other;
                 }
-                symlinks.insert(rel);
+                symlinks.insert(&rel);
             }
             // The extraction copies the linked file; a stream cannot reach back for it.
             EntryType::Link => return Ok(Scan::Extract("it has hard links")),
@@ -314,7 +319,7 @@ impl Plan {
         let Slot::File { data, exec } = self.dockerfile else {
             return Err(context::no_dockerfile(self.found));
         };
-        let (dockerfile, labelled) = context::rewrite_dockerfile(&data, arg_keys, style, labels);
+        let (dockerfile, labelled) = context::rewrite_dockerfile(&data, arg_keys, style, labels)?;
         let (ignore, ignore_source) = match self.dockerignore {
             Slot::File { data, .. } => (
                 DockerIgnore::parse(&String::from_utf8_lossy(&data))?,

@@ -98,11 +98,7 @@ fn parse_docker(uri: &str) -> Result<DockerSource, SourceError> {
     else {
         return Err(SourceError::BadDockerRef("docker:…".into()));
     };
-    let (userinfo, image) = match rest.rsplit_once('@') {
-        // An '@' followed by a digest belongs to the image, not to credentials.
-        Some((before, after)) if !after.starts_with("sha256:") => (Some(before), after),
-        _ => (None, rest),
-    };
+    let (userinfo, image) = split_userinfo(rest);
     let bad = || SourceError::BadDockerRef(crate::secret::redact(uri, &[userinfo.unwrap_or("")]));
     if !is_image_reference(image) {
         return Err(bad());
@@ -124,6 +120,19 @@ fn parse_docker(uri: &str) -> Result<DockerSource, SourceError> {
         username,
         password,
     })
+}
+
+/// `user:pass@image` → (`user:pass`, `image`), at the last '@' before the image's digest
+/// (`image@sha256:…`), if any: an '@' followed by a digest belongs to the image.
+pub(crate) fn split_userinfo(rest: &str) -> (Option<&str>, &str) {
+    let body_end = match rest.rsplit_once('@') {
+        Some((before, after)) if after.starts_with("sha256:") => before.len(),
+        _ => rest.len(),
+    };
+    match rest[..body_end].rfind('@') {
+        Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+        None => (None, rest),
+    }
 }
 
 fn percent_decode(s: &str) -> String {
@@ -233,7 +242,7 @@ pub async fn write_data_tee(
     tee: Option<Tee>,
 ) -> Result<u64, SourceError> {
     let decoded_len = (b64.len() as u64 / 4) * 3;
-    if decoded_len > limits.max_source_bytes + 3 {
+    if decoded_len > limits.max_source_bytes.saturating_add(3) {
         return Err(SourceError::TooLarge {
             limit: limits.max_source_bytes,
         });
@@ -243,7 +252,7 @@ pub async fn write_data_tee(
     let trimmed = b64.trim_end();
     let mut written = 0u64;
     // 64 KiB of base64 at a time (a multiple of 4, so padding only ends the last chunk).
-    for chunk in trimmed.as_bytes().chunks(64 * 1024) {
+    for chunk in trimmed.as_bytes().chunks(DATA_CHUNK) {
         let bytes = engine
             .decode(chunk)
             .map_err(|e| SourceError::BadBase64(e.to_string()))?;
@@ -264,6 +273,52 @@ pub async fn write_data_tee(
     Ok(written)
 }
 
+/// What a build keeps as its `sources` (local mode's state, a BuildJob's credentials
+/// Secret) for a `data:` URI whose payload is too large for MAX_SOURCE_BYTES (refused for
+/// its length before any decoding): the URI may be hundreds of MiB, so it keeps this, which
+/// `Pipeline::run` (and the worker) fail as the URI itself fails.
+pub const SOURCES_TOO_LARGE: &str = "data:application/x-buildshuttle-sources-too-large;base64,";
+
+/// The longest `data:` URI a credentials Secret holds, and so the worker's environment: far
+/// below the API server's 1 MiB for a Secret's data and Linux's 128 KiB for one environment
+/// string (MAX_ARG_STRLEN), past which the Secret is refused or the worker cannot start.
+pub const STAND_IN_MAX: usize = 64 * 1024 + 64;
+
+/// The base64 characters `sources::write_data` decodes at a time, each run on its own: a
+/// chunk fails (or not) the same way whatever precedes it.
+pub const DATA_CHUNK: usize = 64 * 1024;
+
+/// What a build keeps as `sources` for a `data:` URI that could not be decoded (`error`)
+/// when it was accepted, instead of a URI that may be hundreds of MiB (in local mode's state,
+/// or a BuildJob's Secret and so the worker's environment): one at most STAND_IN_MAX long
+/// that the pipeline fails the same way (the same reason, message and log lines as the whole
+/// URI). The URI itself when short enough; else, for invalid base64, the chunk whose
+/// decoding failed; else (a payload too large for MAX_SOURCE_BYTES, refused for its length)
+/// `SOURCES_TOO_LARGE`.
+pub fn stand_in(uri: &str, b64: &str, error: &SourceError) -> String {
+    if uri.len() <= STAND_IN_MAX {
+        return uri.to_string();
+    }
+    if matches!(error, SourceError::BadBase64(_)) {
+        use base64::Engine;
+        let payload = b64.trim_end();
+        let engine = base64::engine::general_purpose::STANDARD;
+        let mut start = 0;
+        while start < payload.len() {
+            let mut end = (start + DATA_CHUNK).min(payload.len());
+            if engine.decode(&payload.as_bytes()[start..end]).is_err() {
+                // Whole characters (the chunk before decoded: it is ASCII, `start` is one).
+                while !payload.is_char_boundary(end) {
+                    end += 1;
+                }
+                return format!("data:base64,{}", &payload[start..end]);
+            }
+            start = end;
+        }
+    }
+    SOURCES_TOO_LARGE.to_string()
+}
+
 /// Networks sources may never be fetched from (SOURCES_DENY_NETWORKS).
 #[derive(Debug, Clone, Default)]
 pub struct DenyList(pub Vec<ipnet::IpNet>);
@@ -272,7 +327,15 @@ impl DenyList {
     pub fn denies(&self, ip: IpAddr) -> bool {
         // ::ffff:169.254.169.254 is 169.254.169.254.
         let ip = ip.to_canonical();
-        self.0.iter().any(|net| net.contains(&ip))
+        // A connection to 0.0.0.0 or :: reaches this host, as loopback does.
+        let reached = match ip {
+            IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+            _ => ip,
+        };
+        self.0
+            .iter()
+            .any(|net| net.contains(&ip) || net.contains(&reached))
     }
 
     /// Whether the URL names a denied address literally (no DNS involved).
@@ -569,6 +632,20 @@ mod tests {
         assert!(d.username.is_none());
         let digest = format!("docker://h/r@sha256:{}", "a".repeat(64));
         assert!(parse(&digest).is_ok());
+        // Credentials and a digest together.
+        let both = format!("docker://bob:hunter22@h/r@sha256:{}", "a".repeat(64));
+        let Source::Docker(d) = parse(&both).unwrap() else {
+            panic!()
+        };
+        assert_eq!(d.image, format!("h/r@sha256:{}", "a".repeat(64)));
+        assert_eq!(d.password.unwrap().expose(), "hunter22");
+        let e = parse(&format!(
+            "docker://bob:hunter22@H/R@sha256:{}",
+            "a".repeat(64)
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(!e.contains("hunter22"), "{e}");
         for bad in [
             "docker://",
             "docker://Host/UPPER:tag",
@@ -594,6 +671,17 @@ mod tests {
         assert!(deny.denies("::ffff:169.254.169.254".parse().unwrap()));
         assert!(deny.denies("fd00:ec2::254".parse().unwrap()));
         assert!(!deny.denies("127.0.0.1".parse().unwrap()));
+        // The unspecified addresses reach this host: denied with loopback.
+        let loopback = DenyList(vec![
+            "127.0.0.0/8".parse().unwrap(),
+            "::1/128".parse().unwrap(),
+        ]);
+        for ip in ["0.0.0.0", "::", "::ffff:0.0.0.0", "127.0.0.2", "::1"] {
+            assert!(loopback.denies(ip.parse().unwrap()), "{ip}");
+        }
+        assert!(loopback.denies_url(&"http://0.0.0.0:2375/".parse().unwrap()));
+        assert!(!loopback.denies("10.0.0.1".parse().unwrap()));
+        assert!(!deny.denies("0.0.0.0".parse().unwrap()));
         assert!(deny.denies_url(&"http://169.254.169.254/latest".parse().unwrap()));
         assert!(deny.denies_url(&"http://[::ffff:a9fe:a9fe]/".parse().unwrap()));
         assert!(!deny.denies_url(&"http://metadata.example/".parse().unwrap()));
