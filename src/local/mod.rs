@@ -1187,14 +1187,21 @@ impl LocalExecutor {
         first: accepting::First,
     ) -> Result<(), ExecutorError> {
         let saved = saved.await;
-        first.done(saved.is_ok());
         if let Err(e) = saved {
-            self.inner.lock_records().remove(&id);
+            // Both under the records' lock: a duplicate that found the record between the
+            // two would find no acceptance under way, take the build for saved and answer
+            // 200 for a build that is then dropped.
+            {
+                let mut records = self.inner.lock_records();
+                records.remove(&id);
+                first.done(false);
+            }
             tracing::error!(error = %e, "cannot write build state under DATA_DIR");
             return Err(ExecutorError::Unavailable(
                 "build state cannot be written".into(),
             ));
         }
+        first.done(true);
         tracing::info!(build = %id, app = %rec.spec.app, number = rec.spec.build_number, "build accepted");
         // A new build of a number already in use (controller-api numbers builds by count, so
         // a number comes back after a build is deleted) replaces the old one, as the legacy
@@ -1574,6 +1581,60 @@ mod tests {
         exec.submit(spec).await.unwrap();
         let ended = || exec.inner.record(id).is_none_or(|r| r.outcome.is_some());
         until("the build runs and ends", ended).await;
+    }
+
+    /// A `POST /` whose journal write fails: a duplicate arriving meanwhile never finds the
+    /// record without the acceptance under way (it would answer 200 for a dropped build).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_duplicate_of_a_build_whose_write_failed_is_never_told_it_was_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let exec = executor(dir.path(), Arc::new(local_storage(dir.path())), false).await;
+        let spec = crate::build::tests::spec();
+        let id = spec.build_uuid;
+        let mut rec = Record {
+            seq: 0,
+            pending_sent: true,
+            final_sent: false,
+            phase: Phase::Queued,
+            outcome: None,
+            spec,
+            accepted_at: chrono::Utc::now(),
+            started_at: None,
+            finished_at: None,
+            timings: StageTimings::default(),
+        };
+        let (_, first) = {
+            let mut records = exec.inner.lock_records();
+            exec.inner
+                .accept_locked(&mut records, &mut rec, false)
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let failed = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Err(state::StateError::WriterStopped)
+        };
+        let settling = {
+            let exec = exec.clone();
+            tokio::spawn(async move { exec.settle(id, rec, failed, first).await })
+        };
+        // What a duplicate sees, looked at under the records' lock while the write fails.
+        let seen = tokio::task::spawn_blocking({
+            let exec = exec.clone();
+            move || {
+                std::thread::sleep(Duration::from_millis(50));
+                let records = exec.inner.lock_records();
+                std::thread::sleep(Duration::from_millis(300));
+                (
+                    records.contains(&id),
+                    exec.inner.accepting.join(&id).is_some(),
+                )
+            }
+        })
+        .await
+        .unwrap();
+        assert_ne!(seen, (true, false), "known, and no acceptance to wait for");
+        assert!(settling.await.unwrap().is_err());
+        assert!(!exec.inner.lock_records().contains(&id));
     }
 
     /// The write that records a build's final callback fails (a full disk): it is written

@@ -536,7 +536,11 @@ impl Writer {
         // Later fsyncs go to the new segment: this one's unsynced lines get theirs now.
         self.sync_lazy();
         let next = self.gen + 1;
-        match open_append(&segment_path(&self.dir, next)) {
+        // The new file's folder entry is synced before any line in it is acknowledged.
+        match open_append(&segment_path(&self.dir, next)).and_then(|f| {
+            sync_dir(&self.dir)?;
+            Ok(f)
+        }) {
             Ok(f) => {
                 self.journal = f;
                 self.gen = next;

@@ -13,6 +13,14 @@ impl LocalStorage {
     pub fn new(root: impl Into<PathBuf>) -> std::io::Result<Self> {
         let root = root.into();
         std::fs::create_dir_all(&root)?;
+        // What a crash left half-stored (one process owns DATA_DIR).
+        for entry in std::fs::read_dir(&root)?.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') && name.ends_with(PARTIAL) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         Ok(Self { root })
     }
 
@@ -21,6 +29,9 @@ impl LocalStorage {
         Ok(self.root.join(key))
     }
 }
+
+/// How a file being stored ends, until it is renamed into place.
+const PARTIAL: &str = ".partial";
 
 fn io(key: &str) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
     move |source| StorageError::Io {
@@ -40,16 +51,22 @@ impl Storage for LocalStorage {
         // link where the filesystem allows it: the callers hand over files they no longer
         // change (a downloaded archive, a closed log), and a copy would write the same bytes
         // again, whose writeback then delays dockerd's next container (it syncs the disk).
-        let tmp = self.root.join(format!(".{key}.partial"));
-        match tokio::fs::remove_file(&tmp).await {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(key)(e)),
-            _ => {}
+        // A name of its own: two stores of one key at once (two `POST /`s of one `data:`
+        // build) must not write into each other's file.
+        let tmp = self
+            .root
+            .join(format!(".{key}.{}{PARTIAL}", uuid::Uuid::new_v4().simple()));
+        let placed = async {
+            if tokio::fs::hard_link(path, &tmp).await.is_err() {
+                tokio::fs::copy(path, &tmp).await?;
+            }
+            tokio::fs::rename(&tmp, &dest).await
         }
-        if tokio::fs::hard_link(path, &tmp).await.is_err() {
-            tokio::fs::copy(path, &tmp).await.map_err(io(key))?;
+        .await;
+        if placed.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
         }
-        tokio::fs::rename(&tmp, &dest).await.map_err(io(key))?;
-        Ok(())
+        placed.map_err(io(key))
     }
 
     async fn put_file_durable(&self, key: &str, path: &Path) -> Result<(), StorageError> {
@@ -136,8 +153,6 @@ mod tests {
     async fn a_file_on_the_same_filesystem_is_linked_and_outlives_its_source() {
         use std::os::unix::fs::MetadataExt;
         let (dir, store, src) = store_and_file(b"sources");
-        // What a crash during an earlier store left behind does not stop this one.
-        std::fs::write(dir.path().join("store/.k.partial"), b"stale").unwrap();
         store.put_file("k", &src).await.unwrap();
         let (a, b) = (
             std::fs::metadata(&src).unwrap(),
@@ -150,6 +165,39 @@ mod tests {
         );
         std::fs::remove_file(&src).unwrap();
         assert_eq!(read(&store, "k").await, b"sources");
-        assert!(!dir.path().join("store/.k.partial").exists());
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("store"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left, ["k"]);
+    }
+
+    #[tokio::test]
+    async fn stores_of_one_key_at_once_never_write_into_each_others_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // A crash during an earlier store left this; the next start removes it.
+        std::fs::create_dir_all(dir.path().join("store")).unwrap();
+        std::fs::write(dir.path().join("store/.k.1234.partial"), b"stale").unwrap();
+        let store = LocalStorage::new(dir.path().join("store")).unwrap();
+        assert!(!dir.path().join("store/.k.1234.partial").exists());
+        // Two sources of one key, stored at once, again and again.
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        std::fs::write(&a, vec![b'a'; 4 << 20]).unwrap();
+        std::fs::write(&b, vec![b'b'; 4 << 20]).unwrap();
+        for _ in 0..20 {
+            let (x, y) = tokio::join!(
+                store.put_file_durable("k", &a),
+                store.put_file_durable("k", &b)
+            );
+            x.unwrap();
+            y.unwrap();
+            let got = read(&store, "k").await;
+            assert!(
+                got == vec![b'a'; 4 << 20] || got == vec![b'b'; 4 << 20],
+                "one source, whole"
+            );
+        }
     }
 }
