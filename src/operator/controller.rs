@@ -16,7 +16,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod, Secret as KubeSecret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::{self, Action as Requeue};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, reflector, ObjectRef, Store};
@@ -659,15 +659,28 @@ async fn reconcile_inner(
                 laps.lap("add_finalizer");
             }
             Action::RemoveFinalizer => remove_finalizer = true,
-            Action::DeletePod { name: pod, force } => {
-                let params = if force {
+            Action::DeletePod {
+                name: pod_to_go,
+                force,
+            } => {
+                let mut params = if force {
                     DeleteParams::background().grace_period(0)
                 } else {
                     DeleteParams::background()
                 };
-                match pods.delete(&pod, &params).await {
+                // Only the pod this was decided from: a pod of that name made since (for a
+                // BuildJob of that name made since) is not this one's to delete.
+                params.preconditions = pod
+                    .as_deref()
+                    .filter(|p| p.name_any() == pod_to_go)
+                    .and_then(|p| p.metadata.uid.clone())
+                    .map(|uid| Preconditions {
+                        uid: Some(uid),
+                        resource_version: None,
+                    });
+                match pods.delete(&pod_to_go, &params).await {
                     Ok(_) => {}
-                    Err(e) if is_status(&e, |s| s.is_not_found()) => {}
+                    Err(e) if is_status(&e, |s| s.is_not_found() || s.code == 409) => {}
                     Err(e) => return Err(kube_err("deleting the worker pod")(e)),
                 }
                 laps.lap("delete_pod");
@@ -798,9 +811,14 @@ async fn reconcile_inner(
     }
     if delete_job {
         tracing::info!(job = %name, "finished BuildJob reached its TTL; deleting it (sources and logs stay in storage)");
-        match jobs.delete(&name, &DeleteParams::background()).await {
+        // This BuildJob, not one of its name made since (a build number used again).
+        let params = DeleteParams::background().preconditions(Preconditions {
+            uid: job.metadata.uid.clone(),
+            resource_version: None,
+        });
+        match jobs.delete(&name, &params).await {
             Ok(_) => {}
-            Err(e) if is_status(&e, |s| s.is_not_found()) => {}
+            Err(e) if is_status(&e, |s| s.is_not_found() || s.code == 409) => {}
             Err(e) => return Err(kube_err("deleting the finished BuildJob")(e)),
         }
         ctx.forget(&job);
@@ -1439,7 +1457,7 @@ pub(crate) mod tests {
 
     fn owned_pod(phase: &str, owner_uid: &str) -> Value {
         json!({"apiVersion": "v1", "kind": "Pod",
-               "metadata": {"name": pod_name(JOB, 0), "namespace": "builds",
+               "metadata": {"name": pod_name(JOB, 0), "namespace": "builds", "uid": "pod-uid-0",
                             "ownerReferences": [{"apiVersion": "buildshuttle.akkeris.io/v1", "kind": "BuildJob", "name": JOB, "uid": owner_uid}]},
                "status": {"phase": phase}})
     }
@@ -2362,7 +2380,9 @@ pub(crate) mod tests {
                 pod_path(0),
                 200,
                 Some(owned_pod("Running", "uid-1")),
-            ),
+            )
+            // Only the pod it was decided from.
+            .check(|b| assert_eq!(b["preconditions"]["uid"], "pod-uid-0", "{b}")),
             Expect::new(Method::PATCH, STATUS, 200, Some(as_json(&failed))).check(|b| {
                 assert_eq!(b["status"]["phase"], "Failed");
                 assert_eq!(b["status"]["conditions"][0]["reason"], "Cancelled");
@@ -2513,6 +2533,8 @@ pub(crate) mod tests {
         let ok = json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200});
         let mut released = with_rv(&j, "2");
         released.metadata.finalizers = None;
+        let uid = j.metadata.uid.clone().unwrap_or_default();
+        assert!(!uid.is_empty());
         let (res, _) = play(
             j.clone(),
             vec![],
@@ -2520,7 +2542,10 @@ pub(crate) mod tests {
                 Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
                 // One still holding the finalizer (from before) lets go of it first.
                 Expect::new(Method::PATCH, JOB_PATH, 200, Some(as_json(&released))),
-                Expect::new(Method::DELETE, JOB_PATH, 200, Some(ok)),
+                // This BuildJob, not one of its name made since.
+                Expect::new(Method::DELETE, JOB_PATH, 200, Some(ok)).check(move |b| {
+                    assert_eq!(b["preconditions"]["uid"], uid, "{b}");
+                }),
             ],
         )
         .await;
@@ -2537,6 +2562,8 @@ pub(crate) mod tests {
         }
         let mut released = with_rv(&j, "2");
         released.metadata.finalizers = None;
+        let uid = j.metadata.uid.clone().unwrap_or_default();
+        assert!(!uid.is_empty());
         let scenario = vec![
             Expect::new(Method::GET, JOB_PATH, 200, Some(as_json(&j))),
             Expect::new(Method::PATCH, JOB_PATH, 200, Some(as_json(&released))).check(|b| {

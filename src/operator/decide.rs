@@ -230,12 +230,26 @@ pub struct StartProblem {
 }
 
 /// Container waiting reasons that mean the pod will never start as it is.
-const FATAL_WAITING: &[&str] = &[
-    "InvalidImageName",
-    "ErrImageNeverPull",
-    "CreateContainerConfigError",
-    "CreateContainerError",
-];
+const FATAL_WAITING: &[&str] = &["InvalidImageName", "ErrImageNeverPull"];
+
+/// Restarts of a crashing sidecar (before the worker has started) that end the build: a
+/// daemon that cannot start three times over will not (a wrong DIND_IMAGE, a node that
+/// refuses privileged containers).
+const CRASH_LOOP_RESTARTS: i32 = 3;
+
+/// Waiting reasons the kubelet retries that often pass: its Secret cache not synced yet (or
+/// the node authorizer not yet knowing the pod) just after the build's Secret was made, a
+/// runtime that timed out or still holds the container's name on a loaded node. These fail
+/// the build after `CREATE_PATIENCE`, or at once when the kubelet names something missing.
+const CREATE_WAITING: &[&str] = &["CreateContainerConfigError", "CreateContainerError"];
+
+/// Words (lower case) of a create failure that waiting cannot fix: a Secret, ConfigMap or
+/// key the pod needs does not exist.
+const CREATE_HOPELESS: &[&str] = &["not found", "couldn't find key"];
+
+/// How long a worker pod may wait on a failing container create, from when it was
+/// scheduled (or created), before the build fails.
+pub const CREATE_PATIENCE: Duration = Duration::from_secs(120);
 
 /// Waiting reasons of a failing image pull. The kubelet retries the pull with backoff, and a
 /// registry blip or a rate limit (`toomanyrequests`) passes, so these fail the build only
@@ -363,6 +377,21 @@ fn pod_end(
     if pod_reason == "DeadlineExceeded" {
         return PodEnd::DeadlineExceeded;
     }
+    // A node that crashed or rebooted under a running worker: the kubelet marks the
+    // container it can no longer find `ContainerStatusUnknown` (exit 137), the runtime its
+    // lost task `Unknown` (exit 255). Nothing the build did: run it again.
+    if let Some(PodEnd::Exited {
+        reason,
+        outcome: None,
+        ..
+    }) = &exited
+    {
+        if reason == "ContainerStatusUnknown" || reason == "Unknown" {
+            return PodEnd::Disrupted(format!(
+                "{reason}: the node lost the worker's container (a crash or reboot?)"
+            ));
+        }
+    }
     // Ended without a worker container status: it never ran (or the node lost it).
     exited.unwrap_or_else(|| PodEnd::Exited {
         code: -1,
@@ -373,6 +402,32 @@ fn pod_end(
         },
         outcome: None,
     })
+}
+
+/// Whether a kubelet's eviction message says the pod went past its own limits (its local
+/// storage), not that the node ran short: `Usage of EmptyDir volume "docker" exceeds the
+/// limit "20Gi".`, `Container worker exceeded its local ephemeral storage limit "10Gi".`,
+/// `Pod ephemeral local storage usage exceeds the total limit of containers 10Gi.`
+fn outgrew_its_limits(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("exceeds the limit")
+        || m.contains("exceeded its local ephemeral storage limit")
+        || m.contains("exceeds the total limit")
+}
+
+/// Whether the pod ended for something other than the build (a re-creation would follow).
+fn ended_by_disruption(pod: &PodState) -> bool {
+    let (PodState::Ended(end) | PodState::SidecarHeld(end)) = pod else {
+        return false;
+    };
+    match end {
+        PodEnd::Evicted(_) | PodEnd::Disrupted(_) => true,
+        PodEnd::Exited {
+            outcome: Some(Outcome::Failed { reason, .. }),
+            ..
+        } => *reason == crate::build::FailureReason::Interrupted,
+        _ => false,
+    }
 }
 
 /// Why a pod ended that was not the build's doing: a `DisruptionTarget` condition (drain,
@@ -420,12 +475,20 @@ fn start_problem(pod: &Pod, now: Timestamp) -> Option<StartProblem> {
                     c.name.clone(),
                     reason,
                     w.message.clone().unwrap_or_default(),
+                    c.restart_count,
                 )
             })
         });
-    if let Some((container, reason, message)) = waiting {
-        let (fatal, fatal_in) = if PULL_WAITING.contains(&reason.as_str()) {
-            // The pull starts once the pod is on a node.
+    if let Some((container, reason, message, restarts)) = waiting {
+        let patience = if PULL_WAITING.contains(&reason.as_str()) {
+            Some((IMAGE_PULL_PATIENCE, PULL_HOPELESS))
+        } else if CREATE_WAITING.contains(&reason.as_str()) {
+            Some((CREATE_PATIENCE, CREATE_HOPELESS))
+        } else {
+            None
+        };
+        let (fatal, fatal_in) = if let Some((patience, hopeless)) = patience {
+            // The pull (or the create) starts once the pod is on a node.
             let scheduled = status
                 .conditions
                 .iter()
@@ -435,11 +498,15 @@ fn start_problem(pod: &Pod, now: Timestamp) -> Option<StartProblem> {
                 .map(|t| t.0);
             let waited = elapsed(scheduled.or(pod_created).unwrap_or(now), now);
             let lower = message.to_ascii_lowercase();
-            if waited >= IMAGE_PULL_PATIENCE || PULL_HOPELESS.iter().any(|w| lower.contains(w)) {
+            if waited >= patience || hopeless.iter().any(|w| lower.contains(w)) {
                 (true, None)
             } else {
-                (false, Some(IMAGE_PULL_PATIENCE - waited))
+                (false, Some(patience - waited))
             }
+        } else if reason == "CrashLoopBackOff" {
+            // A sidecar (the dind daemon) that keeps crashing before the worker starts:
+            // the kubelet would go on restarting it until the build's timeout.
+            (restarts >= CRASH_LOOP_RESTARTS, None)
         } else {
             (FATAL_WAITING.contains(&reason.as_str()), None)
         };
@@ -525,10 +592,18 @@ pub fn decide(input: &Inputs<'_>, settings: &Settings) -> Decision {
     let finished = prev.phase.is_some_and(Phase::is_finished);
     if !finished {
         let stop = job.spec.cancelled || deleting;
-        let cancel_now = stop && !matches!(pod, PodState::Ended(_) | PodState::SidecarHeld(_));
+        // A pod that ended keeps the worker's own outcome, unless something else ended it
+        // (a drain, the controller's own stop): that would re-create it, for a build that
+        // is to stop.
+        let cancel_now = stop
+            && (!matches!(pod, PodState::Ended(_) | PodState::SidecarHeld(_))
+                || ended_by_disruption(&pod));
         if cancel_now {
             let started = !matches!(pod, PodState::Absent);
-            if matches!(pod, PodState::Pending(_) | PodState::Running) {
+            if matches!(
+                pod,
+                PodState::Pending(_) | PodState::Running | PodState::SidecarHeld(_)
+            ) {
                 actions.push(Action::DeletePod {
                     name: current_pod.clone(),
                     force: false,
@@ -844,6 +919,20 @@ fn step(
                 st.start_time = Some(Time(now));
             }
             match end {
+                // The build outgrew its own pod's storage limits (an emptyDir's sizeLimit,
+                // the containers' ephemeral-storage): another pod would do the same.
+                PodEnd::Evicted(why) if outgrew_its_limits(why) => {
+                    let msg = format!(
+                        "the worker pod was evicted: {why} (the build needs more room: raise the worker pod's limits, WORKER_POD_OVERRIDES)"
+                    );
+                    if matches!(pod, PodState::SidecarHeld(_)) {
+                        actions.push(Action::DeletePod {
+                            name: current_pod.to_string(),
+                            force: false,
+                        });
+                    }
+                    finish_failed(st, reasons::POD_EVICTED, &msg, now, events)
+                }
                 PodEnd::Evicted(why) => {
                     let msg = format!("the worker pod was evicted: {why}");
                     retry_lost_pod(
@@ -1573,6 +1662,47 @@ pub(crate) mod tests {
         );
         assert_eq!(d.status.phase, Some(Phase::Succeeded));
 
+        // A pod a drain (or this stop's own deletion) ended meanwhile: stopped, never
+        // re-created.
+        let interrupted = serde_json::to_string(&Outcome::failed(
+            FailureReason::Interrupted,
+            "the worker was asked to stop (SIGTERM)",
+        ))
+        .expect("json");
+        for (p, deleted) in [
+            (
+                ended_pod("Failed", Some("NodeShutdown"), 137, "Error", None),
+                false,
+            ),
+            (
+                ended_pod("Failed", None, 1, "Error", Some(&interrupted)),
+                false,
+            ),
+            (
+                ended_pod("Failed", Some("Evicted"), 137, "Error", None),
+                true,
+            ),
+        ] {
+            let mut j = job(Some(Phase::Running));
+            j.spec.cancelled = !deleted;
+            if deleted {
+                j.metadata.deletion_timestamp = Some(Time(t(1)));
+            }
+            let d = run(&j, Some(&p), 0, 0, t(5));
+            assert_eq!(d.status.phase, Some(Phase::Failed));
+            assert_eq!(
+                reason(&d),
+                if deleted {
+                    reasons::DELETED
+                } else {
+                    reasons::CANCELLED
+                }
+            );
+            assert!(!creates(&d), "{:?}", d.actions);
+            assert_eq!(d.status.pod_retries, 0);
+            assert_eq!(final_cb(&d), Some("failed"));
+        }
+
         // Cancelling a finished build changes nothing.
         for phase in [Phase::Succeeded, Phase::Failed] {
             let mut j = job(Some(phase));
@@ -1809,7 +1939,10 @@ pub(crate) mod tests {
         );
         let plain_sigterm = ended_pod("Failed", None, 1, "Error", Some(&interrupted));
         let shutdown = ended_pod("Failed", Some("NodeShutdown"), 137, "Error", None);
-        for p in [drained, plain_sigterm, shutdown] {
+        // A node that crashed or rebooted: no graceful shutdown, no condition.
+        let lost = ended_pod("Failed", None, 137, "ContainerStatusUnknown", None);
+        let reboot = ended_pod("Failed", None, 255, "Unknown", None);
+        for p in [drained, plain_sigterm, shutdown, lost, reboot] {
             let d = run(&job(Some(Phase::Running)), Some(&p), 0, 0, t(9));
             assert_eq!(d.status.pod_retries, 1, "{:?}", d.status);
             assert!(has(&d, |a| *a
@@ -1854,6 +1987,61 @@ pub(crate) mod tests {
                 assert!(final_cb(&d).is_none(), "{why}");
             }
         }
+    }
+
+    #[test]
+    fn a_sidecar_that_keeps_crashing_fails_the_build_after_a_few_restarts() {
+        let looping = |restarts: i32| {
+            let mut p = pod("Pending");
+            if let Some(s) = p.status.as_mut() {
+                s.init_container_statuses = Some(vec![ContainerStatus {
+                    name: "dind".into(),
+                    restart_count: restarts,
+                    state: Some(ContainerState {
+                        waiting: Some(k8s_openapi::api::core::v1::ContainerStateWaiting {
+                            reason: Some("CrashLoopBackOff".into()),
+                            message: Some("back-off 40s restarting failed container=dind".into()),
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }]);
+            }
+            p
+        };
+        let d = run(&job(Some(Phase::Pending)), Some(&looping(1)), 0, 0, t(20));
+        assert_eq!(d.status.phase, Some(Phase::Pending));
+        let d = run(&job(Some(Phase::Pending)), Some(&looping(3)), 0, 0, t(60));
+        assert_eq!(d.status.phase, Some(Phase::Failed));
+        assert_eq!(reason(&d), "CrashLoopBackOff");
+        assert!(deletes(&d));
+        assert_eq!(final_cb(&d), Some("failed"));
+    }
+
+    #[test]
+    fn a_build_that_outgrew_its_pods_storage_fails_without_a_retry() {
+        for why in [
+            "Usage of EmptyDir volume \"docker\" exceeds the limit \"20Gi\". ",
+            "Container worker exceeded its local ephemeral storage limit \"10Gi\". ",
+            "Pod ephemeral local storage usage exceeds the total limit of containers 10Gi. ",
+        ] {
+            let mut p = ended_pod("Failed", Some("Evicted"), 137, "Error", None);
+            if let Some(s) = p.status.as_mut() {
+                s.message = Some(why.into());
+            }
+            let d = run(&job(Some(Phase::Running)), Some(&p), 0, 0, t(10));
+            assert_eq!(d.status.phase, Some(Phase::Failed), "{why}");
+            assert_eq!(reason(&d), reasons::POD_EVICTED);
+            assert!(!creates(&d), "{why}");
+            assert_eq!(final_cb(&d), Some("failed"));
+        }
+        // A node short of room is not the build's doing: it runs again elsewhere.
+        let mut p = ended_pod("Failed", Some("Evicted"), 137, "Error", None);
+        if let Some(s) = p.status.as_mut() {
+            s.message = Some("The node was low on resource: ephemeral-storage. Threshold quantity: 2Gi, available: 1Gi. ".into());
+        }
+        let d = run(&job(Some(Phase::Running)), Some(&p), 0, 0, t(10));
+        assert!(creates(&d));
     }
 
     #[test]
@@ -1915,8 +2103,14 @@ pub(crate) mod tests {
 
     #[test]
     fn a_pod_that_can_never_start_fails_fast_with_the_kubelets_reason() {
-        for r in ["InvalidImageName", "CreateContainerConfigError"] {
-            let p = waiting(r, "the kubelet's words");
+        for (r, words) in [
+            ("InvalidImageName", "the kubelet's words"),
+            (
+                "CreateContainerConfigError",
+                "secret \"bs-env\" not found (the kubelet's words)",
+            ),
+        ] {
+            let p = waiting(r, words);
             let d = run(&job(Some(Phase::Pending)), Some(&p), 0, 0, t(5));
             assert_eq!(d.status.phase, Some(Phase::Failed), "{r}");
             assert_eq!(reason(&d), r);
@@ -1940,6 +2134,36 @@ pub(crate) mod tests {
         assert_eq!(d.status.phase, Some(Phase::Pending));
         assert_eq!(reason(&d), "ErrImagePull");
         assert!(final_cb(&d).is_none());
+    }
+
+    #[test]
+    fn a_container_create_that_may_pass_is_waited_out_for_a_while_then_fails() {
+        for (r, words) in [
+            (
+                "CreateContainerConfigError",
+                "failed to sync secret cache: timed out waiting for the condition",
+            ),
+            (
+                "CreateContainerError",
+                "failed to reserve container name \"worker_x\": name \"worker_x\" is reserved",
+            ),
+        ] {
+            let mut p = waiting(r, words);
+            p.metadata.creation_timestamp = Some(Time(t(0)));
+            let d = run(&job(Some(Phase::Pending)), Some(&p), 0, 0, t(5));
+            assert_eq!(d.status.phase, Some(Phase::Pending), "{r}");
+            assert!(!deletes(&d) && final_cb(&d).is_none(), "{r}");
+            // It looks again when the wait would be over.
+            let d = run(&job(Some(Phase::Pending)), Some(&p), 0, 0, t(100));
+            assert!(
+                has(&d, |a| *a == Action::Requeue(Duration::from_secs(20))),
+                "{r}"
+            );
+            let d = run(&job(Some(Phase::Pending)), Some(&p), 0, 0, t(130));
+            assert_eq!(d.status.phase, Some(Phase::Failed), "{r}");
+            assert_eq!(reason(&d), r);
+            assert_eq!(final_cb(&d), Some("failed"));
+        }
     }
 
     #[test]

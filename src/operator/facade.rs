@@ -85,14 +85,19 @@ fn timed_out(after: std::time::Duration) -> kube::Error {
 impl KubeExecutor {
     /// Deletes a BuildJob this request just created and cannot complete (its finalizer
     /// first: nothing is owed for a build that was never accepted). Best effort: logged.
-    async fn remove_unfinished(&self, jobs: &Api<BuildJob>, name: &str) {
-        let patch = serde_json::json!({"metadata": {"finalizers": null}});
+    async fn remove_unfinished(&self, jobs: &Api<BuildJob>, job: &BuildJob) {
+        let name = &job.name_any();
+        // Only this one (a uid in the patch is checked against the object's, a precondition
+        // on the delete), never a BuildJob of its name another request made since.
+        let patch = serde_json::json!({"metadata": {"finalizers": null, "uid": job.metadata.uid}});
+        let params = DeleteParams::background().preconditions(Preconditions {
+            uid: job.metadata.uid.clone(),
+            resource_version: None,
+        });
         let removed = async {
             self.bounded(jobs.patch(name, &PatchParams::default(), &Patch::Merge(&patch)))
                 .await?;
-            self.bounded(jobs.delete(name, &Default::default()))
-                .await
-                .map(|_| ())
+            self.bounded(jobs.delete(name, &params)).await.map(|_| ())
         };
         if let Err(e) = removed.await {
             tracing::error!(job = %name, error = %e, "could not remove a BuildJob whose credentials Secret was not created; delete it by hand");
@@ -937,9 +942,10 @@ impl KubeExecutor {
     }
 }
 
-#[async_trait]
-impl Executor for KubeExecutor {
-    async fn submit(&self, spec: BuildSpec) -> Result<(), ExecutorError> {
+impl KubeExecutor {
+    /// `submit`'s work: the BuildJob (replacing an earlier build's of this number), then
+    /// its credentials Secret.
+    async fn accept(&self, spec: BuildSpec) -> Result<(), ExecutorError> {
         // A CRD older than this version would drop part of the BuildJob.
         if let Some(why) = self.crd.refusal_after_first_check().await {
             return Err(ExecutorError::NotReady(why));
@@ -954,6 +960,9 @@ impl Executor for KubeExecutor {
         // running one is stopped and reports `failed`); this request waits for it to go.
         let give_up = tokio::time::Instant::now() + self.replace_wait;
         let mut source = None;
+        // A create whose answer never came (a timeout, a connection reset) may have made
+        // the BuildJob: the next look finds it, and it is this request's to finish.
+        let mut lost_create: Option<kube::Error> = None;
         let (job, source, created) = loop {
             // A repeated POST finds its BuildJob and stores nothing again.
             let existing = self
@@ -963,7 +972,7 @@ impl Executor for KubeExecutor {
             match existing {
                 Some(j) if j.spec.build_uuid == build_uuid => {
                     let secret = self.secret_sources(&spec, &j.spec.source).await?;
-                    break (j, secret, false);
+                    break (j, secret, lost_create.is_some());
                 }
                 Some(other) => {
                     self.replace(&jobs, &other, &build_uuid).await?;
@@ -977,6 +986,11 @@ impl Executor for KubeExecutor {
                     tokio::time::sleep(REPLACE_POLL).await;
                 }
                 None => {
+                    // Not made after all: the API server did not take it (no second try
+                    // here; the request is already one call's bound late).
+                    if let Some(e) = lost_create.take() {
+                        return Err(unavailable("creating a BuildJob")(e));
+                    }
                     let source = match &source {
                         Some(s) => Sources::clone(s),
                         None => source.insert(self.source_ref(&spec).await?).clone(),
@@ -1010,7 +1024,16 @@ impl Executor for KubeExecutor {
                                 return Err(unavailable("creating a BuildJob")(e));
                             }
                         }
-                        Err(e) => return Err(unavailable("creating a BuildJob")(e)),
+                        // Refused: nothing was made.
+                        Err(kube::Error::Api(s)) if (400..500).contains(&s.code) => {
+                            return Err(unavailable("creating a BuildJob")(kube::Error::Api(s)))
+                        }
+                        // No answer, or a failure past the point where it may have been
+                        // written: look again, once.
+                        Err(e) => {
+                            tracing::warn!(job = %name, build = %build_uuid, error = %e, "creating a BuildJob got no answer; looking whether it was made");
+                            lost_create = Some(e);
+                        }
                     }
                 }
             }
@@ -1026,12 +1049,31 @@ impl Executor for KubeExecutor {
             // The caller hears 503 and will not ask again: a BuildJob left behind would run
             // without its credentials (no source, no registry login, callbacks refused).
             if created {
-                self.remove_unfinished(&jobs, &name).await;
+                self.remove_unfinished(&jobs, &job).await;
             }
             return Err(e);
         }
         tracing::info!(job = %name, build = %spec.build_uuid, "BuildJob accepted");
         Ok(())
+    }
+}
+
+#[async_trait]
+impl Executor for KubeExecutor {
+    async fn submit(&self, spec: BuildSpec) -> Result<(), ExecutorError> {
+        // On a task of its own, to its end, even when the client goes away meanwhile (hyper
+        // then drops this future): a BuildJob created without its Secret would run without
+        // its credentials (no source, no registry login, callbacks refused).
+        let this = self.clone();
+        let id = spec.build_uuid;
+        tokio::spawn(async move { this.accept(spec).await })
+            .await
+            .unwrap_or_else(|e| {
+                tracing::error!(build = %id, error = %e, "accepting a build failed");
+                Err(ExecutorError::Unavailable(
+                    "the build could not be accepted".into(),
+                ))
+            })
     }
 
     async fn stop(&self, which: BuildSelector) -> Result<usize, ExecutorError> {
@@ -1439,6 +1481,47 @@ mod tests {
             assert_eq!(b["preconditions"]["uid"], uid, "{b}");
             assert_eq!(b["propagationPolicy"], "Background", "{b}");
         })
+    }
+
+    /// The client goes away once the BuildJob is being created (hyper drops the request's
+    /// future): the BuildJob still gets its Secret.
+    #[tokio::test]
+    async fn a_submit_whose_client_hangs_up_still_gives_its_buildjob_a_secret() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (client, handle) = mock::client();
+        let posted = Arc::new(tokio::sync::Notify::new());
+        let p = posted.clone();
+        let scenario = vec![
+            no_job_yet(),
+            Expect::new(Method::POST, JOBS, 201, None).check(move |_| p.notify_one()),
+            Expect::new(Method::POST, SECRETS, 201, None),
+        ];
+        let verifier = mock::verify_with(handle, scenario, with_uid);
+        let (exec, _) = executor(client, dir.path());
+        tokio::select! {
+            biased;
+            _ = posted.notified() => {}
+            r = exec.submit(crate::build::tests::spec()) => panic!("answered at once: {r:?}"),
+        }
+        drop(exec);
+        verifier
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    }
+
+    /// The create's answer is lost after the API server made the BuildJob: it is found,
+    /// and given its Secret, not left to run without one.
+    #[tokio::test]
+    async fn a_buildjob_whose_create_answer_was_lost_is_found_and_finished() {
+        let mine = with_uid(serde_json::to_value(job(None)).unwrap_or_default());
+        let scenario = vec![
+            no_job_yet(),
+            Expect::new(Method::POST, JOBS, 201, None).lost(),
+            Expect::new(Method::GET, format!("{JOBS}/{JOB}"), 200, Some(mine)),
+            Expect::new(Method::POST, SECRETS, 201, None),
+        ];
+        let res = submitted(crate::build::tests::spec(), scenario, with_uid).await;
+        assert!(res.is_ok(), "{res:?}");
     }
 
     #[tokio::test]

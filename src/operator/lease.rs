@@ -129,9 +129,11 @@ impl LeaseLock {
         &self,
         f: impl Future<Output = Result<T, kube::Error>>,
     ) -> Result<T, LeaseError> {
-        match tokio::time::timeout(self.retry_period, f).await {
+        // Up to the renew deadline, as client-go bounds each try: an API server slower than
+        // the retry period (2 s) must not keep every replica from leading.
+        match tokio::time::timeout(self.renew_deadline, f).await {
             Ok(r) => Ok(r?),
-            Err(_) => Err(LeaseError::Timeout(self.retry_period)),
+            Err(_) => Err(LeaseError::Timeout(self.renew_deadline)),
         }
     }
 
@@ -243,7 +245,13 @@ impl LeaseLock {
                     let deadline = last_ok + self.renew_deadline;
                     match tokio::time::timeout_at(deadline, self.try_acquire(&mut observed)).await {
                         Ok(Ok(true)) => last_ok = Instant::now(),
-                        Ok(Ok(false)) => return,
+                        // The Lease changed since it was read (a conflict), often by this
+                        // replica's own renewal whose answer was lost: try again until the
+                        // deadline, as client-go does. No one else may take it before the
+                        // lease duration, which is longer.
+                        Ok(Ok(false)) => {
+                            tracing::debug!(lease = %self.name, "renewing the controller Lease met a conflict; trying again");
+                        }
                         Ok(Err(e)) => {
                             tracing::warn!(lease = %self.name, error = %e, "cannot renew the controller Lease");
                         }
@@ -254,15 +262,23 @@ impl LeaseLock {
                     }
                 }
             };
+            let working = work();
+            tokio::pin!(working);
             // Shutdown first: the work ends on shutdown too, often in the same poll, and
             // a random pick would skip the release (a 15 s failover instead of none).
             tokio::select! {
                 biased;
                 _ = &mut shutdown => {
+                    // The work sees the same shutdown and lets what it started end (a
+                    // callback's record, a status write): wait for that, well within the
+                    // renew deadline, before another replica may lead.
+                    if tokio::time::timeout(self.renew_deadline / 2, &mut working).await.is_err() {
+                        tracing::warn!(lease = %self.name, "the controller's work did not end in time; stopping it");
+                    }
                     self.release().await;
                     return;
                 }
-                _ = work() => {
+                _ = &mut working => {
                     tracing::warn!("the controller stopped while leading; releasing the Lease");
                     self.release().await;
                     return;
@@ -280,6 +296,7 @@ mod tests {
     use crate::operator::mock::{self, status_error, Expect};
     use http::Method;
     use serde_json::json;
+    use std::sync::Arc;
 
     const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/builds/leases/ctl";
 
@@ -406,6 +423,57 @@ mod tests {
         assert!(may_hold(Some(&released), "a", &mut Observed::default(), t0));
     }
 
+    /// A renewal that meets a conflict (its own earlier renewal committed, its answer lost)
+    /// is tried again: the controller is not stopped and started over (a full relist).
+    #[tokio::test]
+    async fn a_conflict_while_renewing_is_tried_again_not_a_lost_lease() {
+        let (client, handle) = mock::client();
+        let mine = |rv: &str| {
+            json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": "ctl", "namespace": "builds", "resourceVersion": rv},
+                "spec": {"holderIdentity": "me", "leaseDurationSeconds": 2}})
+        };
+        let renewed = Arc::new(tokio::sync::Notify::new());
+        let r = renewed.clone();
+        let scenario = vec![
+            Expect::new(Method::GET, LEASE, 404, Some(status_error(404, "NotFound"))),
+            Expect::new(
+                Method::POST,
+                "/apis/coordination.k8s.io/v1/namespaces/builds/leases",
+                201,
+                None,
+            ),
+            Expect::new(Method::GET, LEASE, 200, Some(mine("2"))),
+            Expect::new(Method::PUT, LEASE, 409, Some(status_error(409, "Conflict"))),
+            Expect::new(Method::GET, LEASE, 200, Some(mine("3"))),
+            Expect::new(Method::PUT, LEASE, 200, None).check(move |_| r.notify_one()),
+            // The release, on shutdown.
+            Expect::new(Method::GET, LEASE, 200, Some(mine("4"))),
+            Expect::new(Method::PUT, LEASE, 200, None),
+        ];
+        let verifier = mock::verify(handle, scenario);
+        let l = LeaseLock::new(
+            Api::namespaced(client, "builds"),
+            "ctl",
+            "me",
+            Duration::from_millis(1500),
+        );
+        let starts = std::sync::atomic::AtomicUsize::new(0);
+        l.run_while_leader(
+            || {
+                starts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                std::future::pending::<()>()
+            },
+            renewed.notified(),
+        )
+        .await;
+        drop(l);
+        verifier
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        assert_eq!(starts.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
     #[tokio::test]
     async fn shutdown_releases_the_lease_even_when_the_work_ends_in_the_same_poll() {
         // Without an order, `select!` picks either of two ready branches at random: 30
@@ -439,6 +507,53 @@ mod tests {
                 .await
                 .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
         }
+    }
+
+    /// On shutdown the work ends what it started before the Lease goes to another replica.
+    #[tokio::test]
+    async fn shutdown_lets_the_work_finish_before_the_lease_is_released() {
+        let (client, handle) = mock::client();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, f) = (stop.clone(), finished.clone());
+        let mine = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "ctl", "namespace": "builds", "resourceVersion": "2"},
+            "spec": {"holderIdentity": "me", "leaseDurationSeconds": 15}});
+        let scenario = vec![
+            Expect::new(Method::GET, LEASE, 404, Some(status_error(404, "NotFound"))),
+            Expect::new(
+                Method::POST,
+                "/apis/coordination.k8s.io/v1/namespaces/builds/leases",
+                201,
+                None,
+            )
+            .check(move |_| s.cancel()),
+            Expect::new(Method::GET, LEASE, 200, Some(mine)),
+            Expect::new(Method::PUT, LEASE, 200, None).check(move |_| {
+                assert!(
+                    f.load(std::sync::atomic::Ordering::SeqCst),
+                    "released first"
+                )
+            }),
+        ];
+        let verifier = mock::verify(handle, scenario);
+        let l = lock(client);
+        l.run_while_leader(
+            || {
+                let (stop, finished) = (stop.clone(), finished.clone());
+                async move {
+                    stop.cancelled().await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    finished.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            },
+            stop.clone().cancelled_owned(),
+        )
+        .await;
+        drop(l);
+        verifier
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
     }
 
     #[tokio::test]
