@@ -309,6 +309,26 @@ mod tests {
         )
     }
 
+    /// The Lease as this replica ("me") holds it.
+    fn mine(rv: &str, seconds: u32) -> serde_json::Value {
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "ctl", "namespace": "builds", "resourceVersion": rv},
+            "spec": {"holderIdentity": "me", "leaseDurationSeconds": seconds}})
+    }
+
+    /// The first acquisition: no Lease yet, so it is created.
+    fn created() -> [Expect; 2] {
+        [
+            Expect::new(Method::GET, LEASE, 404, Some(status_error(404, "NotFound"))),
+            Expect::new(
+                Method::POST,
+                "/apis/coordination.k8s.io/v1/namespaces/builds/leases",
+                201,
+                None,
+            ),
+        ]
+    }
+
     fn lease(rv: &str, renew: &str) -> serde_json::Value {
         json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
             "metadata": {"name": "ctl", "namespace": "builds", "resourceVersion": rv},
@@ -321,15 +341,10 @@ mod tests {
         // The holder's renewTime is far in the past by our clock: that alone proves nothing
         // (clocks skew); only seeing the record unchanged for 15 s of our own time does.
         let old = "2020-01-01T00:00:00.000000Z";
+        let [absent, create] = created();
         let scenario = vec![
-            Expect::new(Method::GET, LEASE, 404, Some(status_error(404, "NotFound"))),
-            Expect::new(
-                Method::POST,
-                "/apis/coordination.k8s.io/v1/namespaces/builds/leases",
-                201,
-                None,
-            )
-            .check(|b| assert_eq!(b["spec"]["holderIdentity"], "me")),
+            absent,
+            create.check(|b| assert_eq!(b["spec"]["holderIdentity"], "me")),
             Expect::new(Method::GET, LEASE, 200, Some(lease("8", old))),
             Expect::new(Method::GET, LEASE, 200, Some(lease("8", old))),
             Expect::new(Method::GET, LEASE, 200, Some(lease("8", old))),
@@ -428,29 +443,18 @@ mod tests {
     #[tokio::test]
     async fn a_conflict_while_renewing_is_tried_again_not_a_lost_lease() {
         let (client, handle) = mock::client();
-        let mine = |rv: &str| {
-            json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                "metadata": {"name": "ctl", "namespace": "builds", "resourceVersion": rv},
-                "spec": {"holderIdentity": "me", "leaseDurationSeconds": 2}})
-        };
         let renewed = Arc::new(tokio::sync::Notify::new());
         let r = renewed.clone();
-        let scenario = vec![
-            Expect::new(Method::GET, LEASE, 404, Some(status_error(404, "NotFound"))),
-            Expect::new(
-                Method::POST,
-                "/apis/coordination.k8s.io/v1/namespaces/builds/leases",
-                201,
-                None,
-            ),
-            Expect::new(Method::GET, LEASE, 200, Some(mine("2"))),
+        let mut scenario = Vec::from(created());
+        scenario.extend([
+            Expect::new(Method::GET, LEASE, 200, Some(mine("2", 2))),
             Expect::new(Method::PUT, LEASE, 409, Some(status_error(409, "Conflict"))),
-            Expect::new(Method::GET, LEASE, 200, Some(mine("3"))),
+            Expect::new(Method::GET, LEASE, 200, Some(mine("3", 2))),
             Expect::new(Method::PUT, LEASE, 200, None).check(move |_| r.notify_one()),
             // The release, on shutdown.
-            Expect::new(Method::GET, LEASE, 200, Some(mine("4"))),
+            Expect::new(Method::GET, LEASE, 200, Some(mine("4", 2))),
             Expect::new(Method::PUT, LEASE, 200, None),
-        ];
+        ]);
         let verifier = mock::verify(handle, scenario);
         let l = LeaseLock::new(
             Api::namespaced(client, "builds"),
@@ -480,23 +484,14 @@ mod tests {
         // rounds make a skipped release all but certain to show.
         for _ in 0..30 {
             let (client, handle) = mock::client();
-            let mine = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                "metadata": {"name": "ctl", "namespace": "builds", "resourceVersion": "2"},
-                "spec": {"holderIdentity": "me", "leaseDurationSeconds": 15}});
-            let scenario = vec![
-                Expect::new(Method::GET, LEASE, 404, Some(status_error(404, "NotFound"))),
-                Expect::new(
-                    Method::POST,
-                    "/apis/coordination.k8s.io/v1/namespaces/builds/leases",
-                    201,
-                    None,
-                ),
-                Expect::new(Method::GET, LEASE, 200, Some(mine)),
+            let mut scenario = Vec::from(created());
+            scenario.extend([
+                Expect::new(Method::GET, LEASE, 200, Some(mine("2", 15))),
                 Expect::new(Method::PUT, LEASE, 200, None).check(|b| {
                     assert!(b["spec"].get("holderIdentity").is_none(), "released: {b}");
                     assert_eq!(b["spec"]["leaseDurationSeconds"], 1);
                 }),
-            ];
+            ]);
             let verifier = mock::verify(handle, scenario);
             let l = lock(client);
             // The controller returns as soon as shutdown begins: both are ready at once.
@@ -516,19 +511,11 @@ mod tests {
         let stop = tokio_util::sync::CancellationToken::new();
         let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (s, f) = (stop.clone(), finished.clone());
-        let mine = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-            "metadata": {"name": "ctl", "namespace": "builds", "resourceVersion": "2"},
-            "spec": {"holderIdentity": "me", "leaseDurationSeconds": 15}});
+        let [absent, create] = created();
         let scenario = vec![
-            Expect::new(Method::GET, LEASE, 404, Some(status_error(404, "NotFound"))),
-            Expect::new(
-                Method::POST,
-                "/apis/coordination.k8s.io/v1/namespaces/builds/leases",
-                201,
-                None,
-            )
-            .check(move |_| s.cancel()),
-            Expect::new(Method::GET, LEASE, 200, Some(mine)),
+            absent,
+            create.check(move |_| s.cancel()),
+            Expect::new(Method::GET, LEASE, 200, Some(mine("2", 15))),
             Expect::new(Method::PUT, LEASE, 200, None).check(move |_| {
                 assert!(
                     f.load(std::sync::atomic::Ordering::SeqCst),
