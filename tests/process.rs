@@ -659,6 +659,29 @@ async fn sigkill_during_a_post_burst_loses_no_accepted_build() {
     let blocker = body(&hang_url, &cb);
     p.post(&blocker).await;
     p.wait_log(&blocker, "Fetching sources").await;
+    // Its "running" line is written (not synced) 20 ms into the build: until then a restart
+    // runs it again (its hanging source would then hold it past this test's wait) instead of
+    // ending it as interrupted.
+    let bid = blocker["build_uuid"].as_str().unwrap().to_string();
+    let recorded_running = || {
+        std::fs::read_dir(data.path().join("state"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|f| std::fs::read_to_string(f.path()).ok())
+            .any(|text| {
+                text.lines()
+                    .any(|l| l.contains(&bid) && l.contains(r#""phase":"running""#))
+            })
+    };
+    let start = std::time::Instant::now();
+    while !recorded_running() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "never recorded running"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 
     let n = 400;
     let bodies: Vec<Value> = (0..n).map(|_| body(&closed, &cb)).collect();
@@ -698,8 +721,7 @@ async fn sigkill_during_a_post_burst_loses_no_accepted_build() {
     );
 
     let p = spawn(data.path(), port, &env);
-    let bid = blocker["build_uuid"].as_str().unwrap();
-    assert_eq!(cb.wait_final(bid, Duration::from_secs(30)).await, "failed");
+    assert_eq!(cb.wait_final(&bid, Duration::from_secs(30)).await, "failed");
     for b in &accepted {
         let id = b["build_uuid"].as_str().unwrap();
         assert_eq!(cb.wait_final(id, Duration::from_secs(120)).await, "failed");
