@@ -12,15 +12,13 @@ pub struct LocalStorage {
 impl LocalStorage {
     pub fn new(root: impl Into<PathBuf>) -> std::io::Result<Self> {
         let root = root.into();
-        std::fs::create_dir_all(&root)?;
-        // What a crash left half-stored (one process owns DATA_DIR).
-        for entry in std::fs::read_dir(&root)?.flatten() {
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with('.') && name.ends_with(PARTIAL) {
-                let _ = std::fs::remove_file(entry.path());
-            }
+        // What a crash left half-stored goes (one process owns DATA_DIR): the folder of
+        // partial files alone, never a walk through every object stored.
+        match std::fs::remove_dir_all(root.join(PARTIAL)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
         }
+        std::fs::create_dir_all(root.join(PARTIAL))?;
         Ok(Self { root })
     }
 
@@ -30,7 +28,8 @@ impl LocalStorage {
     }
 }
 
-/// How a file being stored ends, until it is renamed into place.
+/// The folder (inside the store, on its filesystem; no key starts with a dot) of files
+/// being stored, until each is renamed into place.
 const PARTIAL: &str = ".partial";
 
 fn io(key: &str) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
@@ -55,7 +54,8 @@ impl Storage for LocalStorage {
         // build) must not write into each other's file.
         let tmp = self
             .root
-            .join(format!(".{key}.{}{PARTIAL}", uuid::Uuid::new_v4().simple()));
+            .join(PARTIAL)
+            .join(format!("{key}.{}", uuid::Uuid::new_v4().simple()));
         let placed = async {
             if tokio::fs::hard_link(path, &tmp).await.is_err() {
                 tokio::fs::copy(path, &tmp).await?;
@@ -165,22 +165,27 @@ mod tests {
         );
         std::fs::remove_file(&src).unwrap();
         assert_eq!(read(&store, "k").await, b"sources");
-        let left: Vec<_> = std::fs::read_dir(dir.path().join("store"))
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name())
-            .collect();
-        assert_eq!(left, ["k"]);
+        let in_folder = |f: &str| {
+            let mut names: Vec<_> = std::fs::read_dir(dir.path().join(f))
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(in_folder("store"), [PARTIAL, "k"]);
+        assert!(in_folder("store/.partial").is_empty());
     }
 
     #[tokio::test]
     async fn stores_of_one_key_at_once_never_write_into_each_others_file() {
         let dir = tempfile::tempdir().unwrap();
         // A crash during an earlier store left this; the next start removes it.
-        std::fs::create_dir_all(dir.path().join("store")).unwrap();
-        std::fs::write(dir.path().join("store/.k.1234.partial"), b"stale").unwrap();
+        std::fs::create_dir_all(dir.path().join("store/.partial")).unwrap();
+        std::fs::write(dir.path().join("store/.partial/k.1234"), b"stale").unwrap();
         let store = LocalStorage::new(dir.path().join("store")).unwrap();
-        assert!(!dir.path().join("store/.k.1234.partial").exists());
+        assert!(!dir.path().join("store/.partial/k.1234").exists());
         // Two sources of one key, stored at once, again and again.
         let a = dir.path().join("a");
         let b = dir.path().join("b");
