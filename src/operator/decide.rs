@@ -600,15 +600,13 @@ pub fn decide(input: &Inputs<'_>, settings: &Settings) -> Decision {
                 || ended_by_disruption(&pod));
         if cancel_now {
             let started = !matches!(pod, PodState::Absent);
-            if matches!(
-                pod,
-                PodState::Pending(_) | PodState::Running | PodState::SidecarHeld(_)
-            ) {
+            if matches!(pod, PodState::Pending(_) | PodState::Running) {
                 actions.push(Action::DeletePod {
                     name: current_pod.clone(),
                     force: false,
                 });
             }
+            stop_sidecar(input.pod, &pod, &current_pod, &mut actions);
             let (reason, msg) = match (deleting, started) {
                 (true, _) => (
                     reasons::DELETED,
@@ -925,12 +923,6 @@ fn step(
                     let msg = format!(
                         "the worker pod was evicted: {why} (the build needs more room: raise the worker pod's limits, WORKER_POD_OVERRIDES)"
                     );
-                    if matches!(pod, PodState::SidecarHeld(_)) {
-                        actions.push(Action::DeletePod {
-                            name: current_pod.to_string(),
-                            force: false,
-                        });
-                    }
                     finish_failed(st, reasons::POD_EVICTED, &msg, now, events)
                 }
                 PodEnd::Evicted(why) => {
@@ -1035,19 +1027,28 @@ fn step(
                     }
                 },
             }
-            // The sidecar that keeps the pod running stops only with the pod.
-            let delete = Action::DeletePod {
-                name: current_pod.to_string(),
-                force: false,
-            };
-            // Unless its worker's log is to be copied from it first: the copier deletes it.
-            if matches!(pod, PodState::SidecarHeld(_))
-                && !worker_left_log_unstored(input.pod)
-                && !actions.contains(&delete)
-            {
-                actions.push(delete);
-            }
+            stop_sidecar(input.pod, pod, current_pod, actions);
         }
+    }
+}
+
+/// The sidecar that keeps an ended worker's pod running stops only with the pod: deleted,
+/// unless its worker's log is to be copied from it first (the copier deletes it).
+fn stop_sidecar(
+    observed: Option<&Pod>,
+    pod: &PodState,
+    current_pod: &str,
+    actions: &mut Vec<Action>,
+) {
+    let delete = Action::DeletePod {
+        name: current_pod.to_string(),
+        force: false,
+    };
+    if matches!(pod, PodState::SidecarHeld(_))
+        && !worker_left_log_unstored(observed)
+        && !actions.contains(&delete)
+    {
+        actions.push(delete);
     }
 }
 
@@ -1097,23 +1098,17 @@ fn retry_lost_pod(
         finish_failed(st, reason, &msg, now, events);
         return;
     }
-    // Its re-creation was refused a moment ago (a full quota: during a drain the pods still
-    // terminating count against it): wait out the backoff, as a first pod does.
-    if let Some(wait) = refusal_wait(st, now) {
-        if pod_exists {
-            actions.push(Action::DeletePod {
-                name: current_pod.to_string(),
-                force: false,
-            });
-        }
-        actions.push(Action::Requeue(wait));
-        return;
-    }
     if pod_exists {
         actions.push(Action::DeletePod {
             name: current_pod.to_string(),
             force: false,
         });
+    }
+    // Its re-creation was refused a moment ago (a full quota: during a drain the pods still
+    // terminating count against it): wait out the backoff, as a first pod does.
+    if let Some(wait) = refusal_wait(st, now) {
+        actions.push(Action::Requeue(wait));
+        return;
     }
     st.pod_retries += 1;
     let job = current_pod
