@@ -23,6 +23,22 @@ pub enum ExecutorError {
     NotReady(String),
 }
 
+/// Runs the rest of build `id`'s acceptance on a task of its own, to its end, even when
+/// the request's client goes away meanwhile (hyper then drops the request's future): half
+/// an acceptance (a record without its queue entry, a BuildJob without its Secret) would
+/// leave a build that runs wrong or never.
+pub async fn accept_to_the_end(
+    id: uuid::Uuid,
+    acceptance: impl std::future::Future<Output = Result<(), ExecutorError>> + Send + 'static,
+) -> Result<(), ExecutorError> {
+    tokio::spawn(acceptance).await.unwrap_or_else(|e| {
+        tracing::error!(build = %id, error = %e, "accepting a build failed");
+        Err(ExecutorError::Unavailable(
+            "the build could not be accepted".into(),
+        ))
+    })
+}
+
 /// Which builds a stop applies to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildSelector {

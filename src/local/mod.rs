@@ -1295,19 +1295,14 @@ impl Executor for LocalExecutor {
             Ok(Err(e)) => return Err(e),
             Err(pending) => return self.inner.duplicate(id, pending).await,
         };
-        // The rest runs to its end on a task of its own, even when this request's client
-        // goes away meanwhile (hyper then drops this future): the build is known now, so a
-        // retried `POST /` is answered as a duplicate, and only this can queue the build or
-        // take it back.
+        // The build is known now, so a retried `POST /` is answered as a duplicate, and
+        // only this can queue the build or take it back.
         let this = self.clone();
-        tokio::spawn(async move { this.settle(id, rec, saved, first).await })
-            .await
-            .unwrap_or_else(|e| {
-                tracing::error!(build = %id, error = %e, "accepting a build failed");
-                Err(ExecutorError::Unavailable(
-                    "the build could not be accepted".into(),
-                ))
-            })
+        crate::executor::accept_to_the_end(
+            id,
+            async move { this.settle(id, rec, saved, first).await },
+        )
+        .await
     }
 
     fn health(&self) -> Result<(), String> {
@@ -1421,8 +1416,6 @@ mod tests {
         }
     }
 
-    /// A build whose task panics stops counting as active: a follower of its log ends, and
-    /// a later build of its number runs instead of waiting for it for ever.
     /// An executor on `dir` whose dockerd is a closed port (every build fails at once),
     /// keeping logs and sources in `storage` (its files under `dir/store`), its logs
     /// spooled in `dir/spool` first (as with S3) when `spool`.
@@ -1695,6 +1688,8 @@ mod tests {
         );
     }
 
+    /// A build whose task panics stops counting as active: a follower of its log ends, and
+    /// a later build of its number runs instead of waiting for it for ever.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_build_whose_task_panics_leaves_its_number_free() {
         let dir = tempfile::tempdir().unwrap();

@@ -943,6 +943,21 @@ impl KubeExecutor {
 }
 
 impl KubeExecutor {
+    /// A build's log in storage, past its first `offset` bytes.
+    async fn stored_log(
+        &self,
+        app: &str,
+        app_uuid: &str,
+        build_number: u64,
+        offset: u64,
+    ) -> Result<Option<Object>, ExecutorError> {
+        let key = crate::build::log_key(app, app_uuid, build_number);
+        self.storage.get_from(&key, offset).await.map_err(|e| {
+            tracing::error!(error = %e, "reading a stored log");
+            ExecutorError::Unavailable("the log storage failed".into())
+        })
+    }
+
     /// `submit`'s work: the BuildJob (replacing an earlier build's of this number), then
     /// its credentials Secret.
     async fn accept(&self, spec: BuildSpec) -> Result<(), ExecutorError> {
@@ -1061,19 +1076,11 @@ impl KubeExecutor {
 #[async_trait]
 impl Executor for KubeExecutor {
     async fn submit(&self, spec: BuildSpec) -> Result<(), ExecutorError> {
-        // On a task of its own, to its end, even when the client goes away meanwhile (hyper
-        // then drops this future): a BuildJob created without its Secret would run without
-        // its credentials (no source, no registry login, callbacks refused).
+        // A BuildJob created without its Secret would run without its credentials (no
+        // source, no registry login, callbacks refused).
         let this = self.clone();
-        let id = spec.build_uuid;
-        tokio::spawn(async move { this.accept(spec).await })
+        crate::executor::accept_to_the_end(spec.build_uuid, async move { this.accept(spec).await })
             .await
-            .unwrap_or_else(|e| {
-                tracing::error!(build = %id, error = %e, "accepting a build failed");
-                Err(ExecutorError::Unavailable(
-                    "the build could not be accepted".into(),
-                ))
-            })
     }
 
     async fn stop(&self, which: BuildSelector) -> Result<usize, ExecutorError> {
@@ -1129,11 +1136,7 @@ impl Executor for KubeExecutor {
         if let (true, Some(pod)) = (running || unstored, status.pod_name.as_deref()) {
             return self.pod_log(pod, app, build_number, offset).await;
         }
-        let key = crate::build::log_key(app, app_uuid, build_number);
-        let stored = self.storage.get_from(&key, offset).await.map_err(|e| {
-            tracing::error!(error = %e, "reading a stored log");
-            ExecutorError::Unavailable("the log storage failed".into())
-        })?;
+        let stored = self.stored_log(app, app_uuid, build_number, offset).await?;
         match (stored, job, status.pod_name.as_deref()) {
             (Some(obj), _, _) => Ok(Some(obj)),
             // Never stored (its copy given up): what its pod still holds.
@@ -1163,11 +1166,7 @@ impl Executor for KubeExecutor {
         {
             // Gone (past BUILDJOB_TTL_SECONDS): a finished build's stored log, whole, as
             // the route without `follow` and local mode serve it.
-            let key = crate::build::log_key(app, app_uuid, build_number);
-            let stored = self.storage.get(&key).await.map_err(|e| {
-                tracing::error!(error = %e, "reading a stored log");
-                ExecutorError::Unavailable("the log storage failed".into())
-            })?;
+            let stored = self.stored_log(app, app_uuid, build_number, 0).await?;
             return Ok(stored.map(|obj| obj.body));
         }
         let follower = Follower {

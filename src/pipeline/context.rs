@@ -134,6 +134,20 @@ impl Budget {
             limits: *limits,
         }
     }
+    /// A tar entry: counted, and unless it is a file's (charged as it is written or
+    /// read) its declared data charged now. What is skipped is read (and inflated) all the
+    /// same: a folder or pax global header declaring 8 GiB counts like a file of 8 GiB.
+    pub(super) fn tar_entry<R: Read>(
+        &mut self,
+        entry: &tar::Entry<'_, R>,
+    ) -> Result<(), ContextError> {
+        self.entry()?;
+        let kind = entry.header().entry_type();
+        if !matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous) {
+            self.wrote(entry.size())?;
+        }
+        Ok(())
+    }
     pub(super) fn entry(&mut self) -> Result<(), ContextError> {
         self.entries += 1;
         if self.entries > self.limits.max_archive_entries {
@@ -274,25 +288,23 @@ impl Default for Links {
 
 impl Links {
     /// The hash of each leading part of `rel`: `a`, `a/b`, `a/b/c`.
-    fn prefixes(&self, rel: &Path) -> Vec<u64> {
+    fn prefixes<'a>(&self, rel: &'a Path) -> impl Iterator<Item = u64> + 'a {
         use std::hash::{BuildHasher, Hash, Hasher};
         let mut h = self.keys.build_hasher();
-        rel.components()
-            .map(|c| {
-                c.as_os_str().hash(&mut h);
-                h.clone().finish()
-            })
-            .collect()
+        rel.components().map(move |c| {
+            c.as_os_str().hash(&mut h);
+            h.clone().finish()
+        })
     }
     pub(super) fn insert(&mut self, rel: &Path) {
-        if let Some(last) = self.prefixes(rel).pop() {
-            self.paths.insert(last);
+        if let Some(whole) = self.prefixes(rel).last() {
+            self.paths.insert(whole);
         }
     }
     pub(super) fn remove(&mut self, rel: &Path) {
         if !self.paths.is_empty() {
-            if let Some(last) = self.prefixes(rel).pop() {
-                self.paths.remove(&last);
+            if let Some(whole) = self.prefixes(rel).last() {
+                self.paths.remove(&whole);
             }
         }
     }
@@ -301,9 +313,10 @@ impl Links {
         if self.paths.is_empty() {
             return false;
         }
-        let mut prefixes = self.prefixes(rel);
-        prefixes.pop();
-        prefixes.iter().any(|p| self.paths.contains(p))
+        let parents = rel.components().count().saturating_sub(1);
+        self.prefixes(rel)
+            .take(parents)
+            .any(|p| self.paths.contains(&p))
     }
 }
 
@@ -366,26 +379,39 @@ fn write_file(
 /// header claiming 8 GiB of long name would be 8 GiB of memory).
 const HEADER_ALLOWANCE: u64 = 1 << 20;
 
-/// A tar stream that the tar crate may read only so far past the entry it last handed out:
-/// that entry's data, then at most HEADER_ALLOWANCE of headers. Make one with `header_guard`,
-/// and call `Allowance::entry` with every entry the archive yields.
-pub(super) struct HeaderGuard<R> {
+/// The error of a tar stream whose headers go past HEADER_ALLOWANCE.
+const HEADERS_TOO_LARGE: &str =
+    "an entry's headers (a long name or pax records) are larger than 1048576 bytes";
+
+/// A reader that hands a crate only what its `Allowance` has left, then fails with `spent`:
+/// a bound, set from outside, on what a crate reads (which it would otherwise read whole
+/// into memory, or again and again).
+pub(super) struct Rationed<R> {
     inner: R,
     left: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    spent: &'static str,
 }
 
-/// The other end of a `HeaderGuard`.
+/// The other end of a `Rationed` reader: sets what it may still read.
 pub(super) struct Allowance(std::sync::Arc<std::sync::atomic::AtomicU64>);
 
-pub(super) fn header_guard<R: Read>(inner: R) -> (HeaderGuard<R>, Allowance) {
-    let left = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(HEADER_ALLOWANCE));
+fn rationed<R>(inner: R, left: u64, spent: &'static str) -> (Rationed<R>, Allowance) {
+    let left = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(left));
     (
-        HeaderGuard {
+        Rationed {
             inner,
             left: left.clone(),
+            spent,
         },
         Allowance(left),
     )
+}
+
+/// A tar stream that the tar crate may read only so far past the entry it last handed out:
+/// that entry's data, then at most HEADER_ALLOWANCE of headers. Call `Allowance::entry`
+/// with every entry the archive yields.
+pub(super) fn header_guard<R: Read>(inner: R) -> (Rationed<R>, Allowance) {
+    rationed(inner, HEADER_ALLOWANCE, HEADERS_TOO_LARGE)
 }
 
 impl Allowance {
@@ -393,27 +419,34 @@ impl Allowance {
     /// blocks) and the next entry's headers.
     pub(super) fn entry<R: Read>(&self, entry: &tar::Entry<'_, R>) {
         let data = entry.size().div_ceil(512).saturating_mul(512);
-        self.0.store(
-            data.saturating_add(HEADER_ALLOWANCE),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        self.set(data.saturating_add(HEADER_ALLOWANCE));
+    }
+    fn set(&self, left: u64) {
+        self.0.store(left, std::sync::atomic::Ordering::Relaxed);
+    }
+    /// Whether the reader has used it all up (and so failed a read).
+    fn spent(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed) == 0
     }
 }
 
-impl<R: Read> Read for HeaderGuard<R> {
+impl<R: Read> Read for Rationed<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         use std::sync::atomic::Ordering::Relaxed;
         let left = self.left.load(Relaxed);
         if left == 0 && !buf.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("an entry's headers (a long name or pax records) are larger than {HEADER_ALLOWANCE} bytes"),
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, self.spent));
         }
         let max = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
         let n = self.inner.read(&mut buf[..max])?;
         self.left.store(left - n as u64, Relaxed);
         Ok(n)
+    }
+}
+
+impl<R: io::Seek> io::Seek for Rationed<R> {
+    fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
+        self.inner.seek(pos)
     }
 }
 
@@ -466,12 +499,7 @@ fn extract_tar(reader: impl Read, dest: &Path, budget: &mut Budget) -> Result<()
         let mut entry = entry.map_err(corrupt)?;
         allowance.entry(&entry);
         let kind = entry.header().entry_type();
-        budget.entry()?;
-        // What is skipped is read (and inflated) all the same: a folder or pax global
-        // header declaring 8 GiB of data counts like a file of 8 GiB.
-        if !matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous) {
-            budget.wrote(entry.size())?;
-        }
+        budget.tar_entry(&entry)?;
         if is_extension_header(kind) {
             continue;
         }
@@ -589,39 +617,9 @@ fn zip_end(file: &mut (impl Read + io::Seek)) -> io::Result<Option<ZipEnd>> {
     Ok(Some(end))
 }
 
+/// The error of a zip whose directory the zip crate went on reading past its allowance.
 const GAVE_UP: &str =
     "the zip's central directory is not where its end record says (the zip reader gave up)";
-
-/// A reader that fails once it has handed out `left` bytes: the zip crate reads the whole
-/// central directory of every end record it tries, from the last back to the first, so a
-/// file of many end records would otherwise cost time quadratic in its size. Lifted (set to
-/// `u64::MAX`) once the directory is read.
-struct ReadBudget<R> {
-    inner: R,
-    left: std::sync::Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl<R: Read> Read for ReadBudget<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        use std::sync::atomic::Ordering;
-        let left = self.left.load(Ordering::Relaxed);
-        if left == 0 {
-            return Err(io::Error::other(GAVE_UP));
-        }
-        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-        let n = self.inner.read(&mut buf[..want])?;
-        if left != u64::MAX {
-            self.left.fetch_sub(n as u64, Ordering::Relaxed);
-        }
-        Ok(n)
-    }
-}
-
-impl<R: io::Seek> io::Seek for ReadBudget<R> {
-    fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
-        self.inner.seek(pos)
-    }
-}
 
 fn extract_zip(archive: &Path, dest: &Path, budget: &mut Budget) -> Result<(), ContextError> {
     let corrupt = |e: zip::result::ZipError| ContextError::Corrupt(e.to_string());
@@ -632,23 +630,20 @@ fn extract_zip(archive: &Path, dest: &Path, budget: &mut Budget) -> Result<(), C
         // Refused before the crate holds every entry's record in memory.
         return Err(ContextError::TooManyEntries { limit });
     }
-    // The directory once, plus the search for its end record, with room to spare.
+    // The zip crate reads the whole central directory of every end record it tries, from
+    // the last back to the first: many end records would cost time quadratic in the file's
+    // size. It may read the directory once, plus the search for its end record, with room
+    // to spare; then, the directory read, anything.
     let directory = end.map_or(0, |e| e.directory_bytes);
-    let left = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
-        directory.saturating_add(1 << 20),
-    ));
-    let reader = ReadBudget {
-        inner: file,
-        left: left.clone(),
-    };
+    let (reader, allowance) = rationed(file, directory.saturating_add(1 << 20), GAVE_UP);
     let mut zip = zip::ZipArchive::new(reader).map_err(|e| {
-        if left.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        if allowance.spent() {
             ContextError::Corrupt(GAVE_UP.to_string())
         } else {
             corrupt(e)
         }
     })?;
-    left.store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
+    allowance.set(u64::MAX);
     let mut links = Links::default();
     for i in 0..zip.len() {
         let mut file = zip.by_index(i).map_err(corrupt)?;
@@ -1253,6 +1248,12 @@ pub(super) mod tests {
         let input = Counting(long_name_header(64 << 20), read.clone());
         let err = extract_tar(input, dir.path(), &mut Budget::new(&limits())).unwrap_err();
         assert!(matches!(err, ContextError::Corrupt(_)), "{err}");
+        // The message names the allowance in force.
+        assert!(
+            err.to_string()
+                .contains(&format!("larger than {HEADER_ALLOWANCE} bytes")),
+            "{err}"
+        );
         assert!(
             read.get() <= 2 * HEADER_ALLOWANCE,
             "{} bytes read",

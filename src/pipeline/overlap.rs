@@ -217,12 +217,7 @@ fn guess_entries<W: io::Write>(
         let mut entry = entry?;
         allowance.entry(&entry);
         let kind = entry.header().entry_type();
-        budget.entry().map_err(io::Error::other)?;
-        // What is skipped is read (and inflated) all the same: a folder or pax global
-        // header declaring 8 GiB of data counts like a file of 8 GiB.
-        if !matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous) {
-            budget.wrote(entry.size()).map_err(io::Error::other)?;
-        }
+        budget.tar_entry(&entry).map_err(io::Error::other)?;
         if context::is_extension_header(kind) {
             continue;
         }

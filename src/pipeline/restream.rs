@@ -188,12 +188,7 @@ fn scan_tar(reader: impl Read, gzip: bool, limits: &Limits) -> Result<Scan, Cont
         let mut entry = entry.map_err(corrupt)?;
         allowance.entry(&entry);
         let kind = entry.header().entry_type();
-        budget.entry()?;
-        // What is skipped is read (and inflated) all the same: a folder or pax global
-        // header declaring 8 GiB of data counts like a file of 8 GiB.
-        if !matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous) {
-            budget.wrote(entry.size())?;
-        }
+        budget.tar_entry(&entry)?;
         if context::is_extension_header(kind) {
             continue;
         }
